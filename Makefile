@@ -1,0 +1,41 @@
+# Everything the project needs is installed here: a clean clone needs only Python 3.10+ and git.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export HF_DATASETS_OFFLINE := 1
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: venv demo test lint typecheck stress bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,demo]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/doit run preprocess
+	$(BIN)/hfbuild status
+
+lint: $(STAMP)
+	$(BIN)/ruff check hfbuild tests bench scripts dodo.py demo
+	$(BIN)/ruff format --check hfbuild tests bench scripts dodo.py demo
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -n 2 -q
+
+stress: $(STAMP)
+	$(BIN)/python -m pytest -q -m stress --run-stress
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/bench_fingerprint.py
+	$(BIN)/python bench/bench_noop.py
+
+clean:
+	rm -rf $(VENV) .hfbuild .doit.db* .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,47 @@
+"""hfbuild: correct caching for Hugging Face `datasets` transforms, run as doit tasks.
+
+The public API, and nothing else. Importing hfbuild does not import `datasets`.
+"""
+
+from __future__ import annotations
+
+from hfbuild.canonical import register_canonical
+from hfbuild.dataset_ops import filter, map
+from hfbuild.errors import (
+    BuildError,
+    ClosureError,
+    DirtyTreeError,
+    DirtyTreeWarning,
+    GitStateError,
+    HfbuildError,
+    IncompleteClosureWarning,
+    NotARepositoryError,
+    NotBuiltError,
+    StageError,
+    StoreError,
+    UnhashableArgumentError,
+)
+from hfbuild.fingerprint import Manifest, fingerprint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BuildError",
+    "ClosureError",
+    "DirtyTreeError",
+    "DirtyTreeWarning",
+    "GitStateError",
+    "HfbuildError",
+    "IncompleteClosureWarning",
+    "Manifest",
+    "NotARepositoryError",
+    "NotBuiltError",
+    "StageError",
+    "StoreError",
+    "UnhashableArgumentError",
+    "__version__",
+    "filter",
+    "fingerprint",
+    "map",
+    "register_canonical",
+]

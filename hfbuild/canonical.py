@@ -1,0 +1,277 @@
+"""The canonical encoding of transform arguments.
+
+Owns: turning a Python value into a JSON-able tree that is *typed* (`1`, `True`, `1.0` and `"1"`
+encode differently), *injective* (containers carry a tag a user value can never produce), and
+*deterministic* (dicts and sets are sorted by the encoding of their members, never by hash
+order). The tree goes into a stage's manifest as it is, so `hfbuild explain` can show an
+argument's old and new value.
+
+Must never: pickle, dill, repr an unknown object, fall back to `id()` or anything random, or
+import numpy/datasets/tokenizers itself (a type is only recognised once its module is loaded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+import pathlib
+import sys
+import types
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import xxhash
+
+from hfbuild.errors import UnhashableArgumentError
+
+Encoded = Any  # a JSON-able tree: None, bool, int, str, list, or a one-key tagged dict
+Encoder = Callable[[Any], Any]
+
+_registry: dict[type, Encoder] = {}
+
+# Arrays and byte strings above this size are represented by their digest, not their bytes,
+# so manifests stay small enough to diff.
+_INLINE_BYTES = 64
+
+
+def register_canonical(tp: type, fn: Encoder) -> None:
+    """Teach hfbuild to fingerprint instances of `tp` (and its subclasses): `fn(obj)` must return
+    a value hfbuild can already encode (str, int, dict, tuple, ...) that identifies the object's
+    state completely."""
+    if not isinstance(tp, type):
+        raise TypeError(f"register_canonical takes a type, not {tp!r}")
+    _registry[tp] = fn
+
+
+class CallableEncoder(Protocol):
+    def __call__(self, fn: Callable[..., Any], path: str) -> Encoded: ...
+
+
+def dumps(tree: Encoded) -> str:
+    """The canonical JSON text of an encoded tree: sorted keys, no whitespace, ASCII only."""
+    return json.dumps(tree, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def digest(data: bytes | memoryview) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def _qualname(tp: type) -> str:
+    return f"{tp.__module__}:{tp.__qualname__}"
+
+
+class _Encoder:
+    def __init__(self, on_callable: CallableEncoder | None, root: str | None) -> None:
+        self.on_callable = on_callable
+        self.root = root
+        self.active: set[int] = set()  # ids of containers being encoded, to refuse cycles
+
+    def sorted_members(self, items: list[Encoded]) -> list[Encoded]:
+        return sorted(items, key=dumps)
+
+    def encode(self, x: Any, path: str) -> Encoded:
+        tp = type(x)
+        # Exact builtin types first: the common case, and subclasses must not slip through as
+        # their base (an IntEnum is not an int, a NamedTuple is not a tuple).
+        if x is None or tp is bool or tp is str:
+            return x
+        if tp is int:
+            return x
+        if tp is float:
+            return {"float": _float(x)}
+        if tp is bytes or tp is bytearray:
+            return {tp.__name__: _bytes(bytes(x))}
+        if tp in _registry or any(t in _registry for t in tp.__mro__[1:]):
+            fn = _registry.get(tp) or next(_registry[t] for t in tp.__mro__ if t in _registry)
+            return {"registered": [_qualname(tp), self.encode(fn(x), f"{path}<registered>")]}
+        hook = getattr(tp, "__hfbuild_fingerprint__", None)
+        if hook is not None and not isinstance(x, type):
+            return {"custom": [_qualname(tp), self.encode(x.__hfbuild_fingerprint__(), path)]}
+        if isinstance(x, enum.Enum):
+            return {"enum": [_qualname(tp), x.name]}
+        if tp is complex:
+            return {"complex": [_float(x.real), _float(x.imag)]}
+        if isinstance(x, pathlib.PurePath):
+            return {"path": self._path(x)}
+        special = self._known_library_type(x, path)
+        if special is not None:
+            return special
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            fields = [
+                [f.name, self.encode(getattr(x, f.name), f"{path}.{f.name}")]
+                for f in dataclasses.fields(x)
+                if f.compare
+            ]
+            return {"dataclass": [_qualname(tp), fields]}
+        if isinstance(x, tuple) and hasattr(tp, "_fields"):
+            fields = [
+                [name, self.encode(v, f"{path}.{name}")]
+                for name, v in zip(tp._fields, x, strict=True)
+            ]
+            return {"namedtuple": [_qualname(tp), fields]}
+        if isinstance(x, (list, tuple, dict, set, frozenset)):
+            return self._container(x, path)
+        if isinstance(x, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)) or (
+            callable(x) and _is_partial(x)
+        ):
+            return self._callable(x, path)
+        if isinstance(x, type):
+            return {"type": _qualname(x)}
+        if isinstance(x, (str, int, float, bytes)):
+            return self._builtin_subclass(x, path)
+        raise UnhashableArgumentError(path, x)
+
+    def _container(self, x: Any, path: str) -> Encoded:
+        key = id(x)
+        if key in self.active:
+            raise UnhashableArgumentError(path, x, "it contains itself")
+        self.active.add(key)
+        try:
+            tp = type(x)
+            if isinstance(x, list):
+                items = [self.encode(v, f"{path}[{i}]") for i, v in enumerate(x)]
+                return items if tp is list else {"subclass": [_qualname(tp), items]}
+            if isinstance(x, tuple):
+                enc = {"tuple": [self.encode(v, f"{path}[{i}]") for i, v in enumerate(x)]}
+                return enc if tp is tuple else {"subclass": [_qualname(tp), enc]}
+            if isinstance(x, (set, frozenset)):
+                members = self.sorted_members([self.encode(v, f"{path}{{{v!r:.40}}}") for v in x])
+                return {"set" if isinstance(x, set) else "frozenset": members}
+            pairs = [
+                [self.encode(k, f"{path}<key {k!r:.40}>"), self.encode(v, f"{path}[{k!r:.40}]")]
+                for k, v in x.items()
+            ]
+            if tp is OrderedDict:
+                return {"OrderedDict": pairs}  # its order is part of its value
+            enc = {"dict": sorted(pairs, key=lambda kv: dumps(kv[0]))}
+            if tp is dict:
+                return enc
+            if tp is defaultdict:
+                factory = self.encode(x.default_factory, f"{path}.default_factory")
+                return {"defaultdict": [factory, enc]}
+            if getattr(x, "__dict__", None):
+                raise UnhashableArgumentError(path, x, "a dict subclass with extra state")
+            return {"subclass": [_qualname(tp), enc]}
+        finally:
+            self.active.discard(key)
+
+    def _builtin_subclass(self, x: Any, path: str) -> Encoded:
+        if getattr(x, "__dict__", None):
+            raise UnhashableArgumentError(path, x, "a subclass of a builtin with extra state")
+        base = next(b for b in (bool, int, float, str, bytes) if isinstance(x, b))
+        return {"subclass": [_qualname(type(x)), self.encode(base(x), path)]}
+
+    def _callable(self, fn: Any, path: str) -> Encoded:
+        if self.on_callable is None:
+            raise UnhashableArgumentError(path, fn, "callables need a code snapshot")
+        key = id(fn)
+        if key in self.active:
+            # A callable reachable from its own arguments (a recursive closure): name it.
+            return {"recursive": getattr(fn, "__qualname__", type(fn).__qualname__)}
+        self.active.add(key)
+        try:
+            return {"callable": self.on_callable(fn, path)}
+        finally:
+            self.active.discard(key)
+
+    def _path(self, p: pathlib.PurePath) -> Encoded:
+        # A path inside the project is encoded relative to it, so two clones agree.
+        if self.root is not None and p.is_absolute():
+            rel = os.path.relpath(os.fspath(p), self.root)
+            if not rel.startswith(os.pardir):
+                return ["<root>", pathlib.PurePath(rel).as_posix()]
+        return [type(p).__name__, p.as_posix()]
+
+    def _known_library_type(self, x: Any, path: str) -> Encoded | None:
+        """Types from optional libraries, recognised only when their module is loaded."""
+        np = sys.modules.get("numpy")
+        if np is not None:
+            if isinstance(x, np.ndarray):
+                if x.dtype.hasobject:
+                    return {"ndarray-object": [list(x.shape), self.encode(x.tolist(), path)]}
+                buf = np.ascontiguousarray(x)
+                return {"ndarray": [buf.dtype.str, list(buf.shape), _bytes(buf.data)]}
+            if isinstance(x, np.generic):
+                return {"numpy": [x.dtype.str, _bytes(np.asarray(x).tobytes())]}
+            if isinstance(x, np.dtype):
+                return {"dtype": x.str if x.fields is None else self.encode(x.descr, path)}
+        ds = sys.modules.get("datasets")
+        if ds is not None and isinstance(x, ds.Features):
+            # Column order is part of a schema, so it is kept.
+            return {
+                "Features": [[k, self.encode(v, f"{path}[{k!r}]")] for k, v in x.to_dict().items()]
+            }
+        tk = sys.modules.get("tokenizers")
+        if tk is not None and isinstance(x, tk.Tokenizer):
+            return {"tokenizer": _tokenizer_digest(x)}
+        tf = sys.modules.get("transformers")
+        if tf is not None and isinstance(x, tf.PreTrainedTokenizerBase):
+            return {"transformers-tokenizer": self._hf_tokenizer(x, path)}
+        return None
+
+    def _hf_tokenizer(self, tok: Any, path: str) -> Encoded:
+        # The saved content, not the object: calling a tokenizer fills caches that must not
+        # change its fingerprint, and `name_or_path` is often an absolute path.
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            files = tok.save_pretrained(d)
+            out = []
+            for f in sorted(files):
+                name = os.path.basename(f)
+                if not os.path.exists(f):
+                    continue
+                if name.endswith(".json"):
+                    with open(f, encoding="utf-8") as fh:
+                        data = json.load(fh)
+                    if isinstance(data, dict):
+                        data.pop("name_or_path", None)
+                        data.pop("tokenizer_file", None)
+                    out.append([name, digest(dumps(data).encode())])
+                else:
+                    with open(f, "rb") as fh:
+                        out.append([name, digest(fh.read())])
+            return out
+
+
+def _tokenizer_digest(tok: Any) -> str:
+    # `to_str()` is the tokenizer's full saved JSON (vocab in id order, merges, normalizers,
+    # truncation and padding); re-parsing and dumping it sorted makes key order irrelevant.
+    return digest(dumps(json.loads(tok.to_str())).encode())
+
+
+def _is_partial(x: Any) -> bool:
+    import functools
+
+    return isinstance(x, functools.partial)
+
+
+def _float(x: float) -> str:
+    # repr is exact (round-trips) and readable; NaN and the infinities get fixed spellings.
+    if math.isnan(x):
+        return "nan"
+    return repr(x)
+
+
+def _bytes(b: bytes | memoryview) -> str:
+    n = b.nbytes if isinstance(b, memoryview) else len(b)
+    if n <= _INLINE_BYTES:
+        return bytes(b).hex()
+    return f"xxh3_128:{digest(b)}:{n}"
+
+
+def encode(
+    value: Any,
+    path: str = "args",
+    *,
+    on_callable: CallableEncoder | None = None,
+    root: str | None = None,
+) -> Encoded:
+    """The canonical tree of `value`. `path` names it in errors (`fn_kwargs['cfg'].model`);
+    `on_callable` encodes callables met inside it (by their code fingerprint); `root` makes
+    absolute paths under it relative."""
+    return _Encoder(on_callable, root).encode(value, path)

@@ -1,0 +1,68 @@
+"""Every error and warning hfbuild gives a user.
+
+Owns: the `HfbuildError` family and hfbuild's warning categories. Each error's `str()` is a
+finished message for a person: what happened and what to do. Must never: import anything heavy,
+or hold behaviour beyond formatting a message.
+"""
+
+from __future__ import annotations
+
+
+class HfbuildError(Exception):
+    """Base of every error a user can cause; the CLI turns it into exit code 1."""
+
+
+class NotARepositoryError(HfbuildError):
+    """A path that must be inside a git work tree is not."""
+
+
+class GitStateError(HfbuildError):
+    """git data could not be read (a corrupt index, an unreadable file)."""
+
+
+class UnhashableArgumentError(HfbuildError, TypeError):
+    """An argument has no canonical encoding; the message names its path and both fixes."""
+
+    def __init__(self, path: str, obj: object, why: str = "") -> None:
+        self.path = path
+        tp = type(obj)
+        name = f"{tp.__module__}.{tp.__qualname__}"
+        detail = f" ({why})" if why else ""
+        super().__init__(
+            f"{path}: cannot fingerprint an object of type {name}{detail}. "
+            f"Give the class a __hfbuild_fingerprint__() method that returns a value describing "
+            f"its state (str, int, dict, ...), or register an encoder with "
+            f"hfbuild.register_canonical({tp.__qualname__}, fn)."
+        )
+
+
+class ClosureError(HfbuildError):
+    """The code of a callable cannot be identified."""
+
+
+class DirtyTreeError(HfbuildError):
+    """Strict mode (HFBUILD_STRICT=1 or --strict) and a stage's code has uncommitted changes."""
+
+
+class StageError(HfbuildError):
+    """A pipeline is defined wrongly: a bad stage name, a duplicate, an unknown input."""
+
+
+class NotBuiltError(HfbuildError):
+    """A result was asked for that the store does not hold."""
+
+
+class BuildError(HfbuildError):
+    """A stage's transform raised; the store is unchanged."""
+
+
+class StoreError(HfbuildError):
+    """The store cannot be used: not writable, full, or an entry is corrupt."""
+
+
+class DirtyTreeWarning(UserWarning):
+    """A stage's fingerprint includes uncommitted or untracked files (named in the message)."""
+
+
+class IncompleteClosureWarning(UserWarning):
+    """A dynamic import could not be resolved statically; edits to its target are not seen."""

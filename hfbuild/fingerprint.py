@@ -1,0 +1,249 @@
+"""A stage's manifest and its digest.
+
+Owns: assembling the manifest (kind and output-relevant options, input fingerprints, code
+files with blob ids, canonical arguments, data identity, third-party package versions) and the
+fingerprint, which is a pure function of it: the xxh3-128 of its canonical JSON. Also owns the
+dirty-tree policy (warn, or fail under HFBUILD_STRICT=1).
+
+Must never: put an absolute path, time, host, PID, object id or hash-order-dependent sequence
+into a manifest, or import `datasets` (an up-to-date check must stay cheap).
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hfbuild import canonical
+from hfbuild.closure import Context, describe
+from hfbuild.errors import DirtyTreeError, DirtyTreeWarning, IncompleteClosureWarning, StageError
+from hfbuild.gitstate import FileId, Snapshot, find_root, hash_file
+
+SCHEMA = 1
+
+# Options of Dataset.map / Dataset.filter that can change the output, with their defaults, so
+# that passing a default explicitly and leaving it out give the same fingerprint.
+_OUTPUT_OPTIONS: dict[str, dict[str, Any]] = {
+    "map": {
+        "with_indices": False,
+        "with_rank": False,
+        "input_columns": None,
+        "batched": False,
+        "batch_size": 1000,
+        "drop_last_batch": False,
+        "remove_columns": None,
+        "features": None,
+        "disable_nullable": False,
+        "try_original_type": True,
+        "on_mixed_types": "use_json",
+    },
+    "filter": {
+        "with_indices": False,
+        "with_rank": False,
+        "input_columns": None,
+        "batched": False,
+        "batch_size": 1000,
+    },
+}
+# Options that cannot change the output: they stay out of the fingerprint.
+NEUTRAL_OPTIONS = frozenset(
+    {
+        "num_proc",
+        "desc",
+        "writer_batch_size",
+        "load_from_cache_file",
+        "keep_in_memory",
+        "cache_file_name",
+        "cache_file_names",
+        "suffix_template",
+        "new_fingerprint",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The canonical description of one stage. `doc` is hashed; the rest is reported only."""
+
+    doc: Mapping[str, Any]
+    dirty: tuple[FileId, ...] = ()
+    incomplete: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> str:
+        return canonical.dumps(self.doc)
+
+    @property
+    def fingerprint(self) -> str:
+        return canonical.digest(self.to_json().encode())
+
+
+def normalize_options(kind: str, options: Mapping[str, Any] | None, ctx: Context) -> Any:
+    """The output-relevant options of a transform, defaults filled in, canonically encoded.
+    Options hfbuild does not know are kept (they might change the output)."""
+    opts = {k: v for k, v in (options or {}).items() if k not in NEUTRAL_OPTIONS}
+    defaults = _OUTPUT_OPTIONS.get(kind)
+    if defaults is not None:
+        opts = {**defaults, **opts}
+        if not opts.get("batched"):
+            opts.pop("batch_size", None)  # ignored unless batched
+            opts.pop("drop_last_batch", None)
+        for key in ("input_columns", "remove_columns"):
+            if isinstance(opts.get(key), str):
+                opts[key] = [opts[key]]
+        if opts.get("remove_columns") is not None:
+            opts["remove_columns"] = sorted(opts["remove_columns"])  # a set, in effect
+    # Keys are option names (strings we control), so a plain JSON object stays injective.
+    return {k: ctx.encode(v, f"options[{k!r}]") for k, v in sorted(opts.items())}
+
+
+def file_dep_ids(paths: Iterable[str | os.PathLike[str]], snap: Snapshot) -> list[list[str]]:
+    """Data files a stage's code reads by itself: repo-relative path and blob id; a file
+    outside the project by its name and content, never its absolute path."""
+    out = []
+    for p in paths:
+        full = os.path.join(snap.root, os.fspath(p)) if not os.path.isabs(p) else os.fspath(p)
+        if not os.path.isfile(full):
+            raise StageError(
+                f"file_deps: {os.fspath(p)} does not exist (looked for {full}). Fix the path, "
+                f"or create the file before building."
+            )
+        rel = snap.rel(full)
+        if rel is None:
+            out.append([f"<outside>/{os.path.basename(full)}", hash_file(full)])
+        else:
+            out.append([rel, snap.file_id(rel).id])
+    return sorted(out)
+
+
+def code_context(snap: Snapshot) -> Context:
+    return Context(snap)
+
+
+def build_manifest(
+    *,
+    kind: str,
+    ctx: Context,
+    fn: Callable[..., Any] | None = None,
+    fn_kwargs: Mapping[str, Any] | None = None,
+    inputs: Any = None,
+    options: Mapping[str, Any] | None = None,
+    data: Any = None,
+    file_deps: Sequence[str | os.PathLike[str]] = (),
+) -> Manifest:
+    """The manifest of a stage. All files it reads are gathered in `ctx`."""
+    doc: dict[str, Any] = {"hfbuild": SCHEMA, "kind": kind, "inputs": inputs}
+    doc["options"] = normalize_options(kind, options, ctx)
+    args: dict[str, Any] = {}
+    if fn is not None:
+        desc = describe(fn, ctx, "fn")
+        args.update(desc["args"])
+        args["fn_kwargs"] = ctx.encode(dict(fn_kwargs or {}), "fn_kwargs")
+        doc["code"] = {"target": desc["target"]}
+    if file_deps:
+        doc["file_deps"] = file_dep_ids(file_deps, ctx.snapshot)
+    if data is not None:
+        doc["data"] = data
+    doc["args"] = args
+    if fn is not None:
+        doc["code"]["files"] = sorted([f.path, f.id] for f in ctx.files.values())
+        if ctx.external:
+            doc["code"]["external"] = sorted([m, b] for m, b in ctx.external.items())
+    doc["packages"] = sorted(ctx.packages)
+    dirty = tuple(sorted((f for f in ctx.files.values() if f.dirty), key=lambda f: f.path))
+    return Manifest(doc, dirty, tuple(ctx.incomplete))
+
+
+def strict() -> bool:
+    return os.environ.get("HFBUILD_STRICT", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def check_dirty(manifest: Manifest, what: str, *, strict_mode: bool | None = None) -> None:
+    """Warn (or, in strict mode, fail) when a manifest includes uncommitted files; warn when
+    a dynamic import left the closure incomplete."""
+    for line in manifest.incomplete:
+        warnings.warn(f"{what}: {line}", IncompleteClosureWarning, stacklevel=3)
+    if not manifest.dirty:
+        return
+    listing = ", ".join(f"{f.path} ({f.status})" for f in manifest.dirty)
+    if any(f.status == "norepo" for f in manifest.dirty):
+        reason = "is not in a git repository, so its files are identified by content"
+    else:
+        reason = "is defined by files with uncommitted changes"
+    if strict_mode if strict_mode is not None else strict():
+        raise DirtyTreeError(
+            f"{what} {reason}: {listing}. Strict mode (HFBUILD_STRICT=1 or --strict) allows "
+            f"only committed code: commit or stash these files."
+        )
+    warnings.warn(
+        f"{what} {reason}: {listing}. Their working-tree content is in the fingerprint; "
+        f"commit them for results every checkout can reuse.",
+        DirtyTreeWarning,
+        stacklevel=3,
+    )
+
+
+def snapshot_for(fn: Any) -> Snapshot:
+    """The snapshot of the work tree that defines `fn` (or of the current directory)."""
+    target = fn
+    while True:
+        if hasattr(target, "func"):  # functools.partial
+            target = target.func
+        elif isinstance(target, types.MethodType):
+            target = target.__func__
+        else:
+            break
+    code = getattr(target, "__code__", None)
+    if code is None:
+        code = getattr(type(target).__call__, "__code__", None) if callable(target) else None
+    filename = getattr(code, "co_filename", None)
+    if filename and os.path.isfile(filename) and find_root(filename) is not None:
+        return Snapshot.for_path(filename)
+    return Snapshot.for_path(os.getcwd())
+
+
+def parent_fingerprint(parent: Any) -> Any:
+    if parent is None or isinstance(parent, str):
+        return parent
+    fp = getattr(parent, "_fingerprint", None)
+    if isinstance(fp, str):
+        return fp
+    if isinstance(parent, Mapping):
+        return {str(k): parent_fingerprint(v) for k, v in parent.items()}
+    raise TypeError(
+        f"parent must be a Dataset, a fingerprint string or None, not {type(parent).__name__}"
+    )
+
+
+def fingerprint(
+    fn: Callable[..., Any],
+    fn_kwargs: Mapping[str, Any] | None = None,
+    *,
+    parent: Any = None,
+    kind: str = "map",
+    options: Mapping[str, Any] | None = None,
+    file_deps: Sequence[str | os.PathLike[str]] = (),
+    return_manifest: bool = False,
+) -> Any:
+    """The git-aware fingerprint of applying `fn(**fn_kwargs)` to `parent`.
+
+    `parent` is a `Dataset` (its `_fingerprint` is used), a fingerprint string, or None.
+    `options` are the `Dataset.map`/`filter` options; only those that change the output count.
+    Returns the hex digest, or `(digest, Manifest)` with `return_manifest=True`.
+    """
+    snap = snapshot_for(fn)
+    ctx = code_context(snap)
+    manifest = build_manifest(
+        kind=kind,
+        ctx=ctx,
+        fn=fn,
+        fn_kwargs=fn_kwargs,
+        inputs={"parent": parent_fingerprint(parent)},
+        options=options,
+        file_deps=file_deps,
+    )
+    check_dirty(manifest, getattr(fn, "__qualname__", None) or type(fn).__qualname__)
+    return (manifest.fingerprint, manifest) if return_manifest else manifest.fingerprint

@@ -1,0 +1,256 @@
+"""What git says about files: repository discovery, blob ids, dirty and untracked status.
+
+Owns: every pygit2 call in hfbuild. A `Snapshot` answers, for files under one project root,
+"what is this file's git blob id, and is it committed?", either from the work tree (normal
+builds) or from the index only (`verify --staged`: what the next commit will contain).
+Must never: read history (shallow clones are the normal case in CI), write to the repository,
+or let an absolute path escape into an answer (every answer names files repo-relatively).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+import pygit2
+from pygit2 import GIT_STATUS_CURRENT, GIT_STATUS_IGNORED, GIT_STATUS_WT_NEW
+
+from hfbuild.errors import GitStateError, NotARepositoryError
+
+Mode = Literal["worktree", "index"]
+Status = Literal["clean", "modified", "staged", "untracked", "norepo"]
+
+_DIRTY_MASK_STAGED = (
+    pygit2.GIT_STATUS_INDEX_NEW
+    | pygit2.GIT_STATUS_INDEX_MODIFIED
+    | pygit2.GIT_STATUS_INDEX_TYPECHANGE
+    | pygit2.GIT_STATUS_INDEX_RENAMED
+)
+
+
+@dataclass(frozen=True)
+class FileId:
+    """A file named relative to the project root, with the git blob id of its content."""
+
+    path: str  # repo-relative, posix
+    id: str  # 40-hex git blob id (what `git hash-object` prints for it)
+    status: Status
+
+    @property
+    def dirty(self) -> bool:
+        """True when the id is not what HEAD's commit records (so it warns)."""
+        return self.status != "clean"
+
+
+_lock = threading.Lock()
+_repos: dict[str, pygit2.Repository] = {}
+_discovered: dict[str, str | None] = {}
+
+
+def _open(gitdir: str) -> pygit2.Repository:
+    with _lock:
+        repo = _repos.get(gitdir)
+        if repo is None:
+            repo = _repos[gitdir] = pygit2.Repository(gitdir)
+        return repo
+
+
+def _discover(directory: str) -> pygit2.Repository | None:
+    """The repository whose work tree holds `directory`, or None; memoized per directory."""
+    if directory not in _discovered:
+        try:
+            found = pygit2.discover_repository(directory)
+        except pygit2.GitError:
+            found = None
+        _discovered[directory] = found
+    gitdir = _discovered[directory]
+    if gitdir is None:
+        return None
+    repo = _open(gitdir)
+    return None if repo.is_bare or repo.workdir is None else repo
+
+
+def find_root(path: str | os.PathLike[str]) -> str | None:
+    """The real path of the work tree holding `path` (a file or directory), or None."""
+    p = os.path.realpath(os.fspath(path))
+    directory = p if os.path.isdir(p) else os.path.dirname(p)
+    repo = _discover(directory)
+    return None if repo is None else os.path.realpath(repo.workdir)
+
+
+def require_root(path: str | os.PathLike[str]) -> str:
+    """Like `find_root`, but a path outside any work tree is a user error."""
+    root = find_root(path)
+    if root is None:
+        raise NotARepositoryError(
+            f"{os.fspath(path)} is not inside a git work tree. hfbuild identifies code by git "
+            f"blob ids: run `git init` there (committing is optional but gives stable caches)."
+        )
+    return root
+
+
+def _hash_worktree(repo: pygit2.Repository, rel_to_repo: str) -> str:
+    """The blob id git would give this work-tree file: its clean filters (autocrlf,
+    .gitattributes) applied, as `git hash-object` does. pygit2 has no wrapper for
+    git_repository_hashfile, so it is called through pygit2's own cffi handle."""
+    out = pygit2.ffi.new("git_oid *")
+    err = pygit2.C.git_repository_hashfile(
+        out, repo._repo, rel_to_repo.encode(), pygit2.C.GIT_OBJECT_BLOB, pygit2.ffi.NULL
+    )
+    if err < 0:
+        raise GitStateError(f"git could not hash {rel_to_repo}: {pygit2.GitError.__name__} {err}")
+    return str(pygit2.Oid(raw=bytes(pygit2.ffi.buffer(out)[:20])))
+
+
+def hash_bytes(data: bytes) -> str:
+    """The git blob id of raw bytes (no filters)."""
+    return str(pygit2.hash(data))
+
+
+def hash_file(path: str) -> str:
+    """The git blob id of a file's raw bytes (no filters), for files outside any repository."""
+    return str(pygit2.hashfile(path))
+
+
+class Snapshot:
+    """Blob ids of files under one project root, read once per fingerprint computation.
+
+    `mode="worktree"`: a clean file's id comes from the index (no read, no hash); a modified or
+    untracked file's id is the one git would give its content. `mode="index"`: ids come from
+    the index only, and a file absent from the index does not exist.
+
+    A root that is not in a git work tree is allowed (`repo is None`): every file is then
+    identified by the blob id of its bytes and reported with status "norepo".
+    """
+
+    def __init__(self, root: str, mode: Mode = "worktree") -> None:
+        self.root = os.path.realpath(root)
+        self.mode: Mode = mode
+        self.repo = _discover(self.root)
+        self._ids: dict[str, FileId] = {}
+        self._fresh: set[str] = set()
+
+    @classmethod
+    def for_path(cls, path: str | os.PathLike[str], mode: Mode = "worktree") -> Snapshot:
+        """The snapshot of the work tree holding `path`, or of its directory if none does."""
+        p = os.path.realpath(os.fspath(path))
+        root = find_root(p) or (p if os.path.isdir(p) else os.path.dirname(p))
+        return cls(root, mode)
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def rel(self, path: str | os.PathLike[str]) -> str | None:
+        """`path` relative to the root (posix), or None when it lies outside.
+
+        The directory part is resolved (so a root reached through a symlink still matches)
+        but a symlinked file keeps its own name: it is the name Python imported it by."""
+        p = os.path.abspath(os.fspath(path))
+        real = os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+        try:
+            r = os.path.relpath(real, self.root)
+        except ValueError:  # another drive on Windows
+            return None
+        if r == os.curdir or r.startswith(os.pardir + os.sep) or r == os.pardir:
+            return None
+        return r.replace(os.sep, "/")
+
+    def abspath(self, rel: str) -> str:
+        return os.path.join(self.root, *rel.split("/"))
+
+    def _repo_of(self, rel: str) -> tuple[pygit2.Repository, str] | None:
+        """The repository tracking `rel` (a submodule's for files inside one) and the path
+        relative to it."""
+        if self.repo is None:
+            return None
+        directory = os.path.dirname(self.abspath(rel))
+        repo = _discover(directory) if os.path.isdir(directory) else self.repo
+        if repo is None:
+            return None
+        wd = os.path.realpath(repo.workdir)
+        inner = os.path.relpath(self.abspath(rel), wd).replace(os.sep, "/")
+        if inner.startswith("../"):
+            repo, inner = self.repo, rel
+        return repo, inner
+
+    # -- files ---------------------------------------------------------------------------
+
+    def _index(self, repo: pygit2.Repository) -> pygit2.Index:
+        key = repo.path
+        idx: pygit2.Index = repo.index
+        if key not in self._fresh:
+            try:
+                idx.read(False)  # re-read only if the index file changed on disk
+            except pygit2.GitError as e:
+                raise GitStateError(
+                    f"the git index of {repo.workdir} cannot be read ({e}). Repair it with "
+                    f"`rm .git/index && git reset` in that repository."
+                ) from e
+            self._fresh.add(key)
+        return idx
+
+    def exists(self, rel: str) -> bool:
+        if self.mode == "index":
+            found = self._repo_of(rel)
+            if found is None:
+                return False
+            repo, inner = found
+            return inner in self._index(repo)
+        return os.path.isfile(self.abspath(rel))
+
+    def read(self, rel: str) -> bytes:
+        """The file's content as this snapshot sees it."""
+        if self.mode == "index":
+            found = self._repo_of(rel)
+            if found is not None:
+                repo, inner = found
+                idx = self._index(repo)
+                if inner in idx:
+                    blob = repo[idx[inner].id]
+                    assert isinstance(blob, pygit2.Blob)
+                    return blob.data
+            raise FileNotFoundError(rel)
+        with open(self.abspath(rel), "rb") as f:
+            return f.read()
+
+    def file_id(self, rel: str) -> FileId:
+        """The blob id and status of the file at repo-relative `rel`; memoized per snapshot."""
+        hit = self._ids.get(rel)
+        if hit is None:
+            hit = self._ids[rel] = self._file_id(rel)
+        return hit
+
+    def _file_id(self, rel: str) -> FileId:
+        full = self.abspath(rel)
+        if self.mode == "worktree" and os.path.islink(full):
+            # A symlink counts by the content it points to, not by the link text git stores.
+            target = os.path.realpath(full)
+            trel = self.rel(target)
+            if trel is not None and not os.path.islink(target):
+                pointed = self.file_id(trel)
+                return FileId(rel, pointed.id, pointed.status)
+            return FileId(rel, hash_file(target), "untracked")
+        found = self._repo_of(rel)
+        if found is None:
+            return FileId(rel, hash_file(full), "norepo")
+        repo, inner = found
+        idx = self._index(repo)
+        if self.mode == "index":
+            if inner not in idx:
+                raise FileNotFoundError(rel)
+            return FileId(rel, str(idx[inner].id), "clean")
+        try:
+            flags = repo.status_file(inner)
+        except KeyError:  # not tracked and not in the work tree's status: untracked
+            flags = GIT_STATUS_WT_NEW
+        except pygit2.GitError as e:
+            raise GitStateError(f"git could not read the status of {rel}: {e}") from e
+        if flags == GIT_STATUS_CURRENT and inner in idx:
+            return FileId(rel, str(idx[inner].id), "clean")
+        if flags & (GIT_STATUS_WT_NEW | GIT_STATUS_IGNORED) or inner not in idx:
+            return FileId(rel, _hash_worktree(repo, inner), "untracked")
+        if flags == (flags & _DIRTY_MASK_STAGED):
+            # Staged but not committed: the index already holds exactly the work-tree content.
+            return FileId(rel, str(idx[inner].id), "staged")
+        return FileId(rel, _hash_worktree(repo, inner), "modified")

@@ -1,0 +1,110 @@
+"""Test helpers: real git repositories and fresh Python processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+from collections.abc import Mapping
+from typing import Any
+
+PYTHON = sys.executable
+
+
+def git(cwd: pathlib.Path | str, *args: str, check: bool = True) -> str:
+    out = subprocess.run(
+        ["git", *args], cwd=cwd, check=False, capture_output=True, text=True
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
+    return out.stdout.strip()
+
+
+class Repo:
+    """A real git repository in a temporary directory, driven through the git CLI."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+
+    @classmethod
+    def init(cls, path: pathlib.Path) -> Repo:
+        path.mkdir(parents=True, exist_ok=True)
+        git(path, "init", "-q", "-b", "main")
+        return cls(path)
+
+    def write(self, files: Mapping[str, str], *, commit: str | None = None) -> Repo:
+        """Write files (dedented), and commit all changes when `commit` is a message."""
+        for name, text in files.items():
+            p = self.path / name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(textwrap.dedent(text))
+        if commit is not None:
+            self.commit(commit)
+        return self
+
+    def commit(self, message: str = "commit") -> str:
+        git(self.path, "add", "-A")
+        git(self.path, "commit", "-q", "--allow-empty", "-m", message)
+        return git(self.path, "rev-parse", "HEAD")
+
+    def git(self, *args: str) -> str:
+        return git(self.path, *args)
+
+    def clone(self, dest: pathlib.Path, *extra: str) -> Repo:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        git(dest.parent, "clone", "-q", *extra, f"file://{self.path}", str(dest))
+        return Repo(dest)
+
+
+def run_python(
+    code: str,
+    cwd: pathlib.Path | str,
+    *,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+    args: list[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter with `cwd` first on sys.path."""
+    full_env = {**os.environ, "PYTHONPATH": str(cwd), **(env or {})}
+    out = subprocess.run(
+        [PYTHON, "-c", textwrap.dedent(code), *(args or [])],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"python failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+FINGERPRINT_SCRIPT = """
+import json, sys, warnings
+warnings.simplefilter("always")
+import importlib, hfbuild
+spec = json.loads(sys.argv[1])
+mod = importlib.import_module(spec["module"])
+fn = getattr(mod, spec["name"])
+with warnings.catch_warnings(record=True) as caught:
+    fp = hfbuild.fingerprint(fn, spec.get("kwargs"))
+print(json.dumps({"fp": fp, "warnings": [str(w.message) for w in caught
+                  if w.category is hfbuild.DirtyTreeWarning]}))
+"""
+
+
+def fingerprint_in_subprocess(
+    cwd: pathlib.Path,
+    module: str,
+    name: str,
+    kwargs: Any = None,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The fingerprint of `module.name(**kwargs)` computed by a fresh interpreter in `cwd`."""
+    spec = json.dumps({"module": module, "name": name, "kwargs": kwargs})
+    out = run_python(FINGERPRINT_SCRIPT, cwd, env=env, args=[spec])
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
