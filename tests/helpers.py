@@ -15,9 +15,7 @@ PYTHON = sys.executable
 
 
 def git(cwd: pathlib.Path | str, *args: str, check: bool = True) -> str:
-    out = subprocess.run(
-        ["git", *args], cwd=cwd, check=False, capture_output=True, text=True
-    )
+    out = subprocess.run(["git", *args], cwd=cwd, check=False, capture_output=True, text=True)
     if check and out.returncode != 0:
         raise AssertionError(f"git {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
     return out.stdout.strip()

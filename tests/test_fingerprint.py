@@ -252,8 +252,9 @@ def test_submodule_files_are_tracked(project: Repo, tmp_path: pathlib.Path) -> N
         {"sublib/__init__.py": "", "sublib/core.py": "def inc(x):\n    return x + 1\n"},
         commit="lib",
     )
-    project.git("-c", "protocol.file.allow=always", "submodule", "add", "-q",
-                f"file://{lib.path}", "vendor")
+    project.git(
+        "-c", "protocol.file.allow=always", "submodule", "add", "-q", f"file://{lib.path}", "vendor"
+    )
     project.write(
         {
             "pkg/transforms.py": "import sys, os\n"
