@@ -22,6 +22,7 @@ from hfbuild.errors import (
     UnhashableArgumentError,
 )
 from hfbuild.fingerprint import Manifest, fingerprint
+from hfbuild.pipeline import Pipeline, Stage
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,8 @@ __all__ = [
     "Manifest",
     "NotARepositoryError",
     "NotBuiltError",
+    "Pipeline",
+    "Stage",
     "StageError",
     "StoreError",
     "UnhashableArgumentError",

@@ -16,9 +16,8 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.machinery
-import importlib.metadata
-import inspect
 import os
+import re
 import sys
 import sysconfig
 import threading
@@ -180,6 +179,7 @@ def _is_dynamic_import(func: ast.expr) -> bool:
 
 # -- resolving an import to files ------------------------------------------------------------
 
+_SEPARATORS = re.compile(r"[-_.]+")
 _SUFFIXES = tuple(importlib.machinery.EXTENSION_SUFFIXES)
 
 
@@ -324,16 +324,34 @@ def _classify_outside(path: str, module: str) -> tuple[str, str]:
     return "external", module
 
 
+@functools.lru_cache(maxsize=1)
+def _dist_info_dirs() -> dict[str, str]:
+    """Canonical distribution name -> version, read from the `<name>-<version>.dist-info`
+    directory names pip writes on sys.path: a directory listing, instead of importlib.metadata's
+    50 ms import. The first entry on sys.path wins, as for imports."""
+    found: dict[str, str] = {}
+    for d in sys.path:
+        try:
+            names = os.listdir(d or os.curdir)
+        except OSError:
+            continue
+        for n in names:
+            if n.endswith(".dist-info"):
+                name, _, version = n[: -len(".dist-info")].partition("-")
+                found.setdefault(_canonical_dist(name), version)
+    return found
+
+
 @functools.cache
 def _distributions(top: str) -> tuple[tuple[str, str], ...]:
     """The installed distributions providing top-level module `top`, with versions."""
-    try:  # the fast, common case: the distribution is named like its module
-        return ((_canonical_dist(top), importlib.metadata.version(top)),)
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    names = _packages_distributions().get(top, [])
+    fast = _dist_info_dirs().get(_canonical_dist(top))
+    if fast:  # the common case: the distribution is named like its module
+        return ((_canonical_dist(top), fast),)
+    import importlib.metadata
+
     out = []
-    for n in sorted(set(names)):
+    for n in sorted(set(_packages_distributions().get(top, []))):
         try:
             out.append((_canonical_dist(n), importlib.metadata.version(n)))
         except importlib.metadata.PackageNotFoundError:
@@ -343,13 +361,13 @@ def _distributions(top: str) -> tuple[tuple[str, str], ...]:
 
 @functools.lru_cache(maxsize=1)
 def _packages_distributions() -> dict[str, list[str]]:
+    import importlib.metadata
+
     return dict(importlib.metadata.packages_distributions())
 
 
 def _canonical_dist(name: str) -> str:
-    import re
-
-    return re.sub(r"[-_.]+", "-", name).lower()
+    return _SEPARATORS.sub("-", name).lower()
 
 
 # -- describing a callable --------------------------------------------------------------------
@@ -439,6 +457,8 @@ def _function(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
     # No file in the project: a notebook cell, `python -c`, an exec'd string, or a script
     # outside any repository. Its source text (or, without source, its bytecode) identifies
     # it, and the globals it reads are followed like arguments.
+    import inspect
+
     try:
         source = inspect.getsource(fn)
         target["source"] = canonical.digest(source.encode())

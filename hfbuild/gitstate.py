@@ -214,6 +214,33 @@ class Snapshot:
         with open(self.abspath(rel), "rb") as f:
             return f.read()
 
+    def clean_id(self, rel: str) -> str | None:
+        """The index's blob id when the file is tracked and unmodified, else None. Never
+        hashes an untracked file (data files can be large)."""
+        if self.mode == "worktree" and os.path.islink(self.abspath(rel)):
+            return None
+        found = self._repo_of(rel)
+        if found is None:
+            return None
+        repo, inner = found
+        idx = self._index(repo)
+        if inner not in idx:
+            return None
+        if self.mode == "index":
+            return str(idx[inner].id)
+        try:
+            flags = repo.status_file(inner)
+        except (KeyError, pygit2.GitError):
+            return None
+        return str(idx[inner].id) if flags == GIT_STATUS_CURRENT else None
+
+    def content_id(self, rel: str) -> str:
+        """The blob id git would give the work-tree content (filters applied), hashing it."""
+        found = self._repo_of(rel)
+        if found is None or self.mode == "index":
+            return self.file_id(rel).id
+        return _hash_worktree(*found)
+
     def file_id(self, rel: str) -> FileId:
         """The blob id and status of the file at repo-relative `rel`; memoized per snapshot."""
         hit = self._ids.get(rel)

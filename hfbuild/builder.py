@@ -1,0 +1,193 @@
+"""Running one stage's transform with `datasets`, and writing its result into a build dir.
+
+Owns: calling `load_dataset` / `Dataset.map` / `Dataset.filter` / an apply function with
+datasets' cache files pointed into the build directory (so a published store entry is never
+written to), and saving the result in the `save_to_disk` layout. When datasets already wrote
+the result's Arrow files into the build directory (a map's output, a load's cache), they are
+renamed into place instead of written a second time.
+
+Must never: be imported by an up-to-date check, or write outside the build directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import datasets
+from datasets.table import ConcatenationTable, MemoryMappedTable
+
+from hfbuild.content import dataset_hash
+from hfbuild.datafiles import resolve_data_files
+from hfbuild.errors import BuildError, HfbuildError
+
+if TYPE_CHECKING:
+    from hfbuild.pipeline import StageSpec
+
+SCRATCH = "scratch"
+
+
+class SaveInfo(NamedTuple):
+    rows: Any  # int, or {split: int}
+    content_hash: str
+    written_bytes: int  # every byte the build wrote, scratch included
+
+
+@contextlib.contextmanager
+def _no_global_cache() -> Iterator[None]:
+    """Inside an apply function, datasets must not write cache files next to its inputs (they
+    live in published store entries): caching goes to a temporary directory instead."""
+    was = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_caching()
+
+
+def run_stage(spec: StageSpec, inputs: Sequence[Any], fp: str, build_dir: str, root: str) -> Any:
+    scratch = os.path.join(build_dir, SCRATCH)
+    os.makedirs(scratch, exist_ok=True)
+    try:
+        if spec.kind == "load":
+            return _load(spec, scratch, root)
+        if spec.kind in ("map", "filter"):
+            return _map_or_filter(spec, inputs[0], fp, scratch)
+        with _no_global_cache():
+            out = spec.fn(*inputs, **spec.fn_kwargs)  # type: ignore[misc]
+    except HfbuildError:
+        raise
+    except Exception as e:
+        raise BuildError(
+            f"stage {spec.name!r} failed: {type(e).__name__}: {e}. Earlier stages stay cached "
+            f"and the store is unchanged; fix the transform and run the build again."
+        ) from e
+    if not isinstance(out, (datasets.Dataset, datasets.DatasetDict)):
+        raise BuildError(
+            f"apply stage {spec.name!r}: {getattr(spec.fn, '__qualname__', spec.fn)} returned "
+            f"{type(out).__name__}; an apply function must return a Dataset or DatasetDict."
+        )
+    return out
+
+
+def _load(spec: StageSpec, scratch: str, root: str) -> Any:
+    opts = dict(spec.options)
+    builder = opts.pop("builder")
+    files = resolve_data_files(opts.pop("data_files"), root, f"load stage {spec.name!r}")
+    return datasets.load_dataset(
+        builder, data_files=files, cache_dir=os.path.join(scratch, "hf"), **opts
+    )
+
+
+def _map_or_filter(spec: StageSpec, ds: Any, fp: str, scratch: str) -> Any:
+    options = dict(spec.options)
+    options.setdefault("load_from_cache_file", False)
+
+    def one(d: Any, split: str | None) -> Any:
+        suffix = f"-{split}" if split is not None else ""
+        op = getattr(d, spec.kind)
+        return op(
+            spec.fn,
+            fn_kwargs=dict(spec.fn_kwargs),
+            new_fingerprint=(fp + suffix)[:64],
+            cache_file_name=os.path.join(scratch, f"{spec.kind}{suffix}.arrow"),
+            **options,
+        )
+
+    if isinstance(ds, datasets.DatasetDict):
+        return datasets.DatasetDict({s: one(d, s) for s, d in ds.items()})
+    return one(ds, None)
+
+
+# -- saving -------------------------------------------------------------------------------
+
+
+def save(result: Any, dest: str, build_dir: str) -> SaveInfo:
+    """Write `result` at `dest` in the `save_to_disk` layout and describe it."""
+    content = dataset_hash(result)
+    if isinstance(result, datasets.DatasetDict):
+        os.makedirs(dest)
+        for split, ds in result.items():
+            _save_dataset(ds, os.path.join(dest, split), build_dir)
+        with open(os.path.join(dest, "dataset_dict.json"), "w", encoding="utf-8") as f:
+            json.dump({"splits": list(result)}, f)
+        rows: Any = {split: len(ds) for split, ds in result.items()}
+    else:
+        _save_dataset(result, dest, build_dir)
+        rows = len(result)
+    return SaveInfo(rows, content, _tree_size(build_dir))
+
+
+def _tree_size(path: str) -> int:
+    total = 0
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, n)).st_size
+    return total
+
+
+def _in_place_files(ds: Any, build_dir: str) -> list[str] | None:
+    """The Arrow files holding exactly `ds`'s rows, when they are all in the build dir and
+    nothing (an indices mapping, a pending cast or rename) separates them from `ds`."""
+    if ds._indices is not None:
+        return None
+    table = ds._data
+    if isinstance(table, ConcatenationTable):
+        if any(len(row) != 1 for row in table.blocks):
+            return None
+        blocks = [row[0] for row in table.blocks]
+    else:
+        blocks = [table]
+    paths = []
+    prefix = os.path.realpath(build_dir) + os.sep
+    for b in blocks:
+        if not isinstance(b, MemoryMappedTable) or b.replays:
+            return None
+        p = os.path.realpath(b.path)
+        if not p.startswith(prefix) or p in paths:
+            return None
+        paths.append(p)
+    if sum(b.num_rows for b in blocks) != len(ds) or ds.data.schema != blocks[0].schema:
+        return None
+    return paths
+
+
+def _save_dataset(ds: Any, dest: str, build_dir: str) -> None:
+    files = _in_place_files(ds, build_dir)
+    if files is None:
+        ds.save_to_disk(dest)
+        return
+    os.makedirs(dest)
+    n = len(files)
+    names = [f"data-{i:05d}-of-{n:05d}.arrow" for i in range(n)]
+    for src, name in zip(files, names, strict=True):
+        os.rename(src, os.path.join(dest, name))
+    # The two JSON files exactly as Dataset.save_to_disk writes them.
+    state = {
+        key: ds.__dict__[key]
+        for key in [
+            "_fingerprint",
+            "_format_columns",
+            "_format_kwargs",
+            "_format_type",
+            "_output_all_columns",
+        ]
+    }
+    state["_split"] = str(ds.split) if ds.split is not None else None
+    state["_data_files"] = [{"filename": name} for name in names]
+    with open(os.path.join(dest, "state.json"), "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=2, sort_keys=True)
+    info = asdict(ds._info)
+    with open(os.path.join(dest, "dataset_info.json"), "w", encoding="utf-8") as f:
+        json.dump({k: info[k] for k in sorted(info)}, f, indent=2)
+
+
+def cleanup_scratch(build_dir: str) -> None:
+    shutil.rmtree(os.path.join(build_dir, SCRATCH), ignore_errors=True)

@@ -1,0 +1,110 @@
+"""The content hash of a built table: a digest of the data, not of how it is stored.
+
+Owns: hashing Arrow data so that the same rows and schema give the same digest whatever the
+chunking, slicing offsets, buffer padding or bytes under null slots. Each component stream of
+each column (validity, lengths, values) is hashed separately and streamed chunk by chunk, so
+no column is ever concatenated in memory.
+
+Must never: be imported by an up-to-date check (it imports pyarrow).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import xxhash
+
+
+class _Streams:
+    def __init__(self) -> None:
+        self.h: dict[str, Any] = {}
+
+    def feed(self, key: str, data: bytes | memoryview | np.ndarray) -> None:
+        h = self.h.get(key)
+        if h is None:
+            h = self.h[key] = xxhash.xxh3_128()
+        h.update(data if not isinstance(data, np.ndarray) else np.ascontiguousarray(data).data)
+
+    def digest(self) -> str:
+        top = xxhash.xxh3_128()
+        for key in sorted(self.h):
+            top.update(f"{key}={self.h[key].hexdigest()};".encode())
+        return top.hexdigest()
+
+
+def _array(s: _Streams, key: str, arr: pa.Array) -> None:
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        arr = arr.dictionary_decode()
+        t = arr.type
+    if arr.null_count:
+        s.feed(key + "/valid", arr.is_valid().to_numpy(zero_copy_only=False).astype(np.uint8))
+    else:
+        s.feed(key + "/valid", np.ones(len(arr), dtype=np.uint8))
+    if pa.types.is_null(t) or len(arr) == 0:
+        return
+    if pa.types.is_struct(t):
+        for i in range(t.num_fields):
+            _array(s, f"{key}/{t.field(i).name}", arr.field(i))
+        return
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        lengths = pc.fill_null(pc.list_value_length(arr), 0).cast(pa.int64())
+        s.feed(key + "/len", lengths.to_numpy(zero_copy_only=False))
+        _array(s, key + "/item", pc.list_flatten(arr))
+        return
+    if (
+        pa.types.is_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_string(t)
+        or (pa.types.is_large_binary(t))
+    ):
+        filled = pc.fill_null(arr, pa.scalar(b"" if "binary" in str(t) else "", t))
+        lengths = pc.binary_length(filled).cast(pa.int64()).to_numpy(zero_copy_only=False)
+        s.feed(key + "/len", lengths)
+        width = np.int64 if pa.types.is_large_string(t) or pa.types.is_large_binary(t) else np.int32
+        bufs = filled.buffers()
+        offs = np.frombuffer(bufs[1], dtype=width)[filled.offset : filled.offset + len(filled) + 1]
+        if bufs[2] is not None and len(offs):
+            s.feed(key + "/data", memoryview(bufs[2])[int(offs[0]) : int(offs[-1])])
+        return
+    if pa.types.is_boolean(t):
+        vals = pc.fill_null(arr, False).to_numpy(zero_copy_only=False).astype(np.uint8)
+        s.feed(key + "/data", vals)
+        return
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_temporal(t):
+        filled = arr if not arr.null_count else pc.fill_null(arr, pa.scalar(0).cast(t))
+        s.feed(key + "/data", filled.to_numpy(zero_copy_only=False).view(np.uint8))
+        return
+    # Anything rarer (decimals, maps, unions…): by value, slowly but exactly.
+    import json
+
+    s.feed(key + "/py", json.dumps(arr.to_pylist(), sort_keys=True, default=str).encode())
+
+
+def table_hash(table: pa.Table) -> str:
+    """A digest of a table's schema (names and types) and data, independent of chunking."""
+    s = _Streams()
+    s.feed("schema", ";".join(f"{f.name}:{f.type}" for f in table.schema).encode())
+    s.feed("rows", str(table.num_rows).encode())
+    for name, col in zip(table.column_names, table.columns, strict=True):
+        for chunk in col.chunks:
+            _array(s, "c:" + name, chunk)
+    return s.digest()
+
+
+def dataset_hash(ds: Any) -> str:
+    """The content hash of a Dataset (through its indices mapping, if any) or a DatasetDict."""
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        top = xxhash.xxh3_128()
+        for split in sorted(ds.keys()):
+            top.update(f"{split}={dataset_hash(ds[split])};".encode())
+        return top.hexdigest()
+    table = ds.data.table
+    if ds._indices is not None:
+        table = ds.with_format("arrow")[:]  # the selected rows, in order
+    return table_hash(table)

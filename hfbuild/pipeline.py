@@ -1,0 +1,415 @@
+"""Pipelines: named stages forming a DAG, their fingerprints, and building one stage.
+
+Owns: the `Pipeline` and `Stage` API, computing every stage's manifest from one git snapshot,
+and building a stage into the store (load its inputs memory-mapped, run the transform with
+datasets' own cache pointed into the build directory, publish). `datasets` is imported only
+when something is built or loaded.
+
+Must never: decide freshness from anything but the store holding the current fingerprint, or
+leave a partly built entry where the store would find it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from hfbuild.closure import Context
+from hfbuild.datafiles import StatCache, file_identity, resolve_data_files
+from hfbuild.errors import HfbuildError, NotBuiltError, StageError
+from hfbuild.fingerprint import Manifest, build_manifest, check_dirty
+from hfbuild.gitstate import Mode, Snapshot, find_root
+from hfbuild.store import Store
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+LOAD_BUILDERS = frozenset({"parquet", "csv", "json", "text", "arrow"})
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage is: its kind, inputs, callable, arguments and options."""
+
+    name: str
+    kind: str  # load | map | filter | apply
+    inputs: tuple[str, ...] = ()
+    fn: Callable[..., Any] | None = None
+    fn_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    file_deps: tuple[str, ...] = ()
+    doc: str | None = None
+
+
+class Report(NamedTuple):
+    """What building a stage did."""
+
+    stage: str
+    fingerprint: str
+    action: str  # "built" | "up to date" | "built elsewhere"
+    rows: Any
+    seconds: float
+
+    def line(self) -> str:
+        rows = _rows_text(self.rows)
+        if self.action == "built":
+            return f"{self.stage}: built {rows} in {self.seconds:.2f} s"
+        return f"{self.stage}: {self.action} ({rows})"
+
+
+def _rows_text(rows: Any) -> str:
+    if isinstance(rows, dict):
+        return ", ".join(f"{k} {v:,}" for k, v in rows.items()) + " rows"
+    return f"{rows:,} rows" if isinstance(rows, int) else "? rows"
+
+
+class Stage:
+    """A handle on one stage of a pipeline; pass it as another stage's input."""
+
+    def __init__(self, pipeline: Pipeline, name: str) -> None:
+        self.pipeline = pipeline
+        self.name = name
+
+    @property
+    def spec(self) -> StageSpec:
+        return self.pipeline._specs[self.name]
+
+    @property
+    def fingerprint(self) -> str:
+        """The current fingerprint, computed from the work tree; nothing is built."""
+        return self.pipeline.manifests(fresh=True)[self.name].fingerprint
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.pipeline.manifests(fresh=True)[self.name]
+
+    def result(self) -> Any:
+        return self.pipeline.result(self.name)
+
+    def __repr__(self) -> str:
+        return f"<hfbuild stage {self.name!r} ({self.spec.kind})>"
+
+
+def _caller_file(depth: int = 2) -> str | None:
+    frame = sys._getframe(depth)
+    f = frame.f_globals.get("__file__")
+    return str(f) if f else None
+
+
+class Pipeline:
+    """A set of named stages. The store is `store`, else $HFBUILD_STORE, else
+    `<git root>/.hfbuild`, where the git root is that of the file creating the pipeline."""
+
+    def __init__(
+        self,
+        store: str | os.PathLike[str] | None = None,
+        *,
+        root: str | os.PathLike[str] | None = None,
+        name: str = "preprocess",
+    ) -> None:
+        if root is None:
+            origin = _caller_file() or os.getcwd()
+            root = find_root(origin) or (
+                os.path.dirname(os.path.abspath(origin)) if os.path.isfile(origin) else origin
+            )
+        self.root = os.path.realpath(os.fspath(root))
+        store = store or os.environ.get("HFBUILD_STORE") or os.path.join(self.root, ".hfbuild")
+        self.store = Store(store if os.path.isabs(store) else os.path.join(self.root, store))
+        self.name = name
+        self._specs: dict[str, StageSpec] = {}
+        self._cache: dict[str, Manifest] | None = None
+        self.stat_cache = StatCache(os.path.join(self.store.root, "statcache.json"))
+
+    # -- defining stages --------------------------------------------------------------------
+
+    def _add(self, spec: StageSpec) -> Stage:
+        if not isinstance(spec.name, str) or not _NAME.match(spec.name):
+            raise StageError(
+                f"stage name {spec.name!r} is not valid: use letters, digits, '_' and '-', "
+                f"starting with a letter or '_' (like a Python identifier)."
+            )
+        if spec.name in self._specs:
+            raise StageError(
+                f"stage {spec.name!r} is defined twice in this pipeline: give each stage its "
+                f"own name."
+            )
+        for dep in spec.inputs:
+            if dep not in self._specs:
+                raise StageError(
+                    f"stage {spec.name!r}: input {dep!r} is not a stage defined above it"
+                )
+        if spec.fn is not None and not callable(spec.fn):
+            raise StageError(f"stage {spec.name!r}: {spec.fn!r} is not callable")
+        self._specs[spec.name] = spec
+        self._cache = None
+        return Stage(self, spec.name)
+
+    def _input(self, x: Stage | str, stage: str) -> str:
+        if isinstance(x, Stage):
+            if x.pipeline is not self:
+                raise StageError(f"stage {stage!r}: input {x.name!r} belongs to another pipeline")
+            return x.name
+        if isinstance(x, str):
+            return x
+        raise StageError(f"stage {stage!r}: an input must be a stage or a stage name, not {x!r}")
+
+    def load(self, name: str, builder: str, *, doc: str | None = None, **load_kwargs: Any) -> Stage:
+        """A stage loading data files with a `datasets` packaged builder (parquet, csv, json,
+        text, arrow). `data_files` is a path or glob, a list of them, or a split dict; relative
+        paths are relative to the git root."""
+        if builder not in LOAD_BUILDERS:
+            raise StageError(
+                f"load stage {name!r}: builder {builder!r} is not one of "
+                f"{', '.join(sorted(LOAD_BUILDERS))}. Use an apply stage for anything else."
+            )
+        if "data_files" not in load_kwargs:
+            raise StageError(f"load stage {name!r}: data_files= is required")
+        return self._add(
+            StageSpec(name, "load", options={"builder": builder, **load_kwargs}, doc=doc)
+        )
+
+    def map(
+        self,
+        name: str,
+        input: Stage | str,
+        fn: Callable[..., Any],
+        fn_kwargs: Mapping[str, Any] | None = None,
+        *,
+        file_deps: Sequence[str] = (),
+        doc: str | None = None,
+        **options: Any,
+    ) -> Stage:
+        """`Dataset.map(fn, fn_kwargs=..., **options)` as a stage."""
+        return self._transform("map", name, input, fn, fn_kwargs, file_deps, doc, options)
+
+    def filter(
+        self,
+        name: str,
+        input: Stage | str,
+        fn: Callable[..., Any],
+        fn_kwargs: Mapping[str, Any] | None = None,
+        *,
+        file_deps: Sequence[str] = (),
+        doc: str | None = None,
+        **options: Any,
+    ) -> Stage:
+        """`Dataset.filter(fn, fn_kwargs=..., **options)` as a stage."""
+        return self._transform("filter", name, input, fn, fn_kwargs, file_deps, doc, options)
+
+    def apply(
+        self,
+        name: str,
+        inputs: Stage | str | Sequence[Stage | str],
+        fn: Callable[..., Any],
+        fn_kwargs: Mapping[str, Any] | None = None,
+        *,
+        file_deps: Sequence[str] = (),
+        doc: str | None = None,
+    ) -> Stage:
+        """`fn(*input_datasets, **fn_kwargs) -> Dataset | DatasetDict` as a stage: splits,
+        shuffles, concatenations, joins, anything."""
+        many = [inputs] if isinstance(inputs, (Stage, str)) else list(inputs)
+        deps = tuple(self._input(x, name) for x in many)
+        return self._add(
+            StageSpec(name, "apply", deps, fn, dict(fn_kwargs or {}), {}, tuple(file_deps), doc)
+        )
+
+    def _transform(
+        self,
+        kind: str,
+        name: str,
+        input: Stage | str,
+        fn: Callable[..., Any],
+        fn_kwargs: Mapping[str, Any] | None,
+        file_deps: Sequence[str],
+        doc: str | None,
+        options: dict[str, Any],
+    ) -> Stage:
+        for bad in ("new_fingerprint", "cache_file_name", "function", "fn_kwargs"):
+            if bad in options:
+                raise StageError(f"{kind} stage {name!r}: hfbuild sets {bad} itself; drop it.")
+        spec = StageSpec(
+            name,
+            kind,
+            (self._input(input, name),),
+            fn,
+            dict(fn_kwargs or {}),
+            options,
+            tuple(file_deps),
+            doc,
+        )
+        return self._add(spec)
+
+    # -- looking at stages --------------------------------------------------------------------
+
+    def __getitem__(self, name: str) -> Stage:
+        if name not in self._specs:
+            known = ", ".join(self._specs) or "none"
+            raise StageError(f"no stage named {name!r} (stages: {known})")
+        return Stage(self, name)
+
+    def __iter__(self) -> Iterator[Stage]:
+        return (Stage(self, n) for n in self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    @property
+    def specs(self) -> list[StageSpec]:
+        return list(self._specs.values())
+
+    def manifests(self, *, fresh: bool = False, mode: Mode = "worktree") -> dict[str, Manifest]:
+        """Every stage's manifest, computed from one snapshot of the work tree (or, with
+        `mode="index"`, of what is staged). Memoized until `fresh=True` is asked for."""
+        if mode == "worktree" and self._cache is not None and not fresh:
+            return self._cache
+        snap = Snapshot(self.root, mode)
+        out: dict[str, Manifest] = {}
+        for spec in self._specs.values():
+            out[spec.name] = self._manifest(spec, snap, out)
+        self.stat_cache.save()
+        if mode == "worktree":
+            self._cache = out
+        return out
+
+    def _manifest(self, spec: StageSpec, snap: Snapshot, done: Mapping[str, Manifest]) -> Manifest:
+        ctx = Context(snap)
+        inputs = [done[i].fingerprint for i in spec.inputs]
+        data = None
+        options: Mapping[str, Any] | None = spec.options
+        if spec.kind == "load":
+            opts = dict(spec.options)
+            builder = opts.pop("builder")
+            files = resolve_data_files(
+                opts.pop("data_files"), snap.root, f"load stage {spec.name!r}"
+            )
+            ids: Any
+            if isinstance(files, dict):
+                ids = {
+                    s: [file_identity(f, snap, self.stat_cache) for f in fs]
+                    for s, fs in sorted(files.items())
+                }
+            else:
+                ids = [file_identity(f, snap, self.stat_cache) for f in files]
+            data = {
+                "builder": builder,
+                "files": ids,
+                "options": ctx.encode(opts, f"stage {spec.name!r} load options"),
+            }
+            options = None
+        try:
+            return build_manifest(
+                kind=spec.kind,
+                ctx=ctx,
+                fn=spec.fn,
+                fn_kwargs=spec.fn_kwargs,
+                inputs=inputs,
+                options=options,
+                data=data,
+                file_deps=spec.file_deps,
+            )
+        except HfbuildError as e:
+            if str(e).startswith(f"stage {spec.name!r}"):
+                raise
+            raise _prefixed(e, spec.name) from e
+
+    def is_built(self, name: str) -> bool:
+        """True when the store holds the stage's current fingerprint (doit's uptodate)."""
+        return self.store.has(self.manifests()[name].fingerprint)
+
+    # -- results and building -----------------------------------------------------------------
+
+    def result(self, name: str) -> Any:
+        """The built result, memory-mapped from the store."""
+        fp = self.manifests(fresh=True)[name].fingerprint
+        if not self.store.has(fp):
+            raise NotBuiltError(
+                f"stage {name!r} is not built for the current code and data (fingerprint "
+                f"{fp}). Build it with `doit run {self.name}:{name}`."
+            )
+        return self.store.load(fp)
+
+    def build(self, name: str, *, log: Callable[[str], None] | None = None) -> Report:
+        """Build `name` (and any input it needs) unless the store has it."""
+        manifests = self.manifests()
+        m = manifests[name]
+        fp = m.fingerprint
+        check_dirty(m, f"stage {name!r}")
+        if self.store.has(fp):
+            self.store.set_ref(name, fp)
+            doc = self.store.read_manifest(fp) or {}
+            return Report(name, fp, "up to date", doc.get("rows"), 0.0)
+        spec = self._specs[name]
+        for dep in spec.inputs:
+            if not self.store.has(manifests[dep].fingerprint):
+                self.build(dep, log=log)
+        with self.store.lock(fp):
+            if self.store.has(fp):  # another process built it while we waited
+                self.store.set_ref(name, fp)
+                doc = self.store.read_manifest(fp) or {}
+                return Report(name, fp, "built elsewhere", doc.get("rows"), 0.0)
+            report = self._build_locked(spec, m, manifests)
+        self.store.set_ref(name, fp)
+        if log is not None:
+            log(report.line())
+        return report
+
+    def _build_locked(
+        self, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]
+    ) -> Report:
+        from hfbuild import builder
+
+        fp = m.fingerprint
+        t0 = time.perf_counter()
+        tmp = self.store.new_build_dir(fp)
+        try:
+            inputs = [self.store.load(manifests[i].fingerprint) for i in spec.inputs]
+            result = builder.run_stage(spec, inputs, fp, tmp, self.root)
+            info = builder.save(result, os.path.join(tmp, "data"), tmp)
+            seconds = time.perf_counter() - t0
+            doc = {
+                "stage": spec.name,
+                "manifest": m.doc,
+                "inputs": {i: manifests[i].fingerprint for i in spec.inputs},
+                "rows": info.rows,
+                "content_hash": info.content_hash,
+                "dirty": [[f.path, f.status] for f in m.dirty],
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "seconds": round(seconds, 3),
+                "written_bytes": info.written_bytes,
+                "hfbuild": _version(),
+            }
+            builder.cleanup_scratch(tmp)
+            self.store.publish(tmp, fp, doc)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Report(spec.name, fp, "built", info.rows, seconds)
+
+    def tasks(self, basename: str | None = None) -> Iterator[dict[str, Any]]:
+        """doit task dicts, one per stage; `yield from pipe.tasks()` in `task_<basename>`."""
+        from hfbuild.tasks import pipeline_tasks
+
+        if basename is None:
+            caller = sys._getframe(1).f_code.co_name
+            basename = caller[5:] if caller.startswith("task_") else self.name
+        self.name = basename
+        return pipeline_tasks(self, basename)
+
+
+def _prefixed(e: HfbuildError, stage: str) -> HfbuildError:
+    """The same error, its message prefixed with the stage it happened in."""
+    new = HfbuildError.__new__(type(e))
+    HfbuildError.__init__(new, f"stage {stage!r}: {e}")
+    new.__dict__.update(e.__dict__)
+    return new
+
+
+def _version() -> str:
+    from hfbuild import __version__
+
+    return __version__

@@ -1,0 +1,213 @@
+"""The content-addressed store of built results.
+
+Owns: every path under the store directory. `objects/<fp[:2]>/<fp>/` holds `data/` (a
+`save_to_disk` layout) and `manifest.json`; `tmp/` holds builds in progress; `locks/` the
+per-fingerprint build locks; `refs/<stage>` the last fingerprint built under each stage name.
+An entry exists only once its complete manifest does: builds write into `tmp/` and publish
+with one atomic rename.
+
+Must never: unpickle or execute anything it reads, import `datasets` outside `load`, or let a
+stage name or fingerprint address a path outside the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from hfbuild.errors import StoreError
+
+MANIFEST = "manifest.json"
+DATA = "data"
+_FP = re.compile(r"^[0-9a-f]{32}$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+def _check_fp(fp: str) -> str:
+    if not _FP.match(fp):
+        raise StoreError(f"not a fingerprint: {fp!r} (expected 32 lowercase hex digits)")
+    return fp
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise StoreError(f"not a stage name: {name!r}")
+    return name
+
+
+def write_json_atomic(path: str, doc: Any) -> None:
+    """Write JSON so readers see the old file or the new one, never half of either."""
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, sort_keys=True, indent=1, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class Store:
+    """A store directory. Cheap to create: nothing is touched until something is written."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+
+    # -- layout ------------------------------------------------------------------------------
+
+    def entry(self, fp: str) -> str:
+        _check_fp(fp)
+        return os.path.join(self.root, "objects", fp[:2], fp)
+
+    def data_path(self, fp: str) -> str:
+        return os.path.join(self.entry(fp), DATA)
+
+    def _ensure(self) -> None:
+        try:
+            for sub in ("objects", "tmp", "locks", "refs"):
+                os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+            ignore = os.path.join(self.root, ".gitignore")
+            if not os.path.exists(ignore):
+                with open(ignore, "w") as f:
+                    f.write("# created by hfbuild: the store is never committed\n*\n")
+        except OSError as e:
+            raise StoreError(
+                f"cannot create the store at {self.root} ({e.strerror}). Make it writable, or "
+                f"point HFBUILD_STORE at a writable directory."
+            ) from e
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def read_manifest(self, fp: str) -> dict[str, Any] | None:
+        """The entry's manifest, or None when there is no complete entry under `fp`."""
+        try:
+            with open(os.path.join(self.entry(fp), MANIFEST), encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(doc, dict) or doc.get("fingerprint") != fp:
+            return None
+        return doc
+
+    def has(self, fp: str) -> bool:
+        """True when a complete entry for `fp` exists: its manifest names it, and every data
+        file the manifest lists is there with its recorded size. No data is read."""
+        doc = self.read_manifest(fp)
+        if doc is None:
+            return False
+        base = self.data_path(fp)
+        for rel, size in doc.get("files", {}).items():
+            try:
+                if os.stat(os.path.join(base, *rel.split("/"))).st_size != size:
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def load(self, fp: str) -> Any:
+        """The stored Dataset or DatasetDict, memory-mapped. Nothing is unpickled:
+        `load_from_disk` reads Arrow files and JSON."""
+        import datasets
+
+        return datasets.load_from_disk(self.data_path(fp), keep_in_memory=False)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, fp: str, timeout: float = -1) -> Iterator[None]:
+        """Exclusive lock for building `fp`. An OS-level lock: a killed holder releases it."""
+        from filelock import FileLock  # 50 ms to import: only builds pay it
+
+        self._ensure()
+        with FileLock(os.path.join(self.root, "locks", _check_fp(fp) + ".lock"), timeout=timeout):
+            yield
+
+    def new_build_dir(self, fp: str) -> str:
+        self._ensure()
+        try:
+            return tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"), prefix=f"{fp}.")
+        except OSError as e:
+            raise StoreError(f"cannot write in {self.root}/tmp ({e.strerror}).") from e
+
+    def publish(self, build_dir: str, fp: str, manifest: dict[str, Any]) -> None:
+        """Write the manifest into `build_dir` (listing every data file and its size) and
+        move the directory into place with one rename. Call with the lock held."""
+        data = os.path.join(build_dir, DATA)
+        files: dict[str, int] = {}
+        for dirpath, _, names in os.walk(data):
+            for n in names:
+                full = os.path.join(dirpath, n)
+                rel = os.path.relpath(full, data).replace(os.sep, "/")
+                files[rel] = os.stat(full).st_size
+        doc = {**manifest, "fingerprint": fp, "files": dict(sorted(files.items()))}
+        try:
+            write_json_atomic(os.path.join(build_dir, MANIFEST), doc)
+            final = self.entry(fp)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            if os.path.exists(final):  # a corrupt leftover: move it aside, never merge
+                self.quarantine(fp)
+            os.rename(build_dir, final)
+        except OSError as e:
+            shutil.rmtree(build_dir, ignore_errors=True)
+            hint = " The disk is full." if e.errno == errno.ENOSPC else ""
+            raise StoreError(f"could not publish {fp} in {self.root}: {e.strerror}.{hint}") from e
+
+    def quarantine(self, fp: str) -> str | None:
+        """Move a broken entry out of the way (to tmp/, where gc removes it)."""
+        src = self.entry(fp)
+        if not os.path.exists(src):
+            return None
+        dst = os.path.join(self.root, "tmp", f"{fp}.corrupt-{time.time_ns()}")
+        os.rename(src, dst)
+        return dst
+
+    def remove(self, fp: str) -> bool:
+        src = self.entry(fp)
+        if not os.path.exists(src):
+            return False
+        dst = os.path.join(self.root, "tmp", f"{fp}.removed-{time.time_ns()}")
+        os.rename(src, dst)  # atomic disappearance, then a slow delete
+        shutil.rmtree(dst, ignore_errors=True)
+        return True
+
+    # -- refs ----------------------------------------------------------------------------------
+
+    def set_ref(self, stage: str, fp: str) -> None:
+        self._ensure()
+        path = os.path.join(self.root, "refs", _check_name(stage))
+        if self.get_ref(stage) == fp:
+            return
+        fd, tmp = tempfile.mkstemp(dir=os.path.join(self.root, "refs"), prefix=".tmp-")
+        with os.fdopen(fd, "w") as f:
+            f.write(_check_fp(fp) + "\n")
+        os.replace(tmp, path)
+
+    def get_ref(self, stage: str) -> str | None:
+        try:
+            with open(os.path.join(self.root, "refs", _check_name(stage))) as f:
+                fp = f.read().strip()
+        except OSError:
+            return None
+        return fp if _FP.match(fp) else None
+
+    def fingerprints(self) -> list[str]:
+        base = os.path.join(self.root, "objects")
+        out = []
+        for d in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+            for fp in sorted(os.listdir(os.path.join(base, d))):
+                if _FP.match(fp):
+                    out.append(fp)
+        return out

@@ -1,0 +1,58 @@
+"""doit task dicts for a pipeline.
+
+Owns: one plain doit task dict per stage (`actions`, `uptodate`, `task_dep`, `clean`, `doc`),
+so `doit run/list/info/clean/-n` work as doit users expect. `uptodate` asks the store whether it
+holds the stage's current fingerprint; doit's own database decides nothing.
+
+Must never: import `datasets` (doit evaluates `uptodate` for every stage on every run).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hfbuild.pipeline import Pipeline
+
+
+def _uptodate(pipe: Pipeline, name: str) -> bool:
+    return pipe.is_built(name)
+
+
+def _build(pipe: Pipeline, name: str) -> None:
+    report = pipe.build(name)
+    print(report.line())
+    sys.stdout.flush()
+
+
+def _clean(pipe: Pipeline, name: str) -> None:
+    fp = pipe.manifests()[name].fingerprint
+    if pipe.store.remove(fp):
+        print(f"{name}: removed {fp} from the store")
+
+
+def pipeline_tasks(pipe: Pipeline, basename: str) -> Iterator[dict[str, Any]]:
+    yield {
+        "name": None,
+        "doc": f"build the hfbuild pipeline's {len(pipe)} stages (those whose result is stale)",
+    }
+    for spec in pipe.specs:
+        doc = spec.doc or (
+            f"{spec.kind} "
+            + (
+                f"{spec.options.get('builder')} data"
+                if spec.kind == "load"
+                else getattr(spec.fn, "__qualname__", "") + (f" on {', '.join(spec.inputs)}")
+            )
+        )
+        yield {
+            "name": spec.name,
+            "doc": doc,
+            "actions": [(_build, [pipe, spec.name])],
+            "uptodate": [(_uptodate, [pipe, spec.name], {})],
+            "task_dep": [f"{basename}:{dep}" for dep in spec.inputs],
+            "clean": [(_clean, [pipe, spec.name])],
+            "verbosity": 2,
+        }
