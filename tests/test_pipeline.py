@@ -1,0 +1,214 @@
+"""`doit run preprocess` builds exactly the stale stages, in real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import hfbuild
+from tests.helpers import Repo, run_python
+from tests.pipeline_project import calls, doit, expected, make_project, results
+
+STAGES = {"raw", "feat", "kept", "split", "lens"}
+
+
+@pytest.fixture
+def project(repo: Repo) -> Repo:
+    return make_project(repo)
+
+
+def test_builds_once_then_does_nothing(project: Repo, tmp_path: pathlib.Path) -> None:
+    """The first run builds every stage once, the results equal an uncached computation, and
+    a second run builds nothing and prints one line per stage."""
+    log = tmp_path / "calls.log"
+    first = doit(project, "run", "preprocess", log=log)
+    assert calls(log) == {"feat": 1, "keep": 1, "split": 1, "lens": 1}
+    assert "feat: built 40 rows" in first.stdout
+    got = results(project)
+    exp = expected()
+    assert got["feat"] == exp["feat"] and got["kept"] == exp["kept"]
+    assert got["lens"] == exp["lens"]
+    assert sorted(got["split"]["train"] + got["split"]["test"]) == sorted(exp["kept"])
+
+    second = doit(project, "run", "preprocess", log=log)
+    assert calls(log) == {"feat": 1, "keep": 1, "split": 1, "lens": 1}
+    lines = [ln for ln in second.stdout.splitlines() if ln.strip()]
+    assert sorted(lines) == sorted(f"-- preprocess:{s}" for s in STAGES)
+
+
+def test_helper_two_imports_away_rebuilds_downstream_only(
+    project: Repo, tmp_path: pathlib.Path
+) -> None:
+    """Editing a constant in a module two imports away from a transform rebuilds that stage
+    and everything downstream of it, and nothing else; the new results are right."""
+    log = tmp_path / "calls.log"
+    doit(project, "run", "preprocess", log=log)
+    log.unlink()
+    project.write(
+        {"pkg/util/deep.py": "OFFSET = 5\n\ndef offset():\n    return OFFSET\n"}, commit="offset 5"
+    )
+    doit(project, "run", "preprocess", log=log)
+    assert calls(log) == {"feat": 1, "keep": 1, "split": 1}
+    got, exp = results(project), expected(offset=5)
+    assert got["feat"] == exp["feat"] and got["kept"] == exp["kept"]
+
+
+def test_changing_one_stages_arguments_rebuilds_only_it(
+    project: Repo, tmp_path: pathlib.Path
+) -> None:
+    """Editing the arguments of a leaf stage in dodo.py rebuilds that stage alone."""
+    log = tmp_path / "calls.log"
+    doit(project, "run", "preprocess", log=log)
+    log.unlink()
+    dodo = project.path / "dodo.py"
+    dodo.write_text(dodo.read_text().replace('{"scale": 1}', '{"scale": 3}'))
+    doit(project, "run", "preprocess", log=log)
+    assert calls(log) == {"lens": 1}
+    assert results(project)["lens"] == expected(scale=3)["lens"]
+
+
+def test_data_change_with_restored_mtime_rebuilds(project: Repo, tmp_path: pathlib.Path) -> None:
+    """Data is identified by content: new bytes with the old mtime restored still rebuild,
+    even for an untracked data file whose id comes from the stat cache."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    project.git("rm", "-q", "--cached", "data/part-0.parquet")
+    project.write({".gitignore": "data/\n"}, commit="data untracked")
+    log = tmp_path / "calls.log"
+    doit(project, "run", "preprocess", log=log)
+    f = project.path / "data" / "part-0.parquet"
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns - 10_000_000_000))  # old enough to cache
+    doit(project, "run", "preprocess", log=log)  # fills the stat cache
+    log.unlink()
+    st = f.stat()
+    pq.write_table(pa.table({"x": [100, 101], "text": ["a", "b"]}), f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    doit(project, "run", "preprocess", log=log)
+    assert calls(log)["feat"] == 1
+    assert results(project)["feat"] == [200, 202]
+
+
+def test_same_data_in_another_clone_is_up_to_date(project: Repo, tmp_path: pathlib.Path) -> None:
+    """A second clone at another path sharing the store builds nothing: neither the checkout
+    path nor file times enter a fingerprint."""
+    store = tmp_path / "shared-store"
+    log = tmp_path / "calls.log"
+    doit(project, "run", "preprocess", log=log, env={"HFBUILD_STORE": str(store)})
+    clone = project.clone(tmp_path / "elsewhere" / "clone")
+    log.unlink()
+    out = doit(clone, "run", "preprocess", log=log, env={"HFBUILD_STORE": str(store)})
+    assert calls(log) == {}
+    assert out.stdout.count("-- preprocess:") == len(STAGES)
+
+
+def test_two_concurrent_cold_runs_build_each_stage_once(
+    project: Repo, tmp_path: pathlib.Path
+) -> None:
+    """Two `doit run preprocess` started together on a cold store both succeed, every stage
+    is built once between them, and the results are the uncached ones."""
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "CALL_LOG": str(log)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "doit", "run", "preprocess"],
+            cwd=project.path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert calls(log) == {"feat": 1, "keep": 1, "split": 1, "lens": 1}
+    assert results(project)["kept"] == expected()["kept"]
+
+
+def test_doit_list_clean_and_parallel(project: Repo, tmp_path: pathlib.Path) -> None:
+    """`doit list --all` shows every stage with its doc, `doit clean` removes results from
+    the store, and `doit -n 2` builds independent stages in parallel processes."""
+    log = tmp_path / "calls.log"
+    listing = doit(project, "list", "--all", log=log).stdout
+    for s in STAGES:
+        assert f"preprocess:{s}" in listing
+    assert "map feat on raw" in listing
+    doit(project, "run", "-n", "2", "preprocess", log=log)
+    assert calls(log) == {"feat": 1, "keep": 1, "split": 1, "lens": 1}
+    doit(project, "clean", "preprocess", log=log)
+    log.unlink()
+    doit(project, "run", "preprocess", log=log)
+    assert calls(log) == {"feat": 1, "keep": 1, "split": 1, "lens": 1}
+
+
+def test_uptodate_check_imports_neither_datasets_nor_pyarrow(
+    project: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A no-op `doit run` (every stage up to date) never imports datasets or pyarrow, and
+    `pipe[name].fingerprint` does not either."""
+    log = tmp_path / "calls.log"
+    doit(project, "run", "preprocess", log=log)
+    code = """
+import sys, os
+from doit.doit_cmd import DoitMain
+from doit.cmd_base import ModuleTaskLoader
+import dodo
+rc = DoitMain(ModuleTaskLoader(dodo)).run(["run", "preprocess"])
+fp = dodo.pipe["split"].fingerprint
+print(rc, "datasets" in sys.modules, "pyarrow" in sys.modules, len(fp))
+"""
+    out = run_python(code, project.path, env={"CALL_LOG": str(log)})
+    assert out.stdout.strip().splitlines()[-1] == "0 False False 32"
+
+
+def test_result_of_unbuilt_stage_names_the_command(project: Repo, tmp_path: pathlib.Path) -> None:
+    """Asking for a result the store lacks raises NotBuiltError naming the doit command."""
+    code = """
+import dodo, hfbuild
+try:
+    dodo.pipe.result("kept")
+except hfbuild.NotBuiltError as e:
+    print(e)
+"""
+    out = run_python(code, project.path, env={"CALL_LOG": str(tmp_path / "log")}).stdout
+    assert "stage 'kept' is not built" in out
+    assert "doit run preprocess:kept" in out
+
+
+def test_store_is_ignored_by_git(project: Repo, tmp_path: pathlib.Path) -> None:
+    """The default store (.hfbuild at the repo root) carries its own .gitignore."""
+    doit(project, "run", "preprocess", log=tmp_path / "log")
+    assert (project.path / ".hfbuild" / ".gitignore").read_text().strip().endswith("*")
+    assert ".hfbuild" not in project.git("status", "--porcelain", "--untracked-files=all")
+
+
+@pytest.mark.parametrize("name", ["1st", "has space", "a/b", "", "../x"])
+def test_stage_names_must_be_identifiers(repo: Repo, name: str) -> None:
+    """A stage name that is not an identifier is refused with a message saying what is
+    allowed."""
+    pipe = hfbuild.Pipeline(root=repo.path)
+    with pytest.raises(hfbuild.StageError, match="is not valid: use letters"):
+        pipe.load(name, "parquet", data_files="x.parquet")
+
+
+def test_duplicate_stage_names_are_refused(repo: Repo) -> None:
+    """Defining two stages under one name is an error naming the stage."""
+    pipe = hfbuild.Pipeline(root=repo.path)
+    pipe.load("raw", "parquet", data_files="x.parquet")
+    with pytest.raises(hfbuild.StageError, match="stage 'raw' is defined twice"):
+        pipe.load("raw", "csv", data_files="x.csv")
+
+
+def test_missing_data_files_are_named(repo: Repo) -> None:
+    """A data_files pattern that matches nothing is an error naming the pattern."""
+    repo.write({"x.txt": "x"}, commit="x")
+    pipe = hfbuild.Pipeline(root=repo.path, store=repo.path / "store")
+    pipe.load("raw", "parquet", data_files="data/*.parquet")
+    with pytest.raises(hfbuild.StageError, match=r"'data/\*\.parquet' matches no file"):
+        _ = pipe["raw"].fingerprint
