@@ -16,7 +16,12 @@ FILES = {
     "pkg/__init__.py": "",
     "pkg/util/__init__.py": "",
     "pkg/util/deep.py": "OFFSET = 0\n\ndef offset():\n    return OFFSET\n",
-    "pkg/util/mid.py": "from pkg.util.deep import offset\n\ndef shift(x):\n    return x + offset()\n",
+    "pkg/util/mid.py": """
+        from pkg.util.deep import offset
+
+        def shift(x):
+            return x + offset()
+        """,
     "pkg/log.py": """
         import os
 
