@@ -10,6 +10,7 @@ Must never: import `datasets` (doit evaluates `uptodate` for every stage on ever
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,13 @@ def _uptodate(pipe: Pipeline, name: str) -> bool:
 
 
 def _build(pipe: Pipeline, name: str) -> None:
-    report = pipe.build(name)
+    # Under doit a warning's source line (inside hfbuild) says nothing useful: print the
+    # message itself, once per stage.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = pipe.build(name)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     print(report.line())
     sys.stdout.flush()
 

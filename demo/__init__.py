@@ -1,0 +1,1 @@
+"""The demo pipeline's transforms (see dodo.py)."""
