@@ -43,14 +43,13 @@ def _check_name(name: str) -> str:
     return name
 
 
-def write_json_atomic(path: str, doc: Any) -> None:
-    """Write JSON so readers see the old file or the new one, never half of either."""
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+def write_text_atomic(path: str, text: str) -> None:
+    """Write a file so readers see the old one or the new one, never half of either."""
+    d = os.path.dirname(path) or os.curdir
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".hfbuild")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, sort_keys=True, indent=1, ensure_ascii=False)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -58,6 +57,10 @@ def write_json_atomic(path: str, doc: Any) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str, doc: Any) -> None:
+    write_text_atomic(path, json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
 
 
 class Store:

@@ -1,0 +1,217 @@
+"""What changed between two manifests of a stage, in words a person reads.
+
+Owns: comparing an old and a new manifest part by part (callable, code files, arguments,
+options, inputs, data files, packages) into `Change` values, and rendering canonical values
+back into Python-like text (`{'k': 3}`, `1.5`, `(1, 2)`). Used by `status` (the first reason)
+and `explain` (all of them).
+Must never: import datasets, or print (the commands do that).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+
+class Change(NamedTuple):
+    part: str  # code | file | arg | option | input | data | package | kind
+    path: str  # what changed: a file path, an argument path, an input name, ...
+    old: Any  # rendered old value or id (None: it was not there)
+    new: Any  # rendered new value or id (None: it is gone)
+
+    def describe(self) -> str:
+        what = {
+            "file": "code file",
+            "arg": "argument",
+            "option": "option",
+            "input": "input stage",
+            "data": "data file",
+            "package": "package",
+            "code": "callable",
+            "kind": "kind",
+        }[self.part]
+        if self.old is None:
+            return f"{what} {self.path} added ({self.new})"
+        if self.new is None:
+            return f"{what} {self.path} removed (was {self.old})"
+        return f"{what} {self.path} changed: {self.old} -> {self.new}"
+
+
+def render(tree: Any) -> str:
+    """Python-like text for an encoded value (the inverse of the encoding, for reading)."""
+    if tree is None or isinstance(tree, (bool, int)):
+        return repr(tree)
+    if isinstance(tree, str):
+        return repr(tree)
+    if isinstance(tree, list):
+        return "[" + ", ".join(render(x) for x in tree) + "]"
+    if isinstance(tree, dict) and len(tree) == 1:
+        ((tag, v),) = tree.items()
+        if tag == "float":
+            return str(v)
+        if tag == "tuple":
+            inner = ", ".join(render(x) for x in v)
+            return f"({inner},)" if len(v) == 1 else f"({inner})"
+        if tag == "dict":
+            return "{" + ", ".join(f"{render(k)}: {render(x)}" for k, x in v) + "}"
+        if tag in ("set", "frozenset"):
+            return f"{tag}({{{', '.join(render(x) for x in v)}}})"
+        if tag == "enum":
+            return f"{v[0]}.{v[1]}"
+        if tag in ("dataclass", "namedtuple", "object"):
+            fields = ", ".join(f"{k}={render(x)}" for k, x in v[1])
+            return f"{v[0].split(':')[-1]}({fields})"
+        if tag == "callable":
+            t = v.get("target", {})
+            return f"<function {t.get('module')}.{t.get('qualname')}>"
+        if tag == "path":
+            return f"Path({v[1]!r})"
+        if tag == "tokenizer":
+            return f"<tokenizer {v[:12]}>"
+        if tag == "bytes":
+            return f"<bytes {v[:24]}>"
+        if tag == "ndarray":
+            return f"<ndarray {v[0]} {tuple(v[1])}>"
+    return json.dumps(tree, sort_keys=True)
+
+
+def _walk(path: str, old: Any, new: Any) -> Iterator[Change]:
+    """Leaf-most differences between two encoded values."""
+    if old == new:
+        return
+    if _is(old, "dict") and _is(new, "dict"):
+        o = {json.dumps(k, sort_keys=True): (k, v) for k, v in old["dict"]}
+        n = {json.dumps(k, sort_keys=True): (k, v) for k, v in new["dict"]}
+        for key in sorted(o.keys() | n.keys()):
+            k = (o.get(key) or n[key])[0]
+            sub = f"{path}[{render(k)}]"
+            if key not in o:
+                yield Change("arg", sub, None, render(n[key][1]))
+            elif key not in n:
+                yield Change("arg", sub, render(o[key][1]), None)
+            else:
+                yield from _walk(sub, o[key][1], n[key][1])
+        return
+    if isinstance(old, dict) and isinstance(new, dict) and not _tagged(old) and not _tagged(new):
+        for key in sorted(old.keys() | new.keys()):
+            sub = f"{path}.{key}" if path else key
+            if key not in old:
+                yield Change("arg", sub, None, render(new[key]))
+            elif key not in new:
+                yield Change("arg", sub, render(old[key]), None)
+            else:
+                yield from _walk(sub, old[key], new[key])
+        return
+    if (_is(old, "dataclass") and _is(new, "dataclass")) or (
+        _is(old, "object") and _is(new, "object")
+    ):
+        tag = next(iter(old))
+        if old[tag][0] == new[tag][0]:
+            o, n = dict(old[tag][1]), dict(new[tag][1])
+            for key in sorted(o.keys() | n.keys()):
+                yield from _walk(f"{path}.{key}", o.get(key), n.get(key))
+            return
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            yield from _walk(f"{path}[{i}]", a, b)
+        return
+    yield Change("arg", path, render(old), render(new))
+
+
+def _is(x: Any, tag: str) -> bool:
+    return isinstance(x, dict) and len(x) == 1 and tag in x
+
+
+def _tagged(x: Mapping[str, Any]) -> bool:
+    return len(x) == 1 and next(iter(x)) in {
+        "dict",
+        "tuple",
+        "set",
+        "frozenset",
+        "float",
+        "enum",
+        "dataclass",
+        "namedtuple",
+        "object",
+        "callable",
+        "path",
+        "bytes",
+        "ndarray",
+        "numpy",
+        "custom",
+        "registered",
+        "subclass",
+        "OrderedDict",
+        "defaultdict",
+        "tokenizer",
+        "Features",
+    }
+
+
+def _pairs(doc: Mapping[str, Any], *keys: str) -> dict[str, str]:
+    cur: Any = doc
+    for k in keys:
+        cur = cur.get(k, {}) if isinstance(cur, dict) else {}
+    return {p: i for p, i in cur} if isinstance(cur, list) else {}
+
+
+def _data_files(doc: Mapping[str, Any]) -> dict[str, str]:
+    files = (doc.get("data") or {}).get("files")
+    if isinstance(files, dict):
+        return {f"{split}:{p}": i for split, fs in files.items() for p, i in fs}
+    return {p: i for p, i in files} if isinstance(files, list) else {}
+
+
+def _keyed(part: str, old: Mapping[str, str], new: Mapping[str, str]) -> Iterator[Change]:
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key):
+            yield Change(part, key, old.get(key), new.get(key))
+
+
+def _packages(doc: Mapping[str, Any]) -> dict[str, str]:
+    return dict(p.split("==", 1) for p in doc.get("packages", []) if "==" in p)
+
+
+def diff(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    old_inputs: Mapping[str, str] | None = None,
+    new_inputs: Mapping[str, str] | None = None,
+) -> list[Change]:
+    """Every difference between two manifest documents, most telling first: callable, code
+    files, arguments, options, inputs, data, packages. `*_inputs` name the input stages."""
+    out: list[Change] = []
+    if old.get("kind") != new.get("kind"):
+        out.append(Change("kind", "kind", old.get("kind"), new.get("kind")))
+    ot, nt = (old.get("code") or {}).get("target"), (new.get("code") or {}).get("target")
+    if ot != nt:
+
+        def name(t: Any) -> str | None:
+            return None if not t else f"{t.get('module')}.{t.get('qualname')}"
+
+        if name(ot) != name(nt):
+            out.append(Change("code", "target", name(ot), name(nt)))
+        else:
+            out.append(Change("code", name(nt) or "target", "its definition", "another"))
+    out.extend(_keyed("file", _pairs(old, "code", "files"), _pairs(new, "code", "files")))
+    out.extend(_keyed("file", dict(old.get("file_deps") or []), dict(new.get("file_deps") or [])))
+    out.extend(_walk("", old.get("args", {}), new.get("args", {})))
+    for c in _walk("", old.get("options", {}), new.get("options", {})):
+        out.append(c._replace(part="option", path=f"options.{c.path}"))
+    oi = dict(old_inputs or {}) or {str(i): f for i, f in enumerate(old.get("inputs") or [])}
+    ni = dict(new_inputs or {}) or {str(i): f for i, f in enumerate(new.get("inputs") or [])}
+    if list(old.get("inputs") or []) != list(new.get("inputs") or []):
+        out.extend(_keyed("input", oi, ni))
+    out.extend(_keyed("data", _data_files(old), _data_files(new)))
+    od, nd = (old.get("data") or {}), (new.get("data") or {})
+    if od.get("builder") != nd.get("builder"):
+        out.append(Change("data", "builder", od.get("builder"), nd.get("builder")))
+    out.extend(
+        c._replace(part="data", path=f"load option {c.path}")
+        for c in _walk("", od.get("options"), nd.get("options"))
+    )
+    out.extend(_keyed("package", _packages(old), _packages(new)))
+    if not out and old != new:
+        out.append(Change("kind", "manifest", "an older hfbuild format", "the current one"))
+    return out
