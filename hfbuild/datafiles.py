@@ -90,7 +90,7 @@ def file_identity(path: str, snap: Snapshot, cache: StatCache) -> list[str]:
     clean = snap.clean_id(rel)
     if clean is not None:
         return [rel, clean]
-    return [rel, cache.content_id(snap.abspath(rel), lambda: snap.content_id(rel))]
+    return [rel, cache.content_id(snap.abspath(rel), lambda: snap.worktree_id(rel))]
 
 
 def expand(pattern: str, root: str, what: str) -> list[str]:

@@ -21,6 +21,7 @@ class Change(NamedTuple):
     new: Any  # rendered new value or id (None: it is gone)
 
     def describe(self) -> str:
+        old, new = _short(self.old), _short(self.new)
         what = {
             "file": "code file",
             "arg": "argument",
@@ -31,11 +32,18 @@ class Change(NamedTuple):
             "code": "callable",
             "kind": "kind",
         }[self.part]
-        if self.old is None:
-            return f"{what} {self.path} added ({self.new})"
-        if self.new is None:
-            return f"{what} {self.path} removed (was {self.old})"
-        return f"{what} {self.path} changed: {self.old} -> {self.new}"
+        if old is None:
+            return f"{what} {self.path} added ({new})"
+        if new is None:
+            return f"{what} {self.path} removed (was {old})"
+        return f"{what} {self.path} changed: {old} -> {new}"
+
+
+def _short(x: Any) -> Any:
+    """Blob ids abbreviated as git abbreviates them (12 hex digits is unambiguous here)."""
+    if isinstance(x, str) and len(x) == 40 and all(c in "0123456789abcdef" for c in x):
+        return x[:12]
+    return x
 
 
 def render(tree: Any) -> str:

@@ -234,12 +234,68 @@ class Snapshot:
             return None
         return str(idx[inner].id) if flags == GIT_STATUS_CURRENT else None
 
-    def content_id(self, rel: str) -> str:
-        """The blob id git would give the work-tree content (filters applied), hashing it."""
+    def worktree_id(self, rel: str) -> str:
+        """The blob id git would give the work-tree file now (filters applied), in either
+        mode: data files that are not committed are read from the work tree even when code
+        is read from the index."""
         found = self._repo_of(rel)
-        if found is None or self.mode == "index":
-            return self.file_id(rel).id
+        if found is None:
+            return hash_file(self.abspath(rel))
         return _hash_worktree(*found)
+
+    def hooks_dir(self) -> str | None:
+        """Where git looks for hooks (core.hooksPath, else the common git dir's hooks/)."""
+        if self.repo is None:
+            return None
+        try:
+            custom = self.repo.config["core.hooksPath"]
+        except KeyError:
+            custom = None
+        if custom:
+            return os.path.join(self.root, os.path.expanduser(custom))
+        gitdir = self.repo.path
+        common = os.path.join(gitdir, "commondir")
+        if os.path.isfile(common):  # a linked worktree: hooks live in the main git dir
+            with open(common) as f:
+                gitdir = os.path.normpath(os.path.join(gitdir, f.read().strip()))
+        return os.path.join(gitdir, "hooks")
+
+    def read_index_text(self, rel: str) -> str | None:
+        """A file's staged content, or None when it is not in the index."""
+        found = self._repo_of(rel)
+        if found is None:
+            return None
+        repo, inner = found
+        idx = self._index(repo)
+        if inner not in idx:
+            return None
+        blob = repo[idx[inner].id]
+        assert isinstance(blob, pygit2.Blob)
+        return blob.data.decode("utf-8", errors="replace")
+
+    def line_stats(self, old_id: str, rel: str, new_id: str) -> tuple[int, int] | None:
+        """(lines added, lines removed) from blob `old_id` to the file's content with id
+        `new_id`, or None when the old blob is not in the repository (a shallow clone)."""
+        if self.repo is None:
+            return None
+        try:
+            old = self.repo[old_id]
+        except (KeyError, ValueError):
+            return None
+        if not isinstance(old, pygit2.Blob):
+            return None
+        try:
+            new = self.repo[new_id]
+            patch = old.diff(new) if isinstance(new, pygit2.Blob) else None
+        except (KeyError, ValueError):
+            patch = None
+        if patch is None:
+            try:
+                patch = old.diff_to_buffer(self.read(rel))
+            except OSError:
+                return None
+        _, added, removed = patch.line_stats
+        return added, removed
 
     def file_id(self, rel: str) -> FileId:
         """The blob id and status of the file at repo-relative `rel`; memoized per snapshot."""
@@ -265,7 +321,10 @@ class Snapshot:
         idx = self._index(repo)
         if self.mode == "index":
             if inner not in idx:
-                raise FileNotFoundError(rel)
+                raise GitStateError(
+                    f"{rel} defines a stage but is not staged: `git add {rel}` so the commit "
+                    f"contains it."
+                )
             return FileId(rel, str(idx[inner].id), "clean")
         try:
             flags = repo.status_file(inner)

@@ -20,11 +20,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from hfbuild import lockfile
 from hfbuild.closure import Context
 from hfbuild.datafiles import StatCache, file_identity, resolve_data_files
 from hfbuild.errors import HfbuildError, NotBuiltError, StageError
 from hfbuild.fingerprint import Manifest, build_manifest, check_dirty
 from hfbuild.gitstate import Mode, Snapshot, find_root
+from hfbuild.lockfile import LOCK_NAME
 from hfbuild.store import Store
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -123,6 +125,7 @@ class Pipeline:
         self._specs: dict[str, StageSpec] = {}
         self._cache: dict[str, Manifest] | None = None
         self.stat_cache = StatCache(os.path.join(self.store.root, "statcache.json"))
+        self.lock_path = os.path.join(self.root, LOCK_NAME)
 
     # -- defining stages --------------------------------------------------------------------
 
@@ -318,8 +321,39 @@ class Pipeline:
             raise _prefixed(e, spec.name) from e
 
     def is_built(self, name: str) -> bool:
-        """True when the store holds the stage's current fingerprint (doit's uptodate)."""
-        return self.store.has(self.manifests()[name].fingerprint)
+        """True when the store holds the stage's current fingerprint (doit's uptodate). Then
+        the lock and the stage's ref are brought up to date too, so a run that builds nothing
+        still leaves hfbuild.lock describing exactly what the store serves."""
+        fp = self.manifests()[name].fingerprint
+        if not self.store.has(fp):
+            return False
+        self.record(name)
+        return True
+
+    def record(self, name: str) -> None:
+        """Point refs/<name> and the hfbuild.lock entry at the stage's current result."""
+        manifests = self.manifests()
+        m = manifests[name]
+        fp = m.fingerprint
+        stored = self.store.read_manifest(fp)
+        if stored is None:
+            return
+        self.store.set_ref(name, fp)
+        spec = self._specs[name]
+        e = lockfile.entry(
+            m.doc,
+            fp,
+            {i: manifests[i].fingerprint for i in spec.inputs},
+            stored,
+            [f.path for f in m.dirty],
+        )
+        if lockfile.read(self.lock_path).get(name) != e:
+            lockfile.update(
+                self.lock_path,
+                os.path.join(self.store.root, "locks"),
+                {name: e},
+                set(self._specs),
+            )
 
     # -- results and building -----------------------------------------------------------------
 
@@ -333,30 +367,35 @@ class Pipeline:
             )
         return self.store.load(fp)
 
-    def build(self, name: str, *, log: Callable[[str], None] | None = None) -> Report:
-        """Build `name` (and any input it needs) unless the store has it."""
+    def build(
+        self, name: str, *, log: Callable[[str], None] | None = None, record: bool = True
+    ) -> Report:
+        """Build `name` (and any input it needs) unless the store has it. With `record`, the
+        stage's ref and hfbuild.lock entry are updated afterwards."""
         manifests = self.manifests()
         m = manifests[name]
         fp = m.fingerprint
         check_dirty(m, f"stage {name!r}")
-        if self.store.has(fp):
-            self.store.set_ref(name, fp)
-            doc = self.store.read_manifest(fp) or {}
-            return Report(name, fp, "up to date", doc.get("rows"), 0.0)
         spec = self._specs[name]
-        for dep in spec.inputs:
-            if not self.store.has(manifests[dep].fingerprint):
-                self.build(dep, log=log)
-        with self.store.lock(fp):
-            if self.store.has(fp):  # another process built it while we waited
-                self.store.set_ref(name, fp)
-                doc = self.store.read_manifest(fp) or {}
-                return Report(name, fp, "built elsewhere", doc.get("rows"), 0.0)
-            report = self._build_locked(spec, m, manifests)
-        self.store.set_ref(name, fp)
+        if self.store.has(fp):
+            report = Report(name, fp, "up to date", self._rows(fp), 0.0)
+        else:
+            for dep in spec.inputs:
+                if not self.store.has(manifests[dep].fingerprint):
+                    self.build(dep, log=log, record=record)
+            with self.store.lock(fp):
+                if self.store.has(fp):  # another process built it while we waited
+                    report = Report(name, fp, "built elsewhere", self._rows(fp), 0.0)
+                else:
+                    report = self._build_locked(spec, m, manifests)
+        if record:
+            self.record(name)
         if log is not None:
             log(report.line())
         return report
+
+    def _rows(self, fp: str) -> Any:
+        return (self.store.read_manifest(fp) or {}).get("rows")
 
     def _build_locked(
         self, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]

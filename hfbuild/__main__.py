@@ -1,0 +1,5 @@
+import sys
+
+from hfbuild.cli import main
+
+sys.exit(main())

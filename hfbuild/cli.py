@@ -1,0 +1,103 @@
+"""The `hfbuild` command: parse, dispatch to `commands/`, and the one error boundary.
+
+Exit codes: 0 ok; 1 a check failed or a user error (an `HfbuildError`, printed as one message);
+3 a bug in hfbuild (traceback printed); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+import warnings
+from collections.abc import Sequence
+
+from hfbuild.errors import HfbuildError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hfbuild", description="Correct caching for datasets transforms, run by doit."
+    )
+    p.add_argument(
+        "--dodo", metavar="PATH", help="the dodo file defining the pipeline (default: ./dodo.py)"
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("status", help="each stage: up to date, stale and why, or dirty")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("-q", "--quiet", action="store_true", help="print nothing; exit 1 if stale")
+    e = sub.add_parser("explain", help="what changed since a stage was last built")
+    e.add_argument("stage")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    v = sub.add_parser("verify", help="check hfbuild.lock (pre-commit hook and CI)")
+    mode = v.add_mutually_exclusive_group()
+    mode.add_argument("--staged", action="store_true", help="check what is staged (the hook)")
+    mode.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="rebuild every stage in a scratch store and compare with the lock",
+    )
+    v.add_argument("--strict", action="store_true", help="uncommitted code is an error")
+    v.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    h = sub.add_parser("install-hook", help="install a plain git pre-commit hook")
+    h.add_argument("--force", action="store_true", help="replace an existing hook")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from hfbuild.fingerprint import strict
+    from hfbuild.project import load_pipeline
+
+    pipe = load_pipeline(args.dodo)
+    if args.command == "status":
+        from hfbuild.commands.status import status
+
+        return status(pipe, as_json=args.json, quiet=args.quiet)
+    if args.command == "explain":
+        from hfbuild.commands.explain import explain
+
+        return explain(pipe, args.stage, as_json=args.json)
+    if args.command == "verify":
+        from hfbuild.commands.verify import verify
+
+        return verify(
+            pipe,
+            staged=args.staged,
+            rebuild=args.rebuild,
+            strict=args.strict or strict(),
+            quiet=args.quiet,
+        )
+    if args.command == "install-hook":
+        from hfbuild.commands.install_hook import install_hook
+
+        return install_hook(pipe, force=args.force)
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = _run(args)
+        for w in {str(w.message): w for w in caught if w.category.__module__.startswith("hfbuild")}:
+            print(f"warning: {w}", file=sys.stderr)
+        return code
+    except HfbuildError as e:
+        print(f"hfbuild: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hfbuild: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(
+            "hfbuild: internal error: this is a bug in hfbuild; please report it with the "
+            "traceback above.",
+            file=sys.stderr,
+        )
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

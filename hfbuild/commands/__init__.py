@@ -1,0 +1,1 @@
+"""One module per `hfbuild` subcommand; each public function prints and returns an exit code."""

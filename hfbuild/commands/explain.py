@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import json
+
+from hfbuild.pipeline import Pipeline
+from hfbuild.report import explain as explain_stage
+
+
+def explain(pipe: Pipeline, stage: str, *, as_json: bool = False) -> int:
+    """What differs between the stage's current manifest and the one it was last built with."""
+    ex = explain_stage(pipe, stage)
+    if as_json:
+        doc = ex._asdict()
+        doc["changes"] = [c._asdict() | {"text": c.describe()} for c in ex.changes]
+        print(json.dumps(doc, indent=1, sort_keys=True))
+        return 0 if ex.up_to_date else 1
+    dirty = f" (from uncommitted changes: {', '.join(ex.dirty_files)})" if ex.dirty_files else ""
+    if ex.up_to_date:
+        print(f"stage {stage!r} is up to date{dirty}: nothing changed since it was built.")
+        print(f"fingerprint {ex.fingerprint}; result at {ex.result_path}")
+        return 0
+    if ex.previous is None:
+        print(f"stage {stage!r} has never been built (fingerprint {ex.fingerprint}).")
+    else:
+        print(
+            f"stage {stage!r} is stale{dirty}: fingerprint {ex.fingerprint}, "
+            f"last built as {ex.previous}. What changed:"
+        )
+        for c in ex.changes:
+            line = f"  {c.describe()}"
+            if c.path in ex.line_stats:
+                added, removed = ex.line_stats[c.path]
+                line += f" (+{added} -{removed} lines)"
+            print(line)
+    print(f"Run `doit run {pipe.name}:{stage}` to build it.")
+    return 1

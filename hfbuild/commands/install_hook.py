@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+from hfbuild.errors import HfbuildError
+from hfbuild.gitstate import Snapshot
+from hfbuild.pipeline import Pipeline
+
+MARK = "# installed by `hfbuild install-hook`"
+
+
+def install_hook(pipe: Pipeline, *, force: bool = False) -> int:
+    """A plain git pre-commit hook: a shim that runs `hfbuild verify --staged`."""
+    hooks = Snapshot(pipe.root).hooks_dir()
+    if hooks is None:
+        raise HfbuildError(f"{pipe.root} is not a git repository: nothing to install into.")
+    path = os.path.join(hooks, "pre-commit")
+    if os.path.exists(path) and not force:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if MARK not in f.read():
+                raise HfbuildError(
+                    f"{path} exists and is not hfbuild's. Add hfbuild to it by hand, use the "
+                    f"pre-commit framework (.pre-commit-hooks.yaml), or pass --force to replace."
+                )
+    os.makedirs(hooks, exist_ok=True)
+    dodo = os.path.join(os.getcwd(), "dodo.py")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(
+            f"#!/bin/sh\n{MARK}\n"
+            f'exec "{sys.executable}" -m hfbuild --dodo "{dodo}" verify --staged\n'
+        )
+    os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    print(f"installed {path}")
+    return 0

@@ -1,0 +1,66 @@
+"""Finding the pipeline a command works on: the `Pipeline` defined in a dodo.py.
+
+Owns: importing dodo.py the way doit does (its directory as the working directory and first on
+sys.path) and picking out its one `Pipeline`, with the doit task name it is exposed under.
+Must never: build anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+import types
+
+from hfbuild.errors import HfbuildError
+from hfbuild.pipeline import Pipeline
+
+
+def load_pipeline(dodo: str | None = None) -> Pipeline:
+    path = os.path.abspath(dodo or "dodo.py")
+    if not os.path.isfile(path):
+        raise HfbuildError(
+            f"no dodo file at {path}: run hfbuild in the directory holding your dodo.py, or "
+            f"pass --dodo PATH."
+        )
+    directory = os.path.dirname(path)
+    os.chdir(directory)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    spec = importlib.util.spec_from_file_location("dodo", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dodo"] = module
+    try:
+        spec.loader.exec_module(module)
+    except HfbuildError:
+        raise
+    except Exception as e:
+        raise HfbuildError(
+            f"{path} failed to load: {type(e).__name__}: {e}. Run `doit list` to see the traceback."
+        ) from e
+    pipes = list({id(v): v for v in vars(module).values() if isinstance(v, Pipeline)}.values())
+    if not pipes:
+        raise HfbuildError(f"{path} defines no hfbuild.Pipeline at module level.")
+    if len(pipes) > 1:
+        names = ", ".join(k for k, v in vars(module).items() if isinstance(v, Pipeline))
+        raise HfbuildError(
+            f"{path} defines several pipelines ({names}); hfbuild commands work on one."
+        )
+    pipe = pipes[0]
+    _learn_task_name(module)
+    return pipe
+
+
+def _learn_task_name(module: types.ModuleType) -> None:
+    """Start the `task_*` generators that call `pipe.tasks()`, as doit would: that call
+    records the task's basename (`preprocess`) for the commands' messages."""
+    for name, fn in vars(module).items():
+        code = getattr(fn, "__code__", None)
+        if name.startswith("task_") and code is not None and "tasks" in code.co_names:
+            gen = fn()
+            if isinstance(gen, types.GeneratorType):
+                with contextlib.suppress(Exception):  # a broken task is doit's to report
+                    next(gen)
+                gen.close()

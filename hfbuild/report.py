@@ -1,0 +1,100 @@
+"""What `status` and `explain` report: each stage's state, and why it is stale.
+
+Owns: comparing every stage's current manifest with the one it was last built with (the store
+entry `refs/<stage>` points at, else the hfbuild.lock entry) and returning plain values.
+Must never: print, exit, or import datasets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from hfbuild import lockfile
+from hfbuild.diff import Change, diff
+from hfbuild.pipeline import Pipeline
+
+
+class StageState(NamedTuple):
+    stage: str
+    fingerprint: str
+    state: str  # "up to date" | "stale" | "dirty"
+    reason: str | None
+    dirty_files: list[str]
+    rows: Any
+
+
+class Explanation(NamedTuple):
+    stage: str
+    fingerprint: str
+    up_to_date: bool
+    previous: str | None  # the fingerprint compared against
+    changes: list[Change]
+    line_stats: dict[str, tuple[int, int]]  # file path -> (added, removed)
+    result_path: str | None
+    dirty_files: list[str]
+
+
+def _previous(pipe: Pipeline, name: str) -> tuple[str, Mapping[str, Any], Mapping[str, str]] | None:
+    """(fingerprint, manifest, input names) of the stage's last build, if anything knows it."""
+    fp = pipe.store.get_ref(name)
+    if fp is not None:
+        stored = pipe.store.read_manifest(fp)
+        if stored is not None and isinstance(stored.get("manifest"), dict):
+            return fp, stored["manifest"], stored.get("inputs") or {}
+    e = lockfile.read(pipe.lock_path).get(name)
+    if isinstance(e, dict) and isinstance(e.get("manifest"), dict):
+        return str(e.get("fingerprint")), e["manifest"], e.get("inputs") or {}
+    return None
+
+
+def explain(pipe: Pipeline, name: str) -> Explanation:
+    pipe[name]  # a clear error for an unknown stage
+    manifests = pipe.manifests()
+    m = manifests[name]
+    fp = m.fingerprint
+    built = pipe.store.has(fp)
+    dirty = [f"{f.path} ({f.status})" for f in m.dirty]
+    if built:
+        return Explanation(name, fp, True, fp, [], {}, pipe.store.data_path(fp), dirty)
+    prev = _previous(pipe, name)
+    if prev is None:
+        return Explanation(name, fp, False, None, [], {}, None, dirty)
+    old_fp, old_doc, old_inputs = prev
+    inputs = {i: manifests[i].fingerprint for i in pipe[name].spec.inputs}
+    changes = diff(old_doc, m.doc, old_inputs, inputs)
+    if not changes and old_fp == fp:
+        changes = [Change("kind", "result", "in the store", "missing (removed or corrupt)")]
+    from hfbuild.gitstate import Snapshot
+
+    snap = Snapshot(pipe.root)
+    stats = {}
+    for c in changes:
+        if c.part == "file" and c.old and c.new:
+            s = snap.line_stats(c.old, c.path, c.new)
+            if s is not None:
+                stats[c.path] = s
+    return Explanation(name, fp, False, old_fp, changes, stats, None, dirty)
+
+
+def stage_states(pipe: Pipeline) -> list[StageState]:
+    out = []
+    for name, m in pipe.manifests().items():
+        fp = m.fingerprint
+        dirty = [f"{f.path} ({f.status})" for f in m.dirty]
+        if pipe.store.has(fp):
+            rows = (pipe.store.read_manifest(fp) or {}).get("rows")
+            state, reason = (
+                ("dirty", "built from uncommitted changes") if dirty else ("up to date", None)
+            )
+            out.append(StageState(name, fp, state, reason, dirty, rows))
+            continue
+        ex = explain(pipe, name)
+        if ex.previous is None:
+            reason = "never built"
+        elif ex.changes:
+            reason = ex.changes[0].describe()
+        else:
+            reason = "not in the store"
+        out.append(StageState(name, fp, "stale", reason, dirty, None))
+    return out

@@ -1,0 +1,138 @@
+"""The checks behind `hfbuild verify`: the pre-commit hook, CI, and reproducibility.
+
+Owns: comparing the fingerprints of what is staged (`staged=True`) or checked out with the
+hfbuild.lock recorded alongside, requiring the store to hold staged results, and rebuilding
+every stage into a scratch store to compare output content hashes with the lock.
+Must never: import datasets unless rebuilding, write the lock, or touch the real store when
+rebuilding.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from typing import Any, NamedTuple
+
+from hfbuild import lockfile
+from hfbuild.diff import diff
+from hfbuild.errors import HfbuildError
+from hfbuild.fingerprint import Manifest
+from hfbuild.gitstate import Snapshot
+from hfbuild.lockfile import LOCK_NAME
+from hfbuild.pipeline import Pipeline
+from hfbuild.store import Store
+
+
+class Problem(NamedTuple):
+    stage: str | None
+    message: str
+
+
+def _fix(pipe: Pipeline) -> str:
+    return f"`doit run {pipe.name} && git add {LOCK_NAME}`"
+
+
+def _cause(
+    pipe: Pipeline, entry: dict[str, Any], m: Manifest, manifests: dict[str, Manifest], name: str
+) -> str:
+    inputs = {i: manifests[i].fingerprint for i in pipe[name].spec.inputs}
+    changes = diff(entry.get("manifest") or {}, m.doc, entry.get("inputs") or {}, inputs)
+    return changes[0].describe() if changes else "its manifest changed"
+
+
+def check_lock(pipe: Pipeline, *, staged: bool = False, strict: bool = False) -> list[Problem]:
+    """Problems with the lock: stages whose recorded fingerprint is not the one the staged
+    (or checked-out) code and data give, and, for `staged`, results the store lacks."""
+    where = "staged" if staged else "committed"
+    if staged:
+        text = Snapshot(pipe.root, "index").read_index_text(LOCK_NAME)
+    else:
+        try:
+            with open(pipe.lock_path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            text = None
+    problems: list[Problem] = []
+    try:
+        recorded = lockfile.loads(text, f"the {where} {LOCK_NAME}") if text else {}
+    except HfbuildError as e:
+        return [Problem(None, str(e))]
+    manifests = pipe.manifests(fresh=True, mode="index" if staged else "worktree")
+    worktree = pipe.manifests(fresh=True) if staged else manifests
+    fix = _fix(pipe)
+    for name, m in manifests.items():
+        fp = m.fingerprint
+        entry = recorded.get(name)
+        hint = ""
+        if staged and worktree[name].fingerprint != fp:
+            files = [c.path for c in diff(m.doc, worktree[name].doc) if c.part == "file"]
+            if files:
+                hint = (
+                    f" (the work tree differs from what is staged in {', '.join(files)}: stage "
+                    f"those changes, or `git stash --keep-index`, before building)"
+                )
+        if strict and not staged and m.dirty:
+            listing = ", ".join(f"{f.path} ({f.status})" for f in m.dirty)
+            problems.append(Problem(name, f"stage {name!r} has uncommitted code: {listing}."))
+        if not isinstance(entry, dict):
+            problems.append(
+                Problem(
+                    name, f"stage {name!r} is not in the {where} {LOCK_NAME}. Fix: {fix}{hint}."
+                )
+            )
+        elif entry.get("fingerprint") != fp:
+            cause = _cause(pipe, entry, m, manifests, name)
+            problems.append(
+                Problem(
+                    name,
+                    f"stage {name!r} was not built from the {where} code: {cause}. "
+                    f"Fix: {fix}{hint}.",
+                )
+            )
+        elif staged and not pipe.store.has(fp):
+            problems.append(
+                Problem(
+                    name,
+                    f"stage {name!r}: the store holds no result for the staged code (fingerprint "
+                    f"{fp}). Fix: `doit run {pipe.name}`{hint}.",
+                )
+            )
+    for name in sorted(recorded.keys() - manifests.keys()):
+        problems.append(
+            Problem(
+                name,
+                f"{LOCK_NAME} lists stage {name!r}, which the pipeline no longer defines. "
+                f"Fix: {fix}.",
+            )
+        )
+    return problems
+
+
+def check_rebuild(pipe: Pipeline) -> list[Problem]:
+    """Rebuild every stage in a scratch store and compare output content hashes with the
+    lock: a stage that builds to different data is not reproducible."""
+    problems = check_lock(pipe)
+    if problems:
+        return problems
+    recorded = lockfile.read(pipe.lock_path)
+    scratch = tempfile.mkdtemp(prefix="hfbuild-verify-")
+    try:
+        twin = copy.copy(pipe)
+        twin.store = Store(scratch)
+        for spec in pipe.specs:
+            report = twin.build(spec.name, record=False)
+            got = (twin.store.read_manifest(report.fingerprint) or {}).get("content_hash")
+            want = recorded[spec.name].get("content_hash")
+            if got != want:
+                problems.append(
+                    Problem(
+                        spec.name,
+                        f"stage {spec.name!r} is not reproducible: rebuilt from the same code "
+                        f"and data it gave content hash {got}, but {LOCK_NAME} records {want}. "
+                        f"Seed any randomness it uses (a seed argument; shuffle(seed=...)).",
+                    )
+                )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return problems
