@@ -1,0 +1,306 @@
+"""hfbuild.lock, `hfbuild status`, `explain`, `verify` and the commit hooks, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.helpers import Repo
+from tests.pipeline_project import doit, expected, make_project
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+HFBUILD = str(pathlib.Path(sys.executable).parent / "hfbuild")
+
+
+@pytest.fixture
+def built(repo: Repo, tmp_path: pathlib.Path) -> Repo:
+    """The test project, built once, with hfbuild.lock committed."""
+    make_project(repo)
+    repo.write({".gitignore": ".doit.db*\n"})
+    doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    repo.commit("build and lock")
+    return repo
+
+
+def hfbuild(
+    repo: Repo, *args: str, log: pathlib.Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CALL_LOG": str(log or repo.path.parent / "calls.log")}
+    return subprocess.run(
+        [HFBUILD, *args], cwd=repo.path, env=env, capture_output=True, text=True, check=False
+    )
+
+
+def lock(repo: Repo) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((repo.path / "hfbuild.lock").read_text())
+    return doc
+
+
+def test_lock_records_every_stage_and_changes_only_what_changed(
+    built: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A build writes one sorted entry per stage with fingerprint, inputs, code files, args,
+    rows and content hash; rebuilding one leaf changes only that leaf's entry."""
+    before = lock(built)["stages"]
+    assert sorted(before) == ["feat", "kept", "lens", "raw", "split"]
+    kept = before["kept"]
+    assert kept["inputs"] == {"feat": before["feat"]["fingerprint"]}
+    assert kept["rows"] == len(expected()["kept"]) and len(kept["content_hash"]) == 32
+    files = dict(kept["manifest"]["code"]["files"])
+    assert files["pkg/util/deep.py"] == built.git("rev-parse", "HEAD:pkg/util/deep.py")
+    assert "dirty" not in kept
+
+    dodo = built.path / "dodo.py"
+    dodo.write_text(dodo.read_text().replace('{"scale": 1}', '{"scale": 3}'))
+    doit(built, "run", "preprocess", log=tmp_path / "calls.log")
+    after = lock(built)["stages"]
+    assert {k for k in after if after[k] != before[k]} == {"lens"}
+    text = (built.path / "hfbuild.lock").read_text()
+    assert text == json.dumps(json.loads(text), sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+
+
+def test_lock_marks_a_stage_built_from_a_dirty_closure(built: Repo, tmp_path: pathlib.Path) -> None:
+    """A stage built from uncommitted code is marked with the dirty files in the lock."""
+    (built.path / "pkg/text.py").write_text((built.path / "pkg/text.py").read_text() + "\n# x\n")
+    doit(built, "run", "preprocess", log=tmp_path / "calls.log")
+    assert lock(built)["stages"]["lens"]["dirty"] == ["pkg/text.py"]
+
+
+def test_status_reports_each_stage_and_exit_code(built: Repo) -> None:
+    """status says up to date (exit 0); after an edit, stale with the first reason and the
+    dirty files (exit 1); --json gives the same as data; --quiet prints nothing."""
+    out = hfbuild(built, "status")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [
+        "raw",
+        "up",
+        "to",
+        "date",
+        "feat",
+        "up",
+        "to",
+        "date",
+        "kept",
+        "up",
+        "to",
+        "date",
+        "split",
+        "up",
+        "to",
+        "date",
+        "lens",
+        "up",
+        "to",
+        "date",
+    ]
+    deep = built.path / "pkg/util/deep.py"
+    old_id = built.git("rev-parse", "HEAD:pkg/util/deep.py")
+    deep.write_text("OFFSET = 7\n\ndef offset():\n    return OFFSET\n")
+    new_id = built.git("hash-object", "pkg/util/deep.py")
+    out = hfbuild(built, "status")
+    assert out.returncode == 1
+    lines = out.stdout.splitlines()
+    assert any(
+        ln.startswith("feat")
+        and f"stale: code file pkg/util/deep.py changed: {old_id[:12]} -> {new_id[:12]}" in ln
+        for ln in lines
+    )
+    assert any(ln.startswith("lens") and ln.endswith("up to date") for ln in lines)
+    data = json.loads(hfbuild(built, "status", "--json").stdout)
+    states = {d["stage"]: d for d in data}
+    assert states["kept"]["state"] == "stale" and states["raw"]["state"] == "up to date"
+    assert states["feat"]["dirty_files"] == ["pkg/util/deep.py (modified)"]
+    quiet = hfbuild(built, "status", "--quiet")
+    assert (quiet.returncode, quiet.stdout) == (1, "")
+
+
+def test_explain_an_edited_helper(built: Repo) -> None:
+    """explain names the changed file with old and new blob ids and the diff's line counts,
+    and the input stage that changed downstream."""
+    built.write(
+        {"pkg/util/deep.py": "OFFSET = 2\n\ndef offset():\n    return OFFSET + 0\n"},
+        commit="edit helper",
+    )
+    old = lock(built)["stages"]["feat"]["manifest"]["code"]["files"]
+    old_id = dict(old)["pkg/util/deep.py"]
+    new_id = built.git("rev-parse", "HEAD:pkg/util/deep.py")
+    out = hfbuild(built, "explain", "feat")
+    assert out.returncode == 1
+    assert (
+        f"  code file pkg/util/deep.py changed: {old_id[:12]} -> {new_id[:12]} (+2 -2 lines)"
+    ) in out.stdout.splitlines()
+    kept = hfbuild(built, "explain", "kept").stdout
+    assert "input stage feat changed: " in kept
+    assert "Run `doit run preprocess:kept` to build it." in kept
+
+
+def test_explain_a_changed_argument(built: Repo) -> None:
+    """explain names the argument path with its old and new value."""
+    dodo = built.path / "dodo.py"
+    dodo.write_text(dodo.read_text().replace('{"scale": 1}', '{"scale": 2.5}'))
+    out = hfbuild(built, "explain", "lens").stdout.splitlines()
+    assert "  argument fn_kwargs['scale'] changed: 1 -> 2.5" in out
+    assert len([ln for ln in out if ln.startswith("  ")]) == 1
+
+
+def test_explain_a_changed_data_file(built: Repo) -> None:
+    """explain names the data file and its old and new ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = built.path / "data/part-0.parquet"
+    old_id = built.git("rev-parse", "HEAD:data/part-0.parquet")
+    pq.write_table(pa.table({"x": [1], "text": ["a"]}), f)
+    new_id = built.git("hash-object", "data/part-0.parquet")
+    out = hfbuild(built, "explain", "raw").stdout.splitlines()
+    assert f"  data file data/part-0.parquet changed: {old_id[:12]} -> {new_id[:12]}" in out
+
+
+def test_explain_when_nothing_changed(built: Repo) -> None:
+    """explain says so, and where the result is."""
+    out = hfbuild(built, "explain", "kept")
+    assert out.returncode == 0
+    assert out.stdout.startswith("stage 'kept' is up to date: nothing changed since it was built.")
+    assert "result at " in out.stdout and ".hfbuild/objects/" in out.stdout
+
+
+def test_unknown_stage_is_a_clear_error(built: Repo) -> None:
+    """A stage name the pipeline lacks exits 1 with a message listing the stages."""
+    out = hfbuild(built, "explain", "nope")
+    assert out.returncode == 1
+    assert (
+        "hfbuild: error: no stage named 'nope' (stages: raw, feat, kept, split, lens)" in out.stderr
+    )
+
+
+def test_verify_against_head(built: Repo) -> None:
+    """verify passes when the committed lock matches HEAD, and fails naming the stage, cause
+    and fix after a code change is committed without rebuilding."""
+    assert hfbuild(built, "verify").returncode == 0
+    built.write(
+        {"pkg/util/deep.py": "OFFSET = 3\n\ndef offset():\n    return OFFSET\n"},
+        commit="no rebuild",
+    )
+    out = hfbuild(built, "verify")
+    assert out.returncode == 1
+    assert (
+        "stage 'feat' was not built from the committed code: code file pkg/util/deep.py changed: "
+    ) in out.stderr
+    assert "Fix: `doit run preprocess && git add hfbuild.lock`" in out.stderr
+    assert "'lens'" not in out.stderr
+
+
+def test_verify_strict_refuses_uncommitted_code(built: Repo) -> None:
+    """--strict (or HFBUILD_STRICT=1) makes uncommitted closure files an error."""
+    (built.path / "pkg/text.py").write_text((built.path / "pkg/text.py").read_text() + "# x\n")
+    out = hfbuild(built, "verify", "--strict")
+    assert out.returncode == 1
+    assert "stage 'lens' has uncommitted code: pkg/text.py (modified)" in out.stderr
+
+
+def test_verify_rebuild_catches_unseeded_randomness(repo: Repo, tmp_path: pathlib.Path) -> None:
+    """A transform using unseeded randomness builds, but `verify --rebuild` reports it as
+    not reproducible; the seeded stages pass."""
+    make_project(repo)
+    repo.write(
+        {
+            "pkg/noise.py": "import random\n\ndef jitter(batch):\n"
+            "    return {'z': [random.random() for _ in batch['x']]}\n",
+            "dodo.py": (repo.path / "dodo.py")
+            .read_text()
+            .replace(
+                "\n\ndef task_preprocess",
+                "\nfrom pkg import noise\n"
+                "noisy = pipe.map('noisy', raw, noise.jitter, batched=True)"
+                "\n\n\ndef task_preprocess",
+            ),
+        },
+        commit="noise",
+    )
+    doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    repo.commit("lock")
+    out = hfbuild(repo, "verify", "--rebuild")
+    assert out.returncode == 1
+    assert "stage 'noisy' is not reproducible" in out.stderr
+    assert "'split'" not in out.stderr and "'kept'" not in out.stderr
+
+
+def _precommit_config(repo: Repo) -> None:
+    """Use the hook exactly as .pre-commit-hooks.yaml defines it, run from this environment
+    (language: system) so nothing is fetched."""
+    hooks = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())
+    hook = {k: v for k, v in hooks[0].items() if k not in ("language", "description")}
+    hook["language"] = "system"
+    hook["entry"] = hook["entry"].replace("hfbuild", HFBUILD, 1)
+    cfg = {"repos": [{"repo": "local", "hooks": [hook]}]}
+    (repo.path / ".pre-commit-config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def git_commit(repo: Repo, message: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["git", "commit", "-m", message],
+        cwd=repo.path,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "CALL_LOG": "/dev/null"},
+    )
+
+
+def test_pre_commit_framework_refuses_a_stale_commit(built: Repo, tmp_path: pathlib.Path) -> None:
+    """With the hook from .pre-commit-hooks.yaml installed by the real pre-commit framework,
+    staging a helper edit without rebuilding is refused with the stage named; after
+    `doit run preprocess` and `git add hfbuild.lock` the commit goes through."""
+    _precommit_config(built)
+    built.commit("pre-commit config")
+    pc = pathlib.Path(sys.executable).parent / "pre-commit"
+    subprocess.run([str(pc), "install"], cwd=built.path, check=True, capture_output=True)
+
+    built.write({"pkg/util/deep.py": "OFFSET = 9\n\ndef offset():\n    return OFFSET\n"})
+    built.git("add", "pkg/util/deep.py")
+    refused = git_commit(built, "helper edit, not rebuilt")
+    assert refused.returncode != 0
+    assert "stage 'feat' was not built from the staged code" in refused.stdout + refused.stderr
+    assert "doit run preprocess && git add hfbuild.lock" in refused.stdout + refused.stderr
+
+    doit(built, "run", "preprocess", log=tmp_path / "calls.log")
+    built.git("add", "hfbuild.lock")
+    ok = git_commit(built, "helper edit, rebuilt")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_staged_check_names_unstaged_differences(built: Repo, tmp_path: pathlib.Path) -> None:
+    """Building from a work tree that differs from what is staged does not satisfy the
+    hook, and the message names the file to stage or stash."""
+    (built.path / "pkg/util/deep.py").write_text("OFFSET = 4\n\ndef offset():\n    return OFFSET\n")
+    doit(built, "run", "preprocess", log=tmp_path / "calls.log")
+    built.git("add", "hfbuild.lock")
+    out = hfbuild(built, "verify", "--staged")
+    assert out.returncode == 1
+    assert "the work tree differs from what is staged in pkg/util/deep.py" in out.stderr
+
+
+def test_install_hook_plain_git(built: Repo, tmp_path: pathlib.Path) -> None:
+    """`hfbuild install-hook` writes a pre-commit shim that a real `git commit` runs; it
+    refuses to replace someone else's hook without --force."""
+    out = hfbuild(built, "install-hook")
+    assert out.returncode == 0, out.stderr
+    built.write({"pkg/text.py": (built.path / "pkg/text.py").read_text() + "# edit\n"})
+    built.git("add", "-A")
+    refused = git_commit(built, "not rebuilt")
+    assert refused.returncode != 0 and "stage 'lens'" in refused.stderr
+    doit(built, "run", "preprocess", log=tmp_path / "calls.log")
+    built.git("add", "hfbuild.lock")
+    assert git_commit(built, "rebuilt").returncode == 0
+
+    hook = built.path / ".git/hooks/pre-commit"
+    hook.write_text("#!/bin/sh\nexit 0\n")
+    again = hfbuild(built, "install-hook")
+    assert again.returncode == 1 and "is not hfbuild's" in again.stderr
