@@ -35,7 +35,8 @@ stress: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench_fingerprint.py
-	$(BIN)/python bench/bench_noop.py
+	$(BIN)/python bench/bench_pipeline.py --rows 300000
+	$(BIN)/python bench/bench_pipeline.py --rows 2000
 
 clean:
 	rm -rf $(VENV) .hfbuild .doit.db* .pytest_cache .mypy_cache .ruff_cache

@@ -109,8 +109,9 @@ def _map_or_filter(spec: StageSpec, ds: Any, fp: str, scratch: str) -> Any:
 
 
 def save(result: Any, dest: str, build_dir: str) -> SaveInfo:
-    """Write `result` at `dest` in the `save_to_disk` layout and describe it."""
-    content = dataset_hash(result)
+    """Write `result` at `dest` in the `save_to_disk` layout and describe it. The content
+    hash is taken from what was written: flat, memory-mapped, in writer-sized chunks (hashing
+    a filter's output through its indices mapping would walk one chunk per row)."""
     if isinstance(result, datasets.DatasetDict):
         os.makedirs(dest)
         for split, ds in result.items():
@@ -121,6 +122,7 @@ def save(result: Any, dest: str, build_dir: str) -> SaveInfo:
     else:
         _save_dataset(result, dest, build_dir)
         rows = len(result)
+    content = dataset_hash(datasets.load_from_disk(dest, keep_in_memory=False))
     return SaveInfo(rows, content, _tree_size(build_dir))
 
 
@@ -148,7 +150,11 @@ def _in_place_files(ds: Any, build_dir: str) -> list[str] | None:
     paths = []
     prefix = os.path.realpath(build_dir) + os.sep
     for b in blocks:
-        if not isinstance(b, MemoryMappedTable) or b.replays:
+        # Replacing schema metadata is the one pending operation that leaves the data as the
+        # file has it (the features are written to dataset_info.json anyway).
+        if not isinstance(b, MemoryMappedTable) or any(
+            op[0] != "replace_schema_metadata" for op in b.replays
+        ):
             return None
         p = os.path.realpath(b.path)
         if not p.startswith(prefix) or p in paths:
