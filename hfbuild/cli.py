@@ -39,6 +39,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--strict", action="store_true", help="uncommitted code is an error")
     v.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    for verb, text in (
+        ("push", "upload current results the remote lacks"),
+        ("pull", "download current results the store lacks"),
+    ):
+        t = sub.add_parser(verb, help=text)
+        t.add_argument("stages", nargs="*", metavar="STAGE", help="default: every stage")
+        t.add_argument(
+            "--remote",
+            metavar="URL",
+            help="fsspec URL (default: $HFBUILD_REMOTE, "
+            "else [tool.hfbuild] remote in pyproject.toml)",
+        )
+    g = sub.add_parser("gc", help="delete store entries nothing references")
+    g.add_argument(
+        "--keep-commits",
+        type=int,
+        default=1,
+        metavar="N",
+        help="keep what the lock references in the last N commits (default 1: HEAD)",
+    )
+    g.add_argument(
+        "--keep-days",
+        type=float,
+        default=7.0,
+        metavar="D",
+        help="keep anything used in the last D days (default 7)",
+    )
+    g.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
+    d = sub.add_parser("du", help="the store's size per stage")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
     h = sub.add_parser("install-hook", help="install a plain git pre-commit hook")
     h.add_argument("--force", action="store_true", help="replace an existing hook")
     return p
@@ -67,6 +97,20 @@ def _run(args: argparse.Namespace) -> int:
             strict=args.strict or strict(),
             quiet=args.quiet,
         )
+    if args.command in ("push", "pull"):
+        from hfbuild.commands import transfer
+
+        return int(getattr(transfer, args.command)(pipe, args.stages, args.remote))
+    if args.command == "gc":
+        from hfbuild.commands.gc import gc
+
+        return gc(
+            pipe, keep_commits=args.keep_commits, keep_days=args.keep_days, dry_run=args.dry_run
+        )
+    if args.command == "du":
+        from hfbuild.commands.gc import du
+
+        return du(pipe, as_json=args.json)
     if args.command == "install-hook":
         from hfbuild.commands.install_hook import install_hook
 

@@ -66,3 +66,7 @@ class DirtyTreeWarning(UserWarning):
 
 class IncompleteClosureWarning(UserWarning):
     """A dynamic import could not be resolved statically; edits to its target are not seen."""
+
+
+class RemoteWarning(UserWarning):
+    """The remote cache could not be used for a stage; it was built locally instead."""

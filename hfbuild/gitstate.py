@@ -273,6 +273,29 @@ class Snapshot:
         assert isinstance(blob, pygit2.Blob)
         return blob.data.decode("utf-8", errors="replace")
 
+    def text_at_commits(self, rel: str, n: int) -> list[str]:
+        """The file's text at HEAD and up to n-1 first-parent ancestors (as far as a shallow
+        clone has them); commits without the file are skipped."""
+        repo = self.repo
+        if repo is None or repo.head_is_unborn or n <= 0:
+            return []
+        out: list[str] = []
+        commit: pygit2.Commit | None = repo.head.peel(pygit2.Commit)
+        for _ in range(n):
+            if commit is None:
+                break
+            try:
+                blob = repo[commit.tree[rel].id]
+                if isinstance(blob, pygit2.Blob):
+                    out.append(blob.data.decode("utf-8", errors="replace"))
+            except KeyError:
+                pass
+            try:
+                commit = commit.parents[0] if commit.parents else None
+            except (KeyError, pygit2.GitError):  # the edge of a shallow clone
+                commit = None
+        return out
+
     def line_stats(self, old_id: str, rel: str, new_id: str) -> tuple[int, int] | None:
         """(lines added, lines removed) from blob `old_id` to the file's content with id
         `new_id`, or None when the old blob is not in the repository (a shallow clone)."""

@@ -16,6 +16,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -23,10 +24,11 @@ from typing import Any, NamedTuple
 from hfbuild import lockfile
 from hfbuild.closure import Context
 from hfbuild.datafiles import StatCache, file_identity, resolve_data_files
-from hfbuild.errors import HfbuildError, NotBuiltError, StageError
+from hfbuild.errors import HfbuildError, NotBuiltError, RemoteWarning, StageError
 from hfbuild.fingerprint import Manifest, build_manifest, check_dirty
 from hfbuild.gitstate import Mode, Snapshot, find_root
 from hfbuild.lockfile import LOCK_NAME
+from hfbuild.remote import Remote, RemoteError, remote_url
 from hfbuild.store import Store
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -52,12 +54,14 @@ class Report(NamedTuple):
 
     stage: str
     fingerprint: str
-    action: str  # "built" | "up to date" | "built elsewhere"
+    action: str  # "built" | "up to date" | "built elsewhere" | "pulled"
     rows: Any
     seconds: float
 
     def line(self) -> str:
         rows = _rows_text(self.rows)
+        if self.action == "pulled":
+            return f"{self.stage}: pulled {rows} from the remote in {self.seconds:.2f} s"
         if self.action == "built":
             return f"{self.stage}: built {rows} in {self.seconds:.2f} s"
         return f"{self.stage}: {self.action} ({rows})"
@@ -112,6 +116,7 @@ class Pipeline:
         *,
         root: str | os.PathLike[str] | None = None,
         name: str = "preprocess",
+        remote: str | None = None,
     ) -> None:
         if root is None:
             origin = _caller_file() or os.getcwd()
@@ -126,6 +131,14 @@ class Pipeline:
         self._cache: dict[str, Manifest] | None = None
         self.stat_cache = StatCache(os.path.join(self.store.root, "statcache.json"))
         self.lock_path = os.path.join(self.root, LOCK_NAME)
+        self._remote_arg = remote
+
+    def remote(self) -> Remote | None:
+        """The configured remote cache, unless HFBUILD_NO_REMOTE=1 opts out."""
+        if os.environ.get("HFBUILD_NO_REMOTE", "").strip() in {"1", "true", "yes"}:
+            return None
+        url = remote_url(self.root, self._remote_arg)
+        return Remote(url) if url else None
 
     # -- defining stages --------------------------------------------------------------------
 
@@ -327,6 +340,7 @@ class Pipeline:
         fp = self.manifests()[name].fingerprint
         if not self.store.has(fp):
             return False
+        self.store.touch(fp)
         self.record(name)
         return True
 
@@ -379,6 +393,8 @@ class Pipeline:
         spec = self._specs[name]
         if self.store.has(fp):
             report = Report(name, fp, "up to date", self._rows(fp), 0.0)
+        elif (pulled := self._pull(name, fp)) is not None:
+            report = pulled
         else:
             for dep in spec.inputs:
                 if not self.store.has(manifests[dep].fingerprint):
@@ -388,11 +404,37 @@ class Pipeline:
                     report = Report(name, fp, "built elsewhere", self._rows(fp), 0.0)
                 else:
                     report = self._build_locked(spec, m, manifests)
+        self.store.touch(fp)
         if record:
             self.record(name)
+        if report.action == "built" and os.environ.get("HFBUILD_PUSH", "") in {"1", "true"}:
+            self._push(name, fp)
         if log is not None:
             log(report.line())
         return report
+
+    def _pull(self, name: str, fp: str) -> Report | None:
+        """Fetch the stage's result from the remote cache instead of building it, when the
+        remote has it. A remote entry that fails its checks is reported and never used."""
+        t0 = time.perf_counter()
+        try:
+            remote = self.remote()
+            if remote is None or remote.pull(self.store, fp, name) == 0:
+                return None
+        except RemoteError as e:
+            warnings.warn(f"stage {name!r}: {e} Building it instead.", RemoteWarning, stacklevel=3)
+            return None
+        if not self.store.has(fp):
+            return None
+        return Report(name, fp, "pulled", self._rows(fp), time.perf_counter() - t0)
+
+    def _push(self, name: str, fp: str) -> None:
+        try:
+            remote = self.remote()
+            if remote is not None:
+                remote.push(self.store, fp, name)
+        except RemoteError as e:
+            warnings.warn(f"stage {name!r}: push failed: {e}", RemoteWarning, stacklevel=3)
 
     def _rows(self, fp: str) -> Any:
         return (self.store.read_manifest(fp) or {}).get("rows")

@@ -186,6 +186,52 @@ class Store:
         shutil.rmtree(dst, ignore_errors=True)
         return True
 
+    def touch(self, fp: str) -> None:
+        """Record that the entry was used now (its directory's mtime), for `gc --keep-days`."""
+        with contextlib.suppress(OSError):
+            os.utime(self.entry(fp))
+
+    def size(self, fp: str) -> int:
+        return tree_size(self.entry(fp))
+
+    def gc(self, keep: set[str], keep_seconds: float, *, dry_run: bool) -> list[tuple[str, int]]:
+        """Delete entries not in `keep` and unused for `keep_seconds`, and leftover build
+        directories (never one whose build lock is held). Returns (path, bytes) of each."""
+        from filelock import FileLock, Timeout
+
+        now = time.time()
+        gone: list[tuple[str, int]] = []
+        for fp in self.fingerprints():
+            e = self.entry(fp)
+            try:
+                recent = now - os.stat(e).st_mtime < keep_seconds
+            except OSError:
+                continue
+            if fp in keep or recent:
+                continue
+            gone.append((e, tree_size(e)))
+            if not dry_run:
+                self.remove(fp)
+        tmp = os.path.join(self.root, "tmp")
+        names = sorted(os.listdir(tmp)) if os.path.isdir(tmp) else []
+        by_fp: dict[str, list[str]] = {}
+        for n in names:
+            by_fp.setdefault(n.split(".")[0], []).append(os.path.join(tmp, n))
+        for fp, paths in sorted(by_fp.items()):
+            held: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            if _FP.match(fp):
+                lock = FileLock(os.path.join(self.root, "locks", fp + ".lock"))
+                try:
+                    held = lock.acquire(timeout=0)
+                except Timeout:
+                    continue  # a build of this fingerprint is running: its directory stays
+            with held:
+                for p in paths:
+                    gone.append((p, tree_size(p)))
+                    if not dry_run:
+                        shutil.rmtree(p, ignore_errors=True)
+        return gone
+
     # -- refs ----------------------------------------------------------------------------------
 
     def set_ref(self, stage: str, fp: str) -> None:
@@ -214,3 +260,12 @@ class Store:
                 if _FP.match(fp):
                     out.append(fp)
         return out
+
+
+def tree_size(path: str) -> int:
+    total = 0
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, n)).st_size
+    return total

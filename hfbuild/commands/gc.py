@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from hfbuild import lockfile
+from hfbuild.gitstate import Snapshot
+from hfbuild.lockfile import LOCK_NAME
+from hfbuild.pipeline import Pipeline
+
+
+def referenced(pipe: Pipeline, keep_commits: int) -> set[str]:
+    """Fingerprints the lock references at HEAD (and `keep_commits - 1` commits before it)
+    and in the work tree."""
+    texts = Snapshot(pipe.root).text_at_commits(LOCK_NAME, max(keep_commits, 1))
+    keep: set[str] = set()
+    for text in texts:
+        try:
+            stages = lockfile.loads(text)
+        except lockfile.LockError:
+            continue
+        keep |= {str(e.get("fingerprint")) for e in stages.values() if isinstance(e, dict)}
+    keep |= {
+        str(e.get("fingerprint"))
+        for e in lockfile.read(pipe.lock_path).values()
+        if isinstance(e, dict)
+    }
+    return keep
+
+
+def gc(pipe: Pipeline, *, keep_commits: int, keep_days: float, dry_run: bool) -> int:
+    """Delete store entries nothing references and nobody used lately, and leftovers."""
+    keep = referenced(pipe, keep_commits)
+    gone = pipe.store.gc(keep, keep_days * 86400, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for path, size in gone:
+        print(f"{verb} {os.path.relpath(path, pipe.store.root)} ({size:,} bytes)")
+    total = sum(size for _, size in gone)
+    print(f"{verb} {len(gone)} item(s), {total:,} bytes; kept {len(keep)} locked result(s).")
+    return 0
+
+
+def du(pipe: Pipeline, *, as_json: bool) -> int:
+    """The store's size per stage (current results) and in all."""
+    rows: list[dict[str, Any]] = []
+    current = set()
+    for name, m in pipe.manifests().items():
+        fp = m.fingerprint
+        current.add(fp)
+        built = pipe.store.has(fp)
+        rows.append(
+            {
+                "stage": name,
+                "fingerprint": fp,
+                "built": built,
+                "bytes": pipe.store.size(fp) if built else 0,
+            }
+        )
+    other = sum(pipe.store.size(fp) for fp in pipe.store.fingerprints() if fp not in current)
+    if as_json:
+        print(json.dumps({"stages": rows, "other_bytes": other}, indent=1))
+        return 0
+    width = max((len(r["stage"]) for r in rows), default=5)
+    for r in rows:
+        size = f"{r['bytes']:>14,}" if r["built"] else f"{'not built':>14}"
+        print(f"{r['stage']:<{width}}  {size}")
+    print(f"{'other':<{width}}  {other:>14,}  (results no stage currently points at)")
+    total = sum(r["bytes"] for r in rows) + other
+    print(f"{'total':<{width}}  {total:>14,}")
+    return 0

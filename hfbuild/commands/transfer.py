@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hfbuild.errors import HfbuildError
+from hfbuild.pipeline import Pipeline
+from hfbuild.remote import Remote, remote_url
+
+
+def _remote(pipe: Pipeline, url: str | None) -> Remote:
+    resolved = remote_url(pipe.root, url)
+    if not resolved:
+        raise HfbuildError(
+            "no remote cache configured: pass --remote URL, set HFBUILD_REMOTE, or add "
+            '`remote = "s3://bucket/prefix"` under [tool.hfbuild] in pyproject.toml.'
+        )
+    return Remote(resolved)
+
+
+def _stages(pipe: Pipeline, stages: Sequence[str]) -> list[str]:
+    for s in stages:
+        pipe[s]  # an unknown name is a clear error
+    return list(stages) or [s.name for s in pipe]
+
+
+def push(pipe: Pipeline, stages: Sequence[str], url: str | None) -> int:
+    """Upload the current results of the stages (default: all) that the remote lacks."""
+    remote = _remote(pipe, url)
+    manifests = pipe.manifests()
+    missing = 0
+    for name in _stages(pipe, stages):
+        fp = manifests[name].fingerprint
+        if not pipe.store.has(fp):
+            print(f"{name}: not built locally; nothing to push (run `doit run {pipe.name}`)")
+            missing += 1
+            continue
+        sent = remote.push(pipe.store, fp, name)
+        print(f"{name}: pushed {sent:,} bytes" if sent else f"{name}: already on the remote")
+    return 1 if missing else 0
+
+
+def pull(pipe: Pipeline, stages: Sequence[str], url: str | None) -> int:
+    """Download the current results of the stages (default: all) that the store lacks."""
+    remote = _remote(pipe, url)
+    manifests = pipe.manifests()
+    absent = 0
+    for name in _stages(pipe, stages):
+        fp = manifests[name].fingerprint
+        if pipe.store.has(fp):
+            print(f"{name}: already in the store")
+            continue
+        got = remote.pull(pipe.store, fp, name)
+        if got or pipe.store.has(fp):
+            pipe.record(name)
+            print(f"{name}: pulled {got:,} bytes")
+        else:
+            print(f"{name}: not on the remote (build it with `doit run {pipe.name}:{name}`)")
+            absent += 1
+    return 1 if absent else 0

@@ -1,0 +1,213 @@
+"""The remote cache: store entries shared by fingerprint over any fsspec filesystem.
+
+Owns: the remote layout (`<url>/objects/<fp[:2]>/<fp>/` holding the entry's data files and,
+written last, its `manifest.json`), uploading and downloading entries, and checking a download
+(safe paths, sizes, then the full output content hash) before it is published into the local
+store. An upload without its manifest is invisible: pull never takes it.
+
+Must never: unpickle or execute anything downloaded, write outside the store's build
+directory, trust a path or fingerprint the remote names, or read credentials itself (fsspec's
+own configuration does, e.g. FSSPEC_S3_ENDPOINT_URL or the AWS_* variables).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import shutil
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from hfbuild.errors import HfbuildError, StoreError
+from hfbuild.store import MANIFEST, Store
+
+_SAFE_PART = re.compile(r"^[A-Za-z0-9_.-]+$")
+_PROGRESS_BYTES = 4 * 1024 * 1024  # transfers above this show a progress bar
+
+
+class RemoteError(HfbuildError):
+    """The remote cannot be used, or one of its entries fails its checks."""
+
+
+def remote_url(root: str, explicit: str | None = None) -> str | None:
+    """The remote: `explicit`, else $HFBUILD_REMOTE, else `[tool.hfbuild] remote` in the
+    project's pyproject.toml; None when none is configured."""
+    if explicit:
+        return explicit
+    env = os.environ.get("HFBUILD_REMOTE")
+    if env:
+        return env
+    path = os.path.join(root, "pyproject.toml")
+    if not os.path.isfile(path):
+        return None
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except (OSError, ValueError) as e:
+        raise RemoteError(f"{path} cannot be read ({e}); fix it or set HFBUILD_REMOTE.") from e
+    url = doc.get("tool", {}).get("hfbuild", {}).get("remote")
+    return str(url) if url else None
+
+
+def _safe_rel(rel: str) -> bool:
+    return bool(rel) and all(_SAFE_PART.match(p) and p not in (".", "..") for p in rel.split("/"))
+
+
+def _check_fp(fp: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{32}", fp):
+        raise RemoteError(f"not a fingerprint: {fp!r}")
+    return fp
+
+
+class Remote:
+    def __init__(self, url: str) -> None:
+        import fsspec
+
+        self.url = url.rstrip("/")
+        try:
+            self.fs, self.base = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as e:
+            hint = " Install the s3 extra: pip install 'hfbuild[s3]'." if "s3" in str(e) else ""
+            raise RemoteError(f"cannot open remote {self.url}: {e}.{hint}") from e
+
+    def _key(self, fp: str, rel: str = "") -> str:
+        path = posixpath.join(self.base, "objects", _check_fp(fp)[:2], fp)
+        return posixpath.join(path, rel) if rel else path
+
+    def read_manifest(self, fp: str) -> dict[str, Any] | None:
+        """The entry's manifest if the remote holds a complete entry for `fp`."""
+        try:
+            raw = self.fs.cat_file(self._key(fp, MANIFEST))
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise RemoteError(f"cannot read {self.url}: {e}") from e
+        try:
+            doc = json.loads(raw)
+        except ValueError as e:
+            raise RemoteError(f"remote entry {fp} has a corrupt manifest ({e}); not used.") from e
+        if not isinstance(doc, dict) or doc.get("fingerprint") != fp:
+            raise RemoteError(
+                f"remote entry {fp} has a manifest for another fingerprint; not used."
+            )
+        files = doc.get("files")
+        if not isinstance(files, dict) or not all(
+            isinstance(k, str) and _safe_rel(k) and isinstance(v, int) and v >= 0
+            for k, v in files.items()
+        ):
+            raise RemoteError(f"remote entry {fp} lists unsafe or malformed file paths; not used.")
+        return doc
+
+    def has(self, fp: str) -> bool:
+        try:
+            return bool(self.fs.exists(self._key(fp, MANIFEST)))
+        except OSError as e:
+            raise RemoteError(f"cannot reach {self.url}: {e}") from e
+
+    def push(self, store: Store, fp: str, label: str) -> int:
+        """Upload a local entry: data files first, the manifest last. Returns bytes sent (0
+        when the remote already had it)."""
+        if self.has(fp):
+            return 0
+        doc = store.read_manifest(fp)
+        if doc is None or not store.has(fp):
+            raise StoreError(f"{label}: the local store has no complete entry {fp} to push.")
+        files: Mapping[str, int] = doc["files"]
+        total = sum(files.values())
+        try:
+            made: set[str] = set()
+            with _progress(total, f"push {label}") as bar:
+                for rel, size in sorted(files.items()):
+                    local = os.path.join(store.data_path(fp), *rel.split("/"))
+                    key = self._key(fp, f"data/{rel}")
+                    parent = posixpath.dirname(key)
+                    if parent not in made:  # a no-op on object stores, needed on file://
+                        self.fs.makedirs(parent, exist_ok=True)
+                        made.add(parent)
+                    self.fs.put_file(local, key)
+                    bar.update(size)
+            self.fs.pipe_file(self._key(fp, MANIFEST), json.dumps(doc, sort_keys=True).encode())
+        except OSError as e:
+            raise RemoteError(f"pushing {label} ({fp}) to {self.url} failed: {e}") from e
+        return total
+
+    def pull(self, store: Store, fp: str, label: str) -> int:
+        """Download a remote entry into the store, after checking it; returns bytes received,
+        0 when there was nothing to pull. A failing entry raises RemoteError and leaves the
+        store unchanged."""
+        doc = self.read_manifest(fp)
+        if doc is None:
+            return 0
+        files: Mapping[str, int] = doc["files"]
+        with store.lock(fp):
+            if store.has(fp):
+                return 0
+            tmp = store.new_build_dir(fp)
+            try:
+                total = sum(files.values())
+                with _progress(total, f"pull {label}") as bar:
+                    for rel, size in sorted(files.items()):
+                        local = os.path.join(tmp, "data", *rel.split("/"))
+                        os.makedirs(os.path.dirname(local), exist_ok=True)
+                        self.fs.get_file(self._key(fp, f"data/{rel}"), local)
+                        if os.path.getsize(local) != size:
+                            raise RemoteError(
+                                f"remote entry {fp} ({label}): {rel} is {os.path.getsize(local)} "
+                                f"bytes, its manifest says {size}; not used."
+                            )
+                        bar.update(size)
+                _check_content(tmp, fp, doc, label)
+                meta = {k: v for k, v in doc.items() if k not in ("fingerprint", "files")}
+                store.publish(tmp, fp, meta)
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RemoteError(
+                    f"remote entry {fp} ({label}) could not be downloaded ({e}); not used."
+                ) from e
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return total
+
+
+def _check_content(tmp: str, fp: str, doc: Mapping[str, Any], label: str) -> None:
+    """Load the downloaded entry (Arrow and JSON only) and compare its content hash."""
+    import datasets
+
+    from hfbuild.content import dataset_hash
+
+    try:
+        got = dataset_hash(datasets.load_from_disk(os.path.join(tmp, "data"), keep_in_memory=False))
+    except Exception as e:
+        raise RemoteError(f"remote entry {fp} ({label}) cannot be read ({e}); not used.") from e
+    if got != doc.get("content_hash"):
+        raise RemoteError(
+            f"remote entry {fp} ({label}) fails its content check (hash {got}, manifest says "
+            f"{doc.get('content_hash')}); not used."
+        )
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        return None
+
+
+def _progress(total: int, desc: str) -> Any:
+    if total < _PROGRESS_BYTES:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, leave=False)

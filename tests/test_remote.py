@@ -1,0 +1,196 @@
+"""The remote cache over a real S3 protocol server on loopback (moto's server mode + s3fs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.helpers import Repo
+from tests.pipeline_project import calls, doit, expected, make_project, results
+
+HFBUILD = str(pathlib.Path(sys.executable).parent / "hfbuild")
+ALL = {"feat": 1, "keep": 1, "split": 1, "lens": 1}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A moto S3 server on an ephemeral loopback port, for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A fresh bucket; fsspec is pointed at the server by its own environment variables, the
+    way a user configures credentials and endpoint for hfbuild."""
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": s3_server,
+    }.items():
+        monkeypatch.setenv(k, v)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        endpoint_url=s3_server, key="testing", secret="testing", use_listings_cache=False
+    )
+    bucket = f"hfbuild-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    monkeypatch.setenv("HFBUILD_REMOTE", f"s3://{bucket}/cache")
+    fs.bucket = bucket  # type: ignore[attr-defined]
+    return fs
+
+
+def hfbuild(repo: Repo, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [HFBUILD, *args],
+        cwd=repo.path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CALL_LOG": os.devnull},
+        check=False,
+    )
+
+
+@pytest.fixture
+def pushed(repo: Repo, tmp_path: pathlib.Path, s3: Any) -> Repo:
+    """The project built in one clone and pushed to the bucket."""
+    make_project(repo)
+    doit(repo, "run", "preprocess", log=tmp_path / "first.log")
+    out = hfbuild(repo, "push")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("pushed") == 5
+    return repo
+
+
+def remote_objects(s3: Any) -> list[str]:
+    return sorted(s3.find(f"{s3.bucket}/cache/objects"))
+
+
+def test_push_then_pull_on_miss_builds_nothing(
+    pushed: Repo, tmp_path: pathlib.Path, s3: Any
+) -> None:
+    """A second clone with an empty store fetches every stage from the remote during
+    `doit run preprocess` and runs no transform; the results are the right ones."""
+    clone = pushed.clone(tmp_path / "second")
+    log = tmp_path / "second.log"
+    out = doit(clone, "run", "preprocess", log=log)
+    assert calls(log) == {}
+    assert out.stdout.count("pulled") == 5
+    got = results(clone)
+    assert got["kept"] == expected()["kept"] and got["lens"] == expected()["lens"]
+    assert hfbuild(clone, "status").returncode == 0
+
+
+def test_pull_command_and_opt_out(pushed: Repo, tmp_path: pathlib.Path, s3: Any) -> None:
+    """`hfbuild pull STAGE` fetches just that stage; HFBUILD_NO_REMOTE=1 makes doit build."""
+    clone = pushed.clone(tmp_path / "second")
+    out = hfbuild(clone, "pull", "kept")
+    assert out.stdout.strip() == f"kept: pulled {_size(pushed, 'kept'):,} bytes"
+    log = tmp_path / "second.log"
+    doit(clone, "run", "preprocess", log=log, env={"HFBUILD_NO_REMOTE": "1"})
+    assert calls(log) == {"feat": 1, "split": 1, "lens": 1}  # kept was already local
+
+
+def _size(repo: Repo, stage: str) -> int:
+    lock = json.loads((repo.path / "hfbuild.lock").read_text())["stages"]
+    fp = lock[stage]["fingerprint"]
+    m = json.loads((repo.path / ".hfbuild/objects" / fp[:2] / fp / "manifest.json").read_text())
+    return sum(m["files"].values())
+
+
+def test_corrupted_remote_object_is_refused(pushed: Repo, tmp_path: pathlib.Path, s3: Any) -> None:
+    """A remote Arrow file whose bytes were altered (same size) fails the content check: it is
+    reported, never published, and the stage is built locally instead."""
+    lock = json.loads((pushed.path / "hfbuild.lock").read_text())["stages"]
+    fp = lock["lens"]["fingerprint"]
+    key = next(k for k in remote_objects(s3) if fp in k and k.endswith(".arrow"))
+    data = bytearray(s3.cat_file(key))
+    data[-200] ^= 0xFF  # inside the last record batch's values
+    s3.pipe_file(key, bytes(data))
+
+    clone = pushed.clone(tmp_path / "second")
+    log = tmp_path / "second.log"
+    out = doit(clone, "run", "preprocess", log=log)
+    assert calls(log) == {"lens": 1}
+    assert f"remote entry {fp} (lens) fails its content check" in out.stderr
+    assert results(clone)["lens"] == expected()["lens"]
+
+
+def test_interrupted_upload_is_invisible(pushed: Repo, tmp_path: pathlib.Path, s3: Any) -> None:
+    """Data uploaded without its manifest (an upload cut short) is never pulled."""
+    lock = json.loads((pushed.path / "hfbuild.lock").read_text())["stages"]
+    fp = lock["split"]["fingerprint"]
+    s3.rm_file(f"{s3.bucket}/cache/objects/{fp[:2]}/{fp}/manifest.json")
+    assert any(fp in k for k in remote_objects(s3))  # the data is still there
+
+    clone = pushed.clone(tmp_path / "second")
+    log = tmp_path / "second.log"
+    doit(clone, "run", "preprocess", log=log)
+    assert calls(log) == {"split": 1}
+
+
+def test_push_after_build(repo: Repo, tmp_path: pathlib.Path, s3: Any) -> None:
+    """HFBUILD_PUSH=1 uploads each stage as soon as it is built."""
+    make_project(repo)
+    doit(repo, "run", "preprocess", log=tmp_path / "log", env={"HFBUILD_PUSH": "1"})
+    manifests = [k for k in remote_objects(s3) if k.endswith("manifest.json")]
+    assert len(manifests) == 5
+
+
+def test_unsafe_remote_paths_are_refused(pushed: Repo, tmp_path: pathlib.Path, s3: Any) -> None:
+    """A remote manifest naming a file outside its entry ('../..') is refused, nothing is
+    written outside the store, and the stage is built locally."""
+    lock = json.loads((pushed.path / "hfbuild.lock").read_text())["stages"]
+    fp = lock["raw"]["fingerprint"]
+    key = f"{s3.bucket}/cache/objects/{fp[:2]}/{fp}/manifest.json"
+    doc = json.loads(s3.cat_file(key))
+    doc["files"]["../../../../escaped.txt"] = 3
+    s3.pipe_file(key, json.dumps(doc).encode())
+
+    clone = pushed.clone(tmp_path / "second")
+    log = tmp_path / "second.log"
+    out = doit(clone, "run", "preprocess", log=log)
+    assert "lists unsafe or malformed file paths" in out.stderr
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_file_remote_from_pyproject(
+    repo: Repo, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file:// remote configured in pyproject.toml [tool.hfbuild] works like S3."""
+    monkeypatch.delenv("HFBUILD_REMOTE", raising=False)
+    remote = tmp_path / "remote"
+    make_project(repo)
+    repo.write({"pyproject.toml": f'[tool.hfbuild]\nremote = "file://{remote}"\n'}, commit="remote")
+    doit(repo, "run", "preprocess", log=tmp_path / "log")
+    assert hfbuild(repo, "push").returncode == 0
+    clone = repo.clone(tmp_path / "second")
+    log = tmp_path / "second.log"
+    doit(clone, "run", "preprocess", log=log)
+    assert calls(log) == {}
+
+
+def test_no_remote_configured_is_a_clear_error(
+    repo: Repo, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hfbuild push` without a remote says the three ways to configure one."""
+    monkeypatch.delenv("HFBUILD_REMOTE", raising=False)
+    make_project(repo)
+    out = hfbuild(repo, "push")
+    assert out.returncode == 1
+    assert "no remote cache configured: pass --remote URL, set HFBUILD_REMOTE" in out.stderr
