@@ -25,6 +25,7 @@ from datasets.table import ConcatenationTable, MemoryMappedTable
 from hfbuild.content import dataset_hash
 from hfbuild.datafiles import resolve_data_files
 from hfbuild.errors import BuildError, HfbuildError
+from hfbuild.store import disk_full
 
 if TYPE_CHECKING:
     from hfbuild.pipeline import StageSpec
@@ -64,9 +65,12 @@ def run_stage(spec: StageSpec, inputs: Sequence[Any], fp: str, build_dir: str, r
     except HfbuildError:
         raise
     except Exception as e:
+        if disk_full(e) is not None:
+            raise  # the disk, not the transform: the pipeline reports it
         raise BuildError(
-            f"stage {spec.name!r} failed: {type(e).__name__}: {e}. Earlier stages stay cached "
-            f"and the store is unchanged; fix the transform and run the build again."
+            f"stage {spec.name!r} failed: {type(e).__name__}: {e}\n{_user_frames(e, root)}"
+            f"Earlier stages stay cached and the store is unchanged; fix the transform and "
+            f"run the build again."
         ) from e
     if not isinstance(out, (datasets.Dataset, datasets.DatasetDict)):
         raise BuildError(
@@ -74,6 +78,22 @@ def run_stage(spec: StageSpec, inputs: Sequence[Any], fp: str, build_dir: str, r
             f"{type(out).__name__}; an apply function must return a Dataset or DatasetDict."
         )
     return out
+
+
+def _user_frames(e: BaseException, root: str) -> str:
+    """The traceback lines of `e` that are in the project's own files (not in datasets or
+    hfbuild): where the user's transform failed."""
+    import traceback
+
+    frames = [
+        f
+        for f in traceback.extract_tb(e.__traceback__)
+        if os.path.realpath(f.filename).startswith(os.path.realpath(root) + os.sep)
+        and "site-packages" not in f.filename
+    ]
+    if not frames:
+        return ""
+    return "".join(traceback.format_list(frames))
 
 
 def _load(spec: StageSpec, scratch: str, root: str) -> Any:

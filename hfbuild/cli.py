@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rebuild every stage in a scratch store and compare with the lock",
     )
+    mode.add_argument(
+        "--deep",
+        action="store_true",
+        help="read every stored result in full and check its content hash",
+    )
     v.add_argument("--strict", action="store_true", help="uncommitted code is an error")
     v.add_argument("-q", "--quiet", action="store_true", help="print only problems")
     for verb, text in (
@@ -94,6 +99,7 @@ def _run(args: argparse.Namespace) -> int:
             pipe,
             staged=args.staged,
             rebuild=args.rebuild,
+            deep=args.deep,
             strict=args.strict or strict(),
             quiet=args.quiet,
         )

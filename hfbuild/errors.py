@@ -70,3 +70,7 @@ class IncompleteClosureWarning(UserWarning):
 
 class RemoteWarning(UserWarning):
     """The remote cache could not be used for a stage; it was built locally instead."""
+
+
+class CorruptEntryWarning(UserWarning):
+    """A store entry failed its checks; it was moved aside and is rebuilt."""

@@ -24,12 +24,19 @@ from typing import Any, NamedTuple
 from hfbuild import lockfile
 from hfbuild.closure import Context
 from hfbuild.datafiles import StatCache, file_identity, resolve_data_files
-from hfbuild.errors import HfbuildError, NotBuiltError, RemoteWarning, StageError
+from hfbuild.errors import (
+    CorruptEntryWarning,
+    HfbuildError,
+    NotBuiltError,
+    RemoteWarning,
+    StageError,
+    StoreError,
+)
 from hfbuild.fingerprint import Manifest, build_manifest, check_dirty
 from hfbuild.gitstate import Mode, Snapshot, find_root
 from hfbuild.lockfile import LOCK_NAME
 from hfbuild.remote import Remote, RemoteError, remote_url
-from hfbuild.store import Store
+from hfbuild.store import Store, disk_full
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 LOAD_BUILDERS = frozenset({"parquet", "csv", "json", "text", "arrow"})
@@ -403,6 +410,7 @@ class Pipeline:
                 if self.store.has(fp):  # another process built it while we waited
                     report = Report(name, fp, "built elsewhere", self._rows(fp), 0.0)
                 else:
+                    self._set_aside_if_corrupt(name, fp)
                     report = self._build_locked(spec, m, manifests)
         self.store.touch(fp)
         if record:
@@ -412,6 +420,19 @@ class Pipeline:
         if log is not None:
             log(report.line())
         return report
+
+    def _set_aside_if_corrupt(self, name: str, fp: str) -> None:
+        """With the lock held: an entry that exists but fails its checks is reported and moved
+        aside (gc deletes it), so the build can publish a good one in its place."""
+        why = self.store.check(fp)
+        if why is not None:
+            moved = self.store.quarantine(fp)
+            warnings.warn(
+                f"stage {name!r}: the stored result {fp} is corrupt ({why}); moved aside to "
+                f"{moved} and rebuilding it.",
+                CorruptEntryWarning,
+                stacklevel=4,
+            )
 
     def _pull(self, name: str, fp: str) -> Report | None:
         """Fetch the stage's result from the remote cache instead of building it, when the
@@ -466,8 +487,16 @@ class Pipeline:
             }
             builder.cleanup_scratch(tmp)
             self.store.publish(tmp, fp, doc)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            full = disk_full(e)
+            if full is not None:
+                raise StoreError(
+                    f"stage {spec.name!r}: the disk holding the store ({self.store.root}) is "
+                    f"full ({full.strerror}). Nothing was published and earlier results are "
+                    f"intact: free some space (`hfbuild gc`), or point HFBUILD_STORE at a "
+                    f"larger disk, and build again."
+                ) from e
             raise
         return Report(spec.name, fp, "built", info.rows, seconds)
 

@@ -22,9 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from hfbuild.errors import HfbuildError, StoreError
-from hfbuild.store import MANIFEST, Store
+from hfbuild.store import MANIFEST, Store, safe_rel
 
-_SAFE_PART = re.compile(r"^[A-Za-z0-9_.-]+$")
 _PROGRESS_BYTES = 4 * 1024 * 1024  # transfers above this show a progress bar
 
 
@@ -54,10 +53,6 @@ def remote_url(root: str, explicit: str | None = None) -> str | None:
         raise RemoteError(f"{path} cannot be read ({e}); fix it or set HFBUILD_REMOTE.") from e
     url = doc.get("tool", {}).get("hfbuild", {}).get("remote")
     return str(url) if url else None
-
-
-def _safe_rel(rel: str) -> bool:
-    return bool(rel) and all(_SAFE_PART.match(p) and p not in (".", "..") for p in rel.split("/"))
 
 
 def _check_fp(fp: str) -> str:
@@ -99,8 +94,7 @@ class Remote:
             )
         files = doc.get("files")
         if not isinstance(files, dict) or not all(
-            isinstance(k, str) and _safe_rel(k) and isinstance(v, int) and v >= 0
-            for k, v in files.items()
+            safe_rel(k) and isinstance(v, int) and v >= 0 for k, v in files.items()
         ):
             raise RemoteError(f"remote entry {fp} lists unsafe or malformed file paths; not used.")
         return doc
@@ -164,7 +158,11 @@ class Remote:
                             )
                         bar.update(size)
                 _check_content(tmp, fp, doc, label)
-                meta = {k: v for k, v in doc.items() if k not in ("fingerprint", "files")}
+                meta = {
+                    k: v
+                    for k, v in doc.items()
+                    if k not in ("fingerprint", "files", "manifest_digest")
+                }
                 store.publish(tmp, fp, meta)
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -29,12 +29,30 @@ MANIFEST = "manifest.json"
 DATA = "data"
 _FP = re.compile(r"^[0-9a-f]{32}$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_PART = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def _check_fp(fp: str) -> str:
     if not _FP.match(fp):
         raise StoreError(f"not a fingerprint: {fp!r} (expected 32 lowercase hex digits)")
     return fp
+
+
+def safe_rel(rel: object) -> bool:
+    """A relative posix path of plain names: nothing absolute, no '..', nothing hidden."""
+    return (
+        isinstance(rel, str)
+        and bool(rel)
+        and all(_PART.match(p) and p not in (".", "..") for p in rel.split("/"))
+    )
+
+
+def manifest_digest(doc: dict[str, Any]) -> str:
+    """A checksum of a stored manifest (without this field), so an edited one is noticed."""
+    import xxhash
+
+    body = {k: v for k, v in doc.items() if k != "manifest_digest"}
+    return str(xxhash.xxh3_128_hexdigest(json.dumps(body, sort_keys=True).encode()))
 
 
 def _check_name(name: str) -> str:
@@ -95,30 +113,53 @@ class Store:
     # -- reading -----------------------------------------------------------------------------
 
     def read_manifest(self, fp: str) -> dict[str, Any] | None:
-        """The entry's manifest, or None when there is no complete entry under `fp`."""
-        try:
-            with open(os.path.join(self.entry(fp), MANIFEST), encoding="utf-8") as f:
-                doc = json.load(f)
-        except (OSError, ValueError):
-            return None
-        if not isinstance(doc, dict) or doc.get("fingerprint") != fp:
-            return None
+        """The entry's manifest, or None when there is no intact manifest under `fp`."""
+        doc, _ = self._manifest(fp)
         return doc
 
-    def has(self, fp: str) -> bool:
-        """True when a complete entry for `fp` exists: its manifest names it, and every data
-        file the manifest lists is there with its recorded size. No data is read."""
-        doc = self.read_manifest(fp)
+    def _manifest(self, fp: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(manifest, None), or (None, why it is not usable); why is None when absent."""
+        try:
+            with open(os.path.join(self.entry(fp), MANIFEST), encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            return None, None
+        except (OSError, ValueError) as e:
+            return None, f"its manifest cannot be read ({e})"
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return None, "its manifest is not valid JSON"
+        if not isinstance(doc, dict) or doc.get("fingerprint") != fp:
+            return None, "its manifest belongs to another fingerprint"
+        if doc.get("manifest_digest") != manifest_digest(doc):
+            return None, "its manifest was edited after it was written"
+        files = doc.get("files")
+        if not isinstance(files, dict) or not all(safe_rel(k) for k in files):
+            return None, "its manifest lists unsafe file paths"
+        return doc, None
+
+    def check(self, fp: str) -> str | None:
+        """Why the entry for `fp` cannot be used (None when it is intact or absent). Cheap:
+        the manifest and the presence and size of every data file; no data is read."""
+        doc, why = self._manifest(fp)
         if doc is None:
-            return False
+            if why is None and os.path.isdir(self.entry(fp)):
+                return "it has no manifest"
+            return why
         base = self.data_path(fp)
-        for rel, size in doc.get("files", {}).items():
+        for rel, size in doc["files"].items():
             try:
-                if os.stat(os.path.join(base, *rel.split("/"))).st_size != size:
-                    return False
+                actual = os.stat(os.path.join(base, *rel.split("/"))).st_size
             except OSError:
-                return False
-        return True
+                return f"{rel} is missing"
+            if actual != size:
+                return f"{rel} is {actual} bytes, not {size} (truncated or overwritten)"
+        return None
+
+    def has(self, fp: str) -> bool:
+        """True when a complete, intact entry for `fp` exists (see `check`)."""
+        return self.read_manifest(fp) is not None and self.check(fp) is None
 
     def load(self, fp: str) -> Any:
         """The stored Dataset or DatasetDict, memory-mapped. Nothing is unpickled:
@@ -139,7 +180,13 @@ class Store:
             yield
 
     def new_build_dir(self, fp: str) -> str:
+        """A fresh build directory for `fp`. Call with the lock held: any other directory of
+        the same fingerprint in tmp/ is then a leftover of a killed build, and is removed."""
         self._ensure()
+        tmp = os.path.join(self.root, "tmp")
+        for n in os.listdir(tmp):
+            if n.startswith(fp + "."):
+                shutil.rmtree(os.path.join(tmp, n), ignore_errors=True)
         try:
             return tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"), prefix=f"{fp}.")
         except OSError as e:
@@ -156,6 +203,8 @@ class Store:
                 rel = os.path.relpath(full, data).replace(os.sep, "/")
                 files[rel] = os.stat(full).st_size
         doc = {**manifest, "fingerprint": fp, "files": dict(sorted(files.items()))}
+        doc.pop("manifest_digest", None)
+        doc["manifest_digest"] = manifest_digest(doc)
         try:
             write_json_atomic(os.path.join(build_dir, MANIFEST), doc)
             final = self.entry(fp)
@@ -269,3 +318,17 @@ def tree_size(path: str) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, n)).st_size
     return total
+
+
+def disk_full(e: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT/EFBIG error behind `e` (datasets and pyarrow wrap them), if any."""
+    import errno
+
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return seen
+        if isinstance(seen, OSError) and "No space left on device" in str(seen):
+            return OSError(errno.ENOSPC, "No space left on device")
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -14,7 +14,11 @@ import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from hfbuild.errors import HfbuildError
+
 if TYPE_CHECKING:
+    from doit.exceptions import TaskFailed
+
     from hfbuild.pipeline import Pipeline
 
 
@@ -22,16 +26,25 @@ def _uptodate(pipe: Pipeline, name: str) -> bool:
     return pipe.is_built(name)
 
 
-def _build(pipe: Pipeline, name: str) -> None:
+def _build(pipe: Pipeline, name: str) -> TaskFailed | None:
     # Under doit a warning's source line (inside hfbuild) says nothing useful: print the
-    # message itself, once per stage.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        report = pipe.build(name)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+    # message itself, once per stage. A user error fails the task with its message (doit
+    # prints it without a traceback into hfbuild); bugs still raise.
+    from doit.exceptions import TaskFailed
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                report = pipe.build(name)
+            finally:
+                for w in caught:
+                    print(f"warning: {w.message}", file=sys.stderr)
+    except HfbuildError as e:
+        return TaskFailed(str(e))
     print(report.line())
     sys.stdout.flush()
+    return None
 
 
 def _clean(pipe: Pipeline, name: str) -> None:

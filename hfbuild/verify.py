@@ -136,3 +136,37 @@ def check_rebuild(pipe: Pipeline) -> list[Problem]:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return problems
+
+
+def check_deep(pipe: Pipeline) -> list[Problem]:
+    """Read every current result in full and compare its content hash with its manifest.
+    A corrupt entry is moved aside (the next build rebuilds it) and reported."""
+    import datasets
+
+    from hfbuild.content import dataset_hash
+
+    problems: list[Problem] = []
+    for name, m in pipe.manifests().items():
+        fp = m.fingerprint
+        doc = pipe.store.read_manifest(fp)
+        why = pipe.store.check(fp)
+        if doc is None and why is None:
+            continue  # not built: nothing to check
+        if why is None and doc is not None:
+            try:
+                got = dataset_hash(datasets.load_from_disk(pipe.store.data_path(fp)))
+            except Exception as e:
+                got = f"unreadable ({type(e).__name__}: {e})"
+            if got != doc.get("content_hash"):
+                why = f"its data does not match its content hash ({got})"
+        if why is not None:
+            with pipe.store.lock(fp):
+                moved = pipe.store.quarantine(fp)
+            problems.append(
+                Problem(
+                    name,
+                    f"stage {name!r}: the stored result {fp} is corrupt ({why}); moved aside "
+                    f"to {moved}. Fix: `doit run {pipe.name}` rebuilds it.",
+                )
+            )
+    return problems
