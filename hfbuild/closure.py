@@ -447,7 +447,9 @@ def _function(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
             rel = ctx.snapshot.rel(f)
             assert rel is not None
             ctx.add_file(rel)
-        target["file"] = ctx.snapshot.rel(code.co_filename)
+        # A function made by exec() has no file of its own; its module's file identifies it.
+        if os.path.isfile(code.co_filename):
+            target["file"] = ctx.snapshot.rel(code.co_filename)
         return {"target": target, "args": args}
     if module != "__main__" and _lookup(module, fn.__qualname__) is fn:
         # Defined in an installed package or the standard library: by name and version.

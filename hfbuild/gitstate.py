@@ -178,7 +178,13 @@ class Snapshot:
 
     def _index(self, repo: pygit2.Repository) -> pygit2.Index:
         key = repo.path
-        idx: pygit2.Index = repo.index
+        try:
+            idx: pygit2.Index = repo.index
+        except pygit2.GitError as e:
+            raise GitStateError(
+                f"the git index of {repo.workdir} cannot be read ({e}). Repair it with "
+                f"`rm .git/index && git reset` in that repository."
+            ) from e
         if key not in self._fresh:
             try:
                 idx.read(False)  # re-read only if the index file changed on disk

@@ -185,7 +185,8 @@ class Store:
         self._ensure()
         tmp = os.path.join(self.root, "tmp")
         for n in os.listdir(tmp):
-            if n.startswith(fp + "."):
+            # Entries moved aside (corrupt-/removed-) stay for inspection until gc.
+            if n.startswith(fp + ".") and not n.startswith((f"{fp}.corrupt-", f"{fp}.removed-")):
                 shutil.rmtree(os.path.join(tmp, n), ignore_errors=True)
         try:
             return tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"), prefix=f"{fp}.")

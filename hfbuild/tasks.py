@@ -23,7 +23,13 @@ if TYPE_CHECKING:
 
 
 def _uptodate(pipe: Pipeline, name: str) -> bool:
-    return pipe.is_built(name)
+    # A user error here (a missing data file, a corrupt git index) would make doit print a
+    # traceback: report "not up to date" instead, and let the build action fail with the
+    # message.
+    try:
+        return pipe.is_built(name)
+    except HfbuildError:
+        return False
 
 
 def _build(pipe: Pipeline, name: str) -> TaskFailed | None:

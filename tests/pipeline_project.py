@@ -129,13 +129,13 @@ print(json.dumps(out))
 """
 
 
-def results(repo: Repo) -> dict[str, Any]:
+def results(repo: Repo, env: dict[str, str] | None = None) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-c", READ_RESULTS],
         cwd=repo.path,
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(repo.path)},
+        env={**os.environ, "PYTHONPATH": str(repo.path), **(env or {})},
         check=False,
     )
     assert out.returncode == 0, out.stderr
