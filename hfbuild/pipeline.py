@@ -115,7 +115,9 @@ def _caller_file(depth: int = 2) -> str | None:
 
 class Pipeline:
     """A set of named stages. The store is `store`, else $HFBUILD_STORE, else
-    `<git root>/.hfbuild`, where the git root is that of the file creating the pipeline."""
+    `<git root>/.hfbuild`, where the git root is that of the file creating the pipeline. The
+    lock file is `<git root>/<lock>` (hfbuild.lock); a remote cache is `remote` (an fsspec
+    URL), else $HFBUILD_REMOTE, else `[tool.hfbuild] remote` in pyproject.toml."""
 
     def __init__(
         self,
@@ -124,6 +126,7 @@ class Pipeline:
         root: str | os.PathLike[str] | None = None,
         name: str = "preprocess",
         remote: str | None = None,
+        lock: str = LOCK_NAME,
     ) -> None:
         if root is None:
             origin = _caller_file() or os.getcwd()
@@ -137,7 +140,8 @@ class Pipeline:
         self._specs: dict[str, StageSpec] = {}
         self._cache: dict[str, Manifest] | None = None
         self.stat_cache = StatCache(os.path.join(self.store.root, "statcache.json"))
-        self.lock_path = os.path.join(self.root, LOCK_NAME)
+        # One lock file per pipeline: two pipelines in one repository need two names.
+        self.lock_path = os.path.join(self.root, lock)
         self._remote_arg = remote
 
     def remote(self) -> Remote | None:

@@ -26,6 +26,10 @@ FILES = {
         import os
 
         def log(stage):
+            if os.environ.get("KILL_IN") == stage:  # the crash tests: die inside a transform
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
             with open(os.environ["CALL_LOG"], "a") as f:
                 f.write(stage + "\\n")
         """,

@@ -1,0 +1,120 @@
+"""SIGKILL a cold `doit run preprocess` at many precise moments, then rerun.
+
+Each point kills the build right before or after the Nth call of a function in one phase:
+loading, mapping (inside the user's transform), writing, or publishing. After the kill no
+entry the store would serve may be incomplete; a rerun must complete with the uncached
+results; and `hfbuild gc` must leave no leftover build directory."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import Repo, run_python
+from tests.pipeline_project import doit, expected, make_project, results
+
+KILLER = str(pathlib.Path(__file__).resolve().parent / "killer.py")
+HFBUILD = str(pathlib.Path(sys.executable).parent / "hfbuild")
+
+# (phase, target, nth call, before/after). Every point is reached in a cold build of the
+# test project (the test asserts the process really died by SIGKILL).
+POINTS = [
+    ("load", "datasets:load_dataset", 1, "before"),
+    ("load", "datasets:load_dataset", 1, "after"),
+    ("load", "datasets:load_from_disk", 1, "before"),
+    ("load", "datasets:load_from_disk", 2, "after"),
+    ("load", "datasets:load_from_disk", 5, "before"),
+    ("load", "datasets:load_from_disk", 8, "after"),
+    ("map", "KILL_IN", "feat", ""),
+    ("map", "KILL_IN", "keep", ""),
+    ("map", "KILL_IN", "split", ""),
+    ("map", "KILL_IN", "lens", ""),
+    ("map", "datasets.arrow_dataset:Dataset.map", 1, "after"),
+    ("map", "datasets.arrow_dataset:Dataset.filter", 1, "after"),
+    ("write", "datasets.arrow_writer:ArrowWriter.write_batch", 1, "before"),
+    ("write", "datasets.arrow_writer:ArrowWriter.write_batch", 1, "after"),
+    ("write", "datasets.arrow_writer:ArrowWriter.finalize", 1, "after"),
+    ("write", "datasets.arrow_writer:ArrowWriter.finalize", 2, "before"),
+    ("write", "datasets.arrow_writer:ArrowWriter.finalize", 3, "after"),
+    ("write", "datasets.arrow_dataset:Dataset.save_to_disk", 1, "before"),
+    ("write", "datasets.arrow_dataset:Dataset.save_to_disk", 2, "after"),
+    ("write", "hfbuild.builder:_save_dataset", 1, "after"),
+    ("write", "hfbuild.builder:dataset_hash", 1, "before"),
+    ("write", "hfbuild.builder:dataset_hash", 3, "after"),
+    ("publish", "hfbuild.store:write_text_atomic", 1, "before"),
+    ("publish", "hfbuild.store:write_text_atomic", 2, "after"),
+    ("publish", "hfbuild.store:Store.publish", 1, "after"),
+    ("publish", "hfbuild.store:Store.publish", 3, "before"),
+    ("publish", "os:rename", 1, "after"),
+    ("publish", "os:rename", 2, "before"),
+    ("publish", "os:rename", 4, "after"),
+    ("publish", "os:replace", 1, "before"),
+    ("publish", "os:replace", 3, "after"),
+    ("publish", "os:replace", 6, "before"),
+    ("publish", "hfbuild.store:Store.set_ref", 2, "before"),
+    ("publish", "hfbuild.lockfile:update", 1, "before"),
+    ("publish", "hfbuild.lockfile:update", 3, "after"),
+    ("publish", "hfbuild.store:Store.publish", 5, "after"),
+]
+
+CHECK_STORE = """
+import dodo, datasets
+from hfbuild.content import dataset_hash
+s = dodo.pipe.store
+served = 0
+for fp in s.fingerprints():
+    if s.has(fp):
+        doc = s.read_manifest(fp)
+        got = dataset_hash(datasets.load_from_disk(s.data_path(fp)))
+        assert got == doc["content_hash"], (fp, "served but incomplete")
+        served += 1
+print(served)
+"""
+
+
+def kill_build(repo: Repo, log: pathlib.Path, target: str, nth: object, when: str) -> int:
+    env = {**os.environ, "CALL_LOG": str(log)}
+    if target == "KILL_IN":
+        cmd = [sys.executable, "-m", "doit", "run", "preprocess"]
+        env["KILL_IN"] = str(nth)
+    else:
+        cmd = [sys.executable, KILLER, target, str(nth), when, "run", "preprocess"]
+    return subprocess.run(
+        cmd, cwd=repo.path, env=env, capture_output=True, check=False, timeout=300
+    ).returncode
+
+
+@pytest.mark.parametrize(
+    ("phase", "target", "nth", "when"),
+    POINTS,
+    ids=[f"{p}-{t.split(':')[-1]}-{n}-{w}".rstrip("-") for p, t, n, w in POINTS],
+)
+def test_killed_build_recovers(
+    repo: Repo, tmp_path: pathlib.Path, phase: str, target: str, nth: object, when: str
+) -> None:
+    """After a SIGKILL at this point, nothing incomplete is served, the rerun completes with
+    the uncached results, and gc leaves no leftover."""
+    make_project(repo)
+    log = tmp_path / "calls.log"
+    assert kill_build(repo, log, target, nth, when) == -signal.SIGKILL
+    run_python(CHECK_STORE, repo.path, env={"CALL_LOG": str(log)})
+    doit(repo, "run", "preprocess", log=log)
+    got, exp = results(repo), expected()
+    assert got["feat"] == exp["feat"] and got["kept"] == exp["kept"]
+    assert got["lens"] == exp["lens"]
+    assert sorted(got["split"]["train"] + got["split"]["test"]) == sorted(exp["kept"])
+    gc = subprocess.run(
+        [HFBUILD, "gc", "--keep-days", "0"],
+        cwd=repo.path,
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CALL_LOG": "x"},
+    )
+    assert gc.returncode == 0, gc.stderr
+    assert list((repo.path / ".hfbuild" / "tmp").iterdir()) == []
