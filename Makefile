@@ -30,7 +30,7 @@ test: lint
 	$(BIN)/python -m pytest -n 2 -q
 
 stress: $(STAMP)
-	$(BIN)/python -m pytest -q -m stress --run-stress
+	$(BIN)/python -m pytest -q -s -m stress --run-stress
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

@@ -25,7 +25,7 @@ from datasets.table import ConcatenationTable, MemoryMappedTable
 from hfbuild.content import dataset_hash
 from hfbuild.datafiles import resolve_data_files
 from hfbuild.errors import BuildError, HfbuildError
-from hfbuild.store import disk_full
+from hfbuild.store import disk_full, tree_size
 
 if TYPE_CHECKING:
     from hfbuild.pipeline import StageSpec
@@ -143,16 +143,7 @@ def save(result: Any, dest: str, build_dir: str) -> SaveInfo:
         _save_dataset(result, dest, build_dir)
         rows = len(result)
     content = dataset_hash(datasets.load_from_disk(dest, keep_in_memory=False))
-    return SaveInfo(rows, content, _tree_size(build_dir))
-
-
-def _tree_size(path: str) -> int:
-    total = 0
-    for dirpath, _, names in os.walk(path):
-        for n in names:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, n)).st_size
-    return total
+    return SaveInfo(rows, content, tree_size(build_dir))
 
 
 def _in_place_files(ds: Any, build_dir: str) -> list[str] | None:

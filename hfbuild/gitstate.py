@@ -196,27 +196,34 @@ class Snapshot:
             self._fresh.add(key)
         return idx
 
+    def _staged(self, rel: str) -> tuple[pygit2.Repository, str, str] | None:
+        """(repository, path within it, blob id) of the file's index entry, or None."""
+        found = self._repo_of(rel)
+        if found is None:
+            return None
+        repo, inner = found
+        idx = self._index(repo)
+        if inner not in idx:
+            return None
+        return repo, inner, str(idx[inner].id)
+
+    def _blob_bytes(self, repo: pygit2.Repository, blob_id: str) -> bytes:
+        blob = repo[blob_id]
+        assert isinstance(blob, pygit2.Blob)
+        return blob.data
+
     def exists(self, rel: str) -> bool:
         if self.mode == "index":
-            found = self._repo_of(rel)
-            if found is None:
-                return False
-            repo, inner = found
-            return inner in self._index(repo)
+            return self._staged(rel) is not None
         return os.path.isfile(self.abspath(rel))
 
     def read(self, rel: str) -> bytes:
         """The file's content as this snapshot sees it."""
         if self.mode == "index":
-            found = self._repo_of(rel)
-            if found is not None:
-                repo, inner = found
-                idx = self._index(repo)
-                if inner in idx:
-                    blob = repo[idx[inner].id]
-                    assert isinstance(blob, pygit2.Blob)
-                    return blob.data
-            raise FileNotFoundError(rel)
+            staged = self._staged(rel)
+            if staged is None:
+                raise FileNotFoundError(rel)
+            return self._blob_bytes(staged[0], staged[2])
         with open(self.abspath(rel), "rb") as f:
             return f.read()
 
@@ -225,20 +232,17 @@ class Snapshot:
         hashes an untracked file (data files can be large)."""
         if self.mode == "worktree" and os.path.islink(self.abspath(rel)):
             return None
-        found = self._repo_of(rel)
-        if found is None:
+        staged = self._staged(rel)
+        if staged is None:
             return None
-        repo, inner = found
-        idx = self._index(repo)
-        if inner not in idx:
-            return None
+        repo, inner, blob_id = staged
         if self.mode == "index":
-            return str(idx[inner].id)
+            return blob_id
         try:
             flags = repo.status_file(inner)
         except (KeyError, pygit2.GitError):
             return None
-        return str(idx[inner].id) if flags == GIT_STATUS_CURRENT else None
+        return blob_id if flags == GIT_STATUS_CURRENT else None
 
     def worktree_id(self, rel: str) -> str:
         """The blob id git would give the work-tree file now (filters applied), in either
@@ -268,16 +272,10 @@ class Snapshot:
 
     def read_index_text(self, rel: str) -> str | None:
         """A file's staged content, or None when it is not in the index."""
-        found = self._repo_of(rel)
-        if found is None:
+        staged = self._staged(rel)
+        if staged is None:
             return None
-        repo, inner = found
-        idx = self._index(repo)
-        if inner not in idx:
-            return None
-        blob = repo[idx[inner].id]
-        assert isinstance(blob, pygit2.Blob)
-        return blob.data.decode("utf-8", errors="replace")
+        return self._blob_bytes(staged[0], staged[2]).decode("utf-8", errors="replace")
 
     def text_at_commits(self, rel: str, n: int) -> list[str]:
         """The file's text at HEAD and up to n-1 first-parent ancestors (as far as a shallow

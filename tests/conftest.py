@@ -46,6 +46,19 @@ def repo(tmp_path: pathlib.Path) -> Repo:
     return Repo.init(tmp_path / "repo")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-stress", action="store_true", help="run the long fault runs")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-stress"):
+        return
+    skip = pytest.mark.skip(reason="a long fault run: `make stress` runs it")
+    for item in items:
+        if "stress" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

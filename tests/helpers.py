@@ -106,3 +106,52 @@ def fingerprint_in_subprocess(
     out = run_python(FINGERPRINT_SCRIPT, cwd, env=env, args=[spec])
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
+
+
+HFBUILD = str(pathlib.Path(sys.executable).parent / "hfbuild")
+
+
+def run_hfbuild(repo: Repo, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `hfbuild` command in `repo`, as a user runs it (transform call logs discarded)."""
+    return subprocess.run(
+        [HFBUILD, *args],
+        cwd=repo.path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CALL_LOG": os.devnull},
+        check=False,
+    )
+
+
+def same(a: Any, b: Any) -> bool:
+    """Type-exact equality, what a canonical encoding must distinguish: NaN equals NaN, -0.0
+    differs from 0.0, 1 differs from True and 1.0, arrays compare by dtype, shape and bytes."""
+    import dataclasses
+    import enum
+    import math
+
+    import numpy as np
+
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    if isinstance(a, np.generic):
+        return bool(a.tobytes() == b.tobytes())
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or (
+            a == b and math.copysign(1, a) == math.copysign(1, b)
+        )
+    if isinstance(a, enum.Enum):
+        return a is b
+    if dataclasses.is_dataclass(a):
+        return all(same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return len(a) == len(b) and all(
+            any(same(k, k2) and same(v, b[k2]) for k2 in b) for k, v in a.items()
+        )
+    if isinstance(a, (set, frozenset)):
+        return len(a) == len(b) and all(any(same(x, y) for y in b) for x in a)
+    return bool(a == b)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
-import math
 import pathlib
 import typing
 from collections import OrderedDict, defaultdict
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 
 import hfbuild
 from hfbuild.canonical import dumps, encode
-from tests.helpers import run_python
+from tests.helpers import run_python, same
 
 
 def enc(x: Any) -> str:
@@ -47,26 +46,6 @@ values = st.recursive(
     ),
     max_leaves=20,
 )
-
-
-def same(a: Any, b: Any) -> bool:
-    """Equality that also requires equal types, and treats floats by their exact value
-    (NaN equals NaN, -0.0 differs from 0.0)."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float):
-        return (math.isnan(a) and math.isnan(b)) or (
-            a == b and math.copysign(1, a) == math.copysign(1, b)
-        )
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict):
-        return len(a) == len(b) and all(
-            any(same(k, k2) and same(v, b[k2]) for k2 in b) for k, v in a.items()
-        )
-    if isinstance(a, (set, frozenset)):
-        return len(a) == len(b) and all(any(same(x, y) for y in b) for x in a)
-    return bool(a == b)
 
 
 @settings(max_examples=300, deadline=None)

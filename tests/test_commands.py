@@ -12,11 +12,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import Repo
+from tests.helpers import HFBUILD, Repo, run_hfbuild
 from tests.pipeline_project import doit, expected, make_project
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-HFBUILD = str(pathlib.Path(sys.executable).parent / "hfbuild")
 
 
 @pytest.fixture
@@ -27,15 +26,6 @@ def built(repo: Repo, tmp_path: pathlib.Path) -> Repo:
     doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
     repo.commit("build and lock")
     return repo
-
-
-def hfbuild(
-    repo: Repo, *args: str, log: pathlib.Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CALL_LOG": str(log or repo.path.parent / "calls.log")}
-    return subprocess.run(
-        [HFBUILD, *args], cwd=repo.path, env=env, capture_output=True, text=True, check=False
-    )
 
 
 def lock(repo: Repo) -> dict[str, Any]:
@@ -76,7 +66,7 @@ def test_lock_marks_a_stage_built_from_a_dirty_closure(built: Repo, tmp_path: pa
 def test_status_reports_each_stage_and_exit_code(built: Repo) -> None:
     """status says up to date (exit 0); after an edit, stale with the first reason and the
     dirty files (exit 1); --json gives the same as data; --quiet prints nothing."""
-    out = hfbuild(built, "status")
+    out = run_hfbuild(built, "status")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [
         "raw",
@@ -104,7 +94,7 @@ def test_status_reports_each_stage_and_exit_code(built: Repo) -> None:
     old_id = built.git("rev-parse", "HEAD:pkg/util/deep.py")
     deep.write_text("OFFSET = 7\n\ndef offset():\n    return OFFSET\n")
     new_id = built.git("hash-object", "pkg/util/deep.py")
-    out = hfbuild(built, "status")
+    out = run_hfbuild(built, "status")
     assert out.returncode == 1
     lines = out.stdout.splitlines()
     assert any(
@@ -113,11 +103,11 @@ def test_status_reports_each_stage_and_exit_code(built: Repo) -> None:
         for ln in lines
     )
     assert any(ln.startswith("lens") and ln.endswith("up to date") for ln in lines)
-    data = json.loads(hfbuild(built, "status", "--json").stdout)
+    data = json.loads(run_hfbuild(built, "status", "--json").stdout)
     states = {d["stage"]: d for d in data}
     assert states["kept"]["state"] == "stale" and states["raw"]["state"] == "up to date"
     assert states["feat"]["dirty_files"] == ["pkg/util/deep.py (modified)"]
-    quiet = hfbuild(built, "status", "--quiet")
+    quiet = run_hfbuild(built, "status", "--quiet")
     assert (quiet.returncode, quiet.stdout) == (1, "")
 
 
@@ -131,12 +121,12 @@ def test_explain_an_edited_helper(built: Repo) -> None:
     old = lock(built)["stages"]["feat"]["manifest"]["code"]["files"]
     old_id = dict(old)["pkg/util/deep.py"]
     new_id = built.git("rev-parse", "HEAD:pkg/util/deep.py")
-    out = hfbuild(built, "explain", "feat")
+    out = run_hfbuild(built, "explain", "feat")
     assert out.returncode == 1
     assert (
         f"  code file pkg/util/deep.py changed: {old_id[:12]} -> {new_id[:12]} (+2 -2 lines)"
     ) in out.stdout.splitlines()
-    kept = hfbuild(built, "explain", "kept").stdout
+    kept = run_hfbuild(built, "explain", "kept").stdout
     assert "input stage feat changed: " in kept
     assert "Run `doit run preprocess:kept` to build it." in kept
 
@@ -145,7 +135,7 @@ def test_explain_a_changed_argument(built: Repo) -> None:
     """explain names the argument path with its old and new value."""
     dodo = built.path / "dodo.py"
     dodo.write_text(dodo.read_text().replace('{"scale": 1}', '{"scale": 2.5}'))
-    out = hfbuild(built, "explain", "lens").stdout.splitlines()
+    out = run_hfbuild(built, "explain", "lens").stdout.splitlines()
     assert "  argument fn_kwargs['scale'] changed: 1 -> 2.5" in out
     assert len([ln for ln in out if ln.startswith("  ")]) == 1
 
@@ -159,13 +149,13 @@ def test_explain_a_changed_data_file(built: Repo) -> None:
     old_id = built.git("rev-parse", "HEAD:data/part-0.parquet")
     pq.write_table(pa.table({"x": [1], "text": ["a"]}), f)
     new_id = built.git("hash-object", "data/part-0.parquet")
-    out = hfbuild(built, "explain", "raw").stdout.splitlines()
+    out = run_hfbuild(built, "explain", "raw").stdout.splitlines()
     assert f"  data file data/part-0.parquet changed: {old_id[:12]} -> {new_id[:12]}" in out
 
 
 def test_explain_when_nothing_changed(built: Repo) -> None:
     """explain says so, and where the result is."""
-    out = hfbuild(built, "explain", "kept")
+    out = run_hfbuild(built, "explain", "kept")
     assert out.returncode == 0
     assert out.stdout.startswith("stage 'kept' is up to date: nothing changed since it was built.")
     assert "result at " in out.stdout and ".hfbuild/objects/" in out.stdout
@@ -173,7 +163,7 @@ def test_explain_when_nothing_changed(built: Repo) -> None:
 
 def test_unknown_stage_is_a_clear_error(built: Repo) -> None:
     """A stage name the pipeline lacks exits 1 with a message listing the stages."""
-    out = hfbuild(built, "explain", "nope")
+    out = run_hfbuild(built, "explain", "nope")
     assert out.returncode == 1
     assert (
         "hfbuild: error: no stage named 'nope' (stages: raw, feat, kept, split, lens)" in out.stderr
@@ -183,12 +173,12 @@ def test_unknown_stage_is_a_clear_error(built: Repo) -> None:
 def test_verify_against_head(built: Repo) -> None:
     """verify passes when the committed lock matches HEAD, and fails naming the stage, cause
     and fix after a code change is committed without rebuilding."""
-    assert hfbuild(built, "verify").returncode == 0
+    assert run_hfbuild(built, "verify").returncode == 0
     built.write(
         {"pkg/util/deep.py": "OFFSET = 3\n\ndef offset():\n    return OFFSET\n"},
         commit="no rebuild",
     )
-    out = hfbuild(built, "verify")
+    out = run_hfbuild(built, "verify")
     assert out.returncode == 1
     assert (
         "stage 'feat' was not built from the committed code: code file pkg/util/deep.py changed: "
@@ -200,7 +190,7 @@ def test_verify_against_head(built: Repo) -> None:
 def test_verify_strict_refuses_uncommitted_code(built: Repo) -> None:
     """--strict (or HFBUILD_STRICT=1) makes uncommitted closure files an error."""
     (built.path / "pkg/text.py").write_text((built.path / "pkg/text.py").read_text() + "# x\n")
-    out = hfbuild(built, "verify", "--strict")
+    out = run_hfbuild(built, "verify", "--strict")
     assert out.returncode == 1
     assert "stage 'lens' has uncommitted code: pkg/text.py (modified)" in out.stderr
 
@@ -226,7 +216,7 @@ def test_verify_rebuild_catches_unseeded_randomness(repo: Repo, tmp_path: pathli
     )
     doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
     repo.commit("lock")
-    out = hfbuild(repo, "verify", "--rebuild")
+    out = run_hfbuild(repo, "verify", "--rebuild")
     assert out.returncode == 1
     assert "stage 'noisy' is not reproducible" in out.stderr
     assert "'split'" not in out.stderr and "'kept'" not in out.stderr
@@ -282,7 +272,7 @@ def test_staged_check_names_unstaged_differences(built: Repo, tmp_path: pathlib.
     (built.path / "pkg/util/deep.py").write_text("OFFSET = 4\n\ndef offset():\n    return OFFSET\n")
     doit(built, "run", "preprocess", log=tmp_path / "calls.log")
     built.git("add", "hfbuild.lock")
-    out = hfbuild(built, "verify", "--staged")
+    out = run_hfbuild(built, "verify", "--staged")
     assert out.returncode == 1
     assert "the work tree differs from what is staged in pkg/util/deep.py" in out.stderr
 
@@ -290,7 +280,7 @@ def test_staged_check_names_unstaged_differences(built: Repo, tmp_path: pathlib.
 def test_install_hook_plain_git(built: Repo, tmp_path: pathlib.Path) -> None:
     """`hfbuild install-hook` writes a pre-commit shim that a real `git commit` runs; it
     refuses to replace someone else's hook without --force."""
-    out = hfbuild(built, "install-hook")
+    out = run_hfbuild(built, "install-hook")
     assert out.returncode == 0, out.stderr
     built.write({"pkg/text.py": (built.path / "pkg/text.py").read_text() + "# edit\n"})
     built.git("add", "-A")
@@ -302,5 +292,5 @@ def test_install_hook_plain_git(built: Repo, tmp_path: pathlib.Path) -> None:
 
     hook = built.path / ".git/hooks/pre-commit"
     hook.write_text("#!/bin/sh\nexit 0\n")
-    again = hfbuild(built, "install-hook")
+    again = run_hfbuild(built, "install-hook")
     assert again.returncode == 1 and "is not hfbuild's" in again.stderr

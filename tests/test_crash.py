@@ -15,11 +15,10 @@ import sys
 
 import pytest
 
-from tests.helpers import Repo, run_python
+from tests.helpers import Repo, run_hfbuild, run_python
 from tests.pipeline_project import doit, expected, make_project, results
 
 KILLER = str(pathlib.Path(__file__).resolve().parent / "killer.py")
-HFBUILD = str(pathlib.Path(sys.executable).parent / "hfbuild")
 
 # (phase, target, nth call, before/after). Every point is reached in a cold build of the
 # test project (the test asserts the process really died by SIGKILL).
@@ -108,13 +107,6 @@ def test_killed_build_recovers(
     assert got["feat"] == exp["feat"] and got["kept"] == exp["kept"]
     assert got["lens"] == exp["lens"]
     assert sorted(got["split"]["train"] + got["split"]["test"]) == sorted(exp["kept"])
-    gc = subprocess.run(
-        [HFBUILD, "gc", "--keep-days", "0"],
-        cwd=repo.path,
-        check=False,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "CALL_LOG": "x"},
-    )
+    gc = run_hfbuild(repo, "gc", "--keep-days", "0")
     assert gc.returncode == 0, gc.stderr
     assert list((repo.path / ".hfbuild" / "tmp").iterdir()) == []

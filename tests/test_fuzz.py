@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import enum
 import importlib
-import math
 import pathlib
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from hypothesis import strategies as st
 
 import hfbuild
 from hfbuild.canonical import dumps, encode
-from tests.helpers import Repo
+from tests.helpers import Repo, same
 
 
 class Mode(enum.Enum):
@@ -72,33 +71,6 @@ values = st.recursive(
     ),
     max_leaves=12,
 )
-
-
-def same(a: Any, b: Any) -> bool:
-    """Type-exact equality: what the encoding must distinguish."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, np.ndarray):
-        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-    if isinstance(a, np.generic):
-        return a.tobytes() == b.tobytes()
-    if isinstance(a, float):
-        return (math.isnan(a) and math.isnan(b)) or (
-            a == b and math.copysign(1, a) == math.copysign(1, b)
-        )
-    if isinstance(a, enum.Enum):
-        return a is b
-    if dataclasses.is_dataclass(a):
-        return all(same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict):
-        return len(a) == len(b) and all(
-            any(same(k, k2) and same(v, b[k2]) for k2 in b) for k, v in a.items()
-        )
-    if isinstance(a, frozenset):
-        return len(a) == len(b) and all(any(same(x, y) for y in b) for x in a)
-    return bool(a == b)
 
 
 @settings(max_examples=300, deadline=None)

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
-import subprocess
-import sys
 
 from filelock import FileLock
 
-from tests.helpers import Repo
+from tests.helpers import Repo, run_hfbuild
 from tests.pipeline_project import doit, make_project
-
-HFBUILD = str(pathlib.Path(sys.executable).parent / "hfbuild")
-
-
-def hfbuild(repo: Repo, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [HFBUILD, *args],
-        cwd=repo.path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "CALL_LOG": os.devnull},
-        check=False,
-    )
 
 
 def entries(repo: Repo) -> set[str]:
@@ -54,13 +38,13 @@ def test_gc_keeps_what_the_lock_references(repo: Repo, tmp_path: pathlib.Path) -
     build_two_versions(repo, tmp_path)
     before = entries(repo)
     assert len(before) == 6 and locked(repo) < before
-    dry = hfbuild(repo, "gc", "--keep-days", "0", "--dry-run")
+    dry = run_hfbuild(repo, "gc", "--keep-days", "0", "--dry-run")
     assert "would remove 1 item(s)" in dry.stdout
     assert entries(repo) == before
-    out = hfbuild(repo, "gc", "--keep-days", "0")
+    out = run_hfbuild(repo, "gc", "--keep-days", "0")
     assert out.returncode == 0, out.stderr
     assert entries(repo) == locked(repo)
-    assert hfbuild(repo, "status").returncode == 0
+    assert run_hfbuild(repo, "status").returncode == 0
 
 
 def test_gc_keep_commits_and_keep_days(repo: Repo, tmp_path: pathlib.Path) -> None:
@@ -68,9 +52,9 @@ def test_gc_keep_commits_and_keep_days(repo: Repo, tmp_path: pathlib.Path) -> No
     the default --keep-days."""
     build_two_versions(repo, tmp_path)
     before = entries(repo)
-    hfbuild(repo, "gc")  # default keep-days 7: everything was used just now
+    run_hfbuild(repo, "gc")  # default keep-days 7: everything was used just now
     assert entries(repo) == before
-    hfbuild(repo, "gc", "--keep-days", "0", "--keep-commits", "2")
+    run_hfbuild(repo, "gc", "--keep-days", "0", "--keep-commits", "2")
     assert entries(repo) == before == locked(repo) | locked(repo, "HEAD~1")
 
 
@@ -86,9 +70,9 @@ def test_gc_spares_a_build_in_progress(repo: Repo, tmp_path: pathlib.Path) -> No
     (building / "data" / "part.arrow").write_bytes(b"x" * 100)
     lock = FileLock(str(store / "locks" / f"{fp}.lock"))
     with lock:
-        hfbuild(repo, "gc", "--keep-days", "0")
+        run_hfbuild(repo, "gc", "--keep-days", "0")
         assert building.exists()
-    out = hfbuild(repo, "gc", "--keep-days", "0")
+    out = run_hfbuild(repo, "gc", "--keep-days", "0")
     assert not building.exists()
     assert f"removed tmp/{fp}.inprogress" in out.stdout
 
@@ -97,7 +81,7 @@ def test_du_lists_sizes(repo: Repo, tmp_path: pathlib.Path) -> None:
     """du shows each stage's result size and the total."""
     make_project(repo)
     doit(repo, "run", "preprocess", log=tmp_path / "log")
-    lines = hfbuild(repo, "du").stdout.splitlines()
+    lines = run_hfbuild(repo, "du").stdout.splitlines()
     assert [ln.split()[0] for ln in lines] == [
         "raw",
         "feat",

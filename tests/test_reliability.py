@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.helpers import Repo, run_python
+from tests.helpers import Repo, run_hfbuild, run_python
 from tests.pipeline_project import FILES, calls, doit, expected, make_project, results
-
-HFBUILD = str(pathlib.Path(sys.executable).parent / "hfbuild")
-
-
-def hfbuild(repo: Repo, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [HFBUILD, *args],
-        cwd=repo.path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "CALL_LOG": os.devnull},
-        check=False,
-    )
 
 
 def entry(repo: Repo, stage: str) -> pathlib.Path:
@@ -99,7 +84,7 @@ def test_corrupt_entry_is_reported_moved_aside_and_rebuilt(
     assert why in out.stderr
     assert results(built)["lens"] == expected()["lens"]
     assert any((built.path / ".hfbuild/tmp").iterdir())
-    hfbuild(built, "gc", "--keep-days", "0")
+    run_hfbuild(built, "gc", "--keep-days", "0")
     assert not any((built.path / ".hfbuild/tmp").iterdir())
 
 
@@ -110,14 +95,14 @@ def test_deep_verify_finds_same_size_corruption(built: Repo, tmp_path: pathlib.P
     data = bytearray(f.read_bytes())
     data[-150] ^= 0xFF
     f.write_bytes(bytes(data))
-    out = hfbuild(built, "verify", "--deep")
+    out = run_hfbuild(built, "verify", "--deep")
     assert out.returncode == 1
     assert "stage 'kept': the stored result" in out.stderr and "is corrupt (" in out.stderr
     log = tmp_path / "second.log"
     doit(built, "run", "preprocess", log=log)
     assert calls(log) == {"keep": 1}
     assert results(built)["kept"] == expected()["kept"]
-    assert hfbuild(built, "verify", "--deep").returncode == 0
+    assert run_hfbuild(built, "verify", "--deep").returncode == 0
 
 
 def test_failing_transform_keeps_everything_else(repo: Repo, tmp_path: pathlib.Path) -> None:
@@ -161,7 +146,7 @@ def test_corrupted_git_index_is_a_clear_error(built: Repo, tmp_path: pathlib.Pat
     assert out.returncode != 0
     assert "cannot be read" in out.stdout + out.stderr
     assert "rm .git/index && git reset" in out.stdout + out.stderr
-    status = hfbuild(built, "status")
+    status = run_hfbuild(built, "status")
     assert status.returncode == 1 and "hfbuild: error: the git index of" in status.stderr
 
 

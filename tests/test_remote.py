@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.helpers import Repo
+from tests.helpers import Repo, run_hfbuild
 from tests.pipeline_project import calls, doit, expected, make_project, results
 
-HFBUILD = str(pathlib.Path(sys.executable).parent / "hfbuild")
 ALL = {"feat": 1, "keep": 1, "split": 1, "lens": 1}
 
 
@@ -55,23 +51,12 @@ def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Any:
     return fs
 
 
-def hfbuild(repo: Repo, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [HFBUILD, *args],
-        cwd=repo.path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "CALL_LOG": os.devnull},
-        check=False,
-    )
-
-
 @pytest.fixture
 def pushed(repo: Repo, tmp_path: pathlib.Path, s3: Any) -> Repo:
     """The project built in one clone and pushed to the bucket."""
     make_project(repo)
     doit(repo, "run", "preprocess", log=tmp_path / "first.log")
-    out = hfbuild(repo, "push")
+    out = run_hfbuild(repo, "push")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("pushed") == 5
     return repo
@@ -93,13 +78,13 @@ def test_push_then_pull_on_miss_builds_nothing(
     assert out.stdout.count("pulled") == 5
     got = results(clone)
     assert got["kept"] == expected()["kept"] and got["lens"] == expected()["lens"]
-    assert hfbuild(clone, "status").returncode == 0
+    assert run_hfbuild(clone, "status").returncode == 0
 
 
 def test_pull_command_and_opt_out(pushed: Repo, tmp_path: pathlib.Path, s3: Any) -> None:
     """`hfbuild pull STAGE` fetches just that stage; HFBUILD_NO_REMOTE=1 makes doit build."""
     clone = pushed.clone(tmp_path / "second")
-    out = hfbuild(clone, "pull", "kept")
+    out = run_hfbuild(clone, "pull", "kept")
     assert out.stdout.strip() == f"kept: pulled {_size(pushed, 'kept'):,} bytes"
     log = tmp_path / "second.log"
     doit(clone, "run", "preprocess", log=log, env={"HFBUILD_NO_REMOTE": "1"})
@@ -178,7 +163,7 @@ def test_file_remote_from_pyproject(
     make_project(repo)
     repo.write({"pyproject.toml": f'[tool.hfbuild]\nremote = "file://{remote}"\n'}, commit="remote")
     doit(repo, "run", "preprocess", log=tmp_path / "log")
-    assert hfbuild(repo, "push").returncode == 0
+    assert run_hfbuild(repo, "push").returncode == 0
     clone = repo.clone(tmp_path / "second")
     log = tmp_path / "second.log"
     doit(clone, "run", "preprocess", log=log)
@@ -191,6 +176,6 @@ def test_no_remote_configured_is_a_clear_error(
     """`hfbuild push` without a remote says the three ways to configure one."""
     monkeypatch.delenv("HFBUILD_REMOTE", raising=False)
     make_project(repo)
-    out = hfbuild(repo, "push")
+    out = run_hfbuild(repo, "push")
     assert out.returncode == 1
     assert "no remote cache configured: pass --remote URL, set HFBUILD_REMOTE" in out.stderr

@@ -1,0 +1,110 @@
+"""Long fault runs for `make stress` (skipped otherwise): kills at random moments, random
+damage to stored entries, and code edits, all on one store, checking the results each time.
+
+STRESS_RUNS sets the number of rounds (default 60); the summary line is what
+docs/reliability.md records."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import Repo, run_hfbuild
+from tests.pipeline_project import doit, make_project, results
+
+pytestmark = pytest.mark.stress
+
+
+def _damage(rng: random.Random, store: pathlib.Path) -> str | None:
+    entries = [p for p in (store / "objects").glob("*/*") if p.is_dir()]
+    if not entries:
+        return None
+    e = rng.choice(entries)
+    arrows = sorted(e.rglob("*.arrow"))
+    kind = rng.choice(["truncate", "flip", "delete", "manifest"])
+    if kind == "manifest" or not arrows:
+        m = e / "manifest.json"
+        doc = json.loads(m.read_text())
+        doc["rows"] = -1
+        m.write_text(json.dumps(doc))
+        return "manifest"
+    f = rng.choice(arrows)
+    data = bytearray(f.read_bytes())
+    if kind == "truncate":
+        f.write_bytes(bytes(data[: len(data) // 2]))
+    elif kind == "delete":
+        f.unlink()
+    else:
+        data[rng.randrange(len(data) // 2, len(data))] ^= 0xFF
+        f.write_bytes(bytes(data))
+    return kind
+
+
+def test_random_kills_damage_and_edits(repo: Repo, tmp_path: pathlib.Path) -> None:
+    """Rounds of: maybe edit a helper, maybe damage a stored entry (then `verify --deep`),
+    start a build and SIGKILL it at a random moment, then build to completion and compare
+    every result with the uncached computation. No round may give a wrong result."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(int(os.environ.get("STRESS_SEED", "0")))
+    rounds = int(os.environ.get("STRESS_RUNS", "60"))
+    make_project(repo)
+    n = 30_000
+    pq.write_table(
+        pa.table({"x": list(range(n)), "text": [f"r{i}" * 3 for i in range(n)]}),
+        repo.path / "data" / "part-0.parquet",
+    )
+    repo.commit("bigger")
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "CALL_LOG": str(log)}
+    t0 = time.perf_counter()
+    doit(repo, "run", "preprocess", log=log)
+    cold = time.perf_counter() - t0
+    stats = {"rounds": 0, "kills": 0, "damaged": 0, "wrong": 0, "failed_runs": 0}
+    offset = 0
+    for _ in range(rounds):
+        stats["rounds"] += 1
+        if rng.random() < 0.5:
+            offset = rng.randrange(4)
+            (repo.path / "pkg/util/deep.py").write_text(
+                f"OFFSET = {offset}\n\ndef offset():\n    return OFFSET\n"
+            )
+        if rng.random() < 0.3 and _damage(rng, repo.path / ".hfbuild"):
+            stats["damaged"] += 1
+            run_hfbuild(repo, "verify", "--deep", "-q")
+        p = subprocess.Popen(
+            [sys.executable, "-m", "doit", "run", "preprocess"],
+            cwd=repo.path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(0.0, cold))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            stats["kills"] += 1
+        p.wait()
+        out = doit(repo, "run", "preprocess", log=log, check=False)
+        if out.returncode != 0:
+            stats["failed_runs"] += 1
+            continue
+        got = results(repo)
+        ys = [(x + offset) * 2 for x in range(n)]
+        lens = [len(f"r{i}" * 3) for i in range(n)]
+        if (
+            got["feat"] != ys
+            or got["kept"] != [y for y in ys if y % 3 != 0]
+            or (got["lens"] != lens)
+        ):
+            stats["wrong"] += 1
+    print(f"\nSTRESS SUMMARY {json.dumps(stats)} cold_build_s={cold:.2f}")
+    assert stats["wrong"] == 0 and stats["failed_runs"] == 0, stats
