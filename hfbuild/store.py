@@ -132,6 +132,8 @@ class Store:
             return None, "its manifest is not valid JSON"
         if not isinstance(doc, dict) or doc.get("fingerprint") != fp:
             return None, "its manifest belongs to another fingerprint"
+        if "manifest_digest" not in doc:
+            return None, "it was written by an older hfbuild, without a manifest checksum"
         if doc.get("manifest_digest") != manifest_digest(doc):
             return None, "its manifest was edited after it was written"
         files = doc.get("files")

@@ -9,6 +9,7 @@ Must never: import `datasets` (doit evaluates `uptodate` for every stage on ever
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from collections.abc import Iterator
@@ -53,6 +54,21 @@ def _build(pipe: Pipeline, name: str) -> TaskFailed | None:
     return None
 
 
+def _title(pipe: Pipeline, name: str, task: Any) -> str:
+    """doit's line for the task: with the row count once the stage is in the store, so a
+    no-op run prints one informative line per stage."""
+    try:
+        fp = pipe.manifests()[name].fingerprint
+        doc = pipe.store.read_manifest(fp)
+    except HfbuildError:
+        doc = None
+    if doc is None:
+        return str(task.name)
+    from hfbuild.pipeline import _rows_text
+
+    return f"{task.name} ({_rows_text(doc.get('rows'))}, up to date)"
+
+
 def _clean(pipe: Pipeline, name: str) -> None:
     fp = pipe.manifests()[name].fingerprint
     if pipe.store.remove(fp):
@@ -80,5 +96,6 @@ def pipeline_tasks(pipe: Pipeline, basename: str) -> Iterator[dict[str, Any]]:
             "uptodate": [(_uptodate, [pipe, spec.name], {})],
             "task_dep": [f"{basename}:{dep}" for dep in spec.inputs],
             "clean": [(_clean, [pipe, spec.name])],
+            "title": functools.partial(_title, pipe, spec.name),
             "verbosity": 2,
         }

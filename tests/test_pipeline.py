@@ -37,7 +37,14 @@ def test_builds_once_then_does_nothing(project: Repo, tmp_path: pathlib.Path) ->
     second = doit(project, "run", "preprocess", log=log)
     assert calls(log) == {"feat": 1, "keep": 1, "split": 1, "lens": 1}
     lines = [ln for ln in second.stdout.splitlines() if ln.strip()]
-    assert sorted(lines) == sorted(f"-- preprocess:{s}" for s in STAGES)
+    rows = {
+        "raw": "40 rows",
+        "feat": "40 rows",
+        "kept": "26 rows",
+        "lens": "40 rows",
+        "split": "test 7, train 19 rows",
+    }
+    assert sorted(lines) == sorted(f"-- preprocess:{s} ({rows[s]}, up to date)" for s in STAGES)
 
 
 def test_helper_two_imports_away_rebuilds_downstream_only(
