@@ -214,27 +214,43 @@ class _Encoder:
         return None
 
     def _hf_tokenizer(self, tok: Any, path: str) -> Encoded:
-        # The saved content, not the object: calling a tokenizer fills caches that must not
-        # change its fingerprint, and `name_or_path` is often an absolute path.
+        """A transformers tokenizer by what shapes its output: the backend tokenizer's JSON
+        without the padding/truncation state each call sets, and the attributes its
+        `__call__` reads. Calling it, or saving and reloading it, changes neither; provenance
+        (`name_or_path`, `is_local`) never enters."""
+        state: dict[str, Any] = {"class": _qualname(type(tok))}
+        for attr in (
+            "model_max_length",
+            "padding_side",
+            "truncation_side",
+            "clean_up_tokenization_spaces",
+            "split_special_tokens",
+        ):
+            if hasattr(tok, attr):
+                state[attr] = getattr(tok, attr)
+        state["special_tokens"] = dict(getattr(tok, "special_tokens_map", {}) or {})
+        state["model_input_names"] = list(getattr(tok, "model_input_names", []) or [])
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is not None:
+            saved = json.loads(backend.to_str())
+            saved.pop("padding", None)
+            saved.pop("truncation", None)
+            state["backend"] = digest(dumps(saved).encode())
+        else:  # a slow (pure Python) tokenizer: its vocabulary files
+            state["files"] = self._saved_files(tok)
+        return self.encode(state, f"{path}<tokenizer>")
+
+    def _saved_files(self, tok: Any) -> Encoded:
         import tempfile
 
         with tempfile.TemporaryDirectory() as d:
-            files = tok.save_pretrained(d)
+            tok.save_pretrained(d)
             out = []
-            for f in sorted(files):
-                name = os.path.basename(f)
-                if not os.path.exists(f):
-                    continue
+            for name in sorted(os.listdir(d)):
                 if name.endswith(".json"):
-                    with open(f, encoding="utf-8") as fh:
-                        data = json.load(fh)
-                    if isinstance(data, dict):
-                        data.pop("name_or_path", None)
-                        data.pop("tokenizer_file", None)
-                    out.append([name, digest(dumps(data).encode())])
-                else:
-                    with open(f, "rb") as fh:
-                        out.append([name, digest(fh.read())])
+                    continue  # configuration: covered by the attributes above
+                with open(os.path.join(d, name), "rb") as fh:
+                    out.append([name, digest(fh.read())])
             return out
 
 

@@ -177,6 +177,46 @@ def test_tokenizer_by_saved_content(tmp_path: pathlib.Path) -> None:
     assert enc(train(["other words entirely"] * 10)) != before
 
 
+def test_transformers_tokenizer_by_behaviour(tmp_path: pathlib.Path) -> None:
+    """A transformers tokenizer encodes the same after being called with padding and
+    truncation, and after a save and reload from another path; another maximum length or
+    vocabulary encodes differently."""
+    import warnings
+
+    from tokenizers import Tokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_file(str(pathlib.Path(__file__).parent.parent / "data/tokenizer.json"))
+
+    def make(max_len: int) -> Any:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", model_max_length=max_len
+        )
+
+    tok = make(128)
+    before = enc(tok)
+    tok("hello world", padding="max_length", truncation=True)
+    tok(["a b c", "d"], padding=True)
+    assert enc(tok) == before
+    tok.save_pretrained(str(tmp_path / "saved"))
+    reloaded = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "saved"))
+    assert enc(reloaded) == before
+    assert enc(make(64)) != before
+    other = Tokenizer.from_str(backend.to_str())
+    other.add_tokens(["brand-new-token"])
+    assert (
+        enc(
+            PreTrainedTokenizerFast(
+                tokenizer_object=other, unk_token="[UNK]", pad_token="[PAD]", model_max_length=128
+            )
+        )
+        != before
+    )
+
+
 def test_custom_hook_and_registry() -> None:
     """`__hfbuild_fingerprint__` and `register_canonical` make other types hashable."""
 
