@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -219,3 +220,74 @@ def test_missing_data_files_are_named(repo: Repo) -> None:
     pipe.load("raw", "parquet", data_files="data/*.parquet")
     with pytest.raises(hfbuild.StageError, match=r"'data/\*\.parquet' matches no file"):
         _ = pipe["raw"].fingerprint
+
+
+def test_several_inputs_dataset_dicts_and_file_deps(repo: Repo, tmp_path: pathlib.Path) -> None:
+    """An apply stage joins two load stages (csv and json), a map runs over the DatasetDict a
+    split produces, and a file the transform reads by itself (file_deps) rebuilds its stage
+    when it changes; results equal a plain computation."""
+    repo.write(
+        {
+            "a.csv": "x,text\n1,one\n2,two\n3,three\n",
+            "b.jsonl": '{"x": 4, "text": "four"}\n{"x": 5, "text": "five"}\n',
+            "stop.txt": "two\n",
+            "j/__init__.py": "",
+            "j/t.py": """
+            import os
+
+            def log(name):
+                with open(os.environ["CALL_LOG"], "a") as f:
+                    f.write(name + "\\n")
+
+            def join(a, b):
+                import datasets
+                log("join")
+                return datasets.concatenate_datasets([a, b.cast(a.features)])
+
+            def split(ds):
+                log("split")
+                return ds.train_test_split(test_size=2, shuffle=False)
+
+            def mark(batch, path):
+                log("mark")
+                stop = set(open(path).read().split())
+                return {"stop": [t in stop for t in batch["text"]]}
+            """,
+            "dodo.py": """
+            from hfbuild import Pipeline
+            from j import t
+
+            pipe = Pipeline()
+            a = pipe.load("a", "csv", data_files="a.csv", split="train")
+            b = pipe.load("b", "json", data_files="b.jsonl", split="train")
+            both = pipe.apply("both", [a, b], t.join)
+            parts = pipe.apply("parts", both, t.split)
+            marked = pipe.map("marked", parts, t.mark, {"path": "stop.txt"}, batched=True,
+                              file_deps=["stop.txt"])
+
+
+            def task_preprocess():
+                yield from pipe.tasks()
+            """,
+        },
+        commit="multi",
+    )
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    assert calls(log) == {"join": 1, "split": 1, "mark": 2}  # one call per split
+    code = """
+import json, dodo
+dd = dodo.pipe.result("marked")
+print(json.dumps({s: [list(dd[s]["text"]), list(dd[s]["stop"])] for s in sorted(dd)}))
+"""
+    got = json.loads(run_python(code, repo.path, env={"CALL_LOG": str(log)}).stdout)
+    assert got == {
+        "train": [["one", "two", "three"], [False, True, False]],
+        "test": [["four", "five"], [False, False]],
+    }
+    log.unlink()
+    (repo.path / "stop.txt").write_text("four\n")
+    doit(repo, "run", "preprocess", log=log)
+    assert calls(log) == {"mark": 2}
+    got = json.loads(run_python(code, repo.path, env={"CALL_LOG": str(log)}).stdout)
+    assert got["test"][1] == [True, False] and got["train"][1] == [False, False, False]

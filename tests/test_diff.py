@@ -1,0 +1,71 @@
+"""The words `status` and `explain` use for each kind of change between two manifests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hfbuild.canonical import encode
+from hfbuild.diff import diff, render
+
+
+def manifest(**over: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "hfbuild": 1,
+        "kind": "map",
+        "inputs": ["f" * 32],
+        "options": {"batched": encode(True), "batch_size": encode(1000)},
+        "code": {"target": {"module": "m", "qualname": "f"}, "files": [["m.py", "a" * 40]]},
+        "args": {"fn_kwargs": encode({"cfg": {"lr": 0.1, "layers": [1, 2]}, "seed": 0})},
+        "packages": ["numpy==2.0.0", "tokenizers==0.20.0"],
+    }
+    doc.update(over)
+    return doc
+
+
+def texts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [c.describe() for c in diff(old, new)]
+
+
+def test_package_version_change() -> None:
+    """A package upgrade names the package and both versions; a new package is 'added'."""
+    new = manifest(packages=["numpy==2.1.0", "regex==1.0", "tokenizers==0.20.0"])
+    assert texts(manifest(), new) == [
+        "package numpy changed: 2.0.0 -> 2.1.0",
+        "package regex added (1.0)",
+    ]
+
+
+def test_nested_argument_and_option_changes() -> None:
+    """A nested argument is named by its full path with Python-like values; options too."""
+    new = manifest(
+        args={"fn_kwargs": encode({"cfg": {"lr": 0.25, "layers": [1, 2, 3]}, "seed": 0})},
+        options={"batched": encode(True), "batch_size": encode(64)},
+    )
+    assert texts(manifest(), new) == [
+        "argument fn_kwargs['cfg']['layers'] changed: [1, 2] -> [1, 2, 3]",
+        "argument fn_kwargs['cfg']['lr'] changed: 0.1 -> 0.25",
+        "option options.batch_size changed: 1000 -> 64",
+    ]
+
+
+def test_callable_and_file_changes() -> None:
+    """Another function, and another blob of a file (ids abbreviated to 12 digits)."""
+    new = manifest(
+        code={
+            "target": {"module": "m", "qualname": "g"},
+            "files": [["m.py", "b" * 40], ["n.py", "c" * 40]],
+        }
+    )
+    assert texts(manifest(), new) == [
+        "callable target changed: m.f -> m.g",
+        f"code file m.py changed: {'a' * 12} -> {'b' * 12}",
+        f"code file n.py added ({'c' * 12})",
+    ]
+
+
+def test_render_reads_like_python() -> None:
+    """Encoded values render back to readable Python."""
+    assert (
+        render(encode({"a": (1, 2.5), "b": None, "c": frozenset({"x"})}))
+        == "{'a': (1, 2.5), 'b': None, 'c': frozenset({'x'})}"
+    )
