@@ -61,11 +61,24 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create owner-only files (0600/0700); published files get the modes an
+# ordinary open()/mkdir() would, so a lock file or a shared store stays readable by others.
+_FILE_MODE = 0o666 & ~_umask()
+_DIR_MODE = 0o777 & ~_umask()
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Write a file so readers see the old one or the new one, never half of either."""
     d = os.path.dirname(path) or os.curdir
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".hfbuild")
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -191,7 +204,9 @@ class Store:
             if n.startswith(fp + ".") and not n.startswith((f"{fp}.corrupt-", f"{fp}.removed-")):
                 shutil.rmtree(os.path.join(tmp, n), ignore_errors=True)
         try:
-            return tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"), prefix=f"{fp}.")
+            path = tempfile.mkdtemp(dir=tmp, prefix=f"{fp}.")
+            os.chmod(path, _DIR_MODE)
+            return path
         except OSError as e:
             raise StoreError(f"cannot write in {self.root}/tmp ({e.strerror}).") from e
 
@@ -292,6 +307,7 @@ class Store:
         if self.get_ref(stage) == fp:
             return
         fd, tmp = tempfile.mkstemp(dir=os.path.join(self.root, "refs"), prefix=".tmp-")
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "w") as f:
             f.write(_check_fp(fp) + "\n")
         os.replace(tmp, path)

@@ -291,3 +291,20 @@ print(json.dumps({s: [list(dd[s]["text"]), list(dd[s]["stop"])] for s in sorted(
     assert calls(log) == {"mark": 2}
     got = json.loads(run_python(code, repo.path, env={"CALL_LOG": str(log)}).stdout)
     assert got["test"][1] == [True, False] and got["train"][1] == [False, False, False]
+
+
+def test_published_files_get_ordinary_permissions(project: Repo, tmp_path: pathlib.Path) -> None:
+    """The lock, refs and store entries get the modes the umask gives ordinary files and
+    directories (not the owner-only modes of temporary files), so a shared store and the
+    committed lock stay readable."""
+    import stat
+
+    doit(project, "run", "preprocess", log=tmp_path / "log", env={})
+    mask = os.umask(0o022)
+    os.umask(mask)
+    store = project.path / ".hfbuild"
+    entry = next((store / "objects").glob("*/*"))
+    assert stat.S_IMODE((project.path / "hfbuild.lock").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((store / "refs" / "raw").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((entry / "manifest.json").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o777 & ~mask
