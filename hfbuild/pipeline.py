@@ -142,7 +142,9 @@ class Pipeline:
         self.stat_cache = StatCache(os.path.join(self.store.root, "statcache.json"))
         # One lock file per pipeline: two pipelines in one repository need two names.
         self.lock_path = os.path.join(self.root, lock)
+        self.lock_name = os.path.relpath(self.lock_path, self.root).replace(os.sep, "/")
         self._remote_arg = remote
+        self._registered = False
 
     def remote(self) -> Remote | None:
         """The configured remote cache, unless HFBUILD_NO_REMOTE=1 opts out."""
@@ -364,6 +366,9 @@ class Pipeline:
         if stored is None:
             return
         self.store.set_ref(name, fp)
+        if not self._registered:
+            self.store.register_root(self.lock_path)
+            self._registered = True
         spec = self._specs[name]
         e = lockfile.entry(
             m.doc,

@@ -253,6 +253,30 @@ class Store:
         shutil.rmtree(dst, ignore_errors=True)
         return True
 
+    # -- the lock files that use this store (gc keeps what any of them references) -----------
+
+    def roots(self) -> list[str]:
+        """Absolute paths of the lock files registered as using this store."""
+        try:
+            with open(os.path.join(self.root, "roots.json"), encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return []
+        return sorted(p for p in data if isinstance(p, str)) if isinstance(data, list) else []
+
+    def register_root(self, lock_path: str) -> None:
+        """Remember that the lock file at `lock_path` records results of this store."""
+        lock_path = os.path.abspath(lock_path)
+        if lock_path in self.roots():
+            return
+        self._ensure()
+        from filelock import FileLock
+
+        with FileLock(os.path.join(self.root, "locks", "roots.lock")):
+            roots = set(self.roots()) | {lock_path}
+            live = sorted(p for p in roots if os.path.exists(p) or p == lock_path)
+            write_json_atomic(os.path.join(self.root, "roots.json"), live)
+
     def touch(self, fp: str) -> None:
         """Record that the entry was used now (its directory's mtime), for `gc --keep-days`."""
         with contextlib.suppress(OSError):

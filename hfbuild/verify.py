@@ -19,7 +19,6 @@ from hfbuild.diff import diff
 from hfbuild.errors import HfbuildError
 from hfbuild.fingerprint import Manifest
 from hfbuild.gitstate import Snapshot
-from hfbuild.lockfile import LOCK_NAME
 from hfbuild.pipeline import Pipeline
 from hfbuild.store import Store
 
@@ -30,7 +29,7 @@ class Problem(NamedTuple):
 
 
 def _fix(pipe: Pipeline) -> str:
-    return f"`doit run {pipe.name} && git add {LOCK_NAME}`"
+    return f"`doit run {pipe.name} && git add {pipe.lock_name}`"
 
 
 def _cause(
@@ -46,7 +45,7 @@ def check_lock(pipe: Pipeline, *, staged: bool = False, strict: bool = False) ->
     (or checked-out) code and data give, and, for `staged`, results the store lacks."""
     where = "staged" if staged else "committed"
     if staged:
-        text = Snapshot(pipe.root, "index").read_index_text(LOCK_NAME)
+        text = Snapshot(pipe.root, "index").read_index_text(pipe.lock_name)
     else:
         try:
             with open(pipe.lock_path, encoding="utf-8") as f:
@@ -55,7 +54,7 @@ def check_lock(pipe: Pipeline, *, staged: bool = False, strict: bool = False) ->
             text = None
     problems: list[Problem] = []
     try:
-        recorded = lockfile.loads(text, f"the {where} {LOCK_NAME}") if text else {}
+        recorded = lockfile.loads(text, f"the {where} {pipe.lock_name}") if text else {}
     except HfbuildError as e:
         return [Problem(None, str(e))]
     manifests = pipe.manifests(fresh=True, mode="index" if staged else "worktree")
@@ -78,7 +77,8 @@ def check_lock(pipe: Pipeline, *, staged: bool = False, strict: bool = False) ->
         if not isinstance(entry, dict):
             problems.append(
                 Problem(
-                    name, f"stage {name!r} is not in the {where} {LOCK_NAME}. Fix: {fix}{hint}."
+                    name,
+                    f"stage {name!r} is not in the {where} {pipe.lock_name}. Fix: {fix}{hint}.",
                 )
             )
         elif entry.get("fingerprint") != fp:
@@ -102,7 +102,7 @@ def check_lock(pipe: Pipeline, *, staged: bool = False, strict: bool = False) ->
         problems.append(
             Problem(
                 name,
-                f"{LOCK_NAME} lists stage {name!r}, which the pipeline no longer defines. "
+                f"{pipe.lock_name} lists stage {name!r}, which the pipeline no longer defines. "
                 f"Fix: {fix}.",
             )
         )
@@ -129,7 +129,8 @@ def check_rebuild(pipe: Pipeline) -> list[Problem]:
                     Problem(
                         spec.name,
                         f"stage {spec.name!r} is not reproducible: rebuilt from the same code "
-                        f"and data it gave content hash {got}, but {LOCK_NAME} records {want}. "
+                        f"and data it gave content hash {got}, but {pipe.lock_name} records "
+                        f"{want}. "
                         f"Seed any randomness it uses (a seed argument; shuffle(seed=...)).",
                     )
                 )

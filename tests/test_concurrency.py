@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.helpers import Repo
+from tests.helpers import Repo, run_hfbuild
 from tests.pipeline_project import calls, doit, expected, make_project, results
 
 EACH_ONCE = {"feat": 1, "keep": 1, "split": 1, "lens": 1}
@@ -77,6 +77,13 @@ def test_two_pipelines_sharing_stages(repo: Repo, tmp_path: pathlib.Path) -> Non
     assert (a.returncode, b.returncode) == (0, 0), outs
     assert calls(log) == {**EACH_ONCE, "triple": 1}
     assert (repo.path / "hfbuild.lock").exists() and (repo.path / "other.lock").exists()
+    # Each pipeline's commands read its own lock, from the work tree and from git.
+    repo.commit("locks")
+    for dodo in ("dodo.py", "dodo2.py"):
+        for check in (["verify"], ["verify", "--staged"], ["gc", "--keep-days", "0"]):
+            out = run_hfbuild(repo, "--dodo", dodo, *check)
+            assert out.returncode == 0, (dodo, check, out.stderr)
+    assert run_hfbuild(repo, "--dodo", "dodo2.py", "status").returncode == 0
     code = textwrap.dedent("""
         import json, dodo2
         print(json.dumps(list(dodo2.pipe.result("tri")["t"])))

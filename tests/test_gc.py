@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import subprocess
 
 from filelock import FileLock
 
-from tests.helpers import Repo, run_hfbuild
+from tests.helpers import HFBUILD, Repo, run_hfbuild
 from tests.pipeline_project import doit, make_project
 
 
@@ -92,3 +94,31 @@ def test_du_lists_sizes(repo: Repo, tmp_path: pathlib.Path) -> None:
         "total",
     ]
     assert all(int(ln.split()[1].replace(",", "")) > 0 for ln in lines[:5])
+
+
+def test_gc_keeps_what_other_clones_sharing_the_store_reference(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """Two clones share one store (HFBUILD_STORE) at different arguments: gc run from one
+    keeps the results the other's lock references, since every lock that records into a
+    store is registered with it."""
+    make_project(repo)
+    repo.write({".gitignore": ".doit.db*\n"}, commit="ignore")
+    store = tmp_path / "shared"
+    env = {"HFBUILD_STORE": str(store)}
+    other = repo.clone(tmp_path / "other")
+    dodo = other.path / "dodo.py"
+    dodo.write_text(dodo.read_text().replace('{"scale": 1}', '{"scale": 5}'))
+    doit(repo, "run", "preprocess", log=tmp_path / "a.log", env=env)
+    doit(other, "run", "preprocess", log=tmp_path / "b.log", env=env)
+    before = {p.name for p in (store / "objects").glob("*/*")}
+    assert len(before) == 6
+    out = subprocess.run(
+        [HFBUILD, "gc", "--keep-days", "0"],
+        cwd=repo.path,
+        text=True,
+        capture_output=True,
+        env={**os.environ, **env, "CALL_LOG": "x"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert {p.name for p in (store / "objects").glob("*/*")} == before

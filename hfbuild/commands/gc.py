@@ -6,14 +6,10 @@ from typing import Any
 
 from hfbuild import lockfile
 from hfbuild.gitstate import Snapshot
-from hfbuild.lockfile import LOCK_NAME
 from hfbuild.pipeline import Pipeline
 
 
-def referenced(pipe: Pipeline, keep_commits: int) -> set[str]:
-    """Fingerprints the lock references at HEAD (and `keep_commits - 1` commits before it)
-    and in the work tree."""
-    texts = Snapshot(pipe.root).text_at_commits(LOCK_NAME, max(keep_commits, 1))
+def _fingerprints(texts: list[str]) -> set[str]:
     keep: set[str] = set()
     for text in texts:
         try:
@@ -21,11 +17,24 @@ def referenced(pipe: Pipeline, keep_commits: int) -> set[str]:
         except lockfile.LockError:
             continue
         keep |= {str(e.get("fingerprint")) for e in stages.values() if isinstance(e, dict)}
-    keep |= {
-        str(e.get("fingerprint"))
-        for e in lockfile.read(pipe.lock_path).values()
-        if isinstance(e, dict)
-    }
+    return keep
+
+
+def referenced(pipe: Pipeline, keep_commits: int) -> set[str]:
+    """Fingerprints referenced by every lock file registered with the store (this pipeline's
+    and any other pipeline's or clone's that records into it): in the work tree, and at HEAD
+    and `keep_commits - 1` commits before it."""
+    keep: set[str] = set()
+    for lock_path in {*pipe.store.roots(), os.path.abspath(pipe.lock_path)}:
+        texts = []
+        if os.path.isfile(lock_path):
+            with open(lock_path, encoding="utf-8", errors="replace") as f:
+                texts.append(f.read())
+        snap = Snapshot.for_path(os.path.dirname(lock_path))
+        if snap.repo is not None:
+            name = os.path.relpath(lock_path, snap.root).replace(os.sep, "/")
+            texts += snap.text_at_commits(name, max(keep_commits, 1))
+        keep |= _fingerprints(texts)
     return keep
 
 
