@@ -140,19 +140,18 @@ def check_rebuild(pipe: Pipeline) -> list[Problem]:
 
 
 def check_deep(pipe: Pipeline) -> list[Problem]:
-    """Read every current result in full and compare its content hash with its manifest.
-    A corrupt entry is moved aside (the next build rebuilds it) and reported."""
+    """Read every entry in the store in full (not only the current stages': an older entry
+    becomes current again when an edit is reverted) and compare its content hash with its
+    manifest. A corrupt entry is moved aside, so it is rebuilt when next needed, and reported."""
     import datasets
 
     from hfbuild.content import dataset_hash
 
+    names = {m.fingerprint: name for name, m in pipe.manifests().items()}
     problems: list[Problem] = []
-    for name, m in pipe.manifests().items():
-        fp = m.fingerprint
+    for fp in pipe.store.fingerprints():
         doc = pipe.store.read_manifest(fp)
         why = pipe.store.check(fp)
-        if doc is None and why is None:
-            continue  # not built: nothing to check
         if why is None and doc is not None:
             try:
                 got = dataset_hash(datasets.load_from_disk(pipe.store.data_path(fp)))
@@ -160,14 +159,16 @@ def check_deep(pipe: Pipeline) -> list[Problem]:
                 got = f"unreadable ({type(e).__name__}: {e})"
             if got != doc.get("content_hash"):
                 why = f"its data does not match its content hash ({got})"
-        if why is not None:
-            with pipe.store.lock(fp):
-                moved = pipe.store.quarantine(fp)
-            problems.append(
-                Problem(
-                    name,
-                    f"stage {name!r}: the stored result {fp} is corrupt ({why}); moved aside "
-                    f"to {moved}. Fix: `doit run {pipe.name}` rebuilds it.",
-                )
+        if why is None:
+            continue
+        with pipe.store.lock(fp):
+            moved = pipe.store.quarantine(fp)
+        stage = names.get(fp) or (doc or {}).get("stage") or "?"
+        problems.append(
+            Problem(
+                stage,
+                f"stage {stage!r}: the stored result {fp} is corrupt ({why}); moved aside "
+                f"to {moved}. Fix: `doit run {pipe.name}` rebuilds it when it is needed.",
             )
+        )
     return problems

@@ -88,6 +88,29 @@ def test_corrupt_entry_is_reported_moved_aside_and_rebuilt(
     assert not any((built.path / ".hfbuild/tmp").iterdir())
 
 
+def test_deep_verify_checks_entries_that_are_not_current(
+    built: Repo, tmp_path: pathlib.Path
+) -> None:
+    """Damage to an older result (not what the code gives now) is found by `verify --deep`
+    too, so reverting to that code later rebuilds instead of serving it."""
+    f = entry(built, "lens") / "data" / "data-00000-of-00001.arrow"
+    data = bytearray(f.read_bytes())
+    data[-150] ^= 0xFF
+    f.write_bytes(bytes(data))
+    dodo = built.path / "dodo.py"
+    original = dodo.read_text()
+    dodo.write_text(original.replace('{"scale": 1}', '{"scale": 2}'))  # lens entry not current
+    log = tmp_path / "second.log"
+    doit(built, "run", "preprocess", log=log)
+    out = run_hfbuild(built, "verify", "--deep")
+    assert out.returncode == 1 and "stage 'lens': the stored result" in out.stderr
+    dodo.write_text(original)  # back to the code of the damaged result
+    log.unlink()
+    doit(built, "run", "preprocess", log=log)
+    assert calls(log) == {"lens": 1}
+    assert results(built)["lens"] == expected()["lens"]
+
+
 def test_deep_verify_finds_same_size_corruption(built: Repo, tmp_path: pathlib.Path) -> None:
     """Bytes altered without changing a file's size pass the cheap checks; `verify --deep`
     reads the data, reports the entry, moves it aside, and the next run rebuilds it."""

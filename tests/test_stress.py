@@ -70,6 +70,7 @@ def test_random_kills_damage_and_edits(repo: Repo, tmp_path: pathlib.Path) -> No
     doit(repo, "run", "preprocess", log=log)
     cold = time.perf_counter() - t0
     stats = {"rounds": 0, "kills": 0, "damaged": 0, "wrong": 0, "failed_runs": 0}
+    problems: list[str] = []
     offset = 0
     for _ in range(rounds):
         stats["rounds"] += 1
@@ -78,7 +79,8 @@ def test_random_kills_damage_and_edits(repo: Repo, tmp_path: pathlib.Path) -> No
             (repo.path / "pkg/util/deep.py").write_text(
                 f"OFFSET = {offset}\n\ndef offset():\n    return OFFSET\n"
             )
-        if rng.random() < 0.3 and _damage(rng, repo.path / ".hfbuild"):
+        damage = _damage(rng, repo.path / ".hfbuild") if rng.random() < 0.3 else None
+        if damage:
             stats["damaged"] += 1
             run_hfbuild(repo, "verify", "--deep", "-q")
         p = subprocess.Popen(
@@ -96,6 +98,10 @@ def test_random_kills_damage_and_edits(repo: Repo, tmp_path: pathlib.Path) -> No
         out = doit(repo, "run", "preprocess", log=log, check=False)
         if out.returncode != 0:
             stats["failed_runs"] += 1
+            problems.append(
+                f"round {stats['rounds']} (damage={damage}) failed:\n"
+                f"{out.stdout[-1500:]}\n{out.stderr[-2500:]}"
+            )
             continue
         got = results(repo)
         ys = [(x + offset) * 2 for x in range(n)]
@@ -106,5 +112,12 @@ def test_random_kills_damage_and_edits(repo: Repo, tmp_path: pathlib.Path) -> No
             or (got["lens"] != lens)
         ):
             stats["wrong"] += 1
+            kept = [y for y in ys if y % 3 != 0]
+            bad = [
+                k for k, want in (("feat", ys), ("kept", kept), ("lens", lens)) if got[k] != want
+            ]
+            problems.append(f"round {stats['rounds']} (damage={damage}) wrong: {bad}")
     print(f"\nSTRESS SUMMARY {json.dumps(stats)} cold_build_s={cold:.2f}")
+    for p in problems[:10]:
+        print(p)
     assert stats["wrong"] == 0 and stats["failed_runs"] == 0, stats
