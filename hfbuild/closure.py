@@ -349,6 +349,15 @@ def _distributions(top: str) -> tuple[tuple[str, str], ...]:
     if fast:  # the common case: the distribution is named like its module
         return ((_canonical_dist(top), fast),)
     import importlib.metadata
+    import importlib.util
+
+    # The full scan below reads every installed distribution (~0.2 s): only pay it for a
+    # module that is installed at all (an optional `try: import x` usually is not).
+    try:
+        if importlib.util.find_spec(top) is None:
+            return ()
+    except (ImportError, ValueError):
+        return ()
 
     out = []
     for n in sorted(set(_packages_distributions().get(top, []))):
