@@ -69,13 +69,23 @@ class Context:
     def _on_callable(self, fn: Callable[..., Any], path: str) -> canonical.Encoded:
         return describe(fn, self, path)
 
-    def add_file(self, rel: str, *, scan: bool = True) -> FileId:
+    def add_file(self, rel: str) -> FileId:
         fid = self.files.get(rel)
         if fid is None:
             fid = self.files[rel] = self.snapshot.file_id(rel)
-            if scan and rel.endswith(".py"):
+            if rel.endswith(".py"):
                 self._follow_imports(rel, fid.id)
         return fid
+
+    def project_rel(self, path: str) -> str | None:
+        """`path` relative to the project root when it is project code: inside the root and
+        not in an environment (a virtualenv) kept there; else None."""
+        if path.startswith("<module>"):
+            return None
+        rel = self.snapshot.rel(path)
+        if rel is None or _in_environment(os.path.abspath(path), self.snapshot.root):
+            return None
+        return rel
 
     # -- the import graph ------------------------------------------------------------------
 
@@ -101,8 +111,8 @@ class Context:
         self._add_module_file(filename, ImportRef(0, module, (), 0))
 
     def _add_module_file(self, path: str, ref: ImportRef) -> None:
-        rel = None if path.startswith("<module>") else self.snapshot.rel(path)
-        if rel is not None and not _in_environment(path, self.snapshot.root):
+        rel = self.project_rel(path)
+        if rel is not None:
             self.add_file(rel)
             return
         kind, name = _classify_outside(path, ref.module)
@@ -276,22 +286,24 @@ def _search_dirs(here: str, root: str) -> list[str]:
 
 
 _env_dirs: dict[str, bool] = {}
-_PURELIB = {
-    os.path.realpath(p)
-    for k in ("purelib", "platlib", "stdlib", "platstdlib")
-    if (p := sysconfig.get_paths().get(k))
+_STDLIB = {
+    os.path.realpath(p) for k in ("stdlib", "platstdlib") if (p := sysconfig.get_paths().get(k))
 }
+
+
+def _in_site_packages(path: str) -> bool:
+    parts = path.replace(os.sep, "/").split("/")
+    return "site-packages" in parts or "dist-packages" in parts
 
 
 def _in_environment(path: str, root: str) -> bool:
     """True for files of an installed environment: site-packages, or a virtualenv or conda
     environment kept inside the project."""
-    parts = path.replace(os.sep, "/").split("/")
-    if "site-packages" in parts or "dist-packages" in parts:
+    if _in_site_packages(path):
         return True
     d = os.path.dirname(path)
     chain = []
-    while d.startswith(root) and d not in _env_dirs:
+    while (d == root or d.startswith(root + os.sep)) and d not in _env_dirs:
         chain.append(d)
         if d == root:
             break
@@ -313,11 +325,10 @@ def _classify_outside(path: str, module: str) -> tuple[str, str]:
     if path.startswith("<module>"):
         return "package", path[len("<module>") :]
     real = os.path.realpath(path)
-    parts = real.replace(os.sep, "/").split("/")
-    if "site-packages" in parts or "dist-packages" in parts:
+    if _in_site_packages(real):
         return "package", module
     top = module.split(".")[0]
-    if top in sys.stdlib_module_names or any(real.startswith(p + os.sep) for p in _PURELIB):
+    if top in sys.stdlib_module_names or any(real.startswith(p + os.sep) for p in _STDLIB):
         return "stdlib", module
     if _distributions(top):
         return "package", module
@@ -444,17 +455,11 @@ def _function(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
         args["closure"] = cells
 
     files = {f for f in (code.co_filename, fn.__globals__.get("__file__")) if f}
-    in_root = [
-        f
-        for f in files
-        if os.path.isfile(f)
-        and ctx.snapshot.rel(f) is not None
-        and not _in_environment(os.path.abspath(f), ctx.snapshot.root)
-    ]
+    in_root = sorted(
+        rel for f in files if os.path.isfile(f) and (rel := ctx.project_rel(f)) is not None
+    )
     if in_root:
-        for f in sorted(in_root):
-            rel = ctx.snapshot.rel(f)
-            assert rel is not None
+        for rel in in_root:
             ctx.add_file(rel)
         # A function made by exec() has no file of its own; its module's file identifies it.
         if os.path.isfile(code.co_filename):
@@ -503,18 +508,7 @@ def _named(obj: Any, ctx: Context, path: str) -> dict[str, Any]:
             f"{path}: cannot identify {obj!r}: it is not reachable as {module}.{qualname}. "
             f"Use a module-level function instead."
         )
-    mod = sys.modules.get(module)
-    filename = getattr(mod, "__file__", None)
-    if (
-        filename
-        and ctx.snapshot.rel(filename) is not None
-        and not _in_environment(os.path.abspath(filename), ctx.snapshot.root)
-    ):
-        rel = ctx.snapshot.rel(filename)
-        assert rel is not None
-        ctx.add_file(rel)
-    else:
-        ctx.follow_module(module, filename)
+    ctx.follow_module(module, getattr(sys.modules.get(module), "__file__", None))
     return {"module": module, "qualname": qualname}
 
 
@@ -535,7 +529,7 @@ def _state(obj: Any, ctx: Context, path: str) -> canonical.Encoded:
     try:
         return ctx.encode(obj, path)
     except UnhashableArgumentError as e:
-        if e.path != path or isinstance(obj, type):
+        if e.path != path:
             raise
     tp = type(obj)
     _named(tp, ctx, f"{path}.__class__")
