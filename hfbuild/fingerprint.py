@@ -20,8 +20,9 @@ from typing import Any
 
 from hfbuild import canonical
 from hfbuild.closure import Context, describe
-from hfbuild.errors import DirtyTreeError, DirtyTreeWarning, IncompleteClosureWarning, StageError
-from hfbuild.gitstate import FileId, Snapshot, find_root, hash_file
+from hfbuild.datafiles import StatCache, expand, file_identity
+from hfbuild.errors import DirtyTreeError, DirtyTreeWarning, IncompleteClosureWarning
+from hfbuild.gitstate import FileId, Snapshot, find_root
 
 SCHEMA = 1
 
@@ -100,27 +101,13 @@ def normalize_options(kind: str, options: Mapping[str, Any] | None, ctx: Context
     return {k: ctx.encode(v, f"options[{k!r}]") for k, v in sorted(opts.items())}
 
 
-def file_dep_ids(paths: Iterable[str | os.PathLike[str]], snap: Snapshot) -> list[list[str]]:
-    """Data files a stage's code reads by itself: repo-relative path and blob id; a file
-    outside the project by its name and content, never its absolute path."""
-    out = []
-    for p in paths:
-        full = os.path.join(snap.root, os.fspath(p)) if not os.path.isabs(p) else os.fspath(p)
-        if not os.path.isfile(full):
-            raise StageError(
-                f"file_deps: {os.fspath(p)} does not exist (looked for {full}). Fix the path, "
-                f"or create the file before building."
-            )
-        rel = snap.rel(full)
-        if rel is None:
-            out.append([f"<outside>/{os.path.basename(full)}", hash_file(full)])
-        else:
-            out.append([rel, snap.file_id(rel).id])
-    return sorted(out)
-
-
-def code_context(snap: Snapshot) -> Context:
-    return Context(snap)
+def file_dep_ids(
+    paths: Iterable[str | os.PathLike[str]], snap: Snapshot, cache: StatCache
+) -> list[list[str]]:
+    """Files a stage's code reads by itself, identified like load stages' data files (globs
+    allowed, relative to the project root)."""
+    found = [f for p in paths for f in expand(os.fspath(p), snap.root, "file_deps")]
+    return sorted(file_identity(f, snap, cache) for f in dict.fromkeys(found))
 
 
 def build_manifest(
@@ -133,8 +120,10 @@ def build_manifest(
     options: Mapping[str, Any] | None = None,
     data: Any = None,
     file_deps: Sequence[str | os.PathLike[str]] = (),
+    stat_cache: StatCache | None = None,
 ) -> Manifest:
-    """The manifest of a stage. All files it reads are gathered in `ctx`."""
+    """The manifest of a stage. All files it reads are gathered in `ctx`; `stat_cache` spares
+    re-hashing unchanged untracked file_deps (an in-memory one when not given)."""
     doc: dict[str, Any] = {"hfbuild": SCHEMA, "kind": kind, "inputs": inputs}
     doc["options"] = normalize_options(kind, options, ctx)
     args: dict[str, Any] = {}
@@ -144,7 +133,7 @@ def build_manifest(
         args["fn_kwargs"] = ctx.encode(dict(fn_kwargs or {}), "fn_kwargs")
         doc["code"] = {"target": desc["target"]}
     if file_deps:
-        doc["file_deps"] = file_dep_ids(file_deps, ctx.snapshot)
+        doc["file_deps"] = file_dep_ids(file_deps, ctx.snapshot, stat_cache or StatCache(None))
     if data is not None:
         doc["data"] = data
     doc["args"] = args
@@ -234,11 +223,9 @@ def fingerprint(
     `options` are the `Dataset.map`/`filter` options; only those that change the output count.
     Returns the hex digest, or `(digest, Manifest)` with `return_manifest=True`.
     """
-    snap = snapshot_for(fn)
-    ctx = code_context(snap)
     manifest = build_manifest(
         kind=kind,
-        ctx=ctx,
+        ctx=Context(snapshot_for(fn)),
         fn=fn,
         fn_kwargs=fn_kwargs,
         inputs={"parent": parent_fingerprint(parent)},

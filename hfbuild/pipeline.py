@@ -340,6 +340,7 @@ class Pipeline:
                 options=options,
                 data=data,
                 file_deps=spec.file_deps,
+                stat_cache=self.stat_cache,
             )
         except HfbuildError as e:
             if str(e).startswith(f"stage {spec.name!r}"):
