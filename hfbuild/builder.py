@@ -23,7 +23,6 @@ import datasets
 from datasets.table import ConcatenationTable, MemoryMappedTable
 
 from hfbuild.content import dataset_hash
-from hfbuild.datafiles import resolve_data_files
 from hfbuild.errors import BuildError, HfbuildError
 from hfbuild.store import disk_full, tree_size
 
@@ -52,12 +51,20 @@ def _no_global_cache() -> Iterator[None]:
             datasets.enable_caching()
 
 
-def run_stage(spec: StageSpec, inputs: Sequence[Any], fp: str, build_dir: str, root: str) -> Any:
+def run_stage(
+    spec: StageSpec,
+    inputs: Sequence[Any],
+    fp: str,
+    build_dir: str,
+    root: str,
+    data_files: Any = None,
+) -> Any:
+    """Run one stage; a load stage reads `data_files`, the files its fingerprint names."""
     scratch = os.path.join(build_dir, SCRATCH)
     os.makedirs(scratch, exist_ok=True)
     try:
         if spec.kind == "load":
-            return _load(spec, scratch, root)
+            return _load(spec, data_files, scratch)
         if spec.kind in ("map", "filter"):
             return _map_or_filter(spec, inputs[0], fp, scratch)
         with _no_global_cache():
@@ -96,10 +103,10 @@ def _user_frames(e: BaseException, root: str) -> str:
     return "".join(traceback.format_list(frames))
 
 
-def _load(spec: StageSpec, scratch: str, root: str) -> Any:
+def _load(spec: StageSpec, files: Any, scratch: str) -> Any:
     opts = dict(spec.options)
     builder = opts.pop("builder")
-    files = resolve_data_files(opts.pop("data_files"), root, f"load stage {spec.name!r}")
+    opts.pop("data_files")
     return datasets.load_dataset(
         builder, data_files=files, cache_dir=os.path.join(scratch, "hf"), **opts
     )

@@ -73,6 +73,9 @@ class Manifest:
     doc: Mapping[str, Any]
     dirty: tuple[FileId, ...] = ()
     incomplete: tuple[str, ...] = field(default=())
+    # A load stage's data files as resolved when the fingerprint was taken (absolute paths):
+    # the build reads exactly these, never a glob expanded again later.
+    data_files: Any = None
 
     def to_json(self) -> str:
         return canonical.dumps(self.doc)

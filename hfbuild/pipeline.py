@@ -11,6 +11,7 @@ leave a partly built entry where the store would find it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -308,7 +309,7 @@ class Pipeline:
     def _manifest(self, spec: StageSpec, snap: Snapshot, done: Mapping[str, Manifest]) -> Manifest:
         ctx = Context(snap)
         inputs = [done[i].fingerprint for i in spec.inputs]
-        data = None
+        data = files = None
         options: Mapping[str, Any] | None = spec.options
         if spec.kind == "load":
             opts = dict(spec.options)
@@ -331,7 +332,7 @@ class Pipeline:
             }
             options = None
         try:
-            return build_manifest(
+            manifest = build_manifest(
                 kind=spec.kind,
                 ctx=ctx,
                 fn=spec.fn,
@@ -342,6 +343,7 @@ class Pipeline:
                 file_deps=spec.file_deps,
                 stat_cache=self.stat_cache,
             )
+            return dataclasses.replace(manifest, data_files=files)
         except HfbuildError as e:
             if str(e).startswith(f"stage {spec.name!r}"):
                 raise
@@ -480,7 +482,7 @@ class Pipeline:
         tmp = self.store.new_build_dir(fp)
         try:
             inputs = [self.store.load(manifests[i].fingerprint) for i in spec.inputs]
-            result = builder.run_stage(spec, inputs, fp, tmp, self.root)
+            result = builder.run_stage(spec, inputs, fp, tmp, self.root, m.data_files)
             info = builder.save(result, os.path.join(tmp, "data"), tmp)
             seconds = time.perf_counter() - t0
             doc = {

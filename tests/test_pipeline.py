@@ -308,3 +308,18 @@ def test_published_files_get_ordinary_permissions(project: Repo, tmp_path: pathl
     assert stat.S_IMODE((store / "refs" / "raw").stat().st_mode) == 0o666 & ~mask
     assert stat.S_IMODE((entry / "manifest.json").stat().st_mode) == 0o666 & ~mask
     assert stat.S_IMODE(entry.stat().st_mode) == 0o777 & ~mask
+
+
+def test_build_reads_exactly_the_fingerprinted_files(project: Repo, tmp_path: pathlib.Path) -> None:
+    """A data file that matches a load stage's glob but appears after the fingerprint was
+    taken (doit takes them before building) is not read into the result filed under it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pipe = hfbuild.Pipeline(root=project.path, store=tmp_path / "store")
+    pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+    fp = pipe.manifests()["raw"].fingerprint
+    pq.write_table(pa.table({"x": [999], "text": ["late"]}), project.path / "data/part-1.parquet")
+    report = pipe.build("raw", record=False)
+    assert report.fingerprint == fp
+    assert len(pipe.store.load(fp)) == 40
