@@ -48,7 +48,9 @@ def _previous(pipe: Pipeline, name: str) -> tuple[str, Mapping[str, Any], Mappin
     return None
 
 
-def explain(pipe: Pipeline, name: str) -> Explanation:
+def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanation:
+    """What changed since the stage was last built; `line_stats` adds each changed file's
+    diff line counts (a blob diff per file, which `status` does not show)."""
     pipe[name]  # a clear error for an unknown stage
     manifests = pipe.manifests()
     m = manifests[name]
@@ -69,7 +71,7 @@ def explain(pipe: Pipeline, name: str) -> Explanation:
 
     snap = Snapshot(pipe.root)
     stats = {}
-    for c in changes:
+    for c in changes if line_stats else []:
         if c.part == "file" and c.old and c.new:
             s = snap.line_stats(c.old, c.path, c.new)
             if s is not None:
@@ -89,7 +91,7 @@ def stage_states(pipe: Pipeline) -> list[StageState]:
             )
             out.append(StageState(name, fp, state, reason, dirty, rows))
             continue
-        ex = explain(pipe, name)
+        ex = explain(pipe, name, line_stats=False)
         if ex.previous is None:
             reason = "never built"
         elif ex.changes:
