@@ -17,17 +17,15 @@ import os
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import datasets
 from datasets.table import ConcatenationTable, MemoryMappedTable
 
 from hfbuild.content import dataset_hash
 from hfbuild.errors import BuildError, HfbuildError
+from hfbuild.spec import StageSpec
 from hfbuild.store import disk_full, tree_size
-
-if TYPE_CHECKING:
-    from hfbuild.pipeline import StageSpec
 
 SCRATCH = "scratch"
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from hfbuild import canonical
 from hfbuild.closure import Context, describe
-from hfbuild.datafiles import StatCache, expand, file_identity
+from hfbuild.datafiles import StatCache, expand, file_identity, resolve_data_files
 from hfbuild.errors import DirtyTreeError, DirtyTreeWarning, IncompleteClosureWarning
 from hfbuild.gitstate import FileId, Snapshot, find_root
 
@@ -111,6 +111,31 @@ def file_dep_ids(
     allowed, relative to the project root)."""
     found = [f for p in paths for f in expand(os.fspath(p), snap.root, "file_deps")]
     return sorted(file_identity(f, snap, cache) for f in dict.fromkeys(found))
+
+
+def load_data(
+    stage: str, options: Mapping[str, Any], ctx: Context, stat_cache: StatCache
+) -> tuple[dict[str, Any], Any]:
+    """A load stage's data part: (its manifest entry, the resolved files). The entry names the
+    builder, each data file by path and content id, and the other load options; the files are
+    returned so the build reads exactly those, never a glob expanded again later."""
+    opts = dict(options)
+    builder = opts.pop("builder")
+    snap = ctx.snapshot
+    files = resolve_data_files(opts.pop("data_files"), snap.root, f"load stage {stage!r}")
+    ids: Any
+    if isinstance(files, dict):
+        ids = {
+            s: [file_identity(f, snap, stat_cache) for f in fs] for s, fs in sorted(files.items())
+        }
+    else:
+        ids = [file_identity(f, snap, stat_cache) for f in files]
+    data = {
+        "builder": builder,
+        "files": ids,
+        "options": ctx.encode(opts, f"stage {stage!r} load options"),
+    }
+    return data, files
 
 
 def build_manifest(

@@ -1,12 +1,13 @@
-"""Pipelines: named stages forming a DAG, their fingerprints, and building one stage.
+"""Pipelines: named stages forming a DAG, and their fingerprints.
 
-Owns: the `Pipeline` and `Stage` API, computing every stage's manifest from one git snapshot,
-and building a stage into the store (load its inputs memory-mapped, run the transform with
-datasets' own cache pointed into the build directory, publish). `datasets` is imported only
-when something is built or loaded.
+Owns: the `Pipeline` and `Stage` API (defining stages, looking them up), computing every
+stage's manifest from one git snapshot, answering whether the store holds a stage's current
+result, and keeping the stage's ref and hfbuild.lock entry in step with it. Building is
+`build`'s job; the doit task dicts are `tasks`'. `datasets` is imported only when a result is
+loaded.
 
 Must never: decide freshness from anything but the store holding the current fingerprint, or
-leave a partly built entry where the store would find it.
+build anything.
 """
 
 from __future__ import annotations
@@ -14,71 +15,22 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
 import sys
-import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from hfbuild import lockfile
 from hfbuild.closure import Context
-from hfbuild.datafiles import StatCache, file_identity, resolve_data_files
-from hfbuild.errors import (
-    CorruptEntryWarning,
-    HfbuildError,
-    NotBuiltError,
-    RemoteWarning,
-    StageError,
-    StoreError,
-)
-from hfbuild.fingerprint import Manifest, build_manifest, check_dirty
+from hfbuild.datafiles import StatCache
+from hfbuild.errors import HfbuildError, NotBuiltError, StageError
+from hfbuild.fingerprint import Manifest, build_manifest, load_data
 from hfbuild.gitstate import Mode, Snapshot, find_root
 from hfbuild.lockfile import LOCK_NAME
-from hfbuild.remote import Remote, RemoteError, remote_url
-from hfbuild.store import Store, disk_full
+from hfbuild.remote import Remote, remote_url
+from hfbuild.spec import LOAD_BUILDERS, StageSpec
+from hfbuild.store import Store
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-LOAD_BUILDERS = frozenset({"parquet", "csv", "json", "text", "arrow"})
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """What a stage is: its kind, inputs, callable, arguments and options."""
-
-    name: str
-    kind: str  # load | map | filter | apply
-    inputs: tuple[str, ...] = ()
-    fn: Callable[..., Any] | None = None
-    fn_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    options: Mapping[str, Any] = field(default_factory=dict)
-    file_deps: tuple[str, ...] = ()
-    doc: str | None = None
-
-
-class Report(NamedTuple):
-    """What building a stage did."""
-
-    stage: str
-    fingerprint: str
-    action: str  # "built" | "up to date" | "built elsewhere" | "pulled"
-    rows: Any
-    seconds: float
-
-    def line(self) -> str:
-        rows = _rows_text(self.rows)
-        if self.action == "pulled":
-            return f"{self.stage}: pulled {rows} from the remote in {self.seconds:.2f} s"
-        if self.action == "built":
-            return f"{self.stage}: built {rows} in {self.seconds:.2f} s"
-        return f"{self.stage}: {self.action} ({rows})"
-
-
-def _rows_text(rows: Any) -> str:
-    if isinstance(rows, dict):
-        return ", ".join(f"{k} {v:,}" for k, v in rows.items()) + " rows"
-    return f"{rows:,} rows" if isinstance(rows, int) else "? rows"
 
 
 class Stage:
@@ -312,24 +264,7 @@ class Pipeline:
         data = files = None
         options: Mapping[str, Any] | None = spec.options
         if spec.kind == "load":
-            opts = dict(spec.options)
-            builder = opts.pop("builder")
-            files = resolve_data_files(
-                opts.pop("data_files"), snap.root, f"load stage {spec.name!r}"
-            )
-            ids: Any
-            if isinstance(files, dict):
-                ids = {
-                    s: [file_identity(f, snap, self.stat_cache) for f in fs]
-                    for s, fs in sorted(files.items())
-                }
-            else:
-                ids = [file_identity(f, snap, self.stat_cache) for f in files]
-            data = {
-                "builder": builder,
-                "files": ids,
-                "options": ctx.encode(opts, f"stage {spec.name!r} load options"),
-            }
+            data, files = load_data(spec.name, spec.options, ctx, self.stat_cache)
             options = None
         try:
             manifest = build_manifest(
@@ -400,118 +335,6 @@ class Pipeline:
             )
         return self.store.load(fp)
 
-    def build(
-        self, name: str, *, log: Callable[[str], None] | None = None, record: bool = True
-    ) -> Report:
-        """Build `name` (and any input it needs) unless the store has it. With `record`, the
-        stage's ref and hfbuild.lock entry are updated afterwards."""
-        manifests = self.manifests()
-        m = manifests[name]
-        fp = m.fingerprint
-        check_dirty(m, f"stage {name!r}")
-        spec = self._specs[name]
-        if self.store.has(fp):
-            report = Report(name, fp, "up to date", self._rows(fp), 0.0)
-        elif (pulled := self._pull(name, fp)) is not None:
-            report = pulled
-        else:
-            for dep in spec.inputs:
-                if not self.store.has(manifests[dep].fingerprint):
-                    self.build(dep, log=log, record=record)
-            with self.store.lock(fp):
-                if self.store.has(fp):  # another process built it while we waited
-                    report = Report(name, fp, "built elsewhere", self._rows(fp), 0.0)
-                else:
-                    self._set_aside_if_corrupt(name, fp)
-                    report = self._build_locked(spec, m, manifests)
-        self.store.touch(fp)
-        if record:
-            self.record(name)
-        if report.action == "built" and os.environ.get("HFBUILD_PUSH", "") in {"1", "true"}:
-            self._push(name, fp)
-        if log is not None:
-            log(report.line())
-        return report
-
-    def _set_aside_if_corrupt(self, name: str, fp: str) -> None:
-        """With the lock held: an entry that exists but fails its checks is reported and moved
-        aside (gc deletes it), so the build can publish a good one in its place."""
-        why = self.store.check(fp)
-        if why is not None:
-            moved = self.store.quarantine(fp)
-            warnings.warn(
-                f"stage {name!r}: the stored result {fp} is corrupt ({why}); moved aside to "
-                f"{moved} and rebuilding it.",
-                CorruptEntryWarning,
-                stacklevel=4,
-            )
-
-    def _pull(self, name: str, fp: str) -> Report | None:
-        """Fetch the stage's result from the remote cache instead of building it, when the
-        remote has it. A remote entry that fails its checks is reported and never used."""
-        t0 = time.perf_counter()
-        try:
-            remote = self.remote()
-            if remote is None or remote.pull(self.store, fp, name) == 0:
-                return None
-        except RemoteError as e:
-            warnings.warn(f"stage {name!r}: {e} Building it instead.", RemoteWarning, stacklevel=3)
-            return None
-        if not self.store.has(fp):
-            return None
-        return Report(name, fp, "pulled", self._rows(fp), time.perf_counter() - t0)
-
-    def _push(self, name: str, fp: str) -> None:
-        try:
-            remote = self.remote()
-            if remote is not None:
-                remote.push(self.store, fp, name)
-        except RemoteError as e:
-            warnings.warn(f"stage {name!r}: push failed: {e}", RemoteWarning, stacklevel=3)
-
-    def _rows(self, fp: str) -> Any:
-        return (self.store.read_manifest(fp) or {}).get("rows")
-
-    def _build_locked(
-        self, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]
-    ) -> Report:
-        from hfbuild import builder
-
-        fp = m.fingerprint
-        t0 = time.perf_counter()
-        tmp = self.store.new_build_dir(fp)
-        try:
-            inputs = [self.store.load(manifests[i].fingerprint) for i in spec.inputs]
-            result = builder.run_stage(spec, inputs, fp, tmp, self.root, m.data_files)
-            info = builder.save(result, os.path.join(tmp, "data"), tmp)
-            seconds = time.perf_counter() - t0
-            doc = {
-                "stage": spec.name,
-                "manifest": m.doc,
-                "inputs": {i: manifests[i].fingerprint for i in spec.inputs},
-                "rows": info.rows,
-                "content_hash": info.content_hash,
-                "dirty": [[f.path, f.status] for f in m.dirty],
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "seconds": round(seconds, 3),
-                "written_bytes": info.written_bytes,
-                "hfbuild": _version(),
-            }
-            builder.cleanup_scratch(tmp)
-            self.store.publish(tmp, fp, doc)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            full = disk_full(e)
-            if full is not None:
-                raise StoreError(
-                    f"stage {spec.name!r}: the disk holding the store ({self.store.root}) is "
-                    f"full ({full.strerror}). Nothing was published and earlier results are "
-                    f"intact: free some space (`hfbuild gc`), or point HFBUILD_STORE at a "
-                    f"larger disk, and build again."
-                ) from e
-            raise
-        return Report(spec.name, fp, "built", info.rows, seconds)
-
     def tasks(self, basename: str | None = None) -> Iterator[dict[str, Any]]:
         """doit task dicts, one per stage; `yield from pipe.tasks()` in `task_<basename>`."""
         from hfbuild.tasks import pipeline_tasks
@@ -529,9 +352,3 @@ def _prefixed(e: HfbuildError, stage: str) -> HfbuildError:
     HfbuildError.__init__(new, f"stage {stage!r}: {e}")
     new.__dict__.update(e.__dict__)
     return new
-
-
-def _version() -> str:
-    from hfbuild import __version__
-
-    return __version__

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from hfbuild.errors import HfbuildError
+from hfbuild.spec import rows_text
 
 if TYPE_CHECKING:
     from doit.exceptions import TaskFailed
@@ -39,11 +40,13 @@ def _build(pipe: Pipeline, name: str) -> TaskFailed | None:
     # prints it without a traceback into hfbuild); bugs still raise.
     from doit.exceptions import TaskFailed
 
+    from hfbuild.build import build
+
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                report = pipe.build(name)
+                report = build(pipe, name)
             finally:
                 for w in caught:
                     print(f"warning: {w.message}", file=sys.stderr)
@@ -64,9 +67,7 @@ def _title(pipe: Pipeline, name: str, task: Any) -> str:
         doc = None
     if doc is None:
         return str(task.name)
-    from hfbuild.pipeline import _rows_text
-
-    return f"{task.name} ({_rows_text(doc.get('rows'))}, up to date)"
+    return f"{task.name} ({rows_text(doc.get('rows'))}, up to date)"
 
 
 def _clean(pipe: Pipeline, name: str) -> None:

@@ -1,0 +1,155 @@
+"""Building one stage into the store, on this machine.
+
+Owns: the order of a build (the store, else the remote cache, else build the inputs and then
+the stage under its per-fingerprint lock), setting a damaged entry aside, publishing the result
+with its stored manifest, pushing it when HFBUILD_PUSH=1, and turning a full disk into a
+`StoreError`. Running the transform itself is `builder`'s job (imported only here, when
+something is really built).
+
+Must never: decide freshness from anything but the store holding the stage's fingerprint, or
+leave a partly built entry where the store would find it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from hfbuild.errors import CorruptEntryWarning, RemoteWarning, StoreError
+from hfbuild.fingerprint import Manifest, check_dirty
+from hfbuild.remote import RemoteError
+from hfbuild.spec import Report, StageSpec
+from hfbuild.store import disk_full
+
+if TYPE_CHECKING:
+    from hfbuild.pipeline import Pipeline
+
+
+def build(
+    pipe: Pipeline, name: str, *, log: Callable[[str], None] | None = None, record: bool = True
+) -> Report:
+    """Build `name` (and any input it needs) unless the store has it. With `record`, the
+    stage's ref and hfbuild.lock entry are updated afterwards."""
+    manifests = pipe.manifests()
+    m = manifests[name]
+    fp = m.fingerprint
+    check_dirty(m, f"stage {name!r}")
+    spec = pipe[name].spec
+    store = pipe.store
+    if store.has(fp):
+        report = Report(name, fp, "up to date", _rows(pipe, fp), 0.0)
+    elif (pulled := _pull(pipe, name, fp)) is not None:
+        report = pulled
+    else:
+        for dep in spec.inputs:
+            if not store.has(manifests[dep].fingerprint):
+                build(pipe, dep, log=log, record=record)
+        with store.lock(fp):
+            if store.has(fp):  # another process built it while we waited
+                report = Report(name, fp, "built elsewhere", _rows(pipe, fp), 0.0)
+            else:
+                _set_aside_if_corrupt(pipe, name, fp)
+                report = _build_locked(pipe, spec, m, manifests)
+    store.touch(fp)
+    if record:
+        pipe.record(name)
+    if report.action == "built" and os.environ.get("HFBUILD_PUSH", "") in {"1", "true"}:
+        _push(pipe, name, fp)
+    if log is not None:
+        log(report.line())
+    return report
+
+
+def _set_aside_if_corrupt(pipe: Pipeline, name: str, fp: str) -> None:
+    """With the lock held: an entry that exists but fails its checks is reported and moved
+    aside (gc deletes it), so the build can publish a good one in its place."""
+    why = pipe.store.check(fp)
+    if why is not None:
+        moved = pipe.store.quarantine(fp)
+        warnings.warn(
+            f"stage {name!r}: the stored result {fp} is corrupt ({why}); moved aside to "
+            f"{moved} and rebuilding it.",
+            CorruptEntryWarning,
+            stacklevel=4,
+        )
+
+
+def _pull(pipe: Pipeline, name: str, fp: str) -> Report | None:
+    """Fetch the stage's result from the remote cache instead of building it, when the
+    remote has it. A remote entry that fails its checks is reported and never used."""
+    t0 = time.perf_counter()
+    try:
+        remote = pipe.remote()
+        if remote is None or remote.pull(pipe.store, fp, name) == 0:
+            return None
+    except RemoteError as e:
+        warnings.warn(f"stage {name!r}: {e} Building it instead.", RemoteWarning, stacklevel=3)
+        return None
+    if not pipe.store.has(fp):
+        return None
+    return Report(name, fp, "pulled", _rows(pipe, fp), time.perf_counter() - t0)
+
+
+def _push(pipe: Pipeline, name: str, fp: str) -> None:
+    try:
+        remote = pipe.remote()
+        if remote is not None:
+            remote.push(pipe.store, fp, name)
+    except RemoteError as e:
+        warnings.warn(f"stage {name!r}: push failed: {e}", RemoteWarning, stacklevel=3)
+
+
+def _rows(pipe: Pipeline, fp: str) -> Any:
+    return (pipe.store.read_manifest(fp) or {}).get("rows")
+
+
+def _build_locked(
+    pipe: Pipeline, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]
+) -> Report:
+    from hfbuild import builder
+
+    store = pipe.store
+    fp = m.fingerprint
+    t0 = time.perf_counter()
+    tmp = store.new_build_dir(fp)
+    try:
+        inputs = [store.load(manifests[i].fingerprint) for i in spec.inputs]
+        result = builder.run_stage(spec, inputs, fp, tmp, pipe.root, m.data_files)
+        info = builder.save(result, os.path.join(tmp, "data"), tmp)
+        seconds = time.perf_counter() - t0
+        doc = {
+            "stage": spec.name,
+            "manifest": m.doc,
+            "inputs": {i: manifests[i].fingerprint for i in spec.inputs},
+            "rows": info.rows,
+            "content_hash": info.content_hash,
+            "dirty": [[f.path, f.status] for f in m.dirty],
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(seconds, 3),
+            "written_bytes": info.written_bytes,
+            "hfbuild": _version(),
+        }
+        builder.cleanup_scratch(tmp)
+        store.publish(tmp, fp, doc)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full(e)
+        if full is not None:
+            raise StoreError(
+                f"stage {spec.name!r}: the disk holding the store ({store.root}) is "
+                f"full ({full.strerror}). Nothing was published and earlier results are "
+                f"intact: free some space (`hfbuild gc`), or point HFBUILD_STORE at a "
+                f"larger disk, and build again."
+            ) from e
+        raise
+    return Report(spec.name, fp, "built", info.rows, seconds)
+
+
+def _version() -> str:
+    from hfbuild import __version__
+
+    return __version__

@@ -1,0 +1,54 @@
+"""What a stage is, and what building it did: plain values shared by the pipeline, the task
+layer and the builder.
+
+Owns: `StageSpec` (a stage's kind, inputs, callable, arguments and options), `Report` (the
+outcome of building one stage) and how a row count is written for people.
+Must never: import anything of hfbuild's but `errors`, or do work: these are values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+LOAD_BUILDERS = frozenset({"parquet", "csv", "json", "text", "arrow"})
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage is: its kind, inputs, callable, arguments and options."""
+
+    name: str
+    kind: str  # load | map | filter | apply
+    inputs: tuple[str, ...] = ()
+    fn: Callable[..., Any] | None = None
+    fn_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    file_deps: tuple[str, ...] = ()
+    doc: str | None = None
+
+
+class Report(NamedTuple):
+    """What building a stage did."""
+
+    stage: str
+    fingerprint: str
+    action: str  # "built" | "up to date" | "built elsewhere" | "pulled"
+    rows: Any
+    seconds: float
+
+    def line(self) -> str:
+        rows = rows_text(self.rows)
+        if self.action == "pulled":
+            return f"{self.stage}: pulled {rows} from the remote in {self.seconds:.2f} s"
+        if self.action == "built":
+            return f"{self.stage}: built {rows} in {self.seconds:.2f} s"
+        return f"{self.stage}: {self.action} ({rows})"
+
+
+def rows_text(rows: Any) -> str:
+    """`1,906 rows`, or `train 10, test 2 rows` for a DatasetDict."""
+    if isinstance(rows, dict):
+        return ", ".join(f"{k} {v:,}" for k, v in rows.items()) + " rows"
+    return f"{rows:,} rows" if isinstance(rows, int) else "? rows"
