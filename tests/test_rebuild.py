@@ -9,7 +9,11 @@ import pytest
 from tests.helpers import Repo, run_hfbuild
 from tests.pipeline_project import doit, make_project
 
-NOISE = "import random\n\ndef jitter(batch):\n    return {'z': [random.random() for _ in batch['x']]}\n"
+NOISE = """import random
+
+def jitter(batch):
+    return {"z": [random.random() for _ in batch["x"]]}
+"""
 
 
 def tree(path: pathlib.Path) -> dict[str, tuple[int, int]]:
