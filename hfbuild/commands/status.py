@@ -15,13 +15,21 @@ def status(pipe: Pipeline, *, as_json: bool = False, quiet: bool = False) -> int
     elif not quiet:
         width = max((len(s.stage) for s in states), default=0)
         for s in states:
-            if s.state == "up to date":
-                detail = "up to date"
-            elif s.state == "dirty":
-                detail = f"up to date, built from uncommitted changes: {', '.join(s.dirty_files)}"
+            # The same words as `explain`: a stage whose fingerprint includes uncommitted
+            # files is marked whether it is built or stale.
+            dirty = (
+                f" (from uncommitted changes: {', '.join(s.dirty_files)})" if s.dirty_files else ""
+            )
+            if s.state == "stale":
+                detail = f"stale{dirty}: {s.reason}"
             else:
-                detail = f"stale: {s.reason}"
+                detail = f"up to date{dirty}"
             print(f"{s.stage:<{width}}  {detail}")
+        if any(s.dirty_files for s in states):
+            print(
+                "\nStages marked (from uncommitted changes) use files that are not committed: "
+                "commit them (their results are kept) or revert them."
+            )
         if any(s.state == "stale" for s in states):
             print(f"\nRun `doit run {pipe.name}` to build the stale stages.")
     return 0 if all(s.state == "up to date" for s in states) else 1
