@@ -20,10 +20,7 @@ def status(pipe: Pipeline, *, as_json: bool = False, quiet: bool = False) -> int
             dirty = (
                 f" (from uncommitted changes: {', '.join(s.dirty_files)})" if s.dirty_files else ""
             )
-            if s.state == "stale":
-                detail = f"stale{dirty}: {s.reason}"
-            else:
-                detail = f"up to date{dirty}"
+            detail = f"stale{dirty}: {s.reason}" if s.state == "stale" else f"up to date{dirty}"
             print(f"{s.stage:<{width}}  {detail}")
         if any(s.dirty_files for s in states):
             print(
