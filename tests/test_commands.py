@@ -96,7 +96,8 @@ def test_status_reports_each_stage_and_exit_code(built: Repo) -> None:
     assert any(
         ln.startswith("feat")
         and "stale (from uncommitted changes: pkg/util/deep.py (modified)): code file "
-        f"pkg/util/deep.py changed: {old_id[:12]} -> {new_id[:12]}" in ln
+        f"pkg/util/deep.py changed: {old_id[:12]} -> {new_id[:12]}"
+        in ln
         for ln in lines
     )
     assert any(ln.startswith("lens") and ln.endswith("up to date") for ln in lines)
