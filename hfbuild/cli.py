@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--strict", action="store_true", help="uncommitted code is an error")
     v.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    sub.add_parser(
+        "lock",
+        help="rewrite hfbuild.lock from the current code and the store, building nothing "
+        "(resolves a merge conflict in it)",
+    )
     for verb, text in (
         ("push", "upload current results the remote lacks"),
         ("pull", "download current results the store lacks"),
@@ -109,6 +114,10 @@ def _run(args: argparse.Namespace) -> int:
             strict=args.strict or strict(),
             quiet=args.quiet,
         )
+    if args.command == "lock":
+        from hfbuild.commands.lock import lock
+
+        return lock(pipe)
     if args.command in ("push", "pull"):
         from hfbuild.commands import transfer
 

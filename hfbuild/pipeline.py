@@ -381,7 +381,14 @@ class Pipeline:
             stored,
             [f.path for f in m.dirty],
         )
-        if lockfile.read(self.lock_path).get(name) != e:
+        try:
+            recorded = lockfile.read(self.lock_path)
+        except lockfile.ConflictedLockError:  # never read as empty: rewrite it, and say so
+            from hfbuild.relock import resolve_conflict
+
+            resolve_conflict(self)
+            recorded = lockfile.read(self.lock_path)
+        if recorded.get(name) != e:
             lockfile.update(
                 self.lock_path,
                 os.path.join(self.store.root, "locks"),

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from hfbuild import lockfile
 from hfbuild.diff import diff
-from hfbuild.errors import HfbuildError
+from hfbuild.errors import HfbuildError, UnmergedError
 from hfbuild.fingerprint import Manifest
 from hfbuild.gitstate import Snapshot
 from hfbuild.pipeline import Pipeline
@@ -44,7 +44,12 @@ def check_lock(pipe: Pipeline, *, staged: bool = False, strict: bool = False) ->
     (or checked-out) code and data give, and, for `staged`, results the store lacks."""
     where = "staged" if staged else "committed"
     if staged:
-        text = Snapshot(pipe.root, "index").read_index_text(pipe.lock_name)
+        try:
+            text = Snapshot(pipe.root, "index").read_index_text(pipe.lock_name)
+        except UnmergedError:
+            return [
+                Problem(None, str(lockfile.ConflictedLockError(f"the staged {pipe.lock_name}")))
+            ]
     else:
         try:
             with open(pipe.lock_path, encoding="utf-8") as f:
