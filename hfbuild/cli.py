@@ -1,12 +1,18 @@
 """The `hfbuild` command: parse, dispatch to `commands/`, and the one error boundary.
 
 Exit codes: 0 ok; 1 a check failed or a user error (an `HfbuildError`, printed as one message);
-3 a bug in hfbuild (traceback printed); 130 interrupted.
+3 a bug in hfbuild (traceback printed); 130 interrupted; 141 (128 + SIGPIPE) the reader of the
+output went away (`hfbuild status | head -1`), silently, as standard CLIs do.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import select
+import signal
+import stat
 import sys
 import traceback
 import warnings
@@ -44,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--strict", action="store_true", help="uncommitted code is an error")
     v.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    sub.add_parser(
+        "lock",
+        help="rewrite hfbuild.lock from the current code and the store, building nothing "
+        "(resolves a merge conflict in it)",
+    )
     for verb, text in (
         ("push", "upload current results the remote lacks"),
         ("pull", "download current results the store lacks"),
@@ -103,6 +114,10 @@ def _run(args: argparse.Namespace) -> int:
             strict=args.strict or strict(),
             quiet=args.quiet,
         )
+    if args.command == "lock":
+        from hfbuild.commands.lock import lock
+
+        return lock(pipe)
     if args.command in ("push", "pull"):
         from hfbuild.commands import transfer
 
@@ -124,6 +139,37 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _reader_gone() -> bool:
+    """Whether stdout's or stderr's reader has gone away (`hfbuild status | head -1`), rather
+    than some other pipe or socket having broken (a remote's connection, say): a write end
+    whose reader is gone polls as an error."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+            if not hasattr(select, "poll"):  # Windows: no poll(); a pipe is the best guess
+                if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                    return True
+                continue
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            if any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0)):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _quiet_exit() -> int:
+    """What CLIs do when their reader goes away: stop, say nothing, exit 128 + SIGPIPE. The
+    standard streams are pointed at /dev/null so flushing them at exit raises nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -132,7 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = _run(args)
         for w in {str(w.message): w for w in caught if w.category.__module__.startswith("hfbuild")}:
             print(f"warning: {w}", file=sys.stderr)
+        sys.stdout.flush()  # a closed pipe shows here, inside the error boundary
         return code
+    except BrokenPipeError:
+        if not _reader_gone():
+            return _internal_error()
+        return _quiet_exit()
     except HfbuildError as e:
         print(f"hfbuild: error: {e}", file=sys.stderr)
         return 1
@@ -140,13 +191,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("hfbuild: interrupted", file=sys.stderr)
         return 130
     except Exception:
-        traceback.print_exc()
-        print(
-            "hfbuild: internal error: this is a bug in hfbuild; please report it with the "
-            "traceback above.",
-            file=sys.stderr,
-        )
-        return 3
+        return _internal_error()
+
+
+def _internal_error() -> int:
+    traceback.print_exc()
+    print(
+        "hfbuild: internal error: this is a bug in hfbuild; please report it with the "
+        "traceback above.",
+        file=sys.stderr,
+    )
+    return 3
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ class GitStateError(HfbuildError):
     """git data could not be read (a corrupt index, an unreadable file)."""
 
 
+class UnmergedError(GitStateError):
+    """A file needed from the git index is unmerged: a merge conflict is in progress."""
+
+
 class UnhashableArgumentError(HfbuildError, TypeError):
     """An argument has no canonical encoding; the message names its path and both fixes."""
 
@@ -74,3 +78,7 @@ class RemoteWarning(UserWarning):
 
 class CorruptEntryWarning(UserWarning):
     """A store entry failed its checks; it was moved aside and is rebuilt."""
+
+
+class LockRewrittenWarning(UserWarning):
+    """A build found hfbuild.lock with merge conflict markers and rewrote it (says how)."""

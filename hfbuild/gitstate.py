@@ -17,7 +17,7 @@ from typing import Literal
 import pygit2
 from pygit2 import GIT_STATUS_CURRENT, GIT_STATUS_IGNORED, GIT_STATUS_WT_NEW
 
-from hfbuild.errors import GitStateError, NotARepositoryError
+from hfbuild.errors import GitStateError, NotARepositoryError, UnmergedError
 
 Mode = Literal["worktree", "index"]
 Status = Literal["clean", "modified", "staged", "untracked", "norepo"]
@@ -205,7 +205,14 @@ class Snapshot:
         idx = self._index(repo)
         if inner not in idx:
             return None
-        return repo, inner, str(idx[inner].id)
+        try:
+            entry = idx[inner]
+        except KeyError:  # in the index only as the sides of a merge conflict
+            raise UnmergedError(
+                f"{rel} has an unresolved merge conflict (it is unmerged in the git index): "
+                f"resolve it, then `git add {rel}`."
+            ) from None
+        return repo, inner, str(entry.id)
 
     def _blob_bytes(self, repo: pygit2.Repository, blob_id: str) -> bytes:
         blob = repo[blob_id]

@@ -1,6 +1,7 @@
 """hfbuild.lock: the committed record of what every stage was built from and what it produced.
 
-Owns: reading, writing and merging the lock at the repository root. One entry per stage
+Owns: reading, writing and merging the lock at the repository root, and recognizing git's
+merge conflict markers in it (and the sides they separate). One entry per stage
 (fingerprint, input stages, the full manifest, output rows and content hash, and the dirty
 files it was built from, if any), as sorted, indented JSON so one stage's change is one small
 diff. Writes are atomic and serialized by a file lock, so concurrent builds do not lose
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -27,6 +29,60 @@ class LockError(HfbuildError):
     """hfbuild.lock cannot be read."""
 
 
+class ConflictedLockError(LockError):
+    """hfbuild.lock holds unresolved merge conflict markers."""
+
+    def __init__(self, where: str) -> None:
+        name = where.rsplit(" ", 1)[-1]
+        super().__init__(
+            f"{where} has unresolved merge conflict markers (both branches rebuilt stages). "
+            f"Do not edit it by hand: run `hfbuild lock`, which rewrites it from the current "
+            f"code, the store's results and the entries of either side that still match, "
+            f"building nothing; then `git add {name}`."
+        )
+
+
+_MARKER = re.compile(r"^(<{7}|\|{7}|={7}|>{7})(?: |$)", re.MULTILINE)
+
+
+def conflicted(text: str) -> bool:
+    """Whether `text` holds git's merge conflict markers (a `<<<<<<<` and a `>>>>>>>` line)."""
+    found = {m.group(1)[0] for m in _MARKER.finditer(text)}
+    return {"<", ">"} <= found
+
+
+def sides(text: str) -> list[dict[str, Any]]:
+    """The stages of each side of a conflicted lock: the merged text with every conflict
+    taken from ours, from the merge base (when git wrote it with `merge.conflictStyle
+    diff3`), and from theirs; the sides that parse as a lock."""
+    parts: dict[str, list[str]] = {"ours": [], "base": [], "theirs": []}
+    state: str | None = None
+    has_base = False
+    for line in text.splitlines(keepends=True):
+        mark = _MARKER.match(line)
+        kind = mark.group(1)[0] if mark else None
+        if kind == "<" and state is None:
+            state = "ours"
+        elif kind == "|" and state == "ours":
+            state, has_base = "base", True
+        elif kind == "=" and state in ("ours", "base"):
+            state = "theirs"
+        elif kind == ">" and state == "theirs":
+            state = None
+        elif state is None:
+            for lines in parts.values():
+                lines.append(line)
+        else:
+            parts[state].append(line)
+    out = []
+    for side in ("ours", "base", "theirs") if has_base else ("ours", "theirs"):
+        try:
+            out.append(loads("".join(parts[side])))
+        except LockError:
+            continue
+    return out
+
+
 def dumps(stages: Mapping[str, Any]) -> str:
     doc = {"hfbuild": SCHEMA, "stages": dict(sorted(stages.items()))}
     return json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
@@ -34,13 +90,14 @@ def dumps(stages: Mapping[str, Any]) -> str:
 
 def loads(text: str, where: str = LOCK_NAME) -> dict[str, Any]:
     """The stages of a lock document."""
+    if conflicted(text):
+        raise ConflictedLockError(where)
     try:
         doc = json.loads(text)
     except ValueError as e:
-        hint = " (an unresolved merge conflict?)" if "<<<<<<<" in text else ""
         raise LockError(
-            f"{where} is not valid JSON{hint}: {e}. Regenerate it with `doit run preprocess`, "
-            f"which rewrites every entry."
+            f"{where} is not valid JSON: {e}. Regenerate it with `hfbuild lock` (from the "
+            f"store's results) or `doit run preprocess` (building what is missing)."
         ) from e
     if not isinstance(doc, dict) or not isinstance(doc.get("stages"), dict):
         raise LockError(f"{where} is not an hfbuild lock (no 'stages' object).")
@@ -48,20 +105,48 @@ def loads(text: str, where: str = LOCK_NAME) -> dict[str, Any]:
     return stages
 
 
-def read(path: str) -> dict[str, Any]:
-    """The stages recorded in the lock at `path`; empty when there is no lock yet."""
+def _text(path: str) -> str | None:
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except FileNotFoundError:
-        return {}
+        return None
     except ValueError:
-        # Corrupt bytes are handled like invalid JSON: regenerable, never fatal for a build.
+        return ""  # corrupt bytes: handled like invalid JSON
+
+
+def read(path: str) -> dict[str, Any]:
+    """The stages recorded in the lock at `path`; empty when there is no lock yet or it is
+    not valid (regenerable, never fatal for a build). A lock with merge conflict markers
+    raises `ConflictedLockError`: reading it as empty would drop both sides' entries."""
+    text = _text(path)
+    if not text:
         return {}
     try:
-        return loads(text, path)
+        return loads(text, os.path.basename(path))
+    except ConflictedLockError:
+        raise
     except LockError:
         return {}
+
+
+def conflict(path: str, name: str = LOCK_NAME) -> ConflictedLockError | None:
+    """The error to report when the lock at `path` has merge conflict markers, else None."""
+    text = _text(path)
+    return ConflictedLockError(name) if text and conflicted(text) else None
+
+
+def candidates(path: str) -> list[dict[str, Any]]:
+    """Every set of entries the lock at `path` records: itself, or each side of a conflict."""
+    text = _text(path)
+    if not text:
+        return []
+    if conflicted(text):
+        return sides(text)
+    try:
+        return [loads(text)]
+    except LockError:
+        return []
 
 
 def entry(
@@ -95,7 +180,8 @@ def _locked(lock_dir: str) -> Iterator[None]:
 
 def update(path: str, lock_dir: str, updates: Mapping[str, Any], keep: set[str]) -> bool:
     """Set the entries in `updates`, drop entries of stages not in `keep`, and rewrite the
-    file only if its text changes. Returns whether it did."""
+    file only if its text changes. Returns whether it did. A lock with conflict markers is
+    never overwritten this way (`ConflictedLockError`): `replace` resolves it."""
     from hfbuild.store import write_text_atomic
 
     with _locked(lock_dir):
@@ -103,11 +189,26 @@ def update(path: str, lock_dir: str, updates: Mapping[str, Any], keep: set[str])
         new = {k: v for k, v in stages.items() if k in keep}
         new.update(updates)
         text = dumps(new)
-        try:
-            with open(path, encoding="utf-8") as f:
-                if f.read() == text:
-                    return False
-        except (OSError, ValueError):
-            pass
+        if _text(path) == text:
+            return False
+        write_text_atomic(path, text)
+        return True
+
+
+def replace(
+    path: str, lock_dir: str, stages: Mapping[str, Any], *, only_if_conflicted: bool = False
+) -> bool:
+    """Write exactly `stages` as the lock (if its text changes). With `only_if_conflicted`,
+    only while the file still holds conflict markers (a concurrent build may have resolved
+    it). Returns whether it wrote."""
+    from hfbuild.store import write_text_atomic
+
+    with _locked(lock_dir):
+        old = _text(path)
+        if only_if_conflicted and not (old and conflicted(old)):
+            return False
+        text = dumps(stages)
+        if old == text:
+            return False
         write_text_atomic(path, text)
         return True

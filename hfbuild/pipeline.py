@@ -17,7 +17,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from hfbuild import lockfile
 from hfbuild.closure import Context
@@ -70,7 +70,7 @@ class Pipeline:
     """A set of named stages. The store is `store`, else $HFBUILD_STORE, else
     `<git root>/.hfbuild`, where the git root is that of the file creating the pipeline. The
     lock file is `<git root>/<lock>` (hfbuild.lock); a remote cache is `remote` (an fsspec
-    URL), else $HFBUILD_REMOTE, else `[tool.hfbuild] remote` in pyproject.toml."""
+    URL; False for none), else $HFBUILD_REMOTE, else `[tool.hfbuild] remote` in pyproject.toml."""
 
     def __init__(
         self,
@@ -78,7 +78,7 @@ class Pipeline:
         *,
         root: str | os.PathLike[str] | None = None,
         name: str = "preprocess",
-        remote: str | None = None,
+        remote: str | Literal[False] | None = None,
         lock: str = LOCK_NAME,
     ) -> None:
         if root is None:
@@ -100,10 +100,11 @@ class Pipeline:
         self._registered = False
 
     def remote(self) -> Remote | None:
-        """The configured remote cache, unless HFBUILD_NO_REMOTE=1 opts out."""
-        if os.environ.get("HFBUILD_NO_REMOTE", "").strip() in {"1", "true", "yes"}:
+        """The configured remote cache, unless HFBUILD_NO_REMOTE=1 or `remote=False` opts out."""
+        off = os.environ.get("HFBUILD_NO_REMOTE", "").strip() in {"1", "true", "yes"}
+        if off or self._remote_arg is False:
             return None
-        url = remote_url(self.root, self._remote_arg)
+        url = remote_url(self.root, self._remote_arg or None)
         return Remote(url) if url else None
 
     # -- defining stages --------------------------------------------------------------------
@@ -315,7 +316,14 @@ class Pipeline:
             stored,
             [f.path for f in m.dirty],
         )
-        if lockfile.read(self.lock_path).get(name) != e:
+        try:
+            recorded = lockfile.read(self.lock_path)
+        except lockfile.ConflictedLockError:  # never read as empty: rewrite it, and say so
+            from hfbuild.relock import resolve_conflict
+
+            resolve_conflict(self)
+            recorded = lockfile.read(self.lock_path)
+        if recorded.get(name) != e:
             lockfile.update(
                 self.lock_path,
                 os.path.join(self.store.root, "locks"),

@@ -42,7 +42,10 @@ def _previous(pipe: Pipeline, name: str) -> tuple[str, Mapping[str, Any], Mappin
         stored = pipe.store.read_manifest(fp)
         if stored is not None and isinstance(stored.get("manifest"), dict):
             return fp, stored["manifest"], stored.get("inputs") or {}
-    e = lockfile.read(pipe.lock_path).get(name)
+    try:
+        e = lockfile.read(pipe.lock_path).get(name)
+    except lockfile.ConflictedLockError:  # `status` reports the conflict itself
+        return None
     if isinstance(e, dict) and isinstance(e.get("manifest"), dict):
         return str(e.get("fingerprint")), e["manifest"], e.get("inputs") or {}
     return None

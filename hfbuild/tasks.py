@@ -27,11 +27,16 @@ if TYPE_CHECKING:
 def _uptodate(pipe: Pipeline, name: str) -> bool:
     # A user error here (a missing data file, a corrupt git index) would make doit print a
     # traceback: report "not up to date" instead, and let the build action fail with the
-    # message.
-    try:
-        return pipe.is_built(name)
-    except HfbuildError:
-        return False
+    # message. A warning (the lock was rewritten) is printed as `_build` prints them.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return pipe.is_built(name)
+        except HfbuildError:
+            return False
+        finally:
+            for w in caught:
+                print(f"warning: {w.message}", file=sys.stderr)
 
 
 def _build(pipe: Pipeline, name: str) -> TaskFailed | None:

@@ -3,13 +3,13 @@
 Owns: comparing the fingerprints of what is staged (`staged=True`) or checked out with the
 hfbuild.lock recorded alongside, requiring the store to hold staged results, and rebuilding
 every stage into a scratch store to compare output content hashes with the lock.
-Must never: import datasets unless rebuilding, write the lock, or touch the real store when
-rebuilding.
+Must never: import datasets unless rebuilding, write the lock, or, when rebuilding, pull from a
+remote or touch the user's store (both hold the very results being checked).
 """
 
 from __future__ import annotations
 
-import copy
+import os
 import shutil
 import tempfile
 from typing import Any, NamedTuple
@@ -17,11 +17,10 @@ from typing import Any, NamedTuple
 from hfbuild import lockfile
 from hfbuild.build import build
 from hfbuild.diff import diff
-from hfbuild.errors import HfbuildError
+from hfbuild.errors import HfbuildError, UnmergedError
 from hfbuild.fingerprint import Manifest
 from hfbuild.gitstate import Snapshot
 from hfbuild.pipeline import Pipeline
-from hfbuild.store import Store
 
 
 class Problem(NamedTuple):
@@ -46,7 +45,12 @@ def check_lock(pipe: Pipeline, *, staged: bool = False, strict: bool = False) ->
     (or checked-out) code and data give, and, for `staged`, results the store lacks."""
     where = "staged" if staged else "committed"
     if staged:
-        text = Snapshot(pipe.root, "index").read_index_text(pipe.lock_name)
+        try:
+            text = Snapshot(pipe.root, "index").read_index_text(pipe.lock_name)
+        except UnmergedError:
+            return [
+                Problem(None, str(lockfile.ConflictedLockError(f"the staged {pipe.lock_name}")))
+            ]
     else:
         try:
             with open(pipe.lock_path, encoding="utf-8") as f:
@@ -110,19 +114,31 @@ def check_lock(pipe: Pipeline, *, staged: bool = False, strict: bool = False) ->
     return problems
 
 
+def _scratch_twin(pipe: Pipeline, scratch: str) -> Pipeline:
+    """The same stages over an empty store at `scratch`, with no remote and no stat cache of
+    the user's store: whatever it builds it computes itself."""
+    twin = Pipeline(scratch, root=pipe.root, name=pipe.name, remote=False, lock=pipe.lock_name)
+    for spec in pipe.specs:
+        twin._add(spec)
+    return twin
+
+
 def check_rebuild(pipe: Pipeline) -> list[Problem]:
     """Rebuild every stage in a scratch store and compare output content hashes with the
-    lock: a stage that builds to different data is not reproducible."""
-    problems = check_lock(pipe)
-    if problems:
-        return problems
-    recorded = lockfile.read(pipe.lock_path)
+    lock: a stage that builds to different data is not reproducible. Nothing is pulled from a
+    remote or read from (or written to) the user's store, which could only hold the results
+    being checked."""
     scratch = tempfile.mkdtemp(prefix="hfbuild-verify-")
     try:
-        twin = copy.copy(pipe)
-        twin.store = Store(scratch)
+        twin = _scratch_twin(pipe, os.path.join(scratch, "store"))
+        problems = check_lock(twin)
+        if problems:
+            return problems
+        recorded = lockfile.read(pipe.lock_path)
         for spec in pipe.specs:
             report = build(twin, spec.name, record=False)
+            if report.action == "pulled":  # remote=False: a bug if it happens
+                raise AssertionError(f"verify --rebuild pulled {spec.name!r}")
             got = (twin.store.read_manifest(report.fingerprint) or {}).get("content_hash")
             want = recorded[spec.name].get("content_hash")
             if got != want:

@@ -12,11 +12,15 @@ from hfbuild.pipeline import Pipeline
 def _fingerprints(texts: list[str]) -> set[str]:
     keep: set[str] = set()
     for text in texts:
-        try:
-            stages = lockfile.loads(text)
-        except lockfile.LockError:
-            continue
-        keep |= {str(e.get("fingerprint")) for e in stages.values() if isinstance(e, dict)}
+        if lockfile.conflicted(text):  # a merge in progress: both sides' results are kept
+            found = lockfile.sides(text)
+        else:
+            try:
+                found = [lockfile.loads(text)]
+            except lockfile.LockError:
+                continue
+        for stages in found:
+            keep |= {str(e.get("fingerprint")) for e in stages.values() if isinstance(e, dict)}
     return keep
 
 

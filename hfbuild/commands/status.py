@@ -1,27 +1,39 @@
 from __future__ import annotations
 
 import json
+import sys
 
+from hfbuild import lockfile
 from hfbuild.pipeline import Pipeline
 from hfbuild.report import stage_states
 
 
 def status(pipe: Pipeline, *, as_json: bool = False, quiet: bool = False) -> int:
     """Each stage as up to date, stale (with the first reason) or built from uncommitted
-    changes. Exit 0 only when every stage is up to date from committed code."""
+    changes; a lock with merge conflict markers is reported. Exit 0 only when every stage is
+    up to date from committed code and the lock has no conflict."""
     states = stage_states(pipe)
+    conflict = lockfile.conflict(pipe.lock_path, pipe.lock_name)
+    if conflict is not None and not quiet:
+        print(f"hfbuild status: {conflict}", file=sys.stderr)
     if as_json:
         print(json.dumps([s._asdict() for s in states], indent=1, sort_keys=True))
     elif not quiet:
         width = max((len(s.stage) for s in states), default=0)
         for s in states:
-            if s.state == "up to date":
-                detail = "up to date"
-            elif s.state == "dirty":
-                detail = f"up to date, built from uncommitted changes: {', '.join(s.dirty_files)}"
-            else:
-                detail = f"stale: {s.reason}"
+            # The same words as `explain`: a stage whose fingerprint includes uncommitted
+            # files is marked whether it is built or stale.
+            dirty = (
+                f" (from uncommitted changes: {', '.join(s.dirty_files)})" if s.dirty_files else ""
+            )
+            detail = f"stale{dirty}: {s.reason}" if s.state == "stale" else f"up to date{dirty}"
             print(f"{s.stage:<{width}}  {detail}")
+        if any(s.dirty_files for s in states):
+            print(
+                "\nStages marked (from uncommitted changes) use files that are not committed: "
+                "commit them (their results are kept) or revert them."
+            )
         if any(s.state == "stale" for s in states):
             print(f"\nRun `doit run {pipe.name}` to build the stale stages.")
-    return 0 if all(s.state == "up to date" for s in states) else 1
+    ok = conflict is None and all(s.state == "up to date" for s in states)
+    return 0 if ok else 1

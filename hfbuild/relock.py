@@ -1,0 +1,87 @@
+"""Rewriting hfbuild.lock from the current code and the store, building nothing.
+
+Owns: every stage's lock entry for its current fingerprint, taken from the store's result
+when the store holds it, else from a recorded entry with exactly that fingerprint (in the lock
+or, when the lock has merge conflict markers, on either side of the conflict: a fingerprint
+is a digest of the manifest, so such an entry was built from this very code and data,
+elsewhere). Stages with neither are left out and reported. Used by `hfbuild lock`, and by a
+build that finds the lock conflicted (`resolve_conflict`, which warns that it rewrote it).
+
+Must never: build, pull from a remote, keep an entry whose fingerprint is not the current one,
+or import datasets.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, NamedTuple
+
+from hfbuild import lockfile
+from hfbuild.errors import LockRewrittenWarning
+from hfbuild.pipeline import Pipeline
+
+
+class Relock(NamedTuple):
+    stages: dict[str, dict[str, Any]]  # the entries to write
+    source: dict[str, str]  # stage -> "store" | "lock"
+    missing: list[str]  # stages with no result and no matching recorded entry
+
+
+def current_entries(pipe: Pipeline) -> Relock:
+    """Each stage's entry for its current fingerprint, from the store or a matching record."""
+    manifests = pipe.manifests()
+    recorded = lockfile.candidates(pipe.lock_path)
+    stages: dict[str, dict[str, Any]] = {}
+    source: dict[str, str] = {}
+    missing: list[str] = []
+    for spec in pipe.specs:
+        m = manifests[spec.name]
+        fp = m.fingerprint
+        inputs = {i: manifests[i].fingerprint for i in spec.inputs}
+        stored = pipe.store.read_manifest(fp) if pipe.store.has(fp) else None
+        if stored is not None:
+            source[spec.name] = "store"
+        else:
+            stored = next(
+                (
+                    r[spec.name]
+                    for r in recorded
+                    if isinstance(r.get(spec.name), dict) and r[spec.name].get("fingerprint") == fp
+                ),
+                None,
+            )
+            if stored is None:
+                missing.append(spec.name)
+                continue
+            source[spec.name] = "lock"
+        stages[spec.name] = lockfile.entry(m.doc, fp, inputs, stored, [f.path for f in m.dirty])
+    return Relock(stages, source, missing)
+
+
+def _lock_dir(pipe: Pipeline) -> str:
+    return os.path.join(pipe.store.root, "locks")
+
+
+def relock(pipe: Pipeline) -> tuple[Relock, bool]:
+    """Rewrite the lock with exactly the current entries; returns them and whether the file
+    changed."""
+    r = current_entries(pipe)
+    return r, lockfile.replace(pipe.lock_path, _lock_dir(pipe), r.stages)
+
+
+def resolve_conflict(pipe: Pipeline) -> None:
+    """A build found the lock with merge conflict markers: rewrite it as `hfbuild lock` does
+    (the stages this build makes are added as they are recorded), and say so."""
+    r = current_entries(pipe)
+    if not lockfile.replace(pipe.lock_path, _lock_dir(pipe), r.stages, only_if_conflicted=True):
+        return  # a concurrent build resolved it first
+    later = f"; {', '.join(r.missing)} will be added when built" if r.missing else ""
+    warnings.warn(
+        f"{pipe.lock_name} had merge conflict markers: rewrote it from the current code, the "
+        f"store's results and the entries of either side that still match ({len(r.stages)} "
+        f"of {len(pipe)} stages{later}). Review it with "
+        f"`git diff {pipe.lock_name}`, then `git add {pipe.lock_name}`.",
+        LockRewrittenWarning,
+        stacklevel=3,
+    )
