@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         help="read every stored result in full and check its content hash",
     )
     v.add_argument("--strict", action="store_true", help="uncommitted code is an error")
+    v.add_argument(
+        "--require-data",
+        action="store_true",
+        help="a load stage whose data files are absent (and not confirmed by the remote) is "
+        "an error, not a notice",
+    )
     v.add_argument("-q", "--quiet", action="store_true", help="print only problems")
     for verb, text in (
         ("push", "upload current results the remote lacks"),
@@ -102,6 +108,7 @@ def _run(args: argparse.Namespace) -> int:
             deep=args.deep,
             strict=args.strict or strict(),
             quiet=args.quiet,
+            require_data=args.require_data,
         )
     if args.command in ("push", "pull"):
         from hfbuild.commands import transfer

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from hfbuild.errors import StageError
+from hfbuild.errors import MissingDataError
 from hfbuild.gitstate import Snapshot, hash_file
 from hfbuild.store import write_json_atomic
 
@@ -101,7 +101,7 @@ def expand(pattern: str, root: str, what: str) -> list[str]:
     else:
         found = [full] if os.path.isfile(full) else []
     if not found:
-        raise StageError(
+        raise MissingDataError(
             f"{what}: {pattern!r} matches no file (looked under {root}). Check the path, or "
             f"create the data before building."
         )

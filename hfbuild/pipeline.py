@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from hfbuild import lockfile
+from hfbuild.absentdata import LockedData
 from hfbuild.closure import Context
 from hfbuild.datafiles import StatCache, file_identity, resolve_data_files
 from hfbuild.errors import (
     CorruptEntryWarning,
     HfbuildError,
+    MissingDataError,
     NotBuiltError,
     RemoteWarning,
     StageError,
@@ -292,21 +294,32 @@ class Pipeline:
     def specs(self) -> list[StageSpec]:
         return list(self._specs.values())
 
-    def manifests(self, *, fresh: bool = False, mode: Mode = "worktree") -> dict[str, Manifest]:
+    def manifests(
+        self, *, fresh: bool = False, mode: Mode = "worktree", absent: LockedData | None = None
+    ) -> dict[str, Manifest]:
         """Every stage's manifest, computed from one snapshot of the work tree (or, with
-        `mode="index"`, of what is staged). Memoized until `fresh=True` is asked for."""
+        `mode="index"`, of what is staged). Memoized until `fresh=True` is asked for. With
+        `absent`, a load stage whose data files are missing takes its data part from it."""
+        if absent is not None:
+            fresh = True
         if mode == "worktree" and self._cache is not None and not fresh:
             return self._cache
         snap = Snapshot(self.root, mode)
         out: dict[str, Manifest] = {}
         for spec in self._specs.values():
-            out[spec.name] = self._manifest(spec, snap, out)
+            out[spec.name] = self._manifest(spec, snap, out, absent)
         self.stat_cache.save()
-        if mode == "worktree":
+        if mode == "worktree" and absent is None:
             self._cache = out
         return out
 
-    def _manifest(self, spec: StageSpec, snap: Snapshot, done: Mapping[str, Manifest]) -> Manifest:
+    def _manifest(
+        self,
+        spec: StageSpec,
+        snap: Snapshot,
+        done: Mapping[str, Manifest],
+        absent: LockedData | None = None,
+    ) -> Manifest:
         ctx = Context(snap)
         inputs = [done[i].fingerprint for i in spec.inputs]
         data = files = None
@@ -314,16 +327,22 @@ class Pipeline:
         if spec.kind == "load":
             opts = dict(spec.options)
             builder = opts.pop("builder")
-            files = resolve_data_files(
-                opts.pop("data_files"), snap.root, f"load stage {spec.name!r}"
-            )
-            ids: Any
+            ids: Any = None
+            try:
+                files = resolve_data_files(
+                    opts.pop("data_files"), snap.root, f"load stage {spec.name!r}"
+                )
+            except MissingDataError:
+                if absent is None:
+                    raise
+                # `hfbuild verify` without the data: the lock's record stands in for it.
+                ids = absent.files(spec.name, spec.options["data_files"], snap.root)
             if isinstance(files, dict):
                 ids = {
                     s: [file_identity(f, snap, self.stat_cache) for f in fs]
                     for s, fs in sorted(files.items())
                 }
-            else:
+            elif files is not None:
                 ids = [file_identity(f, snap, self.stat_cache) for f in files]
             data = {
                 "builder": builder,
