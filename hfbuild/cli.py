@@ -80,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
     d = sub.add_parser("du", help="the store's size per stage")
     d.add_argument("--json", action="store_true", help="machine-readable output")
+    dr = sub.add_parser("doctor", help="check that the store can be used (and shared)")
+    dr.add_argument(
+        "--shared",
+        action="store_true",
+        help="check it as a store shared by a group even if it does not look like one",
+    )
     h = sub.add_parser("install-hook", help="install a plain git pre-commit hook")
     h.add_argument("--force", action="store_true", help="replace an existing hook")
     return p
@@ -124,6 +130,10 @@ def _run(args: argparse.Namespace) -> int:
         from hfbuild.commands.gc import du
 
         return du(pipe, as_json=args.json)
+    if args.command == "doctor":
+        from hfbuild.commands.doctor import doctor
+
+        return doctor(pipe, shared=args.shared)
     if args.command == "install-hook":
         from hfbuild.commands.install_hook import install_hook
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from hfbuild import sharing
 from hfbuild.errors import MissingDataError
 from hfbuild.gitstate import Snapshot, hash_file
 from hfbuild.store import write_json_atomic
@@ -71,7 +72,7 @@ class StatCache:
         if not self._dirty or not self.path:
             return
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            sharing.makedirs(os.path.dirname(self.path))
             write_json_atomic(self.path, self._load())
             self._dirty = False
         except OSError:
