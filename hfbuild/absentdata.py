@@ -1,12 +1,13 @@
 """Load stages whose data files are absent from the checkout (git-ignored, fetched by another
 tool, or kept in object storage): what `hfbuild verify` can still check without them.
 
-Owns: standing in for such a stage's data identity with the one hfbuild.lock records, after
-checking that the recorded files fit the stage's `data_files` patterns, so every other part of
-every stage (code, arguments, options, packages, and everything downstream, whose inputs are
-fingerprints) is still compared with the lock; the list of stages whose data was not checked;
-and confirming a locked data identity from a remote's stored manifest, without downloading any
-data.
+Owns: standing in for the absent part of such a stage's data identity with the files
+hfbuild.lock records under the patterns that match nothing (after checking that the recorded
+files fit the stage's `data_files` patterns; files that are present are hashed as usual), so
+every other part of every stage (code, arguments, options, packages, and everything
+downstream, whose inputs are fingerprints) is still compared with the lock; the list of
+stages whose data was not checked; and confirming a locked data identity from a remote's
+stored manifest, without downloading any data.
 
 Must never: stand in when the lock records no data for the stage, or records files the
 stage's patterns cannot name (both are errors); let a stage whose data was not checked pass
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from hfbuild.datafiles import expand
@@ -104,9 +105,13 @@ class LockedData:
         self.lock_name = lock_name
         self.unchecked: list[Unchecked] = []
 
-    def files(self, stage: str, data_files: Any, root: str) -> Any:
-        """The data part `files` the lock records for `stage`, after checking it fits the
-        stage's patterns. Raises MissingDataError when it cannot stand in."""
+    def files(
+        self, stage: str, data_files: Any, root: str, identify: Callable[[str], list[str]]
+    ) -> Any:
+        """The data part `files` of `stage`'s manifest: for each pattern that matches files,
+        their identities (`identify`, as for any load stage); for each that matches none, the
+        files the lock records under it, after checking the record fits the stage's patterns.
+        Raises MissingDataError when the lock cannot stand in."""
         missing = [
             p for pats in _patterns(data_files).values() for p in pats if not _exists(p, root)
         ]
@@ -129,6 +134,11 @@ class LockedData:
                 f"the lock was written. Fetch the data, rebuild and commit {self.lock_name}."
             )
         assert isinstance(entry, dict) and isinstance(manifest, dict)
+        patterns = _patterns(data_files)
+        if None in patterns:
+            out: Any = _compose(patterns[None], files, root, identify)
+        else:
+            out = {s: _compose(patterns[s], files[s], root, identify) for s in sorted(files)}
         self.unchecked.append(
             Unchecked(
                 stage,
@@ -138,7 +148,27 @@ class LockedData:
                 entry.get("content_hash"),
             )
         )
-        return files
+        return out
+
+
+def _compose(
+    patterns: list[str], recorded: list[Any], root: str, identify: Callable[[str], list[str]]
+) -> list[Any]:
+    """One split's file identities in `resolve_data_files` order (pattern by pattern, each
+    sorted, first occurrence kept): present files identified, absent ones from the record."""
+    out: list[Any] = []
+    seen: set[str] = set()
+    for p in patterns:
+        try:
+            items = [identify(f) for f in expand(p, root, "")]
+        except MissingDataError:
+            spaced = _name_pattern(p, root)
+            items = [f for f in recorded if matches(spaced, f[0])]
+        for item in items:
+            if item[0] not in seen:
+                seen.add(item[0])
+                out.append(item)
+    return out
 
 
 def _misfit(patterns: dict[str | None, list[str]], files: Any, root: str) -> str | None:

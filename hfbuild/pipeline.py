@@ -336,7 +336,12 @@ class Pipeline:
                 if absent is None:
                     raise
                 # `hfbuild verify` without the data: the lock's record stands in for it.
-                ids = absent.files(spec.name, spec.options["data_files"], snap.root)
+                ids = absent.files(
+                    spec.name,
+                    spec.options["data_files"],
+                    snap.root,
+                    lambda f: file_identity(f, snap, self.stat_cache),
+                )
             if isinstance(files, dict):
                 ids = {
                     s: [file_identity(f, snap, self.stat_cache) for f in fs]

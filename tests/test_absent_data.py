@@ -187,3 +187,38 @@ def test_pattern_matching_agrees_with_glob(tmp_path: pathlib.Path) -> None:
             if pathlib.Path(p).is_file()
         }
         assert {n for n in names if matches(pat, n)} == found, pat
+
+
+@pytest.fixture
+def half(repo: Repo, tmp_path: pathlib.Path) -> Repo:
+    """A clone of a project whose load stage reads a committed pattern and a git-ignored one
+    (built and locked with both present): the clone has only the committed data."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo.write({".gitignore": "big/\n"})
+    make_project(repo)
+    (repo.path / "big").mkdir()
+    pq.write_table(pa.table({"x": [100, 101], "text": ["a", "b"]}), repo.path / "big" / "b.parquet")
+    dodo = (repo.path / "dodo.py").read_text()
+    dodo = dodo.replace('data_files="data/*.parquet"', 'data_files=["data/*.parquet", "big/*"]')
+    repo.write({"dodo.py": dodo}, commit="two patterns")
+    doit(repo, "run", "preprocess", log=tmp_path / "build.log")
+    repo.commit("lock")
+    return repo.clone(tmp_path / "half")
+
+
+def test_with_part_of_the_data_absent_the_present_part_is_checked(half: Repo) -> None:
+    """When one data_files pattern matches nothing, only that pattern is taken from the lock:
+    the files that are present are still hashed, so a changed one fails verify."""
+    out = run_hfbuild(half, "verify")
+    assert out.returncode == 0, out.stderr
+    assert "load stage 'raw': big/* matches no file" in out.stderr
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": [7], "text": ["c"]}), half.path / "data" / "part-0.parquet")
+    half.commit("new data")
+    out = run_hfbuild(half, "verify")
+    assert out.returncode == 1
+    assert "stage 'raw'" in out.stderr and "data/part-0.parquet" in out.stderr
