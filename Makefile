@@ -25,6 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check hfbuild tests bench scripts dodo.py demo
 	$(BIN)/ruff format --check hfbuild tests bench scripts dodo.py demo
 	$(BIN)/mypy
+	$(BIN)/actionlint docs/examples/hfbuild-ci.yml
 
 test: lint
 	$(BIN)/python -m pytest -n 2 -q

@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
         help="read every stored result in full and check its content hash",
     )
     v.add_argument("--strict", action="store_true", help="uncommitted code is an error")
+    v.add_argument(
+        "--require-data",
+        action="store_true",
+        help="a load stage whose data files are absent (and not confirmed by the remote) is "
+        "an error, not a notice",
+    )
     v.add_argument("-q", "--quiet", action="store_true", help="print only problems")
     sub.add_parser(
         "lock",
@@ -85,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
     d = sub.add_parser("du", help="the store's size per stage")
     d.add_argument("--json", action="store_true", help="machine-readable output")
+    dr = sub.add_parser("doctor", help="check that the store can be used (and shared)")
+    dr.add_argument(
+        "--shared",
+        action="store_true",
+        help="check it as a store shared by a group even if it does not look like one",
+    )
     h = sub.add_parser("install-hook", help="install a plain git pre-commit hook")
     h.add_argument("--force", action="store_true", help="replace an existing hook")
     return p
@@ -113,6 +125,7 @@ def _run(args: argparse.Namespace) -> int:
             deep=args.deep,
             strict=args.strict or strict(),
             quiet=args.quiet,
+            require_data=args.require_data,
         )
     if args.command == "lock":
         from hfbuild.commands.lock import lock
@@ -132,6 +145,10 @@ def _run(args: argparse.Namespace) -> int:
         from hfbuild.commands.gc import du
 
         return du(pipe, as_json=args.json)
+    if args.command == "doctor":
+        from hfbuild.commands.doctor import doctor
+
+        return doctor(pipe, shared=args.shared)
     if args.command == "install-hook":
         from hfbuild.commands.install_hook import install_hook
 

@@ -21,7 +21,8 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from hfbuild.errors import StageError
+from hfbuild import sharing
+from hfbuild.errors import MissingDataError
 from hfbuild.gitstate import Snapshot, hash_file
 from hfbuild.store import write_json_atomic
 
@@ -71,7 +72,7 @@ class StatCache:
         if not self._dirty or not self.path:
             return
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            sharing.makedirs(os.path.dirname(self.path))
             write_json_atomic(self.path, self._load())
             self._dirty = False
         except OSError:
@@ -101,7 +102,7 @@ def expand(pattern: str, root: str, what: str) -> list[str]:
     else:
         found = [full] if os.path.isfile(full) else []
     if not found:
-        raise StageError(
+        raise MissingDataError(
             f"{what}: {pattern!r} matches no file (looked under {root}). Check the path, or "
             f"create the data before building."
         )

@@ -52,6 +52,10 @@ class StageError(HfbuildError):
     """A pipeline is defined wrongly: a bad stage name, a duplicate, an unknown input."""
 
 
+class MissingDataError(StageError):
+    """A data-file pattern (a load stage's data_files, or file_deps) matches no file."""
+
+
 class NotBuiltError(HfbuildError):
     """A result was asked for that the store does not hold."""
 

@@ -16,13 +16,21 @@ import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hfbuild import canonical
 from hfbuild.closure import Context, describe
 from hfbuild.datafiles import StatCache, expand, file_identity, resolve_data_files
-from hfbuild.errors import DirtyTreeError, DirtyTreeWarning, IncompleteClosureWarning
+from hfbuild.errors import (
+    DirtyTreeError,
+    DirtyTreeWarning,
+    IncompleteClosureWarning,
+    MissingDataError,
+)
 from hfbuild.gitstate import FileId, Snapshot, find_root
+
+if TYPE_CHECKING:
+    from hfbuild.absentdata import LockedData
 
 SCHEMA = 1
 
@@ -114,21 +122,38 @@ def file_dep_ids(
 
 
 def load_data(
-    stage: str, options: Mapping[str, Any], ctx: Context, stat_cache: StatCache
+    stage: str,
+    options: Mapping[str, Any],
+    ctx: Context,
+    stat_cache: StatCache,
+    absent: LockedData | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """A load stage's data part: (its manifest entry, the resolved files). The entry names the
     builder, each data file by path and content id, and the other load options; the files are
-    returned so the build reads exactly those, never a glob expanded again later."""
+    returned so the build reads exactly those, never a glob expanded again later. Given
+    `absent` (`hfbuild verify` without the data), patterns matching no file take the files the
+    lock records under them, and no files are returned."""
     opts = dict(options)
     builder = opts.pop("builder")
     snap = ctx.snapshot
-    files = resolve_data_files(opts.pop("data_files"), snap.root, f"load stage {stage!r}")
+    files: Any = None
     ids: Any
+    try:
+        files = resolve_data_files(opts.pop("data_files"), snap.root, f"load stage {stage!r}")
+    except MissingDataError:
+        if absent is None:
+            raise
+        ids = absent.files(
+            stage,
+            options["data_files"],
+            snap.root,
+            lambda f: file_identity(f, snap, stat_cache),
+        )
     if isinstance(files, dict):
         ids = {
             s: [file_identity(f, snap, stat_cache) for f in fs] for s, fs in sorted(files.items())
         }
-    else:
+    elif files is not None:
         ids = [file_identity(f, snap, stat_cache) for f in files]
     data = {
         "builder": builder,

@@ -171,11 +171,17 @@ def entry(
 
 @contextlib.contextmanager
 def _locked(lock_dir: str) -> Iterator[None]:
-    from filelock import FileLock
+    from hfbuild import sharing
+    from hfbuild.store import permission_hint
 
-    os.makedirs(lock_dir, exist_ok=True)
-    with FileLock(os.path.join(lock_dir, "hfbuild-lockfile.lock")):
+    with permission_hint(os.path.dirname(lock_dir)):
+        sharing.makedirs(lock_dir)
+        lock = sharing.file_lock(os.path.join(lock_dir, "hfbuild-lockfile.lock"))
+        lock.acquire()
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def update(path: str, lock_dir: str, updates: Mapping[str, Any], keep: set[str]) -> bool:

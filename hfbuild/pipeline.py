@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from hfbuild import lockfile
+from hfbuild.absentdata import LockedData
 from hfbuild.closure import Context
 from hfbuild.datafiles import StatCache
 from hfbuild.errors import HfbuildError, NotBuiltError, StageError
@@ -245,27 +246,38 @@ class Pipeline:
     def specs(self) -> list[StageSpec]:
         return list(self._specs.values())
 
-    def manifests(self, *, fresh: bool = False, mode: Mode = "worktree") -> dict[str, Manifest]:
+    def manifests(
+        self, *, fresh: bool = False, mode: Mode = "worktree", absent: LockedData | None = None
+    ) -> dict[str, Manifest]:
         """Every stage's manifest, computed from one snapshot of the work tree (or, with
-        `mode="index"`, of what is staged). Memoized until `fresh=True` is asked for."""
+        `mode="index"`, of what is staged). Memoized until `fresh=True` is asked for. With
+        `absent`, a load stage whose data files are missing takes its data part from it."""
+        if absent is not None:
+            fresh = True
         if mode == "worktree" and self._cache is not None and not fresh:
             return self._cache
         snap = Snapshot(self.root, mode)
         out: dict[str, Manifest] = {}
         for spec in self._specs.values():
-            out[spec.name] = self._manifest(spec, snap, out)
+            out[spec.name] = self._manifest(spec, snap, out, absent)
         self.stat_cache.save()
-        if mode == "worktree":
+        if mode == "worktree" and absent is None:
             self._cache = out
         return out
 
-    def _manifest(self, spec: StageSpec, snap: Snapshot, done: Mapping[str, Manifest]) -> Manifest:
+    def _manifest(
+        self,
+        spec: StageSpec,
+        snap: Snapshot,
+        done: Mapping[str, Manifest],
+        absent: LockedData | None = None,
+    ) -> Manifest:
         ctx = Context(snap)
         inputs = [done[i].fingerprint for i in spec.inputs]
         data = files = None
         options: Mapping[str, Any] | None = spec.options
         if spec.kind == "load":
-            data, files = load_data(spec.name, spec.options, ctx, self.stat_cache)
+            data, files = load_data(spec.name, spec.options, ctx, self.stat_cache, absent)
             options = None
         try:
             manifest = build_manifest(

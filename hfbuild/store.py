@@ -4,7 +4,7 @@ Owns: every path under the store directory. `objects/<fp[:2]>/<fp>/` holds `data
 `save_to_disk` layout) and `manifest.json`; `tmp/` holds builds in progress; `locks/` the
 per-fingerprint build locks; `refs/<stage>` the last fingerprint built under each stage name.
 An entry exists only once its complete manifest does: builds write into `tmp/` and publish
-with one atomic rename.
+with one atomic rename. Modes follow sharing.py (group-shared inside a setgid store).
 
 Must never: unpickle or execute anything it reads, import `datasets` outside `load`, or let a
 stage name or fingerprint address a path outside the store.
@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from hfbuild import sharing
 from hfbuild.errors import StoreError
 
 MANIFEST = "manifest.json"
@@ -61,16 +62,18 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp/mkdtemp create owner-only files (0600/0700); published files get the modes an
-# ordinary open()/mkdir() would, so a lock file or a shared store stays readable by others.
-_FILE_MODE = 0o666 & ~_umask()
-_DIR_MODE = 0o777 & ~_umask()
+@contextlib.contextmanager
+def permission_hint(root: str) -> Iterator[None]:
+    """Turn a permission error in the store at `root` (another user's files, in a store not
+    set up for sharing) into a StoreError that points at `hfbuild doctor`."""
+    try:
+        yield
+    except PermissionError as e:
+        raise StoreError(
+            f"permission denied on {e.filename or root} in the store {root}: it was written "
+            f"by another user without access for you. Run `hfbuild doctor`, which prints the "
+            f"commands that make it usable by the group (a shared store must be setgid)."
+        ) from e
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -78,7 +81,8 @@ def write_text_atomic(path: str, text: str) -> None:
     d = os.path.dirname(path) or os.curdir
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".hfbuild")
     try:
-        os.fchmod(fd, _FILE_MODE)
+        # mkstemp makes owner-only files: give it the modes an ordinary file gets here.
+        os.fchmod(fd, sharing.file_mode(d))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -112,11 +116,10 @@ class Store:
     def _ensure(self) -> None:
         try:
             for sub in ("objects", "tmp", "locks", "refs"):
-                os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+                sharing.makedirs(os.path.join(self.root, sub))
             ignore = os.path.join(self.root, ".gitignore")
             if not os.path.exists(ignore):
-                with open(ignore, "w") as f:
-                    f.write("# created by hfbuild: the store is never committed\n*\n")
+                write_text_atomic(ignore, "# created by hfbuild: the store is never committed\n*\n")
         except OSError as e:
             raise StoreError(
                 f"cannot create the store at {self.root} ({e.strerror}). Make it writable, or "
@@ -188,11 +191,16 @@ class Store:
     @contextlib.contextmanager
     def lock(self, fp: str, timeout: float = -1) -> Iterator[None]:
         """Exclusive lock for building `fp`. An OS-level lock: a killed holder releases it."""
-        from filelock import FileLock  # 50 ms to import: only builds pay it
-
         self._ensure()
-        with FileLock(os.path.join(self.root, "locks", _check_fp(fp) + ".lock"), timeout=timeout):
+        lock = sharing.file_lock(
+            os.path.join(self.root, "locks", _check_fp(fp) + ".lock"), timeout=timeout
+        )
+        with permission_hint(self.root):
+            lock.acquire()
+        try:
             yield
+        finally:
+            lock.release()
 
     def new_build_dir(self, fp: str) -> str:
         """A fresh build directory for `fp`. Call with the lock held: any other directory of
@@ -205,7 +213,7 @@ class Store:
                 shutil.rmtree(os.path.join(tmp, n), ignore_errors=True)
         try:
             path = tempfile.mkdtemp(dir=tmp, prefix=f"{fp}.")
-            os.chmod(path, _DIR_MODE)
+            os.chmod(path, sharing.dir_mode(tmp))
             return path
         except OSError as e:
             raise StoreError(f"cannot write in {self.root}/tmp ({e.strerror}).") from e
@@ -225,8 +233,9 @@ class Store:
         doc["manifest_digest"] = manifest_digest(doc)
         try:
             write_json_atomic(os.path.join(build_dir, MANIFEST), doc)
+            sharing.share_tree(build_dir)  # what datasets wrote, in a group-shared store
             final = self.entry(fp)
-            os.makedirs(os.path.dirname(final), exist_ok=True)
+            sharing.makedirs(os.path.dirname(final))
             if os.path.exists(final):  # a corrupt leftover: move it aside, never merge
                 self.quarantine(fp)
             os.rename(build_dir, final)
@@ -270,9 +279,10 @@ class Store:
         if lock_path in self.roots():
             return
         self._ensure()
-        from filelock import FileLock
-
-        with FileLock(os.path.join(self.root, "locks", "roots.lock")):
+        with (
+            permission_hint(self.root),
+            sharing.file_lock(os.path.join(self.root, "locks", "roots.lock")),
+        ):
             roots = set(self.roots()) | {lock_path}
             live = sorted(p for p in roots if os.path.exists(p) or p == lock_path)
             write_json_atomic(os.path.join(self.root, "roots.json"), live)
@@ -288,7 +298,7 @@ class Store:
     def gc(self, keep: set[str], keep_seconds: float, *, dry_run: bool) -> list[tuple[str, int]]:
         """Delete entries not in `keep` and unused for `keep_seconds`, and leftover build
         directories (never one whose build lock is held). Returns (path, bytes) of each."""
-        from filelock import FileLock, Timeout
+        from filelock import Timeout
 
         now = time.time()
         gone: list[tuple[str, int]] = []
@@ -311,7 +321,7 @@ class Store:
         for fp, paths in sorted(by_fp.items()):
             held: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if _FP.match(fp):
-                lock = FileLock(os.path.join(self.root, "locks", fp + ".lock"))
+                lock = sharing.file_lock(os.path.join(self.root, "locks", fp + ".lock"))
                 try:
                     held = lock.acquire(timeout=0)
                 except Timeout:
@@ -330,11 +340,12 @@ class Store:
         path = os.path.join(self.root, "refs", _check_name(stage))
         if self.get_ref(stage) == fp:
             return
-        fd, tmp = tempfile.mkstemp(dir=os.path.join(self.root, "refs"), prefix=".tmp-")
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "w") as f:
-            f.write(_check_fp(fp) + "\n")
-        os.replace(tmp, path)
+        with permission_hint(self.root):
+            fd, tmp = tempfile.mkstemp(dir=os.path.join(self.root, "refs"), prefix=".tmp-")
+            os.fchmod(fd, sharing.file_mode(os.path.dirname(tmp)))
+            with os.fdopen(fd, "w") as f:
+                f.write(_check_fp(fp) + "\n")
+            os.replace(tmp, path)
 
     def get_ref(self, stage: str) -> str | None:
         try:

@@ -1,7 +1,8 @@
 """The checks behind `hfbuild verify`: the pre-commit hook, CI, and reproducibility.
 
 Owns: comparing the fingerprints of what is staged (`staged=True`) or checked out with the
-hfbuild.lock recorded alongside, requiring the store to hold staged results, and rebuilding
+hfbuild.lock recorded alongside (with absent data files standing in from the lock, see
+absentdata.py), requiring the store to hold staged results, and rebuilding
 every stage into a scratch store to compare output content hashes with the lock.
 Must never: import datasets unless rebuilding, write the lock, or, when rebuilding, pull from a
 remote or touch the user's store (both hold the very results being checked).
@@ -15,6 +16,7 @@ import tempfile
 from typing import Any, NamedTuple
 
 from hfbuild import lockfile
+from hfbuild.absentdata import LockedData, Unchecked
 from hfbuild.build import build
 from hfbuild.diff import diff
 from hfbuild.errors import HfbuildError, UnmergedError
@@ -40,9 +42,17 @@ def _cause(
     return changes[0].describe() if changes else "its manifest changed"
 
 
-def check_lock(pipe: Pipeline, *, staged: bool = False, strict: bool = False) -> list[Problem]:
+def check_lock(
+    pipe: Pipeline,
+    *,
+    staged: bool = False,
+    strict: bool = False,
+    unchecked: list[Unchecked] | None = None,
+) -> list[Problem]:
     """Problems with the lock: stages whose recorded fingerprint is not the one the staged
-    (or checked-out) code and data give, and, for `staged`, results the store lacks."""
+    (or checked-out) code and data give, and, for `staged`, results the store lacks. Given
+    `unchecked` (checked-out code only), a load stage whose data files are absent takes its
+    data identity from the lock and is appended there; everything else is still checked."""
     where = "staged" if staged else "committed"
     if staged:
         try:
@@ -62,7 +72,10 @@ def check_lock(pipe: Pipeline, *, staged: bool = False, strict: bool = False) ->
         recorded = lockfile.loads(text, f"the {where} {pipe.lock_name}") if text else {}
     except HfbuildError as e:
         return [Problem(None, str(e))]
-    manifests = pipe.manifests(fresh=True, mode="index" if staged else "worktree")
+    absent = LockedData(recorded, pipe.lock_name) if unchecked is not None and not staged else None
+    manifests = pipe.manifests(fresh=True, mode="index" if staged else "worktree", absent=absent)
+    if absent is not None and unchecked is not None:
+        unchecked.extend(absent.unchecked)
     worktree = pipe.manifests(fresh=True) if staged else manifests
     fix = _fix(pipe)
     for name, m in manifests.items():
