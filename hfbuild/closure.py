@@ -30,9 +30,14 @@ from hfbuild import canonical
 from hfbuild.errors import ClosureError, UnhashableArgumentError
 from hfbuild.gitstate import FileId, Snapshot, hash_bytes
 
-# Distributions whose version must not enter fingerprints by default: upgrading `datasets` must
-# not orphan every cache, and hfbuild's own version is recorded in the manifest, not hashed.
-UNTRACKED_DISTRIBUTIONS = frozenset({"datasets", "hfbuild"})
+# Distributions whose version must not enter fingerprints: hfbuild's own version is recorded
+# in the stored manifest, not hashed (its manifest schema version is). `datasets` used to be
+# here; it is in every key now (see `runtime_packages` and ARCHITECTURE.md).
+UNTRACKED_DISTRIBUTIONS = frozenset({"hfbuild"})
+# What runs every stage, whatever its code imports: datasets' builders, its map/filter loop
+# and type inference, pyarrow's conversion and writing, and the interpreter (its Unicode
+# database changes with the minor version).
+RUNTIME_DISTRIBUTIONS = ("datasets", "pyarrow")
 
 
 class ImportRef(NamedTuple):
@@ -46,6 +51,7 @@ class Scan(NamedTuple):
     imports: tuple[ImportRef, ...]
     dynamic: tuple[int, ...]  # lines of import_module/__import__ calls with a non-literal name
     error: str | None  # why the file could not be parsed, if it could not
+    env: tuple[str, ...] = ()  # environment variables it reads by literal name, sorted
 
 
 _scan_lock = threading.Lock()
@@ -60,6 +66,7 @@ class Context:
     files: dict[str, FileId] = field(default_factory=dict)
     external: dict[str, str] = field(default_factory=dict)  # module -> blob id, outside root
     packages: set[str] = field(default_factory=set)
+    env: set[str] = field(default_factory=set)  # environment variables the closure reads
     incomplete: list[str] = field(default_factory=list)  # "path:line: why"
     _seen_modules: set[str] = field(default_factory=set)
 
@@ -91,6 +98,7 @@ class Context:
 
     def _follow_imports(self, rel: str, blob: str) -> None:
         scan = _scan(blob, lambda: self.snapshot.read(rel))
+        self.env.update(scan.env)
         if scan.error:
             self.incomplete.append(f"{rel}: cannot be parsed ({scan.error})")
         for line in scan.dynamic:
@@ -126,6 +134,7 @@ class Context:
             blob = hash_bytes(data)
             self.external[name] = blob
             scan = _scan(blob, lambda: data)
+            self.env.update(scan.env)
             for sub in scan.imports:
                 for p in _resolve(sub, os.path.dirname(path), self.snapshot):
                     self._add_module_file(p, sub)
@@ -176,7 +185,73 @@ def _scan_tree(tree: ast.AST) -> Scan:
                 imports.append(ImportRef(level, arg.value[level:], (), node.lineno))
             else:
                 dynamic.append(node.lineno)
-    return Scan(tuple(imports), tuple(sorted(dynamic)), None)
+    return Scan(tuple(imports), tuple(sorted(dynamic)), None, _env_reads(tree))
+
+
+def _env_reads(tree: ast.AST) -> tuple[str, ...]:
+    """Names of the environment variables a file reads by a literal name, anywhere in it
+    (module level included): `os.environ["X"]`, `os.environ.get("X")`,
+    `os.environ.setdefault("X", ...)`, `"X" in os.environ`, `os.getenv("X")`, also through
+    `import os as o` and `from os import environ, getenv` under any alias. Aliases are taken
+    file-wide, ignoring scopes: a name too many only adds a variable to the key."""
+    mods: set[str] = set()  # names bound to the os module
+    environs: set[str] = set()  # names bound to os.environ
+    getenvs: set[str] = set()  # names bound to os.getenv
+    # (name read, the expression that must be os.environ, or None for a getenv call's callee)
+    reads: list[tuple[str, ast.expr, bool]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods.update(a.asname or a.name for a in node.names if a.name.split(".")[0] == "os")
+        elif isinstance(node, ast.ImportFrom):
+            if node.module == "os" and not node.level:
+                for a in node.names:
+                    if a.name == "environ":
+                        environs.add(a.asname or a.name)
+                    elif a.name == "getenv":
+                        getenvs.add(a.asname or a.name)
+        elif isinstance(node, ast.Subscript):
+            if isinstance(node.ctx, ast.Load) and (name := _literal(node.slice)) is not None:
+                reads.append((name, node.value, False))
+        elif isinstance(node, ast.Call):
+            if node.args and (name := _literal(node.args[0])) is not None:
+                f = node.func
+                if isinstance(f, ast.Attribute) and f.attr in ("get", "setdefault"):
+                    reads.append((name, f.value, False))
+                else:
+                    reads.append((name, f, True))
+        elif (
+            isinstance(node, ast.Compare)
+            and len(node.ops) == 1
+            and isinstance(node.ops[0], (ast.In, ast.NotIn))
+            and (name := _literal(node.left)) is not None
+        ):
+            reads.append((name, node.comparators[0], False))
+    if not (mods or environs or getenvs):
+        return ()
+
+    def is_os(e: ast.expr, attr: str, aliases: set[str]) -> bool:
+        if isinstance(e, ast.Name):
+            return e.id in aliases
+        return (
+            isinstance(e, ast.Attribute)
+            and e.attr == attr
+            and isinstance(e.value, ast.Name)
+            and e.value.id in mods
+        )
+
+    return tuple(
+        sorted(
+            {
+                name
+                for name, e, call in reads
+                if (is_os(e, "getenv", getenvs) if call else is_os(e, "environ", environs))
+            }
+        )
+    )
+
+
+def _literal(e: ast.expr) -> str | None:
+    return e.value if isinstance(e, ast.Constant) and isinstance(e.value, str) else None
 
 
 def _is_dynamic_import(func: ast.expr) -> bool:
@@ -351,6 +426,14 @@ def _dist_info_dirs() -> dict[str, str]:
                 name, _, version = n[: -len(".dist-info")].partition("-")
                 found.setdefault(_canonical_dist(name), version)
     return found
+
+
+def runtime_packages() -> frozenset[str]:
+    """`name==version` of what runs every stage: datasets, pyarrow, and Python's
+    major.minor as `python==3.11`. Read from dist-info names, without importing them."""
+    found = _dist_info_dirs()
+    out = {f"{d}=={found[d]}" for d in RUNTIME_DISTRIBUTIONS if d in found}
+    return frozenset({*out, f"python=={sys.version_info[0]}.{sys.version_info[1]}"})
 
 
 @functools.cache
