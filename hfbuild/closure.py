@@ -197,7 +197,7 @@ def _env_reads(tree: ast.AST) -> tuple[str, ...]:
     mods: set[str] = set()  # names bound to the os module
     environs: set[str] = set()  # names bound to os.environ
     getenvs: set[str] = set()  # names bound to os.getenv
-    # (name read, the expression that must be os.environ, or None for a getenv call's callee)
+    # (name read, the expression that must be os.environ or os.getenv, whether it is a call)
     reads: list[tuple[str, ast.expr, bool]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
