@@ -26,6 +26,8 @@ from hfbuild.errors import HfbuildError, NotBuiltError, StageError
 from hfbuild.fingerprint import Manifest, build_manifest, load_data
 from hfbuild.gitstate import Mode, Snapshot, find_root
 from hfbuild.lockfile import LOCK_NAME
+from hfbuild.manifests import Manifests
+from hfbuild.manifests import compute as compute_manifests
 from hfbuild.remote import Remote, remote_url
 from hfbuild.spec import LOAD_BUILDERS, StageSpec
 from hfbuild.store import Store
@@ -91,7 +93,7 @@ class Pipeline:
         self.store = Store(store if os.path.isabs(store) else os.path.join(self.root, store))
         self.name = name
         self._specs: dict[str, StageSpec] = {}
-        self._cache: dict[str, Manifest] | None = None
+        self._cache: Manifests | None = None
         self.stat_cache = StatCache(os.path.join(self.store.root, "statcache.json"))
         # One lock file per pipeline: two pipelines in one repository need two names.
         self.lock_path = os.path.join(self.root, lock)
@@ -244,15 +246,16 @@ class Pipeline:
     def specs(self) -> list[StageSpec]:
         return list(self._specs.values())
 
-    def manifests(self, *, fresh: bool = False, mode: Mode = "worktree") -> dict[str, Manifest]:
+    def manifests(self, *, fresh: bool = False, mode: Mode = "worktree") -> Manifests:
         """Every stage's manifest, computed from one snapshot of the work tree (or, with
-        `mode="index"`, of what is staged). Memoized until `fresh=True` is asked for."""
+        `mode="index"`, of what is staged). Memoized until `fresh=True` is asked for. A stage
+        that cannot be fingerprinted raises its error when looked up; the others are fine."""
         if mode == "worktree" and self._cache is not None and not fresh:
             return self._cache
         snap = Snapshot(self.root, mode)
-        out: dict[str, Manifest] = {}
-        for spec in self._specs.values():
-            out[spec.name] = self._manifest(spec, snap, out)
+        out = compute_manifests(
+            self._specs.values(), lambda spec, done: self._manifest(spec, snap, done)
+        )
         self.stat_cache.save()
         if mode == "worktree":
             self._cache = out
