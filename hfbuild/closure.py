@@ -73,6 +73,11 @@ class Context:
     def encode(self, value: Any, path: str) -> canonical.Encoded:
         return canonical.encode(value, path, on_callable=self._on_callable, root=self.snapshot.root)
 
+    def encode_reduced(self, value: Any, path: str) -> canonical.Encoded:
+        return canonical.encode_reduced(
+            value, path, on_callable=self._on_callable, root=self.snapshot.root
+        )
+
     def _on_callable(self, fn: Callable[..., Any], path: str) -> canonical.Encoded:
         return describe(fn, self, path)
 
@@ -500,6 +505,13 @@ def describe(fn: Any, ctx: Context, path: str = "fn") -> dict[str, Any]:
         owner = getattr(fn, "__self__", None)
         if owner is not None and not isinstance(owner, types.ModuleType):
             args["self"] = _state(owner, ctx, f"{path}.__self__")
+            if _lookup(fn.__module__, fn.__qualname__) is not fn:
+                # A C method bound to an instance (`rng.random`, `{}.get`): its class's
+                # method, with the instance's state.
+                tp = type(owner)
+                _named(tp, ctx, f"{path}.__self__.__class__")
+                qualname = f"{tp.__qualname__}.{fn.__name__}"
+                return {"target": {"module": tp.__module__, "qualname": qualname}, "args": args}
         return {"target": _named(fn, ctx, path), "args": args}
     if isinstance(fn, type):
         return {"target": _named(fn, ctx, path), "args": args}
@@ -513,7 +525,16 @@ def describe(fn: Any, ctx: Context, path: str = "fn") -> dict[str, Any]:
             args["self"] = _state(fn, ctx, path)
             args.update(inner["args"])
             return {"target": inner["target"], "args": args}
-        return {"target": _named(type(fn), ctx, path), "args": {"self": _state(fn, ctx, path)}}
+        state = _state(fn, ctx, path)  # an opaque object is refused here, never empty
+        tp = type(fn)
+        if _is(state, "reduce"):
+            # C callables (itemgetter, a method descriptor): the reduction names what
+            # rebuilds them, so their type needs no importable name of its own.
+            return {
+                "target": {"module": tp.__module__, "qualname": tp.__qualname__},
+                "args": {"self": state},
+            }
+        return {"target": _named(tp, ctx, path), "args": {"self": state}}
     raise ClosureError(f"{path}: {fn!r} is not callable")
 
 
@@ -595,6 +616,10 @@ def _named(obj: Any, ctx: Context, path: str) -> dict[str, Any]:
     return {"module": module, "qualname": qualname}
 
 
+def _is(encoded: Any, tag: str) -> bool:
+    return isinstance(encoded, dict) and len(encoded) == 1 and tag in encoded
+
+
 def _lookup(module: str | None, qualname: str | None) -> Any:
     if not module or not qualname or "<" in qualname:
         return None
@@ -608,14 +633,18 @@ def _lookup(module: str | None, qualname: str | None) -> Any:
 
 def _state(obj: Any, ctx: Context, path: str) -> canonical.Encoded:
     """The state of an instance a callable is bound to: its canonical encoding when it has
-    one, else its class and attributes."""
+    one, else its class and attributes, or its pickle reduction when its attributes are not
+    all of its state. An object without attributes was already tried by its reduction: it
+    is refused, never encoded as empty."""
     try:
         return ctx.encode(obj, path)
     except UnhashableArgumentError as e:
-        if e.path != path:
+        if e.path != path or not hasattr(obj, "__dict__"):
             raise
     tp = type(obj)
     _named(tp, ctx, f"{path}.__class__")
+    if _state_beyond_attributes(tp):
+        return ctx.encode_reduced(obj, path)
     attrs: dict[str, Any] = {}
     if hasattr(obj, "__dict__"):
         attrs.update(vars(obj))
@@ -625,6 +654,23 @@ def _state(obj: Any, ctx: Context, path: str) -> canonical.Encoded:
                 attrs[slot] = getattr(obj, slot)
     fields = [[k, ctx.encode(v, f"{path}.{k}")] for k, v in sorted(attrs.items())]
     return {"object": [f"{tp.__module__}:{tp.__qualname__}", fields]}
+
+
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: set for classes defined in Python
+
+
+def _state_beyond_attributes(tp: type) -> bool:
+    """True when an instance's `__dict__` and slots may not be its whole state: a base class
+    implemented in C (random.Random's generator state), or a class that defines its own
+    pickle state (`__reduce__`, `__reduce_ex__`, `__getstate__`)."""
+    for base in tp.__mro__:
+        if base is object:
+            continue
+        if not base.__flags__ & _HEAPTYPE:
+            return True
+        if any(k in vars(base) for k in ("__reduce__", "__reduce_ex__", "__getstate__")):
+            return True
+    return False
 
 
 def _global_names(code: types.CodeType) -> set[str]:

@@ -88,6 +88,13 @@ def render(tree: Any) -> str:
             return f"<function {t.get('module')}.{t.get('qualname')}>"
         if tag == "path":
             return f"Path({v[1]!r})"
+        if tag == "reduce":  # [type, reconstructor, args, state, items, dict items]
+            parts = [render(x) for x in v[2]["tuple"]] if _is(v[2], "tuple") else []
+            if v[3] is not None:
+                parts.append(f"state={render(v[3])}")
+            return f"{v[0].split(':')[-1]}({', '.join(parts)})"
+        if tag in ("global", "type"):
+            return str(v).replace(":", ".")
         if tag == "tokenizer":
             return f"<tokenizer {v[:12]}>"
         if tag == "bytes":
@@ -166,7 +173,11 @@ def _tagged(x: Mapping[str, Any]) -> bool:
         "OrderedDict",
         "defaultdict",
         "tokenizer",
+        "transformers-tokenizer",
         "Features",
+        "reduce",
+        "global",
+        "type",
     }
 
 
