@@ -190,7 +190,10 @@ def _scan_tree(tree: ast.AST) -> Scan:
                 imports.append(ImportRef(level, arg.value[level:], (), node.lineno))
             else:
                 dynamic.append(node.lineno)
-    return Scan(tuple(imports), tuple(sorted(dynamic)), None, _env_reads(tree))
+    # Only a file that imports os can read the environment by name: the others (most of a
+    # closure) skip the second walk.
+    reads_env = any(r.module.split(".")[0] == "os" for r in imports if not r.level)
+    return Scan(tuple(imports), tuple(sorted(dynamic)), None, _env_reads(tree) if reads_env else ())
 
 
 def _env_reads(tree: ast.AST) -> tuple[str, ...]:
@@ -205,32 +208,32 @@ def _env_reads(tree: ast.AST) -> tuple[str, ...]:
     # (name read, the expression that must be os.environ or os.getenv, whether it is a call)
     reads: list[tuple[str, ast.expr, bool]] = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            mods.update(a.asname or a.name for a in node.names if a.name.split(".")[0] == "os")
-        elif isinstance(node, ast.ImportFrom):
-            if node.module == "os" and not node.level:
-                for a in node.names:
-                    if a.name == "environ":
-                        environs.add(a.asname or a.name)
-                    elif a.name == "getenv":
-                        getenvs.add(a.asname or a.name)
-        elif isinstance(node, ast.Subscript):
-            if isinstance(node.ctx, ast.Load) and (name := _literal(node.slice)) is not None:
-                reads.append((name, node.value, False))
-        elif isinstance(node, ast.Call):
+        # Exact types, most frequent first: this visits every node of the file.
+        if type(node) is ast.Call:
             if node.args and (name := _literal(node.args[0])) is not None:
                 f = node.func
-                if isinstance(f, ast.Attribute) and f.attr in ("get", "setdefault"):
+                if type(f) is ast.Attribute and f.attr in ("get", "setdefault"):
                     reads.append((name, f.value, False))
                 else:
                     reads.append((name, f, True))
-        elif (
-            isinstance(node, ast.Compare)
-            and len(node.ops) == 1
-            and isinstance(node.ops[0], (ast.In, ast.NotIn))
-            and (name := _literal(node.left)) is not None
-        ):
-            reads.append((name, node.comparators[0], False))
+        elif type(node) is ast.Subscript:
+            if type(node.ctx) is ast.Load and (name := _literal(node.slice)) is not None:
+                reads.append((name, node.value, False))
+        elif type(node) is ast.Compare:
+            if (
+                len(node.ops) == 1
+                and type(node.ops[0]) in (ast.In, ast.NotIn)
+                and (name := _literal(node.left)) is not None
+            ):
+                reads.append((name, node.comparators[0], False))
+        elif type(node) is ast.Import:
+            mods.update(a.asname or a.name for a in node.names if a.name.split(".")[0] == "os")
+        elif type(node) is ast.ImportFrom and node.module == "os" and not node.level:
+            for a in node.names:
+                if a.name == "environ":
+                    environs.add(a.asname or a.name)
+                elif a.name == "getenv":
+                    getenvs.add(a.asname or a.name)
     if not (mods or environs or getenvs):
         return ()
 
