@@ -17,7 +17,8 @@ def test_bad_argument_fails_its_stage_and_consumers_only(
 ) -> None:
     """A lock in `feat`'s arguments (the second stage) fails `feat` and the two stages built
     from it with that message, under a plain `doit run`; `raw` and `lens` still build, and
-    `hfbuild status` shows the failures with their message and the others normally."""
+    `hfbuild status` shows the failures with their message and the others normally, and
+    `explain` on a failed stage exits 1 with its cause."""
     make_project(repo)
     dodo = textwrap.dedent(FILES["dodo.py"]).replace(
         '{"k": 2}', '{"k": 2, "lock": threading.Lock()}'
@@ -45,6 +46,9 @@ def test_bad_argument_fails_its_stage_and_consumers_only(
     assert text.returncode == 1
     assert "feat   failed: stage 'feat': fn_kwargs['lock']: " + UNHASHABLE in text.stdout
     assert "lens   up to date" in text.stdout
+    ex = run_hfbuild(repo, "explain", "kept")
+    assert ex.returncode == 1
+    assert "stage 'kept' cannot be fingerprinted because stage 'feat'" in ex.stderr
 
     # Fixing the argument builds the rest, reusing raw and lens.
     repo.write({"dodo.py": FILES["dodo.py"]}, commit="fixed")
