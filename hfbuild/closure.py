@@ -664,12 +664,13 @@ _HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: set for classes defined in Python
 
 def _state_beyond_attributes(tp: type) -> bool:
     """True when an instance's `__dict__` and slots may not be its whole state: a base class
-    implemented in C (random.Random's generator state), or a class that defines its own
-    pickle state (`__reduce__`, `__reduce_ex__`, `__getstate__`)."""
+    implemented in C with fields of its own (random.Random's generator state; not a C mixin
+    without fields such as `typing.Generic` on 3.12), or a class that defines its own pickle
+    state (`__reduce__`, `__reduce_ex__`, `__getstate__`)."""
     for base in tp.__mro__:
         if base is object:
             continue
-        if not base.__flags__ & _HEAPTYPE:
+        if not base.__flags__ & _HEAPTYPE and base.__basicsize__ > object.__basicsize__:
             return True
         if any(k in vars(base) for k in ("__reduce__", "__reduce_ex__", "__getstate__")):
             return True
