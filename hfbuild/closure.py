@@ -227,7 +227,9 @@ def _env_reads(tree: ast.AST) -> tuple[str, ...]:
             ):
                 reads.append((name, node.comparators[0], False))
         elif type(node) is ast.Import:
-            mods.update(a.asname or a.name for a in node.names if a.name.split(".")[0] == "os")
+            for a in node.names:  # `import os.path` binds os; `import os.path as p` does not
+                if a.name == "os" or (a.name.startswith("os.") and not a.asname):
+                    mods.add(a.asname or "os")
         elif type(node) is ast.ImportFrom and node.module == "os" and not node.level:
             for a in node.names:
                 if a.name == "environ":

@@ -184,3 +184,26 @@ def test_secret_change_is_reported_without_its_value(
     assert "scrypt:" not in shown  # not even the hash is shown
     lock = (app.path / "hfbuild.lock").read_text()
     assert '"secret": "scrypt:' in lock
+
+
+@pytest.mark.parametrize(
+    ("source", "names"),
+    [
+        ("import os\nos.environ['A']; os.environ.get('B'); os.getenv('C')", ["A", "B", "C"]),
+        ("import os.path\nos.environ.setdefault('A', '1')\n'B' not in os.environ", ["A", "B"]),
+        ("import os.path as osp\nosp.environ['A']", []),
+        ("from os import environ as E, getenv as g\nE['A']; g('B')", ["A", "B"]),
+        ("import os\nos.environ['A'] = '1'\ndel os.environ['B']", []),
+        ("import os\nname = 'A'\nos.environ[name]; os.getenv(name)", []),
+        ("environ = {}\nenviron['A']", []),
+        ("def f():\n    import os\n    return os.environ['A']", ["A"]),
+    ],
+)
+def test_scan_finds_reads_by_literal_name(source: str, names: list[str]) -> None:
+    """The scan finds reads by literal name through every alias of os, environ and getenv;
+    writes, deletions, computed names and other objects called `environ` are not reads."""
+    import ast
+
+    from hfbuild.closure import _scan_tree
+
+    assert list(_scan_tree(ast.parse(source)).env) == names
