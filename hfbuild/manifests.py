@@ -6,14 +6,16 @@ stages that consume it fail with the same cause, while every other stage gets it
 result is a read-only mapping: looking up a failed stage raises its error.
 
 Must never: hide a failure (a failed stage is never served, listed as built, or given a
-fingerprint), or catch anything but a user error (`HfbuildError`): bugs still stop everything.
+fingerprint), or catch anything but a user error of the stage itself: bugs, and errors of the
+repository every stage reads (an unreadable git index: `GitStateError`), still stop
+everything with one message.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from hfbuild.errors import HfbuildError, StageError
+from hfbuild.errors import GitStateError, HfbuildError, NotARepositoryError, StageError
 from hfbuild.fingerprint import Manifest
 from hfbuild.spec import StageSpec
 
@@ -66,6 +68,8 @@ def compute(
             continue
         try:
             ok[spec.name] = one(spec, ok)
+        except (GitStateError, NotARepositoryError):
+            raise  # the repository's, not the stage's: one message, not one per stage
         except HfbuildError as e:
             failed[spec.name] = e
             cause[spec.name] = (spec.name, e)
