@@ -101,10 +101,11 @@ class _Encoder:
         if special is not None:
             return special
         if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            # Every field, `compare=False` ones too: excluded from `==` is not excluded from
+            # what the transform can read.
             fields = [
                 [f.name, self.encode(getattr(x, f.name), f"{path}.{f.name}")]
                 for f in dataclasses.fields(x)
-                if f.compare
             ]
             return {"dataclass": [_qualname(tp), fields]}
         if isinstance(x, tuple) and hasattr(tp, "_fields"):
@@ -123,7 +124,72 @@ class _Encoder:
             return {"type": _qualname(x)}
         if isinstance(x, (str, int, float, bytes)):
             return self._builtin_subclass(x, path)
+        if not hasattr(x, "__dict__"):
+            # A C-implemented object (operator.itemgetter, a compiled pattern, a date) or a
+            # slotted one: what pickling it would save is its whole state.
+            return self.reduced(x, path)
         raise UnhashableArgumentError(path, x)
+
+    def reduced(self, x: Any, path: str) -> Encoded:
+        """`x` by its pickle reduction, found as pickle finds it (copyreg's dispatch table,
+        then `__reduce_ex__(4)`): its reconstructor, arguments and state. Refused when it has
+        none (it cannot be pickled), or when that reduction shows no state at all: an object
+        is never encoded as empty."""
+        import copyreg
+
+        key = id(x)
+        if key in self.active:
+            raise UnhashableArgumentError(path, x, "it contains itself")
+        reducer = copyreg.dispatch_table.get(type(x))
+        try:
+            rv = reducer(x) if reducer is not None else x.__reduce_ex__(4)
+        except Exception as e:  # whatever a reducer raises, the object is opaque
+            raise UnhashableArgumentError(path, x, f"it has no state hfbuild can see: {e}") from e
+        if isinstance(rv, str):  # a module-level singleton, by name
+            return {"global": f"{type(x).__module__}:{rv}"}
+        ctor, args, state, items, pairs = (*rv, None, None, None)[:5]
+        args = tuple(args or ())
+        if ctor is copyreg.__newobj__ or ctor is copyreg.__newobj_ex__:  # type: ignore[attr-defined]
+            cls, args = args[0], args[1:]
+            if not args and state is None and items is None and pairs is None:
+                raise UnhashableArgumentError(
+                    path, x, "it has no state hfbuild can see: its pickle reduction is empty"
+                )
+            ctor = cls
+        self.active.add(key)
+        try:
+            return {
+                "reduce": [
+                    _qualname(type(x)),
+                    self._reconstructor(ctor, f"{path}<reconstructor>"),
+                    self.encode(args, f"{path}<args>"),
+                    self.encode(state, f"{path}<state>"),
+                    None if items is None else self.encode(list(items), f"{path}<items>"),
+                    None if pairs is None else self.encode(dict(pairs), f"{path}<dict items>"),
+                ]
+            }
+        finally:
+            self.active.discard(key)
+
+    def _reconstructor(self, ctor: Any, path: str) -> Encoded:
+        """What a reduction calls to rebuild the object: a class, a `functools.partial` of
+        one, or a function by its code (by module and name when there is no code snapshot)."""
+        if isinstance(ctor, type):
+            return {"type": _qualname(ctor)}
+        if _is_partial(ctor):
+            return {
+                "partial": [
+                    self._reconstructor(ctor.func, path),
+                    self.encode(ctor.args, f"{path}.args"),
+                    self.encode(ctor.keywords, f"{path}.keywords"),
+                ]
+            }
+        if self.on_callable is not None:
+            return self._callable(ctor, path)
+        module, name = getattr(ctor, "__module__", None), getattr(ctor, "__qualname__", None)
+        if not module or not name:
+            raise UnhashableArgumentError(path, ctor, "it cannot be named")
+        return {"global": f"{module}:{name}"}
 
     def _container(self, x: Any, path: str) -> Encoded:
         key = id(x)
@@ -214,10 +280,12 @@ class _Encoder:
         return None
 
     def _hf_tokenizer(self, tok: Any, path: str) -> Encoded:
-        """A transformers tokenizer by what shapes its output: the backend tokenizer's JSON
-        without the padding/truncation state each call sets, and the attributes its
-        `__call__` reads. Calling it, or saving and reloading it, changes neither; provenance
-        (`name_or_path`, `is_local`) never enters."""
+        """A transformers tokenizer by what shapes its output: the attributes its `__call__`
+        reads, its chat template, the backend tokenizer's JSON without the padding/truncation
+        state each call sets, and every other file `save_pretrained` writes (the vocabulary
+        and merges of a Python tokenizer, added tokens, tokenizer_config.json, the chat
+        template as transformers 5 saves it). Calling it, or saving and reloading it,
+        changes none of them; provenance (`name_or_path`) never enters."""
         state: dict[str, Any] = {"class": _qualname(type(tok))}
         for attr in (
             "model_max_length",
@@ -230,28 +298,80 @@ class _Encoder:
                 state[attr] = getattr(tok, attr)
         state["special_tokens"] = dict(getattr(tok, "special_tokens_map", {}) or {})
         state["model_input_names"] = list(getattr(tok, "model_input_names", []) or [])
+        template = getattr(tok, "chat_template", None)
+        if template is not None:
+            state["chat_template"] = digest(dumps(template).encode())
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is not None:
             saved = json.loads(backend.to_str())
             saved.pop("padding", None)
             saved.pop("truncation", None)
             state["backend"] = digest(dumps(saved).encode())
-        else:  # a slow (pure Python) tokenizer: its vocabulary files
-            state["files"] = self._saved_files(tok)
+        state["files"] = self._saved_files(tok, skip=_BACKEND_FILE if backend else None)
         return self.encode(state, f"{path}<tokenizer>")
 
-    def _saved_files(self, tok: Any) -> Encoded:
+    def _saved_files(self, tok: Any, skip: str | None) -> Encoded:
+        """[name, digest] of every file `save_pretrained` writes (`skip`: one covered
+        otherwise). JSON files count by their parsed content without provenance keys."""
         import tempfile
 
         with tempfile.TemporaryDirectory() as d:
             tok.save_pretrained(d)
             out = []
-            for name in sorted(os.listdir(d)):
-                if name.endswith(".json"):
-                    continue  # configuration: covered by the attributes above
-                with open(os.path.join(d, name), "rb") as fh:
-                    out.append([name, digest(fh.read())])
-            return out
+            for dirpath, _, names in os.walk(d):
+                for name in names:
+                    full = os.path.join(dirpath, name)
+                    rel = os.path.relpath(full, d).replace(os.sep, "/")
+                    if rel == skip:
+                        continue
+                    with open(full, "rb") as fh:
+                        data = fh.read()
+                    if name.endswith(".json"):
+                        doc = json.loads(data)
+                        if isinstance(doc, dict):
+                            for key in _PROVENANCE:
+                                doc.pop(key, None)
+                            if skip is not None and name == "tokenizer_config.json":
+                                for key in _CALL_STATE:
+                                    doc.pop(key, None)
+                        data = dumps(doc).encode()
+                    out.append([rel, digest(data)])
+            return sorted(out)
+
+
+# Written by save_pretrained for a tokenizer with a `tokenizers` backend; encoded from the
+# backend itself, without the padding and truncation state calls leave in it.
+_BACKEND_FILE = "tokenizer.json"
+# What a backend tokenizer's last call left in its padding and truncation state, which
+# transformers copies into the configuration when it loads a saved tokenizer (every call
+# resets it; the side attributes are encoded from the tokenizer itself).
+_CALL_STATE = (
+    "max_length",
+    "stride",
+    "truncation_strategy",
+    "truncation_side",
+    "pad_to_multiple_of",
+    "pad_token_type_id",
+    "padding_side",
+)
+# Where and how a tokenizer was loaded (from_pretrained's own options, which transformers
+# keeps in the saved configuration), not what it does.
+_PROVENANCE = (
+    "name_or_path",
+    "_name_or_path",
+    "tokenizer_file",
+    "is_local",
+    "local_files_only",
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "revision",
+    "subfolder",
+    "token",
+    "use_auth_token",
+    "_commit_hash",
+    "trust_remote_code",
+)
 
 
 def _tokenizer_digest(tok: Any) -> str:
@@ -291,3 +411,16 @@ def encode(
     `on_callable` encodes callables met inside it (by their code fingerprint); `root` makes
     absolute paths under it relative."""
     return _Encoder(on_callable, root).encode(value, path)
+
+
+def encode_reduced(
+    value: Any,
+    path: str = "args",
+    *,
+    on_callable: CallableEncoder | None = None,
+    root: str | None = None,
+) -> Encoded:
+    """`value` by its pickle reduction (see `_Encoder.reduced`), even when it has a
+    `__dict__`: for objects whose state lies partly outside it (a subclass of a C type) or
+    that say themselves what their state is (`__reduce__`, `__getstate__`)."""
+    return _Encoder(on_callable, root).reduced(value, path)

@@ -30,9 +30,14 @@ from hfbuild import canonical
 from hfbuild.errors import ClosureError, UnhashableArgumentError
 from hfbuild.gitstate import FileId, Snapshot, hash_bytes
 
-# Distributions whose version must not enter fingerprints by default: upgrading `datasets` must
-# not orphan every cache, and hfbuild's own version is recorded in the manifest, not hashed.
-UNTRACKED_DISTRIBUTIONS = frozenset({"datasets", "hfbuild"})
+# Distributions whose version must not enter fingerprints: hfbuild's own version is recorded
+# in the stored manifest, not hashed (its manifest schema version is). `datasets` used to be
+# here; it is in every key now (see `runtime_packages` and ARCHITECTURE.md).
+UNTRACKED_DISTRIBUTIONS = frozenset({"hfbuild"})
+# What runs every stage, whatever its code imports: datasets' builders, its map/filter loop
+# and type inference, pyarrow's conversion and writing, and the interpreter (its Unicode
+# database changes with the minor version).
+RUNTIME_DISTRIBUTIONS = ("datasets", "pyarrow")
 
 
 class ImportRef(NamedTuple):
@@ -46,6 +51,7 @@ class Scan(NamedTuple):
     imports: tuple[ImportRef, ...]
     dynamic: tuple[int, ...]  # lines of import_module/__import__ calls with a non-literal name
     error: str | None  # why the file could not be parsed, if it could not
+    env: tuple[str, ...] = ()  # environment variables it reads by literal name, sorted
 
 
 _scan_lock = threading.Lock()
@@ -60,11 +66,17 @@ class Context:
     files: dict[str, FileId] = field(default_factory=dict)
     external: dict[str, str] = field(default_factory=dict)  # module -> blob id, outside root
     packages: set[str] = field(default_factory=set)
+    env: set[str] = field(default_factory=set)  # environment variables the closure reads
     incomplete: list[str] = field(default_factory=list)  # "path:line: why"
     _seen_modules: set[str] = field(default_factory=set)
 
     def encode(self, value: Any, path: str) -> canonical.Encoded:
         return canonical.encode(value, path, on_callable=self._on_callable, root=self.snapshot.root)
+
+    def encode_reduced(self, value: Any, path: str) -> canonical.Encoded:
+        return canonical.encode_reduced(
+            value, path, on_callable=self._on_callable, root=self.snapshot.root
+        )
 
     def _on_callable(self, fn: Callable[..., Any], path: str) -> canonical.Encoded:
         return describe(fn, self, path)
@@ -91,6 +103,7 @@ class Context:
 
     def _follow_imports(self, rel: str, blob: str) -> None:
         scan = _scan(blob, lambda: self.snapshot.read(rel))
+        self.env.update(scan.env)
         if scan.error:
             self.incomplete.append(f"{rel}: cannot be parsed ({scan.error})")
         for line in scan.dynamic:
@@ -126,6 +139,7 @@ class Context:
             blob = hash_bytes(data)
             self.external[name] = blob
             scan = _scan(blob, lambda: data)
+            self.env.update(scan.env)
             for sub in scan.imports:
                 for p in _resolve(sub, os.path.dirname(path), self.snapshot):
                     self._add_module_file(p, sub)
@@ -176,7 +190,78 @@ def _scan_tree(tree: ast.AST) -> Scan:
                 imports.append(ImportRef(level, arg.value[level:], (), node.lineno))
             else:
                 dynamic.append(node.lineno)
-    return Scan(tuple(imports), tuple(sorted(dynamic)), None)
+    # Only a file that imports os can read the environment by name: the others (most of a
+    # closure) skip the second walk.
+    reads_env = any(r.module.split(".")[0] == "os" for r in imports if not r.level)
+    return Scan(tuple(imports), tuple(sorted(dynamic)), None, _env_reads(tree) if reads_env else ())
+
+
+def _env_reads(tree: ast.AST) -> tuple[str, ...]:
+    """Names of the environment variables a file reads by a literal name, anywhere in it
+    (module level included): `os.environ["X"]`, `os.environ.get("X")`,
+    `os.environ.setdefault("X", ...)`, `"X" in os.environ`, `os.getenv("X")`, also through
+    `import os as o` and `from os import environ, getenv` under any alias. Aliases are taken
+    file-wide, ignoring scopes: a name too many only adds a variable to the key."""
+    mods: set[str] = set()  # names bound to the os module
+    environs: set[str] = set()  # names bound to os.environ
+    getenvs: set[str] = set()  # names bound to os.getenv
+    # (name read, the expression that must be os.environ or os.getenv, whether it is a call)
+    reads: list[tuple[str, ast.expr, bool]] = []
+    for node in ast.walk(tree):
+        # Exact types, most frequent first: this visits every node of the file.
+        if type(node) is ast.Call:
+            if node.args and (name := _literal(node.args[0])) is not None:
+                f = node.func
+                if type(f) is ast.Attribute and f.attr in ("get", "setdefault"):
+                    reads.append((name, f.value, False))
+                else:
+                    reads.append((name, f, True))
+        elif type(node) is ast.Subscript:
+            if type(node.ctx) is ast.Load and (name := _literal(node.slice)) is not None:
+                reads.append((name, node.value, False))
+        elif type(node) is ast.Compare:
+            if (
+                len(node.ops) == 1
+                and type(node.ops[0]) in (ast.In, ast.NotIn)
+                and (name := _literal(node.left)) is not None
+            ):
+                reads.append((name, node.comparators[0], False))
+        elif type(node) is ast.Import:
+            for a in node.names:  # `import os.path` binds os; `import os.path as p` does not
+                if a.name == "os" or (a.name.startswith("os.") and not a.asname):
+                    mods.add(a.asname or "os")
+        elif type(node) is ast.ImportFrom and node.module == "os" and not node.level:
+            for a in node.names:
+                if a.name == "environ":
+                    environs.add(a.asname or a.name)
+                elif a.name == "getenv":
+                    getenvs.add(a.asname or a.name)
+    if not (mods or environs or getenvs):
+        return ()
+
+    def is_os(e: ast.expr, attr: str, aliases: set[str]) -> bool:
+        if isinstance(e, ast.Name):
+            return e.id in aliases
+        return (
+            isinstance(e, ast.Attribute)
+            and e.attr == attr
+            and isinstance(e.value, ast.Name)
+            and e.value.id in mods
+        )
+
+    return tuple(
+        sorted(
+            {
+                name
+                for name, e, call in reads
+                if (is_os(e, "getenv", getenvs) if call else is_os(e, "environ", environs))
+            }
+        )
+    )
+
+
+def _literal(e: ast.expr) -> str | None:
+    return e.value if isinstance(e, ast.Constant) and isinstance(e.value, str) else None
 
 
 def _is_dynamic_import(func: ast.expr) -> bool:
@@ -353,6 +438,14 @@ def _dist_info_dirs() -> dict[str, str]:
     return found
 
 
+def runtime_packages() -> frozenset[str]:
+    """`name==version` of what runs every stage: datasets, pyarrow, and Python's
+    major.minor as `python==3.11`. Read from dist-info names, without importing them."""
+    found = _dist_info_dirs()
+    out = {f"{d}=={found[d]}" for d in RUNTIME_DISTRIBUTIONS if d in found}
+    return frozenset({*out, f"python=={sys.version_info[0]}.{sys.version_info[1]}"})
+
+
 @functools.cache
 def _distributions(top: str) -> tuple[tuple[str, str], ...]:
     """The installed distributions providing top-level module `top`, with versions."""
@@ -417,6 +510,13 @@ def describe(fn: Any, ctx: Context, path: str = "fn") -> dict[str, Any]:
         owner = getattr(fn, "__self__", None)
         if owner is not None and not isinstance(owner, types.ModuleType):
             args["self"] = _state(owner, ctx, f"{path}.__self__")
+            if _lookup(fn.__module__, fn.__qualname__) is not fn:
+                # A C method bound to an instance (`rng.random`, `{}.get`): its class's
+                # method, with the instance's state.
+                tp = type(owner)
+                _named(tp, ctx, f"{path}.__self__.__class__")
+                qualname = f"{tp.__qualname__}.{fn.__name__}"
+                return {"target": {"module": tp.__module__, "qualname": qualname}, "args": args}
         return {"target": _named(fn, ctx, path), "args": args}
     if isinstance(fn, type):
         return {"target": _named(fn, ctx, path), "args": args}
@@ -430,7 +530,16 @@ def describe(fn: Any, ctx: Context, path: str = "fn") -> dict[str, Any]:
             args["self"] = _state(fn, ctx, path)
             args.update(inner["args"])
             return {"target": inner["target"], "args": args}
-        return {"target": _named(type(fn), ctx, path), "args": {"self": _state(fn, ctx, path)}}
+        state = _state(fn, ctx, path)  # an opaque object is refused here, never empty
+        tp = type(fn)
+        if _is(state, "reduce"):
+            # C callables (itemgetter, a method descriptor): the reduction names what
+            # rebuilds them, so their type needs no importable name of its own.
+            return {
+                "target": {"module": tp.__module__, "qualname": tp.__qualname__},
+                "args": {"self": state},
+            }
+        return {"target": _named(tp, ctx, path), "args": {"self": state}}
     raise ClosureError(f"{path}: {fn!r} is not callable")
 
 
@@ -512,6 +621,10 @@ def _named(obj: Any, ctx: Context, path: str) -> dict[str, Any]:
     return {"module": module, "qualname": qualname}
 
 
+def _is(encoded: Any, tag: str) -> bool:
+    return isinstance(encoded, dict) and len(encoded) == 1 and tag in encoded
+
+
 def _lookup(module: str | None, qualname: str | None) -> Any:
     if not module or not qualname or "<" in qualname:
         return None
@@ -525,14 +638,18 @@ def _lookup(module: str | None, qualname: str | None) -> Any:
 
 def _state(obj: Any, ctx: Context, path: str) -> canonical.Encoded:
     """The state of an instance a callable is bound to: its canonical encoding when it has
-    one, else its class and attributes."""
+    one, else its class and attributes, or its pickle reduction when its attributes are not
+    all of its state. An object without attributes was already tried by its reduction: it
+    is refused, never encoded as empty."""
     try:
         return ctx.encode(obj, path)
     except UnhashableArgumentError as e:
-        if e.path != path:
+        if e.path != path or not hasattr(obj, "__dict__"):
             raise
     tp = type(obj)
     _named(tp, ctx, f"{path}.__class__")
+    if _state_beyond_attributes(tp):
+        return ctx.encode_reduced(obj, path)
     attrs: dict[str, Any] = {}
     if hasattr(obj, "__dict__"):
         attrs.update(vars(obj))
@@ -542,6 +659,24 @@ def _state(obj: Any, ctx: Context, path: str) -> canonical.Encoded:
                 attrs[slot] = getattr(obj, slot)
     fields = [[k, ctx.encode(v, f"{path}.{k}")] for k, v in sorted(attrs.items())]
     return {"object": [f"{tp.__module__}:{tp.__qualname__}", fields]}
+
+
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: set for classes defined in Python
+
+
+def _state_beyond_attributes(tp: type) -> bool:
+    """True when an instance's `__dict__` and slots may not be its whole state: a base class
+    implemented in C with fields of its own (random.Random's generator state; not a C mixin
+    without fields such as `typing.Generic` on 3.12), or a class that defines its own pickle
+    state (`__reduce__`, `__reduce_ex__`, `__getstate__`)."""
+    for base in tp.__mro__:
+        if base is object:
+            continue
+        if not base.__flags__ & _HEAPTYPE and base.__basicsize__ > object.__basicsize__:
+            return True
+        if any(k in vars(base) for k in ("__reduce__", "__reduce_ex__", "__getstate__")):
+            return True
+    return False
 
 
 def _global_names(code: types.CodeType) -> set[str]:

@@ -1,10 +1,11 @@
 """What changed between two manifests of a stage, in words a person reads.
 
 Owns: comparing an old and a new manifest part by part (callable, code files, arguments,
-options, inputs, data files, packages) into `Change` values, and rendering canonical values
-back into Python-like text (`{'k': 3}`, `1.5`, `(1, 2)`). Used by `status` (the first reason)
-and `explain` (all of them).
-Must never: import datasets, or print (the commands do that).
+options, inputs, data files, environment variables, packages and runtime versions) into
+`Change` values, and rendering canonical values back into Python-like text (`{'k': 3}`, `1.5`,
+`(1, 2)`). Used by `status` (the first reason) and `explain` (all of them).
+Must never: import datasets, print (the commands do that), or show a secret variable's value
+or hash.
 """
 
 from __future__ import annotations
@@ -13,21 +14,33 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
+# How an environment variable's value is shown: never a secret's value (nor its hash).
+UNSET = "unset"
+NOT_READ = "not read"
+SECRET = "<secret>"
+
 
 class Change(NamedTuple):
-    part: str  # code | file | arg | option | input | data | package | kind
+    part: str  # code | file | arg | option | input | data | env | package | kind
     path: str  # what changed: a file path, an argument path, an input name, ...
     old: Any  # rendered old value or id (None: it was not there)
     new: Any  # rendered new value or id (None: it is gone)
 
     def describe(self) -> str:
         old, new = _short(self.old), _short(self.new)
+        if self.part == "env":
+            if SECRET in (old, new) and UNSET not in (old, new) and NOT_READ not in (old, new):
+                return f"env var {self.path} changed (a secret: its value is not shown)"
+            return f"env var {self.path} changed: {old} -> {new}"
+        if self.part == "package" and self.path == "python" and old and new:
+            return f"Python {old} -> {new}"
         what = {
             "file": "code file",
             "arg": "argument",
             "option": "option",
             "input": "input stage",
             "data": "data file",
+            "env": "env var",
             "package": "package",
             "code": "callable",
             "kind": "kind",
@@ -75,6 +88,13 @@ def render(tree: Any) -> str:
             return f"<function {t.get('module')}.{t.get('qualname')}>"
         if tag == "path":
             return f"Path({v[1]!r})"
+        if tag == "reduce":  # [type, reconstructor, args, state, items, dict items]
+            parts = [render(x) for x in v[2]["tuple"]] if _is(v[2], "tuple") else []
+            if v[3] is not None:
+                parts.append(f"state={render(v[3])}")
+            return f"{v[0].split(':')[-1]}({', '.join(parts)})"
+        if tag in ("global", "type"):
+            return str(v).replace(":", ".")
         if tag == "tokenizer":
             return f"<tokenizer {v[:12]}>"
         if tag == "bytes":
@@ -153,7 +173,11 @@ def _tagged(x: Mapping[str, Any]) -> bool:
         "OrderedDict",
         "defaultdict",
         "tokenizer",
+        "transformers-tokenizer",
         "Features",
+        "reduce",
+        "global",
+        "type",
     }
 
 
@@ -177,6 +201,28 @@ def _keyed(part: str, old: Mapping[str, str], new: Mapping[str, str]) -> Iterato
             yield Change(part, key, old.get(key), new.get(key))
 
 
+def _env(doc: Mapping[str, Any]) -> dict[str, str]:
+    """Each variable the stage reads, as shown: its value's repr, "unset", or "<secret>"."""
+    out = {}
+    for name, value in doc.get("env") or []:
+        if value is None:
+            out[name] = UNSET
+        elif isinstance(value, dict):
+            out[name] = SECRET
+        else:
+            out[name] = repr(value)
+    return out
+
+
+def _env_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> Iterator[Change]:
+    o, n = dict(old.get("env") or []), dict(new.get("env") or [])
+    shown_o, shown_n = _env(old), _env(new)
+    for name in sorted(o.keys() | n.keys()):
+        if name in o and name in n and o[name] == n[name]:
+            continue
+        yield Change("env", name, shown_o.get(name, NOT_READ), shown_n.get(name, NOT_READ))
+
+
 def _packages(doc: Mapping[str, Any]) -> dict[str, str]:
     return dict(p.split("==", 1) for p in doc.get("packages", []) if "==" in p)
 
@@ -188,7 +234,8 @@ def diff(
     new_inputs: Mapping[str, str] | None = None,
 ) -> list[Change]:
     """Every difference between two manifest documents, most telling first: callable, code
-    files, arguments, options, inputs, data, packages. `*_inputs` name the input stages."""
+    files, arguments, options, inputs, data, environment variables, packages (datasets, pyarrow
+    and Python among them). `*_inputs` name the input stages."""
     out: list[Change] = []
     if old.get("kind") != new.get("kind"):
         out.append(Change("kind", "kind", old.get("kind"), new.get("kind")))
@@ -219,6 +266,7 @@ def diff(
         c._replace(part="data", path=f"load option {c.path}")
         for c in _walk("", od.get("options"), nd.get("options"))
     )
+    out.extend(_env_changes(old, new))
     out.extend(_keyed("package", _packages(old), _packages(new)))
     if not out and old != new:
         out.append(Change("kind", "manifest", "an older hfbuild format", "the current one"))

@@ -68,6 +68,10 @@ class StoreError(HfbuildError):
     """The store cannot be used: not writable, full, or an entry is corrupt."""
 
 
+class ConfigError(HfbuildError):
+    """The project's `[tool.hfbuild]` settings in pyproject.toml cannot be read or are wrong."""
+
+
 class DirtyTreeWarning(UserWarning):
     """A stage's fingerprint includes uncommitted or untracked files (named in the message)."""
 

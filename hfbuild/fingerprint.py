@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hfbuild import canonical
-from hfbuild.closure import Context, describe
+from hfbuild.closure import Context, describe, runtime_packages
 from hfbuild.datafiles import StatCache, expand, file_identity, resolve_data_files
+from hfbuild.envvars import env_part
 from hfbuild.errors import (
     DirtyTreeError,
     DirtyTreeWarning,
@@ -97,6 +98,12 @@ def normalize_options(kind: str, options: Mapping[str, Any] | None, ctx: Context
     """The output-relevant options of a transform, defaults filled in, canonically encoded.
     Options hfbuild does not know are kept (they might change the output)."""
     opts = {k: v for k, v in (options or {}).items() if k not in NEUTRAL_OPTIONS}
+    if opts.get("with_rank"):
+        # With `with_rank=True` the function sees its process's rank, so the number of
+        # processes shapes the output. datasets runs one shard without a rank for None, 0
+        # and 1 alike, so those are one value.
+        n = (options or {}).get("num_proc")
+        opts["num_proc"] = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
     defaults = _OUTPUT_OPTIONS.get(kind)
     if defaults is not None:
         opts = {**defaults, **opts}
@@ -194,7 +201,10 @@ def build_manifest(
         doc["code"]["files"] = sorted([f.path, f.id] for f in ctx.files.values())
         if ctx.external:
             doc["code"]["external"] = sorted([m, b] for m, b in ctx.external.items())
-    doc["packages"] = sorted(ctx.packages)
+        env = env_part(ctx.env, ctx.snapshot.root)
+        if env:  # absent when the code reads none, so such keys are unchanged
+            doc["env"] = env
+    doc["packages"] = sorted(ctx.packages | runtime_packages())
     dirty = tuple(sorted((f for f in ctx.files.values() if f.dirty), key=lambda f: f.path))
     return Manifest(doc, dirty, tuple(ctx.incomplete))
 

@@ -27,6 +27,8 @@ from hfbuild.errors import HfbuildError, NotBuiltError, StageError
 from hfbuild.fingerprint import Manifest, build_manifest, load_data
 from hfbuild.gitstate import Mode, Snapshot, find_root
 from hfbuild.lockfile import LOCK_NAME
+from hfbuild.manifests import Manifests
+from hfbuild.manifests import compute as compute_manifests
 from hfbuild.remote import Remote, remote_url
 from hfbuild.spec import LOAD_BUILDERS, StageSpec
 from hfbuild.store import Store
@@ -92,7 +94,7 @@ class Pipeline:
         self.store = Store(store if os.path.isabs(store) else os.path.join(self.root, store))
         self.name = name
         self._specs: dict[str, StageSpec] = {}
-        self._cache: dict[str, Manifest] | None = None
+        self._cache: Manifests | None = None
         self.stat_cache = StatCache(os.path.join(self.store.root, "statcache.json"))
         # One lock file per pipeline: two pipelines in one repository need two names.
         self.lock_path = os.path.join(self.root, lock)
@@ -248,18 +250,19 @@ class Pipeline:
 
     def manifests(
         self, *, fresh: bool = False, mode: Mode = "worktree", absent: LockedData | None = None
-    ) -> dict[str, Manifest]:
+    ) -> Manifests:
         """Every stage's manifest, computed from one snapshot of the work tree (or, with
-        `mode="index"`, of what is staged). Memoized until `fresh=True` is asked for. With
-        `absent`, a load stage whose data files are missing takes its data part from it."""
+        `mode="index"`, of what is staged). Memoized until `fresh=True` is asked for. A stage
+        that cannot be fingerprinted raises its error when looked up; the others are fine.
+        With `absent`, a load stage whose data files are missing takes its data part from it."""
         if absent is not None:
             fresh = True
         if mode == "worktree" and self._cache is not None and not fresh:
             return self._cache
         snap = Snapshot(self.root, mode)
-        out: dict[str, Manifest] = {}
-        for spec in self._specs.values():
-            out[spec.name] = self._manifest(spec, snap, out, absent)
+        out = compute_manifests(
+            self._specs.values(), lambda spec, done: self._manifest(spec, snap, done, absent)
+        )
         self.stat_cache.save()
         if mode == "worktree" and absent is None:
             self._cache = out

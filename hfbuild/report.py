@@ -18,7 +18,7 @@ from hfbuild.pipeline import Pipeline
 class StageState(NamedTuple):
     stage: str
     fingerprint: str
-    state: str  # "up to date" | "stale" | "dirty"
+    state: str  # "up to date" | "stale" | "dirty" | "failed" (reason: why it has no key)
     reason: str | None
     dirty_files: list[str]
     rows: Any
@@ -84,7 +84,13 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
 
 def stage_states(pipe: Pipeline) -> list[StageState]:
     out = []
-    for name, m in pipe.manifests().items():
+    manifests = pipe.manifests()
+    for name in manifests:
+        err = manifests.error(name)
+        if err is not None:
+            out.append(StageState(name, "", "failed", str(err), [], None))
+            continue
+        m = manifests[name]
         fp = m.fingerprint
         dirty = [f"{f.path} ({f.status})" for f in m.dirty]
         if pipe.store.has(fp):

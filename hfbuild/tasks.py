@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from doit.exceptions import TaskFailed
 
     from hfbuild.pipeline import Pipeline
+    from hfbuild.spec import StageSpec
 
 
 def _uptodate(pipe: Pipeline, name: str) -> bool:
@@ -76,9 +77,26 @@ def _title(pipe: Pipeline, name: str, task: Any) -> str:
 
 
 def _clean(pipe: Pipeline, name: str) -> None:
+    err = pipe.manifests().error(name)
+    if err is not None:  # it has no fingerprint, so no result of it can be current
+        print(f"{name}: nothing to remove ({err})")
+        return
     fp = pipe.manifests()[name].fingerprint
     if pipe.store.remove(fp):
         print(f"{name}: removed {fp} from the store")
+
+
+def _failing_last(pipe: Pipeline) -> list[StageSpec]:
+    """The stages in pipeline order, except that those that cannot be fingerprinted (and
+    their consumers) come last: doit stops at the first failed task, so every other stage is
+    built before a broken one fails with its message."""
+    try:
+        failed = pipe.manifests().failed
+    except HfbuildError:  # nothing can be fingerprinted: every task fails with the message
+        return pipe.specs
+    return [s for s in pipe.specs if s.name not in failed] + [
+        s for s in pipe.specs if s.name in failed
+    ]
 
 
 def pipeline_tasks(pipe: Pipeline, basename: str) -> Iterator[dict[str, Any]]:
@@ -86,7 +104,7 @@ def pipeline_tasks(pipe: Pipeline, basename: str) -> Iterator[dict[str, Any]]:
         "name": None,
         "doc": f"build the hfbuild pipeline's {len(pipe)} stages (those whose result is stale)",
     }
-    for spec in pipe.specs:
+    for spec in _failing_last(pipe):
         doc = spec.doc or (
             f"{spec.kind} "
             + (

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from hfbuild import lockfile
@@ -35,7 +36,7 @@ def _fix(pipe: Pipeline) -> str:
 
 
 def _cause(
-    pipe: Pipeline, entry: dict[str, Any], m: Manifest, manifests: dict[str, Manifest], name: str
+    pipe: Pipeline, entry: dict[str, Any], m: Manifest, manifests: Mapping[str, Manifest], name: str
 ) -> str:
     inputs = {i: manifests[i].fingerprint for i in pipe[name].spec.inputs}
     changes = diff(entry.get("manifest") or {}, m.doc, entry.get("inputs") or {}, inputs)

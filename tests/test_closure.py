@@ -36,6 +36,19 @@ def imported(repo: Repo, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
             del sys.modules[name]
 
 
+def runtime() -> list[str]:
+    """What runs every stage, read from the installed packages themselves."""
+    import importlib.metadata
+
+    import pyarrow
+
+    return [
+        f"datasets=={importlib.metadata.version('datasets')}",
+        f"pyarrow=={pyarrow.__version__}",
+        f"python=={sys.version_info[0]}.{sys.version_info[1]}",
+    ]
+
+
 def manifest(fn: Any, kwargs: Any = None) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -80,8 +93,8 @@ def test_closure_follows_in_repo_imports_transitively(repo: Repo, imported: Any)
 
 
 def test_third_party_imports_become_package_versions(repo: Repo, imported: Any) -> None:
-    """numpy becomes `numpy==<version>`; the standard library and datasets itself do not
-    appear; nothing from site-packages is a closure file."""
+    """numpy becomes `numpy==<version>` next to the runtime (datasets, pyarrow, Python);
+    the standard library does not appear; nothing from site-packages is a closure file."""
     import numpy
 
     repo.write(
@@ -92,7 +105,7 @@ def test_third_party_imports_become_package_versions(repo: Repo, imported: Any) 
         commit="x",
     )
     m = manifest(imported("t").f)
-    assert m["packages"] == [f"numpy=={numpy.__version__}"]
+    assert m["packages"] == sorted([f"numpy=={numpy.__version__}", *runtime()])
     assert [p for p, _ in m["code"]["files"]] == ["t.py"]
 
 
@@ -255,7 +268,7 @@ def test_builtin_and_library_callables_by_name(repo: Repo, imported: Any) -> Non
 
     m = manifest(numpy.log)
     assert m["code"]["target"] == {"module": "numpy", "qualname": "log"}
-    assert m["packages"] == [f"numpy=={numpy.__version__}"]
+    assert m["packages"] == sorted([f"numpy=={numpy.__version__}", *runtime()])
     assert manifest(len)["code"]["target"] == {"module": "builtins", "qualname": "len"}
 
 

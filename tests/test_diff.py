@@ -69,3 +69,39 @@ def test_render_reads_like_python() -> None:
         render(encode({"a": (1, 2.5), "b": None, "c": frozenset({"x"})}))
         == "{'a': (1, 2.5), 'b': None, 'c': frozenset({'x'})}"
     )
+
+
+def test_environment_variable_changes() -> None:
+    """An env var change shows old and new values, `unset` for an absent one, `not read` for
+    one the code did not read before; a secret says only that it changed."""
+    old = manifest(env=[["MODE", "a"], ["OPT", None], ["API_TOKEN", {"secret": "scrypt:1"}]])
+    new = manifest(
+        env=[["MODE", "b"], ["OPT", ""], ["API_TOKEN", {"secret": "scrypt:2"}], ["NEW", "x"]]
+    )
+    assert texts(old, new) == [
+        "env var API_TOKEN changed (a secret: its value is not shown)",
+        "env var MODE changed: 'a' -> 'b'",
+        "env var NEW changed: not read -> 'x'",
+        "env var OPT changed: unset -> ''",
+    ]
+    assert "scrypt" not in repr(diff(old, new))
+    gone = manifest(env=[["API_TOKEN", None]])
+    assert texts(old, gone)[0] == "env var API_TOKEN changed: <secret> -> unset"
+
+
+def test_runtime_versions() -> None:
+    """A datasets or pyarrow upgrade is a package change; a new Python names both versions."""
+    old = manifest(packages=["datasets==3.1.0", "pyarrow==17.0.0", "python==3.10"])
+    new = manifest(packages=["datasets==3.2.0", "pyarrow==17.0.0", "python==3.11"])
+    assert texts(old, new) == ["package datasets changed: 3.1.0 -> 3.2.0", "Python 3.10 -> 3.11"]
+
+
+def test_reduced_objects_render_by_their_arguments() -> None:
+    """A C-implemented argument (itemgetter) is shown by its type and arguments."""
+    import operator
+
+    old = manifest(args={"fn_kwargs": encode({"key": operator.itemgetter("a")})})
+    new = manifest(args={"fn_kwargs": encode({"key": operator.itemgetter("b")})})
+    assert texts(old, new) == [
+        "argument fn_kwargs['key'] changed: itemgetter('a') -> itemgetter('b')"
+    ]

@@ -4,6 +4,7 @@ Every determinism claim is checked in fresh interpreters, in real git repositori
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 import textwrap
@@ -11,7 +12,7 @@ import textwrap
 import pytest
 
 import hfbuild
-from tests.helpers import Repo, fingerprint_in_subprocess, git
+from tests.helpers import Repo, fingerprint_in_subprocess, git, run_python
 
 PROJECT = {
     "pkg/__init__.py": "",
@@ -108,6 +109,24 @@ def test_changes_with_the_arguments(project: Repo) -> None:
     values = [{"k": 3}, {"k": 4}, {"k": 3.0}, {"k": "3"}, {"k": True}, {"k": [3]}]
     fps = [fp(project, v)["fp"] for v in values]
     assert len(set(fps)) == len(values)
+
+
+def test_num_proc_counts_only_with_rank(project: Repo) -> None:
+    """num_proc stays out of the key, except with with_rank=True, where the function sees the
+    rank: then 2 and 4 processes differ, and None and 1 (one unranked shard) agree."""
+    code = """
+        import json, warnings
+        warnings.simplefilter("ignore")
+        import hfbuild
+        from pkg.transforms import featurize
+        runs = [{}, {"num_proc": 4}, {"with_rank": True}, {"with_rank": True, "num_proc": 1},
+                {"with_rank": True, "num_proc": 2}, {"with_rank": True, "num_proc": 4}]
+        print(json.dumps([hfbuild.fingerprint(featurize, options=o) for o in runs]))
+        """
+    plain, plain4, rank, rank1, rank2, rank4 = json.loads(run_python(code, project.path).stdout)
+    assert plain == plain4
+    assert rank == rank1
+    assert len({plain, rank, rank2, rank4}) == 4
 
 
 def test_dirty_edit_commit_and_revert(project: Repo) -> None:

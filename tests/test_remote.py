@@ -161,7 +161,8 @@ def test_file_remote_from_pyproject(
     monkeypatch.delenv("HFBUILD_REMOTE", raising=False)
     remote = tmp_path / "remote"
     make_project(repo)
-    repo.write({"pyproject.toml": f'[tool.hfbuild]\nremote = "file://{remote}"\n'}, commit="remote")
+    config = (repo.path / "pyproject.toml").read_text() + f'remote = "file://{remote}"\n'
+    repo.write({"pyproject.toml": config}, commit="remote")
     doit(repo, "run", "preprocess", log=tmp_path / "log")
     assert run_hfbuild(repo, "push").returncode == 0
     clone = repo.clone(tmp_path / "second")

@@ -9,9 +9,10 @@ from hfbuild.report import stage_states
 
 
 def status(pipe: Pipeline, *, as_json: bool = False, quiet: bool = False) -> int:
-    """Each stage as up to date, stale (with the first reason) or built from uncommitted
-    changes; a lock with merge conflict markers is reported. Exit 0 only when every stage is
-    up to date from committed code and the lock has no conflict."""
+    """Each stage as up to date, stale (with the first reason), built from uncommitted
+    changes, or failed (it cannot be fingerprinted: the error says why); a lock with merge
+    conflict markers is reported. Exit 0 only when every stage is up to date from committed
+    code and the lock has no conflict."""
     states = stage_states(pipe)
     conflict = lockfile.conflict(pipe.lock_path, pipe.lock_name)
     if conflict is not None and not quiet:
@@ -26,13 +27,20 @@ def status(pipe: Pipeline, *, as_json: bool = False, quiet: bool = False) -> int
             dirty = (
                 f" (from uncommitted changes: {', '.join(s.dirty_files)})" if s.dirty_files else ""
             )
-            detail = f"stale{dirty}: {s.reason}" if s.state == "stale" else f"up to date{dirty}"
+            if s.state == "failed":
+                detail = f"failed: {s.reason}"
+            elif s.state == "stale":
+                detail = f"stale{dirty}: {s.reason}"
+            else:
+                detail = f"up to date{dirty}"
             print(f"{s.stage:<{width}}  {detail}")
         if any(s.dirty_files for s in states):
             print(
                 "\nStages marked (from uncommitted changes) use files that are not committed: "
                 "commit them (their results are kept) or revert them."
             )
+        if any(s.state == "failed" for s in states):
+            print("\nThe failed stages cannot be built until their error is fixed.")
         if any(s.state == "stale" for s in states):
             print(f"\nRun `doit run {pipe.name}` to build the stale stages.")
     ok = conflict is None and all(s.state == "up to date" for s in states)

@@ -1,0 +1,111 @@
+"""Environment variables in a stage's key.
+
+Owns: turning the names of the environment variables a stage's code reads (found by the static
+scan in `closure`) into the manifest's `env` part: each name with its value, `None` when it is
+unset (so an unset variable and an empty one differ), or, for a name that looks secret
+(`*TOKEN*`, `*KEY*`, `*SECRET*`, `*PASSWORD*`), `{"secret": <salted scrypt hash>}`. Also owns
+the project's settings for them in `[tool.hfbuild]` of pyproject.toml: `untracked-env` (names
+whose value does not change the output, such as a log path) and `secret-salt`.
+
+Must never: put a secret's value into anything it returns (manifests are stored, pushed and
+shown), or read a variable the code does not read by name (an unrelated variable must never
+change a key).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from hfbuild.errors import ConfigError
+
+_SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
+SALT_VARIABLE = "HFBUILD_SECRET_SALT"
+
+
+def is_secret(name: str) -> bool:
+    """True for a variable whose value must never be shown or stored in clear."""
+    return _SECRET.search(name) is not None
+
+
+def env_part(names: Iterable[str], root: str) -> list[list[Any]]:
+    """The manifest's `env` part: `[name, value]` pairs sorted by name, for every name the
+    code reads except the project's `untracked-env`; the value is `None` when unset and a
+    salted hash for a secret."""
+    wanted = sorted(set(names))
+    if not wanted:
+        return []
+    settings = project_settings(root)
+    out: list[list[Any]] = []
+    for name in wanted:
+        if name in settings.untracked:
+            continue
+        value = os.environ.get(name)
+        if value is not None and is_secret(name):
+            out.append([name, {"secret": secret_hash(name, value, settings.salt)}])
+        else:
+            out.append([name, value])
+    return out
+
+
+def secret_hash(name: str, value: str, project_salt: str) -> str:
+    """A secret's value as it enters a key: scrypt (memory-hard, about 50 ms) of the value,
+    salted with the project's salt and the variable's name. See ARCHITECTURE.md for why the
+    salt is what it is."""
+    salt = os.environ.get(SALT_VARIABLE) or project_salt
+    return _scrypt(name, value, salt)
+
+
+@functools.lru_cache(maxsize=64)
+def _scrypt(name: str, value: str, salt: str) -> str:
+    material = b"\0".join([b"hfbuild-env-v1", salt.encode(), name.encode()])
+    return "scrypt:" + hashlib.scrypt(value.encode(), salt=material, n=2**14, r=8, p=1).hex()
+
+
+class Settings:
+    """The `[tool.hfbuild]` settings this module reads."""
+
+    def __init__(self, untracked: frozenset[str], salt: str) -> None:
+        self.untracked = untracked
+        self.salt = salt
+
+
+def project_settings(root: str) -> Settings:
+    path = os.path.join(root, "pyproject.toml")
+    try:
+        st = os.stat(path)
+    except OSError:
+        return Settings(frozenset(), "")
+    return _settings(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _settings(path: str, mtime_ns: int, size: int) -> Settings:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+    try:
+        with open(path, "rb") as f:
+            doc: Mapping[str, Any] = tomllib.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}): fix its syntax.") from e
+    tool = doc.get("tool", {}).get("hfbuild", {})
+    untracked = tool.get("untracked-env", [])
+    if not isinstance(untracked, list) or not all(isinstance(n, str) for n in untracked):
+        raise ConfigError(
+            f"{path}: [tool.hfbuild] untracked-env must be a list of variable names, "
+            f'like untracked-env = ["LOG_FILE"].'
+        )
+    salt = tool.get("secret-salt")
+    if salt is None:
+        # The project's own name: the same in every clone, different between projects.
+        salt = doc.get("project", {}).get("name", "")
+    if not isinstance(salt, str):
+        raise ConfigError(f"{path}: [tool.hfbuild] secret-salt must be a string.")
+    return Settings(frozenset(untracked), salt)

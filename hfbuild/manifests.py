@@ -1,0 +1,76 @@
+"""Every stage's manifest, where one stage's failure is that stage's alone.
+
+Owns: computing a pipeline's manifests in stage order, so that a stage whose manifest cannot
+be made (an argument hfbuild cannot fingerprint, a missing data file) fails by itself, and the
+stages that consume it fail with the same cause, while every other stage gets its manifest. The
+result is a read-only mapping: looking up a failed stage raises its error.
+
+Must never: hide a failure (a failed stage is never served, listed as built, or given a
+fingerprint), or catch anything but a user error of the stage itself: bugs, and errors of the
+repository every stage reads (an unreadable git index: `GitStateError`), still stop
+everything with one message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+from hfbuild.errors import GitStateError, HfbuildError, NotARepositoryError, StageError
+from hfbuild.fingerprint import Manifest
+from hfbuild.spec import StageSpec
+
+
+class Manifests(Mapping[str, Manifest]):
+    """Stage name -> manifest, in the pipeline's order. `failed` holds the stages that have
+    none, with the error each raises when looked up."""
+
+    def __init__(self, names: list[str], ok: dict[str, Manifest], failed: dict[str, HfbuildError]):
+        self._names = names
+        self.ok = ok
+        self.failed = failed
+
+    def __getitem__(self, name: str) -> Manifest:
+        err = self.failed.get(name)
+        if err is not None:
+            raise err.with_traceback(None)
+        return self.ok[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def error(self, name: str) -> HfbuildError | None:
+        """Why the stage has no manifest, or None when it has one."""
+        return self.failed.get(name)
+
+
+def compute(
+    specs: Iterable[StageSpec], one: Callable[[StageSpec, Mapping[str, Manifest]], Manifest]
+) -> Manifests:
+    """Each stage's manifest by `one(spec, manifests so far)`, in order; a stage whose input
+    failed fails with the input's cause, without being computed."""
+    names: list[str] = []
+    ok: dict[str, Manifest] = {}
+    failed: dict[str, HfbuildError] = {}
+    cause: dict[str, tuple[str, HfbuildError]] = {}  # stage -> (first failed stage, its error)
+    for spec in specs:
+        names.append(spec.name)
+        bad = next((i for i in spec.inputs if i in failed), None)
+        if bad is not None:
+            origin, err = cause[bad]
+            cause[spec.name] = (origin, err)
+            failed[spec.name] = StageError(
+                f"stage {spec.name!r} cannot be fingerprinted because stage {origin!r}, which "
+                f"it is built from, cannot: {err}"
+            )
+            continue
+        try:
+            ok[spec.name] = one(spec, ok)
+        except (GitStateError, NotARepositoryError):
+            raise  # the repository's, not the stage's: one message, not one per stage
+        except HfbuildError as e:
+            failed[spec.name] = e
+            cause[spec.name] = (spec.name, e)
+    return Manifests(names, ok, failed)

@@ -1,0 +1,69 @@
+"""One stage that cannot be fingerprinted fails alone; the rest of the pipeline builds."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import textwrap
+
+from tests.helpers import Repo, run_hfbuild
+from tests.pipeline_project import FILES, calls, doit, expected, make_project, results
+
+UNHASHABLE = "cannot fingerprint an object of type _thread.lock"
+
+
+def test_bad_argument_fails_its_stage_and_consumers_only(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A lock in `feat`'s arguments (the second stage) fails `feat` and the two stages built
+    from it with that message, under a plain `doit run`; `raw` and `lens` still build, and
+    `hfbuild status` shows the failures with their message and the others normally, and
+    `explain` on a failed stage exits 1 with its cause."""
+    make_project(repo)
+    dodo = textwrap.dedent(FILES["dodo.py"]).replace(
+        '{"k": 2}', '{"k": 2, "lock": threading.Lock()}'
+    )
+    repo.write({"dodo.py": "import threading\n" + dodo}, commit="a lock as an argument")
+    log = tmp_path / "calls.log"
+    out = doit(repo, "run", "preprocess", log=log, check=False)
+    assert out.returncode != 0
+    assert "fn_kwargs['lock']: " + UNHASHABLE in out.stdout + out.stderr
+    assert calls(log) == {"lens": 1}
+    assert results_of(repo, "lens") == expected()["lens"]
+
+    states = {s["stage"]: s for s in json.loads(run_hfbuild(repo, "status", "--json").stdout)}
+    assert {n: s["state"] for n, s in states.items()} == {
+        "raw": "up to date",
+        "feat": "failed",
+        "kept": "failed",
+        "split": "failed",
+        "lens": "up to date",
+    }
+    assert UNHASHABLE in str(states["feat"]["reason"])
+    assert "because stage 'feat'" in str(states["split"]["reason"])
+    assert UNHASHABLE in str(states["split"]["reason"])
+    text = run_hfbuild(repo, "status")
+    assert text.returncode == 1
+    assert "feat   failed: stage 'feat': fn_kwargs['lock']: " + UNHASHABLE in text.stdout
+    assert "lens   up to date" in text.stdout
+    ex = run_hfbuild(repo, "explain", "kept")
+    assert ex.returncode == 1
+    assert "stage 'kept' cannot be fingerprinted because stage 'feat'" in ex.stderr
+
+    # Fixing the argument builds the rest, reusing raw and lens.
+    repo.write({"dodo.py": FILES["dodo.py"]}, commit="fixed")
+    doit(repo, "run", "preprocess", log=log)
+    assert calls(log) == {"lens": 1, "feat": 1, "keep": 1, "split": 1}
+    assert results(repo)["kept"] == expected()["kept"]
+
+
+def results_of(repo: Repo, stage: str) -> object:
+    from tests.helpers import run_python
+
+    code = f"""
+        import json, warnings
+        warnings.simplefilter("ignore")
+        import dodo
+        print(json.dumps(list(dodo.pipe.result({stage!r})["n"])))
+        """
+    return json.loads(run_python(code, repo.path).stdout)
