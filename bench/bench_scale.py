@@ -19,8 +19,8 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-import scale_build  # noqa: E402
-import scale_repo  # noqa: E402
+import scale_build
+import scale_repo
 
 
 def main() -> None:
