@@ -74,3 +74,7 @@ class RemoteWarning(UserWarning):
 
 class CorruptEntryWarning(UserWarning):
     """A store entry failed its checks; it was moved aside and is rebuilt."""
+
+
+class ObservationWarning(UserWarning):
+    """Something a stage may have read at run time could not be observed."""

@@ -24,6 +24,7 @@ from hfbuild.closure import Context
 from hfbuild.datafiles import StatCache
 from hfbuild.errors import HfbuildError, NotBuiltError, StageError
 from hfbuild.fingerprint import Manifest, build_manifest, load_data
+from hfbuild.fullkey import resolve
 from hfbuild.gitstate import Mode, Snapshot, find_root
 from hfbuild.lockfile import LOCK_NAME
 from hfbuild.remote import Remote, remote_url
@@ -252,7 +253,12 @@ class Pipeline:
         snap = Snapshot(self.root, mode)
         out: dict[str, Manifest] = {}
         for spec in self._specs.values():
-            out[spec.name] = self._manifest(spec, snap, out)
+            m = self._manifest(spec, snap, out)
+            # The key includes what the stage's builds read at run time (fullkey.py), so that
+            # the stages after it take that key as their input.
+            out[spec.name] = resolve(
+                m, spec.name, self.store, self.lock_path, snap, self.stat_cache
+            )
         self.stat_cache.save()
         if mode == "worktree":
             self._cache = out
