@@ -131,7 +131,7 @@ def _build_locked(
         with observing(pipe, tmp) as seen:
             result = builder.run_stage(spec, inputs, fp, tmp, pipe.root, m.data_files)
             info = builder.save(result, os.path.join(tmp, "data"), tmp)
-        observed = seen.identify(m)
+            observed = seen.identify(m)
         fp = full_key(m.static_fingerprint, observed)
         seconds = time.perf_counter() - t0
         doc = {
