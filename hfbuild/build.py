@@ -58,6 +58,11 @@ def build(
         fp = m.fingerprint
         # Builds of one static fingerprint are serialized: they may publish under any key.
         with store.lock(m.static_fingerprint):
+            if not store.has(fp) and store.read_observed(m.static_fingerprint):
+                # Another process may have built it while we waited, under a key only its
+                # build could tell: resolve it again.
+                m = pipe.manifests(fresh=True)[name]
+                fp = m.fingerprint
             if store.has(fp):  # another process built it while we waited
                 report = Report(name, fp, "built elsewhere", _rows(pipe, fp), 0.0)
             else:

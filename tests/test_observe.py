@@ -88,7 +88,8 @@ FILES = {
         from pkg.log import log
 
         # Read when the module is imported, before any build starts.
-        SCALE = int((pathlib.Path(__file__).resolve().parent.parent / "conf" / "scale.txt").read_text())
+        CONF = pathlib.Path(__file__).resolve().parent.parent / "conf"
+        SCALE = int((CONF / "scale.txt").read_text())
 
 
         def scaled(batch):
@@ -178,7 +179,9 @@ def run_doit(
     return out
 
 
-def hfbuild(path: pathlib.Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def hfbuild(
+    path: pathlib.Path, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(pathlib.Path(sys.executable).parent / "hfbuild"), *args],
         cwd=path,
@@ -386,3 +389,47 @@ def test_nothing_observed_without_the_hook(repo: Repo) -> None:
     assert out.stdout.strip() == "False"
     out = run_python("import hfbuild.observe as o, hfbuild; print(o.installed())", repo.path)
     assert out.stdout.strip() == "True"
+
+
+def test_recording_keeps_project_reads_only(tmp_path: pathlib.Path) -> None:
+    """Within a recording: reads under the root are noted (relative paths, os.open too);
+    writes, the excluded store, files outside the root and module bytecode are not."""
+    from hfbuild import observe
+
+    assert observe.installed()
+    root = tmp_path / "root"
+    (root / "store").mkdir(parents=True)
+    for name in ("read.txt", "osopen.txt", "write.txt", "store/entry.txt", "mod.pyc"):
+        (root / name).write_text("x")
+    (tmp_path / "outside.txt").write_text("x")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with observe.recording(str(root), [str(root / "store")], str(tmp_path / "spool")) as rec:
+            with open("read.txt") as f:
+                f.read()
+            os.close(os.open(root / "osopen.txt", os.O_RDONLY))
+            with open(root / "write.txt", "w") as f:
+                f.write("y")
+            with open(root / "new.txt", "x") as f:
+                f.write("y")
+            with open(root / "write.txt", "a") as f:
+                f.write("y")
+            (root / "store" / "entry.txt").read_text()
+            (tmp_path / "outside.txt").read_text()
+            (root / "mod.pyc").read_bytes()
+    finally:
+        os.chdir(cwd)
+    assert rec.collect() == {str(root / "read.txt"), str(root / "osopen.txt")}
+
+
+def test_a_stage_that_read_nothing_keeps_its_static_fingerprint() -> None:
+    """The full key of an empty observation is the static fingerprint itself, and any
+    observed file's id changes it."""
+    from hfbuild.fullkey import full_key
+
+    static = "0" * 32
+    assert full_key(static, ()) == static
+    one = full_key(static, (("conf/x.yaml", "a" * 40),))
+    assert one != static
+    assert full_key(static, (("conf/x.yaml", "b" * 40),)) != one
