@@ -56,10 +56,20 @@ def install() -> None:
     if _installed or not enabled():
         return
     _installed = True
+    # A module still being imported (dodo.py, importing hfbuild first) is observed from here
+    # on: only modules that finished importing before are unobserved.
+    importing = set()
+    f: FrameType | None = sys._getframe(1)
+    while f is not None:
+        if f.f_code.co_name == "<module>":
+            importing.add(f.f_code.co_filename)
+        f = f.f_back
     _preloaded = frozenset(
-        f
+        p
         for m in list(sys.modules.values())
-        if isinstance(f := getattr(m, "__file__", None), str) and not f.startswith(_SKIP)
+        if isinstance(p := getattr(m, "__file__", None), str)
+        and not p.startswith(_SKIP)
+        and p not in importing
     )
     sys.addaudithook(_hook)
 

@@ -433,3 +433,53 @@ def test_a_stage_that_read_nothing_keeps_its_static_fingerprint() -> None:
     one = full_key(static, (("conf/x.yaml", "a" * 40),))
     assert one != static
     assert full_key(static, (("conf/x.yaml", "b" * 40),)) != one
+
+
+def test_a_module_imported_before_hfbuild_is_warned_about(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A closure module imported before hfbuild (its import-time reads unseen) is named in an
+    ObservationWarning when the stage builds; importing hfbuild first silences it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dodo = """
+        {first}
+        {second}
+
+        pipe = Pipeline()
+        raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+        m = pipe.map("m", raw, early.f, batched=True)
+
+
+        def task_preprocess():
+            yield from pipe.tasks()
+        """
+    early, hf = "from pkg import early", "from hfbuild import Pipeline"
+    repo.write(
+        {
+            "pkg/__init__.py": "",
+            "pkg/early.py": """
+                WORDS = open("conf/early.txt").read()
+
+                def f(batch):
+                    return {"y": [len(WORDS)] * len(batch["x"])}
+                """,
+            "conf/early.txt": "abc\n",
+            "dodo.py": dodo.format(first=early, second=hf),
+            ".gitignore": ".hfbuild/\n.doit.db*\n__pycache__/\n",
+        }
+    )
+    (repo.path / "data").mkdir()
+    pq.write_table(pa.table({"x": [1, 2]}), repo.path / "data" / "p.parquet")
+    repo.commit("project")
+    late = run_doit(repo.path, tmp_path / "a.log", dict(os.environ))
+    assert "pkg/early.py was imported before hfbuild" in late.stderr, late.stderr
+    assert "observed" not in lock(repo.path)["m"]
+
+    repo.write({"dodo.py": dodo.format(first=hf, second=early)}, commit="hfbuild first")
+    # A result built while the warning was given counts as having read nothing: build anew.
+    fresh = {**os.environ, "HFBUILD_STORE": str(tmp_path / "store2")}
+    first = run_doit(repo.path, tmp_path / "b.log", fresh)
+    assert "imported before hfbuild" not in first.stderr
+    assert [p for p, _ in lock(repo.path)["m"]["observed"]] == ["conf/early.txt"]
