@@ -483,3 +483,20 @@ def test_a_module_imported_before_hfbuild_is_warned_about(
     first = run_doit(repo.path, tmp_path / "b.log", fresh)
     assert "imported before hfbuild" not in first.stderr
     assert [p for p, _ in lock(repo.path)["m"]["observed"]] == ["conf/early.txt"]
+
+
+def test_pre_commit_check_sees_a_file_read_at_run_time(
+    project: tuple[pathlib.Path, dict[str, str]], tmp_path: pathlib.Path
+) -> None:
+    """`verify --staged` takes the staged content of files read at run time: a rebuilt lock
+    staged without the edited file it read fails, naming the file; staging it passes."""
+    path, env = project
+    (path / "conf" / "vocab.txt").write_text("row\n")
+    run_doit(path, tmp_path / "edit.log", env)
+    subprocess.run(["git", "add", "hfbuild.lock"], cwd=path, env=env, check=True)
+    bad = hfbuild(path, env, "verify", "--staged")
+    assert bad.returncode == 1
+    assert "file read at run time: conf/vocab.txt" in bad.stdout + bad.stderr
+    subprocess.run(["git", "add", "conf/vocab.txt"], cwd=path, env=env, check=True)
+    ok = hfbuild(path, env, "verify", "--staged")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
