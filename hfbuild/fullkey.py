@@ -204,9 +204,7 @@ def _warn_unobserved(m: Manifest, closure: Sequence[str]) -> None:
         return
     early = {os.path.realpath(f) for f in observe.preloaded()}
     rels = [p for p, _ in (m.doc.get("code") or {}).get("files", [])]
-    late = sorted(
-        rel for rel, f in zip(rels, closure, strict=True) if os.path.realpath(f) in early
-    )
+    late = sorted(rel for rel, f in zip(rels, closure, strict=True) if os.path.realpath(f) in early)
     if late:
         warnings.warn(
             f"{', '.join(late)} {'was' if len(late) == 1 else 'were'} imported before hfbuild, "
