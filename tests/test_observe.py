@@ -500,3 +500,17 @@ def test_pre_commit_check_sees_a_file_read_at_run_time(
     subprocess.run(["git", "add", "conf/vocab.txt"], cwd=path, env=env, check=True)
     ok = hfbuild(path, env, "verify", "--staged")
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_explain_wording_for_files_and_modules_used_at_run_time() -> None:
+    """A changed file read at run time and a changed module imported at run time are told
+    apart, with abbreviated old and new ids; unchanged and unknown files are not reported."""
+    from hfbuild.diff import diff_observed
+
+    old = [["conf/x.yaml", "a" * 40], ["plugins/p.py", "b" * 40], ["conf/same.txt", "c" * 40]]
+    now = {"conf/x.yaml": "d" * 40, "plugins/p.py": "missing", "conf/same.txt": "c" * 40}
+    assert [c.describe() for c in diff_observed(old, now)] == [
+        f"file read at run time: conf/x.yaml {'a' * 12} -> {'d' * 12}",
+        f"module imported at run time: plugins/p.py {'b' * 12} -> missing",
+    ]
+    assert diff_observed(old, {}) == []
