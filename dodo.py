@@ -4,10 +4,12 @@
 says what is up to date and why not.
 """
 
+# hfbuild first: it observes what the project's modules read while they are imported.
+from hfbuild import Pipeline  # isort: skip
+
 from tokenizers import Tokenizer
 
 from demo import transforms
-from hfbuild import Pipeline
 
 pipe = Pipeline()
 tokenizer = Tokenizer.from_file("data/tokenizer.json")

@@ -5,6 +5,7 @@ The public API, and nothing else. Importing hfbuild does not import `datasets`.
 
 from __future__ import annotations
 
+from hfbuild import observe as _observe
 from hfbuild.canonical import register_canonical
 from hfbuild.dataset_ops import filter, map
 from hfbuild.errors import (
@@ -17,12 +18,17 @@ from hfbuild.errors import (
     IncompleteClosureWarning,
     NotARepositoryError,
     NotBuiltError,
+    ObservationWarning,
     StageError,
     StoreError,
     UnhashableArgumentError,
 )
 from hfbuild.fingerprint import Manifest, fingerprint
 from hfbuild.pipeline import Pipeline, Stage
+
+# Before the project's modules are imported (dodo.py imports hfbuild first), so that the files
+# they read while they are imported are observed.
+_observe.install()
 
 __version__ = "0.1.0"
 
@@ -37,6 +43,7 @@ __all__ = [
     "Manifest",
     "NotARepositoryError",
     "NotBuiltError",
+    "ObservationWarning",
     "Pipeline",
     "Stage",
     "StageError",

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from hfbuild.errors import CorruptEntryWarning, RemoteWarning, StoreError
 from hfbuild.fingerprint import Manifest, check_dirty
+from hfbuild.fullkey import full_key, observing
 from hfbuild.remote import RemoteError
 from hfbuild.spec import Report, StageSpec
 from hfbuild.store import disk_full
@@ -45,15 +46,29 @@ def build(
     elif (pulled := _pull(pipe, name, fp)) is not None:
         report = pulled
     else:
+        if any(not store.has(manifests[dep].fingerprint) for dep in spec.inputs):
+            # Another process may have built an input under a key known only after its build
+            # (what it read at run time): look again before building it here.
+            manifests = pipe.manifests(fresh=True)
         for dep in spec.inputs:
             if not store.has(manifests[dep].fingerprint):
                 build(pipe, dep, log=log, record=record)
-        with store.lock(fp):
+        manifests = pipe.manifests()  # an input's build may have changed its key
+        m = manifests[name]
+        fp = m.fingerprint
+        # Builds of one static fingerprint are serialized: they may publish under any key.
+        with store.lock(m.static_fingerprint):
+            if not store.has(fp) and store.read_observed(m.static_fingerprint):
+                # Another process may have built it while we waited, under a key only its
+                # build could tell: resolve it again.
+                m = pipe.manifests(fresh=True)[name]
+                fp = m.fingerprint
             if store.has(fp):  # another process built it while we waited
                 report = Report(name, fp, "built elsewhere", _rows(pipe, fp), 0.0)
             else:
                 _set_aside_if_corrupt(pipe, name, fp)
                 report = _build_locked(pipe, spec, m, manifests)
+    fp = report.fingerprint
     store.touch(fp)
     if record:
         pipe.record(name)
@@ -115,11 +130,14 @@ def _build_locked(
     store = pipe.store
     fp = m.fingerprint
     t0 = time.perf_counter()
-    tmp = store.new_build_dir(fp)
+    tmp = store.new_build_dir(m.static_fingerprint)
     try:
         inputs = [store.load(manifests[i].fingerprint) for i in spec.inputs]
-        result = builder.run_stage(spec, inputs, fp, tmp, pipe.root, m.data_files)
-        info = builder.save(result, os.path.join(tmp, "data"), tmp)
+        with observing(pipe, tmp) as seen:
+            result = builder.run_stage(spec, inputs, fp, tmp, pipe.root, m.data_files)
+            info = builder.save(result, os.path.join(tmp, "data"), tmp)
+            observed = seen.identify(m)
+        fp = full_key(m.static_fingerprint, observed)
         seconds = time.perf_counter() - t0
         doc = {
             "stage": spec.name,
@@ -133,8 +151,15 @@ def _build_locked(
             "written_bytes": info.written_bytes,
             "hfbuild": _version(),
         }
+        if observed:
+            doc["static_fingerprint"] = m.static_fingerprint
+            doc["observed"] = [list(p) for p in observed]
         builder.cleanup_scratch(tmp)
-        store.publish(tmp, fp, doc)
+        if fp != m.fingerprint and store.has(fp):
+            shutil.rmtree(tmp, ignore_errors=True)  # pulled meanwhile under the key it read
+        else:
+            store.publish(tmp, fp, doc)
+        seen.publish(m.static_fingerprint, observed)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         full = disk_full(e)
@@ -146,6 +171,8 @@ def _build_locked(
                 f"larger disk, and build again."
             ) from e
         raise
+    if fp != m.fingerprint:
+        pipe.manifests(fresh=True)  # the stages after this one take the key it was built under
     return Report(spec.name, fp, "built", info.rows, seconds)
 
 

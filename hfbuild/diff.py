@@ -2,8 +2,9 @@
 
 Owns: comparing an old and a new manifest part by part (callable, code files, arguments,
 options, inputs, data files, environment variables, packages and runtime versions) into
-`Change` values, and rendering canonical values back into Python-like text (`{'k': 3}`, `1.5`,
-`(1, 2)`). Used by `status` (the first reason) and `explain` (all of them).
+`Change` values, and the files a build read or imported at run time against their content now;
+rendering canonical values back into Python-like text (`{'k': 3}`, `1.5`, `(1, 2)`). Used by
+`status` (the first reason) and `explain` (all of them).
 Must never: import datasets, print (the commands do that), or show a secret variable's value
 or hash.
 """
@@ -11,7 +12,7 @@ or hash.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 # How an environment variable's value is shown: never a secret's value (nor its hash).
@@ -21,12 +22,14 @@ SECRET = "<secret>"
 
 
 class Change(NamedTuple):
-    part: str  # code | file | arg | option | input | data | env | package | kind
+    part: str  # code | file | arg | option | input | data | env | package | kind | read | import
     path: str  # what changed: a file path, an argument path, an input name, ...
     old: Any  # rendered old value or id (None: it was not there)
     new: Any  # rendered new value or id (None: it is gone)
 
     def describe(self) -> str:
+        if self.part in _OBSERVED:
+            return describe_observed(self)
         old, new = _short(self.old), _short(self.new)
         if self.part == "env":
             if SECRET in (old, new) and UNSET not in (old, new) and NOT_READ not in (old, new):
@@ -271,3 +274,25 @@ def diff(
     if not out and old != new:
         out.append(Change("kind", "manifest", "an older hfbuild format", "the current one"))
     return out
+
+
+# -- what a build read or imported at run time (observe.py, fullkey.py) -------------------------
+
+_OBSERVED = {"read": "file read at run time", "import": "module imported at run time"}
+
+
+def describe_observed(c: Change) -> str:
+    """`file read at run time: conf/x.yaml 3f2a... -> 9c1b...`"""
+    return f"{_OBSERVED[c.part]}: {c.path} {_short(c.old)} -> {_short(c.new)}"
+
+
+def diff_observed(old: Iterable[Sequence[str]], now: Mapping[str, str]) -> list[Change]:
+    """The files a build read or imported at run time (`old`: [path, id] pairs as recorded)
+    whose content is not what it was (`now`: path -> current id, "missing" when gone)."""
+    out = []
+    for pair in old:
+        path, was = str(pair[0]), str(pair[1])
+        cur = now.get(path)
+        if cur is not None and cur != was:
+            out.append(Change("import" if path.endswith(".py") else "read", path, was, cur))
+    return sorted(out, key=lambda c: c.path)

@@ -90,3 +90,7 @@ class CorruptEntryWarning(UserWarning):
 
 class LockRewrittenWarning(UserWarning):
     """A build found hfbuild.lock with merge conflict markers and rewrote it (says how)."""
+
+
+class ObservationWarning(UserWarning):
+    """Something a stage may have read at run time could not be observed."""

@@ -28,6 +28,7 @@ from hfbuild.errors import (
     IncompleteClosureWarning,
     MissingDataError,
 )
+from hfbuild.fullkey import full_key
 from hfbuild.gitstate import FileId, Snapshot, find_root
 
 if TYPE_CHECKING:
@@ -85,13 +86,23 @@ class Manifest:
     # A load stage's data files as resolved when the fingerprint was taken (absolute paths):
     # the build reads exactly these, never a glob expanded again later.
     data_files: Any = None
+    # Files the stage's builds were seen to read or import at run time, with their current
+    # ids ((path, id), sorted): part of the key, not of `doc` (see `fullkey`).
+    observed: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> str:
         return canonical.dumps(self.doc)
 
     @property
-    def fingerprint(self) -> str:
+    def static_fingerprint(self) -> str:
+        """The digest of `doc`: what the code says, before anything observed at run time."""
         return canonical.digest(self.to_json().encode())
+
+    @property
+    def fingerprint(self) -> str:
+        """The stage's key: the static fingerprint, combined with the observed files' ids
+        when its builds read any."""
+        return full_key(self.static_fingerprint, self.observed)
 
 
 def normalize_options(kind: str, options: Mapping[str, Any] | None, ctx: Context) -> Any:

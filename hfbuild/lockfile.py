@@ -2,10 +2,10 @@
 
 Owns: reading, writing and merging the lock at the repository root, and recognizing git's
 merge conflict markers in it (and the sides they separate). One entry per stage
-(fingerprint, input stages, the full manifest, output rows and content hash, and the dirty
-files it was built from, if any), as sorted, indented JSON so one stage's change is one small
-diff. Writes are atomic and serialized by a file lock, so concurrent builds do not lose
-entries.
+(fingerprint, input stages, the full manifest, output rows and content hash, the dirty
+files it was built from and the files it read at run time, if any), as sorted, indented
+JSON so one stage's change is one small diff. Writes are atomic and serialized by a file
+lock, so concurrent builds do not lose entries.
 
 Must never: be the basis of a freshness decision (the store is), or import datasets.
 """
@@ -166,6 +166,11 @@ def entry(
     }
     if dirty:
         e["dirty"] = sorted(dirty)
+    if stored.get("observed"):
+        # Files the build read at run time: with the static fingerprint, a clone without the
+        # store (CI, or one pulling from a remote) computes the same key (see fullkey.py).
+        e["static_fingerprint"] = stored.get("static_fingerprint")
+        e["observed"] = stored["observed"]
     return e
 
 

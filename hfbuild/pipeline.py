@@ -25,6 +25,7 @@ from hfbuild.closure import Context
 from hfbuild.datafiles import StatCache
 from hfbuild.errors import HfbuildError, NotBuiltError, StageError
 from hfbuild.fingerprint import Manifest, build_manifest, load_data
+from hfbuild.fullkey import resolve
 from hfbuild.gitstate import Mode, Snapshot, find_root
 from hfbuild.lockfile import LOCK_NAME
 from hfbuild.manifests import Manifests
@@ -260,8 +261,18 @@ class Pipeline:
         if mode == "worktree" and self._cache is not None and not fresh:
             return self._cache
         snap = Snapshot(self.root, mode)
+        # The key includes what the stage's builds read at run time (fullkey.py), so that the
+        # stages after it take that key as their input.
         out = compute_manifests(
-            self._specs.values(), lambda spec, done: self._manifest(spec, snap, done, absent)
+            self._specs.values(),
+            lambda spec, done: resolve(
+                self._manifest(spec, snap, done, absent),
+                spec.name,
+                self.store,
+                self.lock_path,
+                snap,
+                self.stat_cache,
+            ),
         )
         self.stat_cache.save()
         if mode == "worktree" and absent is None:

@@ -12,6 +12,8 @@ from typing import Any, NamedTuple
 
 from hfbuild import lockfile
 from hfbuild.diff import Change, diff
+from hfbuild.fingerprint import Manifest
+from hfbuild.fullkey import observed_changes
 from hfbuild.pipeline import Pipeline
 
 
@@ -22,6 +24,7 @@ class StageState(NamedTuple):
     reason: str | None
     dirty_files: list[str]
     rows: Any
+    observed: list[str] = []  # files its key includes because builds read them at run time
 
 
 class Explanation(NamedTuple):
@@ -35,19 +38,22 @@ class Explanation(NamedTuple):
     dirty_files: list[str]
 
 
-def _previous(pipe: Pipeline, name: str) -> tuple[str, Mapping[str, Any], Mapping[str, str]] | None:
-    """(fingerprint, manifest, input names) of the stage's last build, if anything knows it."""
+def _previous(
+    pipe: Pipeline, name: str
+) -> tuple[str, Mapping[str, Any], Mapping[str, str], Any] | None:
+    """(fingerprint, manifest, input names, files read at run time) of the stage's last
+    build, if anything knows it."""
     fp = pipe.store.get_ref(name)
     if fp is not None:
         stored = pipe.store.read_manifest(fp)
         if stored is not None and isinstance(stored.get("manifest"), dict):
-            return fp, stored["manifest"], stored.get("inputs") or {}
+            return fp, stored["manifest"], stored.get("inputs") or {}, stored.get("observed")
     try:
         e = lockfile.read(pipe.lock_path).get(name)
     except lockfile.ConflictedLockError:  # `status` reports the conflict itself
         return None
     if isinstance(e, dict) and isinstance(e.get("manifest"), dict):
-        return str(e.get("fingerprint")), e["manifest"], e.get("inputs") or {}
+        return str(e.get("fingerprint")), e["manifest"], e.get("inputs") or {}, e.get("observed")
     return None
 
 
@@ -65,14 +71,15 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
     prev = _previous(pipe, name)
     if prev is None:
         return Explanation(name, fp, False, None, [], {}, None, dirty)
-    old_fp, old_doc, old_inputs = prev
+    old_fp, old_doc, old_inputs, old_observed = prev
     inputs = {i: manifests[i].fingerprint for i in pipe[name].spec.inputs}
-    changes = diff(old_doc, m.doc, old_inputs, inputs)
-    if not changes and old_fp == fp:
-        changes = [Change("kind", "result", "in the store", "missing (removed or corrupt)")]
     from hfbuild.gitstate import Snapshot
 
     snap = Snapshot(pipe.root)
+    changes = diff(old_doc, m.doc, old_inputs, inputs)
+    changes += observed_changes(old_observed, snap, pipe.stat_cache)
+    if not changes and old_fp == fp:
+        changes = [Change("kind", "result", "in the store", "missing (removed or corrupt)")]
     stats = {}
     for c in changes if line_stats else []:
         if c.part == "file" and c.old and c.new:
@@ -98,7 +105,7 @@ def stage_states(pipe: Pipeline) -> list[StageState]:
             state, reason = (
                 ("dirty", "built from uncommitted changes") if dirty else ("up to date", None)
             )
-            out.append(StageState(name, fp, state, reason, dirty, rows))
+            out.append(StageState(name, fp, state, reason, dirty, rows, _observed(m)))
             continue
         ex = explain(pipe, name, line_stats=False)
         if ex.previous is None:
@@ -107,5 +114,9 @@ def stage_states(pipe: Pipeline) -> list[StageState]:
             reason = ex.changes[0].describe()
         else:
             reason = "not in the store"
-        out.append(StageState(name, fp, "stale", reason, dirty, None))
+        out.append(StageState(name, fp, "stale", reason, dirty, None, _observed(m)))
     return out
+
+
+def _observed(m: Manifest) -> list[str]:
+    return [p for p, _ in m.observed]

@@ -2,7 +2,8 @@
 
 Owns: every path under the store directory. `objects/<fp[:2]>/<fp>/` holds `data/` (a
 `save_to_disk` layout) and `manifest.json`; `tmp/` holds builds in progress; `locks/` the
-per-fingerprint build locks; `refs/<stage>` the last fingerprint built under each stage name.
+per-fingerprint build locks; `refs/<stage>` the last fingerprint built under each stage name;
+`observed/<fp[:2]>/<fp>.json` the files builds of a static fingerprint read at run time.
 An entry exists only once its complete manifest does: builds write into `tmp/` and publish
 with one atomic rename. Modes follow sharing.py (group-shared inside a setgid store).
 
@@ -333,6 +334,36 @@ class Store:
                         shutil.rmtree(p, ignore_errors=True)
         return gone
 
+    # -- what builds read at run time, by static fingerprint (see fullkey.py) -------------------
+
+    def _observed_path(self, static_fp: str) -> str:
+        return os.path.join(self.root, "observed", _check_fp(static_fp)[:2], static_fp + ".json")
+
+    def read_observed(self, static_fp: str) -> list[list[str]]:
+        """The path sets builds of `static_fp` read at run time, newest first; [] if none."""
+        try:
+            with open(self._observed_path(static_fp), encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            return []
+        sets = doc.get("sets") if isinstance(doc, dict) else None
+        if not isinstance(sets, list):
+            return []
+        return [
+            list(s)
+            for s in sets
+            if isinstance(s, list) and s and all(isinstance(p, str) and safe_observed(p) for p in s)
+        ]
+
+    def add_observed(self, static_fp: str, paths: list[str]) -> None:
+        """Record that a build of `static_fp` read `paths` (kept newest first, at most 16
+        sets). Call with the static fingerprint's build lock held."""
+        self._ensure()
+        sets = [s for s in self.read_observed(static_fp) if s != paths]
+        path = self._observed_path(static_fp)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json_atomic(path, {"sets": [paths, *sets][:16]})
+
     # -- refs ----------------------------------------------------------------------------------
 
     def set_ref(self, stage: str, fp: str) -> None:
@@ -386,3 +417,9 @@ def disk_full(e: BaseException) -> OSError | None:
             return OSError(errno.ENOSPC, "No space left on device")
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def safe_observed(rel: str) -> bool:
+    """A repo-relative path as recorded: not absolute, no '..', no empty part."""
+    parts = rel.split("/")
+    return bool(rel) and not os.path.isabs(rel) and ".." not in parts and "" not in parts

@@ -22,7 +22,8 @@ from hfbuild.build import build
 from hfbuild.diff import diff
 from hfbuild.errors import HfbuildError, UnmergedError
 from hfbuild.fingerprint import Manifest
-from hfbuild.gitstate import Snapshot
+from hfbuild.fullkey import observed_changes
+from hfbuild.gitstate import Mode, Snapshot
 from hfbuild.pipeline import Pipeline
 
 
@@ -36,10 +37,18 @@ def _fix(pipe: Pipeline) -> str:
 
 
 def _cause(
-    pipe: Pipeline, entry: dict[str, Any], m: Manifest, manifests: Mapping[str, Manifest], name: str
+    pipe: Pipeline,
+    entry: dict[str, Any],
+    m: Manifest,
+    manifests: Mapping[str, Manifest],
+    name: str,
+    mode: Mode = "worktree",
 ) -> str:
     inputs = {i: manifests[i].fingerprint for i in pipe[name].spec.inputs}
     changes = diff(entry.get("manifest") or {}, m.doc, entry.get("inputs") or {}, inputs)
+    if not changes:  # the same code and data: a file it read at run time, then
+        snap = Snapshot(pipe.root, mode)
+        changes = observed_changes(entry.get("observed"), snap, pipe.stat_cache)
     return changes[0].describe() if changes else "its manifest changed"
 
 
@@ -101,7 +110,7 @@ def check_lock(
                 )
             )
         elif entry.get("fingerprint") != fp:
-            cause = _cause(pipe, entry, m, manifests, name)
+            cause = _cause(pipe, entry, m, manifests, name, "index" if staged else "worktree")
             problems.append(
                 Problem(
                     name,

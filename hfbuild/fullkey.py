@@ -1,0 +1,232 @@
+"""The two-level key of a stage that used files at run time (ccache's "direct mode").
+
+A stage's *static* fingerprint is the digest of its manifest (code, arguments, inputs, data).
+What its build was seen to read or import at run time (`observe`) is recorded, keyed by the
+static fingerprint, as a list of repo-relative paths: in the store (`observed/`) and in the
+stage's hfbuild.lock entry. The *full* key is `f(static fingerprint, [path, content id] of
+each file read)`; a stage that read nothing keeps its static fingerprint as its key, exactly
+as before run-time observation existed.
+
+Owns: the full key; choosing a stage's current key from the recorded path sets (the one whose
+result the store holds, else the most recent, so a fresh clone finds a remote's entry); and
+turning what one build recorded into [path, id] pairs, leaving out what the static key
+already holds (closure files, data files, file_deps) and what is not project content.
+
+Must never: put an absolute path in a key, change the key of a stage nothing recorded
+anything for, or decide freshness from anything but the store holding the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from hfbuild import canonical, lockfile, observe
+from hfbuild.datafiles import StatCache, file_identity
+from hfbuild.diff import Change, diff_observed
+from hfbuild.errors import ObservationWarning
+from hfbuild.gitstate import Snapshot
+from hfbuild.store import safe_observed
+
+if TYPE_CHECKING:
+    from hfbuild.fingerprint import Manifest
+    from hfbuild.observe import Recording
+    from hfbuild.pipeline import Pipeline
+    from hfbuild.store import Store
+
+MISSING = "missing"  # the id of a recorded file that no longer exists
+
+Observed = tuple[tuple[str, str], ...]  # sorted (repo-relative path, content id)
+
+
+def full_key(static: str, observed: Observed) -> str:
+    """The key of a result built from the static manifest and the files it read."""
+    if not observed:
+        return static
+    doc = {"static": static, "observed": [list(p) for p in sorted(observed)]}
+    return canonical.digest(canonical.dumps(doc).encode())
+
+
+def identify(paths: Iterable[str], snap: Snapshot, cache: StatCache) -> Observed:
+    """The current [path, content id] of repo-relative paths (`missing` when gone)."""
+    out = []
+    for rel in sorted(set(paths)):
+        full = snap.abspath(rel)
+        if os.path.isfile(full) or (snap.mode == "index" and snap.exists(rel)):
+            out.append((rel, file_identity(full, snap, cache)[1]))
+        else:
+            out.append((rel, MISSING))
+    return tuple(out)
+
+
+# -- choosing the current key -----------------------------------------------------------------
+
+_lock_cache: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+
+
+def _lock(path: str) -> dict[str, Any]:
+    """hfbuild.lock's stages, re-read only when the file changed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {}
+    key = (st.st_mtime_ns, st.st_size, st.st_ino)
+    hit = _lock_cache.get(path)
+    if hit is None or hit[0] != key:
+        try:
+            stages = lockfile.read(path)
+        except lockfile.ConflictedLockError:
+            # Reported by status/verify and rewritten by a build; its entries name no key
+            # here (the store's records still do), so a stage may build once more: never wrong.
+            stages = {}
+        hit = _lock_cache[path] = (key, stages)
+    return hit[1]
+
+
+def candidates(static: str, name: str, store: Store, lock_path: str) -> list[tuple[str, ...]]:
+    """Path sets recorded for `static`: the store's (newest first), then the lock's."""
+    out = [tuple(s) for s in store.read_observed(static)]
+    entry = _lock(lock_path).get(name)
+    if isinstance(entry, dict) and entry.get("static_fingerprint") == static:
+        pairs = entry.get("observed")
+        if isinstance(pairs, list):
+            paths = tuple(sorted(str(p[0]) for p in pairs if isinstance(p, list) and p))
+            if paths and all(safe_observed(p) for p in paths) and paths not in out:
+                out.append(paths)
+    return out
+
+
+def resolve(
+    m: Manifest, name: str, store: Store, lock_path: str, snap: Snapshot, cache: StatCache
+) -> Manifest:
+    """`m` with the files its current key includes: none when nothing was ever recorded for
+    its static fingerprint or the store holds that fingerprint itself (a build that read
+    nothing); else the recorded set whose full key the store holds, else the newest one."""
+    static = m.static_fingerprint
+    sets = candidates(static, name, store, lock_path)
+    if not sets or store.has(static):
+        return m
+    best: Observed | None = None
+    for paths in sets:
+        obs = identify(paths, snap, cache)
+        if store.has(full_key(static, obs)):
+            best = obs
+            break
+        if best is None:
+            best = obs
+    assert best is not None
+    incomplete = m.incomplete
+    if any(p.endswith(".py") for p, _ in best):
+        # The dynamic import was seen loading a project module: a fact, not a guess.
+        incomplete = ()
+    return dataclasses.replace(m, observed=best, incomplete=incomplete)
+
+
+# -- after a build ----------------------------------------------------------------------------
+
+
+def in_static_key(doc: Mapping[str, Any]) -> set[str]:
+    """Repo-relative paths the static manifest already identifies by content."""
+    known = {str(p) for p, _ in (doc.get("code") or {}).get("files", [])}
+    known.update(str(p) for p, _ in doc.get("file_deps") or [])
+    files = (doc.get("data") or {}).get("files")
+    groups: Iterable[Any] = files.values() if isinstance(files, dict) else [files or []]
+    for group in groups:
+        known.update(str(p) for p, _ in group)
+    return known
+
+
+def observed_paths(
+    used: Iterable[str], doc: Mapping[str, Any], snap: Snapshot, exclude: Sequence[str]
+) -> list[str]:
+    """The repo-relative project files among the absolute paths a build used, without
+    those its static key holds, git's own files, environments and `exclude` (the store)."""
+    from hfbuild.closure import _in_environment
+
+    known = in_static_key(doc)
+    ex = tuple(os.path.join(os.path.realpath(e), "") for e in exclude if e)
+    out = set()
+    for p in used:
+        if not os.path.isfile(p):
+            continue  # gone already: a temporary file, not an input
+        real = os.path.realpath(p)
+        if real.startswith(ex) or _in_environment(real, snap.root):
+            continue
+        rel = snap.rel(p)
+        if rel is None or rel in known or rel.split("/")[0] == ".git":
+            continue
+        out.add(rel)
+    return sorted(out)
+
+
+class Seen:
+    """What one build used, turned into the stage's observed files."""
+
+    def __init__(self, pipe: Pipeline, rec: Recording) -> None:
+        self._pipe = pipe
+        self._rec = rec
+
+    def identify(self, m: Manifest) -> Observed:
+        """The project files the build read or imported at run time (and those the modules
+        of its closure read when they were imported), with their content ids now."""
+        snap = Snapshot(self._pipe.root)
+        closure = [snap.abspath(p) for p, _ in (m.doc.get("code") or {}).get("files", [])]
+        used = self._rec.collect() | observe.import_time_uses(closure)
+        _warn_unobserved(m, closure)
+        paths = observed_paths(used, m.doc, snap, [self._pipe.store.root, *_hf_caches()])
+        observed = identify(paths, snap, self._pipe.stat_cache)
+        self._pipe.stat_cache.save()
+        return observed
+
+    def publish(self, static: str, observed: Observed) -> None:
+        """Remember, under the static fingerprint, which files this build read."""
+        if observed:
+            self._pipe.store.add_observed(static, [p for p, _ in observed])
+
+
+@contextlib.contextmanager
+def observing(pipe: Pipeline, build_dir: str) -> Iterator[Seen]:
+    """Record what the block (one stage's build) uses; workers report into `build_dir`."""
+    spool = os.path.join(build_dir, "observed")
+    try:
+        with observe.recording(pipe.root, [pipe.store.root], spool) as rec:
+            yield Seen(pipe, rec)
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def _hf_caches() -> list[str]:
+    return [v for k in ("HF_HOME", "HF_DATASETS_CACHE", "HF_HUB_CACHE") if (v := os.environ.get(k))]
+
+
+def _warn_unobserved(m: Manifest, closure: Sequence[str]) -> None:
+    """A closure module imported before hfbuild: what it read on import was not seen."""
+    if not observe.installed():
+        return
+    early = {os.path.realpath(f) for f in observe.preloaded()}
+    rels = [p for p, _ in (m.doc.get("code") or {}).get("files", [])]
+    late = sorted(rel for rel, f in zip(rels, closure, strict=True) if os.path.realpath(f) in early)
+    if late:
+        warnings.warn(
+            f"{', '.join(late)} {'was' if len(late) == 1 else 'were'} imported before hfbuild, "
+            f"so files read while importing {'it' if len(late) == 1 else 'them'} are not "
+            f"observed: import hfbuild first (in dodo.py, before the project's modules).",
+            ObservationWarning,
+            stacklevel=4,
+        )
+
+
+def observed_changes(recorded: Any, snap: Snapshot, cache: StatCache) -> list[Change]:
+    """The files a build recorded reading at run time (`recorded`: [path, id] pairs from a
+    stored manifest or the lock) whose content is different now."""
+    pairs = (
+        [p for p in recorded if isinstance(p, list) and len(p) == 2 and safe_observed(str(p[0]))]
+        if isinstance(recorded, list)
+        else []
+    )
+    return diff_observed(pairs, dict(identify([str(p[0]) for p in pairs], snap, cache)))

@@ -1,0 +1,516 @@
+"""Run-time observation (issue #9, items 1 and 2): files a transform reads and modules it
+imports while it runs are in its key. Real repositories, real `doit` runs in fresh processes.
+
+The project is built once per module and copied for each test (a copy of a repository and its
+store is an ordinary clone-with-cache: nothing in either names an absolute path that matters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.helpers import Repo, git, run_python
+from tests.pipeline_project import calls
+
+FILES = {
+    "pkg/__init__.py": "",
+    "pkg/log.py": """
+        import os
+
+        def log(stage):
+            with open(os.environ["CALL_LOG"], "a") as f:
+                f.write(stage + "\\n")
+        """,
+    "pkg/vocab.py": """
+        import pathlib
+
+        HERE = pathlib.Path(__file__).resolve().parent
+
+        def words():
+            # A helper reading a data file by path at run time: neither imported nor declared.
+            with open(HERE.parent / "conf" / "vocab.txt") as f:
+                return set(f.read().split())
+        """,
+    "pkg/transforms.py": """
+        import os
+        import pathlib
+
+        from pkg import vocab
+        from pkg.log import log
+
+        ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+        def count(batch):
+            log("count")
+            words = vocab.words()
+            return {"n": [sum(w in words for w in t.split()) for t in batch["text"]]}
+
+
+        def twice(batch):
+            log("twice")
+            return {"n2": [2 * n for n in batch["n"]]}
+
+
+        def in_workers(batch):
+            log("workers")
+            import multiprocess
+
+            # Only the pool's worker processes read the file: the parent never does.
+            extra = 0
+            if multiprocess.parent_process() is not None:
+                extra = int((ROOT / "conf" / "worker.txt").read_text())
+            return {"w": [x + extra for x in batch["x"]]}
+
+
+        def outside(batch):
+            log("outside")
+            import importlib.metadata
+
+            with open(os.environ["OUTSIDE_FILE"]) as f:  # outside the project: never a dependency
+                f.read()
+            importlib.metadata.distribution("datasets").read_text("METADATA")  # site-packages
+            os.environ.get("UNRELATED")
+            return {"o": list(batch["x"])}
+        """,
+    "pkg/scaling.py": """
+        import pathlib
+
+        from pkg.log import log
+
+        # Read when the module is imported, before any build starts.
+        CONF = pathlib.Path(__file__).resolve().parent.parent / "conf"
+        SCALE = int((CONF / "scale.txt").read_text())
+
+
+        def scaled(batch):
+            log("scaled")
+            return {"s": [x * SCALE for x in batch["x"]]}
+        """,
+    "pkg/plugging.py": """
+        import importlib
+
+        from pkg.log import log
+
+
+        def plugged(batch, plugin):
+            log("plugged")
+            mod = importlib.import_module("plugins." + plugin)
+            return {"p": [mod.apply(x) for x in batch["x"]]}
+        """,
+    "plugins/__init__.py": "",
+    "plugins/double.py": "def apply(x):\n    return 2 * x\n",
+    "conf/vocab.txt": "row x\n",
+    "conf/scale.txt": "3\n",
+    "conf/worker.txt": "100\n",
+    "dodo.py": """
+        from hfbuild import Pipeline
+        from pkg import plugging, scaling, transforms as t
+
+        pipe = Pipeline()
+        raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+        count = pipe.map("count", raw, t.count, batched=True)
+        twice = pipe.map("twice", count, t.twice, batched=True)
+        scaled = pipe.map("scaled", raw, scaling.scaled, batched=True)
+        workers = pipe.map("workers", raw, t.in_workers, batched=True, batch_size=4, num_proc=2)
+        outside = pipe.map("outside", raw, t.outside, batched=True)
+        plugged = pipe.map("plugged", raw, plugging.plugged, {"plugin": "double"}, batched=True)
+
+
+        def task_preprocess():
+            yield from pipe.tasks()
+        """,
+    ".gitignore": ".hfbuild/\n.doit.db*\n__pycache__/\n",
+}
+ROWS = 12
+STAGES = ["count", "twice", "scaled", "workers", "outside", "plugged"]
+
+
+def _env(base: pathlib.Path) -> dict[str, str]:
+    """An isolated environment for processes started outside a test's own fixtures."""
+    home = base / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / ".gitconfig").write_text(
+        '[init]\n\tdefaultBranch = main\n[protocol "file"]\n\tallow = always\n'
+    )
+    outside = base / "outside.txt"
+    if not outside.exists():
+        outside.write_text("first\n")
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("HFBUILD_", "HF_"))},
+        "HOME": str(home),
+        "HF_HOME": str(home / "hf"),
+        "HF_DATASETS_CACHE": str(home / "hf" / "datasets"),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "GIT_AUTHOR_NAME": "Test",
+        "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "Test",
+        "GIT_COMMITTER_EMAIL": "test@example.com",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": str(home / ".gitconfig"),
+        "OUTSIDE_FILE": str(outside),
+        "UNRELATED": "a",
+    }
+
+
+def run_doit(
+    path: pathlib.Path, log: pathlib.Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "doit", "run", "preprocess"],
+        cwd=path,
+        env={**env, "CALL_LOG": str(log)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, f"doit failed:\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+def hfbuild(
+    path: pathlib.Path, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(pathlib.Path(sys.executable).parent / "hfbuild"), *args],
+        cwd=path,
+        env={**env, "CALL_LOG": os.devnull},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def lock(path: pathlib.Path) -> dict[str, Any]:
+    stages: dict[str, Any] = json.loads((path / "hfbuild.lock").read_text())["stages"]
+    return stages
+
+
+READ = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+import dodo
+print(json.dumps({c: list(dodo.pipe.result(s)[c]) for s, c in json.loads(sys.argv[1]).items()}))
+"""
+
+
+def column(path: pathlib.Path, env: dict[str, str], stage: str, col: str) -> list[Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", READ, json.dumps({stage: col})],
+        cwd=path,
+        env={**env, "PYTHONPATH": str(path), "CALL_LOG": os.devnull},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    values: list[Any] = json.loads(out.stdout.strip().splitlines()[-1])[col]
+    return values
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The project, committed and built once (with its lock committed)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base = tmp_path_factory.mktemp("observe")
+    env = _env(base)
+    path = base / "repo"
+    repo = Repo.init(path)
+    repo.write(FILES)
+    (path / "data").mkdir()
+    pq.write_table(
+        pa.table({"x": list(range(ROWS)), "text": [f"row {'x ' * i}" for i in range(ROWS)]}),
+        path / "data" / "part-0.parquet",
+    )
+    subprocess.run(["git", "add", "-A"], cwd=path, env=env, check=True)
+    subprocess.run(["git", "commit", "-qm", "project"], cwd=path, env=env, check=True)
+    out = run_doit(path, base / "build.log", env)
+    assert set(calls(base / "build.log")) == set(STAGES), out.stdout + out.stderr
+    # Before any build observed it, the dynamic import is reported as a possible gap.
+    assert "stage 'plugged': pkg/plugging.py:" in out.stderr
+    subprocess.run(["git", "add", "hfbuild.lock"], cwd=path, env=env, check=True)
+    subprocess.run(["git", "commit", "-qm", "lock"], cwd=path, env=env, check=True)
+    return path
+
+
+@pytest.fixture
+def project(built: pathlib.Path, tmp_path: pathlib.Path) -> tuple[pathlib.Path, dict[str, str]]:
+    """A private copy of the built project (repository and store) and its environment."""
+    path = tmp_path / "repo"
+    shutil.copytree(built, path, symlinks=True)
+    return path, _env(tmp_path)
+
+
+def test_file_read_by_a_helper_at_run_time_is_in_the_key(
+    project: tuple[pathlib.Path, dict[str, str]], tmp_path: pathlib.Path
+) -> None:
+    """Editing a file a helper opens by path rebuilds the stage and those after it; explain
+    names it with its old and new ids; restoring it is a hit again."""
+    path, env = project
+    entry = lock(path)["count"]
+    assert [p for p, _ in entry["observed"]] == ["conf/vocab.txt"]
+    assert entry["fingerprint"] != entry["static_fingerprint"]
+    assert column(path, env, "count", "n")[:3] == [1, 2, 3]
+
+    (path / "conf" / "vocab.txt").write_text("row\n")
+    ex = hfbuild(path, env, "explain", "count")
+    assert ex.returncode == 1
+    old_id = entry["observed"][0][1][:12]
+    assert f"file read at run time: conf/vocab.txt {old_id} -> " in ex.stdout, ex.stdout
+    status = json.loads(hfbuild(path, env, "status", "--json").stdout)
+    by_stage = {s["stage"]: s for s in status}
+    assert by_stage["count"]["reason"].startswith("file read at run time: conf/vocab.txt")
+    assert by_stage["count"]["observed"] == ["conf/vocab.txt"]
+    assert by_stage["twice"]["state"] == "stale"  # its input's key changed
+
+    run_doit(path, tmp_path / "edit.log", env)
+    assert calls(tmp_path / "edit.log") == Counter(["count", "twice"])
+    assert column(path, env, "count", "n")[:3] == [1, 1, 1]
+    assert column(path, env, "twice", "n2")[:3] == [2, 2, 2]
+
+    (path / "conf" / "vocab.txt").write_text("row x\n")
+    run_doit(path, tmp_path / "revert.log", env)
+    assert calls(tmp_path / "revert.log") == Counter()
+
+
+def test_file_read_while_a_module_is_imported_is_in_the_key(
+    project: tuple[pathlib.Path, dict[str, str]], tmp_path: pathlib.Path
+) -> None:
+    """A module-level read (before any build starts) is attributed to the module, and so
+    to every stage whose closure holds it: editing the file rebuilds the stage."""
+    path, env = project
+    assert [p for p, _ in lock(path)["scaled"]["observed"]] == ["conf/scale.txt"]
+    assert column(path, env, "scaled", "s")[:3] == [0, 3, 6]
+    (path / "conf" / "scale.txt").write_text("5\n")
+    ex = hfbuild(path, env, "explain", "scaled")
+    assert "file read at run time: conf/scale.txt" in ex.stdout, ex.stdout
+    run_doit(path, tmp_path / "edit.log", env)
+    assert calls(tmp_path / "edit.log") == Counter(["scaled"])
+    assert column(path, env, "scaled", "s")[:3] == [0, 5, 10]
+
+
+def test_reads_in_num_proc_workers_are_observed(
+    project: tuple[pathlib.Path, dict[str, str]], tmp_path: pathlib.Path
+) -> None:
+    """A file only datasets' num_proc=2 worker processes read is in the key: editing it
+    rebuilds the stage, with the new content."""
+    path, env = project
+    assert [p for p, _ in lock(path)["workers"]["observed"]] == ["conf/worker.txt"]
+    assert column(path, env, "workers", "w")[:2] == [100, 101]
+    (path / "conf" / "worker.txt").write_text("7\n")
+    run_doit(path, tmp_path / "edit.log", env)
+    assert calls(tmp_path / "edit.log")["workers"] >= 1
+    assert set(calls(tmp_path / "edit.log")) == {"workers"}
+    assert column(path, env, "workers", "w")[:2] == [7, 8]
+
+
+def test_module_imported_by_a_computed_name_is_in_the_key(
+    project: tuple[pathlib.Path, dict[str, str]], tmp_path: pathlib.Path
+) -> None:
+    """A plugin loaded with importlib.import_module(computed name) is a dependency: editing
+    it rebuilds the stage, explain names it, and once observed the closure is no longer
+    reported incomplete."""
+    path, env = project
+    observed = [p for p, _ in lock(path)["plugged"]["observed"]]
+    assert "plugins/double.py" in observed
+    assert column(path, env, "plugged", "p")[:3] == [0, 2, 4]
+    (path / "plugins" / "double.py").write_text("def apply(x):\n    return 2 * x + 1\n")
+    ex = hfbuild(path, env, "explain", "plugged")
+    assert "module imported at run time: plugins/double.py" in ex.stdout, ex.stdout
+    rebuilt = run_doit(path, tmp_path / "edit.log", env)
+    assert calls(tmp_path / "edit.log") == Counter(["plugged"])
+    assert "stage 'plugged': pkg/plugging.py:" not in rebuilt.stderr  # now a known fact
+    assert column(path, env, "plugged", "p")[:3] == [1, 3, 5]
+
+
+def test_no_spurious_rebuilds(
+    project: tuple[pathlib.Path, dict[str, str]], tmp_path: pathlib.Path
+) -> None:
+    """Reads outside the project (a /tmp file, site-packages) and unrelated environment
+    changes never enter a key; a stage that read nothing keeps its static fingerprint; a
+    second identical build builds nothing."""
+    path, env = project
+    entry = lock(path)["outside"]
+    assert "observed" not in entry and "static_fingerprint" not in entry
+    pathlib.Path(env["OUTSIDE_FILE"]).write_text("changed\n")
+    env = {**env, "UNRELATED": "b", "SOMETHING_NEW": "1"}
+    run_doit(path, tmp_path / "again.log", env)
+    assert calls(tmp_path / "again.log") == Counter()
+    assert git(path, "status", "--porcelain") == ""  # the lock did not change either
+
+
+def test_fresh_clone_pulls_from_a_remote_and_verify_needs_no_store(
+    built: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """Results pushed to a file:// remote are found by a fresh clone (its keys computed from
+    the lock's record of what was read): it builds nothing. `verify` in a clone without any
+    store passes, and fails naming a file read at run time once it is edited."""
+    env = _env(tmp_path)
+    remote = f"file://{tmp_path / 'remote'}"
+    src = tmp_path / "src"
+    shutil.copytree(built, src, symlinks=True)
+    pushed = hfbuild(src, {**env, "HFBUILD_REMOTE": remote}, "push")
+    assert pushed.returncode == 0, pushed.stderr
+
+    clone = Repo(src).clone(tmp_path / "clone")
+    out = run_doit(clone.path, tmp_path / "clone.log", {**env, "HFBUILD_REMOTE": remote})
+    assert calls(tmp_path / "clone.log") == Counter(), out.stdout + out.stderr
+    assert out.stdout.count("pulled") == len(STAGES) + 1
+
+    ci = Repo(src).clone(tmp_path / "ci")
+    ok = hfbuild(ci.path, env, "verify")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    (ci.path / "conf" / "vocab.txt").write_text("edited\n")
+    bad = hfbuild(ci.path, env, "verify")
+    assert bad.returncode == 1
+    assert "file read at run time: conf/vocab.txt" in bad.stdout + bad.stderr
+
+
+def test_nothing_observed_without_the_hook(repo: Repo) -> None:
+    """HFBUILD_OBSERVE=0 (the benchmark's switch) installs no hook; by default it is installed."""
+    out = run_python(
+        "import hfbuild.observe as o, hfbuild; print(o.installed())",
+        repo.path,
+        env={"HFBUILD_OBSERVE": "0"},
+    )
+    assert out.stdout.strip() == "False"
+    out = run_python("import hfbuild.observe as o, hfbuild; print(o.installed())", repo.path)
+    assert out.stdout.strip() == "True"
+
+
+def test_recording_keeps_project_reads_only(tmp_path: pathlib.Path) -> None:
+    """Within a recording: reads under the root are noted (relative paths, os.open too);
+    writes, the excluded store, files outside the root and module bytecode are not."""
+    from hfbuild import observe
+
+    assert observe.installed()
+    root = tmp_path / "root"
+    (root / "store").mkdir(parents=True)
+    for name in ("read.txt", "osopen.txt", "write.txt", "store/entry.txt", "mod.pyc"):
+        (root / name).write_text("x")
+    (tmp_path / "outside.txt").write_text("x")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with observe.recording(str(root), [str(root / "store")], str(tmp_path / "spool")) as rec:
+            with open("read.txt") as f:
+                f.read()
+            os.close(os.open(root / "osopen.txt", os.O_RDONLY))
+            with open(root / "write.txt", "w") as f:
+                f.write("y")
+            with open(root / "new.txt", "x") as f:
+                f.write("y")
+            with open(root / "write.txt", "a") as f:
+                f.write("y")
+            (root / "store" / "entry.txt").read_text()
+            (tmp_path / "outside.txt").read_text()
+            (root / "mod.pyc").read_bytes()
+    finally:
+        os.chdir(cwd)
+    assert rec.collect() == {str(root / "read.txt"), str(root / "osopen.txt")}
+
+
+def test_a_stage_that_read_nothing_keeps_its_static_fingerprint() -> None:
+    """The full key of an empty observation is the static fingerprint itself, and any
+    observed file's id changes it."""
+    from hfbuild.fullkey import full_key
+
+    static = "0" * 32
+    assert full_key(static, ()) == static
+    one = full_key(static, (("conf/x.yaml", "a" * 40),))
+    assert one != static
+    assert full_key(static, (("conf/x.yaml", "b" * 40),)) != one
+
+
+def test_a_module_imported_before_hfbuild_is_warned_about(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A closure module imported before hfbuild (its import-time reads unseen) is named in an
+    ObservationWarning when the stage builds; importing hfbuild first silences it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dodo = """
+        {first}
+        {second}
+
+        pipe = Pipeline()
+        raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+        m = pipe.map("m", raw, early.f, batched=True)
+
+
+        def task_preprocess():
+            yield from pipe.tasks()
+        """
+    early, hf = "from pkg import early", "from hfbuild import Pipeline"
+    repo.write(
+        {
+            "pkg/__init__.py": "",
+            "pkg/early.py": """
+                WORDS = open("conf/early.txt").read()
+
+                def f(batch):
+                    return {"y": [len(WORDS)] * len(batch["x"])}
+                """,
+            "conf/early.txt": "abc\n",
+            "dodo.py": dodo.format(first=early, second=hf),
+            ".gitignore": ".hfbuild/\n.doit.db*\n__pycache__/\n",
+        }
+    )
+    (repo.path / "data").mkdir()
+    pq.write_table(pa.table({"x": [1, 2]}), repo.path / "data" / "p.parquet")
+    repo.commit("project")
+    late = run_doit(repo.path, tmp_path / "a.log", dict(os.environ))
+    assert "pkg/early.py was imported before hfbuild" in late.stderr, late.stderr
+    assert "observed" not in lock(repo.path)["m"]
+
+    repo.write({"dodo.py": dodo.format(first=hf, second=early)}, commit="hfbuild first")
+    # A result built while the warning was given counts as having read nothing: build anew.
+    fresh = {**os.environ, "HFBUILD_STORE": str(tmp_path / "store2")}
+    first = run_doit(repo.path, tmp_path / "b.log", fresh)
+    assert "imported before hfbuild" not in first.stderr
+    assert [p for p, _ in lock(repo.path)["m"]["observed"]] == ["conf/early.txt"]
+
+
+def test_pre_commit_check_sees_a_file_read_at_run_time(
+    project: tuple[pathlib.Path, dict[str, str]], tmp_path: pathlib.Path
+) -> None:
+    """`verify --staged` takes the staged content of files read at run time: a rebuilt lock
+    staged without the edited file it read fails, naming the file; staging it passes."""
+    path, env = project
+    (path / "conf" / "vocab.txt").write_text("row\n")
+    run_doit(path, tmp_path / "edit.log", env)
+    subprocess.run(["git", "add", "hfbuild.lock"], cwd=path, env=env, check=True)
+    bad = hfbuild(path, env, "verify", "--staged")
+    assert bad.returncode == 1
+    assert "file read at run time: conf/vocab.txt" in bad.stdout + bad.stderr
+    subprocess.run(["git", "add", "conf/vocab.txt"], cwd=path, env=env, check=True)
+    ok = hfbuild(path, env, "verify", "--staged")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_explain_wording_for_files_and_modules_used_at_run_time() -> None:
+    """A changed file read at run time and a changed module imported at run time are told
+    apart, with abbreviated old and new ids; unchanged and unknown files are not reported."""
+    from hfbuild.diff import diff_observed
+
+    old = [["conf/x.yaml", "a" * 40], ["plugins/p.py", "b" * 40], ["conf/same.txt", "c" * 40]]
+    now = {"conf/x.yaml": "d" * 40, "plugins/p.py": "missing", "conf/same.txt": "c" * 40}
+    assert [c.describe() for c in diff_observed(old, now)] == [
+        f"file read at run time: conf/x.yaml {'a' * 12} -> {'d' * 12}",
+        f"module imported at run time: plugins/p.py {'b' * 12} -> missing",
+    ]
+    assert diff_observed(old, {}) == []
