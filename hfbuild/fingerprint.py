@@ -18,11 +18,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hfbuild import canonical
+from hfbuild import caches, canonical
 from hfbuild.closure import Context, describe
 from hfbuild.datafiles import StatCache, expand, file_identity
 from hfbuild.errors import DirtyTreeError, DirtyTreeWarning, IncompleteClosureWarning
 from hfbuild.gitstate import FileId, Snapshot, find_root
+from hfbuild.store import Store, default_root
 
 SCHEMA = 1
 
@@ -226,14 +227,19 @@ def fingerprint(
     `options` are the `Dataset.map`/`filter` options; only those that change the output count.
     Returns the hex digest, or `(digest, Manifest)` with `return_manifest=True`.
     """
+    snap = snapshot_for(fn)
+    if snap.repo is not None:  # the project's store remembers scans and stat data
+        snap.code_cache = caches.for_store(Store(default_root(snap.root)))
     manifest = build_manifest(
         kind=kind,
-        ctx=Context(snapshot_for(fn)),
+        ctx=Context(snap),
         fn=fn,
         fn_kwargs=fn_kwargs,
         inputs={"parent": parent_fingerprint(parent)},
         options=options,
         file_deps=file_deps,
     )
+    if snap.code_cache is not None:
+        snap.code_cache.save()
     check_dirty(manifest, getattr(fn, "__qualname__", None) or type(fn).__qualname__)
     return (manifest.fingerprint, manifest) if return_manifest else manifest.fingerprint

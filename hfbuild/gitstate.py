@@ -15,19 +15,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pygit2
-from pygit2 import GIT_STATUS_CURRENT, GIT_STATUS_IGNORED, GIT_STATUS_WT_NEW
+from pygit2 import GIT_STATUS_CURRENT
 
+from hfbuild.caches import CodeCache
 from hfbuild.errors import GitStateError, NotARepositoryError
 
 Mode = Literal["worktree", "index"]
 Status = Literal["clean", "modified", "staged", "untracked", "norepo"]
-
-_DIRTY_MASK_STAGED = (
-    pygit2.GIT_STATUS_INDEX_NEW
-    | pygit2.GIT_STATUS_INDEX_MODIFIED
-    | pygit2.GIT_STATUS_INDEX_TYPECHANGE
-    | pygit2.GIT_STATUS_INDEX_RENAMED
-)
 
 
 @dataclass(frozen=True)
@@ -125,19 +119,32 @@ class Snapshot:
     identified by the blob id of its bytes and reported with status "norepo".
     """
 
-    def __init__(self, root: str, mode: Mode = "worktree") -> None:
+    def __init__(
+        self, root: str, mode: Mode = "worktree", code_cache: CodeCache | None = None
+    ) -> None:
         self.root = os.path.realpath(root)
         self.mode: Mode = mode
         self.repo = _discover(self.root)
+        # Work-tree blob ids by stat data, and import scans, remembered across processes.
+        self.code_cache = code_cache
+        # What other modules derive from this snapshot (the import graph), kept with it.
+        self.memo: dict[str, object] = {}
         self._ids: dict[str, FileId] = {}
         self._fresh: set[str] = set()
+        self._real_dirs: dict[str, str] = {}
+        self._heads: dict[str, pygit2.Tree | None] = {}
 
     @classmethod
-    def for_path(cls, path: str | os.PathLike[str], mode: Mode = "worktree") -> Snapshot:
+    def for_path(
+        cls,
+        path: str | os.PathLike[str],
+        mode: Mode = "worktree",
+        code_cache: CodeCache | None = None,
+    ) -> Snapshot:
         """The snapshot of the work tree holding `path`, or of its directory if none does."""
         p = os.path.realpath(os.fspath(path))
         root = find_root(p) or (p if os.path.isdir(p) else os.path.dirname(p))
-        return cls(root, mode)
+        return cls(root, mode, code_cache)
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -147,7 +154,11 @@ class Snapshot:
         The directory part is resolved (so a root reached through a symlink still matches)
         but a symlinked file keeps its own name: it is the name Python imported it by."""
         p = os.path.abspath(os.fspath(path))
-        real = os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+        d = os.path.dirname(p)
+        real_dir = self._real_dirs.get(d)
+        if real_dir is None:
+            real_dir = self._real_dirs[d] = os.path.realpath(d)
+        real = os.path.join(real_dir, os.path.basename(p))
         try:
             r = os.path.relpath(real, self.root)
         except ValueError:  # another drive on Windows
@@ -211,6 +222,24 @@ class Snapshot:
         blob = repo[blob_id]
         assert isinstance(blob, pygit2.Blob)
         return blob.data
+
+    def staged_paths(self) -> list[str]:
+        """Every file the index holds (submodules' indexes included), root-relative."""
+        if self.repo is None:
+            return []
+        out: list[str] = []
+        wd = os.path.realpath(self.repo.workdir)
+        for e in self._index(self.repo):
+            rel = os.path.relpath(os.path.join(wd, e.path), self.root).replace(os.sep, "/")
+            if rel.startswith("../"):
+                continue
+            if e.mode == pygit2.GIT_FILEMODE_COMMIT:  # a submodule: its own index
+                sub = _discover(self.abspath(rel))
+                if sub is not None and sub.path != self.repo.path:
+                    out.extend(f"{rel}/{se.path}" for se in self._index(sub))
+                continue
+            out.append(rel)
+        return out
 
     def exists(self, rel: str) -> bool:
         if self.mode == "index":
@@ -353,17 +382,40 @@ class Snapshot:
                     f"contains it."
                 )
             return FileId(rel, str(idx[inner].id), "clean")
+        # git's status, from blob ids: the work-tree file's id (remembered by stat data in
+        # the code cache, as git's index does) against the index's and HEAD's. One status
+        # call per file costs ~0.6 ms in a 20,000-file repository; this, a few microseconds.
+        worktree = self._worktree_id(repo, inner, full)
+        if inner not in idx:
+            return FileId(rel, worktree, "untracked")
+        staged = str(idx[inner].id)
+        if worktree != staged:
+            return FileId(rel, worktree, "modified")
+        if self._head_id(repo, inner) == staged:
+            return FileId(rel, staged, "clean")
+        # Staged but not committed: the index already holds exactly the work-tree content.
+        return FileId(rel, staged, "staged")
+
+    def _worktree_id(self, repo: pygit2.Repository, inner: str, full: str) -> str:
+        if self.code_cache is None:
+            return _hash_worktree(repo, inner)
+        return self.code_cache.worktree_id(full, lambda: _hash_worktree(repo, inner))
+
+    def _head_id(self, repo: pygit2.Repository, inner: str) -> str | None:
+        """The blob id HEAD's commit records for `inner`, or None."""
+        key = repo.path
+        if key not in self._heads:
+            tree = None
+            if not repo.head_is_unborn:
+                try:
+                    tree = repo.head.peel(pygit2.Commit).tree
+                except (KeyError, pygit2.GitError):
+                    tree = None
+            self._heads[key] = tree
+        tree = self._heads[key]
+        if tree is None:
+            return None
         try:
-            flags = repo.status_file(inner)
-        except KeyError:  # not tracked and not in the work tree's status: untracked
-            flags = GIT_STATUS_WT_NEW
-        except pygit2.GitError as e:
-            raise GitStateError(f"git could not read the status of {rel}: {e}") from e
-        if flags == GIT_STATUS_CURRENT and inner in idx:
-            return FileId(rel, str(idx[inner].id), "clean")
-        if flags & (GIT_STATUS_WT_NEW | GIT_STATUS_IGNORED) or inner not in idx:
-            return FileId(rel, _hash_worktree(repo, inner), "untracked")
-        if flags == (flags & _DIRTY_MASK_STAGED):
-            # Staged but not committed: the index already holds exactly the work-tree content.
-            return FileId(rel, str(idx[inner].id), "staged")
-        return FileId(rel, _hash_worktree(repo, inner), "modified")
+            return str(tree[inner].id)
+        except KeyError:
+            return None

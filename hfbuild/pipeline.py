@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from hfbuild import lockfile
+from hfbuild import caches, lockfile
 from hfbuild.closure import Context
 from hfbuild.datafiles import StatCache, file_identity, resolve_data_files
 from hfbuild.errors import (
@@ -297,11 +297,12 @@ class Pipeline:
         `mode="index"`, of what is staged). Memoized until `fresh=True` is asked for."""
         if mode == "worktree" and self._cache is not None and not fresh:
             return self._cache
-        snap = Snapshot(self.root, mode)
+        snap = Snapshot(self.root, mode, caches.for_store(self.store))
         out: dict[str, Manifest] = {}
         for spec in self._specs.values():
             out[spec.name] = self._manifest(spec, snap, out)
         self.stat_cache.save()
+        caches.for_store(self.store).save()
         if mode == "worktree":
             self._cache = out
         return out
