@@ -132,7 +132,9 @@ class Snapshot:
         self._ids: dict[str, FileId] = {}
         self._fresh: set[str] = set()
         self._real_dirs: dict[str, str] = {}
-        self._heads: dict[str, pygit2.Tree | None] = {}
+        self._indexes: dict[str, pygit2.Index] = {}
+        self._dir_repos: dict[str, tuple[pygit2.Repository | None, str]] = {}
+        self._trees: dict[tuple[str, str], pygit2.Tree | None] = {}
 
     @classmethod
     def for_path(
@@ -175,20 +177,31 @@ class Snapshot:
         relative to it."""
         if self.repo is None:
             return None
-        directory = os.path.dirname(self.abspath(rel))
-        repo = _discover(directory) if os.path.isdir(directory) else self.repo
+        directory, _, name = rel.rpartition("/")
+        hit = self._dir_repos.get(directory)
+        if hit is None:
+            full = self.abspath(directory) if directory else self.root
+            repo = _discover(full) if os.path.isdir(full) else self.repo
+            if repo is None:
+                hit = self._dir_repos[directory] = (None, "")
+            else:
+                wd = os.path.realpath(repo.workdir)
+                inner_dir = os.path.relpath(full, wd).replace(os.sep, "/")
+                if inner_dir == ".." or inner_dir.startswith("../"):
+                    repo, inner_dir = self.repo, directory
+                hit = self._dir_repos[directory] = (repo, "" if inner_dir == "." else inner_dir)
+        repo, inner_dir = hit
         if repo is None:
             return None
-        wd = os.path.realpath(repo.workdir)
-        inner = os.path.relpath(self.abspath(rel), wd).replace(os.sep, "/")
-        if inner.startswith("../"):
-            repo, inner = self.repo, rel
-        return repo, inner
+        return repo, f"{inner_dir}/{name}" if inner_dir else name
 
     # -- files ---------------------------------------------------------------------------
 
     def _index(self, repo: pygit2.Repository) -> pygit2.Index:
         key = repo.path
+        known = self._indexes.get(key)
+        if known is not None:
+            return known
         try:
             idx: pygit2.Index = repo.index
         except pygit2.GitError as e:
@@ -205,6 +218,7 @@ class Snapshot:
                     f"`rm .git/index && git reset` in that repository."
                 ) from e
             self._fresh.add(key)
+        self._indexes[key] = idx
         return idx
 
     def _staged(self, rel: str) -> tuple[pygit2.Repository, str, str] | None:
@@ -403,19 +417,34 @@ class Snapshot:
 
     def _head_id(self, repo: pygit2.Repository, inner: str) -> str | None:
         """The blob id HEAD's commit records for `inner`, or None."""
-        key = repo.path
-        if key not in self._heads:
-            tree = None
+        directory, _, name = inner.rpartition("/")
+        tree = self._head_tree(repo, directory)
+        if tree is None:
+            return None
+        try:
+            return str(tree[name].id)
+        except KeyError:
+            return None
+
+    def _head_tree(self, repo: pygit2.Repository, directory: str) -> pygit2.Tree | None:
+        """HEAD's tree of `directory` ("" for the top), memoized: one lookup per directory."""
+        key = (repo.path, directory)
+        if key in self._trees:
+            return self._trees[key]
+        tree: pygit2.Tree | None = None
+        if not directory:
             if not repo.head_is_unborn:
                 try:
                     tree = repo.head.peel(pygit2.Commit).tree
                 except (KeyError, pygit2.GitError):
                     tree = None
-            self._heads[key] = tree
-        tree = self._heads[key]
-        if tree is None:
-            return None
-        try:
-            return str(tree[inner].id)
-        except KeyError:
-            return None
+        else:
+            parent, _, name = directory.rpartition("/")
+            up = self._head_tree(repo, parent)
+            try:
+                sub = up[name] if up is not None else None
+            except KeyError:
+                sub = None
+            tree = sub if isinstance(sub, pygit2.Tree) else None
+        self._trees[key] = tree
+        return tree

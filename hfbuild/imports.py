@@ -383,6 +383,7 @@ class Graph:
         self._edges: dict[str, Edges] = {}
         self._external: dict[str, tuple[str, Edges]] = {}
         self._rel: dict[str, str | None] = {}
+        self._kinds: dict[tuple[str, str], str] = {}
 
     def project_rel(self, path: str) -> str | None:
         """`path` relative to the project root when it is project code: inside the root and
@@ -444,7 +445,9 @@ class Graph:
             if rel is not None:
                 files[rel] = None
                 continue
-            kind = outside_kind(path, module)
+            kind = self._kinds.get((path, module))
+            if kind is None:
+                kind = self._kinds[(path, module)] = outside_kind(path, module)
             if path.startswith("<module>"):
                 packages[path[len("<module>") :]] = None
             elif kind == "package":
