@@ -156,11 +156,16 @@ class Snapshot:
         The directory part is resolved (so a root reached through a symlink still matches)
         but a symlinked file keeps its own name: it is the name Python imported it by."""
         p = os.path.abspath(os.fspath(path))
-        d = os.path.dirname(p)
+        d, base = os.path.split(p)
         real_dir = self._real_dirs.get(d)
         if real_dir is None:
             real_dir = self._real_dirs[d] = os.path.realpath(d)
-        real = os.path.join(real_dir, os.path.basename(p))
+        if real_dir.startswith(self.root + os.sep) and base not in ("", os.curdir, os.pardir):
+            # The common case, without relpath's normalizing: a file in a directory below.
+            return f"{real_dir[len(self.root) + 1 :]}{os.sep}{base}".replace(os.sep, "/")
+        if real_dir == self.root and base not in ("", os.curdir, os.pardir):
+            return base
+        real = os.path.join(real_dir, base)
         try:
             r = os.path.relpath(real, self.root)
         except ValueError:  # another drive on Windows

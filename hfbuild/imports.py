@@ -154,6 +154,13 @@ _LOADERS = (
 )
 
 
+_STANDARD_FINDERS = (
+    importlib.machinery.BuiltinImporter,
+    importlib.machinery.FrozenImporter,
+    importlib.machinery.PathFinder,
+)
+
+
 class Resolver:
     """Finds modules for one snapshot. Each directory gets its own `FileFinder`, created for
     this snapshot (so files added since an earlier snapshot are seen, and the interpreter's
@@ -315,7 +322,27 @@ class Resolver:
         in the importing file's directory or the project root."""
         if name in sys.builtin_module_names:
             return None
-        return self.find(name, (*self.sys_path, here, self.snap.root))
+        found = self.find(name, (*self.sys_path, here, self.snap.root))
+        if found is None:
+            found = self._find_meta(name)
+        return found
+
+    def _find_meta(self, name: str) -> Found | None:
+        """A top-level module that no directory holds, from the finders Python consults after
+        the path finder (an editable install's finder maps names to its source tree). They
+        map names to files; no module is imported."""
+        for finder in sys.meta_path:
+            if finder in _STANDARD_FINDERS or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, None)
+            if spec is None:
+                continue
+            locs = spec.submodule_search_locations
+            locations = tuple(locs) if locs is not None else None
+            origin = spec.origin if spec.has_location else None
+            if origin is not None or locations:
+                return Found(origin, locations)
+        return None
 
 
 # -- where files lie --------------------------------------------------------------------------
@@ -384,6 +411,7 @@ class Graph:
         self._external: dict[str, tuple[str, Edges]] = {}
         self._rel: dict[str, str | None] = {}
         self._kinds: dict[tuple[str, str], str] = {}
+        self._statements: dict[tuple[int, str, tuple[str, ...], str], tuple[str, ...]] = {}
 
     def project_rel(self, path: str) -> str | None:
         """`path` relative to the project root when it is project code: inside the root and
@@ -433,7 +461,15 @@ class Graph:
         return self._classify([(filename, module)], ())
 
     def _resolve_all(self, s: Scan, here: str, incomplete: tuple[str, ...]) -> Edges:
-        targets = [(p, ref.module) for ref in s.imports for p in self.resolver.resolve(ref, here)]
+        targets: list[tuple[str, str]] = []
+        for ref in s.imports:
+            # The same statement in the same directory resolves the same way (`import os`
+            # in every file): resolved once per snapshot.
+            key = (ref.level, ref.module, ref.names, here)
+            paths = self._statements.get(key)
+            if paths is None:
+                paths = self._statements[key] = tuple(self.resolver.resolve(ref, here))
+            targets.extend((p, ref.module) for p in paths)
         return self._classify(targets, incomplete)
 
     def _classify(self, targets: list[tuple[str, str]], incomplete: tuple[str, ...]) -> Edges:

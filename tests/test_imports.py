@@ -126,6 +126,44 @@ def test_relative_imports_and_from_package_import_submodule(repo: Repo) -> None:
     ]
 
 
+EDITABLE = """
+import importlib.machinery, importlib.util, json, os, sys, warnings
+import hfbuild
+warnings.simplefilter("ignore")
+
+
+class EditableFinder:
+    # What an editable install's finder does: map a top-level name to a source tree.
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != "mypkg":
+            return None
+        init = os.path.join(os.getcwd(), "src", "mypkg", "__init__.py")
+        return importlib.util.spec_from_file_location(name, init)
+
+
+sys.meta_path.append(EditableFinder)
+import transforms
+_, m = hfbuild.fingerprint(transforms.f, return_manifest=True)
+print(json.dumps(sorted(p for p, _ in m.doc["code"]["files"])))
+"""
+
+
+def test_modules_of_a_meta_path_finder_are_followed(repo: Repo) -> None:
+    """A project package that only an import hook finds (as an editable install's finder
+    maps `mypkg` to `src/mypkg`) is followed into its files, after the path search."""
+    repo.write(
+        {
+            "src/mypkg/__init__.py": "from . import core\n",
+            "src/mypkg/core.py": "",
+            "transforms.py": "def f(x):\n    import mypkg\n    return x\n",
+        },
+        commit="x",
+    )
+    out = run_python(EDITABLE, repo.path)
+    assert json.loads(out.stdout) == ["src/mypkg/__init__.py", "src/mypkg/core.py", "transforms.py"]
+
+
 STAGED = """
 import json, warnings
 warnings.simplefilter("ignore")
