@@ -242,23 +242,38 @@ class Snapshot:
         assert isinstance(blob, pygit2.Blob)
         return blob.data
 
-    def staged_paths(self) -> list[str]:
-        """Every file the index holds (submodules' indexes included), root-relative."""
-        if self.repo is None:
-            return []
-        out: list[str] = []
-        wd = os.path.realpath(self.repo.workdir)
-        for e in self._index(self.repo):
-            rel = os.path.relpath(os.path.join(wd, e.path), self.root).replace(os.sep, "/")
-            if rel.startswith("../"):
-                continue
-            if e.mode == pygit2.GIT_FILEMODE_COMMIT:  # a submodule: its own index
-                sub = _discover(self.abspath(rel))
-                if sub is not None and sub.path != self.repo.path:
-                    out.extend(f"{rel}/{se.path}" for se in self._index(sub))
-                continue
-            out.append(rel)
-        return out
+    def staged_dir(self, rel: str) -> bool:
+        """Whether the index holds a file under directory `rel` (submodules included): a
+        binary search of the sorted index, as a directory listing of what is staged."""
+        found = self._repo_of(f"{rel}/-")  # a name inside that directory
+        if found is None:
+            return False
+        repo, inner = found
+        prefix = inner[: -len("-")].encode()
+        idx = self._index(repo)
+        c_index = idx._index
+        count = int(pygit2.C.git_index_entrycount(c_index))
+        if not prefix:
+            return count > 0
+        try:
+            icase = bool(repo.config.get_bool("core.ignorecase"))
+        except (KeyError, pygit2.GitError):
+            icase = False
+        if icase:  # entries are then sorted case-insensitively: no binary search
+            return any(e.path.encode().startswith(prefix) for e in idx)
+
+        def path_at(i: int) -> bytes:
+            entry = pygit2.C.git_index_get_byindex(c_index, i)
+            return bytes(pygit2.ffi.string(entry.path))
+
+        lo, hi = 0, count
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if path_at(mid) < prefix:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo < count and path_at(lo).startswith(prefix)
 
     def exists(self, rel: str) -> bool:
         if self.mode == "index":

@@ -173,7 +173,6 @@ class Resolver:
         )
         self._finders: dict[str, Any] = {}
         self._memo: dict[tuple[str, tuple[str, ...]], Found | None] = {}
-        self._index_dirs: dict[str, tuple[set[str], set[str]]] | None = None
 
     def find(self, fullname: str, path: Sequence[str]) -> Found | None:
         """The module `fullname` searched in directories `path`, as `PathFinder.find_spec`
@@ -229,31 +228,19 @@ class Resolver:
         """`FileFinder.find_spec`'s rules applied to the files the index holds: a directory
         with `__init__.py` is a regular package, before a `name.py` module; a directory
         without one is a namespace portion. (Extension modules are never staged sources.)"""
-        tail = fullname.rpartition(".")[2]
-        files, dirs = self._index_listing(entry)
-        base = os.path.join(entry, tail)
-        if tail in dirs:
+        base = os.path.join(entry, fullname.rpartition(".")[2])
+        rel = self.snap.rel(base)
+        if rel is None:
+            return None
+        is_dir = self.snap.staged_dir(rel)
+        if is_dir:
             for suffix in importlib.machinery.SOURCE_SUFFIXES:
-                if "__init__" + suffix in self._index_listing(base)[0]:
+                if self.snap.exists(f"{rel}/__init__{suffix}"):
                     return Found(os.path.join(base, "__init__" + suffix), (base,))
         for suffix in importlib.machinery.SOURCE_SUFFIXES:
-            if tail + suffix in files:
+            if self.snap.exists(rel + suffix):
                 return Found(base + suffix, None)
-        if tail in dirs:
-            return Found(None, (base,))
-        return None
-
-    def _index_listing(self, directory: str) -> tuple[set[str], set[str]]:
-        """(file names, directory names) directly under `directory`, as staged."""
-        if self._index_dirs is None:
-            self._index_dirs = {}
-            for rel in self.snap.staged_paths():
-                parts = rel.split("/")
-                for i in range(len(parts)):
-                    d = self.snap.abspath("/".join(parts[:i])) if i else self.snap.root
-                    names = self._index_dirs.setdefault(d, (set(), set()))
-                    (names[0] if i == len(parts) - 1 else names[1]).add(parts[i])
-        return self._index_dirs.get(directory, (set(), set()))
+        return Found(None, (base,)) if is_dir else None
 
     def exists(self, path: str) -> bool:
         """Whether the file at `path` is there, in this snapshot's view."""

@@ -179,24 +179,27 @@ print(json.dumps(out))
 def test_staged_mode_resolves_imports_from_the_index(repo: Repo) -> None:
     """`verify --staged` resolves imports against what is staged: a module file deleted
     from the work tree but staged is followed, and an untracked package that shadows a
-    staged module in the work tree does not shadow it in the index."""
+    staged module in the work tree does not shadow it in the index; a staged namespace
+    package is found."""
     repo.write(
         {
             "dodo.py": "from hfbuild import Pipeline\nimport transforms\n"
             "pipe = Pipeline()\nraw = pipe.load('raw', 'json', data_files='d.jsonl')\n"
             "pipe.map('m', raw, transforms.f)\n",
             "d.jsonl": '{"a": 1}\n',
-            "transforms.py": "def f(x):\n    import gone, util\n    return x\n",
+            "transforms.py": "def f(x):\n    import gone, util\n    from ns import mod\n"
+            "    return x\n",
             "gone.py": "",
             "util.py": "",
+            "ns/mod.py": "",
         },
         commit="x",
     )
     (repo.path / "gone.py").unlink()
     repo.write({"util/__init__.py": ""})  # untracked: shadows util.py in the work tree
     out = json.loads(run_python(STAGED, repo.path).stdout)
-    assert out["worktree"] == ["transforms.py", "util/__init__.py"]
-    assert out["index"] == ["gone.py", "transforms.py", "util.py"]
+    assert out["worktree"] == ["ns/mod.py", "transforms.py", "util/__init__.py"]
+    assert out["index"] == ["gone.py", "ns/mod.py", "transforms.py", "util.py"]
 
 
 # -- the code cache --------------------------------------------------------------------------
