@@ -300,7 +300,9 @@ class Resolver:
         if not ref.names or locations is None:
             return  # a plain module: the names are its attributes
         for n in ref.names:
-            sub = self.find(f"{prefix}.{n}", locations)
+            is_loaded, sub = (False, None) if ref.level else self.loaded(f"{prefix}.{n}")
+            if not is_loaded:
+                sub = self.find(f"{prefix}.{n}", locations)
             if sub is not None and sub.origin is not None:
                 yield sub.origin
 
