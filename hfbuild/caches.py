@@ -28,6 +28,7 @@ from hfbuild.errors import HfbuildError
 from hfbuild.store import Store, write_text_atomic
 
 FORMAT = 1
+MAX_SCANS = 20_000
 _RACY_NS = 2_000_000_000
 _PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 
@@ -47,6 +48,9 @@ class CodeCache:
         self._scans: dict[str, Any] | None = None
         self._stats: dict[str, str] = {}
         self._dirty = False
+        # What this process used, kept when the file is pruned on save.
+        self._used_scans: set[str] = set()
+        self._used_stats: dict[str, str] = {}  # path -> its current stat key
 
     def _load(self) -> dict[str, Any]:
         if self._scans is None:
@@ -59,11 +63,13 @@ class CodeCache:
     def scan(self, blob: str) -> Any:
         """The stored scan of blob `blob` (a JSON value), or None."""
         with self._lock:
+            self._used_scans.add(blob)
             return self._load().get(blob)
 
     def put_scan(self, blob: str, value: Any) -> None:
         with self._lock:
             self._load()[blob] = value
+            self._used_scans.add(blob)
             self._dirty = True
 
     # -- work-tree blob ids --------------------------------------------------------------------
@@ -76,6 +82,7 @@ class CodeCache:
         with self._lock:
             self._load()
             hit = self._stats.get(key)
+            self._used_stats[full] = key
         if hit is not None:
             return hit
         value = compute()
@@ -90,6 +97,7 @@ class CodeCache:
         if not self._dirty or self.store is None:
             return
         with self._lock:
+            self._prune()
             body = json.dumps(
                 {"scans": self._load(), "stats": self._stats}, sort_keys=True, separators=(",", ":")
             )
@@ -100,6 +108,21 @@ class CodeCache:
             write_text_atomic(path, json.dumps(doc, sort_keys=True) + "\n" + body + "\n")
         except (OSError, HfbuildError):
             pass  # a store that cannot be written costs a re-scan next time, nothing else
+
+    def _prune(self) -> None:
+        """Bound the file: a path keeps only its current stat entry, and beyond `MAX_SCANS`
+        scans those this process did not use are dropped."""
+        scans = self._load()
+        for key in list(self._stats):
+            path = key.rsplit("|", 4)[0]
+            current = self._used_stats.get(path)
+            if current is not None and key != current:
+                del self._stats[key]
+        if len(scans) > MAX_SCANS:
+            for blob in [b for b in scans if b not in self._used_scans]:
+                del scans[blob]
+                if len(scans) <= MAX_SCANS:
+                    break
 
 
 def _read(path: str | None) -> tuple[dict[str, Any], dict[str, str]]:
