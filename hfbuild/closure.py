@@ -53,7 +53,7 @@ class Context:
         if fid is None:
             fid = self.files[rel] = self.snapshot.file_id(rel)
             if rel.endswith(".py"):
-                self._follow_imports(rel, fid.id)
+                self._add_closure(imports.graph(self.snapshot).closure(rel))
         return fid
 
     def project_rel(self, path: str) -> str | None:
@@ -63,8 +63,12 @@ class Context:
 
     # -- the import graph (resolved once per snapshot, in imports.py) ------------------------
 
-    def _follow_imports(self, rel: str, blob: str) -> None:
-        self._add_edges(imports.graph(self.snapshot).edges(rel, blob))
+    def _add_closure(self, closure: imports.Edges) -> None:
+        """Add a file's transitive closure (computed once per snapshot by the graph)."""
+        for rel in closure.files:
+            if rel not in self.files:
+                self.files[rel] = self.snapshot.file_id(rel)
+        self._add_edges(closure._replace(files=()))
 
     def follow_module(self, module: str, filename: str | None) -> None:
         """Add a module (by name and the file it was loaded from) to the closure."""
@@ -74,7 +78,7 @@ class Context:
         self._add_edges(imports.graph(self.snapshot).module(module, filename))
 
     def _add_edges(self, edges: imports.Edges) -> None:
-        self.incomplete.extend(edges.incomplete)
+        self.incomplete.extend(m for m in edges.incomplete if m not in self.incomplete)
         for rel in edges.files:
             self.add_file(rel)
         for module in edges.packages:

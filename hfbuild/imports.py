@@ -401,6 +401,7 @@ class Graph:
         self._rel: dict[str, str | None] = {}
         self._kinds: dict[tuple[str, str], str] = {}
         self._statements: dict[tuple[int, str, tuple[str, ...], str], tuple[str, ...]] = {}
+        self._closures: dict[str, Edges] = {}
 
     def project_rel(self, path: str) -> str | None:
         """`path` relative to the project root when it is project code: inside the root and
@@ -432,6 +433,48 @@ class Graph:
             here = os.path.dirname(self.snap.abspath(rel))
             hit = self._edges[rel] = self._resolve_all(s, here, tuple(incomplete))
         return hit
+
+    def closure(self, rel: str) -> Edges:
+        """Project file `rel` and everything its imports reach through project files,
+        transitively (files outside the project are left to the caller). Computed once per
+        file per snapshot; a file on an import cycle is memoized only at the cycle's entry,
+        where its closure is complete."""
+        hit = self._closures.get(rel)
+        return hit if hit is not None else self._walk(rel, {}, 0)[0]
+
+    def _walk(self, rel: str, stack: dict[str, int], depth: int) -> tuple[Edges, int]:
+        """(closure of `rel`, the lowest stack depth an import cycle from it reached)."""
+        hit = self._closures.get(rel)
+        if hit is not None:
+            return hit, depth
+        stack[rel] = depth
+        files: dict[str, None] = {rel: None}
+        packages: dict[str, None] = {}
+        external: dict[tuple[str, str], None] = {}
+        incomplete: dict[str, None] = {}
+        low = depth
+        if rel.endswith(".py"):
+            e = self.edges(rel, self.snap.file_id(rel).id)
+            packages.update(dict.fromkeys(e.packages))
+            external.update(dict.fromkeys(e.external))
+            incomplete.update(dict.fromkeys(e.incomplete))
+            for child in e.files:
+                if child in stack:  # a cycle back to a file being walked
+                    low = min(low, stack[child])
+                    continue
+                if child in files:
+                    continue
+                sub, sub_low = self._walk(child, stack, depth + 1)
+                low = min(low, sub_low)
+                files.update(dict.fromkeys(sub.files))
+                packages.update(dict.fromkeys(sub.packages))
+                external.update(dict.fromkeys(sub.external))
+                incomplete.update(dict.fromkeys(sub.incomplete))
+        del stack[rel]
+        result = Edges(tuple(files), tuple(packages), tuple(external), tuple(incomplete))
+        if low >= depth:  # nothing reached a file above this one: complete
+            self._closures[rel] = result
+        return result, low
 
     def external(self, module: str, path: str) -> tuple[str, Edges]:
         """(blob id, resolved imports) of a module file outside the project that no

@@ -202,6 +202,50 @@ def test_staged_mode_resolves_imports_from_the_index(repo: Repo) -> None:
     assert out["index"] == ["gone.py", "ns/mod.py", "transforms.py", "util.py"]
 
 
+CYCLE = """
+import json, warnings
+warnings.simplefilter("ignore")
+import hfbuild
+import dodo
+manifests = dodo.pipe.manifests()
+out = {}
+for stage in dodo.pipe.specs[1:]:  # the map stages
+    shared = sorted(p for p, _ in manifests[stage.name].doc["code"]["files"])
+    _, alone = hfbuild.fingerprint(stage.fn, return_manifest=True)
+    out[stage.name] = [shared, sorted(p for p, _ in alone.doc["code"]["files"])]
+print(json.dumps(out))
+"""
+
+
+def test_closures_shared_across_stages_match_closures_computed_alone(repo: Repo) -> None:
+    """Stages whose closures overlap through an import cycle, walked in one snapshot (each
+    file's closure computed once), get exactly the files each gets when computed alone."""
+    fn = "def {name}(x):\n    return x\n"
+    repo.write(
+        {
+            "dodo.py": "from hfbuild import Pipeline\nimport a, b, d, e\npipe = Pipeline()\n"
+            "raw = pipe.load('raw', 'json', data_files='x.jsonl')\n"
+            "for name, f in [('d', d.g), ('a', a.f), ('e', e.h), ('b', b.k)]:\n"
+            "    pipe.map(name, raw, f)\n",
+            "x.jsonl": '{"a": 1}\n',
+            "a.py": "import b\n" + fn.format(name="f"),
+            "b.py": "import a\nimport c\n" + fn.format(name="k"),
+            "c.py": "",
+            "d.py": "import b\n" + fn.format(name="g"),
+            "e.py": "import d\nimport c\n" + fn.format(name="h"),
+        },
+        commit="x",
+    )
+    out = json.loads(run_python(CYCLE, repo.path).stdout)
+    expected = {
+        "d": ["a.py", "b.py", "c.py", "d.py"],
+        "a": ["a.py", "b.py", "c.py"],
+        "e": ["a.py", "b.py", "c.py", "d.py", "e.py"],
+        "b": ["a.py", "b.py", "c.py"],
+    }
+    assert out == {name: [files, files] for name, files in expected.items()}
+
+
 # -- the code cache --------------------------------------------------------------------------
 
 
