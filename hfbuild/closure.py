@@ -13,22 +13,18 @@ memoized by blob id: a blob's imports never change.
 
 from __future__ import annotations
 
-import ast
 import functools
-import importlib.machinery
 import os
 import re
 import sys
-import sysconfig
-import threading
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
-from hfbuild import canonical
+from hfbuild import canonical, imports
 from hfbuild.errors import ClosureError, UnhashableArgumentError
-from hfbuild.gitstate import FileId, Snapshot, hash_bytes
+from hfbuild.gitstate import FileId, Snapshot
 
 # Distributions whose version must not enter fingerprints: hfbuild's own version is recorded
 # in the stored manifest, not hashed (its manifest schema version is). `datasets` used to be
@@ -38,24 +34,6 @@ UNTRACKED_DISTRIBUTIONS = frozenset({"hfbuild"})
 # and type inference, pyarrow's conversion and writing, and the interpreter (its Unicode
 # database changes with the minor version).
 RUNTIME_DISTRIBUTIONS = ("datasets", "pyarrow")
-
-
-class ImportRef(NamedTuple):
-    level: int  # 0 for absolute imports, n for n leading dots
-    module: str  # "a.b" ("" for `from . import x`)
-    names: tuple[str, ...]  # names of a `from` import; () for `import a.b`
-    lineno: int
-
-
-class Scan(NamedTuple):
-    imports: tuple[ImportRef, ...]
-    dynamic: tuple[int, ...]  # lines of import_module/__import__ calls with a non-literal name
-    error: str | None  # why the file could not be parsed, if it could not
-    env: tuple[str, ...] = ()  # environment variables it reads by literal name, sorted
-
-
-_scan_lock = threading.Lock()
-_scans: dict[str, Scan] = {}  # blob id -> Scan
 
 
 @dataclass
@@ -86,63 +64,46 @@ class Context:
         if fid is None:
             fid = self.files[rel] = self.snapshot.file_id(rel)
             if rel.endswith(".py"):
-                self._follow_imports(rel, fid.id)
+                self._add_closure(imports.graph(self.snapshot).closure(rel))
         return fid
 
     def project_rel(self, path: str) -> str | None:
         """`path` relative to the project root when it is project code: inside the root and
         not in an environment (a virtualenv) kept there; else None."""
-        if path.startswith("<module>"):
-            return None
-        rel = self.snapshot.rel(path)
-        if rel is None or _in_environment(os.path.abspath(path), self.snapshot.root):
-            return None
-        return rel
+        return imports.graph(self.snapshot).project_rel(path)
 
-    # -- the import graph ------------------------------------------------------------------
+    # -- the import graph (resolved once per snapshot, in imports.py) ------------------------
 
-    def _follow_imports(self, rel: str, blob: str) -> None:
-        scan = _scan(blob, lambda: self.snapshot.read(rel))
-        self.env.update(scan.env)
-        if scan.error:
-            self.incomplete.append(f"{rel}: cannot be parsed ({scan.error})")
-        for line in scan.dynamic:
-            self.incomplete.append(
-                f"{rel}:{line}: a dynamic import with a computed module name; edits to the "
-                f"module it loads are not seen (import it statically, or list it in file_deps)"
-            )
-        here = os.path.dirname(self.snapshot.abspath(rel))
-        for ref in scan.imports:
-            for path in _resolve(ref, here, self.snapshot):
-                self._add_module_file(path, ref)
+    def _add_closure(self, closure: imports.Edges) -> None:
+        """Add a file's transitive closure (computed once per snapshot by the graph)."""
+        for rel in closure.files:
+            if rel not in self.files:
+                self.files[rel] = self.snapshot.file_id(rel)
+        self._add_edges(closure._replace(files=()))
 
     def follow_module(self, module: str, filename: str | None) -> None:
         """Add a module (by name and the file it was loaded from) to the closure."""
         if filename is None:
             self._add_package(module)
             return
-        self._add_module_file(filename, ImportRef(0, module, (), 0))
+        self._add_edges(imports.graph(self.snapshot).module(module, filename))
 
-    def _add_module_file(self, path: str, ref: ImportRef) -> None:
-        rel = self.project_rel(path)
-        if rel is not None:
+    def _add_edges(self, edges: imports.Edges) -> None:
+        self.incomplete.extend(m for m in edges.incomplete if m not in self.incomplete)
+        self.env.update(edges.env)
+        for rel in edges.files:
             self.add_file(rel)
-            return
-        kind, name = _classify_outside(path, ref.module)
-        if kind == "package":
-            self._add_package(name)
-        elif kind == "external" and name not in self.external:
-            # A module outside the project that no distribution owns (a sys.path hack): it is
-            # identified by its module name and content, never by where it lies.
-            with open(path, "rb") as f:
-                data = f.read()
-            blob = hash_bytes(data)
-            self.external[name] = blob
-            scan = _scan(blob, lambda: data)
-            self.env.update(scan.env)
-            for sub in scan.imports:
-                for p in _resolve(sub, os.path.dirname(path), self.snapshot):
-                    self._add_module_file(p, sub)
+        for module in edges.packages:
+            self._add_package(module)
+        for module, path in edges.external:
+            if _distributions(module.split(".")[0]):
+                self._add_package(module)
+            elif module not in self.external:
+                # A module outside the project that no distribution owns (a sys.path hack):
+                # it is identified by its module name and content, never by where it lies.
+                blob, sub = imports.graph(self.snapshot).external(module, path)
+                self.external[module] = blob
+                self._add_edges(sub)
 
     def _add_package(self, module: str) -> None:
         top = module.split(".")[0]
@@ -156,268 +117,9 @@ class Context:
                 self.packages.add(f"{dist}=={version}")
 
 
-# -- scanning one file ------------------------------------------------------------------------
-
-
-def _scan(blob: str, read: Callable[[], bytes]) -> Scan:
-    hit = _scans.get(blob)
-    if hit is not None:
-        return hit
-    try:
-        tree = ast.parse(read())
-    except (SyntaxError, ValueError) as e:
-        result = Scan((), (), str(e))
-    else:
-        result = _scan_tree(tree)
-    with _scan_lock:
-        _scans[blob] = result
-    return result
-
-
-def _scan_tree(tree: ast.AST) -> Scan:
-    imports: list[ImportRef] = []
-    dynamic: list[int] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imports.extend(ImportRef(0, a.name, (), node.lineno) for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            names = tuple(a.name for a in node.names if a.name != "*")
-            imports.append(ImportRef(node.level, node.module or "", names, node.lineno))
-        elif isinstance(node, ast.Call) and _is_dynamic_import(node.func):
-            arg = node.args[0] if node.args else None
-            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-                level = len(arg.value) - len(arg.value.lstrip("."))
-                imports.append(ImportRef(level, arg.value[level:], (), node.lineno))
-            else:
-                dynamic.append(node.lineno)
-    # Only a file that imports os can read the environment by name: the others (most of a
-    # closure) skip the second walk.
-    reads_env = any(r.module.split(".")[0] == "os" for r in imports if not r.level)
-    return Scan(tuple(imports), tuple(sorted(dynamic)), None, _env_reads(tree) if reads_env else ())
-
-
-def _env_reads(tree: ast.AST) -> tuple[str, ...]:
-    """Names of the environment variables a file reads by a literal name, anywhere in it
-    (module level included): `os.environ["X"]`, `os.environ.get("X")`,
-    `os.environ.setdefault("X", ...)`, `"X" in os.environ`, `os.getenv("X")`, also through
-    `import os as o` and `from os import environ, getenv` under any alias. Aliases are taken
-    file-wide, ignoring scopes: a name too many only adds a variable to the key."""
-    mods: set[str] = set()  # names bound to the os module
-    environs: set[str] = set()  # names bound to os.environ
-    getenvs: set[str] = set()  # names bound to os.getenv
-    # (name read, the expression that must be os.environ or os.getenv, whether it is a call)
-    reads: list[tuple[str, ast.expr, bool]] = []
-    for node in ast.walk(tree):
-        # Exact types, most frequent first: this visits every node of the file.
-        if type(node) is ast.Call:
-            if node.args and (name := _literal(node.args[0])) is not None:
-                f = node.func
-                if type(f) is ast.Attribute and f.attr in ("get", "setdefault"):
-                    reads.append((name, f.value, False))
-                else:
-                    reads.append((name, f, True))
-        elif type(node) is ast.Subscript:
-            if type(node.ctx) is ast.Load and (name := _literal(node.slice)) is not None:
-                reads.append((name, node.value, False))
-        elif type(node) is ast.Compare:
-            if (
-                len(node.ops) == 1
-                and type(node.ops[0]) in (ast.In, ast.NotIn)
-                and (name := _literal(node.left)) is not None
-            ):
-                reads.append((name, node.comparators[0], False))
-        elif type(node) is ast.Import:
-            for a in node.names:  # `import os.path` binds os; `import os.path as p` does not
-                if a.name == "os" or (a.name.startswith("os.") and not a.asname):
-                    mods.add(a.asname or "os")
-        elif type(node) is ast.ImportFrom and node.module == "os" and not node.level:
-            for a in node.names:
-                if a.name == "environ":
-                    environs.add(a.asname or a.name)
-                elif a.name == "getenv":
-                    getenvs.add(a.asname or a.name)
-    if not (mods or environs or getenvs):
-        return ()
-
-    def is_os(e: ast.expr, attr: str, aliases: set[str]) -> bool:
-        if isinstance(e, ast.Name):
-            return e.id in aliases
-        return (
-            isinstance(e, ast.Attribute)
-            and e.attr == attr
-            and isinstance(e.value, ast.Name)
-            and e.value.id in mods
-        )
-
-    return tuple(
-        sorted(
-            {
-                name
-                for name, e, call in reads
-                if (is_os(e, "getenv", getenvs) if call else is_os(e, "environ", environs))
-            }
-        )
-    )
-
-
-def _literal(e: ast.expr) -> str | None:
-    return e.value if isinstance(e, ast.Constant) and isinstance(e.value, str) else None
-
-
-def _is_dynamic_import(func: ast.expr) -> bool:
-    if isinstance(func, ast.Attribute):
-        return func.attr == "import_module" and (
-            isinstance(func.value, ast.Name) and func.value.id == "importlib"
-        )
-    return isinstance(func, ast.Name) and func.id in {"import_module", "__import__"}
-
-
-# -- resolving an import to files ------------------------------------------------------------
+# -- installed distributions -----------------------------------------------------------------
 
 _SEPARATORS = re.compile(r"[-_.]+")
-_SUFFIXES = tuple(importlib.machinery.EXTENSION_SUFFIXES)
-
-
-def _resolve(ref: ImportRef, here: str, snap: Snapshot) -> Iterator[str]:
-    """Files an import statement loads: each package `__init__` on the way, the module, and
-    for `from m import n` any `n` that is itself a submodule. An absolute name that is found
-    nowhere yields a `<module>name` pseudo-path, so an installed package is still recorded."""
-    parts = ref.module.split(".") if ref.module else []
-    base = here
-    locate: Callable[[list[str]], str | None]
-    if ref.level:
-        for _ in range(ref.level - 1):
-            base = os.path.dirname(base)
-        init = os.path.join(base, "__init__.py")
-        if _exists(init, snap):
-            yield init
-
-        def locate(prefix: list[str]) -> str | None:
-            return _find_in(base, prefix, snap)
-    else:
-
-        def locate(prefix: list[str]) -> str | None:
-            return _find_module(".".join(prefix), here, snap)
-
-    found: str | None = base
-    for i in range(1, len(parts) + 1):
-        found = locate(parts[:i])
-        if found is None:
-            if not ref.level:
-                yield "<module>" + ".".join(parts[:i])
-            return
-        if not os.path.isdir(found):
-            yield found
-    if found is None or not ref.names:
-        return
-    if os.path.isdir(found):
-        pkg = found
-    elif os.path.basename(found).startswith("__init__."):
-        pkg = os.path.dirname(found)
-    else:
-        return  # a plain module: the names are its attributes
-    for n in ref.names:
-        sub = _find_in(pkg, [n], snap)
-        if sub is not None and not os.path.isdir(sub):
-            yield sub
-
-
-def _exists(path: str, snap: Snapshot) -> bool:
-    if snap.mode == "index":
-        rel = snap.rel(path)
-        if rel is not None:
-            return snap.exists(rel)
-    return os.path.isfile(path)
-
-
-def _find_in(base: str, parts: list[str], snap: Snapshot) -> str | None:
-    """`base/a/b.py`, `base/a/b/__init__.py`, an extension module, or the directory of a
-    namespace package; None when nothing there is that module."""
-    stem = os.path.join(base, *parts)
-    for cand in (stem + ".py", os.path.join(stem, "__init__.py")):
-        if _exists(cand, snap):
-            return cand
-    for suffix in _SUFFIXES:
-        if os.path.isfile(stem + suffix):
-            return stem + suffix
-    if os.path.isdir(stem):
-        return stem
-    return None
-
-
-def _find_module(name: str, here: str, snap: Snapshot) -> str | None:
-    mod = sys.modules.get(name)
-    if mod is not None and snap.mode == "worktree":
-        f = getattr(mod, "__file__", None)
-        if f:
-            return str(f)
-        paths = getattr(mod, "__path__", None)
-        if paths:  # a namespace package: a directory
-            return str(next(iter(paths)))
-        return None  # a builtin module
-    parts = name.split(".")
-    for d in _search_dirs(here, snap.root):
-        found = _find_in(d, parts, snap)
-        if found is not None:
-            return found
-    return None
-
-
-def _search_dirs(here: str, root: str) -> list[str]:
-    dirs = [os.path.realpath(p or os.getcwd()) for p in sys.path if isinstance(p, str)]
-    # A script's own directory is sys.path[0] when it runs; the project root is where
-    # `python -m` and doit put it. Both come after the real sys.path.
-    return [*dirs, here, root]
-
-
-_env_dirs: dict[str, bool] = {}
-_STDLIB = {
-    os.path.realpath(p) for k in ("stdlib", "platstdlib") if (p := sysconfig.get_paths().get(k))
-}
-
-
-def _in_site_packages(path: str) -> bool:
-    parts = path.replace(os.sep, "/").split("/")
-    return "site-packages" in parts or "dist-packages" in parts
-
-
-def _in_environment(path: str, root: str) -> bool:
-    """True for files of an installed environment: site-packages, or a virtualenv or conda
-    environment kept inside the project."""
-    if _in_site_packages(path):
-        return True
-    d = os.path.dirname(path)
-    chain = []
-    while (d == root or d.startswith(root + os.sep)) and d not in _env_dirs:
-        chain.append(d)
-        if d == root:
-            break
-        d = os.path.dirname(d)
-    verdict = _env_dirs.get(d, False)
-    for c in reversed(chain):
-        verdict = (
-            verdict
-            or os.path.exists(os.path.join(c, "pyvenv.cfg"))
-            or os.path.isdir(os.path.join(c, "conda-meta"))
-        )
-        _env_dirs[c] = verdict
-    return verdict
-
-
-def _classify_outside(path: str, module: str) -> tuple[str, str]:
-    """("package", module) for files of installed distributions or unresolvable names,
-    ("stdlib", module), or ("external", module) for a plain file no distribution owns."""
-    if path.startswith("<module>"):
-        return "package", path[len("<module>") :]
-    real = os.path.realpath(path)
-    if _in_site_packages(real):
-        return "package", module
-    top = module.split(".")[0]
-    if top in sys.stdlib_module_names or any(real.startswith(p + os.sep) for p in _STDLIB):
-        return "stdlib", module
-    if _distributions(top):
-        return "package", module
-    return "external", module
 
 
 @functools.lru_cache(maxsize=1)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hfbuild import canonical
+from hfbuild import caches, canonical
 from hfbuild.closure import Context, describe, runtime_packages
 from hfbuild.datafiles import StatCache, expand, file_identity, resolve_data_files
 from hfbuild.envvars import env_part
@@ -30,6 +30,7 @@ from hfbuild.errors import (
 )
 from hfbuild.fullkey import full_key
 from hfbuild.gitstate import FileId, Snapshot, find_root
+from hfbuild.store import Store, default_root
 
 if TYPE_CHECKING:
     from hfbuild.absentdata import LockedData
@@ -297,14 +298,19 @@ def fingerprint(
     `options` are the `Dataset.map`/`filter` options; only those that change the output count.
     Returns the hex digest, or `(digest, Manifest)` with `return_manifest=True`.
     """
+    snap = snapshot_for(fn)
+    if snap.repo is not None:  # the project's store remembers scans and stat data
+        snap.code_cache = caches.for_store(Store(default_root(snap.root)))
     manifest = build_manifest(
         kind=kind,
-        ctx=Context(snapshot_for(fn)),
+        ctx=Context(snap),
         fn=fn,
         fn_kwargs=fn_kwargs,
         inputs={"parent": parent_fingerprint(parent)},
         options=options,
         file_deps=file_deps,
     )
+    if snap.code_cache is not None:
+        snap.code_cache.save()
     check_dirty(manifest, getattr(fn, "__qualname__", None) or type(fn).__qualname__)
     return (manifest.fingerprint, manifest) if return_manifest else manifest.fingerprint

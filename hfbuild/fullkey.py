@@ -146,7 +146,7 @@ def observed_paths(
 ) -> list[str]:
     """The repo-relative project files among the absolute paths a build used, without
     those its static key holds, git's own files, environments and `exclude` (the store)."""
-    from hfbuild.closure import _in_environment
+    from hfbuild.imports import in_environment
 
     known = in_static_key(doc)
     ex = tuple(os.path.join(os.path.realpath(e), "") for e in exclude if e)
@@ -155,7 +155,7 @@ def observed_paths(
         if not os.path.isfile(p):
             continue  # gone already: a temporary file, not an input
         real = os.path.realpath(p)
-        if real.startswith(ex) or _in_environment(real, snap.root):
+        if real.startswith(ex) or in_environment(real, snap.root):
             continue
         rel = snap.rel(p)
         if rel is None or rel in known or rel.split("/")[0] == ".git":

@@ -15,19 +15,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pygit2
-from pygit2 import GIT_STATUS_CURRENT, GIT_STATUS_IGNORED, GIT_STATUS_WT_NEW
+from pygit2 import GIT_STATUS_CURRENT
 
+from hfbuild.caches import CodeCache
 from hfbuild.errors import GitStateError, NotARepositoryError, UnmergedError
 
 Mode = Literal["worktree", "index"]
 Status = Literal["clean", "modified", "staged", "untracked", "norepo"]
-
-_DIRTY_MASK_STAGED = (
-    pygit2.GIT_STATUS_INDEX_NEW
-    | pygit2.GIT_STATUS_INDEX_MODIFIED
-    | pygit2.GIT_STATUS_INDEX_TYPECHANGE
-    | pygit2.GIT_STATUS_INDEX_RENAMED
-)
 
 
 @dataclass(frozen=True)
@@ -125,19 +119,34 @@ class Snapshot:
     identified by the blob id of its bytes and reported with status "norepo".
     """
 
-    def __init__(self, root: str, mode: Mode = "worktree") -> None:
+    def __init__(
+        self, root: str, mode: Mode = "worktree", code_cache: CodeCache | None = None
+    ) -> None:
         self.root = os.path.realpath(root)
         self.mode: Mode = mode
         self.repo = _discover(self.root)
+        # Work-tree blob ids by stat data, and import scans, remembered across processes.
+        self.code_cache = code_cache
+        # What other modules derive from this snapshot (the import graph), kept with it.
+        self.memo: dict[str, object] = {}
         self._ids: dict[str, FileId] = {}
         self._fresh: set[str] = set()
+        self._real_dirs: dict[str, str] = {}
+        self._indexes: dict[str, pygit2.Index] = {}
+        self._dir_repos: dict[str, tuple[pygit2.Repository | None, str]] = {}
+        self._trees: dict[tuple[str, str], pygit2.Tree | None] = {}
 
     @classmethod
-    def for_path(cls, path: str | os.PathLike[str], mode: Mode = "worktree") -> Snapshot:
+    def for_path(
+        cls,
+        path: str | os.PathLike[str],
+        mode: Mode = "worktree",
+        code_cache: CodeCache | None = None,
+    ) -> Snapshot:
         """The snapshot of the work tree holding `path`, or of its directory if none does."""
         p = os.path.realpath(os.fspath(path))
         root = find_root(p) or (p if os.path.isdir(p) else os.path.dirname(p))
-        return cls(root, mode)
+        return cls(root, mode, code_cache)
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -147,7 +156,16 @@ class Snapshot:
         The directory part is resolved (so a root reached through a symlink still matches)
         but a symlinked file keeps its own name: it is the name Python imported it by."""
         p = os.path.abspath(os.fspath(path))
-        real = os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+        d, base = os.path.split(p)
+        real_dir = self._real_dirs.get(d)
+        if real_dir is None:
+            real_dir = self._real_dirs[d] = os.path.realpath(d)
+        if real_dir.startswith(self.root + os.sep) and base not in ("", os.curdir, os.pardir):
+            # The common case, without relpath's normalizing: a file in a directory below.
+            return f"{real_dir[len(self.root) + 1 :]}{os.sep}{base}".replace(os.sep, "/")
+        if real_dir == self.root and base not in ("", os.curdir, os.pardir):
+            return base
+        real = os.path.join(real_dir, base)
         try:
             r = os.path.relpath(real, self.root)
         except ValueError:  # another drive on Windows
@@ -164,20 +182,31 @@ class Snapshot:
         relative to it."""
         if self.repo is None:
             return None
-        directory = os.path.dirname(self.abspath(rel))
-        repo = _discover(directory) if os.path.isdir(directory) else self.repo
+        directory, _, name = rel.rpartition("/")
+        hit = self._dir_repos.get(directory)
+        if hit is None:
+            full = self.abspath(directory) if directory else self.root
+            repo = _discover(full) if os.path.isdir(full) else self.repo
+            if repo is None:
+                hit = self._dir_repos[directory] = (None, "")
+            else:
+                wd = os.path.realpath(repo.workdir)
+                inner_dir = os.path.relpath(full, wd).replace(os.sep, "/")
+                if inner_dir == ".." or inner_dir.startswith("../"):
+                    repo, inner_dir = self.repo, directory
+                hit = self._dir_repos[directory] = (repo, "" if inner_dir == "." else inner_dir)
+        repo, inner_dir = hit
         if repo is None:
             return None
-        wd = os.path.realpath(repo.workdir)
-        inner = os.path.relpath(self.abspath(rel), wd).replace(os.sep, "/")
-        if inner.startswith("../"):
-            repo, inner = self.repo, rel
-        return repo, inner
+        return repo, f"{inner_dir}/{name}" if inner_dir else name
 
     # -- files ---------------------------------------------------------------------------
 
     def _index(self, repo: pygit2.Repository) -> pygit2.Index:
         key = repo.path
+        known = self._indexes.get(key)
+        if known is not None:
+            return known
         try:
             idx: pygit2.Index = repo.index
         except pygit2.GitError as e:
@@ -194,6 +223,7 @@ class Snapshot:
                     f"`rm .git/index && git reset` in that repository."
                 ) from e
             self._fresh.add(key)
+        self._indexes[key] = idx
         return idx
 
     def _staged(self, rel: str) -> tuple[pygit2.Repository, str, str] | None:
@@ -218,6 +248,39 @@ class Snapshot:
         blob = repo[blob_id]
         assert isinstance(blob, pygit2.Blob)
         return blob.data
+
+    def staged_dir(self, rel: str) -> bool:
+        """Whether the index holds a file under directory `rel` (submodules included): a
+        binary search of the sorted index, as a directory listing of what is staged."""
+        found = self._repo_of(f"{rel}/-")  # a name inside that directory
+        if found is None:
+            return False
+        repo, inner = found
+        prefix = inner[: -len("-")].encode()
+        idx = self._index(repo)
+        c_index = idx._index
+        count = int(pygit2.C.git_index_entrycount(c_index))
+        if not prefix:
+            return count > 0
+        try:
+            icase = bool(repo.config.get_bool("core.ignorecase"))
+        except (KeyError, pygit2.GitError):
+            icase = False
+        if icase:  # entries are then sorted case-insensitively: no binary search
+            return any(e.path.encode().startswith(prefix) for e in idx)
+
+        def path_at(i: int) -> bytes:
+            entry = pygit2.C.git_index_get_byindex(c_index, i)
+            return bytes(pygit2.ffi.string(entry.path))
+
+        lo, hi = 0, count
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if path_at(mid) < prefix:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo < count and path_at(lo).startswith(prefix)
 
     def exists(self, rel: str) -> bool:
         if self.mode == "index":
@@ -360,17 +423,55 @@ class Snapshot:
                     f"contains it."
                 )
             return FileId(rel, str(idx[inner].id), "clean")
+        # git's status, from blob ids: the work-tree file's id (remembered by stat data in
+        # the code cache, as git's index does) against the index's and HEAD's. One status
+        # call per file costs ~0.6 ms in a 20,000-file repository; this, a few microseconds.
+        worktree = self._worktree_id(repo, inner, full)
+        if inner not in idx:
+            return FileId(rel, worktree, "untracked")
+        staged = str(idx[inner].id)
+        if worktree != staged:
+            return FileId(rel, worktree, "modified")
+        if self._head_id(repo, inner) == staged:
+            return FileId(rel, staged, "clean")
+        # Staged but not committed: the index already holds exactly the work-tree content.
+        return FileId(rel, staged, "staged")
+
+    def _worktree_id(self, repo: pygit2.Repository, inner: str, full: str) -> str:
+        if self.code_cache is None:
+            return _hash_worktree(repo, inner)
+        return self.code_cache.worktree_id(full, lambda: _hash_worktree(repo, inner))
+
+    def _head_id(self, repo: pygit2.Repository, inner: str) -> str | None:
+        """The blob id HEAD's commit records for `inner`, or None."""
+        directory, _, name = inner.rpartition("/")
+        tree = self._head_tree(repo, directory)
+        if tree is None:
+            return None
         try:
-            flags = repo.status_file(inner)
-        except KeyError:  # not tracked and not in the work tree's status: untracked
-            flags = GIT_STATUS_WT_NEW
-        except pygit2.GitError as e:
-            raise GitStateError(f"git could not read the status of {rel}: {e}") from e
-        if flags == GIT_STATUS_CURRENT and inner in idx:
-            return FileId(rel, str(idx[inner].id), "clean")
-        if flags & (GIT_STATUS_WT_NEW | GIT_STATUS_IGNORED) or inner not in idx:
-            return FileId(rel, _hash_worktree(repo, inner), "untracked")
-        if flags == (flags & _DIRTY_MASK_STAGED):
-            # Staged but not committed: the index already holds exactly the work-tree content.
-            return FileId(rel, str(idx[inner].id), "staged")
-        return FileId(rel, _hash_worktree(repo, inner), "modified")
+            return str(tree[name].id)
+        except KeyError:
+            return None
+
+    def _head_tree(self, repo: pygit2.Repository, directory: str) -> pygit2.Tree | None:
+        """HEAD's tree of `directory` ("" for the top), memoized: one lookup per directory."""
+        key = (repo.path, directory)
+        if key in self._trees:
+            return self._trees[key]
+        tree: pygit2.Tree | None = None
+        if not directory:
+            if not repo.head_is_unborn:
+                try:
+                    tree = repo.head.peel(pygit2.Commit).tree
+                except (KeyError, pygit2.GitError):
+                    tree = None
+        else:
+            parent, _, name = directory.rpartition("/")
+            up = self._head_tree(repo, parent)
+            try:
+                sub = up[name] if up is not None else None
+            except KeyError:
+                sub = None
+            tree = sub if isinstance(sub, pygit2.Tree) else None
+        self._trees[key] = tree
+        return tree

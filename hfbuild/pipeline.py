@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-from hfbuild import lockfile
+from hfbuild import caches, lockfile
 from hfbuild.absentdata import LockedData
 from hfbuild.closure import Context
 from hfbuild.datafiles import StatCache
@@ -260,7 +260,7 @@ class Pipeline:
             fresh = True
         if mode == "worktree" and self._cache is not None and not fresh:
             return self._cache
-        snap = Snapshot(self.root, mode)
+        snap = Snapshot(self.root, mode, caches.for_store(self.store))
         # The key includes what the stage's builds read at run time (fullkey.py), so that the
         # stages after it take that key as their input.
         out = compute_manifests(
@@ -275,6 +275,7 @@ class Pipeline:
             ),
         )
         self.stat_cache.save()
+        caches.for_store(self.store).save()
         if mode == "worktree" and absent is None:
             self._cache = out
         return out

@@ -99,6 +99,13 @@ def write_json_atomic(path: str, doc: Any) -> None:
     write_text_atomic(path, json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
 
 
+def default_root(project_root: str) -> str:
+    """The store of a project when none is given: $HFBUILD_STORE (relative to the project
+    root), else `<project root>/.hfbuild`."""
+    store = os.environ.get("HFBUILD_STORE") or ".hfbuild"
+    return os.path.join(project_root, store)
+
+
 class Store:
     """A store directory. Cheap to create: nothing is touched until something is written."""
 
@@ -113,6 +120,14 @@ class Store:
 
     def data_path(self, fp: str) -> str:
         return os.path.join(self.entry(fp), DATA)
+
+    def code_cache_path(self, *, create: bool = False) -> str:
+        """The code cache file (`caches.py`): import scans and work-tree blob ids. With
+        `create`, the store and the file's directory are made first."""
+        if create:
+            self._ensure()
+            os.makedirs(os.path.join(self.root, "cache"), exist_ok=True)
+        return os.path.join(self.root, "cache", "code.json")
 
     def _ensure(self) -> None:
         try:

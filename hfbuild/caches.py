@@ -1,0 +1,165 @@
+"""The code cache: what earlier processes learnt about code files, kept in the store.
+
+Owns: one JSON file per store (its path comes from `store.py`) holding (a) the import scan of
+each Python file, keyed by git blob id (a blob's imports never change), and (b) the blob id of
+work-tree files, keyed by path, size, mtime, ctime and inode, as git's index keeps stat data.
+The file carries a format number, the Python version (the AST changes between versions) and a
+checksum of its body; loading it checks all three, and a file that fails any check is ignored
+whole, as if absent. Saving is atomic; concurrent savers lose entries, never correctness.
+
+Must never: be needed for a correct answer (losing the file costs time only), record the blob
+id of a file changed within the last 2 s (the racy-git rule: a later write in the same
+timestamp tick would keep the same stat data), or hand out an entry whose stat key does not
+match the file now.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hfbuild.errors import HfbuildError
+from hfbuild.store import Store, write_text_atomic
+
+FORMAT = 2  # 2: scans carry the environment variables a file reads
+MAX_SCANS = 20_000
+_RACY_NS = 2_000_000_000
+_PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def _checksum(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+class CodeCache:
+    """Scans by blob id and work-tree blob ids by stat key, for one store (`None`: in memory
+    only)."""
+
+    def __init__(self, store: Store | None) -> None:
+        self.store = store
+        self.path = store.code_cache_path() if store is not None else None
+        self._lock = threading.Lock()
+        self._scans: dict[str, Any] | None = None
+        self._stats: dict[str, str] = {}
+        self._dirty = False
+        # What this process used, kept when the file is pruned on save.
+        self._used_scans: set[str] = set()
+        self._used_stats: dict[str, str] = {}  # path -> its current stat key
+
+    def _load(self) -> dict[str, Any]:
+        if self._scans is None:
+            scans, stats = _read(self.path)
+            self._scans, self._stats = scans, stats
+        return self._scans
+
+    # -- scans ---------------------------------------------------------------------------------
+
+    def scan(self, blob: str) -> Any:
+        """The stored scan of blob `blob` (a JSON value), or None."""
+        with self._lock:
+            self._used_scans.add(blob)
+            return self._load().get(blob)
+
+    def put_scan(self, blob: str, value: Any) -> None:
+        with self._lock:
+            self._load()[blob] = value
+            self._used_scans.add(blob)
+            self._dirty = True
+
+    # -- work-tree blob ids --------------------------------------------------------------------
+
+    def worktree_id(self, full: str, compute: Callable[[], str]) -> str:
+        """The blob id of the file at absolute path `full`: remembered when its stat data
+        matches an entry recorded outside the racy window, else `compute()`d."""
+        st = os.stat(full)
+        key = f"{full}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+        with self._lock:
+            self._load()
+            hit = self._stats.get(key)
+            self._used_stats[full] = key
+        if hit is not None:
+            return hit
+        value = compute()
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+            with self._lock:
+                self._stats[key] = value
+                self._dirty = True
+        return value
+
+    def save(self) -> None:
+        """Write the cache back when something was added (errors cost time only)."""
+        if not self._dirty or self.store is None:
+            return
+        with self._lock:
+            self._prune()
+            body = json.dumps(
+                {"scans": self._load(), "stats": self._stats}, sort_keys=True, separators=(",", ":")
+            )
+            self._dirty = False
+        doc = {"format": FORMAT, "python": _PYTHON, "checksum": _checksum(body)}
+        try:
+            path = self.store.code_cache_path(create=True)
+            write_text_atomic(path, json.dumps(doc, sort_keys=True) + "\n" + body + "\n")
+        except (OSError, HfbuildError):
+            pass  # a store that cannot be written costs a re-scan next time, nothing else
+
+    def _prune(self) -> None:
+        """Bound the file: a path keeps only its current stat entry, and beyond `MAX_SCANS`
+        scans those this process did not use are dropped."""
+        scans = self._load()
+        for key in list(self._stats):
+            path = key.rsplit("|", 4)[0]
+            current = self._used_stats.get(path)
+            if current is not None and key != current:
+                del self._stats[key]
+        if len(scans) > MAX_SCANS:
+            for blob in [b for b in scans if b not in self._used_scans]:
+                del scans[blob]
+                if len(scans) <= MAX_SCANS:
+                    break
+
+
+def _read(path: str | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """(scans, stats) from the file at `path`; empty unless header and checksum check out.
+    The header is the first line and the body the second, so the checksum covers the exact
+    bytes of the body."""
+    if not path:
+        return {}, {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            head, body = f.read().split("\n")[:2]
+        doc = json.loads(head)
+        if (
+            not isinstance(doc, dict)
+            or doc.get("format") != FORMAT
+            or doc.get("python") != _PYTHON
+            or doc.get("checksum") != _checksum(body)
+        ):
+            return {}, {}
+        data = json.loads(body)
+        scans, stats = data["scans"], data["stats"]
+        if not isinstance(scans, dict) or not isinstance(stats, dict):
+            return {}, {}
+        return scans, {k: v for k, v in stats.items() if isinstance(v, str)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}, {}
+
+
+_shared_lock = threading.Lock()
+_shared: dict[str, CodeCache] = {}
+
+
+def for_store(store: Store) -> CodeCache:
+    """The one `CodeCache` of this process for `store`."""
+    key = store.code_cache_path()
+    with _shared_lock:
+        cache = _shared.get(key)
+        if cache is None:
+            cache = _shared[key] = CodeCache(store)
+        return cache
