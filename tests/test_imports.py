@@ -279,7 +279,7 @@ def test_damaged_code_cache_is_ignored(repo: Repo) -> None:
 
     def forget_imports(data: dict) -> None:  # type: ignore[type-arg]
         assert blob in data["scans"]
-        data["scans"][blob] = [[], [], None]
+        data["scans"][blob] = [[], [], None, []]
 
     _rewrite(cache, forget_imports, fix_checksum=False)
     assert closure(repo, "transforms")["fingerprint"] == first["fingerprint"]
