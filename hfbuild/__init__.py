@@ -18,6 +18,7 @@ from hfbuild.errors import (
     NotARepositoryError,
     NotBuiltError,
     StageError,
+    StaleModuleError,
     StoreError,
     UnhashableArgumentError,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "Pipeline",
     "Stage",
     "StageError",
+    "StaleModuleError",
     "StoreError",
     "UnhashableArgumentError",
     "__version__",

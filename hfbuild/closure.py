@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from hfbuild import canonical
+from hfbuild import canonical, liveness
 from hfbuild.errors import ClosureError, UnhashableArgumentError
 from hfbuild.gitstate import FileId, Snapshot, hash_bytes
 
@@ -62,6 +62,10 @@ class Context:
     packages: set[str] = field(default_factory=set)
     incomplete: list[str] = field(default_factory=list)  # "path:line: why"
     _seen_modules: set[str] = field(default_factory=set)
+    # Module values that differ from their source (liveness.py, issue #9 item 5): qualified
+    # name -> {"source": literal, "value": in memory}; and the code already followed for them.
+    module_values: dict[str, Any] = field(default_factory=dict)
+    values_seen: set[int] = field(default_factory=set)
 
     def encode(self, value: Any, path: str) -> canonical.Encoded:
         return canonical.encode(value, path, on_callable=self._on_callable, root=self.snapshot.root)
@@ -464,6 +468,8 @@ def _function(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
         # A function made by exec() has no file of its own; its module's file identifies it.
         if os.path.isfile(code.co_filename):
             target["file"] = ctx.snapshot.rel(code.co_filename)
+        # The code in memory is the code in the files, and the module values it reads.
+        liveness.follow_globals(fn, ctx, path)
         return {"target": target, "args": args}
     if module != "__main__" and _lookup(module, fn.__qualname__) is fn:
         # Defined in an installed package or the standard library: by name and version.

@@ -15,13 +15,15 @@ from typing import Any, NamedTuple
 
 
 class Change(NamedTuple):
-    part: str  # code | file | arg | option | input | data | package | kind
+    part: str  # code | file | arg | option | input | data | package | value | kind
     path: str  # what changed: a file path, an argument path, an input name, ...
     old: Any  # rendered old value or id (None: it was not there)
     new: Any  # rendered new value or id (None: it is gone)
 
     def describe(self) -> str:
         old, new = _short(self.old), _short(self.new)
+        if self.part == "value":
+            return f"module value {self.path}: {old} -> {new}"
         what = {
             "file": "code file",
             "arg": "argument",
@@ -181,6 +183,29 @@ def _packages(doc: Mapping[str, Any]) -> dict[str, str]:
     return dict(p.split("==", 1) for p in doc.get("packages", []) if "==" in p)
 
 
+def module_values(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change]:
+    """Module-level values that differ from their source (`transforms.MAX_LEN = 256` set
+    elsewhere): a side without an entry had the value its source binds."""
+
+    def entries(doc: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in (doc.get("code") or {}).get("module_values") or []}
+
+    o, n = entries(old), entries(new)
+    out = []
+    for name in sorted(o.keys() | n.keys()):
+        a, b = o.get(name), n.get(name)
+        if a == b:
+            continue
+        before = render(a["value"]) if a else _as_source(b)
+        after = render(b["value"]) if b else _as_source(a)
+        out.append(Change("value", name, before, after))
+    return out
+
+
+def _as_source(entry: Any) -> str:
+    return render(entry["source"]) if "source" in entry else "as its source binds it"
+
+
 def diff(
     old: Mapping[str, Any],
     new: Mapping[str, Any],
@@ -204,6 +229,7 @@ def diff(
             out.append(Change("code", name(nt) or "target", "its definition", "another"))
     out.extend(_keyed("file", _pairs(old, "code", "files"), _pairs(new, "code", "files")))
     out.extend(_keyed("file", dict(old.get("file_deps") or []), dict(new.get("file_deps") or [])))
+    out.extend(module_values(old, new))
     out.extend(_walk("", old.get("args", {}), new.get("args", {})))
     for c in _walk("", old.get("options", {}), new.get("options", {})):
         out.append(c._replace(part="option", path=f"options.{c.path}"))

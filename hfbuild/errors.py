@@ -40,6 +40,27 @@ class ClosureError(HfbuildError):
     """The code of a callable cannot be identified."""
 
 
+class StaleModuleError(HfbuildError):
+    """This process runs a module's code from before its file was edited (a notebook kernel)."""
+
+    def __init__(self, rel: str, module: str, function: str | None = None) -> None:
+        self.path = rel
+        self.module = module
+        if function is None:
+            what = f"module {module} was loaded before {rel} was changed on disk"
+        else:
+            what = (
+                f"{module}.{function} is a function from before {module} was reloaded, and "
+                f"{rel} has changed since it was defined"
+            )
+        super().__init__(
+            f"{what}: the code this process would run is not the code the fingerprint hashes, "
+            f"and its result would be stored under the wrong key. Restart the kernel (or the "
+            f"process), or run `importlib.reload({module})` and take the transform from the "
+            f"reloaded module again."
+        )
+
+
 class DirtyTreeError(HfbuildError):
     """Strict mode (HFBUILD_STRICT=1 or --strict) and a stage's code has uncommitted changes."""
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hfbuild import canonical
+from hfbuild import canonical, liveness
 from hfbuild.closure import Context, describe
 from hfbuild.datafiles import StatCache, expand, file_identity, resolve_data_files
 from hfbuild.errors import DirtyTreeError, DirtyTreeWarning, IncompleteClosureWarning
@@ -169,7 +169,10 @@ def build_manifest(
         doc["code"]["files"] = sorted([f.path, f.id] for f in ctx.files.values())
         if ctx.external:
             doc["code"]["external"] = sorted([m, b] for m, b in ctx.external.items())
+        if ctx.module_values:  # module-level values changed at run time (liveness.py)
+            doc["code"]["module_values"] = sorted([k, v] for k, v in ctx.module_values.items())
     doc["packages"] = sorted(ctx.packages)
+    liveness.check_loaded(ctx)  # never file one code's result under another's key
     dirty = tuple(sorted((f for f in ctx.files.values() if f.dirty), key=lambda f: f.path))
     return Manifest(doc, dirty, tuple(ctx.incomplete))
 
