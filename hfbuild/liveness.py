@@ -192,7 +192,7 @@ def _same_as_file(rec: _Loaded, path: str, blob: str, read: Any) -> bool:
         seen.add(name)
         if defs.get(name) != _digest(code):
             return False
-    top = {q for q in defs if "." not in q}
+    top = {q for q in defs if "." not in q and not q.startswith("<")}  # not comprehensions
     return top <= seen
 
 
@@ -281,7 +281,8 @@ def _digest(code: types.CodeType) -> str:
 class _Bindings(NamedTuple):
     literals: dict[str, Any]  # bound once, at module level, to a literal
     defs: frozenset[str]  # bound once, by `def` or `class`
-    other: frozenset[str]  # bound otherwise (imports, calls, loops, several times, `global`)
+    imports: dict[str, tuple[int, str, str | None]]  # bound once, by a module-level import
+    other: frozenset[str]  # bound otherwise (calls, loops, several times, `global`)
     open_ended: bool  # `import *` or `globals()`: names the source binds cannot be listed
 
 
@@ -295,7 +296,7 @@ def _source_bindings(blob: str, read: Any) -> _Bindings:
     try:
         tree = ast.parse(read())
     except (SyntaxError, ValueError):
-        result = _Bindings({}, frozenset(), frozenset(), True)
+        result = _Bindings({}, frozenset(), {}, frozenset(), True)
     else:
         result = _scan_bindings(tree)
     with _lock:
@@ -307,6 +308,8 @@ def _scan_bindings(tree: ast.Module) -> _Bindings:
     count: dict[str, int] = {}
     literal: dict[str, Any] = {}
     defs: set[str] = set()
+    imported: dict[str, tuple[int, str, str | None]] = {}
+    top = {id(stmt) for stmt in tree.body}
     open_ended = False
 
     def bind(name: str) -> None:
@@ -334,8 +337,15 @@ def _scan_bindings(tree: ast.Module) -> _Bindings:
             for a in node.names:
                 if a.name == "*":
                     open_ended = True
-                else:
-                    bind((a.asname or a.name).split(".")[0])
+                    continue
+                name = a.asname or a.name.split(".")[0]
+                bind(name)
+                if id(node) not in top:
+                    continue
+                if isinstance(node, ast.ImportFrom):
+                    imported[name] = (node.level, node.module or "", a.name)
+                else:  # `import a.b` binds a; `import a.b as c` binds a.b
+                    imported[name] = (0, a.name if a.asname else name, None)
         elif isinstance(node, ast.Global):
             for name in node.names:
                 bind(name)
@@ -351,10 +361,13 @@ def _scan_bindings(tree: ast.Module) -> _Bindings:
                 bind(name)
                 bind(name)
     once = {n for n, c in count.items() if c == 1}
+    literal = {n: v for n, v in literal.items() if n in once}
+    imported = {n: v for n, v in imported.items() if n in once}
     return _Bindings(
-        {n: v for n, v in literal.items() if n in once},
+        literal,
         frozenset(defs & once),
-        frozenset(count.keys() - ({n for n in literal if n in once} | (defs & once))),
+        imported,
+        frozenset(count.keys() - (literal.keys() | (defs & once) | imported.keys())),
         open_ended,
     )
 
@@ -448,10 +461,50 @@ def _compare(module: str, name: str, value: Any, src: _Bindings, ctx: Context, p
             return
         ctx.module_values[qual] = {"value": ctx.encode(value, f"module value {qual}")}
         return
+    spec = src.imports.get(name)
+    if spec is not None:
+        source, expected = _imported(spec, module)
+        if expected is _UNSET or expected is value or _defined_as(value, source, spec[2]):
+            return  # as the import binds it (or its module is gone: nothing to compare)
+        ctx.module_values[qual] = {"value": ctx.encode(value, f"module value {qual}")}
+        return
     if name in src.other or src.open_ended or isinstance(value, types.ModuleType):
         return  # bound by code hfbuild does not run: not seen (README, limits)
     # Bound from outside the module (`transforms.EXTRA = ...` elsewhere).
     ctx.module_values[qual] = {"value": ctx.encode(value, f"module value {qual}")}
+
+
+def _defined_as(value: Any, module: str, name: str | None) -> bool:
+    """Whether `value` is the function or class that `module`'s source defines as `name`
+    (what the import gives a fresh process, even if the name was rebound there since)."""
+    return (
+        name is not None
+        and isinstance(value, (types.FunctionType, type))
+        and value.__module__ == module
+        and value.__qualname__ == name
+    )
+
+
+def _imported(spec: tuple[int, str, str | None], module: str) -> tuple[str, Any]:
+    """(module name, what an import statement of `module` binds as the modules hold it now)."""
+    level, name, attr = spec
+    if level:
+        pkg = sys.modules.get(module)
+        base = getattr(pkg, "__package__", None) or ""
+        parts = base.split(".") if base else []
+        if level - 1 > len(parts):
+            return name, _UNSET
+        base = ".".join(parts[: len(parts) - (level - 1)])
+        name = f"{base}.{name}" if name and base else (name or base)
+    mod = sys.modules.get(name)
+    if mod is None:
+        return name, _UNSET
+    if attr is None:
+        return name, mod
+    found = getattr(mod, attr, _UNSET)
+    if found is _UNSET:
+        found = sys.modules.get(f"{name}.{attr}", _UNSET)
+    return name, found
 
 
 def _same(a: Any, b: Any) -> bool:
