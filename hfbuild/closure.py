@@ -469,7 +469,7 @@ def _function(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
         if os.path.isfile(code.co_filename):
             target["file"] = ctx.snapshot.rel(code.co_filename)
         # The code in memory is the code in the files, and the module values it reads.
-        liveness.follow_globals(fn, ctx, path)
+        liveness.follow_globals(fn, ctx)
         return {"target": target, "args": args}
     if module != "__main__" and _lookup(module, fn.__qualname__) is fn:
         # Defined in an installed package or the standard library: by name and version.

@@ -186,14 +186,13 @@ def _same_as_file(rec: _Loaded, path: str, blob: str, read: Any) -> bool:
     if mod is None:
         return True  # no longer in sys.modules: nothing of it can run
     defs = compiled[1]
-    seen: set[str] = set()
     for code in _module_code(mod, path):
-        name = code.co_qualname if hasattr(code, "co_qualname") else code.co_name
-        seen.add(name)
-        if defs.get(name) != _digest(code):
-            return False
-    top = {q for q in defs if "." not in q and not q.startswith("<")}  # not comprehensions
-    return top <= seen
+        if defs.get(_code_qualname(code)) != _digest(code):
+            return False  # changed, or no longer defined by the file
+    # A def the file has now and the loaded module lacks (a decorated one that hides its code
+    # is present under its name, which is all that can be asked of it).
+    names = vars(mod)
+    return all(q in names for q in defs if "." not in q and not q.startswith("<"))
 
 
 def _module_code(mod: types.ModuleType, path: str) -> Iterator[types.CodeType]:
@@ -387,7 +386,7 @@ def _module_level_stores(stmt: ast.stmt) -> Iterator[str]:
         stack.extend(ast.iter_child_nodes(node))
 
 
-def follow_globals(fn: types.FunctionType, ctx: Context, path: str) -> None:
+def follow_globals(fn: types.FunctionType, ctx: Context) -> None:
     """Check `fn` and the in-repo functions it reaches through module globals (item 4), and
     add to `ctx.module_values` each module value they read that differs from its source."""
     stack = [fn]
@@ -400,8 +399,8 @@ def follow_globals(fn: types.FunctionType, ctx: Context, path: str) -> None:
         names = _names(f.__code__)
         glb = f.__globals__
         for mod_globals, file in _namespaces(f, glb, names, ctx):
-            rel = ctx.project_rel(file)
-            if rel is None or not os.path.isfile(file):
+            rel = _project_rel(ctx, file)
+            if rel is None:
                 continue
             fid = ctx.add_file(rel)
             src = _source_bindings(fid.id, lambda rel=rel: ctx.snapshot.read(rel))
@@ -410,11 +409,11 @@ def follow_globals(fn: types.FunctionType, ctx: Context, path: str) -> None:
                 value = mod_globals.get(name, _UNSET)
                 if value is _UNSET or name.startswith("__"):
                     continue
-                if isinstance(value, types.FunctionType) and ctx.project_rel(
-                    value.__code__.co_filename
+                if isinstance(value, types.FunctionType) and _project_rel(
+                    ctx, value.__code__.co_filename
                 ):
                     stack.append(value)
-                _compare(module, name, value, src, ctx, path)
+                _compare(module, name, value, src, ctx)
 
 
 def _namespaces(
@@ -427,7 +426,7 @@ def _namespaces(
         value = glb.get(name)
         if isinstance(value, types.ModuleType):
             file = getattr(value, "__file__", None)
-            if isinstance(file, str) and ctx.project_rel(file) is not None:
+            if isinstance(file, str) and _project_rel(ctx, file) is not None:
                 yield vars(value), file
 
 
@@ -443,7 +442,18 @@ def _names(code: types.CodeType) -> frozenset[str]:
     return names
 
 
-def _compare(module: str, name: str, value: Any, src: _Bindings, ctx: Context, path: str) -> None:
+_rels: dict[tuple[str, str], str | None] = {}
+
+
+def _project_rel(ctx: Context, path: str) -> str | None:
+    """`ctx.project_rel` of a file that exists, memoized: it resolves directories (syscalls)."""
+    key = (ctx.snapshot.root, path)
+    if key not in _rels:
+        _rels[key] = ctx.project_rel(path) if os.path.isfile(path) else None
+    return _rels[key]
+
+
+def _compare(module: str, name: str, value: Any, src: _Bindings, ctx: Context) -> None:
     qual = f"{module}.{name}"
     literal = src.literals.get(name, _UNSET)
     if literal is not _UNSET:

@@ -18,6 +18,18 @@ TRANSFORMS = """
     TABLE = {f"k{i}": i for i in range(10)}
 
 
+    def logged(f):  # a decorator that hides the function's code (no __wrapped__)
+        def inner(*a):
+            return f(*a)
+
+        return inner
+
+
+    @logged
+    def counted(x):
+        return x
+
+
     def clip(ex):
         return {"t": shout(ex["t"][:MAX_LEN]), "n": len(STOP) + TABLE["k1"]}
     """
