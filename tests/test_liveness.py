@@ -280,6 +280,9 @@ def test_value_set_in_dodo_is_built_and_explained(repo: Repo, tmp_path: pathlib.
     assert out.returncode == 1
     assert "  module value pkg.util.deep.OFFSET: 0 -> 5" in out.stdout.splitlines()
     assert "module value" not in run_hfbuild(repo, "explain", "lens").stdout
+    states = json.loads(run_hfbuild(repo, "status", "--json").stdout)
+    feat = next(s for s in states if s["stage"] == "feat")
+    assert feat["reason"] == "module value pkg.util.deep.OFFSET: 0 -> 5"
     doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
     assert results(repo)["feat"] == expected(offset=5)["feat"]
     lock = json.loads((repo.path / "hfbuild.lock").read_text())
