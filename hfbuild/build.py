@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from hfbuild import liveness
 from hfbuild.errors import CorruptEntryWarning, RemoteWarning, StoreError
 from hfbuild.fingerprint import Manifest, check_dirty
 from hfbuild.remote import RemoteError
@@ -119,6 +120,7 @@ def _build_locked(
     try:
         inputs = [store.load(manifests[i].fingerprint) for i in spec.inputs]
         result = builder.run_stage(spec, inputs, fp, tmp, pipe.root, m.data_files)
+        liveness.check_built(pipe.root, m.doc)  # the code that ran is the code hashed
         info = builder.save(result, os.path.join(tmp, "data"), tmp)
         seconds = time.perf_counter() - t0
         doc = {

@@ -43,10 +43,22 @@ class ClosureError(HfbuildError):
 class StaleModuleError(HfbuildError):
     """This process runs a module's code from before its file was edited (a notebook kernel)."""
 
-    def __init__(self, rel: str, module: str, function: str | None = None) -> None:
+    def __init__(
+        self,
+        rel: str,
+        module: str,
+        function: str | None = None,
+        *,
+        after_fingerprint: bool = False,
+    ) -> None:
         self.path = rel
         self.module = module
-        if function is None:
+        if after_fingerprint:
+            what = (
+                f"module {module} ran code loaded after the stage's fingerprint was taken, and "
+                f"{rel} no longer holds the code that fingerprint hashed; nothing was stored"
+            )
+        elif function is None:
             what = f"module {module} was loaded before {rel} was changed on disk"
         else:
             what = (
@@ -57,7 +69,8 @@ class StaleModuleError(HfbuildError):
             f"{what}: the code this process would run is not the code the fingerprint hashes, "
             f"and its result would be stored under the wrong key. Restart the kernel (or the "
             f"process), or run `importlib.reload({module})` and take the transform from the "
-            f"reloaded module again."
+            f"reloaded module again"
+            + (" (and define the Pipeline again)." if after_fingerprint else ".")
         )
 
 

@@ -36,7 +36,7 @@ import sysconfig
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hfbuild.errors import StaleModuleError
@@ -86,6 +86,7 @@ _verdicts: dict[tuple[int, str], tuple[_Loaded, bool]] = {}  # (record, blob) ->
 _compiled: dict[str, tuple[str, dict[str, str]] | None] = {}  # blob -> (module, defs) digests
 _bindings: dict[str, _Bindings] = {}  # blob -> what the source binds at module level
 _keys: dict[str, str] = {}  # path -> file key
+_checked: dict[tuple[str, str], _Loaded] = {}  # (file key, blob) -> load check_loaded vouched for
 _lock = threading.Lock()
 
 
@@ -149,14 +150,39 @@ def check_loaded(ctx: Context) -> None:
         rec = _records.get(_key(path))
         if rec is None:
             continue  # not loaded in this process: importing it later reads the file now
-        if rec.stat == _stat(path) and rec.stat.mtime_ns < rec.at_ns - _RACY_NS:
-            continue  # unchanged since it was loaded
-        hit = _verdicts.get((id(rec), fid.id))
-        if hit is None or hit[0] is not rec:
-            ok = _same_as_file(rec, path, fid.id, lambda rel=rel: ctx.snapshot.read(rel))
-            hit = _verdicts[(id(rec), fid.id)] = (rec, ok)
-        if not hit[1]:
-            raise StaleModuleError(rel, _module_of(path))
+        if rec.stat != _stat(path) or rec.stat.mtime_ns >= rec.at_ns - _RACY_NS:
+            hit = _verdicts.get((id(rec), fid.id))
+            if hit is None or hit[0] is not rec:
+                ok = _same_as_file(rec, path, fid.id, lambda rel=rel: ctx.snapshot.read(rel))
+                hit = _verdicts[(id(rec), fid.id)] = (rec, ok)
+            if not hit[1]:
+                raise StaleModuleError(rel, _module_of(path))
+        _checked[(_key(path), fid.id)] = rec  # this load was the code of this blob
+
+
+def check_built(root: str, doc: Mapping[str, Any]) -> None:
+    """After a stage ran, before its result is stored under `doc`'s fingerprint: every module
+    of its code files that ran is the load `check_loaded` vouched for, or a later load (a lazy
+    import during the build, an `importlib.reload` after the fingerprint was taken) of the
+    same content. Otherwise the result must not be stored (`StaleModuleError`)."""
+    from hfbuild.gitstate import Snapshot
+
+    snap: Snapshot | None = None
+    for rel, blob in (doc.get("code") or {}).get("files") or []:
+        if not rel.endswith(".py"):
+            continue
+        path = os.path.join(root, *rel.split("/"))
+        rec = _records.get(_key(path))
+        if rec is None or _checked.get((_key(path), blob)) is rec:
+            continue  # never loaded (so never ran), or the load that was checked
+        snap = snap or Snapshot(root)
+        current = snap
+        if (
+            current.file_id(rel).id != blob
+            or rec.code is None
+            or not _same_as_file(rec, path, blob, lambda r=rel, c=current: c.read(r))
+        ):
+            raise StaleModuleError(rel, _module_of(path), after_fingerprint=True)
 
 
 def check_function(fn: types.FunctionType, ctx: Context) -> None:

@@ -289,3 +289,75 @@ def test_value_set_in_dodo_is_built_and_explained(repo: Repo, tmp_path: pathlib.
     assert lock["stages"]["feat"]["manifest"]["code"]["module_values"] == [
         ["pkg.util.deep.OFFSET", {"source": 0, "value": 5}]
     ]
+
+
+# -- a fingerprint taken, then the code changed before the stage ran ----------------------
+
+BUILD_AFTER_EDIT = """
+import importlib, json, os, sys, warnings
+warnings.simplefilter("ignore")
+import hfbuild
+from hfbuild.build import build
+import transforms, helpers
+pipe = hfbuild.Pipeline(root=os.getcwd())
+raw = pipe.load("raw", "json", data_files="data.jsonl", split="train")
+pipe.map("up", raw, transforms.up)
+fp = pipe["up"].fingerprint
+pipe.manifests()  # taken (and memoized) before the edit, as a kernel's Pipeline does
+with open(sys.argv[1], "w") as f:
+    f.write("def up(s):\\n    return s + '!'\\n")
+if sys.argv[2] == "reload":
+    importlib.reload(helpers)
+try:
+    build(pipe, "up")
+    out = {"rows": list(pipe.store.load(fp)["t"])}
+except hfbuild.StaleModuleError as e:
+    out = {"refused": str(e)}
+print(json.dumps(dict(out, stored=pipe.store.has(fp))))
+"""
+
+UP_VIA_HELPERS = "import helpers\n\ndef up(ex):\n    return {'t': helpers.up(ex['t'])}\n"
+
+FRESH_BUILD = """
+import json, os, warnings
+warnings.simplefilter("ignore")
+import hfbuild
+from hfbuild.build import build
+import transforms
+pipe = hfbuild.Pipeline(root=os.getcwd())
+raw = pipe.load("raw", "json", data_files="data.jsonl", split="train")
+pipe.map("up", raw, transforms.up)
+build(pipe, "up")
+print(json.dumps(list(pipe.result("up")["t"])))
+"""
+
+
+def test_code_reloaded_or_imported_after_the_fingerprint_is_not_stored(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A helper reloaded after the Pipeline took its fingerprints, or a module first imported
+    during the build from a file edited since, ran code the fingerprint did not hash: the
+    build is refused and nothing is stored; a fresh process builds the edited code."""
+    env = {"HFBUILD_STORE": str(tmp_path / "store")}
+    repo.write(
+        {
+            "transforms.py": UP_VIA_HELPERS,
+            "helpers.py": "def up(s):\n    return s.upper()\n",
+            "lazy.py": "def up(s):\n    return s.upper()\n",
+            "data.jsonl": '{"t": "a"}\n',
+        },
+        commit="project",
+    )
+    out = run_python(BUILD_AFTER_EDIT, repo.path, env=env, args=["helpers.py", "reload"])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "ran code loaded after the stage's fingerprint was taken" in result["refused"]
+    assert result["stored"] is False
+    out = run_python(FRESH_BUILD, repo.path, env=env)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["a!"]
+
+    lazy = "def up(ex):\n    import lazy\n\n    return {'t': lazy.up(ex['t'])}\n"
+    repo.write({"transforms.py": lazy, "helpers.py": ""}, commit="lazy")
+    out = run_python(BUILD_AFTER_EDIT, repo.path, env=env, args=["lazy.py", "keep"])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "module lazy ran code loaded after" in result["refused"]
+    assert result["stored"] is False
