@@ -11,8 +11,10 @@ Owns three things, for the in-repo part of a fingerprint (issue #9, items 4 and 
    module that this process loaded from a file that has changed since, unless the loaded code
    compiles to the same as the file now (a touch, a comment or blank-line edit);
    `check_function` refuses a function object kept from an earlier load of its module (a name
-   imported before an `importlib.reload`). The file now is what the fingerprint hashes (its
-   blob id); committing an edit keeps the blob id, so only "loaded == file now" matters.
+   imported before an `importlib.reload`); `check_built` asks again after a stage ran (a
+   reload, or a lazy import, after the fingerprint was taken). The file now is what the
+   fingerprint hashes (its blob id); committing an edit keeps the blob id, so only
+   "loaded == file now" matters.
 3. *Module values*: `follow_globals` compares the module-level names that the closure's in-repo
    functions read (their `co_names`, nested code included, and attributes of in-repo modules
    they read) with what the module's source binds: a name bound there to a literal must still
@@ -20,8 +22,9 @@ Owns three things, for the in-repo part of a fingerprint (issue #9, items 4 and 
    source does not bind at all was set from outside. Each difference enters the key as a
    module value (`module.NAME`: the source's literal and the value in memory).
 
-Cost: a stat per closure file per fingerprint; a compile or an AST walk once per blob id,
-only when a file changed since it was loaded (compile) or when its module values are read (AST).
+Cost: a stat per closure file per fingerprint; a compile once per blob id, only when a
+file's stat moved since it was loaded (or it was loaded within 2 s of its last change); an AST
+walk once per blob id of a module whose values the closure reads.
 Must never: import, reload or execute a user module; keep anything of site-packages or the
 standard library; put an object id or path into a manifest.
 """
