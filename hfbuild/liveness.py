@@ -215,8 +215,8 @@ def _same_as_file(rec: _Loaded, path: str, blob: str, read: Any) -> bool:
     if mod is None:
         return True  # no longer in sys.modules: nothing of it can run
     defs = compiled[1]
-    for code in _module_code(mod, path):
-        if defs.get(_code_qualname(code)) != _digest(code):
+    for name, code in _module_code(mod, path):
+        if defs.get(name) != _digest(code):
             return False  # changed, or no longer defined by the file
     # A def the file has now and the loaded module lacks (a decorated one that hides its code
     # is present under its name, which is all that can be asked of it).
@@ -224,15 +224,15 @@ def _same_as_file(rec: _Loaded, path: str, blob: str, read: Any) -> bool:
     return all(q in names for q in defs if "." not in q and not q.startswith("<"))
 
 
-def _module_code(mod: types.ModuleType, path: str) -> Iterator[types.CodeType]:
-    """The code of the functions and methods a module defines, as loaded."""
+def _module_code(mod: types.ModuleType, path: str) -> Iterator[tuple[str, types.CodeType]]:
+    """(qualname, code) of the functions and methods a module defines, as loaded."""
     key = _key(path)
 
-    def own(obj: Any) -> Iterator[types.CodeType]:
+    def own(obj: Any) -> Iterator[tuple[str, types.CodeType]]:
         for _ in range(20):  # unwrap decorators that keep __wrapped__
             code = getattr(obj, "__code__", None)
             if isinstance(code, types.CodeType) and _key(code.co_filename) == key:
-                yield code
+                yield str(getattr(obj, "__qualname__", code.co_name)), code
                 return
             obj = getattr(obj, "__wrapped__", None)
             if obj is None:
@@ -275,7 +275,7 @@ def _compile(blob: str, path: str, read: Any) -> tuple[str, dict[str, str]] | No
     except (SyntaxError, ValueError):
         result = None
     else:
-        defs = {_code_qualname(c): _digest(c) for c in _walk_code(code) if c is not code}
+        defs = {q: _digest(c) for q, c in _named_code(code, "")}
         result = (_digest(code), defs)
     with _lock:
         _compiled[blob] = result
@@ -289,12 +289,19 @@ def _walk_code(code: types.CodeType) -> Iterator[types.CodeType]:
             yield from _walk_code(c)
 
 
-def _code_qualname(code: types.CodeType) -> str:
-    return str(getattr(code, "co_qualname", code.co_name))
+def _named_code(code: types.CodeType, prefix: str) -> Iterator[tuple[str, types.CodeType]]:
+    """(qualname, code) of every code object under `code`, as functions made from them name
+    themselves (`co_qualname` from Python 3.11; built the same way before it)."""
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            name = str(getattr(c, "co_qualname", prefix + c.co_name))
+            yield name, c
+            is_function = c.co_flags & 0x2  # CO_NEWLOCALS: a function's body, not a class's
+            yield from _named_code(c, name + (".<locals>." if is_function else "."))
 
 
 def _qualname(fn: types.FunctionType) -> str:
-    return _code_qualname(fn.__code__) if hasattr(fn.__code__, "co_qualname") else fn.__qualname__
+    return str(getattr(fn.__code__, "co_qualname", fn.__qualname__))
 
 
 def _digest(code: types.CodeType) -> str:
