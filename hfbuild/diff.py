@@ -2,8 +2,8 @@
 
 Owns: comparing an old and a new manifest part by part (callable, code files, module values,
 arguments, options, inputs, data files, packages) into `Change` values, and rendering canonical
-values back into Python-like text (`{'k': 3}`, `1.5`, `(1, 2)`). Used by `status` (the first reason)
-and `explain` (all of them).
+values back into Python-like text (`{'k': 3}`, `1.5`, `(1, 2)`). Used by `status` (the first
+reason) and `explain` (all of them).
 Must never: import datasets, or print (the commands do that).
 """
 
