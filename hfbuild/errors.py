@@ -50,6 +50,7 @@ class StaleModuleError(HfbuildError):
         function: str | None = None,
         *,
         after_fingerprint: bool = False,
+        stale_pyc: bool = False,
     ) -> None:
         self.path = rel
         self.module = module
@@ -71,6 +72,13 @@ class StaleModuleError(HfbuildError):
             f"process), or run `importlib.reload({module})` and take the transform from the "
             f"reloaded module again"
             + (" (and define the Pipeline again)." if after_fingerprint else ".")
+            + (
+                f" Its bytecode cache (__pycache__) was written within the second {rel} was "
+                f"last changed and may hold the older code, which Python would load again: "
+                f"delete that __pycache__ first."
+                if stale_pyc
+                else ""
+            )
         )
 
 

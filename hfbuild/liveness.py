@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 # A file modified this close to (or after) the moment it was loaded may have changed within
 # one timestamp tick after it was read: its stat proves nothing (git's racy-file rule).
 _RACY_NS = 2_000_000_000
+_PYC_TAG = sys.implementation.cache_tag
+_PYC_TICK_NS = 100_000_000  # timestamps of one write: coarse kernel clocks tick in ~10 ms
 
 _INSTALLED = tuple(
     os.path.realpath(p) + os.sep
@@ -67,12 +69,18 @@ class _Stat(NamedTuple):
 class _Loaded:
     """One execution of a module's source file in this process."""
 
-    __slots__ = ("at_ns", "code", "code_ids", "stat")
+    __slots__ = ("code", "code_ids", "pyc_racy", "stat", "trusted")
 
-    def __init__(self, code: types.CodeType | None, stat: _Stat, at_ns: int) -> None:
+    def __init__(self, code: types.CodeType | None, path: str, stat: _Stat, at_ns: int) -> None:
         self.code = code  # None: loaded before hfbuild was imported
         self.stat = stat
-        self.at_ns = at_ns
+        # Whether "the file's stat has not moved" proves the loaded code is the file's: not
+        # when the file changed within 2 s of the load, nor when its bytecode cache was
+        # written before the file's last change or within one timestamp tick after it:
+        # importlib validates a pyc by the source's size and mtime in whole seconds, so a
+        # same-size rewrite within that second is served the old bytecode, in every process.
+        self.pyc_racy = _racy_pyc(path, stat)
+        self.trusted = stat.mtime_ns < at_ns - _RACY_NS and not self.pyc_racy
         self.code_ids: frozenset[int] | None = None
 
     def holds(self, code: types.CodeType) -> bool:
@@ -109,6 +117,18 @@ def _stat(path: str) -> _Stat | None:
     return _Stat(st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def _racy_pyc(path: str, stat: _Stat) -> bool:
+    if _PYC_TAG is None:
+        return False
+    head, tail = os.path.split(path)
+    pyc = os.path.join(head, "__pycache__", f"{tail[:-3]}.{_PYC_TAG}.pyc")
+    try:
+        written = os.stat(pyc).st_mtime_ns
+    except OSError:
+        return False  # no cache (or an -O one, checked the same way by whoever wrote it)
+    return written < stat.mtime_ns + _PYC_TICK_NS
+
+
 def _ours(path: str) -> bool:
     """A source file that could be project code: not the standard library or site-packages."""
     return path.endswith(".py") and not path.startswith(_INSTALLED) and "-packages" not in path
@@ -125,7 +145,7 @@ def _on_audit(event: str, args: tuple[Any, ...]) -> None:
         return
     st = _stat(path)
     if st is not None:
-        _records[_key(path)] = _Loaded(code, st, time.time_ns())
+        _records[_key(path)] = _Loaded(code, path, st, time.time_ns())
 
 
 def _install() -> None:
@@ -135,7 +155,7 @@ def _install() -> None:
         if isinstance(path, str) and _ours(path):
             st = _stat(path)
             if st is not None:
-                _records.setdefault(_key(path), _Loaded(None, st, now))
+                _records.setdefault(_key(path), _Loaded(None, path, st, now))
     sys.addaudithook(_on_audit)
 
 
@@ -153,13 +173,13 @@ def check_loaded(ctx: Context) -> None:
         rec = _records.get(_key(path))
         if rec is None:
             continue  # not loaded in this process: importing it later reads the file now
-        if rec.stat != _stat(path) or rec.stat.mtime_ns >= rec.at_ns - _RACY_NS:
+        if not rec.trusted or rec.stat != _stat(path):
             hit = _verdicts.get((id(rec), fid.id))
             if hit is None or hit[0] is not rec:
                 ok = _same_as_file(rec, path, fid.id, lambda rel=rel: ctx.snapshot.read(rel))
                 hit = _verdicts[(id(rec), fid.id)] = (rec, ok)
             if not hit[1]:
-                raise StaleModuleError(rel, _module_of(path))
+                raise StaleModuleError(rel, _module_of(path), stale_pyc=rec.pyc_racy)
         _checked[(_key(path), fid.id)] = rec  # this load was the code of this blob
 
 

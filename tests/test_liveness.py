@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 from typing import Any
 
 from tests.helpers import Repo, fingerprint_in_subprocess, run_python
@@ -361,3 +362,47 @@ def test_code_reloaded_or_imported_after_the_fingerprint_is_not_stored(
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert "module lazy ran code loaded after" in result["refused"]
     assert result["stored"] is False
+
+
+SAME_SECOND = """
+import importlib, os, sys, time
+while time.time() % 1 > 0.3:  # start early in a second: both writes must share it
+    time.sleep(0.05)
+with open("helper.py", "w") as f:
+    f.write("K = 1\\n")
+import helper  # compiles helper.py and writes its bytecode cache
+with open("helper.py", "w") as f:
+    f.write("K = 2\\n")  # same size, same second: the cache still validates
+print(int(os.stat("helper.py").st_mtime) == int(os.stat(helper.__cached__).st_mtime))
+"""
+
+STALE_PYC = """
+import json, warnings
+warnings.simplefilter("ignore")
+import hfbuild
+import transforms
+try:
+    out = {"ran": transforms.f({}), "fp": hfbuild.fingerprint(transforms.f)}
+except hfbuild.StaleModuleError as e:
+    out = {"ran": transforms.f({}), "refused": str(e)}
+print(json.dumps(out))
+"""
+
+
+def test_bytecode_cache_older_than_its_source_is_caught(repo: Repo) -> None:
+    """A same-size rewrite within the second of the last import leaves a bytecode cache that
+    Python keeps loading (old code, new file) in every later process, long after the edit;
+    hfbuild compares that code with the file and refuses, naming __pycache__."""
+    repo.write({"transforms.py": "import helper\n\ndef f(ex):\n    return helper.K\n"})
+    env = {"PYTHONDONTWRITEBYTECODE": ""}
+    for _ in range(5):
+        if run_python(SAME_SECOND, repo.path, env=env).stdout.strip() == "True":
+            break
+    else:
+        raise AssertionError("could not write twice within one second")
+    repo.commit("project")
+    time.sleep(2.2)  # past the racy window of the load itself
+    out = json.loads(run_python(STALE_PYC, repo.path, env=env).stdout.strip().splitlines()[-1])
+    assert out["ran"] == 1 and (repo.path / "helper.py").read_text() == "K = 2\n"
+    assert "module helper was loaded before helper.py was changed" in out["refused"]
+    assert "delete that __pycache__ first" in out["refused"]
