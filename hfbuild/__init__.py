@@ -20,6 +20,7 @@ from hfbuild.errors import (
     NotBuiltError,
     ObservationWarning,
     StageError,
+    StaleModuleError,
     StoreError,
     UnhashableArgumentError,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "Pipeline",
     "Stage",
     "StageError",
+    "StaleModuleError",
     "StoreError",
     "UnhashableArgumentError",
     "__version__",

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from hfbuild import liveness
 from hfbuild.errors import CorruptEntryWarning, RemoteWarning, StoreError
 from hfbuild.fingerprint import Manifest, check_dirty
 from hfbuild.fullkey import full_key, observing
@@ -135,6 +136,7 @@ def _build_locked(
         inputs = [store.load(manifests[i].fingerprint) for i in spec.inputs]
         with observing(pipe, tmp) as seen:
             result = builder.run_stage(spec, inputs, fp, tmp, pipe.root, m.data_files)
+            liveness.check_built(pipe.root, m.doc)  # the code that ran is the code hashed
             info = builder.save(result, os.path.join(tmp, "data"), tmp)
             observed = seen.identify(m)
         fp = full_key(m.static_fingerprint, observed)

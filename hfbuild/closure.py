@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hfbuild import canonical, imports
+from hfbuild import canonical, imports, liveness
 from hfbuild.errors import ClosureError, UnhashableArgumentError
 from hfbuild.gitstate import FileId, Snapshot
 
@@ -47,6 +47,10 @@ class Context:
     env: set[str] = field(default_factory=set)  # environment variables the closure reads
     incomplete: list[str] = field(default_factory=list)  # "path:line: why"
     _seen_modules: set[str] = field(default_factory=set)
+    # Module values that differ from their source (liveness.py, issue #9 item 5): qualified
+    # name -> {"source": literal, "value": in memory}; and the code already followed for them.
+    module_values: dict[str, Any] = field(default_factory=dict)
+    values_seen: set[int] = field(default_factory=set)
 
     def encode(self, value: Any, path: str) -> canonical.Encoded:
         return canonical.encode(value, path, on_callable=self._on_callable, root=self.snapshot.root)
@@ -275,6 +279,8 @@ def _function(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
         # A function made by exec() has no file of its own; its module's file identifies it.
         if os.path.isfile(code.co_filename):
             target["file"] = ctx.snapshot.rel(code.co_filename)
+        # The code in memory is the code in the files, and the module values it reads.
+        liveness.follow_globals(fn, ctx)
         return {"target": target, "args": args}
     if module != "__main__" and _lookup(module, fn.__qualname__) is fn:
         # Defined in an installed package or the standard library: by name and version.

@@ -1,10 +1,10 @@
 """What changed between two manifests of a stage, in words a person reads.
 
-Owns: comparing an old and a new manifest part by part (callable, code files, arguments,
-options, inputs, data files, environment variables, packages and runtime versions) into
-`Change` values, and the files a build read or imported at run time against their content now;
-rendering canonical values back into Python-like text (`{'k': 3}`, `1.5`, `(1, 2)`). Used by
-`status` (the first reason) and `explain` (all of them).
+Owns: comparing an old and a new manifest part by part (callable, code files, module values,
+arguments, options, inputs, data files, environment variables, packages and runtime versions)
+into `Change` values, and the files a build read or imported at run time against their content
+now; rendering canonical values back into Python-like text (`{'k': 3}`, `1.5`, `(1, 2)`). Used
+by `status` (the first reason) and `explain` (all of them).
 Must never: import datasets, print (the commands do that), or show a secret variable's value
 or hash.
 """
@@ -22,7 +22,7 @@ SECRET = "<secret>"
 
 
 class Change(NamedTuple):
-    part: str  # code | file | arg | option | input | data | env | package | kind | read | import
+    part: str  # code | file | arg | option | input | data | env | package | value | kind | read | import
     path: str  # what changed: a file path, an argument path, an input name, ...
     old: Any  # rendered old value or id (None: it was not there)
     new: Any  # rendered new value or id (None: it is gone)
@@ -37,6 +37,8 @@ class Change(NamedTuple):
             return f"env var {self.path} changed: {old} -> {new}"
         if self.part == "package" and self.path == "python" and old and new:
             return f"Python {old} -> {new}"
+        if self.part == "value":
+            return f"module value {self.path}: {old} -> {new}"
         what = {
             "file": "code file",
             "arg": "argument",
@@ -230,6 +232,29 @@ def _packages(doc: Mapping[str, Any]) -> dict[str, str]:
     return dict(p.split("==", 1) for p in doc.get("packages", []) if "==" in p)
 
 
+def module_values(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change]:
+    """Module-level values that differ from their source (`transforms.MAX_LEN = 256` set
+    elsewhere): a side without an entry had the value its source binds."""
+
+    def entries(doc: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in (doc.get("code") or {}).get("module_values") or []}
+
+    o, n = entries(old), entries(new)
+    out = []
+    for name in sorted(o.keys() | n.keys()):
+        a, b = o.get(name), n.get(name)
+        if a == b:
+            continue
+        before = render(a["value"]) if a else _as_source(b)
+        after = render(b["value"]) if b else _as_source(a)
+        out.append(Change("value", name, before, after))
+    return out
+
+
+def _as_source(entry: Any) -> str:
+    return render(entry["source"]) if "source" in entry else "as its source binds it"
+
+
 def diff(
     old: Mapping[str, Any],
     new: Mapping[str, Any],
@@ -254,6 +279,7 @@ def diff(
             out.append(Change("code", name(nt) or "target", "its definition", "another"))
     out.extend(_keyed("file", _pairs(old, "code", "files"), _pairs(new, "code", "files")))
     out.extend(_keyed("file", dict(old.get("file_deps") or []), dict(new.get("file_deps") or [])))
+    out.extend(module_values(old, new))
     out.extend(_walk("", old.get("args", {}), new.get("args", {})))
     for c in _walk("", old.get("options", {}), new.get("options", {})):
         out.append(c._replace(part="option", path=f"options.{c.path}"))

@@ -44,6 +44,48 @@ class ClosureError(HfbuildError):
     """The code of a callable cannot be identified."""
 
 
+class StaleModuleError(HfbuildError):
+    """This process runs a module's code from before its file was edited (a notebook kernel)."""
+
+    def __init__(
+        self,
+        rel: str,
+        module: str,
+        function: str | None = None,
+        *,
+        after_fingerprint: bool = False,
+        stale_pyc: bool = False,
+    ) -> None:
+        self.path = rel
+        self.module = module
+        if after_fingerprint:
+            what = (
+                f"module {module} ran code loaded after the stage's fingerprint was taken, and "
+                f"{rel} no longer holds the code that fingerprint hashed; nothing was stored"
+            )
+        elif function is None:
+            what = f"module {module} was loaded before {rel} was changed on disk"
+        else:
+            what = (
+                f"{module}.{function} is a function from before {module} was reloaded, and "
+                f"{rel} has changed since it was defined"
+            )
+        super().__init__(
+            f"{what}: the code this process would run is not the code the fingerprint hashes, "
+            f"and its result would be stored under the wrong key. Restart the kernel (or the "
+            f"process), or run `importlib.reload({module})` and take the transform from the "
+            f"reloaded module again"
+            + (" (and define the Pipeline again)." if after_fingerprint else ".")
+            + (
+                f" Its bytecode cache (__pycache__) was written within the second {rel} was "
+                f"last changed and may hold the older code, which Python would load again: "
+                f"delete that __pycache__ first."
+                if stale_pyc
+                else ""
+            )
+        )
+
+
 class DirtyTreeError(HfbuildError):
     """Strict mode (HFBUILD_STRICT=1 or --strict) and a stage's code has uncommitted changes."""
 

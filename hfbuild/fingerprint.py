@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hfbuild import caches, canonical
+from hfbuild import caches, canonical, liveness
 from hfbuild.closure import Context, describe, runtime_packages
 from hfbuild.datafiles import StatCache, expand, file_identity, resolve_data_files
 from hfbuild.envvars import env_part
@@ -216,7 +216,10 @@ def build_manifest(
         env = env_part(ctx.env, ctx.snapshot.root)
         if env:  # absent when the code reads none, so such keys are unchanged
             doc["env"] = env
+        if ctx.module_values:  # module-level values changed at run time (liveness.py)
+            doc["code"]["module_values"] = sorted([k, v] for k, v in ctx.module_values.items())
     doc["packages"] = sorted(ctx.packages | runtime_packages())
+    liveness.check_loaded(ctx)  # never file one code's result under another's key
     dirty = tuple(sorted((f for f in ctx.files.values() if f.dirty), key=lambda f: f.path))
     return Manifest(doc, dirty, tuple(ctx.incomplete))
 

@@ -105,3 +105,19 @@ def test_reduced_objects_render_by_their_arguments() -> None:
     assert texts(old, new) == [
         "argument fn_kwargs['key'] changed: itemgetter('a') -> itemgetter('b')"
     ]
+
+
+def test_module_value_change() -> None:
+    """A module value set at run time reads 'module value m.X: source -> value', back to
+    the source the other way; a name set from outside reads 'as its source binds it'."""
+
+    def with_values(*entries: Any) -> dict[str, Any]:
+        code = {**manifest()["code"], "module_values": [list(e) for e in entries]}
+        return manifest(code=code)
+
+    plain = manifest()
+    set_ = with_values(("m.MAX_LEN", {"source": encode(128), "value": encode(256)}))
+    assert texts(plain, set_) == ["module value m.MAX_LEN: 128 -> 256"]
+    assert texts(set_, plain) == ["module value m.MAX_LEN: 256 -> 128"]
+    extra = with_values(("m.EXTRA", {"value": encode((1, 2))}))
+    assert texts(plain, extra) == ["module value m.EXTRA: as its source binds it -> (1, 2)"]

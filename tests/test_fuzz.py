@@ -129,17 +129,26 @@ def _project() -> tuple[Repo, Any]:
 def test_reuse_iff_inputs_are_byte_identical(steps: list[tuple[str, int]]) -> None:
     """Across any history of edits, commits, reverts and builds, a build reuses the stored
     result exactly when the helper's bytes, the argument and the data are what they were at
-    some earlier build, whatever was committed in between."""
+    some earlier build, whatever was committed in between. (This process reloads what it
+    edits, as a session must: it would otherwise run code its files no longer hold.)"""
+    # No bytecode cache: a same-size edit within the second would reload the stale pyc.
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     repo, mod = _project()
     helper = next((repo.path).glob("*/helper.py"))
     committed = HELPERS[0]
     text, arg = HELPERS[0], 1
     built: set[tuple[str, int]] = set()
+
+    def reload() -> Any:
+        importlib.reload(sys.modules[mod.__name__.rsplit(".", 1)[0] + ".helper"])
+        return importlib.reload(mod)
+
     try:
         for action, value in [*steps, ("build", 0)]:
             if action == "edit":
                 text = HELPERS[value]
                 helper.write_text(text)
+                mod = reload()
             elif action == "arg":
                 arg = value
             elif action == "commit":
@@ -150,6 +159,7 @@ def test_reuse_iff_inputs_are_byte_identical(steps: list[tuple[str, int]]) -> No
                     ["git", "checkout", "HEAD", "--", str(helper)], cwd=repo.path, check=True
                 )
                 text = committed
+                mod = reload()
             else:
                 pipe = hfbuild.Pipeline(root=repo.path, store=repo.path / ".store")
                 raw = pipe.load("raw", "parquet", data_files="data/x.parquet", split="train")
@@ -161,4 +171,5 @@ def test_reuse_iff_inputs_are_byte_identical(steps: list[tuple[str, int]]) -> No
                 assert (report.action == "up to date") == ((text, arg) in built), (steps, report)
                 built.add((text, arg))
     finally:
+        sys.dont_write_bytecode = writes_bytecode
         sys.path.remove(str(repo.path))
