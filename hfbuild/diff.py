@@ -22,7 +22,8 @@ SECRET = "<secret>"
 
 
 class Change(NamedTuple):
-    part: str  # code | file | arg | option | input | data | env | package | value | kind | read | import
+    # code | file | arg | option | input | data | env | package | value | kind | read | import
+    part: str
     path: str  # what changed: a file path, an argument path, an input name, ...
     old: Any  # rendered old value or id (None: it was not there)
     new: Any  # rendered new value or id (None: it is gone)
