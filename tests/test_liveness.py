@@ -303,6 +303,7 @@ import transforms, helpers
 pipe = hfbuild.Pipeline(root=os.getcwd())
 raw = pipe.load("raw", "json", data_files="data.jsonl", split="train")
 pipe.map("up", raw, transforms.up)
+build(pipe, "raw")  # the input is built: nothing makes the build look at the code again
 fp = pipe["up"].fingerprint
 pipe.manifests()  # taken (and memoized) before the edit, as a kernel's Pipeline does
 with open(sys.argv[1], "w") as f:
