@@ -130,6 +130,8 @@ def _build_locked(
 
     store = pipe.store
     fp = m.fingerprint
+    if m.shards is not None:  # only the shards the store lacks (shardbuild.py)
+        return _build_sharded(pipe, spec, m, manifests)
     t0 = time.perf_counter()
     tmp = store.new_build_dir(m.static_fingerprint)
     try:
@@ -176,6 +178,27 @@ def _build_locked(
     if fp != m.fingerprint:
         pipe.manifests(fresh=True)  # the stages after this one take the key it was built under
     return Report(spec.name, fp, "built", info.rows, seconds)
+
+
+def _build_sharded(
+    pipe: Pipeline, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]
+) -> Report:
+    from hfbuild import shardbuild
+
+    try:
+        report, _ = shardbuild.build(pipe, spec, m, manifests)
+    except BaseException as e:
+        full = disk_full(e)
+        if full is not None:
+            raise StoreError(
+                f"stage {spec.name!r}: the disk holding the store ({pipe.store.root}) is "
+                f"full ({full.strerror}). Shards already built stay in the store; free some "
+                f"space (`hfbuild gc`), or point HFBUILD_STORE at a larger disk, and build again."
+            ) from e
+        raise
+    if report.fingerprint != m.fingerprint:
+        pipe.manifests(fresh=True)  # the stages after this one take the key it was built under
+    return report
 
 
 def _version() -> str:

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, NamedTuple
 
 import datasets
@@ -105,6 +105,7 @@ def _load(spec: StageSpec, files: Any, scratch: str) -> Any:
     opts = dict(spec.options)
     builder = opts.pop("builder")
     opts.pop("data_files")
+    opts.pop("sharded", None)
     return datasets.load_dataset(
         builder, data_files=files, cache_dir=os.path.join(scratch, "hf"), **opts
     )
@@ -112,6 +113,7 @@ def _load(spec: StageSpec, files: Any, scratch: str) -> Any:
 
 def _map_or_filter(spec: StageSpec, ds: Any, fp: str, scratch: str) -> Any:
     options = dict(spec.options)
+    options.pop("sharded", None)
     options.setdefault("load_from_cache_file", False)
 
     def one(d: Any, split: str | None) -> Any:
@@ -128,6 +130,24 @@ def _map_or_filter(spec: StageSpec, ds: Any, fp: str, scratch: str) -> Any:
     if isinstance(ds, datasets.DatasetDict):
         return datasets.DatasetDict({s: one(d, s) for s, d in ds.items()})
     return one(ds, None)
+
+
+def offset_indices(spec: StageSpec, offset: int) -> StageSpec:
+    """`spec` for one shard whose rows start at `offset` in the whole split: a
+    `with_indices` function sees the indices it would see over the whole dataset."""
+    if not spec.options.get("with_indices") or offset == 0 or spec.fn is None:
+        return spec
+    fn = spec.fn
+    cols = spec.options.get("input_columns")
+    at = 1 if cols is None else (1 if isinstance(cols, str) else len(cols))
+    batched = bool(spec.options.get("batched"))
+
+    def shifted(*args: Any, **kwargs: Any) -> Any:
+        a = list(args)
+        a[at] = [i + offset for i in a[at]] if batched else a[at] + offset
+        return fn(*a, **kwargs)
+
+    return replace(spec, fn=shifted)
 
 
 # -- saving -------------------------------------------------------------------------------

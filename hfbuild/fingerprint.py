@@ -11,6 +11,7 @@ into a manifest, or import `datasets` (an up-to-date check must stay cheap).
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 import warnings
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hfbuild import caches, canonical, liveness
+from hfbuild import shards as sharding
 from hfbuild.closure import Context, describe, runtime_packages
 from hfbuild.datafiles import StatCache, expand, file_identity, resolve_data_files
 from hfbuild.envvars import env_part
@@ -73,6 +75,7 @@ NEUTRAL_OPTIONS = frozenset(
         "cache_file_names",
         "suffix_template",
         "new_fingerprint",
+        "sharded",  # how the result is built and stored; a sharded key is another shape
     }
 )
 
@@ -90,6 +93,10 @@ class Manifest:
     # Files the stage's builds were seen to read or import at run time, with their current
     # ids ((path, id), sorted): part of the key, not of `doc` (see `fullkey`).
     observed: tuple[tuple[str, str], ...] = ()
+    # A sharded stage (shards.py): what each shard is built from, and the key of the stage's
+    # code that all its shards share (before what its builds read at run time).
+    shards: tuple[sharding.ShardIn, ...] | None = None
+    shard_code: str | None = None
 
     def to_json(self) -> str:
         return canonical.dumps(self.doc)
@@ -102,8 +109,15 @@ class Manifest:
     @property
     def fingerprint(self) -> str:
         """The stage's key: the static fingerprint, combined with the observed files' ids
-        when its builds read any."""
+        when its builds read any; for a sharded stage, the digest of its shards' keys."""
+        if self.shards is not None:
+            return sharding.stage_key(self)
         return full_key(self.static_fingerprint, self.observed)
+
+    @functools.cached_property
+    def shard_list(self) -> list[sharding.Shard]:
+        """A sharded stage's shards in order, with their keys (see shards.py)."""
+        return sharding.shard_list(self)
 
 
 def normalize_options(kind: str, options: Mapping[str, Any] | None, ctx: Context) -> Any:
@@ -154,6 +168,7 @@ def load_data(
     lock records under them, and no files are returned."""
     opts = dict(options)
     builder = opts.pop("builder")
+    opts.pop(sharding.OPTION, None)  # how it is stored, not what it loads
     snap = ctx.snapshot
     files: Any = None
     ids: Any

@@ -109,12 +109,13 @@ def resolve(
     nothing); else the recorded set whose full key the store holds, else the newest one."""
     static = m.static_fingerprint
     sets = candidates(static, name, store, lock_path)
-    if not sets or store.has(static):
+    if not sets or store.has(m.fingerprint):
         return m
     best: Observed | None = None
     for paths in sets:
         obs = identify(paths, snap, cache)
-        if store.has(full_key(static, obs)):
+        # The key with these files (a sharded stage's is its shards' keys: shards.py).
+        if store.has(dataclasses.replace(m, observed=obs).fingerprint):
             best = obs
             break
         if best is None:

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-from hfbuild import caches, lockfile
+from hfbuild import caches, lockfile, shards
 from hfbuild.absentdata import LockedData
 from hfbuild.closure import Context
 from hfbuild.datafiles import StatCache
@@ -288,7 +288,7 @@ class Pipeline:
         absent: LockedData | None = None,
     ) -> Manifest:
         ctx = Context(snap)
-        inputs = [done[i].fingerprint for i in spec.inputs]
+        inputs = shards.manifest_inputs(spec, done)
         data = files = None
         options: Mapping[str, Any] | None = spec.options
         if spec.kind == "load":
@@ -306,7 +306,7 @@ class Pipeline:
                 file_deps=spec.file_deps,
                 stat_cache=self.stat_cache,
             )
-            return dataclasses.replace(manifest, data_files=files)
+            return shards.attach(spec, dataclasses.replace(manifest, data_files=files), done)
         except HfbuildError as e:
             if str(e).startswith(f"stage {spec.name!r}"):
                 raise

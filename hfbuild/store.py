@@ -181,6 +181,11 @@ class Store:
             if why is None and os.path.isdir(self.entry(fp)):
                 return "it has no manifest"
             return why
+        for key in self.references(fp, doc):
+            # A stage result made of shards is served only while every shard is intact.
+            why = self.check(key) if self.read_manifest(key) is not None else "is missing"
+            if why is not None:
+                return f"its shard {key} {why}" if why == "is missing" else f"shard {key}: {why}"
         base = self.data_path(fp)
         for rel, size in doc["files"].items():
             try:
@@ -195,12 +200,54 @@ class Store:
         """True when a complete, intact entry for `fp` exists (see `check`)."""
         return self.read_manifest(fp) is not None and self.check(fp) is None
 
+    def references(self, fp: str, doc: dict[str, Any] | None = None) -> list[str]:
+        """The shard entries a stage result made of shards lists, in order ([] for others)."""
+        doc = doc if doc is not None else self.read_manifest(fp)
+        rows = (doc or {}).get("shards")
+        if not isinstance(rows, list):
+            return []
+        keys = [str(r[1]) for r in rows if isinstance(r, list) and len(r) >= 2]
+        return [k for k in keys if _FP.match(k)]
+
     def load(self, fp: str) -> Any:
         """The stored Dataset or DatasetDict, memory-mapped. Nothing is unpickled:
-        `load_from_disk` reads Arrow files and JSON."""
+        `load_from_disk` reads Arrow files and JSON. A result made of shards is their
+        concatenation, split by split, over the memory-mapped shard files (no copy)."""
         import datasets
 
+        doc = self.read_manifest(fp)
+        if doc is not None and isinstance(doc.get("shards"), list):
+            return self._load_shards(doc)
         return datasets.load_from_disk(self.data_path(fp), keep_in_memory=False)
+
+    def _load_shards(self, doc: dict[str, Any]) -> Any:
+        import datasets
+        from datasets.table import MemoryMappedTable
+
+        by_split: dict[str, list[Any]] = {}
+        for row in doc["shards"]:
+            split, key = str(row[0]), str(row[1])
+            base = self.data_path(key)
+            with open(os.path.join(base, "state.json"), encoding="utf-8") as f:
+                state = json.load(f)
+            with open(os.path.join(base, "dataset_info.json"), encoding="utf-8") as f:
+                info = datasets.DatasetInfo.from_dict(json.load(f))
+            tables = [
+                MemoryMappedTable.from_file(os.path.join(base, str(d["filename"])))
+                for d in state["_data_files"]
+                if safe_rel(d.get("filename"))
+            ]
+            table = tables[0] if len(tables) == 1 else datasets.table.concat_tables(tables)
+            by_split.setdefault(split, []).append(
+                datasets.Dataset(table, info=info, split=datasets.Split(split), fingerprint=key)
+            )
+        parts = {
+            s: ds[0] if len(ds) == 1 else datasets.concatenate_datasets(ds)
+            for s, ds in by_split.items()
+        }
+        if doc.get("dict"):
+            return datasets.DatasetDict(parts)
+        return next(iter(parts.values()))
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -318,13 +365,19 @@ class Store:
 
         now = time.time()
         gone: list[tuple[str, int]] = []
+        kept = set(keep)
         for fp in self.fingerprints():
-            e = self.entry(fp)
             try:
-                recent = now - os.stat(e).st_mtime < keep_seconds
+                if now - os.stat(self.entry(fp)).st_mtime < keep_seconds:
+                    kept.add(fp)
             except OSError:
                 continue
-            if fp in keep or recent:
+        for fp in list(kept):  # a kept stage result keeps the shards it lists
+            if _FP.match(fp):
+                kept.update(self.references(fp))
+        for fp in self.fingerprints():
+            e = self.entry(fp)
+            if fp in kept or not os.path.exists(e):
                 continue
             gone.append((e, tree_size(e)))
             if not dry_run:

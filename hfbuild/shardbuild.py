@@ -1,0 +1,220 @@
+"""Building a sharded stage: only the shards the store lacks, then the stage's shard list.
+
+Owns: the order of a sharded stage's build, with the stage's build lock held (`build.py`
+takes it): each shard the store does not hold is built by itself (a load shard from its one
+data file; a transform shard from its input shard, its `with_indices` offset being the rows
+of the input shards before it) into a directory inside the stage's build directory; what the
+build read at run time is identified once for the stage (the key all its shards share, see
+`shards.py`); then each shard is published under its key, and last the stage's entry, a
+manifest listing its shards in order. A kill at any point leaves only complete shard entries
+and no stage entry (its next build reuses the shards).
+
+Must never: publish a shard under a key whose observed files it was not built with, publish
+the stage entry before every shard it lists is in the store, or print.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from hfbuild import liveness, shards
+from hfbuild.errors import BuildError
+from hfbuild.fingerprint import Manifest
+from hfbuild.fullkey import Observed, observing
+from hfbuild.spec import Report, StageSpec
+
+if TYPE_CHECKING:
+    from hfbuild.pipeline import Pipeline
+
+_PROGRESS_SHARDS = 8  # fewer shards than this build without a progress bar
+
+
+def build(
+    pipe: Pipeline, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]
+) -> tuple[Report, dict[str, Any]]:
+    """Build the stage's missing shards and publish its entry; (report, stored document)."""
+    from hfbuild import builder
+
+    store = pipe.store
+    t0 = time.perf_counter()
+    tmp = store.new_build_dir(m.static_fingerprint)
+    built: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}  # position -> (dir, doc)
+    try:
+        with observing(pipe, tmp) as seen:
+            observed: Observed = m.observed
+            while True:
+                cur = dataclasses.replace(m, observed=observed)
+                todo = [
+                    s
+                    for s in cur.shard_list
+                    if (s.split, s.pos) not in built and not store.has(s.key)
+                ]
+                with _bar(len(todo), spec.name) as bar:
+                    for s in todo:
+                        built[(s.split, s.pos)] = _build_shard(pipe, spec, cur, s, builder, tmp)
+                        bar.update(1)
+                now = seen.identify(m)
+                merged = tuple(sorted(set(observed) | set(now)))
+                if merged == observed:
+                    break
+                # The build read files its assumed key did not hold: every shard's key takes
+                # them; shards built here were built with them, the others are built again.
+                observed = merged
+        final = dataclasses.replace(m, observed=observed)
+        doc = _publish(pipe, spec, final, manifests, built, tmp, t0)
+        seen.publish(m.static_fingerprint, observed)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t0
+    return Report(spec.name, final.fingerprint, "built", doc["rows"], seconds), doc
+
+
+def _publish(
+    pipe: Pipeline,
+    spec: StageSpec,
+    m: Manifest,
+    manifests: Mapping[str, Manifest],
+    built: Mapping[tuple[str, int], tuple[str, dict[str, Any]]],
+    tmp: str,
+    t0: float,
+) -> dict[str, Any]:
+    store = pipe.store
+    written = 0
+    for s in m.shard_list:
+        got = built.get((s.split, s.pos))
+        if got is None:
+            continue
+        path, shard_doc = got
+        written += int(shard_doc.get("written_bytes", 0))
+        with store.lock(s.key):
+            if store.has(s.key):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                store.publish(path, s.key, shard_doc)
+    rows: dict[str, int] = {}
+    hashes: list[tuple[str, str]] = []
+    for s in m.shard_list:
+        stored = store.read_manifest(s.key)
+        if stored is None or store.check(s.key) is not None:
+            raise BuildError(
+                f"stage {spec.name!r}: shard {s.label} ({s.key}) vanished from the store "
+                f"while the stage was built (a concurrent `hfbuild gc`?); build it again."
+            )
+        rows[s.split] = rows.get(s.split, 0) + int(stored.get("rows") or 0)
+        hashes.append((s.split, str(stored.get("content_hash"))))
+    as_dict = _is_dict(pipe, spec, manifests)
+    doc: dict[str, Any] = {
+        "stage": spec.name,
+        "manifest": m.doc,
+        "inputs": {i: manifests[i].fingerprint for i in spec.inputs},
+        "rows": rows if as_dict else next(iter(rows.values())),
+        "content_hash": shards.combined_hash(hashes),
+        "dirty": [[f.path, f.status] for f in m.dirty],
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "written_bytes": written,
+        "hfbuild": _version(),
+        "shards": [[s.split, s.key, s.label] for s in m.shard_list],
+        "shards_built": len(built),
+        "dict": as_dict,
+    }
+    if m.observed:
+        doc["static_fingerprint"] = m.static_fingerprint
+        doc["observed"] = [list(p) for p in m.observed]
+    for name in os.listdir(tmp):  # what is left is scratch: the entry holds the list only
+        shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+    fp = m.fingerprint
+    if store.has(fp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        store.publish(tmp, fp, doc)
+    return doc
+
+
+def _is_dict(pipe: Pipeline, spec: StageSpec, manifests: Mapping[str, Manifest]) -> bool:
+    if spec.kind == "load":
+        return shards.is_dict(spec.options)
+    parent = pipe.store.read_manifest(manifests[spec.inputs[0]].fingerprint) or {}
+    return bool(parent.get("dict"))
+
+
+def _build_shard(
+    pipe: Pipeline, spec: StageSpec, m: Manifest, s: shards.Shard, builder: Any, tmp: str
+) -> tuple[str, dict[str, Any]]:
+    """Build one shard into a directory inside the stage's build dir; (dir, its document)."""
+    store = pipe.store
+    t0 = time.perf_counter()
+    path = tempfile.mkdtemp(dir=tmp, prefix="shard-")
+    if spec.kind == "load":
+        files = m.data_files
+        group = files.get(s.split) if isinstance(files, dict) else files
+        if not group or s.pos >= len(group):
+            raise BuildError(
+                f"load stage {spec.name!r}: the data file {s.label} is not in the checkout; "
+                f"it cannot be built here."
+            )
+        out = builder.run_stage(spec, [], s.key, path, pipe.root, {s.split: [group[s.pos]]})
+        if isinstance(out, dict):
+            out = out[s.split]
+    else:
+        inp = store.load(s.input)
+        one = builder.offset_indices(spec, _offset(pipe, spec, m, s))
+        out = builder.run_stage(one, [inp], s.key, path, pipe.root)
+    liveness.check_built(pipe.root, m.doc)  # the code that ran is the code hashed
+    info = builder.save(out, os.path.join(path, "data"), path)
+    builder.cleanup_scratch(path)
+    doc = {
+        "stage": spec.name,
+        "shard": {"split": s.split, "label": s.label, "input": s.input},
+        "rows": info.rows,
+        "content_hash": info.content_hash,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "written_bytes": info.written_bytes,
+        "hfbuild": _version(),
+    }
+    return path, doc
+
+
+def _offset(pipe: Pipeline, spec: StageSpec, m: Manifest, s: shards.Shard) -> int:
+    """The rows of the input shards before `s` in its split (0 unless with_indices)."""
+    if not spec.options.get("with_indices") or s.pos == 0:
+        return 0
+    rows = 0
+    for t in m.shard_list:
+        if t.split == s.split and t.pos < s.pos:
+            rows += int((pipe.store.read_manifest(t.input) or {}).get("rows") or 0)
+    return rows
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        return None
+
+
+def _bar(total: int, stage: str) -> Any:
+    """One progress bar per stage over its shards (stderr; none for a few shards)."""
+    if total < _PROGRESS_SHARDS:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="shard", desc=stage, file=sys.stderr, leave=False)
+
+
+def _version() -> str:
+    from hfbuild import __version__
+
+    return __version__

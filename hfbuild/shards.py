@@ -1,0 +1,191 @@
+"""Shards: one input data file of a load stage, and the row-local stages built file by file.
+
+A load stage over several data files is *sharded*: each file is one shard, loaded by itself.
+A `map`/`filter` over a sharded input is sharded too (unless `sharded=False`): it runs shard by
+shard, so batches never span files, in a full build as in an incremental one. Each shard has
+its own key and its own store entry; a stage's result is an ordered list of shard entries.
+
+Keys:
+- the stage's *code key* is its static fingerprint without the input (a load: without its
+  files' ids), combined with what its builds read at run time (`fullkey`): one key shared by
+  all the stage's shards, so the observed files count for every shard;
+- a shard's key is `digest(code key, the input shard's key, [the keys before it])`: a load
+  shard's input is its file's content id, a transform shard's the input shard's key; the keys
+  before it enter only where the output depends on the row offset (`with_indices`), so an
+  inserted file rebuilds only the shards after it;
+- the stage's fingerprint is `digest(code key, ordered [split, shard key])`.
+
+Owns: deciding which stages are sharded, the per-shard inputs of a manifest, the keys above,
+and the combined content hash of a sharded result (the digest of its shards' hashes in order).
+Must never: import `datasets` (the up-to-date path computes these keys), or put a path in a key
+(a shard's label, the file's path, is reported only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from hfbuild import canonical
+
+if TYPE_CHECKING:
+    from hfbuild.fingerprint import Manifest
+    from hfbuild.spec import StageSpec
+
+OPTION = "sharded"  # the stage option that opts out (`sharded=False`)
+
+
+class ShardIn(NamedTuple):
+    """What one shard is built from: its split, its input's key (a file's content id, or the
+    input stage's shard key), its label (the data file's path; reported, never hashed) and,
+    for offset-dependent transforms, a digest of the input keys before it in its split."""
+
+    split: str
+    input: str
+    label: str
+    before: str = ""
+
+
+class Shard(NamedTuple):
+    """One shard of a stage: its split, key, label, position (`pos`) in its split, and input key."""
+
+    split: str
+    key: str
+    label: str
+    pos: int
+    input: str
+
+
+def _digest(doc: Any) -> str:
+    return canonical.digest(canonical.dumps(doc).encode())
+
+
+def code_key(m: Manifest) -> str:
+    """The key every shard of the stage shares: its code, arguments and options, plus the
+    files its builds read at run time."""
+    from hfbuild.fullkey import full_key
+
+    assert m.shard_code is not None
+    return full_key(m.shard_code, m.observed)
+
+
+def shard_list(m: Manifest) -> list[Shard]:
+    """The stage's shards in order, with their keys."""
+    assert m.shards is not None
+    code = code_key(m)
+    out: list[Shard] = []
+    index: dict[str, int] = {}
+    for s in m.shards:
+        i = index.get(s.split, 0)
+        index[s.split] = i + 1
+        key = _digest({"shard": code, "input": s.input, "before": s.before or None})
+        out.append(Shard(s.split, key, s.label, i, s.input))
+    return out
+
+
+def stage_key(m: Manifest) -> str:
+    """A sharded stage's fingerprint: its code key and its ordered shard keys."""
+    return _digest({"sharded": code_key(m), "shards": [[s.split, s.key] for s in m.shard_list]})
+
+
+def combined_hash(hashes: Sequence[tuple[str, str]]) -> str:
+    """The content hash of a sharded result from its shards' ([split, hash]) in order."""
+    return _digest({"shard_hashes": [list(h) for h in hashes]})
+
+
+# -- which stages are sharded, and from what ---------------------------------------------------
+
+
+def wanted(spec: StageSpec) -> bool:
+    """The stage does not opt out (`sharded=False`)."""
+    return spec.options.get(OPTION, True) is not False
+
+
+def for_load(spec: StageSpec, m: Manifest) -> Manifest:
+    """A load stage's manifest, sharded by data file when it has more than one file (and
+    neither opts out nor selects a slice of a split)."""
+    if not wanted(spec):
+        return m
+    data = m.doc.get("data") or {}
+    files = data.get("files")
+    split = spec.options.get("split")
+    if split is not None and (not isinstance(split, str) or "[" in split):
+        return m
+    groups: list[tuple[str, Any]]
+    if isinstance(files, Mapping):
+        groups = [(str(k), v) for k, v in files.items()]
+        if split is not None:
+            groups = [(k, v) for k, v in groups if k == split]
+    elif isinstance(files, list):
+        groups = [(split or "train", files)]
+    else:
+        return m
+    ins = [ShardIn(s, str(f[1]), str(f[0])) for s, fs in groups for f in fs]
+    if len(ins) < 2:
+        return m
+    code_doc = {**m.doc, "data": {**data, "files": None}}
+    return dataclasses.replace(m, shards=tuple(ins), shard_code=_digest(code_doc))
+
+
+def transform_inputs(spec: StageSpec, parent: Manifest) -> tuple[ShardIn, ...] | None:
+    """The shard inputs of a map/filter over `parent`, or None when it is not sharded."""
+    if spec.kind not in ("map", "filter") or parent.shards is None or not wanted(spec):
+        return None
+    offsets = bool(spec.options.get("with_indices"))
+    out = []
+    before: dict[str, str] = {}
+    for s in parent.shard_list:
+        prev = before.get(s.split, "")
+        out.append(ShardIn(s.split, s.key, s.label, prev if offsets else ""))
+        if offsets:
+            before[s.split] = _digest([prev, s.key])
+    return tuple(out)
+
+
+INPUT_MARKER = "shards"  # a sharded transform's manifest `inputs`: the shards carry them
+
+
+def is_dict(spec_options: Mapping[str, Any]) -> bool:
+    """Whether a sharded load's result is a DatasetDict (no `split=` chosen)."""
+    return spec_options.get("split") is None
+
+
+def changes(old: Sequence[Any] | None, new: Sequence[Shard]) -> list[str]:
+    """`3 of 1,001 shards new: data/part-1000.parquet (added), ...` against the stored list
+    (`[split, key, label]` rows), or [] when nothing is new."""
+    known = {str(r[1]) for r in old or [] if isinstance(r, list) and len(r) >= 3}
+    old_labels = {str(r[2]) for r in old or [] if isinstance(r, list) and len(r) >= 3}
+    fresh = [s for s in new if s.key not in known]
+    gone = sorted(old_labels - {s.label for s in new})
+    lines = []
+    if fresh:
+        what = ", ".join(
+            f"{s.label} ({'changed' if s.label in old_labels else 'added'})" for s in fresh[:5]
+        )
+        more = f", and {len(fresh) - 5:,} more" if len(fresh) > 5 else ""
+        lines.append(f"{len(fresh):,} of {len(new):,} shards new: {what}{more}")
+    if gone:
+        more = f", and {len(gone) - 5:,} more" if len(gone) > 5 else ""
+        lines.append(f"{len(gone):,} shards removed: {', '.join(gone[:5])}{more}")
+    return lines
+
+
+def manifest_inputs(spec: StageSpec, done: Mapping[str, Manifest]) -> Any:
+    """A stage's manifest `inputs`: its parents' fingerprints, or the marker of a sharded
+    transform (whose shards carry their inputs' keys instead, so that its code key stays the
+    same when a file is added)."""
+    if spec.kind in ("map", "filter") and transform_inputs(spec, done[spec.inputs[0]]):
+        return INPUT_MARKER
+    return [done[i].fingerprint for i in spec.inputs]
+
+
+def attach(spec: StageSpec, m: Manifest, done: Mapping[str, Manifest]) -> Manifest:
+    """`m` with its shards, when the stage is sharded."""
+    if spec.kind == "load":
+        return for_load(spec, m)
+    if spec.kind in ("map", "filter"):
+        ins = transform_inputs(spec, done[spec.inputs[0]])
+        if ins is not None:
+            return dataclasses.replace(m, shards=ins, shard_code=m.static_fingerprint)
+    return m

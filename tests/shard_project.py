@@ -1,0 +1,132 @@
+"""A real project whose load stage reads several parquet files, for the sharding tests: each
+transform logs `stage:file` per call, so a test counts the calls each shard made."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from collections import Counter
+from typing import Any
+
+from tests.helpers import Repo
+
+FILES = {
+    "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "KILL_IN"]\n',
+    "pkg/__init__.py": "",
+    "pkg/t.py": """
+        import os
+
+        def log(stage, batch):
+            for f in sorted(set(batch["f"])):
+                if os.environ.get("KILL_IN") == f"{stage}:{f}":
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGKILL)
+                with open(os.environ["CALL_LOG"], "a") as out:
+                    out.write(f"{stage}:{f}\\n")
+
+        def feat(batch):
+            log("feat", batch)
+            return {"y": [x * 2 for x in batch["x"]]}
+
+        def idx(batch, indices):
+            log("idx", batch)
+            return {"i": list(indices)}
+
+        def keep(batch):
+            log("keep", batch)
+            return [y % 3 != 0 for y in batch["y"]]
+
+        def total(ds):
+            log("total", {"f": ["all"]})
+            return ds.sort("i")
+        """,
+    "dodo.py": """
+        from hfbuild import Pipeline
+        from pkg import t
+
+        pipe = Pipeline()
+        raw = pipe.load("raw", "parquet", data_files=DATA, split="train")
+        feat = pipe.map("feat", raw, t.feat, batched=True, batch_size=7)
+        idx = pipe.map("idx", feat, t.idx, batched=True, with_indices=True)
+        kept = pipe.filter("kept", idx, t.keep, batched=True)
+        total = pipe.apply("total", kept, t.total)
+
+
+        def task_preprocess():
+            yield from pipe.tasks()
+        """,
+}
+
+STAGES = ("raw", "feat", "idx", "kept", "total")
+
+
+def write_part(repo: Repo, name: str, start: int, rows: int = 10) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (repo.path / "data").mkdir(exist_ok=True)
+    xs = list(range(start, start + rows))
+    pq.write_table(pa.table({"x": xs, "f": [name] * rows}), repo.path / "data" / f"{name}.parquet")
+
+
+def make_project(repo: Repo, parts: int = 4, data: str = '"data/*.parquet"') -> Repo:
+    files = dict(FILES)
+    files["dodo.py"] = files["dodo.py"].replace("DATA", data)
+    repo.write(files)
+    for i in range(parts):
+        write_part(repo, f"part-{i}", 100 * i)
+    repo.commit("project")
+    return repo
+
+
+def doit(
+    repo: Repo, *args: str, log: pathlib.Path, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "doit", *args],
+        cwd=repo.path,
+        env={**os.environ, "CALL_LOG": str(log), **(env or {})},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"doit {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def calls(log: pathlib.Path) -> Counter[str]:
+    return Counter(log.read_text().split()) if log.exists() else Counter()
+
+
+READ = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+out = {}
+for name in %r:
+    fp = dodo.pipe[name].fingerprint
+    doc = dodo.pipe.store.read_manifest(fp)
+    ds = dodo.pipe.result(name)
+    out[name] = {"fp": fp, "hash": doc["content_hash"], "rows": ds.to_dict()}
+print(json.dumps(out))
+"""
+
+
+def state(repo: Repo, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Each stage's fingerprint, stored content hash and rows, read in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, "-c", READ % (STAGES,)],
+        cwd=repo.path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo.path), **(env or {})},
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result

@@ -1,0 +1,165 @@
+"""Growing data (issue #11): a load stage over several files is sharded, row-local stages run
+file by file, and a change to the data rebuilds exactly the shards it must, with every result
+identical to a full rebuild in a fresh store."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from collections import Counter
+
+import pytest
+
+from tests.helpers import Repo, run_hfbuild
+from tests.shard_project import calls, doit, make_project, state, write_part
+
+PER_SHARD = ("feat", "idx", "keep")
+
+
+def _per_shard(c: Counter[str], stage: str) -> set[str]:
+    return {k.split(":", 1)[1] for k in c if k.startswith(stage + ":")}
+
+
+def _fresh(repo: Repo, tmp_path: pathlib.Path, log: pathlib.Path) -> dict[str, object]:
+    """The state after a full build of the same tree into an empty store."""
+    env = {"HFBUILD_STORE": str(tmp_path / "fresh-store")}
+    doit(repo, "run", "preprocess", log=log, env=env)
+    return state(repo, env)
+
+
+def _plain(repo: Repo) -> dict[str, list[object]]:
+    """What plain `datasets` computes over the same files, in order (no hfbuild, no shards
+    beyond datasets' own), for the idx stage."""
+    import datasets
+    import sys
+
+    sys.path.insert(0, str(repo.path))
+    files = sorted(str(p) for p in (repo.path / "data").glob("*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=None)
+    ds = ds.map(lambda b: {"y": [x * 2 for x in b["x"]]}, batched=True)
+    ds = ds.map(lambda b, i: {"i": list(i)}, batched=True, with_indices=True)
+    return dict(ds.to_dict())
+
+
+EDITS = {
+    # edit name -> (what to do, the files whose feat shard must be rebuilt, idx shards rebuilt)
+    "append": (lambda r: write_part(r, "part-4", 400), {"part-4"}, {"part-4"}),
+    "insert": (lambda r: write_part(r, "part-1a", 150), {"part-1a"}, {"part-1a", "part-2", "part-3"}),
+    "change": (lambda r: write_part(r, "part-2", 250), {"part-2"}, {"part-2", "part-3"}),
+    "delete": (lambda r: (r.path / "data" / "part-1.parquet").unlink(), set(), {"part-2", "part-3"}),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_data_edit_rebuilds_exactly_its_shards(
+    tmp_path: pathlib.Path, edit: str
+) -> None:
+    """Appending, inserting, changing or deleting one data file rebuilds exactly the shards it
+    must (with_indices shards after an insertion too), and every stage's fingerprint, content
+    hash and rows equal a full rebuild's in a fresh store."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    assert _per_shard(calls(log), "feat") == {f"part-{i}" for i in range(4)}
+    change, feat_new, idx_new = EDITS[edit]
+    change(repo)
+    repo.commit(edit)
+    log.unlink()
+    doit(repo, "run", "preprocess", log=log)
+    c = calls(log)
+    assert _per_shard(c, "feat") == feat_new
+    assert _per_shard(c, "idx") == idx_new
+    assert _per_shard(c, "keep") == idx_new  # the filter follows the idx shards
+    assert c["total:all"] == 1  # a whole-dataset stage takes every shard
+    after = state(repo)
+    assert after == _fresh(repo, tmp_path, tmp_path / "fresh.log")
+    plain = _plain(repo)
+    assert after["idx"]["rows"] == plain  # type: ignore[index]
+
+
+def test_reordered_globs_rebuild_only_offset_shards(tmp_path: pathlib.Path) -> None:
+    """Listing the same files in another order keeps every offset-free shard (nothing is
+    recomputed for feat) and equals a fresh build of the new order."""
+    repo = make_project(
+        Repo.init(tmp_path / "repo"), data='["data/part-0.parquet", "data/part-[123].parquet"]'
+    )
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    dodo = (repo.path / "dodo.py").read_text()
+    (repo.path / "dodo.py").write_text(
+        dodo.replace(
+            '["data/part-0.parquet", "data/part-[123].parquet"]',
+            '["data/part-[123].parquet", "data/part-0.parquet"]',
+        )
+    )
+    repo.commit("reorder")
+    log.unlink()
+    doit(repo, "run", "preprocess", log=log)
+    c = calls(log)
+    assert _per_shard(c, "feat") == set()
+    assert _per_shard(c, "idx") == {f"part-{i}" for i in range(4)}  # every offset moved
+    after = state(repo)
+    assert after["raw"]["rows"]["f"][0] == "part-1"  # type: ignore[index]
+    assert after == _fresh(repo, tmp_path, tmp_path / "fresh.log")
+
+
+def test_noop_after_append_builds_nothing(tmp_path: pathlib.Path) -> None:
+    """Once built, a second run calls no transform, and the lock names the shard keys' stage
+    fingerprints (a clone computes the same keys)."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    log.unlink()
+    doit(repo, "run", "preprocess", log=log)
+    assert calls(log) == Counter()
+    lock = json.loads((repo.path / "hfbuild.lock").read_text())
+    s = state(repo)
+    for name in s:
+        assert lock["stages"][name]["fingerprint"] == s[name]["fp"]
+
+
+def test_missing_shard_is_never_served_and_is_rebuilt(tmp_path: pathlib.Path) -> None:
+    """A stage result whose shard entry is gone or corrupt is not served (`result()` refuses
+    it, doit rebuilds); the rebuild makes only that shard, and gc keeps referenced shards."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    before = state(repo)
+    store = repo.path / ".hfbuild"
+    feat = json.loads(
+        next(p for p in (store / "objects").glob(f"*/{before['feat']['fp']}/manifest.json"))
+        .read_text()
+    )
+    victim = feat["shards"][2][1]
+    shutil.rmtree(store / "objects" / victim[:2] / victim)
+    out = run_hfbuild(repo, "status")
+    assert "feat" in out.stdout
+    log.unlink()
+    doit(repo, "run", "preprocess", log=log)
+    assert _per_shard(calls(log), "feat") == {"part-2"}
+    assert state(repo) == before
+    out = run_hfbuild(repo, "gc", "--keep-days", "0")
+    assert out.returncode == 0, out.stderr
+    assert state(repo) == before  # every referenced shard survived gc
+    out = run_hfbuild(repo, "verify", "--deep")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_push_pull_per_shard(tmp_path: pathlib.Path) -> None:
+    """A sharded result pushed to a file:// remote is pulled by a clone with an empty store,
+    shard by shard, and serves the same rows without building anything."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    remote = tmp_path / "remote"
+    env = {"HFBUILD_REMOTE": f"file://{remote}", "HFBUILD_PUSH": "1"}
+    doit(repo, "run", "preprocess", log=tmp_path / "a.log", env=env)
+    before = state(repo)
+    clone = repo.clone(tmp_path / "clone")
+    for p in (repo.path / "data").glob("*.parquet"):
+        shutil.copy(p, clone.path / "data" / p.name)
+    log = tmp_path / "b.log"
+    doit(clone, "run", "preprocess", log=log, env={"HFBUILD_REMOTE": f"file://{remote}"})
+    assert calls(log) == Counter()
+    assert state(clone) == before
+    assert os.path.isdir(remote / "objects")
