@@ -129,6 +129,8 @@ class Remote:
                         made.add(parent)
                     self.fs.put_file(local, key)
                     bar.update(size)
+            if not files:  # a list of shards: the manifest is the entry's only file
+                self.fs.makedirs(posixpath.dirname(self._key(fp, MANIFEST)), exist_ok=True)
             self.fs.pipe_file(self._key(fp, MANIFEST), json.dumps(doc, sort_keys=True).encode())
         except OSError as e:
             raise RemoteError(f"pushing {label} ({fp}) to {self.url} failed: {e}") from e
