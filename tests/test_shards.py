@@ -32,8 +32,9 @@ def _fresh(repo: Repo, tmp_path: pathlib.Path, log: pathlib.Path) -> dict[str, o
 def _plain(repo: Repo) -> dict[str, list[object]]:
     """What plain `datasets` computes over the same files, in order (no hfbuild, no shards
     beyond datasets' own), for the idx stage."""
-    import datasets
     import sys
+
+    import datasets
 
     sys.path.insert(0, str(repo.path))
     files = sorted(str(p) for p in (repo.path / "data").glob("*.parquet"))
@@ -46,16 +47,22 @@ def _plain(repo: Repo) -> dict[str, list[object]]:
 EDITS = {
     # edit name -> (what to do, the files whose feat shard must be rebuilt, idx shards rebuilt)
     "append": (lambda r: write_part(r, "part-4", 400), {"part-4"}, {"part-4"}),
-    "insert": (lambda r: write_part(r, "part-1a", 150), {"part-1a"}, {"part-1a", "part-2", "part-3"}),
+    "insert": (
+        lambda r: write_part(r, "part-1a", 150),
+        {"part-1a"},
+        {"part-1a", "part-2", "part-3"},
+    ),
     "change": (lambda r: write_part(r, "part-2", 250), {"part-2"}, {"part-2", "part-3"}),
-    "delete": (lambda r: (r.path / "data" / "part-1.parquet").unlink(), set(), {"part-2", "part-3"}),
+    "delete": (
+        lambda r: (r.path / "data" / "part-1.parquet").unlink(),
+        set(),
+        {"part-2", "part-3"},
+    ),
 }
 
 
 @pytest.mark.parametrize("edit", sorted(EDITS))
-def test_data_edit_rebuilds_exactly_its_shards(
-    tmp_path: pathlib.Path, edit: str
-) -> None:
+def test_data_edit_rebuilds_exactly_its_shards(tmp_path: pathlib.Path, edit: str) -> None:
     """Appending, inserting, changing or deleting one data file rebuilds exactly the shards it
     must (with_indices shards after an insertion too), and every stage's fingerprint, content
     hash and rows equal a full rebuild's in a fresh store."""
@@ -129,8 +136,9 @@ def test_missing_shard_is_never_served_and_is_rebuilt(tmp_path: pathlib.Path) ->
     before = state(repo)
     store = repo.path / ".hfbuild"
     feat = json.loads(
-        next(p for p in (store / "objects").glob(f"*/{before['feat']['fp']}/manifest.json"))
-        .read_text()
+        next(
+            p for p in (store / "objects").glob(f"*/{before['feat']['fp']}/manifest.json")
+        ).read_text()
     )
     victim = feat["shards"][2][1]
     shutil.rmtree(store / "objects" / victim[:2] / victim)
