@@ -3,11 +3,11 @@
 Owns: the order of a sharded stage's build, with the stage's build lock held (`build.py`
 takes it): each shard the store does not hold is built by itself (a load shard from its one
 data file; a transform shard from its input shard, its `with_indices` offset being the rows
-of the input shards before it) into a directory inside the stage's build directory; what the
-build read at run time is identified once for the stage (the key all its shards share, see
-`shards.py`); then each shard is published under its key, and last the stage's entry, a
-manifest listing its shards in order. A kill at any point leaves only complete shard entries
-and no stage entry (its next build reuses the shards).
+of the input shards before it) in a directory inside the stage's build directory, and
+published under its key as soon as it is built and what the build read so far at run time is
+within the key it assumed (the key all the stage's shards share, see `shards.py`); last the
+stage's entry, a manifest listing its shards in order. A kill at any point leaves only
+complete shard entries and no stage entry; its next build reuses the shards.
 
 Must never: publish a shard under a key whose observed files it was not built with, publish
 the stage entry before every shard it lists is in the store, or print.
@@ -39,36 +39,45 @@ _PROGRESS_SHARDS = 8  # fewer shards than this build without a progress bar
 def build(
     pipe: Pipeline, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]
 ) -> tuple[Report, dict[str, Any]]:
-    """Build the stage's missing shards and publish its entry; (report, stored document)."""
+    """Build the stage's missing shards, publishing each as it is done, then the stage's
+    entry; (report, stored document)."""
     from hfbuild import builder
 
     store = pipe.store
     t0 = time.perf_counter()
     tmp = store.new_build_dir(m.static_fingerprint)
-    built: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}  # position -> (dir, doc)
+    built: dict[tuple[str, int], str] = {}  # position -> the key it was published under
+    written = 0
     try:
         with observing(pipe, tmp) as seen:
             observed: Observed = m.observed
-            while True:
+            pending = True
+            while pending:
+                pending = False
                 cur = dataclasses.replace(m, observed=observed)
-                todo = [
-                    s
-                    for s in cur.shard_list
-                    if (s.split, s.pos) not in built and not store.has(s.key)
-                ]
+                todo = [s for s in cur.shard_list if not store.has(s.key)]
                 with _bar(len(todo), spec.name) as bar:
                     for s in todo:
-                        built[(s.split, s.pos)] = _build_shard(pipe, spec, cur, s, builder, tmp)
+                        if store.has(s.key):  # the same key earlier in this stage
+                            continue
+                        path, doc = _build_shard(pipe, spec, cur, s, builder, tmp)
+                        written += int(doc["written_bytes"])
+                        now = set(seen.identify(m))
+                        if not now <= set(observed):
+                            # It read files the assumed key does not hold: every shard's key
+                            # takes them. This shard was built with them; the others again.
+                            observed = tuple(sorted(now | set(observed)))
+                            s = dataclasses.replace(m, observed=observed).shard_list[
+                                cur.shard_list.index(s)
+                            ]
+                            pending = True
+                        _publish_shard(pipe, s.key, path, doc)
+                        built[(s.split, s.pos)] = s.key
                         bar.update(1)
-                now = seen.identify(m)
-                merged = tuple(sorted(set(observed) | set(now)))
-                if merged == observed:
-                    break
-                # The build read files its assumed key did not hold: every shard's key takes
-                # them; shards built here were built with them, the others are built again.
-                observed = merged
+                        if pending:
+                            break
         final = dataclasses.replace(m, observed=observed)
-        doc = _publish(pipe, spec, final, manifests, built, tmp, t0)
+        doc = _publish(pipe, spec, final, manifests, len(built), written, tmp, t0)
         seen.publish(m.static_fingerprint, observed)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -77,28 +86,28 @@ def build(
     return Report(spec.name, final.fingerprint, "built", doc["rows"], seconds), doc
 
 
+def _publish_shard(pipe: Pipeline, key: str, path: str, doc: dict[str, Any]) -> None:
+    """Publish one shard under its own lock (another stage may share it)."""
+    store = pipe.store
+    with store.lock(key):
+        if store.has(key):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            store.publish(path, key, doc)
+
+
 def _publish(
     pipe: Pipeline,
     spec: StageSpec,
     m: Manifest,
     manifests: Mapping[str, Manifest],
-    built: Mapping[tuple[str, int], tuple[str, dict[str, Any]]],
+    count: int,
+    written: int,
     tmp: str,
     t0: float,
 ) -> dict[str, Any]:
+    """The stage's entry: its shards in order, their rows and combined content hash."""
     store = pipe.store
-    written = 0
-    for s in m.shard_list:
-        got = built.get((s.split, s.pos))
-        if got is None:
-            continue
-        path, shard_doc = got
-        written += int(shard_doc.get("written_bytes", 0))
-        with store.lock(s.key):
-            if store.has(s.key):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                store.publish(path, s.key, shard_doc)
     rows: dict[str, int] = {}
     hashes: list[tuple[str, str]] = []
     for s in m.shard_list:
@@ -123,7 +132,7 @@ def _publish(
         "written_bytes": written,
         "hfbuild": _version(),
         "shards": [[s.split, s.key, s.label] for s in m.shard_list],
-        "shards_built": len(built),
+        "shards_built": count,
         "dict": as_dict,
     }
     if m.observed:
