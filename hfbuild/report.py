@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from hfbuild import lockfile
+from hfbuild import lockfile, shards
 from hfbuild.diff import Change, diff
 from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import observed_changes
@@ -36,6 +36,7 @@ class Explanation(NamedTuple):
     line_stats: dict[str, tuple[int, int]]  # file path -> (added, removed)
     result_path: str | None
     dirty_files: list[str]
+    shards: list[str] = []  # a sharded stage: which shards are new, which files are gone
 
 
 def _previous(
@@ -70,7 +71,7 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
         return Explanation(name, fp, True, fp, [], {}, pipe.store.data_path(fp), dirty)
     prev = _previous(pipe, name)
     if prev is None:
-        return Explanation(name, fp, False, None, [], {}, None, dirty)
+        return Explanation(name, fp, False, None, [], {}, None, dirty, _shards(pipe, m, None))
     old_fp, old_doc, old_inputs, old_observed = prev
     inputs = {i: manifests[i].fingerprint for i in pipe[name].spec.inputs}
     from hfbuild.gitstate import Snapshot
@@ -78,7 +79,8 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
     snap = Snapshot(pipe.root)
     changes = diff(old_doc, m.doc, old_inputs, inputs)
     changes += observed_changes(old_observed, snap, pipe.stat_cache)
-    if not changes and old_fp == fp:
+    shard_lines = _shards(pipe, m, old_fp)
+    if not changes and not shard_lines and old_fp == fp:
         changes = [Change("kind", "result", "in the store", "missing (removed or corrupt)")]
     stats = {}
     for c in changes if line_stats else []:
@@ -86,7 +88,14 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
             s = snap.line_stats(c.old, c.path, c.new)
             if s is not None:
                 stats[c.path] = s
-    return Explanation(name, fp, False, old_fp, changes, stats, None, dirty)
+    return Explanation(name, fp, False, old_fp, changes, stats, None, dirty, shard_lines)
+
+
+def _shards(pipe: Pipeline, m: Manifest, old_fp: str | None) -> list[str]:
+    if m.shards is None:
+        return []
+    old = (pipe.store.read_manifest(old_fp) or {}).get("shards") if old_fp else None
+    return shards.changes(m.shard_list, pipe.store.has, old)
 
 
 def stage_states(pipe: Pipeline) -> list[StageState]:
@@ -109,7 +118,9 @@ def stage_states(pipe: Pipeline) -> list[StageState]:
             continue
         ex = explain(pipe, name, line_stats=False)
         if ex.previous is None:
-            reason = "never built"
+            reason = "; ".join(["never built", *ex.shards])
+        elif ex.shards:
+            reason = "; ".join(ex.shards)
         elif ex.changes:
             reason = ex.changes[0].describe()
         else:

@@ -24,7 +24,7 @@ Must never: import `datasets` (the up-to-date path computes these keys), or put 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hfbuild import canonical
@@ -151,23 +151,29 @@ def is_dict(spec_options: Mapping[str, Any]) -> bool:
     return spec_options.get("split") is None
 
 
-def changes(old: Sequence[Any] | None, new: Sequence[Shard]) -> list[str]:
-    """`3 of 1,001 shards new: data/part-1000.parquet (added), ...` against the stored list
-    (`[split, key, label]` rows), or [] when nothing is new."""
-    known = {str(r[1]) for r in old or [] if isinstance(r, list) and len(r) >= 3}
-    old_labels = {str(r[2]) for r in old or [] if isinstance(r, list) and len(r) >= 3}
-    fresh = [s for s in new if s.key not in known]
-    gone = sorted(old_labels - {s.label for s in new})
+def changes(new: Sequence[Shard], present: Callable[[str], bool], old: Any = None) -> list[str]:
+    """What `explain` and `status` say of a sharded stage that is not built: `3 of 1,001
+    shards new: data/part-1000.parquet (added), ...` (the shards the store lacks; `old`, the
+    `[split, key, label]` rows of its last build, tells added from changed) and the files
+    its last build had that are gone. [] when every shard is in the store."""
+    rows = [r for r in old if isinstance(r, list) and len(r) >= 3] if isinstance(old, list) else []
+    old_labels = {str(r[2]) for r in rows}
+    fresh = [s for s in new if not present(s.key)]
     lines = []
     if fresh:
-        what = ", ".join(
-            f"{s.label} ({'changed' if s.label in old_labels else 'added'})" for s in fresh[:5]
-        )
+
+        def why(s: Shard) -> str:
+            if not rows:
+                return s.label
+            return f"{s.label} ({'changed' if s.label in old_labels else 'added'})"
+
         more = f", and {len(fresh) - 5:,} more" if len(fresh) > 5 else ""
-        lines.append(f"{len(fresh):,} of {len(new):,} shards new: {what}{more}")
+        listing = ", ".join(why(s) for s in fresh[:5])
+        lines.append(f"{len(fresh):,} of {len(new):,} shards new: {listing}{more}")
+    gone = sorted(old_labels - {s.label for s in new})
     if gone:
         more = f", and {len(gone) - 5:,} more" if len(gone) > 5 else ""
-        lines.append(f"{len(gone):,} shards removed: {', '.join(gone[:5])}{more}")
+        lines.append(f"{len(gone):,} removed: {', '.join(gone[:5])}{more}")
     return lines
 
 

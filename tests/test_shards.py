@@ -171,3 +171,22 @@ def test_push_pull_per_shard(tmp_path: pathlib.Path) -> None:
     assert calls(log) == Counter()
     assert state(clone) == before
     assert os.path.isdir(remote / "objects")
+
+
+def test_explain_and_status_name_the_new_shards(tmp_path: pathlib.Path) -> None:
+    """After appending a file, `explain` and `status` say how many shards are new and which
+    file each comes from; a changed file is told apart from an added one."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    write_part(repo, "part-4", 400)
+    write_part(repo, "part-0", 7)
+    repo.commit("grow")
+    out = run_hfbuild(repo, "explain", "feat")
+    assert out.returncode == 1
+    assert (
+        "2 of 5 shards new: data/part-0.parquet (changed), data/part-4.parquet (added)"
+        in out.stdout
+    )
+    out = run_hfbuild(repo, "status")
+    assert "feat   stale: 2 of 5 shards new: data/part-0.parquet (changed)" in out.stdout
+    assert "raw    stale: 2 of 5 shards new" in out.stdout

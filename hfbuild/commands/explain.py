@@ -21,11 +21,15 @@ def explain(pipe: Pipeline, stage: str, *, as_json: bool = False) -> int:
         return 0
     if ex.previous is None:
         print(f"stage {stage!r} has never been built (fingerprint {ex.fingerprint}).")
+        for text in ex.shards:
+            print(f"  {text}")
     else:
         print(
             f"stage {stage!r} is stale{dirty}: fingerprint {ex.fingerprint}, "
             f"last built as {ex.previous}. What changed:"
         )
+        for text in ex.shards:
+            print(f"  {text}")
         for c in ex.changes:
             line = f"  {c.describe()}"
             if c.path in ex.line_stats:
