@@ -190,3 +190,106 @@ def test_explain_and_status_name_the_new_shards(tmp_path: pathlib.Path) -> None:
     out = run_hfbuild(repo, "status")
     assert "feat   stale: 2 of 5 shards new: data/part-0.parquet (changed)" in out.stdout
     assert "raw    stale: 2 of 5 shards new" in out.stdout
+
+
+CHECK_STORE = """
+import dodo, datasets
+from hfbuild.content import dataset_hash
+from hfbuild.shards import combined_hash
+s = dodo.pipe.store
+served = 0
+for fp in s.fingerprints():
+    if not s.has(fp):
+        continue
+    doc = s.read_manifest(fp)
+    if "shards" in doc:
+        parts = [(r[0], dataset_hash(s.load(r[1]))) for r in doc["shards"]]
+        got = combined_hash(parts)
+    else:
+        got = dataset_hash(datasets.load_from_disk(s.data_path(fp)))
+    assert got == doc["content_hash"], (fp, "served but incomplete")
+    served += 1
+print(served)
+"""
+
+KILLS = [
+    ("KILL_IN", "feat:part-2", ""),
+    ("KILL_IN", "idx:part-1", ""),
+    ("hfbuild.shardbuild:_publish_shard", 2, "before"),
+    ("hfbuild.shardbuild:_publish_shard", 6, "after"),
+    ("hfbuild.shardbuild:_publish", 1, "before"),
+    ("hfbuild.shardbuild:_publish", 2, "after"),
+    ("hfbuild.store:Store.publish", 3, "before"),
+    ("os:rename", 5, "after"),
+    ("hfbuild.builder:save", 7, "after"),
+]
+
+
+@pytest.mark.parametrize(
+    ("target", "nth", "when"), KILLS, ids=[f"{t.split(':')[-1]}-{n}-{w}" for t, n, w in KILLS]
+)
+def test_killed_sharded_build_leaves_nothing_partial(
+    tmp_path: pathlib.Path, target: str, nth: object, when: str
+) -> None:
+    """A SIGKILL inside a sharded build leaves no incomplete entry that would be served; the
+    rerun builds only the shards not yet published and equals a fresh full build."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import run_python
+
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "CALL_LOG": str(log)}
+    killer = str(pathlib.Path(__file__).resolve().parent / "killer.py")
+    if target == "KILL_IN":
+        cmd = [sys.executable, "-m", "doit", "run", "preprocess"]
+        env["KILL_IN"] = str(nth)
+    else:
+        cmd = [sys.executable, killer, target, str(nth), when, "run", "preprocess"]
+    died = subprocess.run(cmd, cwd=repo.path, env=env, capture_output=True, check=False)
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    run_python(CHECK_STORE, repo.path, env={"CALL_LOG": str(log)})
+    before = calls(log)
+    log.unlink(missing_ok=True)
+    doit(repo, "run", "preprocess", log=log)
+    again = calls(log)
+    if nth == "feat:part-2":  # the two shards published before the kill are kept
+        assert _per_shard(before, "feat") == {"part-0", "part-1"}  # killed before logging
+        assert _per_shard(again, "feat") == {"part-2", "part-3"}
+    assert state(repo) == _fresh(repo, tmp_path, tmp_path / "fresh.log")
+    gc = run_hfbuild(repo, "gc", "--keep-days", "0")
+    assert gc.returncode == 0, gc.stderr
+    assert list((repo.path / ".hfbuild" / "tmp").iterdir()) == []
+
+
+def test_four_concurrent_builders_build_each_shard_once(tmp_path: pathlib.Path) -> None:
+    """Four `doit run` processes started together on a cold sharded pipeline: every shard's
+    transform runs once in all, and all four finish with the same results."""
+    import subprocess
+    import sys
+
+    repo = make_project(Repo.init(tmp_path / "repo"), parts=6)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "CALL_LOG": str(log)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "doit", "run", "preprocess"],
+            cwd=repo.path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(4)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()[-2000:]
+    c = calls(log)
+    for i in range(6):
+        assert c[f"feat:part-{i}"] == 2  # two batches of 7 rows over its 10
+        assert c[f"idx:part-{i}"] == 1
+        assert c[f"keep:part-{i}"] == 1
+    assert c["total:all"] == 1
+    assert state(repo) == _fresh(repo, tmp_path, tmp_path / "fresh.log")
