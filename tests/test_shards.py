@@ -293,3 +293,38 @@ def test_four_concurrent_builders_build_each_shard_once(tmp_path: pathlib.Path) 
         assert c[f"keep:part-{i}"] == 1
     assert c["total:all"] == 1
     assert state(repo) == _fresh(repo, tmp_path, tmp_path / "fresh.log")
+
+
+def test_file_read_at_run_time_is_in_every_shard_key(tmp_path: pathlib.Path) -> None:
+    """A sharded transform that reads a project file at run time: the file enters the key all
+    the stage's shards share, recorded under the stage's code key, so appending a data file
+    still rebuilds one shard, while editing the file read rebuilds every shard."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    t = (repo.path / "pkg" / "t.py").read_text()
+    t = t.replace(
+        'return {"y": [x * 2 for x in batch["x"]]}',
+        'k = int(open("conf/k.txt").read())\n    return {"y": [x * k for x in batch["x"]]}',
+    )
+    (repo.path / "pkg" / "t.py").write_text(t)
+    (repo.path / "conf").mkdir()
+    (repo.path / "conf" / "k.txt").write_text("2\n")
+    repo.commit("feat reads conf/k.txt")
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    lock = json.loads((repo.path / "hfbuild.lock").read_text())
+    assert [p for p, _ in lock["stages"]["feat"]["observed"]] == ["conf/k.txt"]
+    log.unlink()
+    doit(repo, "run", "preprocess", log=log)
+    assert calls(log) == Counter()
+    write_part(repo, "part-4", 400)
+    repo.commit("append")
+    doit(repo, "run", "preprocess", log=log)
+    assert _per_shard(calls(log), "feat") == {"part-4"}
+    log.unlink()
+    (repo.path / "conf" / "k.txt").write_text("5\n")
+    repo.commit("k")
+    doit(repo, "run", "preprocess", log=log)
+    assert _per_shard(calls(log), "feat") == {f"part-{i}" for i in range(5)}
+    s = state(repo)
+    assert s["feat"]["rows"]["y"][:2] == [0, 5]  # type: ignore[index]
+    assert s == _fresh(repo, tmp_path, tmp_path / "fresh.log")
