@@ -167,8 +167,21 @@ def save(result: Any, dest: str, build_dir: str) -> SaveInfo:
     else:
         _save_dataset(result, dest, build_dir)
         rows = len(result)
-    content = dataset_hash(datasets.load_from_disk(dest, keep_in_memory=False))
+    content = dataset_hash(_reload(dest))
     return SaveInfo(rows, content, tree_size(build_dir))
+
+
+def _reload(dest: str) -> Any:
+    """What was written at `dest`, memory-mapped. A Dataset's Arrow files are mapped
+    directly, as `load_from_disk` maps them (its thread pool costs more than the mapping
+    for a small shard); a DatasetDict goes through `load_from_disk`."""
+    state = os.path.join(dest, "state.json")
+    if not os.path.exists(state):
+        return datasets.load_from_disk(dest, keep_in_memory=False)
+    with open(state, encoding="utf-8") as f:
+        names = [d["filename"] for d in json.load(f)["_data_files"]]
+    tables = [MemoryMappedTable.from_file(os.path.join(dest, n)) for n in names]
+    return datasets.Dataset(datasets.table.concat_tables(tables) if len(tables) > 1 else tables[0])
 
 
 def _in_place_files(ds: Any, build_dir: str) -> list[str] | None:

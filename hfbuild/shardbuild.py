@@ -93,7 +93,7 @@ def _publish_shard(pipe: Pipeline, key: str, path: str, doc: dict[str, Any]) -> 
         if store.has(key):
             shutil.rmtree(path, ignore_errors=True)
         else:
-            store.publish(path, key, doc)
+            store.publish(path, key, doc, durable=False)
 
 
 def _publish(

@@ -77,8 +77,9 @@ def permission_hint(root: str) -> Iterator[None]:
         ) from e
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write a file so readers see the old one or the new one, never half of either."""
+def write_text_atomic(path: str, text: str, *, durable: bool = True) -> None:
+    """Write a file so readers see the old one or the new one, never half of either;
+    `durable` also flushes it to the disk before the rename."""
     d = os.path.dirname(path) or os.curdir
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".hfbuild")
     try:
@@ -87,7 +88,8 @@ def write_text_atomic(path: str, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -95,8 +97,9 @@ def write_text_atomic(path: str, text: str) -> None:
         raise
 
 
-def write_json_atomic(path: str, doc: Any) -> None:
-    write_text_atomic(path, json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
+def write_json_atomic(path: str, doc: Any, *, durable: bool = True) -> None:
+    text = json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+    write_text_atomic(path, text, durable=durable)
 
 
 def default_root(project_root: str) -> str:
@@ -218,29 +221,35 @@ class Store:
         doc = self.read_manifest(fp)
         if doc is not None and isinstance(doc.get("shards"), list):
             return self._load_shards(doc)
+        if doc is not None and isinstance(doc.get("shard"), dict):
+            return self._load_shard(fp, str(doc["shard"].get("split")))
         return datasets.load_from_disk(self.data_path(fp), keep_in_memory=False)
+
+    def _load_shard(self, key: str, split: str) -> Any:
+        """One shard entry (a Dataset saved by hfbuild: Arrow files, no indices, no format),
+        its files memory-mapped as `load_from_disk` does, without its per-call overhead."""
+        import datasets
+        from datasets.table import MemoryMappedTable
+
+        base = self.data_path(key)
+        with open(os.path.join(base, "state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        with open(os.path.join(base, "dataset_info.json"), encoding="utf-8") as f:
+            info = datasets.DatasetInfo.from_dict(json.load(f))
+        names = [str(d.get("filename")) for d in state["_data_files"]]
+        if not all(safe_rel(n) for n in names):
+            raise StoreError(f"shard {key} lists unsafe file names; run `hfbuild verify --deep`.")
+        tables = [MemoryMappedTable.from_file(os.path.join(base, n)) for n in names]
+        table = tables[0] if len(tables) == 1 else datasets.table.concat_tables(tables)
+        return datasets.Dataset(table, info=info, split=datasets.Split(split), fingerprint=key)
 
     def _load_shards(self, doc: dict[str, Any]) -> Any:
         import datasets
-        from datasets.table import MemoryMappedTable
 
         by_split: dict[str, list[Any]] = {}
         for row in doc["shards"]:
             split, key = str(row[0]), str(row[1])
-            base = self.data_path(key)
-            with open(os.path.join(base, "state.json"), encoding="utf-8") as f:
-                state = json.load(f)
-            with open(os.path.join(base, "dataset_info.json"), encoding="utf-8") as f:
-                info = datasets.DatasetInfo.from_dict(json.load(f))
-            tables = [
-                MemoryMappedTable.from_file(os.path.join(base, str(d["filename"])))
-                for d in state["_data_files"]
-                if safe_rel(d.get("filename"))
-            ]
-            table = tables[0] if len(tables) == 1 else datasets.table.concat_tables(tables)
-            by_split.setdefault(split, []).append(
-                datasets.Dataset(table, info=info, split=datasets.Split(split), fingerprint=key)
-            )
+            by_split.setdefault(split, []).append(self._load_shard(key, split))
         parts = {
             s: ds[0] if len(ds) == 1 else datasets.concatenate_datasets(ds)
             for s, ds in by_split.items()
@@ -281,9 +290,14 @@ class Store:
         except OSError as e:
             raise StoreError(f"cannot write in {self.root}/tmp ({e.strerror}).") from e
 
-    def publish(self, build_dir: str, fp: str, manifest: dict[str, Any]) -> None:
+    def publish(
+        self, build_dir: str, fp: str, manifest: dict[str, Any], *, durable: bool = True
+    ) -> None:
         """Write the manifest into `build_dir` (listing every data file and its size) and
-        move the directory into place with one rename. Call with the lock held."""
+        move the directory into place with one rename. Call with the lock held. Without
+        `durable` (a shard: its data files are not flushed either) the manifest is not
+        flushed before the rename: after a power loss it may be empty, which `check`
+        refuses (its checksum), so the entry is rebuilt, never served."""
         data = os.path.join(build_dir, DATA)
         files: dict[str, int] = {}
         for dirpath, _, names in os.walk(data):
@@ -295,7 +309,7 @@ class Store:
         doc.pop("manifest_digest", None)
         doc["manifest_digest"] = manifest_digest(doc)
         try:
-            write_json_atomic(os.path.join(build_dir, MANIFEST), doc)
+            write_json_atomic(os.path.join(build_dir, MANIFEST), doc, durable=durable)
             sharing.share_tree(build_dir)  # what datasets wrote, in a group-shared store
             final = self.entry(fp)
             sharing.makedirs(os.path.dirname(final))
