@@ -21,11 +21,11 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hfbuild import liveness, shards
-from hfbuild.errors import BuildError
+from hfbuild.errors import BuildError, HfbuildError
 from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import Observed, observing
 from hfbuild.spec import Report, StageSpec
@@ -46,7 +46,7 @@ def build(
     store = pipe.store
     t0 = time.perf_counter()
     tmp = store.new_build_dir(m.static_fingerprint)
-    built: dict[tuple[str, int], str] = {}  # position -> the key it was published under
+    built = 0
     written = 0
     try:
         with observing(pipe, tmp) as seen:
@@ -55,35 +55,94 @@ def build(
             while pending:
                 pending = False
                 cur = dataclasses.replace(m, observed=observed)
-                todo = [s for s in cur.shard_list if not store.has(s.key)]
+                keyed = cur
+                seen_keys: set[str] = set()
+                todo: list[tuple[int, shards.Shard]] = []
+                for i, s in enumerate(cur.shard_list):
+                    if s.key not in seen_keys and not store.has(s.key):
+                        todo.append((i, s))
+                    seen_keys.add(s.key)
                 with _bar(len(todo), spec.name) as bar:
-                    for s in todo:
-                        if store.has(s.key):  # the same key earlier in this stage
-                            continue
-                        path, doc = _build_shard(pipe, spec, cur, s, builder, tmp)
+                    for i, path, doc in _run(pipe, spec, cur, todo, builder, tmp):
                         written += int(doc["written_bytes"])
                         now = set(seen.identify(m))
                         if not now <= set(observed):
                             # It read files the assumed key does not hold: every shard's key
-                            # takes them. This shard was built with them; the others again.
+                            # takes them. Shards built from now on are published with them;
+                            # those published before are built again (the next pass).
                             observed = tuple(sorted(now | set(observed)))
-                            s = dataclasses.replace(m, observed=observed).shard_list[
-                                cur.shard_list.index(s)
-                            ]
+                            keyed = dataclasses.replace(m, observed=observed)
                             pending = True
-                        _publish_shard(pipe, s.key, path, doc)
-                        built[(s.split, s.pos)] = s.key
+                        _publish_shard(pipe, keyed.shard_list[i].key, path, doc)
+                        built += 1
                         bar.update(1)
-                        if pending:
-                            break
         final = dataclasses.replace(m, observed=observed)
-        doc = _publish(pipe, spec, final, manifests, len(built), written, tmp, t0)
+        doc = _publish(pipe, spec, final, manifests, built, written, tmp, t0)
         seen.publish(m.static_fingerprint, observed)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.perf_counter() - t0
     return Report(spec.name, final.fingerprint, "built", doc["rows"], seconds), doc
+
+
+def _workers(spec: StageSpec, todo: int) -> int:
+    """Processes building the stage's shards side by side: its own `num_proc` (each shard
+    then runs in one process), unless the function sees its rank (`with_rank`: the number of
+    processes is part of its output, so datasets splits each shard as before)."""
+    n = spec.options.get("num_proc")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2 or spec.options.get("with_rank"):
+        return 1
+    return min(n, todo)
+
+
+_JOB: tuple[Any, ...] | None = None  # what forked workers build from (set before the fork)
+
+
+def _run(
+    pipe: Pipeline,
+    spec: StageSpec,
+    m: Manifest,
+    todo: Sequence[tuple[int, shards.Shard]],
+    builder: Any,
+    tmp: str,
+) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """Build `todo`'s shards, yielding (position, directory, document) as each is done: in
+    this process, or in fork-started workers (what they read reaches the recording through
+    its spool files, written before each result comes back)."""
+    n = _workers(spec, len(todo))
+    if n == 1:
+        for i, s in todo:
+            yield (i, *_build_shard(pipe, spec, m, s, builder, tmp))
+        return
+    import multiprocessing
+
+    global _JOB
+    one = dataclasses.replace(
+        spec, options={k: v for k, v in spec.options.items() if k != "num_proc"}
+    )
+    _JOB = (pipe, one, m, todo, builder, tmp)
+    try:
+        with multiprocessing.get_context("fork").Pool(n) as pool:
+            for got in pool.imap_unordered(_worker, range(len(todo))):
+                if got[0] == "error":
+                    raise BuildError(str(got[1]))
+                yield got[1], got[2], got[3]
+    finally:
+        _JOB = None
+
+
+def _worker(k: int) -> tuple[Any, ...]:
+    """One shard in a forked worker; an error comes back as its message (it may not pickle)."""
+    assert _JOB is not None
+    pipe, spec, m, todo, builder, tmp = _JOB
+    i, s = todo[k]
+    try:
+        return ("ok", i, *_build_shard(pipe, spec, m, s, builder, tmp))
+    except HfbuildError as e:
+        return ("error", str(e))
+    except Exception as e:
+        return ("error", f"stage {spec.name!r}, shard {s.label}: {type(e).__name__}: {e}")
 
 
 def _publish_shard(pipe: Pipeline, key: str, path: str, doc: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from tests.helpers import Repo
 
 FILES = {
-    "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "KILL_IN"]\n',
+    "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "KILL_IN", "PID_LOG"]\n',
     "pkg/__init__.py": "",
     "pkg/t.py": """
         import os
@@ -27,6 +27,9 @@ FILES = {
                     os.kill(os.getpid(), signal.SIGKILL)
                 with open(os.environ["CALL_LOG"], "a") as out:
                     out.write(f"{stage}:{f}\\n")
+                if os.environ.get("PID_LOG"):
+                    with open(os.environ["PID_LOG"], "a") as out:
+                        out.write(f"{stage}:{os.getpid()}\\n")
 
         def feat(batch):
             log("feat", batch)

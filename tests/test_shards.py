@@ -328,3 +328,28 @@ def test_file_read_at_run_time_is_in_every_shard_key(tmp_path: pathlib.Path) -> 
     s = state(repo)
     assert s["feat"]["rows"]["y"][:2] == [0, 5]  # type: ignore[index]
     assert s == _fresh(repo, tmp_path, tmp_path / "fresh.log")
+
+
+def test_num_proc_builds_shards_in_parallel_processes(tmp_path: pathlib.Path) -> None:
+    """With `num_proc=2` the shards are built by two processes, each shard once, and every
+    fingerprint, content hash and row equals the one-process build's."""
+    repo = make_project(Repo.init(tmp_path / "repo"), parts=5)
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    serial = state(repo)
+    dodo = (repo.path / "dodo.py").read_text()
+    dodo = dodo.replace("batch_size=7)", "batch_size=7, num_proc=2)")
+    dodo = dodo.replace("with_indices=True)", "with_indices=True, num_proc=2)")
+    (repo.path / "dodo.py").write_text(dodo)
+    repo.commit("num_proc")
+    pids = tmp_path / "pids.log"
+    env = {"HFBUILD_STORE": str(tmp_path / "parallel-store"), "PID_LOG": str(pids)}
+    log.unlink()
+    out = doit(repo, "run", "preprocess", log=log, env=env)
+    assert len({line for line in pids.read_text().split() if line.startswith("feat:")}) == 2
+    c = calls(log)
+    for i in range(5):
+        assert c[f"feat:part-{i}"] == 2 and c[f"idx:part-{i}"] == 1
+    assert state(repo, env) == serial
+    assert list((tmp_path / "parallel-store" / "tmp").iterdir()) == []  # nothing left behind
+    assert out.returncode == 0
