@@ -2,9 +2,9 @@
 
 Owns: the `Pipeline` and `Stage` API (defining stages, looking them up), computing every
 stage's manifest from one git snapshot, answering whether the store holds a stage's current
-result, and keeping the stage's ref and hfbuild.lock entry in step with it. Building is
-`build`'s job; the doit task dicts are `tasks`'. `datasets` is imported only when a result is
-loaded.
+result. Keeping the stage's ref and hfbuild.lock entry in step with it is `ledger`'s job,
+building is `build`'s, the doit task dicts are `tasks`'. `datasets` is imported only when a
+result is loaded.
 
 Must never: decide freshness from anything but the store holding the current fingerprint, or
 build anything.
@@ -19,12 +19,12 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from hfbuild import lockfile
 from hfbuild.closure import Context
 from hfbuild.datafiles import StatCache
 from hfbuild.errors import HfbuildError, NotBuiltError, StageError
 from hfbuild.fingerprint import Manifest, build_manifest, load_data
 from hfbuild.gitstate import Mode, Snapshot, find_root
+from hfbuild.ledger import Ledger
 from hfbuild.lockfile import LOCK_NAME
 from hfbuild.remote import Remote, remote_url
 from hfbuild.spec import LOAD_BUILDERS, StageSpec
@@ -97,7 +97,7 @@ class Pipeline:
         self.lock_path = os.path.join(self.root, lock)
         self.lock_name = os.path.relpath(self.lock_path, self.root).replace(os.sep, "/")
         self._remote_arg = remote
-        self._registered = False
+        self.ledger = Ledger(self)
 
     def remote(self) -> Remote | None:
         """The configured remote cache, unless HFBUILD_NO_REMOTE=1 opts out."""
@@ -288,40 +288,11 @@ class Pipeline:
         """True when the store holds the stage's current fingerprint (doit's uptodate). Then
         the lock and the stage's ref are brought up to date too, so a run that builds nothing
         still leaves hfbuild.lock describing exactly what the store serves."""
-        fp = self.manifests()[name].fingerprint
-        if not self.store.has(fp):
-            return False
-        self.store.touch(fp)
-        self.record(name)
-        return True
+        return self.ledger.is_built(name)
 
     def record(self, name: str) -> None:
         """Point refs/<name> and the hfbuild.lock entry at the stage's current result."""
-        manifests = self.manifests()
-        m = manifests[name]
-        fp = m.fingerprint
-        stored = self.store.read_manifest(fp)
-        if stored is None:
-            return
-        self.store.set_ref(name, fp)
-        if not self._registered:
-            self.store.register_root(self.lock_path)
-            self._registered = True
-        spec = self._specs[name]
-        e = lockfile.entry(
-            m.doc,
-            fp,
-            {i: manifests[i].fingerprint for i in spec.inputs},
-            stored,
-            [f.path for f in m.dirty],
-        )
-        if lockfile.read(self.lock_path).get(name) != e:
-            lockfile.update(
-                self.lock_path,
-                os.path.join(self.store.root, "locks"),
-                {name: e},
-                set(self._specs),
-            )
+        self.ledger.record(name)
 
     # -- results and building -----------------------------------------------------------------
 

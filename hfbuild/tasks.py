@@ -62,7 +62,7 @@ def _title(pipe: Pipeline, name: str, task: Any) -> str:
     no-op run prints one informative line per stage."""
     try:
         fp = pipe.manifests()[name].fingerprint
-        doc = pipe.store.read_manifest(fp)
+        doc = pipe.ledger.stored(fp)  # read once: the up-to-date check read it already
     except HfbuildError:
         doc = None
     if doc is None:
@@ -72,6 +72,7 @@ def _title(pipe: Pipeline, name: str, task: Any) -> str:
 
 def _clean(pipe: Pipeline, name: str) -> None:
     fp = pipe.manifests()[name].fingerprint
+    pipe.ledger.forget(fp)
     if pipe.store.remove(fp):
         print(f"{name}: removed {fp} from the store")
 
