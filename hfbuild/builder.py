@@ -197,7 +197,7 @@ def _save_dataset(ds: Any, dest: str, build_dir: str) -> None:
     _write_state(ds, dest, names)
 
 
-# Rows taken from the input table per `take`: bounds the memory a selection's write needs.
+# Rows selected from the input table at a time: bounds the memory a selection's write needs.
 _TAKE_ROWS = 65_536
 
 
@@ -234,13 +234,29 @@ def _save_selected(ds: Any, dest: str) -> None:
         )
         try:
             for lo in range(start, end, _TAKE_ROWS):
-                part = table.take(indices.slice(lo, min(_TAKE_ROWS, end - lo)))
+                part = _rows(table, indices.slice(lo, min(_TAKE_ROWS, end - lo)).to_numpy())
                 writer.write_table(part, batch)
             writer.finalize()
         finally:
             writer.close()
         start = end
     _write_state(ds, dest, names)
+
+
+def _rows(table: Any, idx: Any) -> Any:
+    """The rows of `table` at positions `idx` (a numpy array), in that order. Increasing
+    positions (a filter's) are selected with a mask over their span, several times faster
+    than a `take` of string columns."""
+    import numpy as np
+    import pyarrow as pa
+
+    idx = idx.astype(np.int64, copy=False)
+    if len(idx) and bool(np.all(idx[1:] > idx[:-1])):
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        mask = np.zeros(hi - lo, dtype=bool)
+        mask[idx - lo] = True
+        return table.slice(lo, hi - lo).filter(pa.array(mask))
+    return table.take(pa.array(idx))
 
 
 def _write_state(ds: Any, dest: str, names: list[str]) -> None:
