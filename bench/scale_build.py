@@ -2,8 +2,10 @@
 
 Run: `.venv/bin/python bench/scale_build.py [--rows N] [--repeat K] [--clock wall|cpu]`, or
 through bench/bench_scale.py (`run(tmpdir)`). `--clock cpu` reports the child processes' user +
-system time instead of elapsed time, a check on a run made on a busy machine. Each figure is the median of K fresh processes, its anchor measured in
-the same run with runs interleaved (anchor, hfbuild, anchor, hfbuild, ...), so machine noise
+system time instead of elapsed time, a check on a run made on a busy machine.
+
+Each figure is the median of K fresh processes, its anchor measured in the same run with runs
+interleaved (anchor, hfbuild, anchor, hfbuild, ...), so machine noise
 hits both alike. Figures:
 
 - no-op `doit run preprocess` of a 200-stage pipeline (and of a 100-stage one, to show the
