@@ -11,6 +11,7 @@ into a manifest, or import `datasets` (an up-to-date check must stay cheap).
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 import warnings
@@ -80,8 +81,10 @@ class Manifest:
     def to_json(self) -> str:
         return canonical.dumps(self.doc)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
+        # Computed once per manifest: an up-to-date check, the lock entry and the doit title
+        # all ask for it (a frozen dataclass; `doc` is never changed after it is built).
         return canonical.digest(self.to_json().encode())
 
 

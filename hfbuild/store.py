@@ -335,10 +335,10 @@ class Store:
     # -- refs ----------------------------------------------------------------------------------
 
     def set_ref(self, stage: str, fp: str) -> None:
+        if self.get_ref(stage) == fp:  # the common case (a no-op run): one small read
+            return
         self._ensure()
         path = os.path.join(self.root, "refs", _check_name(stage))
-        if self.get_ref(stage) == fp:
-            return
         fd, tmp = tempfile.mkstemp(dir=os.path.join(self.root, "refs"), prefix=".tmp-")
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "w") as f:
