@@ -1,10 +1,11 @@
 """Keeping each stage's ref and hfbuild.lock entry in step with what the store serves.
 
-Owns: one process's view of hfbuild.lock (read at most once, then kept in step with what this
-process writes) and of the stored manifests it looked at (each read and checked once), so that
-a no-op run over N stages does O(N) work, not N full reads and parses of the lock. Every
-change is written at once, merged under the lock file's file lock with what is on disk then
-(`lockfile.update`), so concurrent runs and a crash mid-run lose no entry.
+Owns: one process's view of hfbuild.lock (read once, and again only when the file's stat
+signature changed or this process wrote it) and of the stored manifests it looked at (read and
+checked once per up-to-date check, then reused by the doit title line), so that a no-op run
+over N stages reads and parses the lock once, not N times. Every change is written at once,
+merged under the lock file's file lock with what is on disk then (`lockfile.update`), so
+concurrent runs and a crash mid-run lose no entry.
 
 Must never: decide freshness from anything but an intact store entry under the current
 fingerprint, trust the lock's content for anything but "nothing to write", or import datasets.
@@ -26,7 +27,8 @@ class Ledger:
 
     def __init__(self, pipe: Pipeline) -> None:
         self.pipe = pipe
-        self._lock: dict[str, Any] | None = None  # hfbuild.lock's stages, read once
+        self._lock: dict[str, Any] | None = None  # hfbuild.lock's stages, as last read
+        self._sig: tuple[int, ...] | None = None  # the file's stat signature then
         self._stored: dict[str, dict[str, Any] | None] = {}  # fingerprint -> intact manifest
         self._registered = False
 
@@ -42,8 +44,11 @@ class Ledger:
 
     def is_built(self, name: str) -> bool:
         """True when the store holds the stage's current fingerprint; then the entry is
-        touched and the ref and lock entry brought up to date."""
+        touched and the ref and lock entry brought up to date. Always looks at the store
+        (a long-lived process may ask again after the entry was removed); what it read is
+        kept for the doit title line that follows."""
         fp = self.pipe.manifests()[name].fingerprint
+        self.forget(fp)
         stored = self.stored(fp)
         if stored is None:
             return False
@@ -76,9 +81,7 @@ class Ledger:
             stored,
             [f.path for f in m.dirty],
         )
-        if self._lock is None:
-            self._lock = lockfile.read(pipe.lock_path)
-        if self._lock.get(name) == e:
+        if self._lock_view().get(name) == e:
             return
         # Merged with the file as it is now, under its file lock: nothing another process
         # wrote since we read it is lost.
@@ -88,4 +91,23 @@ class Ledger:
             {name: e},
             {s.name for s in pipe.specs},
         )
-        self._lock[name] = e
+        self._lock = None  # the file now holds what others wrote too: read it if asked again
+
+    def _lock_view(self) -> dict[str, Any]:
+        """The lock's stages as this process last read them, read again if the file was
+        replaced or changed since (a long-lived process; `git checkout`)."""
+        sig = _signature(self.pipe.lock_path)
+        if self._lock is None or sig != self._sig:
+            self._sig = sig
+            self._lock = lockfile.read(self.pipe.lock_path)
+        return self._lock
+
+
+def _signature(path: str) -> tuple[int, ...] | None:
+    # Every write of the lock is an atomic rename (a new inode); the size and the nanosecond
+    # mtime also catch an editor writing in place.
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)

@@ -99,3 +99,29 @@ with open("hfbuild.lock") as f:
     out = run_python(code, project.path, env={"CALL_LOG": str(log)})
     assert json.loads(out.stdout.strip().splitlines()[-1]) == sorted(full["stages"])
     assert json.loads(lock.read_text()) == full
+
+
+def test_a_long_lived_process_sees_the_store_and_the_lock_change(
+    project: Repo, tmp_path: pathlib.Path
+) -> None:
+    """In one process, an entry removed from the store since the last check is not built
+    any more, and a lock entry lost since the last check (a checkout, an edit) is written
+    again."""
+    log = tmp_path / "calls.log"
+    doit(project, "run", "preprocess", log=log)
+    code = """
+import json, dodo
+pipe = dodo.pipe
+assert pipe.is_built("feat") and pipe.is_built("raw")
+pipe.store.remove(pipe.manifests()["feat"].fingerprint)  # as `hfbuild gc` elsewhere would
+with open("hfbuild.lock") as f:
+    doc = json.load(f)
+del doc["stages"]["raw"]
+with open("hfbuild.lock", "w") as f:  # in place, as an editor would
+    json.dump(doc, f)
+print(pipe.is_built("feat"), pipe.is_built("raw"))
+with open("hfbuild.lock") as f:
+    print("raw" in json.load(f)["stages"])
+"""
+    out = run_python(code, project.path, env={"CALL_LOG": str(log)})
+    assert out.stdout.split() == ["False", "True", "True"]
