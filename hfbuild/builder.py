@@ -182,7 +182,7 @@ def _in_place_files(ds: Any, build_dir: str) -> list[str] | None:
 
 
 def _save_dataset(ds: Any, dest: str, build_dir: str) -> None:
-    if ds._indices is not None:
+    if ds._indices is not None and len(ds) >= _TAKE_ROWS:
         _save_selected(ds, dest)
         return
     files = _in_place_files(ds, build_dir)
@@ -198,6 +198,7 @@ def _save_dataset(ds: Any, dest: str, build_dir: str) -> None:
 
 
 # Rows selected from the input table at a time: bounds the memory a selection's write needs.
+# A smaller selection is left to save_to_disk itself: its lookups cost little there.
 _TAKE_ROWS = 65_536
 
 
@@ -212,7 +213,7 @@ def _save_selected(ds: Any, dest: str) -> None:
 
     n_rows = len(ds)
     if n_rows == 0:
-        ds.save_to_disk(dest)  # nothing to take; and its shard count is datasets' to decide
+        ds.save_to_disk(dest)  # nothing to select; and its shard count is datasets' to decide
         return
     nbytes = ds._estimate_nbytes()
     # Dataset.save_to_disk's shard count and batch size, for the same layout.
@@ -221,6 +222,8 @@ def _save_selected(ds: Any, dest: str) -> None:
     batch = config.DEFAULT_MAX_BATCH_SIZE
     if nbytes > 0:
         batch = min(batch, get_writer_batch_size_from_data_size(n_rows, nbytes))
+    # Whole record batches per selection, so batches start where save_to_disk's start.
+    step = batch * max(1, _TAKE_ROWS // batch)
     table = ds._data.table
     indices = ds._indices.column(0)
     os.makedirs(dest)
@@ -233,8 +236,8 @@ def _save_selected(ds: Any, dest: str) -> None:
             features=ds.features, path=os.path.join(dest, name), embed_local_files=True
         )
         try:
-            for lo in range(start, end, _TAKE_ROWS):
-                part = _rows(table, indices.slice(lo, min(_TAKE_ROWS, end - lo)).to_numpy())
+            for lo in range(start, end, step):
+                part = _rows(table, indices.slice(lo, min(step, end - lo)).to_numpy())
                 writer.write_table(part, batch)
             writer.finalize()
         finally:
