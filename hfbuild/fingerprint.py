@@ -11,6 +11,7 @@ into a manifest, or import `datasets` (an up-to-date check must stay cheap).
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 import warnings
@@ -94,12 +95,13 @@ class Manifest:
     def to_json(self) -> str:
         return canonical.dumps(self.doc)
 
-    @property
+    @functools.cached_property
     def static_fingerprint(self) -> str:
-        """The digest of `doc`: what the code says, before anything observed at run time."""
+        """The digest of `doc`: what the code says, before anything observed at run time.
+        Computed once per manifest (a frozen dataclass; `doc` is never changed once built)."""
         return canonical.digest(self.to_json().encode())
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """The stage's key: the static fingerprint, combined with the observed files' ids
         when its builds read any."""

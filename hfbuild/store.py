@@ -181,6 +181,15 @@ class Store:
             if why is None and os.path.isdir(self.entry(fp)):
                 return "it has no manifest"
             return why
+        return self._check_files(fp, doc)
+
+    def intact_manifest(self, fp: str) -> dict[str, Any] | None:
+        """The manifest of the complete, intact entry for `fp` (see `check`), else None;
+        the manifest is read once."""
+        doc, _ = self._manifest(fp)
+        return doc if doc is not None and self._check_files(fp, doc) is None else None
+
+    def _check_files(self, fp: str, doc: dict[str, Any]) -> str | None:
         base = self.data_path(fp)
         for rel, size in doc["files"].items():
             try:
@@ -193,7 +202,7 @@ class Store:
 
     def has(self, fp: str) -> bool:
         """True when a complete, intact entry for `fp` exists (see `check`)."""
-        return self.read_manifest(fp) is not None and self.check(fp) is None
+        return self.intact_manifest(fp) is not None
 
     def load(self, fp: str) -> Any:
         """The stored Dataset or DatasetDict, memory-mapped. Nothing is unpickled:
@@ -382,6 +391,8 @@ class Store:
     # -- refs ----------------------------------------------------------------------------------
 
     def set_ref(self, stage: str, fp: str) -> None:
+        if self.get_ref(stage) == fp:  # the common case (a no-op run): one small read
+            return
         self._ensure()
         path = os.path.join(self.root, "refs", _check_name(stage))
         if self.get_ref(stage) == fp:
