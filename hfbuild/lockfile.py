@@ -131,9 +131,13 @@ def read(path: str) -> dict[str, Any]:
 
 
 def conflict(path: str, name: str = LOCK_NAME) -> ConflictedLockError | None:
-    """The error to report when the lock at `path` has merge conflict markers, else None."""
-    text = _text(path)
-    return ConflictedLockError(name) if text and conflicted(text) else None
+    """The error to report when the lock at `path` has merge conflict markers, else None
+    (through `read_cached`: `status` reads the lock once)."""
+    try:
+        read_cached(path)
+    except ConflictedLockError:
+        return ConflictedLockError(name)
+    return None
 
 
 def candidates(path: str) -> list[dict[str, Any]]:

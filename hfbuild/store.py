@@ -126,7 +126,7 @@ class Store:
         `create`, the store and the file's directory are made first."""
         if create:
             self._ensure()
-            os.makedirs(os.path.join(self.root, "cache"), exist_ok=True)
+            sharing.makedirs(os.path.join(self.root, "cache"))
         return os.path.join(self.root, "cache", "code.json")
 
     def _ensure(self) -> None:
@@ -385,7 +385,7 @@ class Store:
         self._ensure()
         sets = [s for s in self.read_observed(static_fp) if s != paths]
         path = self._observed_path(static_fp)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        sharing.makedirs(os.path.dirname(path))
         write_json_atomic(path, {"sets": [paths, *sets][:16]})
 
     # -- refs ----------------------------------------------------------------------------------
