@@ -16,11 +16,12 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import datasets
 from datasets.table import ConcatenationTable, MemoryMappedTable
+from datasets.utils.py_utils import asdict  # the one save_to_disk uses (drops `id: None`)
 
 from hfbuild.content import dataset_hash
 from hfbuild.errors import BuildError, HfbuildError
@@ -215,6 +216,9 @@ def _in_place_files(ds: Any, build_dir: str) -> list[str] | None:
 
 
 def _save_dataset(ds: Any, dest: str, build_dir: str) -> None:
+    if ds._indices is not None and len(ds) >= _TAKE_ROWS:
+        _save_selected(ds, dest)
+        return
     files = _in_place_files(ds, build_dir)
     if files is None:
         ds.save_to_disk(dest)
@@ -224,7 +228,76 @@ def _save_dataset(ds: Any, dest: str, build_dir: str) -> None:
     names = [f"data-{i:05d}-of-{n:05d}.arrow" for i in range(n)]
     for src, name in zip(files, names, strict=True):
         os.rename(src, os.path.join(dest, name))
-    # The two JSON files exactly as Dataset.save_to_disk writes them.
+    _write_state(ds, dest, names)
+
+
+# Rows selected from the input table at a time: bounds the memory a selection's write needs.
+# A smaller selection is left to save_to_disk itself: its lookups cost little there.
+_TAKE_ROWS = 65_536
+
+
+def _save_selected(ds: Any, dest: str) -> None:
+    """`ds.save_to_disk(dest)` for a dataset behind an indices mapping (a filter's, select's,
+    shuffle's or split's result): the same shards, record batches, schema, embedded files and
+    JSON files (only buffer padding may differ), but with a few large Arrow `take`s instead of
+    one indices lookup per writer batch, which is what makes save_to_disk slow there."""
+    from datasets import config
+    from datasets.arrow_writer import ArrowWriter, get_writer_batch_size_from_data_size
+    from datasets.utils.py_utils import convert_file_size_to_int
+
+    n_rows = len(ds)
+    if n_rows == 0:
+        ds.save_to_disk(dest)  # nothing to select; and its shard count is datasets' to decide
+        return
+    nbytes = ds._estimate_nbytes()
+    # Dataset.save_to_disk's shard count and batch size, for the same layout.
+    num_shards = int(nbytes / convert_file_size_to_int(config.MAX_SHARD_SIZE)) + 1
+    num_shards = min(len(ds.data), num_shards)
+    batch = config.DEFAULT_MAX_BATCH_SIZE
+    if nbytes > 0:
+        batch = min(batch, get_writer_batch_size_from_data_size(n_rows, nbytes))
+    # Whole record batches per selection, so batches start where save_to_disk's start.
+    step = batch * max(1, _TAKE_ROWS // batch)
+    table = ds._data.table
+    indices = ds._indices.column(0)
+    os.makedirs(dest)
+    names = [f"data-{i:05d}-of-{num_shards:05d}.arrow" for i in range(num_shards)]
+    div, mod = divmod(n_rows, num_shards)
+    start = 0
+    for i, name in enumerate(names):
+        end = start + div + (1 if i < mod else 0)  # Dataset.shard(contiguous=True)'s bounds
+        writer = ArrowWriter(
+            features=ds.features, path=os.path.join(dest, name), embed_local_files=True
+        )
+        try:
+            for lo in range(start, end, step):
+                part = _rows(table, indices.slice(lo, min(step, end - lo)).to_numpy())
+                writer.write_table(part, batch)
+            writer.finalize()
+        finally:
+            writer.close()
+        start = end
+    _write_state(ds, dest, names)
+
+
+def _rows(table: Any, idx: Any) -> Any:
+    """The rows of `table` at positions `idx` (a numpy array), in that order. Increasing
+    positions (a filter's) are selected with a mask over their span, several times faster
+    than a `take` of string columns."""
+    import numpy as np
+    import pyarrow as pa
+
+    idx = idx.astype(np.int64, copy=False)
+    if len(idx) and bool(np.all(idx[1:] > idx[:-1])):
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        mask = np.zeros(hi - lo, dtype=bool)
+        mask[idx - lo] = True
+        return table.slice(lo, hi - lo).filter(pa.array(mask))
+    return table.take(pa.array(idx))
+
+
+def _write_state(ds: Any, dest: str, names: list[str]) -> None:
+    """The two JSON files exactly as Dataset.save_to_disk writes them."""
     state = {
         key: ds.__dict__[key]
         for key in [

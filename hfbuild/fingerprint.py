@@ -101,12 +101,13 @@ class Manifest:
     def to_json(self) -> str:
         return canonical.dumps(self.doc)
 
-    @property
+    @functools.cached_property
     def static_fingerprint(self) -> str:
-        """The digest of `doc`: what the code says, before anything observed at run time."""
+        """The digest of `doc`: what the code says, before anything observed at run time.
+        Computed once per manifest (a frozen dataclass; `doc` is never changed once built)."""
         return canonical.digest(self.to_json().encode())
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """The stage's key: the static fingerprint, combined with the observed files' ids
         when its builds read any; for a sharded stage, the digest of its shards' keys."""

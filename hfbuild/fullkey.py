@@ -66,26 +66,15 @@ def identify(paths: Iterable[str], snap: Snapshot, cache: StatCache) -> Observed
 
 # -- choosing the current key -----------------------------------------------------------------
 
-_lock_cache: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
-
 
 def _lock(path: str) -> dict[str, Any]:
-    """hfbuild.lock's stages, re-read only when the file changed."""
+    """hfbuild.lock's stages (parsed once per version of the file, shared with the ledger)."""
     try:
-        st = os.stat(path)
-    except OSError:
+        return lockfile.read_cached(path)
+    except lockfile.ConflictedLockError:
+        # Reported by status/verify and rewritten by a build; its entries name no key
+        # here (the store's records still do), so a stage may build once more: never wrong.
         return {}
-    key = (st.st_mtime_ns, st.st_size, st.st_ino)
-    hit = _lock_cache.get(path)
-    if hit is None or hit[0] != key:
-        try:
-            stages = lockfile.read(path)
-        except lockfile.ConflictedLockError:
-            # Reported by status/verify and rewritten by a build; its entries name no key
-            # here (the store's records still do), so a stage may build once more: never wrong.
-            stages = {}
-        hit = _lock_cache[path] = (key, stages)
-    return hit[1]
 
 
 def candidates(static: str, name: str, store: Store, lock_path: str) -> list[tuple[str, ...]]:

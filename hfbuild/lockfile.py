@@ -131,9 +131,13 @@ def read(path: str) -> dict[str, Any]:
 
 
 def conflict(path: str, name: str = LOCK_NAME) -> ConflictedLockError | None:
-    """The error to report when the lock at `path` has merge conflict markers, else None."""
-    text = _text(path)
-    return ConflictedLockError(name) if text and conflicted(text) else None
+    """The error to report when the lock at `path` has merge conflict markers, else None
+    (through `read_cached`: `status` reads the lock once)."""
+    try:
+        read_cached(path)
+    except ConflictedLockError:
+        return ConflictedLockError(name)
+    return None
 
 
 def candidates(path: str) -> list[dict[str, Any]]:
@@ -147,6 +151,28 @@ def candidates(path: str) -> list[dict[str, Any]]:
         return [loads(text)]
     except LockError:
         return []
+
+
+_seen: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+
+
+def read_cached(path: str) -> dict[str, Any]:
+    """`read(path)`, parsed once per version of the file in this process (a no-op run asks
+    for it once per stage). A version is the file's inode, size and nanosecond mtime: every
+    write here is an atomic rename (a new inode), and size and mtime catch an editor writing
+    in place. The result is shared: never modify it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        _seen.pop(path, None)
+        return {}
+    sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = _seen.get(path)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    stages = read(path)
+    _seen[path] = (sig, stages)
+    return stages
 
 
 def entry(

@@ -2,9 +2,9 @@
 
 Owns: the `Pipeline` and `Stage` API (defining stages, looking them up), computing every
 stage's manifest from one git snapshot, answering whether the store holds a stage's current
-result, and keeping the stage's ref and hfbuild.lock entry in step with it. Building is
-`build`'s job; the doit task dicts are `tasks`'. `datasets` is imported only when a result is
-loaded.
+result. Keeping the stage's ref and hfbuild.lock entry in step with it is `ledger`'s job,
+building is `build`'s, the doit task dicts are `tasks`'. `datasets` is imported only when a
+result is loaded.
 
 Must never: decide freshness from anything but the store holding the current fingerprint, or
 build anything.
@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-from hfbuild import caches, lockfile, shards
+from hfbuild import caches, shards
 from hfbuild.absentdata import LockedData
 from hfbuild.closure import Context
 from hfbuild.datafiles import StatCache
@@ -27,6 +27,7 @@ from hfbuild.errors import HfbuildError, NotBuiltError, StageError
 from hfbuild.fingerprint import Manifest, build_manifest, load_data
 from hfbuild.fullkey import resolve
 from hfbuild.gitstate import Mode, Snapshot, find_root
+from hfbuild.ledger import Ledger
 from hfbuild.lockfile import LOCK_NAME
 from hfbuild.manifests import Manifests
 from hfbuild.manifests import compute as compute_manifests
@@ -101,7 +102,7 @@ class Pipeline:
         self.lock_path = os.path.join(self.root, lock)
         self.lock_name = os.path.relpath(self.lock_path, self.root).replace(os.sep, "/")
         self._remote_arg = remote
-        self._registered = False
+        self.ledger = Ledger(self)
 
     def remote(self) -> Remote | None:
         """The configured remote cache, unless HFBUILD_NO_REMOTE=1 or `remote=False` opts out."""
@@ -316,47 +317,11 @@ class Pipeline:
         """True when the store holds the stage's current fingerprint (doit's uptodate). Then
         the lock and the stage's ref are brought up to date too, so a run that builds nothing
         still leaves hfbuild.lock describing exactly what the store serves."""
-        fp = self.manifests()[name].fingerprint
-        if not self.store.has(fp):
-            return False
-        self.store.touch(fp)
-        self.record(name)
-        return True
+        return self.ledger.is_built(name)
 
     def record(self, name: str) -> None:
         """Point refs/<name> and the hfbuild.lock entry at the stage's current result."""
-        manifests = self.manifests()
-        m = manifests[name]
-        fp = m.fingerprint
-        stored = self.store.read_manifest(fp)
-        if stored is None:
-            return
-        self.store.set_ref(name, fp)
-        if not self._registered:
-            self.store.register_root(self.lock_path)
-            self._registered = True
-        spec = self._specs[name]
-        e = lockfile.entry(
-            m.doc,
-            fp,
-            {i: manifests[i].fingerprint for i in spec.inputs},
-            stored,
-            [f.path for f in m.dirty],
-        )
-        try:
-            recorded = lockfile.read(self.lock_path)
-        except lockfile.ConflictedLockError:  # never read as empty: rewrite it, and say so
-            from hfbuild.relock import resolve_conflict
-
-            resolve_conflict(self)
-            recorded = lockfile.read(self.lock_path)
-        if recorded.get(name) != e:
-            lockfile.update(
-                self.lock_path,
-                os.path.join(self.store.root, "locks"),
-                {name: e},
-                set(self._specs),
-            )
+        self.ledger.record(name)
 
     # -- results and building -----------------------------------------------------------------
 

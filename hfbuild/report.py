@@ -50,7 +50,7 @@ def _previous(
         if stored is not None and isinstance(stored.get("manifest"), dict):
             return fp, stored["manifest"], stored.get("inputs") or {}, stored.get("observed")
     try:
-        e = lockfile.read(pipe.lock_path).get(name)
+        e = lockfile.read_cached(pipe.lock_path).get(name)
     except lockfile.ConflictedLockError:  # `status` reports the conflict itself
         return None
     if isinstance(e, dict) and isinstance(e.get("manifest"), dict):

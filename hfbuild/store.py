@@ -129,7 +129,7 @@ class Store:
         `create`, the store and the file's directory are made first."""
         if create:
             self._ensure()
-            os.makedirs(os.path.join(self.root, "cache"), exist_ok=True)
+            sharing.makedirs(os.path.join(self.root, "cache"))
         return os.path.join(self.root, "cache", "code.json")
 
     def _ensure(self) -> None:
@@ -184,6 +184,15 @@ class Store:
             if why is None and os.path.isdir(self.entry(fp)):
                 return "it has no manifest"
             return why
+        return self._check_files(fp, doc)
+
+    def intact_manifest(self, fp: str) -> dict[str, Any] | None:
+        """The manifest of the complete, intact entry for `fp` (see `check`), else None;
+        the manifest is read once."""
+        doc, _ = self._manifest(fp)
+        return doc if doc is not None and self._check_files(fp, doc) is None else None
+
+    def _check_files(self, fp: str, doc: dict[str, Any]) -> str | None:
         for key in self.references(fp, doc):
             # A stage result made of shards is served only while every shard is intact.
             why = self.check(key) if self.read_manifest(key) is not None else "is missing"
@@ -201,7 +210,7 @@ class Store:
 
     def has(self, fp: str) -> bool:
         """True when a complete, intact entry for `fp` exists (see `check`)."""
-        return self.read_manifest(fp) is not None and self.check(fp) is None
+        return self.intact_manifest(fp) is not None
 
     def references(self, fp: str, doc: dict[str, Any] | None = None) -> list[str]:
         """The shard entries a stage result made of shards lists, in order ([] for others)."""
@@ -443,12 +452,14 @@ class Store:
         self._ensure()
         sets = [s for s in self.read_observed(static_fp) if s != paths]
         path = self._observed_path(static_fp)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        sharing.makedirs(os.path.dirname(path))
         write_json_atomic(path, {"sets": [paths, *sets][:16]})
 
     # -- refs ----------------------------------------------------------------------------------
 
     def set_ref(self, stage: str, fp: str) -> None:
+        if self.get_ref(stage) == fp:  # the common case (a no-op run): one small read
+            return
         self._ensure()
         path = os.path.join(self.root, "refs", _check_name(stage))
         if self.get_ref(stage) == fp:

@@ -68,7 +68,7 @@ def _title(pipe: Pipeline, name: str, task: Any) -> str:
     no-op run prints one informative line per stage."""
     try:
         fp = pipe.manifests()[name].fingerprint
-        doc = pipe.store.read_manifest(fp)
+        doc = pipe.ledger.stored(fp)  # read once: the up-to-date check read it already
     except HfbuildError:
         doc = None
     if doc is None:
@@ -82,6 +82,7 @@ def _clean(pipe: Pipeline, name: str) -> None:
         print(f"{name}: nothing to remove ({err})")
         return
     fp = pipe.manifests()[name].fingerprint
+    pipe.ledger.forget(fp)
     if pipe.store.remove(fp):
         print(f"{name}: removed {fp} from the store")
 

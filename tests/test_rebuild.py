@@ -36,7 +36,10 @@ def test_rebuild_ignores_a_remote_and_the_store_holding_the_results(
     repo.write(
         {
             "pkg/noise.py": NOISE,
-            "pyproject.toml": f'[tool.hfbuild]\nremote = "file://{remote}"\n',
+            "pyproject.toml": (
+                f'[tool.hfbuild]\nremote = "file://{remote}"\n'
+                'untracked-env = ["CALL_LOG", "KILL_IN"]\n'
+            ),
             "dodo.py": (repo.path / "dodo.py")
             .read_text()
             .replace(

@@ -1,0 +1,104 @@
+"""Keeping each stage's ref and hfbuild.lock entry in step with what the store serves.
+
+Owns: one process's view of hfbuild.lock (read once, and again only when the file's stat
+signature changed or this process wrote it) and of the stored manifests it looked at (read and
+checked once per up-to-date check, then reused by the doit title line), so that a no-op run
+over N stages reads and parses the lock once, not N times. Every change is written at once,
+merged under the lock file's file lock with what is on disk then (`lockfile.update`), so
+concurrent runs and a crash mid-run lose no entry.
+
+Must never: decide freshness from anything but an intact store entry under the current
+fingerprint, trust the lock's content for anything but "nothing to write", or import datasets.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from hfbuild import lockfile
+
+if TYPE_CHECKING:
+    from hfbuild.pipeline import Pipeline
+
+
+class Ledger:
+    """The lock and ref bookkeeping of one pipeline, for one process."""
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self.pipe = pipe
+        self._stored: dict[str, dict[str, Any] | None] = {}  # fingerprint -> intact manifest
+        self._registered = False
+
+    def stored(self, fp: str) -> dict[str, Any] | None:
+        """The manifest of the intact store entry `fp` (None: absent or damaged), read and
+        checked once per process; `forget` makes the next call look again."""
+        if fp not in self._stored:
+            self._stored[fp] = self.pipe.store.intact_manifest(fp)
+        return self._stored[fp]
+
+    def forget(self, fp: str) -> None:
+        self._stored.pop(fp, None)
+
+    def is_built(self, name: str) -> bool:
+        """True when the store holds the stage's current fingerprint; then the entry is
+        touched and the ref and lock entry brought up to date. Always looks at the store
+        (a long-lived process may ask again after the entry was removed); what it read is
+        kept for the doit title line that follows."""
+        fp = self.pipe.manifests()[name].fingerprint
+        self.forget(fp)
+        stored = self.stored(fp)
+        if stored is None:
+            return False
+        self.pipe.store.touch(fp)
+        self._record(name, stored)
+        return True
+
+    def record(self, name: str) -> None:
+        """Point refs/<name> and the lock entry at the stage's current result, as the store
+        has it now (a build just published it, or a pull just fetched it)."""
+        fp = self.pipe.manifests()[name].fingerprint
+        self.forget(fp)
+        stored = self.stored(fp)
+        if stored is not None:
+            self._record(name, stored)
+
+    def _record(self, name: str, stored: dict[str, Any]) -> None:
+        pipe = self.pipe
+        manifests = pipe.manifests()
+        m = manifests[name]
+        pipe.store.set_ref(name, m.fingerprint)
+        if not self._registered:
+            pipe.store.register_root(pipe.lock_path)
+            self._registered = True
+        spec = pipe[name].spec
+        e = lockfile.entry(
+            m.doc,
+            m.fingerprint,
+            {i: manifests[i].fingerprint for i in spec.inputs},
+            stored,
+            [f.path for f in m.dirty],
+        )
+        if self._lock_view().get(name) == e:
+            return
+        # Merged with the file as it is now, under its file lock: nothing another process
+        # wrote since we read it is lost.
+        lockfile.update(
+            pipe.lock_path,
+            os.path.join(pipe.store.root, "locks"),
+            {name: e},
+            {s.name for s in pipe.specs},
+        )
+
+    def _lock_view(self) -> dict[str, Any]:
+        """The lock's stages as this process last read them, read again if the file was
+        replaced or changed since (a long-lived process; `git checkout`; our own write, which
+        merged what others wrote). A lock with merge conflict markers is never read as empty:
+        it is rewritten (`relock`), with a warning saying so, and read again."""
+        try:
+            return lockfile.read_cached(self.pipe.lock_path)
+        except lockfile.ConflictedLockError:
+            from hfbuild.relock import resolve_conflict
+
+            resolve_conflict(self.pipe)
+            return lockfile.read_cached(self.pipe.lock_path)
