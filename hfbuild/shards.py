@@ -132,6 +132,8 @@ def transform_inputs(spec: StageSpec, parent: Manifest) -> tuple[ShardIn, ...] |
     """The shard inputs of a map/filter over `parent`, or None when it is not sharded."""
     if spec.kind not in ("map", "filter") or parent.shards is None or not wanted(spec):
         return None
+    if spec.options.get("batched") and spec.options.get("drop_last_batch"):
+        return None  # which rows are dropped depends on the whole input: not row-local
     offsets = bool(spec.options.get("with_indices"))
     out = []
     before: dict[str, str] = {}

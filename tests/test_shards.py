@@ -353,3 +353,56 @@ def test_num_proc_builds_shards_in_parallel_processes(tmp_path: pathlib.Path) ->
     assert state(repo, env) == serial
     assert list((tmp_path / "parallel-store" / "tmp").iterdir()) == []  # nothing left behind
     assert out.returncode == 0
+
+
+def test_sharded_false_keeps_the_whole_input_build(tmp_path: pathlib.Path) -> None:
+    """`sharded=False` on a map runs it over the whole input as before (one stored entry,
+    batches across files), while the load under it stays sharded and the rows are equal."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    sharded = state(repo)
+    dodo = (repo.path / "dodo.py").read_text()
+    (repo.path / "dodo.py").write_text(
+        dodo.replace("batch_size=7)", "batch_size=7, sharded=False)")
+    )
+    repo.commit("opt out")
+    log.unlink()
+    doit(repo, "run", "preprocess", log=log)
+    c = calls(log)
+    # Batches of 7 over 40 rows (one line per file in a batch): 3 batches span two files,
+    # 9 lines; file by file it would be 2 batches a file, 8 lines.
+    assert sum(n for k, n in c.items() if k.startswith("feat:")) == 9
+    whole = state(repo)
+    assert whole["feat"]["rows"] == sharded["feat"]["rows"]
+    assert whole["feat"]["fp"] != sharded["feat"]["fp"]
+    store = repo.path / ".hfbuild" / "objects"
+    doc = json.loads(next(store.glob(f"*/{whole['feat']['fp']}/manifest.json")).read_text())
+    assert "shards" not in doc and doc["files"]
+
+
+def test_deep_verify_finds_a_damaged_shard_and_the_stage_is_not_served(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Same-size damage to one shard's Arrow file: `verify --deep` reports it and moves it
+    aside, after which the stages listing it are not served and a build remakes that shard."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    before = state(repo)
+    store = repo.path / ".hfbuild" / "objects"
+    doc = json.loads(next(store.glob(f"*/{before['feat']['fp']}/manifest.json")).read_text())
+    key = doc["shards"][1][1]
+    arrow = next((store / key[:2] / key / "data").glob("*.arrow"))
+    data = bytearray(arrow.read_bytes())
+    data[-200] ^= 0xFF
+    arrow.write_bytes(bytes(data))
+    out = run_hfbuild(repo, "verify", "--deep")
+    assert out.returncode == 1
+    assert key in out.stdout + out.stderr
+    out = run_hfbuild(repo, "status")
+    assert "feat   stale: 1 of 4 shards new: data/part-1.parquet" in out.stdout
+    log.unlink()
+    doit(repo, "run", "preprocess", log=log)
+    assert _per_shard(calls(log), "feat") == {"part-1"}
+    assert state(repo) == before
