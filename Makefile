@@ -39,6 +39,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_pipeline.py --rows 300000
 	$(BIN)/python bench/bench_pipeline.py --rows 2000
 	$(BIN)/python bench/bench_observe.py
+	$(BIN)/python bench/bench_envscan.py
+	$(BIN)/python bench/bench_scale.py
 
 clean:
 	rm -rf $(VENV) .hfbuild .doit.db* .pytest_cache .mypy_cache .ruff_cache
