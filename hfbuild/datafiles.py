@@ -88,6 +88,10 @@ def file_identity(path: str, snap: Snapshot, cache: StatCache) -> list[str]:
             f"<outside>/{os.path.basename(full)}",
             cache.content_id(full, lambda: hash_file(full)),
         ]
+    if snap.mode == "worktree":
+        # The stat cache first: a thousand data files cost a stat each, not a git status
+        # each; the id is the same either way (a clean file's index id is its work-tree id).
+        return [rel, cache.content_id(full, lambda: snap.clean_id(rel) or snap.worktree_id(rel))]
     clean = snap.clean_id(rel)
     if clean is not None:
         return [rel, clean]

@@ -169,6 +169,7 @@ def _publish(
     store = pipe.store
     rows: dict[str, int] = {}
     hashes: list[tuple[str, str]] = []
+    listed: list[list[Any]] = []
     for s in m.shard_list:
         stored = store.read_manifest(s.key)
         if stored is None or store.check(s.key) is not None:
@@ -178,6 +179,7 @@ def _publish(
             )
         rows[s.split] = rows.get(s.split, 0) + int(stored.get("rows") or 0)
         hashes.append((s.split, str(stored.get("content_hash"))))
+        listed.append([s.split, s.key, s.label, stored["files"]])  # sizes: `Store.check`
     as_dict = _is_dict(pipe, spec, manifests)
     doc: dict[str, Any] = {
         "stage": spec.name,
@@ -190,7 +192,7 @@ def _publish(
         "seconds": round(time.perf_counter() - t0, 3),
         "written_bytes": written,
         "hfbuild": _version(),
-        "shards": [[s.split, s.key, s.label] for s in m.shard_list],
+        "shards": listed,
         "shards_built": count,
         "dict": as_dict,
     }

@@ -193,11 +193,9 @@ class Store:
         return doc if doc is not None and self._check_files(fp, doc) is None else None
 
     def _check_files(self, fp: str, doc: dict[str, Any]) -> str | None:
-        for key in self.references(fp, doc):
-            # A stage result made of shards is served only while every shard is intact.
-            why = self.check(key) if self.read_manifest(key) is not None else "is missing"
-            if why is not None:
-                return f"its shard {key} {why}" if why == "is missing" else f"shard {key}: {why}"
+        why = self._check_shards(doc)
+        if why is not None:
+            return why
         base = self.data_path(fp)
         for rel, size in doc["files"].items():
             try:
@@ -206,6 +204,31 @@ class Store:
                 return f"{rel} is missing"
             if actual != size:
                 return f"{rel} is {actual} bytes, not {size} (truncated or overwritten)"
+        return None
+
+    def _check_shards(self, doc: dict[str, Any]) -> str | None:
+        """A stage result made of shards is served only while every shard is intact: each
+        shard's files are present with the sizes the list records (one stat each, as for
+        any entry's files; a shard listed without sizes is checked in full)."""
+        rows = doc.get("shards")
+        for row in rows if isinstance(rows, list) else []:
+            key = str(row[1]) if isinstance(row, list) and len(row) >= 2 else ""
+            if not _FP.match(key):
+                return "its list of shards is malformed"
+            files = row[3] if len(row) >= 4 else None
+            if not isinstance(files, dict) or not all(safe_rel(k) for k in files):
+                why = self.check(key) if self.read_manifest(key) is not None else "is missing"
+                if why is not None:
+                    return f"its shard {key} {why}" if why == "is missing" else f"{key}: {why}"
+                continue
+            base = self.data_path(key)
+            for rel, size in files.items():
+                try:
+                    actual = os.stat(os.path.join(base, *rel.split("/"))).st_size
+                except OSError:
+                    return f"its shard {key} is missing {rel}"
+                if actual != size:
+                    return f"its shard {key} has {rel} of {actual} bytes, not {size}"
         return None
 
     def has(self, fp: str) -> bool:
