@@ -15,6 +15,7 @@ the stage entry before every shard it lists is in the store, or print.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -62,8 +63,9 @@ def build(
                     if s.key not in seen_keys and not store.has(s.key):
                         todo.append((i, s))
                     seen_keys.add(s.key)
-                with _bar(len(todo), spec.name) as bar:
+                with _bar(len(todo), spec.name) as bar, _quiet_datasets():
                     for i, path, doc in _run(pipe, spec, cur, todo, builder, tmp):
+                        _one_load_count()
                         written += int(doc["written_bytes"])
                         now = set(seen.identify(m))
                         if not now <= set(observed):
@@ -262,6 +264,31 @@ def _offset(pipe: Pipeline, spec: StageSpec, m: Manifest, s: shards.Shard) -> in
         if t.split == s.split and t.pos < s.pos:
             rows += int((pipe.store.read_manifest(t.input) or {}).get("rows") or 0)
     return rows
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """datasets' own bars (a map's, a save's) off while shards build: the stage's bar over
+    its shards is the one a long build shows, and each bar costs more than a small shard."""
+    import datasets
+
+    was_on = datasets.is_progress_bar_enabled()
+    counts = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counts
+        if was_on:
+            datasets.enable_progress_bars()
+
+
+def _one_load_count() -> None:
+    """`load_dataset` pings the Hub's download counter (a network request) on every call:
+    once per stage, as for an unsharded load, not once per data file."""
+    import datasets
+
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
 
 
 class _NoBar:
