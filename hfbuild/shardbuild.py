@@ -49,6 +49,7 @@ def build(
     tmp = store.new_build_dir(m.static_fingerprint)
     built = 0
     written = 0
+    known: dict[str, dict[str, Any] | None] = {}  # shard key -> its intact manifest, or None
     try:
         with observing(pipe, tmp) as seen:
             observed: Observed = m.observed
@@ -57,12 +58,13 @@ def build(
                 pending = False
                 cur = dataclasses.replace(m, observed=observed)
                 keyed = cur
-                seen_keys: set[str] = set()
                 todo: list[tuple[int, shards.Shard]] = []
                 for i, s in enumerate(cur.shard_list):
-                    if s.key not in seen_keys and not store.has(s.key):
-                        todo.append((i, s))
-                    seen_keys.add(s.key)
+                    if s.key not in known:
+                        doc = store.intact_manifest(s.key)
+                        if doc is None:
+                            todo.append((i, s))
+                        known[s.key] = doc
                 with _bar(len(todo), spec.name) as bar, _quiet_datasets():
                     for i, path, doc in _run(pipe, spec, cur, todo, builder, tmp):
                         _one_load_count()
@@ -74,12 +76,13 @@ def build(
                             # those published before are built again (the next pass).
                             observed = tuple(sorted(now | set(observed)))
                             keyed = dataclasses.replace(m, observed=observed)
+                            known.clear()
                             pending = True
                         _publish_shard(pipe, keyed.shard_list[i].key, path, doc)
                         built += 1
                         bar.update(1)
         final = dataclasses.replace(m, observed=observed)
-        doc = _publish(pipe, spec, final, manifests, built, written, tmp, t0)
+        doc = _publish(pipe, spec, final, manifests, built, written, tmp, t0, known)
         seen.publish(m.static_fingerprint, observed)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -166,15 +169,17 @@ def _publish(
     written: int,
     tmp: str,
     t0: float,
+    known: Mapping[str, dict[str, Any] | None],
 ) -> dict[str, Any]:
-    """The stage's entry: its shards in order, their rows and combined content hash."""
+    """The stage's entry: its shards in order, their rows and combined content hash (from
+    the shard manifests `known` found intact, the others read now)."""
     store = pipe.store
     rows: dict[str, int] = {}
     hashes: list[tuple[str, str]] = []
     listed: list[list[Any]] = []
     for s in m.shard_list:
-        stored = store.read_manifest(s.key)
-        if stored is None or store.check(s.key) is not None:
+        stored = known.get(s.key) or store.intact_manifest(s.key)
+        if stored is None:
             raise BuildError(
                 f"stage {spec.name!r}: shard {s.label} ({s.key}) vanished from the store "
                 f"while the stage was built (a concurrent `hfbuild gc`?); build it again."
