@@ -278,17 +278,43 @@ class Store:
     def _load_shards(self, doc: dict[str, Any]) -> Any:
         import datasets
 
-        by_split: dict[str, list[Any]] = {}
+        by_split: dict[str, list[list[Any]]] = {}
         for row in doc["shards"]:
-            split, key = str(row[0]), str(row[1])
-            by_split.setdefault(split, []).append(self._load_shard(key, split))
+            by_split.setdefault(str(row[0]), []).append(row)
         parts = {
-            s: ds[0] if len(ds) == 1 else datasets.concatenate_datasets(ds)
-            for s, ds in by_split.items()
+            s: self._concat_shards(str(doc["fingerprint"]), s, rows) for s, rows in by_split.items()
         }
         if doc.get("dict"):
             return datasets.DatasetDict(parts)
         return next(iter(parts.values()))
+
+    def _concat_shards(self, fp: str, split: str, rows: list[list[Any]]) -> Any:
+        """One split's shards as one Dataset over their memory-mapped files. When every
+        shard has the same schema (the usual case) the tables are concatenated directly,
+        with the first shard's features; otherwise `concatenate_datasets` aligns them."""
+        import datasets
+        from datasets.table import MemoryMappedTable, concat_tables
+
+        tables: list[Any] = []
+        for row in rows:
+            key = str(row[1])
+            files = row[3] if len(row) >= 4 and isinstance(row[3], dict) else None
+            if files is None:
+                break
+            names = sorted(n for n in files if n.endswith(".arrow") and safe_rel(n))
+            base = self.data_path(key)
+            tables.extend(MemoryMappedTable.from_file(os.path.join(base, n)) for n in names)
+        else:
+            if tables and all(t.schema == tables[0].schema for t in tables):
+                first = self.data_path(str(rows[0][1]))
+                with open(os.path.join(first, "dataset_info.json"), encoding="utf-8") as f:
+                    info = datasets.DatasetInfo.from_dict(json.load(f))
+                table = tables[0] if len(tables) == 1 else concat_tables(tables)
+                return datasets.Dataset(
+                    table, info=info, split=datasets.Split(split), fingerprint=fp
+                )
+        shards = [self._load_shard(str(r[1]), split) for r in rows]
+        return shards[0] if len(shards) == 1 else datasets.concatenate_datasets(shards)
 
     # -- writing -----------------------------------------------------------------------------
 
