@@ -406,3 +406,29 @@ def test_deep_verify_finds_a_damaged_shard_and_the_stage_is_not_served(
     doit(repo, "run", "preprocess", log=log)
     assert _per_shard(calls(log), "feat") == {"part-1"}
     assert state(repo) == before
+
+
+def test_shards_with_different_schemas_load_aligned(tmp_path: pathlib.Path) -> None:
+    """A file whose column holds only nulls (its own schema says `null`) loads as its own
+    shard; the stage's result aligns the shards' features as `concatenate_datasets` does."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = make_project(Repo.init(tmp_path / "repo"), parts=2)
+    table = pa.table({"x": pa.array([1000, 1001]), "f": pa.array([None, None], pa.null())})
+    pq.write_table(table, repo.path / "data" / "part-9.parquet")
+    dodo = (repo.path / "dodo.py").read_text()
+    (repo.path / "dodo.py").write_text(
+        dodo.split("feat = ")[0] + dodo[dodo.index("\n\ndef task_") :]
+    )
+    repo.commit("a file of nulls")
+    from tests.helpers import run_python
+
+    doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    out = run_python(
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "import dodo\nds = dodo.pipe.result('raw')\n"
+        "print(ds.features['f'].dtype, ds['f'][-2:], ds['x'][-2:], len(ds))",
+        repo.path,
+    )
+    assert out.stdout.strip().splitlines()[-1] == "string [None, None] [1000, 1001] 22"
