@@ -28,7 +28,7 @@ POINTS = [
     ("load", "datasets:load_from_disk", 1, "before"),
     ("load", "datasets:load_from_disk", 2, "after"),
     ("load", "datasets:load_from_disk", 5, "before"),
-    ("load", "datasets:load_from_disk", 8, "after"),
+    ("load", "datasets:load_from_disk", 4, "after"),
     ("map", "KILL_IN", "feat", ""),
     ("map", "KILL_IN", "keep", ""),
     ("map", "KILL_IN", "split", ""),
@@ -43,6 +43,7 @@ POINTS = [
     ("write", "datasets.arrow_dataset:Dataset.save_to_disk", 1, "before"),
     ("write", "datasets.arrow_dataset:Dataset.save_to_disk", 2, "after"),
     ("write", "hfbuild.builder:_save_dataset", 1, "after"),
+    ("write", "hfbuild.builder:_reload", 3, "after"),  # what was written, read back
     ("write", "hfbuild.builder:dataset_hash", 1, "before"),
     ("write", "hfbuild.builder:dataset_hash", 3, "after"),
     ("publish", "hfbuild.store:write_text_atomic", 1, "before"),
