@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hfbuild.errors import HfbuildError, StoreError
-from hfbuild.store import MANIFEST, Store, safe_rel
+from hfbuild.store import MANIFEST, Store, manifest_digest, safe_rel
 
 _PROGRESS_BYTES = 4 * 1024 * 1024  # transfers above this show a progress bar
 
@@ -139,7 +139,9 @@ class Remote:
                         made.add(parent)
                     self.fs.put_file(local, key)
                     bar.update(size)
-            body = json.dumps({**doc, "data_dir": data_dir}, sort_keys=True).encode()
+            published = {**doc, "data_dir": data_dir}
+            published["manifest_digest"] = manifest_digest(published)  # still self-checking
+            body = json.dumps(published, sort_keys=True).encode()
             won = self._create(self._key(fp, MANIFEST), body)
         except OSError as e:
             self._discard(fp, data_dir)
