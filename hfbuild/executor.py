@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -53,14 +53,23 @@ class Executor(Protocol):
         static fingerprint held by the caller."""
         ...
 
+    def build_all(self, pipe: Pipeline, units: Sequence[Unit], label: str) -> list[Report]:
+        """Build several independent units of one stage (`label`), in any order or at once;
+        their reports in the order given."""
+        ...
+
 
 class LocalExecutor:
-    """Builds the unit in this process (`datasets` may still use `num_proc` workers)."""
+    """Builds units in this process, one after another (`datasets` may still use `num_proc`
+    workers)."""
 
     def build(self, pipe: Pipeline, unit: Unit) -> Report:
         from hfbuild.build import build_here
 
         return build_here(pipe, unit.spec, unit.manifest, unit.inputs)
+
+    def build_all(self, pipe: Pipeline, units: Sequence[Unit], label: str) -> list[Report]:
+        return [self.build(pipe, u) for u in units]
 
 
 def executor_name(root: str, explicit: str | None = None) -> str:

@@ -56,6 +56,10 @@ class RayExecutor:
     def build(self, pipe: Pipeline, unit: Unit) -> Report:
         return build_units(pipe, [unit], unit.spec.name)[0]
 
+    def build_all(self, pipe: Pipeline, units: Sequence[Unit], label: str) -> list[Report]:
+        """All submitted at once: the cluster runs them in parallel."""
+        return build_units(pipe, units, label)
+
 
 def build_units(pipe: Pipeline, units: Sequence[Unit], label: str) -> list[Report]:
     """Build `units` (one stage's) on the cluster and publish each into `pipe.store`. The

@@ -423,3 +423,46 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[1][0] != "Z"
     except OSError:
         return False
+
+
+BUILD_ALL = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+from hfbuild.build import build
+from hfbuild.executor import Unit
+from hfbuild.ray_executor import RayExecutor
+
+pipe = dodo.pipe
+build(pipe, "raw")
+m = pipe.manifests()
+units = [Unit(pipe[s].spec, m[s], {"raw": m["raw"]}) for s in ("feat", "lens")]
+reports = RayExecutor().build_all(pipe, units, "two")
+print(json.dumps([[r.stage, r.fingerprint, r.action] for r in reports]))
+"""
+
+
+def test_units_of_one_call_run_at_once_with_progress(
+    repo: Repo, tmp_path: pathlib.Path, remote: str
+) -> None:
+    """Several units given to the Ray executor together are submitted at once and reported in
+    order, with the count of units done out of the total; each lands in the driver's store
+    under the key a local build gives it."""
+    make_project(repo)
+    clone = repo.clone(tmp_path / "clone")
+    out = subprocess.run(
+        [sys.executable, "-c", BUILD_ALL],
+        cwd=clone.path,
+        env={**os.environ, "PYTHONPATH": str(clone.path), "CALL_LOG": str(tmp_path / "c.log")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [(s, a) for s, _, a in got] == [("feat", "built"), ("lens", "built")]
+    assert "two: 2/2 units built on ray" in out.stderr
+    assert calls(tmp_path / "c.log") == {"feat": 1, "lens": 1}
+    local = repo.clone(tmp_path / "local")
+    doit(local, "run", "preprocess", log=tmp_path / "l.log", env={"HFBUILD_NO_REMOTE": "1"})
+    assert {s: fp for s, fp, _ in got} == {s: _lock(local)[s][0] for s in ("feat", "lens")}
