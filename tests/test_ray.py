@@ -462,7 +462,8 @@ def test_units_of_one_call_run_at_once_with_progress(
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert [(s, a) for s, _, a in got] == [("feat", "built"), ("lens", "built")]
     assert "two: 2/2 units built on ray" in out.stderr
-    assert calls(tmp_path / "c.log") == {"feat": 1, "lens": 1}
     local = repo.clone(tmp_path / "local")
     doit(local, "run", "preprocess", log=tmp_path / "l.log", env={"HFBUILD_NO_REMOTE": "1"})
     assert {s: fp for s, fp, _ in got} == {s: _lock(local)[s][0] for s in ("feat", "lens")}
+    store = clone.path / ".hfbuild" / "objects"
+    assert all((store / fp[:2] / fp / "manifest.json").exists() for _, fp, _ in got)
