@@ -130,6 +130,8 @@ def main() -> None:
                 "127.0.0.1",
                 "--include-dashboard=false",
                 "--disable-usage-stats",
+                "--object-store-memory",
+                str(80 * 1024 * 1024),
                 "--temp-dir",
                 str(base / "ray"),
             ],

@@ -94,6 +94,8 @@ def cluster(
         "127.0.0.1",
         "--block",
         "--disable-usage-stats",
+        "--object-store-memory",
+        str(80 * 1024 * 1024),  # tiny data; leave the shared machine's memory alone
     ]
     procs: list[subprocess.Popen[bytes]] = []
     try:
