@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -98,20 +100,24 @@ def cluster(
         str(80 * 1024 * 1024),  # tiny data; leave the shared machine's memory alone
     ]
     procs: list[subprocess.Popen[bytes]] = []
+    short = tempfile.mkdtemp(prefix="hfr-", dir="/tmp")
     try:
         head = [RAY, "start", "--head", "--port", str(port), "--include-dashboard=false"]
-        head += ["--temp-dir", str(base / "t"), *common]
+        # Ray's sockets live under --temp-dir, and a Unix socket path is at most 107 bytes:
+        # pytest's directories (deeper under xdist) are too long for it.
+        head += ["--temp-dir", short, *common]
         procs.append(_popen(head, env, base / "head.log"))
         address = f"127.0.0.1:{port}"
-        _wait_for(address, env, nodes=1)
+        _wait_for(address, env, 1, procs[-1], base / "head.log")
         procs.append(_popen([RAY, "start", "--address", address, *common], env, base / "n2.log"))
-        _wait_for(address, env, nodes=2)
+        _wait_for(address, env, 2, procs[-1], base / "n2.log")
         yield {
             "RAY_ADDRESS": address,
             **{k: env[k] for k in env if k.startswith(("AWS", "FSSPEC"))},
         }
     finally:
         _stop(procs)
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def _popen(cmd: list[str], env: dict[str, str], log: pathlib.Path) -> subprocess.Popen[bytes]:
@@ -121,7 +127,13 @@ def _popen(cmd: list[str], env: dict[str, str], log: pathlib.Path) -> subprocess
         )
 
 
-def _wait_for(address: str, env: dict[str, str], nodes: int) -> None:
+def _wait_for(
+    address: str,
+    env: dict[str, str],
+    nodes: int,
+    proc: subprocess.Popen[bytes],
+    log: pathlib.Path,
+) -> None:
     code = (
         "import ray, sys, time\n"
         f"ray.init(address={address!r}, logging_level='ERROR')\n"
@@ -133,6 +145,8 @@ def _wait_for(address: str, env: dict[str, str], nodes: int) -> None:
     )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"ray start exited:\n{log.read_text()[-3000:]}")
         out = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, check=False
         )
