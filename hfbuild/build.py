@@ -3,8 +3,9 @@
 Owns: the order of a build (the store, else the remote cache, else build the inputs and then
 the stage under its per-fingerprint lock), setting a damaged entry aside, publishing the result
 with its stored manifest, pushing it when HFBUILD_PUSH=1, and turning a full disk into a
-`StoreError`. Running the transform itself is `builder`'s job (imported only here, when
-something is really built).
+`StoreError`. Where a missing entry is built is the executor's choice (`executor`: here, by
+`build_here`, or on a Ray cluster); running the transform itself is `builder`'s job (imported
+only here, when something is really built).
 
 Must never: decide freshness from anything but the store holding the stage's fingerprint, or
 leave a partly built entry where the store would find it.
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from hfbuild import liveness
 from hfbuild.errors import CorruptEntryWarning, RemoteWarning, StoreError
+from hfbuild.executor import Unit, choose
 from hfbuild.fingerprint import Manifest, check_dirty
 from hfbuild.fullkey import full_key, observing
 from hfbuild.remote import RemoteError
@@ -32,10 +34,16 @@ if TYPE_CHECKING:
 
 
 def build(
-    pipe: Pipeline, name: str, *, log: Callable[[str], None] | None = None, record: bool = True
+    pipe: Pipeline,
+    name: str,
+    *,
+    log: Callable[[str], None] | None = None,
+    record: bool = True,
+    executor: str | None = None,
 ) -> Report:
     """Build `name` (and any input it needs) unless the store has it. With `record`, the
-    stage's ref and hfbuild.lock entry are updated afterwards."""
+    stage's ref and hfbuild.lock entry are updated afterwards. `executor` names where missing
+    entries are built (see `executor.executor_name` for the default)."""
     manifests = pipe.manifests()
     m = manifests[name]
     fp = m.fingerprint
@@ -53,7 +61,7 @@ def build(
             manifests = pipe.manifests(fresh=True)
         for dep in spec.inputs:
             if not store.has(manifests[dep].fingerprint):
-                build(pipe, dep, log=log, record=record)
+                build(pipe, dep, log=log, record=record, executor=executor)
         manifests = pipe.manifests()  # an input's build may have changed its key
         m = manifests[name]
         fp = m.fingerprint
@@ -68,7 +76,8 @@ def build(
                 report = Report(name, fp, "built elsewhere", _rows(pipe, fp), 0.0)
             else:
                 _set_aside_if_corrupt(pipe, name, fp)
-                report = _build_locked(pipe, spec, m, manifests)
+                unit = Unit(spec, m, {i: manifests[i] for i in spec.inputs})
+                report = choose(pipe, executor).build(pipe, unit)
     fp = report.fingerprint
     store.touch(fp)
     if record:
@@ -123,9 +132,11 @@ def _rows(pipe: Pipeline, fp: str) -> Any:
     return (pipe.store.read_manifest(fp) or {}).get("rows")
 
 
-def _build_locked(
+def build_here(
     pipe: Pipeline, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]
 ) -> Report:
+    """Build one unit in this process and publish it in `pipe.store` (the caller holds the
+    lock of `m`'s static fingerprint); `manifests` holds at least the inputs'."""
     from hfbuild import builder
 
     store = pipe.store

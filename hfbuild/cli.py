@@ -73,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
             help="fsspec URL (default: $HFBUILD_REMOTE, "
             "else [tool.hfbuild] remote in pyproject.toml)",
         )
+    b = sub.add_parser("build", help="build stages (what `doit run` does), choosing the executor")
+    b.add_argument("stages", nargs="*", metavar="STAGE", help="default: every stage")
+    b.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        help="where missing results are built (default: $HFBUILD_EXECUTOR, else "
+        "[tool.hfbuild] executor in pyproject.toml, else local); ray needs a remote cache",
+    )
     g = sub.add_parser("gc", help="delete store entries nothing references")
     g.add_argument(
         "--keep-commits",
@@ -135,6 +143,10 @@ def _run(args: argparse.Namespace) -> int:
         from hfbuild.commands import transfer
 
         return int(getattr(transfer, args.command)(pipe, args.stages, args.remote))
+    if args.command == "build":
+        from hfbuild.commands.build import build
+
+        return build(pipe, args.stages, args.executor)
     if args.command == "gc":
         from hfbuild.commands.gc import gc
 

@@ -297,6 +297,28 @@ class Snapshot:
         with open(self.abspath(rel), "rb") as f:
             return f.read()
 
+    def content(self, rel: str, blob_id: str) -> bytes:
+        """The bytes whose blob id is `blob_id`, for the file at `rel`: from git's object
+        database when it holds that blob (a committed or staged file), else the file in the
+        work tree, checked against the id. Raises GitStateError when neither has it."""
+        found = self._repo_of(rel)
+        if found is not None:
+            try:
+                return self._blob_bytes(found[0], blob_id)
+            except (KeyError, ValueError):
+                pass  # not in the object database: an uncommitted file
+        try:
+            with open(self.abspath(rel), "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise GitStateError(f"{rel} cannot be read ({e.strerror}).") from e
+        if hash_bytes(data) != blob_id:
+            raise GitStateError(
+                f"{rel} changed after its fingerprint was taken (blob {blob_id} expected): "
+                f"run the build again."
+            )
+        return data
+
     def clean_id(self, rel: str) -> str | None:
         """The index's blob id when the file is tracked and unmodified, else None. Never
         hashes an untracked file (data files can be large)."""

@@ -1,9 +1,14 @@
 """The remote cache: store entries shared by fingerprint over any fsspec filesystem.
 
-Owns: the remote layout (`<url>/objects/<fp[:2]>/<fp>/` holding the entry's data files and,
-written last, its `manifest.json`), uploading and downloading entries, and checking a download
-(safe paths, sizes, then the full output content hash) before it is published into the local
-store. An upload without its manifest is invisible: pull never takes it.
+Owns: the remote layout (`<url>/objects/<fp[:2]>/<fp>/` holding the entry's data files under
+a name unique to the upload, `data-<uuid>/`, and, written last, its `manifest.json` naming that
+directory), uploading and downloading entries, and checking a download (safe paths, sizes, then
+the full output content hash) before it is published into the local store. An upload without
+its manifest is invisible: pull never takes it. Publishing is first-writer-wins without a
+lock server: the manifest is written create-only (S3's `If-None-Match: *` through s3fs's
+`mode="create"`; a hard link, which fails on an existing name, for file://), and an upload
+that loses the race deletes its own data directory. Entries written before the unique names
+(`data/`, no `data_dir` in the manifest) are still read.
 
 Must never: unpickle or execute anything downloaded, write outside the store's build
 directory, trust a path or fingerprint the remote names, or read credentials itself (fsspec's
@@ -12,17 +17,19 @@ own configuration does, e.g. FSSPEC_S3_ENDPOINT_URL or the AWS_* variables).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
 import re
 import shutil
 import sys
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from hfbuild.errors import HfbuildError, StoreError
-from hfbuild.store import MANIFEST, Store, safe_rel
+from hfbuild.store import MANIFEST, Store, manifest_digest, safe_rel
 
 _PROGRESS_BYTES = 4 * 1024 * 1024  # transfers above this show a progress bar
 
@@ -53,6 +60,9 @@ def remote_url(root: str, explicit: str | None = None) -> str | None:
         raise RemoteError(f"{path} cannot be read ({e}); fix it or set HFBUILD_REMOTE.") from e
     url = doc.get("tool", {}).get("hfbuild", {}).get("remote")
     return str(url) if url else None
+
+
+_DATA_DIR = re.compile(r"^data(-[0-9a-f]{32})?$")
 
 
 def _check_fp(fp: str) -> str:
@@ -106,8 +116,9 @@ class Remote:
             raise RemoteError(f"cannot reach {self.url}: {e}") from e
 
     def push(self, store: Store, fp: str, label: str) -> int:
-        """Upload a local entry: data files first, the manifest last. Returns bytes sent (0
-        when the remote already had it)."""
+        """Upload a local entry: data files first, under a directory unique to this upload,
+        then the manifest, create-only. Returns bytes sent; 0 when the remote already had the
+        entry, or another upload published it first (this upload's data is then deleted)."""
         if self.has(fp):
             return 0
         doc = store.read_manifest(fp)
@@ -115,14 +126,15 @@ class Remote:
             raise StoreError(f"{label}: the local store has no complete entry {fp} to push.")
         files: Mapping[str, int] = doc["files"]
         # A result made of shards: every shard first (each an entry of its own), its list last.
-        total = sum(self.push(store, key, label) for key in store.references(fp, doc))
-        total += sum(files.values())
+        shard_bytes = sum(self.push(store, key, label) for key in store.references(fp, doc))
+        total = sum(files.values())
+        data_dir = f"data-{uuid.uuid4().hex}"
         try:
             made: set[str] = set()
             with _progress(total, f"push {label}") as bar:
                 for rel, size in sorted(files.items()):
                     local = os.path.join(store.data_path(fp), *rel.split("/"))
-                    key = self._key(fp, f"data/{rel}")
+                    key = self._key(fp, f"{data_dir}/{rel}")
                     parent = posixpath.dirname(key)
                     if parent not in made:  # a no-op on object stores, needed on file://
                         self.fs.makedirs(parent, exist_ok=True)
@@ -131,10 +143,49 @@ class Remote:
                     bar.update(size)
             if not files:  # a list of shards: the manifest is the entry's only file
                 self.fs.makedirs(posixpath.dirname(self._key(fp, MANIFEST)), exist_ok=True)
-            self.fs.pipe_file(self._key(fp, MANIFEST), json.dumps(doc, sort_keys=True).encode())
+            published = {**doc, "data_dir": data_dir}
+            published["manifest_digest"] = manifest_digest(published)  # still self-checking
+            body = json.dumps(published, sort_keys=True).encode()
+            won = self._create(self._key(fp, MANIFEST), body)
         except OSError as e:
+            self._discard(fp, data_dir)
             raise RemoteError(f"pushing {label} ({fp}) to {self.url} failed: {e}") from e
-        return total
+        if not won:
+            self._discard(fp, data_dir)
+            return shard_bytes
+        return shard_bytes + total
+
+    def _create(self, key: str, body: bytes) -> bool:
+        """Write `body` at `key` only if nothing is there; False when something was."""
+        from fsspec.implementations.local import LocalFileSystem
+
+        if isinstance(self.fs, LocalFileSystem):
+            # A complete file under a unique name, then a hard link to the manifest's name:
+            # link(2) fails on an existing name, so readers never see half a manifest.
+            tmp = f"{key}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, key)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+            return True
+        try:
+            # s3fs sends `If-None-Match: *`: S3 refuses the write when the key exists.
+            self.fs.pipe_file(key, body, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    def _discard(self, fp: str, data_dir: str) -> None:
+        """Delete an upload's data directory (it lost the race, or failed half-way)."""
+        # Invisible without a manifest naming it: failing to delete costs space only.
+        with contextlib.suppress(OSError, ValueError):
+            self.fs.rm(self._key(fp, data_dir), recursive=True)
 
     def pull(self, store: Store, fp: str, label: str) -> int:
         """Download a remote entry into the store, after checking it; returns bytes received,
@@ -143,44 +194,57 @@ class Remote:
         doc = self.read_manifest(fp)
         if doc is None:
             return 0
-        files: Mapping[str, int] = doc["files"]
+        with store.lock(fp):
+            return self.pull_held(store, fp, label, doc)
+
+    def pull_held(
+        self, store: Store, fp: str, label: str, doc: Mapping[str, Any] | None = None
+    ) -> int:
+        """`pull`, for a caller already holding the store's lock for `fp`."""
+        if doc is None:
+            doc = self.read_manifest(fp)
+            if doc is None:
+                return 0
+        if store.has(fp):
+            return 0
         # A result made of shards: each shard is pulled (and checked) first, its list last.
-        shards = store.references(fp, doc)
+        shards = store.references(fp, dict(doc))
         got = sum(self.pull(store, key, label) for key in shards if not store.has(key))
         if any(not store.has(key) for key in shards):
             raise RemoteError(f"remote entry {fp} ({label}) lists a shard it lacks; not used.")
-        with store.lock(fp):
-            if store.has(fp):
-                return got
-            tmp = store.new_build_dir(fp)
-            try:
-                total = got + sum(files.values())
-                with _progress(total, f"pull {label}") as bar:
-                    for rel, size in sorted(files.items()):
-                        local = os.path.join(tmp, "data", *rel.split("/"))
-                        os.makedirs(os.path.dirname(local), exist_ok=True)
-                        self.fs.get_file(self._key(fp, f"data/{rel}"), local)
-                        if os.path.getsize(local) != size:
-                            raise RemoteError(
-                                f"remote entry {fp} ({label}): {rel} is {os.path.getsize(local)} "
-                                f"bytes, its manifest says {size}; not used."
-                            )
-                        bar.update(size)
-                _check_content(tmp, fp, doc, label)
-                meta = {
-                    k: v
-                    for k, v in doc.items()
-                    if k not in ("fingerprint", "files", "manifest_digest")
-                }
-                store.publish(tmp, fp, meta)
-            except OSError as e:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise RemoteError(
-                    f"remote entry {fp} ({label}) could not be downloaded ({e}); not used."
-                ) from e
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+        files: Mapping[str, int] = doc["files"]
+        data_dir = doc.get("data_dir", "data")
+        if not isinstance(data_dir, str) or not _DATA_DIR.match(data_dir):
+            raise RemoteError(f"remote entry {fp} names an unsafe data directory; not used.")
+        tmp = store.new_build_dir(fp)
+        try:
+            total = got + sum(files.values())
+            with _progress(total, f"pull {label}") as bar:
+                for rel, size in sorted(files.items()):
+                    local = os.path.join(tmp, "data", *rel.split("/"))
+                    os.makedirs(os.path.dirname(local), exist_ok=True)
+                    self.fs.get_file(self._key(fp, f"{data_dir}/{rel}"), local)
+                    if os.path.getsize(local) != size:
+                        raise RemoteError(
+                            f"remote entry {fp} ({label}): {rel} is {os.path.getsize(local)} "
+                            f"bytes, its manifest says {size}; not used."
+                        )
+                    bar.update(size)
+            _check_content(tmp, fp, doc, label)
+            meta = {
+                k: v
+                for k, v in doc.items()
+                if k not in ("fingerprint", "files", "manifest_digest", "data_dir")
+            }
+            store.publish(tmp, fp, meta)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RemoteError(
+                f"remote entry {fp} ({label}) could not be downloaded ({e}); not used."
+            ) from e
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return total
 
 

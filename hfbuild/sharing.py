@@ -19,6 +19,7 @@ import contextlib
 import grp
 import os
 import pwd
+import re
 import stat
 import subprocess
 import sys
@@ -199,10 +200,59 @@ sys.exit(1)
 """
 
 
+def mount_of(directory: str, table: str = "/proc/mounts") -> tuple[str, str, set[str]] | None:
+    """(mount point, file system type, options) of the mount holding `directory`, read from
+    the kernel's mount table; None where there is none (not Linux)."""
+    try:
+        with open(table, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    real = os.path.realpath(directory)
+    best: tuple[str, str, set[str]] | None = None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        # Spaces, tabs and backslashes in mount points are octal escapes in the table.
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, parts[2], set(parts[3].split(",")))
+    return best
+
+
+def local_only_flock(directory: str, table: str = "/proc/mounts") -> str | None:
+    """Why flock in `directory` locks only this machine's processes, when its mount says so:
+    an NFS mount with `local_lock=flock` or `local_lock=all`, a Lustre mount with
+    `localflock`. The probe between two processes of this machine passes there, yet builds
+    on two machines would not exclude each other."""
+    found = mount_of(directory, table)
+    if found is None:
+        return None
+    point, fstype, options = found
+    local = None
+    if fstype.startswith("nfs") and options & {"local_lock=flock", "local_lock=all"}:
+        local = next(o for o in sorted(options) if o.startswith("local_lock="))
+    elif fstype == "lustre" and "localflock" in options:
+        local = "localflock"
+    if local is None:
+        return None
+    return (
+        f"it is on {fstype} mounted at {point} with {local}: flock there locks only this "
+        f"machine's processes, so builds on two machines would not exclude each other"
+    )
+
+
 def flock_problem(directory: str) -> str | None:
     """Why flock (what filelock uses) does not lock files in `directory` between processes,
-    or None when it does: lock a file here, and check another process is refused it."""
+    or None when it does: the mount's options (`local_only_flock`), then lock a file here and
+    check another process is refused it."""
     import fcntl
+
+    local = local_only_flock(directory)
+    if local is not None:
+        return local
 
     try:
         fd, path = tempfile.mkstemp(dir=directory, prefix=".hfbuild-flock-probe-")

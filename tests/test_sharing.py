@@ -286,3 +286,29 @@ def test_doctor_flags_a_group_store_made_without_setgid(team: Team) -> None:
     out = team.run(b, "doit", "run", "preprocess", **env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert team.calls(b) == {}
+
+
+MOUNTS = """\
+/dev/sda1 / ext4 rw,relatime 0 0
+fs1:/export /shared nfs4 rw,vers=4.2,local_lock=none,addr=10.0.0.1 0 0
+fs1:/scratch /shared/local\\040lock nfs4 rw,vers=4.2,local_lock=flock,addr=10.0.0.1 0 0
+10.0.0.2@tcp:/lfs /lustre lustre rw,localflock,lazystatfs 0 0
+10.0.0.2@tcp:/lfs2 /lustre2 lustre rw,flock,lazystatfs 0 0
+"""
+
+
+def test_flock_local_to_one_machine_is_detected_from_the_mount(tmp_path: pathlib.Path) -> None:
+    """A store on NFS mounted with local_lock=flock, or on Lustre with localflock (where
+    flock silently excludes only this machine's processes), is named with its mount; NFS
+    with real locking, Lustre with cluster-wide flock and local disks are not."""
+    from hfbuild.sharing import local_only_flock
+
+    table = tmp_path / "mounts"
+    table.write_text(MOUNTS)
+    nfs_local = local_only_flock("/shared/local lock/hfbuild", str(table))
+    assert nfs_local is not None
+    assert "nfs4 mounted at /shared/local lock with local_lock=flock" in nfs_local
+    lustre = local_only_flock("/lustre/team/store", str(table))
+    assert lustre is not None and "lustre mounted at /lustre with localflock" in lustre
+    for fine in ("/shared/hfbuild", "/lustre2/store", "/home/me/store"):
+        assert local_only_flock(fine, str(table)) is None, fine

@@ -1,0 +1,370 @@
+"""Building units of work on a Ray cluster, sharing them through the remote cache.
+
+The driver (the process running doit or `hfbuild build`) computes every key, as always; only
+units whose entry is missing travel. Each unit becomes one Ray task whose `runtime_env`
+carries the *fingerprinted tree*: the files the unit's key names (closure code, file_deps,
+data files, files earlier builds read at run time) at exactly the blob ids the key holds, read
+from git's object database (the work tree only for uncommitted files, checked against the id),
+plus pyproject.toml. Nothing the worker happens to have on disk is used. The task pulls the
+unit's inputs from the remote (each checked as every pull is), recomputes the unit's static
+key from what it received (the shipped tree is not a git work tree: its files are identified
+by the blob ids of their bytes, the same ids), refuses to build under a different one, builds
+with the same code as a local build (`build.build_here`), and publishes to the remote
+first-writer-wins (`remote.Remote.push`). The driver then pulls the entry into its own store,
+so freshness is still "the store holds the key".
+
+Owns: the tree a unit ships with, the Ray task and its worker side (a node-local store:
+$HFBUILD_STORE on the worker, else `<tmp>/hfbuild-ray-<uid>`), waiting with per-stage progress,
+cancelling outstanding tasks on Ctrl-C, and turning a task's failure into the same error a
+local build gives.
+
+Must never: import ray outside a build on the Ray executor, publish under a key the worker did
+not recompute, or run code the shipped tree does not hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
+
+from hfbuild.errors import BuildError, ConfigError, HfbuildError, StoreError
+from hfbuild.spec import Report
+
+if TYPE_CHECKING:
+    from hfbuild.executor import Unit
+    from hfbuild.fingerprint import Manifest
+    from hfbuild.pipeline import Pipeline
+    from hfbuild.remote import Remote
+
+# A worker killed mid-task (OOM, preemption, SIGKILL) is retried this many times by Ray.
+MAX_RETRIES = 3
+_DRIVER = uuid.uuid4().hex  # this driver process, in the trees it ships (not in any key)
+
+
+class RayExecutor:
+    """Builds units as Ray tasks; the cluster is Ray's own RAY_ADDRESS (else `ray.init()`'s
+    default: a running local cluster, or a new one)."""
+
+    def build(self, pipe: Pipeline, unit: Unit) -> Report:
+        return build_units(pipe, [unit], unit.spec.name)[0]
+
+    def build_all(self, pipe: Pipeline, units: Sequence[Unit], label: str) -> list[Report]:
+        """All submitted at once: the cluster runs them in parallel."""
+        return build_units(pipe, units, label)
+
+
+def build_units(pipe: Pipeline, units: Sequence[Unit], label: str) -> list[Report]:
+    """Build `units` (one stage's) on the cluster and publish each into `pipe.store`. The
+    caller holds the store's lock for each unit's static fingerprint."""
+    remote = pipe.remote()
+    if remote is None:
+        raise ConfigError(
+            f"stage {label!r}: the Ray executor needs a remote cache, where workers read "
+            f"their inputs and publish their results: set HFBUILD_REMOTE or [tool.hfbuild] "
+            f"remote (an fsspec URL every node can reach, e.g. s3://bucket/hfbuild)."
+        )
+    _connect()
+    for unit in units:
+        for name, fp in zip(unit.spec.inputs, unit.input_keys, strict=True):
+            _ensure_remote(pipe, remote, name, fp)
+    refs = [_submit(pipe, remote, u) for u in units]
+    t0 = time.perf_counter()
+    results = _wait(refs, label)
+    reports = []
+    for unit, res in zip(units, results, strict=True):
+        reports.append(_fetch(pipe, remote, unit, res, time.perf_counter() - t0))
+    return reports
+
+
+def _connect() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS is read by ray.init itself. Workers' output stays in Ray's logs.
+        ray.init(log_to_driver=False, logging_level=logging.WARNING)
+
+
+def _ensure_remote(pipe: Pipeline, remote: Remote, name: str, fp: str) -> None:
+    """An input built or pulled here must be on the remote before a worker reads it."""
+    from hfbuild.remote import RemoteError
+
+    try:
+        remote.push(pipe.store, fp, name)
+    except (RemoteError, StoreError) as e:
+        raise BuildError(f"input {name!r} cannot be shared with the cluster: {e}") from e
+
+
+# -- what travels -------------------------------------------------------------------------------
+
+
+def shipped_files(m: Manifest) -> list[tuple[str, str]]:
+    """[repo-relative path, blob id] of every file the key of `m` names: its closure, its
+    file_deps, its data files and the files its builds were seen to read."""
+    from hfbuild.fullkey import in_static_key
+
+    doc = m.doc
+    pairs = {str(p): str(i) for p, i in (doc.get("code") or {}).get("files", [])}
+    pairs.update({str(p): str(i) for p, i in doc.get("file_deps") or []})
+    files = (doc.get("data") or {}).get("files")
+    groups: Any = files.values() if isinstance(files, dict) else [files or []]
+    for group in groups:
+        pairs.update({str(p): str(i) for p, i in group})
+    pairs.update({p: i for p, i in m.observed if i != "missing"})
+    outside = sorted(p for p in pairs if p.startswith("<outside>/"))
+    if outside:
+        raise ConfigError(
+            f"the Ray executor ships the files a stage's key names, and {', '.join(outside)} "
+            f"lie outside the project: move them into the repository."
+        )
+    assert set(pairs) >= in_static_key(doc)
+    return sorted(pairs.items())
+
+
+@contextlib.contextmanager
+def _tree(pipe: Pipeline, m: Manifest) -> Iterator[str]:
+    """A temporary directory holding the unit's fingerprinted tree, as the key names it."""
+    from hfbuild.gitstate import Snapshot
+
+    snap = Snapshot(pipe.root)
+    with tempfile.TemporaryDirectory(prefix="hfbuild-ray-tree-") as d:
+        for rel, blob in shipped_files(m):
+            dest = os.path.join(d, *rel.split("/"))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with open(dest, "wb") as f:
+                f.write(snap.content(rel, blob))
+        # Ray deletes a package's unpacked copy on a node when the job that uploaded it
+        # ends, even while another job's task runs in it: one package per driver process.
+        with open(os.path.join(d, ".hfbuild-driver"), "w") as f:
+            f.write(_DRIVER)
+        pyproject = os.path.join(pipe.root, "pyproject.toml")
+        if os.path.isfile(pyproject) and not os.path.exists(os.path.join(d, "pyproject.toml")):
+            with open(pyproject, "rb") as src, open(os.path.join(d, "pyproject.toml"), "wb") as f:
+                f.write(src.read())  # settings (untracked-env, secret-salt), not in any key
+        yield d
+
+
+def _import_dirs(root: str) -> list[str]:
+    """The driver's import path entries inside the project, relative to its root: the worker
+    puts the same ones (inside the shipped tree) on its own path."""
+    real = os.path.realpath(root)
+    out = []
+    for p in sys.path:
+        full = os.path.realpath(p or os.getcwd())
+        if full == real or full.startswith(real + os.sep):
+            rel = os.path.relpath(full, real).replace(os.sep, "/")
+            if rel not in out:
+                out.append(rel)
+    return out
+
+
+def _env(pipe: Pipeline, m: Manifest) -> dict[str, str]:
+    """The variables the unit's code reads (those in its key, and the project's
+    untracked-env ones), with the driver's values: the worker's own environment must not
+    change the key or the result."""
+    from hfbuild.envvars import project_settings
+
+    names = {str(n) for n, _ in m.doc.get("env") or []}
+    names |= set(project_settings(pipe.root).untracked)
+    return {n: os.environ[n] for n in sorted(names) if n in os.environ}
+
+
+def _submit(pipe: Pipeline, remote: Remote, unit: Unit) -> Any:
+    from ray import cloudpickle
+
+    job = {
+        "stage": unit.spec.name,
+        "static": unit.manifest.static_fingerprint,
+        "doc": dict(unit.manifest.doc),
+        "inputs": dict(zip(unit.spec.inputs, unit.input_keys, strict=True)),
+        "remote": remote.url,
+        "paths": _import_dirs(pipe.root),
+        "driver_root": pipe.root,
+    }
+    # The spec is pickled here and unpickled by the task once the shipped tree is on its
+    # path: its callable travels by module and name, never as code.
+    spec: bytes = cloudpickle.dumps(unit.spec)  # type: ignore[no-untyped-call]
+    env = {"working_dir": _upload_tree(pipe, unit.manifest), "env_vars": _env(pipe, unit.manifest)}
+    return _task().options(name=f"hfbuild:{unit.spec.name}", runtime_env=env).remote(job, spec)
+
+
+def _upload_tree(pipe: Pipeline, m: Manifest) -> str:
+    """Pack the unit's tree and upload it to the cluster; its URI. Ray names a package by
+    the hash of its files and uploads it once, so units of one code share one package. Only
+    a job's own runtime_env may name a local directory: a task's must name an uploaded
+    package, hence Ray's packaging functions, with no exclusion (every file of the tree is
+    named by the key; a shipped .gitignore must not drop one)."""
+    from ray._private.runtime_env.packaging import (
+        get_uri_for_directory,
+        upload_package_if_needed,
+    )
+
+    with _tree(pipe, m) as tree, tempfile.TemporaryDirectory(prefix="hfbuild-ray-pkg-") as tmp:
+        uri = str(get_uri_for_directory(tree, include_gitignore=False, excludes=[]))
+        upload_package_if_needed(uri, tmp, tree, include_gitignore=False, excludes=[])
+    return uri
+
+
+@functools.cache
+def _task() -> Any:
+    import ray
+
+    return ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(run_unit)
+
+
+def _wait(refs: list[Any], label: str) -> list[dict[str, Any]]:
+    """Each task's result, showing units done / total for the stage; Ctrl-C (or a failed
+    unit) cancels the tasks still outstanding."""
+    import ray
+    from tqdm.auto import tqdm
+
+    pending = list(refs)
+    results: dict[Any, dict[str, Any]] = {}
+    bar = tqdm(total=len(refs), desc=f"{label} on ray", unit="unit", file=sys.stderr, leave=False)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            for ref in done:
+                results[ref] = _result(ray, ref, label)
+                bar.update(1)
+    except BaseException:
+        for ref in pending:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        raise
+    finally:
+        bar.close()
+    print(f"{label}: {len(refs)}/{len(refs)} units built on ray", file=sys.stderr)
+    return [results[r] for r in refs]
+
+
+def _result(ray: Any, ref: Any, label: str) -> dict[str, Any]:
+    try:
+        res = cast(dict[str, Any], ray.get(ref))
+    except ray.exceptions.WorkerCrashedError as e:
+        raise BuildError(
+            f"stage {label!r}: the Ray worker building it died {MAX_RETRIES + 1} times "
+            f"({e}). Nothing was published; look at the node's memory and Ray's logs."
+        ) from e
+    except ray.exceptions.RayError as e:
+        raise BuildError(f"stage {label!r}: the Ray task failed: {e}") from e
+    if "error" in res:
+        raise BuildError(str(res["error"]))
+    return res
+
+
+def _fetch(
+    pipe: Pipeline, remote: Remote, unit: Unit, res: Mapping[str, Any], secs: float
+) -> Report:
+    """Bring the entry a worker published into the driver's store."""
+    fp = str(res["fingerprint"])
+    m = unit.manifest
+    store = pipe.store
+    held = contextlib.nullcontext() if fp == m.static_fingerprint else store.lock(fp)
+    with held:
+        remote.pull_held(store, fp, unit.spec.name)
+    if not store.has(fp):
+        raise BuildError(
+            f"stage {unit.spec.name!r}: a Ray worker published {fp}, but the remote "
+            f"{remote.url} does not hold it; build again."
+        )
+    observed = [str(p) for p, _ in (store.read_manifest(fp) or {}).get("observed") or []]
+    if observed:
+        store.add_observed(m.static_fingerprint, observed)
+    if fp != m.fingerprint:
+        pipe.manifests(fresh=True)  # the stages after this one take the key it was built under
+    return Report(unit.spec.name, fp, "built", res.get("rows"), float(res.get("seconds", secs)))
+
+
+# -- the worker side ---------------------------------------------------------------------------
+
+
+class _Key(NamedTuple):
+    """An input as the worker knows it: only its key."""
+
+    fingerprint: str
+
+
+def worker_store() -> str:
+    """The node-local store a worker builds in and caches inputs in."""
+    explicit = os.environ.get("HFBUILD_STORE")
+    if explicit:
+        return explicit
+    return os.path.join(tempfile.gettempdir(), f"hfbuild-ray-{os.getuid()}")
+
+
+def run_unit(job: dict[str, Any], spec_bytes: bytes) -> dict[str, Any]:
+    """The Ray task: build one unit from the shipped tree (the task's working directory) and
+    publish it to the remote. A user error comes back as {"error": message}."""
+    root = os.getcwd()
+    try:
+        return _run_unit(root, job, spec_bytes)
+    except HfbuildError as e:
+        return {"error": str(e).replace(root, str(job["driver_root"]))}
+
+
+def _run_unit(root: str, job: dict[str, Any], spec_bytes: bytes) -> dict[str, Any]:
+    from ray import cloudpickle
+
+    from hfbuild.build import build_here
+    from hfbuild.diff import diff
+    from hfbuild.gitstate import Snapshot
+    from hfbuild.pipeline import Pipeline
+    from hfbuild.remote import Remote
+    from hfbuild.store import Store
+
+    # Ray puts the driver's working directory on a worker's path (for clusters whose nodes
+    # share a file system): the project's code must come from the shipped tree alone.
+    driver = os.path.realpath(str(job["driver_root"]))
+    sys.path[:] = [
+        p for p in sys.path if not (os.path.realpath(p or ".") + os.sep).startswith(driver + os.sep)
+    ]
+    for rel in reversed(job["paths"]):
+        p = os.path.normpath(os.path.join(root, rel))
+        if p in sys.path:
+            sys.path.remove(p)
+        sys.path.insert(0, p)
+    spec = cloudpickle.loads(spec_bytes)
+    name = str(job["stage"])
+    store = Store(worker_store())
+    remote = Remote(str(job["remote"]))
+    inputs: dict[str, str] = job["inputs"]
+    for dep, fp in inputs.items():
+        if not store.has(fp):
+            remote.pull(store, fp, dep)
+        if not store.has(fp):
+            raise BuildError(
+                f"stage {name!r}: its input {dep!r} ({fp}) is not on the remote {remote.url}."
+            )
+    pipe = Pipeline(store.root, root=root, remote=False)
+    done = cast("Mapping[str, Manifest]", {d: _Key(fp) for d, fp in inputs.items()})
+    m = pipe._manifest(spec, Snapshot(root), done)
+    if m.static_fingerprint != job["static"]:
+        changes = "; ".join(c.describe() for c in diff(job["doc"], m.doc)[:5])
+        raise BuildError(
+            f"stage {name!r}: the Ray worker computed the key {m.static_fingerprint} from the "
+            f"tree it received, not the driver's {job['static']} ({changes or 'same parts'}). "
+            f"Nothing was published. The worker's environment differs from the driver's "
+            f"(packages, Python): run the cluster from the same environment."
+        )
+    t0 = time.perf_counter()
+    with store.lock(m.static_fingerprint):
+        if store.has(m.fingerprint):  # a retried task whose first attempt built it here
+            doc = store.read_manifest(m.fingerprint) or {}
+            report = Report(name, m.fingerprint, "built", doc.get("rows"), 0.0)
+        else:
+            report = build_here(pipe, spec, m, done)
+    fp = report.fingerprint
+    remote.push(store, fp, name)
+    return {
+        "fingerprint": fp,
+        "rows": report.rows,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

@@ -1,0 +1,485 @@
+"""Building on a real Ray cluster on loopback (a head and a second node, 1 CPU each), sharing
+results through a real S3 server (moto) as the remote cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.helpers import Repo
+from tests.pipeline_project import calls, doit, expected, make_project, results
+from tests.test_remote import s3_server  # noqa: F401  (the session's moto server)
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+STAGES = ("raw", "feat", "kept", "split", "lens")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _session_pids(pgids: set[int]) -> list[int]:
+    """Processes still alive in the cluster's process groups."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            if os.getpgid(int(d)) in pgids:
+                out.append(int(d))
+        except OSError:
+            continue
+    return out
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the nodes this fixture started, by their process groups: `ray start --block`
+    stops its node's processes on SIGTERM; anything left in the groups is then killed."""
+    pgids = {p.pid for p in procs}
+    for p in reversed(procs):
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while _session_pids(pgids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in _session_pids(pgids):
+        os.kill(pid, signal.SIGKILL)
+    for p in procs:
+        p.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+    s3_server: str,  # noqa: F811
+) -> Iterator[dict[str, str]]:
+    """A Ray head and a second node, each with 1 CPU, on 127.0.0.1, their temporary files
+    under the test's tmp; the environment a driver needs to use them and the S3 server."""
+    base = tmp_path_factory.mktemp("ray")
+    home = base / "home"
+    home.mkdir()
+    port = _free_port()
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "TMPDIR": str(base),
+        "HF_HOME": str(home / "hf"),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": s3_server,
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("HFBUILD_STORE", None)
+    common = [
+        "--num-cpus",
+        "1",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--block",
+        "--disable-usage-stats",
+        "--object-store-memory",
+        str(80 * 1024 * 1024),  # tiny data; leave the shared machine's memory alone
+    ]
+    procs: list[subprocess.Popen[bytes]] = []
+    short = tempfile.mkdtemp(prefix="hfr-", dir="/tmp")
+    try:
+        head = [RAY, "start", "--head", "--port", str(port), "--include-dashboard=false"]
+        # Ray's sockets live under --temp-dir, and a Unix socket path is at most 107 bytes:
+        # pytest's directories (deeper under xdist) are too long for it.
+        head += ["--temp-dir", short, *common]
+        procs.append(_popen(head, env, base / "head.log"))
+        address = f"127.0.0.1:{port}"
+        _wait_for(address, env, 1, procs[-1], base / "head.log")
+        procs.append(_popen([RAY, "start", "--address", address, *common], env, base / "n2.log"))
+        _wait_for(address, env, 2, procs[-1], base / "n2.log")
+        yield {
+            "RAY_ADDRESS": address,
+            **{k: env[k] for k in env if k.startswith(("AWS", "FSSPEC"))},
+        }
+    finally:
+        _stop(procs)
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def _popen(cmd: list[str], env: dict[str, str], log: pathlib.Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as f:
+        return subprocess.Popen(
+            cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _wait_for(
+    address: str,
+    env: dict[str, str],
+    nodes: int,
+    proc: subprocess.Popen[bytes],
+    log: pathlib.Path,
+) -> None:
+    code = (
+        "import ray, sys, time\n"
+        f"ray.init(address={address!r}, logging_level='ERROR')\n"
+        "for _ in range(120):\n"
+        f"    if len([n for n in ray.nodes() if n['Alive']]) >= {nodes}:\n"
+        "        sys.exit(0)\n"
+        "    time.sleep(0.5)\n"
+        "sys.exit(1)\n"
+    )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"ray start exited:\n{log.read_text()[-3000:]}")
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, check=False
+        )
+        if out.returncode == 0:
+            return
+        time.sleep(1)
+    raise AssertionError(f"the Ray cluster at {address} did not come up with {nodes} nodes")
+
+
+@pytest.fixture
+def remote(cluster: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the session's S3 server, configured as the remote."""
+    import s3fs
+
+    for k, v in cluster.items():
+        monkeypatch.setenv(k, v)
+    fs = s3fs.S3FileSystem(
+        endpoint_url=cluster["FSSPEC_S3_ENDPOINT_URL"], key="testing", secret="testing"
+    )
+    bucket = f"hfbuild-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    url = f"s3://{bucket}/cache"
+    monkeypatch.setenv("HFBUILD_REMOTE", url)
+    return url
+
+
+RAY_ENV = {"HFBUILD_EXECUTOR": "ray"}
+
+
+def _lock(repo: Repo) -> dict[str, Any]:
+    stages: dict[str, Any] = json.loads((repo.path / "hfbuild.lock").read_text())["stages"]
+    return {s: (e["fingerprint"], e["content_hash"]) for s, e in stages.items()}
+
+
+def _remote_entries(url: str) -> dict[str, list[str]]:
+    """Each remote fingerprint with the names under its entry directory."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        endpoint_url=os.environ["FSSPEC_S3_ENDPOINT_URL"], key="testing", secret="testing"
+    )
+    base = url.removeprefix("s3://")
+    out: dict[str, list[str]] = {}
+    for path in fs.find(f"{base}/objects", withdirs=False):
+        fp = path.split("/objects/")[1].split("/")[1]
+        top = path.split(f"/{fp}/")[1].split("/")[0]
+        out.setdefault(fp, [])
+        if top not in out[fp]:
+            out[fp].append(top)
+    return {fp: sorted(v) for fp, v in out.items()}
+
+
+DEEP_CHECK = """
+import sys
+from hfbuild.remote import Remote
+from hfbuild.store import Store
+remote, store = Remote(sys.argv[1]), Store(sys.argv[2])
+for fp in sys.argv[3:]:
+    assert remote.pull(store, fp, fp) > 0 and store.has(fp), fp
+print(len(sys.argv) - 3)
+"""
+
+
+def _deep_check(url: str, tmp: pathlib.Path) -> int:
+    """Pull every remote entry into a fresh store in a fresh process: each download is
+    checked (sizes, then the full content hash) as `verify --deep` checks a store; a failing
+    one raises. Returns how many were checked."""
+    fps = list(_remote_entries(url))
+    out = subprocess.run(
+        [sys.executable, "-c", DEEP_CHECK, url, str(tmp), *fps],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip())
+
+
+def test_ray_build_is_reused_by_a_local_clone(
+    repo: Repo, tmp_path: pathlib.Path, remote: str
+) -> None:
+    """A clean clone builds every stage through Ray (progress shown per stage); a second
+    clone with the local executor builds nothing (all pulled from the remote); keys and
+    content hashes equal those of a local build in a fresh store without the remote."""
+    make_project(repo)
+    first = repo.clone(tmp_path / "first")
+    log = tmp_path / "first.log"
+    out = doit(first, "run", "preprocess", log=log, env=RAY_ENV)
+    assert calls(log) == {"feat": 1, "keep": 1, "split": 1, "lens": 1}
+    assert out.stdout.count(": built ") == 5
+    for stage in STAGES:
+        assert f"{stage}: 1/1 units built on ray" in out.stderr
+    entries = _remote_entries(remote)
+    assert len(entries) == 5 and all(len(v) == 2 for v in entries.values())  # data-*, manifest
+
+    second = repo.clone(tmp_path / "second")
+    log2 = tmp_path / "second.log"
+    out2 = doit(second, "run", "preprocess", log=log2)
+    assert calls(log2) == {}
+    assert out2.stdout.count("pulled") == 5
+
+    local = repo.clone(tmp_path / "local")
+    doit(local, "run", "preprocess", log=tmp_path / "local.log", env={"HFBUILD_NO_REMOTE": "1"})
+    assert _lock(first) == _lock(second) == _lock(local)
+    got = results(first)
+    assert got["kept"] == expected()["kept"] and got["lens"] == expected()["lens"]
+
+
+def test_two_drivers_racing_publish_each_entry_once(
+    repo: Repo, tmp_path: pathlib.Path, remote: str
+) -> None:
+    """Two drivers building the same pipeline through Ray at once both succeed with identical
+    results; every remote entry has one manifest and one data directory (a loser's copy is
+    deleted)."""
+    make_project(repo)
+    clones = [repo.clone(tmp_path / f"c{i}") for i in range(2)]
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "CALL_LOG": str(log), **RAY_ENV}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "doit", "run", "preprocess"],
+            cwd=c.path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for c in clones
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o + e for o, e in outs)
+    assert _lock(clones[0]) == _lock(clones[1])
+    entries = _remote_entries(remote)
+    assert len(entries) == 5
+    for names in entries.values():
+        assert len(names) == 2 and names[0].startswith("data-") and names[1] == "manifest.json"
+    assert _deep_check(remote, tmp_path / "check") == 5
+
+
+KILL_ONCE_LOG = """
+import os
+
+def log(stage):
+    marker = os.environ.get("KILL_ONCE", "")
+    if marker.startswith(stage + ":") and not os.path.exists(marker.split(":", 1)[1]):
+        open(marker.split(":", 1)[1], "w").close()  # the retry finds it and lives
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    with open(os.environ["CALL_LOG"], "a") as f:
+        f.write(stage + "\\n")
+"""
+
+
+def test_worker_killed_mid_task_is_retried(repo: Repo, tmp_path: pathlib.Path, remote: str) -> None:
+    """A Ray worker SIGKILLed inside a transform is retried by Ray: the build completes with
+    the right results, and every remote entry passes the full content check."""
+    make_project(repo)
+    repo.write(
+        {
+            "pkg/log.py": KILL_ONCE_LOG,
+            "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "KILL_ONCE"]\n',
+        },
+        commit="kill once",
+    )
+    clone = repo.clone(tmp_path / "clone")
+    log = tmp_path / "calls.log"
+    marker = tmp_path / "killed"
+    env = {**RAY_ENV, "KILL_ONCE": f"feat:{marker}"}
+    doit(clone, "run", "preprocess", log=log, env=env)
+    assert marker.exists()  # the first attempt died
+    assert calls(log)["feat"] == 1  # the second one finished (the first died before logging)
+    got = results(clone)
+    assert got["feat"] == expected()["feat"] and got["kept"] == expected()["kept"]
+    assert _deep_check(remote, tmp_path / "check") == 5
+
+
+BAD = {
+    "pkg/bad.py": """
+        def helper(x):
+            return 1 // (x - x)
+
+        def boom(batch):
+            return {"z": [helper(x) for x in batch["x"]]}
+        """,
+    "dodo.py": """
+        from hfbuild import Pipeline
+        from pkg import bad
+
+        pipe = Pipeline()
+        raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+        pipe.map("bad", raw, bad.boom, batched=True)
+
+
+        def task_preprocess():
+            yield from pipe.tasks()
+        """,
+}
+
+
+def _failure(out: subprocess.CompletedProcess[str]) -> str:
+    """The message doit printed for the failed task."""
+    text = out.stdout + out.stderr
+    start = text.index("stage 'bad' failed")
+    return text[start : text.index("run the build again.", start)]
+
+
+def test_failing_transform_fails_with_the_users_traceback(
+    repo: Repo, tmp_path: pathlib.Path, remote: str
+) -> None:
+    """A transform raising on a Ray worker fails the stage with the same message as a local
+    build: the exception and the traceback lines in the project's own files, named by the
+    driver's paths; nothing is published for it."""
+    make_project(repo)
+    repo.write(BAD, commit="bad stage")
+    clone = repo.clone(tmp_path / "clone")
+    log = tmp_path / "calls.log"
+    local = doit(clone, "run", "preprocess", log=log, check=False, env={"HFBUILD_NO_REMOTE": "1"})
+    on_ray = doit(clone, "run", "preprocess", log=log, check=False, env=RAY_ENV)
+    assert local.returncode != 0 and on_ray.returncode != 0
+    message = _failure(on_ray)
+    assert message == _failure(local)
+    assert "ZeroDivisionError: integer division or modulo by zero" in message
+    assert f'File "{clone.path}/pkg/bad.py", line 3, in helper' in message
+    assert len(_remote_entries(remote)) == 1  # raw only (pushed for the worker to read)
+
+
+SLOW = {
+    "pkg/slow.py": """
+        import os, time
+
+        def nap(batch):
+            with open(os.environ["NAP_PID"], "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(120)
+            return batch
+        """,
+    "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "KILL_IN", "NAP_PID"]\n',
+    "dodo.py": """
+        from hfbuild import Pipeline
+        from pkg import slow
+
+        pipe = Pipeline()
+        raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+        pipe.map("nap", raw, slow.nap, batched=True)
+
+
+        def task_preprocess():
+            yield from pipe.tasks()
+        """,
+}
+
+
+def test_ctrl_c_on_the_driver_cancels_its_tasks(
+    repo: Repo, tmp_path: pathlib.Path, remote: str
+) -> None:
+    """SIGINT to a driver waiting on the cluster stops it promptly and kills the worker
+    running its task; nothing is published for the stage."""
+    make_project(repo)
+    repo.write(SLOW, commit="slow stage")
+    clone = repo.clone(tmp_path / "clone")
+    pid_file = tmp_path / "nap.pid"
+    env = {**os.environ, "CALL_LOG": str(tmp_path / "c.log"), "NAP_PID": str(pid_file), **RAY_ENV}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "doit", "run", "preprocess"],
+        cwd=clone.path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    worker = int(pid_file.read_text())
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    deadline = time.monotonic() + 30
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(worker)
+    assert len(_remote_entries(remote)) == 1  # raw only
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+BUILD_ALL = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+from hfbuild.build import build
+from hfbuild.executor import Unit
+from hfbuild.ray_executor import RayExecutor
+
+pipe = dodo.pipe
+build(pipe, "raw")
+m = pipe.manifests()
+units = [Unit(pipe[s].spec, m[s], {"raw": m["raw"]}) for s in ("feat", "lens")]
+reports = RayExecutor().build_all(pipe, units, "two")
+print(json.dumps([[r.stage, r.fingerprint, r.action] for r in reports]))
+"""
+
+
+def test_units_of_one_call_run_at_once_with_progress(
+    repo: Repo, tmp_path: pathlib.Path, remote: str
+) -> None:
+    """Several units given to the Ray executor together are submitted at once and reported in
+    order, with the count of units done out of the total; each lands in the driver's store
+    under the key a local build gives it."""
+    make_project(repo)
+    clone = repo.clone(tmp_path / "clone")
+    out = subprocess.run(
+        [sys.executable, "-c", BUILD_ALL],
+        cwd=clone.path,
+        env={**os.environ, "PYTHONPATH": str(clone.path), "CALL_LOG": str(tmp_path / "c.log")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [(s, a) for s, _, a in got] == [("feat", "built"), ("lens", "built")]
+    assert "two: 2/2 units built on ray" in out.stderr
+    local = repo.clone(tmp_path / "local")
+    doit(local, "run", "preprocess", log=tmp_path / "l.log", env={"HFBUILD_NO_REMOTE": "1"})
+    assert {s: fp for s, fp, _ in got} == {s: _lock(local)[s][0] for s in ("feat", "lens")}
+    store = clone.path / ".hfbuild" / "objects"
+    assert all((store / fp[:2] / fp / "manifest.json").exists() for _, fp, _ in got)
