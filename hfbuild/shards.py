@@ -130,7 +130,10 @@ def for_load(spec: StageSpec, m: Manifest) -> Manifest:
 
 def transform_inputs(spec: StageSpec, parent: Manifest) -> tuple[ShardIn, ...] | None:
     """The shard inputs of a map/filter over `parent`, or None when it is not sharded."""
-    if spec.kind not in ("map", "filter") or parent.shards is None or not wanted(spec):
+    # `getattr`: a stand-in that knows only the input's fingerprint (a Ray worker's) has none.
+    if spec.kind not in ("map", "filter") or getattr(parent, "shards", None) is None:
+        return None
+    if not wanted(spec):
         return None
     if spec.options.get("batched") and spec.options.get("drop_last_batch"):
         return None  # which rows are dropped depends on the whole input: not row-local
