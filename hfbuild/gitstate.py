@@ -123,6 +123,9 @@ class Snapshot:
         self, root: str, mode: Mode = "worktree", code_cache: CodeCache | None = None
     ) -> None:
         self.root = os.path.realpath(root)
+        # On POSIX a repo-relative path is already a path below the root: joining it is a
+        # concatenation (a no-op in a big repo joins thousands of them).
+        self._prefix = self.root if self.root.endswith("/") else self.root + "/"
         self.mode: Mode = mode
         self.repo = _discover(self.root)
         # Work-tree blob ids by stat data, and import scans, remembered across processes.
@@ -175,6 +178,8 @@ class Snapshot:
         return r.replace(os.sep, "/")
 
     def abspath(self, rel: str) -> str:
+        if os.sep == "/":
+            return self._prefix + rel
         return os.path.join(self.root, *rel.split("/"))
 
     def _repo_of(self, rel: str) -> tuple[pygit2.Repository, str] | None:

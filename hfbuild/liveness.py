@@ -166,6 +166,10 @@ def check_loaded(ctx: Context) -> None:
     """Refuse when a module of the closure runs code its file no longer holds."""
     if ctx.snapshot.mode != "worktree":
         return  # the staged code is not what runs; nothing is built from this fingerprint
+    # Files already vouched for under this snapshot (stages share most of their closures):
+    # the same load against the same blob id passes again, as the snapshot's ids are as old.
+    done = ctx.snapshot.memo.setdefault("liveness", {})
+    assert isinstance(done, dict)
     for rel, fid in ctx.files.items():
         if not rel.endswith(".py"):
             continue
@@ -173,6 +177,9 @@ def check_loaded(ctx: Context) -> None:
         rec = _records.get(_key(path))
         if rec is None:
             continue  # not loaded in this process: importing it later reads the file now
+        seen = done.get(rel)
+        if seen is not None and seen[0] is rec and seen[1] == fid.id:
+            continue
         if not rec.trusted or rec.stat != _stat(path):
             hit = _verdicts.get((id(rec), fid.id))
             if hit is None or hit[0] is not rec:
@@ -181,6 +188,7 @@ def check_loaded(ctx: Context) -> None:
             if not hit[1]:
                 raise StaleModuleError(rel, _module_of(path), stale_pyc=rec.pyc_racy)
         _checked[(_key(path), fid.id)] = rec  # this load was the code of this blob
+        done[rel] = (rec, fid.id)
 
 
 def check_built(root: str, doc: Mapping[str, Any]) -> None:

@@ -178,6 +178,48 @@ def test_tokenizer_by_saved_content(tmp_path: pathlib.Path) -> None:
     assert enc(train(["other words entirely"] * 10)) != before
 
 
+def test_tokenizer_same_in_fresh_processes(tmp_path: pathlib.Path) -> None:
+    """A saved tokenizer with maps in it (special tokens of a template post-processor, added
+    tokens) encodes the same in fresh processes and from a file whose keys are reordered, so
+    its saved text is canonical as it is."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[UNK]", "[CLS]", "[SEP]", "[MASK]", "[PAD]", "[BOS]", "[EOS]"]
+    tok.train_from_iterator(
+        ["hello world foo bar"] * 20, trainers.WordPieceTrainer(special_tokens=specials)
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[(t, i) for i, t in enumerate(specials)],
+    )
+    tok.add_tokens(["zz", "yy", "xx"])
+    tok.save(str(tmp_path / "tok.json"))
+    doc = json.loads((tmp_path / "tok.json").read_text())
+
+    def reverse(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: reverse(x[k]) for k in reversed(list(x))}
+        return [reverse(v) for v in x] if isinstance(x, list) else x
+
+    (tmp_path / "reordered.json").write_text(json.dumps(reverse(doc), indent=1))
+    code = """
+        import sys
+        from tokenizers import Tokenizer
+        from hfbuild.canonical import dumps, encode
+        print(dumps(encode(Tokenizer.from_file(sys.argv[1]))))
+    """
+    outs = {
+        run_python(code, tmp_path, args=[str(tmp_path / name)]).stdout
+        for name in ("tok.json", "tok.json", "tok.json", "reordered.json")
+    }
+    assert outs == {enc(tok) + "\n"}
+
+
 def test_transformers_tokenizer_by_behaviour(tmp_path: pathlib.Path) -> None:
     """A transformers tokenizer encodes the same after being called with padding and
     truncation, and after a save and reload from another path; another maximum length or
