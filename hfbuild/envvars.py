@@ -18,10 +18,10 @@ import functools
 import hashlib
 import os
 import re
-import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
+from hfbuild import config
 from hfbuild.errors import ConfigError
 
 _SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
@@ -77,25 +77,8 @@ class Settings:
 
 def project_settings(root: str) -> Settings:
     path = os.path.join(root, "pyproject.toml")
-    try:
-        st = os.stat(path)
-    except OSError:
-        return Settings(frozenset(), "")
-    return _settings(path, st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=8)
-def _settings(path: str, mtime_ns: int, size: int) -> Settings:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - exercised on 3.10 only
-        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
-    try:
-        with open(path, "rb") as f:
-            doc: Mapping[str, Any] = tomllib.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} cannot be read ({e}): fix its syntax.") from e
-    tool = doc.get("tool", {}).get("hfbuild", {})
+    doc = config.pyproject(root)
+    tool = config.tool(root)
     untracked = tool.get("untracked-env", [])
     if not isinstance(untracked, list) or not all(isinstance(n, str) for n in untracked):
         raise ConfigError(

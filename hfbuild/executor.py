@@ -17,11 +17,11 @@ it), or fall back to another executor than the one chosen.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from hfbuild import config
 from hfbuild.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -108,17 +108,5 @@ def require_ray() -> None:
 
 
 def _configured(root: str) -> str | None:
-    path = os.path.join(root, "pyproject.toml")
-    if not os.path.isfile(path):
-        return None
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - exercised on 3.10 only
-        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} cannot be read ({e}); fix it or set HFBUILD_EXECUTOR.") from e
-    value = doc.get("tool", {}).get("hfbuild", {}).get("executor")
+    value = config.tool(root).get("executor")
     return str(value) if value else None

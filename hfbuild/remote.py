@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from hfbuild import config
 from hfbuild.errors import HfbuildError, StoreError
 from hfbuild.store import MANIFEST, Store, manifest_digest, safe_rel
 
@@ -46,19 +47,7 @@ def remote_url(root: str, explicit: str | None = None) -> str | None:
     env = os.environ.get("HFBUILD_REMOTE")
     if env:
         return env
-    path = os.path.join(root, "pyproject.toml")
-    if not os.path.isfile(path):
-        return None
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - exercised on 3.10 only
-        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except (OSError, ValueError) as e:
-        raise RemoteError(f"{path} cannot be read ({e}); fix it or set HFBUILD_REMOTE.") from e
-    url = doc.get("tool", {}).get("hfbuild", {}).get("remote")
+    url = config.tool(root).get("remote")
     return str(url) if url else None
 
 
