@@ -1,6 +1,7 @@
 """Every stage's manifest, where one stage's failure is that stage's alone.
 
-Owns: computing a pipeline's manifests in stage order, so that a stage whose manifest cannot
+Owns: one stage's manifest from a snapshot (`stage_manifest`), and computing a pipeline's
+manifests in stage order, so that a stage whose manifest cannot
 be made (an argument hfbuild cannot fingerprint, a missing data file) fails by itself, and the
 stages that consume it fail with the same cause, while every other stage gets its manifest. The
 result is a read-only mapping: looking up a failed stage raises its error.
@@ -13,11 +14,20 @@ everything with one message.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
+from hfbuild import shards
+from hfbuild.closure import Context
+from hfbuild.datafiles import StatCache
 from hfbuild.errors import GitStateError, HfbuildError, NotARepositoryError, StageError
-from hfbuild.fingerprint import Manifest
+from hfbuild.fingerprint import Manifest, build_manifest, load_data
+from hfbuild.gitstate import Snapshot
 from hfbuild.spec import StageSpec
+
+if TYPE_CHECKING:
+    from hfbuild.absentdata import LockedData
 
 
 class Manifests(Mapping[str, Manifest]):
@@ -74,3 +84,46 @@ def compute(
             failed[spec.name] = e
             cause[spec.name] = (spec.name, e)
     return Manifests(names, ok, failed)
+
+
+def stage_manifest(
+    spec: StageSpec,
+    snap: Snapshot,
+    done: Mapping[str, Manifest],
+    stat_cache: StatCache,
+    absent: LockedData | None = None,
+) -> Manifest:
+    """One stage's manifest from `snap`, given the manifests of the stages before it; an error
+    is prefixed with the stage's name."""
+    ctx = Context(snap)
+    inputs = shards.manifest_inputs(spec, done)
+    data = files = None
+    options: Mapping[str, Any] | None = spec.options
+    if spec.kind == "load":
+        data, files = load_data(spec.name, spec.options, ctx, stat_cache, absent)
+        options = None
+    try:
+        manifest = build_manifest(
+            kind=spec.kind,
+            ctx=ctx,
+            fn=spec.fn,
+            fn_kwargs=spec.fn_kwargs,
+            inputs=inputs,
+            options=options,
+            data=data,
+            file_deps=spec.file_deps,
+            stat_cache=stat_cache,
+        )
+        return shards.attach(spec, dataclasses.replace(manifest, data_files=files), done)
+    except HfbuildError as e:
+        if str(e).startswith(f"stage {spec.name!r}"):
+            raise
+        raise _prefixed(e, spec.name) from e
+
+
+def _prefixed(e: HfbuildError, stage: str) -> HfbuildError:
+    """The same error, its message prefixed with the stage it happened in."""
+    new = HfbuildError.__new__(type(e))
+    HfbuildError.__init__(new, f"stage {stage!r}: {e}")
+    new.__dict__.update(e.__dict__)
+    return new

@@ -12,24 +12,22 @@ build anything.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-from hfbuild import caches, shards
+from hfbuild import caches
 from hfbuild.absentdata import LockedData
-from hfbuild.closure import Context
 from hfbuild.datafiles import StatCache
-from hfbuild.errors import HfbuildError, NotBuiltError, StageError
-from hfbuild.fingerprint import Manifest, build_manifest, load_data
+from hfbuild.errors import NotBuiltError, StageError
+from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import resolve
 from hfbuild.gitstate import Mode, Snapshot, find_root
 from hfbuild.ledger import Ledger
 from hfbuild.lockfile import LOCK_NAME
-from hfbuild.manifests import Manifests
+from hfbuild.manifests import Manifests, stage_manifest
 from hfbuild.manifests import compute as compute_manifests
 from hfbuild.remote import Remote, remote_url
 from hfbuild.spec import LOAD_BUILDERS, StageSpec
@@ -267,7 +265,7 @@ class Pipeline:
         out = compute_manifests(
             self._specs.values(),
             lambda spec, done: resolve(
-                self._manifest(spec, snap, done, absent),
+                stage_manifest(spec, snap, done, self.stat_cache, absent),
                 spec.name,
                 self.store,
                 self.lock_path,
@@ -280,38 +278,6 @@ class Pipeline:
         if mode == "worktree" and absent is None:
             self._cache = out
         return out
-
-    def _manifest(
-        self,
-        spec: StageSpec,
-        snap: Snapshot,
-        done: Mapping[str, Manifest],
-        absent: LockedData | None = None,
-    ) -> Manifest:
-        ctx = Context(snap)
-        inputs = shards.manifest_inputs(spec, done)
-        data = files = None
-        options: Mapping[str, Any] | None = spec.options
-        if spec.kind == "load":
-            data, files = load_data(spec.name, spec.options, ctx, self.stat_cache, absent)
-            options = None
-        try:
-            manifest = build_manifest(
-                kind=spec.kind,
-                ctx=ctx,
-                fn=spec.fn,
-                fn_kwargs=spec.fn_kwargs,
-                inputs=inputs,
-                options=options,
-                data=data,
-                file_deps=spec.file_deps,
-                stat_cache=self.stat_cache,
-            )
-            return shards.attach(spec, dataclasses.replace(manifest, data_files=files), done)
-        except HfbuildError as e:
-            if str(e).startswith(f"stage {spec.name!r}"):
-                raise
-            raise _prefixed(e, spec.name) from e
 
     def is_built(self, name: str) -> bool:
         """True when the store holds the stage's current fingerprint (doit's uptodate). Then
@@ -344,11 +310,3 @@ class Pipeline:
             basename = caller[5:] if caller.startswith("task_") else self.name
         self.name = basename
         return pipeline_tasks(self, basename)
-
-
-def _prefixed(e: HfbuildError, stage: str) -> HfbuildError:
-    """The same error, its message prefixed with the stage it happened in."""
-    new = HfbuildError.__new__(type(e))
-    HfbuildError.__init__(new, f"stage {stage!r}: {e}")
-    new.__dict__.update(e.__dict__)
-    return new

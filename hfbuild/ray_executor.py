@@ -316,6 +316,7 @@ def _run_unit(root: str, job: dict[str, Any], spec_bytes: bytes) -> dict[str, An
     from hfbuild.build import build_here
     from hfbuild.diff import diff
     from hfbuild.gitstate import Snapshot
+    from hfbuild.manifests import stage_manifest
     from hfbuild.pipeline import Pipeline
     from hfbuild.remote import Remote
     from hfbuild.store import Store
@@ -345,7 +346,7 @@ def _run_unit(root: str, job: dict[str, Any], spec_bytes: bytes) -> dict[str, An
             )
     pipe = Pipeline(store.root, root=root, remote=False)
     done = cast("Mapping[str, Manifest]", {d: _Key(fp) for d, fp in inputs.items()})
-    m = pipe._manifest(spec, Snapshot(root), done)
+    m = stage_manifest(spec, Snapshot(root), done, pipe.stat_cache)
     if m.static_fingerprint != job["static"]:
         changes = "; ".join(c.describe() for c in diff(job["doc"], m.doc)[:5])
         raise BuildError(
