@@ -25,7 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 from hfbuild.errors import HfbuildError
-from hfbuild.store import Store, write_text_atomic
+from hfbuild.sharing import write_text_atomic
+from hfbuild.store import Store
 
 FORMAT = 2  # 2: scans carry the environment variables a file reads
 MAX_SCANS = 20_000

@@ -24,7 +24,7 @@ from typing import Any
 from hfbuild import sharing
 from hfbuild.errors import MissingDataError
 from hfbuild.gitstate import Snapshot, hash_file
-from hfbuild.store import write_json_atomic
+from hfbuild.sharing import write_json_atomic
 
 _RACY_NS = 2_000_000_000  # files modified this recently are hashed again next time
 

@@ -219,7 +219,7 @@ def update(path: str, lock_dir: str, updates: Mapping[str, Any], keep: set[str])
     """Set the entries in `updates`, drop entries of stages not in `keep`, and rewrite the
     file only if its text changes. Returns whether it did. A lock with conflict markers is
     never overwritten this way (`ConflictedLockError`): `replace` resolves it."""
-    from hfbuild.store import write_text_atomic
+    from hfbuild.sharing import write_text_atomic
 
     with _locked(lock_dir):
         stages = read(path)
@@ -238,7 +238,7 @@ def replace(
     """Write exactly `stages` as the lock (if its text changes). With `only_if_conflicted`,
     only while the file still holds conflict markers (a concurrent build may have resolved
     it). Returns whether it wrote."""
-    from hfbuild.store import write_text_atomic
+    from hfbuild.sharing import write_text_atomic
 
     with _locked(lock_dir):
         old = _text(path)

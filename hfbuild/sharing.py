@@ -6,7 +6,10 @@ refs, manifests, lock files, the stat cache, roots.json, hfbuild.lock): its ordi
 (directories also group search and setgid), as git's `core.sharedRepository=group` does. The
 setgid bit makes the kernel give new files the directory's group, so a store made with
 `chgrp team DIR && chmod 2775 DIR` stays usable by the whole team whatever each member's umask.
-Also owns `file_lock` (filelock with those modes) and the diagnosis behind `hfbuild doctor`.
+Also owns writing a file whole (`write_text_atomic`: a temporary file given those modes, then
+one rename, so readers see the old file or the new one), `file_lock` (filelock with those
+modes) and the diagnosis behind `hfbuild doctor`. Pure modules (datafiles' stat cache, the code
+cache, the lock) write through here, never through the store.
 
 Must never: widen a mode outside a setgid directory, change a file's group (the kernel does
 that), fail a write because a mode could not be changed (a file someone else owns is left as
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import json
 import os
 import pwd
 import re
@@ -273,3 +277,28 @@ def flock_problem(directory: str) -> str | None:
         with contextlib.suppress(OSError):
             os.unlink(path)
     return None
+
+
+def write_text_atomic(path: str, text: str, *, durable: bool = True) -> None:
+    """Write a file so readers see the old one or the new one, never half of either;
+    `durable` also flushes it to the disk before the rename."""
+    d = os.path.dirname(path) or os.curdir
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".hfbuild")
+    try:
+        # mkstemp makes owner-only files: give it the modes an ordinary file gets here.
+        os.fchmod(fd, file_mode(d))
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str, doc: Any, *, durable: bool = True) -> None:
+    text = json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+    write_text_atomic(path, text, durable=durable)

@@ -77,31 +77,6 @@ def permission_hint(root: str) -> Iterator[None]:
         ) from e
 
 
-def write_text_atomic(path: str, text: str, *, durable: bool = True) -> None:
-    """Write a file so readers see the old one or the new one, never half of either;
-    `durable` also flushes it to the disk before the rename."""
-    d = os.path.dirname(path) or os.curdir
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".hfbuild")
-    try:
-        # mkstemp makes owner-only files: give it the modes an ordinary file gets here.
-        os.fchmod(fd, sharing.file_mode(d))
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: str, doc: Any, *, durable: bool = True) -> None:
-    text = json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
-    write_text_atomic(path, text, durable=durable)
-
-
 def default_root(project_root: str) -> str:
     """The store of a project when none is given: $HFBUILD_STORE (relative to the project
     root), else `<project root>/.hfbuild`."""
@@ -138,7 +113,8 @@ class Store:
                 sharing.makedirs(os.path.join(self.root, sub))
             ignore = os.path.join(self.root, ".gitignore")
             if not os.path.exists(ignore):
-                write_text_atomic(ignore, "# created by hfbuild: the store is never committed\n*\n")
+                text = "# created by hfbuild: the store is never committed\n*\n"
+                sharing.write_text_atomic(ignore, text)
         except OSError as e:
             raise StoreError(
                 f"cannot create the store at {self.root} ({e.strerror}). Make it writable, or "
@@ -367,7 +343,7 @@ class Store:
         doc.pop("manifest_digest", None)
         doc["manifest_digest"] = manifest_digest(doc)
         try:
-            write_json_atomic(os.path.join(build_dir, MANIFEST), doc, durable=durable)
+            sharing.write_json_atomic(os.path.join(build_dir, MANIFEST), doc, durable=durable)
             sharing.share_tree(build_dir)  # what datasets wrote, in a group-shared store
             final = self.entry(fp)
             sharing.makedirs(os.path.dirname(final))
@@ -420,7 +396,7 @@ class Store:
         ):
             roots = set(self.roots()) | {lock_path}
             live = sorted(p for p in roots if os.path.exists(p) or p == lock_path)
-            write_json_atomic(os.path.join(self.root, "roots.json"), live)
+            sharing.write_json_atomic(os.path.join(self.root, "roots.json"), live)
 
     def touch(self, fp: str) -> None:
         """Record that the entry was used now (its directory's mtime), for `gc --keep-days`."""
@@ -502,7 +478,7 @@ class Store:
         sets = [s for s in self.read_observed(static_fp) if s != paths]
         path = self._observed_path(static_fp)
         sharing.makedirs(os.path.dirname(path))
-        write_json_atomic(path, {"sets": [paths, *sets][:16]})
+        sharing.write_json_atomic(path, {"sets": [paths, *sets][:16]})
 
     # -- refs ----------------------------------------------------------------------------------
 

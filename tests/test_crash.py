@@ -46,8 +46,8 @@ POINTS = [
     ("write", "hfbuild.builder:_reload", 3, "after"),  # what was written, read back
     ("write", "hfbuild.builder:dataset_hash", 1, "before"),
     ("write", "hfbuild.builder:dataset_hash", 3, "after"),
-    ("publish", "hfbuild.store:write_text_atomic", 1, "before"),
-    ("publish", "hfbuild.store:write_text_atomic", 2, "after"),
+    ("publish", "hfbuild.sharing:write_text_atomic", 1, "before"),
+    ("publish", "hfbuild.sharing:write_text_atomic", 2, "after"),
     ("publish", "hfbuild.store:Store.publish", 1, "after"),
     ("publish", "hfbuild.store:Store.publish", 3, "before"),
     ("publish", "os:rename", 1, "after"),
