@@ -24,7 +24,7 @@ from hfbuild import liveness
 from hfbuild.errors import CorruptEntryWarning, RemoteWarning, StoreError
 from hfbuild.executor import Unit, choose
 from hfbuild.fingerprint import Manifest, check_dirty
-from hfbuild.fullkey import full_key, observing
+from hfbuild.fullkey import entry_doc, full_key, observing
 from hfbuild.remote import RemoteError
 from hfbuild.spec import Report, StageSpec
 from hfbuild.store import disk_full
@@ -154,21 +154,16 @@ def build_here(
             observed = seen.identify(m)
         fp = full_key(m.static_fingerprint, observed)
         seconds = time.perf_counter() - t0
-        doc = {
-            "stage": spec.name,
-            "manifest": m.doc,
-            "inputs": {i: manifests[i].fingerprint for i in spec.inputs},
-            "rows": info.rows,
-            "content_hash": info.content_hash,
-            "dirty": [[f.path, f.status] for f in m.dirty],
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "seconds": round(seconds, 3),
-            "written_bytes": info.written_bytes,
-            "hfbuild": _version(),
-        }
-        if observed:
-            doc["static_fingerprint"] = m.static_fingerprint
-            doc["observed"] = [list(p) for p in observed]
+        doc = entry_doc(
+            spec.name,
+            m,
+            {i: manifests[i].fingerprint for i in spec.inputs},
+            rows=info.rows,
+            content_hash=info.content_hash,
+            seconds=seconds,
+            written_bytes=info.written_bytes,
+            observed=observed,
+        )
         builder.cleanup_scratch(tmp)
         if fp != m.fingerprint and store.has(fp):
             shutil.rmtree(tmp, ignore_errors=True)  # pulled meanwhile under the key it read
@@ -210,9 +205,3 @@ def _build_sharded(
     if report.fingerprint != m.fingerprint:
         pipe.manifests(fresh=True)  # the stages after this one take the key it was built under
     return report
-
-
-def _version() -> str:
-    from hfbuild import __version__
-
-    return __version__

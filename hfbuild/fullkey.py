@@ -220,3 +220,39 @@ def observed_changes(recorded: Any, snap: Snapshot, cache: StatCache) -> list[Ch
         else []
     )
     return diff_observed(pairs, dict(identify([str(p[0]) for p in pairs], snap, cache)))
+
+
+def entry_doc(
+    name: str,
+    m: Manifest,
+    inputs: Mapping[str, str],
+    *,
+    rows: Any,
+    content_hash: str,
+    seconds: float,
+    written_bytes: int,
+    observed: Observed = (),
+) -> dict[str, Any]:
+    """The stored manifest of a stage's entry (`manifest.json`): what it was built from (the
+    hashed manifest, input keys, dirty files, and what the build read at run time with the
+    static fingerprint that records it) and what it holds. Never hashed: times live here."""
+    import time
+
+    from hfbuild import __version__
+
+    doc: dict[str, Any] = {
+        "stage": name,
+        "manifest": m.doc,
+        "inputs": dict(inputs),
+        "rows": rows,
+        "content_hash": content_hash,
+        "dirty": [[f.path, f.status] for f in m.dirty],
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(seconds, 3),
+        "written_bytes": written_bytes,
+        "hfbuild": __version__,
+    }
+    if observed:
+        doc["static_fingerprint"] = m.static_fingerprint
+        doc["observed"] = [list(p) for p in observed]
+    return doc

@@ -223,11 +223,12 @@ def _wait(refs: list[Any], label: str) -> list[dict[str, Any]]:
     """Each task's result, showing units done / total for the stage; Ctrl-C (or a failed
     unit) cancels the tasks still outstanding."""
     import ray
-    from tqdm.auto import tqdm
+
+    from hfbuild import progress
 
     pending = list(refs)
     results: dict[Any, dict[str, Any]] = {}
-    bar = tqdm(total=len(refs), desc=f"{label} on ray", unit="unit", file=sys.stderr, leave=False)
+    bar = progress.bar(len(refs), f"{label} on ray", unit="unit")
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=0.5)

@@ -23,12 +23,11 @@ import os
 import posixpath
 import re
 import shutil
-import sys
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from hfbuild import config
+from hfbuild import config, progress
 from hfbuild.errors import HfbuildError, StoreError
 from hfbuild.store import MANIFEST, Store, manifest_digest, safe_rel
 
@@ -256,20 +255,5 @@ def _check_content(tmp: str, fp: str, doc: Mapping[str, Any], label: str) -> Non
         )
 
 
-class _NoBar:
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def update(self, n: int) -> None:
-        return None
-
-
 def _progress(total: int, desc: str) -> Any:
-    if total < _PROGRESS_BYTES:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, leave=False)
+    return progress.bar(total, desc, unit="B", unit_scale=True, at_least=_PROGRESS_BYTES)

@@ -19,16 +19,15 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hfbuild import liveness, shards
+from hfbuild import __version__, liveness, progress, shards
 from hfbuild.errors import BuildError, HfbuildError
 from hfbuild.fingerprint import Manifest
-from hfbuild.fullkey import Observed, observing
+from hfbuild.fullkey import Observed, entry_doc, observing
 from hfbuild.spec import Report, StageSpec
 
 if TYPE_CHECKING:
@@ -65,7 +64,8 @@ def build(
                         if doc is None:
                             todo.append((i, s))
                         known[s.key] = doc
-                with _bar(len(todo), spec.name) as bar, _quiet_datasets():
+                bar = progress.bar(len(todo), spec.name, unit="shard", at_least=_PROGRESS_SHARDS)
+                with bar, _quiet_datasets():
                     for i, path, doc in _run(pipe, spec, cur, todo, builder, tmp):
                         _one_load_count()
                         written += int(doc["written_bytes"])
@@ -188,24 +188,17 @@ def _publish(
         hashes.append((s.split, str(stored.get("content_hash"))))
         listed.append([s.split, s.key, s.label, stored["files"]])  # sizes: `Store.check`
     as_dict = _is_dict(pipe, spec, manifests)
-    doc: dict[str, Any] = {
-        "stage": spec.name,
-        "manifest": m.doc,
-        "inputs": {i: manifests[i].fingerprint for i in spec.inputs},
-        "rows": rows if as_dict else next(iter(rows.values())),
-        "content_hash": shards.combined_hash(hashes),
-        "dirty": [[f.path, f.status] for f in m.dirty],
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.perf_counter() - t0, 3),
-        "written_bytes": written,
-        "hfbuild": _version(),
-        "shards": listed,
-        "shards_built": count,
-        "dict": as_dict,
-    }
-    if m.observed:
-        doc["static_fingerprint"] = m.static_fingerprint
-        doc["observed"] = [list(p) for p in m.observed]
+    doc = entry_doc(
+        spec.name,
+        m,
+        {i: manifests[i].fingerprint for i in spec.inputs},
+        rows=rows if as_dict else next(iter(rows.values())),
+        content_hash=shards.combined_hash(hashes),
+        seconds=time.perf_counter() - t0,
+        written_bytes=written,
+        observed=m.observed,
+    )
+    doc.update({"shards": listed, "shards_built": count, "dict": as_dict})
     for name in os.listdir(tmp):  # what is left is scratch: the entry holds the list only
         shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
     fp = m.fingerprint
@@ -255,7 +248,7 @@ def _build_shard(
         "content_hash": info.content_hash,
         "seconds": round(time.perf_counter() - t0, 3),
         "written_bytes": info.written_bytes,
-        "hfbuild": _version(),
+        "hfbuild": __version__,
     }
     return path, doc
 
@@ -294,29 +287,3 @@ def _one_load_count() -> None:
     import datasets
 
     datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
-
-
-class _NoBar:
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def update(self, n: int) -> None:
-        return None
-
-
-def _bar(total: int, stage: str) -> Any:
-    """One progress bar per stage over its shards (stderr; none for a few shards)."""
-    if total < _PROGRESS_SHARDS:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="shard", desc=stage, file=sys.stderr, leave=False)
-
-
-def _version() -> str:
-    from hfbuild import __version__
-
-    return __version__
