@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
-from collections import Counter
 from typing import Any
 
 from tests.helpers import Repo
@@ -84,26 +82,6 @@ def make_project(repo: Repo, parts: int = 4, data: str = '"data/*.parquet"') -> 
         write_part(repo, f"part-{i}", 100 * i)
     repo.commit("project")
     return repo
-
-
-def doit(
-    repo: Repo, *args: str, log: pathlib.Path, env: dict[str, str] | None = None, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(
-        [sys.executable, "-m", "doit", *args],
-        cwd=repo.path,
-        env={**os.environ, "CALL_LOG": str(log), **(env or {})},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if check and out.returncode != 0:
-        raise AssertionError(f"doit {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
-    return out
-
-
-def calls(log: pathlib.Path) -> Counter[str]:
-    return Counter(log.read_text().split()) if log.exists() else Counter()
 
 
 READ = """

@@ -154,8 +154,24 @@ def test_hasher_differs_implies_hfbuild_differs(
     assert missed == []
 
 
+def _has_nan(v: Any) -> bool:
+    if isinstance(v, float):
+        return v != v
+    if isinstance(v, dict):
+        return any(_has_nan(k) or _has_nan(x) for k, x in v.items())
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return any(_has_nan(x) for x in v)
+    return False
+
+
+# Without NaN: a set holding NaN objects is equal to itself in another iteration order only by
+# identity, and Hasher pickles such sets in iteration order, so it "tells apart" one value from
+# itself (hypothesis found one). That is Hasher's spurious difference, not one to match.
+no_nan = values.filter(lambda v: not _has_nan(v))
+
+
 @settings(max_examples=200, deadline=None)
-@given(values, values)
+@given(no_nan, no_nan)
 def test_hasher_differs_implies_encoding_differs(a: Any, b: Any) -> None:
     """On generated nested values (scalars, lists, tuples, dicts, sets), whenever Hasher
     tells two apart, hfbuild's canonical encoding does too."""

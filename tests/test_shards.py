@@ -13,7 +13,8 @@ from collections import Counter
 import pytest
 
 from tests.helpers import Repo, run_hfbuild
-from tests.shard_project import calls, doit, make_project, state, write_part
+from tests.pipeline_project import calls, doit
+from tests.shard_project import make_project, state, write_part
 
 PER_SHARD = ("feat", "idx", "keep")
 
