@@ -88,7 +88,10 @@ def build(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.perf_counter() - t0
-    return Report(spec.name, final.fingerprint, "built", doc["rows"], seconds), doc
+    report = Report(
+        spec.name, final.fingerprint, "built", doc["rows"], seconds, (built, len(final.shard_list))
+    )
+    return report, doc
 
 
 def _workers(spec: StageSpec, todo: int) -> int:

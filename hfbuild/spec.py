@@ -37,9 +37,17 @@ class Report(NamedTuple):
     action: str  # "built" | "up to date" | "built elsewhere" | "pulled"
     rows: Any
     seconds: float
+    shards: tuple[int, int] | None = None  # a sharded stage: (shards built now, shards in all)
 
     def line(self) -> str:
         rows = rows_text(self.rows)
+        if self.action == "built" and self.shards is not None:
+            built, total = self.shards
+            what = "shard" if total == 1 else "shards"
+            return (
+                f"{self.stage}: built {built:,} of {total:,} {what} ({rows}) "
+                f"in {self.seconds:.2f} s"
+            )
         if self.action == "pulled":
             return f"{self.stage}: pulled {rows} from the remote in {self.seconds:.2f} s"
         if self.action == "built":

@@ -128,6 +128,45 @@ def test_noop_after_append_builds_nothing(tmp_path: pathlib.Path) -> None:
         assert lock["stages"][name]["fingerprint"] == s[name]["fp"]
 
 
+def test_build_line_and_du_count_shards(tmp_path: pathlib.Path) -> None:
+    """A sharded stage's build line says how many of its shards were built, and `hfbuild du`
+    counts each stage's shards as its own (nothing of the current results under "other")
+    and every stored byte once; after an append the old stage entries, not the shared
+    shards, become "other"."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    log = tmp_path / "calls.log"
+    out = doit(repo, "run", "preprocess", log=log)
+    assert "feat: built 4 of 4 shards (40 rows)" in out.stderr + out.stdout
+
+    def du() -> dict[str, object]:
+        got = run_hfbuild(repo, "du", "--json")
+        assert got.returncode == 0, got.stderr
+        doc: dict[str, object] = json.loads(got.stdout)
+        return doc
+
+    def stored() -> int:
+        return sum(
+            p.stat().st_size for p in (repo.path / ".hfbuild" / "objects").rglob("*") if p.is_file()
+        )
+
+    first = du()
+    sizes = {r["stage"]: r["bytes"] for r in first["stages"]}  # type: ignore[attr-defined]
+    assert first["other_bytes"] == 0
+    assert sum(sizes.values()) == stored()
+    entry = (repo.path / ".hfbuild" / "objects").glob(f"*/{state(repo)['feat']['fp']}")
+    assert sizes["feat"] > 2 * sum(p.stat().st_size for d in entry for p in d.rglob("*"))
+
+    write_part(repo, "part-4", 400)
+    repo.commit("append")
+    out = doit(repo, "run", "preprocess", log=log)
+    assert "feat: built 1 of 5 shards (50 rows)" in out.stderr + out.stdout
+    second = du()
+    again = {r["stage"]: r["bytes"] for r in second["stages"]}  # type: ignore[attr-defined]
+    assert sum(again.values()) + int(second["other_bytes"]) == stored()  # type: ignore[call-overload]
+    assert again["feat"] > sizes["feat"]  # the four old shards are still counted as feat's
+    assert int(second["other_bytes"]) > 0  # type: ignore[call-overload]
+
+
 def test_missing_shard_is_never_served_and_is_rebuilt(tmp_path: pathlib.Path) -> None:
     """A stage result whose shard entry is gone or corrupt is not served (`result()` refuses
     it, doit rebuilds); the rebuild makes only that shard, and gc keeps referenced shards."""

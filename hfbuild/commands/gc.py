@@ -55,30 +55,43 @@ def gc(pipe: Pipeline, *, keep_commits: int, keep_days: float, dry_run: bool) ->
 
 
 def du(pipe: Pipeline, *, as_json: bool) -> int:
-    """The store's size per stage (current results) and in all."""
+    """The store's size per stage (current results) and in all. A stage's bytes are its
+    entry's and those of the entries it references (a sharded stage's shards) that no stage
+    before it already counted: each stored byte is counted once."""
+    store = pipe.store
     rows: list[dict[str, Any]] = []
-    current = set()
+    counted: set[str] = set()
     for name, m in pipe.manifests().items():
         fp = m.fingerprint
-        current.add(fp)
-        built = pipe.store.has(fp)
-        rows.append(
-            {
-                "stage": name,
-                "fingerprint": fp,
-                "built": built,
-                "bytes": pipe.store.size(fp) if built else 0,
-            }
-        )
-    other = sum(pipe.store.size(fp) for fp in pipe.store.fingerprints() if fp not in current)
+        built = store.has(fp)
+        size = 0
+        if built:
+            for key in _reachable(store, fp):
+                if key not in counted:
+                    counted.add(key)
+                    size += store.size(key)
+        rows.append({"stage": name, "fingerprint": fp, "built": built, "bytes": size})
+    other = sum(store.size(fp) for fp in store.fingerprints() if fp not in counted)
     if as_json:
         print(json.dumps({"stages": rows, "other_bytes": other}, indent=1))
         return 0
     width = max((len(r["stage"]) for r in rows), default=5)
     for r in rows:
-        size = f"{r['bytes']:>14,}" if r["built"] else f"{'not built':>14}"
-        print(f"{r['stage']:<{width}}  {size}")
+        size_text = f"{r['bytes']:>14,}" if r["built"] else f"{'not built':>14}"
+        print(f"{r['stage']:<{width}}  {size_text}")
     print(f"{'other':<{width}}  {other:>14,}  (results no stage currently points at)")
     total = sum(r["bytes"] for r in rows) + other
     print(f"{'total':<{width}}  {total:>14,}")
     return 0
+
+
+def _reachable(store: Any, fp: str) -> list[str]:
+    """`fp` and every entry it references, transitively (a stage's shards, and theirs)."""
+    seen = [fp]
+    todo = [fp]
+    while todo:
+        for key in store.references(todo.pop()):
+            if key not in seen:
+                seen.append(key)
+                todo.append(key)
+    return seen
