@@ -483,3 +483,57 @@ def test_units_of_one_call_run_at_once_with_progress(
     assert {s: fp for s, fp, _ in got} == {s: _lock(local)[s][0] for s in ("feat", "lens")}
     store = clone.path / ".hfbuild" / "objects"
     assert all((store / fp[:2] / fp / "manifest.json").exists() for _, fp, _ in got)
+
+
+def _add_part(repo: Repo, i: int) -> None:
+    """Commit data/part-<i>.parquet: 20 rows continuing part-0's 40."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    xs = list(range(40 + 20 * (i - 1), 40 + 20 * i))
+    table = pa.table({"x": xs, "text": [f"row {'y' * (x % 7)}" for x in xs]})
+    pq.write_table(table, repo.path / "data" / f"part-{i}.parquet")
+    repo.commit(f"part {i}")
+
+
+def test_sharded_stages_travel_one_task_per_shard(
+    repo: Repo, tmp_path: pathlib.Path, remote: str
+) -> None:
+    """A sharded pipeline (a load of three parquet files, then map, filter and map over it)
+    built through Ray from a clean clone runs one task per shard (one transform call each)
+    and one for the whole-dataset stage; a local clone then builds nothing; keys and content
+    hashes equal a local build's. After a fourth file is appended, Ray runs tasks only for
+    its shards (and the whole-dataset stage), again equal to a local build."""
+    make_project(repo)
+    for i in (1, 2):
+        _add_part(repo, i)
+    first = repo.clone(tmp_path / "first")
+    log = tmp_path / "first.log"
+    out = doit(first, "run", "preprocess", log=log, env=RAY_ENV)
+    assert calls(log) == {"feat": 3, "keep": 3, "split": 1, "lens": 3}
+    for stage in ("raw", "feat", "kept", "lens"):
+        assert f"{stage}: 3/3 shards done, 3 built on ray" in out.stderr
+    assert "split: 1/1 units built on ray" in out.stderr
+
+    second = repo.clone(tmp_path / "second")
+    log2 = tmp_path / "second.log"
+    out2 = doit(second, "run", "preprocess", log=log2)
+    assert calls(log2) == {}
+    assert out2.stdout.count("pulled") == 5
+
+    local = repo.clone(tmp_path / "local")
+    no_remote = {"HFBUILD_NO_REMOTE": "1"}
+    doit(local, "run", "preprocess", log=tmp_path / "local.log", env=no_remote)
+    assert _lock(first) == _lock(second) == _lock(local)
+
+    _add_part(repo, 3)
+    for clone in (first, local):
+        clone.git("pull", "-q", "--ff-only")
+    log3 = tmp_path / "again.log"
+    again = doit(first, "run", "preprocess", log=log3, env=RAY_ENV)
+    assert calls(log3) == {"feat": 1, "keep": 1, "split": 1, "lens": 1}
+    for stage in ("raw", "feat", "kept", "lens"):
+        assert f"{stage}: 4/4 shards done, 1 built on ray" in again.stderr
+    doit(local, "run", "preprocess", log=tmp_path / "local2.log", env=no_remote)
+    assert _lock(first) == _lock(local)
+    assert results(first) == results(local)
