@@ -127,8 +127,9 @@ def _ensure_remote(pipe: Pipeline, remote: Remote, name: str, fp: str) -> None:
 
 def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, str]]:
     """[repo-relative path, blob id] of every file the key of `m` names: its closure, its
-    file_deps, its data files and the files its builds were seen to read. For one shard of
-    a load stage, its own data file only."""
+    file_deps, its data files and the files its builds were seen to read. For a shard of a
+    load stage, no data file: the tree is the stage's code, one package for all its shards,
+    and the shard's own file travels with its task (`shard_data`)."""
     from hfbuild.fullkey import in_static_key
     from hfbuild.shards import load_code_doc
 
@@ -138,7 +139,7 @@ def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, st
     files = (doc.get("data") or {}).get("files")
     if shard is not None and files is not None:
         doc = load_code_doc(doc)
-        files = [[shard.label, shard.input]]
+        files = None
     groups: Any = files.values() if isinstance(files, dict) else [files or []]
     for group in groups:
         pairs.update({str(p): str(i) for p, i in group})
@@ -154,7 +155,7 @@ def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, st
 
 
 @contextlib.contextmanager
-def _tree(pipe: Pipeline, files: Sequence[tuple[str, str]]) -> Iterator[str]:
+def tree(pipe: Pipeline, files: Sequence[tuple[str, str]]) -> Iterator[str]:
     """A temporary directory holding a unit's fingerprinted tree (`shipped_files`)."""
     from hfbuild.gitstate import Snapshot
 
@@ -204,6 +205,32 @@ def _env(pipe: Pipeline, m: Manifest) -> dict[str, str]:
 def _submit(
     pipe: Pipeline, remote: Remote, unit: Unit, packages: dict[tuple[tuple[str, str], ...], str]
 ) -> Any:
+    job, spec = task_args(pipe, remote, unit)
+    data = shard_data(pipe, unit)
+    name = f"hfbuild:{unit.spec.name}"
+    if unit.shard is not None:
+        name += f":{unit.shard.label}"
+    files = tuple(shipped_files(unit.manifest, unit.shard))
+    if files not in packages:
+        packages[files] = _upload_tree(pipe, files)
+    env = {"working_dir": packages[files], "env_vars": _env(pipe, unit.manifest)}
+    return _task().options(name=name, runtime_env=env).remote(job, spec, data)
+
+
+def shard_data(pipe: Pipeline, unit: Unit) -> bytes | None:
+    """A load shard's data file, the bytes its key names, sent as the task's argument
+    (through Ray's object store) rather than in its tree: a tree per data file would be a
+    package, and a worker process, per shard. None for any other unit."""
+    if unit.shard is None or unit.spec.kind != "load":
+        return None
+    from hfbuild.gitstate import Snapshot
+
+    return Snapshot(pipe.root).content(unit.shard.label, unit.shard.input)
+
+
+def task_args(pipe: Pipeline, remote: Remote, unit: Unit) -> tuple[dict[str, Any], bytes]:
+    """What a unit's task receives besides its tree (`run_unit`'s arguments): the job, plain
+    JSON-able values, and the pickled spec."""
     from ray import cloudpickle
 
     m = unit.manifest
@@ -216,24 +243,16 @@ def _submit(
         "paths": _import_dirs(pipe.root),
         "driver_root": pipe.root,
     }
-    name = f"hfbuild:{unit.spec.name}"
     if unit.shard is not None:
-        s = unit.shard
         job["shard"] = {
-            **s._asdict(),
-            "code": m.shard_code,
+            **unit.shard._asdict(),
             "observed": [list(p) for p in m.observed],
             "offset": unit.offset,
         }
-        name += f":{s.label}"
     # The spec is pickled here and unpickled by the task once the shipped tree is on its
     # path: its callable travels by module and name, never as code.
     spec: bytes = cloudpickle.dumps(unit.spec)  # type: ignore[no-untyped-call]
-    files = tuple(shipped_files(m, unit.shard))
-    if files not in packages:
-        packages[files] = _upload_tree(pipe, files)
-    env = {"working_dir": packages[files], "env_vars": _env(pipe, m)}
-    return _task().options(name=name, runtime_env=env).remote(job, spec)
+    return job, spec
 
 
 def _upload_tree(pipe: Pipeline, files: Sequence[tuple[str, str]]) -> str:
@@ -248,11 +267,11 @@ def _upload_tree(pipe: Pipeline, files: Sequence[tuple[str, str]]) -> str:
     )
 
     with (
-        _tree(pipe, files) as tree,
+        tree(pipe, files) as tree_dir,
         tempfile.TemporaryDirectory(prefix="hfbuild-ray-pkg-") as tmp,
     ):
-        uri = str(get_uri_for_directory(tree, include_gitignore=False, excludes=[]))
-        upload_package_if_needed(uri, tmp, tree, include_gitignore=False, excludes=[])
+        uri = str(get_uri_for_directory(tree_dir, include_gitignore=False, excludes=[]))
+        upload_package_if_needed(uri, tmp, tree_dir, include_gitignore=False, excludes=[])
     return uri
 
 
@@ -374,17 +393,20 @@ def worker_store() -> str:
     return os.path.join(tempfile.gettempdir(), f"hfbuild-ray-{os.getuid()}")
 
 
-def run_unit(job: dict[str, Any], spec_bytes: bytes) -> dict[str, Any]:
+def run_unit(job: dict[str, Any], spec_bytes: bytes, data: bytes | None = None) -> dict[str, Any]:
     """The Ray task: build one unit from the shipped tree (the task's working directory) and
-    publish it to the remote. A user error comes back as {"error": message}."""
+    `data` (a load shard's data file), and publish it to the remote. A user error comes back
+    as {"error": message}."""
     root = os.getcwd()
     try:
-        return _run_unit(root, job, spec_bytes)
+        return _run_unit(root, job, spec_bytes, data)
     except HfbuildError as e:
         return {"error": str(e).replace(root, str(job["driver_root"]))}
 
 
-def _run_unit(root: str, job: dict[str, Any], spec_bytes: bytes) -> dict[str, Any]:
+def _run_unit(
+    root: str, job: dict[str, Any], spec_bytes: bytes, data: bytes | None
+) -> dict[str, Any]:
     from ray import cloudpickle
 
     from hfbuild.build import build_here
@@ -420,7 +442,7 @@ def _run_unit(root: str, job: dict[str, Any], spec_bytes: bytes) -> dict[str, An
             )
     pipe = Pipeline(store.root, root=root, remote=False)
     if "shard" in job:
-        return _run_shard(root, job, spec, pipe, remote)
+        return _run_shard(root, job, spec, pipe, remote, data)
     done = cast("Mapping[str, Manifest]", {d: _Key(fp) for d, fp in inputs.items()})
     m = stage_manifest(spec, Snapshot(root), done, pipe.stat_cache)
     if m.static_fingerprint != job["static"]:
@@ -457,12 +479,26 @@ class _ShardedInput(NamedTuple):
 
 
 def _run_shard(
-    root: str, job: dict[str, Any], spec: Any, pipe: Pipeline, remote: Remote
+    root: str, job: dict[str, Any], spec: Any, pipe: Pipeline, remote: Remote, data: bytes | None
 ) -> dict[str, Any]:
-    """One shard: its key recomputed from the shipped tree (the code key from the stage's
-    code, a load shard's input from its shipped data file, the observed files' ids from
-    their shipped copies; the digest of the keys before it, for `with_indices`, as sent),
-    refused when it is not the driver's, then built and published to the remote."""
+    """One shard: its key recomputed from what the task received (the code key from the
+    stage's code in the tree, a load shard's input from the blob id of the data file's bytes
+    sent with it, the observed files' ids from their shipped copies; the digest of the keys
+    before it, for `with_indices`, as sent), refused when it is not the driver's, then built
+    and published to the remote."""
+    with tempfile.TemporaryDirectory(prefix="hfbuild-ray-data-") as d:
+        return _run_shard_in(root, job, spec, pipe, remote, data, d)
+
+
+def _run_shard_in(
+    root: str,
+    job: dict[str, Any],
+    spec: Any,
+    pipe: Pipeline,
+    remote: Remote,
+    data: bytes | None,
+    scratch: str,
+) -> dict[str, Any]:
     import dataclasses
 
     from hfbuild import shards, shardunits
@@ -476,8 +512,14 @@ def _run_shard(
     label = str(sh["label"])
     snap = Snapshot(root)
     if spec.kind == "load":
-        # Its one data file is all the tree holds; the code key leaves the files out.
-        one = dataclasses.replace(spec, options={**spec.options, "data_files": [label]})
+        # The data file is written outside the tree, under its own name (a load's code key
+        # leaves its files out, and the shard's input is the id of the bytes).
+        if data is None:
+            raise BuildError(f"stage {name!r}, shard {label}: its data file was not sent.")
+        path = os.path.join(scratch, os.path.basename(label))
+        with open(path, "wb") as f:
+            f.write(data)
+        one = dataclasses.replace(spec, options={**spec.options, "data_files": [path]})
         m = stage_manifest(one, snap, {}, pipe.stat_cache)
         got = str(m.doc["data"]["files"][0][1])
         code = shards.load_code(m.doc)
