@@ -13,8 +13,19 @@ with the same code as a local build (`build.build_here`), and publishes to the r
 first-writer-wins (`remote.Remote.push`). The driver then pulls the entry into its own store,
 so freshness is still "the store holds the key".
 
-Owns: the tree a unit ships with, the Ray task and its worker side (a node-local store:
-$HFBUILD_STORE on the worker, else `<tmp>/hfbuild-ray-<uid>`), waiting with per-stage progress,
+A sharded stage travels one task per missing shard (`shardunits` splits it): all its shards
+share one tree (the stage's code; a load's data files are left out), a transform shard's
+task pulls only its input shard, a load shard's task receives its data file's bytes as its
+argument (a tree per file would be a package, and a worker process, per shard). The worker
+recomputes the shard's key (`shards.shard_key`: the code key from the tree, the input from
+what it pulled or the bytes' blob id, the observed files' ids from their shipped copies) and
+refuses another; it builds with `shardbuild`'s code (`shardunits.build_one`) and publishes
+the shard under the key of what it read. The driver pulls each shard, and `shardunits`
+publishes the stage's list as a local build does; it is pushed too.
+
+Owns: the tree a unit ships with (and a load shard's data bytes), the Ray task and its worker
+side (a node-local store: $HFBUILD_STORE on the worker, else `<tmp>/hfbuild-ray-<uid>`),
+waiting with per-stage progress (units, or a sharded stage's shards done / total),
 cancelling outstanding tasks on Ctrl-C, and turning a task's failure into the same error a
 local build gives.
 
@@ -62,7 +73,7 @@ class RayExecutor:
 
             remote = _remote(pipe, unit.spec.name)
             report = shardunits.build(pipe, self, unit)
-            _ensure_remote(pipe, remote, unit.spec.name, report.fingerprint)
+            _share(pipe, remote, unit.spec.name, report.fingerprint)
             return report
         return build_units(pipe, [unit], unit.spec.name)[0]
 
@@ -120,6 +131,20 @@ def _ensure_remote(pipe: Pipeline, remote: Remote, name: str, fp: str) -> None:
         remote.push(pipe.store, fp, name)
     except (RemoteError, StoreError) as e:
         raise BuildError(f"input {name!r} cannot be shared with the cluster: {e}") from e
+
+
+def _share(pipe: Pipeline, remote: Remote, name: str, fp: str) -> None:
+    """Push a sharded stage's list (its shards are there already): other clones then pull
+    the stage whole instead of building it."""
+    from hfbuild.remote import RemoteError
+
+    try:
+        remote.push(pipe.store, fp, name)
+    except (RemoteError, StoreError) as e:
+        raise BuildError(
+            f"stage {name!r}: its shards were built on the cluster, but its entry cannot be "
+            f"pushed to {remote.url}: {e}. Build again to push it."
+        ) from e
 
 
 # -- what travels -------------------------------------------------------------------------------

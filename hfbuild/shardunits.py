@@ -185,6 +185,11 @@ def build_one(
     from hfbuild import builder, shardbuild
 
     store = pipe.store
+    if spec.options.get("num_proc") and not spec.options.get("with_rank"):
+        # One shard per unit, as in a sharded build's own processes: datasets' workers would
+        # only cut it smaller (the output is the same; with_rank keeps its processes).
+        opts = {k: v for k, v in spec.options.items() if k != "num_proc"}
+        spec = dataclasses.replace(spec, options=opts)
     run = builder.offset_indices(spec, offset)
     at = s if spec.kind == "load" else s._replace(pos=0)  # its offset is in `run`
     with store.lock(s.key):
