@@ -7,11 +7,12 @@ stage (`m`, N shards). Each executor builds them in a fresh clone and store, sta
 (`hfbuild build raw`, then `hfbuild build m`), timed separately: the local one in this
 process (`shardbuild`), the Ray one as one task per shard on a one-node Ray cluster on
 loopback (1 CPU; started before timing) with a file:// remote. Printed: seconds per shard
-for each stage and executor, and the ratios (the anchor is the local executor). Each Ray task
-pays for a round trip, the worker recomputing the shard's key from the shipped tree, pulling
-its input shard (a load shard: its data file, sent with the task), pushing its result to
-the remote and the driver pulling it back; all the shards of a stage share one shipped tree.
-On one small machine no speedup is expected, only the cost of going distributed.
+for each stage and executor, the ratios (the anchor is the local executor) and the time
+each Ray task adds. Each Ray task pays for a round trip, the worker recomputing the shard's
+key from the shipped tree, pulling its input shard (a load shard: its data file, sent with
+the task), pushing its result to the remote and the driver pulling it back; all the shards
+of a stage share one shipped tree. On one small machine no speedup is expected, only the
+cost of going distributed.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def _build_one(clone: pathlib.Path, env: dict[str, str], executor: str, stage: s
     seconds = time.perf_counter() - t0
     if out.returncode != 0:
         raise SystemExit(f"hfbuild build --executor {executor} failed:\n{out.stderr}")
+    n = len(list((clone / "data").iterdir()))
+    if executor == "ray" and f"{stage}: {n}/{n} shards done, {n} built on ray" not in out.stderr:
+        raise SystemExit(f"{stage} was not built as {n} Ray tasks:\n{out.stderr}")
     return seconds
 
 
@@ -169,6 +173,7 @@ def main() -> None:
         print(
             f"{stage:10}  local {lo:7.2f} s ({lo / n * 1000:6.1f} ms/shard)   "
             f"ray {ra:7.2f} s ({ra / n * 1000:6.1f} ms/shard)   ratio ray/local {ra / lo:6.2f}x"
+            f"   (+{(ra - lo) / n * 1000:.1f} ms per task)"
         )
 
 
