@@ -1,14 +1,18 @@
-"""Per-unit overhead of the Ray executor against the local one, on many tiny units.
+"""Per-task overhead of the Ray executor against the local one, on many tiny shards.
 
-Run: `.venv/bin/python bench/bench_ray.py [--units N]` (Ray comes with the test extra). In one
-go, in a temporary git repository: a pipeline of one tiny load stage and N tiny map stages
-(10 rows each, so the time is all overhead), built once by `hfbuild build --executor local`
-in a fresh clone and store, and once by `hfbuild build --executor ray` in another fresh clone,
-on a one-node Ray cluster on loopback (1 CPU; started before timing) with a file:// remote.
-Printed: seconds per unit for each, and the ratio (the anchor is the local executor). Each
-Ray unit pays for a task round trip, the worker recomputing the key from the shipped tree,
-pushing its result to the remote and the driver pulling it back; on one small machine no
-speedup is expected, only the cost of going distributed.
+Run: `.venv/bin/python bench/bench_ray.py [--shards N]` (Ray comes with the test extra). In
+one go, in a temporary git repository: N tiny parquet files (10 rows each, so the time is all
+overhead), loaded by one sharded load stage (`raw`, N shards) and mapped by one sharded map
+stage (`m`, N shards). Each executor builds them in a fresh clone and store, stage by stage
+(`hfbuild build raw`, then `hfbuild build m`), timed separately: the local one in this
+process (`shardbuild`), the Ray one as one task per shard on a one-node Ray cluster on
+loopback (1 CPU; started before timing) with a file:// remote. Printed: seconds per shard
+for each stage and executor, the ratios (the anchor is the local executor) and the time
+each Ray task adds. Each Ray task pays for a round trip, the worker recomputing the shard's
+key from the shipped tree, pulling its input shard (a load shard: its data file, sent with
+the task), pushing its result to the remote and the driver pulling it back; all the shards
+of a stage share one shipped tree. On one small machine no speedup is expected, only the
+cost of going distributed.
 """
 
 from __future__ import annotations
@@ -38,9 +42,8 @@ from hfbuild import Pipeline
 import transforms as t
 
 pipe = Pipeline()
-raw = pipe.load("raw", "parquet", data_files="data/tiny.parquet", split="train")
-for i in range({n}):
-    pipe.map(f"m{{i}}", raw, t.add, {{"k": i}}, batched=True)
+raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+pipe.map("m", raw, t.add, {"k": 1}, batched=True)
 
 
 def task_preprocess():
@@ -59,8 +62,10 @@ def _project(base: pathlib.Path, n: int) -> pathlib.Path:
     src = base / "src"
     (src / "data").mkdir(parents=True)
     (src / "transforms.py").write_text(textwrap.dedent(TRANSFORMS))
-    (src / "dodo.py").write_text(textwrap.dedent(DODO.format(n=n)))
-    pq.write_table(pa.table({"x": list(range(10))}), src / "data" / "tiny.parquet")
+    (src / "dodo.py").write_text(textwrap.dedent(DODO))
+    for i in range(n):
+        xs = list(range(10 * i, 10 * i + 10))
+        pq.write_table(pa.table({"x": xs}), src / "data" / f"part-{i:04d}.parquet")
     _git(src, "init", "-q", "-b", "main")
     _git(src, "add", "-A")
     _git(src, "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "-m", "bench")
@@ -72,10 +77,15 @@ def _clone(src: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
     return dest
 
 
-def _build(clone: pathlib.Path, env: dict[str, str], executor: str) -> float:
+def _build(clone: pathlib.Path, env: dict[str, str], executor: str) -> tuple[float, float]:
+    """Seconds to build `raw`, then `m`."""
+    return _build_one(clone, env, executor, "raw"), _build_one(clone, env, executor, "m")
+
+
+def _build_one(clone: pathlib.Path, env: dict[str, str], executor: str, stage: str) -> float:
     t0 = time.perf_counter()
     out = subprocess.run(
-        [str(BIN / "hfbuild"), "build", "--executor", executor],
+        [str(BIN / "hfbuild"), "build", stage, "--executor", executor],
         cwd=clone,
         env=env,
         capture_output=True,
@@ -85,6 +95,9 @@ def _build(clone: pathlib.Path, env: dict[str, str], executor: str) -> float:
     seconds = time.perf_counter() - t0
     if out.returncode != 0:
         raise SystemExit(f"hfbuild build --executor {executor} failed:\n{out.stderr}")
+    n = len(list((clone / "data").iterdir()))
+    if executor == "ray" and f"{stage}: {n}/{n} shards done, {n} built on ray" not in out.stderr:
+        raise SystemExit(f"{stage} was not built as {n} Ray tasks:\n{out.stderr}")
     return seconds
 
 
@@ -96,9 +109,9 @@ def _free_port() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--units", type=int, default=200)
+    ap.add_argument("--shards", type=int, default=200)
     args = ap.parse_args()
-    n = args.units
+    n = args.shards
     with tempfile.TemporaryDirectory(prefix="hfbuild-bench-ray-") as d:
         base = pathlib.Path(d)
         src = _project(base, n)
@@ -154,11 +167,14 @@ def main() -> None:
                 head.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(head.pid, signal.SIGKILL)
-    units = n + 1
-    print(f"{units} tiny units (1 load + {n} maps), one process building them in turn")
-    print(f"local executor: {local:7.2f} s  ({local / units * 1000:7.1f} ms per unit)")
-    print(f"ray executor:   {on_ray:7.2f} s  ({on_ray / units * 1000:7.1f} ms per unit)")
-    print(f"ratio ray/local: {on_ray / local:.2f}x")
+    print(f"{n} tiny shards per stage; Ray: one task per shard on a 1-CPU node")
+    for i, stage in enumerate(("load (raw)", "map (m)")):
+        lo, ra = local[i], on_ray[i]
+        print(
+            f"{stage:10}  local {lo:7.2f} s ({lo / n * 1000:6.1f} ms/shard)   "
+            f"ray {ra:7.2f} s ({ra / n * 1000:6.1f} ms/shard)   ratio ray/local {ra / lo:6.2f}x"
+            f"   (+{(ra - lo) / n * 1000:.1f} ms per task)"
+        )
 
 
 def _wait(env: dict[str, str]) -> None:

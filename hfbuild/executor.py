@@ -1,9 +1,10 @@
 """Where a unit of work is built: on this machine (the default) or on a Ray cluster.
 
 A *unit of work* is one entry to build: a stage's spec, the manifest whose key it is built
-under, and the keys of the entries it reads. Today a whole stage is one unit; a sharded stage
-will give one unit per shard, and a whole-dataset stage stays one unit. An executor turns a
-unit into a published entry in the local store: the local one builds it here, the Ray one
+under, and the keys of the entries it reads. A whole stage is one unit; on the Ray executor a
+sharded stage is split into one unit per missing shard (`shardunits`), whose only input is
+its input shard (or, for a load, its one data file). An executor turns a unit into a
+published entry in the local store: the local one builds it here, the Ray one
 (`ray_executor`) builds it on the cluster, publishes it to the remote cache, and fetches it.
 
 Owns: the `Unit` value, the choice of executor (`--executor`, else $HFBUILD_EXECUTOR, else
@@ -27,6 +28,7 @@ from hfbuild.errors import ConfigError
 if TYPE_CHECKING:
     from hfbuild.fingerprint import Manifest
     from hfbuild.pipeline import Pipeline
+    from hfbuild.shards import Shard
     from hfbuild.spec import Report, StageSpec
 
 EXECUTORS = ("local", "ray")
@@ -35,15 +37,28 @@ EXECUTORS = ("local", "ray")
 @dataclass(frozen=True)
 class Unit:
     """One entry to build: `spec`'s transform under `manifest`'s key, reading the entries
-    `inputs` names (input stage name -> its manifest, whose fingerprint is the key read)."""
+    `inputs` names (input stage name -> its manifest, whose fingerprint is the key read).
+    With `shard`, only that shard of the sharded stage `manifest` describes: its key is the
+    shard's, it reads only its input shard (a load shard: its data file), and `offset` is the
+    number of rows of the input shards before it in its split (`with_indices` only)."""
 
     spec: StageSpec
     manifest: Manifest
     inputs: Mapping[str, Manifest]
+    shard: Shard | None = None
+    offset: int = 0
+
+    @property
+    def key(self) -> str:
+        """The key the unit is expected to be published under (what it reads at run time may
+        still add to it, see `fullkey`)."""
+        return self.shard.key if self.shard is not None else self.manifest.fingerprint
 
     @property
     def input_keys(self) -> tuple[str, ...]:
         """The keys of the entries the unit reads, in the spec's order."""
+        if self.shard is not None:
+            return () if self.spec.kind == "load" else (self.shard.input,)
         return tuple(self.inputs[i].fingerprint for i in self.spec.inputs)
 
 
@@ -64,6 +79,10 @@ class LocalExecutor:
     workers)."""
 
     def build(self, pipe: Pipeline, unit: Unit) -> Report:
+        if unit.shard is not None:
+            from hfbuild.shardunits import build_shard_here
+
+            return build_shard_here(pipe, unit)
         from hfbuild.build import build_here
 
         return build_here(pipe, unit.spec, unit.manifest, unit.inputs)

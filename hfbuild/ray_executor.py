@@ -13,8 +13,19 @@ with the same code as a local build (`build.build_here`), and publishes to the r
 first-writer-wins (`remote.Remote.push`). The driver then pulls the entry into its own store,
 so freshness is still "the store holds the key".
 
-Owns: the tree a unit ships with, the Ray task and its worker side (a node-local store:
-$HFBUILD_STORE on the worker, else `<tmp>/hfbuild-ray-<uid>`), waiting with per-stage progress,
+A sharded stage travels one task per missing shard (`shardunits` splits it): all its shards
+share one tree (the stage's code; a load's data files are left out), a transform shard's
+task pulls only its input shard, a load shard's task receives its data file's bytes as its
+argument (a tree per file would be a package, and a worker process, per shard). The worker
+recomputes the shard's key (`shards.shard_key`: the code key from the tree, the input from
+what it pulled or the bytes' blob id, the observed files' ids from their shipped copies) and
+refuses another; it builds with `shardbuild`'s code (`shardunits.build_one`) and publishes
+the shard under the key of what it read. The driver pulls each shard, and `shardunits`
+publishes the stage's list as a local build does; it is pushed too.
+
+Owns: the tree a unit ships with (and a load shard's data bytes), the Ray task and its worker
+side (a node-local store: $HFBUILD_STORE on the worker, else `<tmp>/hfbuild-ray-<uid>`),
+waiting with per-stage progress (units, or a sharded stage's shards done / total),
 cancelling outstanding tasks on Ctrl-C, and turning a task's failure into the same error a
 local build gives.
 
@@ -43,6 +54,7 @@ if TYPE_CHECKING:
     from hfbuild.fingerprint import Manifest
     from hfbuild.pipeline import Pipeline
     from hfbuild.remote import Remote
+    from hfbuild.shards import Shard
 
 # A worker killed mid-task (OOM, preemption, SIGKILL) is retried this many times by Ray.
 MAX_RETRIES = 3
@@ -54,16 +66,26 @@ class RayExecutor:
     default: a running local cluster, or a new one)."""
 
     def build(self, pipe: Pipeline, unit: Unit) -> Report:
+        """A whole stage as one task; a sharded stage as one task per missing shard
+        (`shardunits`), its entry then published here and pushed for every other clone."""
+        if unit.shard is None and unit.manifest.shards is not None:
+            from hfbuild import shardunits
+
+            remote = _remote(pipe, unit.spec.name)
+            report = shardunits.build(pipe, self, unit)
+            _share(pipe, remote, unit.spec.name, report.fingerprint)
+            return report
         return build_units(pipe, [unit], unit.spec.name)[0]
 
     def build_all(self, pipe: Pipeline, units: Sequence[Unit], label: str) -> list[Report]:
-        """All submitted at once: the cluster runs them in parallel."""
+        """All submitted at once: the cluster runs them in parallel (a whole sharded stage
+        among them is split into its shards' units, stage after stage)."""
+        if any(u.shard is None and u.manifest.shards is not None for u in units):
+            return [self.build(pipe, u) for u in units]
         return build_units(pipe, units, label)
 
 
-def build_units(pipe: Pipeline, units: Sequence[Unit], label: str) -> list[Report]:
-    """Build `units` (one stage's) on the cluster and publish each into `pipe.store`. The
-    caller holds the store's lock for each unit's static fingerprint."""
+def _remote(pipe: Pipeline, label: str) -> Remote:
     remote = pipe.remote()
     if remote is None:
         raise ConfigError(
@@ -71,13 +93,22 @@ def build_units(pipe: Pipeline, units: Sequence[Unit], label: str) -> list[Repor
             f"their inputs and publish their results: set HFBUILD_REMOTE or [tool.hfbuild] "
             f"remote (an fsspec URL every node can reach, e.g. s3://bucket/hfbuild)."
         )
+    return remote
+
+
+def build_units(pipe: Pipeline, units: Sequence[Unit], label: str) -> list[Report]:
+    """Build `units` (one stage's, or one stage's shards) on the cluster and publish each
+    into `pipe.store`. The caller holds the store's lock for each unit's static
+    fingerprint."""
+    remote = _remote(pipe, label)
     _connect()
     for unit in units:
         for name, fp in zip(unit.spec.inputs, unit.input_keys, strict=True):
             _ensure_remote(pipe, remote, name, fp)
-    refs = [_submit(pipe, remote, u) for u in units]
+    packages: dict[tuple[tuple[str, str], ...], str] = {}  # one upload per distinct tree
+    refs = [_submit(pipe, remote, u, packages) for u in units]
     t0 = time.perf_counter()
-    results = _wait(refs, label)
+    results = _wait(refs, label, units)
     reports = []
     for unit, res in zip(units, results, strict=True):
         reports.append(_fetch(pipe, remote, unit, res, time.perf_counter() - t0))
@@ -102,18 +133,38 @@ def _ensure_remote(pipe: Pipeline, remote: Remote, name: str, fp: str) -> None:
         raise BuildError(f"input {name!r} cannot be shared with the cluster: {e}") from e
 
 
+def _share(pipe: Pipeline, remote: Remote, name: str, fp: str) -> None:
+    """Push a sharded stage's list (its shards are there already): other clones then pull
+    the stage whole instead of building it."""
+    from hfbuild.remote import RemoteError
+
+    try:
+        remote.push(pipe.store, fp, name)
+    except (RemoteError, StoreError) as e:
+        raise BuildError(
+            f"stage {name!r}: its shards were built on the cluster, but its entry cannot be "
+            f"pushed to {remote.url}: {e}. Build again to push it."
+        ) from e
+
+
 # -- what travels -------------------------------------------------------------------------------
 
 
-def shipped_files(m: Manifest) -> list[tuple[str, str]]:
+def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, str]]:
     """[repo-relative path, blob id] of every file the key of `m` names: its closure, its
-    file_deps, its data files and the files its builds were seen to read."""
+    file_deps, its data files and the files its builds were seen to read. For a shard of a
+    load stage, no data file: the tree is the stage's code, one package for all its shards,
+    and the shard's own file travels with its task (`shard_data`)."""
     from hfbuild.fullkey import in_static_key
+    from hfbuild.shards import load_code_doc
 
     doc = m.doc
     pairs = {str(p): str(i) for p, i in (doc.get("code") or {}).get("files", [])}
     pairs.update({str(p): str(i) for p, i in doc.get("file_deps") or []})
     files = (doc.get("data") or {}).get("files")
+    if shard is not None and files is not None:
+        doc = load_code_doc(doc)
+        files = None
     groups: Any = files.values() if isinstance(files, dict) else [files or []]
     for group in groups:
         pairs.update({str(p): str(i) for p, i in group})
@@ -129,13 +180,13 @@ def shipped_files(m: Manifest) -> list[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def _tree(pipe: Pipeline, m: Manifest) -> Iterator[str]:
-    """A temporary directory holding the unit's fingerprinted tree, as the key names it."""
+def tree(pipe: Pipeline, files: Sequence[tuple[str, str]]) -> Iterator[str]:
+    """A temporary directory holding a unit's fingerprinted tree (`shipped_files`)."""
     from hfbuild.gitstate import Snapshot
 
     snap = Snapshot(pipe.root)
     with tempfile.TemporaryDirectory(prefix="hfbuild-ray-tree-") as d:
-        for rel, blob in shipped_files(m):
+        for rel, blob in files:
             dest = os.path.join(d, *rel.split("/"))
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             with open(dest, "wb") as f:
@@ -176,26 +227,60 @@ def _env(pipe: Pipeline, m: Manifest) -> dict[str, str]:
     return {n: os.environ[n] for n in sorted(names) if n in os.environ}
 
 
-def _submit(pipe: Pipeline, remote: Remote, unit: Unit) -> Any:
+def _submit(
+    pipe: Pipeline, remote: Remote, unit: Unit, packages: dict[tuple[tuple[str, str], ...], str]
+) -> Any:
+    job, spec = task_args(pipe, remote, unit)
+    data = shard_data(pipe, unit)
+    name = f"hfbuild:{unit.spec.name}"
+    if unit.shard is not None:
+        name += f":{unit.shard.label}"
+    files = tuple(shipped_files(unit.manifest, unit.shard))
+    if files not in packages:
+        packages[files] = _upload_tree(pipe, files)
+    env = {"working_dir": packages[files], "env_vars": _env(pipe, unit.manifest)}
+    return _task().options(name=name, runtime_env=env).remote(job, spec, data)
+
+
+def shard_data(pipe: Pipeline, unit: Unit) -> bytes | None:
+    """A load shard's data file, the bytes its key names, sent as the task's argument
+    (through Ray's object store) rather than in its tree: a tree per data file would be a
+    package, and a worker process, per shard. None for any other unit."""
+    if unit.shard is None or unit.spec.kind != "load":
+        return None
+    from hfbuild.gitstate import Snapshot
+
+    return Snapshot(pipe.root).content(unit.shard.label, unit.shard.input)
+
+
+def task_args(pipe: Pipeline, remote: Remote, unit: Unit) -> tuple[dict[str, Any], bytes]:
+    """What a unit's task receives besides its tree (`run_unit`'s arguments): the job, plain
+    JSON-able values, and the pickled spec."""
     from ray import cloudpickle
 
-    job = {
+    m = unit.manifest
+    job: dict[str, Any] = {
         "stage": unit.spec.name,
-        "static": unit.manifest.static_fingerprint,
-        "doc": dict(unit.manifest.doc),
+        "static": m.static_fingerprint,
+        "doc": dict(m.doc),
         "inputs": dict(zip(unit.spec.inputs, unit.input_keys, strict=True)),
         "remote": remote.url,
         "paths": _import_dirs(pipe.root),
         "driver_root": pipe.root,
     }
+    if unit.shard is not None:
+        job["shard"] = {
+            **unit.shard._asdict(),
+            "observed": [list(p) for p in m.observed],
+            "offset": unit.offset,
+        }
     # The spec is pickled here and unpickled by the task once the shipped tree is on its
     # path: its callable travels by module and name, never as code.
     spec: bytes = cloudpickle.dumps(unit.spec)  # type: ignore[no-untyped-call]
-    env = {"working_dir": _upload_tree(pipe, unit.manifest), "env_vars": _env(pipe, unit.manifest)}
-    return _task().options(name=f"hfbuild:{unit.spec.name}", runtime_env=env).remote(job, spec)
+    return job, spec
 
 
-def _upload_tree(pipe: Pipeline, m: Manifest) -> str:
+def _upload_tree(pipe: Pipeline, files: Sequence[tuple[str, str]]) -> str:
     """Pack the unit's tree and upload it to the cluster; its URI. Ray names a package by
     the hash of its files and uploads it once, so units of one code share one package. Only
     a job's own runtime_env may name a local directory: a task's must name an uploaded
@@ -206,9 +291,12 @@ def _upload_tree(pipe: Pipeline, m: Manifest) -> str:
         upload_package_if_needed,
     )
 
-    with _tree(pipe, m) as tree, tempfile.TemporaryDirectory(prefix="hfbuild-ray-pkg-") as tmp:
-        uri = str(get_uri_for_directory(tree, include_gitignore=False, excludes=[]))
-        upload_package_if_needed(uri, tmp, tree, include_gitignore=False, excludes=[])
+    with (
+        tree(pipe, files) as tree_dir,
+        tempfile.TemporaryDirectory(prefix="hfbuild-ray-pkg-") as tmp,
+    ):
+        uri = str(get_uri_for_directory(tree_dir, include_gitignore=False, excludes=[]))
+        upload_package_if_needed(uri, tmp, tree_dir, include_gitignore=False, excludes=[])
     return uri
 
 
@@ -219,16 +307,21 @@ def _task() -> Any:
     return ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(run_unit)
 
 
-def _wait(refs: list[Any], label: str) -> list[dict[str, Any]]:
-    """Each task's result, showing units done / total for the stage; Ctrl-C (or a failed
-    unit) cancels the tasks still outstanding."""
+def _wait(refs: list[Any], label: str, units: Sequence[Unit]) -> list[dict[str, Any]]:
+    """Each task's result, showing units done / total for the stage (for shard units: the
+    stage's shards done, those already stored included, out of all its shards); Ctrl-C (or
+    a failed unit) cancels the tasks still outstanding."""
     import ray
 
     from hfbuild import progress
 
     pending = list(refs)
     results: dict[Any, dict[str, Any]] = {}
-    bar = progress.bar(len(refs), f"{label} on ray", unit="unit")
+    total, what = len(refs), "units"
+    if units and units[0].shard is not None:
+        total, what = len(units[0].manifest.shard_list), "shards"
+    bar = progress.bar(total, f"{label} on ray", unit=what[:-1])
+    bar.update(total - len(refs))
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
@@ -242,7 +335,10 @@ def _wait(refs: list[Any], label: str) -> list[dict[str, Any]]:
         raise
     finally:
         bar.close()
-    print(f"{label}: {len(refs)}/{len(refs)} units built on ray", file=sys.stderr)
+    if what == "shards":
+        print(f"{label}: {total}/{total} shards done, {len(refs)} built on ray", file=sys.stderr)
+    else:
+        print(f"{label}: {len(refs)}/{len(refs)} units built on ray", file=sys.stderr)
     return [results[r] for r in refs]
 
 
@@ -268,6 +364,8 @@ def _fetch(
     fp = str(res["fingerprint"])
     m = unit.manifest
     store = pipe.store
+    if unit.shard is not None:
+        return _fetch_shard(pipe, remote, unit, res, fp, secs)
     held = contextlib.nullcontext() if fp == m.static_fingerprint else store.lock(fp)
     with held:
         remote.pull_held(store, fp, unit.spec.name)
@@ -281,6 +379,25 @@ def _fetch(
         store.add_observed(m.static_fingerprint, observed)
     if fp != m.fingerprint:
         pipe.manifests(fresh=True)  # the stages after this one take the key it was built under
+    return Report(unit.spec.name, fp, "built", res.get("rows"), float(res.get("seconds", secs)))
+
+
+def _fetch_shard(
+    pipe: Pipeline, remote: Remote, unit: Unit, res: Mapping[str, Any], fp: str, secs: float
+) -> Report:
+    """Bring a shard a worker published into the driver's store; a shard that read more
+    than its key assumed records that set under the stage's static fingerprint (the caller
+    holds its lock), for `shardunits` to find."""
+    store = pipe.store
+    assert unit.shard is not None
+    remote.pull(store, fp, f"{unit.spec.name} {unit.shard.label}")
+    if not store.has(fp):
+        raise BuildError(
+            f"stage {unit.spec.name!r}: a Ray worker published shard {unit.shard.label} as "
+            f"{fp}, but the remote {remote.url} does not hold it; build again."
+        )
+    if fp != unit.key:
+        store.add_observed(unit.manifest.static_fingerprint, [str(p) for p in res["observed"]])
     return Report(unit.spec.name, fp, "built", res.get("rows"), float(res.get("seconds", secs)))
 
 
@@ -301,17 +418,20 @@ def worker_store() -> str:
     return os.path.join(tempfile.gettempdir(), f"hfbuild-ray-{os.getuid()}")
 
 
-def run_unit(job: dict[str, Any], spec_bytes: bytes) -> dict[str, Any]:
+def run_unit(job: dict[str, Any], spec_bytes: bytes, data: bytes | None = None) -> dict[str, Any]:
     """The Ray task: build one unit from the shipped tree (the task's working directory) and
-    publish it to the remote. A user error comes back as {"error": message}."""
+    `data` (a load shard's data file), and publish it to the remote. A user error comes back
+    as {"error": message}."""
     root = os.getcwd()
     try:
-        return _run_unit(root, job, spec_bytes)
+        return _run_unit(root, job, spec_bytes, data)
     except HfbuildError as e:
         return {"error": str(e).replace(root, str(job["driver_root"]))}
 
 
-def _run_unit(root: str, job: dict[str, Any], spec_bytes: bytes) -> dict[str, Any]:
+def _run_unit(
+    root: str, job: dict[str, Any], spec_bytes: bytes, data: bytes | None
+) -> dict[str, Any]:
     from ray import cloudpickle
 
     from hfbuild.build import build_here
@@ -346,6 +466,8 @@ def _run_unit(root: str, job: dict[str, Any], spec_bytes: bytes) -> dict[str, An
                 f"stage {name!r}: its input {dep!r} ({fp}) is not on the remote {remote.url}."
             )
     pipe = Pipeline(store.root, root=root, remote=False)
+    if "shard" in job:
+        return _run_shard(root, job, spec, pipe, remote, data)
     done = cast("Mapping[str, Manifest]", {d: _Key(fp) for d, fp in inputs.items()})
     m = stage_manifest(spec, Snapshot(root), done, pipe.stat_cache)
     if m.static_fingerprint != job["static"]:
@@ -368,5 +490,96 @@ def _run_unit(root: str, job: dict[str, Any], spec_bytes: bytes) -> dict[str, An
     return {
         "fingerprint": fp,
         "rows": report.rows,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+class _ShardedInput(NamedTuple):
+    """A transform shard's input as the worker knows it: one shard of a sharded stage, by
+    key (so the transform's manifest is computed as the driver computes it)."""
+
+    fingerprint: str
+    shards: tuple[Any, ...]
+    shard_list: list[Any]
+
+
+def _run_shard(
+    root: str, job: dict[str, Any], spec: Any, pipe: Pipeline, remote: Remote, data: bytes | None
+) -> dict[str, Any]:
+    """One shard: its key recomputed from what the task received (the code key from the
+    stage's code in the tree, a load shard's input from the blob id of the data file's bytes
+    sent with it, the observed files' ids from their shipped copies; the digest of the keys
+    before it, for `with_indices`, as sent), refused when it is not the driver's, then built
+    and published to the remote."""
+    with tempfile.TemporaryDirectory(prefix="hfbuild-ray-data-") as d:
+        return _run_shard_in(root, job, spec, pipe, remote, data, d)
+
+
+def _run_shard_in(
+    root: str,
+    job: dict[str, Any],
+    spec: Any,
+    pipe: Pipeline,
+    remote: Remote,
+    data: bytes | None,
+    scratch: str,
+) -> dict[str, Any]:
+    import dataclasses
+
+    from hfbuild import shards, shardunits
+    from hfbuild.diff import diff
+    from hfbuild.fullkey import identify
+    from hfbuild.gitstate import Snapshot
+    from hfbuild.manifests import stage_manifest
+
+    sh: dict[str, Any] = job["shard"]
+    name = str(job["stage"])
+    label = str(sh["label"])
+    snap = Snapshot(root)
+    if spec.kind == "load":
+        # The data file is written outside the tree, under its own name (a load's code key
+        # leaves its files out, and the shard's input is the id of the bytes).
+        if data is None:
+            raise BuildError(f"stage {name!r}, shard {label}: its data file was not sent.")
+        path = os.path.join(scratch, os.path.basename(label))
+        with open(path, "wb") as f:
+            f.write(data)
+        one = dataclasses.replace(spec, options={**spec.options, "data_files": [path]})
+        m = stage_manifest(one, snap, {}, pipe.stat_cache)
+        got = str(m.doc["data"]["files"][0][1])
+        code = shards.load_code(m.doc)
+        mine, theirs = shards.load_code_doc(m.doc), shards.load_code_doc(job["doc"])
+    else:
+        key = str(sh["input"])
+        stand_in = _ShardedInput(
+            key,
+            (shards.ShardIn(str(sh["split"]), key, label),),
+            [shards.Shard(str(sh["split"]), key, label, 0, key)],
+        )
+        done = cast("Mapping[str, Manifest]", {spec.inputs[0]: stand_in})
+        m = stage_manifest(spec, snap, done, pipe.stat_cache)
+        got, code = key, m.static_fingerprint
+        mine, theirs = dict(m.doc), job["doc"]
+    observed = identify([str(p) for p, _ in sh["observed"]], snap, pipe.stat_cache)
+    ins = shards.ShardIn(str(sh["split"]), got, label, str(sh["before"]))
+    m = dataclasses.replace(m, shards=(ins,), shard_code=code, observed=observed)
+    s = m.shard_list[0]
+    if s.key != sh["key"]:
+        changes = "; ".join(c.describe() for c in diff(theirs, mine)[:5])
+        if got != sh["input"]:
+            changes = f"its data file {label} is {got}, not {sh['input']}"
+        raise BuildError(
+            f"stage {name!r}, shard {label}: the Ray worker computed the key {s.key} from "
+            f"the tree it received, not the driver's {sh['key']} ({changes or 'same parts'}). "
+            f"Nothing was published. The worker's environment differs from the driver's "
+            f"(packages, Python): run the cluster from the same environment."
+        )
+    t0 = time.perf_counter()
+    fp, rows, read = shardunits.build_one(pipe, spec, m, s, int(sh["offset"]))
+    remote.push(pipe.store, fp, f"{name} {label}")
+    return {
+        "fingerprint": fp,
+        "rows": rows,
+        "observed": [p for p, _ in read],
         "seconds": round(time.perf_counter() - t0, 3),
     }

@@ -94,6 +94,20 @@ def build(
     return report, doc
 
 
+def build_one(
+    pipe: Pipeline, spec: StageSpec, m: Manifest, s: shards.Shard, tmp: str
+) -> tuple[str, dict[str, Any]]:
+    """Build shard `s` of `m` by itself, exactly as `build` builds each shard, into a new
+    directory inside `tmp`; (that directory, the shard's document). Nothing is published:
+    for a shard built as a unit of work of its own (`shardunits`). A `with_indices` transform
+    whose input shards before it are not in this store gets its offset in `spec` already
+    (`builder.offset_indices`), with `s` at position 0."""
+    from hfbuild import builder
+
+    with _quiet_datasets():
+        return _build_shard(pipe, spec, m, s, builder, tmp)
+
+
 def _workers(spec: StageSpec, todo: int) -> int:
     """Processes building the stage's shards side by side: its own `num_proc` (each shard
     then runs in one process), unless the function sees its rank (`with_rank`: the number of

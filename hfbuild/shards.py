@@ -48,13 +48,15 @@ class ShardIn(NamedTuple):
 
 
 class Shard(NamedTuple):
-    """One shard of a stage: its split, key, label, position (`pos`) in its split, and input key."""
+    """One shard of a stage: its split, key, label, position (`pos`) in its split, input key,
+    and the digest of the input keys before it (`with_indices` only, else "")."""
 
     split: str
     key: str
     label: str
     pos: int
     input: str
+    before: str = ""
 
 
 def _digest(doc: Any) -> str:
@@ -79,9 +81,16 @@ def shard_list(m: Manifest) -> list[Shard]:
     for s in m.shards:
         i = index.get(s.split, 0)
         index[s.split] = i + 1
-        key = _digest({"shard": code, "input": s.input, "before": s.before or None})
-        out.append(Shard(s.split, key, s.label, i, s.input))
+        out.append(
+            Shard(s.split, shard_key(code, s.input, s.before), s.label, i, s.input, s.before)
+        )
     return out
+
+
+def shard_key(code: str, input_key: str, before: str = "") -> str:
+    """One shard's key: the stage's code key (`code_key`), its input's key and, for
+    offset-dependent transforms, the digest of the input keys before it."""
+    return _digest({"shard": code, "input": input_key, "before": before or None})
 
 
 def stage_key(m: Manifest) -> str:
@@ -124,8 +133,18 @@ def for_load(spec: StageSpec, m: Manifest) -> Manifest:
     ins = [ShardIn(s, str(f[1]), str(f[0])) for s, fs in groups for f in fs]
     if len(ins) < 2:
         return m
-    code_doc = {**m.doc, "data": {**data, "files": None}}
-    return dataclasses.replace(m, shards=tuple(ins), shard_code=_digest(code_doc))
+    return dataclasses.replace(m, shards=tuple(ins), shard_code=load_code(m.doc))
+
+
+def load_code_doc(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """A load stage's manifest without its files' ids: what its shards' code key hashes."""
+    return {**doc, "data": {**(doc.get("data") or {}), "files": None}}
+
+
+def load_code(doc: Mapping[str, Any]) -> str:
+    """A sharded load's code key before what its builds read at run time: the digest of
+    its manifest without its files (so it stays the same when a file is added)."""
+    return _digest(load_code_doc(doc))
 
 
 def transform_inputs(spec: StageSpec, parent: Manifest) -> tuple[ShardIn, ...] | None:

@@ -145,3 +145,282 @@ def test_concurrent_pushes_publish_once(remote_url: str, tmp_path: pathlib.Path)
     assert len(names) == 2 and names[0].startswith("data-") and names[1] == "manifest.json"
     fresh = Store(tmp_path / "fresh")
     assert r.pull(fresh, FP, "x") > 0 and fresh.has(FP)
+
+
+# -- a sharded stage as one unit per shard (the driver's side, and a worker's, without Ray) -----
+
+SHARDED = {
+    "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG"]\n',
+    "conf/scale.txt": "5\n",
+    "pkg/__init__.py": "",
+    "pkg/t.py": """
+        import os
+
+        HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+        def log(stage):
+            with open(os.environ["CALL_LOG"], "a") as f:
+                f.write(stage + "\\n")
+
+
+        def feat(batch, idx):
+            log("feat")
+            scale = 1
+            if 0 in batch["x"]:  # only the first file's shard reads the file, at run time
+                with open(os.path.join(HERE, "..", "conf", "scale.txt")) as f:
+                    scale = int(f.read())
+            return {"y": [x * scale for x in batch["x"]], "i": idx}
+
+
+        def keep(batch):
+            log("keep")
+            return [y % 3 != 0 for y in batch["y"]]
+        """,
+    "dodo.py": """
+        from hfbuild import Pipeline
+        from pkg import t
+
+        pipe = Pipeline()
+        raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+        feat = pipe.map("feat", raw, t.feat, batched=True, with_indices=True)
+        kept = pipe.filter("kept", feat, t.keep, batched=True)
+
+
+        def task_preprocess():
+            yield from pipe.tasks()
+        """,
+}
+
+
+def _sharded_project(repo: Repo, parts: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo.write(SHARDED)
+    (repo.path / "data").mkdir(exist_ok=True)
+    for i in range(parts):
+        xs = list(range(10 * i, 10 * i + 10 + i))  # shards of different lengths
+        pq.write_table(pa.table({"x": xs}), repo.path / "data" / f"part-{i}.parquet")
+    repo.commit("sharded project")
+
+
+BY_UNITS = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+from hfbuild import shardunits
+from hfbuild.executor import LocalExecutor, Unit
+
+
+class Counting(LocalExecutor):
+    def build_all(self, pipe, units, label):
+        print("UNITS", json.dumps([label, [u.shard.label for u in units]]))
+        return super().build_all(pipe, units, label)
+
+
+pipe = dodo.pipe
+for name in ("raw", "feat", "kept"):
+    ms = pipe.manifests()
+    m, spec = ms[name], pipe[name].spec
+    if not pipe.store.has(m.fingerprint):
+        with pipe.store.lock(m.static_fingerprint):
+            unit = Unit(spec, m, {i: ms[i] for i in spec.inputs})
+            shardunits.build(pipe, Counting(), unit)
+    pipe.record(name)
+"""
+
+READ = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+print(json.dumps({n: dodo.pipe.result(n).to_dict() for n in ("feat", "kept")}))
+"""
+
+
+def _run(repo: Repo, code: str, log: pathlib.Path) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=repo.path,
+        env={**os.environ, "PYTHONPATH": str(repo.path), "CALL_LOG": str(log)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def _units(out: subprocess.CompletedProcess[str]) -> list[tuple[str, list[str]]]:
+    import json
+
+    lines = [x.removeprefix("UNITS ") for x in out.stdout.splitlines() if x.startswith("UNITS ")]
+    return [(str(a), list(b)) for a, b in map(json.loads, lines)]
+
+
+def _locked(repo: Repo) -> dict[str, Any]:
+    import json
+
+    stages = json.loads((repo.path / "hfbuild.lock").read_text())["stages"]
+    return {s: (e["fingerprint"], e["content_hash"]) for s, e in stages.items()}
+
+
+def test_shard_units_equal_a_sharded_build(repo: Repo, tmp_path: pathlib.Path) -> None:
+    """A sharded stage split into one unit per shard (load -> map with_indices -> filter)
+    gets the keys, content hashes and rows of a local sharded build; a shard that read a
+    file at run time makes the others be built again under the key holding it; after a
+    file is appended, only its shards are units."""
+    _sharded_project(repo, 3)
+    by_units = repo.clone(tmp_path / "units")
+    local = repo.clone(tmp_path / "local")
+    out = _run(by_units, BY_UNITS, tmp_path / "u.log")
+    labels = [f"data/part-{i}.parquet" for i in range(3)]
+    assert _units(out) == [
+        ("raw", labels),
+        ("feat", labels),
+        ("feat", labels[1:]),  # part-0's read conf/scale.txt: the others' keys now hold it
+        ("kept", labels),
+    ]
+    no_remote = {**os.environ, "HFBUILD_NO_REMOTE": "1", "CALL_LOG": os.devnull}
+    subprocess.run(
+        [sys.executable, "-m", "doit", "run", "preprocess"],
+        cwd=local.path,
+        env=no_remote,
+        check=True,
+    )
+    assert _locked(by_units) == _locked(local)
+    assert (
+        _run(by_units, READ, tmp_path / "r.log").stdout
+        == _run(local, READ, tmp_path / "r.log").stdout
+    )
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": [100, 101]}), repo.path / "data" / "part-3.parquet")
+    repo.commit("part 3")
+    for clone in (by_units, local):
+        clone.git("pull", "-q", "--ff-only")
+    again = _run(by_units, BY_UNITS, tmp_path / "u2.log")
+    new = ["data/part-3.parquet"]
+    assert _units(again) == [("raw", new), ("feat", new), ("kept", new)]
+    subprocess.run(
+        [sys.executable, "-m", "doit", "run", "preprocess"],
+        cwd=local.path,
+        env=no_remote,
+        check=True,
+    )
+    assert _locked(by_units) == _locked(local)
+
+
+PREPARE = """
+import json, os, shutil, sys, warnings
+warnings.simplefilter("ignore")
+import dodo
+from hfbuild import ray_executor as rx, shardunits
+from hfbuild.build import build
+from hfbuild.executor import Unit
+from hfbuild.remote import Remote
+
+pipe = dodo.pipe
+build(pipe, "raw")
+remote = Remote(sys.argv[1])
+ms = pipe.manifests()
+out = {}
+for name in ("raw", "feat"):
+    m, spec = ms[name], pipe[name].spec
+    s = m.shard_list[1 if name == "raw" else 2]  # not feat's input: that one is pushed
+    offset = shardunits.row_offsets(pipe, spec, m).get(s.key, 0)
+    unit = Unit(spec, m, {d: ms[d] for d in spec.inputs}, s, offset)
+    for key in unit.input_keys:
+        remote.push(pipe.store, key, "input")
+    job, spec_bytes = rx.task_args(pipe, remote, unit)
+    with rx.tree(pipe, rx.shipped_files(m, s)) as d:
+        for copy in ("good", "bad"):
+            shutil.copytree(d, os.path.join(sys.argv[2], name, copy))
+    with open(os.path.join(sys.argv[2], name, "job.json"), "w") as f:
+        json.dump(job, f)
+    with open(os.path.join(sys.argv[2], name, "spec"), "wb") as f:
+        f.write(spec_bytes)
+    with open(os.path.join(sys.argv[2], name, "data"), "wb") as f:
+        f.write(rx.shard_data(pipe, unit) or b"")
+    out[name] = s.key
+print(json.dumps(out))
+"""
+
+WORKER = """
+import json, sys
+from hfbuild.ray_executor import run_unit
+
+with open(sys.argv[1]) as f:
+    job = json.load(f)
+with open(sys.argv[2], "rb") as f:
+    spec = f.read()
+with open(sys.argv[3], "rb") as f:
+    data = f.read() or None
+print(json.dumps(run_unit(job, spec, data)))
+"""
+
+
+def test_a_shard_task_recomputes_its_key_from_its_tree(repo: Repo, tmp_path: pathlib.Path) -> None:
+    """A shard's task (run here, in a fresh process in its shipped tree, as a Ray worker
+    runs it) gets the stage's code as its tree and, for a load shard, its own data file's
+    bytes; it refuses to build when what it received is not what the key names (a data
+    file's bytes, a transform's code), publishing nothing, and otherwise publishes the shard
+    under the driver's key, a `with_indices` shard with the indices of the whole split."""
+    import json
+
+    _sharded_project(repo, 3)
+    clone = repo.clone(tmp_path / "clone")
+    url = f"file://{tmp_path / 'remote'}"
+    jobs = tmp_path / "jobs"
+    prep = subprocess.run(
+        [sys.executable, "-c", PREPARE, url, str(jobs)],
+        cwd=clone.path,
+        env={**os.environ, "PYTHONPATH": str(clone.path), "CALL_LOG": os.devnull},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert prep.returncode == 0, prep.stderr
+    keys = json.loads(prep.stdout.strip().splitlines()[-1])
+    assert not (jobs / "raw" / "good" / "data").exists()
+    data = (jobs / "raw" / "data").read_bytes()
+    assert data == (clone.path / "data" / "part-1.parquet").read_bytes()
+    with open(jobs / "feat" / "bad" / "pkg" / "t.py", "a") as f:
+        f.write("# another version\n")
+
+    def worker(name: str, tree: str, data: str = "data") -> dict[str, Any]:
+        env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker" / tree)}
+        env.pop("PYTHONPATH", None)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                WORKER,
+                str(jobs / name / "job.json"),
+                str(jobs / name / "spec"),
+                str(jobs / name / data),
+            ],
+            cwd=jobs / name / tree,
+            env={**env, "CALL_LOG": os.devnull},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        got: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        return got
+
+    remote = Remote(url)
+    for name, why in (("raw", "its data file data/part-1.parquet is "), ("feat", "pkg/t.py")):
+        (jobs / name / "other").write_bytes(data[:-1] + b"!" if name == "raw" else b"")
+        bad = worker(name, "bad", "other")
+        assert "the Ray worker computed the key" in bad["error"] and why in bad["error"]
+        assert "Nothing was published" in bad["error"]
+        assert not remote.has(keys[name])
+        good = worker(name, "good")
+        assert good["fingerprint"] == keys[name] and remote.has(keys[name])
+    fresh = Store(tmp_path / "fresh")
+    remote.pull(fresh, keys["feat"], "feat")
+    assert fresh.load(keys["feat"])["i"] == list(range(21, 33))  # after 10 + 11 rows

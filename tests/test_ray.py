@@ -100,16 +100,20 @@ def cluster(
         str(80 * 1024 * 1024),  # tiny data; leave the shared machine's memory alone
     ]
     procs: list[subprocess.Popen[bytes]] = []
-    short = tempfile.mkdtemp(prefix="hfr-", dir="/tmp")
+    # Each node its own temporary directory, as on separate machines: two nodes sharing one
+    # unpack a package shared by their tasks into one directory, and Ray's unpacking removes
+    # and re-creates it, under the other node's worker running in it.
+    shorts = [tempfile.mkdtemp(prefix="hfr-", dir="/tmp") for _ in range(2)]
     try:
         head = [RAY, "start", "--head", "--port", str(port), "--include-dashboard=false"]
         # Ray's sockets live under --temp-dir, and a Unix socket path is at most 107 bytes:
         # pytest's directories (deeper under xdist) are too long for it.
-        head += ["--temp-dir", short, *common]
+        head += ["--temp-dir", shorts[0], *common]
         procs.append(_popen(head, env, base / "head.log"))
         address = f"127.0.0.1:{port}"
         _wait_for(address, env, 1, procs[-1], base / "head.log")
-        procs.append(_popen([RAY, "start", "--address", address, *common], env, base / "n2.log"))
+        node = [RAY, "start", "--address", address, "--temp-dir", shorts[1], *common]
+        procs.append(_popen(node, env, base / "n2.log"))
         _wait_for(address, env, 2, procs[-1], base / "n2.log")
         yield {
             "RAY_ADDRESS": address,
@@ -117,7 +121,8 @@ def cluster(
         }
     finally:
         _stop(procs)
-        shutil.rmtree(short, ignore_errors=True)
+        for d in shorts:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _popen(cmd: list[str], env: dict[str, str], log: pathlib.Path) -> subprocess.Popen[bytes]:
@@ -176,6 +181,17 @@ def remote(cluster: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
 RAY_ENV = {"HFBUILD_EXECUTOR": "ray"}
 
 
+def _add_part(repo: Repo, i: int) -> None:
+    """Commit data/part-<i>.parquet: 20 rows continuing part-0's 40."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    xs = list(range(40 + 20 * (i - 1), 40 + 20 * i))
+    table = pa.table({"x": xs, "text": [f"row {'y' * (x % 7)}" for x in xs]})
+    pq.write_table(table, repo.path / "data" / f"part-{i}.parquet")
+    repo.commit(f"part {i}")
+
+
 def _lock(repo: Repo) -> dict[str, Any]:
     stages: dict[str, Any] = json.loads((repo.path / "hfbuild.lock").read_text())["stages"]
     return {s: (e["fingerprint"], e["content_hash"]) for s, e in stages.items()}
@@ -204,8 +220,9 @@ import sys
 from hfbuild.remote import Remote
 from hfbuild.store import Store
 remote, store = Remote(sys.argv[1]), Store(sys.argv[2])
-for fp in sys.argv[3:]:
-    assert remote.pull(store, fp, fp) > 0 and store.has(fp), fp
+for fp in sys.argv[3:]:  # a list of shards pulls its shards (each checked) first
+    remote.pull(store, fp, fp)
+    assert store.has(fp), fp
 print(len(sys.argv) - 3)
 """
 
@@ -258,10 +275,13 @@ def test_ray_build_is_reused_by_a_local_clone(
 def test_two_drivers_racing_publish_each_entry_once(
     repo: Repo, tmp_path: pathlib.Path, remote: str
 ) -> None:
-    """Two drivers building the same pipeline through Ray at once both succeed with identical
-    results; every remote entry has one manifest and one data directory (a loser's copy is
-    deleted)."""
+    """Two drivers building the same sharded pipeline through Ray at once both succeed with
+    identical results; every remote entry (each shard, each stage's list of shards, the
+    whole-dataset stage) has one manifest and at most one data directory (a loser's copy is
+    deleted), and passes the full content check."""
     make_project(repo)
+    for i in (1, 2):
+        _add_part(repo, i)
     clones = [repo.clone(tmp_path / f"c{i}") for i in range(2)]
     log = tmp_path / "calls.log"
     env = {**os.environ, "CALL_LOG": str(log), **RAY_ENV}
@@ -280,10 +300,13 @@ def test_two_drivers_racing_publish_each_entry_once(
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o + e for o, e in outs)
     assert _lock(clones[0]) == _lock(clones[1])
     entries = _remote_entries(remote)
-    assert len(entries) == 5
+    assert len(entries) == 4 * 3 + 4 + 1  # 3 shards and a list for 4 stages; split
+    lists = [names for names in entries.values() if names == ["manifest.json"]]
+    assert len(lists) == 4  # a list of shards has no data of its own
     for names in entries.values():
-        assert len(names) == 2 and names[0].startswith("data-") and names[1] == "manifest.json"
-    assert _deep_check(remote, tmp_path / "check") == 5
+        if names != ["manifest.json"]:
+            assert len(names) == 2 and names[0].startswith("data-") and names[1] == "manifest.json"
+    assert _deep_check(remote, tmp_path / "check") == 17
 
 
 KILL_ONCE_LOG = """
@@ -483,3 +506,49 @@ def test_units_of_one_call_run_at_once_with_progress(
     assert {s: fp for s, fp, _ in got} == {s: _lock(local)[s][0] for s in ("feat", "lens")}
     store = clone.path / ".hfbuild" / "objects"
     assert all((store / fp[:2] / fp / "manifest.json").exists() for _, fp, _ in got)
+
+
+def test_sharded_stages_travel_one_task_per_shard(
+    repo: Repo, tmp_path: pathlib.Path, remote: str
+) -> None:
+    """A sharded pipeline (a load of three parquet files, then map, filter and map over it)
+    built through Ray from a clean clone runs one task per shard (one transform call each)
+    and one for the whole-dataset stage; a local clone then builds nothing; keys and content
+    hashes equal a local build's. After a fourth file is appended, Ray runs tasks only for
+    its shards (and the whole-dataset stage), again equal to a local build."""
+    make_project(repo)
+    # Keys of its own: the nodes' stores outlive a test, and would hold the racing test's.
+    log_py = (repo.path / "pkg" / "log.py").read_text()
+    repo.write({"pkg/log.py": log_py + "# the sharded test\n"})
+    for i in (1, 2):
+        _add_part(repo, i)
+    first = repo.clone(tmp_path / "first")
+    log = tmp_path / "first.log"
+    out = doit(first, "run", "preprocess", log=log, env=RAY_ENV)
+    assert calls(log) == {"feat": 3, "keep": 3, "split": 1, "lens": 3}
+    for stage in ("raw", "feat", "kept", "lens"):
+        assert f"{stage}: 3/3 shards done, 3 built on ray" in out.stderr
+    assert "split: 1/1 units built on ray" in out.stderr
+
+    second = repo.clone(tmp_path / "second")
+    log2 = tmp_path / "second.log"
+    out2 = doit(second, "run", "preprocess", log=log2)
+    assert calls(log2) == {}
+    assert out2.stdout.count("pulled") == 5
+
+    local = repo.clone(tmp_path / "local")
+    no_remote = {"HFBUILD_NO_REMOTE": "1"}
+    doit(local, "run", "preprocess", log=tmp_path / "local.log", env=no_remote)
+    assert _lock(first) == _lock(second) == _lock(local)
+
+    _add_part(repo, 3)
+    for clone in (first, local):
+        clone.git("pull", "-q", "--ff-only")
+    log3 = tmp_path / "again.log"
+    again = doit(first, "run", "preprocess", log=log3, env=RAY_ENV)
+    assert calls(log3) == {"feat": 1, "keep": 1, "split": 1, "lens": 1}
+    for stage in ("raw", "feat", "kept", "lens"):
+        assert f"{stage}: 4/4 shards done, 1 built on ray" in again.stderr
+    doit(local, "run", "preprocess", log=tmp_path / "local2.log", env=no_remote)
+    assert _lock(first) == _lock(local)
+    assert results(first) == results(local)
