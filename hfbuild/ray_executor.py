@@ -219,12 +219,15 @@ def _import_dirs(root: str) -> list[str]:
 def _env(pipe: Pipeline, m: Manifest) -> dict[str, str]:
     """The variables the unit's code reads (those in its key, and the project's
     untracked-env ones), with the driver's values: the worker's own environment must not
-    change the key or the result."""
-    from hfbuild.envvars import project_settings
+    change the key or the result. A secret-looking one (`envvars.is_secret`) never travels:
+    Ray keeps a task's `runtime_env` in the cluster's task table, readable by whoever reads
+    the cluster. The worker takes it from its node's environment; its key then holds the
+    salted hash of that value, so a node with another value (or none) refuses the task."""
+    from hfbuild.envvars import is_secret, project_settings
 
     names = {str(n) for n, _ in m.doc.get("env") or []}
     names |= set(project_settings(pipe.root).untracked)
-    return {n: os.environ[n] for n in sorted(names) if n in os.environ}
+    return {n: os.environ[n] for n in sorted(names) if n in os.environ and not is_secret(n)}
 
 
 def _submit(
@@ -476,7 +479,8 @@ def _run_unit(
             f"stage {name!r}: the Ray worker computed the key {m.static_fingerprint} from the "
             f"tree it received, not the driver's {job['static']} ({changes or 'same parts'}). "
             f"Nothing was published. The worker's environment differs from the driver's "
-            f"(packages, Python): run the cluster from the same environment."
+            f"(packages, Python, or a secret variable, which never travels: set it in every "
+            f"node's environment): run the cluster from the same environment."
         )
     t0 = time.perf_counter()
     with store.lock(m.static_fingerprint):
@@ -572,7 +576,8 @@ def _run_shard_in(
             f"stage {name!r}, shard {label}: the Ray worker computed the key {s.key} from "
             f"the tree it received, not the driver's {sh['key']} ({changes or 'same parts'}). "
             f"Nothing was published. The worker's environment differs from the driver's "
-            f"(packages, Python): run the cluster from the same environment."
+            f"(packages, Python, or a secret variable, which never travels: set it in every "
+            f"node's environment): run the cluster from the same environment."
         )
     t0 = time.perf_counter()
     fp, rows, read = shardunits.build_one(pipe, spec, m, s, int(sh["offset"]))

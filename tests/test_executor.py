@@ -424,3 +424,58 @@ def test_a_shard_task_recomputes_its_key_from_its_tree(repo: Repo, tmp_path: pat
     fresh = Store(tmp_path / "fresh")
     remote.pull(fresh, keys["feat"], "feat")
     assert fresh.load(keys["feat"])["i"] == list(range(21, 33))  # after 10 + 11 rows
+
+
+ENV_OF = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+from hfbuild.ray_executor import _env
+
+m = dodo.pipe.manifests()["feat"]
+print(json.dumps({"key": [n for n, _ in m.doc["env"]], "shipped": _env(dodo.pipe, m)}))
+"""
+
+
+def test_secret_variables_never_travel_to_the_cluster(repo: Repo) -> None:
+    """The variables a Ray task carries are those the stage's code reads, with the driver's
+    values, except a secret-looking one: its (hashed) value is in the key, its clear value
+    stays on the driver."""
+    import json
+
+    repo.write(
+        {
+            "pkg/__init__.py": "",
+            "pkg/t.py": """
+                import os
+
+                def feat(batch):
+                    scale = int(os.environ.get("SCALE", "1"))
+                    assert os.environ.get("API_TOKEN") is not None
+                    return {"y": [x * scale for x in batch["x"]]}
+                """,
+            "dodo.py": """
+                from hfbuild import Pipeline
+                from pkg import t
+
+                pipe = Pipeline()
+                raw = pipe.load("raw", "json", data_files="d.jsonl", split="train")
+                feat = pipe.map("feat", raw, t.feat, batched=True)
+                """,
+            "d.jsonl": '{"x": 1}\n',
+        }
+    )
+    repo.commit("env project")
+    out = subprocess.run(
+        [sys.executable, "-c", ENV_OF],
+        cwd=repo.path,
+        env={**os.environ, "PYTHONPATH": str(repo.path), "SCALE": "3", "API_TOKEN": "s3cr3t"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["key"] == ["API_TOKEN", "SCALE"]
+    assert got["shipped"] == {"SCALE": "3"}
+    assert "s3cr3t" not in out.stdout
