@@ -319,3 +319,64 @@ def test_code_cache_never_serves_a_stale_blob_id(repo: Repo) -> None:
     assert after["dirty"] == [["helper.py", "modified"]]
     # The old entry is dropped; the new one is racy, so not written yet.
     assert str(helper.resolve()) not in _cache(repo).read_text()
+
+
+def _trees(repo: Repo) -> dict:  # type: ignore[type-arg]
+    body = _cache(repo).read_text().split("\n")[1]
+    trees: dict = json.loads(body)["trees"]  # type: ignore[type-arg]
+    return trees
+
+
+def test_recorded_index_and_head_ids_follow_the_index_and_head(repo: Repo) -> None:
+    """A file's status comes from index and HEAD ids remembered for one tree state (index
+    stat data and HEAD's commit): staging, committing, and moving HEAD back without touching
+    the index each give the status git gives; an index younger than 2 s is not remembered."""
+    repo.write(
+        {"transforms.py": "import helper\ndef f(x):\n    return x\n", "helper.py": "A = 1\n"},
+        commit="x",
+    )
+    first = repo.git("rev-parse", "HEAD").strip()
+    assert closure(repo, "transforms")["dirty"] == []
+    assert _trees(repo) == {}  # the index was written just now: racy, nothing remembered
+    time.sleep(2.2)
+    assert closure(repo, "transforms")["dirty"] == []
+    (recorded,) = _trees(repo).values()
+    assert sorted(recorded["ids"]) == ["helper.py", "transforms.py"]
+    assert recorded["state"].endswith(first)
+
+    (repo.path / "helper.py").write_text("A = 22\n")
+    repo.git("add", "helper.py")
+    time.sleep(2.2)
+    assert closure(repo, "transforms")["dirty"] == [["helper.py", "staged"]]
+    assert closure(repo, "transforms")["dirty"] == [["helper.py", "staged"]]  # from the cache
+    repo.git("commit", "-qm", "y")
+    time.sleep(2.2)
+    assert closure(repo, "transforms")["dirty"] == []
+    assert closure(repo, "transforms")["dirty"] == []
+    repo.git("reset", "-q", "--soft", first)  # HEAD moves, the index stays
+    assert closure(repo, "transforms")["dirty"] == [["helper.py", "staged"]]
+    (state,) = (v["state"] for v in _trees(repo).values())
+    assert state.endswith(first)
+
+
+def test_malformed_recorded_ids_are_ignored(repo: Repo) -> None:
+    """Recorded index/HEAD ids of the wrong shape (a forged entry with a valid checksum) are
+    not used: the status is read from the index again."""
+    repo.write(
+        {"transforms.py": "import helper\ndef f(x):\n    return x\n", "helper.py": "A = 1\n"},
+        commit="x",
+    )
+    time.sleep(2.2)
+    before = closure(repo, "transforms")
+    assert _trees(repo)
+
+    def damage(data: dict) -> None:  # type: ignore[type-arg]
+        for t in data["trees"].values():
+            t["ids"]["helper.py"] = ["not an id", None]
+            t["ids"]["transforms.py"] = "x"
+
+    _rewrite(_cache(repo), damage, fix_checksum=True)
+    after = closure(repo, "transforms")
+    assert after["dirty"] == [] and after["fingerprint"] == before["fingerprint"]
+    (t,) = _trees(repo).values()
+    assert t["ids"]["helper.py"] == [before["ids"]["helper.py"], before["ids"]["helper.py"]]
