@@ -3,9 +3,11 @@
 Owns: one JSON file per store (its path comes from `store.py`) holding (a) the import scan of
 each Python file, keyed by git blob id (a blob's imports never change), (b) the blob id of
 work-tree files, keyed by path, size, mtime, ctime and inode, as git's index keeps stat data,
-and (c) per repository, the index's and HEAD's blob ids of the files asked about, valid for one
+(c) per repository, the index's and HEAD's blob ids of the files asked about, valid for one
 *tree state* (the index file's stat data and HEAD's commit, computed by `gitstate.py`): a no-op
-then needs neither the index (20,000 entries read in ~8 ms) nor HEAD's trees.
+then needs neither the index (20,000 entries read in ~8 ms) nor HEAD's trees; and (d) each
+file's resolved imports, keyed by blob id, path and `sys.path`, with the facts the resolution
+rested on (`imports.py` records and re-checks them).
 The file carries a format number, the Python version (the AST changes between versions) and a
 checksum of its body; loading it checks all three, and a file that fails any check is ignored
 whole, as if absent. Saving is atomic; concurrent savers lose entries, never correctness.
@@ -31,8 +33,9 @@ from hfbuild.errors import HfbuildError
 from hfbuild.sharing import write_text_atomic
 from hfbuild.store import Store
 
-FORMAT = 3  # 2: scans carry the environment variables a file reads; 3: index/HEAD ids
+FORMAT = 3  # 2: scans carry the environment variables a file reads; 3: tree ids, resolutions
 MAX_SCANS = 20_000
+MAX_RESOLUTIONS = 20_000
 RACY_NS = 2_000_000_000
 _PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 
@@ -53,14 +56,16 @@ class CodeCache:
         self._stats: dict[str, str] = {}
         # repository key -> {"state": tree state, "ids": {path: [index id, HEAD id]}}
         self._trees: dict[str, Any] = {}
+        self._resolutions: dict[str, Any] = {}
         self._dirty = False
         # What this process used, kept when the file is pruned on save.
         self._used_scans: set[str] = set()
+        self._used_resolutions: set[str] = set()
         self._used_stats: dict[str, str] = {}  # path -> its current stat key
 
     def _load(self) -> dict[str, Any]:
         if self._scans is None:
-            self._scans, self._stats, self._trees = _read(self.path)
+            self._scans, self._stats, self._trees, self._resolutions = _read(self.path)
         return self._scans
 
     # -- scans ---------------------------------------------------------------------------------
@@ -96,6 +101,22 @@ class CodeCache:
                 self._stats[key] = value
                 self._dirty = True
         return value
+
+    # -- resolved imports -----------------------------------------------------------------
+
+    def resolution(self, key: str) -> Any:
+        """The stored resolution under `key` (a JSON value, checked by its reader), or None."""
+        with self._lock:
+            self._load()
+            self._used_resolutions.add(key)
+            return self._resolutions.get(key)
+
+    def put_resolution(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._load()
+            self._resolutions[key] = value
+            self._used_resolutions.add(key)
+            self._dirty = True
 
     # -- index and HEAD ids -----------------------------------------------------------------
 
@@ -140,7 +161,12 @@ class CodeCache:
         with self._lock:
             self._prune()
             body = json.dumps(
-                {"scans": self._load(), "stats": self._stats, "trees": self._trees},
+                {
+                    "scans": self._load(),
+                    "stats": self._stats,
+                    "trees": self._trees,
+                    "resolutions": self._resolutions,
+                },
                 sort_keys=True,
                 separators=(",", ":"),
             )
@@ -154,7 +180,7 @@ class CodeCache:
 
     def _prune(self) -> None:
         """Bound the file: a path keeps only its current stat entry, and beyond `MAX_SCANS`
-        scans those this process did not use are dropped."""
+        scans (`MAX_RESOLUTIONS` resolutions) those this process did not use are dropped."""
         scans = self._load()
         for key in list(self._stats):
             path = key.rsplit("|", 4)[0]
@@ -166,15 +192,21 @@ class CodeCache:
                 del scans[blob]
                 if len(scans) <= MAX_SCANS:
                     break
+        if len(self._resolutions) > MAX_RESOLUTIONS:
+            for key in [k for k in self._resolutions if k not in self._used_resolutions]:
+                del self._resolutions[key]
+                if len(self._resolutions) <= MAX_RESOLUTIONS:
+                    break
 
 
-def _read(path: str | None) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
-    """(scans, stats, trees) from the file at `path`; empty unless header and checksum check
-    out (entries are checked for shape when used).
-    The header is the first line and the body the second, so the checksum covers the exact
-    bytes of the body."""
+def _read(
+    path: str | None,
+) -> tuple[dict[str, Any], dict[str, str], dict[str, Any], dict[str, Any]]:
+    """(scans, stats, trees, resolutions) from the file at `path`; empty unless header and
+    checksum check out (entries are checked for shape by their readers). The header is the
+    first line and the body the second, so the checksum covers the exact bytes of the body."""
     if not path:
-        return {}, {}, {}
+        return {}, {}, {}, {}
     try:
         with open(path, encoding="utf-8") as f:
             head, body = f.read().split("\n")[:2]
@@ -185,14 +217,16 @@ def _read(path: str | None) -> tuple[dict[str, Any], dict[str, str], dict[str, A
             or doc.get("python") != _PYTHON
             or doc.get("checksum") != _checksum(body)
         ):
-            return {}, {}, {}
+            return {}, {}, {}, {}
         data = json.loads(body)
         scans, stats, trees = data["scans"], data["stats"], data["trees"]
-        if not all(isinstance(x, dict) for x in (scans, stats, trees)):
-            return {}, {}, {}
-        return scans, {k: v for k, v in stats.items() if isinstance(v, str)}, trees
+        resolutions = data["resolutions"]
+        if not all(isinstance(x, dict) for x in (scans, stats, trees, resolutions)):
+            return {}, {}, {}, {}
+        stats = {k: v for k, v in stats.items() if isinstance(v, str)}
+        return scans, stats, trees, resolutions
     except (OSError, ValueError, KeyError, TypeError):
-        return {}, {}, {}
+        return {}, {}, {}, {}
 
 
 _shared_lock = threading.Lock()
