@@ -40,6 +40,10 @@ RACY_NS = 2_000_000_000
 _PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 
 
+def _id_or_none(x: Any) -> bool:
+    return x is None or (type(x) is str and len(x) == 40)
+
+
 def _checksum(body: str) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
@@ -84,10 +88,14 @@ class CodeCache:
 
     # -- work-tree blob ids --------------------------------------------------------------------
 
-    def worktree_id(self, full: str, compute: Callable[[], str]) -> str:
+    def worktree_id(
+        self, full: str, compute: Callable[[], str], st: os.stat_result | None = None
+    ) -> str:
         """The blob id of the file at absolute path `full`: remembered when its stat data
-        matches an entry recorded outside the racy window, else `compute()`d."""
-        st = os.stat(full)
+        matches an entry recorded outside the racy window, else `compute()`d. `st` is the
+        file's stat data when the caller has it (an lstat of a file that is no symlink)."""
+        if st is None:
+            st = os.stat(full)
         key = f"{full}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
         with self._lock:
             self._load()
@@ -130,11 +138,7 @@ class CodeCache:
                 return None
             ids = known.get("ids")
             v = ids.get(path) if isinstance(ids, dict) else None
-        if (
-            isinstance(v, list)
-            and len(v) == 2
-            and all(x is None or (isinstance(x, str) and len(x) == 40) for x in v)
-        ):
+        if type(v) is list and len(v) == 2 and _id_or_none(v[0]) and _id_or_none(v[1]):
             return v[0], v[1]
         return None
 

@@ -10,6 +10,7 @@ or let an absolute path escape into an answer (every answer names files repo-rel
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -437,7 +438,13 @@ class Snapshot:
 
     def _file_id(self, rel: str) -> FileId:
         full = self.abspath(rel)
-        if self.mode == "worktree" and os.path.islink(full):
+        st: os.stat_result | None = None
+        if self.mode == "worktree":
+            try:
+                st = os.lstat(full)  # one call for "is it a symlink" and its stat data
+            except OSError:
+                st = None  # reported below, where the file is read
+        if st is not None and stat.S_ISLNK(st.st_mode):
             # A symlink counts by the content it points to, not by the link text git stores.
             target = os.path.realpath(full)
             trel = self.rel(target)
@@ -460,7 +467,7 @@ class Snapshot:
         # git's status, from blob ids: the work-tree file's id (remembered by stat data in
         # the code cache, as git's index does) against the index's and HEAD's. One status
         # call per file costs ~0.6 ms in a 20,000-file repository; this, a few microseconds.
-        worktree = self._worktree_id(repo, inner, full)
+        worktree = self._worktree_id(repo, inner, full, st)
         staged, head = self._tree_ids(repo, rel, inner)
         if staged is None:
             return FileId(rel, worktree, "untracked")
@@ -538,10 +545,12 @@ class Snapshot:
             self._heads[key] = oid
         return self._heads[key]
 
-    def _worktree_id(self, repo: pygit2.Repository, inner: str, full: str) -> str:
+    def _worktree_id(
+        self, repo: pygit2.Repository, inner: str, full: str, st: os.stat_result | None
+    ) -> str:
         if self.code_cache is None:
             return _hash_worktree(repo, inner)
-        return self.code_cache.worktree_id(full, lambda: _hash_worktree(repo, inner))
+        return self.code_cache.worktree_id(full, lambda: _hash_worktree(repo, inner), st)
 
     def _head_id(self, repo: pygit2.Repository, inner: str) -> str | None:
         """The blob id HEAD's commit records for `inner`, or None."""
