@@ -654,8 +654,11 @@ class Graph:
             return None
         if edges is None or not isinstance(facts, dict):
             return None
+        known = self._facts
         for k, v in facts.items():
-            now = self._now(k)
+            now = known.get(k, _UNSET)
+            if now is _UNSET:
+                now = self._now(k)
             if now is None or now != v:
                 return None
         return edges
@@ -814,12 +817,12 @@ def _decode_edges(v: Any) -> Edges | None:
     `_encode_edges` writes."""
     try:
         files, packages, external, incomplete, env = v
-        strings = (*files, *packages, *incomplete, *env)
-        if not all(isinstance(x, str) for x in strings):
-            return None
+        for x in (*files, *packages, *incomplete, *env):
+            if type(x) is not str:
+                return None
         pairs = []
         for module, path in external:
-            if not (isinstance(module, str) and isinstance(path, str)):
+            if type(module) is not str or type(path) is not str:
                 return None
             pairs.append((module, path))
         return Edges(tuple(files), tuple(packages), tuple(pairs), tuple(incomplete), tuple(env))
