@@ -236,8 +236,10 @@ _LOADERS = (
 # What one resolution rested on, each a key whose value `Resolver.fact` computes again:
 # "d:<dir>" a directory listing (`Resolver.dir_key`), "m:<name>" (a digest of) what
 # `sys.modules` holds for a name, "x:<name>" what the meta-path finders say of a name found
-# in no directory, "s:" the `sys.path` a top-level name was searched on. A value None means
-# "cannot be checked later": the resolution is then not recorded.
+# in no directory, "s:" the `sys.path` a top-level name was searched on; and, computed by the
+# graph when targets are sorted, "p:<dir>" (a digest of) the project root, the directory's real
+# path and its environment verdict, "k:<module>|<path>" an outside target's kind. A value None
+# means "cannot be checked later": the resolution is then not recorded.
 Facts = dict[str, Any]
 
 
@@ -682,11 +684,11 @@ class Graph:
         return self.resolver.fact(key)
 
     def _dir_class(self, directory: str) -> str:
-        """What `project_rel` of a file in `directory` rests on: the directory's real path
-        and whether it lies in an environment kept in the project."""
+        """What `project_rel` of a file in `directory` rests on: the project root, the
+        directory's real path and whether it lies in an environment kept in the project."""
         real = os.path.realpath(directory)
         env = in_environment(os.path.join(directory, "x"), self.snap.root)
-        return _digest([real, env])
+        return _digest([self.snap.root, real, env])
 
     def closure(self, rel: str) -> Edges:
         """Project file `rel` and everything its imports reach through project files,
