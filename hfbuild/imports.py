@@ -592,6 +592,8 @@ class Graph:
         self._statements: dict[tuple[int, str, tuple[str, ...], str], tuple[tuple[str, ...], Facts]]
         self._statements = {}
         self._closures: dict[str, Edges] = {}
+        self._closure_sets: dict[str, _Sets] = {}  # the same closures, as `_walk` merges them
+        self._resolving = threading.Lock()
         self._facts: Facts = {}  # each fact's value now, computed once
 
     def project_rel(self, path: str) -> str | None:
@@ -698,11 +700,12 @@ class Graph:
         hit = self._closures.get(rel)
         return hit if hit is not None else self._walk(rel, {}, 0)[0]
 
-    def _walk(self, rel: str, stack: dict[str, int], depth: int) -> tuple[Edges, int]:
-        """(closure of `rel`, the lowest stack depth an import cycle from it reached)."""
+    def _walk(self, rel: str, stack: dict[str, int], depth: int) -> tuple[Edges, int, _Sets]:
+        """(closure of `rel`, the lowest stack depth an import cycle from it reached, the
+        closure's parts as ordered dicts, which merge into a parent's without copying)."""
         hit = self._closures.get(rel)
         if hit is not None:
-            return hit, depth
+            return hit, depth, self._closure_sets[rel]
         stack[rel] = depth
         files: dict[str, None] = {rel: None}
         packages: dict[str, None] = {}
@@ -722,20 +725,27 @@ class Graph:
                     continue
                 if child in files:
                     continue
-                sub, sub_low = self._walk(child, stack, depth + 1)
+                _, sub_low, (sub_files, sub_packages, sub_external, sub_incomplete, sub_env) = (
+                    self._walk(child, stack, depth + 1)
+                )
                 low = min(low, sub_low)
-                files.update(dict.fromkeys(sub.files))
-                packages.update(dict.fromkeys(sub.packages))
-                external.update(dict.fromkeys(sub.external))
-                incomplete.update(dict.fromkeys(sub.incomplete))
-                env.update(sub.env)
+                files.update(sub_files)
+                if sub_packages:
+                    packages.update(sub_packages)
+                if sub_external:
+                    external.update(sub_external)
+                if sub_incomplete:
+                    incomplete.update(sub_incomplete)
+                env.update(sub_env)
         del stack[rel]
         result = Edges(
             tuple(files), tuple(packages), tuple(external), tuple(incomplete), tuple(sorted(env))
         )
+        sets = (files, packages, external, incomplete, env)
         if low >= depth:  # nothing reached a file above this one: complete
             self._closures[rel] = result
-        return result, low
+            self._closure_sets[rel] = sets
+        return result, low, sets
 
     def external(self, module: str, path: str) -> tuple[str, Edges]:
         """(blob id, resolved imports) of a module file outside the project that no
@@ -765,12 +775,15 @@ class Graph:
             key = (ref.level, ref.module, ref.names, here)
             hit = self._statements.get(key)
             if hit is None:
-                self.resolver.facts = {}
-                try:
-                    paths = tuple(self.resolver.resolve(ref, here))
-                    hit = self._statements[key] = (paths, self.resolver.facts)
-                finally:
-                    self.resolver.facts = None
+                # The resolver notes facts on itself: one statement at a time, so a thread's
+                # facts never land in another's record.
+                with self._resolving:
+                    self.resolver.facts = {}
+                    try:
+                        paths = tuple(self.resolver.resolve(ref, here))
+                        hit = self._statements[key] = (paths, self.resolver.facts)
+                    finally:
+                        self.resolver.facts = None
             facts.update(hit[1])
             targets.extend((p, ref.module) for p in hit[0])
         return targets
@@ -807,6 +820,11 @@ class Graph:
 
 
 _UNSET = object()
+# A closure's files, packages, external files and incomplete lines as ordered dicts, and its
+# environment variables.
+_Sets = tuple[
+    dict[str, None], dict[str, None], dict[tuple[str, str], None], dict[str, None], set[str]
+]
 
 
 def _encode_edges(e: Edges) -> list[Any]:
