@@ -10,14 +10,16 @@ or let an absolute path escape into an answer (every answer names files repo-rel
 from __future__ import annotations
 
 import os
+import stat
 import threading
+import time
 from dataclasses import dataclass
 from typing import Literal
 
 import pygit2
 from pygit2 import GIT_STATUS_CURRENT
 
-from hfbuild.caches import CodeCache
+from hfbuild.caches import RACY_NS, CodeCache
 from hfbuild.errors import GitStateError, NotARepositoryError, UnmergedError
 
 Mode = Literal["worktree", "index"]
@@ -138,6 +140,8 @@ class Snapshot:
         self._indexes: dict[str, pygit2.Index] = {}
         self._dir_repos: dict[str, tuple[pygit2.Repository | None, str]] = {}
         self._trees: dict[tuple[str, str], pygit2.Tree | None] = {}
+        self._heads: dict[str, pygit2.Oid | None] = {}
+        self._states: dict[str, str | None] = {}
 
     @classmethod
     def for_path(
@@ -212,6 +216,10 @@ class Snapshot:
         known = self._indexes.get(key)
         if known is not None:
             return known
+        if self.mode == "worktree" and self.code_cache is not None:
+            # The tree state is taken before the index is read in this snapshot, so ids
+            # recorded under it are never older than it (see `_tree_state`).
+            self._tree_state(repo)
         try:
             idx: pygit2.Index = repo.index
         except pygit2.GitError as e:
@@ -430,7 +438,13 @@ class Snapshot:
 
     def _file_id(self, rel: str) -> FileId:
         full = self.abspath(rel)
-        if self.mode == "worktree" and os.path.islink(full):
+        st: os.stat_result | None = None
+        if self.mode == "worktree":
+            try:
+                st = os.lstat(full)  # one call for "is it a symlink" and its stat data
+            except OSError:
+                st = None  # reported below, where the file is read
+        if st is not None and stat.S_ISLNK(st.st_mode):
             # A symlink counts by the content it points to, not by the link text git stores.
             target = os.path.realpath(full)
             trel = self.rel(target)
@@ -442,8 +456,8 @@ class Snapshot:
         if found is None:
             return FileId(rel, hash_file(full), "norepo")
         repo, inner = found
-        idx = self._index(repo)
         if self.mode == "index":
+            idx = self._index(repo)
             if inner not in idx:
                 raise GitStateError(
                     f"{rel} defines a stage but is not staged: `git add {rel}` so the commit "
@@ -453,21 +467,90 @@ class Snapshot:
         # git's status, from blob ids: the work-tree file's id (remembered by stat data in
         # the code cache, as git's index does) against the index's and HEAD's. One status
         # call per file costs ~0.6 ms in a 20,000-file repository; this, a few microseconds.
-        worktree = self._worktree_id(repo, inner, full)
-        if inner not in idx:
+        worktree = self._worktree_id(repo, inner, full, st)
+        staged, head = self._tree_ids(repo, rel, inner)
+        if staged is None:
             return FileId(rel, worktree, "untracked")
-        staged = str(idx[inner].id)
         if worktree != staged:
             return FileId(rel, worktree, "modified")
-        if self._head_id(repo, inner) == staged:
+        if head == staged:
             return FileId(rel, staged, "clean")
         # Staged but not committed: the index already holds exactly the work-tree content.
         return FileId(rel, staged, "staged")
 
-    def _worktree_id(self, repo: pygit2.Repository, inner: str, full: str) -> str:
+    def _tree_ids(
+        self, repo: pygit2.Repository, rel: str, inner: str
+    ) -> tuple[str | None, str | None]:
+        """(index id, HEAD id) of `inner` (None where there is no entry): from the code cache
+        while the repository's tree state is the one they were recorded in, else read from
+        the index and HEAD's trees (and recorded, unless the index file is racily new)."""
+        cache = self.code_cache
+        state = self._tree_state(repo) if cache is not None else None
+        if cache is not None and state is not None:
+            hit = cache.tree_ids(repo.path, state, inner)
+            if hit is not None:
+                return hit
+        idx = self._index(repo)
+        if inner not in idx:
+            staged: str | None = None
+        else:
+            try:
+                staged = str(idx[inner].id)
+            except KeyError:  # in the index only as the sides of a merge conflict
+                raise UnmergedError(
+                    f"{rel} has an unresolved merge conflict (it is unmerged in the git "
+                    f"index): resolve it, then `git add {rel}`."
+                ) from None
+        head = self._head_id(repo, inner) if staged is not None else None
+        if cache is not None and state is not None:
+            cache.put_tree_ids(repo.path, state, inner, staged, head)
+        return staged, head
+
+    def _tree_state(self, repo: pygit2.Repository) -> str | None:
+        """What the index and HEAD ids of every file depend on: the index file's stat data
+        (size, mtime, ctime, inode; git replaces the file by a rename, so a new index is a new
+        inode) and HEAD's commit. None (nothing recorded or trusted) while the index file is
+        younger than 2 s, the racy-git window in which a rewrite could keep its stat data.
+        Taken once per snapshot, before the index is read, and HEAD's trees are read from
+        that same commit: ids read after it can only be newer than the state they are filed
+        under, which then no longer matches the files."""
+        key = repo.path
+        if key in self._states:
+            return self._states[key]
+        state: str | None
+        try:
+            st = os.stat(os.path.join(repo.path, "index"))
+        except FileNotFoundError:
+            index = "none"
+        except OSError:
+            index = ""
+        else:
+            fresh = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) <= RACY_NS
+            index = "" if fresh else f"{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+        head = self._head_commit(repo)
+        state = f"{index}|{head}" if index else None
+        self._states[key] = state
+        return state
+
+    def _head_commit(self, repo: pygit2.Repository) -> pygit2.Oid | None:
+        """HEAD's commit id (None when unborn or unreadable), read once per snapshot."""
+        key = repo.path
+        if key not in self._heads:
+            oid: pygit2.Oid | None = None
+            if not repo.head_is_unborn:
+                try:
+                    oid = repo.head.peel(pygit2.Commit).id
+                except (KeyError, pygit2.GitError):
+                    oid = None
+            self._heads[key] = oid
+        return self._heads[key]
+
+    def _worktree_id(
+        self, repo: pygit2.Repository, inner: str, full: str, st: os.stat_result | None
+    ) -> str:
         if self.code_cache is None:
             return _hash_worktree(repo, inner)
-        return self.code_cache.worktree_id(full, lambda: _hash_worktree(repo, inner))
+        return self.code_cache.worktree_id(full, lambda: _hash_worktree(repo, inner), st)
 
     def _head_id(self, repo: pygit2.Repository, inner: str) -> str | None:
         """The blob id HEAD's commit records for `inner`, or None."""
@@ -487,9 +570,11 @@ class Snapshot:
             return self._trees[key]
         tree: pygit2.Tree | None = None
         if not directory:
-            if not repo.head_is_unborn:
+            head = self._head_commit(repo)
+            if head is not None:
                 try:
-                    tree = repo.head.peel(pygit2.Commit).tree
+                    commit = repo[head]
+                    tree = commit.tree if isinstance(commit, pygit2.Commit) else None
                 except (KeyError, pygit2.GitError):
                     tree = None
         else:

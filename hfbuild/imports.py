@@ -20,15 +20,19 @@ site-packages or a virtualenv, or trust a cached scan that is not a well-formed 
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.machinery
+import json
 import os
+import stat
 import sys
 import sysconfig
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-from hfbuild.caches import CodeCache
+from hfbuild.caches import RACY_NS, CodeCache
 from hfbuild.gitstate import Snapshot, hash_bytes
 
 
@@ -229,6 +233,32 @@ _LOADERS = (
 )
 
 
+# What one resolution rested on, each a key whose value `Resolver.fact` computes again:
+# "d:<dir>" a directory listing (`Resolver.dir_key`), "m:<name>" (a digest of) what
+# `sys.modules` holds for a name, "x:<name>" what the meta-path finders say of a name found
+# in no directory, "s:" the `sys.path` a top-level name was searched on; and, computed by the
+# graph when targets are sorted, "p:<dir>" (a digest of) the project root, the directory's real
+# path and its environment verdict, "k:<module>|<path>" an outside target's kind. A value None
+# means "cannot be checked later": the resolution is then not recorded.
+Facts = dict[str, Any]
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+
+def _encode_found(found: Found | None) -> Any:
+    if found is None:
+        return []
+    return [found.origin, list(found.locations) if found.locations is not None else None]
+
+
+def _encode_loaded(loaded: tuple[bool, Found | None]) -> Any:
+    return [loaded[0], _encode_found(loaded[1])]
+
+
+_ABSENT: Any = object()  # the finder of a sys.path entry that does not exist
+
 _STANDARD_FINDERS = (
     importlib.machinery.BuiltinImporter,
     importlib.machinery.FrozenImporter,
@@ -247,41 +277,111 @@ class Resolver:
             os.path.realpath(p or os.getcwd()) for p in sys.path if isinstance(p, str)
         )
         self._finders: dict[str, Any] = {}
-        self._memo: dict[tuple[str, tuple[str, ...]], Found | None] = {}
+        self._memo: dict[tuple[str, tuple[str, ...]], tuple[Found | None, Facts]] = {}
+        # What the resolution being recorded rested on (see `Facts`); None: not recording.
+        self.facts: Facts | None = None
+        self._dir_keys: dict[str, str | None] = {}
+        self._sys_path_digest: str | None = None
+
+    def fact(self, key: str) -> Any:
+        """The current value of a fact (see `Facts`), as `record` would note it now."""
+        kind, _, arg = key.partition(":")
+        if kind == "d":
+            return self.dir_key(arg)
+        if kind == "m":
+            return _digest(_encode_loaded(self._loaded(arg)))
+        if kind == "x":
+            return _digest(_encode_found(self._meta(arg)))
+        if kind == "s":
+            return self._search_path_digest()
+        return None
+
+    def _search_path_digest(self) -> str:
+        if self._sys_path_digest is None:
+            self._sys_path_digest = _digest(list(self.sys_path))
+        return self._sys_path_digest
+
+    def _note(self, key: str, value: Any) -> None:
+        if self.facts is not None:
+            self.facts[key] = value
+
+    def dir_key(self, path: str) -> str | None:
+        """What a `FileFinder` listing of `path` rests on: a directory's mtime, ctime and
+        inode ("absent", "other" for a missing path or a file); None when the directory
+        changed within the racy window (2 s), when a later change in the same timestamp tick
+        could keep its stat data. Memoized per snapshot."""
+        if path in self._dir_keys:
+            return self._dir_keys[path]
+        key: str | None
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            key = "absent"
+        except OSError:
+            key = None
+        else:
+            if not stat.S_ISDIR(st.st_mode):
+                key = "other"
+            elif time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) <= RACY_NS:
+                key = None
+            else:
+                key = f"{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+        self._dir_keys[path] = key
+        return key
 
     def find(self, fullname: str, path: Sequence[str]) -> Found | None:
         """The module `fullname` searched in directories `path`, as `PathFinder.find_spec`
         does: the first entry holding a module or regular package wins; otherwise the
         namespace portions of all entries make a namespace package."""
         key = (fullname, tuple(path))
-        if key in self._memo:
-            return self._memo[key]
+        hit = self._memo.get(key)
+        if hit is not None:
+            if self.facts is not None:
+                self.facts.update(hit[1])
+            return hit[0]
+        outer, self.facts = self.facts, {}
         portions: list[str] = []
         result: Found | None = None
-        for entry in path:
-            found = self._find_in(fullname, entry)
-            if found is None:
-                continue
-            if found.origin is not None:
-                result = found
-                break
-            portions.extend(found.locations or ())
-        if result is None and portions:
-            result = Found(None, tuple(portions))
-        self._memo[key] = result
+        try:
+            for entry in path:
+                found = self._find_in(fullname, entry)
+                if found is None:
+                    continue
+                if found.origin is not None:
+                    result = found
+                    break
+                portions.extend(found.locations or ())
+            if result is None and portions:
+                result = Found(None, tuple(portions))
+            self._memo[key] = (result, self.facts)
+        finally:
+            if outer is not None:
+                outer.update(self.facts)
+            self.facts = outer
         return result
 
     def _find_in(self, fullname: str, entry: str) -> Found | None:
         if self.snap.mode == "index" and self._in_project(entry):
             return self._find_in_index(fullname, entry)
+        if self.facts is not None:
+            # A FileFinder's answer rests on the listing of `entry`, and of the package
+            # directory `entry/<name>` whose __init__ it looks for.
+            self._note("d:" + entry, self.dir_key(entry))
+            tail = os.path.join(entry, fullname.rpartition(".")[2])
+            self._note("d:" + tail, self.dir_key(tail))
         finder = self._finders.get(entry)
         if finder is None:
             if os.path.isdir(entry):
                 finder = importlib.machinery.FileFinder(entry, *_LOADERS)
+            elif not os.path.exists(entry):
+                finder = _ABSENT  # no importer accepts a missing path (python311.zip)
             else:  # a zip file or another importer's entry: the interpreter's own finder
                 finder = importlib.machinery.PathFinder
             self._finders[entry] = finder
+        if finder is _ABSENT:
+            return None  # its fact, "absent", changes when it appears
         if finder is importlib.machinery.PathFinder:
+            self._note("d:" + entry, None)  # another importer's entry: not recorded
             spec = finder.find_spec(fullname, [entry])
         else:
             spec = finder.find_spec(fullname)
@@ -323,11 +423,19 @@ class Resolver:
             rel = self.snap.rel(path)
             if rel is not None:
                 return self.snap.exists(rel)
+        directory = os.path.dirname(path)
+        self._note("d:" + directory, self.dir_key(directory))
         return os.path.isfile(path)
 
     def loaded(self, name: str) -> tuple[bool, Found | None]:
         """In work-tree mode, a module already imported is the one Python would use:
         (True, its Found, None for a builtin); (False, None) when it is not loaded."""
+        result = self._loaded(name)
+        if self.facts is not None:
+            self.facts["m:" + name] = _digest(_encode_loaded(result))
+        return result
+
+    def _loaded(self, name: str) -> tuple[bool, Found | None]:
         mod = sys.modules.get(name) if self.snap.mode == "worktree" else None
         if mod is None:
             return False, None
@@ -386,6 +494,7 @@ class Resolver:
         in the importing file's directory or the project root."""
         if name in sys.builtin_module_names:
             return None
+        self._note("s:", self._search_path_digest())  # the rest is in the resolution's key
         found = self.find(name, (*self.sys_path, here, self.snap.root))
         if found is None:
             found = self._find_meta(name)
@@ -395,6 +504,11 @@ class Resolver:
         """A top-level module that no directory holds, from the finders Python consults after
         the path finder (an editable install's finder maps names to its source tree). They
         map names to files; no module is imported."""
+        found = self._meta(name)
+        self._note("x:" + name, _digest(_encode_found(found)))
+        return found
+
+    def _meta(self, name: str) -> Found | None:
         for finder in sys.meta_path:
             if finder in _STANDARD_FINDERS or not hasattr(finder, "find_spec"):
                 continue
@@ -475,8 +589,12 @@ class Graph:
         self._external: dict[str, tuple[str, Edges]] = {}
         self._rel: dict[str, str | None] = {}
         self._kinds: dict[tuple[str, str], str] = {}
-        self._statements: dict[tuple[int, str, tuple[str, ...], str], tuple[str, ...]] = {}
+        self._statements: dict[tuple[int, str, tuple[str, ...], str], tuple[tuple[str, ...], Facts]]
+        self._statements = {}
         self._closures: dict[str, Edges] = {}
+        self._closure_sets: dict[str, _Sets] = {}  # the same closures, as `_walk` merges them
+        self._resolving = threading.Lock()
+        self._facts: Facts = {}  # each fact's value now, computed once
 
     def project_rel(self, path: str) -> str | None:
         """`path` relative to the project root when it is project code: inside the root and
@@ -495,21 +613,84 @@ class Graph:
         """The resolved imports of project file `rel` (whose blob id is `blob`)."""
         hit = self._edges.get(rel)
         if hit is None:
-            s = scan(blob, lambda: self.snap.read(rel), self.cache)
-            incomplete = []
-            if s.error:
-                incomplete.append(f"{rel}: cannot be parsed ({s.error})")
-            for line in s.dynamic:
-                incomplete.append(
-                    f"{rel}:{line}: a dynamic import with a computed module name; edits to the "
-                    f"module it loads are not seen (import it statically, or list it in "
-                    f"file_deps)"
-                )
             here = os.path.dirname(self.snap.abspath(rel))
-            hit = self._edges[rel] = self._resolve_all(s, here, tuple(incomplete))._replace(
-                env=s.env
-            )
+            key = self._resolution_key(rel, blob)
+            hit = self._stored(key) if key is not None else None
+            if hit is None:
+                hit = self._resolve_file(rel, blob, here, key)
+            self._edges[rel] = hit
         return hit
+
+    def _resolution_key(self, rel: str, blob: str) -> str | None:
+        """Where a file's resolution is kept in the code cache: its absolute path (so its
+        directory and the project root) and blob id (None: not kept, in index mode)."""
+        if self.cache is None or self.snap.mode != "worktree":
+            return None
+        return f"{self.snap.abspath(rel)}|{blob}"
+
+    def _resolve_file(self, rel: str, blob: str, here: str, key: str | None) -> Edges:
+        s = scan(blob, lambda: self.snap.read(rel), self.cache)
+        incomplete = []
+        if s.error:
+            incomplete.append(f"{rel}: cannot be parsed ({s.error})")
+        for line in s.dynamic:
+            incomplete.append(
+                f"{rel}:{line}: a dynamic import with a computed module name; edits to the "
+                f"module it loads are not seen (import it statically, or list it in "
+                f"file_deps)"
+            )
+        facts: Facts = {}
+        targets = self._targets(s, here, facts)
+        edges = self._classify(targets, tuple(incomplete), facts)._replace(env=s.env)
+        if key is not None and self.cache is not None and None not in facts.values():
+            self.cache.put_resolution(key, {"facts": facts, "edges": _encode_edges(edges)})
+        return edges
+
+    def _stored(self, key: str) -> Edges | None:
+        """A file's resolved imports from the code cache, when every fact they rested on
+        still holds (each fact is computed once per snapshot); None otherwise."""
+        assert self.cache is not None
+        stored = self.cache.resolution(key)
+        try:
+            facts = stored["facts"]
+            edges = _decode_edges(stored["edges"])
+        except (TypeError, KeyError):
+            return None
+        if edges is None or not isinstance(facts, dict):
+            return None
+        known = self._facts
+        for k, v in facts.items():
+            now = known.get(k, _UNSET)
+            if now is _UNSET:
+                now = self._now(k)
+            if now is None or now != v:
+                return None
+        return edges
+
+    def _now(self, key: str) -> Any:
+        """A fact's value now (see `Facts`), computed once per snapshot."""
+        now = self._facts.get(key, _UNSET)
+        if now is _UNSET:
+            now = self._facts[key] = self._fact(key)
+        return now
+
+    def _fact(self, key: str) -> Any:
+        if not isinstance(key, str):
+            return None
+        kind, _, arg = key.partition(":")
+        if kind == "p":
+            return self._dir_class(arg)
+        if kind == "k":
+            module, _, path = arg.partition("|")
+            return outside_kind(path, module)
+        return self.resolver.fact(key)
+
+    def _dir_class(self, directory: str) -> str:
+        """What `project_rel` of a file in `directory` rests on: the project root, the
+        directory's real path and whether it lies in an environment kept in the project."""
+        real = os.path.realpath(directory)
+        env = in_environment(os.path.join(directory, "x"), self.snap.root)
+        return _digest([self.snap.root, real, env])
 
     def closure(self, rel: str) -> Edges:
         """Project file `rel` and everything its imports reach through project files,
@@ -519,11 +700,12 @@ class Graph:
         hit = self._closures.get(rel)
         return hit if hit is not None else self._walk(rel, {}, 0)[0]
 
-    def _walk(self, rel: str, stack: dict[str, int], depth: int) -> tuple[Edges, int]:
-        """(closure of `rel`, the lowest stack depth an import cycle from it reached)."""
+    def _walk(self, rel: str, stack: dict[str, int], depth: int) -> tuple[Edges, int, _Sets]:
+        """(closure of `rel`, the lowest stack depth an import cycle from it reached, the
+        closure's parts as ordered dicts, which merge into a parent's without copying)."""
         hit = self._closures.get(rel)
         if hit is not None:
-            return hit, depth
+            return hit, depth, self._closure_sets[rel]
         stack[rel] = depth
         files: dict[str, None] = {rel: None}
         packages: dict[str, None] = {}
@@ -543,20 +725,27 @@ class Graph:
                     continue
                 if child in files:
                     continue
-                sub, sub_low = self._walk(child, stack, depth + 1)
+                _, sub_low, (sub_files, sub_packages, sub_external, sub_incomplete, sub_env) = (
+                    self._walk(child, stack, depth + 1)
+                )
                 low = min(low, sub_low)
-                files.update(dict.fromkeys(sub.files))
-                packages.update(dict.fromkeys(sub.packages))
-                external.update(dict.fromkeys(sub.external))
-                incomplete.update(dict.fromkeys(sub.incomplete))
-                env.update(sub.env)
+                files.update(sub_files)
+                if sub_packages:
+                    packages.update(sub_packages)
+                if sub_external:
+                    external.update(sub_external)
+                if sub_incomplete:
+                    incomplete.update(sub_incomplete)
+                env.update(sub_env)
         del stack[rel]
         result = Edges(
             tuple(files), tuple(packages), tuple(external), tuple(incomplete), tuple(sorted(env))
         )
+        sets = (files, packages, external, incomplete, env)
         if low >= depth:  # nothing reached a file above this one: complete
             self._closures[rel] = result
-        return result, low
+            self._closure_sets[rel] = sets
+        return result, low, sets
 
     def external(self, module: str, path: str) -> tuple[str, Edges]:
         """(blob id, resolved imports) of a module file outside the project that no
@@ -567,31 +756,50 @@ class Graph:
                 data = f.read()
             blob = hash_bytes(data)
             s = scan(blob, lambda: data, self.cache)
-            edges = self._resolve_all(s, os.path.dirname(path), ())._replace(env=s.env)
+            targets = self._targets(s, os.path.dirname(path), {})
+            edges = self._classify(targets, (), {})._replace(env=s.env)
             hit = self._external[path] = (blob, edges)
         return hit
 
     def module(self, module: str, filename: str) -> Edges:
         """The edge to a module loaded from `filename` (a callable's defining module)."""
-        return self._classify([(filename, module)], ())
+        return self._classify([(filename, module)], (), {})
 
-    def _resolve_all(self, s: Scan, here: str, incomplete: tuple[str, ...]) -> Edges:
+    def _targets(self, s: Scan, here: str, facts: Facts) -> list[tuple[str, str]]:
+        """(path, module) of every file the scanned imports load; what the resolution rested
+        on is added to `facts`."""
         targets: list[tuple[str, str]] = []
         for ref in s.imports:
             # The same statement in the same directory resolves the same way (`import os`
             # in every file): resolved once per snapshot.
             key = (ref.level, ref.module, ref.names, here)
-            paths = self._statements.get(key)
-            if paths is None:
-                paths = self._statements[key] = tuple(self.resolver.resolve(ref, here))
-            targets.extend((p, ref.module) for p in paths)
-        return self._classify(targets, incomplete)
+            hit = self._statements.get(key)
+            if hit is None:
+                # The resolver notes facts on itself: one statement at a time, so a thread's
+                # facts never land in another's record.
+                with self._resolving:
+                    self.resolver.facts = {}
+                    try:
+                        paths = tuple(self.resolver.resolve(ref, here))
+                        hit = self._statements[key] = (paths, self.resolver.facts)
+                    finally:
+                        self.resolver.facts = None
+            facts.update(hit[1])
+            targets.extend((p, ref.module) for p in hit[0])
+        return targets
 
-    def _classify(self, targets: list[tuple[str, str]], incomplete: tuple[str, ...]) -> Edges:
+    def _classify(
+        self, targets: list[tuple[str, str]], incomplete: tuple[str, ...], facts: Facts
+    ) -> Edges:
+        """Targets sorted into project files, packages and outside files; what that rested
+        on is added to `facts` ("p:<dir>", "k:<module>|<path>")."""
         files: dict[str, None] = {}
         packages: dict[str, None] = {}
         external: dict[tuple[str, str], None] = {}
         for path, module in targets:
+            if not path.startswith("<module>"):
+                d = "p:" + os.path.dirname(os.path.abspath(path))
+                facts[d] = self._now(d)
             rel = self.project_rel(path)
             if rel is not None:
                 files[rel] = None
@@ -599,6 +807,8 @@ class Graph:
             kind = self._kinds.get((path, module))
             if kind is None:
                 kind = self._kinds[(path, module)] = outside_kind(path, module)
+            if not path.startswith("<module>"):
+                facts[f"k:{module}|{path}"] = kind
             if path.startswith("<module>"):
                 packages[path[len("<module>") :]] = None
             elif kind == "package":
@@ -607,6 +817,37 @@ class Graph:
                 external[(module, path)] = None
             # stdlib files: nothing to record
         return Edges(tuple(files), tuple(packages), tuple(external), incomplete)
+
+
+_UNSET = object()
+# A closure's files, packages, external files and incomplete lines as ordered dicts, and its
+# environment variables.
+_Sets = tuple[
+    dict[str, None], dict[str, None], dict[tuple[str, str], None], dict[str, None], set[str]
+]
+
+
+def _encode_edges(e: Edges) -> list[Any]:
+    external = [list(x) for x in e.external]
+    return [list(e.files), list(e.packages), external, list(e.incomplete), list(e.env)]
+
+
+def _decode_edges(v: Any) -> Edges | None:
+    """Stored resolved imports, or None when the value is not exactly the shape
+    `_encode_edges` writes."""
+    try:
+        files, packages, external, incomplete, env = v
+        for x in (*files, *packages, *incomplete, *env):
+            if type(x) is not str:
+                return None
+        pairs = []
+        for module, path in external:
+            if type(module) is not str or type(path) is not str:
+                return None
+            pairs.append((module, path))
+        return Edges(tuple(files), tuple(packages), tuple(pairs), tuple(incomplete), tuple(env))
+    except (TypeError, ValueError):
+        return None
 
 
 def graph(snap: Snapshot, cache: CodeCache | None = None) -> Graph:

@@ -264,6 +264,12 @@ def _rewrite(path: pathlib.Path, edit: object, *, fix_checksum: bool) -> None:
     path.write_text(json.dumps(doc, sort_keys=True) + "\n" + new_body + "\n")
 
 
+def _stat_paths(repo: Repo) -> set[str]:
+    """The paths whose work-tree blob ids the code cache remembers."""
+    body = _cache(repo).read_text().split("\n")[1]
+    return {k.rsplit("|", 4)[0] for k in json.loads(body)["stats"]}
+
+
 def test_damaged_code_cache_is_ignored(repo: Repo) -> None:
     """A code cache whose body no longer matches its checksum, or that is truncated, is
     ignored whole: the closure is computed from the files. (Control: the same edit with a
@@ -280,6 +286,7 @@ def test_damaged_code_cache_is_ignored(repo: Repo) -> None:
     def forget_imports(data: dict) -> None:  # type: ignore[type-arg]
         assert blob in data["scans"]
         data["scans"][blob] = [[], [], None, []]
+        data["resolutions"] = {}  # resolved imports are remembered too: forget them
 
     _rewrite(cache, forget_imports, fix_checksum=False)
     assert closure(repo, "transforms")["fingerprint"] == first["fingerprint"]
@@ -304,11 +311,11 @@ def test_code_cache_never_serves_a_stale_blob_id(repo: Repo) -> None:
     helper = repo.path / "helper.py"
     before = closure(repo, "transforms")
     # Written just now: racy, so not remembered.
-    assert str(helper.resolve()) not in _cache(repo).read_text()
+    assert str(helper.resolve()) not in _stat_paths(repo)
     time.sleep(2.2)
     again = closure(repo, "transforms")
     assert again["fingerprint"] == before["fingerprint"]
-    assert str(helper.resolve()) in _cache(repo).read_text()  # now remembered
+    assert str(helper.resolve()) in _stat_paths(repo)  # now remembered
 
     st = helper.stat()
     helper.write_text("A = 2\n")  # same size
@@ -318,4 +325,171 @@ def test_code_cache_never_serves_a_stale_blob_id(repo: Repo) -> None:
     assert after["ids"]["helper.py"] != before["ids"]["helper.py"]
     assert after["dirty"] == [["helper.py", "modified"]]
     # The old entry is dropped; the new one is racy, so not written yet.
-    assert str(helper.resolve()) not in _cache(repo).read_text()
+    assert str(helper.resolve()) not in _stat_paths(repo)
+
+
+def _trees(repo: Repo) -> dict:  # type: ignore[type-arg]
+    body = _cache(repo).read_text().split("\n")[1]
+    trees: dict = json.loads(body)["trees"]  # type: ignore[type-arg]
+    return trees
+
+
+def test_recorded_index_and_head_ids_follow_the_index_and_head(repo: Repo) -> None:
+    """A file's status comes from index and HEAD ids remembered for one tree state (index
+    stat data and HEAD's commit): staging, committing, and moving HEAD back without touching
+    the index each give the status git gives; an index younger than 2 s is not remembered."""
+    repo.write(
+        {"transforms.py": "import helper\ndef f(x):\n    return x\n", "helper.py": "A = 1\n"},
+        commit="x",
+    )
+    first = repo.git("rev-parse", "HEAD").strip()
+    assert closure(repo, "transforms")["dirty"] == []
+    assert _trees(repo) == {}  # the index was written just now: racy, nothing remembered
+    time.sleep(2.2)
+    assert closure(repo, "transforms")["dirty"] == []
+    (recorded,) = _trees(repo).values()
+    assert sorted(recorded["ids"]) == ["helper.py", "transforms.py"]
+    assert recorded["state"].endswith(first)
+
+    (repo.path / "helper.py").write_text("A = 22\n")
+    repo.git("add", "helper.py")
+    time.sleep(2.2)
+    assert closure(repo, "transforms")["dirty"] == [["helper.py", "staged"]]
+    assert closure(repo, "transforms")["dirty"] == [["helper.py", "staged"]]  # from the cache
+    repo.git("commit", "-qm", "y")
+    time.sleep(2.2)
+    assert closure(repo, "transforms")["dirty"] == []
+    assert closure(repo, "transforms")["dirty"] == []
+    repo.git("reset", "-q", "--soft", first)  # HEAD moves, the index stays
+    assert closure(repo, "transforms")["dirty"] == [["helper.py", "staged"]]
+    (state,) = (v["state"] for v in _trees(repo).values())
+    assert state.endswith(first)
+
+
+def test_malformed_recorded_ids_are_ignored(repo: Repo) -> None:
+    """Recorded index/HEAD ids of the wrong shape (a forged entry with a valid checksum) are
+    not used: the status is read from the index again."""
+    repo.write(
+        {"transforms.py": "import helper\ndef f(x):\n    return x\n", "helper.py": "A = 1\n"},
+        commit="x",
+    )
+    time.sleep(2.2)
+    before = closure(repo, "transforms")
+    assert _trees(repo)
+
+    def damage(data: dict) -> None:  # type: ignore[type-arg]
+        for t in data["trees"].values():
+            t["ids"]["helper.py"] = ["not an id", None]
+            t["ids"]["transforms.py"] = "x"
+
+    _rewrite(_cache(repo), damage, fix_checksum=True)
+    after = closure(repo, "transforms")
+    assert after["dirty"] == [] and after["fingerprint"] == before["fingerprint"]
+    (t,) = _trees(repo).values()
+    assert t["ids"]["helper.py"] == [before["ids"]["helper.py"], before["ids"]["helper.py"]]
+
+
+def _resolutions(repo: Repo) -> dict:  # type: ignore[type-arg]
+    body = _cache(repo).read_text().split("\n")[1]
+    found: dict = json.loads(body)["resolutions"]  # type: ignore[type-arg]
+    return found
+
+
+def _resolution_of(repo: Repo, rel: str) -> dict | None:  # type: ignore[type-arg]
+    full = str((repo.path / rel).resolve())
+    hits = [v for k, v in _resolutions(repo).items() if k.split("|")[0] == full]
+    return hits[0] if hits else None
+
+
+def test_stored_resolutions_are_checked_against_the_directories_they_read(repo: Repo) -> None:
+    """A file's remembered resolution is used only while the directories it was resolved in
+    are unchanged: a package added next to a module of the same name (which wins, as in
+    Python), and a module created where a lazily imported name was searched for, are seen at
+    once and after the racy window alike; the unchanged importing files keep their blob ids."""
+    repo.write(
+        {
+            "pkg/__init__.py": "",
+            "pkg/transforms.py": "from . import helper\n"
+            "def f(x):\n    import lazy_mod\n    return x\n",
+            "pkg/helper.py": "A = 1\n",
+        },
+        commit="x",
+    )
+    closure(repo, "pkg.transforms")  # writes __pycache__/ and the store: racy directories
+    time.sleep(2.2)
+    first = closure(repo, "pkg.transforms")
+    assert first["files"] == ["pkg/__init__.py", "pkg/helper.py", "pkg/transforms.py"]
+    assert _resolution_of(repo, "pkg/transforms.py") is not None  # remembered
+    assert closure(repo, "pkg.transforms")["fingerprint"] == first["fingerprint"]  # and used
+
+    # A package `helper/` now shadows helper.py.
+    repo.write({"pkg/helper/__init__.py": "B = 2\n"})
+    files = ["pkg/__init__.py", "pkg/helper/__init__.py", "pkg/transforms.py"]
+    assert closure(repo, "pkg.transforms")["files"] == files  # the directory is racily new
+    time.sleep(2.2)
+    assert closure(repo, "pkg.transforms")["files"] == files  # its listing changed
+    assert closure(repo, "pkg.transforms")["files"] == files  # remembered again
+
+    # `lazy_mod` was searched for on sys.path and the project root, and found nowhere.
+    repo.write({"lazy_mod.py": "C = 3\n"})
+    assert closure(repo, "pkg.transforms")["files"] == sorted([*files, "lazy_mod.py"])
+    time.sleep(2.2)
+    assert "lazy_mod.py" in closure(repo, "pkg.transforms")["files"]
+
+
+def test_stored_resolutions_are_checked_against_loaded_modules(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A resolution that rested on a loaded module is used only while the module is loaded
+    from the same file: the same code run with another PYTHONPATH, where an outside `util`
+    shadows the project's, follows the outside file, and back again the project's."""
+    repo.write(
+        {"transforms.py": "import util\ndef f(x):\n    return x\n", "src/util.py": "A = 1\n"},
+        commit="x",
+    )
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "util.py").write_text("A = 2\n")
+    time.sleep(2.2)
+    mine = closure(repo, "transforms", pythonpath=[repo.path / "src"])
+    assert mine["files"] == ["src/util.py", "transforms.py"]
+    assert closure(repo, "transforms", pythonpath=[repo.path / "src"]) == mine
+    shadowed = closure(repo, "transforms", pythonpath=[outside, repo.path / "src"])
+    assert shadowed["files"] == ["transforms.py"]
+    assert shadowed["fingerprint"] != mine["fingerprint"]  # the outside util, by content
+    assert closure(repo, "transforms", pythonpath=[repo.path / "src"]) == mine
+
+
+def test_malformed_stored_resolution_is_ignored(repo: Repo) -> None:
+    """A remembered resolution of the wrong shape, or whose facts are not what the reader
+    computes, is not used (a forged entry with a valid checksum): the imports are resolved
+    from the files."""
+    repo.write(
+        {"transforms.py": "import helper\ndef f(x):\n    return x\n", "helper.py": ""},
+        commit="x",
+    )
+    time.sleep(2.2)
+    first = closure(repo, "transforms")
+    key = str((repo.path / "transforms.py").resolve())
+
+    def forge(edges: object, facts: object) -> None:
+        def edit(data: dict) -> None:  # type: ignore[type-arg]
+            (k,) = (k for k in data["resolutions"] if k.startswith(key + "|"))
+            data["resolutions"][k] = {"facts": facts, "edges": edges}
+
+        _rewrite(_cache(repo), edit, fix_checksum=True)
+
+    stored = _resolution_of(repo, "transforms.py")
+    assert stored is not None and stored["edges"][0] == ["helper.py"]
+    forge([["nope.py"], [], [], []], stored["facts"])  # one field short
+    assert closure(repo, "transforms")["files"] == first["files"]
+    forge([[1], [], [], [], []], stored["facts"])  # not a path
+    assert closure(repo, "transforms")["files"] == first["files"]
+    forge([[], [], [], [], []], {**stored["facts"], "m:helper": "0" * 16})  # a wrong fact
+    assert closure(repo, "transforms")["files"] == first["files"]
+    forge([[], [], [], [], []], {**stored["facts"], "q:": "?"})  # an unknown kind of fact
+    assert closure(repo, "transforms")["files"] == first["files"]
+    # Control: the same forged edges with the true facts are trusted, as git trusts its
+    # index: the checksum guards against damage, the facts against staleness.
+    forge([[], [], [], [], []], stored["facts"])
+    assert closure(repo, "transforms")["files"] == ["transforms.py"]
