@@ -2,9 +2,9 @@
 
 A filter keeps some of its input's rows, in order; datasets holds that as an indices mapping
 (`Dataset._indices`: one uint64 column `indices`) over its input's table, and so does the
-store. When a result is such a selection of a table loaded from the store (the very Arrow
-table object: datasets' `filter`, `select` of a list, `shuffle`, `train_test_split` keep it,
-whatever the stage kind), its entry holds only the indices, in datasets' own layout (an Arrow
+store. When a result is such a selection of a table loaded from the store (the same Arrow
+buffers, `same_rows`: datasets' `filter`, `select` of a list, `shuffle`, `train_test_split`
+keep them, whatever the stage kind), its entry holds only the indices, in datasets' own layout (an Arrow
 stream file `indices.arrow`), with `dataset_info.json`; its manifest's `indices` part names
 the *base*, the entry whose rows the indices point into, and the base's content hash when
 the entry was built. Over an input that is itself an indices entry, datasets' indices are
@@ -103,13 +103,39 @@ def selection(result: Any, candidates: Sequence[Source]) -> tuple[Source, list[P
             if idx is None or idx.column_names != ["indices"] or not _plain_format(ds):
                 return None
             table = ds.data.table
-            hit = [split for t, split in src.tables if t is table]
+            hit = [split for t, split in src.tables if same_rows(t, table)]
             if not hit:
                 break
             found.append(Part(name, ds, hit[0]))
         else:
             return src, found
     return None
+
+
+def same_rows(a: Any, b: Any) -> bool:
+    """Two Arrow tables are views of the same memory: the same columns (names, types) and
+    chunks over the very same buffers (addresses) at the same offsets. datasets rebuilds its
+    table object around a selection (`Dataset(self._data, ...)` replaces schema metadata), so
+    the object itself is not kept; its buffers are, and equal buffers are equal rows."""
+    if a is b:
+        return True
+    if a.num_rows != b.num_rows or a.column_names != b.column_names:
+        return False
+    for x, y in zip(a.columns, b.columns, strict=True):
+        if x.type != y.type or x.num_chunks != y.num_chunks:
+            return False
+        for p, q in zip(x.chunks, y.chunks, strict=True):
+            if p.offset != q.offset or len(p) != len(q):
+                return False
+            bp, bq = p.buffers(), q.buffers()
+            if len(bp) != len(bq):
+                return False
+            for u, v in zip(bp, bq, strict=True):
+                if (u is None) != (v is None) or (
+                    u is not None and (u.address, u.size) != (v.address, v.size)
+                ):
+                    return False
+    return True
 
 
 def write(dest: str, src: Source, parts: Sequence[Part], as_dict: bool) -> dict[str, Any]:
