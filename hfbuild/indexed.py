@@ -4,8 +4,9 @@ A filter keeps some of its input's rows, in order; datasets holds that as an ind
 (`Dataset._indices`: one uint64 column `indices`) over its input's table, and so does the
 store. When a result is such a selection of a table loaded from the store (the same Arrow
 buffers, `same_rows`: datasets' `filter`, `select` of a list, `shuffle`, `train_test_split`
-keep them, whatever the stage kind), its entry holds only the indices, in datasets' own layout (an Arrow
-stream file `indices.arrow`), with `dataset_info.json`; its manifest's `indices` part names
+keep them, whatever the stage kind), its entry holds only the indices, in datasets' own
+layout (an Arrow stream file `indices.arrow`), with `dataset_info.json`; its manifest's
+`indices` part names
 the *base*, the entry whose rows the indices point into, and the base's content hash when
 the entry was built. Over an input that is itself an indices entry, datasets' indices are
 already relative to the underlying table, so the base is the input's base: an indices entry
