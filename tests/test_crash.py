@@ -27,7 +27,7 @@ POINTS = [
     ("load", "datasets:load_dataset", 1, "after"),
     ("load", "datasets:load_from_disk", 1, "before"),
     ("load", "datasets:load_from_disk", 2, "after"),
-    ("load", "datasets:load_from_disk", 5, "before"),
+    ("load", "datasets:load_from_disk", 4, "before"),
     ("load", "datasets:load_from_disk", 4, "after"),
     ("map", "KILL_IN", "feat", ""),
     ("map", "KILL_IN", "keep", ""),
@@ -40,8 +40,8 @@ POINTS = [
     ("write", "datasets.arrow_writer:ArrowWriter.finalize", 1, "after"),
     ("write", "datasets.arrow_writer:ArrowWriter.finalize", 2, "before"),
     ("write", "datasets.arrow_writer:ArrowWriter.finalize", 3, "after"),
-    ("write", "datasets.arrow_dataset:Dataset.save_to_disk", 1, "before"),
-    ("write", "datasets.arrow_dataset:Dataset.save_to_disk", 2, "after"),
+    ("write", "hfbuild.indexed:write", 1, "before"),  # a filter's indices over its input
+    ("write", "hfbuild.indexed:write", 2, "after"),
     ("write", "hfbuild.builder:_save_dataset", 1, "after"),
     ("write", "hfbuild.builder:_reload", 3, "after"),  # what was written, read back
     ("write", "hfbuild.builder:dataset_hash", 1, "before"),
