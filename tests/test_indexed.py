@@ -151,7 +151,7 @@ def test_sharded_filter_shards_are_indices_and_equal_plain_datasets(tmp_path: pa
     """Each shard of a sharded filter (and of a filter over it) holds indices over its input
     shard's base; the concatenated result, a map over it, and an unsharded filter over the
     sharded input equal plain datasets; each shard's hash is that of its rows written in
-    full."""
+    full; an apply sorting the sharded result holds indices over it."""
     repo = make_shard_project(Repo.init(tmp_path / "repo"))
     dodo = (repo.path / "dodo.py").read_text()
     repo.write(
@@ -179,6 +179,9 @@ def test_sharded_filter_shards_are_indices_and_equal_plain_datasets(tmp_path: pa
     kept2 = [r for r in plain if r["y"] % 5 != 0]
     assert store.load(fps["kept2"]).to_list() == kept2
     assert list(store.load(fps["after"])["z"]) == [r["y"] * 2 for r in kept2]
+    total = store.read_manifest(fps["total"])  # an apply's sort: indices over kept's rows
+    assert total["indices"]["base"] == fps["kept"]
+    assert store.load(fps["total"]).to_list() == sorted(plain, key=lambda r: r["i"])
     assert run_hfbuild(repo, "verify", "--deep").returncode == 0
 
 
