@@ -308,3 +308,19 @@ def test_selected_hash_equals_the_gathered_rows_hash(n: int) -> None:
     for sel in (ds.filter(lambda b: [v % 3 == 0 for v in b["x"]], batched=True),
                 ds.shuffle(seed=1)):  # fmt: skip
         assert dataset_hash(sel) == table_hash(sel.with_format("arrow")[:])
+
+
+def test_du_counts_shards_and_bases_once(tmp_path: pathlib.Path) -> None:
+    """`hfbuild du` counts a sharded stage's shards on its row, every byte once: after one
+    build nothing is `other` and the total is every entry's bytes."""
+    repo = make_shard_project(Repo.init(tmp_path / "repo"))
+    doit(repo, "run", "preprocess", log=tmp_path / "log")
+    out = run_hfbuild(repo, "du", "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    store = _store(repo)
+    assert got["other_bytes"] == 0
+    assert all(r["bytes"] > store.size(r["fingerprint"]) for r in got["stages"][:4])
+    assert sum(r["bytes"] for r in got["stages"]) == sum(
+        store.size(fp) for fp in store.fingerprints()
+    )

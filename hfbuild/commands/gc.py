@@ -55,22 +55,28 @@ def gc(pipe: Pipeline, *, keep_commits: int, keep_days: float, dry_run: bool) ->
 
 
 def du(pipe: Pipeline, *, as_json: bool) -> int:
-    """The store's size per stage (current results) and in all."""
+    """The store's size per stage (current results) and in all. A stage's bytes are its
+    entry's and those of the entries it references (its shards, the entries an indices
+    entry's rows live in; `Store.references`, transitively) that no stage before it, or
+    itself, counts: every byte is counted once, and `other` is what no current stage needs."""
     rows: list[dict[str, Any]] = []
-    current = set()
-    for name, m in pipe.manifests().items():
+    manifests = pipe.manifests()
+    counted = {m.fingerprint for m in manifests.values()}  # each on its own stage's row
+    for name, m in manifests.items():
         fp = m.fingerprint
-        current.add(fp)
         built = pipe.store.has(fp)
-        rows.append(
-            {
-                "stage": name,
-                "fingerprint": fp,
-                "built": built,
-                "bytes": pipe.store.size(fp) if built else 0,
-            }
-        )
-    other = sum(pipe.store.size(fp) for fp in pipe.store.fingerprints() if fp not in current)
+        size = 0
+        if built:
+            size = pipe.store.size(fp)
+            todo = pipe.store.references(fp)
+            while todo:
+                ref = todo.pop()
+                if ref not in counted:
+                    counted.add(ref)
+                    size += pipe.store.size(ref)
+                    todo.extend(pipe.store.references(ref))
+        rows.append({"stage": name, "fingerprint": fp, "built": built, "bytes": size})
+    other = sum(pipe.store.size(fp) for fp in pipe.store.fingerprints() if fp not in counted)
     if as_json:
         print(json.dumps({"stages": rows, "other_bytes": other}, indent=1))
         return 0
