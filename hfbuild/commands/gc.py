@@ -82,9 +82,9 @@ def du(pipe: Pipeline, *, as_json: bool) -> int:
         return 0
     width = max((len(r["stage"]) for r in rows), default=5)
     for r in rows:
-        size = f"{r['bytes']:>14,}" if r["built"] else f"{'not built':>14}"
-        print(f"{r['stage']:<{width}}  {size}")
-    print(f"{'other':<{width}}  {other:>14,}  (results no stage currently points at)")
+        shown = f"{r['bytes']:>14,}" if r["built"] else f"{'not built':>14}"
+        print(f"{r['stage']:<{width}}  {shown}")
+    print(f"{'other':<{width}}  {other:>14,}  (results no current stage needs)")
     total = sum(r["bytes"] for r in rows) + other
     print(f"{'total':<{width}}  {total:>14,}")
     return 0
