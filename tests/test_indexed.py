@@ -295,9 +295,10 @@ def test_entry_written_in_full_still_loads(repo: Repo, tmp_path: pathlib.Path) -
 
 
 @pytest.mark.parametrize("n", [1, 70_000])
-def test_selected_hash_equals_the_gathered_rows_hash(n: int) -> None:
-    """The content hash of an indices mapping, taken piece by piece, is the hash of the rows
-    it selects gathered by datasets (increasing positions, random ones, and none)."""
+def test_selected_hash_equals_the_written_rows_hash(tmp_path: pathlib.Path, n: int) -> None:
+    """The content hash of an indices mapping, taken piece by piece, is the hash of its rows
+    written in full (increasing positions, random ones, and none kept), and of the rows
+    datasets gathers when any are kept."""
     import datasets
 
     from hfbuild.content import dataset_hash, table_hash
@@ -305,9 +306,15 @@ def test_selected_hash_equals_the_gathered_rows_hash(n: int) -> None:
     ds = datasets.Dataset.from_dict(
         {"x": list(range(n)), "t": [f"r{i}" if i % 7 else None for i in range(n)]}
     )
-    for sel in (ds.filter(lambda b: [v % 3 == 0 for v in b["x"]], batched=True),
-                ds.shuffle(seed=1)):  # fmt: skip
-        assert dataset_hash(sel) == table_hash(sel.with_format("arrow")[:])
+    sels = {
+        "filter": ds.filter(lambda b: [v % 3 == 0 for v in b["x"]], batched=True),
+        "shuffle": ds.shuffle(seed=1),
+        "none": ds.filter(lambda b: [False] * len(b["x"]), batched=True),
+    }
+    for how, sel in sels.items():
+        assert dataset_hash(sel) == _full_write(sel, tmp_path / how).content_hash, how
+        if len(sel):
+            assert dataset_hash(sel) == table_hash(sel.with_format("arrow")[:]), how
 
 
 def test_du_counts_shards_and_bases_once(tmp_path: pathlib.Path) -> None:
