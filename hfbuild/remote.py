@@ -8,7 +8,9 @@ its manifest is invisible: pull never takes it. Publishing is first-writer-wins 
 lock server: the manifest is written create-only (S3's `If-None-Match: *` through s3fs's
 `mode="create"`; a hard link, which fails on an existing name, for file://), and an upload
 that loses the race deletes its own data directory. Entries written before the unique names
-(`data/`, no `data_dir` in the manifest) are still read.
+(`data/`, no `data_dir` in the manifest) are still read. An entry's references
+(`Store.references`: a stage's shards, the base an indices entry selects rows of) are pushed
+before it and pulled before it; one the remote lacks makes the pull fail, never serve.
 
 Must never: unpickle or execute anything downloaded, write outside the store's build
 directory, trust a path or fingerprint the remote names, or read credentials itself (fsspec's
