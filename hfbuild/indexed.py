@@ -6,12 +6,12 @@ store. When a result is such a selection of a table loaded from the store (the s
 buffers, `same_rows`: datasets' `filter`, `select` of a list, `shuffle`, `train_test_split`
 keep them, whatever the stage kind), its entry holds only the indices, in datasets' own
 layout (an Arrow stream file `indices.arrow`), with `dataset_info.json`; its manifest's
-`indices` part names
-the *base*, the entry whose rows the indices point into, and the base's content hash when
-the entry was built. Over an input that is itself an indices entry, datasets' indices are
-already relative to the underlying table, so the base is the input's base: an indices entry
-never points at another indices entry. A result whose indices point into any other table
-(a temporary one inside an apply) is written in full, as before (`builder`).
+`indices` part names the *base*, the entry whose rows the indices point into, and the base's
+content hash when the entry was built. Over an input that is itself an indices entry,
+datasets' indices are already relative to the underlying table, so the base is the input's
+base: an indices entry never points at another indices entry. A result whose indices point
+into any other table (a temporary one inside an apply) is written in full, as before
+(`builder`).
 
 The `indices` part of a manifest: `{"base": fp, "base_hash": h, "dict": bool, "parts":
 [{"dir": "" (a Dataset) or the split's name, "split": Dataset.split, "base_split": the
@@ -21,7 +21,7 @@ Owns: recognising such a result (`selection`), writing its files (`write`), read
 over its loaded base (`load`), and the indices of consecutive shards concatenated
 (`concat_indices`).
 Must never: write table rows, name a base that is not an entry of the store, or import
-`datasets`/`pyarrow` at module level (the store imports this on its up-to-date path).
+`datasets`/`pyarrow` at module level (the store imports this module).
 """
 
 from __future__ import annotations
