@@ -331,3 +331,29 @@ def test_du_counts_shards_and_bases_once(tmp_path: pathlib.Path) -> None:
     assert sum(r["bytes"] for r in got["stages"]) == sum(
         store.size(fp) for fp in store.fingerprints()
     )
+
+
+def test_indices_shards_with_different_schemas_load_aligned(tmp_path: pathlib.Path) -> None:
+    """Filter shards over input shards whose schemas differ (a file of nulls) load through
+    `concatenate_datasets` with their indices: the rows plain filtering keeps, in order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = make_shard_project(Repo.init(tmp_path / "repo"), parts=2)
+    table = pa.table({"x": pa.array([1000, 1001]), "f": pa.array([None, None], pa.null())})
+    pq.write_table(table, repo.path / "data" / "part-9.parquet")
+    repo.commit("a file of nulls")
+    doit(repo, "run", "preprocess", log=tmp_path / "log")
+    fps, store = _fps(repo), _store(repo)
+    rows = store.read_manifest(fps["kept"])["shards"]
+    assert all(store.read_manifest(r[1]).get("indices") for r in rows)
+    xs = [*range(10), *range(100, 110), 1000, 1001]
+    fs = ["part-0"] * 10 + ["part-1"] * 10 + [None, None]
+    want = [
+        {"x": x, "f": f, "y": 2 * x, "i": i}
+        for i, (x, f) in enumerate(zip(xs, fs, strict=True))
+        if (2 * x) % 3 != 0
+    ]
+    got = store.load(fps["kept"])
+    assert got.features["f"].dtype == "string"
+    assert got.to_list() == want
