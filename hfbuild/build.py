@@ -137,7 +137,7 @@ def build_here(
 ) -> Report:
     """Build one unit in this process and publish it in `pipe.store` (the caller holds the
     lock of `m`'s static fingerprint); `manifests` holds at least the inputs'."""
-    from hfbuild import builder
+    from hfbuild import builder, indexed
 
     store = pipe.store
     fp = m.fingerprint
@@ -150,7 +150,9 @@ def build_here(
         with observing(pipe, tmp) as seen:
             result = builder.run_stage(spec, inputs, fp, tmp, pipe.root, m.data_files)
             liveness.check_built(pipe.root, m.doc)  # the code that ran is the code hashed
-            info = builder.save(result, os.path.join(tmp, "data"), tmp)
+            fps = [manifests[i].fingerprint for i in spec.inputs]
+            sources = indexed.sources(store, fps, inputs)
+            info = builder.save(result, os.path.join(tmp, "data"), tmp, sources)
             observed = seen.identify(m)
         fp = full_key(m.static_fingerprint, observed)
         seconds = time.perf_counter() - t0
@@ -164,6 +166,8 @@ def build_here(
             written_bytes=info.written_bytes,
             observed=observed,
         )
+        if info.indices is not None:  # its rows are its input's: it references their entry
+            doc["indices"] = info.indices
         builder.cleanup_scratch(tmp)
         if fp != m.fingerprint and store.has(fp):
             shutil.rmtree(tmp, ignore_errors=True)  # pulled meanwhile under the key it read

@@ -4,7 +4,9 @@ Owns: calling `load_dataset` / `Dataset.map` / `Dataset.filter` / an apply funct
 datasets' cache files pointed into the build directory (so a published store entry is never
 written to), and saving the result in the `save_to_disk` layout. When datasets already wrote
 the result's Arrow files into the build directory (a map's output, a load's cache), they are
-renamed into place instead of written a second time.
+renamed into place instead of written a second time. A result that selects rows of an input
+loaded from the store (a filter's) is written as indices over that input's entry
+(`indexed.py`).
 
 Must never: be imported by an up-to-date check, or write outside the build directory.
 """
@@ -23,7 +25,8 @@ import datasets
 from datasets.table import ConcatenationTable, MemoryMappedTable
 from datasets.utils.py_utils import asdict  # the one save_to_disk uses (drops `id: None`)
 
-from hfbuild.content import dataset_hash
+from hfbuild import indexed
+from hfbuild.content import dataset_hash, select_rows
 from hfbuild.errors import BuildError, HfbuildError
 from hfbuild.spec import StageSpec
 from hfbuild.store import disk_full, tree_size
@@ -35,6 +38,7 @@ class SaveInfo(NamedTuple):
     rows: Any  # int, or {split: int}
     content_hash: str
     written_bytes: int  # every byte the build wrote, scratch included
+    indices: dict[str, Any] | None = None  # an indices entry's manifest part (indexed.py)
 
 
 @contextlib.contextmanager
@@ -154,10 +158,20 @@ def offset_indices(spec: StageSpec, offset: int) -> StageSpec:
 # -- saving -------------------------------------------------------------------------------
 
 
-def save(result: Any, dest: str, build_dir: str) -> SaveInfo:
-    """Write `result` at `dest` in the `save_to_disk` layout and describe it. The content
-    hash is taken from what was written: flat, memory-mapped, in writer-sized chunks (hashing
-    a filter's output through its indices mapping would walk one chunk per row)."""
+def save(
+    result: Any, dest: str, build_dir: str, sources: Sequence[indexed.Source] = ()
+) -> SaveInfo:
+    """Write `result` at `dest` and describe it. A selection of one of `sources` (the
+    stage's inputs as loaded from the store, see `indexed.sources`) is written as its indices
+    only (an indices entry over the input's base); anything else in the `save_to_disk`
+    layout, with the content hash taken from what was written: flat, memory-mapped, in
+    writer-sized chunks."""
+    match = indexed.selection(result, sources) if sources else None
+    if match is not None:
+        as_dict = isinstance(result, datasets.DatasetDict)
+        part = indexed.write(dest, match[0], match[1], as_dict)
+        rows_of: Any = {p.dir: len(p.ds) for p in match[1]} if as_dict else len(result)
+        return SaveInfo(rows_of, dataset_hash(result), tree_size(build_dir), part)
     if isinstance(result, datasets.DatasetDict):
         os.makedirs(dest)
         for split, ds in result.items():
@@ -271,29 +285,13 @@ def _save_selected(ds: Any, dest: str) -> None:
         )
         try:
             for lo in range(start, end, step):
-                part = _rows(table, indices.slice(lo, min(step, end - lo)).to_numpy())
+                part = select_rows(table, indices.slice(lo, min(step, end - lo)).to_numpy())
                 writer.write_table(part, batch)
             writer.finalize()
         finally:
             writer.close()
         start = end
     _write_state(ds, dest, names)
-
-
-def _rows(table: Any, idx: Any) -> Any:
-    """The rows of `table` at positions `idx` (a numpy array), in that order. Increasing
-    positions (a filter's) are selected with a mask over their span, several times faster
-    than a `take` of string columns."""
-    import numpy as np
-    import pyarrow as pa
-
-    idx = idx.astype(np.int64, copy=False)
-    if len(idx) and bool(np.all(idx[1:] > idx[:-1])):
-        lo, hi = int(idx[0]), int(idx[-1]) + 1
-        mask = np.zeros(hi - lo, dtype=bool)
-        mask[idx - lo] = True
-        return table.slice(lo, hi - lo).filter(pa.array(mask))
-    return table.take(pa.array(idx))
 
 
 def _write_state(ds: Any, dest: str, names: list[str]) -> None:

@@ -127,6 +127,33 @@ def _joined(group: list[pa.Array]) -> Any:
     yield joined
 
 
+def select_rows(table: pa.Table, idx: np.ndarray) -> pa.Table:
+    """The rows of `table` at positions `idx` (a numpy array), in that order. Increasing
+    positions (a filter's) are selected with a mask over their span, several times faster
+    than a `take` of string columns."""
+    idx = idx.astype(np.int64, copy=False)
+    if len(idx) and bool(np.all(idx[1:] > idx[:-1])):
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        mask = np.zeros(hi - lo, dtype=bool)
+        mask[idx - lo] = True
+        return table.slice(lo, hi - lo).filter(pa.array(mask))
+    return table.take(pa.array(idx))
+
+
+def selected_hash(table: pa.Table, indices: pa.ChunkedArray) -> str:
+    """`table_hash` of `table`'s rows at `indices` (a datasets indices mapping), selected
+    `_PIECE_ROWS` at a time: the selection is never gathered whole, nor row by row."""
+    s = _Streams()
+    s.feed("schema", ";".join(f"{f.name}:{f.type}" for f in table.schema).encode())
+    s.feed("rows", str(len(indices)).encode())
+    for lo in range(0, len(indices), _PIECE_ROWS):
+        part = select_rows(table, indices.slice(lo, _PIECE_ROWS).to_numpy())
+        for name, col in zip(part.column_names, part.columns, strict=True):
+            for piece in _pieces(col.chunks):
+                _array(s, "c:" + name, piece)
+    return s.digest()
+
+
 def dataset_hash(ds: Any) -> str:
     """The content hash of a Dataset (through its indices mapping, if any) or a DatasetDict."""
     import datasets
@@ -138,5 +165,5 @@ def dataset_hash(ds: Any) -> str:
         return top.hexdigest()
     table = ds.data.table
     if ds._indices is not None:
-        table = ds.with_format("arrow")[:]  # the selected rows, in order
+        return selected_hash(table, ds._indices.column(0))
     return table_hash(table)

@@ -8,7 +8,9 @@ its manifest is invisible: pull never takes it. Publishing is first-writer-wins 
 lock server: the manifest is written create-only (S3's `If-None-Match: *` through s3fs's
 `mode="create"`; a hard link, which fails on an existing name, for file://), and an upload
 that loses the race deletes its own data directory. Entries written before the unique names
-(`data/`, no `data_dir` in the manifest) are still read.
+(`data/`, no `data_dir` in the manifest) are still read. An entry's references
+(`Store.references`: a stage's shards, the base an indices entry selects rows of) are pushed
+before it and pulled before it; one the remote lacks makes the pull fail, never serve.
 
 Must never: unpickle or execute anything downloaded, write outside the store's build
 directory, trust a path or fingerprint the remote names, or read credentials itself (fsspec's
@@ -195,11 +197,15 @@ class Remote:
                 return 0
         if store.has(fp):
             return 0
-        # A result made of shards: each shard is pulled (and checked) first, its list last.
+        # A result made of shards: each shard is pulled (and checked) first, its list last;
+        # an indices entry: its base first (see `Store.references`).
         shards = store.references(fp, dict(doc))
         got = sum(self.pull(store, key, label) for key in shards if not store.has(key))
         if any(not store.has(key) for key in shards):
-            raise RemoteError(f"remote entry {fp} ({label}) lists a shard it lacks; not used.")
+            raise RemoteError(
+                f"remote entry {fp} ({label}) needs an entry the remote lacks (a shard, or the "
+                f"base it selects rows of); not used."
+            )
         files: Mapping[str, int] = doc["files"]
         data_dir = doc.get("data_dir", "data")
         if not isinstance(data_dir, str) or not _DATA_DIR.match(data_dir):
@@ -218,7 +224,7 @@ class Remote:
                             f"bytes, its manifest says {size}; not used."
                         )
                     bar.update(size)
-            _check_content(tmp, fp, doc, label)
+            _check_content(store, tmp, fp, doc, label)
             meta = {
                 k: v
                 for k, v in doc.items()
@@ -236,16 +242,26 @@ class Remote:
         return total
 
 
-def _check_content(tmp: str, fp: str, doc: Mapping[str, Any], label: str) -> None:
-    """Load the downloaded entry (Arrow and JSON only) and compare its content hash."""
+def _check_content(store: Store, tmp: str, fp: str, doc: Mapping[str, Any], label: str) -> None:
+    """Load the downloaded entry (Arrow and JSON only; an indices entry over its base, pulled
+    and checked before it) and compare its content hash."""
     import datasets
 
     from hfbuild.content import dataset_hash
 
     if isinstance(doc.get("shards"), list):
         return  # its shards were each checked when pulled; `store.check` ties them together
+    data = os.path.join(tmp, "data")
     try:
-        got = dataset_hash(datasets.load_from_disk(os.path.join(tmp, "data"), keep_in_memory=False))
+        if isinstance(doc.get("indices"), dict):
+            why = store.check_base(dict(doc))
+            if why is not None:
+                raise RemoteError(f"remote entry {fp} ({label}): {why}; not used.")
+            got = dataset_hash(store.load_indices(fp, dict(doc), data))
+        else:
+            got = dataset_hash(datasets.load_from_disk(data, keep_in_memory=False))
+    except RemoteError:
+        raise
     except Exception as e:
         raise RemoteError(f"remote entry {fp} ({label}) cannot be read ({e}); not used.") from e
     if got != doc.get("content_hash"):

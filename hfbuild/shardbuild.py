@@ -203,7 +203,7 @@ def _publish(
             )
         rows[s.split] = rows.get(s.split, 0) + int(stored.get("rows") or 0)
         hashes.append((s.split, str(stored.get("content_hash"))))
-        listed.append([s.split, s.key, s.label, stored["files"]])  # sizes: `Store.check`
+        listed.append([s.split, s.key, s.label, stored["files"], *_row_base(pipe, spec, stored)])
     as_dict = _is_dict(pipe, spec, manifests)
     doc = entry_doc(
         spec.name,
@@ -240,6 +240,7 @@ def _build_shard(
     store = pipe.store
     t0 = time.perf_counter()
     path = tempfile.mkdtemp(dir=tmp, prefix="shard-")
+    sources: list[Any] = []
     if spec.kind == "load":
         files = m.data_files
         group = files.get(s.split) if isinstance(files, dict) else files
@@ -255,8 +256,9 @@ def _build_shard(
         inp = store.load(s.input)
         one = builder.offset_indices(spec, _offset(pipe, spec, m, s))
         out = builder.run_stage(one, [inp], s.key, path, pipe.root)
+        sources = _sources(store, s.input, inp)
     liveness.check_built(pipe.root, m.doc)  # the code that ran is the code hashed
-    info = builder.save(out, os.path.join(path, "data"), path)
+    info = builder.save(out, os.path.join(path, "data"), path, sources)
     builder.cleanup_scratch(path)
     doc = {
         "stage": spec.name,
@@ -267,7 +269,38 @@ def _build_shard(
         "written_bytes": info.written_bytes,
         "hfbuild": __version__,
     }
+    if info.indices is not None:
+        doc["indices"] = info.indices
     return path, doc
+
+
+# -- a filter shard: indices over its input's base (indexed.py) ----------------------------------
+
+
+def _sources(store: Any, key: str, inp: Any) -> list[Any]:
+    """What a transform shard's result may select rows of: its input shard's base."""
+    from hfbuild import indexed
+
+    return indexed.sources(store, [key], [inp])
+
+
+def _row_base(pipe: Pipeline, spec: StageSpec, stored: Mapping[str, Any]) -> list[Any]:
+    """The stage list's extra column for an indices shard: its base and the base's file
+    sizes, so `Store.check` stats them as it stats the shard's own ([] for other shards)."""
+    ind = stored.get("indices")
+    if not isinstance(ind, dict):
+        return []
+    base = str(ind.get("base"))
+    based = pipe.store.intact_manifest(base)
+    if based is None:
+        raise BuildError(
+            f"stage {spec.name!r}: the entry {base} a shard selects rows of vanished from "
+            f"the store while the stage was built (a concurrent `hfbuild gc`?); build it again."
+        )
+    # A base made of shards has no files of its own: the row then names it without sizes,
+    # and `Store.check` checks the shard, its base and the base's shards in full.
+    files = None if isinstance(based.get("shards"), list) else based["files"]
+    return [{"base": base, "files": files}]
 
 
 def _offset(pipe: Pipeline, spec: StageSpec, m: Manifest, s: shards.Shard) -> int:

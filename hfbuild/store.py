@@ -4,6 +4,9 @@ Owns: every path under the store directory. `objects/<fp[:2]>/<fp>/` holds `data
 `save_to_disk` layout) and `manifest.json`; `tmp/` holds builds in progress; `locks/` the
 per-fingerprint build locks; `refs/<stage>` the last fingerprint built under each stage name;
 `observed/<fp[:2]>/<fp>.json` the files builds of a static fingerprint read at run time.
+An entry's `data/` may instead hold only indices into another entry, its *base*
+(`indexed.py`): it is intact only while its base is, and it references its base as a stage
+result made of shards references its shards (gc, push and pull follow `references`).
 An entry exists only once its complete manifest does: builds write into `tmp/` and publish
 with one atomic rename. Modes follow sharing.py (group-shared inside a setgid store).
 
@@ -169,7 +172,7 @@ class Store:
         return doc if doc is not None and self._check_files(fp, doc) is None else None
 
     def _check_files(self, fp: str, doc: dict[str, Any]) -> str | None:
-        why = self._check_shards(doc)
+        why = self._check_shards(doc) or self.check_base(doc)
         if why is not None:
             return why
         base = self.data_path(fp)
@@ -185,26 +188,52 @@ class Store:
     def _check_shards(self, doc: dict[str, Any]) -> str | None:
         """A stage result made of shards is served only while every shard is intact: each
         shard's files are present with the sizes the list records (one stat each, as for
-        any entry's files; a shard listed without sizes is checked in full)."""
+        any entry's files; a shard listed without sizes is checked in full), and so are the
+        files of the base an indices shard's row names (`_row_base`)."""
         rows = doc.get("shards")
         for row in rows if isinstance(rows, list) else []:
             key = str(row[1]) if isinstance(row, list) and len(row) >= 2 else ""
             if not _FP.match(key):
                 return "its list of shards is malformed"
             files = row[3] if len(row) >= 4 else None
-            if not isinstance(files, dict) or not all(safe_rel(k) for k in files):
+            base = _row_base(row)
+            if (
+                not isinstance(files, dict)
+                or not all(safe_rel(k) for k in files)
+                or (len(row) >= 5 and base is None)
+            ):
                 why = self.check(key) if self.read_manifest(key) is not None else "is missing"
                 if why is not None:
                     return f"its shard {key} {why}" if why == "is missing" else f"{key}: {why}"
                 continue
-            base = self.data_path(key)
-            for rel, size in files.items():
-                try:
-                    actual = os.stat(os.path.join(base, *rel.split("/"))).st_size
-                except OSError:
-                    return f"its shard {key} is missing {rel}"
-                if actual != size:
-                    return f"its shard {key} has {rel} of {actual} bytes, not {size}"
+            for owner, listed in [(key, files), *([base] if base is not None else [])]:
+                data = self.data_path(owner)
+                for rel, size in listed.items():
+                    try:
+                        actual = os.stat(os.path.join(data, *rel.split("/"))).st_size
+                    except OSError:
+                        return f"its shard {owner} is missing {rel}"
+                    if actual != size:
+                        return f"its shard {owner} has {rel} of {actual} bytes, not {size}"
+        return None
+
+    def check_base(self, doc: dict[str, Any]) -> str | None:
+        """An indices entry (`indexed.py`) is served only while its base is intact and still
+        holds the rows it was built over (the content hash it recorded)."""
+        ind = doc.get("indices")
+        if ind is None:
+            return None
+        base = ind.get("base") if isinstance(ind, dict) else None
+        parts = ind.get("parts") if isinstance(ind, dict) else None
+        if not isinstance(base, str) or not _FP.match(base) or not isinstance(parts, list):
+            return "its indices part is malformed"
+        based = self.intact_manifest(base)
+        if based is None:
+            return f"its base {base} (the entry holding its rows) is missing or damaged"
+        if based.get("indices") is not None:
+            return f"its base {base} is itself an indices entry"
+        if based.get("content_hash") != ind.get("base_hash"):
+            return f"its base {base} holds other rows than it was built over"
         return None
 
     def has(self, fp: str) -> bool:
@@ -212,12 +241,18 @@ class Store:
         return self.intact_manifest(fp) is not None
 
     def references(self, fp: str, doc: dict[str, Any] | None = None) -> list[str]:
-        """The shard entries a stage result made of shards lists, in order ([] for others)."""
-        doc = doc if doc is not None else self.read_manifest(fp)
-        rows = (doc or {}).get("shards")
-        if not isinstance(rows, list):
-            return []
-        keys = [str(r[1]) for r in rows if isinstance(r, list) and len(r) >= 2]
+        """The entries `fp`'s entry needs: the shards a stage result made of shards lists,
+        in order, and the base an indices entry selects rows of ([] for others)."""
+        doc = (doc if doc is not None else self.read_manifest(fp)) or {}
+        rows = doc.get("shards")
+        keys = (
+            [str(r[1]) for r in rows if isinstance(r, list) and len(r) >= 2]
+            if isinstance(rows, list)
+            else []
+        )
+        ind = doc.get("indices")
+        if isinstance(ind, dict):
+            keys.append(str(ind.get("base")))
         return [k for k in keys if _FP.match(k)]
 
     def load(self, fp: str) -> Any:
@@ -227,11 +262,27 @@ class Store:
         import datasets
 
         doc = self.read_manifest(fp)
+        if doc is not None and isinstance(doc.get("indices"), dict):
+            return self.load_indices(fp, doc, self.data_path(fp))
         if doc is not None and isinstance(doc.get("shards"), list):
             return self._load_shards(doc)
         if doc is not None and isinstance(doc.get("shard"), dict):
             return self._load_shard(fp, str(doc["shard"].get("split")))
         return datasets.load_from_disk(self.data_path(fp), keep_in_memory=False)
+
+    def load_indices(self, fp: str, doc: dict[str, Any], data: str) -> Any:
+        """An indices entry (`indexed.py`) whose files are at `data` (its entry's, or a
+        download's), over its base, loaded from this store."""
+        from hfbuild import indexed
+
+        ind = doc["indices"]
+        base = str(ind.get("base"))
+        if not _FP.match(base) or not self.has(base):
+            raise StoreError(
+                f"the entry {fp} selects rows of {base!r}, which the store does not hold "
+                f"intact; build it again (`doit run`)."
+            )
+        return indexed.load(data, ind, self.load(base), fp)
 
     def _load_shard(self, key: str, split: str) -> Any:
         """One shard entry (a Dataset saved by hfbuild: Arrow files, no indices, no format),
@@ -271,25 +322,45 @@ class Store:
         import datasets
         from datasets.table import MemoryMappedTable, concat_tables
 
+        from hfbuild import indexed
+
         tables: list[Any] = []
+        selected: list[tuple[int, Any]] = []  # per shard: (its table rows, positions or None)
         for row in rows:
             key = str(row[1])
             files = row[3] if len(row) >= 4 and isinstance(row[3], dict) else None
-            if files is None:
+            base = _row_base(row)
+            if files is None or (base is None and (len(row) >= 5 or indexed.INDICES_FILE in files)):
                 break
-            names = sorted(n for n in files if n.endswith(".arrow") and safe_rel(n))
-            base = self.data_path(key)
-            tables.extend(MemoryMappedTable.from_file(os.path.join(base, n)) for n in names)
+            owner, listed = base if base is not None else (key, files)
+            names = sorted(n for n in listed if n.endswith(".arrow") and safe_rel(n))
+            data = self.data_path(owner)
+            mine = [MemoryMappedTable.from_file(os.path.join(data, n)) for n in names]
+            tables.extend(mine)
+            idx = None
+            if base is not None:
+                idx = indexed.read_indices(os.path.join(self.data_path(key), indexed.INDICES_FILE))
+            selected.append((sum(t.num_rows for t in mine), idx))
         else:
             if tables and all(t.schema == tables[0].schema for t in tables):
                 first = self.data_path(str(rows[0][1]))
                 with open(os.path.join(first, "dataset_info.json"), encoding="utf-8") as f:
                     info = datasets.DatasetInfo.from_dict(json.load(f))
                 table = tables[0] if len(tables) == 1 else concat_tables(tables)
+                indices = None
+                if any(idx is not None for _, idx in selected):
+                    indices = indexed.concat_indices(selected)
                 return datasets.Dataset(
-                    table, info=info, split=datasets.Split(split), fingerprint=fp
+                    table,
+                    info=info,
+                    split=datasets.Split(split),
+                    indices_table=indices,
+                    fingerprint=fp,
                 )
-        shards = [self._load_shard(str(r[1]), split) for r in rows]
+        shards = [
+            self.load(str(r[1])) if len(r) >= 5 else self._load_shard(str(r[1]), split)
+            for r in rows
+        ]
         return shards[0] if len(shards) == 1 else datasets.concatenate_datasets(shards)
 
     # -- writing -----------------------------------------------------------------------------
@@ -420,9 +491,14 @@ class Store:
                     kept.add(fp)
             except OSError:
                 continue
-        for fp in list(kept):  # a kept stage result keeps the shards it lists
-            if _FP.match(fp):
-                kept.update(self.references(fp))
+        # A kept stage result keeps the shards it lists, and an indices entry its base
+        # (transitively: a kept stage's indices shards keep their bases).
+        todo = [fp for fp in kept if _FP.match(fp)]
+        while todo:
+            for ref in self.references(todo.pop()):
+                if ref not in kept:
+                    kept.add(ref)
+                    todo.append(ref)
         for fp in self.fingerprints():
             e = self.entry(fp)
             if fp in kept or not os.path.exists(e):
@@ -512,6 +588,20 @@ class Store:
                 if _FP.match(fp):
                     out.append(fp)
         return out
+
+
+def _row_base(row: list[Any]) -> tuple[str, dict[str, int]] | None:
+    """The base an indices shard's row in a stage's list names, with its files' sizes
+    (`[split, key, label, files, {"base": key, "files": {...}}]`), else None."""
+    extra = row[4] if len(row) >= 5 else None
+    if not isinstance(extra, dict):
+        return None
+    base, files = extra.get("base"), extra.get("files")
+    if not isinstance(base, str) or not _FP.match(base) or not isinstance(files, dict):
+        return None
+    if not all(safe_rel(k) and isinstance(v, int) for k, v in files.items()):
+        return None
+    return base, files
 
 
 def tree_size(path: str) -> int:

@@ -183,8 +183,6 @@ def check_deep(pipe: Pipeline) -> list[Problem]:
     """Read every entry in the store in full (not only the current stages': an older entry
     becomes current again when an edit is reverted) and compare its content hash with its
     manifest. A corrupt entry is moved aside, so it is rebuilt when next needed, and reported."""
-    import datasets
-
     from hfbuild.content import dataset_hash
 
     names = {m.fingerprint: name for name, m in pipe.manifests().items()}
@@ -197,7 +195,7 @@ def check_deep(pipe: Pipeline) -> list[Problem]:
                 if isinstance(doc.get("shards"), list):  # each shard is an entry checked here
                     got = _shards_hash(pipe, doc)
                 else:
-                    got = dataset_hash(datasets.load_from_disk(pipe.store.data_path(fp)))
+                    got = dataset_hash(pipe.store.load(fp))  # an indices entry: via its base
             except Exception as e:
                 got = f"unreadable ({type(e).__name__}: {e})"
             if got != doc.get("content_hash"):

@@ -114,7 +114,7 @@ def test_deep_verify_checks_entries_that_are_not_current(
 def test_deep_verify_finds_same_size_corruption(built: Repo, tmp_path: pathlib.Path) -> None:
     """Bytes altered without changing a file's size pass the cheap checks; `verify --deep`
     reads the data, reports the entry, moves it aside, and the next run rebuilds it."""
-    f = entry(built, "kept") / "data" / "data-00000-of-00001.arrow"
+    f = entry(built, "kept") / "data" / "indices.arrow"  # a filter's entry: its indices
     data = bytearray(f.read_bytes())
     data[-150] ^= 0xFF
     f.write_bytes(bytes(data))

@@ -82,13 +82,15 @@ def test_push_then_pull_on_miss_builds_nothing(
 
 
 def test_pull_command_and_opt_out(pushed: Repo, tmp_path: pathlib.Path, s3: Any) -> None:
-    """`hfbuild pull STAGE` fetches just that stage; HFBUILD_NO_REMOTE=1 makes doit build."""
+    """`hfbuild pull STAGE` fetches just that stage, with the entry its rows are selected
+    from (a filter's input); HFBUILD_NO_REMOTE=1 makes doit build the rest."""
     clone = pushed.clone(tmp_path / "second")
     out = run_hfbuild(clone, "pull", "kept")
-    assert out.stdout.strip() == f"kept: pulled {_size(pushed, 'kept'):,} bytes"
+    size = _size(pushed, "kept") + _size(pushed, "feat")  # kept holds indices over feat's rows
+    assert out.stdout.strip() == f"kept: pulled {size:,} bytes"
     log = tmp_path / "second.log"
     doit(clone, "run", "preprocess", log=log, env={"HFBUILD_NO_REMOTE": "1"})
-    assert calls(log) == {"feat": 1, "split": 1, "lens": 1}  # kept was already local
+    assert calls(log) == {"split": 1, "lens": 1}  # kept, and feat with it, were already local
 
 
 def _size(repo: Repo, stage: str) -> int:

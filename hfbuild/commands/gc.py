@@ -56,42 +56,35 @@ def gc(pipe: Pipeline, *, keep_commits: int, keep_days: float, dry_run: bool) ->
 
 def du(pipe: Pipeline, *, as_json: bool) -> int:
     """The store's size per stage (current results) and in all. A stage's bytes are its
-    entry's and those of the entries it references (a sharded stage's shards) that no stage
-    before it already counted: each stored byte is counted once."""
-    store = pipe.store
+    entry's and those of the entries it references (its shards, the entries an indices
+    entry's rows live in; `Store.references`, transitively) that no stage before it, or
+    itself, counts: every byte is counted once, and `other` is what no current stage needs."""
     rows: list[dict[str, Any]] = []
-    counted: set[str] = set()
-    for name, m in pipe.manifests().items():
+    manifests = pipe.manifests()
+    counted = {m.fingerprint for m in manifests.values()}  # each on its own stage's row
+    for name, m in manifests.items():
         fp = m.fingerprint
-        built = store.has(fp)
+        built = pipe.store.has(fp)
         size = 0
         if built:
-            for key in _reachable(store, fp):
-                if key not in counted:
-                    counted.add(key)
-                    size += store.size(key)
+            size = pipe.store.size(fp)
+            todo = pipe.store.references(fp)
+            while todo:
+                ref = todo.pop()
+                if ref not in counted:
+                    counted.add(ref)
+                    size += pipe.store.size(ref)
+                    todo.extend(pipe.store.references(ref))
         rows.append({"stage": name, "fingerprint": fp, "built": built, "bytes": size})
-    other = sum(store.size(fp) for fp in store.fingerprints() if fp not in counted)
+    other = sum(pipe.store.size(fp) for fp in pipe.store.fingerprints() if fp not in counted)
     if as_json:
         print(json.dumps({"stages": rows, "other_bytes": other}, indent=1))
         return 0
     width = max((len(r["stage"]) for r in rows), default=5)
     for r in rows:
-        size_text = f"{r['bytes']:>14,}" if r["built"] else f"{'not built':>14}"
-        print(f"{r['stage']:<{width}}  {size_text}")
-    print(f"{'other':<{width}}  {other:>14,}  (results no stage currently points at)")
+        shown = f"{r['bytes']:>14,}" if r["built"] else f"{'not built':>14}"
+        print(f"{r['stage']:<{width}}  {shown}")
+    print(f"{'other':<{width}}  {other:>14,}  (results no current stage needs)")
     total = sum(r["bytes"] for r in rows) + other
     print(f"{'total':<{width}}  {total:>14,}")
     return 0
-
-
-def _reachable(store: Any, fp: str) -> list[str]:
-    """`fp` and every entry it references, transitively (a stage's shards, and theirs)."""
-    seen = [fp]
-    todo = [fp]
-    while todo:
-        for key in store.references(todo.pop()):
-            if key not in seen:
-                seen.append(key)
-                todo.append(key)
-    return seen
