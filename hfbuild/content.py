@@ -10,6 +10,7 @@ Must never: be imported by an up-to-date check (it imports pyarrow).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,17 @@ import xxhash
 class _Streams:
     def __init__(self) -> None:
         self.h: dict[str, Any] = {}
+        self.lists: set[str] = set()  # keys fed JSON values by `feed_values`, still open
+
+    def feed_values(self, key: str, values: list[Any]) -> None:
+        """Values as one JSON list over every call for `key`: the stream is the same however
+        the values arrive in chunks (and a single chunk's is `json.dumps(values)`'s bytes)."""
+        text = ", ".join(json.dumps(v, sort_keys=True, default=str) for v in values)
+        if key in self.lists:
+            self.feed(key, (", " + text).encode())
+        else:
+            self.lists.add(key)
+            self.feed(key, ("[" + text).encode())
 
     def feed(self, key: str, data: bytes | memoryview | np.ndarray) -> None:
         h = self.h.get(key)
@@ -29,6 +41,9 @@ class _Streams:
         h.update(data if not isinstance(data, np.ndarray) else np.ascontiguousarray(data).data)
 
     def digest(self) -> str:
+        for key in sorted(self.lists):
+            self.feed(key, b"]")
+        self.lists.clear()
         top = xxhash.xxh3_128()
         for key in sorted(self.h):
             top.update(f"{key}={self.h[key].hexdigest()};".encode())
@@ -79,9 +94,7 @@ def _array(s: _Streams, key: str, arr: pa.Array) -> None:
         s.feed(key + "/data", filled.to_numpy(zero_copy_only=False).view(np.uint8))
         return
     # Anything rarer (decimals, maps, unions…): by value, slowly but exactly.
-    import json
-
-    s.feed(key + "/py", json.dumps(arr.to_pylist(), sort_keys=True, default=str).encode())
+    s.feed_values(key + "/py", arr.to_pylist())
 
 
 def table_hash(table: pa.Table) -> str:
