@@ -506,6 +506,7 @@ class Store:
             gone.append((e, tree_size(e)))
             if not dry_run:
                 self.remove(fp)
+        gone += self._gc_observed(kept, now - keep_seconds, dry_run=dry_run)
         tmp = os.path.join(self.root, "tmp")
         names = sorted(os.listdir(tmp)) if os.path.isdir(tmp) else []
         by_fp: dict[str, list[str]] = {}
@@ -527,6 +528,35 @@ class Store:
         return gone
 
     # -- what builds read at run time, by static fingerprint (see fullkey.py) -------------------
+
+    def _gc_observed(
+        self, kept: set[str], before: float, *, dry_run: bool
+    ) -> list[tuple[str, int]]:
+        """Remove the run-time read records of static fingerprints no kept entry was built
+        under, unless written after `before`. Losing a record costs at most a rebuild: a lock
+        entry carries its stage's record too."""
+        statics = set()
+        for fp in kept:
+            doc = self.read_manifest(fp) if _FP.match(fp) else None
+            if doc is not None and isinstance(doc.get("static_fingerprint"), str):
+                statics.add(doc["static_fingerprint"])
+        gone: list[tuple[str, int]] = []
+        top = os.path.join(self.root, "observed")
+        for sub in sorted(os.listdir(top)) if os.path.isdir(top) else []:
+            d = os.path.join(top, sub)
+            for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+                path = os.path.join(d, name)
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                if name.removesuffix(".json") in statics or st.st_mtime >= before:
+                    continue
+                gone.append((path, st.st_size))
+                if not dry_run:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+        return gone
 
     def _observed_path(self, static_fp: str) -> str:
         return os.path.join(self.root, "observed", _check_fp(static_fp)[:2], static_fp + ".json")

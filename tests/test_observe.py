@@ -516,3 +516,31 @@ def test_explain_wording_for_files_and_modules_used_at_run_time() -> None:
         f"module imported at run time: plugins/p.py {'b' * 12} -> missing",
     ]
     assert diff_observed(old, {}) == []
+
+
+def test_gc_removes_the_read_records_of_results_it_removes(
+    project: tuple[pathlib.Path, dict[str, str]], tmp_path: pathlib.Path
+) -> None:
+    """`hfbuild gc` drops the run-time read record of a static fingerprint whose results it
+    removed, keeps those of results it keeps (here, the original clone's, which registered
+    with the store), and the stage stays up to date."""
+    path, env = project
+    records = path / ".hfbuild" / "observed"
+    t = path / "pkg" / "transforms.py"
+    statics = [lock(path)["count"]["static_fingerprint"]]
+    for n in (1, 2):
+        t.write_text(t.read_text().replace('log("count")', f'log("count")  # edit {n}'))
+        run_doit(path, tmp_path / f"edit{n}.log", env)
+        subprocess.run(["git", "commit", "-qam", f"edit {n}"], cwd=path, env=env, check=True)
+        statics.append(lock(path)["count"]["static_fingerprint"])
+    assert len(set(statics)) == 3
+    assert all((records / s[:2] / f"{s}.json").is_file() for s in statics)
+    out = hfbuild(path, env, "gc", "--keep-days", "0", "--keep-commits", "1")
+    assert out.returncode == 0, out.stderr
+    first, middle, last = statics
+    assert f"observed/{middle[:2]}/{middle}.json" in out.stdout
+    assert not (records / middle[:2] / f"{middle}.json").exists()
+    assert (records / first[:2] / f"{first}.json").is_file()  # the original clone's lock
+    assert (records / last[:2] / f"{last}.json").is_file()
+    run_doit(path, tmp_path / "after.log", env)
+    assert calls(tmp_path / "after.log") == Counter()
