@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hfbuild import __version__, liveness, progress, shards
@@ -49,6 +49,7 @@ def build(
     built = 0
     written = 0
     known: dict[str, dict[str, Any] | None] = {}  # shard key -> its intact manifest, or None
+    prior = _listed(store, spec.name)  # what the last build listed, found in place
     try:
         with observing(pipe, tmp) as seen:
             observed: Observed = m.observed
@@ -60,13 +61,14 @@ def build(
                 todo: list[tuple[int, shards.Shard]] = []
                 for i, s in enumerate(cur.shard_list):
                     if s.key not in known:
-                        doc = store.intact_manifest(s.key)
+                        doc = prior.get(s.key) or store.intact_manifest(s.key)
                         if doc is None:
                             todo.append((i, s))
                         known[s.key] = doc
                 bar = progress.bar(len(todo), spec.name, unit="shard", at_least=_PROGRESS_SHARDS)
-                with bar, _quiet_datasets():
+                with bar, _quiet_datasets(), _deleting() as delete:
                     for i, path, doc in _run(pipe, spec, cur, todo, builder, tmp):
+                        delete(_aside(path))
                         _one_load_count()
                         written += int(doc["written_bytes"])
                         now = set(seen.identify(m))
@@ -186,7 +188,9 @@ def _publish(
             )
         rows[s.split] = rows.get(s.split, 0) + int(stored.get("rows") or 0)
         hashes.append((s.split, str(stored.get("content_hash"))))
-        listed.append([s.split, s.key, s.label, stored["files"]])  # sizes: `Store.check`
+        # Sizes for `Store.check`; rows and content hash for the next build (`_listed`).
+        facts = {"rows": stored.get("rows"), "content_hash": stored.get("content_hash")}
+        listed.append([s.split, s.key, s.label, stored["files"], facts])
     as_dict = _is_dict(pipe, spec, manifests)
     doc = entry_doc(
         spec.name,
@@ -207,6 +211,31 @@ def _publish(
     else:
         store.publish(tmp, fp, doc)
     return doc
+
+
+def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:
+    """The shards the stage's last entry (its ref) lists whose files are there with the
+    sizes it records: shard key -> the rows, content hash and files its listing records.
+    A rebuild that keeps most shards then makes one stat per file instead of reading
+    every shard's manifest; what the listing lacks (an older entry) is read as before.
+    The listing is as trustworthy as the shard's own manifest: both are checksummed
+    manifests, and `Store.check` of a stage entry makes the same stats."""
+    fp = store.get_ref(name)
+    doc = store.read_manifest(fp) if fp is not None else None
+    rows = doc.get("shards") if doc is not None else None
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows if isinstance(rows, list) else []:
+        if not (isinstance(row, list) and len(row) >= 5):
+            continue
+        key, files, facts = row[1], row[3], row[4]
+        if not (isinstance(files, dict) and isinstance(facts, dict) and isinstance(key, str)):
+            continue
+        if not all(isinstance(v, int) for v in files.values()):
+            continue
+        if facts.get("content_hash") is None or not store.files_intact(key, files):
+            continue
+        out[key] = {**facts, "files": files}
+    return out
 
 
 def _is_dict(pipe: Pipeline, spec: StageSpec, manifests: Mapping[str, Manifest]) -> bool:
@@ -240,7 +269,7 @@ def _build_shard(
         out = builder.run_stage(one, [inp], s.key, path, pipe.root)
     liveness.check_built(pipe.root, m.doc)  # the code that ran is the code hashed
     info = builder.save(out, os.path.join(path, "data"), path)
-    builder.cleanup_scratch(path)
+    builder.set_scratch_aside(path, _aside(path))  # out of the entry; deleted by the builder
     doc = {
         "stage": spec.name,
         "shard": {"split": s.split, "label": s.label, "input": s.input},
@@ -251,6 +280,35 @@ def _build_shard(
         "hfbuild": __version__,
     }
     return path, doc
+
+
+def _aside(path: str) -> str:
+    """Where a shard's scratch goes once the shard is built: next to it, in the stage's
+    build directory (whose leftovers are removed with it)."""
+    return path + ".scratch"
+
+
+@contextlib.contextmanager
+def _deleting() -> Iterator[Callable[[str], None]]:
+    """A function that removes a directory tree in a background thread, while the next
+    shards build: removing a tree costs mostly waiting on the disk. The block's end waits
+    for every removal."""
+    import queue
+    import threading
+
+    todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+
+    def work() -> None:
+        while (path := todo.get()) is not None:
+            shutil.rmtree(path, ignore_errors=True)
+
+    worker = threading.Thread(target=work, name="hfbuild-scratch", daemon=True)
+    worker.start()
+    try:
+        yield todo.put
+    finally:
+        todo.put(None)
+        worker.join()
 
 
 def _offset(pipe: Pipeline, spec: StageSpec, m: Manifest, s: shards.Shard) -> int:
