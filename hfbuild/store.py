@@ -207,6 +207,22 @@ class Store:
                     return f"its shard {key} has {rel} of {actual} bytes, not {size}"
         return None
 
+    def files_intact(self, fp: str, files: dict[str, int]) -> bool:
+        """Whether the entry `fp` has these data files with these sizes (one stat each, as
+        `check` makes of a listed shard; the entry's manifest is not read)."""
+        if not _FP.match(fp):
+            return False
+        base = self.data_path(fp)
+        for rel, size in files.items():
+            if not safe_rel(rel):
+                return False
+            try:
+                if os.stat(os.path.join(base, *rel.split("/"))).st_size != size:
+                    return False
+            except OSError:
+                return False
+        return True
+
     def has(self, fp: str) -> bool:
         """True when a complete, intact entry for `fp` exists (see `check`)."""
         return self.intact_manifest(fp) is not None
