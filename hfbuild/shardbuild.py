@@ -6,8 +6,11 @@ data file; a transform shard from its input shard, its `with_indices` offset bei
 of the input shards before it) in a directory inside the stage's build directory, and
 published under its key as soon as it is built and what the build read so far at run time is
 within the key it assumed (the key all the stage's shards share, see `shards.py`); last the
-stage's entry, a manifest listing its shards in order. A kill at any point leaves only
-complete shard entries and no stage entry; its next build reuses the shards.
+stage's entry, a manifest listing its shards in order (with each shard's files, rows and
+content hash, so the next build takes the shards it lists by a stat of their files). A kill
+at any point leaves only complete shard entries and no stage entry; its next build reuses
+the shards. A shard's scratch leaves it before it is published and is deleted by a
+background thread while the next shards build.
 
 Must never: publish a shard under a key whose observed files it was not built with, publish
 the stage entry before every shard it lists is in the store, or print.
