@@ -303,7 +303,7 @@ def _deleting() -> Iterator[Callable[[str], None]]:
 
     def work() -> None:
         while (path := todo.get()) is not None:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_tree(path)
 
     worker = threading.Thread(target=work, name="hfbuild-scratch", daemon=True)
     worker.start()
@@ -312,6 +312,26 @@ def _deleting() -> Iterator[Callable[[str], None]]:
     finally:
         todo.put(None)
         worker.join()
+
+
+def _remove_tree(path: str) -> None:
+    """`shutil.rmtree(path, ignore_errors=True)` by names under `path`: rmtree's fd-based
+    walk opens each directory by its name relative to its parent, which the run-time
+    observation (`observe`) notes as that name under the project root, and the build then
+    looks at every such name again after each shard. Removing a directory tree of our own
+    build needs no protection against symlink races."""
+    for top, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(top, name))
+        for name in dirs:
+            sub = os.path.join(top, name)
+            with contextlib.suppress(OSError):
+                os.unlink(sub) if os.path.islink(sub) else os.rmdir(sub)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+    if os.path.lexists(path):  # something it could not remove: rmtree's own attempt
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _offset(pipe: Pipeline, spec: StageSpec, m: Manifest, s: shards.Shard) -> int:
