@@ -69,7 +69,8 @@ def build(
                             todo.append((i, s))
                         known[s.key] = doc
                 bar = progress.bar(len(todo), spec.name, unit="shard", at_least=_PROGRESS_SHARDS)
-                with bar, _quiet_datasets(), _deleting() as delete:
+                here = _workers(spec, len(todo)) == 1  # no thread beside forked workers
+                with bar, _quiet_datasets(), _deleting(background=here) as delete:
                     for i, path, doc in _run(pipe, spec, cur, todo, builder, tmp):
                         delete(_aside(path))
                         _one_load_count()
@@ -292,13 +293,17 @@ def _aside(path: str) -> str:
 
 
 @contextlib.contextmanager
-def _deleting() -> Iterator[Callable[[str], None]]:
+def _deleting(*, background: bool) -> Iterator[Callable[[str], None]]:
     """A function that removes a directory tree in a background thread, while the next
     shards build: removing a tree costs mostly waiting on the disk. The block's end waits
-    for every removal."""
+    for every removal. Without `background` (shards built by forked workers: a process
+    should not fork beside a running thread) it removes the tree at once."""
     import queue
     import threading
 
+    if not background:
+        yield _remove_tree
+        return
     todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
     def work() -> None:
