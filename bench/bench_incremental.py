@@ -13,6 +13,10 @@ preprocess` process (wall clock, start-up included), over load -> batched map ->
 - (d) the cold build of (a)'s sharded chain / a plain `datasets` script doing the same over the
   same files, results saved with `save_to_disk` (bound: <= 1.10).
 
+Every figure is printed twice: wall clock (the issue's figures) and CPU time (user + system
+of the process and the processes it waited for), the steadier one on a shared machine.
+`BENCH_PYTHONPATH=<another checkout>` measures that checkout's hfbuild (A/B runs).
+
 The floor of (a) and (b). A rebuild is a process: it starts Python, doit and hfbuild
 (~0.15 s idle) and, since it builds something, imports `datasets` (~0.6 s idle; 1.3 s on
 this 2-core machine shared with other jobs), before it does the work of one file (a few
@@ -34,12 +38,15 @@ from __future__ import annotations
 
 import os
 import pathlib
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterable
+from typing import NamedTuple
 
 DODO = """
 from hfbuild import Pipeline
@@ -102,7 +109,20 @@ def project(root: pathlib.Path, files: int, rows: int) -> pathlib.Path:
     return root
 
 
-def timed(root: pathlib.Path, *cmd: str) -> float:
+class T(NamedTuple):
+    """A measured time: wall clock, and CPU (user + system) of the process and what it waited
+    for; CPU is the steadier figure on a shared machine."""
+
+    wall: float
+    cpu: float
+
+
+def median(ts: Iterable[T]) -> T:
+    got = list(ts)
+    return T(statistics.median(t.wall for t in got), statistics.median(t.cpu for t in got))
+
+
+def timed(root: pathlib.Path, *cmd: str) -> T:
     # Offline, both sides: `load_dataset` pings the Hub's download counter, which measures
     # the network (a failing DNS lookup here), not the build.
     env = {
@@ -115,15 +135,18 @@ def timed(root: pathlib.Path, *cmd: str) -> float:
         "HF_DATASETS_OFFLINE": "1",
         "HF_HUB_OFFLINE": "1",
     }
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
     took = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    return took
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return T(took, cpu)
 
 
-def doit(root: pathlib.Path) -> float:
+def doit(root: pathlib.Path) -> T:
     return timed(root, sys.executable, "-m", "doit", "run", "preprocess")
 
 
@@ -133,7 +156,7 @@ def append(root: pathlib.Path, i: int, rows: int) -> None:
     git(root, "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "grow")
 
 
-def grow(tmp: pathlib.Path, name: str, files: int, rows: int) -> tuple[float, float, float]:
+def grow(tmp: pathlib.Path, name: str, files: int, rows: int) -> tuple[T, T, T]:
     """(cold build, rebuild after appending one file, the process floor of that rebuild)."""
     root = project(tmp / name, files, rows)
     cold = doit(root)
@@ -141,8 +164,8 @@ def grow(tmp: pathlib.Path, name: str, files: int, rows: int) -> tuple[float, fl
     return cold, doit(root), floor(root)
 
 
-def noop(root: pathlib.Path, n: int = 5) -> float:
-    return statistics.median(doit(root) for _ in range(n))
+def noop(root: pathlib.Path, n: int = 5) -> T:
+    return median(doit(root) for _ in range(n))
 
 
 FLOOR = (
@@ -151,15 +174,15 @@ FLOOR = (
 )
 
 
-def floor(root: pathlib.Path, n: int = 3) -> float:
+def floor(root: pathlib.Path, n: int = 3) -> T:
     """The process floor of a rebuild of `root` (built): a process that imports datasets,
     as every build does, and runs the no-op."""
-    return statistics.median(timed(root, sys.executable, "-c", FLOOR) for _ in range(n))
+    return median(timed(root, sys.executable, "-c", FLOOR) for _ in range(n))
 
 
-def plain_run(root: pathlib.Path, tmp: pathlib.Path, n: int = 3) -> float:
+def plain_run(root: pathlib.Path, tmp: pathlib.Path, n: int = 3) -> T:
     """The plain `datasets` script over `root`'s data files (median of `n`)."""
-    return statistics.median(
+    return median(
         timed(root, sys.executable, "plain.py", str(tmp / f"plain-{root.name}{i}"))
         for i in range(n)
     )
@@ -169,8 +192,8 @@ def main() -> None:
     quick = "--quick" in sys.argv
     a_files, a_rows = (20, 10_000) if quick else (100, 10_000)
     b_files, b_rows = (200, 20) if quick else (1_000, 20)
-    rows: list[tuple[str, float, str, float, str]] = []
-    net: list[tuple[str, float, float, float, float]] = []
+    rows: list[tuple[str, T, str, T, str]] = []
+    net: list[tuple[str, T, T, T, T]] = []
     with tempfile.TemporaryDirectory(prefix="hfbuild-incr-") as t:
         tmp = pathlib.Path(t)
         cold, again, floor_a = grow(tmp, "a", a_files, a_rows)
@@ -180,7 +203,7 @@ def main() -> None:
         plain = plain_run(plain_root, tmp)
         net.append(("(a)", again, floor_a, cold, plain))
         cold_d = project(tmp / "d", a_files, a_rows)
-        sharded = statistics.median([doit(cold_d)] + [_cold_again(cold_d) for _ in range(2)])
+        sharded = median([doit(cold_d)] + [_cold_again(cold_d) for _ in range(2)])
         cold_b, again_b, floor_b = grow(tmp, "b", b_files, b_rows)
         rows.append((f"(b) append 1 to {b_files}x{b_rows}", again_b, "cold build", cold_b, "0.02"))
         noop_many = noop(tmp / "b")
@@ -192,15 +215,25 @@ def main() -> None:
             (f"(c) no-op, {b_files + 1} shards", noop_many, "no-op, 1 file", noop(one), "2")
         )
         rows.append(("(d) cold sharded chain", sharded, "plain datasets", plain, "1.10"))
+    for clock in ("wall", "cpu"):
+        _figures(rows, net, clock)
+
+
+def _figures(
+    rows: list[tuple[str, T, str, T, str]], net: list[tuple[str, T, T, T, T]], clock: str
+) -> None:
+    def v(t: T) -> float:
+        return t.wall if clock == "wall" else t.cpu
+
+    title = "wall clock (the issue's figures)" if clock == "wall" else "CPU, user + system"
     width = max(len(r[0]) for r in rows)
     aw = max(len(r[2]) for r in rows)
-    print(
-        f"\n{'figure':<{width}}  {'hfbuild s':>9}  {'anchor':<{aw}}  {'anchor s':>9}  ratio  bound"
-    )
+    print(f"\n== {title}")
+    print(f"{'figure':<{width}}  {'hfbuild s':>9}  {'anchor':<{aw}}  {'anchor s':>9}  ratio  bound")
     for name, value, anchor, anchor_value, bound in rows:
         print(
-            f"{name:<{width}}  {value:>9.3f}  {anchor:<{aw}}  {anchor_value:>9.3f}  "
-            f"{value / anchor_value:5.3f}  <= {bound}"
+            f"{name:<{width}}  {v(value):>9.3f}  {anchor:<{aw}}  {v(anchor_value):>9.3f}  "
+            f"{v(value) / v(anchor_value):5.3f}  <= {bound}"
         )
     print(
         "\nThe rebuild net of the process floor (a process importing datasets and running the "
@@ -213,13 +246,14 @@ def main() -> None:
         f"{'net/cold':>8}  {'floor/cold':>10}  {'floor/plain':>11}"
     )
     for name, again, fl, cold, pl in net:
+        a, f, c, p = v(again), v(fl), v(cold), v(pl)
         print(
-            f"{name:<4}  {again:>7.3f}  {fl:>6.3f}  {again - fl:>6.3f}  {cold:>7.3f}  "
-            f"{pl:>6.3f}  {(again - fl) / cold:>8.4f}  {fl / cold:>10.3f}  {fl / pl:>11.3f}"
+            f"{name:<4}  {a:>7.3f}  {f:>6.3f}  {a - f:>6.3f}  {c:>7.3f}  "
+            f"{p:>6.3f}  {(a - f) / c:>8.4f}  {f / c:>10.3f}  {f / p:>11.3f}"
         )
 
 
-def _cold_again(root: pathlib.Path) -> float:
+def _cold_again(root: pathlib.Path) -> T:
     import shutil
 
     shutil.rmtree(root / ".hfbuild")
