@@ -192,8 +192,13 @@ def _publish(
             )
         rows[s.split] = rows.get(s.split, 0) + int(stored.get("rows") or 0)
         hashes.append((s.split, str(stored.get("content_hash"))))
-        # Sizes for `Store.check`; rows and content hash for the next build (`_listed`).
-        facts = {"rows": stored.get("rows"), "content_hash": stored.get("content_hash")}
+        # Sizes for `Store.check`; rows and content hash for the next build (`_listed`),
+        # with the stamp of the manifest they were read from.
+        facts = {
+            "rows": stored.get("rows"),
+            "content_hash": stored.get("content_hash"),
+            "stamp": stored.get("stamp") or store.manifest_stamp(s.key),
+        }
         listed.append([s.split, s.key, s.label, stored["files"], facts])
     as_dict = _is_dict(pipe, spec, manifests)
     doc = entry_doc(
@@ -219,8 +224,10 @@ def _publish(
 
 def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:
     """The shards the stage's last entry (its ref) lists whose files are there with the
-    sizes it records: shard key -> the rows, content hash and files its listing records.
-    A rebuild that keeps most shards then makes one stat per file instead of reading
+    sizes it records, and whose manifest is the one the listing was made from (its stamp:
+    a shard published again since, say by another pipeline after a repair, is read
+    again): shard key -> the rows, content hash, stamp and files its listing records. A
+    rebuild that keeps most shards then makes a few stats per shard instead of reading
     every shard's manifest; what the listing lacks (an older entry) is read as before.
     The listing is as trustworthy as the shard's own manifest: both are checksummed
     manifests, and `Store.check` of a stage entry makes the same stats."""
@@ -237,6 +244,8 @@ def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:
         if not all(isinstance(v, int) for v in files.values()):
             continue
         if facts.get("content_hash") is None or not store.files_intact(key, files):
+            continue
+        if facts.get("stamp") is None or facts["stamp"] != store.manifest_stamp(key):
             continue
         out[key] = {**facts, "files": files}
     return out

@@ -223,6 +223,17 @@ class Store:
                 return False
         return True
 
+    def manifest_stamp(self, fp: str) -> list[int] | None:
+        """The entry's manifest file as [mtime in ns, size] (None when absent): a stamp
+        that changes when the entry is published again, without reading the manifest."""
+        if not _FP.match(fp):
+            return None
+        try:
+            st = os.stat(os.path.join(self.entry(fp), MANIFEST))
+        except OSError:
+            return None
+        return [st.st_mtime_ns, st.st_size]
+
     def has(self, fp: str) -> bool:
         """True when a complete, intact entry for `fp` exists (see `check`)."""
         return self.intact_manifest(fp) is not None

@@ -167,8 +167,9 @@ def test_rebuild_takes_listed_shards_only_while_their_files_are_intact(
     tmp_path: pathlib.Path,
 ) -> None:
     """A stage entry lists each shard with the rows and content hash its own manifest
-    records; the next build takes a listed shard while its files have the listed sizes, and
-    rebuilds one whose data file was overwritten: the result equals a fresh full build."""
+    records (and that manifest's stamp); the next build takes a listed shard while its files
+    have the listed sizes, and rebuilds one whose data file was overwritten: the result
+    equals a fresh full build."""
     repo = make_project(Repo.init(tmp_path / "repo"))
     log = tmp_path / "calls.log"
     doit(repo, "run", "preprocess", log=log)
@@ -178,7 +179,12 @@ def test_rebuild_takes_listed_shards_only_while_their_files_are_intact(
     assert isinstance(rows, list) and len(rows) == 4
     for row in rows:
         shard = _entry(store, row[1])
-        assert row[4] == {"rows": shard["rows"], "content_hash": shard["content_hash"]}
+        st = next((store / "objects").glob(f"*/{row[1]}/manifest.json")).stat()
+        assert row[4] == {
+            "rows": shard["rows"],
+            "content_hash": shard["content_hash"],
+            "stamp": [st.st_mtime_ns, st.st_size],
+        }
     victim = next(r for r in rows if r[2] == "data/part-2.parquet")[1]
     arrow = next((store / "objects" / victim[:2] / victim / "data").glob("*.arrow"))
     with open(arrow, "ab") as f:
