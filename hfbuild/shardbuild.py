@@ -9,8 +9,9 @@ within the key it assumed (the key all the stage's shards share, see `shards.py`
 stage's entry, a manifest listing its shards in order (with each shard's files, rows and
 content hash, so the next build takes the shards it lists by a stat of their files). A kill
 at any point leaves only complete shard entries and no stage entry; its next build reuses
-the shards. A shard's scratch leaves it before it is published and is deleted by a
-background thread while the next shards build.
+the shards. A shard's scratch leaves it before it is published; `_build_shard` hands it to
+the caller's `discard` (the stage's build: a background thread that deletes it while the
+next shards build), or deletes it at once.
 
 Must never: publish a shard under a key whose observed files it was not built with, publish
 the stage entry before every shard it lists is in the store, or print.
@@ -69,10 +70,8 @@ def build(
                             todo.append((i, s))
                         known[s.key] = doc
                 bar = progress.bar(len(todo), spec.name, unit="shard", at_least=_PROGRESS_SHARDS)
-                here = _workers(spec, len(todo)) == 1  # no thread beside forked workers
-                with bar, _quiet_datasets(), _deleting(background=here) as delete:
-                    for i, path, doc in _run(pipe, spec, cur, todo, builder, tmp):
-                        delete(_aside(path))
+                with bar, _quiet_datasets(), _deleting() as discard:
+                    for i, path, doc in _run(pipe, spec, cur, todo, builder, tmp, discard):
                         _one_load_count()
                         written += int(doc["written_bytes"])
                         now = set(seen.identify(m))
@@ -117,14 +116,16 @@ def _run(
     todo: Sequence[tuple[int, shards.Shard]],
     builder: Any,
     tmp: str,
+    discard: Callable[[str], None],
 ) -> Iterator[tuple[int, str, dict[str, Any]]]:
     """Build `todo`'s shards, yielding (position, directory, document) as each is done: in
-    this process, or in fork-started workers (what they read reaches the recording through
-    its spool files, written before each result comes back)."""
+    this process (each shard's scratch handed to `discard`), or in fork-started workers
+    (what they read reaches the recording through its spool files, written before each
+    result comes back; each removes its shard's scratch itself)."""
     n = _workers(spec, len(todo))
     if n == 1:
         for i, s in todo:
-            yield (i, *_build_shard(pipe, spec, m, s, builder, tmp))
+            yield (i, *_build_shard(pipe, spec, m, s, builder, tmp, discard))
         return
     import multiprocessing
 
@@ -259,9 +260,17 @@ def _is_dict(pipe: Pipeline, spec: StageSpec, manifests: Mapping[str, Manifest])
 
 
 def _build_shard(
-    pipe: Pipeline, spec: StageSpec, m: Manifest, s: shards.Shard, builder: Any, tmp: str
+    pipe: Pipeline,
+    spec: StageSpec,
+    m: Manifest,
+    s: shards.Shard,
+    builder: Any,
+    tmp: str,
+    discard: Callable[[str], None] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """Build one shard into a directory inside the stage's build dir; (dir, its document)."""
+    """Build one shard into a directory inside the stage's build dir; (dir, its document).
+    Its scratch is moved out of the directory and given to `discard` to delete (by default
+    deleted at once)."""
     store = pipe.store
     t0 = time.perf_counter()
     path = tempfile.mkdtemp(dir=tmp, prefix="shard-")
@@ -282,7 +291,9 @@ def _build_shard(
         out = builder.run_stage(one, [inp], s.key, path, pipe.root)
     liveness.check_built(pipe.root, m.doc)  # the code that ran is the code hashed
     info = builder.save(out, os.path.join(path, "data"), path)
-    builder.set_scratch_aside(path, _aside(path))  # out of the entry; deleted by the builder
+    aside = _aside(path)
+    builder.set_scratch_aside(path, aside)  # out of the entry, before it is published
+    (discard or _remove_tree)(aside)
     doc = {
         "stage": spec.name,
         "shard": {"split": s.split, "label": s.label, "input": s.input},
@@ -302,30 +313,33 @@ def _aside(path: str) -> str:
 
 
 @contextlib.contextmanager
-def _deleting(*, background: bool) -> Iterator[Callable[[str], None]]:
+def _deleting() -> Iterator[Callable[[str], None]]:
     """A function that removes a directory tree in a background thread, while the next
-    shards build: removing a tree costs mostly waiting on the disk. The block's end waits
-    for every removal. Without `background` (shards built by forked workers: a process
-    should not fork beside a running thread) it removes the tree at once."""
+    shards build: removing a tree costs mostly waiting on the disk. The thread starts with
+    the first tree (shards built by forked workers never give it one: a process should
+    not fork beside a running thread), and the block's end waits for every removal."""
     import queue
     import threading
 
-    if not background:
-        yield _remove_tree
-        return
     todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+    workers: list[threading.Thread] = []
 
     def work() -> None:
         while (path := todo.get()) is not None:
             _remove_tree(path)
 
-    worker = threading.Thread(target=work, name="hfbuild-scratch", daemon=True)
-    worker.start()
+    def discard(path: str) -> None:
+        if not workers:
+            workers.append(threading.Thread(target=work, name="hfbuild-scratch", daemon=True))
+            workers[0].start()
+        todo.put(path)
+
     try:
-        yield todo.put
+        yield discard
     finally:
-        todo.put(None)
-        worker.join()
+        if workers:
+            todo.put(None)
+            workers[0].join()
 
 
 def _remove_tree(path: str) -> None:
