@@ -194,9 +194,13 @@ def _reload(dest: str) -> Any:
     if not os.path.exists(state):
         return datasets.load_from_disk(dest, keep_in_memory=False)
     with open(state, encoding="utf-8") as f:
-        names = [d["filename"] for d in json.load(f)["_data_files"]]
+        doc = json.load(f)
+    names = [d["filename"] for d in doc["_data_files"]]
     tables = [MemoryMappedTable.from_file(os.path.join(dest, n)) for n in names]
-    return datasets.Dataset(datasets.table.concat_tables(tables) if len(tables) > 1 else tables[0])
+    table = datasets.table.concat_tables(tables) if len(tables) > 1 else tables[0]
+    # With the state's fingerprint, as `load_from_disk` gives it: without one, datasets
+    # would hash the table's whole state to make one, the dearest part for a small shard.
+    return datasets.Dataset(table, fingerprint=doc.get("_fingerprint"))
 
 
 def _in_place_files(ds: Any, build_dir: str) -> list[str] | None:
@@ -317,3 +321,11 @@ def _write_state(ds: Any, dest: str, names: list[str]) -> None:
 
 def cleanup_scratch(build_dir: str) -> None:
     shutil.rmtree(os.path.join(build_dir, SCRATCH), ignore_errors=True)
+
+
+def set_scratch_aside(build_dir: str, aside: str) -> None:
+    """Move the build dir's scratch to `aside` (a path on the same disk), for the caller to
+    delete later: one rename now instead of a directory tree's removal (datasets' cache
+    layout for one load is six directories deep, and each `rmdir` waits on the disk)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(os.path.join(build_dir, SCRATCH), aside)

@@ -132,25 +132,41 @@ def in_static_key(doc: Mapping[str, Any]) -> set[str]:
 
 
 def observed_paths(
-    used: Iterable[str], doc: Mapping[str, Any], snap: Snapshot, exclude: Sequence[str]
+    used: Iterable[str],
+    doc: Mapping[str, Any],
+    snap: Snapshot,
+    exclude: Sequence[str],
+    verdicts: dict[str, str | None] | None = None,
 ) -> list[str]:
     """The repo-relative project files among the absolute paths a build used, without
-    those its static key holds, git's own files, environments and `exclude` (the store)."""
+    those its static key holds, git's own files, environments and `exclude` (the store).
+    `verdicts` (path -> its repo-relative path, or None when left out) carries what earlier
+    calls of the same build decided: a path left out stays left out without being looked
+    at again, so a sharded load's calls after each of its files cost what is new."""
     from hfbuild.imports import in_environment
 
-    known = in_static_key(doc)
+    known: set[str] | None = None
     ex = tuple(os.path.join(os.path.realpath(e), "") for e in exclude if e)
+    memo: dict[str, str | None] = {} if verdicts is None else verdicts
     out = set()
     for p in used:
+        if p in memo and memo[p] is None:
+            continue
         if not os.path.isfile(p):
             continue  # gone already: a temporary file, not an input
-        real = os.path.realpath(p)
-        if real.startswith(ex) or in_environment(real, snap.root):
-            continue
-        rel = snap.rel(p)
-        if rel is None or rel in known or rel.split("/")[0] == ".git":
-            continue
-        out.add(rel)
+        if p in memo:
+            rel = memo[p]
+        else:
+            real = os.path.realpath(p)
+            rel = None if real.startswith(ex) or in_environment(real, snap.root) else snap.rel(p)
+            if rel is not None:
+                if known is None:
+                    known = in_static_key(doc)
+                if rel in known or rel.split("/")[0] == ".git":
+                    rel = None
+            memo[p] = rel
+        if rel is not None:
+            out.add(rel)
     return sorted(out)
 
 
@@ -160,6 +176,7 @@ class Seen:
     def __init__(self, pipe: Pipeline, rec: Recording) -> None:
         self._pipe = pipe
         self._rec = rec
+        self._verdicts: dict[str, str | None] = {}  # see `observed_paths`
 
     def identify(self, m: Manifest) -> Observed:
         """The project files the build read or imported at run time (and those the modules
@@ -168,7 +185,8 @@ class Seen:
         closure = [snap.abspath(p) for p, _ in (m.doc.get("code") or {}).get("files", [])]
         used = self._rec.collect() | observe.import_time_uses(closure)
         _warn_unobserved(m, closure)
-        paths = observed_paths(used, m.doc, snap, [self._pipe.store.root, *_hf_caches()])
+        exclude = [self._pipe.store.root, *_hf_caches()]
+        paths = observed_paths(used, m.doc, snap, exclude, self._verdicts)
         observed = identify(paths, snap, self._pipe.stat_cache)
         self._pipe.stat_cache.save()
         return observed

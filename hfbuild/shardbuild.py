@@ -6,8 +6,12 @@ data file; a transform shard from its input shard, its `with_indices` offset bei
 of the input shards before it) in a directory inside the stage's build directory, and
 published under its key as soon as it is built and what the build read so far at run time is
 within the key it assumed (the key all the stage's shards share, see `shards.py`); last the
-stage's entry, a manifest listing its shards in order. A kill at any point leaves only
-complete shard entries and no stage entry; its next build reuses the shards.
+stage's entry, a manifest listing its shards in order (with each shard's files, rows and
+content hash, so the next build takes the shards it lists by a stat of their files). A kill
+at any point leaves only complete shard entries and no stage entry; its next build reuses
+the shards. A shard's scratch leaves it before it is published; `_build_shard` hands it to
+the caller's `discard` (the stage's build: a background thread that deletes it while the
+next shards build), or deletes it at once.
 
 Must never: publish a shard under a key whose observed files it was not built with, publish
 the stage entry before every shard it lists is in the store, or print.
@@ -21,7 +25,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hfbuild import __version__, liveness, progress, shards
@@ -49,6 +53,7 @@ def build(
     built = 0
     written = 0
     known: dict[str, dict[str, Any] | None] = {}  # shard key -> its intact manifest, or None
+    prior = _listed(store, spec.name)  # what the last build listed, found in place
     try:
         with observing(pipe, tmp) as seen:
             observed: Observed = m.observed
@@ -60,13 +65,13 @@ def build(
                 todo: list[tuple[int, shards.Shard]] = []
                 for i, s in enumerate(cur.shard_list):
                     if s.key not in known:
-                        doc = store.intact_manifest(s.key)
+                        doc = prior.get(s.key) or store.intact_manifest(s.key)
                         if doc is None:
                             todo.append((i, s))
                         known[s.key] = doc
                 bar = progress.bar(len(todo), spec.name, unit="shard", at_least=_PROGRESS_SHARDS)
-                with bar, _quiet_datasets():
-                    for i, path, doc in _run(pipe, spec, cur, todo, builder, tmp):
+                with bar, _quiet_datasets(), _deleting() as discard:
+                    for i, path, doc in _run(pipe, spec, cur, todo, builder, tmp, discard):
                         _one_load_count()
                         written += int(doc["written_bytes"])
                         now = set(seen.identify(m))
@@ -128,14 +133,16 @@ def _run(
     todo: Sequence[tuple[int, shards.Shard]],
     builder: Any,
     tmp: str,
+    discard: Callable[[str], None],
 ) -> Iterator[tuple[int, str, dict[str, Any]]]:
     """Build `todo`'s shards, yielding (position, directory, document) as each is done: in
-    this process, or in fork-started workers (what they read reaches the recording through
-    its spool files, written before each result comes back)."""
+    this process (each shard's scratch handed to `discard`), or in fork-started workers
+    (what they read reaches the recording through its spool files, written before each
+    result comes back; each removes its shard's scratch itself)."""
     n = _workers(spec, len(todo))
     if n == 1:
         for i, s in todo:
-            yield (i, *_build_shard(pipe, spec, m, s, builder, tmp))
+            yield (i, *_build_shard(pipe, spec, m, s, builder, tmp, discard))
         return
     import multiprocessing
 
@@ -203,7 +210,15 @@ def _publish(
             )
         rows[s.split] = rows.get(s.split, 0) + int(stored.get("rows") or 0)
         hashes.append((s.split, str(stored.get("content_hash"))))
-        listed.append([s.split, s.key, s.label, stored["files"], *_row_base(pipe, spec, stored)])
+        # Sizes for `Store.check`; rows and content hash for the next build (`_listed`),
+        # with the stamp of the manifest they were read from; an indices shard's base.
+        facts = {
+            "rows": stored.get("rows"),
+            "content_hash": stored.get("content_hash"),
+            "stamp": stored.get("stamp") or store.manifest_stamp(s.key),
+            **_row_base(pipe, spec, stored),
+        }
+        listed.append([s.split, s.key, s.label, stored["files"], facts])
     as_dict = _is_dict(pipe, spec, manifests)
     doc = entry_doc(
         spec.name,
@@ -226,6 +241,35 @@ def _publish(
     return doc
 
 
+def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:
+    """The shards the stage's last entry (its ref) lists whose files are there with the
+    sizes it records, and whose manifest is the one the listing was made from (its stamp:
+    a shard published again since, say by another pipeline after a repair, is read
+    again): shard key -> the rows, content hash, stamp and files its listing records. A
+    rebuild that keeps most shards then makes a few stats per shard instead of reading
+    every shard's manifest; what the listing lacks (an older entry) is read as before.
+    The listing is as trustworthy as the shard's own manifest: both are checksummed
+    manifests, and `Store.check` of a stage entry makes the same stats."""
+    fp = store.get_ref(name)
+    doc = store.read_manifest(fp) if fp is not None else None
+    rows = doc.get("shards") if doc is not None else None
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows if isinstance(rows, list) else []:
+        if not (isinstance(row, list) and len(row) >= 5):
+            continue
+        key, files, facts = row[1], row[3], row[4]
+        if not (isinstance(files, dict) and isinstance(facts, dict) and isinstance(key, str)):
+            continue
+        if not all(isinstance(v, int) for v in files.values()):
+            continue
+        if facts.get("content_hash") is None or not store.files_intact(key, files):
+            continue
+        if facts.get("stamp") is None or facts["stamp"] != store.manifest_stamp(key):
+            continue
+        out[key] = {**facts, "files": files}
+    return out
+
+
 def _is_dict(pipe: Pipeline, spec: StageSpec, manifests: Mapping[str, Manifest]) -> bool:
     if spec.kind == "load":
         return shards.is_dict(spec.options)
@@ -234,9 +278,17 @@ def _is_dict(pipe: Pipeline, spec: StageSpec, manifests: Mapping[str, Manifest])
 
 
 def _build_shard(
-    pipe: Pipeline, spec: StageSpec, m: Manifest, s: shards.Shard, builder: Any, tmp: str
+    pipe: Pipeline,
+    spec: StageSpec,
+    m: Manifest,
+    s: shards.Shard,
+    builder: Any,
+    tmp: str,
+    discard: Callable[[str], None] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """Build one shard into a directory inside the stage's build dir; (dir, its document)."""
+    """Build one shard into a directory inside the stage's build dir; (dir, its document).
+    Its scratch is moved out of the directory and given to `discard` to delete (by default
+    deleted at once)."""
     store = pipe.store
     t0 = time.perf_counter()
     path = tempfile.mkdtemp(dir=tmp, prefix="shard-")
@@ -259,7 +311,9 @@ def _build_shard(
         sources = _sources(store, s.input, inp)
     liveness.check_built(pipe.root, m.doc)  # the code that ran is the code hashed
     info = builder.save(out, os.path.join(path, "data"), path, sources)
-    builder.cleanup_scratch(path)
+    aside = _aside(path)
+    builder.set_scratch_aside(path, aside)  # out of the entry, before it is published
+    (discard or _remove_tree)(aside)
     doc = {
         "stage": spec.name,
         "shard": {"split": s.split, "label": s.label, "input": s.input},
@@ -274,6 +328,62 @@ def _build_shard(
     return path, doc
 
 
+def _aside(path: str) -> str:
+    """Where a shard's scratch goes once the shard is built: next to it, in the stage's
+    build directory (whose leftovers are removed with it)."""
+    return path + ".scratch"
+
+
+@contextlib.contextmanager
+def _deleting() -> Iterator[Callable[[str], None]]:
+    """A function that removes a directory tree in a background thread, while the next
+    shards build: removing a tree costs mostly waiting on the disk. The thread starts with
+    the first tree (shards built by forked workers never give it one: a process should
+    not fork beside a running thread), and the block's end waits for every removal."""
+    import queue
+    import threading
+
+    todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+    workers: list[threading.Thread] = []
+
+    def work() -> None:
+        while (path := todo.get()) is not None:
+            _remove_tree(path)
+
+    def discard(path: str) -> None:
+        if not workers:
+            workers.append(threading.Thread(target=work, name="hfbuild-scratch", daemon=True))
+            workers[0].start()
+        todo.put(path)
+
+    try:
+        yield discard
+    finally:
+        if workers:
+            todo.put(None)
+            workers[0].join()
+
+
+def _remove_tree(path: str) -> None:
+    """`shutil.rmtree(path, ignore_errors=True)` by names under `path`: rmtree's fd-based
+    walk opens each directory by its name relative to its parent, which the run-time
+    observation (`observe`) notes as that name under the project root, and the build then
+    looks at every such name again after each shard. Removing a directory tree of our own
+    build needs no protection against symlink races."""
+    for top, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(top, name))
+        for name in dirs:
+            sub = os.path.join(top, name)
+            with contextlib.suppress(OSError):
+                os.unlink(sub) if os.path.islink(sub) else os.rmdir(sub)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+    if os.path.lexists(path):  # something it could not remove: rmtree's own attempt
+        shutil.rmtree(path, ignore_errors=True)
+
+
 # -- a filter shard: indices over its input's base (indexed.py) ----------------------------------
 
 
@@ -284,12 +394,15 @@ def _sources(store: Any, key: str, inp: Any) -> list[Any]:
     return indexed.sources(store, [key], [inp])
 
 
-def _row_base(pipe: Pipeline, spec: StageSpec, stored: Mapping[str, Any]) -> list[Any]:
-    """The stage list's extra column for an indices shard: its base and the base's file
-    sizes, so `Store.check` stats them as it stats the shard's own ([] for other shards)."""
+def _row_base(pipe: Pipeline, spec: StageSpec, stored: Mapping[str, Any]) -> dict[str, Any]:
+    """For an indices shard, its base and the base's file sizes in the stage's list, so
+    `Store.check` stats them as it stats the shard's own ({} for other shards). `stored` is
+    the shard's manifest, or what the last listing recorded of it (`_listed`)."""
+    if "base" in stored:
+        return {"base": stored["base"], "base_files": stored.get("base_files")}
     ind = stored.get("indices")
     if not isinstance(ind, dict):
-        return []
+        return {}
     base = str(ind.get("base"))
     based = pipe.store.intact_manifest(base)
     if based is None:
@@ -300,7 +413,7 @@ def _row_base(pipe: Pipeline, spec: StageSpec, stored: Mapping[str, Any]) -> lis
     # A base made of shards has no files of its own: the row then names it without sizes,
     # and `Store.check` checks the shard, its base and the base's shards in full.
     files = None if isinstance(based.get("shards"), list) else based["files"]
-    return [{"base": base, "files": files}]
+    return {"base": base, "base_files": files}
 
 
 def _offset(pipe: Pipeline, spec: StageSpec, m: Manifest, s: shards.Shard) -> int:

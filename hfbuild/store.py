@@ -200,7 +200,7 @@ class Store:
             if (
                 not isinstance(files, dict)
                 or not all(safe_rel(k) for k in files)
-                or (len(row) >= 5 and base is None)
+                or (_row_indexed(row) and base is None)
             ):
                 why = self.check(key) if self.read_manifest(key) is not None else "is missing"
                 if why is not None:
@@ -235,6 +235,33 @@ class Store:
         if based.get("content_hash") != ind.get("base_hash"):
             return f"its base {base} holds other rows than it was built over"
         return None
+
+    def files_intact(self, fp: str, files: dict[str, int]) -> bool:
+        """Whether the entry `fp` has these data files with these sizes (one stat each, as
+        `check` makes of a listed shard; the entry's manifest is not read)."""
+        if not _FP.match(fp):
+            return False
+        base = self.data_path(fp)
+        for rel, size in files.items():
+            if not safe_rel(rel):
+                return False
+            try:
+                if os.stat(os.path.join(base, *rel.split("/"))).st_size != size:
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def manifest_stamp(self, fp: str) -> list[int] | None:
+        """The entry's manifest file as [mtime in ns, size] (None when absent): a stamp
+        that changes when the entry is published again, without reading the manifest."""
+        if not _FP.match(fp):
+            return None
+        try:
+            st = os.stat(os.path.join(self.entry(fp), MANIFEST))
+        except OSError:
+            return None
+        return [st.st_mtime_ns, st.st_size]
 
     def has(self, fp: str) -> bool:
         """True when a complete, intact entry for `fp` exists (see `check`)."""
@@ -330,7 +357,9 @@ class Store:
             key = str(row[1])
             files = row[3] if len(row) >= 4 and isinstance(row[3], dict) else None
             base = _row_base(row)
-            if files is None or (base is None and (len(row) >= 5 or indexed.INDICES_FILE in files)):
+            if files is None or (
+                base is None and (_row_indexed(row) or indexed.INDICES_FILE in files)
+            ):
                 break
             owner, listed = base if base is not None else (key, files)
             names = sorted(n for n in listed if n.endswith(".arrow") and safe_rel(n))
@@ -357,10 +386,7 @@ class Store:
                     indices_table=indices,
                     fingerprint=fp,
                 )
-        shards = [
-            self.load(str(r[1])) if len(r) >= 5 else self._load_shard(str(r[1]), split)
-            for r in rows
-        ]
+        shards = [self.load(str(r[1])) for r in rows]  # each by its own manifest
         return shards[0] if len(shards) == 1 else datasets.concatenate_datasets(shards)
 
     # -- writing -----------------------------------------------------------------------------
@@ -620,13 +646,19 @@ class Store:
         return out
 
 
+def _row_indexed(row: list[Any]) -> bool:
+    """Whether a row of a stage's shard list is an indices shard's (its facts name a base)."""
+    return len(row) >= 5 and isinstance(row[4], dict) and "base" in row[4]
+
+
 def _row_base(row: list[Any]) -> tuple[str, dict[str, int]] | None:
     """The base an indices shard's row in a stage's list names, with its files' sizes
-    (`[split, key, label, files, {"base": key, "files": {...}}]`), else None."""
+    (`[split, key, label, files, {..., "base": key, "base_files": {...}}]`), else None
+    (also for an indices shard whose base is listed without sizes: it is checked in full)."""
     extra = row[4] if len(row) >= 5 else None
     if not isinstance(extra, dict):
         return None
-    base, files = extra.get("base"), extra.get("files")
+    base, files = extra.get("base"), extra.get("base_files")
     if not isinstance(base, str) or not _FP.match(base) or not isinstance(files, dict):
         return None
     if not all(safe_rel(k) and isinstance(v, int) for k, v in files.items()):

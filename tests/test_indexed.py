@@ -357,3 +357,35 @@ def test_indices_shards_with_different_schemas_load_aligned(tmp_path: pathlib.Pa
     got = store.load(fps["kept"])
     assert got.features["f"].dtype == "string"
     assert got.to_list() == want
+
+
+def test_rebuild_keeps_the_base_of_indices_shards_it_takes_from_the_listing(
+    tmp_path: pathlib.Path,
+) -> None:
+    """After an append, the filter's new list names the base of every indices shard, the
+    ones taken from the last listing too, so a damaged base of an old shard still makes
+    the stage unusable (and it is rebuilt, equal to a fresh build)."""
+    from tests.shard_project import write_part
+
+    repo = make_shard_project(Repo.init(tmp_path / "repo"))
+    doit(repo, "run", "preprocess", log=tmp_path / "a.log")
+    write_part(repo, "part-4", 400)
+    repo.commit("append")
+    doit(repo, "run", "preprocess", log=tmp_path / "b.log")
+    fps, store = _fps(repo), _store(repo)
+    rows = store.read_manifest(fps["kept"])["shards"]
+    assert len(rows) == 5
+    for row in rows:
+        base = store.read_manifest(row[1])["indices"]["base"]
+        assert row[4]["base"] == base
+        assert row[4]["base_files"] == store.read_manifest(base)["files"]
+    assert store.check(fps["kept"]) is None
+    before = store.load(fps["kept"]).to_list()
+    victim = rows[0][4]["base"]
+    name = next(n for n in sorted(rows[0][4]["base_files"]) if n.endswith(".arrow"))
+    with open(os.path.join(store.data_path(victim), name), "ab") as f:
+        f.write(b"\0")
+    assert victim in (store.check(fps["kept"]) or "")
+    doit(repo, "run", "preprocess", log=tmp_path / "c.log")
+    assert store.check(fps["kept"]) is None
+    assert store.load(fps["kept"]).to_list() == before

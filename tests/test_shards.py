@@ -195,6 +195,86 @@ def test_missing_shard_is_never_served_and_is_rebuilt(tmp_path: pathlib.Path) ->
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def _entry(store: pathlib.Path, fp: str) -> dict[str, object]:
+    doc: dict[str, object] = json.loads(
+        next((store / "objects").glob(f"*/{fp}/manifest.json")).read_text()
+    )
+    return doc
+
+
+def test_rebuild_takes_listed_shards_only_while_their_files_are_intact(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A stage entry lists each shard with the rows and content hash its own manifest
+    records (and that manifest's stamp); the next build takes a listed shard while its files
+    have the listed sizes, and rebuilds one whose data file was overwritten: the result
+    equals a fresh full build."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    store = repo.path / ".hfbuild"
+    feat = _entry(store, state(repo)["feat"]["fp"])
+    rows = feat["shards"]
+    assert isinstance(rows, list) and len(rows) == 4
+    for row in rows:
+        shard = _entry(store, row[1])
+        st = next((store / "objects").glob(f"*/{row[1]}/manifest.json")).stat()
+        assert row[4] == {
+            "rows": shard["rows"],
+            "content_hash": shard["content_hash"],
+            "stamp": [st.st_mtime_ns, st.st_size],
+        }
+    victim = next(r for r in rows if r[2] == "data/part-2.parquet")[1]
+    arrow = next((store / "objects" / victim[:2] / victim / "data").glob("*.arrow"))
+    with open(arrow, "ab") as f:
+        f.write(b"overwritten")  # its manifest is untouched; only the size tells
+    write_part(repo, "part-4", 400)
+    repo.commit("grow")
+    log.unlink()
+    doit(repo, "run", "preprocess", log=log)
+    assert _per_shard(calls(log), "feat") == {"part-2", "part-4"}
+    assert state(repo) == _fresh(repo, tmp_path, tmp_path / "fresh.log")
+
+
+def test_load_shard_is_load_dataset_of_its_one_file(tmp_path: pathlib.Path) -> None:
+    """Each load shard holds what `load_dataset(builder, data_files=[its file])` saved with
+    `save_to_disk` holds: the same file names, the same dataset_info.json and state.json (but
+    datasets' own fingerprint), the same features and data; its stored content hash is that
+    data's hash."""
+    import datasets
+
+    from hfbuild.content import dataset_hash
+    from hfbuild.store import Store
+
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    store = Store(repo.path / ".hfbuild")
+    raw = _entry(repo.path / ".hfbuild", state(repo)["raw"]["fp"])
+    rows = raw["shards"]
+    assert isinstance(rows, list) and len(rows) == 4
+    for row in rows:
+        key, label = row[1], row[2]
+        theirs = tmp_path / "theirs" / key
+        plain = datasets.load_dataset(
+            "parquet",
+            data_files=[str(repo.path / label)],
+            split="train",
+            cache_dir=str(tmp_path / "hf"),
+        )
+        plain.save_to_disk(str(theirs))
+        ours = pathlib.Path(store.data_path(key))
+        assert sorted(os.listdir(ours)) == sorted(os.listdir(theirs))
+        for name in ("dataset_info.json", "state.json"):
+            mine, other = (json.loads((d / name).read_text()) for d in (ours, theirs))
+            mine.pop("_fingerprint", None)
+            other.pop("_fingerprint", None)
+            assert mine == other, name
+        loaded = store.load(key)
+        assert loaded.features == plain.features
+        assert loaded.to_dict() == plain.to_dict()
+        assert _entry(repo.path / ".hfbuild", key)["content_hash"] == dataset_hash(plain)
+
+
 def test_push_pull_per_shard(tmp_path: pathlib.Path) -> None:
     """A sharded result pushed to a file:// remote is pulled by a clone with an empty store,
     shard by shard, and serves the same rows without building anything."""
