@@ -42,7 +42,7 @@ import types
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from hfbuild.errors import StaleModuleError
+from hfbuild.errors import GitStateError, StaleModuleError
 
 if TYPE_CHECKING:
     from hfbuild.closure import Context
@@ -190,7 +190,14 @@ def check_loaded(ctx: Context) -> None:
         if not rec.trusted or rec.stat != _now(snap, rel, path):
             hit = _verdicts.get((id(rec), fid.id))
             if hit is None or hit[0] is not rec:
-                ok = _same_as_file(rec, path, fid.id, lambda rel=rel: snap.read(rel))
+                # Against the content the closure's blob id names (the file may have been
+                # edited since the snapshot identified it), not whatever the file holds now.
+                try:
+                    ok = _same_as_file(
+                        rec, path, fid.id, lambda rel=rel, blob=fid.id: snap.content(rel, blob)
+                    )
+                except GitStateError:  # neither git nor the work tree holds that content
+                    ok = False
                 hit = _verdicts[(id(rec), fid.id)] = (rec, ok)
             if not hit[1]:
                 raise StaleModuleError(rel, _module_of(path), stale_pyc=rec.pyc_racy)
