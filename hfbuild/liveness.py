@@ -500,8 +500,10 @@ def follow_globals(fn: types.FunctionType, ctx: Context) -> None:
                     ctx, value.__code__.co_filename
                 ):
                     stack.append(value)
-                if src is None:
-                    src = _source_bindings(fid.id, lambda rel=rel: ctx.snapshot.read(rel))
+                if src is None:  # the source the blob id names, not the file as it is now
+                    src = _source_bindings(
+                        fid.id, lambda rel=rel, blob=fid.id: ctx.snapshot.content(rel, blob)
+                    )
                 _compare(module, name, value, src, ctx)
 
 

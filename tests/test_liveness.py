@@ -440,3 +440,29 @@ def test_module_loaded_after_its_file_was_identified_is_compared_with_that_file(
     out = run_python(LOADED_AFTER_IDENTIFIED, repo.path)
     assert out.stdout.startswith("refused:"), out.stdout + out.stderr
     assert "helpers" in out.stdout
+
+
+SOURCE_AFTER_IDENTIFIED = """
+import json
+import transforms
+from hfbuild import liveness
+from hfbuild.closure import Context
+from hfbuild.gitstate import Snapshot
+
+ctx = Context(Snapshot("."))
+ctx.add_file("transforms.py")  # identified as committed, MAX_LEN = 128 as loaded
+with open("transforms.py") as f:
+    text = f.read()
+with open("transforms.py", "w") as f:
+    f.write(text.replace("MAX_LEN = 128", "MAX_LEN = 64"))
+liveness.follow_globals(transforms.clip, ctx)
+print(json.dumps(sorted(ctx.module_values)))
+"""
+
+
+def test_module_values_are_compared_with_the_identified_source(repo: Repo) -> None:
+    """Module values are compared with the source of the blob id the closure holds: an edit
+    after the file was identified is no module value of that key."""
+    project(repo)
+    out = run_python(SOURCE_AFTER_IDENTIFIED, repo.path)
+    assert json.loads(out.stdout) == []
