@@ -18,6 +18,7 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
+from hfbuild import teardown
 from hfbuild.errors import HfbuildError
 
 
@@ -201,6 +202,7 @@ def _quiet_exit() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    teardown.skip_final_collection()  # takes effect at exit only
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

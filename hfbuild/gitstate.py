@@ -135,6 +135,7 @@ class Snapshot:
         # What other modules derive from this snapshot (the import graph), kept with it.
         self.memo: dict[str, object] = {}
         self._ids: dict[str, FileId] = {}
+        self._stats: dict[str, os.stat_result] = {}  # rel -> the lstat `file_id` took
         self._fresh: set[str] = set()
         self._real_dirs: dict[str, str] = {}
         self._indexes: dict[str, pygit2.Index] = {}
@@ -436,6 +437,11 @@ class Snapshot:
             hit = self._ids[rel] = self._file_id(rel)
         return hit
 
+    def stat_of(self, rel: str) -> os.stat_result | None:
+        """The stat data `file_id` took of `rel` in work-tree mode, when `rel` is no symlink
+        (so it equals `os.stat` of the file at that moment); None otherwise."""
+        return self._stats.get(rel)
+
     def _file_id(self, rel: str) -> FileId:
         full = self.abspath(rel)
         st: os.stat_result | None = None
@@ -444,6 +450,9 @@ class Snapshot:
                 st = os.lstat(full)  # one call for "is it a symlink" and its stat data
             except OSError:
                 st = None  # reported below, where the file is read
+            else:
+                if not stat.S_ISLNK(st.st_mode):
+                    self._stats[rel] = st
         if st is not None and stat.S_ISLNK(st.st_mode):
             # A symlink counts by the content it points to, not by the link text git stores.
             target = os.path.realpath(full)

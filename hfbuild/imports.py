@@ -592,7 +592,7 @@ class Graph:
         self._statements: dict[tuple[int, str, tuple[str, ...], str], tuple[tuple[str, ...], Facts]]
         self._statements = {}
         self._closures: dict[str, Edges] = {}
-        self._closure_sets: dict[str, _Sets] = {}  # the same closures, as `_walk` merges them
+        self._closure_sets: dict[str, _Sets] = {}  # every complete closure, as `_walk` merges them
         self._resolving = threading.Lock()
         self._facts: Facts = {}  # each fact's value now, computed once
 
@@ -698,14 +698,26 @@ class Graph:
         file per snapshot; a file on an import cycle is memoized only at the cycle's entry,
         where its closure is complete."""
         hit = self._closures.get(rel)
-        return hit if hit is not None else self._walk(rel, {}, 0)[0]
+        if hit is None:
+            files, packages, external, incomplete, env = self._walk(rel, {}, 0)[1]
+            hit = Edges(
+                tuple(files),
+                tuple(packages),
+                tuple(external),
+                tuple(incomplete),
+                tuple(sorted(env)),
+            )
+            self._closures[rel] = hit
+        return hit
 
-    def _walk(self, rel: str, stack: dict[str, int], depth: int) -> tuple[Edges, int, _Sets]:
-        """(closure of `rel`, the lowest stack depth an import cycle from it reached, the
-        closure's parts as ordered dicts, which merge into a parent's without copying)."""
-        hit = self._closures.get(rel)
-        if hit is not None:
-            return hit, depth, self._closure_sets[rel]
+    def _walk(self, rel: str, stack: dict[str, int], depth: int) -> tuple[int, _Sets]:
+        """(the lowest stack depth an import cycle from `rel` reached, its closure's parts as
+        ordered dicts, which merge into a parent's without copying). Only the files asked for
+        by `closure` become `Edges`: the modules between them (a chain of 20 in each of 20
+        stages) are merged, never turned into tuples."""
+        done = self._closure_sets.get(rel)
+        if done is not None:
+            return depth, done
         stack[rel] = depth
         files: dict[str, None] = {rel: None}
         packages: dict[str, None] = {}
@@ -725,7 +737,7 @@ class Graph:
                     continue
                 if child in files:
                     continue
-                _, sub_low, (sub_files, sub_packages, sub_external, sub_incomplete, sub_env) = (
+                sub_low, (sub_files, sub_packages, sub_external, sub_incomplete, sub_env) = (
                     self._walk(child, stack, depth + 1)
                 )
                 low = min(low, sub_low)
@@ -738,14 +750,10 @@ class Graph:
                     incomplete.update(sub_incomplete)
                 env.update(sub_env)
         del stack[rel]
-        result = Edges(
-            tuple(files), tuple(packages), tuple(external), tuple(incomplete), tuple(sorted(env))
-        )
         sets = (files, packages, external, incomplete, env)
         if low >= depth:  # nothing reached a file above this one: complete
-            self._closures[rel] = result
             self._closure_sets[rel] = sets
-        return result, low, sets
+        return low, sets
 
     def external(self, module: str, path: str) -> tuple[str, Edges]:
         """(blob id, resolved imports) of a module file outside the project that no

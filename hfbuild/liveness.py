@@ -42,10 +42,11 @@ import types
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from hfbuild.errors import StaleModuleError
+from hfbuild.errors import GitStateError, StaleModuleError
 
 if TYPE_CHECKING:
     from hfbuild.closure import Context
+    from hfbuild.gitstate import Snapshot
 
 # A file modified this close to (or after) the moment it was loaded may have changed within
 # one timestamp tick after it was read: its stat proves nothing (git's racy-file rule).
@@ -168,27 +169,49 @@ def check_loaded(ctx: Context) -> None:
         return  # the staged code is not what runs; nothing is built from this fingerprint
     # Files already vouched for under this snapshot (stages share most of their closures):
     # the same load against the same blob id passes again, as the snapshot's ids are as old.
-    done = ctx.snapshot.memo.setdefault("liveness", {})
-    assert isinstance(done, dict)
+    snap = ctx.snapshot
+    done = snap.memo.setdefault("liveness", {})
+    keys = snap.memo.setdefault("liveness-keys", {})  # rel -> (absolute path, file key)
+    assert isinstance(done, dict) and isinstance(keys, dict)
     for rel, fid in ctx.files.items():
         if not rel.endswith(".py"):
             continue
-        path = ctx.snapshot.abspath(rel)
-        rec = _records.get(_key(path))
+        known = keys.get(rel)
+        if known is None:
+            path = snap.abspath(rel)
+            known = keys[rel] = (path, _key(path))
+        path, key = known
+        rec = _records.get(key)
         if rec is None:
             continue  # not loaded in this process: importing it later reads the file now
         seen = done.get(rel)
         if seen is not None and seen[0] is rec and seen[1] == fid.id:
             continue
-        if not rec.trusted or rec.stat != _stat(path):
+        if not rec.trusted or rec.stat != _now(snap, rel, path):
             hit = _verdicts.get((id(rec), fid.id))
             if hit is None or hit[0] is not rec:
-                ok = _same_as_file(rec, path, fid.id, lambda rel=rel: ctx.snapshot.read(rel))
+                # Against the content the closure's blob id names (the file may have been
+                # edited since the snapshot identified it), not whatever the file holds now.
+                try:
+                    ok = _same_as_file(
+                        rec, path, fid.id, lambda rel=rel, blob=fid.id: snap.content(rel, blob)
+                    )
+                except GitStateError:  # neither git nor the work tree holds that content
+                    ok = False
                 hit = _verdicts[(id(rec), fid.id)] = (rec, ok)
             if not hit[1]:
                 raise StaleModuleError(rel, _module_of(path), stale_pyc=rec.pyc_racy)
-        _checked[(_key(path), fid.id)] = rec  # this load was the code of this blob
+        _checked[(key, fid.id)] = rec  # this load was the code of this blob
         done[rel] = (rec, fid.id)
+
+
+def _now(snap: Snapshot, rel: str, path: str) -> _Stat | None:
+    """The file's stat data as the snapshot took it when identifying the file (the blob id
+    the closure holds is of that state), else as it is now."""
+    st = snap.stat_of(rel)
+    if st is None:
+        return _stat(path)
+    return _Stat(st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def check_built(root: str, doc: Mapping[str, Any]) -> None:
@@ -467,7 +490,7 @@ def follow_globals(fn: types.FunctionType, ctx: Context) -> None:
             if rel is None:
                 continue
             fid = ctx.add_file(rel)
-            src = _source_bindings(fid.id, lambda rel=rel: ctx.snapshot.read(rel))
+            src: _Bindings | None = None  # parsed when a name it reads is a module value
             module = str(mod_globals.get("__name__", "__main__"))
             for name in sorted(names):
                 value = mod_globals.get(name, _UNSET)
@@ -477,6 +500,10 @@ def follow_globals(fn: types.FunctionType, ctx: Context) -> None:
                     ctx, value.__code__.co_filename
                 ):
                     stack.append(value)
+                if src is None:  # the source the blob id names, not the file as it is now
+                    src = _source_bindings(
+                        fid.id, lambda rel=rel, blob=fid.id: ctx.snapshot.content(rel, blob)
+                    )
                 _compare(module, name, value, src, ctx)
 
 

@@ -407,3 +407,62 @@ def test_bytecode_cache_older_than_its_source_is_caught(repo: Repo) -> None:
     assert out["ran"] == 1 and (repo.path / "helper.py").read_text() == "K = 2\n"
     assert "module helper was loaded before helper.py was changed" in out["refused"]
     assert "delete that __pycache__ first" in out["refused"]
+
+
+LOADED_AFTER_IDENTIFIED = """
+import os, time
+from hfbuild import liveness
+from hfbuild.closure import Context
+from hfbuild.errors import StaleModuleError
+from hfbuild.gitstate import Snapshot
+
+ctx = Context(Snapshot("."))
+ctx.add_file("helpers.py")  # identified as committed, before the module is loaded
+with open("helpers.py", "w") as f:
+    f.write("def shout(s):\\n    return s.lower()  # edited\\n")
+t = time.time() - 3600  # old enough for its stat to vouch for the load
+os.utime("helpers.py", (t, t))
+import helpers
+try:
+    liveness.check_loaded(ctx)
+    print("passed")
+except StaleModuleError as e:
+    print("refused:", e)
+"""
+
+
+def test_module_loaded_after_its_file_was_identified_is_compared_with_that_file(
+    repo: Repo,
+) -> None:
+    """A module loaded from a file edited after the snapshot identified the file is refused:
+    its load is checked against the state whose blob id the closure holds, not the file now."""
+    project(repo)
+    out = run_python(LOADED_AFTER_IDENTIFIED, repo.path)
+    assert out.stdout.startswith("refused:"), out.stdout + out.stderr
+    assert "helpers" in out.stdout
+
+
+SOURCE_AFTER_IDENTIFIED = """
+import json
+import transforms
+from hfbuild import liveness
+from hfbuild.closure import Context
+from hfbuild.gitstate import Snapshot
+
+ctx = Context(Snapshot("."))
+ctx.add_file("transforms.py")  # identified as committed, MAX_LEN = 128 as loaded
+with open("transforms.py") as f:
+    text = f.read()
+with open("transforms.py", "w") as f:
+    f.write(text.replace("MAX_LEN = 128", "MAX_LEN = 64"))
+liveness.follow_globals(transforms.clip, ctx)
+print(json.dumps(sorted(ctx.module_values)))
+"""
+
+
+def test_module_values_are_compared_with_the_identified_source(repo: Repo) -> None:
+    """Module values are compared with the source of the blob id the closure holds: an edit
+    after the file was identified is no module value of that key."""
+    project(repo)
+    out = run_python(SOURCE_AFTER_IDENTIFIED, repo.path)
+    assert json.loads(out.stdout) == []
