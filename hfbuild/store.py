@@ -175,15 +175,13 @@ class Store:
         why = self._check_shards(doc) or self.check_base(doc)
         if why is not None:
             return why
-        base = self.data_path(fp)
-        for rel, size in doc["files"].items():
-            try:
-                actual = os.stat(os.path.join(base, *rel.split("/"))).st_size
-            except OSError:
-                return f"{rel} is missing"
-            if actual != size:
-                return f"{rel} is {actual} bytes, not {size} (truncated or overwritten)"
-        return None
+        bad = _wrong_size(self.data_path(fp), doc["files"])
+        if bad is None:
+            return None
+        rel, size, actual = bad
+        if actual is None:
+            return f"{rel} is missing"
+        return f"{rel} is {actual} bytes, not {size} (truncated or overwritten)"
 
     def _check_shards(self, doc: dict[str, Any]) -> str | None:
         """A stage result made of shards is served only while every shard is intact: each
@@ -207,14 +205,12 @@ class Store:
                     return f"its shard {key} {why}" if why == "is missing" else f"{key}: {why}"
                 continue
             for owner, listed in [(key, files), *([base] if base is not None else [])]:
-                data = self.data_path(owner)
-                for rel, size in listed.items():
-                    try:
-                        actual = os.stat(os.path.join(data, *rel.split("/"))).st_size
-                    except OSError:
+                bad = _wrong_size(self.data_path(owner), listed)
+                if bad is not None:
+                    rel, size, actual = bad
+                    if actual is None:
                         return f"its shard {owner} is missing {rel}"
-                    if actual != size:
-                        return f"its shard {owner} has {rel} of {actual} bytes, not {size}"
+                    return f"its shard {owner} has {rel} of {actual} bytes, not {size}"
         return None
 
     def check_base(self, doc: dict[str, Any]) -> str | None:
@@ -239,18 +235,9 @@ class Store:
     def files_intact(self, fp: str, files: dict[str, int]) -> bool:
         """Whether the entry `fp` has these data files with these sizes (one stat each, as
         `check` makes of a listed shard; the entry's manifest is not read)."""
-        if not _FP.match(fp):
+        if not _FP.match(fp) or not all(safe_rel(rel) for rel in files):
             return False
-        base = self.data_path(fp)
-        for rel, size in files.items():
-            if not safe_rel(rel):
-                return False
-            try:
-                if os.stat(os.path.join(base, *rel.split("/"))).st_size != size:
-                    return False
-            except OSError:
-                return False
-        return True
+        return _wrong_size(self.data_path(fp), files) is None
 
     def manifest_stamp(self, fp: str) -> list[int] | None:
         """The entry's manifest file as [mtime in ns, size] (None when absent): a stamp
@@ -644,6 +631,19 @@ class Store:
                 if _FP.match(fp):
                     out.append(fp)
         return out
+
+
+def _wrong_size(data: str, files: dict[str, int]) -> tuple[str, int, int | None] | None:
+    """The first of `files` (relative path -> size) under `data` that is missing (actual
+    None) or of another size, as (path, size, actual); None when all match. One stat each."""
+    for rel, size in files.items():
+        try:
+            actual = os.stat(os.path.join(data, *rel.split("/"))).st_size
+        except OSError:
+            return rel, size, None
+        if actual != size:
+            return rel, size, actual
+    return None
 
 
 def _row_indexed(row: list[Any]) -> bool:
