@@ -83,7 +83,10 @@ def build(
                             keyed = dataclasses.replace(m, observed=observed)
                             known.clear()
                             pending = True
-                        _publish_shard(pipe, keyed.shard_list[i].key, path, doc)
+                        key = keyed.shard_list[i].key
+                        # What was just written (or found intact) under the key: the stage's
+                        # entry lists it without reading it back (`_publish`).
+                        known[key] = _publish_shard(pipe, key, path, doc)
                         built += 1
                         bar.update(1)
         final = dataclasses.replace(m, observed=observed)
@@ -174,14 +177,16 @@ def _worker(k: int) -> tuple[Any, ...]:
         return ("error", f"stage {spec.name!r}, shard {s.label}: {type(e).__name__}: {e}")
 
 
-def _publish_shard(pipe: Pipeline, key: str, path: str, doc: dict[str, Any]) -> None:
-    """Publish one shard under its own lock (another stage may share it)."""
+def _publish_shard(pipe: Pipeline, key: str, path: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """Publish one shard under its own lock (another stage may share it); the manifest of
+    the shard now in the store (ours as written, or the intact one found there)."""
     store = pipe.store
     with store.lock(key):
-        if store.has(key):
+        there = store.intact_manifest(key)
+        if there is not None:
             shutil.rmtree(path, ignore_errors=True)
-        else:
-            store.publish(path, key, doc, durable=False)
+            return there
+        return store.publish(path, key, doc, durable=False)
 
 
 def _publish(

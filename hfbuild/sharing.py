@@ -77,6 +77,8 @@ def makedirs(path: str) -> None:
         if parent == p:
             break
         p = parent
+    if not missing:  # already there: os.makedirs would only fail a mkdir (EEXIST)
+        return
     os.makedirs(path, exist_ok=True)
     for d in reversed(missing):
         _chmod(d, dir_mode(os.path.dirname(d)))

@@ -410,9 +410,10 @@ class Store:
 
     def publish(
         self, build_dir: str, fp: str, manifest: dict[str, Any], *, durable: bool = True
-    ) -> None:
+    ) -> dict[str, Any]:
         """Write the manifest into `build_dir` (listing every data file and its size) and
-        move the directory into place with one rename. Call with the lock held. Without
+        move the directory into place with one rename; the manifest written, as
+        `read_manifest` would read it back. Call with the lock held. Without
         `durable` (a shard: its data files are not flushed either) the manifest is not
         flushed before the rename: after a power loss it may be empty, which `check`
         refuses (its checksum), so the entry is rebuilt, never served."""
@@ -438,6 +439,7 @@ class Store:
             shutil.rmtree(build_dir, ignore_errors=True)
             hint = " The disk is full." if e.errno == errno.ENOSPC else ""
             raise StoreError(f"could not publish {fp} in {self.root}: {e.strerror}.{hint}") from e
+        return doc
 
     def quarantine(self, fp: str) -> str | None:
         """Move a broken entry out of the way (to tmp/, where gc removes it)."""
