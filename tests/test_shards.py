@@ -552,3 +552,19 @@ def test_shards_with_different_schemas_load_aligned(tmp_path: pathlib.Path) -> N
         repo.path,
     )
     assert out.stdout.strip().splitlines()[-1] == "string [None, None] [1000, 1001] 22"
+
+
+def test_publish_returns_the_manifest_it_wrote(tmp_path: pathlib.Path) -> None:
+    """`Store.publish` returns the manifest exactly as the store then reads it back."""
+    from hfbuild.store import Store
+
+    store = Store(tmp_path / "store")
+    build = pathlib.Path(store.new_build_dir("0" * 32))
+    (build / "data" / "sub").mkdir(parents=True)
+    (build / "data" / "a.arrow").write_bytes(b"x" * 7)
+    (build / "data" / "sub" / "b.json").write_text('{"k": 1}')
+    fp = "ab" * 16
+    with store.lock(fp):
+        got = store.publish(str(build), fp, {"rows": 3, "content_hash": "h"}, durable=False)
+    assert got == store.read_manifest(fp) == store.intact_manifest(fp)
+    assert got["files"] == {"a.arrow": 7, "sub/b.json": 8}
