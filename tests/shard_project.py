@@ -4,12 +4,9 @@ transform logs `stage:file` per call, so a test counts the calls each shard made
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from typing import Any
 
-from tests.helpers import Repo
+from tests.helpers import Repo, run_python
 
 FILES = {
     "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "KILL_IN", "PID_LOG"]\n',
@@ -100,14 +97,6 @@ print(json.dumps(out))
 
 def state(repo: Repo, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Each stage's fingerprint, stored content hash and rows, read in a fresh process."""
-    out = subprocess.run(
-        [sys.executable, "-c", READ % (STAGES,)],
-        cwd=repo.path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(repo.path), **(env or {})},
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
+    out = run_python(READ % (STAGES,), repo.path, env=env)  # fails the test on an error
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result

@@ -17,7 +17,7 @@ from hfbuild.executor import executor_name
 from hfbuild.remote import Remote
 from hfbuild.store import Store
 from tests.helpers import Repo
-from tests.pipeline_project import make_project
+from tests.pipeline_project import doit, make_project
 from tests.test_remote import s3, s3_server  # noqa: F401  (moto's S3 server and a bucket)
 
 FP = "0123456789abcdef0123456789abcdef"
@@ -281,13 +281,8 @@ def test_shard_units_equal_a_sharded_build(repo: Repo, tmp_path: pathlib.Path) -
         ("feat", labels[1:]),  # part-0's read conf/scale.txt: the others' keys now hold it
         ("kept", labels),
     ]
-    no_remote = {**os.environ, "HFBUILD_NO_REMOTE": "1", "CALL_LOG": os.devnull}
-    subprocess.run(
-        [sys.executable, "-m", "doit", "run", "preprocess"],
-        cwd=local.path,
-        env=no_remote,
-        check=True,
-    )
+    no_remote = {"HFBUILD_NO_REMOTE": "1"}
+    doit(local, "run", "preprocess", log=pathlib.Path(os.devnull), env=no_remote)
     assert _locked(by_units) == _locked(local)
     assert (
         _run(by_units, READ, tmp_path / "r.log").stdout
@@ -304,12 +299,7 @@ def test_shard_units_equal_a_sharded_build(repo: Repo, tmp_path: pathlib.Path) -
     again = _run(by_units, BY_UNITS, tmp_path / "u2.log")
     new = ["data/part-3.parquet"]
     assert _units(again) == [("raw", new), ("feat", new), ("kept", new)]
-    subprocess.run(
-        [sys.executable, "-m", "doit", "run", "preprocess"],
-        cwd=local.path,
-        env=no_remote,
-        check=True,
-    )
+    doit(local, "run", "preprocess", log=pathlib.Path(os.devnull), env=no_remote)
     assert _locked(by_units) == _locked(local)
 
 
