@@ -152,11 +152,37 @@ def test_explain_a_changed_data_file(built: Repo) -> None:
 
 
 def test_explain_when_nothing_changed(built: Repo) -> None:
-    """explain says so, and where the result is."""
-    out = run_hfbuild(built, "explain", "kept")
+    """explain says so, and where the result is: an ordinary entry's `data/`, which
+    `datasets.load_from_disk` reads as the stage's result."""
+    import datasets
+
+    out = run_hfbuild(built, "explain", "lens")
     assert out.returncode == 0
-    assert out.stdout.startswith("stage 'kept' is up to date: nothing changed since it was built.")
-    assert "result at " in out.stdout and ".hfbuild/objects/" in out.stdout
+    assert out.stdout.startswith("stage 'lens' is up to date: nothing changed since it was built.")
+    fp = lock(built)["stages"]["lens"]["fingerprint"]
+    data = built.path / ".hfbuild" / "objects" / fp[:2] / fp / "data"
+    assert out.stdout.splitlines()[1] == f"fingerprint {fp}; result at {data}"
+    assert datasets.load_from_disk(str(data))["n"] == expected()["lens"]
+
+
+@pytest.mark.parametrize("stage", ["kept", "split"])
+def test_explain_an_indices_entry_names_its_base_and_how_to_load_it(
+    built: Repo, stage: str
+) -> None:
+    """For a result stored as indices over another entry's rows (a filter's Dataset, a
+    train_test_split's DatasetDict), explain names the indices, the entry holding the rows
+    and `pipe.result`, never `<entry>/data` alone as the result."""
+    out = run_hfbuild(built, "explain", stage)
+    assert out.returncode == 0
+    stages = lock(built)["stages"]
+    fp, base = stages[stage]["fingerprint"], stages["feat"]["fingerprint"]
+    objects = built.path / ".hfbuild" / "objects"
+    assert out.stdout.splitlines()[1] == (
+        f"fingerprint {fp}; result: indices at {objects / fp[:2] / fp / 'data'} over the rows "
+        f"of the entry {objects / base[:2] / base}; load it with pipe.result({stage!r})"
+    )
+    doc = json.loads(run_hfbuild(built, "explain", stage, "--json").stdout)
+    assert (doc["result_kind"], doc["result_base"]) == ("indices", str(objects / base[:2] / base))
 
 
 def test_unknown_stage_is_a_clear_error(built: Repo) -> None:

@@ -312,6 +312,28 @@ def test_explain_and_status_name_the_new_shards(tmp_path: pathlib.Path) -> None:
     assert "raw    stale: 2 of 5 shards new" in out.stdout
 
 
+def test_explain_says_a_sharded_result_is_its_listed_shards(tmp_path: pathlib.Path) -> None:
+    """An up-to-date sharded stage has no data of its own: explain names the entry listing
+    its shards, how many, and `pipe.result`, not a `data/` directory."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    fp = state(repo)["feat"]["fp"]
+    entry = repo.path / ".hfbuild" / "objects" / fp[:2] / fp
+    assert not (entry / "data").exists()
+    out = run_hfbuild(repo, "explain", "feat")
+    assert out.returncode == 0
+    assert out.stdout.splitlines()[1] == (
+        f"fingerprint {fp}; result: 4 shards listed by the entry {entry}; "
+        "load it with pipe.result('feat')"
+    )
+    doc = json.loads(run_hfbuild(repo, "explain", "feat", "--json").stdout)
+    assert (doc["result_kind"], doc["result_path"], doc["result_shards"]) == (
+        "shards",
+        str(entry),
+        4,
+    )
+
+
 CHECK_STORE = """
 import dodo
 from hfbuild.content import dataset_hash
