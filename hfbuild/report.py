@@ -15,6 +15,7 @@ from hfbuild.diff import Change, diff
 from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import observed_changes
 from hfbuild.pipeline import Pipeline
+from hfbuild.spec import stored_rows
 
 
 class StageState(NamedTuple):
@@ -133,7 +134,7 @@ def stage_states(pipe: Pipeline) -> list[StageState]:
         fp = m.fingerprint
         dirty = [f"{f.path} ({f.status})" for f in m.dirty]
         if pipe.store.has(fp):
-            rows = (pipe.store.read_manifest(fp) or {}).get("rows")
+            rows = stored_rows(pipe.store.read_manifest(fp) or {})
             state, reason = (
                 ("dirty", "built from uncommitted changes") if dirty else ("up to date", None)
             )

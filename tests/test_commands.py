@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Repo, run_hfbuild
+from tests.helpers import Repo, run_hfbuild, run_python
 from tests.pipeline_project import doit, expected, make_project
 
 
@@ -183,6 +183,30 @@ def test_explain_an_indices_entry_names_its_base_and_how_to_load_it(
     )
     doc = json.loads(run_hfbuild(built, "explain", stage, "--json").stdout)
     assert (doc["result_kind"], doc["result_base"]) == ("indices", str(objects / base[:2] / base))
+
+
+SPLITS = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+print(json.dumps({s: len(d) for s, d in dodo.pipe.result("split").items()}))
+"""
+
+
+def test_split_rows_are_reported_in_the_datasets_split_order(repo: Repo) -> None:
+    """A DatasetDict's rows per split are written in the order datasets gives its splits
+    (train before test), on the "built" line, the "up to date" line and doit's no-op line
+    alike, though the stored manifest's JSON keys are sorted."""
+    make_project(repo)
+    out = run_hfbuild(repo, "build", "split")
+    assert out.returncode == 0, out.stderr
+    order = json.loads(run_python(SPLITS, repo.path).stdout.strip().splitlines()[-1])
+    assert list(order) == ["train", "test"]
+    rows = ", ".join(f"{s} {n}" for s, n in order.items()) + " rows"
+    assert f"split: built {rows} in " in out.stdout
+    assert run_hfbuild(repo, "build", "split").stdout.strip() == f"split: up to date ({rows})"
+    noop = doit(repo, "run", "preprocess", log=repo.path / ".." / "calls.log")
+    assert f"split ({rows}, up to date)" in noop.stdout
 
 
 def test_unknown_stage_is_a_clear_error(built: Repo) -> None:
