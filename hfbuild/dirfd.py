@@ -147,6 +147,8 @@ def _analyse(code: CodeType, lasti: int) -> _Site:
     given = [k.value for k in call.keywords if k.arg == "dir_fd"]
     if not given:
         return _Site(func, "absent")  # dir_fd is keyword-only: *args cannot pass it
+    if call.keywords[-1].arg != "dir_fd":
+        return _Site(func, "unknown")  # an argument evaluated after it could rebind it
     value = given[0]
     if isinstance(value, ast.Constant):
         return _Site(func, "const", value.value)
