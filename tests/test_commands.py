@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 from typing import Any
 
@@ -279,6 +280,63 @@ def git_commit(repo: Repo, message: str) -> subprocess.CompletedProcess[str]:
         check=False,
         env={**os.environ, "CALL_LOG": "/dev/null"},
     )
+
+
+def test_install_hook_whose_python_is_gone_says_how_to_fix_it(
+    built: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A hook installed from an environment that was later removed (the project moved to
+    another virtualenv) refuses the commit saying so and naming `hfbuild install-hook`,
+    not with the shell's "not found"."""
+    import site
+    import sys
+
+    env = tmp_path / "old-env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    # The new environment sees this one's packages (hfbuild among them), as a copy would.
+    (purelib,) = (env / "lib").glob("python3*/site-packages")
+    paths = ", ".join(repr(p) for p in site.getsitepackages())
+    (purelib / "shared.pth").write_text(f"import site; list(map(site.addsitedir, [{paths}]))\n")
+    old = env / "bin" / "python"
+    out = subprocess.run(
+        [str(old), "-m", "hfbuild", "install-hook"],
+        cwd=built.path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+
+    def commit(message: str) -> subprocess.CompletedProcess[str]:
+        built.write({"notes.txt": message})
+        built.git("add", "notes.txt")
+        return git_commit(built, message)
+
+    assert commit("with the old environment").returncode == 0
+
+    shutil.rmtree(env)
+    refused = commit("after the environment moved")
+    assert refused.returncode == 1
+    assert f"hfbuild hook: {old}" in refused.stderr
+    assert "hfbuild install-hook" in refused.stderr and "not found" not in refused.stderr
+    assert run_hfbuild(built, "install-hook").returncode == 0  # from the project's Python
+    assert commit("with the new environment").returncode == 0
+
+
+def test_install_hook_runs_the_dodo_file_it_was_given(built: Repo, tmp_path: pathlib.Path) -> None:
+    """`hfbuild --dodo pipeline.py install-hook` writes a hook that checks that file's
+    pipeline, also where no dodo.py exists."""
+    built.git("mv", "dodo.py", "pipeline.py")
+    built.commit("the pipeline is in pipeline.py")
+    out = run_hfbuild(built, "--dodo", "pipeline.py", "install-hook")
+    assert out.returncode == 0, out.stderr
+    built.write({"pkg/text.py": (built.path / "pkg/text.py").read_text() + "# edit\n"})
+    built.git("add", "-A")
+    refused = git_commit(built, "not rebuilt")
+    assert refused.returncode == 1 and "stage 'lens'" in refused.stderr, refused.stderr
+    doit(built, "-f", "pipeline.py", "run", "preprocess", log=tmp_path / "calls.log")
+    built.git("add", "hfbuild.lock")
+    assert git_commit(built, "rebuilt").returncode == 0
 
 
 def test_staged_check_names_unstaged_differences(built: Repo, tmp_path: pathlib.Path) -> None:
