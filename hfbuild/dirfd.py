@@ -50,6 +50,13 @@ class _Site(NamedTuple):
 _UNKNOWN = _Site(None, "unknown")
 _sites: dict[tuple[CodeType, int], _Site] = {}
 _lock = threading.Lock()
+_reading = threading.local()  # set while this thread reads a call's source
+
+
+def reading_source() -> bool:
+    """Whether this thread is reading a call's source for `directories`: that open is
+    hfbuild's own, not the program's."""
+    return getattr(_reading, "on", False)
 
 
 def directories(frame: FrameType | None) -> list[str]:
@@ -113,10 +120,13 @@ def _site(code: CodeType, lasti: int) -> _Site:
     with _lock:
         hit = _sites.get(key)
     if hit is None:
+        _reading.on = True
         try:
             hit = _analyse(code, lasti)
         except Exception:
             hit = _UNKNOWN
+        finally:
+            _reading.on = False
         with _lock:
             _sites[key] = hit
     return hit

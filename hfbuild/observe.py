@@ -127,6 +127,8 @@ def _on_open(args: tuple[object, ...]) -> None:
         for d in dirfd.directories(sys._getframe(2)):
             _note(os.path.normpath(os.path.join(d, p)))
         return
+    if dirfd.reading_source():
+        return  # hfbuild reading a caller's source (linecache), not the program reading
     _note(p)
 
 

@@ -431,7 +431,8 @@ def test_recording_resolves_names_opened_relative_to_a_directory_fd(
     """`os.open(name, dir_fd=fd)` is noted under the directory `fd` refers to, not the working
     directory (shutil.rmtree's fd walk notes no root file named like a subdirectory); when
     the call's dir_fd cannot be read (a partial, **kwargs) every directory it could be
-    relative to is noted, the working directory included: the file read is never missed."""
+    relative to is noted, the working directory included: the file read is never missed.
+    Reading the call's source to find its dir_fd is not noted as a read."""
     import functools
 
     from hfbuild import observe
@@ -462,6 +463,11 @@ def test_recording_resolves_names_opened_relative_to_a_directory_fd(
         assert {"x.txt", "sub/x.txt"} <= recorded(
             lambda: os.close(os.open("x.txt", os.O_RDONLY, **kwargs))
         )
+        tool = root / "tool"  # a script without .py: its source is not module code
+        tool.write_text("import os\ndef run(fd):\n    os.close(os.open('x.txt', 0, dir_fd=fd))\n")
+        scope: dict[str, Any] = {}
+        exec(compile(tool.read_text(), str(tool), "exec"), scope)
+        assert recorded(lambda: scope["run"](sub)) == {"sub/x.txt"}
         os.close(sub)
         walked = recorded(lambda: shutil.rmtree("sub"))
         assert "a" not in walked and "sub/a" in walked
