@@ -20,7 +20,8 @@ Owns: recovering a call's `dir_fd` from its frame (the call's source analysed on
 site) and turning it into directories.
 Must never: raise (it runs inside the audit hook), run user code (no attribute or property
 lookups on anything but modules, no calls), or return fewer directories than the open could
-be relative to.
+be relative to where `/proc/self/fd` exists (elsewhere, macOS, an fd it cannot read leaves
+only the working directory: README's limits say so).
 """
 
 from __future__ import annotations
@@ -68,7 +69,11 @@ def directories(frame: FrameType | None) -> list[str]:
         known = None
     if known is not None:
         return [known]
-    return [os.getcwd(), *_open_directories()]
+    try:
+        cwd = [os.getcwd()]
+    except OSError:  # removed: nothing relative to it can be opened
+        cwd = []
+    return [*cwd, *_open_directories()]
 
 
 def _known(frame: FrameType | None) -> str | None:
