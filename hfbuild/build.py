@@ -26,7 +26,7 @@ from hfbuild.executor import Unit, choose
 from hfbuild.fingerprint import Manifest, check_dirty
 from hfbuild.fullkey import entry_doc, full_key, observing
 from hfbuild.remote import RemoteError
-from hfbuild.spec import Report, StageSpec
+from hfbuild.spec import Report, StageSpec, stored_rows
 from hfbuild.store import disk_full
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def _push(pipe: Pipeline, name: str, fp: str) -> None:
 
 
 def _rows(pipe: Pipeline, fp: str) -> Any:
-    return (pipe.store.read_manifest(fp) or {}).get("rows")
+    return stored_rows(pipe.store.read_manifest(fp) or {})
 
 
 def build_here(

@@ -113,8 +113,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from hfbuild.fingerprint import strict
-    from hfbuild.project import load_pipeline
+    from hfbuild.project import dodo_path, load_pipeline
 
+    dodo = dodo_path(args.dodo)  # before load_pipeline changes the working directory
     pipe = load_pipeline(args.dodo)
     if args.command == "status":
         from hfbuild.commands.status import status
@@ -165,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "install-hook":
         from hfbuild.commands.install_hook import install_hook
 
-        return install_hook(pipe, force=args.force)
+        return install_hook(pipe, dodo, force=args.force)
     raise AssertionError(args.command)
 
 

@@ -31,6 +31,7 @@ from hfbuild.datafiles import StatCache, file_identity
 from hfbuild.diff import Change, diff_observed
 from hfbuild.errors import ObservationWarning
 from hfbuild.gitstate import Snapshot
+from hfbuild.spec import split_order
 from hfbuild.store import safe_observed
 
 if TYPE_CHECKING:
@@ -263,6 +264,7 @@ def entry_doc(
         "manifest": m.doc,
         "inputs": dict(inputs),
         "rows": rows,
+        **split_order(rows),
         "content_hash": content_hash,
         "dirty": [[f.path, f.status] for f in m.dirty],
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -6,7 +6,9 @@ happen while a module is imported, attributed to the module executing at module 
 frame's file); and `Recording`, the window around one stage's build in which every file
 under the project root that is opened for reading, and every project module executed, is
 noted, in this process and in fork-started worker processes (datasets' `num_proc` pool on
-Linux), which report through spool files in a directory the builder names.
+Linux), which report through spool files in a directory the builder names. A relative name
+given to `os.open` is noted under the directory its `dir_fd` refers to, which the event does
+not carry (`dirfd.py` reads it from the call), or under every one it could be.
 
 Must never: raise out of the hook (an exception there would fail the user's `open`), keep a
 path it was not asked to watch beyond the per-import log, note a write (modes w/a/x), or do
@@ -21,6 +23,8 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator
 from types import FrameType
+
+from hfbuild import dirfd
 
 ENV_SWITCH = "HFBUILD_OBSERVE"
 _SEP = "\0"  # spool records are NUL-separated: a path may hold a newline
@@ -117,6 +121,14 @@ def _on_open(args: tuple[object, ...]) -> None:
     p = os.fsdecode(os.fspath(path))  # type: ignore[call-overload]
     if p.endswith((".py", ".pyc")):
         return  # module code: the "exec" event names the module executed
+    if mode is None and not os.path.isabs(p):
+        # os.open resolves a relative name against its dir_fd, which the event does not
+        # carry: dirfd.py finds the directory from the call (the caller's frame is 2 up).
+        for d in dirfd.directories(sys._getframe(2)):
+            _note(os.path.normpath(os.path.join(d, p)))
+        return
+    if dirfd.reading_source():
+        return  # hfbuild reading a caller's source (linecache), not the program reading
     _note(p)
 
 

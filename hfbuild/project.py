@@ -17,8 +17,13 @@ from hfbuild.errors import HfbuildError
 from hfbuild.pipeline import Pipeline
 
 
+def dodo_path(dodo: str | None = None) -> str:
+    """The absolute path of the dodo file a command works on (`--dodo`, else ./dodo.py)."""
+    return os.path.abspath(dodo or "dodo.py")
+
+
 def load_pipeline(dodo: str | None = None) -> Pipeline:
-    path = os.path.abspath(dodo or "dodo.py")
+    path = dodo_path(dodo)
     if not os.path.isfile(path):
         raise HfbuildError(
             f"no dodo file at {path}: run hfbuild in the directory holding your dodo.py, or "

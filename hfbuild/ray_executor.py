@@ -47,7 +47,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from hfbuild.errors import BuildError, ConfigError, HfbuildError, StoreError
-from hfbuild.spec import Report
+from hfbuild.spec import Report, stored_rows
 
 if TYPE_CHECKING:
     from hfbuild.executor import Unit
@@ -486,7 +486,7 @@ def _run_unit(
     with store.lock(m.static_fingerprint):
         if store.has(m.fingerprint):  # a retried task whose first attempt built it here
             doc = store.read_manifest(m.fingerprint) or {}
-            report = Report(name, m.fingerprint, "built", doc.get("rows"), 0.0)
+            report = Report(name, m.fingerprint, "built", stored_rows(doc), 0.0)
         else:
             report = build_here(pipe, spec, m, done)
     fp = report.fingerprint

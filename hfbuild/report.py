@@ -15,6 +15,7 @@ from hfbuild.diff import Change, diff
 from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import observed_changes
 from hfbuild.pipeline import Pipeline
+from hfbuild.spec import stored_rows
 
 
 class StageState(NamedTuple):
@@ -34,9 +35,15 @@ class Explanation(NamedTuple):
     previous: str | None  # the fingerprint compared against
     changes: list[Change]
     line_stats: dict[str, tuple[int, int]]  # file path -> (added, removed)
-    result_path: str | None
+    result_path: str | None  # an up-to-date stage: where its result is (see result_kind)
     dirty_files: list[str]
     shards: list[str] = []  # a sharded stage: which shards are new, which files are gone
+    # How the result is stored: "data" (`result_path` is a `save_to_disk` directory),
+    # "indices" (`result_path` holds indices over the rows of the entry `result_base`) or
+    # "shards" (`result_path` is the entry listing `result_shards` shards, no data of its own).
+    result_kind: str | None = None
+    result_base: str | None = None
+    result_shards: int = 0
 
 
 def _previous(
@@ -68,7 +75,7 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
     built = pipe.store.has(fp)
     dirty = [f"{f.path} ({f.status})" for f in m.dirty]
     if built:
-        return Explanation(name, fp, True, fp, [], {}, pipe.store.data_path(fp), dirty)
+        return _built(pipe, name, fp, dirty)
     prev = _previous(pipe, name)
     if prev is None:
         return Explanation(name, fp, False, None, [], {}, None, dirty, _shards(pipe, m, None))
@@ -91,6 +98,23 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
     return Explanation(name, fp, False, old_fp, changes, stats, None, dirty, shard_lines)
 
 
+def _built(pipe: Pipeline, name: str, fp: str, dirty: list[str]) -> Explanation:
+    """An up-to-date stage, with where and how its result is stored: only an ordinary
+    entry's `data/` is a directory `datasets.load_from_disk` reads."""
+    store = pipe.store
+    doc = store.read_manifest(fp) or {}
+    ind, listed = doc.get("indices"), doc.get("shards")
+    ex = Explanation(name, fp, True, fp, [], {}, store.data_path(fp), dirty, result_kind="data")
+    if isinstance(ind, dict) and isinstance(ind.get("base"), str):
+        base = store.entry(ind["base"])
+        return ex._replace(result_kind="indices", result_base=base)
+    if isinstance(listed, list):
+        return ex._replace(
+            result_kind="shards", result_path=store.entry(fp), result_shards=len(listed)
+        )
+    return ex
+
+
 def _shards(pipe: Pipeline, m: Manifest, old_fp: str | None) -> list[str]:
     if m.shards is None:
         return []
@@ -110,7 +134,7 @@ def stage_states(pipe: Pipeline) -> list[StageState]:
         fp = m.fingerprint
         dirty = [f"{f.path} ({f.status})" for f in m.dirty]
         if pipe.store.has(fp):
-            rows = (pipe.store.read_manifest(fp) or {}).get("rows")
+            rows = stored_rows(pipe.store.read_manifest(fp) or {})
             state, reason = (
                 ("dirty", "built from uncommitted changes") if dirty else ("up to date", None)
             )

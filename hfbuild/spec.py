@@ -2,7 +2,8 @@
 layer and the builder.
 
 Owns: `StageSpec` (a stage's kind, inputs, callable, arguments and options), `Report` (the
-outcome of building one stage) and how a row count is written for people.
+outcome of building one stage), how a row count is written for people, and a stored
+manifest's rows per split in the result's own split order.
 Must never: import anything of hfbuild's but `errors`, or do work: these are values.
 """
 
@@ -53,6 +54,21 @@ class Report(NamedTuple):
         if self.action == "built":
             return f"{self.stage}: built {rows} in {self.seconds:.2f} s"
         return f"{self.stage}: {self.action} ({rows})"
+
+
+def split_order(rows: Any) -> dict[str, Any]:
+    """What a stored manifest records besides `rows` for a DatasetDict: its splits in the
+    result's order (`splits`), which JSON written with sorted keys does not keep."""
+    return {"splits": list(rows)} if isinstance(rows, dict) else {}
+
+
+def stored_rows(doc: Mapping[str, Any]) -> Any:
+    """A stored manifest's rows, a DatasetDict's in the order of its `splits` (the order
+    its result gives them); a manifest written before `splits` existed keeps its key order."""
+    rows, splits = doc.get("rows"), doc.get("splits")
+    if isinstance(rows, dict) and isinstance(splits, list) and sorted(splits) == sorted(rows):
+        return {s: rows[s] for s in splits}
+    return rows
 
 
 def rows_text(rows: Any) -> str:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from hfbuild import teardown
 from hfbuild.errors import HfbuildError
-from hfbuild.spec import rows_text
+from hfbuild.spec import rows_text, stored_rows
 
 if TYPE_CHECKING:
     from doit.exceptions import TaskFailed
@@ -74,7 +74,7 @@ def _title(pipe: Pipeline, name: str, task: Any) -> str:
         doc = None
     if doc is None:
         return str(task.name)
-    return f"{task.name} ({rows_text(doc.get('rows'))}, up to date)"
+    return f"{task.name} ({rows_text(stored_rows(doc))}, up to date)"
 
 
 def _clean(pipe: Pipeline, name: str) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 from typing import Any
 
 import pytest
 
-from tests.helpers import Repo, run_hfbuild
+from tests.helpers import Repo, run_hfbuild, run_python
 from tests.pipeline_project import doit, expected, make_project
 
 
@@ -152,11 +153,61 @@ def test_explain_a_changed_data_file(built: Repo) -> None:
 
 
 def test_explain_when_nothing_changed(built: Repo) -> None:
-    """explain says so, and where the result is."""
-    out = run_hfbuild(built, "explain", "kept")
+    """explain says so, and where the result is: an ordinary entry's `data/`, which
+    `datasets.load_from_disk` reads as the stage's result."""
+    import datasets
+
+    out = run_hfbuild(built, "explain", "lens")
     assert out.returncode == 0
-    assert out.stdout.startswith("stage 'kept' is up to date: nothing changed since it was built.")
-    assert "result at " in out.stdout and ".hfbuild/objects/" in out.stdout
+    assert out.stdout.startswith("stage 'lens' is up to date: nothing changed since it was built.")
+    fp = lock(built)["stages"]["lens"]["fingerprint"]
+    data = built.path / ".hfbuild" / "objects" / fp[:2] / fp / "data"
+    assert out.stdout.splitlines()[1] == f"fingerprint {fp}; result at {data}"
+    assert datasets.load_from_disk(str(data))["n"] == expected()["lens"]
+
+
+@pytest.mark.parametrize("stage", ["kept", "split"])
+def test_explain_an_indices_entry_names_its_base_and_how_to_load_it(
+    built: Repo, stage: str
+) -> None:
+    """For a result stored as indices over another entry's rows (a filter's Dataset, a
+    train_test_split's DatasetDict), explain names the indices, the entry holding the rows
+    and `pipe.result`, never `<entry>/data` alone as the result."""
+    out = run_hfbuild(built, "explain", stage)
+    assert out.returncode == 0
+    stages = lock(built)["stages"]
+    fp, base = stages[stage]["fingerprint"], stages["feat"]["fingerprint"]
+    objects = built.path / ".hfbuild" / "objects"
+    assert out.stdout.splitlines()[1] == (
+        f"fingerprint {fp}; result: indices at {objects / fp[:2] / fp / 'data'} over the rows "
+        f"of the entry {objects / base[:2] / base}; load it with pipe.result({stage!r})"
+    )
+    doc = json.loads(run_hfbuild(built, "explain", stage, "--json").stdout)
+    assert (doc["result_kind"], doc["result_base"]) == ("indices", str(objects / base[:2] / base))
+
+
+SPLITS = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+print(json.dumps({s: len(d) for s, d in dodo.pipe.result("split").items()}))
+"""
+
+
+def test_split_rows_are_reported_in_the_datasets_split_order(repo: Repo) -> None:
+    """A DatasetDict's rows per split are written in the order datasets gives its splits
+    (train before test), on the "built" line, the "up to date" line and doit's no-op line
+    alike, though the stored manifest's JSON keys are sorted."""
+    make_project(repo)
+    out = run_hfbuild(repo, "build", "split")
+    assert out.returncode == 0, out.stderr
+    order = json.loads(run_python(SPLITS, repo.path).stdout.strip().splitlines()[-1])
+    assert list(order) == ["train", "test"]
+    rows = ", ".join(f"{s} {n}" for s, n in order.items()) + " rows"
+    assert f"split: built {rows} in " in out.stdout
+    assert run_hfbuild(repo, "build", "split").stdout.strip() == f"split: up to date ({rows})"
+    noop = doit(repo, "run", "preprocess", log=repo.path / ".." / "calls.log")
+    assert f"split ({rows}, up to date)" in noop.stdout
 
 
 def test_unknown_stage_is_a_clear_error(built: Repo) -> None:
@@ -229,6 +280,63 @@ def git_commit(repo: Repo, message: str) -> subprocess.CompletedProcess[str]:
         check=False,
         env={**os.environ, "CALL_LOG": "/dev/null"},
     )
+
+
+def test_install_hook_whose_python_is_gone_says_how_to_fix_it(
+    built: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A hook installed from an environment that was later removed (the project moved to
+    another virtualenv) refuses the commit saying so and naming `hfbuild install-hook`,
+    not with the shell's "not found"."""
+    import site
+    import sys
+
+    env = tmp_path / "old-env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    # The new environment sees this one's packages (hfbuild among them), as a copy would.
+    (purelib,) = (env / "lib").glob("python3*/site-packages")
+    paths = ", ".join(repr(p) for p in site.getsitepackages())
+    (purelib / "shared.pth").write_text(f"import site; list(map(site.addsitedir, [{paths}]))\n")
+    old = env / "bin" / "python"
+    out = subprocess.run(
+        [str(old), "-m", "hfbuild", "install-hook"],
+        cwd=built.path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+
+    def commit(message: str) -> subprocess.CompletedProcess[str]:
+        built.write({"notes.txt": message})
+        built.git("add", "notes.txt")
+        return git_commit(built, message)
+
+    assert commit("with the old environment").returncode == 0
+
+    shutil.rmtree(env)
+    refused = commit("after the environment moved")
+    assert refused.returncode == 1
+    assert f"hfbuild hook: {old}" in refused.stderr
+    assert "hfbuild install-hook" in refused.stderr and "not found" not in refused.stderr
+    assert run_hfbuild(built, "install-hook").returncode == 0  # from the project's Python
+    assert commit("with the new environment").returncode == 0
+
+
+def test_install_hook_runs_the_dodo_file_it_was_given(built: Repo, tmp_path: pathlib.Path) -> None:
+    """`hfbuild --dodo pipeline.py install-hook` writes a hook that checks that file's
+    pipeline, also where no dodo.py exists."""
+    built.git("mv", "dodo.py", "pipeline.py")
+    built.commit("the pipeline is in pipeline.py")
+    out = run_hfbuild(built, "--dodo", "pipeline.py", "install-hook")
+    assert out.returncode == 0, out.stderr
+    built.write({"pkg/text.py": (built.path / "pkg/text.py").read_text() + "# edit\n"})
+    built.git("add", "-A")
+    refused = git_commit(built, "not rebuilt")
+    assert refused.returncode == 1 and "stage 'lens'" in refused.stderr, refused.stderr
+    doit(built, "-f", "pipeline.py", "run", "preprocess", log=tmp_path / "calls.log")
+    built.git("add", "hfbuild.lock")
+    assert git_commit(built, "rebuilt").returncode == 0
 
 
 def test_staged_check_names_unstaged_differences(built: Repo, tmp_path: pathlib.Path) -> None:

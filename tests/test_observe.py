@@ -425,6 +425,56 @@ def test_recording_keeps_project_reads_only(tmp_path: pathlib.Path) -> None:
     assert rec.collect() == {str(root / "read.txt"), str(root / "osopen.txt")}
 
 
+def test_recording_resolves_names_opened_relative_to_a_directory_fd(
+    tmp_path: pathlib.Path,
+) -> None:
+    """`os.open(name, dir_fd=fd)` is noted under the directory `fd` refers to, not the working
+    directory (shutil.rmtree's fd walk notes no root file named like a subdirectory); when
+    the call's dir_fd cannot be read (a partial, **kwargs) every directory it could be
+    relative to is noted, the working directory included: the file read is never missed.
+    Reading the call's source to find its dir_fd is not noted as a read."""
+    import functools
+
+    from hfbuild import observe
+
+    root = tmp_path / "root"
+    (root / "sub" / "a").mkdir(parents=True)
+    for name in ("x.txt", "sub/x.txt", "a", "sub/a/f.txt"):
+        (root / name).write_text("x")
+    cwd = os.getcwd()
+    os.chdir(root)
+    spool = str(tmp_path / "spool")
+
+    def recorded(fn: Any) -> set[str]:
+        with observe.recording(str(root), [], spool) as rec:
+            fn()
+        return {os.path.relpath(p, root) for p in rec.collect()}
+
+    try:
+        sub = os.open("sub", os.O_RDONLY)
+        assert recorded(lambda: os.close(os.open("x.txt", os.O_RDONLY, dir_fd=sub))) == {
+            "sub/x.txt"
+        }
+        assert recorded(lambda: os.close(os.open("x.txt", os.O_RDONLY, dir_fd=None))) == {"x.txt"}
+        assert recorded(lambda: os.close(os.open("x.txt", os.O_RDONLY))) == {"x.txt"}
+        partial = functools.partial(os.open, dir_fd=sub)
+        assert {"x.txt", "sub/x.txt"} <= recorded(lambda: os.close(partial("x.txt", 0)))
+        kwargs = {"dir_fd": sub}
+        assert {"x.txt", "sub/x.txt"} <= recorded(
+            lambda: os.close(os.open("x.txt", os.O_RDONLY, **kwargs))
+        )
+        tool = root / "tool"  # a script without .py: its source is not module code
+        tool.write_text("import os\ndef run(fd):\n    os.close(os.open('x.txt', 0, dir_fd=fd))\n")
+        scope: dict[str, Any] = {}
+        exec(compile(tool.read_text(), str(tool), "exec"), scope)
+        assert recorded(lambda: scope["run"](sub)) == {"sub/x.txt"}
+        os.close(sub)
+        walked = recorded(lambda: shutil.rmtree("sub"))
+        assert "a" not in walked and "sub/a" in walked
+    finally:
+        os.chdir(cwd)
+
+
 def test_a_stage_that_read_nothing_keeps_its_static_fingerprint() -> None:
     """The full key of an empty observation is the static fingerprint itself, and any
     observed file's id changes it."""
@@ -544,3 +594,85 @@ def test_gc_removes_the_read_records_of_results_it_removes(
     assert (records / last[:2] / f"{last}.json").is_file()
     run_doit(path, tmp_path / "after.log", env)
     assert calls(tmp_path / "after.log") == Counter()
+
+
+DIR_FD_FILES = {
+    "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG"]\n',
+    "pkg/__init__.py": "",
+    "pkg/viafd.py": """
+        import os
+
+        from pkg.log import log
+
+
+        def _text(fd):
+            with os.fdopen(fd) as f:
+                return f.read().strip()
+
+
+        def named(batch):
+            # The fd walk of shutil.rmtree: a name opened relative to a directory fd.
+            log("named")
+            sub = os.open("sub", os.O_RDONLY)
+            try:
+                fd = os.open("x.txt", os.O_RDONLY, dir_fd=sub)
+            finally:
+                os.close(sub)
+            return {"v": [_text(fd)] * len(batch["x"])}
+
+
+        def nested(batch):
+            log("nested")
+            fd = os.open("x.txt", os.O_RDONLY, dir_fd=os.open("sub", os.O_RDONLY))
+            return {"v": [_text(fd)] * len(batch["x"])}
+        """,
+    "pkg/log.py": FILES["pkg/log.py"],
+    "sub/x.txt": "first\n",
+    "dodo.py": """
+        from hfbuild import Pipeline
+        from pkg import viafd
+
+        pipe = Pipeline()
+        raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+        named = pipe.map("named", raw, viafd.named, batched=True)
+        nested = pipe.map("nested", raw, viafd.nested, batched=True)
+
+
+        def task_preprocess():
+            yield from pipe.tasks()
+        """,
+    ".gitignore": ".hfbuild/\n.doit.db*\n__pycache__/\n",
+}
+
+
+def test_file_opened_relative_to_a_directory_fd_is_recorded_under_that_directory(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A transform that opens `x.txt` relative to a directory fd of `sub` (the event names
+    only `x.txt`) has `sub/x.txt` in its key: editing it rebuilds the stage with the new
+    content, creating a `x.txt` at the root rebuilds nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    env = _env(tmp_path)
+    path = tmp_path / "repo"
+    repo = Repo.init(path)
+    repo.write(DIR_FD_FILES)
+    (path / "data").mkdir()
+    pq.write_table(pa.table({"x": [1, 2, 3]}), path / "data" / "part-0.parquet")
+    repo.commit("project")
+    run_doit(path, tmp_path / "build.log", env)
+    assert calls(tmp_path / "build.log") == Counter(["named", "nested"])
+    for stage in ("named", "nested"):
+        assert [p for p, _ in lock(path)[stage]["observed"]] == ["sub/x.txt"], stage
+        assert column(path, env, stage, "v") == ["first"] * 3
+
+    (path / "x.txt").write_text("at the root\n")
+    run_doit(path, tmp_path / "root.log", env)
+    assert calls(tmp_path / "root.log") == Counter()
+
+    (path / "sub" / "x.txt").write_text("second\n")
+    run_doit(path, tmp_path / "edit.log", env)
+    assert calls(tmp_path / "edit.log") == Counter(["named", "nested"])
+    for stage in ("named", "nested"):
+        assert column(path, env, stage, "v") == ["second"] * 3

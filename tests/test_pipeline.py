@@ -44,7 +44,7 @@ def test_builds_once_then_does_nothing(project: Repo, tmp_path: pathlib.Path) ->
         "feat": "40 rows",
         "kept": "26 rows",
         "lens": "40 rows",
-        "split": "test 7, train 19 rows",
+        "split": "train 19, test 7 rows",
     }
     assert sorted(lines) == sorted(f"-- preprocess:{s} ({rows[s]}, up to date)" for s in STAGES)
 

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from tests.helpers import Repo, run_hfbuild
+from tests.helpers import Repo, run_hfbuild, run_python
 from tests.pipeline_project import calls, doit
 from tests.shard_project import make_project, state, write_part
 
@@ -310,6 +310,80 @@ def test_explain_and_status_name_the_new_shards(tmp_path: pathlib.Path) -> None:
     out = run_hfbuild(repo, "status")
     assert "feat   stale: 2 of 5 shards new: data/part-0.parquet (changed)" in out.stdout
     assert "raw    stale: 2 of 5 shards new" in out.stdout
+
+
+def test_explain_says_a_sharded_result_is_its_listed_shards(tmp_path: pathlib.Path) -> None:
+    """An up-to-date sharded stage has no data of its own: explain names the entry listing
+    its shards, how many, and `pipe.result`, not a `data/` directory."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    fp = state(repo)["feat"]["fp"]
+    entry = repo.path / ".hfbuild" / "objects" / fp[:2] / fp
+    assert not (entry / "data").exists()
+    out = run_hfbuild(repo, "explain", "feat")
+    assert out.returncode == 0
+    assert out.stdout.splitlines()[1] == (
+        f"fingerprint {fp}; result: 4 shards listed by the entry {entry}; "
+        "load it with pipe.result('feat')"
+    )
+    doc = json.loads(run_hfbuild(repo, "explain", "feat", "--json").stdout)
+    assert (doc["result_kind"], doc["result_path"], doc["result_shards"]) == (
+        "shards",
+        str(entry),
+        4,
+    )
+
+
+SPLIT_FILES = {
+    "pkg/__init__.py": "",
+    "pkg/t.py": """
+        def feat(batch):
+            return {"y": [x * 2 for x in batch["x"]]}
+        """,
+    "dodo.py": """
+        from hfbuild import Pipeline
+        from pkg import t
+
+        pipe = Pipeline()
+        files = {
+            "train": ["data/part-0.parquet", "data/part-1.parquet"],
+            "test": ["data/part-2.parquet", "data/part-3.parquet"],
+        }
+        raw = pipe.load("raw", "parquet", data_files=files)
+        feat = pipe.map("feat", raw, t.feat, batched=True)
+
+
+        def task_preprocess():
+            yield from pipe.tasks()
+        """,
+}
+
+SPLIT_ROWS = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+print(json.dumps({s: len(d) for s, d in dodo.pipe.result("feat").items()}))
+"""
+
+
+def test_sharded_split_rows_are_reported_in_the_datasets_split_order(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A sharded DatasetDict stage's rows per split are written in the order its result
+    gives its splits, on the "built" and "up to date" lines alike. (That order is its
+    shards': splits sorted by name, since the manifest holds the data files so; test
+    before train here, unlike an unsharded load.)"""
+    repo = Repo.init(tmp_path / "repo").write(SPLIT_FILES)
+    for i, n in enumerate((10, 10, 3, 3)):
+        write_part(repo, f"part-{i}", 100 * i, rows=n)
+    repo.commit("project")
+    out = run_hfbuild(repo, "build")
+    assert out.returncode == 0, out.stderr
+    order = json.loads(run_python(SPLIT_ROWS, repo.path).stdout.strip().splitlines()[-1])
+    assert list(order) == ["test", "train"]
+    rows = ", ".join(f"{s} {n}" for s, n in order.items()) + " rows"
+    assert f"feat: built 4 of 4 shards ({rows}) in " in out.stdout
+    assert f"feat: up to date ({rows})" in run_hfbuild(repo, "build").stdout.splitlines()
 
 
 CHECK_STORE = """

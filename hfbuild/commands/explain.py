@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 from hfbuild.pipeline import Pipeline
+from hfbuild.report import Explanation
 from hfbuild.report import explain as explain_stage
 
 
@@ -17,7 +18,7 @@ def explain(pipe: Pipeline, stage: str, *, as_json: bool = False) -> int:
     dirty = f" (from uncommitted changes: {', '.join(ex.dirty_files)})" if ex.dirty_files else ""
     if ex.up_to_date:
         print(f"stage {stage!r} is up to date{dirty}: nothing changed since it was built.")
-        print(f"fingerprint {ex.fingerprint}; result at {ex.result_path}")
+        print(f"fingerprint {ex.fingerprint}; {_where(ex)}")
         return 0
     if ex.previous is None:
         print(f"stage {stage!r} has never been built (fingerprint {ex.fingerprint}).")
@@ -38,3 +39,17 @@ def explain(pipe: Pipeline, stage: str, *, as_json: bool = False) -> int:
             print(line)
     print(f"Run `doit run {pipe.name}:{stage}` to build it.")
     return 1
+
+
+def _where(ex: Explanation) -> str:
+    """Where the result is, and how to read it when its directory is not a `save_to_disk`
+    layout (`load_from_disk` reads only an ordinary entry's `data/`)."""
+    load = f"load it with pipe.result({ex.stage!r})"
+    if ex.result_kind == "indices":
+        where = f"indices at {ex.result_path} over the rows of the entry {ex.result_base}"
+        return f"result: {where}; {load}"
+    if ex.result_kind == "shards":
+        n = ex.result_shards
+        where = f"{n:,} {'shard' if n == 1 else 'shards'} listed by the entry {ex.result_path}"
+        return f"result: {where}; {load}"
+    return f"result at {ex.result_path}"

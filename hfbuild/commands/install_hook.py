@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 import sys
 
@@ -11,8 +12,10 @@ from hfbuild.pipeline import Pipeline
 MARK = "# installed by `hfbuild install-hook`"
 
 
-def install_hook(pipe: Pipeline, *, force: bool = False) -> int:
-    """A plain git pre-commit hook: a shim that runs `hfbuild verify --staged`."""
+def install_hook(pipe: Pipeline, dodo: str, *, force: bool = False) -> int:
+    """A plain git pre-commit hook: a shim that runs `hfbuild verify --staged` on the dodo
+    file `dodo` (an absolute path) with this interpreter, and says what to do once that
+    interpreter is gone (the project moved to another environment)."""
     hooks = Snapshot(pipe.root).hooks_dir()
     if hooks is None:
         raise HfbuildError(f"{pipe.root} is not a git repository: nothing to install into.")
@@ -25,11 +28,17 @@ def install_hook(pipe: Pipeline, *, force: bool = False) -> int:
                     f"pre-commit framework (.pre-commit-hooks.yaml), or pass --force to replace."
                 )
     os.makedirs(hooks, exist_ok=True)
-    dodo = os.path.join(os.getcwd(), "dodo.py")
+    py = shlex.quote(sys.executable)
+    gone = shlex.quote(
+        f"hfbuild hook: {sys.executable}, the Python `hfbuild install-hook` was run with, no "
+        f"longer exists (the project moved to another environment?). Run `hfbuild "
+        f"install-hook` again from the project environment."
+    )
     with open(path, "w", encoding="utf-8") as f:
         f.write(
             f"#!/bin/sh\n{MARK}\n"
-            f'exec "{sys.executable}" -m hfbuild --dodo "{dodo}" verify --staged\n'
+            f"[ -x {py} ] || {{ echo {gone} >&2; exit 1; }}\n"
+            f"exec {py} -m hfbuild --dodo {shlex.quote(dodo)} verify --staged\n"
         )
     os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     print(f"installed {path}")
