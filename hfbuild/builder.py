@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
@@ -319,13 +318,7 @@ def _write_state(ds: Any, dest: str, names: list[str]) -> None:
         json.dump({k: info[k] for k in sorted(info)}, f, indent=2)
 
 
-def cleanup_scratch(build_dir: str) -> None:
-    shutil.rmtree(os.path.join(build_dir, SCRATCH), ignore_errors=True)
-
-
-def set_scratch_aside(build_dir: str, aside: str) -> None:
-    """Move the build dir's scratch to `aside` (a path on the same disk), for the caller to
-    delete later: one rename now instead of a directory tree's removal (datasets' cache
-    layout for one load is six directories deep, and each `rmdir` waits on the disk)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.rename(os.path.join(build_dir, SCRATCH), aside)
+def scratch_dir(build_dir: str) -> str:
+    """Where `run_stage` lets datasets write its cache files in `build_dir`: what is left
+    there once the result is saved is not part of the entry."""
+    return os.path.join(build_dir, SCRATCH)

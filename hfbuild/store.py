@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from hfbuild import sharing
+from hfbuild import sharing, trash
 from hfbuild.errors import StoreError
 
 MANIFEST = "manifest.json"
@@ -440,6 +440,16 @@ class Store:
             hint = " The disk is full." if e.errno == errno.ENOSPC else ""
             raise StoreError(f"could not publish {fp} in {self.root}: {e.strerror}.{hint}") from e
         return doc
+
+    def discard(self, path: str) -> None:
+        """Remove `path`, a leftover of a build in this store's tmp/, by the time the
+        process exits (`trash.py`: removals after the build's file creations)."""
+        trash.defer(path, os.path.join(self.root, "tmp"))
+
+    def prepare_discard(self) -> None:
+        """Make this process's trash now, before forking workers that `discard` into it."""
+        self._ensure()
+        trash.prepare(os.path.join(self.root, "tmp"))
 
     def quarantine(self, fp: str) -> str | None:
         """Move a broken entry out of the way (to tmp/, where gc removes it)."""
