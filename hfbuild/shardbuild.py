@@ -143,7 +143,7 @@ def _run(
     n = _workers(spec, len(todo))
     if n == 1:
         for i, s in todo:
-            yield (i, *_build_shard(pipe, spec, m, s, builder, tmp))
+            yield (i, *_build_shard(pipe, spec, m, s, builder, tmp, shared=True))
         return
     import multiprocessing
 
@@ -177,15 +177,15 @@ def _worker(k: int) -> tuple[Any, ...]:
 
 
 def _publish_shard(pipe: Pipeline, key: str, path: str, doc: dict[str, Any]) -> dict[str, Any]:
-    """Publish one shard under its own lock (another stage may share it); the manifest of
-    the shard now in the store (ours as written, or the intact one found there)."""
+    """Publish one shard (another stage or pipeline may build the same one: the first to
+    publish it wins, `Store.publish_first`); the manifest of the shard now in the store
+    (ours as written, or the intact one found there)."""
     store = pipe.store
-    with store.lock(key):
-        there = store.intact_manifest(key)
-        if there is not None:
-            store.discard(path)
-            return there
-        return store.publish(path, key, doc, durable=False)
+    there = store.intact_manifest(key)
+    if there is not None:
+        store.discard(path)
+        return there
+    return store.publish_first(path, key, doc)
 
 
 def _publish(
@@ -288,12 +288,19 @@ def _build_shard(
     s: shards.Shard,
     builder: Any,
     tmp: str,
+    *,
+    shared: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """Build one shard into a directory inside the stage's build dir; (dir, its document).
-    Its scratch goes to the store's trash (`Store.discard`), before it is published."""
+    datasets' cache files go to a scratch directory: with `shared`, the one all shards of
+    the stage built one after another in this process use (two directories fewer per
+    shard: `_clear` empties it after each); else the shard's own. What is left there
+    goes to the store's trash (`Store.discard`), before the shard is published."""
     store = pipe.store
     t0 = time.perf_counter()
     path = tempfile.mkdtemp(dir=tmp, prefix="shard-")
+    scratch = os.path.join(tmp, builder.SCRATCH) if shared else builder.scratch_dir(path)
+    named = {"scratch": scratch, "tag": os.path.basename(path) + "-"}
     sources: list[Any] = []
     if spec.kind == "load":
         files = m.data_files
@@ -303,17 +310,21 @@ def _build_shard(
                 f"load stage {spec.name!r}: the data file {s.label} is not in the checkout; "
                 f"it cannot be built here."
             )
-        out = builder.run_stage(spec, [], s.key, path, pipe.root, {s.split: [group[s.pos]]})
+        files = {s.split: [group[s.pos]]}
+        out = builder.run_stage(spec, [], s.key, path, pipe.root, files, **named)
         if isinstance(out, dict):
             out = out[s.split]
     else:
         inp = store.load(s.input)
         one = builder.offset_indices(spec, _offset(pipe, spec, m, s))
-        out = builder.run_stage(one, [inp], s.key, path, pipe.root)
+        out = builder.run_stage(one, [inp], s.key, path, pipe.root, **named)
         sources = _sources(store, s.input, inp)
     liveness.check_built(pipe.root, m.doc)  # the code that ran is the code hashed
-    info = builder.save(out, os.path.join(path, "data"), path, sources)
-    store.discard(builder.scratch_dir(path))  # out of the entry, before it is published
+    info = builder.save(out, os.path.join(path, "data"), path, sources, scratch if shared else None)
+    if shared:
+        _clear(store, scratch)
+    else:
+        store.discard(scratch)  # out of the entry, before it is published
     doc = {
         "stage": spec.name,
         "shard": {"split": s.split, "label": s.label, "input": s.input},
@@ -326,6 +337,24 @@ def _build_shard(
     if info.indices is not None:
         doc["indices"] = info.indices
     return path, doc
+
+
+def _clear(store: Any, scratch: str) -> None:
+    """Send what one shard's build left in the stage's shared scratch to the trash, keeping
+    the two directory levels every build of the stage makes again (datasets' cache dir and
+    its `<builder>/` directory; what a load leaves is below them, in a directory named
+    after its data file's config, or a lock file): the next shard then starts from an
+    empty cache, as it would in a scratch of its own."""
+    for top in os.scandir(scratch):
+        if not top.is_dir(follow_symlinks=False):
+            store.discard(top.path)
+            continue
+        for sub in os.scandir(top.path):
+            if not sub.is_dir(follow_symlinks=False):
+                store.discard(sub.path)
+                continue
+            for leaf in os.scandir(sub.path):
+                store.discard(leaf.path)
 
 
 # -- a filter shard: indices over its input's base (indexed.py) ----------------------------------
