@@ -184,7 +184,7 @@ def save(
     match = indexed.selection(result, sources) if sources else None
     if match is not None:
         as_dict = isinstance(result, datasets.DatasetDict)
-        part = indexed.write(dest, match[0], match[1], as_dict)
+        part = indexed.write(dest, match[0], match[1], as_dict, owned)
         rows_of: Any = {p.dir: len(p.ds) for p in match[1]} if as_dict else len(result)
         return SaveInfo(rows_of, dataset_hash(result), written(), part)
     if isinstance(result, datasets.DatasetDict):
