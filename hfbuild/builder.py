@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
@@ -61,15 +60,21 @@ def run_stage(
     build_dir: str,
     root: str,
     data_files: Any = None,
+    *,
+    scratch: str | None = None,
+    tag: str = "",
 ) -> Any:
-    """Run one stage; a load stage reads `data_files`, the files its fingerprint names."""
-    scratch = os.path.join(build_dir, SCRATCH)
+    """Run one stage; a load stage reads `data_files`, the files its fingerprint names.
+    datasets writes its cache files in `scratch` (by default `scratch_dir(build_dir)`); a
+    map's or filter's are named after `tag`, so several builds may share one scratch."""
+    if scratch is None:
+        scratch = scratch_dir(build_dir)
     os.makedirs(scratch, exist_ok=True)
     try:
         if spec.kind == "load":
             return _load(spec, data_files, scratch)
         if spec.kind in ("map", "filter"):
-            return _map_or_filter(spec, inputs[0], fp, scratch)
+            return _map_or_filter(spec, inputs[0], fp, scratch, tag)
         with _no_global_cache():
             out = spec.fn(*inputs, **spec.fn_kwargs)  # type: ignore[misc]
     except HfbuildError:
@@ -116,7 +121,7 @@ def _load(spec: StageSpec, files: Any, scratch: str) -> Any:
     )
 
 
-def _map_or_filter(spec: StageSpec, ds: Any, fp: str, scratch: str) -> Any:
+def _map_or_filter(spec: StageSpec, ds: Any, fp: str, scratch: str, tag: str) -> Any:
     options = dict(spec.options)
     options.pop("sharded", None)
     options.setdefault("load_from_cache_file", False)
@@ -128,7 +133,7 @@ def _map_or_filter(spec: StageSpec, ds: Any, fp: str, scratch: str) -> Any:
             spec.fn,
             fn_kwargs=dict(spec.fn_kwargs),
             new_fingerprint=(fp + suffix)[:64],
-            cache_file_name=os.path.join(scratch, f"{spec.kind}{suffix}.arrow"),
+            cache_file_name=os.path.join(scratch, f"{tag}{spec.kind}{suffix}.arrow"),
             **options,
         )
 
@@ -159,31 +164,41 @@ def offset_indices(spec: StageSpec, offset: int) -> StageSpec:
 
 
 def save(
-    result: Any, dest: str, build_dir: str, sources: Sequence[indexed.Source] = ()
+    result: Any,
+    dest: str,
+    build_dir: str,
+    sources: Sequence[indexed.Source] = (),
+    scratch: str | None = None,
 ) -> SaveInfo:
     """Write `result` at `dest` and describe it. A selection of one of `sources` (the
     stage's inputs as loaded from the store, see `indexed.sources`) is written as its indices
     only (an indices entry over the input's base); anything else in the `save_to_disk`
     layout, with the content hash taken from what was written: flat, memory-mapped, in
-    writer-sized chunks."""
+    writer-sized chunks. Arrow files datasets wrote in `build_dir` or in `scratch` (the
+    scratch `run_stage` was given, when not the build dir's own) are moved, not copied."""
+    owned = [build_dir] + ([scratch] if scratch is not None else [])
+
+    def written() -> int:
+        return sum(tree_size(d) for d in owned)
+
     match = indexed.selection(result, sources) if sources else None
     if match is not None:
         as_dict = isinstance(result, datasets.DatasetDict)
-        part = indexed.write(dest, match[0], match[1], as_dict)
+        part = indexed.write(dest, match[0], match[1], as_dict, owned)
         rows_of: Any = {p.dir: len(p.ds) for p in match[1]} if as_dict else len(result)
-        return SaveInfo(rows_of, dataset_hash(result), tree_size(build_dir), part)
+        return SaveInfo(rows_of, dataset_hash(result), written(), part)
     if isinstance(result, datasets.DatasetDict):
         os.makedirs(dest)
         for split, ds in result.items():
-            _save_dataset(ds, os.path.join(dest, split), build_dir)
+            _save_dataset(ds, os.path.join(dest, split), owned)
         with open(os.path.join(dest, "dataset_dict.json"), "w", encoding="utf-8") as f:
             json.dump({"splits": list(result)}, f)
         rows: Any = {split: len(ds) for split, ds in result.items()}
     else:
-        _save_dataset(result, dest, build_dir)
+        _save_dataset(result, dest, owned)
         rows = len(result)
     content = dataset_hash(_reload(dest))
-    return SaveInfo(rows, content, tree_size(build_dir))
+    return SaveInfo(rows, content, written())
 
 
 def _reload(dest: str) -> Any:
@@ -203,9 +218,10 @@ def _reload(dest: str) -> Any:
     return datasets.Dataset(table, fingerprint=doc.get("_fingerprint"))
 
 
-def _in_place_files(ds: Any, build_dir: str) -> list[str] | None:
-    """The Arrow files holding exactly `ds`'s rows, when they are all in the build dir and
-    nothing (an indices mapping, a pending cast or rename) separates them from `ds`."""
+def _in_place_files(ds: Any, owned: Sequence[str]) -> list[str] | None:
+    """The Arrow files holding exactly `ds`'s rows, when they are all in the `owned`
+    directories (the build's) and nothing (an indices mapping, a pending cast or rename)
+    separates them from `ds`."""
     if ds._indices is not None:
         return None
     table = ds._data
@@ -216,7 +232,7 @@ def _in_place_files(ds: Any, build_dir: str) -> list[str] | None:
     else:
         blocks = [table]
     paths = []
-    prefix = os.path.realpath(build_dir) + os.sep
+    prefixes = tuple(os.path.realpath(d) + os.sep for d in owned)
     for b in blocks:
         # Replacing schema metadata is the one pending operation that leaves the data as the
         # file has it (the features are written to dataset_info.json anyway).
@@ -225,7 +241,7 @@ def _in_place_files(ds: Any, build_dir: str) -> list[str] | None:
         ):
             return None
         p = os.path.realpath(b.path)
-        if not p.startswith(prefix) or p in paths:
+        if not p.startswith(prefixes) or p in paths:
             return None
         paths.append(p)
     if sum(b.num_rows for b in blocks) != len(ds) or ds.data.schema != blocks[0].schema:
@@ -233,11 +249,11 @@ def _in_place_files(ds: Any, build_dir: str) -> list[str] | None:
     return paths
 
 
-def _save_dataset(ds: Any, dest: str, build_dir: str) -> None:
+def _save_dataset(ds: Any, dest: str, owned: Sequence[str]) -> None:
     if ds._indices is not None and len(ds) >= _TAKE_ROWS:
         _save_selected(ds, dest)
         return
-    files = _in_place_files(ds, build_dir)
+    files = _in_place_files(ds, owned)
     if files is None:
         ds.save_to_disk(dest)
         return
@@ -319,13 +335,7 @@ def _write_state(ds: Any, dest: str, names: list[str]) -> None:
         json.dump({k: info[k] for k in sorted(info)}, f, indent=2)
 
 
-def cleanup_scratch(build_dir: str) -> None:
-    shutil.rmtree(os.path.join(build_dir, SCRATCH), ignore_errors=True)
-
-
-def set_scratch_aside(build_dir: str, aside: str) -> None:
-    """Move the build dir's scratch to `aside` (a path on the same disk), for the caller to
-    delete later: one rename now instead of a directory tree's removal (datasets' cache
-    layout for one load is six directories deep, and each `rmdir` waits on the disk)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.rename(os.path.join(build_dir, SCRATCH), aside)
+def scratch_dir(build_dir: str) -> str:
+    """Where `run_stage` lets datasets write its cache files in `build_dir`: what is left
+    there once the result is saved is not part of the entry."""
+    return os.path.join(build_dir, SCRATCH)

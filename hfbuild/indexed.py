@@ -139,8 +139,12 @@ def same_rows(a: Any, b: Any) -> bool:
     return True
 
 
-def write(dest: str, src: Source, parts: Sequence[Part], as_dict: bool) -> dict[str, Any]:
-    """Write each part's indices and info under `dest`; the manifest's `indices` part."""
+def write(
+    dest: str, src: Source, parts: Sequence[Part], as_dict: bool, owned: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Write each part's indices and info under `dest`; the manifest's `indices` part. An
+    indices file datasets wrote in one of the `owned` directories (the build's: a filter's
+    cache file) is moved into place rather than written again."""
     import pyarrow as pa
     from datasets.utils.py_utils import asdict  # the one save_to_disk uses
 
@@ -148,12 +152,16 @@ def write(dest: str, src: Source, parts: Sequence[Part], as_dict: bool) -> dict[
     for p in parts:
         d = os.path.join(dest, p.dir) if p.dir else dest
         os.makedirs(d, exist_ok=True)
-        table = p.ds._indices.table
-        with (
-            pa.OSFile(os.path.join(d, INDICES_FILE), "wb") as sink,
-            pa.ipc.new_stream(sink, table.schema) as writer,
-        ):
-            writer.write_table(table)
+        own = _owned_file(p.ds._indices, owned)
+        if own is not None:
+            os.rename(own, os.path.join(d, INDICES_FILE))
+        else:
+            table = p.ds._indices.table
+            with (
+                pa.OSFile(os.path.join(d, INDICES_FILE), "wb") as sink,
+                pa.ipc.new_stream(sink, table.schema) as writer,
+            ):
+                writer.write_table(table)
         info = asdict(p.ds._info)
         with open(os.path.join(d, INFO_FILE), "w", encoding="utf-8") as f:
             json.dump({k: info[k] for k in sorted(info)}, f, indent=2)
@@ -166,6 +174,25 @@ def write(dest: str, src: Source, parts: Sequence[Part], as_dict: bool) -> dict[
             }
         )
     return {"base": src.base, "base_hash": src.base_hash, "dict": as_dict, "parts": listed}
+
+
+def _owned_file(indices: Any, owned: Sequence[str]) -> str | None:
+    """The file holding exactly `indices` (a memory-mapped table, datasets' one `indices`
+    column of uint64, with nothing pending on it but new schema metadata: the positions
+    are the file's), when it is in an `owned` directory."""
+    import pyarrow as pa
+    from datasets.table import MemoryMappedTable
+
+    if not owned or not isinstance(indices, MemoryMappedTable):
+        return None
+    if any(op[0] != "replace_schema_metadata" for op in indices.replays):
+        return None
+    if indices.schema.names != ["indices"] or indices.schema.types != [pa.uint64()]:
+        return None
+    path = os.path.realpath(str(indices.path))
+    if not path.startswith(tuple(os.path.realpath(d) + os.sep for d in owned)):
+        return None
+    return path
 
 
 def load(data: str, ind: dict[str, Any], base: Any, key: str) -> Any:

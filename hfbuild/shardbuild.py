@@ -9,9 +9,8 @@ within the key it assumed (the key all the stage's shards share, see `shards.py`
 stage's entry, a manifest listing its shards in order (with each shard's files, rows and
 content hash, so the next build takes the shards it lists by a stat of their files). A kill
 at any point leaves only complete shard entries and no stage entry; its next build reuses
-the shards. A shard's scratch leaves it before it is published; `_build_shard` hands it to
-the caller's `discard` (the stage's build: a background thread that deletes it while the
-next shards build), or deletes it at once.
+the shards. A shard's scratch leaves it before it is published, into the store's trash
+(`Store.discard`: removed when the process exits, after the build's file creations).
 
 Must never: publish a shard under a key whose observed files it was not built with, publish
 the stage entry before every shard it lists is in the store, or print.
@@ -25,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hfbuild import __version__, liveness, progress, shards
@@ -70,8 +69,8 @@ def build(
                             todo.append((i, s))
                         known[s.key] = doc
                 bar = progress.bar(len(todo), spec.name, unit="shard", at_least=_PROGRESS_SHARDS)
-                with bar, _quiet_datasets(), _deleting() as discard:
-                    for i, path, doc in _run(pipe, spec, cur, todo, builder, tmp, discard):
+                with bar, _quiet_datasets():
+                    for i, path, doc in _run(pipe, spec, cur, todo, builder, tmp):
                         _one_load_count()
                         written += int(doc["written_bytes"])
                         now = set(seen.identify(m))
@@ -136,19 +135,19 @@ def _run(
     todo: Sequence[tuple[int, shards.Shard]],
     builder: Any,
     tmp: str,
-    discard: Callable[[str], None],
 ) -> Iterator[tuple[int, str, dict[str, Any]]]:
     """Build `todo`'s shards, yielding (position, directory, document) as each is done: in
-    this process (each shard's scratch handed to `discard`), or in fork-started workers
-    (what they read reaches the recording through its spool files, written before each
-    result comes back; each removes its shard's scratch itself)."""
+    this process, or in fork-started workers (what they read reaches the recording through
+    its spool files, written before each result comes back; their scratch goes to this
+    process's trash, made before the fork)."""
     n = _workers(spec, len(todo))
     if n == 1:
         for i, s in todo:
-            yield (i, *_build_shard(pipe, spec, m, s, builder, tmp, discard))
+            yield (i, *_build_shard(pipe, spec, m, s, builder, tmp, shared=True))
         return
     import multiprocessing
 
+    pipe.store.prepare_discard()
     global _JOB
     one = dataclasses.replace(
         spec, options={k: v for k, v in spec.options.items() if k != "num_proc"}
@@ -178,15 +177,15 @@ def _worker(k: int) -> tuple[Any, ...]:
 
 
 def _publish_shard(pipe: Pipeline, key: str, path: str, doc: dict[str, Any]) -> dict[str, Any]:
-    """Publish one shard under its own lock (another stage may share it); the manifest of
-    the shard now in the store (ours as written, or the intact one found there)."""
+    """Publish one shard (another stage or pipeline may build the same one: the first to
+    publish it wins, `Store.publish_first`); the manifest of the shard now in the store
+    (ours as written, or the intact one found there)."""
     store = pipe.store
-    with store.lock(key):
-        there = store.intact_manifest(key)
-        if there is not None:
-            shutil.rmtree(path, ignore_errors=True)
-            return there
-        return store.publish(path, key, doc, durable=False)
+    there = store.intact_manifest(key)
+    if there is not None:
+        store.discard(path)
+        return there
+    return store.publish_first(path, key, doc)
 
 
 def _publish(
@@ -237,10 +236,10 @@ def _publish(
     )
     doc.update({"shards": listed, "shards_built": count, "dict": as_dict})
     for name in os.listdir(tmp):  # what is left is scratch: the entry holds the list only
-        shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+        store.discard(os.path.join(tmp, name))
     fp = m.fingerprint
     if store.has(fp):
-        shutil.rmtree(tmp, ignore_errors=True)
+        store.discard(tmp)
     else:
         store.publish(tmp, fp, doc)
     return doc
@@ -289,14 +288,19 @@ def _build_shard(
     s: shards.Shard,
     builder: Any,
     tmp: str,
-    discard: Callable[[str], None] | None = None,
+    *,
+    shared: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """Build one shard into a directory inside the stage's build dir; (dir, its document).
-    Its scratch is moved out of the directory and given to `discard` to delete (by default
-    deleted at once)."""
+    datasets' cache files go to a scratch directory: with `shared`, the one all shards of
+    the stage built one after another in this process use (two directories fewer per
+    shard: `_clear` empties it after each); else the shard's own. What is left there
+    goes to the store's trash (`Store.discard`), before the shard is published."""
     store = pipe.store
     t0 = time.perf_counter()
     path = tempfile.mkdtemp(dir=tmp, prefix="shard-")
+    scratch = os.path.join(tmp, builder.SCRATCH) if shared else builder.scratch_dir(path)
+    named = {"scratch": scratch, "tag": os.path.basename(path) + "-"}
     sources: list[Any] = []
     if spec.kind == "load":
         files = m.data_files
@@ -306,19 +310,21 @@ def _build_shard(
                 f"load stage {spec.name!r}: the data file {s.label} is not in the checkout; "
                 f"it cannot be built here."
             )
-        out = builder.run_stage(spec, [], s.key, path, pipe.root, {s.split: [group[s.pos]]})
+        files = {s.split: [group[s.pos]]}
+        out = builder.run_stage(spec, [], s.key, path, pipe.root, files, **named)
         if isinstance(out, dict):
             out = out[s.split]
     else:
         inp = store.load(s.input)
         one = builder.offset_indices(spec, _offset(pipe, spec, m, s))
-        out = builder.run_stage(one, [inp], s.key, path, pipe.root)
+        out = builder.run_stage(one, [inp], s.key, path, pipe.root, **named)
         sources = _sources(store, s.input, inp)
     liveness.check_built(pipe.root, m.doc)  # the code that ran is the code hashed
-    info = builder.save(out, os.path.join(path, "data"), path, sources)
-    aside = _aside(path)
-    builder.set_scratch_aside(path, aside)  # out of the entry, before it is published
-    (discard or _remove_tree)(aside)
+    info = builder.save(out, os.path.join(path, "data"), path, sources, scratch if shared else None)
+    if shared:
+        _clear(store, scratch)
+    else:
+        store.discard(scratch)  # out of the entry, before it is published
     doc = {
         "stage": spec.name,
         "shard": {"split": s.split, "label": s.label, "input": s.input},
@@ -333,60 +339,22 @@ def _build_shard(
     return path, doc
 
 
-def _aside(path: str) -> str:
-    """Where a shard's scratch goes once the shard is built: next to it, in the stage's
-    build directory (whose leftovers are removed with it)."""
-    return path + ".scratch"
-
-
-@contextlib.contextmanager
-def _deleting() -> Iterator[Callable[[str], None]]:
-    """A function that removes a directory tree in a background thread, while the next
-    shards build: removing a tree costs mostly waiting on the disk. The thread starts with
-    the first tree (shards built by forked workers never give it one: a process should
-    not fork beside a running thread), and the block's end waits for every removal."""
-    import queue
-    import threading
-
-    todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-    workers: list[threading.Thread] = []
-
-    def work() -> None:
-        while (path := todo.get()) is not None:
-            _remove_tree(path)
-
-    def discard(path: str) -> None:
-        if not workers:
-            workers.append(threading.Thread(target=work, name="hfbuild-scratch", daemon=True))
-            workers[0].start()
-        todo.put(path)
-
-    try:
-        yield discard
-    finally:
-        if workers:
-            todo.put(None)
-            workers[0].join()
-
-
-def _remove_tree(path: str) -> None:
-    """`shutil.rmtree(path, ignore_errors=True)` by names under `path`: rmtree's fd-based
-    walk opens each directory by its name relative to its parent, which the run-time
-    observation (`observe`) notes as that name under the project root, and the build then
-    looks at every such name again after each shard. Removing a directory tree of our own
-    build needs no protection against symlink races."""
-    for top, dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(top, name))
-        for name in dirs:
-            sub = os.path.join(top, name)
-            with contextlib.suppress(OSError):
-                os.unlink(sub) if os.path.islink(sub) else os.rmdir(sub)
-    with contextlib.suppress(OSError):
-        os.rmdir(path)
-    if os.path.lexists(path):  # something it could not remove: rmtree's own attempt
-        shutil.rmtree(path, ignore_errors=True)
+def _clear(store: Any, scratch: str) -> None:
+    """Send what one shard's build left in the stage's shared scratch to the trash, keeping
+    the two directory levels every build of the stage makes again (datasets' cache dir and
+    its `<builder>/` directory; what a load leaves is below them, in a directory named
+    after its data file's config, or a lock file): the next shard then starts from an
+    empty cache, as it would in a scratch of its own."""
+    for top in os.scandir(scratch):
+        if not top.is_dir(follow_symlinks=False):
+            store.discard(top.path)
+            continue
+        for sub in os.scandir(top.path):
+            if not sub.is_dir(follow_symlinks=False):
+                store.discard(sub.path)
+                continue
+            for leaf in os.scandir(sub.path):
+                store.discard(leaf.path)
 
 
 # -- a filter shard: indices over its input's base (indexed.py) ----------------------------------

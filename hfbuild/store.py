@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from hfbuild import sharing
+from hfbuild import sharing, trash
 from hfbuild.errors import StoreError
 
 MANIFEST = "manifest.json"
@@ -412,11 +412,50 @@ class Store:
         self, build_dir: str, fp: str, manifest: dict[str, Any], *, durable: bool = True
     ) -> dict[str, Any]:
         """Write the manifest into `build_dir` (listing every data file and its size) and
-        move the directory into place with one rename; the manifest written, as
-        `read_manifest` would read it back. Call with the lock held. Without
-        `durable` (a shard: its data files are not flushed either) the manifest is not
-        flushed before the rename: after a power loss it may be empty, which `check`
+        move the directory into place with one rename; the manifest now in the store, as
+        `read_manifest` reads it (ours, or an intact entry published meanwhile without the
+        lock, see `publish_first`; ours is then discarded). Call with the lock held.
+        Without `durable` (a shard: its data files are not flushed either) the manifest is
+        not flushed before the rename: after a power loss it may be empty, which `check`
         refuses (its checksum), so the entry is rebuilt, never served."""
+        doc = self._seal(build_dir, fp, manifest, durable)
+        final = self.entry(fp)
+        try:
+            if os.path.exists(final):
+                there = self.intact_manifest(fp)
+                if there is not None:
+                    self.discard(build_dir)
+                    return there
+                self.quarantine(fp)  # a corrupt leftover: move it aside, never merge
+            os.rename(build_dir, final)
+        except OSError as e:
+            raise self._unpublished(build_dir, fp, e) from e
+        return doc
+
+    def publish_first(self, build_dir: str, fp: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """`publish` (not durable) without the entry's lock, for an entry that is the same
+        whoever builds it (a shard, which two stages or pipelines may share): the rename
+        puts a directory only where there is none (Linux renames a directory over an
+        empty one only), so of two racing builders one wins and the other finds its entry.
+        Only when something is in the way is the lock taken, and `publish` decides (an
+        intact entry is kept, a damaged one moved aside). No lock file is made for the
+        entry: a sharded build makes one file fewer per shard."""
+        doc = self._seal(build_dir, fp, manifest, False)
+        final = self.entry(fp)
+        try:
+            os.rename(build_dir, final)
+            return doc
+        except OSError as e:
+            if not os.path.lexists(final):
+                raise self._unpublished(build_dir, fp, e) from e
+        with self.lock(fp):
+            return self.publish(build_dir, fp, doc, durable=False)
+
+    def _seal(
+        self, build_dir: str, fp: str, manifest: dict[str, Any], durable: bool
+    ) -> dict[str, Any]:
+        """Write `build_dir`'s manifest (every data file and its size, the checksum) and
+        make the directory where it goes; the manifest."""
         data = os.path.join(build_dir, DATA)
         files: dict[str, int] = {}
         for dirpath, _, names in os.walk(data):
@@ -430,16 +469,25 @@ class Store:
         try:
             sharing.write_json_atomic(os.path.join(build_dir, MANIFEST), doc, durable=durable)
             sharing.share_tree(build_dir)  # what datasets wrote, in a group-shared store
-            final = self.entry(fp)
-            sharing.makedirs(os.path.dirname(final))
-            if os.path.exists(final):  # a corrupt leftover: move it aside, never merge
-                self.quarantine(fp)
-            os.rename(build_dir, final)
+            sharing.makedirs(os.path.dirname(self.entry(fp)))
         except OSError as e:
-            shutil.rmtree(build_dir, ignore_errors=True)
-            hint = " The disk is full." if e.errno == errno.ENOSPC else ""
-            raise StoreError(f"could not publish {fp} in {self.root}: {e.strerror}.{hint}") from e
+            raise self._unpublished(build_dir, fp, e) from e
         return doc
+
+    def _unpublished(self, build_dir: str, fp: str, e: OSError) -> StoreError:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        hint = " The disk is full." if e.errno == errno.ENOSPC else ""
+        return StoreError(f"could not publish {fp} in {self.root}: {e.strerror}.{hint}")
+
+    def discard(self, path: str) -> None:
+        """Remove `path`, a leftover of a build in this store's tmp/, by the time the
+        process exits (`trash.py`: removals after the build's file creations)."""
+        trash.defer(path, os.path.join(self.root, "tmp"))
+
+    def prepare_discard(self) -> None:
+        """Make this process's trash now, before forking workers that `discard` into it."""
+        self._ensure()
+        trash.prepare(os.path.join(self.root, "tmp"))
 
     def quarantine(self, fp: str) -> str | None:
         """Move a broken entry out of the way (to tmp/, where gc removes it)."""

@@ -389,3 +389,47 @@ def test_rebuild_keeps_the_base_of_indices_shards_it_takes_from_the_listing(
     doit(repo, "run", "preprocess", log=tmp_path / "c.log")
     assert store.check(fps["kept"]) is None
     assert store.load(fps["kept"]).to_list() == before
+
+
+def test_a_filters_own_indices_file_is_moved_not_written_again(tmp_path: pathlib.Path) -> None:
+    """The indices file a filter wrote in the build's directory becomes the entry's
+    indices file (moved: same inode), holding the same positions; one it did not write there
+    (an input's, or a selection kept in memory) is written, never moved."""
+    import datasets
+    import numpy as np
+
+    from hfbuild import indexed
+
+    base = datasets.Dataset.from_dict({"x": list(range(50))})
+    base.save_to_disk(str(tmp_path / "base"))
+    loaded = datasets.load_from_disk(str(tmp_path / "base"))
+    build = tmp_path / "build"
+    build.mkdir()
+    cache = str(build / "filter.arrow")
+    kept = loaded.filter(
+        lambda b: [v % 4 == 0 for v in b["x"]], batched=True, cache_file_name=cache
+    )
+    src = indexed.Source("b" * 32, "h", [(loaded.data.table, None)])
+    inode = os.stat(cache).st_ino
+    indexed.write(str(tmp_path / "out"), src, [indexed.Part("", kept, None)], False, [str(build)])
+    assert os.stat(tmp_path / "out" / indexed.INDICES_FILE).st_ino == inode
+    assert not os.path.exists(cache)
+    got = indexed.read_indices(str(tmp_path / "out" / indexed.INDICES_FILE))
+    assert got.tolist() == list(range(0, 50, 4))
+    in_memory = loaded.filter(lambda b: [v < 5 for v in b["x"]], batched=True, keep_in_memory=True)
+    indexed.write(
+        str(tmp_path / "mem"), src, [indexed.Part("", in_memory, None)], False, [str(build)]
+    )
+    assert np.array_equal(
+        indexed.read_indices(str(tmp_path / "mem" / indexed.INDICES_FILE)),
+        np.arange(5, dtype=np.uint64),
+    )
+    elsewhere = loaded.filter(
+        lambda b: [v > 45 for v in b["x"]],
+        batched=True,
+        cache_file_name=str(tmp_path / "other.arrow"),
+    )
+    indexed.write(
+        str(tmp_path / "far"), src, [indexed.Part("", elsewhere, None)], False, [str(build)]
+    )
+    assert os.path.exists(tmp_path / "other.arrow")  # not the build's: copied

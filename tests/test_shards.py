@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import shutil
+import time
 from collections import Counter
 
 import pytest
@@ -413,6 +414,8 @@ KILLS = [
     ("hfbuild.shardbuild:_publish_shard", 6, "after"),
     ("hfbuild.shardbuild:_publish", 1, "before"),
     ("hfbuild.shardbuild:_publish", 2, "after"),
+    ("hfbuild.store:Store.publish_first", 3, "before"),
+    ("hfbuild.store:Store._seal", 3, "after"),  # a shard's manifest written, not yet moved
     ("hfbuild.store:Store.publish", 3, "before"),
     ("os:rename", 5, "after"),
     ("hfbuild.builder:save", 7, "after"),
@@ -453,6 +456,8 @@ def test_killed_sharded_build_leaves_nothing_partial(
         assert _per_shard(before, "feat") == {"part-0", "part-1"}  # killed before logging
         assert _per_shard(again, "feat") == {"part-2", "part-3"}
     assert state(repo) == _fresh(repo, tmp_path, tmp_path / "fresh.log")
+    if target == "hfbuild.shardbuild:_publish_shard":  # the killed build's scratch: for gc
+        assert any(p.name.startswith("trash.") for p in (repo.path / ".hfbuild/tmp").iterdir())
     gc = run_hfbuild(repo, "gc", "--keep-days", "0")
     assert gc.returncode == 0, gc.stderr
     assert list((repo.path / ".hfbuild" / "tmp").iterdir()) == []
@@ -642,3 +647,95 @@ def test_publish_returns_the_manifest_it_wrote(tmp_path: pathlib.Path) -> None:
         got = store.publish(str(build), fp, {"rows": 3, "content_hash": "h"}, durable=False)
     assert got == store.read_manifest(fp) == store.intact_manifest(fp)
     assert got["files"] == {"a.arrow": 7, "sub/b.json": 8}
+
+
+def _sealed(store: object, fp: str, content: bytes) -> str:
+    """A build directory of `store` holding one data file with `content`."""
+    build = pathlib.Path(store.new_build_dir(fp))  # type: ignore[attr-defined]
+    (build / "data").mkdir()
+    (build / "data" / "a.arrow").write_bytes(content)
+    return str(build)
+
+
+def test_publish_first_keeps_an_intact_entry_and_replaces_a_damaged_one(
+    tmp_path: pathlib.Path,
+) -> None:
+    """`Store.publish_first` (a shard's publish, without its lock): the first entry stays
+    and a second publish of the key returns it; a damaged entry in the way is moved aside
+    and replaced; no lock file is made for the key unless something was in the way."""
+    from hfbuild.store import Store
+
+    store = Store(tmp_path / "store")
+    fp = "cd" * 16
+    first = store.publish_first(_sealed(store, "0" * 32, b"first"), fp, {"rows": 1})
+    assert first == store.intact_manifest(fp)
+    assert not (tmp_path / "store" / "locks" / f"{fp}.lock").exists()
+    second = _sealed(store, "1" * 32, b"other")
+    assert store.publish_first(second, fp, {"rows": 1}) == first
+    assert not os.path.exists(second)  # to the trash
+    assert (pathlib.Path(store.data_path(fp)) / "a.arrow").read_bytes() == b"first"
+    (pathlib.Path(store.data_path(fp)) / "a.arrow").write_bytes(b"cut")  # damaged
+    third = store.publish_first(_sealed(store, "2" * 32, b"third"), fp, {"rows": 1})
+    assert third == store.intact_manifest(fp)
+    assert (pathlib.Path(store.data_path(fp)) / "a.arrow").read_bytes() == b"third"
+    assert any(".corrupt-" in p.name for p in (tmp_path / "store" / "tmp").iterdir())
+
+
+RACER = """
+import os, pathlib, sys, time
+from hfbuild.store import Store
+store = Store(sys.argv[1])
+build = pathlib.Path(store.new_build_dir(sys.argv[3]))
+(build / "data").mkdir()
+(build / "data" / "a.arrow").write_bytes(sys.argv[3].encode())
+while not os.path.exists(sys.argv[4]):
+    time.sleep(0.001)
+doc = store.publish_first(str(build), sys.argv[2], {"rows": 1})
+print(doc["manifest_digest"])
+"""
+
+
+def test_racing_publish_first_one_entry_wins(tmp_path: pathlib.Path) -> None:
+    """Six processes publish the same key at once without its lock: one entry is in the
+    store, intact, and every process was handed that entry's manifest."""
+    import subprocess
+    import sys
+
+    from hfbuild.store import Store
+
+    fp, go = "ef" * 16, tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(tmp_path / "store"), fp, f"{i:032x}", str(go)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(6)
+    ]
+    time.sleep(2)  # every racer ready: its build directory made
+    go.touch()
+    digests = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    doc = Store(tmp_path / "store").intact_manifest(fp)
+    assert doc is not None and digests == {doc["manifest_digest"]}
+
+
+def test_cold_build_leaves_no_scratch_and_no_lock_per_shard(tmp_path: pathlib.Path) -> None:
+    """After a sharded build's process exits, nothing of its scratch is left in the store:
+    tmp/ is empty, entries hold only their manifest and data, and locks/ holds the stages'
+    locks, not one file per shard."""
+    repo = make_project(Repo.init(tmp_path / "repo"), parts=5)
+    doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    store = repo.path / ".hfbuild"
+    assert list((store / "tmp").iterdir()) == []
+    entries = [e for d in (store / "objects").iterdir() for e in d.iterdir()]
+    assert len(entries) > 5 * 4  # the shards of four sharded stages, and the stage entries
+    assert {p.name for e in entries for p in e.iterdir()} <= {"manifest.json", "data"}
+    locks = {p.name for p in (store / "locks").iterdir()}
+    shard_keys = {
+        row[1]
+        for e in entries
+        for row in json.loads((e / "manifest.json").read_text()).get("shards", [])
+    }
+    assert len(shard_keys) == 5 * 4
+    assert not {f"{k}.lock" for k in shard_keys} & locks

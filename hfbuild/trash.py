@@ -1,0 +1,110 @@
+"""Build leftovers removed when the process ends, not while it builds.
+
+Owns: one trash directory per store and process, inside the store's `tmp/`; `defer`, which
+moves a leftover of a build (a shard's scratch, a duplicate of an entry another process
+published first) into it with one rename; and `empty`, which removes the trash, run at exit
+(and whenever `LIMIT` leftovers are waiting, so a long-lived process, a notebook, does not
+pile them up). Why: removing a file costs the disk a little now and costs every file
+created after it more, where the filesystem skips recently freed inodes when it picks one
+for a new file (ext4 without a journal keeps them for 5 to 35 s, and its search walks past
+each one: measured, a cold sharded build that removed each shard's scratch as it went spent
+a third of its system time in that search, bench/bench_incremental.py (d)). A sharded build
+creates a few files per shard; its removals now come after all of them.
+
+A process killed before its exit handler runs leaves its trash directory in `tmp/`, where
+`hfbuild gc` removes it with other leftovers of killed builds. A forked worker moves its
+leftovers into its parent's trash (created before the fork) and leaves the emptying to it.
+
+Must never: remove anything that is not a leftover of a build (the caller names only paths
+under the store's `tmp/`), or hold a leftover in a place the store reads.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+
+LIMIT = 10_000  # leftovers waiting before they are removed at once
+PREFIX = "trash."
+
+_lock = threading.Lock()
+_bins: dict[str, tuple[str, int]] = {}  # a store's tmp/ -> (this process's trash in it, pid)
+_count = 0
+_registered = False
+
+
+def prepare(tmp: str) -> None:
+    """Create this process's trash in `tmp` now (before forking workers that use it)."""
+    _bin(tmp)
+
+
+def defer(path: str, tmp: str) -> None:
+    """Remove `path` (a directory or file inside `tmp`, a store's tmp/) by the time this
+    process exits: moved into the trash now, removed then. When it cannot be moved (a
+    concurrent `hfbuild gc` removed the trash) it is removed at once."""
+    global _count
+    if not os.path.lexists(path):
+        return
+    with _lock:
+        here = _bin(tmp)
+        _count += 1
+        name = os.path.join(here, str(_count))
+        owner = _bins[tmp][1] == os.getpid()
+    try:
+        os.rename(path, name)
+    except OSError:
+        remove_tree(path)
+        return
+    if owner and _count % LIMIT == 0:
+        empty()
+
+
+def empty() -> None:
+    """Remove every trash directory this process made (the exit handler)."""
+    with _lock:
+        mine = [b for b, pid in _bins.values() if pid == os.getpid()]
+        for tmp in [t for t, (_, pid) in _bins.items() if pid == os.getpid()]:
+            del _bins[tmp]
+    for b in mine:
+        shutil.rmtree(b, ignore_errors=True)
+
+
+def _bin(tmp: str) -> str:
+    global _registered
+    got = _bins.get(tmp)
+    if got is not None and os.path.isdir(got[0]):
+        return got[0]
+    here = tempfile.mkdtemp(dir=tmp, prefix=PREFIX)
+    _bins[tmp] = (here, os.getpid())
+    if not _registered:
+        _registered = True
+        atexit.register(empty)
+    return here
+
+
+def remove_tree(path: str) -> None:
+    """`shutil.rmtree(path, ignore_errors=True)` by names under `path`: rmtree's fd-based
+    walk opens each directory by its name relative to its parent, which the run-time
+    observation (`observe`) would note as that name under the project root while a stage
+    builds. Removing a directory tree of our own build needs no protection against symlink
+    races."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return
+    for top, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(top, name))
+        for name in dirs:
+            sub = os.path.join(top, name)
+            with contextlib.suppress(OSError):
+                os.unlink(sub) if os.path.islink(sub) else os.rmdir(sub)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+    if os.path.lexists(path):  # something it could not remove: rmtree's own attempt
+        shutil.rmtree(path, ignore_errors=True)
