@@ -87,24 +87,9 @@ def _bin(tmp: str) -> str:
 
 
 def remove_tree(path: str) -> None:
-    """`shutil.rmtree(path, ignore_errors=True)` by names under `path`: rmtree's fd-based
-    walk opens each directory by its name relative to its parent, which the run-time
-    observation (`observe`) would note as that name under the project root while a stage
-    builds. Removing a directory tree of our own build needs no protection against symlink
-    races."""
-    if not os.path.isdir(path) or os.path.islink(path):
+    """Remove `path` (a directory tree or a file) now, ignoring errors."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
         with contextlib.suppress(OSError):
             os.unlink(path)
-        return
-    for top, dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(top, name))
-        for name in dirs:
-            sub = os.path.join(top, name)
-            with contextlib.suppress(OSError):
-                os.unlink(sub) if os.path.islink(sub) else os.rmdir(sub)
-    with contextlib.suppress(OSError):
-        os.rmdir(path)
-    if os.path.lexists(path):  # something it could not remove: rmtree's own attempt
-        shutil.rmtree(path, ignore_errors=True)
