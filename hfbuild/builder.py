@@ -69,7 +69,8 @@ def run_stage(
     map's or filter's are named after `tag`, so several builds may share one scratch."""
     if scratch is None:
         scratch = scratch_dir(build_dir)
-    os.makedirs(scratch, exist_ok=True)
+    if not os.path.isdir(scratch):  # a shared scratch is there after the stage's first shard
+        os.makedirs(scratch, exist_ok=True)
     try:
         if spec.kind == "load":
             return _load(spec, data_files, scratch)
