@@ -168,7 +168,7 @@ def build_here(
         )
         if info.indices is not None:  # its rows are its input's: it references their entry
             doc["indices"] = info.indices
-        store.discard(builder.scratch_dir(tmp))
+        shutil.rmtree(builder.scratch_dir(tmp), ignore_errors=True)  # may be large: now
         if fp != m.fingerprint and store.has(fp):
             shutil.rmtree(tmp, ignore_errors=True)  # pulled meanwhile under the key it read
         else:

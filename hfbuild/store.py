@@ -482,7 +482,8 @@ class Store:
     def discard(self, path: str) -> None:
         """Remove `path`, a leftover of a build in this store's tmp/, by the time the
         process exits (`trash.py`: removals after the build's file creations)."""
-        trash.defer(path, os.path.join(self.root, "tmp"))
+        size = tree_size(path) if os.path.isdir(path) else os.lstat(path).st_size
+        trash.defer(path, os.path.join(self.root, "tmp"), size)
 
     def prepare_discard(self) -> None:
         """Make this process's trash now, before forking workers that `discard` into it."""

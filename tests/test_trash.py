@@ -61,3 +61,26 @@ def test_a_leftover_is_removed_at_once_when_the_trash_is_gone(tmp_path: pathlib.
     during = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(during) == 1 and during[0].startswith("trash.")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_trash_is_emptied_once_it_holds_limit_bytes(tmp_path: pathlib.Path) -> None:
+    """A build whose leftovers are large (files datasets extracted) does not keep them to
+    the end: once `LIMIT_BYTES` wait in the trash it is emptied."""
+    code = """
+    import json, os, sys
+    from hfbuild import trash
+    from hfbuild.store import Store
+    trash.LIMIT_BYTES = 10
+    store = Store(sys.argv[1])
+    tmp = os.path.join(sys.argv[1], "tmp")
+    seen = []
+    for i in range(3):
+        d = store.new_build_dir(f"{i:032x}")
+        open(os.path.join(d, "big"), "w").write("123456")
+        store.discard(d)
+        bins = [n for n in os.listdir(tmp) if n.startswith("trash.")]
+        seen.append(sum(len(os.listdir(os.path.join(tmp, b))) for b in bins))
+    print(json.dumps(seen))
+    """
+    out = run_python(code, tmp_path, args=[str(tmp_path / "store")])
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [1, 0, 1]
