@@ -195,6 +195,14 @@ def load_data(
         "files": ids,
         "options": ctx.encode(opts, f"stage {stage!r} load options"),
     }
+    given = options["data_files"]
+    if isinstance(given, Mapping):
+        # datasets' DatasetDict keeps the order of `data_files`' splits, and an apply may
+        # depend on it: an order other than sorted is part of what is loaded (a sorted one
+        # adds nothing, so its fingerprint stays as it was).
+        splits = [str(k) for k in given]
+        if splits != sorted(splits):
+            data["splits"] = splits
     return data, files
 
 

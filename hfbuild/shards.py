@@ -123,7 +123,8 @@ def for_load(spec: StageSpec, m: Manifest) -> Manifest:
         return m
     groups: list[tuple[str, Any]]
     if isinstance(files, Mapping):
-        groups = [(str(k), v) for k, v in files.items()]
+        order = data.get("splits") or list(files)  # the splits in datasets' order
+        groups = [(str(k), files[k]) for k in order if k in files]
         if split is not None:
             groups = [(k, v) for k, v in groups if k == split]
     elif isinstance(files, list):
@@ -137,8 +138,11 @@ def for_load(spec: StageSpec, m: Manifest) -> Manifest:
 
 
 def load_code_doc(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """A load stage's manifest without its files' ids: what its shards' code key hashes."""
-    return {**doc, "data": {**(doc.get("data") or {}), "files": None}}
+    """A load stage's manifest without its files' ids and its splits' order: what its
+    shards' code key hashes (a shard loads one file into its split whatever the order; the
+    stage's key, over its shards in order, has the order)."""
+    data = {k: v for k, v in (doc.get("data") or {}).items() if k != "splits"}
+    return {**doc, "data": {**data, "files": None}}
 
 
 def load_code(doc: Mapping[str, Any]) -> str:

@@ -371,9 +371,8 @@ def test_sharded_split_rows_are_reported_in_the_datasets_split_order(
     tmp_path: pathlib.Path,
 ) -> None:
     """A sharded DatasetDict stage's rows per split are written in the order its result
-    gives its splits, on the "built" and "up to date" lines alike. (That order is its
-    shards': splits sorted by name, since the manifest holds the data files so; test
-    before train here, unlike an unsharded load.)"""
+    gives its splits (the `data_files` dict's, train before test, as datasets gives them),
+    on the "built" and "up to date" lines alike."""
     repo = Repo.init(tmp_path / "repo").write(SPLIT_FILES)
     for i, n in enumerate((10, 10, 3, 3)):
         write_part(repo, f"part-{i}", 100 * i, rows=n)
@@ -381,7 +380,7 @@ def test_sharded_split_rows_are_reported_in_the_datasets_split_order(
     out = run_hfbuild(repo, "build")
     assert out.returncode == 0, out.stderr
     order = json.loads(run_python(SPLIT_ROWS, repo.path).stdout.strip().splitlines()[-1])
-    assert list(order) == ["test", "train"]
+    assert list(order) == ["train", "test"]
     rows = ", ".join(f"{s} {n}" for s, n in order.items()) + " rows"
     assert f"feat: built 4 of 4 shards ({rows}) in " in out.stdout
     assert f"feat: up to date ({rows})" in run_hfbuild(repo, "build").stdout.splitlines()
@@ -739,3 +738,81 @@ def test_cold_build_leaves_no_scratch_and_no_lock_per_shard(tmp_path: pathlib.Pa
     }
     assert len(shard_keys) == 5 * 4
     assert not {f"{k}.lock" for k in shard_keys} & locks
+
+
+SPLIT_ORDER = """
+import json, tempfile, warnings
+warnings.simplefilter("ignore")
+import datasets
+import dodo
+out = {}
+for name in ("raw", "whole", "order"):
+    got = dodo.pipe.result(name)
+    splits = list(got) if name != "order" else got["train"]["seen"][0]
+    out[name] = {"fp": dodo.pipe[name].fingerprint, "splits": splits}
+# A cache of its own: datasets' cache names one dataset for both orders of the same files.
+plain = datasets.load_dataset("parquet", data_files=dodo.FILES, cache_dir=tempfile.mkdtemp())
+out["plain"] = list(plain)
+out["raw_rows"] = {s: dodo.pipe.result("raw")[s].to_dict() for s in plain}
+out["plain_rows"] = {s: plain[s].to_dict() for s in plain}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("order", [("train", "test"), ("test", "train")])
+def test_split_order_of_a_dict_load_is_in_its_key_and_its_result(
+    tmp_path: pathlib.Path, order: tuple[str, str]
+) -> None:
+    """A load over `data_files={split: files}` gives its splits in the dict's order, as
+    plain datasets does, sharded or not (and an apply sees that order); the other order is
+    another fingerprint, while each file's load shard is shared by both."""
+    repo = Repo.init(tmp_path / "repo")
+    for i in range(2):
+        write_part(repo, f"tr-{i}", 10 * i)
+        write_part(repo, f"te-{i}", 100 + 10 * i)
+    pats = {"train": "data/tr-*.parquet", "test": "data/te-*.parquet"}
+    files = {s: pats[s] for s in order}
+    repo.write(
+        {
+            "pkg/__init__.py": "",
+            "pkg/o.py": "import datasets\n\n"
+            "def order(dd):\n"
+            "    return datasets.DatasetDict({'train': datasets.Dataset.from_dict("
+            "{'seen': [','.join(dd)]})})\n",
+            "dodo.py": f"""
+                from hfbuild import Pipeline
+                from pkg import o
+
+                FILES = {files!r}
+                pipe = Pipeline()
+                raw = pipe.load("raw", "parquet", data_files=FILES)
+                whole = pipe.load("whole", "parquet", data_files=FILES, sharded=False)
+                seen = pipe.apply("order", raw, o.order)
+
+
+                def task_preprocess():
+                    yield from pipe.tasks()
+                """,
+        },
+        commit="project",
+    )
+    doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    from tests.helpers import run_python
+
+    got = json.loads(run_python(SPLIT_ORDER, repo.path).stdout.strip().splitlines()[-1])
+    assert got["plain"] == list(order)
+    assert got["raw"]["splits"] == got["whole"]["splits"] == list(order)
+    assert got["order"]["splits"] == ",".join(order)
+    assert got["raw_rows"] == got["plain_rows"]
+    other = {s: pats[s] for s in reversed(order)}
+    dodo = (repo.path / "dodo.py").read_text().replace(repr(files), repr(other))
+    repo.write({"dodo.py": dodo}, commit="other order")
+    store = repo.path / ".hfbuild"
+    before = {p.name for d in (store / "objects").iterdir() for p in d.iterdir()}
+    doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    after = {p.name for d in (store / "objects").iterdir() for p in d.iterdir()}
+    assert len(after - before) == 3  # the three stages' entries; the load shards are shared
+    swapped = json.loads(run_python(SPLIT_ORDER, repo.path).stdout.strip().splitlines()[-1])
+    for name in ("raw", "whole", "order"):
+        assert swapped[name]["fp"] != got[name]["fp"], name
+    assert swapped["raw"]["splits"] == swapped["plain"] == list(reversed(order))
