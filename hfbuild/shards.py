@@ -24,6 +24,7 @@ Must never: import `datasets` (the up-to-date path computes these keys), or put 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -75,16 +76,25 @@ def code_key(m: Manifest) -> str:
 def shard_list(m: Manifest) -> list[Shard]:
     """The stage's shards in order, with their keys."""
     assert m.shards is not None
-    code = code_key(m)
+    return list(_keyed(code_key(m), m.shards)[0])
+
+
+@functools.lru_cache(maxsize=16)
+def _keyed(code: str, ins: tuple[ShardIn, ...]) -> tuple[tuple[Shard, ...], str]:
+    """The shards with their keys, and the stage's key, for a code key and shard inputs:
+    a pure function of its arguments, kept for the copies of one manifest that differ only
+    in what is not keyed (a build makes a few per stage: each would otherwise digest every
+    shard's key again)."""
     out: list[Shard] = []
     index: dict[str, int] = {}
-    for s in m.shards:
+    for s in ins:
         i = index.get(s.split, 0)
         index[s.split] = i + 1
         out.append(
             Shard(s.split, shard_key(code, s.input, s.before), s.label, i, s.input, s.before)
         )
-    return out
+    stage = _digest({"sharded": code, "shards": [[s.split, s.key] for s in out]})
+    return tuple(out), stage
 
 
 def shard_key(code: str, input_key: str, before: str = "") -> str:
@@ -95,7 +105,8 @@ def shard_key(code: str, input_key: str, before: str = "") -> str:
 
 def stage_key(m: Manifest) -> str:
     """A sharded stage's fingerprint: its code key and its ordered shard keys."""
-    return _digest({"sharded": code_key(m), "shards": [[s.split, s.key] for s in m.shard_list]})
+    assert m.shards is not None
+    return _keyed(code_key(m), m.shards)[1]
 
 
 def combined_hash(hashes: Sequence[tuple[str, str]]) -> str:
