@@ -96,9 +96,8 @@ def build(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.perf_counter() - t0
-    report = Report(
-        spec.name, final.fingerprint, "built", doc["rows"], seconds, (built, len(final.shard_list))
-    )
+    shards_built = (built, len(final.shard_list))
+    report = Report(spec.name, final.fingerprint, "built", doc["rows"], seconds, shards_built, doc)
     return report, doc
 
 
@@ -201,7 +200,8 @@ def _publish(
     known: Mapping[str, dict[str, Any] | None],
 ) -> dict[str, Any]:
     """The stage's entry: its shards in order, their rows and combined content hash (from
-    the shard manifests `known` found intact, the others read now)."""
+    the shard manifests `known` found intact, the others read now); the entry's manifest as
+    the store holds it (ours as published, or the intact one another build published)."""
     store = pipe.store
     rows: dict[str, int] = {}
     hashes: list[tuple[str, str]] = []
@@ -239,11 +239,11 @@ def _publish(
     for name in os.listdir(tmp):  # what is left is scratch: the entry holds the list only
         shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
     fp = m.fingerprint
-    if store.has(fp):
+    stored = store.intact_manifest(fp)
+    if stored is not None:
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        store.publish(tmp, fp, doc)
-    return doc
+        return stored
+    return store.publish(tmp, fp, doc)
 
 
 def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:

@@ -568,3 +568,20 @@ def test_publish_returns_the_manifest_it_wrote(tmp_path: pathlib.Path) -> None:
         got = store.publish(str(build), fp, {"rows": 3, "content_hash": "h"}, durable=False)
     assert got == store.read_manifest(fp) == store.intact_manifest(fp)
     assert got["files"] == {"a.arrow": 7, "sub/b.json": 8}
+
+
+def test_lock_a_build_records_is_the_lock_of_the_store(tmp_path: pathlib.Path) -> None:
+    """The hfbuild.lock a build writes, recording the entries it just published or found
+    without reading them back, is the one `hfbuild lock` derives from the store, after a
+    cold build and after an append."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    log = tmp_path / "calls.log"
+    for step in ("cold", "append"):
+        if step == "append":
+            write_part(repo, "part-4", 400)
+            repo.commit("append")
+        doit(repo, "run", "preprocess", log=log)
+        built = (repo.path / "hfbuild.lock").read_text()
+        out = run_hfbuild(repo, "lock")
+        assert out.returncode == 0, out.stderr
+        assert (repo.path / "hfbuild.lock").read_text() == built
