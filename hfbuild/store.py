@@ -446,7 +446,9 @@ class Store:
         doc.pop("manifest_digest", None)
         doc["manifest_digest"] = manifest_digest(doc)
         try:
-            sharing.write_json_atomic(os.path.join(build_dir, MANIFEST), doc, durable=durable)
+            sharing.write_json_atomic(
+                os.path.join(build_dir, MANIFEST), doc, durable=durable, indent=_indent(doc)
+            )
             sharing.share_tree(build_dir)  # what datasets wrote, in a group-shared store
             final = self.entry(fp)
             sharing.makedirs(os.path.dirname(final))
@@ -651,6 +653,14 @@ class Store:
                 if _FP.match(fp):
                     out.append(fp)
         return out
+
+
+def _indent(doc: dict[str, Any]) -> int | None:
+    """How a manifest is written: indented for people, but a stage's list of shards
+    (thousands of rows, written again on every rebuild) on one line, by json's C encoder
+    (its indenting encoder is pure Python). The manifest's checksum is of its content, not
+    its layout."""
+    return None if isinstance(doc.get("shards"), list) else 1
 
 
 def _wrong_size(data: str, files: dict[str, int]) -> tuple[str, int, int | None] | None:

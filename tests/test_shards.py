@@ -585,3 +585,26 @@ def test_lock_a_build_records_is_the_lock_of_the_store(tmp_path: pathlib.Path) -
         out = run_hfbuild(repo, "lock")
         assert out.returncode == 0, out.stderr
         assert (repo.path / "hfbuild.lock").read_text() == built
+
+
+def test_list_of_shards_is_written_on_one_line(tmp_path: pathlib.Path) -> None:
+    """A stage's list of shards is written as one line of JSON (other manifests stay
+    indented), and reads back, checksum included, as the manifest published."""
+    from hfbuild.store import MANIFEST, Store
+
+    store = Store(tmp_path / "store")
+    shard, stage = "ab" * 16, "cd" * 16
+    for fp, doc in [
+        (shard, {"rows": 3, "content_hash": "h"}),
+        (stage, {"rows": 3, "content_hash": "k", "shards": [["train", shard, "a", {}, {}]]}),
+    ]:
+        build = pathlib.Path(store.new_build_dir(fp))
+        (build / "data").mkdir()
+        with store.lock(fp):
+            got = store.publish(str(build), fp, doc)
+        assert got == store.read_manifest(fp) == store.intact_manifest(fp)
+    lines = [
+        len((pathlib.Path(store.entry(fp)) / MANIFEST).read_text().splitlines())
+        for fp in (shard, stage)
+    ]
+    assert lines[0] > 1 and lines[1] == 1
