@@ -224,7 +224,7 @@ def _publish(
             **_row_base(pipe, spec, stored),
         }
         listed.append([s.split, s.key, s.label, stored["files"], facts])
-    as_dict = _is_dict(pipe, spec, manifests)
+    as_dict = _is_dict(pipe, spec)
     doc = entry_doc(
         spec.name,
         m,
@@ -275,11 +275,13 @@ def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _is_dict(pipe: Pipeline, spec: StageSpec, manifests: Mapping[str, Manifest]) -> bool:
-    if spec.kind == "load":
-        return shards.is_dict(spec.options)
-    parent = pipe.store.read_manifest(manifests[spec.inputs[0]].fingerprint) or {}
-    return bool(parent.get("dict"))
+def _is_dict(pipe: Pipeline, spec: StageSpec) -> bool:
+    """Whether the stage's result is a DatasetDict: its sharded load's is (a sharded
+    transform's input is sharded, down to a load), as the load's options say; they are in
+    its key, so every entry of it says the same (no need to read the input's entry)."""
+    while spec.kind != "load":
+        spec = pipe[spec.inputs[0]].spec
+    return shards.is_dict(spec.options)
 
 
 def _build_shard(
