@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hfbuild import canonical
@@ -99,8 +100,14 @@ def _keyed(code: str, ins: tuple[ShardIn, ...]) -> tuple[tuple[Shard, ...], str]
 
 def shard_key(code: str, input_key: str, before: str = "") -> str:
     """One shard's key: the stage's code key (`code_key`), its input's key and, for
-    offset-dependent transforms, the digest of the input keys before it."""
-    return _digest({"shard": code, "input": input_key, "before": before or None})
+    offset-dependent transforms, the digest of the input keys before it: the digest of
+    `canonical.dumps({"shard": code, "input": input_key, "before": before or None})`, that
+    text written directly (keys in sorted order, each string by json's own encoder, as
+    `json.dumps(..., sort_keys=True, separators=(",", ":"))` writes them): a stage of
+    thousands of shards computes one per shard in every run, no-op included."""
+    b = _json_str(before) if before else "null"
+    text = f'{{"before":{b},"input":{_json_str(input_key)},"shard":{_json_str(code)}}}'
+    return canonical.digest(text.encode())
 
 
 def stage_key(m: Manifest) -> str:
