@@ -18,7 +18,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hfbuild import liveness
 from hfbuild.errors import CorruptEntryWarning, RemoteWarning, StoreError
@@ -50,18 +50,19 @@ def build(
     check_dirty(m, f"stage {name!r}")
     spec = pipe[name].spec
     store = pipe.store
-    if store.has(fp):
-        report = Report(name, fp, "up to date", _rows(pipe, fp), 0.0)
+    if (stored := store.intact_manifest(fp)) is not None:
+        report = Report(name, fp, "up to date", stored_rows(stored), 0.0, entry=stored)
     elif (pulled := _pull(pipe, name, fp)) is not None:
         report = pulled
     else:
         if any(not store.has(manifests[dep].fingerprint) for dep in spec.inputs):
             # Another process may have built an input under a key known only after its build
-            # (what it read at run time): look again before building it here.
+            # (what it read at run time): look again before building it here. (When every
+            # input is there, the check just made is the check: no second one.)
             manifests = pipe.manifests(fresh=True)
-        for dep in spec.inputs:
-            if not store.has(manifests[dep].fingerprint):
-                build(pipe, dep, log=log, record=record, executor=executor)
+            for dep in spec.inputs:
+                if not store.has(manifests[dep].fingerprint):
+                    build(pipe, dep, log=log, record=record, executor=executor)
         manifests = pipe.manifests()  # an input's build may have changed its key
         m = manifests[name]
         fp = m.fingerprint
@@ -72,8 +73,8 @@ def build(
                 # build could tell: resolve it again.
                 m = pipe.manifests(fresh=True)[name]
                 fp = m.fingerprint
-            if store.has(fp):  # another process built it while we waited
-                report = Report(name, fp, "built elsewhere", _rows(pipe, fp), 0.0)
+            if (stored := store.intact_manifest(fp)) is not None:  # built while we waited
+                report = Report(name, fp, "built elsewhere", stored_rows(stored), 0.0, entry=stored)
             else:
                 _set_aside_if_corrupt(pipe, name, fp)
                 unit = Unit(spec, m, {i: manifests[i] for i in spec.inputs})
@@ -81,7 +82,7 @@ def build(
     fp = report.fingerprint
     store.touch(fp)
     if record:
-        pipe.record(name)
+        pipe.record(name, report.entry)
     if report.action == "built" and os.environ.get("HFBUILD_PUSH", "") in {"1", "true"}:
         _push(pipe, name, fp)
     if log is not None:
@@ -114,9 +115,10 @@ def _pull(pipe: Pipeline, name: str, fp: str) -> Report | None:
     except RemoteError as e:
         warnings.warn(f"stage {name!r}: {e} Building it instead.", RemoteWarning, stacklevel=3)
         return None
-    if not pipe.store.has(fp):
+    stored = pipe.store.intact_manifest(fp)
+    if stored is None:
         return None
-    return Report(name, fp, "pulled", _rows(pipe, fp), time.perf_counter() - t0)
+    return Report(name, fp, "pulled", stored_rows(stored), time.perf_counter() - t0, entry=stored)
 
 
 def _push(pipe: Pipeline, name: str, fp: str) -> None:
@@ -126,10 +128,6 @@ def _push(pipe: Pipeline, name: str, fp: str) -> None:
             remote.push(pipe.store, fp, name)
     except RemoteError as e:
         warnings.warn(f"stage {name!r}: push failed: {e}", RemoteWarning, stacklevel=3)
-
-
-def _rows(pipe: Pipeline, fp: str) -> Any:
-    return stored_rows(pipe.store.read_manifest(fp) or {})
 
 
 def build_here(
@@ -169,10 +167,11 @@ def build_here(
         if info.indices is not None:  # its rows are its input's: it references their entry
             doc["indices"] = info.indices
         shutil.rmtree(builder.scratch_dir(tmp), ignore_errors=True)  # may be large: now
-        if fp != m.fingerprint and store.has(fp):
+        stored = store.intact_manifest(fp) if fp != m.fingerprint else None
+        if stored is not None:
             shutil.rmtree(tmp, ignore_errors=True)  # pulled meanwhile under the key it read
         else:
-            store.publish(tmp, fp, doc)
+            stored = store.publish(tmp, fp, doc)
         seen.publish(m.static_fingerprint, observed)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -187,7 +186,7 @@ def build_here(
         raise
     if fp != m.fingerprint:
         pipe.manifests(fresh=True)  # the stages after this one take the key it was built under
-    return Report(spec.name, fp, "built", info.rows, seconds)
+    return Report(spec.name, fp, "built", info.rows, seconds, entry=stored)
 
 
 def _build_sharded(

@@ -18,7 +18,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from hfbuild import sharing
@@ -54,19 +54,38 @@ class StatCache:
             )
         return self._data
 
-    def content_id(self, full: str, compute: Any) -> str:
-        st = os.stat(full)
-        key = f"{full}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    def content_id(self, full: str, compute: Callable[[], str]) -> str:
+        return self.content_ids([full], lambda _: [compute()])[0]
+
+    def content_ids(
+        self, fulls: Sequence[str], compute: Callable[[list[int]], list[str]]
+    ) -> list[str]:
+        """The id of each file: remembered by its stat data, else computed, all those the
+        cache lacks in one call (`compute(their positions in fulls)`, their ids in that
+        order). Each file is stat'ed before its id is computed, and an id is remembered only
+        when the file's last change is older than the racy window."""
+        keys: list[tuple[str, int]] = []
+        out: list[str | None] = []
         with self._lock:
-            hit = self._load().get(key)
-        if hit is not None:
-            return hit
-        value: str = compute()
-        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+            data = self._load()
+            for full in fulls:
+                st = os.stat(full)
+                key = f"{full}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+                keys.append((key, max(st.st_mtime_ns, st.st_ctime_ns)))
+                out.append(data.get(key))
+        missing = [i for i, hit in enumerate(out) if hit is None]
+        if missing:
+            values = compute(missing)
+            now = time.time_ns()
             with self._lock:
-                self._load()[key] = value
-                self._dirty = True
-        return value
+                data = self._load()
+                for i, value in zip(missing, values, strict=True):
+                    out[i] = value
+                    key, changed = keys[i]
+                    if now - changed > _RACY_NS:
+                        data[key] = value
+                        self._dirty = True
+        return [v for v in out if v is not None]
 
     def save(self) -> None:
         if not self._dirty or not self.path:
@@ -81,21 +100,47 @@ class StatCache:
 
 def file_identity(path: str, snap: Snapshot, cache: StatCache) -> list[str]:
     """[name, blob id] of one data file: repo-relative when inside the project."""
-    full = path if os.path.isabs(path) else snap.abspath(path)
-    rel = snap.rel(full)
-    if rel is None:
-        return [
-            f"<outside>/{os.path.basename(full)}",
-            cache.content_id(full, lambda: hash_file(full)),
-        ]
-    if snap.mode == "worktree":
-        # The stat cache first: a thousand data files cost a stat each, not a git status
-        # each; the id is the same either way (a clean file's index id is its work-tree id).
-        return [rel, cache.content_id(full, lambda: snap.clean_id(rel) or snap.worktree_id(rel))]
-    clean = snap.clean_id(rel)
-    if clean is not None:
-        return [rel, clean]
-    return [rel, cache.content_id(snap.abspath(rel), lambda: snap.worktree_id(rel))]
+    return file_identities([path], snap, cache)[0]
+
+
+def file_identities(paths: Sequence[str], snap: Snapshot, cache: StatCache) -> list[list[str]]:
+    """[name, blob id] of each data file, in order: repo-relative when inside the project.
+    In a work tree the stat cache answers first (a thousand data files cost a stat each);
+    the tracked files it does not know take their index id when git finds them unmodified,
+    asked in one pass for all of them (`Snapshot.unmodified_ids`), the others are hashed.
+    The id is the same either way (a clean file's index id is its work-tree id)."""
+    out: list[list[str]] = []
+    inside: list[tuple[int, str, str]] = []  # (position in out, full path, rel)
+    for path in paths:
+        full = path if os.path.isabs(path) else snap.abspath(path)
+        rel = snap.rel(full)
+        if rel is None:
+            out.append([f"<outside>/{os.path.basename(full)}", _outside_id(full, cache)])
+        elif snap.mode == "worktree":
+            out.append([rel, ""])
+            inside.append((len(out) - 1, full, rel))
+        else:
+            out.append([rel, snap.clean_id(rel) or _staged_mode_id(full, rel, snap, cache)])
+
+    def compute(missing: list[int]) -> list[str]:
+        rels = [inside[i][2] for i in missing]
+        clean = snap.unmodified_ids(rels)
+        return [clean.get(rel) or snap.worktree_id(rel) for rel in rels]
+
+    ids = cache.content_ids([full for _, full, _ in inside], compute)
+    for (pos, _, _), blob_id in zip(inside, ids, strict=True):
+        out[pos][1] = blob_id
+    return out
+
+
+def _outside_id(full: str, cache: StatCache) -> str:
+    return cache.content_id(full, lambda: hash_file(full))
+
+
+def _staged_mode_id(full: str, rel: str, snap: Snapshot, cache: StatCache) -> str:
+    """An untracked or modified data file's id in index mode (data is read from the work
+    tree even when code is read from the index)."""
+    return cache.content_id(full, lambda: snap.worktree_id(rel))
 
 
 def expand(pattern: str, root: str, what: str) -> list[str]:

@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 from hfbuild import caches, canonical, liveness
 from hfbuild import shards as sharding
 from hfbuild.closure import Context, describe, runtime_packages
-from hfbuild.datafiles import StatCache, expand, file_identity, resolve_data_files
+from hfbuild.datafiles import (
+    StatCache,
+    expand,
+    file_identities,
+    file_identity,
+    resolve_data_files,
+)
 from hfbuild.envvars import env_part
 from hfbuild.errors import (
     DirtyTreeError,
@@ -152,7 +158,7 @@ def file_dep_ids(
     """Files a stage's code reads by itself, identified like load stages' data files (globs
     allowed, relative to the project root)."""
     found = [f for p in paths for f in expand(os.fspath(p), snap.root, "file_deps")]
-    return sorted(file_identity(f, snap, cache) for f in dict.fromkeys(found))
+    return sorted(file_identities(list(dict.fromkeys(found)), snap, cache))
 
 
 def load_data(
@@ -185,11 +191,9 @@ def load_data(
             lambda f: file_identity(f, snap, stat_cache),
         )
     if isinstance(files, dict):
-        ids = {
-            s: [file_identity(f, snap, stat_cache) for f in fs] for s, fs in sorted(files.items())
-        }
+        ids = {s: file_identities(fs, snap, stat_cache) for s, fs in sorted(files.items())}
     elif files is not None:
-        ids = [file_identity(f, snap, stat_cache) for f in files]
+        ids = file_identities(files, snap, stat_cache)
     data = {
         "builder": builder,
         "files": ids,

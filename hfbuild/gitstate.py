@@ -13,11 +13,13 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import pygit2
 from pygit2 import GIT_STATUS_CURRENT
+from pygit2.enums import DiffOption
 
 from hfbuild.caches import RACY_NS, CodeCache
 from hfbuild.errors import GitStateError, NotARepositoryError, UnmergedError
@@ -98,6 +100,30 @@ def _hash_worktree(repo: pygit2.Repository, rel_to_repo: str) -> str:
     if err < 0:
         raise GitStateError(f"git could not hash {rel_to_repo}: {pygit2.GitError.__name__} {err}")
     return str(pygit2.Oid(raw=bytes(pygit2.ffi.buffer(out)[:20])))
+
+
+def _changed_in_worktree(
+    repo: pygit2.Repository, index: pygit2.Index, paths: list[str]
+) -> set[str]:
+    """Which of `paths` (tracked, relative to `repo`) differ between `index` and the work
+    tree: git's diff of the two (`git diff-files`), limited to exactly these paths (a
+    pathspec list, matched literally), as `Index.diff_to_workdir` runs it but with the
+    pathspec it does not expose, through pygit2's cffi handle."""
+    from pygit2.errors import check_error
+    from pygit2.utils import StrArray
+
+    opts = pygit2.ffi.new("git_diff_options *")
+    check_error(pygit2.C.git_diff_options_init(opts, 1))
+    opts.flags = int(DiffOption.DISABLE_PATHSPEC_MATCH | DiffOption.SKIP_BINARY_CHECK)
+    out = pygit2.ffi.new("git_diff **")
+    try:
+        with StrArray(paths) as arr:
+            arr.assign_to(opts.pathspec)
+            check_error(pygit2.C.git_diff_index_to_workdir(out, repo._repo, index._index, opts))
+    except (pygit2.GitError, KeyError, ValueError):
+        return set(paths)  # as if all changed: they are hashed, never taken from the index
+    diff = pygit2.Diff.from_c(bytes(pygit2.ffi.buffer(out)[:]), repo)
+    return {p for d in diff.deltas for p in (d.old_file.path, d.new_file.path)}
 
 
 def hash_bytes(data: bytes) -> str:
@@ -349,6 +375,30 @@ class Snapshot:
         except (KeyError, pygit2.GitError):
             return None
         return blob_id if flags == GIT_STATUS_CURRENT else None
+
+    def unmodified_ids(self, rels: Sequence[str]) -> dict[str, str]:
+        """Of `rels` (work-tree mode), the tracked files whose work-tree content is their
+        index entry's (git's own index-to-work-tree comparison: stat data, and the content
+        of racily clean entries, filters applied), each with that entry's blob id; the
+        others (untracked, modified, symlinks) are left out. One pass of git over the
+        files of each repository, where `clean_id` asks git for the status of one file at
+        a time (each reading the file's whole directory: quadratic over a directory of
+        data files)."""
+        found: dict[str, dict[str, tuple[str, str]]] = {}  # repo path -> inner -> (rel, id)
+        repos: dict[str, pygit2.Repository] = {}
+        for rel in rels:
+            if os.path.islink(self.abspath(rel)):
+                continue
+            staged = self._staged(rel)
+            if staged is not None:
+                repo, inner, blob_id = staged
+                repos[repo.path] = repo
+                found.setdefault(repo.path, {})[inner] = (rel, blob_id)
+        out: dict[str, str] = {}
+        for key, files in found.items():
+            changed = _changed_in_worktree(repos[key], self._index(repos[key]), list(files))
+            out.update(dict(v for inner, v in files.items() if inner not in changed))
+        return out
 
     def worktree_id(self, rel: str) -> str:
         """The blob id git would give the work-tree file now (filters applied), in either

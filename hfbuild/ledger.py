@@ -14,6 +14,7 @@ fingerprint, trust the lock's content for anything but "nothing to write", or im
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from hfbuild import lockfile
@@ -54,14 +55,20 @@ class Ledger:
         self._record(name, stored)
         return True
 
-    def record(self, name: str) -> None:
+    def record(self, name: str, stored: Mapping[str, Any] | None = None) -> None:
         """Point refs/<name> and the lock entry at the stage's current result, as the store
-        has it now (a build just published it, or a pull just fetched it)."""
+        has it now (a build just published it, or a pull just fetched it). `stored` is that
+        entry's manifest when the caller has it at hand, just published or found intact:
+        it is then not read and checked again (a check of a sharded entry stats every
+        shard's files; the entry was written from such stats, or passed the check, a moment
+        ago, and recording decides nothing: the next up-to-date check checks it in full)."""
         fp = self.pipe.manifests()[name].fingerprint
         self.forget(fp)
-        stored = self.stored(fp)
-        if stored is not None:
-            self._record(name, stored)
+        if stored is not None and stored.get("fingerprint") == fp:
+            self._stored[fp] = dict(stored)
+        doc = self.stored(fp)
+        if doc is not None:
+            self._record(name, doc)
 
     def _record(self, name: str, stored: dict[str, Any]) -> None:
         pipe = self.pipe

@@ -285,9 +285,10 @@ class Pipeline:
         still leaves hfbuild.lock describing exactly what the store serves."""
         return self.ledger.is_built(name)
 
-    def record(self, name: str) -> None:
-        """Point refs/<name> and the hfbuild.lock entry at the stage's current result."""
-        self.ledger.record(name)
+    def record(self, name: str, stored: Mapping[str, Any] | None = None) -> None:
+        """Point refs/<name> and the hfbuild.lock entry at the stage's current result
+        (`stored`: its manifest, when the caller just published or checked it)."""
+        self.ledger.record(name, stored)
 
     # -- results and building -----------------------------------------------------------------
 

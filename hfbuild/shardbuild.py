@@ -31,7 +31,7 @@ from hfbuild import __version__, liveness, progress, shards
 from hfbuild.errors import BuildError, HfbuildError
 from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import Observed, entry_doc, observing
-from hfbuild.spec import Report, StageSpec
+from hfbuild.spec import Report, StageSpec, stored_rows
 
 if TYPE_CHECKING:
     from hfbuild.pipeline import Pipeline
@@ -95,9 +95,9 @@ def build(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.perf_counter() - t0
-    report = Report(
-        spec.name, final.fingerprint, "built", doc["rows"], seconds, (built, len(final.shard_list))
-    )
+    shards_built = (built, len(final.shard_list))
+    rows = stored_rows(doc)
+    report = Report(spec.name, final.fingerprint, "built", rows, seconds, shards_built, doc)
     return report, doc
 
 
@@ -200,7 +200,8 @@ def _publish(
     known: Mapping[str, dict[str, Any] | None],
 ) -> dict[str, Any]:
     """The stage's entry: its shards in order, their rows and combined content hash (from
-    the shard manifests `known` found intact, the others read now)."""
+    the shard manifests `known` found intact, the others read now); the entry's manifest as
+    the store holds it (ours as published, or the intact one another build published)."""
     store = pipe.store
     rows: dict[str, int] = {}
     hashes: list[tuple[str, str]] = []
@@ -223,7 +224,7 @@ def _publish(
             **_row_base(pipe, spec, stored),
         }
         listed.append([s.split, s.key, s.label, stored["files"], facts])
-    as_dict = _is_dict(pipe, spec, manifests)
+    as_dict = _is_dict(pipe, spec)
     doc = entry_doc(
         spec.name,
         m,
@@ -238,11 +239,11 @@ def _publish(
     for name in os.listdir(tmp):  # what is left is scratch: the entry holds the list only
         store.discard(os.path.join(tmp, name))
     fp = m.fingerprint
-    if store.has(fp):
+    stored = store.intact_manifest(fp)
+    if stored is not None:
         store.discard(tmp)
-    else:
-        store.publish(tmp, fp, doc)
-    return doc
+        return stored
+    return store.publish(tmp, fp, doc)
 
 
 def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:
@@ -274,11 +275,13 @@ def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _is_dict(pipe: Pipeline, spec: StageSpec, manifests: Mapping[str, Manifest]) -> bool:
-    if spec.kind == "load":
-        return shards.is_dict(spec.options)
-    parent = pipe.store.read_manifest(manifests[spec.inputs[0]].fingerprint) or {}
-    return bool(parent.get("dict"))
+def _is_dict(pipe: Pipeline, spec: StageSpec) -> bool:
+    """Whether the stage's result is a DatasetDict: its sharded load's is (a sharded
+    transform's input is sharded, down to a load), as the load's options say; they are in
+    its key, so every entry of it says the same (no need to read the input's entry)."""
+    while spec.kind != "load":
+        spec = pipe[spec.inputs[0]].spec
+    return shards.is_dict(spec.options)
 
 
 def _build_shard(

@@ -24,7 +24,9 @@ Must never: import `datasets` (the up-to-date path computes these keys), or put 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hfbuild import canonical
@@ -75,27 +77,43 @@ def code_key(m: Manifest) -> str:
 def shard_list(m: Manifest) -> list[Shard]:
     """The stage's shards in order, with their keys."""
     assert m.shards is not None
-    code = code_key(m)
+    return list(_keyed(code_key(m), m.shards)[0])
+
+
+@functools.lru_cache(maxsize=16)
+def _keyed(code: str, ins: tuple[ShardIn, ...]) -> tuple[tuple[Shard, ...], str]:
+    """The shards with their keys, and the stage's key, for a code key and shard inputs:
+    a pure function of its arguments, kept for the copies of one manifest that differ only
+    in what is not keyed (a build makes a few per stage: each would otherwise digest every
+    shard's key again)."""
     out: list[Shard] = []
     index: dict[str, int] = {}
-    for s in m.shards:
+    for s in ins:
         i = index.get(s.split, 0)
         index[s.split] = i + 1
         out.append(
             Shard(s.split, shard_key(code, s.input, s.before), s.label, i, s.input, s.before)
         )
-    return out
+    stage = _digest({"sharded": code, "shards": [[s.split, s.key] for s in out]})
+    return tuple(out), stage
 
 
 def shard_key(code: str, input_key: str, before: str = "") -> str:
     """One shard's key: the stage's code key (`code_key`), its input's key and, for
-    offset-dependent transforms, the digest of the input keys before it."""
-    return _digest({"shard": code, "input": input_key, "before": before or None})
+    offset-dependent transforms, the digest of the input keys before it: the digest of
+    `canonical.dumps({"shard": code, "input": input_key, "before": before or None})`, that
+    text written directly (keys in sorted order, each string by json's own encoder, as
+    `json.dumps(..., sort_keys=True, separators=(",", ":"))` writes them): a stage of
+    thousands of shards computes one per shard in every run, no-op included."""
+    b = _json_str(before) if before else "null"
+    text = f'{{"before":{b},"input":{_json_str(input_key)},"shard":{_json_str(code)}}}'
+    return canonical.digest(text.encode())
 
 
 def stage_key(m: Manifest) -> str:
     """A sharded stage's fingerprint: its code key and its ordered shard keys."""
-    return _digest({"sharded": code_key(m), "shards": [[s.split, s.key] for s in m.shard_list]})
+    assert m.shards is not None
+    return _keyed(code_key(m), m.shards)[1]
 
 
 def combined_hash(hashes: Sequence[tuple[str, str]]) -> str:

@@ -78,7 +78,8 @@ def build(pipe: Pipeline, executor: Executor, unit: Unit) -> Report:
     report, _ = shardbuild.build(pipe, spec, final, unit.inputs)  # finds every shard: the list
     if report.fingerprint != m.fingerprint:
         pipe.manifests(fresh=True)  # the stages after this one take the key it was built under
-    return Report(spec.name, report.fingerprint, "built", report.rows, time.perf_counter() - t0)
+    took = time.perf_counter() - t0
+    return Report(spec.name, report.fingerprint, "built", report.rows, took, entry=report.entry)
 
 
 def missing(pipe: Pipeline, m: Manifest, label: str) -> list[shards.Shard]:

@@ -39,6 +39,9 @@ class Report(NamedTuple):
     rows: Any
     seconds: float
     shards: tuple[int, int] | None = None  # a sharded stage: (shards built now, shards in all)
+    # The stored manifest of the entry `fingerprint` names, as this build published it or
+    # found it intact (None when not at hand: the ledger reads it from the store).
+    entry: Mapping[str, Any] | None = None
 
     def line(self) -> str:
         rows = rows_text(self.rows)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
@@ -35,6 +36,7 @@ DATA = "data"
 _FP = re.compile(r"^[0-9a-f]{32}$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _PART = re.compile(r"^[A-Za-z0-9_.-]+$")
+_POSIX = os.sep == "/"
 
 
 def _check_fp(fp: str) -> str:
@@ -45,11 +47,14 @@ def _check_fp(fp: str) -> str:
 
 def safe_rel(rel: object) -> bool:
     """A relative posix path of plain names: nothing absolute, no '..', nothing hidden."""
-    return (
-        isinstance(rel, str)
-        and bool(rel)
-        and all(_PART.match(p) and p not in (".", "..") for p in rel.split("/"))
-    )
+    return isinstance(rel, str) and _safe_rel(rel)
+
+
+@functools.lru_cache(maxsize=1024)
+def _safe_rel(rel: str) -> bool:
+    # Memoized: a list of shards names the same few files (state.json, data-00000-of-00001.arrow)
+    # thousands of times.
+    return bool(rel) and all(_PART.match(p) and p not in (".", "..") for p in rel.split("/"))
 
 
 def manifest_digest(doc: dict[str, Any]) -> str:
@@ -92,6 +97,7 @@ class Store:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
+        self._objects = os.path.join(self.root, "objects")
 
     # -- layout ------------------------------------------------------------------------------
 
@@ -101,6 +107,17 @@ class Store:
 
     def data_path(self, fp: str) -> str:
         return os.path.join(self.entry(fp), DATA)
+
+    def _entry_of(self, fp: str) -> str:
+        """`entry` of a key its caller has matched as a fingerprint already: the same path,
+        built without a check or `os.path.join` (a shard list's check builds thousands)."""
+        if _POSIX:
+            return f"{self._objects}/{fp[:2]}/{fp}"
+        return os.path.join(self._objects, fp[:2], fp)
+
+    def _data_of(self, fp: str) -> str:
+        """`data_path` of a key its caller has matched as a fingerprint already."""
+        return f"{self._entry_of(fp)}/{DATA}" if _POSIX else os.path.join(self._entry_of(fp), DATA)
 
     def code_cache_path(self, *, create: bool = False) -> str:
         """The code cache file (`caches.py`): import scans and work-tree blob ids. With
@@ -205,7 +222,7 @@ class Store:
                     return f"its shard {key} {why}" if why == "is missing" else f"{key}: {why}"
                 continue
             for owner, listed in [(key, files), *([base] if base is not None else [])]:
-                bad = _wrong_size(self.data_path(owner), listed)
+                bad = _wrong_size(self._data_of(owner), listed)
                 if bad is not None:
                     rel, size, actual = bad
                     if actual is None:
@@ -237,15 +254,16 @@ class Store:
         `check` makes of a listed shard; the entry's manifest is not read)."""
         if not _FP.match(fp) or not all(safe_rel(rel) for rel in files):
             return False
-        return _wrong_size(self.data_path(fp), files) is None
+        return _wrong_size(self._data_of(fp), files) is None
 
     def manifest_stamp(self, fp: str) -> list[int] | None:
         """The entry's manifest file as [mtime in ns, size] (None when absent): a stamp
         that changes when the entry is published again, without reading the manifest."""
         if not _FP.match(fp):
             return None
+        entry = self._entry_of(fp)
         try:
-            st = os.stat(os.path.join(self.entry(fp), MANIFEST))
+            st = os.stat(f"{entry}/{MANIFEST}" if _POSIX else os.path.join(entry, MANIFEST))
         except OSError:
             return None
         return [st.st_mtime_ns, st.st_size]
@@ -467,7 +485,9 @@ class Store:
         doc.pop("manifest_digest", None)
         doc["manifest_digest"] = manifest_digest(doc)
         try:
-            sharing.write_json_atomic(os.path.join(build_dir, MANIFEST), doc, durable=durable)
+            sharing.write_json_atomic(
+                os.path.join(build_dir, MANIFEST), doc, durable=durable, indent=_indent(doc)
+            )
             sharing.share_tree(build_dir)  # what datasets wrote, in a group-shared store
             sharing.makedirs(os.path.dirname(self.entry(fp)))
         except OSError as e:
@@ -684,12 +704,23 @@ class Store:
         return out
 
 
+def _indent(doc: dict[str, Any]) -> int | None:
+    """How a manifest is written: indented for people, but a stage's list of shards
+    (thousands of rows, written again on every rebuild) on one line, by json's C encoder
+    (its indenting encoder is pure Python). The manifest's checksum is of its content, not
+    its layout."""
+    return None if isinstance(doc.get("shards"), list) else 1
+
+
 def _wrong_size(data: str, files: dict[str, int]) -> tuple[str, int, int | None] | None:
-    """The first of `files` (relative path -> size) under `data` that is missing (actual
-    None) or of another size, as (path, size, actual); None when all match. One stat each."""
+    """The first of `files` (relative path -> size, each `safe_rel`) under `data` that is
+    missing (actual None) or of another size, as (path, size, actual); None when all match.
+    One stat each."""
     for rel, size in files.items():
+        # A safe relative path joined as os.path.join joins its parts (on POSIX, with "/").
+        path = f"{data}/{rel}" if _POSIX else os.path.join(data, *rel.split("/"))
         try:
-            actual = os.stat(os.path.join(data, *rel.split("/"))).st_size
+            actual = os.stat(path).st_size
         except OSError:
             return rel, size, None
         if actual != size:

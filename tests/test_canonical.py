@@ -290,3 +290,18 @@ def test_cycles_and_unknown_objects_refuse() -> None:
         encode(a)
     with pytest.raises(hfbuild.UnhashableArgumentError, match=r"cfg\['handle'\]"):
         encode({"handle": object()}, "cfg")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(), st.text(), st.text())
+def test_shard_key_is_the_digest_of_its_canonical_document(
+    code: str, key: str, before: str
+) -> None:
+    """A shard's key, whose text `shards.shard_key` writes directly, is the digest of the
+    canonical encoding of its document, for any strings (quotes, controls, non-ASCII)."""
+    from hfbuild import shards
+    from hfbuild.canonical import digest
+
+    doc = {"shard": code, "input": key, "before": before or None}
+    want = digest(dumps(doc).encode())
+    assert shards.shard_key(code, key, before) == want

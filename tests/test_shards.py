@@ -816,3 +816,97 @@ def test_split_order_of_a_dict_load_is_in_its_key_and_its_result(
     for name in ("raw", "whole", "order"):
         assert swapped[name]["fp"] != got[name]["fp"], name
     assert swapped["raw"]["splits"] == swapped["plain"] == list(reversed(order))
+
+
+def test_lock_a_build_records_is_the_lock_of_the_store(tmp_path: pathlib.Path) -> None:
+    """The hfbuild.lock a build writes, recording the entries it just published or found
+    without reading them back, is the one `hfbuild lock` derives from the store, after a
+    cold build and after an append."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    log = tmp_path / "calls.log"
+    for step in ("cold", "append"):
+        if step == "append":
+            write_part(repo, "part-4", 400)
+            repo.commit("append")
+        doit(repo, "run", "preprocess", log=log)
+        built = (repo.path / "hfbuild.lock").read_text()
+        out = run_hfbuild(repo, "lock")
+        assert out.returncode == 0, out.stderr
+        assert (repo.path / "hfbuild.lock").read_text() == built
+
+
+def test_list_of_shards_is_written_on_one_line(tmp_path: pathlib.Path) -> None:
+    """A stage's list of shards is written as one line of JSON (other manifests stay
+    indented), and reads back, checksum included, as the manifest published."""
+    from hfbuild.store import MANIFEST, Store
+
+    store = Store(tmp_path / "store")
+    shard, stage = "ab" * 16, "cd" * 16
+    for fp, doc in [
+        (shard, {"rows": 3, "content_hash": "h"}),
+        (stage, {"rows": 3, "content_hash": "k", "shards": [["train", shard, "a", {}, {}]]}),
+    ]:
+        build = pathlib.Path(store.new_build_dir(fp))
+        (build / "data").mkdir()
+        with store.lock(fp):
+            got = store.publish(str(build), fp, doc)
+        assert got == store.read_manifest(fp) == store.intact_manifest(fp)
+    lines = [
+        len((pathlib.Path(store.entry(fp)) / MANIFEST).read_text().splitlines())
+        for fp in (shard, stage)
+    ]
+    assert lines[0] > 1 and lines[1] == 1
+
+
+SPLITS = '{"a": "data/part-[01]*.parquet", "b": "data/part-[23]*.parquet"}'
+
+SPLITS_DODO = f"""
+from hfbuild import Pipeline
+from pkg import t
+
+pipe = Pipeline()
+raw = pipe.load("raw", "parquet", data_files={SPLITS})
+feat = pipe.map("feat", raw, t.feat, batched=True, batch_size=7)
+kept = pipe.filter("kept", feat, t.keep, batched=True)
+
+
+def task_preprocess():
+    yield from pipe.tasks()
+"""
+
+READ_SPLITS = f"""
+import glob, json, warnings
+warnings.simplefilter("ignore")
+import datasets, dodo
+from pkg import t
+out = {{}}
+for name in ("raw", "feat", "kept"):
+    dd = dodo.pipe.result(name)
+    assert isinstance(dd, datasets.DatasetDict), (name, type(dd))
+    out[name] = {{s: dd[s].to_dict() for s in dd}}
+files = {{s: sorted(glob.glob(p)) for s, p in {SPLITS}.items()}}
+plain = datasets.load_dataset("parquet", data_files=files)
+plain = plain.map(t.feat, batched=True, batch_size=7).filter(t.keep, batched=True)
+out["plain"] = {{s: plain[s].to_dict() for s in plain}}
+print(json.dumps(out))
+"""
+
+
+def test_sharded_splits_stay_a_dataset_dict_through_rebuilds(tmp_path: pathlib.Path) -> None:
+    """A sharded load without `split=` is a DatasetDict, and so are the sharded map and filter
+    over it, in a full build and after appending a file to one split, with the rows plain
+    `datasets` gives."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    (repo.path / "dodo.py").write_text(SPLITS_DODO)
+    repo.commit("splits")
+    log = tmp_path / "calls.log"
+    for step in ("cold", "append"):
+        if step == "append":
+            write_part(repo, "part-1b", 150)
+            repo.commit("append")
+        doit(repo, "run", "preprocess", log=log)
+        out = run_python(READ_SPLITS, repo.path, env={"CALL_LOG": os.devnull})
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["kept"] == got["plain"]
+        assert sorted(got["raw"]) == ["a", "b"]
+    assert len(got["raw"]["a"]["x"]) == 30

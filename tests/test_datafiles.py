@@ -1,0 +1,61 @@
+"""Data files are identified by the blob id git gives their work-tree content, whatever their
+git status, and whether the ids come from the stat cache, the index or the bytes."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from hfbuild.datafiles import StatCache, file_identities, file_identity
+from hfbuild.gitstate import Snapshot
+from tests.helpers import Repo
+
+
+def _files(repo: Repo) -> list[str]:
+    """A committed set of files, then each kind of change git tells apart."""
+    repo.write({f"data/part-{i}.txt": f"rows {i}\n" for i in range(6)}, commit="data")
+    repo.write({"data/part-1.txt": "ROWS 1\n"})  # same size, same second: racily clean
+    repo.write({"data/part-2.txt": "rows 2, longer now\n"})  # modified
+    repo.write({"data/part-3.txt": "staged\n"})
+    repo.git("add", "data/part-3.txt")  # staged, not committed
+    repo.write({"data/part-6.txt": "untracked\n"})
+    os.symlink("part-0.txt", repo.path / "data" / "link.txt")
+    return sorted(str(p) for p in (repo.path / "data").iterdir())
+
+
+def test_ids_are_gits_work_tree_ids(repo: Repo, tmp_path: pathlib.Path) -> None:
+    """Each file's id is `git hash-object` of it: clean, racily clean, modified, staged,
+    untracked and symlinked files alike, with a cold and then a warm stat cache."""
+    files = _files(repo)
+    want = {
+        os.path.relpath(f, repo.path): repo.git("hash-object", os.path.relpath(f, repo.path))
+        for f in files
+    }
+    cache = StatCache(str(tmp_path / "statcache.json"))
+    for _ in range(2):
+        got = file_identities(files, Snapshot(str(repo.path)), cache)
+        assert dict(got) == want
+        cache.save()
+
+
+def test_batch_equals_one_at_a_time(repo: Repo) -> None:
+    """Identifying the files together gives, in order, what identifying each alone gives."""
+    files = _files(repo)
+    together = file_identities(files, Snapshot(str(repo.path)), StatCache(None))
+    alone = [file_identity(f, Snapshot(str(repo.path)), StatCache(None)) for f in reversed(files)]
+    assert together == alone[::-1]
+    assert [name for name, _ in together] == [os.path.relpath(f, repo.path) for f in files]
+
+
+def test_unmodified_ids_leave_out_changed_files(repo: Repo) -> None:
+    """Only tracked files whose work tree matches the index take the index's id."""
+    _files(repo)
+    rels = [f"data/part-{i}.txt" for i in range(7)] + ["data/link.txt"]
+    got = Snapshot(str(repo.path)).unmodified_ids(rels)
+    assert sorted(got) == [
+        "data/part-0.txt",
+        "data/part-3.txt",
+        "data/part-4.txt",
+        "data/part-5.txt",
+    ]
+    assert got["data/part-3.txt"] == repo.git("hash-object", "data/part-3.txt")
