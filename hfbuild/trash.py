@@ -29,6 +29,8 @@ import shutil
 import tempfile
 import threading
 
+from hfbuild import sharing
+
 LIMIT = 10_000  # leftovers waiting before they are removed at once
 LIMIT_BYTES = 256 << 20  # bytes waiting before they are removed at once
 PREFIX = "trash."
@@ -88,6 +90,7 @@ def _bin(tmp: str) -> str:
     if got is not None and os.path.isdir(got[0]):
         return got[0]
     here = tempfile.mkdtemp(dir=tmp, prefix=PREFIX)
+    os.chmod(here, sharing.dir_mode(tmp))  # as a build dir: in a shared store, gc by anyone
     _bins[tmp] = (here, os.getpid())
     if not _registered:
         _registered = True

@@ -4,6 +4,7 @@ process exits (or when many are waiting), not while the build creates files."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 from tests.helpers import run_python
@@ -84,3 +85,18 @@ def test_the_trash_is_emptied_once_it_holds_limit_bytes(tmp_path: pathlib.Path) 
     """
     out = run_python(code, tmp_path, args=[str(tmp_path / "store")])
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [1, 0, 1]
+
+
+def test_the_trash_of_a_setgid_store_is_group_writable(tmp_path: pathlib.Path) -> None:
+    """In a group-shared (setgid) store the trash directory gets a build directory's group
+    modes, so another member's `hfbuild gc` can remove it after a kill."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    os.chmod(tmp, 0o2775)
+    code = DEFER.replace(
+        "print(json.dumps(sorted(os.listdir(tmp))))",
+        "print(oct(os.stat(os.path.join(tmp, os.listdir(tmp)[0])).st_mode & 0o7777))",
+    )
+    assert code != DEFER
+    out = run_python(f"import os; os.umask(0o022)\n{code}", tmp_path, args=[str(tmp), "1"])
+    assert int(out.stdout.strip().splitlines()[-1], 8) & 0o2770 == 0o2770
