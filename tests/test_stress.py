@@ -1,8 +1,8 @@
 """Long fault runs for `make stress` (skipped otherwise): kills at random moments, random
 damage to stored entries, and code edits, all on one store, checking the results each time.
 
-STRESS_RUNS sets the number of rounds (default 60); the summary line is what
-docs/reliability.md records."""
+STRESS_RUNS sets the number of rounds (default 60), STRESS_SHARD_RUNS those over a sharded
+pipeline (default 20); the summary lines are what docs/reliability.md records."""
 
 from __future__ import annotations
 
@@ -118,6 +118,79 @@ def test_random_kills_damage_and_edits(repo: Repo, tmp_path: pathlib.Path) -> No
             ]
             problems.append(f"round {stats['rounds']} (damage={damage}) wrong: {bad}")
     print(f"\nSTRESS SUMMARY {json.dumps(stats)} cold_build_s={cold:.2f}")
+    for p in problems[:10]:
+        print(p)
+    assert stats["wrong"] == 0 and stats["failed_runs"] == 0, stats
+
+
+def test_random_kills_damage_and_data_edits_in_a_sharded_build(tmp_path: pathlib.Path) -> None:
+    """Rounds over a sharded pipeline (load -> map -> with_indices map -> filter -> apply):
+    maybe append, change or delete a data file, maybe damage a stored entry (then `verify
+    --deep`), start a build and SIGKILL it at a random moment, then build to completion. Every
+    round's results (fingerprints, content hashes, rows) equal a full build of the same tree
+    in a fresh store."""
+    from tests.shard_project import make_project as make_shard_project
+    from tests.shard_project import state, write_part
+
+    rng = random.Random(int(os.environ.get("STRESS_SEED", "0")))
+    rounds = int(os.environ.get("STRESS_SHARD_RUNS", "20"))
+    repo = make_shard_project(Repo.init(tmp_path / "repo"), parts=6)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "CALL_LOG": str(log)}
+    t0 = time.perf_counter()
+    doit(repo, "run", "preprocess", log=log)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    doit(repo, "run", "preprocess", log=log)
+    start = time.perf_counter() - t0  # a no-op: the process's start-up, before any build
+    stats = {"rounds": 0, "kills": 0, "damaged": 0, "edits": 0, "wrong": 0, "failed_runs": 0}
+    stats["cold_rounds"] = 0
+    problems: list[str] = []
+    names = [f"part-{i}" for i in range(6)]
+    for r in range(rounds):
+        stats["rounds"] += 1
+        edit = rng.choice(["append", "change", "delete", None])
+        if edit == "append" or (edit == "delete" and len(names) <= 2):
+            names.append(f"part-{len(names) + r}")
+            write_part(repo, names[-1], 1000 * (r + 1))
+        elif edit == "change":
+            write_part(repo, rng.choice(names), rng.randrange(10_000), rows=rng.randrange(3, 15))
+        elif edit == "delete":
+            gone = names.pop(rng.randrange(len(names)))
+            (repo.path / "data" / f"{gone}.parquet").unlink()
+        if edit is not None:
+            stats["edits"] += 1
+            repo.commit(f"round {r}: {edit}")
+        damage = _damage(rng, repo.path / ".hfbuild") if rng.random() < 0.3 else None
+        if damage:
+            stats["damaged"] += 1
+            run_hfbuild(repo, "verify", "--deep", "-q")
+        if rng.random() < 0.3:  # a cold build: the store moved aside (kept for the end)
+            stats["cold_rounds"] += 1
+            (repo.path / ".hfbuild").rename(tmp_path / f"aside-{r}")
+        p = subprocess.Popen(
+            [sys.executable, "-m", "doit", "run", "preprocess"],
+            cwd=repo.path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(0.8 * start, cold))  # after start-up, while it may build
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            stats["kills"] += 1
+        p.wait()
+        out = doit(repo, "run", "preprocess", log=log, check=False)
+        if out.returncode != 0:
+            stats["failed_runs"] += 1
+            problems.append(f"round {r} ({edit}, {damage}) failed:\n{out.stderr[-2500:]}")
+            continue
+        fresh_env = {"HFBUILD_STORE": str(tmp_path / f"fresh-{r}")}
+        doit(repo, "run", "preprocess", log=log, env=fresh_env)
+        if state(repo) != state(repo, fresh_env):
+            stats["wrong"] += 1
+            problems.append(f"round {r} ({edit}, {damage}): differs from a fresh build")
+    print(f"\nSHARDED STRESS SUMMARY {json.dumps(stats)} cold_build_s={cold:.2f}")
     for p in problems[:10]:
         print(p)
     assert stats["wrong"] == 0 and stats["failed_runs"] == 0, stats
