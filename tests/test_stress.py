@@ -48,6 +48,24 @@ def _damage(rng: random.Random, store: pathlib.Path) -> str | None:
     return kind
 
 
+def _build_killed_after(repo: Repo, env: dict[str, str], seconds: float) -> int:
+    """Start `doit run preprocess` and SIGKILL it after `seconds`: 1 if it was still
+    running then, else 0 (it had finished)."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "doit", "run", "preprocess"],
+        cwd=repo.path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(seconds)
+    running = p.poll() is None
+    if running:
+        p.send_signal(signal.SIGKILL)
+    p.wait()
+    return int(running)
+
+
 def test_random_kills_damage_and_edits(repo: Repo, tmp_path: pathlib.Path) -> None:
     """Rounds of: maybe edit a helper, maybe damage a stored entry (then `verify --deep`),
     start a build and SIGKILL it at a random moment, then build to completion and compare
@@ -83,18 +101,7 @@ def test_random_kills_damage_and_edits(repo: Repo, tmp_path: pathlib.Path) -> No
         if damage:
             stats["damaged"] += 1
             run_hfbuild(repo, "verify", "--deep", "-q")
-        p = subprocess.Popen(
-            [sys.executable, "-m", "doit", "run", "preprocess"],
-            cwd=repo.path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(rng.uniform(0.0, cold))
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            stats["kills"] += 1
-        p.wait()
+        stats["kills"] += _build_killed_after(repo, env, rng.uniform(0.0, cold))
         out = doit(repo, "run", "preprocess", log=log, check=False)
         if out.returncode != 0:
             stats["failed_runs"] += 1
@@ -168,18 +175,8 @@ def test_random_kills_damage_and_data_edits_in_a_sharded_build(tmp_path: pathlib
         if rng.random() < 0.3:  # a cold build: the store moved aside (kept for the end)
             stats["cold_rounds"] += 1
             (repo.path / ".hfbuild").rename(tmp_path / f"aside-{r}")
-        p = subprocess.Popen(
-            [sys.executable, "-m", "doit", "run", "preprocess"],
-            cwd=repo.path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(rng.uniform(0.8 * start, cold))  # after start-up, while it may build
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            stats["kills"] += 1
-        p.wait()
+        # After start-up, while it may build.
+        stats["kills"] += _build_killed_after(repo, env, rng.uniform(0.8 * start, cold))
         out = doit(repo, "run", "preprocess", log=log, check=False)
         if out.returncode != 0:
             stats["failed_runs"] += 1
