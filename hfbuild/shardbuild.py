@@ -180,12 +180,7 @@ def _publish_shard(pipe: Pipeline, key: str, path: str, doc: dict[str, Any]) -> 
     """Publish one shard (another stage or pipeline may build the same one: the first to
     publish it wins, `Store.publish_first`); the manifest of the shard now in the store
     (ours as written, or the intact one found there)."""
-    store = pipe.store
-    there = store.intact_manifest(key)
-    if there is not None:
-        store.discard(path)
-        return there
-    return store.publish_first(path, key, doc)
+    return pipe.store.publish_first(path, key, doc)
 
 
 def _publish(
