@@ -49,19 +49,12 @@ SCANS = (
 
 
 def _env(work: pathlib.Path, venv: pathlib.Path) -> dict[str, str]:
+    """scale_build's environment, with `venv` first on PATH and only the work dir on
+    PYTHONPATH (the venv measured must not import another checkout's hfbuild)."""
     return {
-        **os.environ,
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-        "HF_DATASETS_CACHE": str(work / "hf-default-cache"),
-        "HFBUILD_NO_REMOTE": "1",
+        **scale_build._env(work),
         "PYTHONPATH": str(work),
         "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "b",
-        "GIT_AUTHOR_EMAIL": "b@b",
-        "GIT_COMMITTER_NAME": "b",
-        "GIT_COMMITTER_EMAIL": "b@b",
     }
 
 
