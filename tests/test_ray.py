@@ -243,6 +243,22 @@ def _deep_check(url: str, tmp: pathlib.Path) -> int:
     return int(out.stdout.strip())
 
 
+def _clones_agree(repo: Repo, first: Repo, tmp_path: pathlib.Path) -> Repo:
+    """After `first` built through Ray and pushed: a second clone with the local executor
+    builds nothing (its 5 stages pulled), and a clone building locally without the remote
+    records the same lock as both; that local clone."""
+    second = repo.clone(tmp_path / "second")
+    log2 = tmp_path / "second.log"
+    out2 = doit(second, "run", "preprocess", log=log2)
+    assert calls(log2) == {}
+    assert out2.stdout.count("pulled") == 5
+
+    local = repo.clone(tmp_path / "local")
+    doit(local, "run", "preprocess", log=tmp_path / "local.log", env={"HFBUILD_NO_REMOTE": "1"})
+    assert _lock(first) == _lock(second) == _lock(local)
+    return local
+
+
 def test_ray_build_is_reused_by_a_local_clone(
     repo: Repo, tmp_path: pathlib.Path, remote: str
 ) -> None:
@@ -260,15 +276,7 @@ def test_ray_build_is_reused_by_a_local_clone(
     entries = _remote_entries(remote)
     assert len(entries) == 5 and all(len(v) == 2 for v in entries.values())  # data-*, manifest
 
-    second = repo.clone(tmp_path / "second")
-    log2 = tmp_path / "second.log"
-    out2 = doit(second, "run", "preprocess", log=log2)
-    assert calls(log2) == {}
-    assert out2.stdout.count("pulled") == 5
-
-    local = repo.clone(tmp_path / "local")
-    doit(local, "run", "preprocess", log=tmp_path / "local.log", env={"HFBUILD_NO_REMOTE": "1"})
-    assert _lock(first) == _lock(second) == _lock(local)
+    _clones_agree(repo, first, tmp_path)
     got = results(first)
     assert got["kept"] == expected()["kept"] and got["lens"] == expected()["lens"]
 
@@ -531,16 +539,8 @@ def test_sharded_stages_travel_one_task_per_shard(
         assert f"{stage}: 3/3 shards done, 3 built on ray" in out.stderr
     assert "split: 1/1 units built on ray" in out.stderr
 
-    second = repo.clone(tmp_path / "second")
-    log2 = tmp_path / "second.log"
-    out2 = doit(second, "run", "preprocess", log=log2)
-    assert calls(log2) == {}
-    assert out2.stdout.count("pulled") == 5
-
-    local = repo.clone(tmp_path / "local")
+    local = _clones_agree(repo, first, tmp_path)
     no_remote = {"HFBUILD_NO_REMOTE": "1"}
-    doit(local, "run", "preprocess", log=tmp_path / "local.log", env=no_remote)
-    assert _lock(first) == _lock(second) == _lock(local)
 
     _add_part(repo, 3)
     for clone in (first, local):
