@@ -65,10 +65,15 @@ def _qualname(tp: type) -> str:
 
 
 class _Encoder:
-    def __init__(self, on_callable: CallableEncoder | None, root: str | None) -> None:
+    def __init__(
+        self, on_callable: CallableEncoder | None, root: str | None, active: set[int] | None
+    ) -> None:
         self.on_callable = on_callable
         self.root = root
-        self.active: set[int] = set()  # ids of containers being encoded, to refuse cycles
+        # Ids of containers and callables being encoded, to refuse or name cycles; shared by
+        # the encodings one callable's description makes of what it carries, so a function
+        # reachable from its own closure cell is named there instead of followed forever.
+        self.active: set[int] = set() if active is None else active
 
     def sorted_members(self, items: list[Encoded]) -> list[Encoded]:
         return sorted(items, key=dumps)
@@ -409,11 +414,13 @@ def encode(
     *,
     on_callable: CallableEncoder | None = None,
     root: str | None = None,
+    active: set[int] | None = None,
 ) -> Encoded:
     """The canonical tree of `value`. `path` names it in errors (`fn_kwargs['cfg'].model`);
     `on_callable` encodes callables met inside it (by their code fingerprint); `root` makes
-    absolute paths under it relative."""
-    return _Encoder(on_callable, root).encode(value, path)
+    absolute paths under it relative; `active` holds the ids of what encodings further up
+    (an `on_callable` that encodes again) are encoding."""
+    return _Encoder(on_callable, root, active).encode(value, path)
 
 
 def encode_reduced(
@@ -422,8 +429,9 @@ def encode_reduced(
     *,
     on_callable: CallableEncoder | None = None,
     root: str | None = None,
+    active: set[int] | None = None,
 ) -> Encoded:
     """`value` by its pickle reduction (see `_Encoder.reduced`), even when it has a
     `__dict__`: for objects whose state lies partly outside it (a subclass of a C type) or
     that say themselves what their state is (`__reduce__`, `__getstate__`)."""
-    return _Encoder(on_callable, root).reduced(value, path)
+    return _Encoder(on_callable, root, active).reduced(value, path)

@@ -3,8 +3,9 @@
 Owns: turning a callable into (a) a `target` naming it, (b) the in-repo files of its *closure*
 (the file defining it plus every in-repo module it imports, transitively, by static AST scan),
 (c) the `name==version` of third-party distributions those files import, and (d) the values it
-carries with it (closure cells, `functools.partial` arguments, the instance behind a bound method
-or callable object), which count as arguments.
+carries with it (closure cells, defaults unless they are its source's, attributes set on it,
+what it wraps, `functools.partial` arguments, the instance behind a bound method or callable
+object), which count as arguments.
 
 Must never: import a module to find it (that would run user code), follow files into
 site-packages or a virtualenv, or identify anything by absolute path or object id. Scans are
@@ -51,13 +52,18 @@ class Context:
     # name -> {"source": literal, "value": in memory}; and the code already followed for them.
     module_values: dict[str, Any] = field(default_factory=dict)
     values_seen: set[int] = field(default_factory=set)
+    # Ids of what is being encoded (canonical.py): a callable met again inside what it
+    # carries (a recursive nested function, a wrapper reaching itself) is named, not followed.
+    active: set[int] = field(default_factory=set)
 
     def encode(self, value: Any, path: str) -> canonical.Encoded:
-        return canonical.encode(value, path, on_callable=self._on_callable, root=self.snapshot.root)
+        return canonical.encode(
+            value, path, on_callable=self._on_callable, root=self.snapshot.root, active=self.active
+        )
 
     def encode_reduced(self, value: Any, path: str) -> canonical.Encoded:
         return canonical.encode_reduced(
-            value, path, on_callable=self._on_callable, root=self.snapshot.root
+            value, path, on_callable=self._on_callable, root=self.snapshot.root, active=self.active
         )
 
     def _on_callable(self, fn: Callable[..., Any], path: str) -> canonical.Encoded:
@@ -195,6 +201,20 @@ def _canonical_dist(name: str) -> str:
 def describe(fn: Any, ctx: Context, path: str = "fn") -> dict[str, Any]:
     """The code identity of `fn`: {"target": ..., "args": ...}; its files and packages are
     added to `ctx`. `args` holds what the callable carries with it, canonically encoded."""
+    key = id(fn)
+    if key in ctx.active or not isinstance(fn, types.FunctionType):
+        # A callable object's own state is encoded below: it must not look like a cycle.
+        return _describe(fn, ctx, path)
+    # A function met again inside what it carries (a cell, an attribute, what it wraps) is
+    # named there by the encoder, not followed again.
+    ctx.active.add(key)
+    try:
+        return _describe(fn, ctx, path)
+    finally:
+        ctx.active.discard(key)
+
+
+def _describe(fn: Any, ctx: Context, path: str) -> dict[str, Any]:
     args: dict[str, Any] = {}
     if isinstance(fn, functools.partial):
         inner = describe(fn.func, ctx, f"{path}.func")
@@ -238,14 +258,20 @@ def describe(fn: Any, ctx: Context, path: str = "fn") -> dict[str, Any]:
             return {"target": inner["target"], "args": args}
         state = _state(fn, ctx, path)  # an opaque object is refused here, never empty
         tp = type(fn)
+        args["self"] = state
+        wrapped = getattr(fn, "__dict__", {}).get("__wrapped__", _ABSENT)
+        if wrapped is not _ABSENT and not _is(state, "object"):
+            # A wrapper whose state is not its attributes (`functools.cache` of a nested
+            # function reduces to its name only): what it wraps, with what that carries.
+            args["wrapped"] = _wrapped(wrapped, ctx, path)
         if _is(state, "reduce"):
             # C callables (itemgetter, a method descriptor): the reduction names what
             # rebuilds them, so their type needs no importable name of its own.
             return {
                 "target": {"module": tp.__module__, "qualname": tp.__qualname__},
-                "args": {"self": state},
+                "args": args,
             }
-        return {"target": _named(tp, ctx, path), "args": {"self": state}}
+        return {"target": _named(tp, ctx, path), "args": args}
     raise ClosureError(f"{path}: {fn!r} is not callable")
 
 
@@ -258,6 +284,7 @@ def _function(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
         # Two lambdas in one file share a qualname; their line and bytecode tell them apart.
         target["line"] = code.co_firstlineno
         target["code"] = _code_digest(code)
+    held: list[Any] = []  # the cells' values: a `__wrapped__` among them is keyed already
     if fn.__closure__:
         cells = {}
         for name, cell in zip(code.co_freevars, fn.__closure__, strict=True):
@@ -266,6 +293,7 @@ def _function(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
             except ValueError:  # an empty cell (a name assigned later)
                 cells[name] = {"empty-cell": None}
                 continue
+            held.append(value)
             cells[name] = ctx.encode(value, f"{path}.<closure {name}>")
         args["closure"] = cells
 
@@ -279,11 +307,15 @@ def _function(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
         # A function made by exec() has no file of its own; its module's file identifies it.
         if os.path.isfile(code.co_filename):
             target["file"] = ctx.snapshot.rel(code.co_filename)
+        if (fn.__defaults__ or fn.__kwdefaults__) and not _source_defaults(fn, ctx):
+            args["defaults"] = _defaults(fn, ctx, path)
+        _carried(fn, held, args, ctx, path)
         # The code in memory is the code in the files, and the module values it reads.
         liveness.follow_globals(fn, ctx)
         return {"target": target, "args": args}
     if module != "__main__" and _lookup(module, fn.__qualname__) is fn:
-        # Defined in an installed package or the standard library: by name and version.
+        # Defined in an installed package or the standard library: by name and version
+        # (what it carries is what that version's source gives it).
         mod = sys.modules.get(module)
         ctx.follow_module(module, getattr(mod, "__file__", None))
         return {"target": target, "args": args}
@@ -301,6 +333,7 @@ def _function(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
         args["defaults"] = ctx.encode(fn.__defaults__, f"{path}.__defaults__")
     if fn.__kwdefaults__:
         args["kwdefaults"] = ctx.encode(fn.__kwdefaults__, f"{path}.__kwdefaults__")
+    _carried(fn, held, args, ctx, path)
     used = _global_names(code)
     glb = {}
     for name in sorted(used):
@@ -315,6 +348,155 @@ def _function(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
     if glb:
         args["globals"] = glb
     return {"target": target, "args": args}
+
+
+# -- what a function object carries beyond its code (issue #25 item 1) -----------------------
+
+_ABSENT = object()
+# What `functools.update_wrapper` sets on a wrapper that is not the wrapper's own state: the
+# names it assigns (slots on a function; on another object they land in its `__dict__`) and
+# `__wrapped__`, which is followed as the wrapped callable (`_wrapped`). The entries it copies
+# from the wrapped function's `__dict__` are that function's attributes, keyed with it.
+_WRAPS = frozenset({*functools.WRAPPER_ASSIGNMENTS, "__type_params__", "__wrapped__"})
+
+
+def _carried(
+    fn: types.FunctionType, held: list[Any], args: dict[str, Any], ctx: Context, path: str
+) -> None:
+    """Add to `args` what `fn` carries in its `__dict__`: attributes set on it (`attrs`) and
+    the callable it wraps (`wrapped`), unless that is one of its closure cells (`held`),
+    keyed there already as a decorator's wrapper holds it."""
+    own = vars(fn)
+    if not own:
+        return
+    wrapped = own.get("__wrapped__", _ABSENT)
+    copied = getattr(wrapped, "__dict__", None) or {}
+    attrs = {
+        name: ctx.encode(value, f"{path}.{name}")
+        for name, value in sorted(own.items())
+        if name not in _WRAPS and not (name in copied and copied[name] is value)
+    }
+    if attrs:
+        args["attrs"] = attrs
+    if wrapped is not _ABSENT and not any(v is wrapped for v in held):
+        args["wrapped"] = _wrapped(wrapped, ctx, path)
+
+
+def _wrapped(wrapped: Any, ctx: Context, path: str) -> canonical.Encoded:
+    """The callable a wrapper's `__wrapped__` names, encoded with what it carries (a chain
+    that comes back to a callable being encoded is named there: `Context.active`)."""
+    return ctx.encode(wrapped, f"{path}.__wrapped__")
+
+
+def _defaults(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]:
+    """`fn`'s default values by parameter name, positional and keyword-only ones alike (names
+    are unique in a signature), so `explain` names the one that changed."""
+    code = fn.__code__
+    positional = fn.__defaults__ or ()
+    params = code.co_varnames[: code.co_argcount]
+    if len(positional) <= len(params):
+        names = params[len(params) - len(positional) :]
+    else:  # `__defaults__` assigned longer than the signature: by position
+        names = tuple(f"<default {i}>" for i in range(len(positional)))
+    values = dict(zip(names, positional, strict=True))
+    values.update(fn.__kwdefaults__ or {})
+    return {
+        name: ctx.encode(value, f"{path}.<default {name}>")
+        for name, value in sorted(values.items())
+    }
+
+
+# (blob id) -> {(qualname, first line): (positional defaults, keyword-only defaults)}, each
+# default (True, its literal value) or (False, None) for an expression that is not a literal.
+_Default = tuple[bool, Any]
+_source_defs: dict[str, dict[tuple[str, int], tuple[list[_Default], dict[str, _Default]]]] = {}
+
+
+def _source_defaults(fn: types.FunctionType, ctx: Context) -> bool:
+    """Whether `fn`'s defaults are what its module's source gives it: a function defined by
+    name at module or class level (the one its module holds under its qualname, or wraps,
+    from the `def` at its first line in the file the key names), whose literal defaults have the
+    source's values. A default written as another expression (`k=MAX_LEN`, `tok=load()`) is
+    evaluated once, when the module is imported, like a module value computed at import:
+    it counts as the source's. Such a function's key is what it was before defaults counted."""
+    if not _defined_by_name(fn):
+        return False
+    code = fn.__code__
+    rel = ctx.project_rel(code.co_filename) if os.path.isfile(code.co_filename) else None
+    fid = ctx.files.get(rel) if rel is not None else None
+    if rel is None or fid is None:
+        return False
+    defs = _source_defs.get(fid.id)
+    if defs is None:
+        defs = _source_defs[fid.id] = _scan_defaults(ctx.snapshot.content(rel, fid.id))
+    found = defs.get((fn.__qualname__, code.co_firstlineno))
+    if found is None:
+        return False
+    positional, keyword = found
+    given, kw = fn.__defaults__ or (), fn.__kwdefaults__ or {}
+    if len(positional) != len(given) or keyword.keys() != kw.keys():
+        return False
+    pairs = [*zip(positional, given, strict=True), *((keyword[k], kw[k]) for k in keyword)]
+    return all(not lit or liveness.same_literal(value, src) for (lit, src), value in pairs)
+
+
+def _defined_by_name(fn: types.FunctionType) -> bool:
+    """Whether `fn` is what its module holds under its qualname, or what that wraps (a
+    decorated function: `functools.wraps` chains lead from the name to it). Not one of many
+    functions a `def` in a loop or a factory made."""
+    obj = _lookup(fn.__module__ or "__main__", fn.__qualname__)
+    for _ in range(100):  # as inspect.unwrap, a chain has an end
+        if obj is fn:
+            return True
+        obj = getattr(obj, "__dict__", {}).get("__wrapped__")
+        if obj is None:
+            return False
+    return False
+
+
+def _scan_defaults(
+    source: bytes,
+) -> dict[tuple[str, int], tuple[list[_Default], dict[str, _Default]]]:
+    """Every function a module's source defines by name (at module level, in classes, under
+    `if`/`try`/`with` blocks), with its defaults as literals where they are literals."""
+    import ast
+    import contextlib
+
+    out: dict[tuple[str, int], tuple[list[_Default], dict[str, _Default]]] = {}
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return out
+
+    def literal(node: ast.expr) -> _Default:
+        with contextlib.suppress(ValueError, TypeError, SyntaxError, RecursionError):
+            return True, ast.literal_eval(node)
+        return False, None
+
+    def walk(body: list[ast.stmt], prefix: str) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                a = node.args
+                out[(prefix + node.name, first)] = (
+                    [literal(d) for d in a.defaults],
+                    {
+                        arg.arg: literal(d)
+                        for arg, d in zip(a.kwonlyargs, a.kw_defaults, strict=True)
+                        if d is not None
+                    },
+                )
+            elif isinstance(node, ast.ClassDef):
+                walk(node.body, f"{prefix}{node.name}.")
+            else:
+                for child in ast.iter_child_nodes(node):
+                    if isinstance(child, ast.stmt):
+                        walk([child], prefix)
+                    elif isinstance(child, ast.ExceptHandler):
+                        walk(child.body, prefix)
+
+    walk(tree.body, "")
+    return out
 
 
 def _named(obj: Any, ctx: Context, path: str) -> dict[str, Any]:

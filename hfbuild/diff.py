@@ -146,6 +146,12 @@ def _walk(path: str, old: Any, new: Any) -> Iterator[Change]:
             for key in sorted(o.keys() | n.keys()):
                 yield from _walk(f"{path}.{key}", o.get(key), n.get(key))
             return
+    if _is(old, "callable") and _is(new, "callable"):
+        o, n = old["callable"], new["callable"]
+        if isinstance(o, dict) and isinstance(n, dict) and o.get("target") == n.get("target"):
+            # The same function carrying other values (a cell, a default, what it wraps).
+            yield from _walk(path, o.get("args") or {}, n.get("args") or {})
+            return
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         for i, (a, b) in enumerate(zip(old, new, strict=True)):
             yield from _walk(f"{path}[{i}]", a, b)

@@ -548,7 +548,7 @@ def _compare(module: str, name: str, value: Any, src: _Bindings, ctx: Context) -
     qual = f"{module}.{name}"
     literal = src.literals.get(name, _UNSET)
     if literal is not _UNSET:
-        if _same(value, literal):
+        if same_literal(value, literal):
             return
         ctx.module_values[qual] = {
             "source": ctx.encode(literal, f"module value {qual}"),
@@ -608,7 +608,7 @@ def _imported(spec: tuple[int, str, str | None], module: str) -> tuple[str, Any]
     return name, found
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_literal(a: Any, b: Any) -> bool:
     """Type-exact equality of a value with a literal: 1, 1.0 and True differ, as do 0.0 and
     -0.0, so a value the key would encode differently is never taken for the source's."""
     if type(a) is not type(b):
@@ -616,10 +616,12 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float):
         return a == b and (a != 0.0 or str(a) == str(b))
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(same_literal(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return (
-            len(a) == len(b) and a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
+            len(a) == len(b)
+            and a.keys() == b.keys()
+            and all(same_literal(v, b[k]) for k, v in a.items())
         )
     if isinstance(a, (set, frozenset)):
         return a == b and {type(x) for x in a} == {type(x) for x in b}
