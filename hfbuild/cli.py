@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import select
 import signal
@@ -26,17 +27,27 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hfbuild", description="Correct caching for datasets transforms, run by doit."
     )
-    p.add_argument(
-        "--dodo", metavar="PATH", help="the dodo file defining the pipeline (default: ./dodo.py)"
-    )
+    dodo_help = "the dodo file defining the pipeline (default: ./dodo.py)"
+    p.add_argument("--dodo", metavar="PATH", help=dodo_help)
+    # The global options are accepted after the command too (`hfbuild install-hook --dodo X`):
+    # each subparser knows them with a suppressed default, so one given before the command is
+    # kept when the command does not repeat it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dodo", metavar="PATH", default=argparse.SUPPRESS, help=dodo_help)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    s = sub.add_parser("status", help="each stage: up to date, stale and why, or dirty")
+    cmd = functools.partial(sub.add_parser, parents=[common])
+    s = cmd("status", help="each stage: up to date, stale and why, or dirty")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("-q", "--quiet", action="store_true", help="print nothing; exit 1 if stale")
-    e = sub.add_parser("explain", help="what changed since a stage was last built")
+    s.add_argument(
+        "--strict",
+        action="store_true",
+        help="a stage whose key holds uncommitted code is an error (also HFBUILD_STRICT=1)",
+    )
+    e = cmd("explain", help="what changed since a stage was last built")
     e.add_argument("stage")
     e.add_argument("--json", action="store_true", help="machine-readable output")
-    v = sub.add_parser("verify", help="check hfbuild.lock (pre-commit hook and CI)")
+    v = cmd("verify", help="check hfbuild.lock (pre-commit hook and CI)")
     mode = v.add_mutually_exclusive_group()
     mode.add_argument("--staged", action="store_true", help="check what is staged (the hook)")
     mode.add_argument(
@@ -57,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         "an error, not a notice",
     )
     v.add_argument("-q", "--quiet", action="store_true", help="print only problems")
-    sub.add_parser(
+    cmd(
         "lock",
         help="rewrite hfbuild.lock from the current code and the store, building nothing "
         "(resolves a merge conflict in it)",
@@ -66,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         ("push", "upload current results the remote lacks"),
         ("pull", "download current results the store lacks"),
     ):
-        t = sub.add_parser(verb, help=text)
+        t = cmd(verb, help=text)
         t.add_argument("stages", nargs="*", metavar="STAGE", help="default: every stage")
         t.add_argument(
             "--remote",
@@ -74,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
             help="fsspec URL (default: $HFBUILD_REMOTE, "
             "else [tool.hfbuild] remote in pyproject.toml)",
         )
-    b = sub.add_parser("build", help="build stages (what `doit run` does), choosing the executor")
+    b = cmd("build", help="build stages (what `doit run` does), choosing the executor")
     b.add_argument("stages", nargs="*", metavar="STAGE", help="default: every stage")
     b.add_argument(
         "--executor",
@@ -82,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         help="where missing results are built (default: $HFBUILD_EXECUTOR, else "
         "[tool.hfbuild] executor in pyproject.toml, else local); ray needs a remote cache",
     )
-    g = sub.add_parser("gc", help="delete store entries nothing references")
+    g = cmd("gc", help="delete store entries nothing references")
     g.add_argument(
         "--keep-commits",
         type=int,
@@ -98,15 +109,15 @@ def _parser() -> argparse.ArgumentParser:
         help="keep anything used in the last D days (default 7)",
     )
     g.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
-    d = sub.add_parser("du", help="the store's size per stage")
+    d = cmd("du", help="the store's size per stage")
     d.add_argument("--json", action="store_true", help="machine-readable output")
-    dr = sub.add_parser("doctor", help="check that the store can be used (and shared)")
+    dr = cmd("doctor", help="check that the store can be used (and shared)")
     dr.add_argument(
         "--shared",
         action="store_true",
         help="check it as a store shared by a group even if it does not look like one",
     )
-    h = sub.add_parser("install-hook", help="install a plain git pre-commit hook")
+    h = cmd("install-hook", help="install a plain git pre-commit hook")
     h.add_argument("--force", action="store_true", help="replace an existing hook")
     return p
 
@@ -120,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "status":
         from hfbuild.commands.status import status
 
-        return status(pipe, as_json=args.json, quiet=args.quiet)
+        return status(pipe, as_json=args.json, quiet=args.quiet, strict=args.strict or strict())
     if args.command == "explain":
         from hfbuild.commands.explain import explain
 

@@ -8,12 +8,27 @@ from hfbuild.pipeline import Pipeline
 from hfbuild.report import stage_states
 
 
-def status(pipe: Pipeline, *, as_json: bool = False, quiet: bool = False) -> int:
+def status(
+    pipe: Pipeline, *, as_json: bool = False, quiet: bool = False, strict: bool = False
+) -> int:
     """Each stage as up to date, stale (with the first reason), built from uncommitted
     changes, or failed (it cannot be fingerprinted: the error says why); a lock with merge
     conflict markers is reported. Exit 0 only when every stage is up to date from committed
-    code and the lock has no conflict."""
+    code and the lock has no conflict. `strict` (`--strict`, HFBUILD_STRICT=1): a stage whose
+    key holds uncommitted files is failed, as `verify` and `doit run` fail it."""
     states = stage_states(pipe)
+    if strict:
+        states = [
+            s._replace(
+                state="failed",
+                reason=f"its key holds uncommitted files ({', '.join(s.dirty_files)}); strict "
+                f"mode (HFBUILD_STRICT=1 or --strict) allows only committed code: commit or "
+                f"stash them",
+            )
+            if s.dirty_files and s.state != "failed"
+            else s
+            for s in states
+        ]
     conflict = lockfile.conflict(pipe.lock_path, pipe.lock_name)
     if conflict is not None and not quiet:
         print(f"hfbuild status: {conflict}", file=sys.stderr)
