@@ -33,6 +33,7 @@ from hfbuild.envvars import env_part
 from hfbuild.errors import (
     DirtyTreeError,
     DirtyTreeWarning,
+    HfbuildError,
     IncompleteClosureWarning,
     MissingDataError,
 )
@@ -322,13 +323,32 @@ def fingerprint(
     options: Mapping[str, Any] | None = None,
     file_deps: Sequence[str | os.PathLike[str]] = (),
     return_manifest: bool = False,
+    **map_options: Any,
 ) -> Any:
     """The git-aware fingerprint of applying `fn(**fn_kwargs)` to `parent`.
 
     `parent` is a `Dataset` (its `_fingerprint` is used), a fingerprint string, or None.
-    `options` are the `Dataset.map`/`filter` options; only those that change the output count.
-    Returns the hex digest, or `(digest, Manifest)` with `return_manifest=True`.
+    The `Dataset.map`/`filter` options are given as that call spells them (`batched=True`),
+    or as a mapping in `options`; only those that change the output count, so
+    `fingerprint(f, kw, parent=ds, batched=True)` is the key `hfbuild.map(ds, f, kw,
+    batched=True)` uses. Returns the hex digest, or `(digest, Manifest)` with
+    `return_manifest=True`.
     """
+    if map_options:
+        known = {*_OUTPUT_OPTIONS.get(kind, {}), *NEUTRAL_OPTIONS} - {"sharded"}
+        unknown = sorted(set(map_options) - known)
+        if unknown:
+            raise HfbuildError(
+                f"hfbuild.fingerprint: {', '.join(unknown)} is not an option of "
+                f"Dataset.{kind} hfbuild knows; pass options={{...}} to key it anyway."
+            )
+        both = sorted(set(map_options) & set(options or {}))
+        if both:
+            raise HfbuildError(
+                f"hfbuild.fingerprint: {', '.join(both)} given both as a keyword and in "
+                f"options=: give it once."
+            )
+        options = {**(options or {}), **map_options}
     snap = snapshot_for(fn)
     if snap.repo is not None:  # the project's store remembers scans and stat data
         snap.code_cache = caches.for_store(Store(default_root(snap.root)))
