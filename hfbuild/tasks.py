@@ -58,10 +58,24 @@ def _build(pipe: Pipeline, name: str) -> TaskFailed | None:
                 for w in caught:
                     print(f"warning: {w.message}", file=sys.stderr)
     except HfbuildError as e:
+        after = _built_from(pipe, name)
+        if after:  # doit stops here and names none of them: say they fail with it
+            return TaskFailed(
+                f"{e}\nfailed with it, as they are built from {name!r}: {', '.join(after)}"
+            )
         return TaskFailed(str(e))
     print(report.line())
     sys.stdout.flush()
     return None
+
+
+def _built_from(pipe: Pipeline, name: str) -> list[str]:
+    """The stages built from `name`, directly or through others, in pipeline order."""
+    down = {name}
+    for spec in pipe.specs:
+        if any(i in down for i in spec.inputs):
+            down.add(spec.name)
+    return [s.name for s in pipe.specs if s.name in down and s.name != name]
 
 
 def _title(pipe: Pipeline, name: str, task: Any) -> str:
