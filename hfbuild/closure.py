@@ -353,19 +353,25 @@ def _function(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
 # -- what a function object carries beyond its code (issue #25 item 1) -----------------------
 
 _ABSENT = object()
-# What `functools.update_wrapper` sets on a wrapper that is not the wrapper's own state: the
-# names it assigns (slots on a function; on another object they land in its `__dict__`) and
-# `__wrapped__`, which is followed as the wrapped callable (`_wrapped`). The entries it copies
-# from the wrapped function's `__dict__` are that function's attributes, keyed with it.
-_WRAPS = frozenset({*functools.WRAPPER_ASSIGNMENTS, "__type_params__", "__wrapped__"})
+
+
+def _marker(name: str) -> bool:
+    """Dunder attributes describe a function to Python and its tools, not state it computes
+    with: what `functools.update_wrapper` assigns (`__qualname__`, `__doc__`, ...; slots on a
+    function, `__dict__` entries on another object), `typing.final`'s `__final__`,
+    `typing.override`'s `__override__`, `abc`'s `__isabstractmethod__`, `__signature__`; and
+    `__wrapped__`, followed as the wrapped callable itself (`_wrapped`). Keying them would
+    change the keys of functions that carry nothing new."""
+    return name.startswith("__") and name.endswith("__")
 
 
 def _carried(
     fn: types.FunctionType, held: list[Any], args: dict[str, Any], ctx: Context, path: str
 ) -> None:
-    """Add to `args` what `fn` carries in its `__dict__`: attributes set on it (`attrs`) and
-    the callable it wraps (`wrapped`), unless that is one of its closure cells (`held`),
-    keyed there already as a decorator's wrapper holds it."""
+    """Add to `args` what `fn` carries in its `__dict__`: attributes set on it (`attrs`; not
+    the entries `functools.wraps` copied from the wrapped function's `__dict__`, which are that
+    function's attributes, keyed with it) and the callable it wraps (`wrapped`), unless that is
+    one of its closure cells (`held`), keyed there already as a decorator's wrapper holds it."""
     own = vars(fn)
     if not own:
         return
@@ -374,7 +380,7 @@ def _carried(
     attrs = {
         name: ctx.encode(value, f"{path}.{name}")
         for name, value in sorted(own.items())
-        if name not in _WRAPS and not (name in copied and copied[name] is value)
+        if not _marker(name) and not (name in copied and copied[name] is value)
     }
     if attrs:
         args["attrs"] = attrs

@@ -14,6 +14,7 @@ from tests.helpers import HFBUILD, Repo, run_python
 
 MODULE = """
 import functools
+import typing
 
 
 def mk(k):
@@ -85,6 +86,11 @@ def decorated(ex, k=3):
 
 def plain(ex):
     return ex
+
+
+@typing.final  # sets __final__ on it: a marker for tools, not state
+def marked(ex):
+    return ex
 """
 
 # Pairs of callables that differ only in what they carry: [what, a, b]. Each expression is
@@ -125,6 +131,7 @@ def manifest_args(fn):
 out["named_args"] = manifest_args(t.named)
 out["decorated_args"] = manifest_args(t.decorated)
 out["plain_args"] = manifest_args(t.plain)
+out["marked_args"] = manifest_args(t.marked)
 # A module-level function changed from outside: its defaults or an attribute set on it.
 base = fp(t.named)
 t.named.__defaults__ = (4,)
@@ -185,13 +192,15 @@ def test_module_function_changed_from_outside(repo: Repo) -> None:
 
 
 def test_nothing_carried_adds_nothing(repo: Repo) -> None:
-    """A module-level function whose defaults are its source's literals, and a decorated
-    function whose wrapper holds it in a closure cell (functools.wraps), get no new part in
-    their key: it is the key they had before defaults and attributes counted."""
+    """A module-level function whose defaults are its source's literals, a decorated
+    function whose wrapper holds it in a closure cell (functools.wraps), and one marked by
+    `typing.final` get no new part in their key: the key they had before defaults and
+    attributes counted."""
     repo.write({"t.py": MODULE}, commit="t")
     r = _run(repo, "0")
     assert r["named_args"] == {"fn_kwargs": {"dict": []}}
     assert r["plain_args"] == {"fn_kwargs": {"dict": []}}
+    assert r["marked_args"] == {"fn_kwargs": {"dict": []}}
     decorated = r["decorated_args"]
     assert set(decorated) == {"closure", "fn_kwargs"}
     assert "defaults" not in json.dumps(decorated)
