@@ -89,6 +89,24 @@ def require_root(path: str | os.PathLike[str]) -> str:
     return root
 
 
+def head_text(path: str | os.PathLike[str]) -> str | None:
+    """The text HEAD's commit holds for the file at `path` (in the work tree holding it),
+    or None: no repository, no commit yet, or no such file in it. Never the work tree's
+    bytes: what is committed is what others reviewed (the root of trust for a pull)."""
+    p = os.path.realpath(os.fspath(path))
+    repo = _discover(os.path.dirname(p))
+    if repo is None or repo.head_is_unborn:
+        return None
+    rel = os.path.relpath(p, os.path.realpath(repo.workdir)).replace(os.sep, "/")
+    try:
+        blob = repo[repo.head.peel(pygit2.Commit).tree[rel].id]
+    except (KeyError, ValueError, pygit2.GitError):
+        return None
+    if not isinstance(blob, pygit2.Blob):
+        return None
+    return blob.data.decode("utf-8", errors="replace")
+
+
 def _hash_worktree(repo: pygit2.Repository, rel_to_repo: str) -> str:
     """The blob id git would give this work-tree file: its clean filters (autocrlf,
     .gitattributes) applied, as `git hash-object` does. pygit2 has no wrapper for

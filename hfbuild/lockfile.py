@@ -2,10 +2,11 @@
 
 Owns: reading, writing and merging the lock at the repository root, and recognizing git's
 merge conflict markers in it (and the sides they separate). One entry per stage
-(fingerprint, input stages, the full manifest, output rows and content hash, the dirty
-files it was built from and the files it read at run time, if any), as sorted, indented
-JSON so one stage's change is one small diff. Writes are atomic and serialized by a file
-lock, so concurrent builds do not lose entries.
+(fingerprint, input stages, the full manifest, output rows and content hash, a sharded
+stage's content hash per shard key, the dirty files it was built from and the files it read
+at run time, if any), as sorted, indented JSON so one stage's change is one small diff; the
+content hashes a lock pins by store key (`pins`: what a pull must match). Writes are atomic
+and serialized by a file lock, so concurrent builds do not lose entries.
 
 Must never: be the basis of a freshness decision (the store is), or import datasets.
 """
@@ -17,7 +18,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from hfbuild.errors import HfbuildError
 
@@ -194,12 +195,57 @@ def entry(
     }
     if dirty:
         e["dirty"] = sorted(dirty)
+    hashes = shard_hashes(stored)
+    if hashes:
+        # Each shard's content hash by shard key, so a pulled shard is checked by itself
+        # (`pins`): the combined hash above could refuse a forged list, but not say which of
+        # its shards is bad, nor vouch for a shard once the stage's key moved on.
+        e["shard_hashes"] = hashes
     if stored.get("observed"):
         # Files the build read at run time: with the static fingerprint, a clone without the
         # store (CI, or one pulling from a remote) computes the same key (see fullkey.py).
         e["static_fingerprint"] = stored.get("static_fingerprint")
         e["observed"] = stored["observed"]
     return e
+
+
+def shard_hashes(stored: Mapping[str, Any]) -> dict[str, str]:
+    """Shard key -> content hash of a sharded result: from a store entry's list of shards
+    (`[split, key, label, files, {content_hash, ...}]` rows), or a lock entry's own record."""
+    recorded = stored.get("shard_hashes")
+    if isinstance(recorded, dict):
+        return {str(k): str(v) for k, v in recorded.items()}
+    rows = stored.get("shards")
+    out: dict[str, str] = {}
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, list) and len(row) >= 5 and isinstance(row[4], dict):
+            h = row[4].get("content_hash")
+            if isinstance(h, str):
+                out[str(row[1])] = h
+    return out
+
+
+class Pin(NamedTuple):
+    """What a lock records for one store key: the content hash and where it says so."""
+
+    content_hash: str
+    stage: str  # the stage whose entry records it
+    shard: bool  # a shard of that stage (else the stage's own result)
+
+
+def pins(stages: Mapping[str, Any]) -> dict[str, Pin]:
+    """Every key the lock's entries pin to a content hash: each stage's fingerprint, and
+    each shard key of a sharded stage. What a pull from a remote must match (`remote.py`)."""
+    out: dict[str, Pin] = {}
+    for name, e in sorted(stages.items()):
+        if not isinstance(e, dict):
+            continue
+        fp, h = e.get("fingerprint"), e.get("content_hash")
+        if isinstance(fp, str) and isinstance(h, str):
+            out[fp] = Pin(h, name, False)
+        for key, sh in shard_hashes(e).items():
+            out.setdefault(key, Pin(sh, name, True))
+    return out
 
 
 @contextlib.contextmanager
