@@ -18,15 +18,15 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-from hfbuild import caches
+from hfbuild import caches, lockfile
 from hfbuild.absentdata import LockedData
 from hfbuild.datafiles import StatCache
 from hfbuild.errors import NotBuiltError, StageError
 from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import resolve
-from hfbuild.gitstate import Mode, Snapshot, find_root
+from hfbuild.gitstate import Mode, Snapshot, find_root, head_text
 from hfbuild.ledger import Ledger
-from hfbuild.lockfile import LOCK_NAME
+from hfbuild.lockfile import LOCK_NAME, Pin, pins
 from hfbuild.manifests import Manifests, stage_manifest
 from hfbuild.manifests import compute as compute_manifests
 from hfbuild.remote import Remote, remote_url
@@ -108,7 +108,17 @@ class Pipeline:
         if off or self._remote_arg is False:
             return None
         url = remote_url(self.root, self._remote_arg or None)
-        return Remote(url) if url else None
+        return Remote(url, self.pins, self.lock_name) if url else None
+
+    def pins(self) -> dict[str, Pin]:
+        """What the committed lock (HEAD's, never the work tree's: a build rewrites that one,
+        from what it pulled too) records per store key: the content hashes a pull must
+        match. {} outside git, before the first commit, or when HEAD's lock cannot be read."""
+        text = head_text(self.lock_path)
+        try:
+            return pins(lockfile.loads(text)) if text else {}
+        except lockfile.LockError:
+            return {}
 
     # -- defining stages --------------------------------------------------------------------
 

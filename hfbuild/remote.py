@@ -26,11 +26,12 @@ import posixpath
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from hfbuild import config, progress
 from hfbuild.errors import HfbuildError, StoreError
+from hfbuild.lockfile import LOCK_NAME, Pin
 from hfbuild.store import MANIFEST, Store, manifest_digest, safe_rel
 
 _PROGRESS_BYTES = 4 * 1024 * 1024  # transfers above this show a progress bar
@@ -38,6 +39,17 @@ _PROGRESS_BYTES = 4 * 1024 * 1024  # transfers above this show a progress bar
 
 class RemoteError(HfbuildError):
     """The remote cannot be used, or one of its entries fails its checks."""
+
+
+class RefusedEntryError(RemoteError):
+    """One entry of the remote fails its checks (its manifest, its files, its content, or
+    what the committed lock records for its key): it is not used, and nothing of it is
+    published in the store."""
+
+
+class RemoteMissingError(RemoteError):
+    """A `file://` remote whose directory does not exist (a wrong path, or an unmounted
+    share): an error, not "the remote does not hold it"."""
 
 
 def remote_url(root: str, explicit: str | None = None) -> str | None:
@@ -55,17 +67,31 @@ def remote_url(root: str, explicit: str | None = None) -> str | None:
 _DATA_DIR = re.compile(r"^data(-[0-9a-f]{32})?$")
 
 
+_FP = r"[0-9a-f]{32}"
+
+
 def _check_fp(fp: str) -> str:
-    if not re.fullmatch(r"[0-9a-f]{32}", fp):
+    if not re.fullmatch(_FP, fp):
         raise RemoteError(f"not a fingerprint: {fp!r}")
     return fp
 
 
+Pins = Callable[[], Mapping[str, Pin]]
+
+
 class Remote:
-    def __init__(self, url: str) -> None:
+    """A remote cache at `url`. `pins` gives what the committed lock records per store key
+    (`lockfile.pins` of HEAD's lock, asked once per `Remote`): a pulled entry whose content
+    hash differs is refused. A key it does not pin is checked against the remote's own
+    hashes only (its manifest's content hash, recomputed from the data)."""
+
+    def __init__(self, url: str, pins: Pins | None = None, lock_name: str = LOCK_NAME) -> None:
         import fsspec
 
         self.url = url.rstrip("/")
+        self._pins_of = pins
+        self._pins: Mapping[str, Pin] | None = None
+        self.lock_name = lock_name
         try:
             self.fs, self.base = fsspec.core.url_to_fs(self.url)
         except (ImportError, ValueError) as e:
@@ -76,28 +102,60 @@ class Remote:
         path = posixpath.join(self.base, "objects", _check_fp(fp)[:2], fp)
         return posixpath.join(path, rel) if rel else path
 
+    def pins(self) -> Mapping[str, Pin]:
+        """What the committed lock records per key ({} without one), read once."""
+        if self._pins is None:
+            self._pins = self._pins_of() if self._pins_of is not None else {}
+        return self._pins
+
+    def where(self, fp: str) -> str:
+        """The entry's address on the remote, for messages."""
+        return f"{self.url}/objects/{_check_fp(fp)[:2]}/{fp}"
+
     def read_manifest(self, fp: str) -> dict[str, Any] | None:
         """The entry's manifest if the remote holds a complete entry for `fp`."""
         try:
             raw = self.fs.cat_file(self._key(fp, MANIFEST))
         except FileNotFoundError:
+            self._check_root()
             return None
         except OSError as e:
             raise RemoteError(f"cannot read {self.url}: {e}") from e
         try:
             doc = json.loads(raw)
         except ValueError as e:
-            raise RemoteError(f"remote entry {fp} has a corrupt manifest ({e}); not used.") from e
+            raise RefusedEntryError(
+                f"remote entry {fp} has a corrupt manifest ({e}); not used."
+            ) from e
         if not isinstance(doc, dict) or doc.get("fingerprint") != fp:
-            raise RemoteError(
+            raise RefusedEntryError(
                 f"remote entry {fp} has a manifest for another fingerprint; not used."
+            )
+        if doc.get("manifest_digest") != manifest_digest(doc):
+            raise RefusedEntryError(
+                f"remote entry {fp} on {self.url} has a manifest edited after it was written "
+                f"(it does not match its manifest_digest); not used."
             )
         files = doc.get("files")
         if not isinstance(files, dict) or not all(
             safe_rel(k) and isinstance(v, int) and v >= 0 for k, v in files.items()
         ):
-            raise RemoteError(f"remote entry {fp} lists unsafe or malformed file paths; not used.")
+            raise RefusedEntryError(
+                f"remote entry {fp} lists unsafe or malformed file paths; not used."
+            )
         return doc
+
+    def _check_root(self) -> None:
+        """A `file://` remote's directory must exist: a missing one is a wrong path or an
+        unmounted share, never "the remote does not hold it"."""
+        from fsspec.implementations.local import LocalFileSystem
+
+        if isinstance(self.fs, LocalFileSystem) and not os.path.isdir(self.base):
+            raise RemoteMissingError(
+                f"the remote {self.url} does not exist (no directory {self.base}): correct "
+                f"its URL (--remote, HFBUILD_REMOTE or [tool.hfbuild] remote in "
+                f"pyproject.toml), mount it, or create the directory."
+            )
 
     def has(self, fp: str) -> bool:
         try:
@@ -177,18 +235,24 @@ class Remote:
         with contextlib.suppress(OSError, ValueError):
             self.fs.rm(self._key(fp, data_dir), recursive=True)
 
-    def pull(self, store: Store, fp: str, label: str) -> int:
+    def pull(self, store: Store, fp: str, label: str, expect: str | None = None) -> int:
         """Download a remote entry into the store, after checking it; returns bytes received,
-        0 when there was nothing to pull. A failing entry raises RemoteError and leaves the
-        store unchanged."""
+        0 when there was nothing to pull. `expect` is the content hash a trusted list of
+        shards gives the entry. A failing entry raises RefusedEntryError and leaves nothing
+        of it in the store (shards of a list pulled before it, each checked, stay)."""
         doc = self.read_manifest(fp)
         if doc is None:
             return 0
         with store.lock(fp):
-            return self.pull_held(store, fp, label, doc)
+            return self.pull_held(store, fp, label, doc, expect)
 
     def pull_held(
-        self, store: Store, fp: str, label: str, doc: Mapping[str, Any] | None = None
+        self,
+        store: Store,
+        fp: str,
+        label: str,
+        doc: Mapping[str, Any] | None = None,
+        expect: str | None = None,
     ) -> int:
         """`pull`, for a caller already holding the store's lock for `fp`."""
         if doc is None:
@@ -197,19 +261,40 @@ class Remote:
                 return 0
         if store.has(fp):
             return 0
-        # A result made of shards: each shard is pulled (and checked) first, its list last;
-        # an indices entry: its base first (see `Store.references`).
-        shards = store.references(fp, dict(doc))
-        got = sum(self.pull(store, key, label) for key in shards if not store.has(key))
-        if any(not store.has(key) for key in shards):
-            raise RemoteError(
-                f"remote entry {fp} ({label}) needs an entry the remote lacks (a shard, or the "
-                f"base it selects rows of); not used."
-            )
+        rows = doc.get("shards")
+        # Before anything is downloaded: the content hash the committed lock (or a list
+        # that lock vouches for) records for this key.
+        try:
+            self._check_pinned(fp, label, doc, expect)
+        except RefusedEntryError as e:
+            if not isinstance(rows, list):
+                raise
+            # A forged list: its shards the lock vouches for are still good ones, so the
+            # build that follows builds only the others.
+            bad = self._salvage(store, label, rows)
+            listing = ", ".join(bad[:5]) + (f", and {len(bad) - 5:,} more" if len(bad) > 5 else "")
+            raise RefusedEntryError(
+                f"{e} Its shards that differ from the lock: {listing or 'none'}; the others "
+                f"were pulled, each checked."
+            ) from None
+        if isinstance(rows, list):
+            # A result made of shards: its rows must add up to its (checked) content hash, so
+            # each row's hash is vouched for too; each shard is then pulled and checked
+            # against its row (and its own pin), its list last.
+            got = self._pull_shards(store, fp, label, doc, rows)
+        else:
+            # An indices entry: its base first (see `Store.references`).
+            refs = store.references(fp, dict(doc))
+            got = sum(self.pull(store, key, label) for key in refs if not store.has(key))
+            if any(not store.has(key) for key in refs):
+                raise RefusedEntryError(
+                    f"remote entry {fp} ({label}) needs an entry the remote lacks (the base it "
+                    f"selects rows of); not used."
+                )
         files: Mapping[str, int] = doc["files"]
         data_dir = doc.get("data_dir", "data")
         if not isinstance(data_dir, str) or not _DATA_DIR.match(data_dir):
-            raise RemoteError(f"remote entry {fp} names an unsafe data directory; not used.")
+            raise RefusedEntryError(f"remote entry {fp} names an unsafe data directory; not used.")
         tmp = store.new_build_dir(fp)
         try:
             total = got + sum(files.values())
@@ -219,7 +304,7 @@ class Remote:
                     os.makedirs(os.path.dirname(local), exist_ok=True)
                     self.fs.get_file(self._key(fp, f"{data_dir}/{rel}"), local)
                     if os.path.getsize(local) != size:
-                        raise RemoteError(
+                        raise RefusedEntryError(
                             f"remote entry {fp} ({label}): {rel} is {os.path.getsize(local)} "
                             f"bytes, its manifest says {size}; not used."
                         )
@@ -230,6 +315,7 @@ class Remote:
                 for k, v in doc.items()
                 if k not in ("fingerprint", "files", "manifest_digest", "data_dir")
             }
+            meta["pulled_from"] = _public(self.url)  # `verify` names a pulled entry as such
             store.publish(tmp, fp, meta)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -241,6 +327,106 @@ class Remote:
             raise
         return total
 
+    def _check_pinned(
+        self, fp: str, label: str, doc: Mapping[str, Any], expect: str | None
+    ) -> None:
+        """Refuse the entry when its content hash is not what the committed lock records for
+        `fp`, or not `expect` (its row in a list of shards already vouched for)."""
+        got = doc.get("content_hash")
+        pin = self.pins().get(fp)
+        if pin is not None and got != pin.content_hash:
+            what = f"stage {pin.stage!r}'s shard" if pin.shard else f"stage {pin.stage!r}"
+            source = f"the committed {self.lock_name} records {pin.content_hash} for {what}"
+        elif expect is not None and got != expect:
+            source = f"the list of shards that names it records {expect}"
+        else:
+            return
+        raise RefusedEntryError(
+            f"the remote {self.url} holds a forged or damaged entry {fp} ({label}): its "
+            f"content hash is {got}, but {source}; not used. Whoever can write to the remote "
+            f"should delete {self.where(fp)}."
+        )
+
+    def _pull_shards(
+        self, store: Store, fp: str, label: str, doc: Mapping[str, Any], rows: list[Any]
+    ) -> int:
+        """Pull the shards a remote list names, each checked against its row's content hash;
+        the rows' hashes must first add up to the list's own (`shards.combined_hash`)."""
+        from hfbuild.shards import combined_hash
+
+        want: list[tuple[str, str, str]] = []  # (key, content hash, label) per row
+        hashes: list[tuple[str, str]] = []
+        for row in rows:
+            facts = row[4] if isinstance(row, list) and len(row) >= 5 else None
+            h = facts.get("content_hash") if isinstance(facts, dict) else None
+            if not (isinstance(h, str) and isinstance(row[1], str) and re.fullmatch(_FP, row[1])):
+                raise RefusedEntryError(
+                    f"remote entry {fp} ({label}) has a malformed list of shards; not used."
+                )
+            want.append((row[1], h, str(row[2])))
+            hashes.append((str(row[0]), h))
+        if combined_hash(hashes) != doc.get("content_hash"):
+            raise RefusedEntryError(
+                f"the remote {self.url} holds a forged or damaged entry {fp} ({label}): the "
+                f"content hashes its list gives its shards do not add up to its own; not used. "
+                f"Whoever can write to the remote should delete {self.where(fp)}."
+            )
+        got = 0
+        refused: list[RefusedEntryError] = []
+        for key, h, shard_label in want:
+            # Every shard is tried, a refused one or not: those that pass their checks are
+            # good ones, and the build that follows builds only the others.
+            held = store.intact_manifest(key)
+            if held is None:
+                try:
+                    got += self.pull(store, key, f"{label} {shard_label}", expect=h)
+                except RefusedEntryError as e:
+                    refused.append(e)
+                    continue
+                held = store.intact_manifest(key)
+            if held is None:
+                refused.append(
+                    RefusedEntryError(
+                        f"remote entry {fp} ({label}) needs its shard {key} ({shard_label}), "
+                        f"which the remote lacks; not used."
+                    )
+                )
+            elif held.get("content_hash") != h:
+                refused.append(
+                    RefusedEntryError(
+                        f"the remote {self.url} holds a forged or damaged entry {fp} ({label}): "
+                        f"it lists shard {key} ({shard_label}) with content hash {h}, but that "
+                        f"shard holds {held.get('content_hash')}; not used. Whoever can write "
+                        f"to the remote should delete {self.where(fp)}."
+                    )
+                )
+        if refused:
+            more = f" ({len(refused) - 1:,} more of its shards refused)" if len(refused) > 1 else ""
+            raise RefusedEntryError(f"{refused[0]}{more}") from refused[0]
+        return got
+
+    def _salvage(self, store: Store, label: str, rows: list[Any]) -> list[str]:
+        """Pull the shards of a refused list whose rows the committed lock vouches for (each
+        checked as any pull); the labels of the other rows."""
+        bad = []
+        for row in rows:
+            facts = row[4] if isinstance(row, list) and len(row) >= 5 else None
+            h = facts.get("content_hash") if isinstance(facts, dict) else None
+            key = row[1] if isinstance(row, list) and len(row) >= 3 else None
+            pin = self.pins().get(key) if isinstance(key, str) else None
+            if pin is None or h != pin.content_hash or not re.fullmatch(_FP, str(key)):
+                bad.append(str(row[2]) if isinstance(row, list) and len(row) >= 3 else "?")
+                continue
+            if not store.has(str(key)):
+                with contextlib.suppress(RefusedEntryError):
+                    self.pull(store, str(key), f"{label} {row[2]}", expect=h)
+        return bad
+
+
+def _public(url: str) -> str:
+    """`url` without credentials in it (`scheme://user:secret@host/...`)."""
+    return re.sub(r"^([A-Za-z0-9+.-]+://)[^/@]*@", r"\1", url)
+
 
 def _check_content(store: Store, tmp: str, fp: str, doc: Mapping[str, Any], label: str) -> None:
     """Load the downloaded entry (Arrow and JSON only; an indices entry over its base, pulled
@@ -250,22 +436,24 @@ def _check_content(store: Store, tmp: str, fp: str, doc: Mapping[str, Any], labe
     from hfbuild.content import dataset_hash
 
     if isinstance(doc.get("shards"), list):
-        return  # its shards were each checked when pulled; `store.check` ties them together
+        return  # its shards were each checked against its rows when pulled (`_pull_shards`)
     data = os.path.join(tmp, "data")
     try:
         if isinstance(doc.get("indices"), dict):
             why = store.check_base(dict(doc))
             if why is not None:
-                raise RemoteError(f"remote entry {fp} ({label}): {why}; not used.")
+                raise RefusedEntryError(f"remote entry {fp} ({label}): {why}; not used.")
             got = dataset_hash(store.load_indices(fp, dict(doc), data))
         else:
             got = dataset_hash(datasets.load_from_disk(data, keep_in_memory=False))
     except RemoteError:
         raise
     except Exception as e:
-        raise RemoteError(f"remote entry {fp} ({label}) cannot be read ({e}); not used.") from e
+        raise RefusedEntryError(
+            f"remote entry {fp} ({label}) cannot be read ({e}); not used."
+        ) from e
     if got != doc.get("content_hash"):
-        raise RemoteError(
+        raise RefusedEntryError(
             f"remote entry {fp} ({label}) fails its content check (hash {got}, manifest says "
             f"{doc.get('content_hash')}); not used."
         )

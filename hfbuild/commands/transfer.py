@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from hfbuild.errors import HfbuildError
 from hfbuild.pipeline import Pipeline
-from hfbuild.remote import Remote, remote_url
+from hfbuild.remote import RefusedEntryError, Remote, remote_url
 
 
 def _remote(pipe: Pipeline, url: str | None) -> Remote:
@@ -14,7 +15,7 @@ def _remote(pipe: Pipeline, url: str | None) -> Remote:
             "no remote cache configured: pass --remote URL, set HFBUILD_REMOTE, or add "
             '`remote = "s3://bucket/prefix"` under [tool.hfbuild] in pyproject.toml.'
         )
-    return Remote(resolved)
+    return Remote(resolved, pipe.pins, pipe.lock_name)
 
 
 def _stages(pipe: Pipeline, stages: Sequence[str]) -> list[str]:
@@ -40,7 +41,9 @@ def push(pipe: Pipeline, stages: Sequence[str], url: str | None) -> int:
 
 
 def pull(pipe: Pipeline, stages: Sequence[str], url: str | None) -> int:
-    """Download the current results of the stages (default: all) that the store lacks."""
+    """Download the current results of the stages (default: all) that the store lacks. An
+    entry the remote holds but that fails its checks is refused (named, exit 1): nothing of
+    it is used."""
     remote = _remote(pipe, url)
     manifests = pipe.manifests()
     absent = 0
@@ -49,8 +52,16 @@ def pull(pipe: Pipeline, stages: Sequence[str], url: str | None) -> int:
         if pipe.store.has(fp):
             print(f"{name}: already in the store")
             continue
-        got = remote.pull(pipe.store, fp, name)
-        if got or pipe.store.has(fp):
+        try:
+            got = remote.pull(pipe.store, fp, name)
+        except RefusedEntryError as e:
+            print(
+                f"{name}: refused: {e} Build it with `doit run {pipe.name}:{name}`.",
+                file=sys.stderr,
+            )
+            absent += 1
+            continue
+        if pipe.store.has(fp):
             pipe.record(name)
             print(f"{name}: pulled {got:,} bytes")
         else:
