@@ -5,7 +5,9 @@ hfbuild.lock recorded alongside (with absent data files standing in from the loc
 absentdata.py), requiring the store to hold staged results, and rebuilding
 every stage into a scratch store to compare output content hashes with the lock.
 Must never: import datasets unless rebuilding, write the lock, or, when rebuilding, pull from a
-remote or touch the user's store (both hold the very results being checked).
+remote or read the user's store for the rebuild (both hold the very results being checked);
+only after the comparison, a locked result the user's store holds as pulled from a remote is
+looked at, and moved aside when the rebuild contradicts it.
 """
 
 from __future__ import annotations
@@ -148,9 +150,10 @@ def _scratch_twin(pipe: Pipeline, scratch: str) -> Pipeline:
 
 def check_rebuild(pipe: Pipeline) -> list[Problem]:
     """Rebuild every stage in a scratch store and compare output content hashes with the
-    lock: a stage that builds to different data is not reproducible. Nothing is pulled from a
-    remote or read from (or written to) the user's store, which could only hold the results
-    being checked."""
+    lock: a stage that builds to different data is not reproducible, unless the result the
+    lock records was pulled from a remote (`_pulled_cause`): then that remote's entry is
+    forged or damaged. Nothing is pulled from a remote, and the rebuild reads nothing from
+    the user's store, which could only hold the results being checked."""
     scratch = tempfile.mkdtemp(prefix="hfbuild-verify-")
     try:
         twin = _scratch_twin(pipe, os.path.join(scratch, "store"))
@@ -162,9 +165,14 @@ def check_rebuild(pipe: Pipeline) -> list[Problem]:
             report = build(twin, spec.name, record=False)
             if report.action == "pulled":  # remote=False: a bug if it happens
                 raise AssertionError(f"verify --rebuild pulled {spec.name!r}")
-            got = (twin.store.read_manifest(report.fingerprint) or {}).get("content_hash")
+            rebuilt = twin.store.read_manifest(report.fingerprint) or {}
+            got = rebuilt.get("content_hash")
             want = recorded[spec.name].get("content_hash")
             if got != want:
+                forged = _pulled_cause(pipe, spec.name, recorded[spec.name], rebuilt)
+                if forged is not None:
+                    problems.append(Problem(spec.name, forged))
+                    continue
                 problems.append(
                     Problem(
                         spec.name,
@@ -179,48 +187,139 @@ def check_rebuild(pipe: Pipeline) -> list[Problem]:
     return problems
 
 
+def _pulled_cause(
+    pipe: Pipeline, name: str, entry: Mapping[str, Any], rebuilt: Mapping[str, Any]
+) -> str | None:
+    """When the result a lock entry records was pulled from a remote (the user's store holds
+    it, with that content hash, marked as pulled), a rebuild that differs convicts the pulled
+    entry, not the stage: what to say, after moving the pulled entries the rebuild
+    contradicts aside (for a sharded stage, its list and the shards that differ). None when
+    the recorded result was not pulled."""
+    store = pipe.store
+    fp = entry.get("fingerprint")
+    doc = store.read_manifest(fp) if isinstance(fp, str) else None
+    if doc is None or doc.get("content_hash") != entry.get("content_hash"):
+        return None
+    new = lockfile.shard_hashes(rebuilt)
+    suspects = [
+        (str(row[1]), str(row[2]))
+        for row in doc.get("shards") or []
+        if str(row[1]) in new
+        and (store.read_manifest(str(row[1])) or {}).get("content_hash") != new[str(row[1])]
+    ]
+    pulled = [
+        (key, label, remote)
+        for key, label in suspects
+        if isinstance(remote := (store.read_manifest(key) or {}).get("pulled_from"), str)
+    ]
+    if not pulled and not isinstance(doc.get("pulled_from"), str):
+        return None
+    assert isinstance(fp, str)
+    remote = pulled[0][2] if pulled else str(doc.get("pulled_from"))
+    for key, _, _ in pulled:
+        with store.lock(key):
+            store.quarantine(key)
+    with store.lock(fp):
+        store.quarantine(fp)
+    which = (
+        f" (its shards {', '.join(f'{label} ({key})' for key, label, _ in pulled)})"
+        if pulled
+        else ""
+    )
+    return (
+        f"stage {name!r}: the content hash {pipe.lock_name} records ({entry.get('content_hash')}) "
+        f"is that of the entry {fp}{which} pulled from the remote {remote}, and a rebuild from "
+        f"the same code and data gives {rebuilt.get('content_hash')}: that remote holds a "
+        f"forged or damaged entry. It was moved aside from the store. Fix: delete it on the "
+        f"remote, then `HFBUILD_NO_REMOTE=1 doit run {pipe.name} && git add {pipe.lock_name}`."
+    )
+
+
 def check_deep(pipe: Pipeline) -> list[Problem]:
     """Read every entry in the store in full (not only the current stages': an older entry
     becomes current again when an edit is reverted) and compare its content hash with its
-    manifest. A corrupt entry is moved aside, so it is rebuilt when next needed, and reported."""
+    manifest, and with what the committed lock records for its key; a list of shards also
+    with the content hash each of its shards holds. A corrupt entry is moved aside, so it is
+    rebuilt when next needed, and reported; so is a shard its list contradicts, so that the
+    rebuild does not list it again. An entry pulled from a remote is named as such: that
+    remote holds a forged or damaged entry."""
     from hfbuild.content import dataset_hash
 
     names = {m.fingerprint: name for name, m in pipe.manifests().items()}
+    pins = pipe.pins()
     problems: list[Problem] = []
+    moved_keys: set[str] = set()
     for fp in pipe.store.fingerprints():
+        if fp in moved_keys:
+            continue
         doc = pipe.store.read_manifest(fp)
         why = pipe.store.check(fp)
+        contradicted: list[str] = []  # shards whose content hash is not their row's
         if why is None and doc is not None:
             try:
                 if isinstance(doc.get("shards"), list):  # each shard is an entry checked here
-                    got = _shards_hash(pipe, doc)
+                    got, contradicted = _shards_hash(pipe, doc)
                 else:
                     got = dataset_hash(pipe.store.load(fp))  # an indices entry: via its base
             except Exception as e:
                 got = f"unreadable ({type(e).__name__}: {e})"
+            pin = pins.get(fp)
             if got != doc.get("content_hash"):
                 why = f"its data does not match its content hash ({got})"
+            elif pin is not None and got != pin.content_hash:
+                why = (
+                    f"its content hash {got} is not the {pin.content_hash} the committed "
+                    f"{pipe.lock_name} records for it"
+                )
         if why is None:
             continue
+        stage = names.get(fp) or (doc or {}).get("stage") or "?"
+        for key in contradicted:
+            shard = pipe.store.read_manifest(key) or {}
+            with pipe.store.lock(key):
+                moved = pipe.store.quarantine(key)
+            moved_keys.add(key)
+            problems.append(
+                Problem(
+                    stage,
+                    f"stage {stage!r}: its shard {key} holds other content than its list "
+                    f"{fp} records{_pulled(shard)}; moved aside to {moved}.",
+                )
+            )
         with pipe.store.lock(fp):
             moved = pipe.store.quarantine(fp)
-        stage = names.get(fp) or (doc or {}).get("stage") or "?"
+        moved_keys.add(fp)
         problems.append(
             Problem(
                 stage,
-                f"stage {stage!r}: the stored result {fp} is corrupt ({why}); moved aside "
-                f"to {moved}. Fix: `doit run {pipe.name}` rebuilds it when it is needed.",
+                f"stage {stage!r}: the stored result {fp} is corrupt ({why}){_pulled(doc)}; "
+                f"moved aside to {moved}. Fix: `doit run {pipe.name}` rebuilds it when it is "
+                f"needed.",
             )
         )
     return problems
 
 
-def _shards_hash(pipe: Pipeline, doc: dict[str, Any]) -> str:
-    """A result made of shards: the combined hash of the content hashes its shards record."""
+def _pulled(doc: Mapping[str, Any] | None) -> str:
+    """How a stored entry's problem reads when it was pulled from a remote."""
+    remote = (doc or {}).get("pulled_from")
+    if not isinstance(remote, str):
+        return ""
+    return f"; it was pulled from the remote {remote}, which holds a forged or damaged entry"
+
+
+def _shards_hash(pipe: Pipeline, doc: dict[str, Any]) -> tuple[str, list[str]]:
+    """A result made of shards: the combined hash of the content hashes its shards record,
+    and the shards whose hash is not the one their row in the list records."""
     from hfbuild.shards import combined_hash
 
     hashes = []
+    contradicted = []
     for row in doc["shards"]:
-        shard = pipe.store.read_manifest(str(row[1])) or {}
-        hashes.append((str(row[0]), str(shard.get("content_hash"))))
-    return combined_hash(hashes)
+        key = str(row[1])
+        got = str((pipe.store.read_manifest(key) or {}).get("content_hash"))
+        hashes.append((str(row[0]), got))
+        facts = row[4] if len(row) >= 5 and isinstance(row[4], dict) else {}
+        if facts.get("content_hash") not in (None, got):
+            contradicted.append(key)
+    return combined_hash(hashes), contradicted
