@@ -2,8 +2,11 @@
 
 Owns: the remote layout (`<url>/objects/<fp[:2]>/<fp>/` holding the entry's data files under
 a name unique to the upload, `data-<uuid>/`, and, written last, its `manifest.json` naming that
-directory), uploading and downloading entries, and checking a download (safe paths, sizes, then
-the full output content hash) before it is published into the local store. An upload without
+directory), uploading and downloading entries, and checking a download (its manifest's
+checksum, its content hash against what the committed lock records for its key, before any
+download; safe paths, sizes, then the full output content hash) before it is published into
+the local store, marked as pulled. The remote's own records vouch for a key only where no
+committed lock pins it (new code): whoever can write there can recompute them. An upload without
 its manifest is invisible: pull never takes it. Publishing is first-writer-wins without a
 lock server: the manifest is written create-only (S3's `If-None-Match: *` through s3fs's
 `mode="create"`; a hard link, which fails on an existing name, for file://), and an upload
