@@ -163,6 +163,7 @@ def build_here(
             seconds=seconds,
             written_bytes=info.written_bytes,
             observed=observed,
+            listed=seen.listed(observed),
         )
         if info.indices is not None:  # its rows are its input's: it references their entry
             doc["indices"] = info.indices

@@ -311,21 +311,61 @@ def diff(
 
 # -- what a build read or imported at run time (observe.py, fullkey.py) -------------------------
 
-_OBSERVED = {"read": "file read at run time", "import": "module imported at run time"}
+_OBSERVED = {"read": "file", "import": "module", "listing": "listing", "unobserved": ""}
 
 
 def describe_observed(c: Change) -> str:
-    """`file read at run time: conf/x.yaml 3f2a... -> 9c1b...`"""
-    return f"{_OBSERVED[c.part]}: {c.path} {_short(c.old)} -> {_short(c.new)}"
+    """`file conf/x.yaml read at run time changed: 3f2a... -> 9c1b...`, `listing of data/extra
+    changed: +new.txt -old.txt`."""
+    if c.part == "unobserved":
+        return "the last build's reads were not all observed (inotify lost events): built again"
+    if c.part == "listing":
+        return f"listing of {c.path} changed: {c.new}"
+    how = "read" if c.part == "read" else "imported"
+    ids = f"{_short(c.old)} -> {_short(c.new)}"
+    return f"{_OBSERVED[c.part]} {c.path} {how} at run time changed: {ids}"
 
 
-def diff_observed(old: Iterable[Sequence[str]], now: Mapping[str, str]) -> list[Change]:
+def _listing_change(old: Sequence[str] | None, new: Sequence[str] | None) -> str:
+    """`+a.txt -b.txt` (at most 5 names each way, then a count), or the directory's coming
+    or going."""
+    if old is None or new is None:
+        return "created" if old is None else "removed"
+    was, now = set(old), set(new)
+
+    def some(sign: str, names: list[str]) -> list[str]:
+        return [sign + n for n in names[:5]] + (
+            [f"({len(names) - 5} more)"] if len(names) > 5 else []
+        )
+
+    return " ".join(some("+", sorted(now - was)) + some("-", sorted(was - now))) or "reordered"
+
+
+def diff_observed(
+    old: Iterable[Sequence[str]],
+    now: Mapping[str, str],
+    listed: Mapping[str, Sequence[str]] | None = None,
+    listed_now: Mapping[str, Sequence[str] | None] | None = None,
+) -> list[Change]:
     """The files a build read or imported at run time (`old`: [path, id] pairs as recorded)
-    whose content is not what it was (`now`: path -> current id, "missing" when gone)."""
+    whose content is not what it was (`now`: path -> current id, "missing" when gone), and
+    the directories it listed (paths `dir/.`) whose names differ: named with the names added
+    and removed when `listed` (directory -> names then) and `listed_now` have them."""
     out = []
     for pair in old:
         path, was = str(pair[0]), str(pair[1])
         cur = now.get(path)
-        if cur is not None and cur != was:
+        if cur is None or cur == was:
+            continue
+        if path.startswith("?"):  # fullkey.UNOBSERVED: no file ever has this name
+            out.append(Change("unobserved", path, was, cur))
+        elif path == "." or path.endswith("/."):
+            d = path[:-2] if path.endswith("/.") else path
+            if listed is not None and d in listed and listed_now is not None and d in listed_now:
+                what = _listing_change(listed[d], listed_now[d])
+            else:  # names unknown (a lock entry): the listings' digests
+                what = " -> ".join(x.removeprefix("listing:")[:12] for x in (was, cur))
+            out.append(Change("listing", d, was, what))
+        else:
             out.append(Change("import" if path.endswith(".py") else "read", path, was, cur))
     return sorted(out, key=lambda c: c.path)

@@ -41,8 +41,45 @@ if TYPE_CHECKING:
     from hfbuild.store import Store
 
 MISSING = "missing"  # the id of a recorded file that no longer exists
+# A build whose reads are not all known (inotify lost events, `watch.py`) records this path
+# with the id UNKNOWN, which nothing computes later (identify gives it MISSING): no other
+# process finds the result as up to date. The process that built it does (`_unsure`), so the
+# stages after it in the same run take it as their input.
+UNOBSERVED = "?reads-not-all-observed"
+UNKNOWN = "unknown"
 
 Observed = tuple[tuple[str, str], ...]  # sorted (repo-relative path, content id)
+
+_unsure: set[str] = set()  # static fingerprints this process built with unknown reads
+
+# Names a directory listing leaves out: git's and Python's own, hfbuild's default store and
+# lock, doit's database; none is what a transform lists for.
+_NOT_LISTED = (".git", "__pycache__", ".hfbuild", "hfbuild.lock")
+
+
+def is_listing(rel: str) -> bool:
+    """Whether a recorded path names a directory listed (`dir/.`, `.` for the root)."""
+    return rel == "." or rel.endswith("/.")
+
+
+def listing_dir(rel: str) -> str:
+    """The directory a listing path names (`.` for the root)."""
+    return rel[:-2] if rel.endswith("/.") else rel
+
+
+def listing(full: str) -> list[str] | None:
+    """The sorted names in a directory as a listing records them (None: not a directory)."""
+    try:
+        names = os.listdir(full)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return sorted(n for n in names if n not in _NOT_LISTED and not n.startswith(".doit.db"))
+
+
+def listing_id(names: list[str] | None) -> str:
+    if names is None:
+        return MISSING
+    return "listing:" + canonical.digest(canonical.dumps(names).encode())
 
 
 def full_key(static: str, observed: Observed) -> str:
@@ -53,12 +90,21 @@ def full_key(static: str, observed: Observed) -> str:
     return canonical.digest(canonical.dumps(doc).encode())
 
 
-def identify(paths: Iterable[str], snap: Snapshot, cache: StatCache) -> Observed:
-    """The current [path, content id] of repo-relative paths (`missing` when gone)."""
+def identify(
+    paths: Iterable[str], snap: Snapshot, cache: StatCache, *, unsure: bool = False
+) -> Observed:
+    """The current [path, content id] of repo-relative paths (`missing` when gone); a
+    listed directory's is the digest of its names (always as on disk); the marker of unknown
+    reads is `unknown` only with `unsure` (the process that built it), else `missing`."""
     out = []
     for rel in sorted(set(paths)):
+        if rel == UNOBSERVED:
+            out.append((rel, UNKNOWN if unsure else MISSING))
+            continue
         full = snap.abspath(rel)
-        if os.path.isfile(full) or (snap.mode == "index" and snap.exists(rel)):
+        if is_listing(rel):
+            out.append((rel, listing_id(listing(snap.abspath(listing_dir(rel))))))
+        elif os.path.isfile(full) or (snap.mode == "index" and snap.exists(rel)):
             out.append((rel, file_identity(full, snap, cache)[1]))
         else:
             out.append((rel, MISSING))
@@ -102,8 +148,9 @@ def resolve(
     if not sets or store.has(m.fingerprint):
         return m
     best: Observed | None = None
+    unsure = static in _unsure
     for paths in sets:
-        obs = identify(paths, snap, cache)
+        obs = identify(paths, snap, cache, unsure=unsure)
         # The key with these files (a sharded stage's is its shards' keys: shards.py).
         if store.has(dataclasses.replace(m, observed=obs).fingerprint):
             best = obs
@@ -163,11 +210,46 @@ def observed_paths(
             if rel is not None:
                 if known is None:
                     known = in_static_key(doc)
-                if rel in known or rel.split("/")[0] == ".git":
+                if rel in known or rel.split("/")[0] == ".git" or _not_input(rel):
                     rel = None
             memo[p] = rel
         if rel is not None:
             out.add(rel)
+    return sorted(out)
+
+
+def _not_input(rel: str) -> bool:
+    """Files hfbuild, doit or git read on their own behalf while a build runs (inotify sees
+    every process's opens): the lock, doit's database, git's ignore and attribute files
+    (libgit2 reads them to hash a file)."""
+    base = rel.rsplit("/", 1)[-1]
+    return (
+        rel == "hfbuild.lock"
+        or base.startswith(".doit.db")
+        or base in (".gitignore", ".gitattributes", ".gitmodules")
+    )
+
+
+def listed_paths(dirs: Iterable[str], snap: Snapshot, exclude: Sequence[str]) -> list[str]:
+    """The recorded paths (`dir/.`) of the project directories among the absolute `dirs` a
+    build listed, without the store, `.git` and environments."""
+    from hfbuild.imports import in_environment
+
+    ex = tuple(os.path.join(os.path.realpath(e), "") for e in exclude if e)
+    out = set()
+    for d in dirs:
+        real = os.path.realpath(d)
+        if os.path.join(real, "").startswith(ex) or in_environment(
+            os.path.join(real, "_"), snap.root
+        ):
+            continue
+        if real == snap.root:
+            out.add(".")
+            continue
+        rel = snap.rel(d)
+        if rel is None or rel.split("/")[0] == ".git" or "__pycache__" in rel.split("/"):
+            continue
+        out.add(rel + "/.")
     return sorted(out)
 
 
@@ -178,6 +260,7 @@ class Seen:
         self._pipe = pipe
         self._rec = rec
         self._verdicts: dict[str, str | None] = {}  # see `observed_paths`
+        self.listings: dict[str, list[str] | None] = {}  # directory -> its names when identified
 
     def identify(self, m: Manifest) -> Observed:
         """The project files the build read or imported at run time (and those the modules
@@ -188,22 +271,46 @@ class Seen:
         _warn_unobserved(m, closure)
         exclude = [self._pipe.store.root, *_hf_caches()]
         paths = observed_paths(used, m.doc, snap, exclude, self._verdicts)
-        observed = identify(paths, snap, self._pipe.stat_cache)
+        dirs = listed_paths(self._rec.collect_listings(), snap, exclude)
+        for rel in dirs:
+            self.listings[listing_dir(rel)] = listing(snap.abspath(listing_dir(rel)))
+        unknown = self._rec.unknown is not None
+        observed = identify(
+            [*paths, *dirs, *([UNOBSERVED] if unknown else [])],
+            snap,
+            self._pipe.stat_cache,
+            unsure=unknown,
+        )
         self._pipe.stat_cache.save()
         return observed
 
     def publish(self, static: str, observed: Observed) -> None:
-        """Remember, under the static fingerprint, which files this build read."""
+        """Remember, under the static fingerprint, which files this build read (one whose
+        reads are not all known: in this process only, see UNOBSERVED)."""
         if observed:
+            if any(p == UNOBSERVED for p, _ in observed):
+                _unsure.add(static)
             self._pipe.store.add_observed(static, [p for p, _ in observed])
+
+    def listed(self, observed: Observed) -> dict[str, list[str] | None]:
+        """The names of the directories `observed` lists, as identified (for `explain`)."""
+        dirs = {listing_dir(p) for p, _ in observed if is_listing(p)}
+        return {d: self.listings.get(d) for d in sorted(dirs)}
 
 
 @contextlib.contextmanager
 def observing(pipe: Pipeline, build_dir: str) -> Iterator[Seen]:
     """Record what the block (one stage's build) uses; workers report into `build_dir`."""
+    from hfbuild.imports import in_environment
+
     spool = os.path.join(build_dir, "observed")
+    root = os.path.realpath(pipe.root)
+
+    def skip(d: str) -> bool:  # not watched: installed environments, the HF caches
+        return in_environment(os.path.join(d, "_"), root)
+
     try:
-        with observe.recording(pipe.root, [pipe.store.root], spool) as rec:
+        with observe.recording(pipe.root, [pipe.store.root, *_hf_caches()], spool, skip) as rec:
             yield Seen(pipe, rec)
     finally:
         shutil.rmtree(spool, ignore_errors=True)
@@ -230,15 +337,26 @@ def _warn_unobserved(m: Manifest, closure: Sequence[str]) -> None:
         )
 
 
-def observed_changes(recorded: Any, snap: Snapshot, cache: StatCache) -> list[Change]:
+def observed_changes(
+    recorded: Any, snap: Snapshot, cache: StatCache, listed: Any = None
+) -> list[Change]:
     """The files a build recorded reading at run time (`recorded`: [path, id] pairs from a
-    stored manifest or the lock) whose content is different now."""
+    stored manifest or the lock) whose content is different now, and the directories it
+    listed whose names are (`listed`: directory -> names, as the stored manifest has them)."""
     pairs = (
         [p for p in recorded if isinstance(p, list) and len(p) == 2 and safe_observed(str(p[0]))]
         if isinstance(recorded, list)
         else []
     )
-    return diff_observed(pairs, dict(identify([str(p[0]) for p in pairs], snap, cache)))
+    names = {
+        str(d): [str(n) for n in v]
+        for d, v in (listed.items() if isinstance(listed, dict) else [])
+        if isinstance(v, list)
+    }
+    now_names = {d: listing(snap.abspath(d)) for d in names}
+    return diff_observed(
+        pairs, dict(identify([str(p[0]) for p in pairs], snap, cache)), names, now_names
+    )
 
 
 def entry_doc(
@@ -251,6 +369,7 @@ def entry_doc(
     seconds: float,
     written_bytes: int,
     observed: Observed = (),
+    listed: Mapping[str, list[str] | None] | None = None,
 ) -> dict[str, Any]:
     """The stored manifest of a stage's entry (`manifest.json`): what it was built from (the
     hashed manifest, input keys, dirty files, and what the build read at run time with the
@@ -275,4 +394,6 @@ def entry_doc(
     if observed:
         doc["static_fingerprint"] = m.static_fingerprint
         doc["observed"] = [list(p) for p in observed]
+    if listed:  # what `explain` names when a listing changes
+        doc["listings"] = {d: n for d, n in listed.items() if n is not None}
     return doc

@@ -18,16 +18,18 @@ more than a few string comparisons for an event it does not care about.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 
-from hfbuild import dirfd
+from hfbuild import dirfd, watch
 
 ENV_SWITCH = "HFBUILD_OBSERVE"
 _SEP = "\0"  # spool records are NUL-separated: a path may hold a newline
+_LISTING = "\x01"  # a spool record starting with it is a directory listed, not a file read
 _SPOOL_SUFFIX = ".spool"
 
 # Files of the interpreter and its environment: never project files, never attributed.
@@ -104,6 +106,11 @@ def _hook(event: str, args: tuple[object, ...]) -> None:
             _on_exec(args)
         except Exception:
             pass
+    elif event == "os.scandir" or event == "os.listdir":  # glob, os.walk, pathlib: these too
+        try:  # noqa: SIM105
+            _on_list(args)
+        except Exception:
+            pass
 
 
 def _on_open(args: tuple[object, ...]) -> None:
@@ -113,10 +120,13 @@ def _on_open(args: tuple[object, ...]) -> None:
     if mode is None:  # os.open: flags decide
         flags = args[2]
         if not isinstance(flags, int) or flags & _WRITE_FLAGS:
+            _note_write(path)
             return
         if flags & os.O_RDWR and flags & os.O_CREAT:
+            _note_write(path)
             return
     elif not isinstance(mode, str) or "r" not in mode:
+        _note_write(path)
         return  # w, a, x: a write is not a dependency
     p = os.fsdecode(os.fspath(path))  # type: ignore[call-overload]
     if p.endswith((".py", ".pyc")):
@@ -130,6 +140,56 @@ def _on_open(args: tuple[object, ...]) -> None:
     if dirfd.reading_source():
         return  # hfbuild reading a caller's source (linecache), not the program reading
     _note(p)
+
+
+def _note_write(path: object) -> None:
+    """A file this process opened to write, while a build records: not its input, even if
+    inotify sees it still open at the build's end (`watch.Window.reads`)."""
+    if not _active or not isinstance(path, (str, bytes, os.PathLike)):
+        return
+    p = os.path.abspath(os.fsdecode(path))
+    for rec in _active:
+        rec.wrote(p)
+
+
+def _on_list(args: tuple[object, ...]) -> None:
+    """A directory listed (`os.listdir`, `os.scandir`: what glob, os.walk and pathlib call)
+    by the program, not by the import system or hfbuild."""
+    if not _active:
+        return
+    path = args[0]
+    if path is None:
+        p = os.getcwd()
+    elif isinstance(path, int):
+        p = os.readlink(f"/proc/self/fd/{path}")
+    else:
+        p = os.fsdecode(os.fspath(path))  # type: ignore[call-overload]
+    p = os.path.abspath(p)
+    if p.startswith(_SKIP) or not _listed_by_program(sys._getframe(2)):
+        return
+    for rec in _active:
+        rec.note_listing(p)
+
+
+_IMPORT_SYSTEM = (os.path.join(os.path.dirname(importlib.__file__), ""), "<frozen importlib")
+_HFBUILD = os.path.join(os.path.dirname(__file__), "")
+
+
+def _listed_by_program(frame: FrameType | None) -> bool:
+    """Whether a listing made in `frame` is the program's: the innermost frame that is not
+    the standard library or an installed package decides (a transform, or a library called
+    by it, lists; hfbuild, or datasets called by hfbuild to load a stage's data, does not);
+    the import system finding modules or distributions (`importlib.metadata` lists every
+    `sys.path` entry) never does."""
+    f = frame
+    while f is not None:
+        name = f.f_code.co_filename
+        if name.startswith(_IMPORT_SYSTEM) or name.startswith(_HFBUILD):
+            return False
+        if not name.startswith(_SKIP) and not name.startswith("<frozen"):
+            return True
+        f = f.f_back
+    return True
 
 
 def _on_exec(args: tuple[object, ...]) -> None:
@@ -188,9 +248,13 @@ def import_time_uses(modules: Iterable[str]) -> set[str]:
 
 class Recording:
     """What one build used: absolute paths under `root` (outside `exclude`) that were opened
-    for reading or executed as modules, by this process or its forked workers."""
+    for reading or executed as modules, by this process or its forked workers, and (with a
+    watch window, `watch.py`) opened by any process; and the directories the program listed.
+    """
 
-    def __init__(self, root: str, exclude: Iterable[str], spool: str) -> None:
+    def __init__(
+        self, root: str, exclude: Iterable[str], spool: str, window: watch.Window | None = None
+    ) -> None:
         roots = {os.path.join(r, "") for r in (root, os.path.realpath(root))}
         self._roots = tuple(sorted(roots))
         self._exclude = tuple(sorted({os.path.join(e, "") for e in exclude if e}))
@@ -198,14 +262,37 @@ class Recording:
         self._pid = os.getpid()
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
+        self._window = window
         self.paths: set[str] = set()
+        self.listings: set[str] = set()
+        self._written: set[str] = set()
+
+    def _watched(self, p: str) -> bool:
+        return p.startswith(self._roots) and not p.startswith(self._exclude)
 
     def note(self, p: str) -> bool:
         """Remember `p` if it is watched; True when it is new to this process."""
-        if not p.startswith(self._roots) or p.startswith(self._exclude) or p in self.paths:
+        if p in self.paths or not self._watched(p):
             return False
         with self._lock:
             self.paths.add(p)
+        self._spool_record(p)
+        return True
+
+    def note_listing(self, d: str) -> None:
+        """Remember that the directory `d` was listed, if it is watched."""
+        if d in self.listings or not self._watched(os.path.join(d, "")):
+            return
+        with self._lock:
+            self.listings.add(d)
+        self._spool_record(_LISTING + d)
+
+    def wrote(self, p: str) -> None:
+        if os.getpid() == self._pid and self._watched(p):
+            with self._lock:
+                self._written.add(p)
+
+    def _spool_record(self, record: str) -> None:
         pid = os.getpid()
         if pid != self._pid:  # a forked worker: its memory dies with it, tell the parent
             fd = self._fds.get(pid)
@@ -216,29 +303,71 @@ class Recording:
                     0o600,
                 )
                 self._fds[pid] = fd
-            os.write(fd, (p + _SEP).encode("utf-8", "surrogateescape"))
-        return True
+            os.write(fd, (record + _SEP).encode("utf-8", "surrogateescape"))
 
-    def collect(self) -> set[str]:
-        """This process's paths and every worker's."""
-        out = set(self.paths)
+    def _spooled(self) -> list[str]:
+        out: list[str] = []
         with contextlib.suppress(OSError):
             for n in os.listdir(self._spool):
                 if n.endswith(_SPOOL_SUFFIX):
                     with open(os.path.join(self._spool, n), "rb") as f:
                         data = f.read().decode("utf-8", "surrogateescape")
-                    out.update(p for p in data.split(_SEP) if p)
+                    out.extend(p for p in data.split(_SEP) if p)
         return out
+
+    def collect(self) -> set[str]:
+        """This process's paths, every worker's, and what the watch window saw read."""
+        out = set(self.paths)
+        out.update(p for p in self._spooled() if not p.startswith(_LISTING))
+        if self._window is not None:
+            with self._lock:
+                written = set(self._written)
+            out.update(p for p in self._window.reads(written) if self._watched(p))
+        return out
+
+    def collect_listings(self) -> set[str]:
+        """The directories listed in this process and in every worker."""
+        out = set(self.listings)
+        out.update(p[1:] for p in self._spooled() if p.startswith(_LISTING))
+        return out
+
+    @property
+    def watched(self) -> bool:
+        """Whether any process's opens were watched (else only this process's Python's)."""
+        return self._window is not None
+
+    @property
+    def unknown(self) -> str | None:
+        """Why the build's reads are not all known (None: they are)."""
+        return self._window.unknown if self._window is not None else None
 
 
 @contextlib.contextmanager
-def recording(root: str, exclude: Iterable[str], spool: str) -> Iterator[Recording]:
+def recording(
+    root: str,
+    exclude: Iterable[str],
+    spool: str,
+    skip: Callable[[str], bool] | None = None,
+) -> Iterator[Recording]:
     """Record the project files used inside the block (`spool` is created for workers and
-    is the caller's to remove). Without the hook, the recording stays empty."""
+    is the caller's to remove). Without the hook, the recording stays empty. With `skip`
+    (a directory not to watch, besides `exclude`), opens by any process are watched too
+    where the platform allows (`watch.py`)."""
     os.makedirs(spool, exist_ok=True)
-    rec = Recording(root, exclude, spool)
+    window = None
+    if skip is not None and _installed:
+        exclude = list(exclude)
+        ex = tuple({os.path.join(r, "") for e in exclude if e for r in (e, os.path.realpath(e))})
+
+        def skipped(d: str) -> bool:
+            return os.path.join(d, "").startswith(ex) or skip(d)
+
+        window = watch.window(os.path.realpath(root), skipped)
+    rec = Recording(root, exclude, spool, window)
     _active.append(rec)
     try:
         yield rec
     finally:
         _active.remove(rec)
+        if window is not None:
+            window.close()

@@ -48,20 +48,28 @@ class Explanation(NamedTuple):
 
 def _previous(
     pipe: Pipeline, name: str
-) -> tuple[str, Mapping[str, Any], Mapping[str, str], Any] | None:
-    """(fingerprint, manifest, input names, files read at run time) of the stage's last
-    build, if anything knows it."""
+) -> tuple[str, Mapping[str, Any], Mapping[str, str], Any, Any] | None:
+    """(fingerprint, manifest, input names, files read at run time, names of directories
+    listed) of the stage's last build, if anything knows it."""
     fp = pipe.store.get_ref(name)
     if fp is not None:
         stored = pipe.store.read_manifest(fp)
         if stored is not None and isinstance(stored.get("manifest"), dict):
-            return fp, stored["manifest"], stored.get("inputs") or {}, stored.get("observed")
+            doc = stored["manifest"]
+            return (
+                fp,
+                doc,
+                stored.get("inputs") or {},
+                stored.get("observed"),
+                stored.get("listings"),
+            )
     try:
         e = lockfile.read_cached(pipe.lock_path).get(name)
     except lockfile.ConflictedLockError:  # `status` reports the conflict itself
         return None
     if isinstance(e, dict) and isinstance(e.get("manifest"), dict):
-        return str(e.get("fingerprint")), e["manifest"], e.get("inputs") or {}, e.get("observed")
+        fp = str(e.get("fingerprint"))
+        return fp, e["manifest"], e.get("inputs") or {}, e.get("observed"), None
     return None
 
 
@@ -79,13 +87,13 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
     prev = _previous(pipe, name)
     if prev is None:
         return Explanation(name, fp, False, None, [], {}, None, dirty, _shards(pipe, m, None))
-    old_fp, old_doc, old_inputs, old_observed = prev
+    old_fp, old_doc, old_inputs, old_observed, old_listed = prev
     inputs = {i: manifests[i].fingerprint for i in pipe[name].spec.inputs}
     from hfbuild.gitstate import Snapshot
 
     snap = Snapshot(pipe.root)
     changes = diff(old_doc, m.doc, old_inputs, inputs)
-    changes += observed_changes(old_observed, snap, pipe.stat_cache)
+    changes += observed_changes(old_observed, snap, pipe.stat_cache, old_listed)
     shard_lines = _shards(pipe, m, old_fp)
     if not changes and not shard_lines and old_fp == fp:
         changes = [Change("kind", "result", "in the store", "missing (removed or corrupt)")]

@@ -89,7 +89,8 @@ def build(
                         built += 1
                         bar.update(1)
         final = dataclasses.replace(m, observed=observed)
-        doc = _publish(pipe, spec, final, manifests, built, written, tmp, t0, known)
+        names = seen.listed(observed)
+        doc = _publish(pipe, spec, final, manifests, built, written, tmp, t0, known, names)
         seen.publish(m.static_fingerprint, observed)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -193,10 +194,12 @@ def _publish(
     tmp: str,
     t0: float,
     known: Mapping[str, dict[str, Any] | None],
+    names: Mapping[str, list[str] | None] | None = None,
 ) -> dict[str, Any]:
     """The stage's entry: its shards in order, their rows and combined content hash (from
-    the shard manifests `known` found intact, the others read now); the entry's manifest as
-    the store holds it (ours as published, or the intact one another build published)."""
+    the shard manifests `known` found intact, the others read now), the names of the
+    directories its builds listed; the entry's manifest as the store holds it (ours as
+    published, or the intact one another build published)."""
     store = pipe.store
     rows: dict[str, int] = {}
     hashes: list[tuple[str, str]] = []
@@ -229,6 +232,7 @@ def _publish(
         seconds=time.perf_counter() - t0,
         written_bytes=written,
         observed=m.observed,
+        listed=names,
     )
     doc.update({"shards": listed, "shards_built": count, "dict": as_dict})
     for name in os.listdir(tmp):  # what is left is scratch: the entry holds the list only

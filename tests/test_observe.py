@@ -271,10 +271,10 @@ def test_file_read_by_a_helper_at_run_time_is_in_the_key(
     ex = hfbuild(path, env, "explain", "count")
     assert ex.returncode == 1
     old_id = entry["observed"][0][1][:12]
-    assert f"file read at run time: conf/vocab.txt {old_id} -> " in ex.stdout, ex.stdout
+    assert f"file conf/vocab.txt read at run time changed: {old_id} -> " in ex.stdout, ex.stdout
     status = json.loads(hfbuild(path, env, "status", "--json").stdout)
     by_stage = {s["stage"]: s for s in status}
-    assert by_stage["count"]["reason"].startswith("file read at run time: conf/vocab.txt")
+    assert by_stage["count"]["reason"].startswith("file conf/vocab.txt read at run time changed")
     assert by_stage["count"]["observed"] == ["conf/vocab.txt"]
     assert by_stage["twice"]["state"] == "stale"  # its input's key changed
 
@@ -298,7 +298,7 @@ def test_file_read_while_a_module_is_imported_is_in_the_key(
     assert column(path, env, "scaled", "s")[:3] == [0, 3, 6]
     (path / "conf" / "scale.txt").write_text("5\n")
     ex = hfbuild(path, env, "explain", "scaled")
-    assert "file read at run time: conf/scale.txt" in ex.stdout, ex.stdout
+    assert "file conf/scale.txt read at run time changed" in ex.stdout, ex.stdout
     run_doit(path, tmp_path / "edit.log", env)
     assert calls(tmp_path / "edit.log") == Counter(["scaled"])
     assert column(path, env, "scaled", "s")[:3] == [0, 5, 10]
@@ -331,7 +331,7 @@ def test_module_imported_by_a_computed_name_is_in_the_key(
     assert column(path, env, "plugged", "p")[:3] == [0, 2, 4]
     (path / "plugins" / "double.py").write_text("def apply(x):\n    return 2 * x + 1\n")
     ex = hfbuild(path, env, "explain", "plugged")
-    assert "module imported at run time: plugins/double.py" in ex.stdout, ex.stdout
+    assert "module plugins/double.py imported at run time changed" in ex.stdout, ex.stdout
     rebuilt = run_doit(path, tmp_path / "edit.log", env)
     assert calls(tmp_path / "edit.log") == Counter(["plugged"])
     assert "stage 'plugged': pkg/plugging.py:" not in rebuilt.stderr  # now a known fact
@@ -378,7 +378,7 @@ def test_fresh_clone_pulls_from_a_remote_and_verify_needs_no_store(
     (ci.path / "conf" / "vocab.txt").write_text("edited\n")
     bad = hfbuild(ci.path, env, "verify")
     assert bad.returncode == 1
-    assert "file read at run time: conf/vocab.txt" in bad.stdout + bad.stderr
+    assert "file conf/vocab.txt read at run time changed" in bad.stdout + bad.stderr
 
 
 def test_nothing_observed_without_the_hook(repo: Repo) -> None:
@@ -548,7 +548,7 @@ def test_pre_commit_check_sees_a_file_read_at_run_time(
     subprocess.run(["git", "add", "hfbuild.lock"], cwd=path, env=env, check=True)
     bad = hfbuild(path, env, "verify", "--staged")
     assert bad.returncode == 1
-    assert "file read at run time: conf/vocab.txt" in bad.stdout + bad.stderr
+    assert "file conf/vocab.txt read at run time changed" in bad.stdout + bad.stderr
     subprocess.run(["git", "add", "conf/vocab.txt"], cwd=path, env=env, check=True)
     ok = hfbuild(path, env, "verify", "--staged")
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -562,8 +562,8 @@ def test_explain_wording_for_files_and_modules_used_at_run_time() -> None:
     old = [["conf/x.yaml", "a" * 40], ["plugins/p.py", "b" * 40], ["conf/same.txt", "c" * 40]]
     now = {"conf/x.yaml": "d" * 40, "plugins/p.py": "missing", "conf/same.txt": "c" * 40}
     assert [c.describe() for c in diff_observed(old, now)] == [
-        f"file read at run time: conf/x.yaml {'a' * 12} -> {'d' * 12}",
-        f"module imported at run time: plugins/p.py {'b' * 12} -> missing",
+        f"file conf/x.yaml read at run time changed: {'a' * 12} -> {'d' * 12}",
+        f"module plugins/p.py imported at run time changed: {'b' * 12} -> missing",
     ]
     assert diff_observed(old, {}) == []
 

@@ -1,0 +1,385 @@
+"""Files opened by compiled code, and directories listed, while a stage builds (issue #18,
+items 1, 3 and 5): a Rust tokenizer's `from_file`, Arrow's C++ `read_table` (in the build
+process and in `num_proc` workers), `glob` over a folder. Real repositories, real `doit`
+runs in fresh processes; the project is built once per module and copied for each test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.helpers import Repo, git
+from tests.pipeline_project import calls
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify")
+
+FILES = {
+    "pyproject.toml": (
+        '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "OUTSIDE_PARQUET", "WAIT_DIR"]\n'
+    ),
+    "pkg/__init__.py": "",
+    "pkg/log.py": """
+        import os
+
+        def log(stage):
+            with open(os.environ["CALL_LOG"], "a") as f:
+                f.write(stage + "\\n")
+        """,
+    "pkg/toks.py": """
+        import os
+        import time
+
+        from tokenizers import Tokenizer
+
+        from pkg.log import log
+
+        TOKENIZER = "tok/tokenizer.json"
+
+
+        def encode(batch):
+            log("tokens")
+            tok = Tokenizer.from_file(TOKENIZER)  # Rust opens the file
+            return {"ids": [e.ids for e in tok.encode_batch(batch["text"])]}
+
+
+        def encode_slowly(batch):
+            # Holds the build open until the test says go (WAIT_DIR): meanwhile, another
+            # process touches project files.
+            log("waiting")
+            tok = Tokenizer.from_file(TOKENIZER)
+            wait = os.environ.get("WAIT_DIR")
+            if wait:
+                open(os.path.join(wait, "ready"), "w").close()
+                while not os.path.exists(os.path.join(wait, "go")):
+                    time.sleep(0.05)
+            return {"ids": [e.ids for e in tok.encode_batch(batch["text"])]}
+        """,
+    "pkg/tables.py": """
+        import glob
+        import os
+        import pathlib
+
+        import multiprocess
+        import pyarrow.parquet as pq
+
+        from pkg.log import log
+
+        ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+        def label(batch):
+            log("labels")
+            table = pq.read_table(ROOT / "tables" / "lookup.parquet")  # Arrow's C++ opens it
+            names = dict(zip(table["x"].to_pylist(), table["label"].to_pylist()))
+            return {"label": [names.get(x, "?") for x in batch["x"]]}
+
+
+        def in_workers(batch):
+            log("workers")
+            extra = 0
+            if multiprocess.parent_process() is not None:  # only the pool's workers read it
+                extra = pq.read_table(ROOT / "tables" / "worker.parquet")["add"][0].as_py()
+            return {"w": [x + extra for x in batch["x"]]}
+
+
+        def listed(batch):
+            log("listing")
+            found = glob.glob(str(ROOT / "extra" / "*"))
+            names = ",".join(sorted(os.path.basename(p) for p in found))
+            return {"names": [names] * len(batch["x"])}
+
+
+        def outside(batch):
+            log("outside")
+            table = pq.read_table(os.environ["OUTSIDE_PARQUET"])  # outside the project
+            return {"o": [x + table["add"][0].as_py() for x in batch["x"]]}
+        """,
+    "extra/a.txt": "a\n",
+    "extra/b.txt": "b\n",
+    "README.md": "a project\n",
+    "docs/guide.md": "a guide\n",
+    "dodo.py": """
+        from hfbuild import Pipeline
+        from pkg import tables, toks
+
+        pipe = Pipeline()
+        raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+        tokens = pipe.map("tokens", raw, toks.encode, batched=True)
+        waiting = pipe.map("waiting", raw, toks.encode_slowly, batched=True)
+        labels = pipe.map("labels", raw, tables.label, batched=True)
+        workers = pipe.map(
+            "workers", raw, tables.in_workers, batched=True, batch_size=4, num_proc=2
+        )
+        listing = pipe.map("listing", raw, tables.listed, batched=True)
+        outside = pipe.map("outside", raw, tables.outside, batched=True)
+
+
+        def task_preprocess():
+            yield from pipe.tasks()
+        """,
+    ".gitignore": ".hfbuild/\n.doit.db*\n__pycache__/\n",
+}
+ROWS = 12
+STAGES = ["tokens", "waiting", "labels", "workers", "listing", "outside"]
+
+
+def train_tokenizer(words: list[str], path: pathlib.Path) -> None:
+    """A tiny word-level tokenizer: ids follow the words' frequency in `words`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(words)], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+
+
+def write_table(path: pathlib.Path, **columns: list[Any]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+
+
+def run_doit(path: pathlib.Path, log: pathlib.Path, **env: str) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "doit", "run", "preprocess"],
+        cwd=path,
+        env={**os.environ, **env, "CALL_LOG": str(log)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, f"doit failed:\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+def explain(path: pathlib.Path, stage: str) -> str:
+    out = subprocess.run(
+        [str(pathlib.Path(sys.executable).parent / "hfbuild"), "explain", stage],
+        cwd=path,
+        env={**os.environ, "CALL_LOG": os.devnull},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout + out.stderr
+
+
+def observed(path: pathlib.Path, stage: str) -> dict[str, str]:
+    entry = json.loads((path / "hfbuild.lock").read_text())["stages"][stage]
+    return {p: i for p, i in entry.get("observed", [])}
+
+
+READ = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+import dodo
+print(json.dumps(list(dodo.pipe.result(sys.argv[1])[sys.argv[2]])))
+"""
+
+
+def column(path: pathlib.Path, stage: str, col: str) -> list[Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", READ, stage, col],
+        cwd=path,
+        env={**os.environ, "PYTHONPATH": str(path), "CALL_LOG": os.devnull},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    values: list[Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return values
+
+
+def commit(path: pathlib.Path, message: str) -> None:
+    git(path, "add", "-A")
+    git(path, "commit", "-qm", message)
+
+
+WORDS = ["row", "row", "row", "x", "x", "y"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The project, committed and built once, its lock committed."""
+    base = tmp_path_factory.mktemp("watch")
+    path = base / "repo"
+    Repo.init(path).write(FILES)
+    train_tokenizer(WORDS, path / "tok" / "tokenizer.json")
+    write_table(path / "data" / "part-0.parquet", x=list(range(ROWS)), text=["row x y"] * ROWS)
+    write_table(path / "tables" / "lookup.parquet", x=[0, 1, 2], label=["zero", "one", "two"])
+    write_table(path / "tables" / "worker.parquet", add=[100])
+    write_table(base / "outside.parquet", add=[1])
+    commit(path, "project")
+    run_doit(path, base / "build.log", OUTSIDE_PARQUET=str(base / "outside.parquet"))
+    assert set(calls(base / "build.log")) == set(STAGES)
+    commit(path, "lock")
+    return path
+
+
+@pytest.fixture
+def project(
+    built: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> pathlib.Path:
+    """A private copy of the built project (repository and store), with its own file
+    outside the project."""
+    path = tmp_path / "repo"
+    shutil.copytree(built, path, symlinks=True)
+    shutil.copy(built.parent / "outside.parquet", tmp_path / "outside.parquet")
+    monkeypatch.setenv("OUTSIDE_PARQUET", str(tmp_path / "outside.parquet"))
+    return path
+
+
+def test_tokenizer_file_opened_by_rust_is_in_the_key(
+    project: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """`Tokenizer.from_file(TOKENIZER)` (a module constant; Rust opens the file) puts
+    tok/tokenizer.json in the key: retrained and committed, the stage is rebuilt with the
+    new ids, and explain names the file with its old and new ids. A second identical build
+    builds nothing."""
+    from tokenizers import Tokenizer
+
+    path = project
+    before = observed(path, "tokens")
+    assert list(before) == ["tok/tokenizer.json"]
+    old_ids = Tokenizer.from_file(str(path / "tok" / "tokenizer.json")).encode("row x y").ids
+    assert column(path, "tokens", "ids")[0] == old_ids
+
+    train_tokenizer(["y", "y", "y", "x", "x", "row", "zzz"], path / "tok" / "tokenizer.json")
+    commit(path, "retrained")
+    new_ids = Tokenizer.from_file(str(path / "tok" / "tokenizer.json")).encode("row x y").ids
+    assert new_ids != old_ids
+    text = explain(path, "tokens")
+    old = before["tok/tokenizer.json"][:12]
+    assert f"file tok/tokenizer.json read at run time changed: {old} -> " in text, text
+
+    run_doit(path, tmp_path / "retrained.log")
+    assert calls(tmp_path / "retrained.log") == Counter(["tokens", "waiting"])
+    assert column(path, "tokens", "ids")[0] == new_ids
+    run_doit(path, tmp_path / "again.log")
+    assert calls(tmp_path / "again.log") == Counter()
+
+
+def test_parquet_read_by_arrow_is_in_the_key(project: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """`pyarrow.parquet.read_table` of a committed lookup file (Arrow's C++ opens it) is in
+    the key: the lookup edited and committed, the stage serves the new labels."""
+    path = project
+    assert list(observed(path, "labels")) == ["tables/lookup.parquet"]
+    assert column(path, "labels", "label")[:4] == ["zero", "one", "two", "?"]
+    write_table(path / "tables" / "lookup.parquet", x=[0, 1, 2, 3], label=["0", "1", "2", "3"])
+    commit(path, "lookup")
+    run_doit(path, tmp_path / "edit.log")
+    assert calls(tmp_path / "edit.log") == Counter(["labels"])
+    assert column(path, "labels", "label")[:5] == ["0", "1", "2", "3", "?"]
+
+
+def test_file_read_by_compiled_code_in_a_num_proc_worker_is_in_the_key(
+    project: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """A parquet file only datasets' num_proc=2 workers read, through Arrow, is in the key:
+    edited, the stage rebuilds with the new content."""
+    path = project
+    assert list(observed(path, "workers")) == ["tables/worker.parquet"]
+    assert column(path, "workers", "w")[:2] == [100, 101]
+    write_table(path / "tables" / "worker.parquet", add=[7])
+    run_doit(path, tmp_path / "edit.log")
+    assert set(calls(tmp_path / "edit.log")) == {"workers"}
+    assert column(path, "workers", "w")[:2] == [7, 8]
+
+
+def test_a_listed_folder_gaining_a_file_rebuilds(
+    project: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """A folder the transform globs is keyed by its names: a file added there rebuilds the
+    stage (explain: `listing of extra changed: +new.txt`); a file of it edited, which the
+    transform never opens, leaves the listing and the stage as they were."""
+    path = project
+    assert list(observed(path, "listing")) == ["extra/."]
+    assert column(path, "listing", "names")[0] == "a.txt,b.txt"
+
+    (path / "extra" / "a.txt").write_text("edited, never read\n")
+    run_doit(path, tmp_path / "edited.log")
+    assert calls(tmp_path / "edited.log") == Counter()
+
+    (path / "extra" / "new.txt").write_text("new\n")
+    text = explain(path, "listing")
+    assert "listing of extra changed: +new.txt" in text, text
+    run_doit(path, tmp_path / "added.log")
+    assert calls(tmp_path / "added.log") == Counter(["listing"])
+    assert column(path, "listing", "names")[0] == "a.txt,b.txt,new.txt"
+    run_doit(path, tmp_path / "again.log")
+    assert calls(tmp_path / "again.log") == Counter()
+
+
+def test_reads_outside_the_project_change_nothing(
+    project: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """A parquet file outside the project read through Arrow is never in a key: changing it
+    rebuilds nothing, and the stage that read it keeps its static fingerprint."""
+    path = project
+    entry = json.loads((path / "hfbuild.lock").read_text())["stages"]["outside"]
+    assert "observed" not in entry and "static_fingerprint" not in entry
+    assert observed(path, "labels")  # the project's reads are seen in the same builds
+    write_table(tmp_path / "outside.parquet", add=[5])
+    run_doit(path, tmp_path / "again.log")
+    assert calls(tmp_path / "again.log") == Counter()
+    assert git(path, "status", "--porcelain") == ""
+
+
+def test_another_process_touching_project_files_during_a_build_rebuilds_nothing_later(
+    project: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """While a stage builds (its tokenizer retrained), another process creates a file,
+    appends to one and reads a third in the project: the build's key has the tokenizer it
+    read, not the files written; the next run builds nothing, and editing the file written
+    meanwhile changes nothing either."""
+    path = project
+    train_tokenizer(["x", "x", "y", "row", "w"], path / "tok" / "tokenizer.json")
+    commit(path, "retrained")
+    wait = tmp_path / "wait"
+    wait.mkdir()
+    build = subprocess.Popen(
+        [sys.executable, "-m", "doit", "run", "preprocess"],
+        cwd=path,
+        env={**os.environ, "CALL_LOG": str(tmp_path / "build.log"), "WAIT_DIR": str(wait)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (wait / "ready").exists():
+            assert build.poll() is None, build.communicate()[0]
+            assert time.monotonic() < deadline, "the build never started its stage"
+            time.sleep(0.05)
+        other = "touch notes.txt && echo more >> README.md && cat docs/guide.md >/dev/null"
+        subprocess.run(["sh", "-c", other], cwd=path, check=True)
+        (wait / "go").touch()
+        out, _ = build.communicate(timeout=300)
+    finally:
+        if build.poll() is None:
+            build.kill()
+    assert build.returncode == 0, out
+    seen = observed(path, "waiting")
+    assert "tok/tokenizer.json" in seen
+    assert "notes.txt" not in seen and "README.md" not in seen
+
+    run_doit(path, tmp_path / "again.log")
+    assert calls(tmp_path / "again.log") == Counter()
+    (path / "README.md").write_text("edited after the build\n")
+    (path / "notes.txt").write_text("edited after the build\n")
+    run_doit(path, tmp_path / "edited.log")
+    assert calls(tmp_path / "edited.log") == Counter()
