@@ -383,3 +383,165 @@ def test_another_process_touching_project_files_during_a_build_rebuilds_nothing_
     (path / "notes.txt").write_text("edited after the build\n")
     run_doit(path, tmp_path / "edited.log")
     assert calls(tmp_path / "edited.log") == Counter()
+
+
+FLOOD_FILES = {
+    "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "FLOOD"]\n',
+    "pkg/__init__.py": "",
+    "pkg/log.py": FILES["pkg/log.py"],
+    "pkg/flood.py": """
+        import os
+        import subprocess
+        import sys
+
+        from hfbuild import watch
+        from pkg.log import log
+
+        OPENS = "for _ in range(20000): open('conf/a.txt').close()"
+
+
+        def flood(batch):
+            log("flood")
+            with open("conf/a.txt") as f:
+                text = f.read().strip()
+            if os.environ.get("FLOOD"):
+                # The reader thread cannot drain while its lock is held: 40,000 events from
+                # another process overflow the kernel's queue (16,384 by default).
+                with watch._watchers[os.path.realpath(os.getcwd())].lock:
+                    subprocess.run([sys.executable, "-c", OPENS], check=True)
+            return {"t": [text] * len(batch["x"])}
+
+
+        def after(batch):
+            log("after")
+            return {"u": [t.upper() for t in batch["t"]]}
+        """,
+    "conf/a.txt": "a\n",
+    "dodo.py": """
+        from hfbuild import Pipeline
+        from pkg import flood
+
+        pipe = Pipeline()
+        raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+        flooded = pipe.map("flooded", raw, flood.flood, batched=True)
+        after = pipe.map("after", flooded, flood.after, batched=True)
+
+
+        def task_preprocess():
+            yield from pipe.tasks()
+        """,
+    ".gitignore": ".hfbuild/\n.doit.db*\n__pycache__/\n",
+}
+
+
+def test_a_build_whose_events_were_lost_is_built_again(repo: Repo, tmp_path: pathlib.Path) -> None:
+    """When inotify's queue overflows during a build, its reads are unknown: the run that
+    built it goes on (the stage after it takes it as its input), but the next process does
+    not find it up to date (explain says why) and builds it again; then a no-op."""
+    path = repo.path
+    repo.write(FLOOD_FILES)
+    write_table(path / "data" / "p.parquet", x=[1, 2, 3])
+    commit(path, "project")
+    run_doit(path, tmp_path / "flood.log", FLOOD="1")
+    assert calls(tmp_path / "flood.log") == Counter(["flood", "after"])
+    seen = observed(path, "flooded")
+    assert seen["?reads-not-all-observed"] == "unknown" and "conf/a.txt" in seen
+
+    text = explain(path, "flooded")
+    assert "the last build's reads were not all observed" in text, text
+    run_doit(path, tmp_path / "again.log")
+    assert calls(tmp_path / "again.log") == Counter(["flood", "after"])
+    assert list(observed(path, "flooded")) == ["conf/a.txt"]
+    assert column(path, "after", "u") == ["A"] * 3
+    run_doit(path, tmp_path / "noop.log")
+    assert calls(tmp_path / "noop.log") == Counter()
+
+
+def _recorded(root: pathlib.Path, tmp_path: pathlib.Path, fn: Any) -> Any:
+    from hfbuild import observe
+
+    with observe.recording(str(root), [], str(tmp_path / "spool"), lambda d: False) as rec:
+        fn()
+        files = {os.path.relpath(p, root) for p in rec.collect()}
+        listings = {os.path.relpath(p, root) for p in rec.collect_listings()}
+        return files, listings, rec.unknown
+
+
+def test_window_tells_reads_by_any_process_from_writes(tmp_path: pathlib.Path) -> None:
+    """Within a recording, files other processes read are noted (a read-write open that
+    reads first too); files created, overwritten or appended to are not, nor is a file
+    read back after it was written, nor anything under `.git`; a directory moved in during
+    the window is watched from then on."""
+    root = tmp_path / "root"
+    (root / ".git").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "in.txt").write_text("x\n")
+    for name in ("read.txt", "over.txt", "append.txt", "rw.txt", "back.txt", ".git/HEAD"):
+        (root / name).write_text("x\n")
+    script = (
+        "cat read.txt .git/HEAD > /dev/null; echo y > over.txt; echo y >> append.txt; "
+        "touch new.txt; echo y > back.txt; cat back.txt > /dev/null; "
+        "mkdir -p sub/deeper; echo z > sub/deeper/made.txt; mv ../elsewhere moved; sleep 0.5; "
+        "cat sub/deeper/made.txt moved/in.txt > /dev/null; "
+        f"{sys.executable} -c \"f = open('rw.txt', 'r+'); f.read(); f.write('w'); f.close()\""
+    )
+    files, _, unknown = _recorded(
+        root, tmp_path, lambda: subprocess.run(["sh", "-c", script], cwd=root, check=True)
+    )
+    assert files == {"read.txt", "rw.txt", "moved/in.txt"}
+    assert unknown is None
+
+
+def test_lost_events_make_a_windows_reads_unknown(tmp_path: pathlib.Path) -> None:
+    """An overflow of the kernel's queue (the reader held off while another process opens a
+    file 20,000 times) leaves the recording's reads unknown."""
+    from hfbuild import watch
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "f.txt").write_text("x")
+    opens = "for _ in range(20000): open('f.txt').close()"
+
+    def flood() -> None:
+        with watch._watchers[os.path.realpath(root)].lock:
+            subprocess.run([sys.executable, "-c", opens], cwd=root, check=True)
+
+    _, _, unknown = _recorded(root, tmp_path, flood)
+    assert unknown == watch.OVERFLOW
+
+
+def test_listings_by_the_program_are_recorded_not_the_import_systems(
+    tmp_path: pathlib.Path,
+) -> None:
+    """os.listdir, os.scandir (by path and by fd), glob and os.walk inside the root are
+    noted; importlib.metadata scanning the root for distributions, and an import finding a
+    module there, are not."""
+    import glob
+    import importlib
+    import importlib.metadata
+
+    root = tmp_path / "root"
+    for d in ("a", "b", "c", "d/e", "f", "mods"):
+        (root / d).mkdir(parents=True)
+    (root / "mods" / "listed_mod_x.py").write_text("X = 1\n")
+
+    def program() -> None:
+        os.listdir(root / "a")
+        list(os.scandir(root / "b"))
+        fd = os.open(root / "c", os.O_RDONLY)
+        try:
+            list(os.scandir(fd))
+        finally:
+            os.close(fd)
+        list(os.walk(root / "d"))
+        glob.glob(str(root / "f" / "*.txt"))
+        list(importlib.metadata.distributions(path=[str(root)]))
+        sys.path.insert(0, str(root / "mods"))
+        try:
+            importlib.import_module("listed_mod_x")
+        finally:
+            sys.path.remove(str(root / "mods"))
+            sys.modules.pop("listed_mod_x", None)
+
+    _, listings, _ = _recorded(root, tmp_path, program)
+    assert listings == {"a", "b", "c", "d", "d/e", "f"}
