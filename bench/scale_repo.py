@@ -95,8 +95,9 @@ def task_preprocess():
 """
 
 
-def make_repo(root: pathlib.Path) -> None:
-    """The 20,000-file committed repository described in the module docstring."""
+def make_repo(root: pathlib.Path, per_dir: int = 500) -> None:
+    """The 20,000-file committed repository described in the module docstring; its data
+    files `per_dir` to a directory (`bench_observe.py` takes 10: ~2,000 directories)."""
     root.mkdir(parents=True)
     files: dict[str, str] = {"lib/__init__.py": ""}
     for i in range(SHARED):
@@ -115,7 +116,7 @@ def make_repo(root: pathlib.Path) -> None:
     files[".gitignore"] = ".hfbuild/\n.doit.db*\n__pycache__/\n"
     n_data = TOTAL_FILES - len(files)
     for i in range(n_data):
-        files[f"assets/d{i // 500:02d}/f{i:05d}.txt"] = f"asset {i}\n"
+        files[f"assets/d{i // per_dir:02d}/f{i:05d}.txt"] = f"asset {i}\n"
     for rel, text in files.items():
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)

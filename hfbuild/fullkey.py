@@ -267,7 +267,8 @@ class Seen:
         of its closure read when they were imported), with their content ids now."""
         snap = Snapshot(self._pipe.root)
         closure = [snap.abspath(p) for p, _ in (m.doc.get("code") or {}).get("files", [])]
-        used = self._rec.collect() | observe.import_time_uses(closure)
+        # The closure's own files are in the static key: left out before each is judged.
+        used = (self._rec.collect() | observe.import_time_uses(closure)).difference(closure)
         _warn_unobserved(m, closure)
         exclude = [self._pipe.store.root, *_hf_caches()]
         paths = observed_paths(used, m.doc, snap, exclude, self._verdicts)
@@ -301,16 +302,9 @@ class Seen:
 @contextlib.contextmanager
 def observing(pipe: Pipeline, build_dir: str) -> Iterator[Seen]:
     """Record what the block (one stage's build) uses; workers report into `build_dir`."""
-    from hfbuild.imports import in_environment
-
     spool = os.path.join(build_dir, "observed")
-    root = os.path.realpath(pipe.root)
-
-    def skip(d: str) -> bool:  # not watched: installed environments, the HF caches
-        return in_environment(os.path.join(d, "_"), root)
-
     try:
-        with observe.recording(pipe.root, [pipe.store.root, *_hf_caches()], spool, skip) as rec:
+        with observe.recording(pipe.root, [pipe.store.root, *_hf_caches()], spool, True) as rec:
             yield Seen(pipe, rec)
     finally:
         shutil.rmtree(spool, ignore_errors=True)
@@ -324,9 +318,11 @@ def _warn_unobserved(m: Manifest, closure: Sequence[str]) -> None:
     """A closure module imported before hfbuild: what it read on import was not seen."""
     if not observe.installed():
         return
-    early = {os.path.realpath(f) for f in observe.preloaded()}
+    early = {observe.real_module_path(f) for f in observe.preloaded()}
     rels = [p for p, _ in (m.doc.get("code") or {}).get("files", [])]
-    late = sorted(rel for rel, f in zip(rels, closure, strict=True) if os.path.realpath(f) in early)
+    late = sorted(
+        rel for rel, f in zip(rels, closure, strict=True) if observe.real_module_path(f) in early
+    )
     if late:
         warnings.warn(
             f"{', '.join(late)} {'was' if len(late) == 1 else 'were'} imported before hfbuild, "

@@ -22,7 +22,7 @@ import importlib
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from types import FrameType
 
 from hfbuild import dirfd, watch
@@ -231,14 +231,26 @@ def _module_executing() -> str | None:
     return None
 
 
+_reals: dict[str, str] = {}  # a module file -> its real path (asked once per stage build)
+
+
+def real_module_path(p: str) -> str:
+    """`os.path.realpath` of a module's file, remembered for the process: a module's file
+    is where it was loaded from, and every stage's build asks about hundreds of them."""
+    r = _reals.get(p)
+    if r is None:
+        r = _reals[p] = os.path.realpath(p)
+    return r
+
+
 def import_time_uses(modules: Iterable[str]) -> set[str]:
     """Absolute paths read or executed while the given module files were imported."""
-    wanted = {os.path.realpath(m) for m in modules}
+    wanted = {real_module_path(m) for m in modules}
     with _import_lock:
         items = list(_import_log.items())
     out: set[str] = set()
     for module, paths in items:
-        if os.path.realpath(module) in wanted:
+        if real_module_path(module) in wanted:
             out |= paths
     return out
 
@@ -347,20 +359,20 @@ def recording(
     root: str,
     exclude: Iterable[str],
     spool: str,
-    skip: Callable[[str], bool] | None = None,
+    watch_all: bool = False,
 ) -> Iterator[Recording]:
     """Record the project files used inside the block (`spool` is created for workers and
-    is the caller's to remove). Without the hook, the recording stays empty. With `skip`
-    (a directory not to watch, besides `exclude`), opens by any process are watched too
-    where the platform allows (`watch.py`)."""
+    is the caller's to remove). Without the hook, the recording stays empty. With
+    `watch_all`, opens by any process are watched too where the platform allows
+    (`watch.py`; `exclude` is not watched)."""
     os.makedirs(spool, exist_ok=True)
     window = None
-    if skip is not None and _installed:
+    if watch_all and _installed:
         exclude = list(exclude)
         ex = tuple({os.path.join(r, "") for e in exclude if e for r in (e, os.path.realpath(e))})
 
         def skipped(d: str) -> bool:
-            return os.path.join(d, "").startswith(ex) or skip(d)
+            return (d + "/").startswith(ex)
 
         window = watch.window(os.path.realpath(root), skipped)
     rec = Recording(root, exclude, spool, window)

@@ -28,6 +28,7 @@ count a `.py`/`.pyc` file (module code: the audit hook's `exec` event names what
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -58,7 +59,8 @@ _EVENTS = (
 )
 # Only directories, never through a symbolic link, no events for unlinked children.
 _MASK = _EVENTS | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK
-_NEVER = frozenset({".git", "__pycache__"})
+_NEVER = frozenset({".git", "__pycache__", "site-packages", "dist-packages"})
+_ENVIRONMENT_MARKS = frozenset({"pyvenv.cfg", "conda-meta"})
 _CODE = (".py", ".pyc", ".pyo")
 
 # A path's state within a window: the first event that decides it wins.
@@ -144,12 +146,19 @@ class Watcher:
 
     def _watch_tree(self, top: str, *, initial: bool = False) -> None:
         """Watch `top` and every directory below it (a directory that appears meanwhile is
-        watched by its creation event). With `initial`, the watch limit raises `OSError`."""
+        watched by its creation event): each is watched before it is listed, so none
+        created in between is missed. Files found in a directory that appeared later are
+        output of the windows open now, as a file created or moved in is. An environment
+        (a directory holding `pyvenv.cfg` or `conda-meta`, or named site-packages) is left,
+        as `imports.in_environment` leaves it, by its listing's names: no stat per
+        directory. With `initial`, the watch limit
+        raises `OSError`."""
         stack = [top]
+        ino = self._ino
         while stack:
             d = stack.pop()
             try:
-                wd = self._ino.add_watch(d, _MASK)
+                wd = ino.add_watch(d, _MASK)
             except OSError as e:
                 if initial and e.errno in (errno.ENOSPC, errno.ENOMEM):
                     raise
@@ -160,15 +169,30 @@ class Watcher:
                         w.unknown = w.unknown or UNWATCHED
                 continue
             self._dirs[wd] = d
+            below: list[str] = []
+            environment = False
             try:
                 with os.scandir(d) as it:
                     for entry in it:
-                        if entry.name in _NEVER or not entry.is_dir(follow_symlinks=False):
-                            continue
-                        if not self._skip(entry.path):
-                            stack.append(entry.path)
+                        name = entry.name
+                        if name in _ENVIRONMENT_MARKS:
+                            environment = True
+                            break
+                        if name not in _NEVER and entry.is_dir(follow_symlinks=False):
+                            below.append(entry.path)
+                        elif not initial:
+                            # In a directory that appeared during a window: created or
+                            # moved in since it began, maybe before this watch could see it.
+                            for w in self.windows:
+                                w._state[entry.path] = _WRITTEN
             except OSError:
                 continue
+            if environment:  # not the project's files
+                self._dirs.pop(wd, None)
+                with contextlib.suppress(OSError):
+                    ino.rm_watch(wd)
+                continue
+            stack.extend(p for p in below if not self._skip(p))
 
     # -- reading events ---------------------------------------------------------------------
 

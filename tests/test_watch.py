@@ -460,7 +460,7 @@ def test_a_build_whose_events_were_lost_is_built_again(repo: Repo, tmp_path: pat
 def _recorded(root: pathlib.Path, tmp_path: pathlib.Path, fn: Any) -> Any:
     from hfbuild import observe
 
-    with observe.recording(str(root), [], str(tmp_path / "spool"), lambda d: False) as rec:
+    with observe.recording(str(root), [], str(tmp_path / "spool"), True) as rec:
         fn()
         files = {os.path.relpath(p, root) for p in rec.collect()}
         listings = {os.path.relpath(p, root) for p in rec.collect_listings()}
@@ -470,26 +470,32 @@ def _recorded(root: pathlib.Path, tmp_path: pathlib.Path, fn: Any) -> Any:
 def test_window_tells_reads_by_any_process_from_writes(tmp_path: pathlib.Path) -> None:
     """Within a recording, files other processes read are noted (a read-write open that
     reads first too); files created, overwritten or appended to are not, nor is a file
-    read back after it was written, nor anything under `.git`; a directory moved in during
-    the window is watched from then on."""
+    read back after it was written, nor anything under `.git`, nor the files of a directory
+    made or moved in during the window. Those directories are watched from then on: a
+    later recording sees their files read."""
     root = tmp_path / "root"
     (root / ".git").mkdir(parents=True)
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "in.txt").write_text("x\n")
     for name in ("read.txt", "over.txt", "append.txt", "rw.txt", "back.txt", ".git/HEAD"):
         (root / name).write_text("x\n")
-    script = (
+    first = (
         "cat read.txt .git/HEAD > /dev/null; echo y > over.txt; echo y >> append.txt; "
         "touch new.txt; echo y > back.txt; cat back.txt > /dev/null; "
-        "mkdir -p sub/deeper; echo z > sub/deeper/made.txt; mv ../elsewhere moved; sleep 0.5; "
+        "mkdir -p sub/deeper; echo z > sub/deeper/made.txt; mv ../elsewhere moved; "
         "cat sub/deeper/made.txt moved/in.txt > /dev/null; "
         f"{sys.executable} -c \"f = open('rw.txt', 'r+'); f.read(); f.write('w'); f.close()\""
     )
     files, _, unknown = _recorded(
-        root, tmp_path, lambda: subprocess.run(["sh", "-c", script], cwd=root, check=True)
+        root, tmp_path, lambda: subprocess.run(["sh", "-c", first], cwd=root, check=True)
     )
-    assert files == {"read.txt", "rw.txt", "moved/in.txt"}
+    assert files == {"read.txt", "rw.txt"}
     assert unknown is None
+    later = "cat sub/deeper/made.txt moved/in.txt > /dev/null"
+    files, _, _ = _recorded(
+        root, tmp_path, lambda: subprocess.run(["sh", "-c", later], cwd=root, check=True)
+    )
+    assert files == {"sub/deeper/made.txt", "moved/in.txt"}
 
 
 def test_lost_events_make_a_windows_reads_unknown(tmp_path: pathlib.Path) -> None:
