@@ -10,10 +10,16 @@ as before run-time observation existed.
 Owns: the full key; choosing a stage's current key from the recorded path sets (the one whose
 result the store holds, else the most recent, so a fresh clone finds a remote's entry); and
 turning what one build recorded into [path, id] pairs, leaving out what the static key
-already holds (closure files, data files, file_deps) and what is not project content.
+already holds (closure files, data files, file_deps) and what is not project content (the
+store, environments, `.git`, and what hfbuild, doit and git read for themselves). A
+directory the build listed is the pair [`dir/.`, digest of its names] (`.` for the root);
+its names go into the stored manifest (`listings`) for `explain`. A build whose reads are not
+all known (`watch.Window.unknown`) gets the pair [UNOBSERVED, `unknown`], which only the
+process that built it computes again.
 
 Must never: put an absolute path in a key, change the key of a stage nothing recorded
-anything for, or decide freshness from anything but the store holding the key.
+anything for, let another process find a build with unknown reads up to date, or decide
+freshness from anything but the store holding the key.
 """
 
 from __future__ import annotations

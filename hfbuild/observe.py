@@ -1,18 +1,23 @@
-"""Watching what a transform really uses while it runs: files it opens, modules it executes.
+"""Watching what a transform really uses while it runs: files it opens, modules it executes,
+directories it lists.
 
 Owns: the process-wide `sys.addaudithook` hook, installed when `hfbuild` is imported (unless
-HFBUILD_OBSERVE=0, which only the benchmark uses); the reads and module executions that
-happen while a module is imported, attributed to the module executing at module level (its
-frame's file); and `Recording`, the window around one stage's build in which every file
-under the project root that is opened for reading, and every project module executed, is
-noted, in this process and in fork-started worker processes (datasets' `num_proc` pool on
-Linux), which report through spool files in a directory the builder names. A relative name
-given to `os.open` is noted under the directory its `dir_fd` refers to, which the event does
-not carry (`dirfd.py` reads it from the call), or under every one it could be.
+HFBUILD_OBSERVE=0, which only the benchmark uses, and which turns off `watch.py` too); the
+reads and module executions that happen while a module is imported, attributed to the
+module executing at module level (its frame's file); and `Recording`, the window around one
+stage's build in which every file under the project root that is opened for reading, every
+project module executed, and every project directory the program lists (`os.listdir`,
+`os.scandir`: what glob, os.walk and pathlib call; not the import system's, nor hfbuild's
+own, `_listed_by_program`) is noted, in this process and in fork-started worker processes
+(datasets' `num_proc` pool on Linux), which report through spool files in a directory the
+builder names; with a `watch.Window`, what any process opened to read in the project is
+added (and the files this process's Python opened to write are named to it). A relative
+name given to `os.open` is noted under the directory its `dir_fd` refers to, which the event
+does not carry (`dirfd.py` reads it from the call), or under every one it could be.
 
 Must never: raise out of the hook (an exception there would fail the user's `open`), keep a
-path it was not asked to watch beyond the per-import log, note a write (modes w/a/x), or do
-more than a few string comparisons for an event it does not care about.
+path it was not asked to watch beyond the per-import log, note a write (modes w/a/x) as a
+read, or do more than a few string comparisons for an event it does not care about.
 """
 
 from __future__ import annotations

@@ -155,7 +155,14 @@ def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, st
     file_deps, its data files and the files its builds were seen to read. For a shard of a
     load stage, no data file: the tree is the stage's code, one package for all its shards,
     and the shard's own file travels with its task (`shard_data`)."""
-    from hfbuild.fullkey import in_static_key
+    from hfbuild.fullkey import (
+        MISSING,
+        UNKNOWN,
+        UNOBSERVED,
+        in_static_key,
+        is_listing,
+        listing_dir,
+    )
     from hfbuild.shards import load_code_doc
 
     doc = m.doc
@@ -168,7 +175,14 @@ def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, st
     groups: Any = files.values() if isinstance(files, dict) else [files or []]
     for group in groups:
         pairs.update({str(p): str(i) for p, i in group})
-    pairs.update({p: i for p, i in m.observed if i != "missing"})
+    pairs.update({p: i for p, i in m.observed if i not in (MISSING, UNKNOWN) and p != UNOBSERVED})
+    listed = sorted(listing_dir(p) for p in pairs if is_listing(p))
+    if listed:
+        raise ConfigError(
+            f"builds of this stage listed {', '.join(listed)} at run time, and the Ray "
+            f"executor ships only the files a key names, so a worker would list other "
+            f"names: build this stage with the local executor (`--executor local`)."
+        )
     outside = sorted(p for p in pairs if p.startswith("<outside>/"))
     if outside:
         raise ConfigError(

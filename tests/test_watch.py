@@ -551,3 +551,41 @@ def test_listings_by_the_program_are_recorded_not_the_import_systems(
 
     _, listings, _ = _recorded(root, tmp_path, program)
     assert listings == {"a", "b", "c", "d", "d/e", "f"}
+
+
+SHIPPED = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+from hfbuild import ray_executor as rx
+from hfbuild.errors import ConfigError
+
+ms = dodo.pipe.manifests()
+out = {"tokens": [p for p, _ in rx.shipped_files(ms["tokens"])]}
+try:
+    rx.shipped_files(ms["listing"])
+except ConfigError as e:
+    out["listing"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_ray_ships_a_file_read_by_compiled_code_and_refuses_a_listed_folder(
+    project: pathlib.Path,
+) -> None:
+    """A Ray unit's tree holds the tokenizer its builds were seen to open through Rust; a
+    stage whose builds listed a folder is refused with a message (a worker's tree holds
+    only the files keys name, so it would list other names)."""
+    out = subprocess.run(
+        [sys.executable, "-c", SHIPPED],
+        cwd=project,
+        env={**os.environ, "PYTHONPATH": str(project), "CALL_LOG": os.devnull},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "tok/tokenizer.json" in got["tokens"]
+    assert "listed extra at run time" in got["listing"]
+    assert "--executor local" in got["listing"]
