@@ -589,3 +589,24 @@ def test_ray_ships_a_file_read_by_compiled_code_and_refuses_a_listed_folder(
     assert "tok/tokenizer.json" in got["tokens"]
     assert "listed extra at run time" in got["listing"]
     assert "--executor local" in got["listing"]
+
+
+def test_a_tree_older_than_two_seconds_is_watched_whole(tmp_path: pathlib.Path) -> None:
+    """A project whose directories last changed more than 2 seconds ago is listed before it
+    is watched (no event per directory listed), every directory still watched: a file read
+    deep in it by another process is recorded, and an environment in it is not watched."""
+    from hfbuild import watch
+
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "deep.txt").write_text("x")
+    (root / "venv" / "lib").mkdir(parents=True)
+    (root / "venv" / "pyvenv.cfg").write_text("home = /usr\n")
+    (root / "venv" / "lib" / "mod.txt").write_text("x")
+    time.sleep(2.1)
+    script = "cat a/b/deep.txt venv/lib/mod.txt > /dev/null"
+    files, _, unknown = _recorded(
+        root, tmp_path, lambda: subprocess.run(["sh", "-c", script], cwd=root, check=True)
+    )
+    assert files == {"a/b/deep.txt"} and unknown is None
+    assert watch._watchers[os.path.realpath(root)].directories == 3  # root, a, a/b
