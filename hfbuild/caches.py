@@ -5,7 +5,9 @@ each Python file, keyed by git blob id (a blob's imports never change), (b) the 
 work-tree files, keyed by path, size, mtime, ctime and inode, as git's index keeps stat data,
 (c) per repository, the index's and HEAD's blob ids of the files asked about, valid for one
 *tree state* (the index file's stat data and HEAD's commit, computed by `gitstate.py`): a no-op
-then needs neither the index (20,000 entries read in ~8 ms) nor HEAD's trees; and (d) each
+then needs neither the index (20,000 entries read in ~8 ms) nor HEAD's trees; with them, for
+the same tree state, which of a set of tracked data files (by a digest of their paths and
+work-tree ids) are not committed, one entry per set rather than per file; and (d) each
 file's resolved imports, keyed by blob id, path and `sys.path`, with the facts the resolution
 rested on (`imports.py` records and re-checks them).
 The file carries a format number, the Python version (the AST changes between versions) and a
@@ -36,6 +38,7 @@ from hfbuild.store import Store
 FORMAT = 3  # 2: scans carry the environment variables a file reads; 3: tree ids, resolutions
 MAX_SCANS = 20_000
 MAX_RESOLUTIONS = 20_000
+MAX_DATA_SETS = 256  # sets of data files' statuses kept per tree state
 RACY_NS = 2_000_000_000
 _PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 
@@ -58,7 +61,8 @@ class CodeCache:
         self._lock = threading.Lock()
         self._scans: dict[str, Any] | None = None
         self._stats: dict[str, str] = {}
-        # repository key -> {"state": tree state, "ids": {path: [index id, HEAD id]}}
+        # repository key -> {"state": tree state, "ids": {path: [index id, HEAD id]},
+        #                    "data": {digest of data files: [[path, status], ...]}}
         self._trees: dict[str, Any] = {}
         self._resolutions: dict[str, Any] = {}
         self._dirty = False
@@ -156,6 +160,37 @@ class CodeCache:
             if not isinstance(ids, dict):
                 ids = known["ids"] = {}
             ids[path] = [index_id, head_id]
+            self._dirty = True
+
+    def data_statuses(self, repo: str, state: str, key: str) -> list[list[str]] | None:
+        """The uncommitted files ([path, status]) recorded under `key` (a digest of a set of
+        tracked data files' paths and work-tree ids) in repository `repo` while its tree
+        state was `state`; None when not recorded for that state."""
+        with self._lock:
+            self._load()
+            known = self._trees.get(repo)
+            if not isinstance(known, dict) or known.get("state") != state:
+                return None
+            data = known.get("data")
+            v = data.get(key) if isinstance(data, dict) else None
+        if type(v) is list and all(
+            type(x) is list and len(x) == 2 and all(type(y) is str for y in x) for x in v
+        ):
+            return v
+        return None
+
+    def put_data_statuses(self, repo: str, state: str, key: str, value: list[list[str]]) -> None:
+        """Record `value` under `key` for tree state `state` (another state's entries are
+        dropped, as for tree ids; beyond `MAX_DATA_SETS` sets, the state's are)."""
+        with self._lock:
+            self._load()
+            known = self._trees.get(repo)
+            if not isinstance(known, dict) or known.get("state") != state:
+                known = self._trees[repo] = {"state": state, "ids": {}}
+            data = known.get("data")
+            if not isinstance(data, dict) or len(data) >= MAX_DATA_SETS:
+                data = known["data"] = {}
+            data[key] = value
             self._dirty = True
 
     def save(self) -> None:

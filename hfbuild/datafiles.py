@@ -23,7 +23,7 @@ from typing import Any
 
 from hfbuild import sharing
 from hfbuild.errors import MissingDataError
-from hfbuild.gitstate import Snapshot, hash_file
+from hfbuild.gitstate import FileId, Snapshot, hash_file
 from hfbuild.sharing import write_json_atomic
 
 _RACY_NS = 2_000_000_000  # files modified this recently are hashed again next time
@@ -131,6 +131,24 @@ def file_identities(paths: Sequence[str], snap: Snapshot, cache: StatCache) -> l
     for (pos, _, _), blob_id in zip(inside, ids, strict=True):
         out[pos][1] = blob_id
     return out
+
+
+def uncommitted(ids: Iterable[Sequence[str]], snap: Snapshot) -> list[FileId]:
+    """Of data files identified as `file_identities` does ([name, blob id]), those whose
+    content is not what HEAD's commit holds, as `FileId`s of kind "data" with their git
+    status (modified, staged, untracked, or norepo). Git-ignored files (kept out of git on
+    purpose), files outside the project and files the checkout lacks are not the
+    checkout's to commit and are left out. Work-tree mode only: in index mode ids already
+    come from what is staged."""
+    if snap.mode != "worktree":
+        return []
+    inside = [(name, blob_id) for name, blob_id in ids if not name.startswith("<outside>/")]
+    ids_by_name = dict(inside)
+    return [
+        FileId(name, ids_by_name[name], status, "data")
+        for name, status in snap.data_statuses(inside).items()
+        if status != "ignored"
+    ]
 
 
 def _outside_id(full: str, cache: StatCache) -> str:

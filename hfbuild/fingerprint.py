@@ -28,6 +28,7 @@ from hfbuild.datafiles import (
     file_identities,
     file_identity,
     resolve_data_files,
+    uncommitted,
 )
 from hfbuild.envvars import env_part
 from hfbuild.errors import (
@@ -249,8 +250,30 @@ def build_manifest(
             doc["code"]["module_values"] = sorted([k, v] for k, v in ctx.module_values.items())
     doc["packages"] = sorted(ctx.packages | runtime_packages())
     liveness.check_loaded(ctx)  # never file one code's result under another's key
-    dirty = tuple(sorted((f for f in ctx.files.values() if f.dirty), key=lambda f: f.path))
+    # Uncommitted data is dirty like uncommitted code (the same warning, strict error and
+    # status); git-ignored data is kept out of git on purpose and is not.
+    dirty = tuple(
+        sorted(
+            [
+                *(f for f in ctx.files.values() if f.dirty),
+                *uncommitted(data_file_ids(doc).items(), ctx.snapshot),
+            ],
+            key=lambda f: f.path,
+        )
+    )
     return Manifest(doc, dirty, tuple(ctx.incomplete))
+
+
+def data_file_ids(doc: Mapping[str, Any]) -> dict[str, str]:
+    """The data files a manifest document names (a load's `data.files`, a list or one per
+    split, and `file_deps`), by name, with their ids."""
+    files = (doc.get("data") or {}).get("files") if isinstance(doc.get("data"), Mapping) else None
+    pairs = [f for split in files.values() for f in split] if isinstance(files, Mapping) else files
+    out: dict[str, str] = {}
+    for pair in [*(pairs or ()), *(doc.get("file_deps") or ())]:
+        if isinstance(pair, (list, tuple)) and len(pair) == 2:
+            out[str(pair[0])] = str(pair[1])
+    return out
 
 
 def strict() -> bool:
@@ -258,28 +281,53 @@ def strict() -> bool:
 
 
 def check_dirty(manifest: Manifest, what: str, *, strict_mode: bool | None = None) -> None:
-    """Warn (or, in strict mode, fail) when a manifest includes uncommitted files; warn when
-    a dynamic import left the closure incomplete."""
+    """Warn (or, in strict mode, fail) when a manifest includes uncommitted files, code or
+    data alike; warn when a dynamic import left the closure incomplete."""
     for line in manifest.incomplete:
         warnings.warn(f"{what}: {line}", IncompleteClosureWarning, stacklevel=3)
     if not manifest.dirty:
         return
-    listing = ", ".join(f"{f.path} ({f.status})" for f in manifest.dirty)
-    if any(f.status == "norepo" for f in manifest.dirty):
-        reason = "is not in a git repository, so its files are identified by content"
-    else:
-        reason = "is defined by files with uncommitted changes"
+    message = f"{what} {dirty_text(manifest.dirty)}"
+    data = any(f.kind == "data" for f in manifest.dirty)
     if strict_mode if strict_mode is not None else strict():
         raise DirtyTreeError(
-            f"{what} {reason}: {listing}. Strict mode (HFBUILD_STRICT=1 or --strict) allows "
-            f"only committed code: commit or stash these files."
+            f"{message}. Strict mode (HFBUILD_STRICT=1 or --strict) allows only committed "
+            f"code{' and data' if data else ''}: commit or stash these files"
+            f"{_IGNORE_HINT if data else ''}."
         )
     warnings.warn(
-        f"{what} {reason}: {listing}. Their working-tree content is in the fingerprint; "
-        f"commit them for results every checkout can reuse.",
+        f"{message}. Their working-tree content is in the fingerprint; commit them for "
+        f"results every checkout can reuse{_IGNORE_HINT if data else ''}.",
         DirtyTreeWarning,
         stacklevel=3,
     )
+
+
+_IGNORE_HINT = " (data kept out of git on purpose belongs in .gitignore)"
+
+
+def dirty_text(files: Sequence[FileId]) -> str:
+    """What is uncommitted in a stage's key, code and data named apart: `is defined by files
+    with uncommitted changes: t.py (modified); reads data files that are not committed:
+    data/a.parquet (untracked)`."""
+    code = [f for f in files if f.kind == "code"]
+    data = [f for f in files if f.kind == "data"]
+    parts = []
+    if code:
+        listing = ", ".join(f"{f.path} ({f.status})" for f in code)
+        if any(f.status == "norepo" for f in code):
+            parts.append(
+                f"is not in a git repository, so its files are identified by content: {listing}"
+            )
+        else:
+            parts.append(f"is defined by files with uncommitted changes: {listing}")
+    if data:
+        listing = ", ".join(f"{f.path} ({f.status})" for f in data)
+        if any(f.status == "norepo" for f in data):
+            parts.append(f"reads data files outside any git repository: {listing}")
+        else:
+            parts.append(f"reads data files that are not committed: {listing}")
+    return "; ".join(parts)
 
 
 def snapshot_for(fn: Any) -> Snapshot:

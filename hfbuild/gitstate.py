@@ -9,6 +9,7 @@ or let an absolute path escape into an answer (every answer names files repo-rel
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import threading
@@ -25,7 +26,11 @@ from hfbuild.caches import RACY_NS, CodeCache
 from hfbuild.errors import GitStateError, NotARepositoryError, UnmergedError
 
 Mode = Literal["worktree", "index"]
-Status = Literal["clean", "modified", "staged", "untracked", "norepo"]
+# "ignored": an untracked file git is told to ignore (.gitignore, info/exclude): data kept out
+# of git on purpose, which is not uncommitted (only data files are asked about it).
+Status = Literal["clean", "modified", "staged", "untracked", "ignored", "norepo"]
+# The statuses a tracked data file can have, as the code cache records them.
+_RECORDED: dict[str, Status] = {"staged": "staged", "modified": "modified"}
 
 
 @dataclass(frozen=True)
@@ -35,11 +40,13 @@ class FileId:
     path: str  # repo-relative, posix
     id: str  # 40-hex git blob id (what `git hash-object` prints for it)
     status: Status
+    kind: Literal["code", "data"] = "code"  # data: a load's data file or a file_deps file
 
     @property
     def dirty(self) -> bool:
-        """True when the id is not what HEAD's commit records (so it warns)."""
-        return self.status != "clean"
+        """True when the id is not what HEAD's commit records (so it warns); a git-ignored
+        data file is not: it cannot be committed."""
+        return self.status not in ("clean", "ignored")
 
 
 _lock = threading.Lock()
@@ -187,6 +194,7 @@ class Snapshot:
         self._trees: dict[tuple[str, str], pygit2.Tree | None] = {}
         self._heads: dict[str, pygit2.Oid | None] = {}
         self._states: dict[str, str | None] = {}
+        self._ignored_dirs: dict[tuple[str, str], bool] = {}
 
     @classmethod
     def for_path(
@@ -427,6 +435,111 @@ class Snapshot:
             return hash_file(self.abspath(rel))
         return _hash_worktree(*found)
 
+    def data_statuses(self, files: Sequence[tuple[str, str]]) -> dict[str, Status]:
+        """Of data files given as (repo-relative path, blob id of the work-tree content),
+        those that are not what HEAD's commit holds (work-tree mode), with their status:
+        "staged" (only the index holds it), "modified" (the index holds other content),
+        "untracked", "ignored" (untracked and git-ignored: kept out of git on purpose), or
+        "norepo". Files the work tree lacks (absent data standing in from the lock) are
+        left out: they are not the checkout's to commit. A symlink is judged by its link, as
+        git stores it. For a set of tracked files, the answer is remembered in the code
+        cache for the tree state (by a digest of the paths and ids), so a no-op over a
+        thousand committed data files is one lookup, not a thousand."""
+        out: dict[str, Status] = {}
+        groups: dict[str, tuple[pygit2.Repository, list[tuple[str, str, str]]]] = {}
+        for rel, blob_id in files:
+            found = self._repo_of(rel)
+            if found is None:
+                if os.path.lexists(self.abspath(rel)):
+                    out[rel] = "norepo"
+                continue
+            repo, inner = found
+            groups.setdefault(repo.path, (repo, []))[1].append((rel, inner, blob_id))
+        for repo, group in groups.values():
+            out.update(self._data_group(repo, sorted(group, key=lambda g: g[1])))
+        return out
+
+    def _data_group(
+        self, repo: pygit2.Repository, group: list[tuple[str, str, str]]
+    ) -> dict[str, Status]:
+        cache = self.code_cache
+        state = self._tree_state(repo) if cache is not None else None
+        key = None
+        if cache is not None and state is not None:
+            h = hashlib.blake2b(digest_size=16)
+            for _, inner, blob_id in group:
+                h.update(f"{inner}\0{blob_id}\n".encode())
+            key = h.hexdigest()
+            hit = cache.data_statuses(repo.path, state, key)
+            if hit is not None:
+                rels = {inner: rel for rel, inner, _ in group}
+                return {
+                    rels[inner]: _RECORDED[status]
+                    for inner, status in hit
+                    if inner in rels and status in _RECORDED
+                }
+        out: dict[str, Status] = {}
+        recordable = True  # only tracked, present files: nothing else the tree state decides
+        idx = self._index(repo)
+        for rel, inner, blob_id in group:
+            staged, head = self._read_tree_ids(repo, rel, inner, idx)
+            full = self.abspath(rel)
+            if staged is None:
+                recordable = False
+                if os.path.lexists(full):
+                    out[rel] = "ignored" if self._ignored(repo, inner) else "untracked"
+                continue
+            if blob_id != staged:
+                if not os.path.lexists(full):
+                    recordable = False
+                    continue
+                link = os.path.islink(full)
+                if not link or hash_bytes(os.fsencode(os.readlink(full))) != staged:
+                    out[rel] = "modified"
+                    continue
+            if head != staged:
+                out[rel] = "staged"
+        if cache is not None and state is not None and key is not None and recordable:
+            inners = {rel: inner for rel, inner, _ in group}
+            cache.put_data_statuses(
+                repo.path, state, key, [[inners[rel], status] for rel, status in out.items()]
+            )
+        return out
+
+    def stageable(self, rels: Sequence[str]) -> list[str]:
+        """Of `rels`, those `git add` can stage: tracked ones (a deletion is staged too), and
+        untracked ones that exist and git does not ignore."""
+        out = []
+        for rel in rels:
+            found = self._repo_of(rel)
+            if found is None:
+                continue
+            repo, inner = found
+            if self._read_tree_ids(repo, rel, inner)[0] is not None or (
+                os.path.lexists(self.abspath(rel)) and not self._ignored(repo, inner)
+            ):
+                out.append(rel)
+        return out
+
+    def _ignored(self, repo: pygit2.Repository, inner: str) -> bool:
+        """Whether git ignores the untracked file `inner`. A file below an ignored directory
+        is ignored whatever its name (git does not look inside), so directories are asked
+        first, once each: a git-ignored `data/` costs one question, not one per file."""
+        directory = inner.rpartition("/")[0]
+        return self._ignored_dir(repo, directory) or bool(repo.path_is_ignored(inner))
+
+    def _ignored_dir(self, repo: pygit2.Repository, directory: str) -> bool:
+        """Whether `directory` ("" for the top) or a directory above it is git-ignored."""
+        if not directory:
+            return False
+        key = (repo.path, directory)
+        hit = self._ignored_dirs.get(key)
+        if hit is None:
+            parent = directory.rpartition("/")[0]
+            hit = self._ignored_dir(repo, parent) or bool(repo.path_is_ignored(directory + "/"))
+            self._ignored_dirs[key] = hit
+        return hit
+
     def hooks_dir(self) -> str | None:
         """Where git looks for hooks (core.hooksPath, else the common git dir's hooks/)."""
         if self.repo is None:
@@ -567,21 +680,28 @@ class Snapshot:
             hit = cache.tree_ids(repo.path, state, inner)
             if hit is not None:
                 return hit
-        idx = self._index(repo)
-        if inner not in idx:
-            staged: str | None = None
-        else:
-            try:
-                staged = str(idx[inner].id)
-            except KeyError:  # in the index only as the sides of a merge conflict
-                raise UnmergedError(
-                    f"{rel} has an unresolved merge conflict (it is unmerged in the git "
-                    f"index): resolve it, then `git add {rel}`."
-                ) from None
-        head = self._head_id(repo, inner) if staged is not None else None
+        staged, head = self._read_tree_ids(repo, rel, inner)
         if cache is not None and state is not None:
             cache.put_tree_ids(repo.path, state, inner, staged, head)
         return staged, head
+
+    def _read_tree_ids(
+        self, repo: pygit2.Repository, rel: str, inner: str, idx: pygit2.Index | None = None
+    ) -> tuple[str | None, str | None]:
+        """(index id, HEAD id) of `inner`, read from the index (`idx`, the repository's
+        index, when the caller has it) and HEAD's trees."""
+        if idx is None:
+            idx = self._index(repo)
+        if inner not in idx:
+            return None, None
+        try:
+            staged = str(idx[inner].id)
+        except KeyError:  # in the index only as the sides of a merge conflict
+            raise UnmergedError(
+                f"{rel} has an unresolved merge conflict (it is unmerged in the git "
+                f"index): resolve it, then `git add {rel}`."
+            ) from None
+        return staged, self._head_id(repo, inner)
 
     def _tree_state(self, repo: pygit2.Repository) -> str | None:
         """What the index and HEAD ids of every file depend on: the index file's stat data
