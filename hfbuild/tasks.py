@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from hfbuild import teardown
 from hfbuild.errors import HfbuildError
+from hfbuild.fingerprint import strict
 from hfbuild.spec import rows_text, stored_rows
 
 if TYPE_CHECKING:
@@ -33,7 +34,11 @@ def _uptodate(pipe: Pipeline, name: str) -> bool:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            return pipe.is_built(name)
+            if not pipe.is_built(name):
+                return False
+            # Strict mode allows no result of uncommitted code or data, even one already
+            # built: the build action then fails with the DirtyTreeError naming the files.
+            return not (strict() and pipe.manifests()[name].dirty)
         except HfbuildError:
             return False
         finally:
