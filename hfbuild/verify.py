@@ -13,6 +13,7 @@ looked at, and moved aside when the rebuild contradicts it.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -23,9 +24,10 @@ from hfbuild.absentdata import LockedData, Unchecked
 from hfbuild.build import build
 from hfbuild.diff import diff
 from hfbuild.errors import HfbuildError, UnmergedError
-from hfbuild.fingerprint import Manifest
+from hfbuild.fingerprint import Manifest, data_file_ids
 from hfbuild.fullkey import observed_changes
 from hfbuild.gitstate import Mode, Snapshot
+from hfbuild.manifests import Manifests
 from hfbuild.pipeline import Pipeline
 
 
@@ -90,6 +92,11 @@ def check_lock(
         unchecked.extend(absent.unchecked)
     worktree = pipe.manifests(fresh=True) if staged else manifests
     fix = _fix(pipe)
+    to_stage = _data_to_stage(pipe, recorded, manifests, worktree) if staged else {}
+    if to_stage:
+        # `doit run` builds from the work tree, so while it holds data the index does not,
+        # rebuilding cannot make the staged lock agree: the data has to be staged first.
+        fix = f"stage the data files named above, then {fix}"
     for name, m in manifests.items():
         fp = m.fingerprint
         entry = recorded.get(name)
@@ -102,8 +109,7 @@ def check_lock(
                     f"those changes, or `git stash --keep-index`, before building)"
                 )
         if strict and not staged and m.dirty:
-            listing = ", ".join(f"{f.path} ({f.status})" for f in m.dirty)
-            problems.append(Problem(name, f"stage {name!r} has uncommitted code: {listing}."))
+            problems.append(Problem(name, f"stage {name!r} {_uncommitted(m)}"))
         if not isinstance(entry, dict):
             problems.append(
                 Problem(
@@ -136,7 +142,74 @@ def check_lock(
                 f"Fix: {fix}.",
             )
         )
+    if to_stage:
+        problems.insert(0, Problem(None, _stage_data_message(pipe, to_stage)))
     return problems
+
+
+def _data_to_stage(
+    pipe: Pipeline,
+    recorded: Mapping[str, Any],
+    staged: Manifests,
+    worktree: Manifests,
+) -> dict[str, str]:
+    """The data files (of loads and `file_deps`) to `git add` before the commit can hold
+    what hfbuild.lock is built from, all at once, by path, with what is known of each:
+    untracked ones the staged pipeline reads (its data files are found in the work tree,
+    but the commit would lack them: always); and, when a stage's staged lock entry
+    disagrees, those modified and not staged, and those whose id differs between the lock
+    entry and what is staged (the pre-commit framework hides unstaged changes from hooks,
+    so only the lock tells). `git add` of a file already staged changes nothing, so the
+    advice holds also when the lock is merely older than what is staged. Git-ignored data
+    is never named: it is kept out of git on purpose (and `git add` refuses it)."""
+    visible: dict[str, str] = {
+        f.path: f.status
+        for m in worktree.ok.values()
+        for f in m.dirty
+        if f.kind == "data" and f.status in ("modified", "untracked")
+    }
+    out: dict[str, str] = {p: s for p, s in visible.items() if s == "untracked"}
+    differing: set[str] = set()
+    for name, m in staged.ok.items():
+        entry = recorded.get(name)
+        if isinstance(entry, dict) and entry.get("fingerprint") == m.fingerprint:
+            continue
+        old = data_file_ids(entry.get("manifest") or {}) if isinstance(entry, dict) else {}
+        new = data_file_ids(m.doc)
+        differing |= {p for p in old.keys() | new.keys() if old.get(p) != new.get(p)}
+        here = worktree.ok.get(name)
+        out.update(
+            {f.path: visible[f.path] for f in (here.dirty if here else ()) if f.path in visible}
+        )
+    candidates = sorted(p for p in differing - out.keys() if not p.startswith("<outside>/"))
+    for p in Snapshot(pipe.root).stageable(candidates):
+        out[p] = "differs from the lock"
+    return out
+
+
+def _stage_data_message(pipe: Pipeline, to_stage: Mapping[str, str]) -> str:
+    paths = sorted(to_stage)
+    listing = ", ".join(f"{p} ({to_stage[p]})" for p in paths)
+    return (
+        f"stages read data files whose content the commit would not hold as hfbuild.lock "
+        f"records it (`doit run` builds from the work tree): {listing}. Fix: "
+        f"`git add {' '.join(map(shlex.quote, paths))}`, then {_fix(pipe)} (or, to leave "
+        f"them out of this commit, `git stash --keep-index --include-untracked`, then build; "
+        f"data kept out of git on purpose belongs in .gitignore)."
+    )
+
+
+def _uncommitted(m: Manifest) -> str:
+    """`has uncommitted code: a.py (modified); has uncommitted data: ...` and what to do."""
+    parts = []
+    for kind in ("code", "data"):
+        files = [f for f in m.dirty if f.kind == kind]
+        if files:
+            listing = ", ".join(f"{f.path} ({f.status})" for f in files)
+            parts.append(f"has uncommitted {kind}: {listing}")
+    data = any(f.kind == "data" for f in m.dirty)
+    tail = " (data kept out of git on purpose belongs in .gitignore)" if data else ""
+    return f"{'; '.join(parts)}. Commit these files{tail}."
 
 
 def _scratch_twin(pipe: Pipeline, scratch: str) -> Pipeline:
