@@ -1,15 +1,57 @@
 """Every error and warning hfbuild gives a user.
 
 Owns: the `HfbuildError` family and hfbuild's warning categories. Each error's `str()` is a
-finished message for a person: what happened and what to do. Must never: import anything heavy,
-or hold behaviour beyond formatting a message.
+finished message for a person: what happened and what to do. An error made while doit imports
+a dodo file is also doit's `InvalidDodoFile`, the user error doit prints as one line (`ERROR:
+<message>`, exit 3) instead of a traceback. Must never: import anything heavy (doit's
+exceptions module only when doit is already loading a dodo file), or hold behaviour beyond
+formatting a message.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from types import FrameType
+from typing import Any
+
 
 class HfbuildError(Exception):
     """Base of every error a user can cause; the CLI turns it into exit code 1."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> HfbuildError:
+        # doit prints a traceback for any exception raised while it imports dodo.py, except
+        # its own user errors: a mistake in a pipeline's definition (an input naming no
+        # stage) is then one line under `doit run`, as it is under `hfbuild status`.
+        if "doit.loader" in sys.modules and _doit_loading():
+            cls = _as_doit_error(cls)
+        return super().__new__(cls, *args, **kwargs)
+
+
+_LOADER = os.path.join("doit", "loader.py")
+_doit_classes: dict[type[HfbuildError], type[HfbuildError]] = {}
+
+
+def _doit_loading() -> bool:
+    """Whether this is doit importing a dodo file (its `loader.get_module` on the stack)."""
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "get_module" and code.co_filename.endswith(_LOADER):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _as_doit_error(cls: type[HfbuildError]) -> type[HfbuildError]:
+    """`cls`, also a subclass of doit's `InvalidDodoFile` (same name, module and message)."""
+    known = _doit_classes.get(cls)
+    if known is None:
+        from doit.exceptions import InvalidDodoFile
+
+        names = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        known = _doit_classes[cls] = type(cls.__name__, (cls, InvalidDodoFile), names)
+    return known
 
 
 class NotARepositoryError(HfbuildError):
