@@ -87,8 +87,9 @@ def _title(pipe: Pipeline, name: str, task: Any) -> str:
     """doit's line for the task: with the row count once the stage is in the store, so a
     no-op run prints one informative line per stage."""
     try:
-        fp = pipe.manifests()[name].fingerprint
-        doc = pipe.ledger.stored(fp)  # read once: the up-to-date check read it already
+        m = pipe.manifests()[name]
+        # In strict mode a result of uncommitted files is not served: its build fails.
+        doc = None if strict() and m.dirty else pipe.ledger.stored(m.fingerprint)
     except HfbuildError:
         doc = None
     if doc is None:
