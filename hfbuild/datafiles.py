@@ -5,6 +5,7 @@ each a content id: the git blob id from the index when it is tracked and clean (
 read), otherwise the blob id of its bytes, remembered in a stat cache keyed by path, size,
 mtime, ctime and inode so an unchanged large file is hashed once. ctime is in the key because
 a write that restores the mtime still moves the ctime: content, never mtime alone, decides.
+Also which of them are not committed (`uncommitted`; git answers, through `gitstate`).
 
 Must never: identify a file by its absolute path (files outside the project are named
 `<outside>/<basename>`), or trust a stat cache entry written while the file could still change
