@@ -132,16 +132,36 @@ class CodeCache:
 
     # -- index and HEAD ids -----------------------------------------------------------------
 
-    def tree_ids(self, repo: str, state: str, path: str) -> tuple[str | None, str | None] | None:
-        """(index id, HEAD id) recorded for `path` (None where it has no entry) in repository
-        `repo` while its tree state was `state`; None when not recorded for that state."""
+    def _recorded(self, repo: str, state: str, part: str, key: str) -> Any:
+        """What `part` ("ids" or "data") of repository `repo` records under `key` for tree
+        state `state` (None when another state, or nothing, is recorded)."""
         with self._lock:
             self._load()
             known = self._trees.get(repo)
             if not isinstance(known, dict) or known.get("state") != state:
                 return None
-            ids = known.get("ids")
-            v = ids.get(path) if isinstance(ids, dict) else None
+            entries = known.get(part)
+            return entries.get(key) if isinstance(entries, dict) else None
+
+    def _record(self, repo: str, state: str, part: str, key: str, value: Any, most: int) -> None:
+        """Record `value` under `key` in `part` for tree state `state`: entries of another
+        state are dropped (a repository keeps only its current state), and so are the
+        state's entries of `part` once it holds `most`."""
+        with self._lock:
+            self._load()
+            known = self._trees.get(repo)
+            if not isinstance(known, dict) or known.get("state") != state:
+                known = self._trees[repo] = {"state": state, "ids": {}}
+            entries = known.get(part)
+            if not isinstance(entries, dict) or len(entries) >= most:
+                entries = known[part] = {}
+            entries[key] = value
+            self._dirty = True
+
+    def tree_ids(self, repo: str, state: str, path: str) -> tuple[str | None, str | None] | None:
+        """(index id, HEAD id) recorded for `path` (None where it has no entry) in repository
+        `repo` while its tree state was `state`; None when not recorded for that state."""
+        v = self._recorded(repo, state, "ids", path)
         if type(v) is list and len(v) == 2 and _id_or_none(v[0]) and _id_or_none(v[1]):
             return v[0], v[1]
         return None
@@ -149,30 +169,14 @@ class CodeCache:
     def put_tree_ids(
         self, repo: str, state: str, path: str, index_id: str | None, head_id: str | None
     ) -> None:
-        """Record `path`'s ids for tree state `state`; entries of another state are dropped
-        (a repository keeps only its current state)."""
-        with self._lock:
-            self._load()
-            known = self._trees.get(repo)
-            if not isinstance(known, dict) or known.get("state") != state:
-                known = self._trees[repo] = {"state": state, "ids": {}}
-            ids = known.get("ids")
-            if not isinstance(ids, dict):
-                ids = known["ids"] = {}
-            ids[path] = [index_id, head_id]
-            self._dirty = True
+        """Record `path`'s ids for tree state `state`."""
+        self._record(repo, state, "ids", path, [index_id, head_id], sys.maxsize)
 
     def data_statuses(self, repo: str, state: str, key: str) -> list[list[str]] | None:
         """The uncommitted files ([path, status]) recorded under `key` (a digest of a set of
         tracked data files' paths and work-tree ids) in repository `repo` while its tree
         state was `state`; None when not recorded for that state."""
-        with self._lock:
-            self._load()
-            known = self._trees.get(repo)
-            if not isinstance(known, dict) or known.get("state") != state:
-                return None
-            data = known.get("data")
-            v = data.get(key) if isinstance(data, dict) else None
+        v = self._recorded(repo, state, "data", key)
         if type(v) is list and all(
             type(x) is list and len(x) == 2 and all(type(y) is str for y in x) for x in v
         ):
@@ -180,18 +184,8 @@ class CodeCache:
         return None
 
     def put_data_statuses(self, repo: str, state: str, key: str, value: list[list[str]]) -> None:
-        """Record `value` under `key` for tree state `state` (another state's entries are
-        dropped, as for tree ids; beyond `MAX_DATA_SETS` sets, the state's are)."""
-        with self._lock:
-            self._load()
-            known = self._trees.get(repo)
-            if not isinstance(known, dict) or known.get("state") != state:
-                known = self._trees[repo] = {"state": state, "ids": {}}
-            data = known.get("data")
-            if not isinstance(data, dict) or len(data) >= MAX_DATA_SETS:
-                data = known["data"] = {}
-            data[key] = value
-            self._dirty = True
+        """Record `value` under `key` for tree state `state` (at most `MAX_DATA_SETS` sets)."""
+        self._record(repo, state, "data", key, value, MAX_DATA_SETS)
 
     def save(self) -> None:
         """Write the cache back when something was added (errors cost time only)."""
