@@ -22,8 +22,8 @@ def status(
             s._replace(
                 state="failed",
                 reason=f"its key holds uncommitted files ({', '.join(s.dirty_files)}); strict "
-                f"mode (HFBUILD_STRICT=1 or --strict) allows only committed code: commit or "
-                f"stash them",
+                f"mode (HFBUILD_STRICT=1 or --strict) allows only committed code and data: "
+                f"commit or stash them",
             )
             if s.dirty_files and s.state != "failed"
             else s
