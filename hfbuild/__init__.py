@@ -11,6 +11,7 @@ from hfbuild.dataset_ops import filter, map
 from hfbuild.errors import (
     BuildError,
     ClosureError,
+    DamagedEntryError,
     DirtyTreeError,
     DirtyTreeWarning,
     GitStateError,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BuildError",
     "ClosureError",
+    "DamagedEntryError",
     "DirtyTreeError",
     "DirtyTreeWarning",
     "GitStateError",

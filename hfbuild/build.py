@@ -97,7 +97,7 @@ def _set_aside_if_corrupt(pipe: Pipeline, name: str, fp: str) -> None:
     if why is not None:
         moved = pipe.store.quarantine(fp)
         warnings.warn(
-            f"stage {name!r}: the stored result {fp} is corrupt ({why}); moved aside to "
+            f"stage {name!r}: the stored result {fp} is damaged ({why}); moved aside to "
             f"{moved} and rebuilding it.",
             CorruptEntryWarning,
             stacklevel=4,

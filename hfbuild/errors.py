@@ -144,6 +144,11 @@ class NotBuiltError(HfbuildError):
     """A result was asked for that the store does not hold."""
 
 
+class DamagedEntryError(NotBuiltError):
+    """A result was asked for whose store entry is damaged (its files were changed after it
+    was stored): it is not served; a build sets it aside and builds it again."""
+
+
 class BuildError(HfbuildError):
     """A stage's transform raised; the store is unchanged."""
 
@@ -169,7 +174,7 @@ class RemoteWarning(UserWarning):
 
 
 class CorruptEntryWarning(UserWarning):
-    """A store entry failed its checks; it was moved aside and is rebuilt."""
+    """A store entry failed its checks (it is damaged); it was moved aside and is rebuilt."""
 
 
 class LockRewrittenWarning(UserWarning):

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from hfbuild import caches, lockfile
 from hfbuild.absentdata import LockedData
 from hfbuild.datafiles import StatCache
-from hfbuild.errors import NotBuiltError, StageError
+from hfbuild.errors import DamagedEntryError, NotBuiltError, StageError
 from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import resolve
 from hfbuild.gitstate import Mode, Snapshot, find_root, head_text
@@ -303,9 +303,17 @@ class Pipeline:
     # -- results and building -----------------------------------------------------------------
 
     def result(self, name: str) -> Any:
-        """The built result, memory-mapped from the store."""
+        """The built result, memory-mapped from the store; `NotBuiltError` when the store
+        does not hold it, `DamagedEntryError` (a `NotBuiltError`) when its entry is damaged."""
         fp = self.manifests(fresh=True)[name].fingerprint
         if not self.store.has(fp):
+            why = self.store.check(fp)  # the damage `has` found (remembered: not hashed again)
+            if why is not None:
+                raise DamagedEntryError(
+                    f"stage {name!r}: the stored result {fp} is damaged ({why}), so it is not "
+                    f"served. Build it with `doit run {self.name}:{name}`: the damaged entry "
+                    f"is moved aside and the stage built again."
+                )
             raise NotBuiltError(
                 f"stage {name!r} is not built for the current code and data (fingerprint "
                 f"{fp}). Build it with `doit run {self.name}:{name}`."

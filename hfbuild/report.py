@@ -148,6 +148,11 @@ def stage_states(pipe: Pipeline) -> list[StageState]:
             )
             out.append(StageState(name, fp, state, reason, dirty, rows, _observed(m)))
             continue
+        damaged = pipe.store.check(fp)  # None: absent (the check `has` made is remembered)
+        if damaged is not None:
+            reason = f"its stored result {fp} is damaged ({damaged})"
+            out.append(StageState(name, fp, "stale", reason, dirty, None, _observed(m)))
+            continue
         ex = explain(pipe, name, line_stats=False)
         if ex.previous is None:
             reason = "; ".join(["never built", *ex.shards])

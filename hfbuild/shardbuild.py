@@ -247,16 +247,19 @@ def _publish(
 
 def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:
     """The shards the stage's last entry (its ref) lists whose files are there with the
-    sizes it records, and whose manifest is the one the listing was made from (its stamp:
-    a shard published again since, say by another pipeline after a repair, is read
-    again): shard key -> the rows, content hash, stamp and files its listing records. A
-    rebuild that keeps most shards then makes a few stats per shard instead of reading
-    every shard's manifest; what the listing lacks (an older entry) is read as before.
+    sizes and identities it records (a shard whose files' identities differ is checked
+    by itself, `Store.files_intact`), and whose manifest is the one the listing was made
+    from (its stamp: a shard published again since, say by another pipeline after a
+    repair, is read again): shard key -> the rows, content hash, stamp and files its
+    listing records. A rebuild that keeps most shards then makes a few stats per shard
+    instead of reading every shard's manifest; what the listing lacks (an older entry) is
+    read as before.
     The listing is as trustworthy as the shard's own manifest: both are checksummed
     manifests, and `Store.check` of a stage entry makes the same stats."""
     fp = store.get_ref(name)
     doc = store.read_manifest(fp) if fp is not None else None
     rows = doc.get("shards") if doc is not None else None
+    ids = store.recorded(fp) if isinstance(rows, list) and fp is not None else {}
     out: dict[str, dict[str, Any]] = {}
     for row in rows if isinstance(rows, list) else []:
         if not (isinstance(row, list) and len(row) >= 5):
@@ -266,7 +269,7 @@ def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:
             continue
         if not all(isinstance(v, int) for v in files.values()):
             continue
-        if facts.get("content_hash") is None or not store.files_intact(key, files):
+        if facts.get("content_hash") is None or not store.files_intact(key, files, ids.get(key)):
             continue
         if facts.get("stamp") is None or facts["stamp"] != store.manifest_stamp(key):
             continue

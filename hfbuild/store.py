@@ -9,9 +9,14 @@ An entry's `data/` may instead hold only indices into another entry, its *base*
 result made of shards references its shards (gc, push and pull follow `references`).
 An entry exists only once its complete manifest does: builds write into `tmp/` and publish
 with one atomic rename. Modes follow sharing.py (group-shared inside a setgid store).
+Each entry's `ids.json` records the identity (size, mtime and ctime in ns, inode) of every
+data file its check stats (its own; for a list of shards, its shards' and their bases'), as
+they were when published or last hashed in full: an entry is served while they hold, and
+hashed in full (`content.py`) when they do not (a same-size edit is damage, a touch is not).
 
-Must never: unpickle or execute anything it reads, import `datasets` outside `load`, or let a
-stage name or fingerprint address a path outside the store.
+Must never: unpickle or execute anything it reads, import `datasets` outside `load` and the
+full check of an entry whose files' identities changed, or let a stage name or fingerprint
+address a path outside the store.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from hfbuild.errors import StoreError
 
 MANIFEST = "manifest.json"
 DATA = "data"
+IDS = "ids.json"  # the identities of the files an entry's check stats (`_Ids`)
 _FP = re.compile(r"^[0-9a-f]{32}$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _PART = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -98,6 +104,12 @@ class Store:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self._objects = os.path.join(self.root, "objects")
+        # fingerprint -> the identities recorded for its own files (as its ids.json holds
+        # them, or as published or re-recorded by this process): a reference, not a verdict.
+        self._known: dict[str, dict[str, list[Any]]] = {}
+        # fingerprint -> (its files' identities then, why it is damaged): one full hash per
+        # damage per process, however often it is checked.
+        self._damaged: dict[str, tuple[list[list[Any] | None], str]] = {}
 
     # -- layout ------------------------------------------------------------------------------
 
@@ -189,24 +201,38 @@ class Store:
         return doc if doc is not None and self._check_files(fp, doc) is None else None
 
     def _check_files(self, fp: str, doc: dict[str, Any]) -> str | None:
-        why = self._check_shards(doc) or self.check_base(doc)
+        why = self._check_shards(fp, doc) or self.check_base(doc)
         if why is not None:
             return why
-        bad = _wrong_size(self.data_path(fp), doc["files"])
-        if bad is None:
+        files = doc["files"]
+        if not files:  # a list of shards: its rows are its files, checked above
             return None
-        rel, size, actual = bad
-        if actual is None:
-            return f"{rel} is missing"
-        return f"{rel} is {actual} bytes, not {size} (truncated or overwritten)"
+        ids = self._read_ids(fp).get(fp)
+        bad, held = _stat_files(self._data_of(fp), files, ids)
+        if bad is not None:
+            rel, size, actual = bad
+            if actual is None:
+                return f"{rel} is missing"
+            return f"{rel} is {actual} bytes, not {size} (truncated or overwritten)"
+        if held and ids is not None:
+            self._known[fp] = ids
+            return None
+        return self._confirm(fp, doc, ids or {})
 
-    def _check_shards(self, doc: dict[str, Any]) -> str | None:
+    def _check_shards(self, fp: str, doc: dict[str, Any]) -> str | None:
         """A stage result made of shards is served only while every shard is intact: each
-        shard's files are present with the sizes the list records (one stat each, as for
-        any entry's files; a shard listed without sizes is checked in full), and so are the
-        files of the base an indices shard's row names (`_row_base`)."""
+        shard's files are present with the sizes the list records and the identities the
+        list's `ids.json` records (one stat each, as for any entry's files; a shard listed
+        without sizes is checked in full), and so are the files of the base an indices
+        shard's row names (`_row_base`). A shard or base whose identities differ is checked
+        by itself (`_verified`: its own record, else its rows hashed in full); the list's
+        record then takes the identities it has now."""
         rows = doc.get("shards")
-        for row in rows if isinstance(rows, list) else []:
+        if not isinstance(rows, list):
+            return None
+        ids = self._read_ids(fp)
+        suspects: dict[str, str] = {}  # shard or base -> how the list names it
+        for row in rows:
             key = str(row[1]) if isinstance(row, list) and len(row) >= 2 else ""
             if not _FP.match(key):
                 return "its list of shards is malformed"
@@ -222,13 +248,110 @@ class Store:
                     return f"its shard {key} {why}" if why == "is missing" else f"{key}: {why}"
                 continue
             for owner, listed in [(key, files), *([base] if base is not None else [])]:
-                bad = _wrong_size(self._data_of(owner), listed)
+                bad, held = _stat_files(self._data_of(owner), listed, ids.get(owner))
                 if bad is not None:
                     rel, size, actual = bad
                     if actual is None:
                         return f"its shard {owner} is missing {rel}"
                     return f"its shard {owner} has {rel} of {actual} bytes, not {size}"
+                if not held:
+                    suspects.setdefault(owner, "shard" if owner == key else f"shard {key}'s base")
+        for owner, what in suspects.items():
+            why = self._verified(owner)
+            if why is not None:
+                return f"its {what} {owner} is damaged ({why})"
+            ids[owner] = self._known[owner]
+        if suspects:
+            self._write_ids(fp, ids)
+        self._known.update(ids)
         return None
+
+    def _verified(self, fp: str) -> str | None:
+        """Why the entry `fp` cannot be used (None: intact, and `_known[fp]` holds the
+        identities recorded for its files): its own check, which hashes it in full when its
+        files' identities are not the ones its own record holds."""
+        why = self.check(fp)
+        if why is None and fp not in self._known:
+            return "it is missing"
+        return why
+
+    def _confirm(self, fp: str, doc: dict[str, Any], old: dict[str, Any]) -> str | None:
+        """The full check of an entry whose files' identities are not those recorded (or
+        none are recorded: an entry written by an older hfbuild, or copied or restored
+        elsewhere, where inodes and ctimes differ): its rows hashed (`content.py`) against
+        its content hash, and its other (JSON) files' bytes against the digests recorded
+        with them. Equal: the identities they have now are recorded, and it is served; else
+        it is damaged (remembered with the identities it had, so it is hashed once)."""
+        data = self._data_of(fp)
+        files = doc["files"]
+        before = _identities(data, files)
+        seen = self._damaged.get(fp)
+        if seen is not None and seen[0] == before:
+            return seen[1]
+        digests: dict[str, str] = {}
+        why = self._full_check(fp, doc, old, digests)
+        if why is None and _identities(data, files) != before:
+            why = "its files changed while they were checked"
+        if why is not None:
+            self._damaged[fp] = (before, why)
+            return why
+        rec: dict[str, list[Any]] = {}
+        for rel, ident in zip(files, before, strict=True):
+            assert ident is not None  # present: the sizes were checked, and unchanged since
+            rec[rel] = [*ident, digests[rel]] if rel in digests else ident
+        self._write_ids(fp, {fp: rec})
+        self._known[fp] = rec
+        return None
+
+    def _full_check(
+        self, fp: str, doc: dict[str, Any], old: dict[str, Any], digests: dict[str, str]
+    ) -> str | None:
+        data = self._data_of(fp)
+        for rel in doc["files"]:
+            if rel.endswith(".arrow"):  # rows: the content hash below
+                continue
+            digests[rel] = _digest(_path(data, rel))
+            r = old.get(rel)
+            if isinstance(r, list) and len(r) >= 5 and r[4] != digests[rel]:
+                return f"its {rel} was changed after it was stored"
+        want = doc.get("content_hash")
+        if not isinstance(want, str):
+            return "it records no content hash to check its data against"
+        from hfbuild.content import dataset_hash
+
+        try:
+            got = dataset_hash(self.load(fp))
+        except Exception as e:
+            return f"its data cannot be read ({type(e).__name__}: {e})"
+        if got != want:
+            return (
+                "its data was changed after it was stored: its rows no longer have its content hash"
+            )
+        return None
+
+    def recorded(self, fp: str) -> dict[str, dict[str, Any]]:
+        """The identities `fp`'s `ids.json` records, by the entry owning the files (itself;
+        for a list, its shards and their bases): relative path -> [size, mtime ns, ctime ns,
+        inode] (and a digest of the bytes for a file that is not Arrow data). {} if none."""
+        return self._read_ids(fp) if _FP.match(fp) else {}
+
+    def _read_ids(self, fp: str) -> dict[str, dict[str, Any]]:
+        try:
+            with open(os.path.join(self._entry_of(fp), IDS), encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        ids = doc.get("ids") if isinstance(doc, dict) else None
+        if not isinstance(ids, dict):
+            return {}
+        return {k: v for k, v in ids.items() if isinstance(v, dict)}
+
+    def _write_ids(self, fp: str, ids: dict[str, dict[str, Any]]) -> None:
+        """Record `ids` as `fp`'s; an entry this user cannot write keeps its old record
+        (it is then hashed in full again when next checked: slower, never wrong)."""
+        with contextlib.suppress(OSError):
+            path = os.path.join(self._entry_of(fp), IDS)
+            sharing.write_json_atomic(path, {"ids": ids}, durable=False, indent=None)
 
     def check_base(self, doc: dict[str, Any]) -> str | None:
         """An indices entry (`indexed.py`) is served only while its base is intact and still
@@ -249,12 +372,22 @@ class Store:
             return f"its base {base} holds other rows than it was built over"
         return None
 
-    def files_intact(self, fp: str, files: dict[str, int]) -> bool:
-        """Whether the entry `fp` has these data files with these sizes (one stat each, as
-        `check` makes of a listed shard; the entry's manifest is not read)."""
+    def files_intact(
+        self, fp: str, files: dict[str, int], ids: dict[str, Any] | None = None
+    ) -> bool:
+        """Whether the entry `fp` has these data files with these sizes and the identities
+        `ids` records for them (one stat each, as `check` makes of a listed shard; the
+        entry's manifest is not read). Files whose identities differ (or `ids` None) are
+        checked as `check` checks them: the entry's own record, else a full hash."""
         if not _FP.match(fp) or not all(safe_rel(rel) for rel in files):
             return False
-        return _wrong_size(self._data_of(fp), files) is None
+        bad, held = _stat_files(self._data_of(fp), files, ids)
+        if bad is not None:
+            return False
+        if held and ids is not None:
+            self._known[fp] = ids
+            return True
+        return self._verified(fp) is None
 
     def manifest_stamp(self, fp: str) -> list[int] | None:
         """The entry's manifest file as [mtime in ns, size] (None when absent): a stamp
@@ -436,7 +569,7 @@ class Store:
         Without `durable` (a shard: its data files are not flushed either) the manifest is
         not flushed before the rename: after a power loss it may be empty, which `check`
         refuses (its checksum), so the entry is rebuilt, never served."""
-        doc = self._seal(build_dir, fp, manifest, durable)
+        doc, ids = self._seal(build_dir, fp, manifest, durable)
         final = self.entry(fp)
         try:
             if os.path.exists(final):
@@ -448,6 +581,8 @@ class Store:
             os.rename(build_dir, final)
         except OSError as e:
             raise self._unpublished(build_dir, fp, e) from e
+        self._known.update(ids)
+        self._damaged.pop(fp, None)
         return doc
 
     def publish_first(self, build_dir: str, fp: str, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -458,10 +593,12 @@ class Store:
         Only when something is in the way is the lock taken, and `publish` decides (an
         intact entry is kept, a damaged one moved aside). No lock file is made for the
         entry: a sharded build makes one file fewer per shard."""
-        doc = self._seal(build_dir, fp, manifest, False)
+        doc, ids = self._seal(build_dir, fp, manifest, False)
         final = self.entry(fp)
         try:
             os.rename(build_dir, final)
+            self._known.update(ids)
+            self._damaged.pop(fp, None)
             return doc
         except OSError as e:
             if not os.path.lexists(final):
@@ -471,28 +608,49 @@ class Store:
 
     def _seal(
         self, build_dir: str, fp: str, manifest: dict[str, Any], durable: bool
-    ) -> dict[str, Any]:
-        """Write `build_dir`'s manifest (every data file and its size, the checksum) and
-        make the directory where it goes; the manifest."""
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """Write `build_dir`'s manifest (every data file and its size, the checksum) and its
+        `ids.json` (each data file's identity, and for a list of shards its shards' and
+        their bases' as recorded), and make the directory where it goes; (the manifest,
+        the identities)."""
         data = os.path.join(build_dir, DATA)
         files: dict[str, int] = {}
-        for dirpath, _, names in os.walk(data):
-            for n in names:
-                full = os.path.join(dirpath, n)
-                rel = os.path.relpath(full, data).replace(os.sep, "/")
-                files[rel] = os.stat(full).st_size
+        own: dict[str, list[Any]] = {}
+        try:
+            # Modes first: a chmod changes a file's ctime, and the identities recorded below
+            # are the ones the published entry keeps (renaming the directory into place
+            # changes no file inside it).
+            sharing.share_tree(build_dir)  # what datasets wrote, in a group-shared store
+            for dirpath, _, names in os.walk(data):
+                for n in names:
+                    full = os.path.join(dirpath, n)
+                    rel = os.path.relpath(full, data).replace(os.sep, "/")
+                    st = os.stat(full)
+                    files[rel] = st.st_size
+                    own[rel] = _identity(st)
+                    if not n.endswith(".arrow"):  # metadata: not in the content hash
+                        own[rel].append(_digest(full))
+        except OSError as e:
+            raise self._unpublished(build_dir, fp, e) from e
         doc = {**manifest, "fingerprint": fp, "files": dict(sorted(files.items()))}
         doc.pop("manifest_digest", None)
         doc["manifest_digest"] = manifest_digest(doc)
+        ids = {fp: dict(sorted(own.items()))} if own else {}
+        for owner in _listed_owners(doc):
+            rec = self._known.get(owner) or self._read_ids(owner).get(owner)
+            if rec is not None:  # else: the list's first check checks it and records it
+                ids[owner] = rec
         try:
             sharing.write_json_atomic(
                 os.path.join(build_dir, MANIFEST), doc, durable=durable, indent=_indent(doc)
             )
-            sharing.share_tree(build_dir)  # what datasets wrote, in a group-shared store
+            sharing.write_json_atomic(
+                os.path.join(build_dir, IDS), {"ids": ids}, durable=False, indent=None
+            )
             sharing.makedirs(os.path.dirname(self.entry(fp)))
         except OSError as e:
             raise self._unpublished(build_dir, fp, e) from e
-        return doc
+        return doc, ids
 
     def _unpublished(self, build_dir: str, fp: str, e: OSError) -> StoreError:
         shutil.rmtree(build_dir, ignore_errors=True)
@@ -712,20 +870,74 @@ def _indent(doc: dict[str, Any]) -> int | None:
     return None if isinstance(doc.get("shards"), list) else 1
 
 
-def _wrong_size(data: str, files: dict[str, int]) -> tuple[str, int, int | None] | None:
-    """The first of `files` (relative path -> size, each `safe_rel`) under `data` that is
-    missing (actual None) or of another size, as (path, size, actual); None when all match.
+def _path(data: str, rel: str) -> str:
+    # A safe relative path joined as os.path.join joins its parts (on POSIX, with "/").
+    return f"{data}/{rel}" if _POSIX else os.path.join(data, *rel.split("/"))
+
+
+def _stat_files(
+    data: str, files: dict[str, int], ids: dict[str, Any] | None
+) -> tuple[tuple[str, int, int | None] | None, bool]:
+    """(the first of `files` (relative path -> size, each `safe_rel`) under `data` that is
+    missing (actual None) or of another size, as (path, size, actual), else None; whether
+    every file has the identity `ids` records for it: [size, mtime ns, ctime ns, inode]).
     One stat each."""
+    held = ids is not None
     for rel, size in files.items():
-        # A safe relative path joined as os.path.join joins its parts (on POSIX, with "/").
-        path = f"{data}/{rel}" if _POSIX else os.path.join(data, *rel.split("/"))
         try:
-            actual = os.stat(path).st_size
+            st = os.stat(_path(data, rel))
         except OSError:
-            return rel, size, None
-        if actual != size:
-            return rel, size, actual
-    return None
+            return (rel, size, None), False
+        if st.st_size != size:
+            return (rel, size, st.st_size), False
+        if held:
+            r = ids.get(rel) if ids is not None else None
+            held = (
+                isinstance(r, list)
+                and len(r) >= 4
+                and r[1] == st.st_mtime_ns
+                and r[2] == st.st_ctime_ns
+                and r[3] == st.st_ino
+                and r[0] == size
+            )
+    return None, held
+
+
+def _identity(st: os.stat_result) -> list[Any]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _digest(path: str) -> str:
+    """A digest of a (small, JSON) file's bytes."""
+    import xxhash
+
+    with open(path, "rb") as f:
+        return str(xxhash.xxh3_128_hexdigest(f.read()))
+
+
+def _identities(data: str, files: dict[str, int]) -> list[list[Any] | None]:
+    """Each of `files`' identity now (None: missing), in order."""
+    out: list[list[Any] | None] = []
+    for rel in files:
+        try:
+            out.append(_identity(os.stat(_path(data, rel))))
+        except OSError:
+            out.append(None)
+    return out
+
+
+def _listed_owners(doc: dict[str, Any]) -> list[str]:
+    """The entries whose files a list of shards' check stats: each shard, and the base an
+    indices shard's row names with its files."""
+    rows = doc.get("shards")
+    out: dict[str, None] = {}
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, list) and len(row) >= 4 and _FP.match(str(row[1])):
+            out[str(row[1])] = None
+            base = _row_base(row)
+            if base is not None:
+                out[base[0]] = None
+    return list(out)
 
 
 def _row_indexed(row: list[Any]) -> bool:

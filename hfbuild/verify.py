@@ -313,27 +313,30 @@ def check_deep(pipe: Pipeline) -> list[Problem]:
     becomes current again when an edit is reverted) and compare its content hash with its
     manifest, and with what the committed lock records for its key; a list of shards also
     with the content hash each of its shards holds. A corrupt entry is moved aside, so it is
-    rebuilt when next needed, and reported; so is a shard its list contradicts, so that the
-    rebuild does not list it again. An entry pulled from a remote is named as such: that
-    remote holds a forged or damaged entry."""
+    rebuilt when next needed, and reported, with every entry that lists it as a shard or
+    selects rows of it (transitively), in one pass: their own checks may have passed before
+    its damage was found. So is a shard its list contradicts, so that the rebuild does not
+    list it again. An entry pulled from a remote is named as such: that remote holds a
+    forged or damaged entry."""
     from hfbuild.content import dataset_hash
 
+    store = pipe.store
     names = {m.fingerprint: name for name, m in pipe.manifests().items()}
     pins = pipe.pins()
-    problems: list[Problem] = []
-    moved_keys: set[str] = set()
-    for fp in pipe.store.fingerprints():
-        if fp in moved_keys:
-            continue
-        doc = pipe.store.read_manifest(fp)
-        why = pipe.store.check(fp)
-        contradicted: list[str] = []  # shards whose content hash is not their row's
+    docs: dict[str, dict[str, Any] | None] = {}
+    bad: dict[str, str] = {}
+    contradicted: dict[str, str] = {}  # shard -> the list whose row it contradicts
+    fps = store.fingerprints()
+    for fp in fps:
+        doc = docs[fp] = store.read_manifest(fp)
+        why = store.check(fp)
+        keys: list[str] = []  # shards whose content hash is not their row's
         if why is None and doc is not None:
             try:
                 if isinstance(doc.get("shards"), list):  # each shard is an entry checked here
-                    got, contradicted = _shards_hash(pipe, doc)
+                    got, keys = _shards_hash(pipe, doc)
                 else:
-                    got = dataset_hash(pipe.store.load(fp))  # an indices entry: via its base
+                    got = dataset_hash(store.load(fp))  # an indices entry: via its base
             except Exception as e:
                 got = f"unreadable ({type(e).__name__}: {e})"
             pin = pins.get(fp)
@@ -344,28 +347,45 @@ def check_deep(pipe: Pipeline) -> list[Problem]:
                     f"its content hash {got} is not the {pin.content_hash} the committed "
                     f"{pipe.lock_name} records for it"
                 )
-        if why is None:
+        if why is not None:
+            bad[fp] = why
+            contradicted.update({key: fp for key in keys})
+    grown = True
+    while grown:  # an entry over a damaged one is damaged: a list's shard, an entry's base
+        grown = False
+        for fp in fps:
+            doc = docs[fp]
+            if fp in bad or fp in contradicted or doc is None:
+                continue
+            for ref in store.references(fp, doc):
+                if ref in bad or ref in contradicted:
+                    listed = isinstance(doc.get("shards"), list)
+                    bad[fp] = f"its {'shard' if listed else 'base'} {ref} is damaged"
+                    grown = True
+                    break
+    problems: list[Problem] = []
+    for fp in fps:
+        if fp not in bad and fp not in contradicted:
             continue
-        stage = names.get(fp) or (doc or {}).get("stage") or "?"
-        for key in contradicted:
-            shard = pipe.store.read_manifest(key) or {}
-            with pipe.store.lock(key):
-                moved = pipe.store.quarantine(key)
-            moved_keys.add(key)
+        doc = docs[fp]
+        with store.lock(fp):
+            moved = store.quarantine(fp)
+        if fp in contradicted and fp not in bad:
+            owner = contradicted[fp]
+            stage = names.get(owner) or (docs.get(owner) or {}).get("stage") or "?"
             problems.append(
                 Problem(
                     stage,
-                    f"stage {stage!r}: its shard {key} holds other content than its list "
-                    f"{fp} records{_pulled(shard)}; moved aside to {moved}.",
+                    f"stage {stage!r}: its shard {fp} holds other content than its list "
+                    f"{owner} records{_pulled(doc)}; moved aside to {moved}.",
                 )
             )
-        with pipe.store.lock(fp):
-            moved = pipe.store.quarantine(fp)
-        moved_keys.add(fp)
+            continue
+        stage = names.get(fp) or (doc or {}).get("stage") or "?"
         problems.append(
             Problem(
                 stage,
-                f"stage {stage!r}: the stored result {fp} is corrupt ({why}){_pulled(doc)}; "
+                f"stage {stage!r}: the stored result {fp} is damaged ({bad[fp]}){_pulled(doc)}; "
                 f"moved aside to {moved}. Fix: `doit run {pipe.name}` rebuilds it when it is "
                 f"needed.",
             )

@@ -80,7 +80,7 @@ def test_corrupt_entry_is_reported_moved_aside_and_rebuilt(
     log = tmp_path / "second.log"
     out = doit(built, "run", "preprocess", log=log)
     assert calls(log) == {"lens": 1}
-    assert f"warning: stage 'lens': the stored result {e.name} is corrupt (" in out.stderr
+    assert f"warning: stage 'lens': the stored result {e.name} is damaged (" in out.stderr
     assert why in out.stderr
     assert results(built)["lens"] == expected()["lens"]
     assert any((built.path / ".hfbuild/tmp").iterdir())
@@ -120,7 +120,7 @@ def test_deep_verify_finds_same_size_corruption(built: Repo, tmp_path: pathlib.P
     f.write_bytes(bytes(data))
     out = run_hfbuild(built, "verify", "--deep")
     assert out.returncode == 1
-    assert "stage 'kept': the stored result" in out.stderr and "is corrupt (" in out.stderr
+    assert "stage 'kept': the stored result" in out.stderr and "is damaged (" in out.stderr
     log = tmp_path / "second.log"
     doit(built, "run", "preprocess", log=log)
     assert calls(log) == {"keep": 1}

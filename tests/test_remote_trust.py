@@ -255,7 +255,7 @@ def test_deep_names_a_pulled_entry_the_committed_lock_contradicts(
 
     out = run_hfbuild(clone, "verify", "--deep")
     assert out.returncode == 1
-    assert f"the stored result {key} is corrupt (its content hash" in out.stderr
+    assert f"the stored result {key} is damaged (its content hash" in out.stderr
     assert f"pulled from the remote {r.url}, which holds a forged or damaged entry" in out.stderr
     log = tmp_path / "fix.log"
     out = doit(clone, "run", "preprocess", log=log)
