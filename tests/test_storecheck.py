@@ -147,6 +147,32 @@ def test_entry_without_recorded_identities_is_hashed_once(
     assert not (tmp_path / "second.log").exists()
 
 
+def test_pulled_entries_have_their_identities_recorded(built: Repo, tmp_path: pathlib.Path) -> None:
+    """Entries pulled from a remote get their files' identities recorded when they land (the
+    remote's copies are other inodes): a clone's no-op after the pull hashes nothing, and a
+    same-size edit there is damage."""
+    remote = f"file://{tmp_path / 'remote'}"
+    assert run_hfbuild(built, "push", "--remote", remote).returncode == 0
+    clone = built.clone(tmp_path / "clone")
+    log = tmp_path / "clone.log"
+    doit(clone, "run", "preprocess", log=log, env={"HFBUILD_REMOTE": remote})
+    assert not log.exists()  # everything was pulled
+    for manifest in _objects(clone).glob("*/*/manifest.json"):
+        files = json.loads(manifest.read_text())["files"]
+        ids = json.loads((manifest.parent / "ids.json").read_text())["ids"]
+        for rel in files:
+            st = (manifest.parent / "data" / rel).stat()
+            got = ids[manifest.parent.name][rel][:4]
+            assert got == [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    env = {"CALL_LOG": str(log), "HFBUILD_NO_REMOTE": "1"}
+    assert run_python(NOOP, clone.path, env=env).stdout.strip().splitlines()[-1] == "0 False"
+    _swap_first_values(
+        _entry(clone, _locked_fp(clone, "lens")) / "data" / "data-00000-of-00001.arrow", "n"
+    )
+    out = run_hfbuild(clone, "status")
+    assert out.returncode == 1 and "is damaged (" in out.stdout
+
+
 # -- sharded stages ---------------------------------------------------------------------------
 
 
