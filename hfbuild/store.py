@@ -206,6 +206,7 @@ class Store:
             return why
         files = doc["files"]
         if not files:  # a list of shards: its rows are its files, checked above
+            self._known[fp] = {}
             return None
         ids = self._read_ids(fp).get(fp)
         bad, held = _stat_files(self._data_of(fp), files, ids)
@@ -635,7 +636,7 @@ class Store:
         doc = {**manifest, "fingerprint": fp, "files": dict(sorted(files.items()))}
         doc.pop("manifest_digest", None)
         doc["manifest_digest"] = manifest_digest(doc)
-        ids = {fp: dict(sorted(own.items()))} if own else {}
+        ids = {fp: dict(sorted(own.items()))}
         for owner in _listed_owners(doc):
             rec = self._known.get(owner) or self._read_ids(owner).get(owner)
             if rec is not None:  # else: the list's first check checks it and records it

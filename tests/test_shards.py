@@ -721,15 +721,15 @@ def test_racing_publish_first_one_entry_wins(tmp_path: pathlib.Path) -> None:
 
 def test_cold_build_leaves_no_scratch_and_no_lock_per_shard(tmp_path: pathlib.Path) -> None:
     """After a sharded build's process exits, nothing of its scratch is left in the store:
-    tmp/ is empty, entries hold only their manifest and data, and locks/ holds the stages'
-    locks, not one file per shard."""
+    tmp/ is empty, entries hold only their manifest, data and files' identities, and locks/
+    holds the stages' locks, not one file per shard."""
     repo = make_project(Repo.init(tmp_path / "repo"), parts=5)
     doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
     store = repo.path / ".hfbuild"
     assert list((store / "tmp").iterdir()) == []
     entries = [e for d in (store / "objects").iterdir() for e in d.iterdir()]
     assert len(entries) > 5 * 4  # the shards of four sharded stages, and the stage entries
-    assert {p.name for e in entries for p in e.iterdir()} <= {"manifest.json", "data"}
+    assert {p.name for e in entries for p in e.iterdir()} <= {"manifest.json", "data", "ids.json"}
     locks = {p.name for p in (store / "locks").iterdir()}
     shard_keys = {
         row[1]
