@@ -259,7 +259,8 @@ def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:
     fp = store.get_ref(name)
     doc = store.read_manifest(fp) if fp is not None else None
     rows = doc.get("shards") if doc is not None else None
-    ids = store.recorded(fp) if isinstance(rows, list) and fp is not None else {}
+    if isinstance(rows, list) and fp is not None and doc is not None:
+        store.check_list(fp, doc)  # the identities of the shards it lists, checked at once
     out: dict[str, dict[str, Any]] = {}
     for row in rows if isinstance(rows, list) else []:
         if not (isinstance(row, list) and len(row) >= 5):
@@ -269,7 +270,7 @@ def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:
             continue
         if not all(isinstance(v, int) for v in files.values()):
             continue
-        if facts.get("content_hash") is None or not store.files_intact(key, files, ids.get(key)):
+        if facts.get("content_hash") is None or not store.files_intact(key, files):
             continue
         if facts.get("stamp") is None or facts["stamp"] != store.manifest_stamp(key):
             continue

@@ -104,9 +104,10 @@ class Store:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self._objects = os.path.join(self.root, "objects")
-        # fingerprint -> the identities recorded for its own files (as its ids.json holds
-        # them, or as published or re-recorded by this process): a reference, not a verdict.
-        self._known: dict[str, dict[str, list[Any]]] = {}
+        # fingerprint -> the identities recorded for its files, (mtime ns, ctime ns, inode)
+        # of each in its manifest's order, as its ids.json or a list's holds them, or as
+        # published or re-recorded by this process: a reference, not a verdict.
+        self._known: dict[str, tuple[int, ...]] = {}
         # fingerprint -> (its files' identities then, why it is damaged): one full hash per
         # damage per process, however often it is checked.
         self._damaged: dict[str, tuple[list[list[Any] | None], str]] = {}
@@ -206,33 +207,35 @@ class Store:
             return why
         files = doc["files"]
         if not files:  # a list of shards: its rows are its files, checked above
-            self._known[fp] = {}
+            self._known[fp] = ()
             return None
-        ids = self._read_ids(fp).get(fp)
-        bad, held = _stat_files(self._data_of(fp), files, ids)
+        own = self._read_ids(fp).get("own")
+        rec = _flat(files, own) if isinstance(own, dict) else None
+        bad, now = _stat_files(self._data_of(fp), files)
         if bad is not None:
             rel, size, actual = bad
             if actual is None:
                 return f"{rel} is missing"
             return f"{rel} is {actual} bytes, not {size} (truncated or overwritten)"
-        if held and ids is not None:
-            self._known[fp] = ids
+        if rec is not None and now == rec:
+            self._known[fp] = rec
             return None
-        return self._confirm(fp, doc, ids or {})
+        return self._confirm(fp, doc, own if isinstance(own, dict) else {})
 
     def _check_shards(self, fp: str, doc: dict[str, Any]) -> str | None:
         """A stage result made of shards is served only while every shard is intact: each
-        shard's files are present with the sizes the list records and the identities the
-        list's `ids.json` records (one stat each, as for any entry's files; a shard listed
-        without sizes is checked in full), and so are the files of the base an indices
-        shard's row names (`_row_base`). A shard or base whose identities differ is checked
-        by itself (`_verified`: its own record, else its rows hashed in full); the list's
-        record then takes the identities it has now."""
+        shard's files are present with the sizes the list records, and have the identities
+        the list's `ids.json` records (one digest of them all: one stat per file and one
+        small read, as before plus the read); a shard listed without sizes is checked in
+        full. The same holds for the files of the base an indices shard's row names
+        (`_row_base`). When the identities differ, each shard and base is checked by itself
+        (`_verified`: its own record, else its rows hashed in full), and the list records
+        the identities they have then."""
         rows = doc.get("shards")
         if not isinstance(rows, list):
             return None
-        ids = self._read_ids(fp)
-        suspects: dict[str, str] = {}  # shard or base -> how the list names it
+        ident: list[int] = []
+        spans: list[tuple[str, int]] = []  # (shard or base, where its identities end)
         for row in rows:
             key = str(row[1]) if isinstance(row, list) and len(row) >= 2 else ""
             if not _FP.match(key):
@@ -249,23 +252,51 @@ class Store:
                     return f"its shard {key} {why}" if why == "is missing" else f"{key}: {why}"
                 continue
             for owner, listed in [(key, files), *([base] if base is not None else [])]:
-                bad, held = _stat_files(self._data_of(owner), listed, ids.get(owner))
-                if bad is not None:
-                    rel, size, actual = bad
-                    if actual is None:
+                data = self._data_of(owner)
+                for rel, size in listed.items():
+                    try:
+                        st = os.stat(_path(data, rel))
+                    except OSError:
                         return f"its shard {owner} is missing {rel}"
-                    return f"its shard {owner} has {rel} of {actual} bytes, not {size}"
-                if not held:
-                    suspects.setdefault(owner, "shard" if owner == key else f"shard {key}'s base")
-        for owner, what in suspects.items():
+                    if st.st_size != size:
+                        return f"its shard {owner} has {rel} of {st.st_size} bytes, not {size}"
+                    ident += (st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                spans.append((owner, len(ident)))
+        if not spans:
+            return None
+        if self._read_ids(fp).get("listed") == _digest_ids(ident):
+            start = 0
+            for owner, end in spans:
+                self._known[owner] = tuple(ident[start:end])
+                start = end
+            return None
+        start = 0
+        for owner, end in spans:
+            now, start = tuple(ident[start:end]), end
+            if self._known.get(owner) == now:
+                continue
             why = self._verified(owner)
             if why is not None:
+                what = "shard" if any(r[1] == owner for r in rows) else "shards' base"
                 return f"its {what} {owner} is damaged ({why})"
-            ids[owner] = self._known[owner]
-        if suspects:
-            self._write_ids(fp, ids)
-        self._known.update(ids)
+        listed_digest = self._listed_digest(doc)
+        if listed_digest is not None:
+            self._write_ids(fp, {"own": {}, "listed": listed_digest})
         return None
+
+    def _listed_digest(self, doc: dict[str, Any]) -> str | None:
+        """The digest of the identities recorded for every file a list of shards' check
+        stats, in its order (None while one of them has no record)."""
+        ident: list[int] = []
+        for owner, files in _listed_files(doc):
+            rec = self._known.get(owner)
+            if rec is None:
+                own = self._read_ids(owner).get("own")
+                rec = _flat(files, own) if isinstance(own, dict) else None
+            if rec is None:
+                return None
+            ident += rec
+        return _digest_ids(ident)
 
     def _verified(self, fp: str) -> str | None:
         """Why the entry `fp` cannot be used (None: intact, and `_known[fp]` holds the
@@ -300,8 +331,8 @@ class Store:
         for rel, ident in zip(files, before, strict=True):
             assert ident is not None  # present: the sizes were checked, and unchanged since
             rec[rel] = [*ident, digests[rel]] if rel in digests else ident
-        self._write_ids(fp, {fp: rec})
-        self._known[fp] = rec
+        self._write_ids(fp, {"own": rec})
+        self._known[fp] = _flat(files, rec) or ()
         return None
 
     def _full_check(
@@ -330,29 +361,23 @@ class Store:
             )
         return None
 
-    def recorded(self, fp: str) -> dict[str, dict[str, Any]]:
-        """The identities `fp`'s `ids.json` records, by the entry owning the files (itself;
-        for a list, its shards and their bases): relative path -> [size, mtime ns, ctime ns,
-        inode] (and a digest of the bytes for a file that is not Arrow data). {} if none."""
-        return self._read_ids(fp) if _FP.match(fp) else {}
-
-    def _read_ids(self, fp: str) -> dict[str, dict[str, Any]]:
+    def _read_ids(self, fp: str) -> dict[str, Any]:
+        """`fp`'s `ids.json`: `own`, relative path -> [size, mtime ns, ctime ns, inode] (and
+        a digest of the bytes for a file that is not Arrow data); for a list of shards,
+        `listed`, the digest of its shards' and bases' identities. {} if none."""
         try:
             with open(os.path.join(self._entry_of(fp), IDS), encoding="utf-8") as f:
                 doc = json.load(f)
         except (OSError, ValueError):
             return {}
-        ids = doc.get("ids") if isinstance(doc, dict) else None
-        if not isinstance(ids, dict):
-            return {}
-        return {k: v for k, v in ids.items() if isinstance(v, dict)}
+        return doc if isinstance(doc, dict) else {}
 
-    def _write_ids(self, fp: str, ids: dict[str, dict[str, Any]]) -> None:
+    def _write_ids(self, fp: str, ids: dict[str, Any]) -> None:
         """Record `ids` as `fp`'s; an entry this user cannot write keeps its old record
         (it is then hashed in full again when next checked: slower, never wrong)."""
         with contextlib.suppress(OSError):
             path = os.path.join(self._entry_of(fp), IDS)
-            sharing.write_json_atomic(path, {"ids": ids}, durable=False, indent=None)
+            sharing.write_json_atomic(path, ids, durable=False, indent=None)
 
     def check_base(self, doc: dict[str, Any]) -> str | None:
         """An indices entry (`indexed.py`) is served only while its base is intact and still
@@ -373,22 +398,25 @@ class Store:
             return f"its base {base} holds other rows than it was built over"
         return None
 
-    def files_intact(
-        self, fp: str, files: dict[str, int], ids: dict[str, Any] | None = None
-    ) -> bool:
+    def files_intact(self, fp: str, files: dict[str, int]) -> bool:
         """Whether the entry `fp` has these data files with these sizes and the identities
-        `ids` records for them (one stat each, as `check` makes of a listed shard; the
-        entry's manifest is not read). Files whose identities differ (or `ids` None) are
-        checked as `check` checks them: the entry's own record, else a full hash."""
+        recorded for them (one stat each, as `check` makes of a listed shard; the entry's
+        manifest is not read while they are the ones this process knows, from a list
+        naming it that it checked, see `check_list`). Otherwise it is checked as `check`
+        checks it: its own record, else a full hash."""
         if not _FP.match(fp) or not all(safe_rel(rel) for rel in files):
             return False
-        bad, held = _stat_files(self._data_of(fp), files, ids)
+        bad, now = _stat_files(self._data_of(fp), files)
         if bad is not None:
             return False
-        if held and ids is not None:
-            self._known[fp] = ids
+        if self._known.get(fp) == now:
             return True
         return self._verified(fp) is None
+
+    def check_list(self, fp: str, doc: dict[str, Any]) -> str | None:
+        """`check` of the list of shards `doc` (the manifest of `fp`, already read) without
+        reading it again: afterwards the identities of the shards it names are known."""
+        return self._check_shards(fp, doc)
 
     def manifest_stamp(self, fp: str) -> list[int] | None:
         """The entry's manifest file as [mtime in ns, size] (None when absent): a stamp
@@ -582,7 +610,7 @@ class Store:
             os.rename(build_dir, final)
         except OSError as e:
             raise self._unpublished(build_dir, fp, e) from e
-        self._known.update(ids)
+        self._known[fp] = ids
         self._damaged.pop(fp, None)
         return doc
 
@@ -598,7 +626,7 @@ class Store:
         final = self.entry(fp)
         try:
             os.rename(build_dir, final)
-            self._known.update(ids)
+            self._known[fp] = ids
             self._damaged.pop(fp, None)
             return doc
         except OSError as e:
@@ -609,7 +637,7 @@ class Store:
 
     def _seal(
         self, build_dir: str, fp: str, manifest: dict[str, Any], durable: bool
-    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    ) -> tuple[dict[str, Any], tuple[int, ...]]:
         """Write `build_dir`'s manifest (every data file and its size, the checksum) and its
         `ids.json` (each data file's identity, and for a list of shards its shards' and
         their bases' as recorded), and make the directory where it goes; (the manifest,
@@ -636,22 +664,20 @@ class Store:
         doc = {**manifest, "fingerprint": fp, "files": dict(sorted(files.items()))}
         doc.pop("manifest_digest", None)
         doc["manifest_digest"] = manifest_digest(doc)
-        ids = {fp: dict(sorted(own.items()))}
-        for owner in _listed_owners(doc):
-            rec = self._known.get(owner) or self._read_ids(owner).get(owner)
-            if rec is not None:  # else: the list's first check checks it and records it
-                ids[owner] = rec
+        ids: dict[str, Any] = {"own": dict(sorted(own.items()))}
+        if isinstance(doc.get("shards"), list):
+            listed = self._listed_digest(doc)
+            if listed is not None:  # else: the list's first check checks them, and records
+                ids["listed"] = listed
         try:
             sharing.write_json_atomic(
                 os.path.join(build_dir, MANIFEST), doc, durable=durable, indent=_indent(doc)
             )
-            sharing.write_json_atomic(
-                os.path.join(build_dir, IDS), {"ids": ids}, durable=False, indent=None
-            )
+            sharing.write_json_atomic(os.path.join(build_dir, IDS), ids, durable=False, indent=None)
             sharing.makedirs(os.path.dirname(self.entry(fp)))
         except OSError as e:
             raise self._unpublished(build_dir, fp, e) from e
-        return doc, ids
+        return doc, _flat(doc["files"], ids["own"]) or ()
 
     def _unpublished(self, build_dir: str, fp: str, e: OSError) -> StoreError:
         shutil.rmtree(build_dir, ignore_errors=True)
@@ -877,31 +903,39 @@ def _path(data: str, rel: str) -> str:
 
 
 def _stat_files(
-    data: str, files: dict[str, int], ids: dict[str, Any] | None
-) -> tuple[tuple[str, int, int | None] | None, bool]:
+    data: str, files: dict[str, int]
+) -> tuple[tuple[str, int, int | None] | None, tuple[int, ...]]:
     """(the first of `files` (relative path -> size, each `safe_rel`) under `data` that is
-    missing (actual None) or of another size, as (path, size, actual), else None; whether
-    every file has the identity `ids` records for it: [size, mtime ns, ctime ns, inode]).
-    One stat each."""
-    held = ids is not None
+    missing (actual None) or of another size, as (path, size, actual), else None; the
+    identities of the files, (mtime ns, ctime ns, inode) each, in order). One stat each."""
+    ident: list[int] = []
     for rel, size in files.items():
         try:
             st = os.stat(_path(data, rel))
         except OSError:
-            return (rel, size, None), False
+            return (rel, size, None), ()
         if st.st_size != size:
-            return (rel, size, st.st_size), False
-        if held:
-            r = ids.get(rel) if ids is not None else None
-            held = (
-                isinstance(r, list)
-                and len(r) >= 4
-                and r[1] == st.st_mtime_ns
-                and r[2] == st.st_ctime_ns
-                and r[3] == st.st_ino
-                and r[0] == size
-            )
-    return None, held
+            return (rel, size, st.st_size), ()
+        ident += (st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    return None, tuple(ident)
+
+
+def _flat(files: dict[str, int], own: dict[str, Any]) -> tuple[int, ...] | None:
+    """The identities an entry's own record holds for `files`, as `_stat_files` gives them
+    (None when it lacks one, or records another size)."""
+    out: list[int] = []
+    for rel, size in files.items():
+        r = own.get(rel)
+        if not (isinstance(r, list) and len(r) >= 4 and r[0] == size):
+            return None
+        out += r[1:4]
+    return tuple(out)
+
+
+def _digest_ids(ident: list[int] | tuple[int, ...]) -> str:
+    import xxhash
+
+    return str(xxhash.xxh3_128_hexdigest(",".join(map(str, ident)).encode()))
 
 
 def _identity(st: os.stat_result) -> list[Any]:
@@ -927,18 +961,25 @@ def _identities(data: str, files: dict[str, int]) -> list[list[Any] | None]:
     return out
 
 
-def _listed_owners(doc: dict[str, Any]) -> list[str]:
-    """The entries whose files a list of shards' check stats: each shard, and the base an
-    indices shard's row names with its files."""
+def _listed_files(doc: dict[str, Any]) -> list[tuple[str, dict[str, int]]]:
+    """The entries whose files a list of shards' check stats, with those files, in its
+    order: each shard listed with its files, and the base an indices shard's row names."""
     rows = doc.get("shards")
-    out: dict[str, None] = {}
+    out: list[tuple[str, dict[str, int]]] = []
     for row in rows if isinstance(rows, list) else []:
-        if isinstance(row, list) and len(row) >= 4 and _FP.match(str(row[1])):
-            out[str(row[1])] = None
-            base = _row_base(row)
-            if base is not None:
-                out[base[0]] = None
-    return list(out)
+        if not (isinstance(row, list) and len(row) >= 4 and _FP.match(str(row[1]))):
+            continue
+        files, base = row[3], _row_base(row)
+        if (
+            not isinstance(files, dict)
+            or not all(safe_rel(k) for k in files)
+            or (_row_indexed(row) and base is None)
+        ):
+            continue
+        out.append((str(row[1]), files))
+        if base is not None:
+            out.append(base)
+    return out
 
 
 def _row_indexed(row: list[Any]) -> bool:

@@ -159,10 +159,10 @@ def test_pulled_entries_have_their_identities_recorded(built: Repo, tmp_path: pa
     assert not log.exists()  # everything was pulled
     for manifest in _objects(clone).glob("*/*/manifest.json"):
         files = json.loads(manifest.read_text())["files"]
-        ids = json.loads((manifest.parent / "ids.json").read_text())["ids"]
+        own = json.loads((manifest.parent / "ids.json").read_text())["own"]
         for rel in files:
             st = (manifest.parent / "data" / rel).stat()
-            got = ids[manifest.parent.name][rel][:4]
+            got = own[rel][:4]
             assert got == [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     env = {"CALL_LOG": str(log), "HFBUILD_NO_REMOTE": "1"}
     assert run_python(NOOP, clone.path, env=env).stdout.strip().splitlines()[-1] == "0 False"
@@ -202,6 +202,8 @@ def test_same_size_edit_of_a_shard_is_damaged_never_served_and_rebuilt(
     log = tmp_path / "calls.log"
     doit(repo, "run", "preprocess", log=log)
     before = shard_project.state(repo)
+    noop = run_python(NOOP, repo.path, env={"CALL_LOG": str(log)}).stdout.strip()
+    assert noop.splitlines()[-1] == "0 False"  # what a build recorded holds: nothing hashed
     key = _shard(repo, stage, "data/part-1.parquet")
     _swap_first_values(_entry(repo, key) / "data" / file, column)
     out = run_hfbuild(repo, "status")
@@ -254,12 +256,12 @@ def test_deep_verify_flags_a_damaged_shard_and_all_over_it_in_one_pass(
     arrow = _entry(repo, key) / "data" / "data-00000-of-00001.arrow"
     _swap_first_values(arrow, "x")
     st = arrow.stat()
-    for ids in _objects(repo).glob("*/*/ids.json"):  # rot: the recorded identity still holds
-        doc = json.loads(ids.read_text())
-        rec = doc["ids"].get(key, {}).get("data-00000-of-00001.arrow")
-        if rec is not None:
-            rec[1:4] = [st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-            ids.write_text(json.dumps(doc))
+    ids = _entry(repo, key) / "ids.json"  # rot: the identity its record holds is the new one
+    doc = json.loads(ids.read_text())
+    doc["own"]["data-00000-of-00001.arrow"][1:4] = [st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    ids.write_text(json.dumps(doc))
+    for fp in (before["idx"]["fp"], before["kept"]["fp"]):  # the lists check it by its own
+        (_entry(repo, fp) / "ids.json").unlink()
     assert run_hfbuild(repo, "status").returncode == 0  # invisible to the cheap checks
     out = run_hfbuild(repo, "verify", "--deep")
     assert out.returncode == 1
