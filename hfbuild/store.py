@@ -222,20 +222,24 @@ class Store:
             return None
         return self._confirm(fp, doc, own if isinstance(own, dict) else {})
 
-    def _check_shards(self, fp: str, doc: dict[str, Any]) -> str | None:
+    def _check_shards(self, fp: str, doc: dict[str, Any], *, remember: bool = False) -> str | None:
         """A stage result made of shards is served only while every shard is intact: each
         shard's files are present with the sizes the list records, and have the identities
         the list's `ids.json` records (one digest of them all: one stat per file and one
-        small read, as before plus the read); a shard listed without sizes is checked in
+        small read); a shard listed without sizes is checked in
         full. The same holds for the files of the base an indices shard's row names
         (`_row_base`). When the identities differ, each shard and base is checked by itself
         (`_verified`: its own record, else its rows hashed in full), and the list records
-        the identities they have then."""
+        the identities they have then. With `remember`, each one's identities are then
+        known to this process (`files_intact`). The digest chains Python's hash of tuples of
+        ints (deterministic, no hash seed; another Python may chain otherwise: the list's
+        shards are then checked by their own records once, and the digest recorded again)."""
         rows = doc.get("shards")
         if not isinstance(rows, list):
             return None
-        ident: list[int] = []
-        spans: list[tuple[str, int]] = []  # (shard or base, where its identities end)
+        acc = 0  # the digest of every listed file's identity, in order (`_chain`)
+        ident: list[int] | None = [] if remember else None
+        spans: list[tuple[str, dict[str, int], int]] = []  # (shard or base, files, end)
         for row in rows:
             key = str(row[1]) if isinstance(row, list) and len(row) >= 2 else ""
             if not _FP.match(key):
@@ -260,20 +264,21 @@ class Store:
                         return f"its shard {owner} is missing {rel}"
                     if st.st_size != size:
                         return f"its shard {owner} has {rel} of {st.st_size} bytes, not {size}"
-                    ident += (st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-                spans.append((owner, len(ident)))
+                    acc = hash((acc, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+                    if ident is not None:
+                        ident += (st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                spans.append((owner, listed, len(ident) if ident is not None else 0))
         if not spans:
             return None
-        if self._read_ids(fp).get("listed") == _digest_ids(ident):
+        if self._read_ids(fp).get("listed") == acc:
             start = 0
-            for owner, end in spans:
-                self._known[owner] = tuple(ident[start:end])
+            for owner, _, end in spans if remember else []:
+                self._known[owner] = tuple((ident or [])[start:end])
                 start = end
             return None
-        start = 0
-        for owner, end in spans:
-            now, start = tuple(ident[start:end]), end
-            if self._known.get(owner) == now:
+        for owner, listed, _ in spans:
+            known = self._known.get(owner)
+            if known is not None and _stat_files(self._data_of(owner), listed)[1] == known:
                 continue
             why = self._verified(owner)
             if why is not None:
@@ -284,7 +289,7 @@ class Store:
             self._write_ids(fp, {"own": {}, "listed": listed_digest})
         return None
 
-    def _listed_digest(self, doc: dict[str, Any]) -> str | None:
+    def _listed_digest(self, doc: dict[str, Any]) -> int | None:
         """The digest of the identities recorded for every file a list of shards' check
         stats, in its order (None while one of them has no record)."""
         ident: list[int] = []
@@ -296,7 +301,10 @@ class Store:
             if rec is None:
                 return None
             ident += rec
-        return _digest_ids(ident)
+        acc = 0
+        for k in range(0, len(ident), 3):
+            acc = hash((acc, ident[k], ident[k + 1], ident[k + 2]))
+        return acc
 
     def _verified(self, fp: str) -> str | None:
         """Why the entry `fp` cannot be used (None: intact, and `_known[fp]` holds the
@@ -416,7 +424,7 @@ class Store:
     def check_list(self, fp: str, doc: dict[str, Any]) -> str | None:
         """`check` of the list of shards `doc` (the manifest of `fp`, already read) without
         reading it again: afterwards the identities of the shards it names are known."""
-        return self._check_shards(fp, doc)
+        return self._check_shards(fp, doc, remember=True)
 
     def manifest_stamp(self, fp: str) -> list[int] | None:
         """The entry's manifest file as [mtime in ns, size] (None when absent): a stamp
@@ -930,12 +938,6 @@ def _flat(files: dict[str, int], own: dict[str, Any]) -> tuple[int, ...] | None:
             return None
         out += r[1:4]
     return tuple(out)
-
-
-def _digest_ids(ident: list[int] | tuple[int, ...]) -> str:
-    import xxhash
-
-    return str(xxhash.xxh3_128_hexdigest(",".join(map(str, ident)).encode()))
 
 
 def _identity(st: os.stat_result) -> list[Any]:
