@@ -30,6 +30,7 @@ Switches (environment):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -273,6 +274,7 @@ def write_file(path: pathlib.Path, builder: str, data: FileData) -> None:
 # -- strategies -------------------------------------------------------------------------------
 
 
+@functools.cache  # a strategy is validated on its first draw: build each one once
 def file_data(project_xt: str) -> st.SearchStrategy[FileData]:
     xt = st.sampled_from(["int64", "float64", "string"]) if "drift" in DIMS else st.just(project_xt)
     rows = st.lists(st.integers(-20, 20), max_size=50).map(tuple)
@@ -283,6 +285,7 @@ def file_data(project_xt: str) -> st.SearchStrategy[FileData]:
     return st.builds(FileData, rows, xt, frac, bare)
 
 
+@functools.cache
 def file_names(mode: str) -> st.SearchStrategy[str]:
     if mode == "glob":
         # Names whose order is not the obvious one: case, digits, '-', '_', a leading '.'.
