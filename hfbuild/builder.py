@@ -270,18 +270,17 @@ def _save_dataset(ds: Any, dest: str, owned: Sequence[str]) -> None:
 
 
 def _save_empty(ds: Any, dest: str) -> None:
-    """A dataset without rows, as one Arrow file holding its schema. `save_to_disk` writes no
-    data file at all for a table without record batches (a `map` over a filter that kept
-    nothing returns such a slice of its input), and `load_from_disk` then fails on it."""
-    from datasets.arrow_writer import ArrowWriter
+    """A dataset without rows, as one Arrow stream holding only its schema (its features in
+    the schema's metadata, as datasets writes them). `save_to_disk` writes no data file at
+    all for a table without record batches (a `map` over a filter that kept nothing returns
+    such a slice of its input), and `load_from_disk` then fails on it. Not datasets'
+    `ArrowWriter`: it refuses a schema without columns (all of them removed)."""
+    import pyarrow as pa
 
     os.makedirs(dest)
     name = "data-00000-of-00001.arrow"
-    writer = ArrowWriter(features=ds.features, path=os.path.join(dest, name))
-    try:
-        writer.finalize()
-    finally:
-        writer.close()
+    with pa.OSFile(os.path.join(dest, name), "wb") as sink:
+        pa.ipc.new_stream(sink, ds.features.arrow_schema).close()
     _write_state(ds, dest, [name])
 
 

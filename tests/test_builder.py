@@ -79,10 +79,20 @@ def test_a_map_over_a_filter_that_kept_nothing_is_saved_readable(tmp_path: pathl
     datasets.disable_progress_bars()
     nothing = datasets.Dataset.from_dict({"x": [0, 1]}).filter(lambda r: False)
     result = nothing.map(lambda r: {"y": 1})
-    for name, value in (("one", result), ("dict", datasets.DatasetDict({"train": result}))):
+    no_columns = nothing.map(lambda r: {"y": 1}, remove_columns=["x"])
+    assert no_columns.column_names == []
+    cases = (
+        ("one", result),
+        ("dict", datasets.DatasetDict({"train": result})),
+        ("no column", no_columns),
+    )
+    for name, value in cases:
         dest = tmp_path / name / "data"
         info = builder.save(value, str(dest), str(tmp_path / name))
         back = builder._reload(str(dest))
         part = back["train"] if name == "dict" else back
-        assert len(part) == 0 and part.features == result.features
+        assert (
+            len(part) == 0
+            and part.features == (value["train"] if name == "dict" else value).features
+        )
         assert info.content_hash == dataset_hash(value)
