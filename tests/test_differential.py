@@ -47,7 +47,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, seed, settings
 from hypothesis import strategies as st
 
-from tests.helpers import Repo, same
+from tests.helpers import Repo, offline_env, same
 
 # -- switches ---------------------------------------------------------------------------------
 
@@ -465,22 +465,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, 
     """The two fork servers (plain `datasets`; `datasets` and hfbuild), in an environment of
     their own: offline, HOME and every cache under a temporary directory."""
     home = tmp_path_factory.mktemp("diffhome")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("HFBUILD_", "HF_"))},
-        "HOME": str(home),
-        "XDG_CACHE_HOME": str(home / ".cache"),
-        "HF_HOME": str(home / "hf"),
-        "HF_DATASETS_CACHE": str(home / "hf" / "datasets"),
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-        "HFBUILD_NO_REMOTE": "1",
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": str(home / ".gitconfig"),
-    }
+    outside = {k: v for k, v in os.environ.items() if not k.startswith(("HFBUILD_", "HF_"))}
+    env = {**outside, **offline_env(home), "HFBUILD_NO_REMOTE": "1"}
     env.pop("PYTHONHASHSEED", None)
-    (home / ".gitconfig").write_text("[init]\n\tdefaultBranch = main\n")
     plain, hf = Server(env, plain=True), Server(env, plain=False)
     yield plain, hf
     plain.close()
