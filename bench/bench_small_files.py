@@ -27,21 +27,7 @@ import sys
 import tempfile
 import textwrap
 
-from bench_incremental import TRANSFORMS, T, git, median, timed, write_part
-
-DODO = """
-from hfbuild import Pipeline
-import transforms
-
-pipe = Pipeline()
-raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
-feat = pipe.map("feat", raw, transforms.feat, batched=True)
-kept = pipe.filter("kept", feat, transforms.keep, batched=True)
-
-
-def task_preprocess():
-    yield from pipe.tasks()
-"""
+from bench_incremental import DODO, TRANSFORMS, T, git, median, timed, write_part
 
 # Caching stays on: its cache directory is what the store's bytes are compared with.
 PLAIN = """
