@@ -16,6 +16,13 @@ steadier figure on a shared machine):
   (bound: <= 0.5);
 - store: the store's bytes after the cold build / the bytes of the plain script's cache
   (bound: <= 2), and the files in the store per shard the stages hold (bound: < 0.1).
+
+Measured on 2026-12-04 with main at 13c7397, 5,000 files, on the shared 2-core machine at a
+load average of 10-20 (wall clock several times the CPU time; the CPU figures are the ones
+to read): cold 160.2 s CPU against plain datasets' 5.3 s (30x; wall 1,683 s against 22.8
+s); appending one file 2.34 s CPU against plain datasets' full rebuild 4.93 s (0.47; wall
+0.72); no-op 0.97 s CPU (3.9 s wall); store 34.4 MB against datasets' cache 2.3 MB
+(15.1x) in 55,015 files for 15,000 shards (3.67 files per shard).
 """
 
 from __future__ import annotations
