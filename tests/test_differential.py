@@ -84,7 +84,7 @@ CI_DIMENSIONS = (
     "json",
     "csv",
 )
-DEFAULT_EXAMPLES = 150
+DEFAULT_EXAMPLES = 200
 
 
 def _dims() -> frozenset[str]:
