@@ -7,7 +7,7 @@ export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv demo test lint typecheck stress bench clean
+.PHONY: venv demo test lint typecheck stress fuzz bench clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,18 @@ test: lint
 
 stress: $(STAMP)
 	$(BIN)/python -m pytest -q -s -m stress --run-stress
+
+# The differential test against plain datasets with every dimension and thousands of examples
+# (tests/test_differential.py). Replay a failure with the seed it names:
+# `make fuzz HFBUILD_FUZZ_SEED=<seed>`; HFBUILD_FUZZ_EXAMPLES sets the number of examples,
+# HFBUILD_DIFF_DIMS the dimensions (comma-separated, `all` for every one).
+ifeq ($(HFBUILD_FUZZ_SEED),)
+HFBUILD_FUZZ_SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+endif
+fuzz: $(STAMP)
+	@echo "differential fuzz: HFBUILD_FUZZ_SEED=$(HFBUILD_FUZZ_SEED)"
+	HFBUILD_FUZZ=1 HFBUILD_FUZZ_SEED=$(HFBUILD_FUZZ_SEED) \
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_differential.py
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

@@ -255,6 +255,9 @@ def _save_dataset(ds: Any, dest: str, owned: Sequence[str]) -> None:
         _save_selected(ds, dest)
         return
     files = _in_place_files(ds, owned)
+    if files is None and len(ds) == 0:
+        _save_empty(ds, dest)
+        return
     if files is None:
         ds.save_to_disk(dest)
         return
@@ -264,6 +267,21 @@ def _save_dataset(ds: Any, dest: str, owned: Sequence[str]) -> None:
     for src, name in zip(files, names, strict=True):
         os.rename(src, os.path.join(dest, name))
     _write_state(ds, dest, names)
+
+
+def _save_empty(ds: Any, dest: str) -> None:
+    """A dataset without rows, as one Arrow stream holding only its schema (its features in
+    the schema's metadata, as datasets writes them). `save_to_disk` writes no data file at
+    all for a table without record batches (a `map` over a filter that kept nothing returns
+    such a slice of its input), and `load_from_disk` then fails on it. Not datasets'
+    `ArrowWriter`: it refuses a schema without columns (all of them removed)."""
+    import pyarrow as pa
+
+    os.makedirs(dest)
+    name = "data-00000-of-00001.arrow"
+    with pa.OSFile(os.path.join(dest, name), "wb") as sink:
+        pa.ipc.new_stream(sink, ds.features.arrow_schema).close()
+    _write_state(ds, dest, [name])
 
 
 # Rows selected from the input table at a time: bounds the memory a selection's write needs.
@@ -282,7 +300,7 @@ def _save_selected(ds: Any, dest: str) -> None:
 
     n_rows = len(ds)
     if n_rows == 0:
-        ds.save_to_disk(dest)  # nothing to select; and its shard count is datasets' to decide
+        _save_empty(ds, dest)  # nothing to select
         return
     nbytes = ds._estimate_nbytes()
     # Dataset.save_to_disk's shard count and batch size, for the same layout.

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from tests.helpers import Repo
+from tests.helpers import Repo, offline_env
 
 
 @pytest.fixture(autouse=True)
@@ -15,29 +15,10 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     """Every test (and every subprocess it starts) runs offline, with a pinned git identity,
     and with HOME and every cache under a temporary directory: nothing touches ~/.cache."""
     home = tmp_path_factory.mktemp("home")
-    env = {
-        "HOME": str(home),
-        "XDG_CACHE_HOME": str(home / ".cache"),
-        "HF_HOME": str(home / "hf"),
-        "HF_DATASETS_CACHE": str(home / "hf" / "datasets"),
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-        "GIT_AUTHOR_NAME": "Test",
-        "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "Test",
-        "GIT_COMMITTER_EMAIL": "test@example.com",
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": str(home / ".gitconfig"),
-    }
-    for k, v in env.items():
+    for k, v in offline_env(home).items():
         monkeypatch.setenv(k, v)
     for k in ("HFBUILD_STRICT", "HFBUILD_STORE", "HFBUILD_REMOTE", "PYTHONHASHSEED"):
         monkeypatch.delenv(k, raising=False)
-    (home / ".gitconfig").write_text(
-        '[init]\n\tdefaultBranch = main\n[protocol "file"]\n\tallow = always\n'
-    )
 
 
 @pytest.fixture

@@ -14,6 +14,30 @@ from typing import Any
 PYTHON = sys.executable
 
 
+def offline_env(home: pathlib.Path) -> dict[str, str]:
+    """The environment a test runs in: offline, a pinned git identity, HOME and every cache
+    under `home` (its .gitconfig written), so nothing touches ~/.cache."""
+    (home / ".gitconfig").write_text(
+        '[init]\n\tdefaultBranch = main\n[protocol "file"]\n\tallow = always\n'
+    )
+    return {
+        "HOME": str(home),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "HF_HOME": str(home / "hf"),
+        "HF_DATASETS_CACHE": str(home / "hf" / "datasets"),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "GIT_AUTHOR_NAME": "Test",
+        "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "Test",
+        "GIT_COMMITTER_EMAIL": "test@example.com",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": str(home / ".gitconfig"),
+    }
+
+
 def git(cwd: pathlib.Path | str, *args: str, check: bool = True) -> str:
     out = subprocess.run(["git", *args], cwd=cwd, check=False, capture_output=True, text=True)
     if check and out.returncode != 0:

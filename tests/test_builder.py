@@ -69,3 +69,30 @@ def test_selection_is_saved_as_save_to_disk_saves_it(
     loaded = datasets.load_from_disk(str(ours))
     assert loaded.to_list() == sel.to_list()
     assert dataset_hash(loaded) == dataset_hash(datasets.load_from_disk(str(theirs)))
+
+
+def test_a_map_over_a_filter_that_kept_nothing_is_saved_readable(tmp_path: pathlib.Path) -> None:
+    """A map over a filter that kept no row returns a slice of its input without record
+    batches, for which `save_to_disk` writes no data file (and `load_from_disk` fails on
+    what it wrote): `builder.save` writes one empty Arrow file with the result's schema and
+    reads it back (found by tests/test_differential.py)."""
+    datasets.disable_progress_bars()
+    nothing = datasets.Dataset.from_dict({"x": [0, 1]}).filter(lambda r: False)
+    result = nothing.map(lambda r: {"y": 1})
+    no_columns = nothing.map(lambda r: {"y": 1}, remove_columns=["x"])
+    assert no_columns.column_names == []
+    cases = (
+        ("one", result),
+        ("dict", datasets.DatasetDict({"train": result})),
+        ("no column", no_columns),
+    )
+    for name, value in cases:
+        dest = tmp_path / name / "data"
+        info = builder.save(value, str(dest), str(tmp_path / name))
+        back = builder._reload(str(dest))
+        part = back["train"] if name == "dict" else back
+        assert (
+            len(part) == 0
+            and part.features == (value["train"] if name == "dict" else value).features
+        )
+        assert info.content_hash == dataset_hash(value)
