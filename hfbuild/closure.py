@@ -55,6 +55,9 @@ class Context:
     # Ids of what is being encoded (canonical.py): a callable met again inside what it
     # carries (a recursive nested function, a wrapper reaching itself) is named, not followed.
     active: set[int] = field(default_factory=set)
+    # Module constants the closure reads that equal their source and may hold a string
+    # naming a project file (argpaths.py keys the file's content): qualified name -> value.
+    constants: dict[str, Any] = field(default_factory=dict)
 
     def encode(self, value: Any, path: str) -> canonical.Encoded:
         return canonical.encode(

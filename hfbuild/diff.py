@@ -1,10 +1,11 @@
 """What changed between two manifests of a stage, in words a person reads.
 
 Owns: comparing an old and a new manifest part by part (callable, code files, module values,
-arguments, options, inputs, data files, environment variables, packages and runtime versions)
-into `Change` values, and the files a build read or imported at run time against their content
-now; rendering canonical values back into Python-like text (`{'k': 3}`, `1.5`, `(1, 2)`). Used
-by `status` (the first reason) and `explain` (all of them).
+arguments, the files arguments name, options, inputs, data files, environment variables,
+packages and runtime versions) into `Change` values, and the files a build read or imported
+(and the environment variables it read) at run time against their content now; rendering
+canonical values back into Python-like text (`{'k': 3}`, `1.5`, `(1, 2)`). Used by `status`
+(the first reason) and `explain` (all of them).
 Must never: import datasets, print (the commands do that), or show a secret variable's value
 or hash.
 """
@@ -22,7 +23,8 @@ SECRET = "<secret>"
 
 
 class Change(NamedTuple):
-    # code | file | arg | option | input | data | env | package | value | kind | read | import
+    # code | file | arg | path | option | input | data | env | package | value | kind | read
+    # | import | env-read
     part: str
     path: str  # what changed: a file path, an argument path, an input name, ...
     old: Any  # rendered old value or id (None: it was not there)
@@ -40,6 +42,12 @@ class Change(NamedTuple):
             return f"Python {old} -> {new}"
         if self.part == "value":
             return f"module value {self.path}: {old} -> {new}"
+        if self.part == "path":  # `argument fn_kwargs['p'] names tok/t.json` (argpaths.py)
+            if old is None:
+                return f"{self.path} added ({new})"
+            if new is None:
+                return f"{self.path} removed (was {old})"
+            return f"{self.path}: changed {old} -> {new}"
         what = {
             "file": "code file",
             "arg": "argument",
@@ -258,6 +266,38 @@ def module_values(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change
     return out
 
 
+def named_paths(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change]:
+    """The project files and directories that arguments and module values name whose
+    content differs (a directory: each file added, removed or changed in it)."""
+
+    def entries(doc: Mapping[str, Any]) -> dict[tuple[str, str], Any]:
+        return {
+            (str(e[0]), str(e[1])): e[2]
+            for e in doc.get("paths") or []
+            if isinstance(e, list) and len(e) == 3
+        }
+
+    o, n = entries(old), entries(new)
+    out = []
+    for where, rel in sorted(o.keys() | n.keys()):
+        a, b = o.get((where, rel)), n.get((where, rel))
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            fa, fb = dict(a.get("dir") or []), dict(b.get("dir") or [])
+            for f in sorted(fa.keys() | fb.keys()):
+                if fa.get(f) != fb.get(f):
+                    what = f"{where} names {rel}/: {rel}/{f}"
+                    out.append(Change("path", what, fa.get(f), fb.get(f)))
+            continue
+        out.append(Change("path", f"{where} names {rel}", _named(a), _named(b)))
+    return out
+
+
+def _named(content: Any) -> Any:
+    return "a directory" if isinstance(content, dict) else content
+
+
 def _as_source(entry: Any) -> str:
     return render(entry["source"]) if "source" in entry else "as its source binds it"
 
@@ -288,6 +328,7 @@ def diff(
     out.extend(_keyed("file", dict(old.get("file_deps") or []), dict(new.get("file_deps") or [])))
     out.extend(module_values(old, new))
     out.extend(_walk("", old.get("args", {}), new.get("args", {})))
+    out.extend(named_paths(old, new))
     for c in _walk("", old.get("options", {}), new.get("options", {})):
         out.append(c._replace(part="option", path=f"options.{c.path}"))
     oi = dict(old_inputs or {}) or {str(i): f for i, f in enumerate(old.get("inputs") or [])}

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hfbuild import caches, canonical, liveness
+from hfbuild import argpaths, caches, canonical, liveness
 from hfbuild import shards as sharding
 from hfbuild.closure import Context, describe, runtime_packages
 from hfbuild.datafiles import (
@@ -248,6 +248,9 @@ def build_manifest(
             doc["env"] = env
         if ctx.module_values:  # module-level values changed at run time (liveness.py)
             doc["code"]["module_values"] = sorted([k, v] for k, v in ctx.module_values.items())
+    named = _named_paths(doc, ctx, stat_cache or StatCache(None))
+    if named:  # absent when no argument names a project file, so such keys are unchanged
+        doc["paths"] = named
     doc["packages"] = sorted(ctx.packages | runtime_packages())
     liveness.check_loaded(ctx)  # never file one code's result under another's key
     # Uncommitted data is dirty like uncommitted code (the same warning, strict error and
@@ -274,6 +277,17 @@ def data_file_ids(doc: Mapping[str, Any]) -> dict[str, str]:
         if isinstance(pair, (list, tuple)) and len(pair) == 2:
             out[str(pair[0])] = str(pair[1])
     return out
+
+
+def _named_paths(doc: Mapping[str, Any], ctx: Context, cache: StatCache) -> list[list[Any]]:
+    """The `paths` part: the project files and directories that strings in the arguments and
+    in the module values the closure reads name, with their content (argpaths.py)."""
+    trees: list[tuple[str, Any]] = [("argument ", doc["args"])]
+    for qual, entry in (doc.get("code") or {}).get("module_values") or []:
+        trees.append((f"module value {qual}", entry.get("value")))
+    for qual, value in sorted(ctx.constants.items()):
+        trees.append((f"module value {qual}", ctx.encode(value, f"module value {qual}")))
+    return argpaths.paths_part(trees, ctx.snapshot, cache, [default_root(ctx.snapshot.root)])
 
 
 def strict() -> bool:

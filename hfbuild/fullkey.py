@@ -33,6 +33,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hfbuild import canonical, lockfile, observe
+from hfbuild.argpaths import named_files
 from hfbuild.datafiles import StatCache, file_identity
 from hfbuild.diff import Change, diff_observed
 from hfbuild.errors import ObservationWarning
@@ -175,13 +176,15 @@ def resolve(
 
 
 def in_static_key(doc: Mapping[str, Any]) -> set[str]:
-    """Repo-relative paths the static manifest already identifies by content."""
+    """Repo-relative paths the static manifest already identifies by content (code, file_deps,
+    data files, and the files that arguments name)."""
     known = {str(p) for p, _ in (doc.get("code") or {}).get("files", [])}
     known.update(str(p) for p, _ in doc.get("file_deps") or [])
     files = (doc.get("data") or {}).get("files")
     groups: Iterable[Any] = files.values() if isinstance(files, dict) else [files or []]
     for group in groups:
         known.update(str(p) for p, _ in group)
+    known.update(p for p, _ in named_files(doc))
     return known
 
 

@@ -549,6 +549,10 @@ def _compare(module: str, name: str, value: Any, src: _Bindings, ctx: Context) -
     literal = src.literals.get(name, _UNSET)
     if literal is not _UNSET:
         if same_literal(value, literal):
+            if isinstance(value, (str, list, tuple, dict, set, frozenset)):
+                # Keyed by its source, but a string in it may name a file whose content
+                # must be keyed too (argpaths.py).
+                ctx.constants[qual] = value
             return
         ctx.module_values[qual] = {
             "source": ctx.encode(literal, f"module value {qual}"),

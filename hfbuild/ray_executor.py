@@ -152,9 +152,11 @@ def _share(pipe: Pipeline, remote: Remote, name: str, fp: str) -> None:
 
 def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, str]]:
     """[repo-relative path, blob id] of every file the key of `m` names: its closure, its
-    file_deps, its data files and the files its builds were seen to read. For a shard of a
+    file_deps, its data files, the files its arguments name (a directory's files too) and
+    the files its builds were seen to read. For a shard of a
     load stage, no data file: the tree is the stage's code, one package for all its shards,
     and the shard's own file travels with its task (`shard_data`)."""
+    from hfbuild.argpaths import named_files
     from hfbuild.fullkey import (
         MISSING,
         UNKNOWN,
@@ -175,6 +177,7 @@ def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, st
     groups: Any = files.values() if isinstance(files, dict) else [files or []]
     for group in groups:
         pairs.update({str(p): str(i) for p, i in group})
+    pairs.update(named_files(doc))  # files that arguments name (argpaths.py)
     pairs.update({p: i for p, i in m.observed if i not in (MISSING, UNKNOWN) and p != UNOBSERVED})
     listed = sorted(listing_dir(p) for p in pairs if is_listing(p))
     if listed:

@@ -1,0 +1,250 @@
+"""Files and directories of the project that a stage's arguments name by path.
+
+A transform given `fn_kwargs={"tokenizer_path": "tok/tokenizer.json"}` reads that file, often
+through compiled code no observation sees (Rust's `Tokenizer.from_file`, Arrow's C++). Its key
+therefore holds the file's content from the first build on, before anything runs.
+
+Owns: finding, among the strings of a manifest's encoded arguments (`fn_kwargs`, closure
+cells, `functools.partial` arguments, defaults, a bound instance's attributes: whatever the
+encoding holds) and of the module values its closure reads (`code.module_values`, and the
+literal constants equal to their source that `liveness` reports), those naming an existing
+file or directory of the project, and the manifest's `paths` part built from them:
+`[where, repo-relative path, content]`, the content being a file's blob id, or for a
+directory `{"dir": [[path below it, blob id], ...]}` over its files, recursively (without
+`.git`, `__pycache__`, the store and environments kept in the project). A relative string is
+taken relative to the project root (where doit runs a task and where `datasets` resolves a
+relative name); an absolute one counts when it lies inside the root.
+
+Cost: a string naming nothing costs a set lookup of its first component among the names in
+the project root (listed once per manifest) before any stat is made.
+
+Must never: put an absolute path in a manifest, key a path outside the project or the project
+root itself, or stat a string whose first component the project root does not hold.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from hfbuild.datafiles import StatCache, file_identities
+from hfbuild.gitstate import Snapshot
+
+# Tags of the canonical encoding (canonical.py) whose values hold no user string: a float's
+# repr, bytes' hex, a type's or enum's qualified name, digests.
+_OPAQUE = frozenset(
+    {
+        "float",
+        "bytes",
+        "bytearray",
+        "complex",
+        "ndarray",
+        "numpy",
+        "dtype",
+        "enum",
+        "type",
+        "global",
+        "tokenizer",
+        "transformers-tokenizer",
+        "Features",
+        "recursive",
+        "empty-cell",
+    }
+)
+# Tags whose value is a list of [name, value] fields after a qualified name.
+_FIELDS = frozenset({"dataclass", "namedtuple", "object"})
+# Tags whose value is a list of [key, value] pairs.
+_PAIRS = frozenset({"dict", "OrderedDict"})
+# Tags wrapping other encoded values, with the positions that hold them.
+_WRAPPERS = {
+    "tuple": None,  # every member
+    "set": None,
+    "frozenset": None,
+    "subclass": (1,),
+    "registered": (1,),
+    "custom": (1,),
+    "defaultdict": (1,),
+    "ndarray-object": (1,),
+    "reduce": (2, 3, 4, 5),
+}
+_TAGS = _OPAQUE | _FIELDS | _PAIRS | _WRAPPERS.keys() | {"path", "callable"}
+
+MAX_LEN = 4096  # PATH_MAX: a longer string names no file
+
+
+def strings(tree: Any, where: str) -> Iterator[tuple[str, str]]:
+    """(where, string) for each user string in an encoded tree, `where` naming it as `diff`
+    names an argument (`fn_kwargs['tokenizer_path']`, `closure.path`) after its prefix
+    (`argument `)."""
+    if isinstance(tree, str):
+        yield where, tree
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from strings(v, f"{where}[{i}]")
+    elif isinstance(tree, dict):
+        if len(tree) == 1 and next(iter(tree)) in _TAGS:
+            ((tag, v),) = tree.items()
+            yield from _tagged(tag, v, where)
+            return
+        for k, v in tree.items():
+            yield from strings(
+                v, f"{where}{k}" if not where or where[-1] == " " else f"{where}.{k}"
+            )
+
+
+def _tagged(tag: str, v: Any, where: str) -> Iterator[tuple[str, str]]:
+    from hfbuild.diff import render
+
+    if tag in _OPAQUE or not isinstance(v, (list, dict)):
+        return
+    if tag == "path":  # ["<root>", relative] or [class name, posix path]
+        if isinstance(v, list) and len(v) == 2 and isinstance(v[1], str):
+            yield where, v[1]
+    elif tag == "callable":  # a callable's own arguments (its target names code files)
+        if isinstance(v, dict):
+            yield from strings(v.get("args"), where)
+    elif tag in _PAIRS:
+        for pair in v:
+            if isinstance(pair, list) and len(pair) == 2:
+                sub = f"{where}[{render(pair[0])}]"
+                yield from strings(pair[0], sub)  # a key may name a file too
+                yield from strings(pair[1], sub)
+    elif tag in _FIELDS:
+        if isinstance(v, list) and len(v) == 2 and isinstance(v[1], list):
+            for field in v[1]:
+                if isinstance(field, list) and len(field) == 2:
+                    yield from strings(field[1], f"{where}.{field[0]}")
+    else:
+        positions = _WRAPPERS.get(tag)
+        items = v if isinstance(v, list) else []
+        if positions is None:
+            yield from strings(items, where)
+        else:
+            for i in positions:
+                if i < len(items):
+                    yield from strings(items[i], where)
+
+
+class Names:
+    """Which strings name a project file or directory: the cheap test first (the string's
+    first component is a name in the project root), then a stat."""
+
+    def __init__(self, snap: Snapshot, exclude: Iterable[str] = ()) -> None:
+        self.snap = snap
+        self.root = snap.root
+        self._prefix = self.root + os.sep
+        try:
+            top = set(os.listdir(self.root))
+        except OSError:
+            top = set()
+        self._top = frozenset(top - {".git"})
+        self._exclude = tuple(os.path.join(os.path.realpath(e), "") for e in exclude if e)
+
+    def rel(self, s: str) -> str | None:
+        """The repo-relative path `s` could name, or None; no syscall."""
+        if not s or len(s) > MAX_LEN:
+            return None
+        if s[0] == "/":
+            if not s.startswith(self._prefix):
+                return None
+            s = s[len(self._prefix) :]
+        elif s[:2] == "./":
+            s = s[2:]
+        if s.partition("/")[0] not in self._top:
+            return None
+        rel = posixpath.normpath(s)
+        if rel in (".", "..") or rel.startswith("../") or "\0" in rel:
+            return None
+        if ".git" in rel.split("/"):
+            return None
+        return rel
+
+    def kind(self, rel: str) -> str | None:
+        """ "file", "dir", or None (missing, or the store, or an environment)."""
+        from hfbuild.imports import in_environment
+
+        full = self.snap.abspath(rel)
+        real = os.path.realpath(full)
+        if not real.startswith(self._prefix) or (real + os.sep).startswith(self._exclude):
+            return None  # through a symlink out of the project, or the store
+        if os.path.isfile(real):
+            return None if in_environment(real, self.root) else "file"
+        if os.path.isdir(real):
+            if os.path.exists(os.path.join(real, "pyvenv.cfg")):
+                return None
+            return None if in_environment(os.path.join(real, "x"), self.root) else "dir"
+        return None
+
+    def files_below(self, rel: str) -> list[str]:
+        """The files of a directory, recursively, as paths relative to it (sorted)."""
+        top = self.snap.abspath(rel)
+        out = []
+        for d, dirs, files in os.walk(top):
+            keep = []
+            for name in dirs:
+                full = os.path.join(d, name)
+                if name in (".git", "__pycache__") or (full + os.sep).startswith(self._exclude):
+                    continue
+                if os.path.exists(os.path.join(full, "pyvenv.cfg")):
+                    continue
+                keep.append(name)
+            dirs[:] = keep
+            for name in files:
+                full = os.path.join(d, name)
+                if os.path.isfile(full):
+                    out.append(os.path.relpath(full, top).replace(os.sep, "/"))
+        return sorted(out)
+
+
+def paths_part(
+    trees: Iterable[tuple[str, Any]],
+    snap: Snapshot,
+    cache: StatCache,
+    exclude: Iterable[str] = (),
+) -> list[list[Any]]:
+    """The manifest's `paths` part for encoded trees given as (where, tree): one
+    `[where, path, content]` per string naming a project file or directory, sorted."""
+    names: Names | None = None
+    found: dict[tuple[str, str], str] = {}  # (where, rel) -> kind
+    kinds: dict[str, str | None] = {}
+    for top_where, tree in trees:
+        for where, s in strings(tree, top_where):
+            if names is None:
+                names = Names(snap, exclude)
+            rel = names.rel(s)
+            if rel is None:
+                continue
+            if rel not in kinds:
+                kinds[rel] = names.kind(rel)
+            kind = kinds[rel]
+            if kind is not None:
+                found[(where, rel)] = kind
+    if not found or names is None:
+        return []
+    content: dict[str, Any] = {}
+    for rel, kind in kinds.items():
+        if kind == "file":
+            content[rel] = file_identities([snap.abspath(rel)], snap, cache)[0][1]
+        elif kind == "dir":
+            below = names.files_below(rel)
+            full = [snap.abspath(f"{rel}/{f}") for f in below]
+            ids = [i for _, i in file_identities(full, snap, cache)]
+            content[rel] = {"dir": [[f, i] for f, i in zip(below, ids, strict=True)]}
+    return sorted([where, rel, content[rel]] for (where, rel) in found)
+
+
+def named_files(doc: Any) -> list[tuple[str, str]]:
+    """(repo-relative path, blob id) of every file a manifest's `paths` part keys: the files
+    themselves and those of the directories."""
+    out: list[tuple[str, str]] = []
+    for entry in doc.get("paths") or [] if isinstance(doc, dict) else []:
+        if not (isinstance(entry, list) and len(entry) == 3):
+            continue
+        _, rel, content = entry
+        if isinstance(content, str):
+            out.append((str(rel), content))
+        elif isinstance(content, dict):
+            out.extend((f"{rel}/{f}", str(i)) for f, i in content.get("dir") or [])
+    return out
