@@ -16,6 +16,8 @@ import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from hfbuild.envvars import observed_name, observed_value
+
 # How an environment variable's value is shown: never a secret's value (nor its hash).
 UNSET = "unset"
 NOT_READ = "not read"
@@ -352,12 +354,22 @@ def diff(
 
 # -- what a build read or imported at run time (observe.py, fullkey.py) -------------------------
 
-_OBSERVED = {"read": "file", "import": "module", "listing": "listing", "unobserved": ""}
+_OBSERVED = {
+    "read": "file",
+    "import": "module",
+    "listing": "listing",
+    "unobserved": "",
+    "env-read": "env var",
+}
 
 
 def describe_observed(c: Change) -> str:
     """`file conf/x.yaml read at run time changed: 3f2a... -> 9c1b...`, `listing of data/extra
     changed: +new.txt -old.txt`."""
+    if c.part == "env-read":
+        if SECRET in (c.old, c.new) and UNSET not in (c.old, c.new):
+            return f"env var {c.path} (read at run time) changed (a secret: its value is not shown)"
+        return f"env var {c.path} (read at run time) changed: {c.old} -> {c.new}"
     if c.part == "unobserved":
         return "the last build's reads were not all observed (inotify lost events): built again"
     if c.part == "listing":
@@ -398,7 +410,10 @@ def diff_observed(
         cur = now.get(path)
         if cur is None or cur == was:
             continue
-        if path.startswith("?"):  # fullkey.UNOBSERVED: no file ever has this name
+        name = observed_name(path)
+        if name is not None:
+            out.append(Change("env-read", name, observed_value(was), observed_value(cur)))
+        elif path.startswith("?"):  # fullkey.UNOBSERVED: no file ever has this name
             out.append(Change("unobserved", path, was, cur))
         elif path == "." or path.endswith("/."):
             d = path[:-2] if path.endswith("/.") else path

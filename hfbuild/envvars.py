@@ -1,24 +1,29 @@
 """Environment variables in a stage's key.
 
-Owns: turning the names of the environment variables a stage's code reads (found by the static
-scan in `closure`) into the manifest's `env` part: each name with its value, `None` when it is
-unset (so an unset variable and an empty one differ), or, for a name that looks secret
-(`*TOKEN*`, `*KEY*`, `*SECRET*`, `*PASSWORD*`), `{"secret": <salted scrypt hash>}`. Also owns
-the project's settings for them in `[tool.hfbuild]` of pyproject.toml: `untracked-env` (names
-whose value does not change the output, such as a log path) and `secret-salt`.
+Owns: turning the names of the environment variables a stage's code reads (found by the static scan
+in `closure`, by literal name) into the manifest's `env` part: each name with its value, `None` when
+it is unset (so an unset variable and an empty one differ), or, for a name that looks secret
+(`*TOKEN*`, `*KEY*`, `*SECRET*`, `*PASSWORD*`), `{"secret": <salted scrypt hash>}`. Also owns the
+project's settings for them in `[tool.hfbuild]` of pyproject.toml: `untracked-env` (names whose
+value does not change the output, such as a log path) and `secret-salt`.
+
+Also owns how a variable read at run time (`observe.py` records it: a computed name) is
+entered among the files a build read (`env://NAME` with the id of its value, keyed like the
+literal names), and the mark of a build that copied the whole environment.
 
 Must never: put a secret's value into anything it returns (manifests are stored, pushed and
 shown), or read a variable the code does not read by name (an unrelated variable must never
-change a key).
+change a key; a copy of the whole environment keys none).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from hfbuild import config
@@ -51,6 +56,55 @@ def env_part(names: Iterable[str], root: str) -> list[list[Any]]:
         else:
             out.append([name, value])
     return out
+
+
+# Variables read at run time (observe.py) are recorded among the files a build read, each as
+# `env://NAME` with its value's id: git and snapshots never produce a path with an empty part,
+# so no file is taken for a variable. `env://` alone (a variable cannot have an empty name)
+# records that the build copied or iterated the whole environment.
+OBSERVED = "env://"
+COPIED = ""  # the name observe.py records for a copy of the whole environment
+COPIED_ID = "copied"
+
+
+def observed_entry(name: str) -> str:
+    """The observed-files entry of a variable read at run time (`COPIED`: "")."""
+    return OBSERVED + name
+
+
+def observed_name(entry: str) -> str | None:
+    """The variable an observed-files entry names, or None when it names a file."""
+    return entry[len(OBSERVED) :] if entry.startswith(OBSERVED) else None
+
+
+def observed_id(name: str, environ: Mapping[str, str], root: str) -> str:
+    """A variable's id among the observed files: the JSON of its value (`null` when unset),
+    a salted hash for a secret, as in the `env` part; `copied` for the copy mark."""
+    if not name:
+        return COPIED_ID
+    value = environ.get(name)
+    if value is not None and is_secret(name):
+        return secret_hash(name, value, project_settings(root).salt)
+    return json.dumps(value)
+
+
+def observed_value(entry_id: str) -> str:
+    """How `explain` shows an observed variable's id: its value's repr, "unset", or
+    "<secret>" (never a secret's hash)."""
+    if entry_id.startswith("scrypt:"):
+        return "<secret>"
+    try:
+        value = json.loads(entry_id)
+    except ValueError:
+        return entry_id
+    return "unset" if value is None else repr(value)
+
+
+def observed_keyed(names: Iterable[str], static: Iterable[str], root: str) -> list[str]:
+    """The variables a build read at run time that its key must hold: not those its static
+    `env` part holds already, nor the project's `untracked-env`."""
+    skip = set(static) | project_settings(root).untracked
+    return sorted(n for n in set(names) if n not in skip)
 
 
 def secret_hash(name: str, value: str, project_salt: str) -> str:

@@ -1,7 +1,8 @@
 """The two-level key of a stage that used files at run time (ccache's "direct mode").
 
 A stage's *static* fingerprint is the digest of its manifest (code, arguments, inputs, data).
-What its build was seen to read or import at run time (`observe`) is recorded, keyed by the
+What its build was seen to read or import at run time (`observe`: files, and environment
+variables read by computed names, entered as `env://NAME`, envvars.py) is recorded, keyed by the
 static fingerprint, as a list of repo-relative paths: in the store (`observed/`) and in the
 stage's hfbuild.lock entry. The *full* key is `f(static fingerprint, [path, content id] of
 each file read)`; a stage that read nothing keeps its static fingerprint as its key, exactly
@@ -32,7 +33,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hfbuild import canonical, lockfile, observe
+from hfbuild import canonical, envvars, lockfile, observe
 from hfbuild.argpaths import named_files
 from hfbuild.datafiles import StatCache, file_identity
 from hfbuild.diff import Change, diff_observed
@@ -98,15 +99,27 @@ def full_key(static: str, observed: Observed) -> str:
 
 
 def identify(
-    paths: Iterable[str], snap: Snapshot, cache: StatCache, *, unsure: bool = False
+    paths: Iterable[str],
+    snap: Snapshot,
+    cache: StatCache,
+    environ: Mapping[str, str] | None = None,
+    *,
+    unsure: bool = False,
 ) -> Observed:
     """The current [path, content id] of repo-relative paths (`missing` when gone); a
     listed directory's is the digest of its names (always as on disk); the marker of unknown
-    reads is `unknown` only with `unsure` (the process that built it), else `missing`."""
+    reads is `unknown` only with `unsure` (the process that built it), else `missing`; a
+    variable read at run time (`env://NAME`) by its value in `environ` (else the process's
+    environment), as envvars.py keys it."""
     out = []
     for rel in sorted(set(paths)):
         if rel == UNOBSERVED:
             out.append((rel, UNKNOWN if unsure else MISSING))
+            continue
+        name = envvars.observed_name(rel)
+        if name is not None:
+            env = os.environ if environ is None else environ
+            out.append((rel, envvars.observed_id(name, env, snap.root)))
             continue
         full = snap.abspath(rel)
         if is_listing(rel):
@@ -273,7 +286,9 @@ class Seen:
 
     def identify(self, m: Manifest) -> Observed:
         """The project files the build read or imported at run time (and those the modules
-        of its closure read when they were imported), with their content ids now."""
+        of its closure read when they were imported), with their content ids now, and the
+        environment variables project code read that the static key does not hold (with
+        the copy mark when it copied the whole environment)."""
         snap = Snapshot(self._pipe.root)
         closure = [snap.abspath(p) for p, _ in (m.doc.get("code") or {}).get("files", [])]
         # The closure's own files are in the static key: left out before each is judged.
@@ -285,10 +300,15 @@ class Seen:
         for rel in dirs:
             self.listings[listing_dir(rel)] = listing(snap.abspath(listing_dir(rel)))
         unknown = self._rec.unknown is not None
+        static_env = [str(n) for n, _ in m.doc.get("env") or []]
+        env = envvars.observed_keyed(self._rec.collect_env(), static_env, snap.root)
+        # A variable by the value it had when the build started, not one the build set.
         observed = identify(
-            [*paths, *dirs, *([UNOBSERVED] if unknown else [])],
+            [*paths, *dirs, *([UNOBSERVED] if unknown else [])]
+            + [envvars.observed_entry(n) for n in env],
             snap,
             self._pipe.stat_cache,
+            self._rec.env_at_start,
             unsure=unknown,
         )
         self._pipe.stat_cache.save()

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator
 from types import FrameType
 
 from hfbuild import dirfd, watch
+from hfbuild.envvars import COPIED
 
 ENV_SWITCH = "HFBUILD_OBSERVE"
 _SEP = "\0"  # spool records are NUL-separated: a path may hold a newline
@@ -266,8 +267,8 @@ def import_time_uses(modules: Iterable[str]) -> set[str]:
 class Recording:
     """What one build used: absolute paths under `root` (outside `exclude`) that were opened
     for reading or executed as modules, by this process or its forked workers, and (with a
-    watch window, `watch.py`) opened by any process; and the directories the program listed.
-    """
+    watch window, `watch.py`) opened by any process; the directories the program listed; and
+    the environment variables project code read (`COPIED`: the whole environment)."""
 
     def __init__(
         self, root: str, exclude: Iterable[str], spool: str, window: watch.Window | None = None
@@ -283,6 +284,10 @@ class Recording:
         self.paths: set[str] = set()
         self.listings: set[str] = set()
         self._written: set[str] = set()
+        self.env: set[str] = set()
+        # The environment when the build started: a variable the build sets itself is
+        # keyed by the value it had before (what the next build starts with).
+        self.env_at_start: dict[str, str] = dict(os.environ)
 
     def _watched(self, p: str) -> bool:
         return p.startswith(self._roots) and not p.startswith(self._exclude)
@@ -303,6 +308,18 @@ class Recording:
         with self._lock:
             self.listings.add(d)
         self._spool_record(_LISTING + d)
+
+    def watches(self, file: str) -> bool:
+        """Whether code in `file` is the project's (under the root, outside `exclude`)."""
+        return self._watched(file)
+
+    def note_env(self, name: str) -> None:
+        """Remember that project code read variable `name` (`COPIED`: the environment)."""
+        if name in self.env:
+            return
+        with self._lock:
+            self.env.add(name)
+        self._spool_record(_ENV_MARK + name)
 
     def wrote(self, p: str) -> None:
         if os.getpid() == self._pid and self._watched(p):
@@ -335,12 +352,18 @@ class Recording:
     def collect(self) -> set[str]:
         """This process's paths, every worker's, and what the watch window saw read."""
         out = set(self.paths)
-        out.update(p for p in self._spooled() if not p.startswith(_LISTING))
+        out.update(p for p in self._spooled() if not p.startswith((_LISTING, _ENV_MARK)))
         if self._window is not None:
             with self._lock:
                 written = set(self._written)
             out.update(p for p in self._window.reads(written) if self._watched(p))
         return out
+
+    def collect_env(self) -> set[str]:
+        """The variables project code read, in this process and every worker (`COPIED`
+        when it copied or iterated the whole environment)."""
+        n = len(_ENV_MARK)
+        return self.env | {r[n:] for r in self._spooled() if r.startswith(_ENV_MARK)}
 
     def collect_listings(self) -> set[str]:
         """The directories listed in this process and in every worker."""
@@ -381,10 +404,103 @@ def recording(
 
         window = watch.window(os.path.realpath(root), skipped)
     rec = Recording(root, exclude, spool, window)
-    _active.append(rec)
+    with _lock_env:
+        _active.append(rec)
+        if _installed and type(os.environ) is _ENVIRON:
+            os.environ.__class__ = _WatchedEnviron
     try:
         yield rec
     finally:
-        _active.remove(rec)
+        with _lock_env:
+            _active.remove(rec)
+            if not _active and type(os.environ) is _WatchedEnviron:
+                os.environ.__class__ = _ENVIRON  # type: ignore[assignment]
+            _copy_site.__dict__.clear()
         if window is not None:
             window.close()
+
+
+# -- environment variables read by project code -------------------------------------------------
+#
+# While a build is recorded, `os.environ` is an instance of `_WatchedEnviron` (its class is
+# swapped, the object and its data stay): reading a variable (`os.environ[name]`, `.get`,
+# `os.getenv`, `in`) from project code notes the name; iterating it (`dict(os.environ)`,
+# `{**os.environ}`, `.copy()`, `.items()`, a `for` loop) notes a copy of the whole
+# environment (`COPIED`), and the reads that copy makes are not noted one by one. Forked
+# workers inherit the swapped class. Reads by hfbuild, datasets and other installed code are
+# not the project's: the caller's file decides (os.py and _collections_abc.py frames, through
+# which `getenv` and the mapping methods pass, are skipped).
+
+_ENV_MARK = "="  # a spooled record naming a variable (paths are absolute: "/...")
+_ENVIRON = type(os.environ)
+_lock_env = threading.Lock()
+_copy_site = threading.local()  # the frame and instruction of an environment copy under way
+# The files the code of os.py and _collections_abc.py names (frozen modules: "<frozen os>").
+_OS_FILE = os.getenv.__code__.co_filename
+_ABC_FILE = _ENVIRON.get.__code__.co_filename
+_PASS_THROUGH = (_OS_FILE, _ABC_FILE)
+
+
+def _caller(f: FrameType | None) -> FrameType | None:
+    """The first frame from `f` outward that is not os.py's or _collections_abc.py's."""
+    while f is not None and f.f_code.co_filename in _PASS_THROUGH:
+        f = f.f_back
+    return f
+
+
+def _env_read(name: object, f: FrameType | None) -> None:
+    try:
+        if not isinstance(name, str) or not _active:
+            return
+        f = _caller(f)
+        if f is None:
+            return
+        file = f.f_code.co_filename
+        if file.startswith(_SKIP):
+            return
+        for rec in _active:
+            if rec.watches(file):
+                rec.note_env(name)
+    except Exception:
+        pass  # never fail the user's read
+
+
+class _WatchedEnviron(_ENVIRON):  # type: ignore[misc,valid-type]
+    """`os.environ` while a build is recorded (see above)."""
+
+    def __getitem__(self, key: str) -> str:
+        f = sys._getframe(1)
+        code = f.f_code
+        if code.co_filename == _ABC_FILE:
+            if code.co_name in ("pop", "setdefault"):
+                _env_read(key, f)
+            # else: a view (`items()`, `values()`) iterating: noted as a copy by __iter__
+        elif getattr(_copy_site, "at", None) != (id(f), f.f_lasti):
+            _env_read(key, f)
+        return super().__getitem__(key)  # type: ignore[no-any-return]
+
+    def get(self, key: str, default: object = None) -> object:
+        _env_read(key, sys._getframe(1))
+        try:
+            return super().__getitem__(key)
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        _env_read(key, sys._getframe(1))
+        try:
+            super().__getitem__(key)
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        site: FrameType | None = sys._getframe(1)
+        while site is not None and site.f_code.co_filename == _ABC_FILE:
+            site = site.f_back  # a keys() view: the copy is made from the frame above
+        if site is not None:
+            # dict(os.environ), {**os.environ}: the C code then reads every key from this
+            # very instruction of this frame; those reads are the copy's, not one by one.
+            _copy_site.at = (id(site), site.f_lasti)
+        _env_read(COPIED, site)
+        return super().__iter__()  # type: ignore[no-any-return]

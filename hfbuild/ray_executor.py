@@ -157,6 +157,7 @@ def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, st
     load stage, no data file: the tree is the stage's code, one package for all its shards,
     and the shard's own file travels with its task (`shard_data`)."""
     from hfbuild.argpaths import named_files
+    from hfbuild.envvars import observed_name
     from hfbuild.fullkey import (
         MISSING,
         UNKNOWN,
@@ -178,7 +179,14 @@ def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, st
     for group in groups:
         pairs.update({str(p): str(i) for p, i in group})
     pairs.update(named_files(doc))  # files that arguments name (argpaths.py)
-    pairs.update({p: i for p, i in m.observed if i not in (MISSING, UNKNOWN) and p != UNOBSERVED})
+    # Variables read at run time (`env://NAME`) travel in the task's runtime_env (`_env`).
+    pairs.update(
+        {
+            p: i
+            for p, i in m.observed
+            if i not in (MISSING, UNKNOWN) and p != UNOBSERVED and observed_name(p) is None
+        }
+    )
     listed = sorted(listing_dir(p) for p in pairs if is_listing(p))
     if listed:
         raise ConfigError(
@@ -234,15 +242,17 @@ def _import_dirs(root: str) -> list[str]:
 
 
 def _env(pipe: Pipeline, m: Manifest) -> dict[str, str]:
-    """The variables the unit's code reads (those in its key, and the project's
-    untracked-env ones), with the driver's values: the worker's own environment must not
-    change the key or the result. A secret-looking one (`envvars.is_secret`) never travels:
-    Ray keeps a task's `runtime_env` in the cluster's task table, readable by whoever reads
-    the cluster. The worker takes it from its node's environment; its key then holds the
-    salted hash of that value, so a node with another value (or none) refuses the task."""
-    from hfbuild.envvars import is_secret, project_settings
+    """The variables the unit's code reads (those in its key, by literal name or read at run time by
+    an earlier build, and the project's untracked-env ones), with the driver's values: the worker's
+    own environment must not change the key or the result. A secret-looking one
+    (`envvars.is_secret`) never travels: Ray keeps a task's `runtime_env` in the cluster's task
+    table, readable by whoever reads the cluster. The worker takes it from its node's environment;
+    its key then holds the salted hash of that value, so a node with another value (or none) refuses
+    the task."""
+    from hfbuild.envvars import is_secret, observed_name, project_settings
 
     names = {str(n) for n, _ in m.doc.get("env") or []}
+    names |= {n for p, _ in m.observed if (n := observed_name(p))}  # read at run time
     names |= set(project_settings(pipe.root).untracked)
     return {n: os.environ[n] for n in sorted(names) if n in os.environ and not is_secret(n)}
 

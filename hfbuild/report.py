@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from hfbuild import lockfile, shards
+from hfbuild import envvars, lockfile, shards
 from hfbuild.diff import Change, diff
 from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import observed_changes
@@ -44,6 +44,7 @@ class Explanation(NamedTuple):
     result_kind: str | None = None
     result_base: str | None = None
     result_shards: int = 0
+    notes: list[str] = []  # what the key leaves out by design (a copy of the environment)
 
 
 def _previous(
@@ -82,8 +83,9 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
     fp = m.fingerprint
     built = pipe.store.has(fp)
     dirty = [f"{f.path} ({f.status})" for f in m.dirty]
+    notes = _notes(m)
     if built:
-        return _built(pipe, name, fp, dirty)
+        return _built(pipe, name, fp, dirty)._replace(notes=notes)
     prev = _previous(pipe, name)
     if prev is None:
         return Explanation(name, fp, False, None, [], {}, None, dirty, _shards(pipe, m, None))
@@ -103,7 +105,19 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
             s = snap.line_stats(c.old, c.path, c.new)
             if s is not None:
                 stats[c.path] = s
-    return Explanation(name, fp, False, old_fp, changes, stats, None, dirty, shard_lines)
+    ex = Explanation(name, fp, False, old_fp, changes, stats, None, dirty, shard_lines)
+    return ex._replace(notes=notes)
+
+
+def _notes(m: Manifest) -> list[str]:
+    """What the stage's key leaves out by design, as its builds showed."""
+    if (envvars.observed_entry(envvars.COPIED), envvars.COPIED_ID) in m.observed:
+        return [
+            "its builds copied or iterated the whole environment (dict(os.environ), "
+            "os.environ.copy(), a loop over it): the variables read from that copy are not "
+            "in its key; read each by name (os.environ[name], os.environ.get) to key it"
+        ]
+    return []
 
 
 def _built(pipe: Pipeline, name: str, fp: str, dirty: list[str]) -> Explanation:

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from hfbuild import sharing, trash
+from hfbuild.envvars import OBSERVED
 from hfbuild.errors import StoreError
 
 MANIFEST = "manifest.json"
@@ -1028,6 +1029,9 @@ def disk_full(e: BaseException) -> OSError | None:
 
 
 def safe_observed(rel: str) -> bool:
-    """A repo-relative path as recorded: not absolute, no '..', no empty part."""
+    """A repo-relative path as recorded: not absolute, no '..', no empty part; or a variable
+    read at run time (`envvars.OBSERVED`: `env://NAME`, never a path)."""
+    if rel.startswith(OBSERVED):
+        return "\0" not in rel and "=" not in rel
     parts = rel.split("/")
     return bool(rel) and not os.path.isabs(rel) and ".." not in parts and "" not in parts

@@ -19,6 +19,8 @@ def explain(pipe: Pipeline, stage: str, *, as_json: bool = False) -> int:
     if ex.up_to_date:
         print(f"stage {stage!r} is up to date{dirty}: nothing changed since it was built.")
         print(f"fingerprint {ex.fingerprint}; {_where(ex)}")
+        for note in ex.notes:
+            print(f"Note: {note}.")
         return 0
     if ex.previous is None:
         print(f"stage {stage!r} has never been built (fingerprint {ex.fingerprint}).")
@@ -37,6 +39,8 @@ def explain(pipe: Pipeline, stage: str, *, as_json: bool = False) -> int:
                 added, removed = ex.line_stats[c.path]
                 line += f" (+{added} -{removed} lines)"
             print(line)
+    for note in ex.notes:
+        print(f"Note: {note}.")
     print(f"Run `doit run {pipe.name}:{stage}` to build it.")
     return 1
 
