@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from hfbuild.datafiles import StatCache, file_identities
@@ -69,62 +69,118 @@ _WRAPPERS = {
     "ndarray-object": (1,),
     "reduce": (2, 3, 4, 5),
 }
-_TAGS = _OPAQUE | _FIELDS | _PAIRS | _WRAPPERS.keys() | {"path", "callable"}
+_TAGS = _OPAQUE | _FIELDS | _PAIRS | _WRAPPERS.keys() | {"path", "callable", "str-in-root"}
 
 MAX_LEN = 4096  # PATH_MAX: a longer string names no file
 
 
-def strings(tree: Any, where: str) -> Iterator[tuple[str, str]]:
-    """(where, string) for each user string in an encoded tree, `where` naming it as `diff`
-    names an argument (`fn_kwargs['tokenizer_path']`, `closure.path`) after its prefix
-    (`argument `)."""
-    if isinstance(tree, str):
-        yield where, tree
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            yield from strings(v, f"{where}[{i}]")
-    elif isinstance(tree, dict):
-        if len(tree) == 1 and next(iter(tree)) in _TAGS:
-            ((tag, v),) = tree.items()
-            yield from _tagged(tag, v, where)
-            return
-        for k, v in tree.items():
-            yield from strings(
-                v, f"{where}{k}" if not where or where[-1] == " " else f"{where}.{k}"
-            )
+def strings(
+    tree: Any, prefix: str, keep: Callable[[str], bool] = lambda s: True
+) -> list[tuple[str, str]]:
+    """(where, string) for each user string of an encoded tree that `keep` accepts, `where`
+    naming it as `diff` names an argument (`fn_kwargs['tokenizer_path']`, `closure.path`)
+    after `prefix` (`argument `). Where a string lies is spelled out only for those kept."""
+    out: list[tuple[str, str]] = []
+    _walk(tree, [], keep, out, prefix)
+    return out
 
 
-def _tagged(tag: str, v: Any, where: str) -> Iterator[tuple[str, str]]:
+def _where(prefix: str, parts: list[Any]) -> str:
     from hfbuild.diff import render
 
-    if tag in _OPAQUE or not isinstance(v, (list, dict)):
+    text = prefix
+    for kind, part in parts:
+        if kind == "attr":
+            text += part if not text or text[-1] == " " else f".{part}"
+        elif kind == "key":
+            text += f"[{render(part)}]"
+        elif kind == "index":
+            text += f"[{part}]"
+    return text
+
+
+def _walk(
+    tree: Any,
+    parts: list[Any],
+    keep: Callable[[str], bool],
+    out: list[tuple[str, str]],
+    prefix: str,
+) -> None:
+    if type(tree) is str:
+        if keep(tree):
+            out.append((_where(prefix, parts), tree))
+    elif type(tree) is list:
+        for i, v in enumerate(tree):
+            if type(v) is not int:
+                parts.append(("index", i))
+                _walk(v, parts, keep, out, prefix)
+                parts.pop()
+    elif type(tree) is dict:
+        if len(tree) == 1:
+            ((tag, v),) = tree.items()
+            if tag in _TAGS:
+                _tagged(tag, v, parts, keep, out, prefix)
+                return
+        for k, v in tree.items():
+            parts.append(("attr", str(k)))
+            _walk(v, parts, keep, out, prefix)
+            parts.pop()
+
+
+def _tagged(
+    tag: str,
+    v: Any,
+    parts: list[Any],
+    keep: Callable[[str], bool],
+    out: list[tuple[str, str]],
+    prefix: str,
+) -> None:
+    if tag in _OPAQUE:
         return
-    if tag == "path":  # ["<root>", relative] or [class name, posix path]
-        if isinstance(v, list) and len(v) == 2 and isinstance(v[1], str):
-            yield where, v[1]
+    if tag == "str-in-root":  # an absolute path inside the project, relative to it
+        if type(v) is str and keep(v):
+            out.append((_where(prefix, parts), v))
+    elif tag == "path":  # ["<root>", relative] or [class name, posix path]
+        if type(v) is list and len(v) == 2 and type(v[1]) is str and keep(v[1]):
+            out.append((_where(prefix, parts), v[1]))
     elif tag == "callable":  # a callable's own arguments (its target names code files)
-        if isinstance(v, dict):
-            yield from strings(v.get("args"), where)
+        if type(v) is dict:
+            _walk(v.get("args"), parts, keep, out, prefix)
     elif tag in _PAIRS:
-        for pair in v:
-            if isinstance(pair, list) and len(pair) == 2:
-                sub = f"{where}[{render(pair[0])}]"
-                yield from strings(pair[0], sub)  # a key may name a file too
-                yield from strings(pair[1], sub)
+        for pair in v if type(v) is list else ():
+            if type(pair) is not list or len(pair) != 2:
+                continue
+            key, value = pair
+            # Scalars inline: a large dict of strings or numbers costs a test per member.
+            if type(key) is str:
+                if keep(key):  # a key may name a file too
+                    out.append((_where(prefix, [*parts, ("key", key)]), key))
+            elif type(key) is not int:
+                parts.append(("key", key))
+                _walk(key, parts, keep, out, prefix)
+                parts.pop()
+            if type(value) is str:
+                if keep(value):
+                    out.append((_where(prefix, [*parts, ("key", key)]), value))
+            elif type(value) is not int and value is not None:
+                parts.append(("key", key))
+                _walk(value, parts, keep, out, prefix)
+                parts.pop()
     elif tag in _FIELDS:
-        if isinstance(v, list) and len(v) == 2 and isinstance(v[1], list):
+        if type(v) is list and len(v) == 2 and type(v[1]) is list:
             for field in v[1]:
-                if isinstance(field, list) and len(field) == 2:
-                    yield from strings(field[1], f"{where}.{field[0]}")
-    else:
+                if type(field) is list and len(field) == 2:
+                    parts.append(("attr", str(field[0])))
+                    _walk(field[1], parts, keep, out, prefix)
+                    parts.pop()
+    elif type(v) is list:
         positions = _WRAPPERS.get(tag)
-        items = v if isinstance(v, list) else []
         if positions is None:
-            yield from strings(items, where)
+            _walk(v, parts, keep, out, prefix)
         else:
             for i in positions:
-                if i < len(items):
-                    yield from strings(items[i], where)
+                if i < len(v):
+                    _walk(v[i], parts, keep, out, prefix)
 
 
 class Names:
@@ -140,7 +196,14 @@ class Names:
         except OSError:
             top = set()
         self._top = frozenset(top - {".git"})
+        self._heads = self._top | {"."}  # "./tok/t.json"
         self._exclude = tuple(os.path.join(os.path.realpath(e), "") for e in exclude if e)
+
+    def candidate(self, s: str) -> bool:
+        """Whether `s` could name a project path (`rel` says which); no syscall."""
+        if s[:1] == "/":
+            return s.startswith(self._prefix) and self.rel(s) is not None
+        return s.partition("/")[0] in self._heads and self.rel(s) is not None
 
     def rel(self, s: str) -> str | None:
         """The repo-relative path `s` could name, or None; no syscall."""
@@ -206,13 +269,11 @@ def paths_part(
 ) -> list[list[Any]]:
     """The manifest's `paths` part for encoded trees given as (where, tree): one
     `[where, path, content]` per string naming a project file or directory, sorted."""
-    names: Names | None = None
+    names = Names(snap, exclude)
     found: dict[tuple[str, str], str] = {}  # (where, rel) -> kind
     kinds: dict[str, str | None] = {}
-    for top_where, tree in trees:
-        for where, s in strings(tree, top_where):
-            if names is None:
-                names = Names(snap, exclude)
+    for prefix, tree in trees:
+        for where, s in strings(tree, prefix, names.candidate):
             rel = names.rel(s)
             if rel is None:
                 continue
@@ -221,7 +282,7 @@ def paths_part(
             kind = kinds[rel]
             if kind is not None:
                 found[(where, rel)] = kind
-    if not found or names is None:
+    if not found:
         return []
     content: dict[str, Any] = {}
     for rel, kind in kinds.items():

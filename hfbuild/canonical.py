@@ -74,6 +74,7 @@ class _Encoder:
         # the encodings one callable's description makes of what it carries, so a function
         # reachable from its own closure cell is named there instead of followed forever.
         self.active: set[int] = set() if active is None else active
+        self._in_root = os.path.join(root, "") if root else None
 
     def sorted_members(self, items: list[Encoded]) -> list[Encoded]:
         return sorted(items, key=dumps)
@@ -82,7 +83,13 @@ class _Encoder:
         tp = type(x)
         # Exact builtin types first: the common case, and subclasses must not slip through as
         # their base (an IntEnum is not an int, a NamedTuple is not a tuple).
-        if x is None or tp is bool or tp is str:
+        if tp is str:
+            if self._in_root is not None and x.startswith(self._in_root):
+                # An absolute path inside the project, relative to it: two clones agree
+                # (argpaths.py keys the content of what it names).
+                return {"str-in-root": x[len(self._in_root) :]}
+            return x
+        if x is None or tp is bool:
             return x
         if tp is int:
             return x

@@ -104,6 +104,8 @@ def render(tree: Any) -> str:
             return f"<function {t.get('module')}.{t.get('qualname')}>"
         if tag == "path":
             return f"Path({v[1]!r})"
+        if tag == "str-in-root":
+            return repr(f"<project>/{v}")
         if tag == "reduce":  # [type, reconstructor, args, state, items, dict items]
             parts = [render(x) for x in v[2]["tuple"]] if _is(v[2], "tuple") else []
             if v[3] is not None:
@@ -186,6 +188,7 @@ def _tagged(x: Mapping[str, Any]) -> bool:
         "object",
         "callable",
         "path",
+        "str-in-root",
         "bytes",
         "ndarray",
         "numpy",

@@ -475,7 +475,7 @@ class _WatchedEnviron(_ENVIRON):  # type: ignore[misc,valid-type]
             if code.co_name in ("pop", "setdefault"):
                 _env_read(key, f)
             # else: a view (`items()`, `values()`) iterating: noted as a copy by __iter__
-        elif getattr(_copy_site, "at", None) != (id(f), f.f_lasti):
+        elif getattr(_copy_site, "at", None) != (id(f), id(code), f.f_lasti):
             _env_read(key, f)
         return super().__getitem__(key)  # type: ignore[no-any-return]
 
@@ -500,7 +500,9 @@ class _WatchedEnviron(_ENVIRON):  # type: ignore[misc,valid-type]
             site = site.f_back  # a keys() view: the copy is made from the frame above
         if site is not None:
             # dict(os.environ), {**os.environ}: the C code then reads every key from this
-            # very instruction of this frame; those reads are the copy's, not one by one.
-            _copy_site.at = (id(site), site.f_lasti)
+            # very instruction of this frame; those reads are the copy's, not one by one. (The
+            # code and offset name the instruction, so a reused frame address cannot hide
+            # another read.)
+            _copy_site.at = (id(site), id(site.f_code), site.f_lasti)
         _env_read(COPIED, site)
         return super().__iter__()  # type: ignore[no-any-return]

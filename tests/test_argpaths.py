@@ -21,6 +21,8 @@ from hfbuild.datafiles import StatCache
 from hfbuild.gitstate import Snapshot
 from tests.helpers import Repo, run_python
 from tests.pipeline_project import calls
+from tests.test_ray import cluster, remote  # noqa: F401  (a loopback Ray cluster, an S3 remote)
+from tests.test_remote import s3_server  # noqa: F401  (the session's moto server)
 
 FILES = {
     "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG"]\n',
@@ -94,12 +96,14 @@ FIRST = ["alpha alpha alpha beta beta gamma delta"]
 SECOND = ["delta delta delta gamma gamma beta alpha omega omega omega omega"]
 
 
-def doit(path: pathlib.Path, log: pathlib.Path) -> subprocess.CompletedProcess[str]:
+def doit(
+    path: pathlib.Path, log: pathlib.Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """`doit run` with run-time observation off (HFBUILD_OBSERVE=0): only the static key."""
     out = subprocess.run(
         [sys.executable, "-m", "doit", "run", "preprocess"],
         cwd=path,
-        env={**os.environ, "CALL_LOG": str(log), "HFBUILD_OBSERVE": "0"},
+        env={**os.environ, "CALL_LOG": str(log), "HFBUILD_OBSERVE": "0", **(env or {})},
         capture_output=True,
         text=True,
         check=False,
@@ -271,3 +275,77 @@ def test_a_string_naming_nothing_is_not_statted(repo: Repo) -> None:
     assert names.rel("tok/../../x") is None
     assert names.rel("/etc/passwd") is None
     assert names.rel("x" * 5000) is None
+
+
+def test_ray_worker_receives_the_files_arguments_name(
+    repo: Repo,
+    tmp_path: pathlib.Path,
+    remote: str,  # noqa: F811
+) -> None:
+    """On the Ray executor, the tokenizer file an argument and a module constant name, and
+    the files of a directory an argument names, travel in the unit's tree: the worker
+    recomputes the key with their ids and builds with them; after a retrain the ids are the
+    new ones."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo.write(FILES)
+    first = train(repo.path / "tok" / "tokenizer.json", FIRST)
+    (repo.path / "data").mkdir()
+    pq.write_table(pa.table({"text": TEXTS}), repo.path / "data" / "part-0.parquet")
+    repo.commit("project")
+    ray = {"HFBUILD_EXECUTOR": "ray"}
+    out = doit(repo.path, tmp_path / "first.log", ray)
+    assert "units built on ray" in out.stderr, out.stderr
+    assert set(calls(tmp_path / "first.log")) == set(STAGES)
+    assert column(repo.path, "by_arg", "ids") == first
+    assert column(repo.path, "by_folder", "total") == [1, 1, 1]
+
+    second = train(repo.path / "tok" / "tokenizer.json", SECOND)
+    repo.commit("retrain")
+    doit(repo.path, tmp_path / "second.log", ray)
+    assert calls(tmp_path / "second.log") == Counter(["by_arg", "by_constant"])
+    assert column(repo.path, "by_arg", "ids") == column(repo.path, "by_constant", "ids") == second
+
+
+def test_an_absolute_path_inside_the_project_gives_the_same_key_in_every_clone(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """An argument holding an absolute path inside the project (built from `__file__`, say)
+    is encoded relative to the project, so two clones at different places agree; the file
+    it names is keyed by content."""
+    repo.write(
+        {
+            "t.py": """
+                import os
+
+                HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+                def f(batch, path):
+                    return batch
+
+
+                def kwargs():
+                    return {"path": os.path.join(HERE, "tok", "t.json")}
+                """,
+            "tok/t.json": "{}\n",
+        },
+        commit="files",
+    )
+    code = """
+        import json, t, hfbuild
+        fp, m = hfbuild.fingerprint(t.f, t.kwargs(), return_manifest=True)
+        print(json.dumps([fp, m.doc["args"], m.doc["paths"]]))
+        """
+    got = []
+    for name in ("a", "b"):
+        clone = repo.clone(tmp_path / name / "deeper")
+        out = run_python(code, clone.path)
+        got.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert got[0] == got[1]
+    _, args, paths = got[0]
+    assert args["fn_kwargs"] == {"dict": [["path", {"str-in-root": "tok/t.json"}]]}
+    assert paths == [
+        ["argument fn_kwargs['path']", "tok/t.json", repo.git("rev-parse", "HEAD:tok/t.json")]
+    ]
