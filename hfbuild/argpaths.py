@@ -72,17 +72,52 @@ _WRAPPERS = {
 _TAGS = _OPAQUE | _FIELDS | _PAIRS | _WRAPPERS.keys() | {"path", "callable", "str-in-root"}
 
 MAX_LEN = 4096  # PATH_MAX: a longer string names no file
+ARGS = "argument "  # the prefix of a callable's `args` part in `paths_part`
 
 
 def strings(
-    tree: Any, prefix: str, keep: Callable[[str], bool] = lambda s: True
+    tree: Any, prefix: str, keep: Callable[[str], bool] = lambda s: True, *, args: bool = False
 ) -> list[tuple[str, str]]:
     """(where, string) for each user string of an encoded tree that `keep` accepts, `where`
     naming it as `diff` names an argument (`fn_kwargs['tokenizer_path']`, `closure.path`)
-    after `prefix` (`argument `). Where a string lies is spelled out only for those kept."""
+    after `prefix` (`argument `). Where a string lies is spelled out only for those kept.
+    `args`: the tree is a callable's `args` part (closure.py), whose plain dicts by name
+    (`closure`, `globals`, `partial`) are not encoded values: a cell named `path` is not
+    the tag `path`."""
     out: list[tuple[str, str]] = []
-    _walk(tree, [], keep, out, prefix)
+    if args:
+        _args(tree, [], keep, out, prefix)
+    else:
+        _walk(tree, [], keep, out, prefix)
     return out
+
+
+# Parts of a callable's `args` (closure.py) that map names to encoded values.
+_BY_NAME = frozenset({"closure", "globals", "partial"})
+
+
+def _args(
+    tree: Any,
+    parts: list[Any],
+    keep: Callable[[str], bool],
+    out: list[tuple[str, str]],
+    prefix: str,
+) -> None:
+    if type(tree) is not dict:
+        _walk(tree, parts, keep, out, prefix)
+        return
+    for k, v in tree.items():
+        parts.append(("attr", str(k)))
+        if k in _BY_NAME and type(v) is dict:
+            for name, x in v.items():
+                parts.append(("attr", str(name)))
+                _walk(x, parts, keep, out, prefix)
+                parts.pop()
+        elif k == "func":  # the arguments of the callable a partial wraps
+            _args(v, parts, keep, out, prefix)
+        else:
+            _walk(v, parts, keep, out, prefix)
+        parts.pop()
 
 
 def _where(prefix: str, parts: list[Any]) -> str:
@@ -145,7 +180,7 @@ def _tagged(
             out.append((_where(prefix, parts), v[1]))
     elif tag == "callable":  # a callable's own arguments (its target names code files)
         if type(v) is dict:
-            _walk(v.get("args"), parts, keep, out, prefix)
+            _args(v.get("args"), parts, keep, out, prefix)
     elif tag in _PAIRS:
         for pair in v if type(v) is list else ():
             if type(pair) is not list or len(pair) != 2:
@@ -267,13 +302,14 @@ def paths_part(
     cache: StatCache,
     exclude: Iterable[str] = (),
 ) -> list[list[Any]]:
-    """The manifest's `paths` part for encoded trees given as (where, tree): one
-    `[where, path, content]` per string naming a project file or directory, sorted."""
+    """The manifest's `paths` part for encoded trees given as (prefix, tree) (`ARGS` for a
+    callable's `args` part): one `[where, path, content]` per string naming a project file
+    or directory, sorted."""
     names = Names(snap, exclude)
     found: dict[tuple[str, str], str] = {}  # (where, rel) -> kind
     kinds: dict[str, str | None] = {}
     for prefix, tree in trees:
-        for where, s in strings(tree, prefix, names.candidate):
+        for where, s in strings(tree, prefix, names.candidate, args=prefix == ARGS):
             rel = names.rel(s)
             if rel is None:
                 continue

@@ -282,7 +282,7 @@ def data_file_ids(doc: Mapping[str, Any]) -> dict[str, str]:
 def _named_paths(doc: Mapping[str, Any], ctx: Context, cache: StatCache) -> list[list[Any]]:
     """The `paths` part: the project files and directories that strings in the arguments and
     in the module values the closure reads name, with their content (argpaths.py)."""
-    trees: list[tuple[str, Any]] = [("argument ", doc["args"])]
+    trees: list[tuple[str, Any]] = [(argpaths.ARGS, doc["args"])]
     for qual, entry in (doc.get("code") or {}).get("module_values") or []:
         trees.append((f"module value {qual}", entry.get("value")))
     for qual, value in sorted(ctx.constants.items()):

@@ -349,3 +349,68 @@ def test_an_absolute_path_inside_the_project_gives_the_same_key_in_every_clone(
     assert paths == [
         ["argument fn_kwargs['path']", "tok/t.json", repo.git("rev-parse", "HEAD:tok/t.json")]
     ]
+
+
+def test_every_place_the_key_holds_a_value_is_searched(repo: Repo) -> None:
+    """fn_kwargs (nested), a closure cell, a partial's positional and keyword arguments, a
+    bound instance's attribute and a module constant read through another module all key
+    the file they name, each under the name `explain` gives it (a fresh process)."""
+    repo.write(
+        {
+            "conf.py": 'VOCAB = ["tok/t.json", "not a path"]\n',
+            "t.py": """
+                import functools
+
+                import conf
+
+
+                def f(batch, path=None, extra=None):
+                    return conf.VOCAB
+
+
+                def closing(path):
+                    def g(batch):
+                        return path
+
+                    return g
+
+
+                class Reader:
+                    def __init__(self, path):
+                        self.path = path
+
+                    def __call__(self, batch):
+                        return self.path
+                """,
+            "tok/t.json": "{}\n",
+            "lookups/a.txt": "1\n",
+        },
+        commit="files",
+    )
+    code = """
+        import functools, json, hfbuild, t
+        cases = {
+            "kwargs": (t.f, {"extra": {"files": ["lookups/a.txt"]}}),
+            "cell": (t.closing("tok/t.json"), None),
+            "partial": (functools.partial(t.f, "tok/t.json", extra="lookups"), None),
+            "instance": (t.Reader("tok/t.json"), None),
+        }
+        out = {}
+        for name, (fn, kwargs) in cases.items():
+            _, m = hfbuild.fingerprint(fn, kwargs, return_manifest=True)
+            out[name] = [[w, p] for w, p, _ in m.doc.get("paths", [])]
+        print(json.dumps(out))
+        """
+    out = run_python(code, repo.path)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    constant = ["module value conf.VOCAB[0]", "tok/t.json"]
+    assert got == {
+        "kwargs": [["argument fn_kwargs['extra']['files'][0]", "lookups/a.txt"], constant],
+        "cell": [["argument closure.path", "tok/t.json"]],
+        "partial": [
+            ["argument partial.args[0]", "tok/t.json"],
+            ["argument partial.keywords['extra']", "lookups"],
+            constant,
+        ],
+        "instance": [["argument self.path", "tok/t.json"]],
+    }
