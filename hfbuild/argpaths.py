@@ -84,138 +84,120 @@ def strings(
     `args`: the tree is a callable's `args` part (closure.py), whose plain dicts by name
     (`closure`, `globals`, `partial`) are not encoded values: a cell named `path` is not
     the tag `path`."""
-    out: list[tuple[str, str]] = []
+    finder = _Finder(prefix, keep)
     if args:
-        _args(tree, [], keep, out, prefix)
+        finder.args(tree)
     else:
-        _walk(tree, [], keep, out, prefix)
-    return out
+        finder.walk(tree)
+    return finder.out
 
 
 # Parts of a callable's `args` (closure.py) that map names to encoded values.
 _BY_NAME = frozenset({"closure", "globals", "partial"})
 
 
-def _args(
-    tree: Any,
-    parts: list[Any],
-    keep: Callable[[str], bool],
-    out: list[tuple[str, str]],
-    prefix: str,
-) -> None:
-    if type(tree) is not dict:
-        _walk(tree, parts, keep, out, prefix)
-        return
-    for k, v in tree.items():
-        parts.append(("attr", str(k)))
-        if k in _BY_NAME and type(v) is dict:
-            for name, x in v.items():
-                parts.append(("attr", str(name)))
-                _walk(x, parts, keep, out, prefix)
-                parts.pop()
-        elif k == "func":  # the arguments of the callable a partial wraps
-            _args(v, parts, keep, out, prefix)
-        else:
-            _walk(v, parts, keep, out, prefix)
-        parts.pop()
+class _Finder:
+    """One walk over an encoded tree: the strings `keep` accepts, with where they lie."""
 
+    def __init__(self, prefix: str, keep: Callable[[str], bool]) -> None:
+        self.prefix = prefix
+        self.keep = keep
+        self.parts: list[tuple[str, Any]] = []  # ("attr" | "key" | "index", name)
+        self.out: list[tuple[str, str]] = []
 
-def _where(prefix: str, parts: list[Any]) -> str:
-    from hfbuild.diff import render
+    def where(self, last: tuple[str, Any] | None = None) -> str:
+        from hfbuild.diff import render
 
-    text = prefix
-    for kind, part in parts:
-        if kind == "attr":
-            text += part if not text or text[-1] == " " else f".{part}"
-        elif kind == "key":
-            text += f"[{render(part)}]"
-        elif kind == "index":
-            text += f"[{part}]"
-    return text
+        text = self.prefix
+        for kind, part in self.parts if last is None else [*self.parts, last]:
+            if kind == "attr":
+                text += part if not text or text[-1] == " " else f".{part}"
+            elif kind == "key":
+                text += f"[{render(part)}]"
+            else:
+                text += f"[{part}]"
+        return text
 
+    def string(self, s: str, last: tuple[str, Any] | None = None) -> None:
+        if self.keep(s):
+            self.out.append((self.where(last), s))
 
-def _walk(
-    tree: Any,
-    parts: list[Any],
-    keep: Callable[[str], bool],
-    out: list[tuple[str, str]],
-    prefix: str,
-) -> None:
-    if type(tree) is str:
-        if keep(tree):
-            out.append((_where(prefix, parts), tree))
-    elif type(tree) is list:
-        for i, v in enumerate(tree):
-            if type(v) is not int:
-                parts.append(("index", i))
-                _walk(v, parts, keep, out, prefix)
-                parts.pop()
-    elif type(tree) is dict:
-        if len(tree) == 1:
-            ((tag, v),) = tree.items()
-            if tag in _TAGS:
-                _tagged(tag, v, parts, keep, out, prefix)
-                return
+    def below(self, kind: str, name: Any, tree: Any, *, args: bool = False) -> None:
+        """Walk `tree`, which lies at `name` (an attribute, key or index) of the current
+        place; a string or a number without pushing a part."""
+        if type(tree) is str:
+            self.string(tree, (kind, name))
+        elif type(tree) in (list, dict):
+            self.parts.append((kind, name))
+            self.args(tree) if args else self.walk(tree)
+            self.parts.pop()
+
+    def args(self, tree: Any) -> None:
+        if type(tree) is not dict:
+            self.walk(tree)
+            return
         for k, v in tree.items():
-            parts.append(("attr", str(k)))
-            _walk(v, parts, keep, out, prefix)
-            parts.pop()
+            if k in _BY_NAME and type(v) is dict:
+                self.parts.append(("attr", str(k)))
+                for name, x in v.items():
+                    self.below("attr", str(name), x)
+                self.parts.pop()
+            else:  # `func`: the arguments of the callable a partial wraps
+                self.below("attr", str(k), v, args=k == "func")
 
+    def walk(self, tree: Any) -> None:
+        if type(tree) is str:
+            self.string(tree)
+        elif type(tree) is list:
+            for i, v in enumerate(tree):
+                self.below("index", i, v)
+        elif type(tree) is dict:
+            if len(tree) == 1:
+                ((tag, v),) = tree.items()
+                if tag in _TAGS:
+                    self.tagged(tag, v)
+                    return
+            for k, v in tree.items():
+                self.below("attr", str(k), v)
 
-def _tagged(
-    tag: str,
-    v: Any,
-    parts: list[Any],
-    keep: Callable[[str], bool],
-    out: list[tuple[str, str]],
-    prefix: str,
-) -> None:
-    if tag in _OPAQUE:
-        return
-    if tag == "str-in-root":  # an absolute path inside the project, relative to it
-        if type(v) is str and keep(v):
-            out.append((_where(prefix, parts), v))
-    elif tag == "path":  # ["<root>", relative] or [class name, posix path]
-        if type(v) is list and len(v) == 2 and type(v[1]) is str and keep(v[1]):
-            out.append((_where(prefix, parts), v[1]))
-    elif tag == "callable":  # a callable's own arguments (its target names code files)
-        if type(v) is dict:
-            _args(v.get("args"), parts, keep, out, prefix)
-    elif tag in _PAIRS:
-        for pair in v if type(v) is list else ():
-            if type(pair) is not list or len(pair) != 2:
-                continue
-            key, value = pair
-            # Scalars inline: a large dict of strings or numbers costs a test per member.
-            if type(key) is str:
-                if keep(key):  # a key may name a file too
-                    out.append((_where(prefix, [*parts, ("key", key)]), key))
-            elif type(key) is not int:
-                parts.append(("key", key))
-                _walk(key, parts, keep, out, prefix)
-                parts.pop()
-            if type(value) is str:
-                if keep(value):
-                    out.append((_where(prefix, [*parts, ("key", key)]), value))
-            elif type(value) is not int and value is not None:
-                parts.append(("key", key))
-                _walk(value, parts, keep, out, prefix)
-                parts.pop()
-    elif tag in _FIELDS:
-        if type(v) is list and len(v) == 2 and type(v[1]) is list:
-            for field in v[1]:
-                if type(field) is list and len(field) == 2:
-                    parts.append(("attr", str(field[0])))
-                    _walk(field[1], parts, keep, out, prefix)
-                    parts.pop()
-    elif type(v) is list:
-        positions = _WRAPPERS.get(tag)
-        if positions is None:
-            _walk(v, parts, keep, out, prefix)
-        else:
-            for i in positions:
-                if i < len(v):
-                    _walk(v[i], parts, keep, out, prefix)
+    def tagged(self, tag: str, v: Any) -> None:
+        if tag in _OPAQUE:
+            return
+        if tag == "str-in-root":  # an absolute path inside the project, relative to it
+            if type(v) is str:
+                self.string(v)
+        elif tag == "path":  # ["<root>", relative] or [class name, posix path]
+            if type(v) is list and len(v) == 2 and type(v[1]) is str:
+                self.string(v[1])
+        elif tag == "callable":  # a callable's own arguments (its target names code files)
+            if type(v) is dict:
+                self.args(v.get("args"))
+        elif tag in _PAIRS:
+            keep = self.keep
+            for pair in v if type(v) is list else ():
+                if type(pair) is not list or len(pair) != 2:
+                    continue
+                key = pair[0]
+                # Strings and numbers inline: a large dict costs a test per member.
+                for x in pair:  # a key may name a file too
+                    if type(x) is str:
+                        if keep(x):
+                            self.out.append((self.where(("key", key)), x))
+                    elif type(x) is not int:
+                        self.below("key", key, x)
+        elif tag in _FIELDS:
+            if type(v) is list and len(v) == 2 and type(v[1]) is list:
+                for field in v[1]:
+                    if type(field) is list and len(field) == 2:
+                        self.below("attr", str(field[0]), field[1])
+        elif type(v) is list:
+            positions = _WRAPPERS.get(tag)
+            if positions is None:
+                self.walk(v)
+            else:
+                for i in positions:
+                    if i < len(v):
+                        self.walk(v[i])
 
 
 class Names:
