@@ -24,8 +24,10 @@ root itself, or stat a string whose first component the project root does not ho
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -202,11 +204,12 @@ class _Finder:
 
 class Names:
     """Which strings name a project file or directory: the cheap test first (the string's
-    first component is a name in the project root), then a stat."""
+    first component is a name in the project root, listed once per snapshot), then a stat."""
 
     def __init__(self, snap: Snapshot, exclude: Iterable[str] = ()) -> None:
         self.snap = snap
         self.root = snap.root
+        self.exclude = tuple(exclude)
         self._prefix = self.root + os.sep
         try:
             top = set(os.listdir(self.root))
@@ -214,7 +217,10 @@ class Names:
             top = set()
         self._top = frozenset(top - {".git"})
         self._heads = self._top | {"."}  # "./tok/t.json"
-        self._exclude = tuple(os.path.join(os.path.realpath(e), "") for e in exclude if e)
+
+    @functools.cached_property
+    def _exclude(self) -> tuple[str, ...]:
+        return tuple(os.path.join(os.path.realpath(e), "") for e in self.exclude if e)
 
     def candidate(self, s: str) -> bool:
         """Whether `s` could name a project path (`rel` says which); no syscall."""
@@ -278,6 +284,10 @@ class Names:
         return sorted(out)
 
 
+# One listing of the root per snapshot (a pipeline's manifests share theirs).
+_per_snapshot: weakref.WeakKeyDictionary[Snapshot, Names] = weakref.WeakKeyDictionary()
+
+
 def paths_part(
     trees: Iterable[tuple[str, Any]],
     snap: Snapshot,
@@ -287,7 +297,10 @@ def paths_part(
     """The manifest's `paths` part for encoded trees given as (prefix, tree) (`ARGS` for a
     callable's `args` part): one `[where, path, content]` per string naming a project file
     or directory, sorted."""
-    names = Names(snap, exclude)
+    exclude = tuple(exclude)
+    names = _per_snapshot.get(snap)
+    if names is None or names.exclude != exclude:
+        names = _per_snapshot[snap] = Names(snap, exclude)
     found: dict[tuple[str, str], str] = {}  # (where, rel) -> kind
     kinds: dict[str, str | None] = {}
     for prefix, tree in trees:
