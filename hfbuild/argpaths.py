@@ -74,6 +74,7 @@ _WRAPPERS = {
 _TAGS = _OPAQUE | _FIELDS | _PAIRS | _WRAPPERS.keys() | {"path", "callable", "str-in-root"}
 
 MAX_LEN = 4096  # PATH_MAX: a longer string names no file
+_SYSTEM = ("/dev/", "/proc/", "/sys/")  # not data: never said to be outside the project
 ARGS = "argument "  # the prefix of a callable's `args` part in `paths_part`
 
 
@@ -223,10 +224,23 @@ class Names:
         return tuple(os.path.join(os.path.realpath(e), "") for e in self.exclude if e)
 
     def candidate(self, s: str) -> bool:
-        """Whether `s` could name a project path (`rel` says which); no syscall."""
+        """Whether `s` could name a project path (`rel` says which), or a path outside the
+        project (`outside`); no syscall."""
         if s[:1] == "/":
-            return s.startswith(self._prefix) and self.rel(s) is not None
+            return not s.startswith(self._prefix) or self.rel(s) is not None
+        if s[:3] == "../":
+            return True
         return s.partition("/")[0] in self._heads and self.rel(s) is not None
+
+    def outside(self, s: str) -> bool:
+        """Whether `s`, which `rel` refused, names an existing file or directory outside the
+        project (absolute, or relative to the root through `..`): not keyed, said."""
+        if s[:3] == "../":
+            s = os.path.join(self.root, s)
+        elif s[:1] != "/" or s.startswith(_SYSTEM) or len(s) > MAX_LEN or "\0" in s:
+            return False
+        real = os.path.realpath(s)
+        return not (real + os.sep).startswith(self._prefix) and os.path.exists(real)
 
     def rel(self, s: str) -> str | None:
         """The repo-relative path `s` could name, or None; no syscall."""
@@ -293,10 +307,12 @@ def paths_part(
     snap: Snapshot,
     cache: StatCache,
     exclude: Iterable[str] = (),
+    outside: list[str] | None = None,
 ) -> list[list[Any]]:
     """The manifest's `paths` part for encoded trees given as (prefix, tree) (`ARGS` for a
     callable's `args` part): one `[where, path, content]` per string naming a project file
-    or directory, sorted."""
+    or directory, sorted. Each string naming an existing path outside the project is added
+    to `outside` as a sentence saying it is not keyed (never to the part)."""
     exclude = tuple(exclude)
     names = _per_snapshot.get(snap)
     if names is None or names.exclude != exclude:
@@ -307,6 +323,12 @@ def paths_part(
         for where, s in strings(tree, prefix, names.candidate, args=prefix == ARGS):
             rel = names.rel(s)
             if rel is None:
+                if outside is not None and names.outside(s):
+                    outside.append(
+                        f"{where} names {s}, outside the project: its content is not in the "
+                        f"key, so a change to it does not rebuild the stage; move it into the "
+                        f"project to have it keyed"
+                    )
                 continue
             if rel not in kinds:
                 kinds[rel] = names.kind(rel)

@@ -37,6 +37,7 @@ from hfbuild.errors import (
     HfbuildError,
     IncompleteClosureWarning,
     MissingDataError,
+    ObservationWarning,
 )
 from hfbuild.fullkey import full_key
 from hfbuild.gitstate import FileId, Snapshot, find_root
@@ -105,6 +106,9 @@ class Manifest:
     # code that all its shards share (before what its builds read at run time).
     shards: tuple[sharding.ShardIn, ...] | None = None
     shard_code: str | None = None
+    # Arguments naming an existing path outside the project, which is not keyed (argpaths.py):
+    # warned about with the dirty files.
+    outside: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return canonical.dumps(self.doc)
@@ -248,23 +252,27 @@ def build_manifest(
             doc["env"] = env
         if ctx.module_values:  # module-level values changed at run time (liveness.py)
             doc["code"]["module_values"] = sorted([k, v] for k, v in ctx.module_values.items())
-    named = _named_paths(doc, ctx, stat_cache or StatCache(None))
+    outside: list[str] = []
+    named = _named_paths(doc, ctx, stat_cache or StatCache(None), outside)
     if named:  # absent when no argument names a project file, so such keys are unchanged
         doc["paths"] = named
     doc["packages"] = sorted(ctx.packages | runtime_packages())
     liveness.check_loaded(ctx)  # never file one code's result under another's key
-    # Uncommitted data is dirty like uncommitted code (the same warning, strict error and
-    # status); git-ignored data is kept out of git on purpose and is not.
+    # Uncommitted data (and a file an argument names) is dirty like uncommitted code (the
+    # same warning, strict error and status); git-ignored data is kept out of git on purpose
+    # and is not.
     dirty = tuple(
         sorted(
             [
                 *(f for f in ctx.files.values() if f.dirty),
-                *uncommitted(data_file_ids(doc).items(), ctx.snapshot),
+                *uncommitted(
+                    [*data_file_ids(doc).items(), *argpaths.named_files(doc)], ctx.snapshot
+                ),
             ],
             key=lambda f: f.path,
         )
     )
-    return Manifest(doc, dirty, tuple(ctx.incomplete))
+    return Manifest(doc, dirty, tuple(ctx.incomplete), outside=tuple(outside))
 
 
 def data_file_ids(doc: Mapping[str, Any]) -> dict[str, str]:
@@ -279,15 +287,19 @@ def data_file_ids(doc: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def _named_paths(doc: Mapping[str, Any], ctx: Context, cache: StatCache) -> list[list[Any]]:
+def _named_paths(
+    doc: Mapping[str, Any], ctx: Context, cache: StatCache, outside: list[str]
+) -> list[list[Any]]:
     """The `paths` part: the project files and directories that strings in the arguments and
-    in the module values the closure reads name, with their content (argpaths.py)."""
+    in the module values the closure reads name, with their content (argpaths.py); those
+    naming a path outside the project are added to `outside`."""
     trees: list[tuple[str, Any]] = [(argpaths.ARGS, doc["args"])]
     for qual, entry in (doc.get("code") or {}).get("module_values") or []:
         trees.append((f"module value {qual}", entry.get("value")))
     for qual, value in sorted(ctx.constants.items()):
         trees.append((f"module value {qual}", ctx.encode(value, f"module value {qual}")))
-    return argpaths.paths_part(trees, ctx.snapshot, cache, [default_root(ctx.snapshot.root)])
+    root = ctx.snapshot.root
+    return argpaths.paths_part(trees, ctx.snapshot, cache, [default_root(root)], outside)
 
 
 def strict() -> bool:
@@ -296,9 +308,12 @@ def strict() -> bool:
 
 def check_dirty(manifest: Manifest, what: str, *, strict_mode: bool | None = None) -> None:
     """Warn (or, in strict mode, fail) when a manifest includes uncommitted files, code or
-    data alike; warn when a dynamic import left the closure incomplete."""
+    data alike; warn when a dynamic import left the closure incomplete, or an argument names
+    a path outside the project."""
     for line in manifest.incomplete:
         warnings.warn(f"{what}: {line}", IncompleteClosureWarning, stacklevel=3)
+    for line in manifest.outside:
+        warnings.warn(f"{what}: {line}", ObservationWarning, stacklevel=3)
     if not manifest.dirty:
         return
     message = f"{what} {dirty_text(manifest.dirty)}"

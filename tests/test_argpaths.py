@@ -230,8 +230,9 @@ def test_keys_hold_no_absolute_path_and_outside_paths_are_not_keyed(
     repo: Repo, tmp_path: pathlib.Path
 ) -> None:
     """An absolute path inside the project is keyed under its repo-relative name, as is a
-    closure cell, a partial's keyword and a dict key; a path outside the project, the project
-    root itself, `.git` and strings naming nothing are not keyed."""
+    closure cell, a partial's keyword and a dict key; a path outside the project (said in a
+    sentence the build warns with), the project root itself, `.git` and strings naming
+    nothing are not keyed."""
     repo.write({"tok/t.json": "{}\n", "lookups/a.txt": "1\n"}, commit="files")
     outside = tmp_path / "outside.txt"
     outside.write_text("x")
@@ -252,7 +253,8 @@ def test_keys_hold_no_absolute_path_and_outside_paths_are_not_keyed(
         "partial": {"keywords": {"dict": [["p", {"path": ["<root>", "tok/t.json"]}]]}},
     }
     snap = Snapshot(root)
-    part = argpaths.paths_part([("argument ", tree)], snap, StatCache(None))
+    outside_lines: list[str] = []
+    part = argpaths.paths_part([("argument ", tree)], snap, StatCache(None), (), outside_lines)
     blob = repo.git("rev-parse", "HEAD:tok/t.json")
     a_txt = repo.git("rev-parse", "HEAD:lookups/a.txt")
     assert part == [
@@ -262,6 +264,11 @@ def test_keys_hold_no_absolute_path_and_outside_paths_are_not_keyed(
         ["argument partial.keywords['p']", "tok/t.json", blob],
     ]
     assert root not in json.dumps(part)
+    assert outside_lines == [
+        f"argument fn_kwargs['outside'] names {outside}, outside the project: its content is "
+        f"not in the key, so a change to it does not rebuild the stage; move it into the "
+        f"project to have it keyed"
+    ]
 
 
 def test_a_string_naming_nothing_is_not_statted(repo: Repo) -> None:
@@ -313,7 +320,8 @@ def test_an_absolute_path_inside_the_project_gives_the_same_key_in_every_clone(
 ) -> None:
     """An argument holding an absolute path inside the project (built from `__file__`, say)
     is encoded relative to the project, so two clones at different places agree; the file
-    it names is keyed by content."""
+    it names is keyed by content. One outside the project is not keyed, and a warning says
+    so."""
     repo.write(
         {
             "t.py": """
@@ -349,6 +357,21 @@ def test_an_absolute_path_inside_the_project_gives_the_same_key_in_every_clone(
     assert paths == [
         ["argument fn_kwargs['path']", "tok/t.json", repo.git("rev-parse", "HEAD:tok/t.json")]
     ]
+
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    warned = run_python(
+        f"""
+        import warnings, t, hfbuild
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            _, m = hfbuild.fingerprint(t.f, {{"path": {str(outside)!r}}}, return_manifest=True)
+        assert "paths" not in m.doc
+        print([str(w.message) for w in caught if w.category is hfbuild.ObservationWarning])
+        """,
+        repo.path,
+    )
+    assert f"argument fn_kwargs['path'] names {outside}, outside the project" in warned.stdout
 
 
 def test_every_place_the_key_holds_a_value_is_searched(repo: Repo) -> None:
