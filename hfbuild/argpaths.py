@@ -96,7 +96,7 @@ def strings(
 
 
 # Parts of a callable's `args` (closure.py) that map names to encoded values.
-_BY_NAME = frozenset({"closure", "globals", "partial"})
+_BY_NAME = frozenset({"closure", "globals", "partial", "defaults", "attrs"})
 
 
 class _Finder:

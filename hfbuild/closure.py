@@ -55,8 +55,9 @@ class Context:
     # Ids of what is being encoded (canonical.py): a callable met again inside what it
     # carries (a recursive nested function, a wrapper reaching itself) is named, not followed.
     active: set[int] = field(default_factory=set)
-    # Module constants the closure reads that equal their source and may hold a string
-    # naming a project file (argpaths.py keys the file's content): qualified name -> value.
+    # Values keyed by their source (module constants equal to it, a function's literal
+    # defaults) that may hold a string naming a project file, whose content argpaths.py keys:
+    # where `explain` says it is (`module value transforms.TOKENIZER`) -> value.
     constants: dict[str, Any] = field(default_factory=dict)
 
     def encode(self, value: Any, path: str) -> canonical.Encoded:
@@ -312,6 +313,12 @@ def _function(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
             target["file"] = ctx.snapshot.rel(code.co_filename)
         if (fn.__defaults__ or fn.__kwdefaults__) and not _source_defaults(fn, ctx):
             args["defaults"] = _defaults(fn, ctx, path)
+        elif fn.__defaults__ or fn.__kwdefaults__:
+            # Keyed by the source; a string among them may name a file whose content must
+            # be keyed too (argpaths.py), as for a module constant.
+            for name, value in _default_values(fn).items():
+                if isinstance(value, (str, list, tuple, dict, set, frozenset)):
+                    ctx.constants[f"argument {name} (default of {fn.__qualname__})"] = value
         _carried(fn, held, args, ctx, path)
         # The code in memory is the code in the files, and the module values it reads.
         liveness.follow_globals(fn, ctx)
@@ -400,6 +407,14 @@ def _wrapped(wrapped: Any, ctx: Context, path: str) -> canonical.Encoded:
 def _defaults(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]:
     """`fn`'s default values by parameter name, positional and keyword-only ones alike (names
     are unique in a signature), so `explain` names the one that changed."""
+    return {
+        name: ctx.encode(value, f"{path}.<default {name}>")
+        for name, value in sorted(_default_values(fn).items())
+    }
+
+
+def _default_values(fn: types.FunctionType) -> dict[str, Any]:
+    """`fn`'s default values by parameter name (see `_defaults`)."""
     code = fn.__code__
     positional = fn.__defaults__ or ()
     params = code.co_varnames[: code.co_argcount]
@@ -409,10 +424,7 @@ def _defaults(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
         names = tuple(f"<default {i}>" for i in range(len(positional)))
     values = dict(zip(names, positional, strict=True))
     values.update(fn.__kwdefaults__ or {})
-    return {
-        name: ctx.encode(value, f"{path}.<default {name}>")
-        for name, value in sorted(values.items())
-    }
+    return values
 
 
 # (blob id) -> {(qualname, first line): (positional defaults, keyword-only defaults)}, each

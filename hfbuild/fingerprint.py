@@ -296,8 +296,8 @@ def _named_paths(
     trees: list[tuple[str, Any]] = [(argpaths.ARGS, doc["args"])]
     for qual, entry in (doc.get("code") or {}).get("module_values") or []:
         trees.append((f"module value {qual}", entry.get("value")))
-    for qual, value in sorted(ctx.constants.items()):
-        trees.append((f"module value {qual}", ctx.encode(value, f"module value {qual}")))
+    for where, value in sorted(ctx.constants.items()):
+        trees.append((where, ctx.encode(value, where)))
     root = ctx.snapshot.root
     return argpaths.paths_part(trees, ctx.snapshot, cache, [default_root(root)], outside)
 

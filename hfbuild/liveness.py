@@ -552,7 +552,7 @@ def _compare(module: str, name: str, value: Any, src: _Bindings, ctx: Context) -
             if isinstance(value, (str, list, tuple, dict, set, frozenset)):
                 # Keyed by its source, but a string in it may name a file whose content
                 # must be keyed too (argpaths.py).
-                ctx.constants[qual] = value
+                ctx.constants[f"module value {qual}"] = value
             return
         ctx.module_values[qual] = {
             "source": ctx.encode(literal, f"module value {qual}"),

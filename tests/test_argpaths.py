@@ -376,8 +376,9 @@ def test_an_absolute_path_inside_the_project_gives_the_same_key_in_every_clone(
 
 def test_every_place_the_key_holds_a_value_is_searched(repo: Repo) -> None:
     """fn_kwargs (nested), a closure cell, a partial's positional and keyword arguments, a
-    bound instance's attribute and a module constant read through another module all key
-    the file they name, each under the name `explain` gives it (a fresh process)."""
+    bound instance's attribute, a default (the source's literal, or one a factory gave) and a
+    module constant read through another module all key the file they name, each under the
+    name `explain` gives it (a fresh process)."""
     repo.write(
         {
             "conf.py": 'VOCAB = ["tok/t.json", "not a path"]\n',
@@ -404,6 +405,17 @@ def test_every_place_the_key_holds_a_value_is_searched(repo: Repo) -> None:
 
                     def __call__(self, batch):
                         return self.path
+
+
+                def by_default(batch, path="tok/t.json"):
+                    return path
+
+
+                def making(p):
+                    def h(batch, path=p):
+                        return path
+
+                    return h
                 """,
             "tok/t.json": "{}\n",
             "lookups/a.txt": "1\n",
@@ -417,6 +429,8 @@ def test_every_place_the_key_holds_a_value_is_searched(repo: Repo) -> None:
             "cell": (t.closing("tok/t.json"), None),
             "partial": (functools.partial(t.f, "tok/t.json", extra="lookups"), None),
             "instance": (t.Reader("tok/t.json"), None),
+            "source default": (t.by_default, None),
+            "made default": (t.making("lookups"), None),
         }
         out = {}
         for name, (fn, kwargs) in cases.items():
@@ -436,4 +450,6 @@ def test_every_place_the_key_holds_a_value_is_searched(repo: Repo) -> None:
             constant,
         ],
         "instance": [["argument self.path", "tok/t.json"]],
+        "source default": [["argument path (default of by_default)", "tok/t.json"]],
+        "made default": [["argument defaults.path", "lookups"]],
     }
