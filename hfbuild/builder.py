@@ -122,6 +122,16 @@ def _load(spec: StageSpec, files: Any, scratch: str) -> Any:
     )
 
 
+def parquet_features(path: str) -> Any:
+    """The features datasets' parquet builder gives a load whose first data file is
+    `path`: its Arrow schema's (`Features.from_arrow_schema(pq.read_schema(f))`, as the
+    builder reads it)."""
+    import pyarrow.parquet as pq
+
+    with open(path, "rb") as f:
+        return datasets.Features.from_arrow_schema(pq.read_schema(f))
+
+
 def _map_or_filter(spec: StageSpec, ds: Any, fp: str, scratch: str, tag: str) -> Any:
     options = dict(spec.options)
     options.pop("sharded", None)

@@ -141,7 +141,24 @@ def _shards(pipe: Pipeline, m: Manifest, old_fp: str | None) -> list[str]:
     if m.shards is None:
         return []
     old = (pipe.store.read_manifest(old_fp) or {}).get("shards") if old_fp else None
-    return shards.changes(m.shard_list, pipe.store.has, old)
+    return shards.changes(m.shard_list, pipe.store.has, old, _old_inputs(pipe, old))
+
+
+def _old_inputs(pipe: Pipeline, old: Any) -> dict[str, tuple[str, str | None]]:
+    """label -> (input key, digest of the keys before it, None if not recorded) of each
+    shard its last build listed: from the listing, else from the shard's own manifest."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for row in old if isinstance(old, list) else []:
+        if not (isinstance(row, list) and len(row) >= 3):
+            continue
+        facts: Any = row[4] if len(row) >= 5 and isinstance(row[4], dict) else {}
+        if "input" not in facts:
+            doc = pipe.store.read_manifest(str(row[1])) or {}
+            facts = doc.get("shard") if isinstance(doc.get("shard"), dict) else {}
+        if isinstance(facts.get("input"), str):
+            before = facts.get("before")
+            out[str(row[2])] = (facts["input"], before if isinstance(before, str) else None)
+    return out
 
 
 def stage_states(pipe: Pipeline) -> list[StageState]:

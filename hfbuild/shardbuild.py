@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -221,7 +222,12 @@ def _publish(
             "stamp": stored.get("stamp") or store.manifest_stamp(s.key),
             **_row_base(pipe, spec, stored),
         }
+        if spec.kind == "map":
+            facts["features"] = stored.get("features") or _stored_features(store, s.key)
+        facts.update(input=s.input, before=s.before)  # what `explain` compares a rebuild with
         listed.append([s.split, s.key, s.label, stored["files"], facts])
+    if spec.kind == "map":
+        _check_features(spec, listed)
     as_dict = _is_dict(pipe, spec)
     doc = entry_doc(
         spec.name,
@@ -243,6 +249,37 @@ def _publish(
         store.discard(tmp)
         return stored
     return store.publish(tmp, fp, doc)
+
+
+def _stored_features(store: Any, key: str) -> str:
+    """The features digest of a map shard stored before shards recorded it."""
+    import datasets
+
+    with open(os.path.join(store.data_path(key), "dataset_info.json"), encoding="utf-8") as f:
+        info = datasets.DatasetInfo.from_dict(json.load(f))
+    return _features_id(info.features)
+
+
+def _check_features(spec: StageSpec, listed: Sequence[list[Any]]) -> None:
+    """A sharded map's shards with rows all have the same output features, or the stage
+    fails: datasets' map over the whole input fixes its features by the first rows it
+    writes and casts the others to them (or fails), which shards built apart cannot
+    reproduce. (An empty shard's are its input's: the result leaves it out.)"""
+    first: tuple[str, str] | None = None
+    for row in listed:
+        facts = row[4]
+        if facts.get("rows") == 0:
+            continue
+        if first is None:
+            first = (str(row[2]), str(facts["features"]))
+        elif facts["features"] != first[1]:
+            raise BuildError(
+                f"map stage {spec.name!r}: its function gives other column types for "
+                f"{row[2]} than for {first[0]}. Plain datasets casts its whole output to the "
+                f"types of the first rows it writes (or fails), which a build file by file "
+                f"cannot reproduce; give the stage sharded=False, or make the function return "
+                f"the same types for every file (say, float values in every file)."
+            )
 
 
 def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:
@@ -317,7 +354,8 @@ def _build_shard(
                 f"it cannot be built here."
             )
         files = {s.split: [group[s.pos]]}
-        out = builder.run_stage(spec, [], s.key, path, pipe.root, files, **named)
+        one = _with_decided_features(spec, m)
+        out = builder.run_stage(one, [], s.key, path, pipe.root, files, **named)
         if isinstance(out, dict):
             out = out[s.split]
     else:
@@ -333,7 +371,7 @@ def _build_shard(
         store.discard(scratch)  # out of the entry, before it is published
     doc = {
         "stage": spec.name,
-        "shard": {"split": s.split, "label": s.label, "input": s.input},
+        "shard": {"split": s.split, "label": s.label, "input": s.input, "before": s.before},
         "rows": info.rows,
         "content_hash": info.content_hash,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -342,7 +380,39 @@ def _build_shard(
     }
     if info.indices is not None:
         doc["indices"] = info.indices
+    if spec.kind == "map":
+        doc["features"] = _features_id(out.features)
     return path, doc
+
+
+def _features_id(features: Any) -> str:
+    """A digest of a map shard's output features (`Features.to_dict`), compared across the
+    stage's shards (`_check_features`)."""
+    from hfbuild import canonical
+
+    return canonical.digest(json.dumps(features.to_dict(), sort_keys=True).encode())
+
+
+def _with_decided_features(spec: StageSpec, m: Manifest) -> StageSpec:
+    """A load shard's spec with the features `datasets` decides for the whole load
+    (`shards.features_decider`): the stage's own `features=`, or, for parquet, the first
+    data file's schema, as datasets' parquet builder reads it."""
+    if spec.options.get("features") is not None:
+        return spec
+    files = m.data_files
+    first = shards.first_file({}, files)
+    if first is None:
+        raise BuildError(f"load stage {spec.name!r}: it has no data file to take features from.")
+    from hfbuild import builder
+
+    try:
+        features = builder.parquet_features(str(first))
+    except Exception as e:
+        raise BuildError(
+            f"load stage {spec.name!r}: datasets takes the features of the first data file, "
+            f"{first}, and reading its schema failed: {type(e).__name__}: {e}"
+        ) from e
+    return dataclasses.replace(spec, options={**spec.options, "features": features})
 
 
 def _clear(store: Any, scratch: str) -> None:

@@ -152,7 +152,40 @@ def for_load(spec: StageSpec, m: Manifest) -> Manifest:
     ins = [ShardIn(s, str(f[1]), str(f[0])) for s, fs in groups for f in fs]
     if len(ins) < 2:
         return m
-    return dataclasses.replace(m, shards=tuple(ins), shard_code=load_code(m.doc))
+    decider = features_decider(spec, data, files)
+    if decider is None:
+        return m
+    code = load_code(m.doc) if not decider else _digest([load_code(m.doc), decider])
+    return dataclasses.replace(m, shards=tuple(ins), shard_code=code)
+
+
+def features_decider(spec: StageSpec, data: Mapping[str, Any], files: Any) -> str | None:
+    """What decides the features of a sharded load's every shard, as `datasets` decides
+    them for the whole load: "" when the stage gives `features=` (every table is cast to
+    them, each by itself), the first data file's content id for parquet (datasets takes
+    the features of the first file of its first split, in its split order, and casts every
+    table to them; a shard is loaded with those features, and the id is in every shard's
+    key). None where a file's load alone can differ from its part of the whole load: json,
+    csv, text and arrow without `features=` (the schema is the first table written, a
+    table of one row is buffered with its neighbours), so the stage is built whole."""
+    if spec.options.get("features") is not None:
+        return ""
+    if data.get("builder") != "parquet":
+        return None
+    first = first_file(data, files)
+    return None if first is None else str(first[1])
+
+
+def first_file(data: Mapping[str, Any], files: Any) -> Any:
+    """The [name, id] of the load's first data file in datasets' order (its first split's
+    first file, whatever `split=` selects: datasets prepares every split), or None."""
+    if isinstance(files, Mapping):
+        order = data.get("splits") or list(files)
+        for k in order:
+            if files.get(k):
+                return files[k][0]
+        return None
+    return files[0] if files else None
 
 
 def load_code_doc(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,8 +209,8 @@ def transform_inputs(spec: StageSpec, parent: Manifest) -> tuple[ShardIn, ...] |
         return None
     if not wanted(spec):
         return None
-    if spec.options.get("batched") and spec.options.get("drop_last_batch"):
-        return None  # which rows are dropped depends on the whole input: not row-local
+    if not row_local(spec.options):
+        return None
     offsets = bool(spec.options.get("with_indices"))
     out = []
     before: dict[str, str] = {}
@@ -189,6 +222,16 @@ def transform_inputs(spec: StageSpec, parent: Manifest) -> tuple[ShardIn, ...] |
     return tuple(out)
 
 
+def row_local(options: Mapping[str, Any]) -> bool:
+    """Whether a map's or filter's output over a shard is its part of the output over the
+    whole input, whatever the shards: not for a batched one (which rows share a batch is
+    decided at the global offsets `datasets` cuts batches at, `batch_size` or its default
+    of 1,000, within each of `num_proc` contiguous parts), nor one that sees its process's
+    rank (`with_rank`: datasets splits the whole input into `num_proc` parts). Those are
+    built whole."""
+    return not options.get("batched") and not options.get("with_rank")
+
+
 INPUT_MARKER = "shards"  # a sharded transform's manifest `inputs`: the shards carry them
 
 
@@ -197,21 +240,50 @@ def is_dict(spec_options: Mapping[str, Any]) -> bool:
     return spec_options.get("split") is None
 
 
-def changes(new: Sequence[Shard], present: Callable[[str], bool], old: Any = None) -> list[str]:
-    """What `explain` and `status` say of a sharded stage that is not built: `3 of 1,001
-    shards new: data/part-1000.parquet (added), ...` (the shards the store lacks; `old`, the
-    `[split, key, label]` rows of its last build, tells added from changed) and the files
-    its last build had that are gone. [] when every shard is in the store."""
+def changes(
+    new: Sequence[Shard],
+    present: Callable[[str], bool],
+    old: Any = None,
+    old_inputs: Mapping[str, tuple[str, str | None]] | None = None,
+) -> list[str]:
+    """What `explain` and `status` say of a sharded stage that is not built, most telling
+    first: that its code or arguments changed (`K of N shards built again for its changed
+    code or arguments`: shards the store lacks whose input is the one their label had in
+    the last build), then `3 of 1,001 shards new: data/part-1000.parquet (added), ...`
+    (the shards the store lacks whose input changed: `old`, the `[split, key, label]` rows
+    of its last build, tells added from changed; `old_inputs`, label -> (input key, the
+    digest of the keys before it or None when unknown) of that build), then the files its
+    last build had that are gone. [] when every shard is in the store."""
     rows = [r for r in old if isinstance(r, list) and len(r) >= 3] if isinstance(old, list) else []
     old_labels = {str(r[2]) for r in rows}
-    fresh = [s for s in new if not present(s.key)]
+    was = old_inputs or {}
+
+    def same_input(s: Shard) -> bool:
+        prev = was.get(s.label)
+        return prev is not None and prev[0] == s.input and prev[1] in (None, s.before)
+
+    old_keys = {str(r[2]): str(r[1]) for r in rows}
+    missing = [s for s in new if not present(s.key)]
+    recoded = [s for s in missing if same_input(s) and old_keys.get(s.label) != s.key]
+    fresh = [s for s in missing if s not in recoded]
     lines = []
+    if recoded:
+        lines.append(
+            f"its code, arguments or the files it reads changed: {len(recoded):,} of "
+            f"{len(new):,} shards built again for it"
+        )
     if fresh:
 
         def why(s: Shard) -> str:
             if not rows:
                 return s.label
-            return f"{s.label} ({'changed' if s.label in old_labels else 'added'})"
+            if s.label not in old_labels:
+                return f"{s.label} (added)"
+            if old_keys.get(s.label) == s.key:
+                return f"{s.label} (not in the store)"
+            prev = was.get(s.label)
+            moved = prev is not None and prev[0] == s.input
+            return f"{s.label} ({'rows before it changed' if moved else 'changed'})"
 
         more = f", and {len(fresh) - 5:,} more" if len(fresh) > 5 else ""
         listing = ", ".join(why(s) for s in fresh[:5])

@@ -511,6 +511,7 @@ class Store:
         by_split: dict[str, list[list[Any]]] = {}
         for row in doc["shards"]:
             by_split.setdefault(str(row[0]), []).append(row)
+        by_split = {s: _without_empty(rows) for s, rows in by_split.items()}
         parts = {
             s: self._concat_shards(str(doc["fingerprint"]), s, rows) for s, rows in by_split.items()
         }
@@ -988,6 +989,19 @@ def _listed_files(doc: dict[str, Any]) -> list[tuple[str, dict[str, int]]]:
 def _row_indexed(row: list[Any]) -> bool:
     """Whether a row of a stage's shard list is an indices shard's (its facts name a base)."""
     return len(row) >= 5 and isinstance(row[4], dict) and "base" in row[4]
+
+
+def _without_empty(rows: list[list[Any]]) -> list[list[Any]]:
+    """A split's shard rows without the empty ones that hold no rows of a base (a map of no
+    rows gives its input's columns, not the function's: datasets' map over the whole input
+    takes its features from the rows it has), when a shard with rows is listed; else all."""
+
+    def empty(row: list[Any]) -> bool:
+        facts = row[4] if len(row) >= 5 and isinstance(row[4], dict) else {}
+        return facts.get("rows") == 0 and "base" not in facts and not _row_indexed(row)
+
+    kept = [r for r in rows if not empty(r)]
+    return kept or rows[:1]
 
 
 def _row_base(row: list[Any]) -> tuple[str, dict[str, int]] | None:

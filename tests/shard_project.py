@@ -1,5 +1,6 @@
 """A real project whose load stage reads several parquet files, for the sharding tests: each
-transform logs `stage:file` per call, so a test counts the calls each shard made."""
+row-local transform (not batched: a batched one is built whole) logs `stage:file` per row,
+so a test sees which shards were built."""
 
 from __future__ import annotations
 
@@ -26,17 +27,17 @@ FILES = {
                     with open(os.environ["PID_LOG"], "a") as out:
                         out.write(f"{stage}:{os.getpid()}\\n")
 
-        def feat(batch):
-            log("feat", batch)
-            return {"y": [x * 2 for x in batch["x"]]}
+        def feat(row):
+            log("feat", {"f": [row["f"]]})
+            return {"y": row["x"] * 2}
 
-        def idx(batch, indices):
-            log("idx", batch)
-            return {"i": list(indices)}
+        def idx(row, i):
+            log("idx", {"f": [row["f"]]})
+            return {"i": i}
 
-        def keep(batch):
-            log("keep", batch)
-            return [y % 3 != 0 for y in batch["y"]]
+        def keep(row):
+            log("keep", {"f": [row["f"]]})
+            return row["y"] % 3 != 0
 
         def total(ds):
             log("total", {"f": ["all"]})
@@ -48,9 +49,9 @@ FILES = {
 
         pipe = Pipeline()
         raw = pipe.load("raw", "parquet", data_files=DATA, split="train")
-        feat = pipe.map("feat", raw, t.feat, batched=True, batch_size=7)
-        idx = pipe.map("idx", feat, t.idx, batched=True, with_indices=True)
-        kept = pipe.filter("kept", idx, t.keep, batched=True)
+        feat = pipe.map("feat", raw, t.feat)
+        idx = pipe.map("idx", feat, t.idx, with_indices=True)
+        kept = pipe.filter("kept", idx, t.keep)
         total = pipe.apply("total", kept, t.total)
 
 

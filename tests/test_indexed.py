@@ -132,18 +132,18 @@ def _plain_kept(repo: Repo) -> list[dict[str, Any]]:
 
 EXTRA = {
     "pkg/more.py": """
-        def keep5(batch):
-            return [y % 5 != 0 for y in batch["y"]]
+        def keep5(row):
+            return row["y"] % 5 != 0
 
-        def twice(batch):
-            return {"z": [y * 2 for y in batch["y"]]}
+        def twice(row):
+            return {"z": row["y"] * 2}
         """,
 }
 MORE = """
 from pkg import more
-kept2 = pipe.filter("kept2", kept, more.keep5, batched=True)
-after = pipe.map("after", kept2, more.twice, batched=True)
-whole = pipe.filter("whole", idx, t.keep, batched=True, sharded=False)
+kept2 = pipe.filter("kept2", kept, more.keep5)
+after = pipe.map("after", kept2, more.twice)
+whole = pipe.filter("whole", idx, t.keep, sharded=False)
 """
 
 

@@ -89,28 +89,25 @@ def test_data_edit_rebuilds_exactly_its_shards(tmp_path: pathlib.Path, edit: str
 
 
 def test_reordered_globs_rebuild_only_offset_shards(tmp_path: pathlib.Path) -> None:
-    """Listing the same files in another order keeps every offset-free shard (nothing is
+    """Listing the same files in another order after the first (the first file's schema
+    decides every load shard's features) keeps every offset-free shard (nothing is
     recomputed for feat) and equals a fresh build of the new order."""
-    repo = make_project(
-        Repo.init(tmp_path / "repo"), data='["data/part-0.parquet", "data/part-[123].parquet"]'
-    )
+    first, rest = '"data/part-0.parquet"', ['"data/part-1.parquet"', '"data/part-[23].parquet"']
+    repo = make_project(Repo.init(tmp_path / "repo"), data=f"[{first}, {', '.join(rest)}]")
     log = tmp_path / "calls.log"
     doit(repo, "run", "preprocess", log=log)
     dodo = (repo.path / "dodo.py").read_text()
     (repo.path / "dodo.py").write_text(
-        dodo.replace(
-            '["data/part-0.parquet", "data/part-[123].parquet"]',
-            '["data/part-[123].parquet", "data/part-0.parquet"]',
-        )
+        dodo.replace(f"[{first}, {', '.join(rest)}]", f"[{first}, {', '.join(rest[::-1])}]")
     )
     repo.commit("reorder")
     log.unlink()
     doit(repo, "run", "preprocess", log=log)
     c = calls(log)
     assert _per_shard(c, "feat") == set()
-    assert _per_shard(c, "idx") == {f"part-{i}" for i in range(4)}  # every offset moved
+    assert _per_shard(c, "idx") == {"part-1", "part-2", "part-3"}  # their offsets moved
     after = state(repo)
-    assert after["raw"]["rows"]["f"][0] == "part-1"  # type: ignore[index]
+    assert after["raw"]["rows"]["f"][10] == "part-2"  # type: ignore[index]
     assert after == _fresh(repo, tmp_path, tmp_path / "fresh.log")
 
 
@@ -224,6 +221,9 @@ def test_rebuild_takes_listed_shards_only_while_their_files_are_intact(
             "rows": shard["rows"],
             "content_hash": shard["content_hash"],
             "stamp": [st.st_mtime_ns, st.st_size],
+            "features": shard["features"],
+            "input": shard["shard"]["input"],
+            "before": "",
         }
     victim = next(r for r in rows if r[2] == "data/part-2.parquet")[1]
     arrow = next((store / "objects" / victim[:2] / victim / "data").glob("*.arrow"))
@@ -300,16 +300,16 @@ def test_explain_and_status_name_the_new_shards(tmp_path: pathlib.Path) -> None:
     repo = make_project(Repo.init(tmp_path / "repo"))
     doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
     write_part(repo, "part-4", 400)
-    write_part(repo, "part-0", 7)
+    write_part(repo, "part-1", 7)  # not the first file: its schema is every shard's
     repo.commit("grow")
     out = run_hfbuild(repo, "explain", "feat")
     assert out.returncode == 1
     assert (
-        "2 of 5 shards new: data/part-0.parquet (changed), data/part-4.parquet (added)"
+        "2 of 5 shards new: data/part-1.parquet (changed), data/part-4.parquet (added)"
         in out.stdout
     )
     out = run_hfbuild(repo, "status")
-    assert "feat   stale: 2 of 5 shards new: data/part-0.parquet (changed)" in out.stdout
+    assert "feat   stale: 2 of 5 shards new: data/part-1.parquet (changed)" in out.stdout
     assert "raw    stale: 2 of 5 shards new" in out.stdout
 
 
@@ -338,8 +338,8 @@ def test_explain_says_a_sharded_result_is_its_listed_shards(tmp_path: pathlib.Pa
 SPLIT_FILES = {
     "pkg/__init__.py": "",
     "pkg/t.py": """
-        def feat(batch):
-            return {"y": [x * 2 for x in batch["x"]]}
+        def feat(row):
+            return {"y": row["x"] * 2}
         """,
     "dodo.py": """
         from hfbuild import Pipeline
@@ -351,7 +351,7 @@ SPLIT_FILES = {
             "test": ["data/part-2.parquet", "data/part-3.parquet"],
         }
         raw = pipe.load("raw", "parquet", data_files=files)
-        feat = pipe.map("feat", raw, t.feat, batched=True)
+        feat = pipe.map("feat", raw, t.feat)
 
 
         def task_preprocess():
@@ -486,9 +486,9 @@ def test_four_concurrent_builders_build_each_shard_once(tmp_path: pathlib.Path) 
         assert p.returncode == 0, err.decode()[-2000:]
     c = calls(log)
     for i in range(6):
-        assert c[f"feat:part-{i}"] == 2  # two batches of 7 rows over its 10
-        assert c[f"idx:part-{i}"] == 1
-        assert c[f"keep:part-{i}"] == 1
+        assert c[f"feat:part-{i}"] == 10  # once per row
+        assert c[f"idx:part-{i}"] == 10
+        assert c[f"keep:part-{i}"] == 10
     assert c["total:all"] == 1
     assert state(repo) == _fresh(repo, tmp_path, tmp_path / "fresh.log")
 
@@ -500,8 +500,8 @@ def test_file_read_at_run_time_is_in_every_shard_key(tmp_path: pathlib.Path) -> 
     repo = make_project(Repo.init(tmp_path / "repo"))
     t = (repo.path / "pkg" / "t.py").read_text()
     t = t.replace(
-        'return {"y": [x * 2 for x in batch["x"]]}',
-        'k = int(open("conf/k.txt").read())\n    return {"y": [x * k for x in batch["x"]]}',
+        'return {"y": row["x"] * 2}',
+        'k = int(open("conf/k.txt").read())\n    return {"y": row["x"] * k}',
     )
     (repo.path / "pkg" / "t.py").write_text(t)
     (repo.path / "conf").mkdir()
@@ -536,7 +536,7 @@ def test_num_proc_builds_shards_in_parallel_processes(tmp_path: pathlib.Path) ->
     doit(repo, "run", "preprocess", log=log)
     serial = state(repo)
     dodo = (repo.path / "dodo.py").read_text()
-    dodo = dodo.replace("batch_size=7)", "batch_size=7, num_proc=2)")
+    dodo = dodo.replace("t.feat)", "t.feat, num_proc=2)")
     dodo = dodo.replace("with_indices=True)", "with_indices=True, num_proc=2)")
     (repo.path / "dodo.py").write_text(dodo)
     repo.commit("num_proc")
@@ -547,36 +547,34 @@ def test_num_proc_builds_shards_in_parallel_processes(tmp_path: pathlib.Path) ->
     assert len({line for line in pids.read_text().split() if line.startswith("feat:")}) == 2
     c = calls(log)
     for i in range(5):
-        assert c[f"feat:part-{i}"] == 2 and c[f"idx:part-{i}"] == 1
+        assert c[f"feat:part-{i}"] == 10 and c[f"idx:part-{i}"] == 10
     assert state(repo, env) == serial
     assert list((tmp_path / "parallel-store" / "tmp").iterdir()) == []  # nothing left behind
     assert out.returncode == 0
 
 
 def test_sharded_false_keeps_the_whole_input_build(tmp_path: pathlib.Path) -> None:
-    """`sharded=False` on a map runs it over the whole input as before (one stored entry,
-    batches across files), while the load under it stays sharded and the rows are equal."""
+    """`sharded=False` on a map runs it over the whole input as before (one stored entry),
+    while the load under it stays sharded and the rows are equal."""
     repo = make_project(Repo.init(tmp_path / "repo"))
     log = tmp_path / "calls.log"
     doit(repo, "run", "preprocess", log=log)
     sharded = state(repo)
     dodo = (repo.path / "dodo.py").read_text()
-    (repo.path / "dodo.py").write_text(
-        dodo.replace("batch_size=7)", "batch_size=7, sharded=False)")
-    )
+    (repo.path / "dodo.py").write_text(dodo.replace("t.feat)", "t.feat, sharded=False)"))
     repo.commit("opt out")
     log.unlink()
     doit(repo, "run", "preprocess", log=log)
     c = calls(log)
-    # Batches of 7 over 40 rows (one line per file in a batch): 3 batches span two files,
-    # 9 lines; file by file it would be 2 batches a file, 8 lines.
-    assert sum(n for k, n in c.items() if k.startswith("feat:")) == 9
+    assert sum(n for k, n in c.items() if k.startswith("feat:")) == 40  # once per row
     whole = state(repo)
     assert whole["feat"]["rows"] == sharded["feat"]["rows"]
     assert whole["feat"]["fp"] != sharded["feat"]["fp"]
     store = repo.path / ".hfbuild" / "objects"
     doc = json.loads(next(store.glob(f"*/{whole['feat']['fp']}/manifest.json")).read_text())
     assert "shards" not in doc and doc["files"]
+    raw = json.loads(next(store.glob(f"*/{whole['raw']['fp']}/manifest.json")).read_text())
+    assert len(raw["shards"]) == 4
 
 
 def test_deep_verify_finds_a_damaged_shard_and_the_stage_is_not_served(
@@ -811,7 +809,9 @@ def test_split_order_of_a_dict_load_is_in_its_key_and_its_result(
     before = {p.name for d in (store / "objects").iterdir() for p in d.iterdir()}
     doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
     after = {p.name for d in (store / "objects").iterdir() for p in d.iterdir()}
-    assert len(after - before) == 3  # the three stages' entries; the load shards are shared
+    # The three stages' entries, and the four load shards: the first split's first file,
+    # whose schema datasets gives every file, is another one (it is in every shard's key).
+    assert len(after - before) == 3 + 4
     swapped = json.loads(run_python(SPLIT_ORDER, repo.path).stdout.strip().splitlines()[-1])
     for name in ("raw", "whole", "order"):
         assert swapped[name]["fp"] != got[name]["fp"], name
@@ -866,8 +866,8 @@ from pkg import t
 
 pipe = Pipeline()
 raw = pipe.load("raw", "parquet", data_files={SPLITS})
-feat = pipe.map("feat", raw, t.feat, batched=True, batch_size=7)
-kept = pipe.filter("kept", feat, t.keep, batched=True)
+feat = pipe.map("feat", raw, t.feat)
+kept = pipe.filter("kept", feat, t.keep)
 
 
 def task_preprocess():
@@ -886,7 +886,7 @@ for name in ("raw", "feat", "kept"):
     out[name] = {{s: dd[s].to_dict() for s in dd}}
 files = {{s: sorted(glob.glob(p)) for s, p in {SPLITS}.items()}}
 plain = datasets.load_dataset("parquet", data_files=files)
-plain = plain.map(t.feat, batched=True, batch_size=7).filter(t.keep, batched=True)
+plain = plain.map(t.feat).filter(t.keep)
 out["plain"] = {{s: plain[s].to_dict() for s in plain}}
 print(json.dumps(out))
 """

@@ -1,0 +1,304 @@
+"""Issue #24: a served result equals plain `datasets`' result over the same code and files
+(one `load_dataset` of all the files, then the same map/filter calls), cold and after an
+append: rows, order, features and split order; where plain `datasets` raises, the stage
+fails and serves nothing. Plain `datasets` runs uncached, in a fresh cache, in a process
+of its own that never imports hfbuild."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+from tests.helpers import Repo, run_hfbuild, run_python
+from tests.pipeline_project import doit
+
+DODO = """
+from hfbuild import Pipeline
+from plan import PLAN
+
+pipe = Pipeline()
+stages = {}
+for kind, name, src, arg, kw in PLAN:
+    if kind == "load":
+        stages[name] = pipe.load(name, src, data_files=arg, **kw)
+    else:
+        stages[name] = getattr(pipe, kind)(name, stages[src], arg, **kw)
+
+
+def task_preprocess():
+    yield from pipe.tasks()
+"""
+
+DESCRIBE = """
+import datasets
+
+
+def describe(ds):
+    if isinstance(ds, datasets.DatasetDict):
+        return {"splits": list(ds), "parts": {s: describe(d) for s, d in ds.items()}}
+    return {"features": ds.features.to_dict(), "rows": ds.to_list()}
+"""
+
+PLAIN = (
+    DESCRIBE
+    + """
+import json, tempfile, warnings
+warnings.simplefilter("ignore")
+datasets.disable_progress_bars()
+from plan import PLAN
+
+cache = tempfile.mkdtemp()  # a fresh cache: nothing of another run is reused
+out, made = {}, {}
+for kind, name, src, arg, kw in PLAN:
+    try:
+        if kind == "load":
+            made[name] = datasets.load_dataset(src, data_files=arg, cache_dir=cache, **kw)
+        else:
+            made[name] = getattr(made[src], kind)(arg, **kw)
+        out[name] = describe(made[name])
+    except Exception as e:
+        out[name] = {"error": type(e).__name__}
+        break
+print(json.dumps(out))
+"""
+)
+
+SERVED = (
+    DESCRIBE
+    + """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+from plan import PLAN
+
+out = {}
+for _, name, _, _, _ in PLAN:
+    try:
+        out[name] = describe(dodo.pipe.result(name))
+    except Exception as e:
+        out[name] = {"error": type(e).__name__}
+        break
+print(json.dumps(out))
+"""
+)
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    got: dict[str, Any] = json.loads(text.strip().splitlines()[-1])
+    return got
+
+
+def _project(tmp_path: pathlib.Path, plan: str, transforms: str = "") -> Repo:
+    repo = Repo.init(tmp_path / "repo")
+    repo.write(
+        {
+            "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG"]\n',
+            "pkg/__init__.py": "",
+            "pkg/t.py": transforms,
+            "plan.py": plan,
+            "dodo.py": DODO,
+        }
+    )
+    return repo
+
+
+def _check(repo: Repo, tmp_path: pathlib.Path) -> dict[str, Any]:
+    """Build, then compare every stage's served result with plain datasets'. Where plain
+    datasets raised, the build must have failed and that stage must serve nothing."""
+    repo.commit("state")
+    plain = _last_json(run_python(PLAIN, repo.path).stdout)
+    built = doit(repo, "run", "preprocess", log=tmp_path / "calls.log", check=False)
+    served = _last_json(run_python(SERVED, repo.path).stdout)
+    failed = [n for n, d in plain.items() if "error" in d]
+    if failed:
+        assert built.returncode != 0, (failed, built.stdout)
+        assert "error" in served[failed[0]], (failed, served)
+        for name in plain:
+            if name not in failed:
+                assert served[name] == plain[name], name
+    else:
+        assert built.returncode == 0, built.stderr
+        for name in plain:
+            assert served[name] == plain[name], name
+    return plain
+
+
+def _parquet(repo: Repo, name: str, cols: dict[str, Any]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (repo.path / "data").mkdir(exist_ok=True)
+    pq.write_table(pa.table(cols), repo.path / "data" / name)
+
+
+GROUP_TEXTS = """
+from itertools import chain
+
+BLOCK = 8
+
+
+def group_texts(examples):
+    # transformers' run_clm.py: concatenate a batch, cut blocks, drop the remainder
+    concatenated = {"input_ids": list(chain(*examples["input_ids"]))}
+    total = len(concatenated["input_ids"])
+    total = (total // BLOCK) * BLOCK
+    result = {
+        k: [t[i : i + BLOCK] for i in range(0, total, BLOCK)] for k, t in concatenated.items()
+    }
+    result["labels"] = result["input_ids"].copy()
+    return result
+
+
+def center(batch):
+    mean = sum(batch["x"]) / len(batch["x"])
+    return {"c": [x - mean for x in batch["x"]]}
+
+
+def batch_max(batch):
+    return {"m": [max(batch["x"])] * len(batch["x"])}
+
+
+def above_mean(batch):
+    mean = sum(batch["x"]) / len(batch["x"])
+    return [x >= mean for x in batch["x"]]
+"""
+
+BATCH_PLAN = """
+from pkg import t
+
+PLAN = [
+    ("load", "raw", "parquet", "data/*.parquet", {"split": "train"}),
+    ("map", "tok", "raw", t.group_texts,
+     {"batched": True, "remove_columns": ["input_ids", "x"]}),
+    ("map", "centered", "raw", t.center, {"batched": True, "batch_size": None}),
+    ("map", "maxed", "raw", t.batch_max, {"batched": True, "batch_size": 3}),
+    ("filter", "kept", "raw", t.above_mean, {"batched": True}),
+]
+"""
+
+
+def _token_file(repo: Repo, i: int, rows: int) -> None:
+    ids = [[(i * 100 + r * 7 + k) % 50 for k in range(3 + (r % 5))] for r in range(rows)]
+    _parquet(repo, f"part-{i}.parquet", {"input_ids": ids, "x": [i * 10 + r for r in range(rows)]})
+
+
+def test_batched_stages_cut_batches_where_datasets_does(tmp_path: pathlib.Path) -> None:
+    """Seen: batches cut at file boundaries. transformers' group_texts over 4 files, a
+    batch_size=None mean, batch_size=3 and a batched filter against its batch's mean equal
+    plain datasets, cold and after appending a file."""
+    repo = _project(tmp_path, BATCH_PLAN, GROUP_TEXTS)
+    for i, rows in enumerate((7, 5, 9, 6)):
+        _token_file(repo, i, rows)
+    plain = _check(repo, tmp_path)
+    assert len({json.dumps(r["m"]) for r in plain["maxed"]["rows"]}) > 1
+    _token_file(repo, 4, 8)
+    _check(repo, tmp_path)
+
+
+def test_json_files_take_the_first_files_types(tmp_path: pathlib.Path) -> None:
+    """Seen: schemas decided per file. JSON lines whose first file has float `x` and later
+    files int `x` load as float64, as plain datasets loads them, and a map over them too;
+    appending an int file keeps the result readable and equal."""
+    plan = """
+        from pkg import t
+
+        PLAN = [
+            ("load", "raw", "json", "data/*.jsonl", {"split": "train"}),
+            ("map", "twice", "raw", t.twice, {}),
+        ]
+        """
+    repo = _project(tmp_path, plan, "def twice(row):\n    return {'y': row['x'] * 2}\n")
+    (repo.path / "data").mkdir()
+    (repo.path / "data" / "a.jsonl").write_text('{"x": 1.5}\n{"x": 2.5}\n')
+    (repo.path / "data" / "b.jsonl").write_text('{"x": 1}\n{"x": 2}\n')
+    plain = _check(repo, tmp_path)
+    assert plain["raw"]["features"] == {"x": {"dtype": "float64", "_type": "Value"}}
+    (repo.path / "data" / "c.jsonl").write_text('{"x": 3}\n')
+    _check(repo, tmp_path)
+
+
+def test_appended_int_parquet_file_is_cast_to_the_first_files_float(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Seen: appending a file whose column is int64 to float64 files: plain datasets casts
+    it to float64 (the first file's schema), and so does the served result."""
+    plan = """
+        PLAN = [("load", "raw", "parquet", "data/*.parquet", {})]
+        """
+    repo = _project(tmp_path, plan)
+    _parquet(repo, "a.parquet", {"x": [0.5, 1.5]})
+    _parquet(repo, "b.parquet", {"x": [2.5]})
+    _check(repo, tmp_path)
+    _parquet(repo, "c.parquet", {"x": [3, 4]})
+    plain = _check(repo, tmp_path)
+    assert plain["raw"]["parts"]["train"]["features"]["x"]["dtype"] == "float64"
+
+
+def test_a_file_plain_datasets_cannot_cast_fails_the_stage(tmp_path: pathlib.Path) -> None:
+    """Where plain datasets raises (a later JSON file's `x` is text where the first file's
+    is a number), the build fails and the stage serves nothing."""
+    plan = """
+        PLAN = [("load", "raw", "json", "data/*.jsonl", {"split": "train"})]
+        """
+    repo = _project(tmp_path, plan)
+    (repo.path / "data").mkdir()
+    (repo.path / "data" / "a.jsonl").write_text('{"x": 1}\n{"x": 2}\n')
+    (repo.path / "data" / "b.jsonl").write_text('{"x": "one"}\n{"x": "two"}\n')
+    plain = _check(repo, tmp_path)
+    assert "error" in plain["raw"]
+
+
+def test_map_whose_types_differ_by_file_is_never_served_mixed(tmp_path: pathlib.Path) -> None:
+    """A sharded map whose function returns int for one file's rows and float for
+    another's is either equal to plain datasets or fails with a message saying what to do;
+    it is never served mixed (or unreadable)."""
+    plan = """
+        from pkg import t
+
+        PLAN = [
+            ("load", "raw", "parquet", "data/*.parquet", {"split": "train"}),
+            ("map", "half", "raw", t.half, {}),
+        ]
+        """
+    fn = "def half(row):\n    return {'y': row['x'] // 2 if row['x'] < 10 else row['x'] / 2}\n"
+    repo = _project(tmp_path, plan, fn)
+    _parquet(repo, "a.parquet", {"x": [1, 2]})
+    _parquet(repo, "b.parquet", {"x": [11, 13]})
+    repo.commit("state")
+    built = doit(repo, "run", "preprocess", log=tmp_path / "calls.log", check=False)
+    served = _last_json(run_python(SERVED, repo.path).stdout)
+    plain = _last_json(run_python(PLAIN, repo.path).stdout)
+    if built.returncode == 0:
+        assert served == plain
+    else:
+        assert "sharded=False" in built.stdout + built.stderr
+        assert "error" in served["half"]
+
+
+def test_a_changed_argument_is_the_first_reason(tmp_path: pathlib.Path) -> None:
+    """Seen: after editing a closure variable of a sharded stage, `explain` says first that
+    the stage's code or arguments changed, and calls no data file changed or new."""
+    plan = """
+        from pkg import t
+
+        PLAN = [
+            ("load", "raw", "parquet", "data/*.parquet", {"split": "train"}),
+            ("map", "scaled", "raw", t.scale, {}),
+        ]
+        """
+    repo = _project(tmp_path, plan, "K = 2\n\n\ndef scale(row):\n    return {'y': row['x'] * K}\n")
+    for i in range(4):
+        _parquet(repo, f"train-0{i}.parquet", {"x": [i, i + 1]})
+    _check(repo, tmp_path)
+    repo.write({"pkg/t.py": "K = 3\n\n\ndef scale(row):\n    return {'y': row['x'] * K}\n"})
+    repo.commit("K")
+    out = run_hfbuild(repo, "explain", "scaled")
+    text = out.stdout
+    lines = text.splitlines()
+    assert lines[0].endswith("What changed:"), text
+    assert "code, arguments or the files it reads changed" in lines[1], text
+    assert "train-00.parquet (changed)" not in text, text
+    assert "(changed)" not in text and "(added)" not in text, text
+    status = run_hfbuild(repo, "status").stdout
+    assert "stale: its code, arguments or the files it reads changed" in status, status
