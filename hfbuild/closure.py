@@ -617,3 +617,72 @@ def _const_repr(c: object) -> str:
     if isinstance(c, tuple):
         return "tuple:(" + ",".join(_const_repr(e) for e in c) + ")"
     return f"{type(c).__name__}:{c!r}"
+
+
+# -- state a callable keeps between calls (issue #24) --------------------------------------------
+
+_STATE_TYPES = (list, dict, set, bytearray, int, float, complex, str, bytes, bool, tuple, frozenset)
+
+
+def kept_state(fn: Any) -> dict[str, str]:
+    """What `fn` can keep between calls, by name -> digest of its canonical encoding: the
+    closure cells, defaults, `partial` arguments and bound instance it carries, and the
+    module globals its code (and the in-repo functions it reaches through them) reads that
+    hold a built-in container or scalar (a counter, a set of rows seen, a memo dict). A
+    build compares it before and after running `fn` over part of its input: a difference
+    means its output for later rows depends on the rows before them. Values that cannot be
+    encoded canonically are left out, and so are globals bound to other objects (a
+    tokenizer loaded on first use is not state the output depends on)."""
+    out: dict[str, str] = {}
+    seen: set[int] = set()
+
+    def put(name: str, value: Any) -> None:
+        try:
+            enc = canonical.encode(value, name, on_callable=lambda f, p: {"callable": p})
+        except Exception:  # unencodable: not compared
+            return
+        out[name] = canonical.digest(canonical.dumps(enc).encode())
+
+    def walk(f: Any, path: str) -> None:
+        if id(f) in seen:
+            return
+        seen.add(id(f))
+        if isinstance(f, functools.partial):
+            put(f"{path}.args", (f.args, f.keywords))
+            walk(f.func, f"{path}.func")
+            return
+        if isinstance(f, types.MethodType):
+            put(f"{path}.__self__", f.__self__)
+            walk(f.__func__, f"{path}.__func__")
+            return
+        if not isinstance(f, types.FunctionType):
+            if callable(f) and hasattr(f, "__dict__"):
+                put(f"{path}.__self__", vars(f))
+            return
+        for name, cell in zip(f.__code__.co_freevars, f.__closure__ or (), strict=True):
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            if isinstance(value, types.FunctionType):
+                walk(value, f"{path}.<closure {name}>")
+            else:
+                put(f"{path}.<closure {name}>", value)
+        put(f"{path}.__defaults__", (f.__defaults__, f.__kwdefaults__))
+        for name in sorted(_global_names(f.__code__)):
+            value = f.__globals__.get(name)
+            key = f"{f.__module__}.{name}"
+            if isinstance(value, types.FunctionType):
+                if os.path.isfile(value.__code__.co_filename) and not _outside(value):
+                    walk(value, key)
+            elif isinstance(value, _STATE_TYPES):
+                put(key, value)
+
+    walk(fn, "fn")
+    return out
+
+
+def _outside(fn: types.FunctionType) -> bool:
+    """Defined in an installed package or the standard library."""
+    path = os.path.realpath(fn.__code__.co_filename)
+    return "site-packages" in path or path.startswith(os.path.realpath(sys.prefix))

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hfbuild import __version__, liveness, progress, shards
+from hfbuild import __version__, closure, liveness, progress, shards
 from hfbuild.errors import BuildError, HfbuildError
 from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import Observed, entry_doc, observing
@@ -361,7 +361,9 @@ def _build_shard(
     else:
         inp = store.load(s.input)
         one = builder.offset_indices(spec, _offset(pipe, spec, m, s))
+        kept = closure.kept_state(spec.fn)
         out = builder.run_stage(one, [inp], s.key, path, pipe.root, **named)
+        _check_kept_state(spec, s, kept, closure.kept_state(spec.fn))
         sources = _sources(store, s.input, inp)
     liveness.check_built(pipe.root, m.doc)  # the code that ran is the code hashed
     info = builder.save(out, os.path.join(path, "data"), path, sources, scratch if shared else None)
@@ -391,6 +393,24 @@ def _features_id(features: Any) -> str:
     from hfbuild import canonical
 
     return canonical.digest(json.dumps(features.to_dict(), sort_keys=True).encode())
+
+
+def _check_kept_state(
+    spec: StageSpec, s: shards.Shard, before: Mapping[str, str], after: Mapping[str, str]
+) -> None:
+    """A shard's build left what its function keeps between calls as it found it, or the
+    stage fails: its output for a file would depend on the files built before it in the
+    same process (a counter, a set of rows seen), which a build of only the new files
+    cannot reproduce."""
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed:
+        raise BuildError(
+            f"{spec.kind} stage {spec.name!r}: its function changed {', '.join(changed[:3])} "
+            f"while it ran over {s.label}: it keeps state between calls, so its output for "
+            f"a file depends on the rows before it, which a build file by file cannot "
+            f"reproduce. Give the stage sharded=False (it is then built whole, as plain "
+            f"datasets runs it), or make the function keep no state."
+        )
 
 
 def _with_decided_features(spec: StageSpec, m: Manifest) -> StageSpec:

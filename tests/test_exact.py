@@ -51,6 +51,7 @@ from plan import PLAN
 cache = tempfile.mkdtemp()  # a fresh cache: nothing of another run is reused
 out, made = {}, {}
 for kind, name, src, arg, kw in PLAN:
+    kw = {k: v for k, v in kw.items() if k != "sharded"}  # hfbuild's option, not datasets'
     try:
         if kind == "load":
             made[name] = datasets.load_dataset(src, data_files=arg, cache_dir=cache, **kw)
@@ -302,3 +303,40 @@ def test_a_changed_argument_is_the_first_reason(tmp_path: pathlib.Path) -> None:
     assert "(changed)" not in text and "(added)" not in text, text
     status = run_hfbuild(repo, "status").stdout
     assert "stale: its code, arguments or the files it reads changed" in status, status
+
+
+def test_a_function_keeping_state_between_calls_is_not_built_file_by_file(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A filter that drops rows seen before (a module-level set it fills) depends on the
+    files before each row: the sharded build refuses it with what to do, serving nothing,
+    cold and after an append (where a build of the new file alone would keep its
+    duplicates); with `sharded=False` it equals plain datasets."""
+    plan = """
+        from pkg import t
+
+        PLAN = [
+            ("load", "raw", "parquet", "data/*.parquet", {"split": "train"}),
+            ("filter", "fresh", "raw", t.unseen, {}),
+        ]
+        """
+    fn = "SEEN = set()\n\n\ndef unseen(row):\n    new = row['x'] not in SEEN\n"
+    fn += "    SEEN.add(row['x'])\n    return new\n"
+    repo = _project(tmp_path, plan, fn)
+    _parquet(repo, "a.parquet", {"x": [1, 2, 3]})
+    _parquet(repo, "b.parquet", {"x": [3, 4]})
+    for step in ("cold", "append"):
+        if step == "append":
+            _parquet(repo, "c.parquet", {"x": [1, 5]})
+        repo.commit(step)
+        built = doit(repo, "run", "preprocess", log=tmp_path / "calls.log", check=False)
+        assert built.returncode != 0
+        assert "keeps state between calls" in built.stdout + built.stderr
+        assert "sharded=False" in built.stdout + built.stderr
+        served = _last_json(run_python(SERVED, repo.path).stdout)
+        assert "error" in served["fresh"], served
+    (repo.path / "plan.py").write_text(
+        (repo.path / "plan.py").read_text().replace("t.unseen, {}", 't.unseen, {"sharded": False}')
+    )
+    plain = _check(repo, tmp_path)
+    assert [r["x"] for r in plain["fresh"]["rows"]] == [1, 2, 3, 4, 5]
