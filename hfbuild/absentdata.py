@@ -155,19 +155,16 @@ def _compose(
     patterns: list[str], recorded: list[Any], root: str, identify: Callable[[str], list[str]]
 ) -> list[Any]:
     """One split's file identities in `resolve_data_files` order (pattern by pattern, each
-    sorted, first occurrence kept): present files identified, absent ones from the record."""
+    sorted, a file named twice listed twice): present files identified, absent ones from
+    the record."""
     out: list[Any] = []
-    seen: set[str] = set()
     for p in patterns:
         try:
             items = [identify(f) for f in expand(p, root, "")]
         except MissingDataError:
             spaced = _name_pattern(p, root)
             items = [f for f in recorded if matches(spaced, f[0])]
-        for item in items:
-            if item[0] not in seen:
-                seen.add(item[0])
-                out.append(item)
+        out.extend(items)
     return out
 
 

@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import PurePath
 from typing import Any
 
 from hfbuild import sharing
@@ -162,13 +163,50 @@ def _staged_mode_id(full: str, rel: str, snap: Snapshot, cache: StatCache) -> st
     return cache.content_id(full, lambda: snap.worktree_id(rel))
 
 
-def expand(pattern: str, root: str, what: str) -> list[str]:
-    """The files a data-file pattern names, sorted; absolute paths are returned."""
+# datasets.data_files.FILES_TO_IGNORE: never data unless a pattern names one by its name.
+_FILES_TO_IGNORE = frozenset(
+    {
+        "README.md",
+        "config.json",
+        "dataset_info.json",
+        "dataset_infos.json",
+        "dummy_data.zip",
+        "dataset_dict.json",
+    }
+)
+
+
+def _hidden(path: str) -> int:
+    return sum(1 for p in PurePath(path).parts if p.startswith(".") and set(p) != {"."})
+
+
+def _special(path: str) -> int:
+    return sum(1 for p in PurePath(path).parent.parts if p.startswith("__"))
+
+
+def matches(pattern: str, root: str) -> list[str]:
+    """The files one data-file pattern names, by `datasets.data_files.resolve_pattern`'s
+    rule: sorted; only files; not a file named in datasets' FILES_TO_IGNORE (README.md, ...)
+    unless the pattern ends with that name; nothing in a hidden (`.x`) or special (`__x`)
+    directory, or hidden itself, that the pattern does not name as such (the same count of
+    such parts in the path as in the pattern). Absolute paths; [] when none."""
     full = pattern if os.path.isabs(pattern) else os.path.join(root, pattern)
     if glob.has_magic(full):
         found = sorted(p for p in glob.glob(full, recursive=True) if os.path.isfile(p))
     else:
         found = [full] if os.path.isfile(full) else []
+    ignore = _FILES_TO_IGNORE - {os.path.basename(full)}
+    hidden, special = _hidden(full), _special(full)
+    return [
+        p
+        for p in found
+        if os.path.basename(p) not in ignore and _hidden(p) == hidden and _special(p) == special
+    ]
+
+
+def expand(pattern: str, root: str, what: str) -> list[str]:
+    """The files a data-file pattern names (`matches`); an error when there are none."""
+    found = matches(pattern, root)
     if not found:
         raise MissingDataError(
             f"{what}: {pattern!r} matches no file (looked under {root}). Check the path, or "
@@ -180,13 +218,19 @@ def expand(pattern: str, root: str, what: str) -> list[str]:
 def resolve_data_files(
     data_files: str | Iterable[str] | Mapping[str, str | Iterable[str]], root: str, what: str
 ) -> dict[str, list[str]] | list[str]:
-    """`data_files` with every pattern expanded: a split dict or a list of absolute paths."""
+    """`data_files` with every pattern expanded, as `datasets.DataFilesList.from_patterns`
+    expands them: pattern by pattern, each pattern's files sorted, a file named by two
+    patterns listed twice (datasets loads it twice); a pattern with wildcards may match
+    nothing where another matches something. A split dict or a list of absolute paths."""
 
     def one(spec: str | Iterable[str]) -> list[str]:
         patterns = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
         out: list[str] = []
         for p in patterns:
-            out.extend(f for f in expand(os.fspath(p), root, what) if f not in out)
+            text = os.fspath(p)
+            out.extend(matches(text, root) if glob.has_magic(text) else expand(text, root, what))
+        if not out:
+            expand(os.fspath(patterns[0]) if patterns else "", root, what)  # raises
         return out
 
     if isinstance(data_files, Mapping):

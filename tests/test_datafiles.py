@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import os
 import pathlib
+from pathlib import Path
 
+import pytest
+
+from hfbuild import datafiles
 from hfbuild.datafiles import StatCache, file_identities, file_identity
 from hfbuild.gitstate import Snapshot
 from tests.helpers import Repo
@@ -59,3 +63,51 @@ def test_unmodified_ids_leave_out_changed_files(repo: Repo) -> None:
         "data/part-5.txt",
     ]
     assert got["data/part-3.txt"] == repo.git("hash-object", "data/part-3.txt")
+
+
+RESOLUTION_CASES = [
+    "data/*",
+    "data/**",
+    "**/*.jsonl",
+    "data/*.jsonl",
+    "data/.*",
+    "data/__cache__/*",
+    "data/README.md",
+    ["data/a*.jsonl", "data/*.jsonl"],
+    ["data/*.jsonl", "nothing/*.jsonl"],
+    {"train": "data/a*.jsonl", "test": ["data/b.jsonl", "data/sub/*"]},
+]
+
+
+@pytest.mark.parametrize("patterns", RESOLUTION_CASES, ids=str)
+def test_data_files_resolve_as_datasets_resolves_them(tmp_path: Path, patterns: object) -> None:
+    """Issue #24: data-file patterns name the files `datasets.data_files` resolves, in its
+    order: hidden and `__special__` directories, README.md and the like left out unless
+    named, a file named by two patterns listed twice, a wildcard pattern matching nothing
+    beside one that matches."""
+    from datasets.data_files import DataFilesDict, DataFilesList, sanitize_patterns
+
+    for name in (
+        "data/a1.jsonl",
+        "data/a2.jsonl",
+        "data/b.jsonl",
+        "data/README.md",
+        "data/.hidden.jsonl",
+        "data/__cache__/c.jsonl",
+        "data/.dir/d.jsonl",
+        "data/sub/e.jsonl",
+        "data/sub/f.txt",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}\n")
+    root = str(tmp_path)
+    got = datafiles.resolve_data_files(patterns, root, "test")  # type: ignore[arg-type]
+    if isinstance(patterns, dict):
+        want: object = {
+            k: list(v)
+            for k, v in DataFilesDict.from_patterns(sanitize_patterns(patterns), root).items()
+        }
+    else:
+        pats = [patterns] if isinstance(patterns, str) else patterns
+        want = list(DataFilesList.from_patterns(pats, root))
+    assert got == want
