@@ -137,12 +137,17 @@ def normalize_options(kind: str, options: Mapping[str, Any] | None, ctx: Context
     """The output-relevant options of a transform, defaults filled in, canonically encoded.
     Options hfbuild does not know are kept (they might change the output)."""
     opts = {k: v for k, v in (options or {}).items() if k not in NEUTRAL_OPTIONS}
+    n = (options or {}).get("num_proc")
+    many = isinstance(n, int) and not isinstance(n, bool) and n > 1
     if opts.get("with_rank"):
         # With `with_rank=True` the function sees its process's rank, so the number of
         # processes shapes the output. datasets runs one shard without a rank for None, 0
         # and 1 alike, so those are one value.
-        n = (options or {}).get("num_proc")
-        opts["num_proc"] = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+        opts["num_proc"] = n if many else 1
+    elif opts.get("batched") and many:
+        # datasets cuts a batched map's or filter's input into `num_proc` contiguous parts
+        # and batches within each: which rows share a batch depends on it (issue #24).
+        opts["num_proc"] = n
     defaults = _OUTPUT_OPTIONS.get(kind)
     if defaults is not None:
         opts = {**defaults, **opts}

@@ -340,3 +340,27 @@ def test_a_function_keeping_state_between_calls_is_not_built_file_by_file(
     )
     plain = _check(repo, tmp_path)
     assert [r["x"] for r in plain["fresh"]["rows"]] == [1, 2, 3, 4, 5]
+
+
+def test_num_proc_of_a_batched_stage_is_in_its_key(tmp_path: pathlib.Path) -> None:
+    """datasets batches within each of `num_proc` contiguous parts, so a batched map's
+    result depends on `num_proc`: changing it rebuilds the stage, and each result equals
+    plain datasets' with the same `num_proc`."""
+    plan = """
+        from pkg import t
+
+        PLAN = [
+            ("load", "raw", "parquet", "data/*.parquet", {"split": "train"}),
+            ("map", "maxed", "raw", t.batch_max, {"batched": True, "batch_size": 3,
+                                                  "num_proc": 2}),
+        ]
+        """
+    repo = _project(tmp_path, plan, GROUP_TEXTS)
+    _parquet(repo, "a.parquet", {"x": list(range(6))})
+    _parquet(repo, "b.parquet", {"x": list(range(6, 10))})
+    two = _check(repo, tmp_path)
+    (repo.path / "plan.py").write_text(
+        (repo.path / "plan.py").read_text().replace('"num_proc": 2', '"num_proc": 3')
+    )
+    three = _check(repo, tmp_path)
+    assert two["maxed"]["rows"] != three["maxed"]["rows"]
