@@ -216,19 +216,26 @@ def expand(pattern: str, root: str, what: str) -> list[str]:
 
 
 def resolve_data_files(
-    data_files: str | Iterable[str] | Mapping[str, str | Iterable[str]], root: str, what: str
+    data_files: str | Iterable[str] | Mapping[str, str | Iterable[str]],
+    root: str,
+    what: str,
+    *,
+    strict: bool = False,
 ) -> dict[str, list[str]] | list[str]:
     """`data_files` with every pattern expanded, as `datasets.DataFilesList.from_patterns`
     expands them: pattern by pattern, each pattern's files sorted, a file named by two
     patterns listed twice (datasets loads it twice); a pattern with wildcards may match
-    nothing where another matches something. A split dict or a list of absolute paths."""
+    nothing where another matches something (with `strict`, every pattern must match: for
+    a check without the data, which takes an empty pattern's files from the lock). A split
+    dict or a list of absolute paths."""
 
     def one(spec: str | Iterable[str]) -> list[str]:
         patterns = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
         out: list[str] = []
         for p in patterns:
             text = os.fspath(p)
-            out.extend(matches(text, root) if glob.has_magic(text) else expand(text, root, what))
+            lax = glob.has_magic(text) and not strict
+            out.extend(matches(text, root) if lax else expand(text, root, what))
         if not out:
             expand(os.fspath(patterns[0]) if patterns else "", root, what)  # raises
         return out

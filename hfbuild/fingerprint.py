@@ -191,7 +191,10 @@ def load_data(
     files: Any = None
     ids: Any
     try:
-        files = resolve_data_files(opts.pop("data_files"), snap.root, f"load stage {stage!r}")
+        # Without the data (`absent`), a pattern matching nothing takes the lock's files.
+        files = resolve_data_files(
+            opts.pop("data_files"), snap.root, f"load stage {stage!r}", strict=absent is not None
+        )
     except MissingDataError:
         if absent is None:
             raise

@@ -304,10 +304,25 @@ def task_args(pipe: Pipeline, remote: Remote, unit: Unit) -> tuple[dict[str, Any
             "observed": [list(p) for p in m.observed],
             "offset": unit.offset,
         }
+        if unit.spec.kind == "load":
+            job["shard"].update(_decided_features(unit.spec, m))
     # The spec is pickled here and unpickled by the task once the shipped tree is on its
     # path: its callable travels by module and name, never as code.
     spec: bytes = cloudpickle.dumps(unit.spec)  # type: ignore[no-untyped-call]
     return job, spec
+
+
+def _decided_features(spec: Any, m: Manifest) -> dict[str, Any]:
+    """What decides a load shard's features (`shards.features_decider`) and, when it is the
+    first data file (which does not travel), the features the driver read from it."""
+    from hfbuild import shardbuild, shards
+
+    data = m.doc.get("data") or {}
+    decider = shards.features_decider(spec, data, data.get("files")) or ""
+    if not decider:
+        return {"decider": ""}
+    features = shardbuild.decided_features(spec, m).options["features"]
+    return {"decider": decider, "features": features.to_dict()}
 
 
 def _upload_tree(pipe: Pipeline, files: Sequence[tuple[str, str]]) -> str:
@@ -578,7 +593,13 @@ def _run_shard_in(
         one = dataclasses.replace(spec, options={**spec.options, "data_files": [path]})
         m = stage_manifest(one, snap, {}, pipe.stat_cache)
         got = str(m.doc["data"]["files"][0][1])
-        code = shards.load_code(m.doc)
+        decider = str(sh.get("decider") or "")
+        code = shards.load_shard_code(m.doc, decider)
+        if decider:  # the first data file's features, read by the driver (its id is keyed)
+            import datasets
+
+            features = datasets.Features.from_dict(sh["features"])
+            spec = dataclasses.replace(spec, options={**spec.options, "features": features})
         mine, theirs = shards.load_code_doc(m.doc), shards.load_code_doc(job["doc"])
     else:
         key = str(sh["input"])

@@ -354,7 +354,7 @@ def _build_shard(
                 f"it cannot be built here."
             )
         files = {s.split: [group[s.pos]]}
-        one = _with_decided_features(spec, m)
+        one = decided_features(spec, m)
         out = builder.run_stage(one, [], s.key, path, pipe.root, files, **named)
         if isinstance(out, dict):
             out = out[s.split]
@@ -413,7 +413,7 @@ def _check_kept_state(
         )
 
 
-def _with_decided_features(spec: StageSpec, m: Manifest) -> StageSpec:
+def decided_features(spec: StageSpec, m: Manifest) -> StageSpec:
     """A load shard's spec with the features `datasets` decides for the whole load
     (`shards.features_decider`): the stage's own `features=`, or, for parquet, the first
     data file's schema, as datasets' parquet builder reads it."""

@@ -155,8 +155,13 @@ def for_load(spec: StageSpec, m: Manifest) -> Manifest:
     decider = features_decider(spec, data, files)
     if decider is None:
         return m
-    code = load_code(m.doc) if not decider else _digest([load_code(m.doc), decider])
-    return dataclasses.replace(m, shards=tuple(ins), shard_code=code)
+    return dataclasses.replace(m, shards=tuple(ins), shard_code=load_shard_code(m.doc, decider))
+
+
+def load_shard_code(doc: Mapping[str, Any], decider: str) -> str:
+    """A sharded load's code key before run-time reads: `load_code`, with what decides
+    its shards' features when that is a data file (`features_decider`)."""
+    return load_code(doc) if not decider else _digest([load_code(doc), decider])
 
 
 def features_decider(spec: StageSpec, data: Mapping[str, Any], files: Any) -> str | None:

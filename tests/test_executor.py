@@ -164,18 +164,18 @@ SHARDED = {
                 f.write(stage + "\\n")
 
 
-        def feat(batch, idx):
+        def feat(row, idx):
             log("feat")
             scale = 1
-            if 0 in batch["x"]:  # only the first file's shard reads the file, at run time
+            if row["x"] == 0:  # only the first file's shard reads the file, at run time
                 with open(os.path.join(HERE, "..", "conf", "scale.txt")) as f:
                     scale = int(f.read())
-            return {"y": [x * scale for x in batch["x"]], "i": idx}
+            return {"y": row["x"] * scale, "i": idx}
 
 
-        def keep(batch):
+        def keep(row):
             log("keep")
-            return [y % 3 != 0 for y in batch["y"]]
+            return row["y"] % 3 != 0
         """,
     "dodo.py": """
         from hfbuild import Pipeline
@@ -183,8 +183,8 @@ SHARDED = {
 
         pipe = Pipeline()
         raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
-        feat = pipe.map("feat", raw, t.feat, batched=True, with_indices=True)
-        kept = pipe.filter("kept", feat, t.keep, batched=True)
+        feat = pipe.map("feat", raw, t.feat, with_indices=True)
+        kept = pipe.filter("kept", feat, t.keep)
 
 
         def task_preprocess():
@@ -410,6 +410,7 @@ def test_a_shard_task_recomputes_its_key_from_its_tree(repo: Repo, tmp_path: pat
         assert "Nothing was published" in bad["error"]
         assert not remote.has(keys[name])
         good = worker(name, "good")
+        assert "fingerprint" in good, good
         assert good["fingerprint"] == keys[name] and remote.has(keys[name])
     fresh = Store(tmp_path / "fresh")
     remote.pull(fresh, keys["feat"], "feat")
