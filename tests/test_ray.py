@@ -181,6 +181,41 @@ def remote(cluster: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
 RAY_ENV = {"HFBUILD_EXECUTOR": "ray"}
 
 
+ROW_LOCAL = {
+    # The project's transforms one row at a time: a batched stage is built whole (its
+    # batches are cut at datasets' global offsets), a row-local one file by file.
+    "pkg/transforms.py": """
+        from pkg.log import log
+        from pkg.util.mid import shift
+
+        def feat(row, k=1):
+            log("feat")
+            return {"y": shift(row["x"]) * k}
+
+        def keep(row, m=3):
+            log("keep")
+            return row["y"] % m != 0
+
+        def split(ds, seed=0):
+            log("split")
+            return ds.train_test_split(test_size=0.25, seed=seed)
+        """,
+    "pkg/text.py": """
+        from pkg.log import log
+
+        def lens(row, scale=1):
+            log("lens")
+            return {"n": len(row["text"]) * scale}
+        """,
+}
+
+
+def _row_local(repo: Repo) -> None:
+    """The project with row-local (sharded) transforms."""
+    dodo = (repo.path / "dodo.py").read_text().replace(", batched=True)", ")")
+    repo.write({**ROW_LOCAL, "dodo.py": dodo}, commit="row-local transforms")
+
+
 def _add_part(repo: Repo, i: int) -> None:
     """Commit data/part-<i>.parquet: 20 rows continuing part-0's 40."""
     import pyarrow as pa
@@ -289,6 +324,7 @@ def test_two_drivers_racing_publish_each_entry_once(
     whole-dataset stage) has one manifest and at most one data directory (a loser's copy is
     deleted), and passes the full content check."""
     make_project(repo)
+    _row_local(repo)
     for i in (1, 2):
         _add_part(repo, i)
     clones = [repo.clone(tmp_path / f"c{i}") for i in range(2)]
@@ -526,6 +562,7 @@ def test_sharded_stages_travel_one_task_per_shard(
     hashes equal a local build's. After a fourth file is appended, Ray runs tasks only for
     its shards (and the whole-dataset stage), again equal to a local build."""
     make_project(repo)
+    _row_local(repo)
     # Keys of its own: the nodes' stores outlive a test, and would hold the racing test's.
     log_py = (repo.path / "pkg" / "log.py").read_text()
     repo.write({"pkg/log.py": log_py + "# the sharded test\n"})
@@ -534,7 +571,7 @@ def test_sharded_stages_travel_one_task_per_shard(
     first = repo.clone(tmp_path / "first")
     log = tmp_path / "first.log"
     out = doit(first, "run", "preprocess", log=log, env=RAY_ENV)
-    assert calls(log) == {"feat": 3, "keep": 3, "split": 1, "lens": 3}
+    assert calls(log) == {"feat": 80, "keep": 80, "split": 1, "lens": 80}  # once per row
     for stage in ("raw", "feat", "kept", "lens"):
         assert f"{stage}: 3/3 shards done, 3 built on ray" in out.stderr
     assert "split: 1/1 units built on ray" in out.stderr
@@ -547,7 +584,7 @@ def test_sharded_stages_travel_one_task_per_shard(
         clone.git("pull", "-q", "--ff-only")
     log3 = tmp_path / "again.log"
     again = doit(first, "run", "preprocess", log=log3, env=RAY_ENV)
-    assert calls(log3) == {"feat": 1, "keep": 1, "split": 1, "lens": 1}
+    assert calls(log3) == {"feat": 20, "keep": 20, "split": 1, "lens": 20}  # the new file's
     for stage in ("raw", "feat", "kept", "lens"):
         assert f"{stage}: 4/4 shards done, 1 built on ray" in again.stderr
     doit(local, "run", "preprocess", log=tmp_path / "local2.log", env=no_remote)
