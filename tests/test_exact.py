@@ -364,3 +364,18 @@ def test_num_proc_of_a_batched_stage_is_in_its_key(tmp_path: pathlib.Path) -> No
     )
     three = _check(repo, tmp_path)
     assert two["maxed"]["rows"] != three["maxed"]["rows"]
+
+
+def test_a_parquet_load_of_some_columns_equals_plain_datasets(tmp_path: pathlib.Path) -> None:
+    """`columns=` on a sharded parquet load: the first file's features of those columns,
+    as plain datasets takes them."""
+    plan = """
+        PLAN = [("load", "raw", "parquet", "data/*.parquet", {"columns": ["x"]})]
+        """
+    repo = _project(tmp_path, plan)
+    _parquet(repo, "a.parquet", {"x": [0.5, 1.5], "s": ["a", "b"]})
+    _parquet(repo, "b.parquet", {"x": [2, 3], "s": ["c", "d"]})
+    plain = _check(repo, tmp_path)
+    assert plain["raw"]["parts"]["train"]["features"] == {
+        "x": {"dtype": "float64", "_type": "Value"}
+    }
