@@ -122,6 +122,18 @@ def _load(spec: StageSpec, files: Any, scratch: str) -> Any:
     )
 
 
+def no_data(e: BaseException | None) -> bool:
+    """Whether `e` is datasets refusing a split that received no rows."""
+    return isinstance(e, ValueError) and "corresponds to no data" in str(e)
+
+
+def empty(features: Any, split: str) -> Any:
+    """A Dataset of no rows with `features`: a load shard of a file of no rows."""
+    return datasets.Dataset.from_dict(
+        {k: [] for k in features}, features=features, split=datasets.Split(split)
+    )
+
+
 def parquet_features(path: str) -> Any:
     """The features datasets' parquet builder gives a load whose first data file is
     `path`: its Arrow schema's (`Features.from_arrow_schema(pq.read_schema(f))`, as the

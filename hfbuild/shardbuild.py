@@ -228,6 +228,8 @@ def _publish(
         listed.append([s.split, s.key, s.label, stored["files"], facts])
     if spec.kind == "map":
         _check_features(spec, listed)
+    if spec.kind == "load":
+        _check_rows(spec, rows)
     as_dict = _is_dict(pipe, spec)
     doc = entry_doc(
         spec.name,
@@ -258,6 +260,18 @@ def _stored_features(store: Any, key: str) -> str:
     with open(os.path.join(store.data_path(key), "dataset_info.json"), encoding="utf-8") as f:
         info = datasets.DatasetInfo.from_dict(json.load(f))
     return _features_id(info.features)
+
+
+def _check_rows(spec: StageSpec, rows: Mapping[str, int]) -> None:
+    """A sharded load whose served split has no rows at all fails as `load_dataset` fails
+    (its shards, each of a file of no rows, were built empty)."""
+    for split, n in rows.items():
+        if n == 0:
+            raise BuildError(
+                f'stage {spec.name!r} failed: ValueError: Instruction "{split}" corresponds '
+                f"to no data! (every data file of split {split!r} is empty, as datasets "
+                f"says.) Earlier stages stay cached and the store is unchanged."
+            )
 
 
 def _check_features(spec: StageSpec, listed: Sequence[list[Any]]) -> None:
@@ -355,7 +369,14 @@ def _build_shard(
             )
         files = {s.split: [group[s.pos]]}
         one = decided_features(spec, m)
-        out = builder.run_stage(one, [], s.key, path, pipe.root, files, **named)
+        try:
+            out = builder.run_stage(one, [], s.key, path, pipe.root, files, **named)
+        except BuildError as e:
+            if not builder.no_data(e.__cause__):
+                raise
+            # A file of no rows: datasets refuses a split of no rows, not a file of none in
+            # a split with others (`_check_rows` fails the stage as datasets would).
+            out = builder.empty(one.options["features"], s.split)
         if isinstance(out, dict):
             out = out[s.split]
     else:
