@@ -379,3 +379,27 @@ def test_a_parquet_load_of_some_columns_equals_plain_datasets(tmp_path: pathlib.
     assert plain["raw"]["parts"]["train"]["features"] == {
         "x": {"dtype": "float64", "_type": "Value"}
     }
+
+
+def test_an_empty_file_among_others_loads_as_plain_datasets(tmp_path: pathlib.Path) -> None:
+    """A data file of no bytes between others (JSON lines with `features=`, so sharded)
+    adds no rows, as in plain datasets; once every file is empty, the stage fails as
+    plain datasets does."""
+    plan = """
+        from datasets import Features, Value
+
+        PLAN = [
+            ("load", "raw", "json", "data/*.jsonl",
+             {"split": "train", "features": Features({"x": Value("int64")})}),
+        ]
+        """
+    repo = _project(tmp_path, plan)
+    (repo.path / "data").mkdir()
+    (repo.path / "data" / "a.jsonl").write_text('{"x": 1}\n')
+    (repo.path / "data" / "b.jsonl").write_text("")
+    (repo.path / "data" / "c.jsonl").write_text('{"x": 3}\n')
+    plain = _check(repo, tmp_path)
+    assert [r["x"] for r in plain["raw"]["rows"]] == [1, 3]
+    for name in ("a", "c"):
+        (repo.path / "data" / f"{name}.jsonl").write_text("")
+    assert "error" in _check(repo, tmp_path)["raw"]
