@@ -22,8 +22,8 @@ Switches (environment):
   over `CI_DIMENSIONS`.
 - `HFBUILD_DIFF_DIMS`: the dimensions to generate, comma-separated (`all` for every one;
   the names are the keys of `DIMENSIONS`).
-- `HFBUILD_FUZZ_SEED`: Hypothesis' seed; without it a random one is drawn, and every failure
-  names it (replay: `HFBUILD_FUZZ_SEED=<seed> make fuzz`, or the same with `pytest
+- `HFBUILD_FUZZ_SEED`: Hypothesis' seed; without it `make fuzz` draws a random one (`make test`
+  uses 24), and every failure names it (replay: `HFBUILD_FUZZ_SEED=<seed> make fuzz`, or the same with `pytest
   tests/test_differential.py`).
 """
 
@@ -70,9 +70,14 @@ DIMENSIONS = {
     "edits": "edit sequences: append, insert, delete, change, rename, reorder",
     "cold": "some states built cold in a fresh store instead of incrementally",
 }
-# The dimensions `make test` runs: those the served code keeps. On main before issue #24's
-# fixes, batch_span, drift, frac, empty and hidden fail (`HFBUILD_DIFF_DIMS=all make fuzz`).
+# The dimensions `make test` runs: those the served code keeps. Before issue #24's fixes,
+# batch_span, drift, frac and empty failed; hidden still does (hfbuild's MissingDataError where
+# plain datasets raises ValueError: `HFBUILD_DIFF_DIMS=all make fuzz`).
 CI_DIMENSIONS = (
+    "batch_span",
+    "drift",
+    "frac",
+    "empty",
     "indices",
     "remove",
     "no_split",
@@ -103,7 +108,11 @@ def _dims() -> frozenset[str]:
 
 DIMS = _dims()
 FUZZ = bool(os.environ.get("HFBUILD_FUZZ"))
-SEED = int(os.environ.get("HFBUILD_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
+# `make test` uses a fixed seed unless one is given, so a landing never depends on the draw;
+# `make fuzz` draws a new one each run.
+SEED = int(
+    os.environ.get("HFBUILD_FUZZ_SEED") or (random.SystemRandom().randrange(2**32) if FUZZ else 24)
+)
 EXAMPLES = int(os.environ.get("HFBUILD_FUZZ_EXAMPLES", "2000")) if FUZZ else DEFAULT_EXAMPLES
 
 # -- the generated project -----------------------------------------------------------------
