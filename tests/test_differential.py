@@ -23,8 +23,8 @@ Switches (environment):
 - `HFBUILD_DIFF_DIMS`: the dimensions to generate, comma-separated (`all` for every one;
   the names are the keys of `DIMENSIONS`).
 - `HFBUILD_FUZZ_SEED`: Hypothesis' seed; without it `make fuzz` draws a random one (`make test`
-  uses 24), and every failure names it (replay: `HFBUILD_FUZZ_SEED=<seed> make fuzz`, or the same with `pytest
-  tests/test_differential.py`).
+  uses 24), and every failure names it (replay: `HFBUILD_FUZZ_SEED=<seed> make fuzz`, or the
+  same with `pytest tests/test_differential.py`).
 """
 
 from __future__ import annotations
