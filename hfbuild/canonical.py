@@ -74,7 +74,9 @@ class _Encoder:
         # the encodings one callable's description makes of what it carries, so a function
         # reachable from its own closure cell is named there instead of followed forever.
         self.active: set[int] = set() if active is None else active
-        self._in_root = os.path.join(root, "") if root else None
+        # `root` with one trailing separator (as `os.path.join(root, "")`, without its cost:
+        # an encoder is made per encoding, thousands per no-op).
+        self._in_root = (root if root.endswith(os.sep) else root + os.sep) if root else None
 
     def sorted_members(self, items: list[Encoded]) -> list[Encoded]:
         return sorted(items, key=dumps)
