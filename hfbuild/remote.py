@@ -316,7 +316,7 @@ class Remote:
             meta = {
                 k: v
                 for k, v in doc.items()
-                if k not in ("fingerprint", "files", "manifest_digest", "data_dir")
+                if k not in ("fingerprint", "files", "manifest_digest", "data_dir", "ids")
             }
             meta["pulled_from"] = _public(self.url)  # `verify` names a pulled entry as such
             store.publish(tmp, fp, meta)

@@ -9,10 +9,12 @@ An entry's `data/` may instead hold only indices into another entry, its *base*
 result made of shards references its shards (gc, push and pull follow `references`).
 An entry exists only once its complete manifest does: builds write into `tmp/` and publish
 with one atomic rename. Modes follow sharing.py (group-shared inside a setgid store).
-Each entry's `ids.json` records the identity (size, mtime and ctime in ns, inode) of every
-data file its check stats (its own; for a list of shards, its shards' and their bases'), as
-they were when published or last hashed in full: an entry is served while they hold, and
-hashed in full (`content.py`) when they do not (a same-size edit is damage, a touch is not).
+Each entry's manifest records, under `ids` (outside its checksum, never pushed), the identity
+(size, mtime and ctime in ns, inode) of every data file its check stats (its own; for a list
+of shards, its shards' and their bases'), as they were when published or last hashed in full:
+an entry is served while they hold, and hashed in full (`content.py`) when they do not (a
+same-size edit is damage, a touch is not). One read per entry: the manifest. Entries of the
+hfbuild that kept them apart in `ids.json` are read as well.
 
 Must never: unpickle or execute anything it reads, import `datasets` outside `load` and the
 full check of an entry whose files' identities changed, or let a stage name or fingerprint
@@ -39,7 +41,8 @@ from hfbuild.errors import StoreError
 
 MANIFEST = "manifest.json"
 DATA = "data"
-IDS = "ids.json"  # the identities of the files an entry's check stats (`_Ids`)
+IDS = "ids"  # the manifest's field of the identities of the files an entry's check stats
+_LEGACY_IDS = "ids.json"  # where the hfbuild of December 2026 kept them, beside the manifest
 _FP = re.compile(r"^[0-9a-f]{32}$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _PART = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -112,6 +115,8 @@ class Store:
         # fingerprint -> (its files' identities then, why it is damaged): one full hash per
         # damage per process, however often it is checked.
         self._damaged: dict[str, tuple[list[list[Any] | None], str]] = {}
+        # fingerprint -> the identity record its manifest held when this process read it
+        self._ids: dict[str, dict[str, Any]] = {}
 
     # -- layout ------------------------------------------------------------------------------
 
@@ -175,6 +180,11 @@ class Store:
             doc = json.loads(text)
         except ValueError:
             return None, "its manifest is not valid JSON"
+        ids = doc.pop(IDS, None) if isinstance(doc, dict) else None
+        if isinstance(ids, dict):
+            self._ids[fp] = ids
+        else:
+            self._ids.pop(fp, None)
         if not isinstance(doc, dict) or doc.get("fingerprint") != fp:
             return None, "its manifest belongs to another fingerprint"
         if "manifest_digest" not in doc:
@@ -371,22 +381,38 @@ class Store:
         return None
 
     def _read_ids(self, fp: str) -> dict[str, Any]:
-        """`fp`'s `ids.json`: `own`, relative path -> [size, mtime ns, ctime ns, inode] (and
-        a digest of the bytes for a file that is not Arrow data); for a list of shards,
-        `listed`, the digest of its shards' and bases' identities. {} if none."""
-        try:
-            with open(os.path.join(self._entry_of(fp), IDS), encoding="utf-8") as f:
-                doc = json.load(f)
-        except (OSError, ValueError):
-            return {}
-        return doc if isinstance(doc, dict) else {}
+        """`fp`'s identity record (its manifest's `ids`, read with it): `own`, relative path
+        -> [size, mtime ns, ctime ns, inode] (and a digest of the bytes for a file that is
+        not Arrow data); for a list of shards, `listed`, the digest of its shards' and
+        bases' identities. {} if none."""
+        ids = self._ids.get(fp)
+        if ids is None:
+            self._manifest(fp)
+            ids = self._ids.get(fp)
+        if ids is None:  # an entry of the hfbuild that kept them in ids.json
+            try:
+                with open(os.path.join(self._entry_of(fp), _LEGACY_IDS), encoding="utf-8") as f:
+                    legacy = json.load(f)
+            except (OSError, ValueError):
+                legacy = None
+            ids = self._ids[fp] = legacy if isinstance(legacy, dict) else {}
+        return ids
 
     def _write_ids(self, fp: str, ids: dict[str, Any]) -> None:
-        """Record `ids` as `fp`'s; an entry this user cannot write keeps its old record
-        (it is then hashed in full again when next checked: slower, never wrong)."""
-        with contextlib.suppress(OSError):
-            path = os.path.join(self._entry_of(fp), IDS)
-            sharing.write_json_atomic(path, ids, durable=False, indent=None)
+        """Record `ids` as `fp`'s, in its manifest (rewritten whole, atomically: a reader
+        sees the old record or the new one). An entry this user cannot write keeps its old
+        record (it is then hashed in full again when next checked: slower, never wrong)."""
+        self._ids[fp] = ids
+        path = os.path.join(self._entry_of(fp), MANIFEST)
+        with contextlib.suppress(OSError, ValueError):
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+            if not isinstance(doc, dict) or doc.get("fingerprint") != fp:
+                return
+            doc[IDS] = ids
+            sharing.write_json_atomic(path, doc, durable=False, indent=_indent(doc))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self._entry_of(fp), _LEGACY_IDS))
 
     def check_base(self, doc: dict[str, Any]) -> str | None:
         """An indices entry (`indexed.py`) is served only while its base is intact and still
@@ -681,12 +707,15 @@ class Store:
                 ids["listed"] = listed
         try:
             sharing.write_json_atomic(
-                os.path.join(build_dir, MANIFEST), doc, durable=durable, indent=_indent(doc)
+                os.path.join(build_dir, MANIFEST),
+                {**doc, IDS: ids},
+                durable=durable,
+                indent=_indent(doc),
             )
-            sharing.write_json_atomic(os.path.join(build_dir, IDS), ids, durable=False, indent=None)
             sharing.makedirs(os.path.dirname(self.entry(fp)))
         except OSError as e:
             raise self._unpublished(build_dir, fp, e) from e
+        self._ids[fp] = ids
         return doc, _flat(doc["files"], ids["own"]) or ()
 
     def _unpublished(self, build_dir: str, fp: str, e: OSError) -> StoreError:
@@ -838,7 +867,10 @@ class Store:
         return gone
 
     def _observed_path(self, static_fp: str) -> str:
-        return os.path.join(self.root, "observed", _check_fp(static_fp)[:2], static_fp + ".json")
+        _check_fp(static_fp)
+        if _POSIX:
+            return f"{self.root}/observed/{static_fp[:2]}/{static_fp}.json"
+        return os.path.join(self.root, "observed", static_fp[:2], static_fp + ".json")
 
     def read_observed(self, static_fp: str) -> list[list[str]]:
         """The path sets builds of `static_fp` read at run time, newest first; [] if none."""

@@ -727,7 +727,7 @@ def test_cold_build_leaves_no_scratch_and_no_lock_per_shard(tmp_path: pathlib.Pa
     assert list((store / "tmp").iterdir()) == []
     entries = [e for d in (store / "objects").iterdir() for e in d.iterdir()]
     assert len(entries) > 5 * 4  # the shards of four sharded stages, and the stage entries
-    assert {p.name for e in entries for p in e.iterdir()} <= {"manifest.json", "data", "ids.json"}
+    assert {p.name for e in entries for p in e.iterdir()} <= {"manifest.json", "data"}
     locks = {p.name for p in (store / "locks").iterdir()}
     shard_keys = {
         row[1]

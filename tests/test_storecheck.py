@@ -137,14 +137,29 @@ def test_touched_identical_entry_is_hashed_once_and_served(
 def test_entry_without_recorded_identities_is_hashed_once(
     built: Repo, tmp_path: pathlib.Path
 ) -> None:
-    """An entry written by an older hfbuild (no `ids.json`), or copied where inodes and
-    ctimes differ, is hashed in full once and served; its identities are then recorded."""
-    for ids in _objects(built).glob("*/*/ids.json"):
-        ids.unlink()
+    """An entry written by an older hfbuild (no identities recorded), or copied where inodes
+    and ctimes differ, is hashed in full once and served; its identities are then recorded."""
+    for manifest in _objects(built).glob("*/*/manifest.json"):
+        doc = json.loads(manifest.read_text())
+        del doc["ids"]
+        manifest.write_text(json.dumps(doc))
     env = {"CALL_LOG": str(tmp_path / "second.log")}
     assert run_python(NOOP, built.path, env=env).stdout.strip().splitlines()[-1] == "0 True"
     assert run_python(NOOP, built.path, env=env).stdout.strip().splitlines()[-1] == "0 False"
     assert not (tmp_path / "second.log").exists()
+
+
+def test_identities_kept_beside_the_manifest_are_read(built: Repo, tmp_path: pathlib.Path) -> None:
+    """A store of the hfbuild that kept the identities in `ids.json` beside each manifest is
+    read as it is: nothing is hashed, and the first record written moves them into the
+    manifest."""
+    for manifest in _objects(built).glob("*/*/manifest.json"):
+        doc = json.loads(manifest.read_text())
+        (manifest.parent / "ids.json").write_text(json.dumps(doc.pop("ids")))
+        manifest.write_text(json.dumps(doc))
+    env = {"CALL_LOG": str(tmp_path / "calls.log")}
+    assert run_python(NOOP, built.path, env=env).stdout.strip().splitlines()[-1] == "0 False"
+    assert not (tmp_path / "calls.log").exists()
 
 
 def test_pulled_entries_have_their_identities_recorded(built: Repo, tmp_path: pathlib.Path) -> None:
@@ -153,13 +168,15 @@ def test_pulled_entries_have_their_identities_recorded(built: Repo, tmp_path: pa
     same-size edit there is damage."""
     remote = f"file://{tmp_path / 'remote'}"
     assert run_hfbuild(built, "push", "--remote", remote).returncode == 0
+    pushed = list((tmp_path / "remote").rglob("manifest.json"))
+    assert pushed and not any("ids" in json.loads(m.read_text()) for m in pushed)  # this copy's
     clone = built.clone(tmp_path / "clone")
     log = tmp_path / "clone.log"
     doit(clone, "run", "preprocess", log=log, env={"HFBUILD_REMOTE": remote})
     assert not log.exists()  # everything was pulled
     for manifest in _objects(clone).glob("*/*/manifest.json"):
         files = json.loads(manifest.read_text())["files"]
-        own = json.loads((manifest.parent / "ids.json").read_text())["own"]
+        own = json.loads(manifest.read_text())["ids"]["own"]
         for rel in files:
             st = (manifest.parent / "data" / rel).stat()
             got = own[rel][:4]
@@ -256,12 +273,16 @@ def test_deep_verify_flags_a_damaged_shard_and_all_over_it_in_one_pass(
     arrow = _entry(repo, key) / "data" / "data-00000-of-00001.arrow"
     _swap_first_values(arrow, "x")
     st = arrow.stat()
-    ids = _entry(repo, key) / "ids.json"  # rot: the identity its record holds is the new one
-    doc = json.loads(ids.read_text())
-    doc["own"]["data-00000-of-00001.arrow"][1:4] = [st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    ids.write_text(json.dumps(doc))
+    manifest = _entry(repo, key) / "manifest.json"  # rot: its record holds the new identity
+    doc = json.loads(manifest.read_text())
+    own = doc["ids"]["own"]
+    own["data-00000-of-00001.arrow"][1:4] = [st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    manifest.write_text(json.dumps(doc))
     for fp in (before["idx"]["fp"], before["kept"]["fp"]):  # the lists check it by its own
-        (_entry(repo, fp) / "ids.json").unlink()
+        listed = _entry(repo, fp) / "manifest.json"
+        doc = json.loads(listed.read_text())
+        del doc["ids"]
+        listed.write_text(json.dumps(doc))
     assert run_hfbuild(repo, "status").returncode == 0  # invisible to the cheap checks
     out = run_hfbuild(repo, "verify", "--deep")
     assert out.returncode == 1
