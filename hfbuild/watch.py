@@ -34,7 +34,6 @@ import os
 import select
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -146,39 +145,38 @@ class Watcher:
     # -- watching ---------------------------------------------------------------------------
 
     def _watch_initial(self, root: str) -> None:
-        """Watch every directory of the project. Listed first, before any watch exists
-        (listing a watched directory makes four events on it and its parent: 16,000 for
-        2,000 directories, each read and parsed), then watched; a directory whose stat
-        changed meanwhile, or was changed within the last 2 seconds (a change in the same
-        clock tick leaves its times as they were, as git's racily clean files), is listed
-        again after its watch exists, as `_watch_tree` lists a new one."""
-        found: list[tuple[str, int, int]] = []
+        """Watch every directory of the project: each is watched before it is looked at, so
+        a directory created in it afterwards is reported (`_handle` watches it), then listed
+        only when it can hold a directory: where the file system counts a directory's
+        subdirectories in its link count (`_leaf_counts`), a link count of 2 says it holds
+        none, and most of a big tree (its leaves) is watched without being listed (a listing
+        costs a scan of its names, and makes three events on it and three on its parent)."""
+        ino = self._ino
+        dev = os.lstat(root).st_dev
+        leaf_counts = _leaf_counts(root)
         stack = [root]
         while stack:
             d = stack.pop()
             try:
-                st = os.lstat(d)
-                below = self._subdirectories(d)
-            except OSError:
-                continue
-            if below is None:
-                continue  # an environment: not the project's files
-            found.append((d, st.st_mtime_ns, st.st_ctime_ns))
-            stack.extend(p for p in below if not self._skip(p))
-        recent = time.time_ns() - 2_000_000_000
-        again = []
-        for d, mtime, ctime in found:
-            try:
-                self._dirs[self._ino.add_watch(d, _MASK)] = d
-                st = os.lstat(d)
+                wd = ino.add_watch(d, _MASK)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.ENOMEM):
                     raise
-                continue  # gone meanwhile
-            if st.st_mtime_ns != mtime or st.st_ctime_ns != ctime or max(mtime, ctime) > recent:
-                again.append(d)
-        for d in again:
-            self._watch_tree(d, initial=True)
+                continue  # gone meanwhile, or not ours to read
+            self._dirs[wd] = d
+            try:
+                st = os.lstat(d)
+                if leaf_counts and st.st_nlink == 2 and st.st_dev == dev:
+                    continue  # no subdirectory (one made from now on is reported)
+                below = self._subdirectories(d)
+            except OSError:
+                continue
+            if below is None:  # an environment: not the project's files
+                self._dirs.pop(wd, None)
+                with contextlib.suppress(OSError):
+                    ino.rm_watch(wd)
+                continue
+            stack.extend(p for p in below if not self._skip(p))
 
     def _subdirectories(self, d: str) -> list[str] | None:
         """The directories in `d` worth watching; None when `d` is an environment (it holds
@@ -295,6 +293,34 @@ class Watcher:
                 continue
             for w in windows:
                 w._event(path, mask)
+
+
+# File systems whose directories' link count is 2 + their subdirectories (as mountinfo names
+# them). Btrfs and merged overlayfs directories report 1, others may report anything: every
+# directory there is listed.
+_LEAF_COUNTING = frozenset({"ext2", "ext3", "ext4", "xfs", "tmpfs"})
+
+
+def _leaf_counts(root: str) -> bool:
+    """Whether the file system `root` is on counts subdirectories in a directory's link
+    count (its type from /proc/self/mountinfo: the mount point that is the longest prefix of
+    `root`). A directory on another device below `root` is listed whatever its count."""
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields = left.split(" ")
+        if not sep or len(fields) < 5 or not right:
+            continue
+        point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        prefix = point.rstrip("/") + "/"
+        if (root + "/").startswith(prefix) and len(point) >= len(best):
+            best, kind = point, right.split(" ", 1)[0]
+    return kind in _LEAF_COUNTING
 
 
 _watchers: dict[str, Watcher | None] = {}  # root -> its watcher (None: cannot watch)

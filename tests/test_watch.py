@@ -600,22 +600,34 @@ def test_ray_ships_a_file_read_by_compiled_code_and_refuses_a_listed_folder(
     assert "--executor local" in got["listing"]
 
 
-def test_a_tree_older_than_two_seconds_is_watched_whole(tmp_path: pathlib.Path) -> None:
-    """A project whose directories last changed more than 2 seconds ago is listed before it
-    is watched (no event per directory listed), every directory still watched: a file read
-    deep in it by another process is recorded, and an environment in it is not watched."""
+def test_every_directory_of_a_tree_is_watched_leaves_unlisted(tmp_path: pathlib.Path) -> None:
+    """Every directory of the project is watched, those with one subdirectory (link count 3)
+    or several as much as the leaves that are not listed (link count 2): a file read deep in
+    it by another process is recorded; an environment in it is not watched; a directory made
+    in a leaf after the watch exists is watched from then on."""
     from hfbuild import watch
 
     root = tmp_path / "root"
-    (root / "a" / "b").mkdir(parents=True)
-    (root / "a" / "b" / "deep.txt").write_text("x")
+    (root / "a" / "b" / "c").mkdir(parents=True)
+    (root / "a" / "b" / "c" / "deep.txt").write_text("x")
+    (root / "a" / "leaf").mkdir()
     (root / "venv" / "lib").mkdir(parents=True)
     (root / "venv" / "pyvenv.cfg").write_text("home = /usr\n")
     (root / "venv" / "lib" / "mod.txt").write_text("x")
-    time.sleep(2.1)
-    script = "cat a/b/deep.txt venv/lib/mod.txt > /dev/null"
+    (tmp_path / "outside" / "made").mkdir(parents=True)
+    (tmp_path / "outside" / "made" / "in.txt").write_text("x")
+    script = "cat a/b/c/deep.txt venv/lib/mod.txt > /dev/null"
     files, _, unknown = _recorded(
         root, tmp_path, lambda: subprocess.run(["sh", "-c", script], cwd=root, check=True)
     )
-    assert files == {"a/b/deep.txt"} and unknown is None
-    assert watch._watchers[os.path.realpath(root)].directories == 3  # root, a, a/b
+    assert files == {"a/b/c/deep.txt"} and unknown is None
+    watcher = watch._watchers[os.path.realpath(root)]
+    assert watcher is not None
+    assert watcher.directories == 5  # root, a, a/b, a/b/c, a/leaf
+    (tmp_path / "outside" / "made").rename(root / "a" / "leaf" / "made")
+    later = "cat a/leaf/made/in.txt a/b/c/deep.txt > /dev/null"
+    files, _, _ = _recorded(
+        root, tmp_path, lambda: subprocess.run(["sh", "-c", later], cwd=root, check=True)
+    )
+    assert files == {"a/leaf/made/in.txt", "a/b/c/deep.txt"}
+    assert watcher.directories == 6
