@@ -103,6 +103,11 @@ def _hook(event: str, args: tuple[object, ...]) -> None:
     # A try costs less than a context manager on every event; the hook must never make the
     # user's open() fail.
     if event == "open":
+        # Most opens are the interpreter's and installed packages' (modules, metadata):
+        # one test leaves them.
+        path = args[0]
+        if type(path) is str and path.startswith(_SKIP):
+            return
         try:  # noqa: SIM105
             _on_open(args)
         except Exception:
@@ -201,7 +206,7 @@ def _listed_by_program(frame: FrameType | None) -> bool:
 def _on_exec(args: tuple[object, ...]) -> None:
     code = args[0]
     p = getattr(code, "co_filename", None)
-    if not isinstance(p, str) or not p.endswith(".py") or p.startswith("<"):
+    if type(p) is not str or p.startswith(_SKIP) or not p.endswith(".py") or p[:1] == "<":
         return
     _note(p)
 
@@ -224,12 +229,17 @@ def _note(p: str) -> None:
 
 def _module_executing() -> str | None:
     """The file of the innermost module whose top-level code is running, if it is outside
-    the environment: the module being imported when the event happened."""
-    f: FrameType | None = sys._getframe(3)
+    the environment and hfbuild is not running between it and the event: the module being
+    imported when the event happened. (What hfbuild reads, the store, the lock, is its own
+    even when a module's top level calls it; and the walk from hfbuild's reads, the most
+    frequent, stops at their first frame instead of the bottom of the stack.)"""
+    f: FrameType | None = sys._getframe(4)  # the caller of the audited call (see _hook)
     while f is not None:
         code = f.f_code
+        name = code.co_filename
+        if name.startswith(_HFBUILD):
+            return None
         if code.co_name == "<module>":
-            name = code.co_filename
             if name.startswith("<") or name.startswith(_SKIP):
                 return None
             return name
@@ -255,8 +265,10 @@ def import_time_uses(modules: Iterable[str]) -> set[str]:
     with _import_lock:
         items = list(_import_log.items())
     out: set[str] = set()
+    reals = _reals
     for module, paths in items:
-        if real_module_path(module) in wanted:
+        real = reals.get(module)
+        if (real or real_module_path(module)) in wanted:
             out |= paths
     return out
 
