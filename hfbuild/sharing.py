@@ -303,6 +303,8 @@ def write_text_atomic(path: str, text: str, *, durable: bool = True) -> None:
 
 def write_json_atomic(path: str, doc: Any, *, durable: bool = True, indent: int | None = 1) -> None:
     """`doc` as sorted JSON, indented for people unless `indent=None` (one line: json's C
-    encoder, several times faster than its indenting one, which is pure Python)."""
-    text = json.dumps(doc, sort_keys=True, indent=indent, ensure_ascii=False) + "\n"
+    encoder, several times faster than its indenting one, which is pure Python). `doc` is a
+    tree of plain values: no cycle check (an id() per list and dict, each an audit event)."""
+    text = json.dumps(doc, sort_keys=True, indent=indent, ensure_ascii=False, check_circular=False)
+    text += "\n"
     write_text_atomic(path, text, durable=durable)
