@@ -84,6 +84,19 @@ def listing(full: str) -> list[str] | None:
     return sorted(n for n in names if n not in _NOT_LISTED and not n.startswith(".doit.db"))
 
 
+def listing_at(rel: str, snap: Snapshot) -> list[str] | None:
+    """The sorted names in the project directory `rel` (a listing's `listing_dir`) as
+    `snap` sees them: on disk in a work tree; as the index holds them in index mode (a
+    commit's directory: `Snapshot.staged_names`), so `verify --staged` checks the listing
+    a commit would hold."""
+    if snap.mode != "index":
+        return listing(snap.abspath(rel))
+    names = snap.staged_names(rel)
+    if names is None:
+        return None
+    return [n for n in names if n not in _NOT_LISTED and not n.startswith(".doit.db")]
+
+
 def listing_id(names: list[str] | None) -> str:
     if names is None:
         return MISSING
@@ -123,7 +136,7 @@ def identify(
             continue
         full = snap.abspath(rel)
         if is_listing(rel):
-            out.append((rel, listing_id(listing(snap.abspath(listing_dir(rel))))))
+            out.append((rel, listing_id(listing_at(listing_dir(rel), snap))))
         elif os.path.isfile(full) or (snap.mode == "index" and snap.exists(rel)):
             out.append((rel, file_identity(full, snap, cache)[1]))
         else:
@@ -298,7 +311,7 @@ class Seen:
         paths = observed_paths(used, m.doc, snap, exclude, self._verdicts)
         dirs = listed_paths(self._rec.collect_listings(), snap, exclude)
         for rel in dirs:
-            self.listings[listing_dir(rel)] = listing(snap.abspath(listing_dir(rel)))
+            self.listings[listing_dir(rel)] = listing_at(listing_dir(rel), snap)
         unknown = self._rec.unknown is not None
         static_env = [str(n) for n, _ in m.doc.get("env") or []]
         env = envvars.observed_keyed(self._rec.collect_env(), static_env, snap.root)
@@ -378,7 +391,7 @@ def observed_changes(
         for d, v in (listed.items() if isinstance(listed, dict) else [])
         if isinstance(v, list)
     }
-    now_names = {d: listing(snap.abspath(d)) for d in names}
+    now_names = {d: listing_at(d, snap) for d in names}
     return diff_observed(
         pairs, dict(identify([str(p[0]) for p in pairs], snap, cache)), names, now_names
     )

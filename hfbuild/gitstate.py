@@ -348,6 +348,35 @@ class Snapshot:
                 hi = mid
         return lo < count and path_at(lo).startswith(prefix)
 
+    def staged_names(self, rel: str) -> list[str] | None:
+        """The names directly in directory `rel` ("." for the root) as a commit of the
+        index holds them: each staged file's, and each directory's holding one; with the
+        names on disk git ignores (kept out of git on purpose: read from the work tree, as
+        data files are). None when there is no such name: a checkout has no such
+        directory. Submodules' entries are not looked into."""
+        if self.repo is None:
+            return None
+        prefix = "" if rel == "." else rel + "/"
+        names: set[str] = set()
+        for entry in self._index(self.repo):
+            path = entry.path
+            if path.startswith(prefix):
+                names.add(path[len(prefix) :].partition("/")[0])
+        try:
+            on_disk = os.listdir(self.abspath(prefix) if prefix else self.root)
+        except OSError:
+            on_disk = []
+        for name in on_disk:
+            if name not in names and name != ".git":
+                inner = prefix + name
+                if os.path.isdir(self.abspath(inner)):
+                    inner += "/"
+                if self._ignored_dir(self.repo, prefix.rstrip("/")) or self.repo.path_is_ignored(
+                    inner
+                ):
+                    names.add(name)
+        return sorted(names) if names else None
+
     def exists(self, rel: str) -> bool:
         if self.mode == "index":
             return self._staged(rel) is not None
