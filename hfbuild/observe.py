@@ -36,6 +36,7 @@ from hfbuild.envvars import COPIED
 ENV_SWITCH = "HFBUILD_OBSERVE"
 _SEP = "\0"  # spool records are NUL-separated: a path may hold a newline
 _LISTING = "\x01"  # a spool record starting with it is a directory listed, not a file read
+_OPENED_DIR = "\x02"  # ... a directory Python opened (any caller: not a listing by compiled code)
 _SPOOL_SUFFIX = ".spool"
 
 # Files of the interpreter and its environment: never project files, never attributed.
@@ -129,6 +130,10 @@ def _on_open(args: tuple[object, ...]) -> None:
     if isinstance(path, int) or path is None:
         return
     if mode is None:  # os.open: flags decide
+        if _active and isinstance(path, str):  # maybe a directory (fwalk, a dir_fd base)
+            d = os.path.abspath(path)
+            for rec in _active:
+                rec.python_opened_dir(d)
         flags = args[2]
         if not isinstance(flags, int) or flags & _WRITE_FLAGS:
             _note_write(path)
@@ -176,7 +181,11 @@ def _on_list(args: tuple[object, ...]) -> None:
     else:
         p = os.fsdecode(os.fspath(path))  # type: ignore[call-overload]
     p = os.path.abspath(p)
-    if p.startswith(_SKIP) or not _listed_by_program(sys._getframe(2)):
+    if p.startswith(_SKIP):
+        return
+    for rec in _active:
+        rec.python_opened_dir(p)
+    if not _listed_by_program(sys._getframe(2)):
         return
     for rec in _active:
         rec.note_listing(p)
@@ -295,6 +304,7 @@ class Recording:
         self._window = window
         self.paths: set[str] = set()
         self.listings: set[str] = set()
+        self._python_dir_opens: dict[str, int] = {}  # see `python_opened_dir`
         self._written: set[str] = set()
         self.env: set[str] = set()
         # The environment when the build started: a variable the build sets itself is
@@ -320,6 +330,18 @@ class Recording:
         with self._lock:
             self.listings.add(d)
         self._spool_record(_LISTING + d)
+
+    def python_opened_dir(self, d: str) -> None:
+        """Python code (any: the program, the import system, hfbuild) listed or `os.open`ed
+        `d`, which may be a directory: one of the opens the watch window counts for it
+        that is not a listing by compiled code (`collect_listings`)."""
+        if not self._watched(os.path.join(d, "")):
+            return
+        if os.getpid() != self._pid:
+            self._spool_record(_OPENED_DIR + d)
+            return
+        with self._lock:
+            self._python_dir_opens[d] = self._python_dir_opens.get(d, 0) + 1
 
     def watches(self, file: str) -> bool:
         """Whether code in `file` is the project's (under the root, outside `exclude`)."""
@@ -364,7 +386,9 @@ class Recording:
     def collect(self) -> set[str]:
         """This process's paths, every worker's, and what the watch window saw read."""
         out = set(self.paths)
-        out.update(p for p in self._spooled() if not p.startswith((_LISTING, _ENV_MARK)))
+        out.update(
+            p for p in self._spooled() if not p.startswith((_LISTING, _OPENED_DIR, _ENV_MARK))
+        )
         if self._window is not None:
             with self._lock:
                 written = set(self._written)
@@ -378,9 +402,28 @@ class Recording:
         return self.env | {r[n:] for r in self._spooled() if r.startswith(_ENV_MARK)}
 
     def collect_listings(self) -> set[str]:
-        """The directories listed in this process and in every worker."""
+        """The directories the program listed in this process and in every worker; and,
+        with a watch window, those opened by any process more often than Python code
+        opened them (listed by compiled code: Arrow's, a Rust crate's, another process's;
+        in `watch.py`'s real paths)."""
+        spooled = self._spooled()
         out = set(self.listings)
-        out.update(p[1:] for p in self._spooled() if p.startswith(_LISTING))
+        out.update(p[1:] for p in spooled if p.startswith(_LISTING))
+        if self._window is None:
+            return out
+        opened = self._window.directories_opened()
+        if not opened:
+            return out
+        with self._lock:
+            python = list(self._python_dir_opens.items())
+        python.extend((p[1:], 1) for p in spooled if p.startswith(_OPENED_DIR))
+        explained: dict[str, int] = {}
+        for d, n in python:
+            real = os.path.realpath(d)
+            explained[real] = explained.get(real, 0) + n
+        for d, n in opened.items():
+            if n > explained.get(d, 0) and self._watched(os.path.join(d, "")):
+                out.add(d)
         return out
 
     @property

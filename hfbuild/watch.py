@@ -78,6 +78,7 @@ class Window:
     def __init__(self, watcher: Watcher) -> None:
         self._watcher = watcher
         self._state: dict[str, int] = {}
+        self._dir_opens: dict[str, int] = {}  # directory -> times any process opened it
         self.unknown: str | None = None
 
     def _event(self, path: str, mask: int) -> None:
@@ -100,6 +101,14 @@ class Window:
         out = {p for p, s in items if s == _READ}
         late = {p for p, s in items if s == _OPENED}
         return out | (late - set(written))
+
+    def directories_opened(self) -> dict[str, int]:
+        """How many times each watched directory (absolute) was opened so far, by any
+        process: to list it (`opendir`, whatever code calls it), or to use it as an `openat`
+        base (every event up to now counted)."""
+        self._watcher.drain()
+        with self._watcher.lock:
+            return dict(self._dir_opens)
 
     def close(self) -> None:
         self._watcher.drain()
@@ -282,8 +291,11 @@ class Watcher:
                 for w in windows:
                     w.unknown = w.unknown or MOVED
                 continue
-            if not name:
-                continue  # the directory itself (opened to be listed)
+            if not name:  # the directory itself
+                if mask & IN_OPEN:  # opened: to be listed, mostly
+                    for w in windows:
+                        w._dir_opens[d] = w._dir_opens.get(d, 0) + 1
+                continue
             path = d + "/" + name
             if mask & IN_ISDIR:
                 if mask & (IN_CREATE | IN_MOVED_TO) and name not in _NEVER and not self._skip(path):

@@ -71,6 +71,7 @@ FILES = {
 
         import multiprocess
         import pyarrow.parquet as pq
+        from pyarrow import fs
 
         from pkg.log import log
 
@@ -99,6 +100,14 @@ FILES = {
             return {"names": [names] * len(batch["x"])}
 
 
+        def arrow_listed(batch):
+            log("arrowlisting")
+            # Arrow's C++ lists the folder (opendir): no Python listing, no file opened.
+            infos = fs.LocalFileSystem().get_file_info(fs.FileSelector(str(ROOT / "shelf")))
+            names = ",".join(sorted(i.base_name for i in infos))
+            return {"names": [names] * len(batch["x"])}
+
+
         def outside(batch):
             log("outside")
             table = pq.read_table(os.environ["OUTSIDE_PARQUET"])  # outside the project
@@ -106,6 +115,8 @@ FILES = {
         """,
     "extra/a.txt": "a\n",
     "extra/b.txt": "b\n",
+    "shelf/one.csv": "x\n1\n",
+    "shelf/two.csv": "x\n2\n",
     "README.md": "a project\n",
     "docs/guide.md": "a guide\n",
     "dodo.py": """
@@ -121,6 +132,7 @@ FILES = {
             "workers", raw, tables.in_workers, batched=True, batch_size=4, num_proc=2
         )
         listing = pipe.map("listing", raw, tables.listed, batched=True)
+        arrowlisting = pipe.map("arrowlisting", raw, tables.arrow_listed, batched=True)
         outside = pipe.map("outside", raw, tables.outside, batched=True)
 
 
@@ -130,7 +142,7 @@ FILES = {
     ".gitignore": ".hfbuild/\n.doit.db*\n__pycache__/\n",
 }
 ROWS = 12
-STAGES = ["tokens", "waiting", "labels", "workers", "listing", "outside"]
+STAGES = ["tokens", "waiting", "labels", "workers", "listing", "arrowlisting", "outside"]
 
 
 def train_tokenizer(words: list[str], path: pathlib.Path) -> None:
@@ -333,6 +345,76 @@ def test_a_listed_folder_gaining_a_file_rebuilds(
     assert calls(tmp_path / "again.log") == Counter()
 
 
+def test_a_folder_listed_by_compiled_code_gaining_a_file_rebuilds(
+    project: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """A folder Arrow's C++ lists (`pyarrow.fs` FileSelector: an `opendir` Python never
+    sees) is keyed by its names, as a folder Python lists: a file added there rebuilds the
+    stage, and explain names it; its files edited (never opened) rebuild nothing; and no
+    other stage keys a listing it did not make."""
+    path = project
+    assert list(observed(path, "arrowlisting")) == ["shelf/."]
+    assert column(path, "arrowlisting", "names")[0] == "one.csv,two.csv"
+    assert all(
+        not any(p.endswith("/.") or p == "." for p in observed(path, s))
+        for s in STAGES
+        if s not in ("listing", "arrowlisting")
+    )
+
+    (path / "shelf" / "one.csv").write_text("x\n9\n")
+    run_doit(path, tmp_path / "edited.log")
+    assert calls(tmp_path / "edited.log") == Counter()
+
+    (path / "shelf" / "three.csv").write_text("x\n3\n")
+    text = explain(path, "arrowlisting")
+    assert "listing of shelf changed: +three.csv" in text, text
+    run_doit(path, tmp_path / "added.log")
+    assert calls(tmp_path / "added.log") == Counter(["arrowlisting"])
+    assert column(path, "arrowlisting", "names")[0] == "one.csv,three.csv,two.csv"
+    run_doit(path, tmp_path / "again.log")
+    assert calls(tmp_path / "again.log") == Counter()
+
+
+def verify_staged(path: pathlib.Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(pathlib.Path(sys.executable).parent / "hfbuild"), "verify", "--staged"],
+        cwd=path,
+        env={**os.environ, "CALL_LOG": os.devnull},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_verify_staged_keys_a_listing_by_what_is_staged(
+    project: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """`verify --staged` takes a listed folder's names from the index (what the commit
+    holds), with the names git ignores there: a build that listed an untracked file, its
+    lock staged without that file, is refused until the file is staged; a git-ignored file
+    there is not asked for."""
+    path = project
+    (path / ".gitignore").write_text((path / ".gitignore").read_text() + "extra/*.log\n")
+    commit(path, "ignore logs")
+    (path / "extra" / "run.log").write_text("ignored\n")
+    run_doit(path, tmp_path / "ignored.log")
+    assert calls(tmp_path / "ignored.log") == Counter(["listing"])
+    git(path, "add", "hfbuild.lock")
+    out = verify_staged(path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    commit(path, "lock")
+
+    (path / "extra" / "new.txt").write_text("new\n")
+    run_doit(path, tmp_path / "added.log")
+    assert calls(tmp_path / "added.log") == Counter(["listing"])
+    git(path, "add", "hfbuild.lock")
+    out = verify_staged(path)
+    assert out.returncode != 0 and "listing" in out.stdout + out.stderr, out.stdout + out.stderr
+    git(path, "add", "extra/new.txt")
+    out = verify_staged(path)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_reads_outside_the_project_change_nothing(
     project: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
@@ -505,6 +587,32 @@ def test_window_tells_reads_by_any_process_from_writes(tmp_path: pathlib.Path) -
         root, tmp_path, lambda: subprocess.run(["sh", "-c", later], cwd=root, check=True)
     )
     assert files == {"sub/deeper/made.txt", "moved/in.txt"}
+
+
+def test_directories_opened_by_compiled_code_are_listings_the_import_systems_are_not(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within a recording, a directory another process lists (`ls`: C's opendir) is a
+    listing; one the import system lists to find a module (Python's os.listdir, which the
+    watch sees opened as well) is not, nor is one nobody opens."""
+    import importlib
+
+    root = tmp_path / "root"
+    for d in ("mods", "seen", "quiet"):
+        (root / d).mkdir(parents=True)
+    (root / "mods" / "watch_test_newmod.py").write_text("X = 1\n")
+    (root / "seen" / "a.txt").write_text("a\n")
+    (root / "quiet" / "b.txt").write_text("b\n")
+    monkeypatch.syspath_prepend(str(root / "mods"))
+
+    def build() -> None:
+        importlib.invalidate_caches()
+        importlib.import_module("watch_test_newmod")  # the import system lists mods/
+        subprocess.run(["ls", "seen"], cwd=root, check=True, capture_output=True)
+
+    files, listings, unknown = _recorded(root, tmp_path, build)
+    assert listings == {"seen"} and unknown is None
+    assert files == {"mods/watch_test_newmod.py"}  # the module executed, as always
 
 
 def test_lost_events_make_a_windows_reads_unknown(tmp_path: pathlib.Path) -> None:
