@@ -29,9 +29,13 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from hfbuild import dirfd, watch
+from hfbuild import dirfd
 from hfbuild.envvars import COPIED
+
+if TYPE_CHECKING:  # imported at the first build: a no-op never needs it
+    from hfbuild import watch
 
 ENV_SWITCH = "HFBUILD_OBSERVE"
 _SEP = "\0"  # spool records are NUL-separated: a path may hold a newline
@@ -451,6 +455,8 @@ def recording(
     os.makedirs(spool, exist_ok=True)
     window = None
     if watch_all and _installed:
+        from hfbuild import watch
+
         exclude = list(exclude)
         ex = tuple({os.path.join(r, "") for e in exclude if e for r in (e, os.path.realpath(e))})
 
