@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import os
 import sys
 import threading
@@ -54,6 +55,7 @@ _SKIP = tuple(
         | {"/proc/", "/dev/", "/sys/", os.path.join(os.path.dirname(__file__), "")}
     )
 )
+_MODULE_CODE = (".py", ".pyc")
 _WRITE_FLAGS = os.O_WRONLY | os.O_TRUNC | getattr(os, "O_EXCL", 0)
 
 _installed = False
@@ -108,10 +110,10 @@ def _hook(event: str, args: tuple[object, ...]) -> None:
     # A try costs less than a context manager on every event; the hook must never make the
     # user's open() fail.
     if event == "open":
-        # Most opens are the interpreter's and installed packages' (modules, metadata):
-        # one test leaves them.
+        # Most opens are the interpreter's and installed packages' (modules, metadata), or
+        # module code (the "exec" event names the module run): a test or two leaves them.
         path = args[0]
-        if type(path) is str and path.startswith(_SKIP):
+        if type(path) is str and (path.startswith(_SKIP) or path.endswith(_MODULE_CODE)):
             return
         try:  # noqa: SIM105
             _on_open(args)
@@ -261,6 +263,7 @@ def _module_executing() -> str | None:
 
 
 _reals: dict[str, str] = {}  # a module file -> its real path (asked once per stage build)
+_real_dirs: dict[str, str] = {}  # a module's directory -> its real path
 
 
 def real_module_path(p: str) -> str:
@@ -268,21 +271,35 @@ def real_module_path(p: str) -> str:
     is where it was loaded from, and every stage's build asks about hundreds of them."""
     r = _reals.get(p)
     if r is None:
-        r = _reals[p] = os.path.realpath(p)
+        # Its directory's real path, asked once per directory (a realpath costs an lstat per
+        # component), unless the file itself is a symbolic link.
+        d, name = os.path.split(p)
+        rd = _real_dirs.get(d)
+        if rd is None:
+            rd = _real_dirs[d] = os.path.realpath(d)
+        r = os.path.realpath(p) if os.path.islink(p) else os.path.join(rd, name)
+        _reals[p] = r
     return r
 
 
+_logged_by_real: dict[str, list[str]] = {}  # a real module path -> its keys in _import_log
+_logged_seen = 0  # how many of _import_log's keys (in insertion order) _logged_by_real holds
+
+
 def import_time_uses(modules: Iterable[str]) -> set[str]:
-    """Absolute paths read or executed while the given module files were imported."""
-    wanted = {real_module_path(m) for m in modules}
-    with _import_lock:
-        items = list(_import_log.items())
+    """Absolute paths read or executed while the given module files were imported (each
+    stage's build asks for its closure's: the log is indexed by real path once per module
+    logged, not walked per stage)."""
+    global _logged_seen
     out: set[str] = set()
-    reals = _reals
-    for module, paths in items:
-        real = reals.get(module)
-        if (real or real_module_path(module)) in wanted:
-            out |= paths
+    with _import_lock:
+        if len(_import_log) > _logged_seen:
+            for module in itertools.islice(_import_log, _logged_seen, None):
+                _logged_by_real.setdefault(real_module_path(module), []).append(module)
+            _logged_seen = len(_import_log)
+        for m in modules:
+            for module in _logged_by_real.get(real_module_path(m), ()):
+                out |= _import_log[module]
     return out
 
 
