@@ -11,7 +11,9 @@ project module executed, and every project directory the program lists (`os.list
 own, `_listed_by_program`) is noted, in this process and in fork-started worker processes
 (datasets' `num_proc` pool on Linux), which report through spool files in a directory the
 builder names; with a `watch.Window`, what any process opened to read in the project is
-added (and the files this process's Python opened to write are named to it). A relative
+added (and the files this process's Python opened to write are named to it), and a
+directory it saw opened more often than Python code (any caller) listed or `os.open`ed it
+is a listing made by compiled code or another process. A relative
 name given to `os.open` is noted under the directory its `dir_fd` refers to, which the event
 does not carry (`dirfd.py` reads it from the call), or under every one it could be.
 

@@ -6,18 +6,20 @@ a watched directory, by any process of the machine: the build process, its `num_
 workers however started, and any other process (whose reads only add to a key: at worst a
 rebuild, never a wrong result).
 
-Owns: one inotify instance per project root and process (made at the first build, kept for
-the process's life), a watch on every directory under the root except `.git`, `__pycache__`
-and those the caller skips (the store, installed environments), added for directories that
+Owns: one inotify instance per project root and process (made at the first build, kept for the
+process's life), a watch on every directory under the root except `.git`, `__pycache__` and
+those the caller skips (the store, installed environments), each watched before it is looked at
+and listed only when its link count says it can hold a directory, added for directories that
 appear later as they appear; a reader thread that drains the kernel's queue as events arrive
-(so a long build does not overflow it); and `Window`, what was read between a build's start
-and its end. inotify's open event does not say whether a file was opened to read or to
-write, so a file counts as read when it was closed after a read-only open, read (`read(2)`)
+(so a long build does not overflow it); and `Window`, what was read between a build's start and
+its end, and how often each watched directory was opened (to be listed, mostly: by any code,
+compiled code included). inotify's open event does not say whether a file was opened to read or
+to write, so a file counts as read when it was closed after a read-only open, read (`read(2)`)
 before anything wrote it, or is still open at the end; a file created, moved in, or closed
 after a write-open before anything read it, is output, not input. An overflowed queue, a
-watched directory moved, or a watch that cannot be added to a directory that was there
-before makes the window's reads unknown (`Window.unknown`): the caller must not trust them.
-Where inotify is unavailable (not Linux) there is no window; where the watch limit
+watched directory moved, or a watch that cannot be added to a directory that was there before
+makes the window's reads unknown (`Window.unknown`): the caller must not trust them. Where
+inotify is unavailable (not Linux) there is no window; where the watch limit
 (`/proc/sys/fs/inotify/max_user_watches`) or the instance limit is reached, a one-time
 `ObservationWarning` says so and there is no window either: the audit hook alone observes.
 
