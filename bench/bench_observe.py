@@ -5,7 +5,8 @@ without either (HFBUILD_OBSERVE=0, a switch only this benchmark uses).
 Run: `.venv/bin/python bench/bench_observe.py [--rows N] [--repeat K] [--noop-repeat M]`
 (`--rows 0` leaves out the map chain).
 Everything runs in temporary git repositories, each build in a fresh `doit` process with an
-empty store; the two settings alternate so that drift on a shared machine hits both. Times
+empty store, after one uncounted build (bytecode written); the two settings alternate so that
+drift on a shared machine hits both. Times
 are CPU times (user + system of `doit` and its worker processes), not wall time, so that
 other processes on a shared machine do not decide the ratio. Prints:
 
@@ -72,7 +73,13 @@ def doit(path: pathlib.Path, env: dict[str, str]) -> float:
 
 def cold(path: pathlib.Path, env: dict[str, str], repeat: int) -> dict[str, float]:
     """Median cold build time with observation on and off, alternating, fresh store each
-    (outside the project, as a store may be)."""
+    (outside the project, as a store may be), after one build that is not counted: the first
+    build in a fresh repository also writes every module's bytecode (`__pycache__`), which
+    would fall on whichever setting runs first."""
+    warm = path.parent / f"{path.name}-store-warm"
+    doit(path, {**env, "HFBUILD_STORE": str(warm), "HFBUILD_OBSERVE": "0"})
+    shutil.rmtree(warm, ignore_errors=True)
+    (path / "hfbuild.lock").unlink(missing_ok=True)
     times: dict[str, list[float]] = {"on": [], "off": []}
     for i in range(repeat):
         for mode in ("off", "on") if i % 2 else ("on", "off"):

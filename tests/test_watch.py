@@ -177,15 +177,19 @@ def run_doit(path: pathlib.Path, log: pathlib.Path, **env: str) -> subprocess.Co
     return out
 
 
-def explain(path: pathlib.Path, stage: str) -> str:
-    out = subprocess.run(
-        [str(pathlib.Path(sys.executable).parent / "hfbuild"), "explain", stage],
+def hfbuild(path: pathlib.Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(pathlib.Path(sys.executable).parent / "hfbuild"), *args],
         cwd=path,
         env={**os.environ, "CALL_LOG": os.devnull},
         capture_output=True,
         text=True,
         check=False,
     )
+
+
+def explain(path: pathlib.Path, stage: str) -> str:
+    out = hfbuild(path, "explain", stage)
     return out.stdout + out.stderr
 
 
@@ -327,22 +331,7 @@ def test_a_listed_folder_gaining_a_file_rebuilds(
     """A folder the transform globs is keyed by its names: a file added there rebuilds the
     stage (explain: `listing of extra changed: +new.txt`); a file of it edited, which the
     transform never opens, leaves the listing and the stage as they were."""
-    path = project
-    assert list(observed(path, "listing")) == ["extra/."]
-    assert column(path, "listing", "names")[0] == "a.txt,b.txt"
-
-    (path / "extra" / "a.txt").write_text("edited, never read\n")
-    run_doit(path, tmp_path / "edited.log")
-    assert calls(tmp_path / "edited.log") == Counter()
-
-    (path / "extra" / "new.txt").write_text("new\n")
-    text = explain(path, "listing")
-    assert "listing of extra changed: +new.txt" in text, text
-    run_doit(path, tmp_path / "added.log")
-    assert calls(tmp_path / "added.log") == Counter(["listing"])
-    assert column(path, "listing", "names")[0] == "a.txt,b.txt,new.txt"
-    run_doit(path, tmp_path / "again.log")
-    assert calls(tmp_path / "again.log") == Counter()
+    assert_a_new_file_rebuilds(project, tmp_path, "listing", "extra", "a.txt", "new.txt")
 
 
 def test_a_folder_listed_by_compiled_code_gaining_a_file_rebuilds(
@@ -352,38 +341,35 @@ def test_a_folder_listed_by_compiled_code_gaining_a_file_rebuilds(
     sees) is keyed by its names, as a folder Python lists: a file added there rebuilds the
     stage, and explain names it; its files edited (never opened) rebuild nothing; and no
     other stage keys a listing it did not make."""
-    path = project
-    assert list(observed(path, "arrowlisting")) == ["shelf/."]
-    assert column(path, "arrowlisting", "names")[0] == "one.csv,two.csv"
     assert all(
-        not any(p.endswith("/.") or p == "." for p in observed(path, s))
+        not any(p.endswith("/.") or p == "." for p in observed(project, s))
         for s in STAGES
         if s not in ("listing", "arrowlisting")
     )
+    assert_a_new_file_rebuilds(project, tmp_path, "arrowlisting", "shelf", "one.csv", "three.csv")
 
-    (path / "shelf" / "one.csv").write_text("x\n9\n")
+
+def assert_a_new_file_rebuilds(
+    path: pathlib.Path, tmp_path: pathlib.Path, stage: str, folder: str, old: str, new: str
+) -> None:
+    """`stage` keys `folder`'s listing (its names in its `names` column): `old`, a file
+    there, edited rebuilds nothing; `new` added rebuilds the stage, explain names it."""
+    names = sorted(p.name for p in (path / folder).iterdir())
+    assert list(observed(path, stage)) == [f"{folder}/."]
+    assert column(path, stage, "names")[0] == ",".join(names)
+
+    (path / folder / old).write_text("edited, never read\n")
     run_doit(path, tmp_path / "edited.log")
     assert calls(tmp_path / "edited.log") == Counter()
 
-    (path / "shelf" / "three.csv").write_text("x\n3\n")
-    text = explain(path, "arrowlisting")
-    assert "listing of shelf changed: +three.csv" in text, text
+    (path / folder / new).write_text("new\n")
+    text = explain(path, stage)
+    assert f"listing of {folder} changed: +{new}" in text, text
     run_doit(path, tmp_path / "added.log")
-    assert calls(tmp_path / "added.log") == Counter(["arrowlisting"])
-    assert column(path, "arrowlisting", "names")[0] == "one.csv,three.csv,two.csv"
+    assert calls(tmp_path / "added.log") == Counter([stage])
+    assert column(path, stage, "names")[0] == ",".join(sorted([*names, new]))
     run_doit(path, tmp_path / "again.log")
     assert calls(tmp_path / "again.log") == Counter()
-
-
-def verify_staged(path: pathlib.Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(pathlib.Path(sys.executable).parent / "hfbuild"), "verify", "--staged"],
-        cwd=path,
-        env={**os.environ, "CALL_LOG": os.devnull},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
 
 
 def test_verify_staged_keys_a_listing_by_what_is_staged(
@@ -394,24 +380,25 @@ def test_verify_staged_keys_a_listing_by_what_is_staged(
     lock staged without that file, is refused until the file is staged; a git-ignored file
     there is not asked for."""
     path = project
+
+    def rebuild_and_verify(log: str) -> subprocess.CompletedProcess[str]:
+        run_doit(path, tmp_path / log)
+        assert calls(tmp_path / log) == Counter(["listing"])
+        git(path, "add", "hfbuild.lock")
+        return hfbuild(path, "verify", "--staged")
+
     (path / ".gitignore").write_text((path / ".gitignore").read_text() + "extra/*.log\n")
     commit(path, "ignore logs")
     (path / "extra" / "run.log").write_text("ignored\n")
-    run_doit(path, tmp_path / "ignored.log")
-    assert calls(tmp_path / "ignored.log") == Counter(["listing"])
-    git(path, "add", "hfbuild.lock")
-    out = verify_staged(path)
+    out = rebuild_and_verify("ignored.log")
     assert out.returncode == 0, out.stdout + out.stderr
     commit(path, "lock")
 
     (path / "extra" / "new.txt").write_text("new\n")
-    run_doit(path, tmp_path / "added.log")
-    assert calls(tmp_path / "added.log") == Counter(["listing"])
-    git(path, "add", "hfbuild.lock")
-    out = verify_staged(path)
+    out = rebuild_and_verify("added.log")
     assert out.returncode != 0 and "listing" in out.stdout + out.stderr, out.stdout + out.stderr
     git(path, "add", "extra/new.txt")
-    out = verify_staged(path)
+    out = hfbuild(path, "verify", "--staged")
     assert out.returncode == 0, out.stdout + out.stderr
 
 
