@@ -2,7 +2,8 @@
 
 Owns: the order of a build (the store, else the remote cache, else build the inputs and then
 the stage under its per-fingerprint lock), setting a damaged entry aside, publishing the result
-with its stored manifest, pushing it when HFBUILD_PUSH=1, and turning a full disk into a
+with its stored manifest, recording a failed build in the store (`Store.record_failure`, until
+a build of that key succeeds), pushing it when HFBUILD_PUSH=1, and turning a full disk into a
 `StoreError`. Where a missing entry is built is the executor's choice (`executor`: here, by
 `build_here`, or on a Ray cluster); running the transform itself is `builder`'s job (imported
 only here, when something is really built).
@@ -21,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from hfbuild import liveness
-from hfbuild.errors import CorruptEntryWarning, RemoteWarning, StoreError
+from hfbuild.errors import BuildError, CorruptEntryWarning, RemoteWarning, StoreError
 from hfbuild.executor import Unit, choose
 from hfbuild.fingerprint import Manifest, check_dirty
 from hfbuild.fullkey import entry_doc, full_key, observing
@@ -78,7 +79,12 @@ def build(
             else:
                 _set_aside_if_corrupt(pipe, name, fp)
                 unit = Unit(spec, m, {i: manifests[i] for i in spec.inputs})
-                report = choose(pipe, executor).build(pipe, unit)
+                try:
+                    report = choose(pipe, executor).build(pipe, unit)
+                except BuildError as e:
+                    store.record_failure(fp, name, str(e))  # for `status` and `explain`
+                    raise
+                store.clear_failure(fp)
     fp = report.fingerprint
     store.touch(fp)
     if record:
