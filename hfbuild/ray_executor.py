@@ -93,7 +93,16 @@ class RayExecutor:
 
 
 def _remote(pipe: Pipeline, label: str) -> Remote:
+    from hfbuild.remote import remote_disabled
+
     remote = pipe.remote()
+    if remote is None and remote_disabled():
+        raise ConfigError(
+            f"stage {label!r}: the Ray executor needs the remote cache, where workers read "
+            f"their inputs and publish their results, and HFBUILD_NO_REMOTE=1 turns it off: "
+            f"unset HFBUILD_NO_REMOTE, or build with the local executor (--executor local, "
+            f"or unset HFBUILD_EXECUTOR)."
+        )
     if remote is None:
         raise ConfigError(
             f"stage {label!r}: the Ray executor needs a remote cache, where workers read "
@@ -157,10 +166,12 @@ def _connect() -> None:
 
 def _ensure_remote(pipe: Pipeline, remote: Remote, name: str, fp: str) -> None:
     """An input built or pulled here must be on the remote before a worker reads it."""
-    from hfbuild.remote import RemoteError
+    from hfbuild.remote import RemoteError, RemoteUnreachableError
 
     try:
         remote.push(pipe.store, fp, name)
+    except RemoteUnreachableError:
+        raise  # the remote, not the stage: no failed build is recorded
     except (RemoteError, StoreError) as e:
         raise BuildError(f"input {name!r} cannot be shared with the cluster: {e}") from e
 
@@ -168,10 +179,12 @@ def _ensure_remote(pipe: Pipeline, remote: Remote, name: str, fp: str) -> None:
 def _share(pipe: Pipeline, remote: Remote, name: str, fp: str) -> None:
     """Push a sharded stage's list (its shards are there already): other clones then pull
     the stage whole instead of building it."""
-    from hfbuild.remote import RemoteError
+    from hfbuild.remote import RemoteError, RemoteUnreachableError
 
     try:
         remote.push(pipe.store, fp, name)
+    except RemoteUnreachableError:
+        raise
     except (RemoteError, StoreError) as e:
         raise BuildError(
             f"stage {name!r}: its shards were built on the cluster, but its entry cannot be "
