@@ -13,7 +13,11 @@ lock server: the manifest is written create-only (S3's `If-None-Match: *` throug
 that loses the race deletes its own data directory. Entries written before the unique names
 (`data/`, no `data_dir` in the manifest) are still read. An entry's references
 (`Store.references`: a stage's shards, the base an indices entry selects rows of) are pushed
-before it and pulled before it; one the remote lacks makes the pull fail, never serve.
+before it and pulled before it; one the remote lacks makes the pull fail, never serve. A
+remote that cannot be reached, or for which no credentials were found, is one
+`RemoteUnreachableError` saying what to check or set, remembered per URL for a minute (each
+attempt costs the client's retries); `unavailable` says what a build does then (builds here,
+warning once, unless HFBUILD_REMOTE_REQUIRED=1 or on the Ray executor: it stops).
 
 Must never: unpickle or execute anything downloaded, write outside the store's build
 directory, trust a path or fingerprint the remote names, or read credentials itself (fsspec's

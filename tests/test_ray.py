@@ -473,8 +473,8 @@ SLOW = {
 def test_ctrl_c_on_the_driver_cancels_its_tasks(
     repo: Repo, tmp_path: pathlib.Path, remote: str
 ) -> None:
-    """SIGINT to a driver waiting on the cluster stops it promptly and kills the worker
-    running its task; nothing is published for the stage."""
+    """SIGINT to a driver waiting on the cluster stops it promptly, in one line and exit 130,
+    and kills the worker running its task; nothing is published for the stage."""
     make_project(repo)
     repo.write(SLOW, commit="slow stage")
     clone = repo.clone(tmp_path / "clone")
@@ -494,8 +494,10 @@ def test_ctrl_c_on_the_driver_cancels_its_tasks(
         time.sleep(0.2)
     worker = int(pid_file.read_text())
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=30)
-    assert proc.returncode != 0
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "hfbuild: interrupted (stage 'nap'); nothing of it was published." in err
     deadline = time.monotonic() + 30
     while _alive(worker) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -5,6 +5,7 @@ under `hfbuild`; HFBUILD_NO_REMOTE=1 with the Ray executor."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -61,7 +62,7 @@ def test_doit_run_with_the_remote_down_warns_once_and_builds_here(
     repo: Repo, tmp_path: pathlib.Path, down: str
 ) -> None:
     """`doit run` with the remote unreachable: one warning for the whole run (not one per
-    stage, and the client's retries paid once), every stage built here with the right rows.
+    stage), every stage built here with the right rows.
     With HFBUILD_REMOTE_REQUIRED=1 a fresh clone builds nothing and fails in one message."""
     make_project(repo)
     log = tmp_path / "calls.log"
@@ -160,8 +161,7 @@ def test_ctrl_c_is_one_line_and_exit_130(repo: Repo, tmp_path: pathlib.Path) -> 
     assert out.stderr.strip().splitlines()[-1] == "hfbuild: interrupted"
 
     states = {
-        s["stage"]: s["state"]
-        for s in __import__("json").loads(run_hfbuild(repo, "status", "--json").stdout)
+        s["stage"]: s["state"] for s in json.loads(run_hfbuild(repo, "status", "--json").stdout)
     }
     assert states["raw"] == "up to date" and states["feat"] == "stale"
 
