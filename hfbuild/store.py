@@ -817,7 +817,8 @@ class Store:
             if not dry_run:
                 self.remove(fp)
         gone += self._gc_observed(kept, now - keep_seconds, dry_run=dry_run)
-        gone += self._gc_failures(kept, now - keep_seconds, dry_run=dry_run)
+        # A failed build's record goes with its key, or once older than keep_seconds.
+        gone += self._gc_records("failures", kept, now - keep_seconds, dry_run=dry_run)
         tmp = os.path.join(self.root, "tmp")
         names = sorted(os.listdir(tmp)) if os.path.isdir(tmp) else []
         by_fp: dict[str, list[str]] = {}
@@ -851,8 +852,15 @@ class Store:
             doc = self.read_manifest(fp) if _FP.match(fp) else None
             if doc is not None and isinstance(doc.get("static_fingerprint"), str):
                 statics.add(doc["static_fingerprint"])
+        return self._gc_records("observed", statics, before, dry_run=dry_run)
+
+    def _gc_records(
+        self, kind: str, keep: set[str], before: float, *, dry_run: bool
+    ) -> list[tuple[str, int]]:
+        """Remove the `<kind>/<fp[:2]>/<fp>.json` records whose fingerprint is not in `keep`,
+        unless written after `before`."""
         gone: list[tuple[str, int]] = []
-        top = os.path.join(self.root, "observed")
+        top = os.path.join(self.root, kind)
         for sub in sorted(os.listdir(top)) if os.path.isdir(top) else []:
             d = os.path.join(top, sub)
             for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
@@ -861,7 +869,7 @@ class Store:
                     st = os.stat(path)
                 except OSError:
                     continue
-                if name.removesuffix(".json") in statics or st.st_mtime >= before:
+                if name.removesuffix(".json") in keep or st.st_mtime >= before:
                     continue
                 gone.append((path, st.st_size))
                 if not dry_run:
@@ -928,28 +936,6 @@ class Store:
         """Forget a failed build of `fp` (it was built or pulled since)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._failure_path(fp))
-
-    def _gc_failures(
-        self, kept: set[str], before: float, *, dry_run: bool
-    ) -> list[tuple[str, int]]:
-        """Remove the failure records of keys not kept, unless written after `before`."""
-        gone: list[tuple[str, int]] = []
-        top = os.path.join(self.root, "failures")
-        for sub in sorted(os.listdir(top)) if os.path.isdir(top) else []:
-            d = os.path.join(top, sub)
-            for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
-                path = os.path.join(d, name)
-                try:
-                    st = os.stat(path)
-                except OSError:
-                    continue
-                if name.removesuffix(".json") in kept or st.st_mtime >= before:
-                    continue
-                gone.append((path, st.st_size))
-                if not dry_run:
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
-        return gone
 
     # -- refs ----------------------------------------------------------------------------------
 
