@@ -123,3 +123,25 @@ def test_status_after_a_failed_build_names_the_failure(repo: Repo, tmp_path: pat
         s["stage"]: s["state"] for s in json.loads(run_hfbuild(repo, "status", "--json").stdout)
     }
     assert again["feat"] == "failed" and again["kept"] == "blocked"
+
+
+def test_a_success_under_the_failed_key_clears_the_failure(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A build that failed for a reason outside its key (here the call log, an untracked
+    variable, naming a directory) and then succeeds under the same key: the failure is
+    forgotten, so once the result is removed again `status` calls the stage stale, not
+    failed."""
+    make_project(repo)
+    bad = tmp_path / "a-directory"
+    bad.mkdir()
+    out = doit(repo, "run", "preprocess:feat", log=bad, check=False)
+    assert out.returncode != 0
+    feat = {s["stage"]: s for s in json.loads(run_hfbuild(repo, "status", "--json").stdout)}
+    assert feat["feat"]["state"] == "failed"
+    assert "IsADirectoryError" in str(feat["feat"]["reason"])
+
+    doit(repo, "run", "preprocess:feat", log=tmp_path / "calls.log")
+    doit(repo, "clean", "preprocess:feat", log=tmp_path / "calls.log")
+    states = {s["stage"]: s for s in json.loads(run_hfbuild(repo, "status", "--json").stdout)}
+    assert states["feat"]["state"] == "stale", states["feat"]
