@@ -450,10 +450,13 @@ def _wait(refs: list[Any], label: str, units: Sequence[Unit]) -> list[dict[str, 
         raise
     finally:
         bar.close()
+    here = sum("refused" in r for r in results.values())  # built by the driver next
+    also = f", {here} to build here (a worker refused its input)" if here else ""
     if what == "shards":
-        print(f"{label}: {total}/{total} shards done, {len(refs)} built on ray", file=sys.stderr)
+        line = f"{total}/{total} shards done, {len(refs) - here} built on ray"
     else:
-        print(f"{label}: {len(refs)}/{len(refs)} units built on ray", file=sys.stderr)
+        line = f"{len(refs) - here}/{len(refs)} units built on ray"
+    print(f"{label}: {line}{also}", file=sys.stderr)
     return [results[r] for r in refs]
 
 

@@ -641,6 +641,7 @@ def test_a_workers_forged_input_shard_is_refused_and_built_here(
     log = tmp_path / "second.log"
     out = doit(clone, "run", "preprocess", log=log, env=RAY_ENV)
     assert "a Ray worker refused its input" in out.stderr
+    assert "feat: 2/2 shards done, 1 built on ray, 1 to build here" in out.stderr
     assert f"the remote {remote.url} holds a forged or damaged entry {key}" in out.stderr
 
     local = repo.clone(tmp_path / "local")
