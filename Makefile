@@ -7,7 +7,7 @@ export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv demo test lint typecheck stress fuzz bench clean
+.PHONY: venv demo test lint typecheck stress fuzz bench clean install-check
 
 venv: $(STAMP)
 
@@ -29,6 +29,16 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -n 2 -q
+
+# The extras as a user installs them: the built wheel into a fresh venv, `hfbuild[ray,s3]`
+# resolved by that venv's own pip (a dry run: resolving is what failed, and a real install
+# downloads Ray and Arrow). Bounded: a resolver backtracking through old releases fails here.
+install-check:
+	rm -rf build/install-check
+	$(PYTHON) -m venv build/install-check/venv
+	build/install-check/venv/bin/pip wheel --quiet --no-deps -w build/install-check .
+	timeout 240 build/install-check/venv/bin/pip install --dry-run --quiet \
+		"hfbuild[ray,s3] @ file://$(CURDIR)/$$(ls build/install-check/hfbuild-*.whl)"
 
 stress: $(STAMP)
 	$(BIN)/python -m pytest -q -s -m stress --run-stress

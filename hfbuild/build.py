@@ -2,7 +2,8 @@
 
 Owns: the order of a build (the store, else the remote cache, else build the inputs and then
 the stage under its per-fingerprint lock), setting a damaged entry aside, publishing the result
-with its stored manifest, pushing it when HFBUILD_PUSH=1, and turning a full disk into a
+with its stored manifest, recording a failed build in the store (`Store.record_failure`, until
+a build of that key succeeds), pushing it when HFBUILD_PUSH=1, and turning a full disk into a
 `StoreError`. Where a missing entry is built is the executor's choice (`executor`: here, by
 `build_here`, or on a Ray cluster); running the transform itself is `builder`'s job (imported
 only here, when something is really built).
@@ -21,11 +22,11 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from hfbuild import liveness
-from hfbuild.errors import CorruptEntryWarning, RemoteWarning, StoreError
-from hfbuild.executor import Unit, choose
+from hfbuild.errors import BuildError, CorruptEntryWarning, RemoteWarning, StoreError
+from hfbuild.executor import Unit, choose, executor_name
 from hfbuild.fingerprint import Manifest, check_dirty
 from hfbuild.fullkey import entry_doc, full_key, observing
-from hfbuild.remote import RemoteError
+from hfbuild.remote import RemoteError, RemoteUnreachableError, unavailable
 from hfbuild.spec import Report, StageSpec, stored_rows
 from hfbuild.store import disk_full
 
@@ -52,7 +53,7 @@ def build(
     store = pipe.store
     if (stored := store.intact_manifest(fp)) is not None:
         report = Report(name, fp, "up to date", stored_rows(stored), 0.0, entry=stored)
-    elif (pulled := _pull(pipe, name, fp)) is not None:
+    elif (pulled := _pull(pipe, name, fp, executor)) is not None:
         report = pulled
     else:
         if any(not store.has(manifests[dep].fingerprint) for dep in spec.inputs):
@@ -78,7 +79,12 @@ def build(
             else:
                 _set_aside_if_corrupt(pipe, name, fp)
                 unit = Unit(spec, m, {i: manifests[i] for i in spec.inputs})
-                report = choose(pipe, executor).build(pipe, unit)
+                try:
+                    report = choose(pipe, executor).build(pipe, unit)
+                except BuildError as e:
+                    store.record_failure(fp, name, str(e))  # for `status` and `explain`
+                    raise
+                store.clear_failure(fp)
     fp = report.fingerprint
     store.touch(fp)
     if record:
@@ -104,16 +110,20 @@ def _set_aside_if_corrupt(pipe: Pipeline, name: str, fp: str) -> None:
         )
 
 
-def _pull(pipe: Pipeline, name: str, fp: str) -> Report | None:
+def _pull(pipe: Pipeline, name: str, fp: str, executor: str | None) -> Report | None:
     """Fetch the stage's result from the remote cache instead of building it, when the
-    remote has it. A remote entry that fails its checks is reported and never used."""
+    remote has it. A remote entry that fails its checks is reported and never used; an
+    unreachable remote is reported once, and the stage built here (`remote.unavailable`)."""
     t0 = time.perf_counter()
     try:
         remote = pipe.remote()
         if remote is None or remote.pull(pipe.store, fp, name) == 0:
             return None
     except RemoteError as e:
-        warnings.warn(f"stage {name!r}: {e} Building it instead.", RemoteWarning, stacklevel=3)
+        ray = executor_name(pipe.root, executor) == "ray"
+        message = unavailable(e, f"stage {name!r}", ray=ray)
+        if message is not None:
+            warnings.warn(message, RemoteWarning, stacklevel=3)
         return None
     stored = pipe.store.intact_manifest(fp)
     if stored is None:
@@ -126,6 +136,9 @@ def _push(pipe: Pipeline, name: str, fp: str) -> None:
         remote = pipe.remote()
         if remote is not None:
             remote.push(pipe.store, fp, name)
+    except RemoteUnreachableError as e:
+        if not e.again:
+            warnings.warn(f"stage {name!r}: push failed: {e}", RemoteWarning, stacklevel=3)
     except RemoteError as e:
         warnings.warn(f"stage {name!r}: push failed: {e}", RemoteWarning, stacklevel=3)
 

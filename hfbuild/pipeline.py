@@ -29,7 +29,7 @@ from hfbuild.ledger import Ledger
 from hfbuild.lockfile import LOCK_NAME, Pin, pins
 from hfbuild.manifests import Manifests, stage_manifest
 from hfbuild.manifests import compute as compute_manifests
-from hfbuild.remote import Remote, remote_url
+from hfbuild.remote import Remote, remote_disabled, remote_url
 from hfbuild.spec import LOAD_BUILDERS, StageSpec
 from hfbuild.store import Store
 
@@ -104,8 +104,7 @@ class Pipeline:
 
     def remote(self) -> Remote | None:
         """The configured remote cache, unless HFBUILD_NO_REMOTE=1 or `remote=False` opts out."""
-        off = os.environ.get("HFBUILD_NO_REMOTE", "").strip() in {"1", "true", "yes"}
-        if off or self._remote_arg is False:
+        if remote_disabled() or self._remote_arg is False:
             return None
         url = remote_url(self.root, self._remote_arg or None)
         return Remote(url, self.pins, self.lock_name) if url else None

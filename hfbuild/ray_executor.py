@@ -6,7 +6,11 @@ carries the *fingerprinted tree*: the files the unit's key names (closure code, 
 data files, files earlier builds read at run time) at exactly the blob ids the key holds, read
 from git's object database (the work tree only for uncommitted files, checked against the id),
 plus pyproject.toml. Nothing the worker happens to have on disk is used. The task pulls the
-unit's inputs from the remote (each checked as every pull is), recomputes the unit's static
+unit's inputs from the remote, each checked as the driver's pulls are: against what the
+committed lock records for its key (the driver sends the pins of the entries the worker may
+pull, `input_pins`). A worker refusing an input returns the refusal; the driver, whose store
+holds the input, builds that unit here with a `RemoteWarning` (the cluster cannot build it
+from the remote until the forged entry is deleted). The task then recomputes the unit's static
 key from what it received (the shipped tree is not a git work tree: its files are identified
 by the blob ids of their bytes, the same ids), refuses to build under a different one, builds
 with the same code as a local build (`build.build_here`), and publishes to the remote
@@ -30,7 +34,8 @@ cancelling outstanding tasks on Ctrl-C, and turning a task's failure into the sa
 local build gives.
 
 Must never: import ray outside a build on the Ray executor, publish under a key the worker did
-not recompute, or run code the shipped tree does not hold.
+not recompute, run code the shipped tree does not hold, or build a unit here other than one
+whose worker refused an input.
 """
 
 from __future__ import annotations
@@ -43,10 +48,11 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from hfbuild.errors import BuildError, ConfigError, HfbuildError, StoreError
+from hfbuild.errors import BuildError, ConfigError, HfbuildError, RemoteWarning, StoreError
 from hfbuild.spec import Report, stored_rows
 
 if TYPE_CHECKING:
@@ -55,6 +61,7 @@ if TYPE_CHECKING:
     from hfbuild.pipeline import Pipeline
     from hfbuild.remote import Remote
     from hfbuild.shards import Shard
+    from hfbuild.store import Store
 
 # A worker killed mid-task (OOM, preemption, SIGKILL) is retried this many times by Ray.
 MAX_RETRIES = 3
@@ -86,7 +93,16 @@ class RayExecutor:
 
 
 def _remote(pipe: Pipeline, label: str) -> Remote:
+    from hfbuild.remote import remote_disabled
+
     remote = pipe.remote()
+    if remote is None and remote_disabled():
+        raise ConfigError(
+            f"stage {label!r}: the Ray executor needs the remote cache, where workers read "
+            f"their inputs and publish their results, and HFBUILD_NO_REMOTE=1 turns it off: "
+            f"unset HFBUILD_NO_REMOTE, or build with the local executor (--executor local, "
+            f"or unset HFBUILD_EXECUTOR)."
+        )
     if remote is None:
         raise ConfigError(
             f"stage {label!r}: the Ray executor needs a remote cache, where workers read "
@@ -111,8 +127,33 @@ def build_units(pipe: Pipeline, units: Sequence[Unit], label: str) -> list[Repor
     results = _wait(refs, label, units)
     reports = []
     for unit, res in zip(units, results, strict=True):
-        reports.append(_fetch(pipe, remote, unit, res, time.perf_counter() - t0))
+        if "refused" in res:
+            reports.append(_build_refused_here(pipe, unit, str(res["refused"])))
+        else:
+            reports.append(_fetch(pipe, remote, unit, res, time.perf_counter() - t0))
     return reports
+
+
+def _build_refused_here(pipe: Pipeline, unit: Unit, why: str) -> Report:
+    """A unit whose worker refused an input the remote serves (its content is not what the
+    committed lock records): the cluster cannot build it from the remote, and this
+    machine's store holds the input it was built or checked with, so it is built here, with
+    a warning naming the remote entry. The caller holds the lock of its static
+    fingerprint."""
+    from hfbuild.build import build_here
+    from hfbuild.shardunits import build_shard_here
+
+    what = f"stage {unit.spec.name!r}"
+    if unit.shard is not None:
+        what += f", shard {unit.shard.label}"
+    warnings.warn(
+        f"{what}: a Ray worker refused its input: {why} Building it here instead.",
+        RemoteWarning,
+        stacklevel=2,
+    )
+    if unit.shard is not None:
+        return build_shard_here(pipe, unit)
+    return build_here(pipe, unit.spec, unit.manifest, unit.inputs)
 
 
 def _connect() -> None:
@@ -125,10 +166,12 @@ def _connect() -> None:
 
 def _ensure_remote(pipe: Pipeline, remote: Remote, name: str, fp: str) -> None:
     """An input built or pulled here must be on the remote before a worker reads it."""
-    from hfbuild.remote import RemoteError
+    from hfbuild.remote import RemoteError, RemoteUnreachableError
 
     try:
         remote.push(pipe.store, fp, name)
+    except RemoteUnreachableError:
+        raise  # the remote, not the stage: no failed build is recorded
     except (RemoteError, StoreError) as e:
         raise BuildError(f"input {name!r} cannot be shared with the cluster: {e}") from e
 
@@ -136,10 +179,12 @@ def _ensure_remote(pipe: Pipeline, remote: Remote, name: str, fp: str) -> None:
 def _share(pipe: Pipeline, remote: Remote, name: str, fp: str) -> None:
     """Push a sharded stage's list (its shards are there already): other clones then pull
     the stage whole instead of building it."""
-    from hfbuild.remote import RemoteError
+    from hfbuild.remote import RemoteError, RemoteUnreachableError
 
     try:
         remote.push(pipe.store, fp, name)
+    except RemoteUnreachableError:
+        raise
     except (RemoteError, StoreError) as e:
         raise BuildError(
             f"stage {name!r}: its shards were built on the cluster, but its entry cannot be "
@@ -295,6 +340,7 @@ def task_args(pipe: Pipeline, remote: Remote, unit: Unit) -> tuple[dict[str, Any
         "doc": dict(m.doc),
         "inputs": dict(zip(unit.spec.inputs, unit.input_keys, strict=True)),
         "remote": remote.url,
+        "pins": input_pins(pipe, remote, unit.input_keys),
         "paths": _import_dirs(pipe.root),
         "driver_root": pipe.root,
     }
@@ -310,6 +356,30 @@ def task_args(pipe: Pipeline, remote: Remote, unit: Unit) -> tuple[dict[str, Any
     # path: its callable travels by module and name, never as code.
     spec: bytes = cloudpickle.dumps(unit.spec)  # type: ignore[no-untyped-call]
     return job, spec
+
+
+def input_pins(pipe: Pipeline, remote: Remote, keys: Sequence[str]) -> dict[str, list[Any]]:
+    """What the committed lock records (`Remote.pins`) for every entry a unit's worker may
+    pull: its inputs and, through this store's manifests, what they reference (a list's
+    shards, an indices entry's base), as {key: [content hash, stage, shard?]}. The worker
+    checks its pulls against these as the driver checks its own; only these travel, not
+    the whole lock (a shard's task would carry every shard's pin)."""
+    pins = remote.pins()
+    out: dict[str, list[Any]] = {}
+    if not pins:
+        return out
+    seen: set[str] = set()
+    todo = list(keys)
+    while todo:
+        key = todo.pop()
+        if key in seen:
+            continue
+        seen.add(key)
+        pin = pins.get(key)
+        if pin is not None:
+            out[key] = [pin.content_hash, pin.stage, pin.shard]
+        todo.extend(pipe.store.references(key))
+    return out
 
 
 def _decided_features(spec: Any, m: Manifest) -> dict[str, Any]:
@@ -380,10 +450,13 @@ def _wait(refs: list[Any], label: str, units: Sequence[Unit]) -> list[dict[str, 
         raise
     finally:
         bar.close()
+    here = sum("refused" in r for r in results.values())  # built by the driver next
+    also = f", {here} to build here (a worker refused its input)" if here else ""
     if what == "shards":
-        print(f"{label}: {total}/{total} shards done, {len(refs)} built on ray", file=sys.stderr)
+        line = f"{total}/{total} shards done, {len(refs) - here} built on ray"
     else:
-        print(f"{label}: {len(refs)}/{len(refs)} units built on ray", file=sys.stderr)
+        line = f"{len(refs) - here}/{len(refs)} units built on ray"
+    print(f"{label}: {line}{also}", file=sys.stderr)
     return [results[r] for r in refs]
 
 
@@ -482,9 +555,10 @@ def _run_unit(
     from hfbuild.build import build_here
     from hfbuild.diff import diff
     from hfbuild.gitstate import Snapshot
+    from hfbuild.lockfile import Pin
     from hfbuild.manifests import stage_manifest
     from hfbuild.pipeline import Pipeline
-    from hfbuild.remote import Remote
+    from hfbuild.remote import RefusedEntryError, Remote
     from hfbuild.store import Store
 
     # Ray puts the driver's working directory on a worker's path (for clusters whose nodes
@@ -501,11 +575,14 @@ def _run_unit(
     spec = cloudpickle.loads(spec_bytes)
     name = str(job["stage"])
     store = Store(worker_store())
-    remote = Remote(str(job["remote"]))
+    pins = {str(k): Pin(str(h), str(s), bool(sh)) for k, (h, s, sh) in job["pins"].items()}
+    remote = Remote(str(job["remote"]), lambda: pins)
     inputs: dict[str, str] = job["inputs"]
     for dep, fp in inputs.items():
-        if not store.has(fp):
-            remote.pull(store, fp, dep)
+        try:
+            _take_input(store, remote, fp, dep)
+        except RefusedEntryError as e:
+            return {"refused": str(e)}
         if not store.has(fp):
             raise BuildError(
                 f"stage {name!r}: its input {dep!r} ({fp}) is not on the remote {remote.url}."
@@ -538,6 +615,25 @@ def _run_unit(
         "rows": report.rows,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _take_input(store: Store, remote: Remote, fp: str, dep: str) -> None:
+    """Have input `fp` in the node's store: pulled from the remote, checked against the
+    committed lock's pins the driver sent (`input_pins`); one already held is compared with
+    its pin too (pulled before the lock pinned it, or built here by another run)."""
+    from hfbuild.remote import RefusedEntryError
+
+    held = store.intact_manifest(fp)
+    if held is None:
+        remote.pull(store, fp, dep)
+        return
+    pin = remote.pins().get(fp)
+    if pin is not None and held.get("content_hash") != pin.content_hash:
+        raise RefusedEntryError(
+            f"the node's store holds input {fp} ({dep}) with content hash "
+            f"{held.get('content_hash')}, but the committed lock records {pin.content_hash}; "
+            f"not used."
+        )
 
 
 class _ShardedInput(NamedTuple):

@@ -13,7 +13,11 @@ lock server: the manifest is written create-only (S3's `If-None-Match: *` throug
 that loses the race deletes its own data directory. Entries written before the unique names
 (`data/`, no `data_dir` in the manifest) are still read. An entry's references
 (`Store.references`: a stage's shards, the base an indices entry selects rows of) are pushed
-before it and pulled before it; one the remote lacks makes the pull fail, never serve.
+before it and pulled before it; one the remote lacks makes the pull fail, never serve. A
+remote that cannot be reached, or for which no credentials were found, is one
+`RemoteUnreachableError` saying what to check or set, remembered per URL for a minute (each
+attempt costs the client's retries); `unavailable` says what a build does then (builds here,
+warning once, unless HFBUILD_REMOTE_REQUIRED=1 or on the Ray executor: it stops).
 
 Must never: unpickle or execute anything downloaded, write outside the store's build
 directory, trust a path or fingerprint the remote names, or read credentials itself (fsspec's
@@ -23,14 +27,16 @@ own configuration does, e.g. FSSPEC_S3_ENDPOINT_URL or the AWS_* variables).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import posixpath
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from hfbuild import config, progress
 from hfbuild.errors import HfbuildError, StoreError
@@ -50,6 +56,16 @@ class RefusedEntryError(RemoteError):
     published in the store."""
 
 
+class RemoteUnreachableError(RemoteError):
+    """The remote cannot be used at all: it cannot be reached (network, endpoint), or no
+    credentials for it were found. Every entry is unavailable rather than refused; `again`
+    is True when this process already met the same failure (reported once)."""
+
+    def __init__(self, message: str, *, again: bool = False) -> None:
+        super().__init__(message)
+        self.again = again
+
+
 class RemoteMissingError(RemoteError):
     """A `file://` remote whose directory does not exist (a wrong path, or an unmounted
     share): an error, not "the remote does not hold it"."""
@@ -65,6 +81,97 @@ def remote_url(root: str, explicit: str | None = None) -> str | None:
         return env
     url = config.tool(root).get("remote")
     return str(url) if url else None
+
+
+def remote_disabled() -> bool:
+    """HFBUILD_NO_REMOTE=1: every build of this process works without the remote."""
+    return os.environ.get("HFBUILD_NO_REMOTE", "").strip().lower() in {"1", "true", "yes"}
+
+
+def remote_required() -> bool:
+    """HFBUILD_REMOTE_REQUIRED=1: a build stops when the remote is unreachable, instead of
+    building locally (what a CI job that must not rebuild what it should pull sets)."""
+    return os.environ.get("HFBUILD_REMOTE_REQUIRED", "").strip().lower() in {"1", "true", "yes"}
+
+
+# A remote found unreachable is not asked again for this long (each attempt costs the
+# client's retries: ~10 s for s3fs), so a build of many stages reports it once.
+_DOWN_SECONDS = 60.0
+_down: dict[str, tuple[float, str]] = {}  # url -> (when, message)
+
+# What fsspec backends raise that says "the remote cannot be used at all", by class name in
+# the exception's class hierarchy (botocore's classes, for s3fs, are not imported here).
+_CONNECTION = {"ConnectionError", "HTTPClientError", "ClientConnectorError", "TimeoutError"}
+_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+
+
+def _unusable(url: str, e: BaseException) -> RemoteUnreachableError | None:
+    """The one-line error for an exception saying the remote cannot be reached or has no
+    credentials; None for any other exception."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if names & _CREDENTIALS:
+        return RemoteUnreachableError(
+            f"the remote {_public(url)} needs credentials, and none were found "
+            f"({type(e).__name__}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+            f"AWS_PROFILE), or fsspec's own configuration (FSSPEC_S3_KEY and "
+            f"FSSPEC_S3_SECRET), in the environment of every process that uses it; on a Ray "
+            f"cluster, in the environment `ray start` ran in on each node."
+        )
+    if names & _CONNECTION:
+        return RemoteUnreachableError(
+            f"cannot reach the remote {_public(url)} ({type(e).__name__}: {e}): check the "
+            f"network and its endpoint (FSSPEC_S3_ENDPOINT_URL or AWS_ENDPOINT_URL for an "
+            f"S3-compatible server), or work without it (HFBUILD_NO_REMOTE=1)."
+        )
+    return None
+
+
+def unavailable(e: RemoteError, label: str, *, ray: bool = False) -> str | None:
+    """What a build that could not pull `label` because of `e` warns before building it
+    here; None when nothing new is to be said (an unreachable remote is reported once per
+    process). An unreachable remote raises instead with HFBUILD_REMOTE_REQUIRED=1, or on the
+    Ray executor (`ray`), whose workers have no other way to share their inputs."""
+    if not isinstance(e, RemoteUnreachableError):
+        return f"{label}: {e} Building it instead."
+    if ray:
+        raise RemoteUnreachableError(
+            f"{e} The Ray executor's workers read their inputs from it and publish their "
+            f"results to it: build with the local executor (--executor local, or unset "
+            f"HFBUILD_EXECUTOR) until it is back."
+        ) from e
+    if remote_required():
+        raise RemoteUnreachableError(
+            f"{e} HFBUILD_REMOTE_REQUIRED=1 is set, so {label} is not built here."
+        ) from e
+    if e.again:
+        return None
+    return f"{e} Building here instead (HFBUILD_REMOTE_REQUIRED=1 stops instead)."
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _reaching(method: _F) -> _F:
+    """A `Remote` method whose unreachable remote or missing credentials raise
+    `RemoteUnreachableError`, and are remembered for the process a while (`_DOWN_SECONDS`)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Remote, *args: Any, **kwargs: Any) -> Any:
+        seen = _down.get(self.url)
+        if seen is not None and time.monotonic() - seen[0] < _DOWN_SECONDS:
+            raise RemoteUnreachableError(seen[1], again=True)
+        try:
+            return method(self, *args, **kwargs)
+        except HfbuildError:
+            raise
+        except Exception as e:
+            err = _unusable(self.url, e)
+            if err is None:
+                raise
+            _down[self.url] = (time.monotonic(), str(err))
+            raise err from e
+
+    return cast(_F, wrapper)
 
 
 _DATA_DIR = re.compile(r"^data(-[0-9a-f]{32})?$")
@@ -115,6 +222,7 @@ class Remote:
         """The entry's address on the remote, for messages."""
         return f"{self.url}/objects/{_check_fp(fp)[:2]}/{fp}"
 
+    @_reaching
     def read_manifest(self, fp: str) -> dict[str, Any] | None:
         """The entry's manifest if the remote holds a complete entry for `fp`."""
         try:
@@ -160,12 +268,14 @@ class Remote:
                 f"pyproject.toml), mount it, or create the directory."
             )
 
+    @_reaching
     def has(self, fp: str) -> bool:
         try:
             return bool(self.fs.exists(self._key(fp, MANIFEST)))
         except OSError as e:
             raise RemoteError(f"cannot reach {self.url}: {e}") from e
 
+    @_reaching
     def push(self, store: Store, fp: str, label: str) -> int:
         """Upload a local entry: data files first, under a directory unique to this upload,
         then the manifest, create-only. Returns bytes sent; 0 when the remote already had the
@@ -238,6 +348,7 @@ class Remote:
         with contextlib.suppress(OSError, ValueError):
             self.fs.rm(self._key(fp, data_dir), recursive=True)
 
+    @_reaching
     def pull(self, store: Store, fp: str, label: str, expect: str | None = None) -> int:
         """Download a remote entry into the store, after checking it; returns bytes received,
         0 when there was nothing to pull. `expect` is the content hash a trusted list of
@@ -249,6 +360,7 @@ class Remote:
         with store.lock(fp):
             return self.pull_held(store, fp, label, doc, expect)
 
+    @_reaching
     def pull_held(
         self,
         store: Store,

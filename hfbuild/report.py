@@ -21,7 +21,9 @@ from hfbuild.spec import stored_rows
 class StageState(NamedTuple):
     stage: str
     fingerprint: str
-    state: str  # "up to date" | "stale" | "dirty" | "failed" (reason: why it has no key)
+    # "up to date" | "stale" | "dirty" | "failed" (reason: why it has no key, or the error its
+    # last build failed with) | "blocked" (reason: the input, built from a failed stage)
+    state: str
     reason: str | None
     dirty_files: list[str]
     rows: Any
@@ -45,6 +47,8 @@ class Explanation(NamedTuple):
     result_base: str | None = None
     result_shards: int = 0
     notes: list[str] = []  # what the key leaves out by design (a copy of the environment)
+    failed: str | None = None  # the error the last build of its key failed with (first line)
+    blocked: str | None = None  # which input failed (or is itself blocked), it not built
 
 
 def _previous(
@@ -86,9 +90,14 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
     notes = _notes(m)
     if built:
         return _built(pipe, name, fp, dirty)._replace(notes=notes)
+    failure = failed_build(pipe, manifests, name, {})
+    why: dict[str, str | None] = {"failed": None, "blocked": None}
+    if failure is not None:
+        why[failure[0]] = failure[1]
     prev = _previous(pipe, name)
     if prev is None:
-        return Explanation(name, fp, False, None, [], {}, None, dirty, _shards(pipe, m, None))
+        ex = Explanation(name, fp, False, None, [], {}, None, dirty, _shards(pipe, m, None))
+        return ex._replace(failed=why["failed"], blocked=why["blocked"])
     old_fp, old_doc, old_inputs, old_observed, old_listed = prev
     inputs = {i: manifests[i].fingerprint for i in pipe[name].spec.inputs}
     from hfbuild.gitstate import Snapshot
@@ -106,7 +115,44 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
             if s is not None:
                 stats[c.path] = s
     ex = Explanation(name, fp, False, old_fp, changes, stats, None, dirty, shard_lines)
-    return ex._replace(notes=notes)
+    return ex._replace(notes=notes, failed=why["failed"], blocked=why["blocked"])
+
+
+Failure = tuple[str, str, str]  # ("failed" | "blocked", reason, the stage that failed)
+
+
+def failed_build(
+    pipe: Pipeline, manifests: Any, name: str, memo: dict[str, Failure | None]
+) -> Failure | None:
+    """Why stage `name`, which the store lacks, cannot be built as things are: its own key's
+    last build failed (the store's record, first line of the error), or a stage it is built
+    from did. None when neither (or when it is in the store). `memo` is per call of
+    `status`."""
+    if name in memo:
+        return memo[name]
+    memo[name] = None
+    if manifests.error(name) is not None:
+        return None  # no key: `stage_states` reports why
+    fp = manifests[name].fingerprint
+    if pipe.store.has(fp):
+        return None
+    error = pipe.store.read_failure(fp)
+    if error is not None:
+        line = error.strip().splitlines()[0] if error.strip() else "(no message)"
+        memo[name] = ("failed", f"its last build failed: {line}", name)
+        return memo[name]
+    for dep in pipe[name].spec.inputs:
+        got = failed_build(pipe, manifests, dep, memo)
+        if got is not None:
+            root = got[2]
+            reason = (
+                f"input {dep!r} failed"
+                if root == dep
+                else f"input {dep!r} is blocked: stage {root!r} failed"
+            )
+            memo[name] = ("blocked", reason, root)
+            return memo[name]
+    return None
 
 
 def _notes(m: Manifest) -> list[str]:
@@ -164,6 +210,7 @@ def _old_inputs(pipe: Pipeline, old: Any) -> dict[str, tuple[str, str | None]]:
 def stage_states(pipe: Pipeline) -> list[StageState]:
     out = []
     manifests = pipe.manifests()
+    memo: dict[str, Failure | None] = {}
     for name in manifests:
         err = manifests.error(name)
         if err is not None:
@@ -183,6 +230,10 @@ def stage_states(pipe: Pipeline) -> list[StageState]:
         if damaged is not None:
             reason = f"its stored result {fp} is damaged ({damaged})"
             out.append(StageState(name, fp, "stale", reason, dirty, None, _observed(m)))
+            continue
+        failure = failed_build(pipe, manifests, name, memo)
+        if failure is not None:
+            out.append(StageState(name, fp, failure[0], failure[1], dirty, None, _observed(m)))
             continue
         ex = explain(pipe, name, line_stats=False)
         if ex.previous is None:

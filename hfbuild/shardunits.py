@@ -85,7 +85,7 @@ def build(pipe: Pipeline, executor: Executor, unit: Unit) -> Report:
 def missing(pipe: Pipeline, m: Manifest, label: str) -> list[shards.Shard]:
     """The shards of `m` that neither the store nor the remote holds, in order; those the
     remote holds are pulled (a remote entry failing its checks is reported and built)."""
-    from hfbuild.remote import RemoteError
+    from hfbuild.remote import RemoteError, unavailable
 
     store = pipe.store
     remote = pipe.remote()
@@ -97,7 +97,9 @@ def missing(pipe: Pipeline, m: Manifest, label: str) -> list[shards.Shard]:
             try:
                 remote.pull(store, s.key, f"{label} {s.label}")
             except RemoteError as e:
-                warnings.warn(f"stage {label!r}: {e} Building it.", RemoteWarning, stacklevel=3)
+                message = unavailable(e, f"stage {label!r}", ray=True)
+                if message is not None:
+                    warnings.warn(message, RemoteWarning, stacklevel=3)
             if store.has(s.key):
                 continue
         out.append(s)

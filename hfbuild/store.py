@@ -3,7 +3,8 @@
 Owns: every path under the store directory. `objects/<fp[:2]>/<fp>/` holds `data/` (a
 `save_to_disk` layout) and `manifest.json`; `tmp/` holds builds in progress; `locks/` the
 per-fingerprint build locks; `refs/<stage>` the last fingerprint built under each stage name;
-`observed/<fp[:2]>/<fp>.json` the files builds of a static fingerprint read at run time.
+`observed/<fp[:2]>/<fp>.json` the files builds of a static fingerprint read at run time;
+`failures/<fp[:2]>/<fp>.json` the error the last build of a key failed with (until one succeeds).
 An entry's `data/` may instead hold only indices into another entry, its *base*
 (`indexed.py`): it is intact only while its base is, and it references its base as a stage
 result made of shards references its shards (gc, push and pull follow `references`).
@@ -47,6 +48,7 @@ _FP = re.compile(r"^[0-9a-f]{32}$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _PART = re.compile(r"^[A-Za-z0-9_.-]+$")
 _POSIX = os.sep == "/"
+_FAILURE_CHARS = 8000  # of a failed build's message kept for `status` and `explain`
 
 
 def _check_fp(fp: str) -> str:
@@ -815,6 +817,8 @@ class Store:
             if not dry_run:
                 self.remove(fp)
         gone += self._gc_observed(kept, now - keep_seconds, dry_run=dry_run)
+        # A failed build's record goes with its key, or once older than keep_seconds.
+        gone += self._gc_records("failures", kept, now - keep_seconds, dry_run=dry_run)
         tmp = os.path.join(self.root, "tmp")
         names = sorted(os.listdir(tmp)) if os.path.isdir(tmp) else []
         by_fp: dict[str, list[str]] = {}
@@ -848,8 +852,15 @@ class Store:
             doc = self.read_manifest(fp) if _FP.match(fp) else None
             if doc is not None and isinstance(doc.get("static_fingerprint"), str):
                 statics.add(doc["static_fingerprint"])
+        return self._gc_records("observed", statics, before, dry_run=dry_run)
+
+    def _gc_records(
+        self, kind: str, keep: set[str], before: float, *, dry_run: bool
+    ) -> list[tuple[str, int]]:
+        """Remove the `<kind>/<fp[:2]>/<fp>.json` records whose fingerprint is not in `keep`,
+        unless written after `before`."""
         gone: list[tuple[str, int]] = []
-        top = os.path.join(self.root, "observed")
+        top = os.path.join(self.root, kind)
         for sub in sorted(os.listdir(top)) if os.path.isdir(top) else []:
             d = os.path.join(top, sub)
             for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
@@ -858,7 +869,7 @@ class Store:
                     st = os.stat(path)
                 except OSError:
                     continue
-                if name.removesuffix(".json") in statics or st.st_mtime >= before:
+                if name.removesuffix(".json") in keep or st.st_mtime >= before:
                     continue
                 gone.append((path, st.st_size))
                 if not dry_run:
@@ -896,6 +907,35 @@ class Store:
         path = self._observed_path(static_fp)
         sharing.makedirs(os.path.dirname(path))
         sharing.write_json_atomic(path, {"sets": [paths, *sets][:16]})
+
+    # -- failed builds, by the key they were to be published under ----------------------------
+
+    def _failure_path(self, fp: str) -> str:
+        return os.path.join(self.root, "failures", _check_fp(fp)[:2], fp + ".json")
+
+    def record_failure(self, fp: str, stage: str, error: str) -> None:
+        """Record that building `stage` under key `fp` failed with `error` (what `status`
+        and `explain` then say instead of "never built"); a later success removes it."""
+        self._ensure()
+        path = self._failure_path(fp)
+        sharing.makedirs(os.path.dirname(path))
+        doc = {"stage": stage, "error": error[:_FAILURE_CHARS]}
+        sharing.write_json_atomic(path, doc, durable=False)
+
+    def read_failure(self, fp: str) -> str | None:
+        """The error a build of `fp` last failed with, if one did and none succeeded since."""
+        try:
+            with open(self._failure_path(fp), encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            return None
+        error = doc.get("error") if isinstance(doc, dict) else None
+        return error if isinstance(error, str) else None
+
+    def clear_failure(self, fp: str) -> None:
+        """Forget a failed build of `fp` (it was built or pulled since)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._failure_path(fp))
 
     # -- refs ----------------------------------------------------------------------------------
 

@@ -41,6 +41,8 @@ def _uptodate(pipe: Pipeline, name: str) -> bool:
             return not (strict() and pipe.manifests()[name].dirty)
         except HfbuildError:
             return False
+        except KeyboardInterrupt:
+            raise _interrupted(name) from None
         finally:
             for w in caught:
                 print(f"warning: {w.message}", file=sys.stderr)
@@ -62,6 +64,8 @@ def _build(pipe: Pipeline, name: str) -> TaskFailed | None:
             finally:
                 for w in caught:
                     print(f"warning: {w.message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        raise _interrupted(name) from None
     except HfbuildError as e:
         after = _built_from(pipe, name)
         if after:  # doit stops here and names none of them: say they fail with it
@@ -72,6 +76,14 @@ def _build(pipe: Pipeline, name: str) -> TaskFailed | None:
     print(report.line())
     sys.stdout.flush()
     return None
+
+
+def _interrupted(name: str) -> SystemExit:
+    """Ctrl-C under doit: one line and exit 130, as the `hfbuild` command does, instead of
+    doit's traceback. Nothing half-built is published (builds clean up as they unwind)."""
+    print(f"hfbuild: interrupted (stage {name!r}); nothing of it was published.", file=sys.stderr)
+    sys.stderr.flush()
+    return SystemExit(130)
 
 
 def _built_from(pipe: Pipeline, name: str) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Repo
+from tests.helpers import Repo, run_hfbuild
 from tests.pipeline_project import calls, doit, expected, make_project, results
 from tests.test_remote import s3_server  # noqa: F401  (the session's moto server)
 
@@ -473,8 +473,8 @@ SLOW = {
 def test_ctrl_c_on_the_driver_cancels_its_tasks(
     repo: Repo, tmp_path: pathlib.Path, remote: str
 ) -> None:
-    """SIGINT to a driver waiting on the cluster stops it promptly and kills the worker
-    running its task; nothing is published for the stage."""
+    """SIGINT to a driver waiting on the cluster stops it promptly, in one line and exit 130,
+    and kills the worker running its task; nothing is published for the stage."""
     make_project(repo)
     repo.write(SLOW, commit="slow stage")
     clone = repo.clone(tmp_path / "clone")
@@ -494,8 +494,10 @@ def test_ctrl_c_on_the_driver_cancels_its_tasks(
         time.sleep(0.2)
     worker = int(pid_file.read_text())
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=30)
-    assert proc.returncode != 0
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "hfbuild: interrupted (stage 'nap'); nothing of it was published." in err
     deadline = time.monotonic() + 30
     while _alive(worker) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -592,3 +594,57 @@ def test_sharded_stages_travel_one_task_per_shard(
     doit(local, "run", "preprocess", log=tmp_path / "local2.log", env=no_remote)
     assert _lock(first) == _lock(local)
     assert results(first) == results(local)
+
+
+def test_a_workers_forged_input_shard_is_refused_and_built_here(
+    repo: Repo,
+    tmp_path: pathlib.Path,
+    cluster: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A load shard forged on a file:// remote (data changed, every hash recomputed) whose
+    key the committed lock pins: a driver holding the right shard builds the next stage on
+    Ray, whose worker pulls its input shard from the remote. The worker refuses it (its
+    content hash is not the lock's), the driver says so and builds that shard here, and
+    every result equals a local build's without the remote."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.test_remote_trust import RemoteFs, forge_shard
+
+    for k, v in cluster.items():
+        monkeypatch.setenv(k, v)
+    root = tmp_path / "remote"
+    root.mkdir()
+    remote = RemoteFs(f"file://{root}", fsspec.filesystem("file"), str(root))
+    monkeypatch.setenv("HFBUILD_REMOTE", remote.url)
+    make_project(repo)
+    _row_local(repo)
+    # Keys of its own (the nodes' stores outlive a test): a data file no other test has.
+    base = uuid.uuid4().int % 10**9
+    xs = [base + i for i in range(20)]
+    own = "data/part-own.parquet"
+    pq.write_table(pa.table({"x": xs, "text": ["t" * (i % 5) for i in range(20)]}), repo.path / own)
+    repo.commit("a data file of its own")
+    doit(repo, "run", "preprocess", log=tmp_path / "first.log")
+    repo.commit("lock")
+    assert run_hfbuild(repo, "push").returncode == 0
+    raw = _lock(repo)["raw"][0]
+    key = forge_shard(remote, raw, own, tmp_path, lambda ex: {"x": ex["x"] + 1000})
+    transforms = (repo.path / "pkg" / "transforms.py").read_text()
+    repo.write({"pkg/transforms.py": transforms + "# feat's new code\n"}, commit="new code")
+
+    clone = repo.clone(tmp_path / "second")
+    no_remote = {"HFBUILD_NO_REMOTE": "1"}
+    doit(clone, "run", "preprocess:raw", log=tmp_path / "raw.log", env=no_remote)
+    log = tmp_path / "second.log"
+    out = doit(clone, "run", "preprocess", log=log, env=RAY_ENV)
+    assert "a Ray worker refused its input" in out.stderr
+    assert "feat: 2/2 shards done, 1 built on ray, 1 to build here" in out.stderr
+    assert f"the remote {remote.url} holds a forged or damaged entry {key}" in out.stderr
+
+    local = repo.clone(tmp_path / "local")
+    doit(local, "run", "preprocess", log=tmp_path / "local.log", env=no_remote)
+    assert results(clone) == results(local)
+    assert _lock(clone) == _lock(local)

@@ -22,6 +22,13 @@ def explain(pipe: Pipeline, stage: str, *, as_json: bool = False) -> int:
         for note in ex.notes:
             print(f"Note: {note}.")
         return 0
+    if ex.failed is not None or ex.blocked is not None:
+        what = ex.failed if ex.failed is not None else f"blocked: {ex.blocked}"
+        print(f"stage {stage!r} is not built, {what} (fingerprint {ex.fingerprint}).")
+        if ex.previous is not None:
+            print(f"It was last built as {ex.previous}.")
+        print(f"Fix the error, then run `doit run {pipe.name}:{stage}`.")
+        return 1
     if ex.previous is None:
         print(f"stage {stage!r} has never been built (fingerprint {ex.fingerprint}).")
         for text in ex.shards:

@@ -12,7 +12,8 @@ def status(
     pipe: Pipeline, *, as_json: bool = False, quiet: bool = False, strict: bool = False
 ) -> int:
     """Each stage as up to date, stale (with the first reason), built from uncommitted
-    changes, or failed (it cannot be fingerprinted: the error says why); a lock with merge
+    changes, failed (it cannot be fingerprinted, or its last build failed: the error says
+    why), or blocked (built from a failed stage); a lock with merge
     conflict markers is reported. Exit 0 only when every stage is up to date from committed
     code and the lock has no conflict. `strict` (`--strict`, HFBUILD_STRICT=1): a stage whose
     key holds uncommitted files is failed, as `verify` and `doit run` fail it."""
@@ -42,8 +43,8 @@ def status(
             dirty = (
                 f" (from uncommitted changes: {', '.join(s.dirty_files)})" if s.dirty_files else ""
             )
-            if s.state == "failed":
-                detail = f"failed: {s.reason}"
+            if s.state in ("failed", "blocked"):
+                detail = f"{s.state}: {s.reason}"
             elif s.state == "stale":
                 detail = f"stale{dirty}: {s.reason}"
             else:
@@ -56,6 +57,8 @@ def status(
             )
         if any(s.state == "failed" for s in states):
             print("\nThe failed stages cannot be built until their error is fixed.")
+        if any(s.state == "blocked" for s in states):
+            print("Blocked stages are built from a failed one: they build once it does.")
         if any(s.state == "stale" for s in states):
             print(f"\nRun `doit run {pipe.name}` to build the stale stages.")
     ok = conflict is None and all(s.state == "up to date" for s in states)
