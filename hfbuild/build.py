@@ -53,6 +53,10 @@ def build(
     store = pipe.store
     if (stored := store.intact_manifest(fp)) is not None:
         report = Report(name, fp, "up to date", stored_rows(stored), 0.0, entry=stored)
+    elif pipe.leave_record() and pipe.manifests()[name].fingerprint != fp:
+        # The key came from the no-import record: what follows pulls or builds, so it is
+        # computed from the code now (leave_record dropped the record's answers).
+        return build(pipe, name, log=log, record=record, executor=executor)
     elif (pulled := _pull(pipe, name, fp, executor)) is not None:
         report = pulled
     else:

@@ -24,7 +24,7 @@ import datasets
 from datasets.table import ConcatenationTable, MemoryMappedTable
 from datasets.utils.py_utils import asdict  # the one save_to_disk uses (drops `id: None`)
 
-from hfbuild import indexed
+from hfbuild import indexed, refs
 from hfbuild.content import dataset_hash, select_rows
 from hfbuild.errors import BuildError, HfbuildError
 from hfbuild.spec import StageSpec
@@ -77,7 +77,7 @@ def run_stage(
         if spec.kind in ("map", "filter"):
             return _map_or_filter(spec, inputs[0], fp, scratch, tag)
         with _no_global_cache():
-            out = spec.fn(*inputs, **spec.fn_kwargs)  # type: ignore[misc]
+            out = refs.function(spec)(*inputs, **spec.fn_kwargs)  # type: ignore[misc]
     except HfbuildError:
         raise
     except Exception as e:
@@ -90,7 +90,7 @@ def run_stage(
         ) from e
     if not isinstance(out, (datasets.Dataset, datasets.DatasetDict)):
         raise BuildError(
-            f"apply stage {spec.name!r}: {getattr(spec.fn, '__qualname__', spec.fn)} returned "
+            f"apply stage {spec.name!r}: {refs.qualname(spec) or spec.fn} returned "
             f"{type(out).__name__}; an apply function must return a Dataset or DatasetDict."
         )
     return out
@@ -153,7 +153,7 @@ def _map_or_filter(spec: StageSpec, ds: Any, fp: str, scratch: str, tag: str) ->
         suffix = f"-{split}" if split is not None else ""
         op = getattr(d, spec.kind)
         return op(
-            spec.fn,
+            refs.function(spec),
             fn_kwargs=dict(spec.fn_kwargs),
             new_fingerprint=(fp + suffix)[:64],
             cache_file_name=os.path.join(scratch, f"{tag}{spec.kind}{suffix}.arrow"),
@@ -168,9 +168,11 @@ def _map_or_filter(spec: StageSpec, ds: Any, fp: str, scratch: str, tag: str) ->
 def offset_indices(spec: StageSpec, offset: int) -> StageSpec:
     """`spec` for one shard whose rows start at `offset` in the whole split: a
     `with_indices` function sees the indices it would see over the whole dataset."""
-    if not spec.options.get("with_indices") or offset == 0 or spec.fn is None:
+    no_fn = spec.fn is None and spec.ref is None
+    if not spec.options.get("with_indices") or offset == 0 or no_fn:
         return spec
-    fn = spec.fn
+    fn = refs.function(spec)
+    assert fn is not None
     cols = spec.options.get("input_columns")
     at = 1 if cols is None else (1 if isinstance(cols, str) else len(cols))
     batched = bool(spec.options.get("batched"))
@@ -180,7 +182,7 @@ def offset_indices(spec: StageSpec, offset: int) -> StageSpec:
         a[at] = [i + offset for i in a[at]] if batched else a[at] + offset
         return fn(*a, **kwargs)
 
-    return replace(spec, fn=shifted)
+    return replace(spec, fn=shifted, ref=None)
 
 
 # -- saving -------------------------------------------------------------------------------

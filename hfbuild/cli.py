@@ -18,9 +18,13 @@ import sys
 import traceback
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from hfbuild import teardown
 from hfbuild.errors import HfbuildError
+
+if TYPE_CHECKING:
+    from hfbuild.pipeline import Pipeline
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,12 +126,42 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _record_modes(args: argparse.Namespace) -> tuple[str, ...]:
+    """The snapshot modes whose manifests the command can take from the no-import record
+    (record.py); () for a command that always imports dodo.py."""
+    if args.command in ("status", "explain", "build"):
+        return ("worktree",)
+    if args.command == "verify" and not (args.rebuild or args.deep):
+        return ("index", "worktree") if args.staged else ("worktree",)
+    return ()
+
+
 def _run(args: argparse.Namespace) -> int:
-    from hfbuild.fingerprint import strict
-    from hfbuild.project import dodo_path, load_pipeline
+    from hfbuild import record
+    from hfbuild.project import dodo_path, load_pipeline, recorded_pipeline
 
     dodo = dodo_path(args.dodo)  # before load_pipeline changes the working directory
-    pipe = load_pipeline(args.dodo)
+    modes = _record_modes(args)
+    session = record.session(dodo, "cli") if modes else None
+    if session is not None:
+        pipe = recorded_pipeline(session, modes)
+        if pipe is not None and (args.command != "build" or _all_stored(pipe)):
+            try:
+                return _command(args, pipe, dodo)
+            except record.NeedsImport:
+                session.drop()  # asked for what only dodo.py answers: nothing printed yet
+                session = record.session(dodo, "cli")
+    return _command(args, load_pipeline(args.dodo, session), dodo)
+
+
+def _all_stored(pipe: Pipeline) -> bool:
+    """Whether the store holds every stage (so `hfbuild build` builds nothing)."""
+    return all(pipe.store.has(m.fingerprint) for m in pipe.manifests().values())
+
+
+def _command(args: argparse.Namespace, pipe: Pipeline, dodo: str) -> int:
+    from hfbuild.fingerprint import strict
+
     if args.command == "status":
         from hfbuild.commands.status import status
 

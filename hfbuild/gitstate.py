@@ -9,6 +9,7 @@ or let an absolute path escape into an answer (every answer names files repo-rel
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -813,3 +814,42 @@ class Snapshot:
             tree = sub if isinstance(sub, pygit2.Tree) else None
         self._trees[key] = tree
         return tree
+
+
+def state_paths(root: str) -> list[str]:
+    """The files of the repository holding `root` whose change can change a file's status
+    there: the index, HEAD, the branch HEAD names (loose, and `packed-refs`). [] outside git.
+    The no-import record (`record.py`) compares their stat data; it never reads them."""
+    repo = _discover(os.path.realpath(root))
+    if repo is None:
+        return []
+    gitdir = repo.path
+    common = gitdir
+    commondir = os.path.join(gitdir, "commondir")  # a linked worktree's refs: the main one's
+    with contextlib.suppress(OSError), open(commondir, encoding="utf-8") as f:
+        common = os.path.join(gitdir, f.read().strip())
+    out = [os.path.join(gitdir, "index"), os.path.join(gitdir, "HEAD")]
+    out.append(os.path.join(common, "packed-refs"))
+    if not repo.head_is_detached:
+        with contextlib.suppress(pygit2.GitError):
+            name = repo.lookup_reference("HEAD").target
+            if isinstance(name, str):
+                out.append(os.path.join(common, *name.split("/")))
+    return [os.path.normpath(p) for p in out]
+
+
+def index_digest(root: str) -> str | None:
+    """A digest of what the index of the repository holding `root` stages: every entry's
+    path, mode and blob id (not its stat data, which `git add` rewrites). None outside git
+    or while the index holds a conflict."""
+    repo = _discover(os.path.realpath(root))
+    if repo is None:
+        return None
+    idx = repo.index
+    idx.read(False)
+    if idx.conflicts is not None:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for e in idx:
+        h.update(f"{e.path}\0{e.mode:o}\0{e.id}\n".encode())
+    return h.hexdigest()

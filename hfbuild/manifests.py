@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from hfbuild import shards
+from hfbuild import refs, shards
 from hfbuild.closure import Context
 from hfbuild.datafiles import StatCache
 from hfbuild.errors import GitStateError, HfbuildError, NotARepositoryError, StageError
@@ -106,7 +106,7 @@ def stage_manifest(
         manifest = build_manifest(
             kind=spec.kind,
             ctx=ctx,
-            fn=spec.fn,
+            fn=refs.function(spec),
             fn_kwargs=spec.fn_kwargs,
             inputs=inputs,
             options=options,

@@ -15,10 +15,11 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-from hfbuild import caches, lockfile
+from hfbuild import caches, lockfile, record, refs
 from hfbuild.absentdata import LockedData
 from hfbuild.datafiles import StatCache
 from hfbuild.errors import DamagedEntryError, NotBuiltError, StageError
@@ -29,6 +30,7 @@ from hfbuild.ledger import Ledger
 from hfbuild.lockfile import LOCK_NAME, Pin, pins
 from hfbuild.manifests import Manifests, stage_manifest
 from hfbuild.manifests import compute as compute_manifests
+from hfbuild.record import NeedsImport, Session
 from hfbuild.remote import Remote, remote_disabled, remote_url
 from hfbuild.spec import LOAD_BUILDERS, StageSpec
 from hfbuild.store import Store
@@ -61,6 +63,13 @@ class Stage:
 
     def __repr__(self) -> str:
         return f"<hfbuild stage {self.name!r} ({self.spec.kind})>"
+
+
+def _fn_or_ref(fn: Callable[..., Any] | str, stage: str) -> tuple[Any, str | None]:
+    """(function, None) for a function, (None, reference) for a `module:qualname` string."""
+    if isinstance(fn, str):
+        return None, refs.check(fn, stage)
+    return fn, None
 
 
 def _caller_file(depth: int = 2) -> str | None:
@@ -101,6 +110,11 @@ class Pipeline:
         self.lock_name = os.path.relpath(self.lock_path, self.root).replace(os.sep, "/")
         self._remote_arg = remote
         self.ledger = Ledger(self)
+        # The no-import record (record.py), for a pipeline a dodo file defines, once doit or
+        # a command works on it; `_recorded_only`: made from the record, without dodo.py.
+        self.origin = _caller_file()
+        self._record: Session | None = None
+        self._recorded_only = False
 
     def remote(self) -> Remote | None:
         """The configured remote cache, unless HFBUILD_NO_REMOTE=1 or `remote=False` opts out."""
@@ -171,46 +185,52 @@ class Pipeline:
         self,
         name: str,
         input: Stage | str,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         fn_kwargs: Mapping[str, Any] | None = None,
         *,
         file_deps: Sequence[str] = (),
         doc: str | None = None,
         **options: Any,
     ) -> Stage:
-        """`Dataset.map(fn, fn_kwargs=..., **options)` as a stage."""
+        """`Dataset.map(fn, fn_kwargs=..., **options)` as a stage. `fn` is the function, or a
+        `"module:qualname"` reference to it, imported only when the stage is fingerprinted
+        afresh or built (so an up-to-date check can skip the module's import)."""
         return self._transform("map", name, input, fn, fn_kwargs, file_deps, doc, options)
 
     def filter(
         self,
         name: str,
         input: Stage | str,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         fn_kwargs: Mapping[str, Any] | None = None,
         *,
         file_deps: Sequence[str] = (),
         doc: str | None = None,
         **options: Any,
     ) -> Stage:
-        """`Dataset.filter(fn, fn_kwargs=..., **options)` as a stage."""
+        """`Dataset.filter(fn, fn_kwargs=..., **options)` as a stage; `fn` as for `map`."""
         return self._transform("filter", name, input, fn, fn_kwargs, file_deps, doc, options)
 
     def apply(
         self,
         name: str,
         inputs: Stage | str | Sequence[Stage | str],
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         fn_kwargs: Mapping[str, Any] | None = None,
         *,
         file_deps: Sequence[str] = (),
         doc: str | None = None,
     ) -> Stage:
         """`fn(*input_datasets, **fn_kwargs) -> Dataset | DatasetDict` as a stage: splits,
-        shuffles, concatenations, joins, anything."""
+        shuffles, concatenations, joins, anything. `fn` may be a `"module:qualname"` reference,
+        as for `map`."""
         many = [inputs] if isinstance(inputs, (Stage, str)) else list(inputs)
         deps = tuple(self._input(x, name) for x in many)
+        fn_, ref = _fn_or_ref(fn, name)
         return self._add(
-            StageSpec(name, "apply", deps, fn, dict(fn_kwargs or {}), {}, tuple(file_deps), doc)
+            StageSpec(
+                name, "apply", deps, fn_, dict(fn_kwargs or {}), {}, tuple(file_deps), doc, ref
+            )
         )
 
     def _transform(
@@ -218,7 +238,7 @@ class Pipeline:
         kind: str,
         name: str,
         input: Stage | str,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         fn_kwargs: Mapping[str, Any] | None,
         file_deps: Sequence[str],
         doc: str | None,
@@ -227,15 +247,17 @@ class Pipeline:
         for bad in ("new_fingerprint", "cache_file_name", "function", "fn_kwargs"):
             if bad in options:
                 raise StageError(f"{kind} stage {name!r}: hfbuild sets {bad} itself; drop it.")
+        fn_, ref = _fn_or_ref(fn, name)
         spec = StageSpec(
             name,
             kind,
             (self._input(input, name),),
-            fn,
+            fn_,
             dict(fn_kwargs or {}),
             options,
             tuple(file_deps),
             doc,
+            ref,
         )
         return self._add(spec)
 
@@ -268,6 +290,27 @@ class Pipeline:
             fresh = True
         if mode == "worktree" and self._cache is not None and not fresh:
             return self._cache
+        rec = self._record
+        if rec is not None:
+            got = rec.answer(mode)
+            if got is not None:
+                if mode == "worktree" and absent is None:
+                    self._cache = got
+                return got
+            if self._recorded_only:
+                raise NeedsImport(mode)
+            rec.begin(mode)
+        with warnings.catch_warnings(record=True) as caught:
+            out = self._compute(mode, absent)
+        for w in caught:  # shown as they would have been; a check that warned is not recorded
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+        if rec is not None:
+            rec.computed(mode, out, clean=not caught and not (absent and absent.unchecked))
+        if mode == "worktree" and absent is None:
+            self._cache = out
+        return out
+
+    def _compute(self, mode: Mode, absent: LockedData | None) -> Manifests:
         snap = Snapshot(self.root, mode, caches.for_store(self.store))
         # The key includes what the stage's builds read at run time (fullkey.py), so that the
         # stages after it take that key as their input.
@@ -284,9 +327,75 @@ class Pipeline:
         )
         self.stat_cache.save()
         caches.for_store(self.store).save()
-        if mode == "worktree" and absent is None:
-            self._cache = out
         return out
+
+    # -- the no-import record -------------------------------------------------------------------
+
+    def use_record(self, session: Session) -> bool:
+        """Answer from `session`'s record when its facts hold (and leave one when they do not),
+        if this pipeline is the one its dodo file defines and uses the default store."""
+        if self.origin is None or os.path.realpath(self.origin) != session.dodo:
+            return False
+        if os.path.realpath(self.store.root) != os.path.realpath(session.store.root):
+            return False
+        session.shape = self.shape
+        self._record = session
+        return True
+
+    def leave_record(self) -> bool:
+        """Before anything is built or pulled: answers come from the code from now on.
+        True when they came from the record until now."""
+        if self._record is None:
+            return False
+        if self._recorded_only:
+            raise NeedsImport("build")
+        self._record.drop()
+        self._record = None
+        self._cache = None
+        return True
+
+    def shape(self) -> dict[str, Any]:
+        """What the commands need of the pipeline besides its manifests (record.py)."""
+        return {
+            "root": self.root,
+            "store": self.store.root,
+            "lock": self.lock_name,
+            "name": self.name,
+            "remote": self._remote_arg,
+            "stages": [
+                {
+                    "name": s.name,
+                    "kind": s.kind,
+                    "inputs": list(s.inputs),
+                    "ref": s.ref,
+                    "qualname": refs.qualname(s),
+                    "builder": s.options.get("builder") if s.kind == "load" else None,
+                    "doc": s.doc,
+                }
+                for s in self._specs.values()
+            ],
+        }
+
+    @classmethod
+    def from_record(cls, session: Session, shape: dict[str, Any]) -> Pipeline:
+        """The pipeline a record describes, without dodo.py: its stages have no function, so
+        anything needing one raises `NeedsImport` (the command is run on dodo.py's then)."""
+        pipe = cls(
+            shape["store"],
+            root=shape["root"],
+            name=shape["name"],
+            remote=shape["remote"],
+            lock=shape["lock"],
+        )
+        for s in shape["stages"]:
+            options = {"builder": s["builder"]} if s["kind"] == "load" else {}
+            pipe._specs[s["name"]] = StageSpec(
+                s["name"], s["kind"], tuple(s["inputs"]), None, {}, options, (), s["doc"], s["ref"]
+            )
+        pipe.origin = session.dodo
+        pipe._record = session
+        pipe._recorded_only = True
+        return pipe
 
     def is_built(self, name: str) -> bool:
         """True when the store holds the stage's current fingerprint (doit's uptodate). Then
@@ -327,4 +436,8 @@ class Pipeline:
             caller = sys._getframe(1).f_code.co_name
             basename = caller[5:] if caller.startswith("task_") else self.name
         self.name = basename
+        if self._record is None and self.origin is not None and not record.cli_loading:
+            session = record.session(self.origin, "doit")
+            if session is not None:
+                self.use_record(session)
         return pipeline_tasks(self, basename)

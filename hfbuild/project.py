@@ -13,6 +13,7 @@ import os
 import sys
 import types
 
+from hfbuild import record
 from hfbuild.errors import HfbuildError
 from hfbuild.pipeline import Pipeline
 
@@ -22,7 +23,35 @@ def dodo_path(dodo: str | None = None) -> str:
     return os.path.abspath(dodo or "dodo.py")
 
 
-def load_pipeline(dodo: str | None = None) -> Pipeline:
+def recorded_pipeline(session: record.Session, modes: tuple[str, ...]) -> Pipeline | None:
+    """The pipeline of `session`'s record when its entries for `modes` answer (every fact
+    holds), without importing dodo.py; else None. The working directory becomes dodo.py's, as
+    `load_pipeline` makes it."""
+    if not all(session.answer(m) is not None for m in modes):
+        return None
+    entry = session.entry(modes[0])
+    assert entry is not None
+    os.chdir(os.path.dirname(session.dodo))
+    return Pipeline.from_record(session, entry["pipeline"])
+
+
+def load_pipeline(dodo: str | None = None, session: record.Session | None = None) -> Pipeline:
+    """The pipeline dodo.py defines, imported; with `session`, it answers from that record
+    (and leaves one) when it is the pipeline the record is of."""
+    if session is not None:
+        for mode in ("worktree", "index"):
+            session.begin(mode)  # the facts before the import
+    record.cli_loading = True
+    try:
+        pipe = _load(dodo)
+    finally:
+        record.cli_loading = False
+    if session is not None:
+        pipe.use_record(session)
+    return pipe
+
+
+def _load(dodo: str | None) -> Pipeline:
     path = dodo_path(dodo)
     if not os.path.isfile(path):
         raise HfbuildError(

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hfbuild import __version__, closure, liveness, progress, shards
+from hfbuild import __version__, closure, liveness, progress, refs, shards
 from hfbuild.errors import BuildError, HfbuildError
 from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import Observed, entry_doc, observing
@@ -382,9 +382,9 @@ def _build_shard(
     else:
         inp = store.load(s.input)
         one = builder.offset_indices(spec, _offset(pipe, spec, m, s))
-        kept = closure.kept_state(spec.fn)
+        kept = closure.kept_state(refs.function(spec))
         out = builder.run_stage(one, [inp], s.key, path, pipe.root, **named)
-        _check_kept_state(spec, s, kept, closure.kept_state(spec.fn))
+        _check_kept_state(spec, s, kept, closure.kept_state(refs.function(spec)))
         sources = _sources(store, s.input, inp)
     liveness.check_built(pipe.root, m.doc)  # the code that ran is the code hashed
     info = builder.save(out, os.path.join(path, "data"), path, sources, scratch if shared else None)

@@ -28,6 +28,9 @@ class StageSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
     file_deps: tuple[str, ...] = ()
     doc: str | None = None
+    # The function as a `module:qualname` reference (refs.py), imported only when needed;
+    # `fn` is then None.
+    ref: str | None = None
 
 
 class Report(NamedTuple):

@@ -877,6 +877,16 @@ class Store:
                         os.unlink(path)
         return gone
 
+    def record_path(self, name: str) -> str:
+        """The no-import record of one dodo file (`record.py`); `name` is a digest."""
+        return os.path.join(self.root, "records", _check_fp(name) + ".json")
+
+    def key_dirs(self) -> list[str]:
+        """The directories whose entries a stage's current key is chosen among (`fullkey`):
+        the stored results and the observed path sets. Publishing, pulling, removing or
+        recording in either renames inside one of their subdirectories."""
+        return [os.path.join(self.root, "objects"), os.path.join(self.root, "observed")]
+
     def _observed_path(self, static_fp: str) -> str:
         _check_fp(static_fp)
         if _POSIX:

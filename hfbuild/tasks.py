@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from hfbuild import teardown
+from hfbuild import refs, teardown
 from hfbuild.errors import HfbuildError
 from hfbuild.fingerprint import strict
 from hfbuild.spec import rows_text, stored_rows
@@ -145,7 +145,7 @@ def pipeline_tasks(pipe: Pipeline, basename: str) -> Iterator[dict[str, Any]]:
             + (
                 f"{spec.options.get('builder')} data"
                 if spec.kind == "load"
-                else getattr(spec.fn, "__qualname__", "") + (f" on {', '.join(spec.inputs)}")
+                else refs.qualname(spec) + (f" on {', '.join(spec.inputs)}")
             )
         )
         yield {

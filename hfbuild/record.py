@@ -1,0 +1,518 @@
+"""The no-import record (issue #20): what a full check computed, with every fact it rested on,
+so that the next check answers from it without importing dodo.py or a transform module.
+
+A full check (`hfbuild status`, `explain`, `verify [--staged]`, `build`, or doit's up-to-date
+checks) imports dodo.py and the modules its stages' functions live in, and computes every
+stage's manifest. When it computed them without a failed stage or a warning, it leaves an
+entry: the manifests as they were, the pipeline's shape (stage names, kinds, inputs, store,
+lock, remote, task name) and the facts. The next check in the same context whose facts all
+hold takes the manifests from the entry; everything after (the store's answer, the lock, the
+refs, what is printed) is the ordinary code's.
+
+Facts, compared by `stat` data (a file: size, mtime, ctime, inode; a directory: the digest of
+its names, listed again only when its mtime or inode moved):
+- every file and directory of the project, but `.git`, `__pycache__`, the store, virtual
+  environments and doit's database (`.doit.db*`, which decides nothing): the closure's files,
+  dodo.py and whatever it imports or reads, the data files, the files arguments name or builds
+  read, the directories listed (import resolution, globs, listings), `hfbuild.lock`,
+  `pyproject.toml`;
+- each `sys.path` directory outside the project, as a directory (site-packages: its
+  `*.dist-info` names carry the package versions), and `sys.path` itself;
+- hfbuild's own files; git's index, HEAD and branch (a file's status); in index mode the digest
+  of the index's entries instead of the index file (`git add` rewrites its stat data);
+- the store's `objects/` and `observed/` subdirectories (which candidate key the store holds);
+- a load's data files outside the project;
+- the environment: a blake2b digest of every variable (but the shell's `_`, `OLDPWD`,
+  `SHLVL`), never a value.
+A file whose mtime or ctime lies within `RACY_NS` of the capture is recorded with a digest of
+its content too (compared as well: a change within the file system's clock tick leaves the stat
+data equal); a directory within it is always listed.
+
+An entry is used only once *confirmed*: a second full check under the same facts computed the
+same manifests. One that computed others is *volatile* (arguments from the clock, from random,
+from the network) and every check in that context takes the full path while dodo.py is the same
+file. The facts are captured before the check imports anything (doit: before it computes the
+manifests) and again at exit; an entry is written only when nothing but the lock changed in
+between, and never by a process that built or pulled anything.
+
+Owns: the record file (`Store.record_path`, in the default store: the CLI finds it before it
+knows anything dodo.py says), its entries per context (who asks, snapshot mode, interpreter,
+working directory, `sys.path`, environment digest), the facts, confirmation and volatility.
+`HFBUILD_RECORD=0` turns it off.
+Must never: answer when one fact differs or the entry is unconfirmed or volatile; hold an
+environment value; import a user module or `datasets`; put anything in a key.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import xxhash
+
+from hfbuild import sharing
+from hfbuild.fingerprint import Manifest
+from hfbuild.gitstate import FileId, find_root, index_digest, state_paths
+from hfbuild.manifests import Manifests
+from hfbuild.shards import ShardIn
+from hfbuild.store import Store, default_root
+
+FORMAT = 1
+KEEP = 8  # contexts kept per dodo file
+RACY_NS = 2_000_000_000  # as the code cache's racy-git margin (caches.py)
+_SKIP_NAMES = frozenset({".git", "__pycache__"})
+_SHELL_VARS = frozenset({"_", "OLDPWD", "SHLVL"})
+_HFBUILD_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class NeedsImport(Exception):
+    """A pipeline built from the record was asked for what only dodo.py can answer: the
+    command runs again on the imported pipeline (never seen by a user)."""
+
+
+# True while `project.load_pipeline` imports a dodo file: the command's session is attached
+# after, so the `pipe.tasks()` it starts is not doit's.
+cli_loading = False
+
+
+def enabled() -> bool:
+    return os.environ.get("HFBUILD_RECORD", "").strip() not in {"0", "false", "no"}
+
+
+def _skipped(name: str) -> bool:
+    return name in _SKIP_NAMES or name.startswith(".doit.db")
+
+
+def _names_digest(names: Iterable[str]) -> str:
+    return str(xxhash.xxh3_64_hexdigest("\0".join(sorted(names)).encode()))
+
+
+def _content(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return str(xxhash.xxh3_128_hexdigest(f.read()))
+    except OSError:
+        return None
+
+
+def env_digest() -> str:
+    """A digest of the environment (names and values), without the shell's bookkeeping."""
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(os.environ):
+        if k not in _SHELL_VARS:
+            h.update(f"{k}\0{os.environ[k]}\0".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+# -- facts ------------------------------------------------------------------------------------
+
+
+class _Capture:
+    def __init__(self, skip_dirs: set[str]) -> None:
+        self.since = time.time_ns() - RACY_NS
+        self.files: dict[str, list[Any] | None] = {}
+        self.dirs: dict[str, list[Any] | None] = {}
+        self.skip_dirs = skip_dirs
+        self.ok = True
+
+    def file(self, path: str) -> None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            self.files[path] = None
+            return
+        key: list[Any] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        if st.st_mtime_ns >= self.since or st.st_ctime_ns >= self.since:
+            key.append(_content(path))
+        self.files[path] = key
+
+    def directory(self, path: str, *, walk: bool) -> None:
+        try:
+            st = os.stat(path)
+            entries = list(os.scandir(path))
+        except OSError:
+            self.dirs[path] = None
+            return
+        names = []
+        for e in entries:
+            if _skipped(e.name):
+                continue
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir and _excluded_dir(e.path, self.skip_dirs):
+                continue
+            names.append(e.name)
+            if not walk:
+                continue
+            if not is_dir:
+                self.file(e.path)
+            elif e.is_symlink():  # a change inside would not show: no record
+                self.ok = False
+            else:
+                self.directory(e.path, walk=True)
+        racy = st.st_mtime_ns >= self.since
+        self.dirs[path] = [st.st_mtime_ns, st.st_ino, _names_digest(names), racy]
+
+
+def _file_holds(path: str, want: list[Any] | None) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return want is None
+    if want is None or want[:4] != [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]:
+        return False
+    return len(want) == 4 or _content(path) == want[4]
+
+
+def _excluded_dir(full: str, skip_dirs: set[str]) -> bool:
+    """A directory of the project that is no fact: the store, a virtual environment."""
+    return os.path.realpath(full) in skip_dirs or os.path.exists(os.path.join(full, "pyvenv.cfg"))
+
+
+def _listing(path: str, skip_dirs: set[str]) -> str | None:
+    """The digest of a directory's names as `capture` takes it (skipped and excluded names
+    left out)."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return None
+    keep = []
+    for e in entries:
+        if _skipped(e.name):
+            continue
+        if e.is_dir() and _excluded_dir(e.path, skip_dirs):
+            continue
+        keep.append(e.name)
+    return _names_digest(keep)
+
+
+def _dir_holds(path: str, want: list[Any] | None, skip_dirs: set[str]) -> bool:
+    if want is None:
+        return not os.path.isdir(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if not want[3] and [st.st_mtime_ns, st.st_ino] == want[:2]:
+        return True
+    return _listing(path, skip_dirs) == str(want[2])
+
+
+def holds(facts: dict[str, Any], mode: str, root: str, store: Store) -> bool:
+    """Whether every fact of an entry holds now."""
+    for path, want in facts["files"].items():
+        if not _file_holds(path, want):
+            return False
+    skip = {os.path.realpath(store.root)}
+    for path, want in facts["dirs"].items():
+        if not _dir_holds(path, want, skip):
+            return False
+    return mode != "index" or index_digest(root) == facts.get("index")
+
+
+def capture(
+    root: str, store: Store, extra_files: Iterable[str] = (), *, mode: str = "worktree"
+) -> dict[str, Any] | None:
+    """Every fact, now; None when the project cannot be recorded (a symlinked directory)."""
+    store_real = os.path.realpath(store.root)
+    c = _Capture({store_real})
+    c.directory(root, walk=True)
+    prefix = root.rstrip(os.sep) + os.sep
+    for p in sys.path:
+        full = os.path.realpath(p or os.curdir)
+        if full == root or full.startswith(prefix) or full in c.dirs:
+            continue
+        if os.path.isdir(full):
+            c.directory(full, walk=False)
+        else:
+            c.file(full)
+    for d in (_HFBUILD_DIR, os.path.join(_HFBUILD_DIR, "commands")):
+        with contextlib.suppress(OSError):
+            for name in os.listdir(d):
+                if name.endswith(".py"):
+                    c.file(os.path.join(d, name))
+    git = state_paths(root)
+    for p in git:
+        if mode == "index" and os.path.basename(p) == "index":
+            continue
+        c.file(p)
+    for d in store.key_dirs():
+        c.directory(d, walk=False)
+        with contextlib.suppress(OSError):
+            for e in os.scandir(d):
+                if e.is_dir(follow_symlinks=False):
+                    c.directory(e.path, walk=False)
+    for p in extra_files:
+        if p not in c.files:
+            c.file(p)
+    if not c.ok:
+        return None
+    out: dict[str, Any] = {"files": c.files, "dirs": c.dirs}
+    if mode == "index":
+        digest = index_digest(root)
+        if digest is None:
+            return None
+        out["index"] = digest
+    return out
+
+
+# -- manifests as JSON --------------------------------------------------------------------------
+
+
+def dump_manifests(ms: Manifests) -> dict[str, Any] | None:
+    """The manifests as JSON; None when one stage failed (its error is the full path's)."""
+    if ms.failed:
+        return None
+    stages: dict[str, Any] = {}
+    for name in ms:
+        m = ms.ok[name]
+        stages[name] = {
+            "doc": m.doc,
+            "dirty": [[f.path, f.id, f.status, f.kind] for f in m.dirty],
+            "incomplete": list(m.incomplete),
+            "data_files": m.data_files,
+            "observed": [list(p) for p in m.observed],
+            "shards": None if m.shards is None else [list(s) for s in m.shards],
+            "shard_code": m.shard_code,
+            "outside": list(m.outside),
+            "fingerprint": m.fingerprint,
+        }
+    try:
+        text = json.dumps({"names": list(ms), "stages": stages}, sort_keys=True)
+    except (TypeError, ValueError):
+        return None
+    doc: dict[str, Any] = json.loads(text)
+    again = load_manifests(doc)
+    if any(again.ok[n].fingerprint != ms.ok[n].fingerprint for n in ms):
+        return None  # the JSON does not carry the key whole: never answer from it
+    return doc
+
+
+def load_manifests(doc: dict[str, Any]) -> Manifests:
+    ok: dict[str, Manifest] = {}
+    for name in doc["names"]:
+        s = doc["stages"][name]
+        ok[name] = Manifest(
+            doc=s["doc"],
+            dirty=tuple(FileId(p, i, st, k) for p, i, st, k in s["dirty"]),
+            incomplete=tuple(s["incomplete"]),
+            data_files=s["data_files"],
+            observed=tuple((str(p), str(i)) for p, i in s["observed"]),
+            shards=None if s["shards"] is None else tuple(ShardIn(*x) for x in s["shards"]),
+            shard_code=s["shard_code"],
+            outside=tuple(s["outside"]),
+        )
+    return Manifests(list(doc["names"]), ok, {})
+
+
+def _outside_data(doc: dict[str, Any], root: str) -> list[str]:
+    """The data files of load stages that lie outside the project (absolute paths)."""
+    out: list[str] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, str):
+            if os.path.isabs(x) and not x.startswith(root.rstrip(os.sep) + os.sep):
+                out.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    for s in doc["stages"].values():
+        walk(s["data_files"])
+    return out
+
+
+# -- the record file ----------------------------------------------------------------------------
+
+
+def _names(dirs: dict[str, list[Any] | None]) -> dict[str, str | None]:
+    """Each directory's names: what a check's own writes (doit's database) leave alone."""
+    return {p: None if v is None else str(v[2]) for p, v in dirs.items()}
+
+
+def _same_facts(a: Any, b: dict[str, Any]) -> bool:
+    """Whether two captures found the same state: files by stat data (and content, when racy),
+    directories by their names."""
+    if not isinstance(a, dict) or a.get("index") != b.get("index"):
+        return False
+    if _names(a.get("dirs") or {}) != _names(b["dirs"]):
+        return False
+    files = a.get("files") or {}
+    if files.keys() != b["files"].keys():
+        return False
+    for path, new in b["files"].items():
+        old = files[path]
+        if old is None or new is None:
+            if old != new:
+                return False
+        elif old[:4] != new[:4]:
+            return False
+        elif len(old) == 5 and old[4] != (new[4] if len(new) == 5 else _content(path)):
+            # Racy then: its content then against its content now (the stat data is the same).
+            return False
+    return True
+
+
+def _read(path: str) -> list[dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        return []
+    entries = doc.get("entries")
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+class Session:
+    """The record of one dodo file for one process: answers per snapshot mode, and the entry
+    this process leaves at exit when it took the full path."""
+
+    def __init__(self, dodo: str, who: str) -> None:
+        self.dodo = os.path.realpath(dodo)
+        directory = os.path.dirname(self.dodo)
+        self.root = find_root(directory) or directory
+        self.store = Store(default_root(self.root))
+        rel = os.path.relpath(self.dodo, self.root).replace(os.sep, "/")
+        self.path = self.store.record_path(str(xxhash.xxh3_128_hexdigest(rel.encode())))
+        self.who = who
+        self.entries = _read(self.path)
+        self.base = {
+            "format": FORMAT,
+            "who": who,
+            "dodo": self.dodo,
+            "exe": sys.executable,
+            "python": sys.version,
+            "cwd": os.getcwd(),
+            "path": list(sys.path),
+            "env": env_digest(),
+        }
+        self._answers: dict[str, Manifests | None] = {}
+        self.shape: Callable[[], dict[str, Any]] | None = None
+        self.start: dict[str, dict[str, Any] | None] = {}
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.dropped = False
+        self._registered = False
+
+    def context(self, mode: str) -> dict[str, Any]:
+        return {**self.base, "mode": mode}
+
+    def entry(self, mode: str) -> dict[str, Any] | None:
+        ctx = self.context(mode)
+        return next((e for e in self.entries if e.get("context") == ctx), None)
+
+    def answer(self, mode: str) -> Manifests | None:
+        """The recorded manifests of `mode` when its entry is confirmed and every fact holds
+        (checked once per process), else None."""
+        if self.dropped:
+            return None
+        if mode not in self._answers:
+            e = self.entry(mode)
+            got = None
+            if (
+                e is not None
+                and e.get("state") == "confirmed"
+                and (self.shape is None or self.shape() == e.get("pipeline"))
+                and holds(e["facts"], mode, self.root, self.store)
+            ):
+                got = load_manifests(e["manifests"])
+            self._answers[mode] = got
+        return self._answers[mode]
+
+    def begin(self, mode: str) -> None:
+        """Capture the facts before a full computation of `mode` (once per mode)."""
+        if self.dropped or mode in self.start:
+            return
+        self.start[mode] = capture(self.root, self.store, mode=mode)
+
+    def computed(self, mode: str, ms: Manifests, *, clean: bool) -> None:
+        """A full computation of `mode` gave `ms`; `clean`: without a warning or a stand-in."""
+        if self.dropped or mode in self.pending:
+            return
+        doc = dump_manifests(ms) if clean else None
+        if doc is None or self.start.get(mode) is None or self.shape is None:
+            self.start[mode] = None
+            return
+        self.pending[mode] = doc
+        if not self._registered:
+            self._registered = True
+            atexit.register(self.finish)
+
+    def drop(self) -> None:
+        """Something was built or pulled: this process neither answers nor records."""
+        self.dropped = True
+        self._answers.clear()
+
+    def finish(self) -> None:
+        """At exit: write an entry per mode computed in full, when the facts at exit are the
+        facts before (but the lock, which the check itself may rewrite)."""
+        if self.dropped or not self.pending or self.shape is None:
+            return
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            self._write()
+
+    def _write(self) -> None:
+        assert self.shape is not None
+        shape = self.shape()
+        entries = _read(self.path)
+        lock = os.path.join(self.root, shape.get("lock", "hfbuild.lock"))
+        for mode, doc in self.pending.items():
+            start = self.start.get(mode)
+            extra = _outside_data(doc, self.root)
+            end = capture(self.root, self.store, extra, mode=mode)
+            if start is None or end is None:
+                continue
+            before = {**start["files"], lock: None}
+            after = {**end["files"], lock: None}
+            for p in extra:
+                before.setdefault(p, after.get(p))
+            if before != after or _names(start["dirs"]) != _names(end["dirs"]):
+                continue
+            if start.get("index") != end.get("index"):
+                continue
+            ctx = self.context(mode)
+            old = next((e for e in entries if e.get("context") == ctx), None)
+            dodo_stat = end["files"].get(self.dodo)
+            state = "new"
+            if (
+                old is not None
+                and old.get("state") == "volatile"
+                and old.get("volatile_dodo") == dodo_stat
+            ):
+                state = "volatile"
+            if old is not None and _same_facts(old.get("facts"), end) and state != "volatile":
+                same = old.get("manifests") == doc and old.get("pipeline") == shape
+                state = "confirmed" if same else "volatile"
+            entry = {
+                "context": ctx,
+                "facts": end,
+                "manifests": doc,
+                "pipeline": shape,
+                "state": state,
+                "volatile_dodo": dodo_stat if state == "volatile" else None,
+            }
+            entries = [entry] + [e for e in entries if e.get("context") != ctx]
+        sharing.makedirs(os.path.dirname(self.path))
+        sharing.write_json_atomic(
+            self.path, {"format": FORMAT, "entries": entries[:KEEP]}, durable=False, indent=None
+        )
+
+
+def session(dodo: str, who: str) -> Session | None:
+    """The record session of `dodo` for this process, or None (turned off, or no dodo)."""
+    if not enabled() or not os.path.isfile(dodo):
+        return None
+    return Session(dodo, who)
