@@ -3,9 +3,17 @@ module on every run, even when nothing is stale."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from demo.text import paragraphs
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str) -> Any:
+    from tokenizers import Tokenizer  # imported by a build only
+
+    return Tokenizer.from_file(path)
 
 
 def split_paragraphs(batch: dict[str, list[Any]], min_chars: int = 40) -> dict[str, list[Any]]:
@@ -20,9 +28,9 @@ def split_paragraphs(batch: dict[str, list[Any]], min_chars: int = 40) -> dict[s
     return {"topic": topics, "paragraph": paras, "index": index}
 
 
-def tokenize(batch: dict[str, list[Any]], tokenizer: Any, max_tokens: int) -> dict[str, Any]:
+def tokenize(batch: dict[str, list[Any]], tokenizer_path: str, max_tokens: int) -> dict[str, Any]:
     """Token ids of each paragraph with the trained BPE tokenizer, truncated to max_tokens."""
-    encodings = tokenizer.encode_batch(batch["paragraph"])
+    encodings = _tokenizer(tokenizer_path).encode_batch(batch["paragraph"])
     ids = [e.ids[:max_tokens] for e in encodings]
     return {"input_ids": ids, "n_tokens": [len(e.ids) for e in encodings]}
 
