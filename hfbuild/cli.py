@@ -151,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
             except record.NeedsImport:
                 session.drop()  # asked for what only dodo.py answers: nothing printed yet
                 session = record.session(dodo, "cli")
-    return _command(args, load_pipeline(args.dodo, session), dodo)
+    return _command(args, load_pipeline(args.dodo, session, modes), dodo)
 
 
 def _all_stored(pipe: Pipeline) -> bool:

@@ -300,12 +300,13 @@ class Pipeline:
             if self._recorded_only:
                 raise NeedsImport(mode)
             rec.begin(mode)
-        with warnings.catch_warnings(record=True) as caught:
-            out = self._compute(mode, absent)
-        for w in caught:  # shown as they would have been; a check that warned is not recorded
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
-        if rec is not None:
+            with warnings.catch_warnings(record=True) as caught:
+                out = self._compute(mode, absent)
+            for w in caught:  # shown as they would have been; a check that warned: no record
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
             rec.computed(mode, out, clean=not caught and not (absent and absent.unchecked))
+        else:
+            out = self._compute(mode, absent)
         if mode == "worktree" and absent is None:
             self._cache = out
         return out

@@ -35,12 +35,13 @@ def recorded_pipeline(session: record.Session, modes: tuple[str, ...]) -> Pipeli
     return Pipeline.from_record(session, entry["pipeline"])
 
 
-def load_pipeline(dodo: str | None = None, session: record.Session | None = None) -> Pipeline:
+def load_pipeline(
+    dodo: str | None = None, session: record.Session | None = None, modes: tuple[str, ...] = ()
+) -> Pipeline:
     """The pipeline dodo.py defines, imported; with `session`, it answers from that record
-    (and leaves one) when it is the pipeline the record is of."""
+    (and leaves one for `modes`) when it is the pipeline the record is of."""
     if session is not None:
-        for mode in ("worktree", "index"):
-            session.begin(mode)  # the facts before the import
+        session.begin(*modes)  # the facts before the import
     record.cli_loading = True
     try:
         pipe = _load(dodo)

@@ -219,9 +219,20 @@ def holds(facts: dict[str, Any], mode: str, root: str, store: Store) -> bool:
     return mode != "index" or index_digest(root) == facts.get("index")
 
 
-def capture(
-    root: str, store: Store, extra_files: Iterable[str] = (), *, mode: str = "worktree"
-) -> dict[str, Any] | None:
+def for_mode(facts: dict[str, Any] | None, mode: str, root: str) -> dict[str, Any] | None:
+    """`facts` (a worktree-mode capture) as `mode` takes them: in index mode, the index's
+    entries instead of the index file's stat data (`git add` rewrites that file)."""
+    if facts is None or mode != "index":
+        return facts
+    digest = index_digest(root)
+    if digest is None:
+        return None
+    index = {p for p in state_paths(root) if os.path.basename(p) == "index"}
+    files = {p: v for p, v in facts["files"].items() if p not in index}
+    return {"files": files, "dirs": facts["dirs"], "index": digest}
+
+
+def capture(root: str, store: Store, extra_files: Iterable[str] = ()) -> dict[str, Any] | None:
     """Every fact, now; None when the project cannot be recorded (a symlinked directory)."""
     store_real = os.path.realpath(store.root)
     c = _Capture({store_real})
@@ -240,10 +251,7 @@ def capture(
             for name in os.listdir(d):
                 if name.endswith(".py"):
                     c.file(os.path.join(d, name))
-    git = state_paths(root)
-    for p in git:
-        if mode == "index" and os.path.basename(p) == "index":
-            continue
+    for p in state_paths(root):
         c.file(p)
     for d in store.key_dirs():
         c.directory(d, walk=False)
@@ -256,13 +264,7 @@ def capture(
             c.file(p)
     if not c.ok:
         return None
-    out: dict[str, Any] = {"files": c.files, "dirs": c.dirs}
-    if mode == "index":
-        digest = index_digest(root)
-        if digest is None:
-            return None
-        out["index"] = digest
-    return out
+    return {"files": c.files, "dirs": c.dirs}
 
 
 # -- manifests as JSON --------------------------------------------------------------------------
@@ -432,11 +434,14 @@ class Session:
             self._answers[mode] = got
         return self._answers[mode]
 
-    def begin(self, mode: str) -> None:
-        """Capture the facts before a full computation of `mode` (once per mode)."""
-        if self.dropped or mode in self.start:
+    def begin(self, *modes: str) -> None:
+        """Capture the facts before a full computation of `modes` (once per mode)."""
+        todo = [m for m in modes if m not in self.start]
+        if self.dropped or not todo:
             return
-        self.start[mode] = capture(self.root, self.store, mode=mode)
+        facts = capture(self.root, self.store)
+        for mode in todo:
+            self.start[mode] = for_mode(facts, mode, self.root)
 
     def computed(self, mode: str, ms: Manifests, *, clean: bool) -> None:
         """A full computation of `mode` gave `ms`; `clean`: without a warning or a stand-in."""
@@ -472,7 +477,7 @@ class Session:
         for mode, doc in self.pending.items():
             start = self.start.get(mode)
             extra = _outside_data(doc, self.root)
-            end = capture(self.root, self.store, extra, mode=mode)
+            end = for_mode(capture(self.root, self.store, extra), mode, self.root)
             if start is None or end is None:
                 continue
             before = {**start["files"], lock: None}
