@@ -817,8 +817,9 @@ class Snapshot:
 
 
 def state_paths(root: str) -> list[str]:
-    """The files of the repository holding `root` whose change can change a file's status
-    there: the index, HEAD, the branch HEAD names (loose, and `packed-refs`). [] outside git.
+    """The files of the repository holding `root` whose change can change a file's status or
+    id there: the index, HEAD, the branch HEAD names (loose, and `packed-refs`), the config,
+    `info/attributes` and `info/exclude`. [] outside git.
     The no-import record (`record.py`) compares their stat data; it never reads them."""
     repo = _discover(os.path.realpath(root))
     if repo is None:
@@ -829,7 +830,9 @@ def state_paths(root: str) -> list[str]:
     with contextlib.suppress(OSError), open(commondir, encoding="utf-8") as f:
         common = os.path.join(gitdir, f.read().strip())
     out = [os.path.join(gitdir, "index"), os.path.join(gitdir, "HEAD")]
-    out.append(os.path.join(common, "packed-refs"))
+    # Filters and attributes decide blob ids; excludes decide what is ignored.
+    for rel in ("packed-refs", "config", "info/attributes", "info/exclude"):
+        out.append(os.path.join(common, rel))
     if not repo.head_is_detached:
         with contextlib.suppress(pygit2.GitError):
             name = repo.lookup_reference("HEAD").target

@@ -50,7 +50,9 @@ import contextlib
 import hashlib
 import json
 import os
+import site
 import sys
+import sysconfig
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -219,6 +221,49 @@ def holds(facts: dict[str, Any], mode: str, root: str, store: Store) -> bool:
     return mode != "index" or index_digest(root) == facts.get("index")
 
 
+def _installed() -> tuple[str, ...]:
+    """The directories of installed code (the standard library, site-packages): a version
+    there is its `*.dist-info` name, which the `sys.path` directories' listings hold."""
+    paths = sysconfig.get_paths()
+    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    dirs.update(site.getsitepackages() if hasattr(site, "getsitepackages") else [])
+    return tuple(os.path.realpath(d).rstrip(os.sep) + os.sep for d in dirs)
+
+
+def _loaded_elsewhere(root: str) -> list[str]:
+    """The files of modules this process loaded from outside the project and outside installed
+    code (a directory on PYTHONPATH): dodo.py may take a value from one."""
+    prefix = root.rstrip(os.sep) + os.sep
+    installed = _installed()
+    out = []
+    for m in list(sys.modules.values()):
+        f = getattr(m, "__file__", None)
+        if not isinstance(f, str):
+            continue
+        full = os.path.realpath(f)
+        if full.startswith(prefix) or full.startswith(installed):
+            continue
+        if full.startswith(_HFBUILD_DIR + os.sep):
+            continue
+        out.append(full)
+    return out
+
+
+def _outside_dirs(paths: list[str]) -> list[str]:
+    """The directories that hold `paths` (data files outside the project), and every one
+    between them and their common directory, where a glob may find a new file."""
+    if not paths:
+        return []
+    common = os.path.commonpath([os.path.dirname(p) for p in paths])
+    out = {common}
+    for p in paths:
+        d = os.path.dirname(p)
+        while len(d) > len(common):
+            out.add(d)
+            d = os.path.dirname(d)
+    return sorted(out)
+
+
 def for_mode(facts: dict[str, Any] | None, mode: str, root: str) -> dict[str, Any] | None:
     """`facts` (a worktree-mode capture) as `mode` takes them: in index mode, the index's
     entries instead of the index file's stat data (`git add` rewrites that file)."""
@@ -237,15 +282,16 @@ def capture(root: str, store: Store, extra_files: Iterable[str] = ()) -> dict[st
     store_real = os.path.realpath(store.root)
     c = _Capture({store_real})
     c.directory(root, walk=True)
-    prefix = root.rstrip(os.sep) + os.sep
     for p in sys.path:
         full = os.path.realpath(p or os.curdir)
-        if full == root or full.startswith(prefix) or full in c.dirs:
+        if full in c.dirs:  # walked (an environment inside the project is not)
             continue
         if os.path.isdir(full):
             c.directory(full, walk=False)
         else:
             c.file(full)
+    for path in _loaded_elsewhere(root):
+        c.file(path)
     for d in (_HFBUILD_DIR, os.path.join(_HFBUILD_DIR, "commands")):
         with contextlib.suppress(OSError):
             for name in os.listdir(d):
@@ -259,9 +305,13 @@ def capture(root: str, store: Store, extra_files: Iterable[str] = ()) -> dict[st
             for e in os.scandir(d):
                 if e.is_dir(follow_symlinks=False):
                     c.directory(e.path, walk=False)
-    for p in extra_files:
+    extra = list(extra_files)
+    for p in extra:
         if p not in c.files:
             c.file(p)
+    for d in _outside_dirs(extra):
+        if d not in c.dirs:
+            c.directory(d, walk=False)
     if not c.ok:
         return None
     return {"files": c.files, "dirs": c.dirs}
@@ -480,11 +530,13 @@ class Session:
             end = for_mode(capture(self.root, self.store, extra), mode, self.root)
             if start is None or end is None:
                 continue
-            before = {**start["files"], lock: None}
-            after = {**end["files"], lock: None}
-            for p in extra:
-                before.setdefault(p, after.get(p))
-            if before != after or _names(start["dirs"]) != _names(end["dirs"]):
+            # What both captures hold (the CLI's first precedes dodo.py's import, so it lacks
+            # the modules loaded from elsewhere and the data outside): the same, but the lock.
+            both = (start["files"].keys() & end["files"].keys()) - {lock}
+            if any(start["files"][p] != end["files"][p] for p in both):
+                continue
+            dirs = start["dirs"].keys() & end["dirs"].keys()
+            if any(_names({d: start["dirs"][d]}) != _names({d: end["dirs"][d]}) for d in dirs):
                 continue
             if start.get("index") != end.get("index"):
                 continue
