@@ -1,0 +1,302 @@
+"""The no-import record (issue #20): a check whose facts all hold answers without importing
+dodo.py's transform modules, and its answer equals the full path's.
+
+Every check runs in a fresh process. The transform module appends a line to a log when it is
+imported, so the number of imports is counted, not guessed. `HFBUILD_RECORD=0` gives the full
+path's answer to compare with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import Repo
+
+PROJECT = {
+    "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["IMPORT_LOG"]\n',
+    ".gitignore": ".doit.db*\n",
+    "pkg/__init__.py": "",
+    "pkg/util.py": "OFFSET = 1\n",
+    "pkg/heavy.py": """
+        import os
+
+        with open(os.environ["IMPORT_LOG"], "a") as f:  # the import, counted
+            f.write("heavy\\n")
+
+        import fakepkg
+
+        from pkg.util import OFFSET
+
+
+        def feat(row, k=1, vocab="data/vocab.txt"):
+            scale = int(os.environ.get("SCALE", "1"))
+            with open("data/extra.txt") as f:  # read at run time: observed
+                extra = len(f.read())
+            return {"y": row["x"] * k * scale + OFFSET + extra + fakepkg.ONE}
+        """,
+    "data/a.jsonl": '{"x": 1}\n{"x": 2}\n',
+    "data/vocab.txt": "a b c\n",
+    "data/extra.txt": "xyz\n",
+    "dodo.py": """
+        from hfbuild import Pipeline
+
+        pipe = Pipeline()
+        raw = pipe.load("raw", "json", data_files="data/*.jsonl", split="train")
+        feat = pipe.map("feat", raw, "pkg.heavy:feat", {"k": 2, "vocab": "data/vocab.txt"})
+
+
+        def task_preprocess():
+            yield from pipe.tasks()
+        """,
+}
+
+
+class Project:
+    def __init__(self, tmp: pathlib.Path) -> None:
+        self.repo = Repo.init(tmp / "repo").write(PROJECT, commit="project")
+        self.site = tmp / "site"  # a third-party package outside the project, on PYTHONPATH
+        (self.site / "fakepkg").mkdir(parents=True)
+        (self.site / "fakepkg" / "__init__.py").write_text("ONE = 1\n")
+        self.dist_info(version="1.0")
+        self.log = tmp / "imports.log"
+        self.log.write_text("")
+        self.env = {
+            **os.environ,
+            "IMPORT_LOG": str(self.log),
+            "PYTHONPATH": str(self.site),
+            "HFBUILD_OBSERVE": "1",
+        }
+
+    def dist_info(self, version: str) -> None:
+        for old in self.site.glob("fakepkg-*.dist-info"):
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+        d = self.site / f"fakepkg-{version}.dist-info"
+        d.mkdir()
+        (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: fakepkg\nVersion: {version}\n")
+
+    def imports(self) -> int:
+        return len(self.log.read_text().splitlines())
+
+    def run(self, *args: str, record: bool = True) -> subprocess.CompletedProcess[str]:
+        env = dict(self.env)
+        if not record:
+            env["HFBUILD_RECORD"] = "0"
+        return subprocess.run(
+            [sys.executable, *args], cwd=self.repo.path, env=env, capture_output=True, text=True
+        )
+
+    def status(self, *, record: bool = True) -> tuple[Any, bool]:
+        """`hfbuild status --json` and whether it imported the transform module."""
+        before = self.imports()
+        out = self.run("-m", "hfbuild", "status", "--json", record=record)
+        assert out.returncode in (0, 1), out.stderr
+        return json.loads(out.stdout), self.imports() > before
+
+    def build(self) -> None:
+        out = self.run("-m", "doit", "run", "preprocess")
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    def settle(self) -> Any:
+        """Checks until one answers from the record (the entry new, then confirmed)."""
+        for _ in range(4):
+            answer, imported = self.status()
+            if not imported:
+                return answer
+        raise AssertionError("the record never answered")
+
+
+def _states(answer: Any) -> list[tuple[str, str, str, str | None, list[str]]]:
+    return [
+        (s["stage"], s["fingerprint"], s["state"], s["reason"], s["dirty_files"]) for s in answer
+    ]
+
+
+def _edit(p: Project, kind: str, n: int) -> None:
+    """One edit of a fact of kind `kind` (n makes each edit's content new)."""
+    root = p.repo.path
+    if kind == "closure":
+        (root / "pkg/util.py").write_text(f"OFFSET = {n}\n")
+    elif kind == "dodo":
+        text = (root / "dodo.py").read_text()
+        (root / "dodo.py").write_text(text.replace('{"k": ', f'{{"k": {n} + 0 * ', 1))
+    elif kind == "data":
+        (root / "data/a.jsonl").write_text(f'{{"x": {n}}}\n')
+    elif kind == "listing":
+        (root / f"data/b{n}.jsonl").write_text('{"x": 7}\n')
+    elif kind == "argpath":
+        (root / "data/vocab.txt").write_text(f"v{n}\n")
+    elif kind == "runtime-read":
+        (root / "data/extra.txt").write_text("e" * n + "\n")
+    elif kind == "env":
+        p.env["SCALE"] = str(n)
+    elif kind == "dist-info":
+        p.dist_info(version=f"{n}.0")
+    elif kind == "pythonpath":
+        extra = root.parent / f"extra{n}"
+        extra.mkdir(exist_ok=True)
+        p.env["PYTHONPATH"] = f"{p.site}{os.pathsep}{extra}"
+    elif kind == "module-value":  # dodo.py reassigns a value the transform reads
+        text = (root / "dodo.py").read_text()
+        (root / "dodo.py").write_text(text + f"\nimport pkg.util\npkg.util.OFFSET = {n}\n")
+    elif kind == "git":
+        p.repo.commit(f"edit {n}")
+    elif kind == "store":  # the result removed from the store
+        p.run("-m", "doit", "clean", "preprocess")
+    elif kind == "volatile":  # an argument that differs between two imports of one tree
+        text = (root / "dodo.py").read_text()
+        (root / "dodo.py").write_text(
+            "import random\n" + text.replace('{"k": ', '{"k": random.randrange(10**9) * 0 + ', 1)
+            if "random" not in text
+            else text.replace("random.randrange(10**9) * 0", "random.randrange(10**9)", 1)
+        )
+    else:
+        raise AssertionError(kind)
+
+
+KINDS = [
+    "closure",
+    "dodo",
+    "data",
+    "listing",
+    "argpath",
+    "runtime-read",
+    "env",
+    "dist-info",
+    "pythonpath",
+    "module-value",
+    "git",
+    "store",
+]
+
+
+def test_an_up_to_date_check_answers_without_importing_and_as_the_full_path(
+    tmp_path: pathlib.Path,
+) -> None:
+    p = Project(tmp_path)
+    p.build()
+    answer = p.settle()
+    assert [s["state"] for s in answer] == ["up to date", "up to date"]
+    full, imported = p.status(record=False)
+    assert imported and _states(full) == _states(answer)
+    # doit's no-op answers from its own record too.
+    for _ in range(3):
+        before = p.imports()
+        out = p.run("-m", "doit", "run", "preprocess")
+        assert "feat (2 rows, up to date)" in out.stdout, out.stdout + out.stderr
+    assert p.imports() == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("explain", "feat"),
+        ("explain", "feat", "--json"),
+        ("verify",),
+        ("verify", "--staged"),
+        ("build",),
+        ("status", "--strict"),
+    ],
+)
+def test_each_command_answers_from_the_record_as_from_dodo(
+    tmp_path: pathlib.Path, args: tuple[str, ...]
+) -> None:
+    p = Project(tmp_path)
+    p.build()
+    p.repo.commit("the lock")  # so that verify --staged passes
+    for _ in range(3):
+        before = p.imports()
+        out = p.run("-m", "hfbuild", *args)
+    assert p.imports() == before, out.stdout + out.stderr
+    full = p.run("-m", "hfbuild", *args, record=False)
+    assert (out.returncode, out.stdout, out.stderr) == (full.returncode, full.stdout, full.stderr)
+    if args[0] == "build":
+        return  # after an edit it builds: the two runs cannot print the same
+    # A staged edit: the check takes the full path, and answers as it.
+    (p.repo.path / "pkg/util.py").write_text("OFFSET = 3\n")
+    p.repo.git("add", "-A")
+    before = p.imports()
+    out = p.run("-m", "hfbuild", *args)
+    assert p.imports() > before
+    full = p.run("-m", "hfbuild", *args, record=False)
+    assert (out.returncode, out.stdout, out.stderr) == (full.returncode, full.stdout, full.stderr)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_edit_of_each_fact_kind_takes_the_full_path(tmp_path: pathlib.Path, kind: str) -> None:
+    p = Project(tmp_path)
+    p.build()
+    p.settle()
+    _edit(p, kind, 5)
+    answer, imported = p.status()
+    assert imported, f"an edit of kind {kind} answered from the record"
+    full, _ = p.status(record=False)
+    assert _states(answer) == _states(full)
+    assert _states(p.settle()) == _states(full)
+
+
+def test_a_volatile_pipeline_always_takes_the_full_path(tmp_path: pathlib.Path) -> None:
+    p = Project(tmp_path)
+    dodo = p.repo.path / "dodo.py"
+    dodo.write_text(
+        dodo.read_text()
+        .replace('{"k": 2,', '{"k": random.random(),')
+        .replace("from hfbuild import Pipeline", "import random\nfrom hfbuild import Pipeline")
+    )
+    p.repo.commit("volatile")
+    for _ in range(4):
+        _, imported = p.status()
+        assert imported
+
+
+EDITS = st.lists(
+    st.tuples(st.sampled_from([*KINDS, "volatile", "none", "settle"]), st.integers(2, 40))
+)
+
+
+@settings(
+    max_examples=int(os.environ.get("HFBUILD_RECORD_EXAMPLES", "2")),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+)
+@given(edits=EDITS.map(lambda xs: xs[:6]))
+@example(
+    edits=[
+        ("data", 3),
+        ("settle", 0),
+        ("argpath", 4),
+        ("none", 0),
+        ("volatile", 5),
+        ("volatile", 6),
+    ]
+)
+def test_record_answers_equal_the_full_path_over_random_edits(
+    tmp_path_factory: pytest.TempPathFactory, edits: list[tuple[str, int]]
+) -> None:
+    p = Project(tmp_path_factory.mktemp("diff"))
+    p.build()
+    p.settle()
+    volatile = False
+    for kind, n in edits:
+        if kind == "settle" and not volatile:
+            p.settle()
+        elif kind not in ("none", "settle"):
+            _edit(p, kind, n)
+        volatile = volatile or "random.randrange(10**9) +" in (p.repo.path / "dodo.py").read_text()
+        answer, imported = p.status()
+        if volatile:  # two full paths differ too: the record must never answer
+            assert imported, (kind, n)
+            continue
+        full, _ = p.status(record=False)
+        assert _states(answer) == _states(full), (kind, n)
