@@ -404,16 +404,18 @@ def _same_facts(a: Any, b: dict[str, Any]) -> bool:
     files = a.get("files") or {}
     if files.keys() != b["files"].keys():
         return False
-    for path, new in b["files"].items():
-        old = files[path]
-        if old is None or new is None:
-            if old != new:
-                return False
-        elif old[:4] != new[:4]:
-            return False
-        elif len(old) == 5 and old[4] != (new[4] if len(new) == 5 else _content(path)):
-            # Racy then: its content then against its content now (the stat data is the same).
-            return False
+    return all(_same_file(path, files[path], new) for path, new in b["files"].items())
+
+
+def _same_file(path: str, old: list[Any] | None, new: list[Any] | None) -> bool:
+    """Whether two captures of one file, `old` first, found it the same."""
+    if old is None or new is None:
+        return old == new
+    if old[:4] != new[:4]:
+        return False
+    if len(old) == 5:
+        # Racy then: its content then against its content later (the stat data is the same).
+        return bool(old[4] == (new[4] if len(new) == 5 else _content(path)))
     return True
 
 
@@ -533,7 +535,7 @@ class Session:
             # What both captures hold (the CLI's first precedes dodo.py's import, so it lacks
             # the modules loaded from elsewhere and the data outside): the same, but the lock.
             both = (start["files"].keys() & end["files"].keys()) - {lock}
-            if any(start["files"][p] != end["files"][p] for p in both):
+            if not all(_same_file(p, start["files"][p], end["files"][p]) for p in both):
                 continue
             dirs = start["dirs"].keys() & end["dirs"].keys()
             if any(_names({d: start["dirs"][d]}) != _names({d: end["dirs"][d]}) for d in dirs):
