@@ -66,7 +66,7 @@ from hfbuild.manifests import Manifests
 from hfbuild.shards import ShardIn
 from hfbuild.store import Store, default_root
 
-FORMAT = 1
+FORMAT = 2
 KEEP = 8  # contexts kept per dodo file
 RACY_NS = 2_000_000_000  # as the code cache's racy-git margin (caches.py)
 _SKIP_NAMES = frozenset({".git", "__pycache__"})
@@ -116,13 +116,64 @@ def env_digest() -> str:
 # -- facts ------------------------------------------------------------------------------------
 
 
+class _Tree:
+    """The project's files and directories folded into one digest: each directory by its names
+    (in order), each file by its stat data; a file within `RACY_NS` of `since` kept apart with
+    a digest of its content. Not the store, environments, `.git`, `__pycache__`, doit's
+    database, nor the lock (the check itself may rewrite it: a fact of its own)."""
+
+    def __init__(self, skip_dirs: set[str], lock: str, since: int | None) -> None:
+        self.h = xxhash.xxh3_128()
+        self.racy: dict[str, list[Any]] = {}
+        self.walked: set[str] = set()
+        self.skip_dirs = skip_dirs
+        self.lock = lock
+        self.since = since
+        self.ok = True
+
+    def walk(self, path: str) -> None:
+        self.walked.add(path)
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:
+            self.h.update(b"?\0")
+            return
+        for e in entries:
+            if _skipped(e.name) or e.path == self.lock:
+                continue
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if _excluded_dir(e.path, self.skip_dirs):
+                    continue
+                if e.is_symlink():  # a change inside would not show: no record
+                    self.ok = False
+                    continue
+                self.h.update(f"d\0{e.name}\0".encode("utf-8", "surrogateescape"))
+                self.walk(e.path)
+                self.h.update(b"u\0")
+                continue
+            try:
+                st = e.stat()
+            except OSError:
+                self.h.update(f"x\0{e.name}\0".encode("utf-8", "surrogateescape"))
+                continue
+            key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            self.h.update(f"f\0{e.name}\0{key}\0".encode("utf-8", "surrogateescape"))
+            if self.since is not None and (key[1] >= self.since or key[2] >= self.since):
+                self.racy[e.path] = [*key, _content(e.path)]
+
+    def digest(self) -> str:
+        return str(self.h.hexdigest())
+
+
 class _Capture:
-    def __init__(self, skip_dirs: set[str]) -> None:
+    def __init__(self) -> None:
         self.since = time.time_ns() - RACY_NS
         self.files: dict[str, list[Any] | None] = {}
         self.dirs: dict[str, list[Any] | None] = {}
-        self.skip_dirs = skip_dirs
-        self.ok = True
 
     def file(self, path: str) -> None:
         try:
@@ -135,34 +186,16 @@ class _Capture:
             key.append(_content(path))
         self.files[path] = key
 
-    def directory(self, path: str, *, walk: bool) -> None:
+    def directory(self, path: str) -> None:
+        """A directory outside the project, by its names (not walked)."""
         try:
             st = os.stat(path)
-            entries = list(os.scandir(path))
         except OSError:
             self.dirs[path] = None
             return
-        names = []
-        for e in entries:
-            if _skipped(e.name):
-                continue
-            try:
-                is_dir = e.is_dir()
-            except OSError:
-                is_dir = False
-            if is_dir and _excluded_dir(e.path, self.skip_dirs):
-                continue
-            names.append(e.name)
-            if not walk:
-                continue
-            if not is_dir:
-                self.file(e.path)
-            elif e.is_symlink():  # a change inside would not show: no record
-                self.ok = False
-            else:
-                self.directory(e.path, walk=True)
+        names = _listing(path, set())
         racy = st.st_mtime_ns >= self.since
-        self.dirs[path] = [st.st_mtime_ns, st.st_ino, _names_digest(names), racy]
+        self.dirs[path] = [st.st_mtime_ns, st.st_ino, names, racy]
 
 
 def _file_holds(path: str, want: list[Any] | None) -> bool:
@@ -209,16 +242,21 @@ def _dir_holds(path: str, want: list[Any] | None, skip_dirs: set[str]) -> bool:
     return _listing(path, skip_dirs) == str(want[2])
 
 
-def holds(facts: dict[str, Any], mode: str, root: str, store: Store) -> bool:
+def holds(facts: dict[str, Any], mode: str, root: str, store: Store, lock: str) -> bool:
     """Whether every fact of an entry holds now."""
     for path, want in facts["files"].items():
         if not _file_holds(path, want):
             return False
-    skip = {os.path.realpath(store.root)}
     for path, want in facts["dirs"].items():
-        if not _dir_holds(path, want, skip):
+        if not _dir_holds(path, want, set()):
             return False
-    return mode != "index" or index_digest(root) == facts.get("index")
+    if mode == "index" and index_digest(root) != facts.get("index"):
+        return False
+    tree = _Tree({os.path.realpath(store.root)}, lock, None)
+    tree.walk(root)
+    if not tree.ok or tree.digest() != facts["tree"]:
+        return False
+    return all(_file_holds(path, want) for path, want in facts["racy"].items())
 
 
 def _installed() -> tuple[str, ...]:
@@ -274,20 +312,25 @@ def for_mode(facts: dict[str, Any] | None, mode: str, root: str) -> dict[str, An
         return None
     index = {p for p in state_paths(root) if os.path.basename(p) == "index"}
     files = {p: v for p, v in facts["files"].items() if p not in index}
-    return {"files": files, "dirs": facts["dirs"], "index": digest}
+    return {**facts, "files": files, "index": digest}
 
 
-def capture(root: str, store: Store, extra_files: Iterable[str] = ()) -> dict[str, Any] | None:
+def capture(
+    root: str, store: Store, lock: str, extra_files: Iterable[str] = ()
+) -> dict[str, Any] | None:
     """Every fact, now; None when the project cannot be recorded (a symlinked directory)."""
-    store_real = os.path.realpath(store.root)
-    c = _Capture({store_real})
-    c.directory(root, walk=True)
+    c = _Capture()
+    tree = _Tree({os.path.realpath(store.root)}, lock, c.since)
+    tree.walk(root)
+    if not tree.ok:
+        return None
+    c.file(lock)
     for p in sys.path:
         full = os.path.realpath(p or os.curdir)
-        if full in c.dirs:  # walked (an environment inside the project is not)
+        if full in tree.walked or full in c.dirs:  # walked (not an environment in the project)
             continue
         if os.path.isdir(full):
-            c.directory(full, walk=False)
+            c.directory(full)
         else:
             c.file(full)
     for path in _loaded_elsewhere(root):
@@ -300,21 +343,19 @@ def capture(root: str, store: Store, extra_files: Iterable[str] = ()) -> dict[st
     for p in state_paths(root):
         c.file(p)
     for d in store.key_dirs():
-        c.directory(d, walk=False)
+        c.directory(d)
         with contextlib.suppress(OSError):
             for e in os.scandir(d):
                 if e.is_dir(follow_symlinks=False):
-                    c.directory(e.path, walk=False)
+                    c.directory(e.path)
     extra = list(extra_files)
     for p in extra:
         if p not in c.files:
             c.file(p)
     for d in _outside_dirs(extra):
         if d not in c.dirs:
-            c.directory(d, walk=False)
-    if not c.ok:
-        return None
-    return {"files": c.files, "dirs": c.dirs}
+            c.directory(d)
+    return {"tree": tree.digest(), "racy": tree.racy, "files": c.files, "dirs": c.dirs}
 
 
 # -- manifests as JSON --------------------------------------------------------------------------
@@ -394,17 +435,22 @@ def _names(dirs: dict[str, list[Any] | None]) -> dict[str, str | None]:
     return {p: None if v is None else str(v[2]) for p, v in dirs.items()}
 
 
-def _same_facts(a: Any, b: dict[str, Any]) -> bool:
-    """Whether two captures found the same state: files by stat data (and content, when racy),
-    directories by their names."""
-    if not isinstance(a, dict) or a.get("index") != b.get("index"):
+def _same_facts(a: Any, b: dict[str, Any], ignore: Iterable[str] = ()) -> bool:
+    """Whether two captures, `a` first, found the same state: files by stat data (and content,
+    when racy), directories by their names; `ignore`: files left out (the lock)."""
+    if not isinstance(a, dict) or a.get("index") != b.get("index") or a.get("tree") != b["tree"]:
         return False
     if _names(a.get("dirs") or {}) != _names(b["dirs"]):
         return False
+    racy = a.get("racy") or {}
+    for path, old in racy.items():  # the tree's stat data is the same: their content too?
+        if not _same_file(path, old, b["racy"].get(path) or old[:4]):
+            return False
     files = a.get("files") or {}
-    if files.keys() != b["files"].keys():
+    skip = set(ignore)
+    if files.keys() - skip != b["files"].keys() - skip:
         return False
-    return all(_same_file(path, files[path], new) for path, new in b["files"].items())
+    return all(_same_file(p, files[p], new) for p, new in b["files"].items() if p not in skip)
 
 
 def _same_file(path: str, old: list[Any] | None, new: list[Any] | None) -> bool:
@@ -461,6 +507,15 @@ class Session:
         self.dropped = False
         self._registered = False
 
+    @property
+    def lock(self) -> str:
+        """The lock file: the pipeline's once it is known, else the default name."""
+        name = self.shape()["lock"] if self.shape is not None else "hfbuild.lock"
+        return os.path.join(self.root, name)
+
+    def _lock_of(self, entry: dict[str, Any]) -> str:
+        return os.path.join(self.root, (entry.get("pipeline") or {}).get("lock", "hfbuild.lock"))
+
     def context(self, mode: str) -> dict[str, Any]:
         return {**self.base, "mode": mode}
 
@@ -476,13 +531,16 @@ class Session:
         if mode not in self._answers:
             e = self.entry(mode)
             got = None
-            if (
-                e is not None
-                and e.get("state") == "confirmed"
-                and (self.shape is None or self.shape() == e.get("pipeline"))
-                and holds(e["facts"], mode, self.root, self.store)
-            ):
-                got = load_manifests(e["manifests"])
+            try:
+                if (
+                    e is not None
+                    and e.get("state") == "confirmed"
+                    and (self.shape is None or self.shape() == e.get("pipeline"))
+                    and holds(e["facts"], mode, self.root, self.store, self._lock_of(e))
+                ):
+                    got = load_manifests(e["manifests"])
+            except (KeyError, TypeError, ValueError, AttributeError):
+                got = None  # an entry not of this shape (edited by hand): the full path
             self._answers[mode] = got
         return self._answers[mode]
 
@@ -491,7 +549,7 @@ class Session:
         todo = [m for m in modes if m not in self.start]
         if self.dropped or not todo:
             return
-        facts = capture(self.root, self.store)
+        facts = capture(self.root, self.store, self.lock)
         for mode in todo:
             self.start[mode] = for_mode(facts, mode, self.root)
 
@@ -526,25 +584,29 @@ class Session:
         shape = self.shape()
         entries = _read(self.path)
         lock = os.path.join(self.root, shape.get("lock", "hfbuild.lock"))
+        extra = sorted({p for doc in self.pending.values() for p in _outside_data(doc, self.root)})
+        now = capture(self.root, self.store, lock, extra)
+        try:
+            st = os.stat(self.dodo)
+            dodo_stat: list[int] | None = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        except OSError:
+            dodo_stat = None
         for mode, doc in self.pending.items():
             start = self.start.get(mode)
-            extra = _outside_data(doc, self.root)
-            end = for_mode(capture(self.root, self.store, extra), mode, self.root)
+            end = for_mode(now, mode, self.root)
             if start is None or end is None:
                 continue
-            # What both captures hold (the CLI's first precedes dodo.py's import, so it lacks
-            # the modules loaded from elsewhere and the data outside): the same, but the lock.
-            both = (start["files"].keys() & end["files"].keys()) - {lock}
-            if not all(_same_file(p, start["files"][p], end["files"][p]) for p in both):
-                continue
-            dirs = start["dirs"].keys() & end["dirs"].keys()
-            if any(_names({d: start["dirs"][d]}) != _names({d: end["dirs"][d]}) for d in dirs):
-                continue
-            if start.get("index") != end.get("index"):
+            # The CLI's first capture precedes dodo.py's import, so it lacks the modules loaded
+            # from elsewhere and the data outside: what both hold, the same (but the lock).
+            both = {
+                **start,
+                "files": {p: start["files"][p] for p in start["files"] if p in end["files"]},
+            }
+            trimmed = {**end, "files": {p: end["files"][p] for p in both["files"]}}
+            if not _same_facts(both, trimmed, ignore=[lock]):
                 continue
             ctx = self.context(mode)
             old = next((e for e in entries if e.get("context") == ctx), None)
-            dodo_stat = end["files"].get(self.dodo)
             state = "new"
             if (
                 old is not None
