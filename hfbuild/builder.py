@@ -25,7 +25,7 @@ from datasets.table import ConcatenationTable, MemoryMappedTable
 from datasets.utils.py_utils import asdict  # the one save_to_disk uses (drops `id: None`)
 
 from hfbuild import indexed, refs
-from hfbuild.content import dataset_hash, select_rows
+from hfbuild.content import dataset_hash, select_rows, table_hash
 from hfbuild.errors import BuildError, HfbuildError
 from hfbuild.spec import StageSpec
 from hfbuild.store import disk_full, tree_size
@@ -144,6 +144,15 @@ def parquet_features(path: str) -> Any:
         return datasets.Features.from_arrow_schema(pq.read_schema(f))
 
 
+def parquet_rows(path: str) -> int:
+    """The rows of a parquet file, from its footer: what datasets' parquet builder yields
+    of it when no `filters=` narrows them."""
+    import pyarrow.parquet as pq
+
+    with open(path, "rb") as f:
+        return int(pq.read_metadata(f).num_rows)
+
+
 def _map_or_filter(spec: StageSpec, ds: Any, fp: str, scratch: str, tag: str) -> Any:
     options = dict(spec.options)
     options.pop("sharded", None)
@@ -224,6 +233,51 @@ def save(
         rows = len(result)
     content = dataset_hash(_reload(dest))
     return SaveInfo(rows, content, written())
+
+
+def save_part(ds: Any, start: int, rows: int, dest: str, fingerprint: str) -> SaveInfo:
+    """Rows `start` to `start + rows` of `ds` (a Dataset without an indices mapping, a
+    load's result) written at `dest` in the `save_to_disk` layout as one Arrow stream with
+    `ds`'s schema (its features in its metadata, as datasets writes them), with the state
+    `fingerprint`, and described. Its `dataset_info.json` holds what describes any part of
+    the load (features, builder, config, version), not the whole load's splits, sizes and
+    checksums. `save_to_disk` of a `select` costs ~8 ms a part (it copies the whole info,
+    whose checksums list every data file of the load)."""
+    import pyarrow as pa
+
+    if ds._indices is not None:
+        raise ValueError("save_part: a dataset with an indices mapping")
+    part = ds.data.table.slice(start, rows)
+    os.makedirs(dest)
+    name = "data-00000-of-00001.arrow"
+    path = os.path.join(dest, name)
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, part.schema) as writer:
+        writer.write_table(part, max_chunksize=datasets.config.DEFAULT_MAX_BATCH_SIZE)
+    info = ds.info
+    shard_info = datasets.DatasetInfo(
+        features=info.features,
+        builder_name=info.builder_name,
+        dataset_name=info.dataset_name,
+        config_name=info.config_name,
+        version=info.version,
+    )
+    state: dict[str, Any] = {
+        "_fingerprint": fingerprint,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": str(ds.split) if ds.split is not None else None,
+        "_data_files": [{"filename": name}],
+    }
+    with open(os.path.join(dest, "state.json"), "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=2, sort_keys=True)
+    info_doc = asdict(shard_info)
+    with open(os.path.join(dest, "dataset_info.json"), "w", encoding="utf-8") as f:
+        json.dump({k: info_doc[k] for k in sorted(info_doc)}, f, indent=2)
+    # The hash of what was written, as `save` takes it (a Dataset around it is not needed).
+    written = MemoryMappedTable.from_file(path)
+    return SaveInfo(rows, table_hash(written.table), tree_size(dest))
 
 
 def _reload(dest: str) -> Any:
