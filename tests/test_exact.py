@@ -403,3 +403,78 @@ def test_an_empty_file_among_others_loads_as_plain_datasets(tmp_path: pathlib.Pa
     for name in ("a", "c"):
         (repo.path / "data" / f"{name}.jsonl").write_text("")
     assert "error" in _check(repo, tmp_path)["raw"]
+
+
+# A spy on datasets' own `load_dataset` in the build process (it counts and delegates):
+# how many datasets calls a sharded load's build makes.
+COUNTING_PLAN = """
+import os
+
+import datasets
+
+if os.environ.get("CALL_LOG"):
+    _real = datasets.load_dataset
+
+    def _counted(*args, **kwargs):
+        with open(os.environ["CALL_LOG"], "a") as f:
+            f.write("load_dataset\\n")
+        return _real(*args, **kwargs)
+
+    datasets.load_dataset = _counted
+
+PLAN = [
+    ("load", "raw", "parquet", "data/*.parquet", {"split": "train"}),
+    ("map", "twice", "raw", t.twice, {}),
+]
+"""
+
+
+def test_missing_load_shards_are_one_load_dataset_cut_by_file(tmp_path: pathlib.Path) -> None:
+    """A sharded parquet load's missing shards are loaded by one `load_dataset` over their
+    files (not one call a file), cut into shards by each file's rows: files of several row
+    groups, a file of one row and an int file among float ones give each
+    shard its file's rows, and the served result is plain datasets' (cold, and after two
+    files are appended: one more call for both). (A parquet file of no rows is left out:
+    plain datasets' parquet reader aborts on its empty row group.)"""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    plan = "from pkg import t\n" + COUNTING_PLAN
+    fn = "def twice(row):\n    return {'y': row['x'] * 2}\n"
+    repo = _project(tmp_path, plan, fn)
+    (repo.path / "data").mkdir()
+    pq.write_table(
+        pa.table({"x": [0.5 + i for i in range(7)]}),
+        repo.path / "data" / "a.parquet",
+        row_group_size=2,
+    )
+    _parquet(repo, "c.parquet", {"x": [9.5]})
+    _parquet(repo, "d.parquet", {"x": [1, 2, 3]})
+    log = tmp_path / "calls.log"
+    _check(repo, tmp_path)
+    assert log.read_text().split().count("load_dataset") == 1
+    pq.write_table(
+        pa.table({"x": [4.5, 5.5, 6.5]}), repo.path / "data" / "e.parquet", row_group_size=1
+    )
+    _parquet(repo, "f.parquet", {"x": [7, 8]})
+    log.unlink()
+    _check(repo, tmp_path)
+    assert log.read_text().split().count("load_dataset") == 1
+    listed = run_python(SHARD_ROWS, repo.path).stdout.strip().splitlines()[-1]
+    assert json.loads(listed) == {
+        "data/a.parquet": 7,
+        "data/c.parquet": 1,
+        "data/d.parquet": 3,
+        "data/e.parquet": 3,
+        "data/f.parquet": 2,
+    }
+
+
+SHARD_ROWS = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+
+doc = dodo.pipe.store.read_manifest(dodo.pipe["raw"].fingerprint)
+print(json.dumps({row[2]: row[4]["rows"] for row in doc["shards"]}))
+"""
