@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from hfbuild import liveness
+from hfbuild import batchunits, liveness
 from hfbuild.errors import BuildError, CorruptEntryWarning, RemoteWarning, StoreError
 from hfbuild.executor import Unit, choose, executor_name
 from hfbuild.fingerprint import Manifest, check_dirty
@@ -158,6 +158,10 @@ def build_here(
     fp = m.fingerprint
     if m.shards is not None:  # only the shards the store lacks (shardbuild.py)
         return _build_sharded(pipe, spec, m, manifests)
+    if batchunits.eligible(spec):  # only the units the store lacks, when it can be
+        report = _build_units(pipe, spec, m, manifests)
+        if report is not None:
+            return report
     t0 = time.perf_counter()
     tmp = store.new_build_dir(m.static_fingerprint)
     try:
@@ -205,6 +209,25 @@ def build_here(
     if fp != m.fingerprint:
         pipe.manifests(fresh=True)  # the stages after this one take the key it was built under
     return Report(spec.name, fp, "built", info.rows, seconds, entry=stored)
+
+
+def _build_units(
+    pipe: Pipeline, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]
+) -> Report | None:
+    try:
+        report = batchunits.build(pipe, spec, m, manifests)
+    except BaseException as e:
+        full = disk_full(e)
+        if full is not None:
+            raise StoreError(
+                f"stage {spec.name!r}: the disk holding the store ({pipe.store.root}) is "
+                f"full ({full.strerror}). Units already built stay in the store; free some "
+                f"space (`hfbuild gc`), or point HFBUILD_STORE at a larger disk, and build again."
+            ) from e
+        raise
+    if report is not None and report.fingerprint != m.fingerprint:
+        pipe.manifests(fresh=True)  # the stages after this one take the key it was built under
+    return report
 
 
 def _build_sharded(

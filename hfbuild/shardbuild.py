@@ -71,7 +71,7 @@ def build(
                             todo.append((i, s))
                         known[s.key] = doc
                 bar = progress.bar(len(todo), spec.name, unit="shard", at_least=_PROGRESS_SHARDS)
-                with bar, _quiet_datasets():
+                with bar, quiet_datasets():
                     now: set[tuple[str, str]] = set()
                     for i, path, doc, fresh in _run(pipe, spec, cur, todo, builder, tmp):
                         _one_load_count()
@@ -116,7 +116,7 @@ def build_one(
     (`builder.offset_indices`), with `s` at position 0."""
     from hfbuild import builder
 
-    with _quiet_datasets():
+    with quiet_datasets():
         return _build_shard(pipe, spec, m, s, builder, tmp)
 
 
@@ -251,7 +251,7 @@ def _load_together(
         t1 = time.perf_counter()
         info = builder.save_part(out, start, n, os.path.join(dest, "data"), s.key[:64])
         start += n
-        doc = _shard_doc(spec, s, info, out, each + time.perf_counter() - t1)
+        doc = shard_doc(spec, s, info, out, each + time.perf_counter() - t1)
         doc["written_bytes"] += loaded
         loaded = 0
         done.append((i, dest, doc))
@@ -502,10 +502,10 @@ def _build_shard(
         _clear(store, scratch)
     else:
         store.discard(scratch)  # out of the entry, before it is published
-    return path, _shard_doc(spec, s, info, out, time.perf_counter() - t0)
+    return path, shard_doc(spec, s, info, out, time.perf_counter() - t0)
 
 
-def _shard_doc(
+def shard_doc(
     spec: StageSpec, s: shards.Shard, info: Any, out: Any, seconds: float
 ) -> dict[str, Any]:
     """A built shard's manifest document (its key and checksum are added at publish)."""
@@ -635,7 +635,7 @@ def _offset(pipe: Pipeline, spec: StageSpec, m: Manifest, s: shards.Shard) -> in
 
 
 @contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
+def quiet_datasets() -> Iterator[None]:
     """datasets' own bars (a map's, a save's) off while shards build: the stage's bar over
     its shards is the one a long build shows, and each bar costs more than a small shard."""
     import datasets

@@ -478,3 +478,64 @@ import dodo
 doc = dodo.pipe.store.read_manifest(dodo.pipe["raw"].fingerprint)
 print(json.dumps({row[2]: row[4]["rows"] for row in doc["shards"]}))
 """
+
+
+UNITS_FNS = (
+    GROUP_TEXTS
+    + """
+
+def batch_max_at(batch, idx):
+    return {"m": [max(batch["x"])] * len(batch["x"]), "at": [min(idx)] * len(idx)}
+"""
+)
+
+UNITS_PLAN = """
+from pkg import t
+
+PLAN = [
+    ("load", "raw", "parquet", "data/*.parquet", {"split": "train"}),
+    ("map", "tok", "raw", t.group_texts,
+     {"batched": True, "batch_size": 4, "remove_columns": ["input_ids", "x"]}),
+    ("map", "maxed", "raw", t.batch_max_at,
+     {"batched": True, "batch_size": 3, "with_indices": True}),
+    ("filter", "kept", "maxed", t.above_mean, {"batched": True, "batch_size": 5}),
+    ("map", "whole", "raw", t.center, {"batched": True, "batch_size": None}),
+]
+"""
+
+UNITS_BUILT = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+
+out = {}
+for name in ("tok", "maxed", "kept", "whole"):
+    doc = dodo.pipe.store.read_manifest(dodo.pipe[name].fingerprint)
+    listed = doc.get("shards")
+    out[name] = None if listed is None else [doc["shards_built"], len(listed)]
+print(json.dumps(out))
+"""
+
+
+def test_batched_stages_are_built_by_batch_aligned_units(tmp_path: pathlib.Path) -> None:
+    """A batched map or filter over a sharded input is built as units: the batches that
+    start in each input shard, at the global offsets datasets cuts batches at (a batch
+    straddling files reads into the next). Cold and after appending a file the result is
+    plain datasets' (group_texts with batches of 4, a `with_indices` batch max with batches
+    of 3, a batched filter over it); the append builds at most 2 units of each batched stage
+    (the last old one, whose last batch reads into the new file, and those starting in the
+    new file); `batch_size=None` is built whole."""
+    repo = _project(tmp_path, UNITS_PLAN, UNITS_FNS)
+    for i, rows in enumerate((7, 5, 9, 6)):
+        _token_file(repo, i, rows)
+    _check(repo, tmp_path)
+    cold = _last_json(run_python(UNITS_BUILT, repo.path).stdout)
+    assert cold["whole"] is None
+    for name in ("tok", "maxed", "kept"):
+        assert cold[name] is not None and cold[name][0] == cold[name][1] >= 4, (name, cold)
+    _token_file(repo, 4, 2)
+    _check(repo, tmp_path)
+    again = _last_json(run_python(UNITS_BUILT, repo.path).stdout)
+    for name in ("tok", "maxed", "kept"):
+        built, total = again[name]
+        assert 1 <= built <= 2 and total >= cold[name][1], (name, again)
