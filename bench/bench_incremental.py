@@ -178,6 +178,27 @@ def grow(tmp: pathlib.Path, name: str, files: int, rows: int) -> tuple[T, T, T]:
     return cold, doit(root), floor(root)
 
 
+UNITS = (
+    "import dodo, json\n"
+    "out = {}\n"
+    "for s in ('feat', 'kept'):\n"
+    "    doc = dodo.pipe.store.read_manifest(dodo.pipe[s].fingerprint)\n"
+    "    out[s] = [doc.get('shards_built'), len(doc.get('shards') or [])]\n"
+    "print(json.dumps(out))"
+)
+
+
+def units_built(root: pathlib.Path) -> str:
+    """The units the last build of each batched stage built, of those it lists (issue #24:
+    an append builds at most 2 per batched stage)."""
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", UNITS], cwd=root, env=env, capture_output=True, text=True
+    )
+    got = out.stdout.strip().splitlines()
+    return got[-1] if got else f"(unreadable: {out.stderr[-200:]})"
+
+
 def noop(root: pathlib.Path, n: int = 5) -> T:
     return median(doit(root) for _ in range(n))
 
@@ -211,6 +232,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hfbuild-incr-") as t:
         tmp = pathlib.Path(t)
         cold, again, floor_a = grow(tmp, "a", a_files, a_rows)
+        units = {"(a)": units_built(tmp / "a")}
         rows.append((f"(a) append 1 to {a_files}x{a_rows:,}", again, "cold build", cold, "0.05"))
         plain_root = tmp / "a"
         (plain_root / "data" / f"part-{a_files:05d}.parquet").unlink()  # the cold build's files
@@ -219,6 +241,7 @@ def main() -> None:
         cold_d = project(tmp / "d", a_files, a_rows)
         sharded = median([doit(cold_d)] + [_cold_again(cold_d) for _ in range(2)])
         cold_b, again_b, floor_b = grow(tmp, "b", b_files, b_rows)
+        units["(b)"] = units_built(tmp / "b")
         rows.append((f"(b) append 1 to {b_files}x{b_rows}", again_b, "cold build", cold_b, "0.02"))
         noop_many = noop(tmp / "b")
         plain_b = plain_run(tmp / "b", tmp)  # over its b_files + 1 files
@@ -231,6 +254,9 @@ def main() -> None:
         rows.append(("(d) cold sharded chain", sharded, "plain datasets", plain, "1.10"))
     for clock in ("wall", "cpu"):
         _figures(rows, net, clock)
+    print("\nUnits the append built per batched stage, of those listed (bound: <= 2 built):")
+    for name, got in units.items():
+        print(f"{name}  {got}")
 
 
 def _figures(
