@@ -22,7 +22,13 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from hfbuild import batchunits, liveness
-from hfbuild.errors import BuildError, CorruptEntryWarning, RemoteWarning, StoreError
+from hfbuild.errors import (
+    BuildError,
+    CorruptEntryWarning,
+    MissingDataError,
+    RemoteWarning,
+    StoreError,
+)
 from hfbuild.executor import Unit, choose, executor_name
 from hfbuild.fingerprint import Manifest, check_dirty
 from hfbuild.fullkey import entry_doc, full_key, observing
@@ -46,7 +52,10 @@ def build(
     stage's ref and hfbuild.lock entry are updated afterwards. `executor` names where missing
     entries are built (see `executor.executor_name` for the default)."""
     manifests = pipe.manifests()
-    m = manifests[name]
+    try:
+        m = manifests[name]
+    except MissingDataError as e:
+        raise _as_datasets_refuses(pipe, name, e) from e
     fp = m.fingerprint
     check_dirty(m, f"stage {name!r}")
     spec = pipe[name].spec
@@ -98,6 +107,27 @@ def build(
     if log is not None:
         log(report.line())
     return report
+
+
+def _as_datasets_refuses(pipe: Pipeline, name: str, e: MissingDataError) -> MissingDataError:
+    """A load stage whose data files match nothing fails with the error plain `datasets`
+    raises for the same patterns as well (its type and message: which one depends on the
+    builder), so a user reads what `datasets` would have said; `e` itself when the stage is
+    not a load, or datasets loads something there (then hfbuild's resolution is the news)."""
+    import tempfile
+
+    spec = pipe[name].spec
+    if spec.kind != "load":
+        return e
+    from hfbuild import builder
+
+    with tempfile.TemporaryDirectory(prefix="hfbuild-refusal-") as scratch:
+        theirs = builder.refusal(spec, pipe.root, scratch)
+    if theirs is None:
+        return e
+    return MissingDataError(
+        f"{e} Plain datasets fails here too: {type(theirs).__name__}: {theirs}".rstrip(": ")
+    )
 
 
 def _set_aside_if_corrupt(pipe: Pipeline, name: str, fp: str) -> None:

@@ -122,6 +122,34 @@ def _load(spec: StageSpec, files: Any, scratch: str) -> Any:
     )
 
 
+def refusal(spec: StageSpec, root: str, scratch: str) -> BaseException | None:
+    """What plain `datasets` raises for load stage `spec` (its data-file patterns taken
+    relative to the project root, as datasets takes them relative to the working directory
+    the pipeline runs in), run with its cache in `scratch`; None when it loads. For a load
+    whose patterns hfbuild resolves to no file: datasets' own error (which depends on the
+    builder: a parquet load of no file raises ValueError, a json one StopIteration)."""
+
+    def absolute(p: Any) -> Any:
+        if isinstance(p, (str, os.PathLike)):
+            text = os.fspath(p)
+            return text if os.path.isabs(text) else os.path.join(root, text)
+        if isinstance(p, dict):
+            return {k: absolute(v) for k, v in p.items()}
+        return [absolute(v) for v in p]
+
+    files = absolute(spec.options["data_files"])
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        _load(spec, files, scratch)
+    except Exception as e:
+        return e
+    finally:
+        if was:
+            datasets.enable_progress_bars()
+    return None
+
+
 def no_data(e: BaseException | None) -> bool:
     """Whether `e` is datasets refusing a split that received no rows."""
     return isinstance(e, ValueError) and "corresponds to no data" in str(e)

@@ -539,3 +539,30 @@ def test_batched_stages_are_built_by_batch_aligned_units(tmp_path: pathlib.Path)
     for name in ("tok", "maxed", "kept"):
         built, total = again[name]
         assert 1 <= built <= 2 and total >= cold[name][1], (name, again)
+
+
+def test_a_glob_of_only_hidden_files_fails_with_datasets_error(tmp_path: pathlib.Path) -> None:
+    """A glob whose only matches are files datasets leaves out (hidden ones) fails
+    the load stage as plain datasets fails it: its exception type (which depends on the
+    builder: ValueError for parquet, StopIteration for JSON lines) is in the message, with
+    hfbuild's saying which pattern matched nothing."""
+    for builder, name, text in (
+        ("parquet", ".a.parquet", None),
+        ("json", ".b.jsonl", '{"x": 1}\n'),
+    ):
+        where = tmp_path / builder
+        pattern = "data/*.parquet" if builder == "parquet" else "data/*.jsonl"
+        plan = f'PLAN = [("load", "raw", "{builder}", "{pattern}", {{"split": "train"}})]\n'
+        repo = _project(where, plan)
+        if text is None:
+            _parquet(repo, name, {"x": [1, 2]})
+        else:
+            (repo.path / "data").mkdir()
+            (repo.path / "data" / name).write_text(text)
+        repo.commit("state")
+        plain = _last_json(run_python(PLAIN, repo.path).stdout)
+        built = doit(repo, "run", "preprocess", log=where / "calls.log", check=False)
+        assert built.returncode != 0
+        said = built.stdout + built.stderr
+        assert f"{plain['raw']['error']}" in said, (plain, said)
+        assert f"'{pattern}' matches no file" in said

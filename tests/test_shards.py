@@ -278,7 +278,7 @@ def test_load_shard_is_load_dataset_of_its_one_file(tmp_path: pathlib.Path) -> N
         assert sorted(os.listdir(ours)) == sorted(os.listdir(theirs))
         for name in ("dataset_info.json", "state.json"):
             mine, other = (json.loads((d / name).read_text()) for d in (ours, theirs))
-            for key_of_a_whole_load in _WHOLE_LOAD_INFO + ("_fingerprint",):
+            for key_of_a_whole_load in (*_WHOLE_LOAD_INFO, "_fingerprint"):
                 mine.pop(key_of_a_whole_load, None)
                 other.pop(key_of_a_whole_load, None)
             assert mine == other, name
