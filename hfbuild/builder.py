@@ -263,49 +263,60 @@ def save(
     return SaveInfo(rows, content, written())
 
 
-def save_part(ds: Any, start: int, rows: int, dest: str, fingerprint: str) -> SaveInfo:
-    """Rows `start` to `start + rows` of `ds` (a Dataset without an indices mapping, a
-    load's result) written at `dest` in the `save_to_disk` layout as one Arrow stream with
-    `ds`'s schema (its features in its metadata, as datasets writes them), with the state
-    `fingerprint`, and described. Its `dataset_info.json` holds what describes any part of
-    the load (features, builder, config, version), not the whole load's splits, sizes and
-    checksums. `save_to_disk` of a `select` costs ~8 ms a part (it copies the whole info,
-    whose checksums list every data file of the load)."""
-    import pyarrow as pa
+class PartWriter:
+    """Rows of one load's result (a Dataset without an indices mapping), a range at a time,
+    each written in the `save_to_disk` layout as one Arrow stream with the result's schema
+    (its features in its metadata, as datasets writes them) and described. Each part's
+    `dataset_info.json` holds what describes any part of the load (features, builder,
+    config, version), not the whole load's splits, sizes and checksums; it and the state
+    are made once for all parts. (`save_to_disk` of a `select` costs ~8 ms a part: it copies
+    the whole info, whose checksums list every data file of the load.)"""
 
-    if ds._indices is not None:
-        raise ValueError("save_part: a dataset with an indices mapping")
-    part = ds.data.table.slice(start, rows)
-    os.makedirs(dest)
-    name = "data-00000-of-00001.arrow"
-    path = os.path.join(dest, name)
-    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, part.schema) as writer:
-        writer.write_table(part, max_chunksize=datasets.config.DEFAULT_MAX_BATCH_SIZE)
-    info = ds.info
-    shard_info = datasets.DatasetInfo(
-        features=info.features,
-        builder_name=info.builder_name,
-        dataset_name=info.dataset_name,
-        config_name=info.config_name,
-        version=info.version,
-    )
-    state: dict[str, Any] = {
-        "_fingerprint": fingerprint,
-        "_format_columns": None,
-        "_format_kwargs": {},
-        "_format_type": None,
-        "_output_all_columns": False,
-        "_split": str(ds.split) if ds.split is not None else None,
-        "_data_files": [{"filename": name}],
-    }
-    with open(os.path.join(dest, "state.json"), "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=2, sort_keys=True)
-    info_doc = asdict(shard_info)
-    with open(os.path.join(dest, "dataset_info.json"), "w", encoding="utf-8") as f:
-        json.dump({k: info_doc[k] for k in sorted(info_doc)}, f, indent=2)
-    # The hash of what was written, as `save` takes it (a Dataset around it is not needed).
-    written = MemoryMappedTable.from_file(path)
-    return SaveInfo(rows, table_hash(written.table), tree_size(dest))
+    NAME = "data-00000-of-00001.arrow"
+
+    def __init__(self, ds: Any) -> None:
+        if ds._indices is not None:
+            raise ValueError("PartWriter: a dataset with an indices mapping")
+        self._table = ds.data.table
+        info = ds.info
+        shard_info = asdict(
+            datasets.DatasetInfo(
+                features=info.features,
+                builder_name=info.builder_name,
+                dataset_name=info.dataset_name,
+                config_name=info.config_name,
+                version=info.version,
+            )
+        )
+        self._info = json.dumps({k: shard_info[k] for k in sorted(shard_info)}, indent=2)
+        self._split = str(ds.split) if ds.split is not None else None
+
+    def write(self, start: int, rows: int, dest: str, fingerprint: str) -> SaveInfo:
+        """Rows `start` to `start + rows` written at `dest`, with the state `fingerprint`."""
+        import pyarrow as pa
+
+        part = self._table.slice(start, rows)
+        os.makedirs(dest)
+        path = os.path.join(dest, self.NAME)
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, part.schema) as writer:
+            writer.write_table(part, max_chunksize=datasets.config.DEFAULT_MAX_BATCH_SIZE)
+        state: dict[str, Any] = {
+            "_fingerprint": fingerprint,
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": self._split,
+            "_data_files": [{"filename": self.NAME}],
+        }
+        with open(os.path.join(dest, "state.json"), "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=2, sort_keys=True)
+        with open(os.path.join(dest, "dataset_info.json"), "w", encoding="utf-8") as f:
+            f.write(self._info)
+        # The hash of what was written, as `save` takes it, read as datasets maps it.
+        with pa.memory_map(path) as source:
+            written = pa.ipc.open_stream(source).read_all()
+        return SaveInfo(rows, table_hash(written), tree_size(dest))
 
 
 def _reload(dest: str) -> Any:

@@ -245,17 +245,18 @@ def _load_together(
     liveness.check_built(pipe.root, m.doc)  # the code that ran is the code hashed
     done = []
     start = 0
+    parts = builder.PartWriter(out)
     each = (time.perf_counter() - t0) / len(todo)
     for (i, s), n in zip(todo, counts, strict=True):
         dest = tempfile.mkdtemp(dir=tmp, prefix="shard-")
         t1 = time.perf_counter()
-        info = builder.save_part(out, start, n, os.path.join(dest, "data"), s.key[:64])
+        info = parts.write(start, n, os.path.join(dest, "data"), s.key[:64])
         start += n
         doc = shard_doc(spec, s, info, out, each + time.perf_counter() - t1)
         doc["written_bytes"] += loaded
         loaded = 0
         done.append((i, dest, doc))
-    del out
+    del out, parts
     _drop(pipe.store, path, scratch)
     return done
 
