@@ -243,14 +243,12 @@ def _build_units(
                 docs[u.key] = ("", {})
     written = 0
     if todo:
-        whole = store.load(parent_fp)
         kept = closure.kept_state(spec.fn)
         scratch = os.path.join(tmp, builder.SCRATCH)
         with shardbuild.quiet_datasets():
             for u in todo:
                 t1 = time.perf_counter()
-                split = whole[u.split] if isinstance(whole, dict) else whole
-                rows = split.select(range(u.start, u.stop))
+                rows = _rows_of(store, parent_fp, listed, u)
                 one = builder.offset_indices(spec, u.start)
                 path = tempfile.mkdtemp(dir=tmp, prefix="unit-")
                 named = {"scratch": scratch, "tag": os.path.basename(path) + "-"}
@@ -267,6 +265,30 @@ def _build_units(
                     store.discard(path)
             return None
     return plan, docs, len(todo), written
+
+
+def _rows_of(store: Any, parent_fp: str, listed: Sequence[Any], u: Unit) -> Any:
+    """Rows `u.start` to `u.stop` of the input's split `u.split`, from the input shards
+    holding them only (loading the whole input would map every shard of it)."""
+    at = 0
+    first = -1
+    rows: list[list[Any]] = []
+    for row in listed:
+        if str(row[0]) != u.split:
+            continue
+        n = int(row[4]["rows"])
+        if n and at < u.stop and at + n > u.start:
+            first = at if first < 0 else first
+            rows.append(row)
+        at += n
+    part = store.load_listed(parent_fp, u.split, rows)
+    head = [r for r in listed if str(r[0]) == u.split and int(r[4]["rows"])][:1]
+    if rows[:1] != head and store.load_listed(parent_fp, u.split, head).features != part.features:
+        # Shards of other types: the whole split's concatenation decides them, as served.
+        whole = store.load(parent_fp)
+        split = whole[u.split] if isinstance(whole, dict) else whole
+        return split.select(range(u.start, u.stop))
+    return part.select(range(u.start - first, u.stop - first))
 
 
 def _same_features(
