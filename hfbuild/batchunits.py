@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hfbuild import canonical, closure, liveness, shards
 from hfbuild.fingerprint import Manifest
-from hfbuild.fullkey import Observed, entry_doc, full_key, identify, observing
+from hfbuild.fullkey import Observed, full_key, identify, observing
 from hfbuild.gitstate import Snapshot
 from hfbuild.spec import Report, StageSpec, stored_rows
 
@@ -306,17 +306,6 @@ def _same_features(
     return len(seen) <= 1
 
 
-class _Done(NamedTuple):
-    """A stage's units once built: by split, the stored manifest of each by key, how many
-    were built now, the bytes written, whether the result is a DatasetDict."""
-
-    plan: Mapping[str, list[Unit]]
-    known: Mapping[str, dict[str, Any]]
-    built: int
-    written: int
-    as_dict: bool
-
-
 def _publish(
     pipe: Pipeline,
     spec: StageSpec,
@@ -326,19 +315,15 @@ def _publish(
     tmp: str,
     t0: float,
 ) -> dict[str, Any]:
-    """The stage's entry listing its units in order (as a sharded stage's lists its
-    shards); the entry's manifest as the store holds it."""
+    """The stage's entry listing its units in order, as a sharded stage's lists its shards
+    (`shardbuild.publish_list`); the entry's manifest as the store holds it."""
+    from hfbuild import shardbuild
+
     store = pipe.store
-    plan, known, as_dict = done.plan, done.known, done.as_dict
-    rows: dict[str, int] = {}
-    hashes: list[tuple[str, str]] = []
     listed: list[list[Any]] = []
-    for split, us in plan.items():
-        rows.setdefault(split, 0)
+    for us in done.plan.values():
         for u in us:
-            stored = known[u.key]
-            rows[split] += int(stored.get("rows") or 0)
-            hashes.append((split, str(stored.get("content_hash"))))
+            stored = done.known[u.key]
             facts = {
                 "rows": stored.get("rows"),
                 "content_hash": stored.get("content_hash"),
@@ -348,23 +333,17 @@ def _publish(
             }
             if spec.kind == "map":
                 facts["features"] = stored.get("features")
-            listed.append([split, u.key, u.label, stored["files"], facts])
-    doc = entry_doc(
-        spec.name,
-        m,
-        {i: manifests[i].fingerprint for i in spec.inputs},
-        rows=rows if as_dict else next(iter(rows.values())),
-        content_hash=shards.combined_hash(hashes),
-        seconds=time.perf_counter() - t0,
-        written_bytes=done.written,
-        observed=m.observed,
-    )
-    doc.update({"shards": listed, "shards_built": done.built, "dict": as_dict})
-    for name in os.listdir(tmp):
-        store.discard(os.path.join(tmp, name))
-    fp = m.fingerprint
-    stored_entry = store.intact_manifest(fp)
-    if stored_entry is not None:
-        store.discard(tmp)
-        return stored_entry
-    return store.publish(tmp, fp, doc)
+            listed.append([u.split, u.key, u.label, stored["files"], facts])
+    rows = shardbuild.Listed(listed, done.built, done.written, done.as_dict)
+    return shardbuild.publish_list(pipe, spec, m, manifests, rows, tmp, t0)
+
+
+class _Done(NamedTuple):
+    """A stage's units once built: by split, the stored manifest of each by key, how many
+    were built now, the bytes written, whether the result is a DatasetDict."""
+
+    plan: Mapping[str, list[Unit]]
+    known: Mapping[str, dict[str, Any]]
+    built: int
+    written: int
+    as_dict: bool

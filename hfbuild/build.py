@@ -244,20 +244,8 @@ def build_here(
 def _build_units(
     pipe: Pipeline, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]
 ) -> Report | None:
-    try:
-        report = batchunits.build(pipe, spec, m, manifests)
-    except BaseException as e:
-        full = disk_full(e)
-        if full is not None:
-            raise StoreError(
-                f"stage {spec.name!r}: the disk holding the store ({pipe.store.root}) is "
-                f"full ({full.strerror}). Units already built stay in the store; free some "
-                f"space (`hfbuild gc`), or point HFBUILD_STORE at a larger disk, and build again."
-            ) from e
-        raise
-    if report is not None and report.fingerprint != m.fingerprint:
-        pipe.manifests(fresh=True)  # the stages after this one take the key it was built under
-    return report
+    kept = "Nothing was published"  # units are published together, at the end
+    return _in_pieces(pipe, spec, m, kept, lambda: batchunits.build(pipe, spec, m, manifests))
 
 
 def _build_sharded(
@@ -265,17 +253,29 @@ def _build_sharded(
 ) -> Report:
     from hfbuild import shardbuild
 
+    kept = "Shards already built stay in the store"
+    report = _in_pieces(pipe, spec, m, kept, lambda: shardbuild.build(pipe, spec, m, manifests)[0])
+    assert report is not None
+    return report
+
+
+def _in_pieces(
+    pipe: Pipeline, spec: StageSpec, m: Manifest, kept: str, run: Callable[[], Report | None]
+) -> Report | None:
+    """Build a stage made of pieces (shards or units): a full disk is a `StoreError` saying
+    what was `kept`; a key other than the one assumed
+    (what the build read) makes the stages after it take it."""
     try:
-        report, _ = shardbuild.build(pipe, spec, m, manifests)
+        report = run()
     except BaseException as e:
         full = disk_full(e)
         if full is not None:
             raise StoreError(
                 f"stage {spec.name!r}: the disk holding the store ({pipe.store.root}) is "
-                f"full ({full.strerror}). Shards already built stay in the store; free some "
+                f"full ({full.strerror}). {kept}; free some "
                 f"space (`hfbuild gc`), or point HFBUILD_STORE at a larger disk, and build again."
             ) from e
         raise
-    if report.fingerprint != m.fingerprint:
+    if report is not None and report.fingerprint != m.fingerprint:
         pipe.manifests(fresh=True)  # the stages after this one take the key it was built under
     return report

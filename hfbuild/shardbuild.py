@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hfbuild import __version__, closure, liveness, progress, refs, shards
 from hfbuild.errors import BuildError, HfbuildError
@@ -313,8 +313,6 @@ def _publish(
     directories its builds listed; the entry's manifest as the store holds it (ours as
     published, or the intact one another build published)."""
     store = pipe.store
-    rows: dict[str, int] = {}
-    hashes: list[tuple[str, str]] = []
     listed: list[list[Any]] = []
     for s in m.shard_list:
         stored = known.get(s.key) or store.intact_manifest(s.key)
@@ -323,8 +321,6 @@ def _publish(
                 f"stage {spec.name!r}: shard {s.label} ({s.key}) vanished from the store "
                 f"while the stage was built (a concurrent `hfbuild gc`?); build it again."
             )
-        rows[s.split] = rows.get(s.split, 0) + int(stored.get("rows") or 0)
-        hashes.append((s.split, str(stored.get("content_hash"))))
         # Sizes for `Store.check`; rows and content hash for the next build (`_listed`),
         # with the stamp of the manifest they were read from; an indices shard's base.
         facts = {
@@ -340,20 +336,57 @@ def _publish(
     if spec.kind == "map":
         _check_features(spec, listed)
     if spec.kind == "load":
-        _check_rows(spec, rows)
-    as_dict = _is_dict(pipe, spec)
+        _check_rows(spec, _rows_by_split(listed))
+    done = Listed(listed, count, written, _is_dict(pipe, spec), names)
+    return publish_list(pipe, spec, m, manifests, done, tmp, t0)
+
+
+class Listed(NamedTuple):
+    """A stage's list of shards (or units) once built: its `[split, key, label, files,
+    facts]` rows in order, how many were built now, the bytes written, whether the result
+    is a DatasetDict, the names of the directories its builds listed."""
+
+    rows: list[list[Any]]
+    built: int
+    written: int
+    as_dict: bool
+    names: Mapping[str, list[str] | None] | None = None
+
+
+def _rows_by_split(listed: Sequence[list[Any]]) -> dict[str, int]:
+    rows: dict[str, int] = {}
+    for row in listed:
+        rows[row[0]] = rows.get(row[0], 0) + int(row[4].get("rows") or 0)
+    return rows
+
+
+def publish_list(
+    pipe: Pipeline,
+    spec: StageSpec,
+    m: Manifest,
+    manifests: Mapping[str, Manifest],
+    done: Listed,
+    tmp: str,
+    t0: float,
+) -> dict[str, Any]:
+    """The stage's entry listing `done.rows` (their rows by split and combined content hash
+    from their facts); what is left in `tmp` goes to the trash; the entry's manifest as the
+    store holds it (ours as published, or the intact one another build published)."""
+    store = pipe.store
+    rows = _rows_by_split(done.rows)
+    hashes = [(str(row[0]), str(row[4].get("content_hash"))) for row in done.rows]
     doc = entry_doc(
         spec.name,
         m,
         {i: manifests[i].fingerprint for i in spec.inputs},
-        rows=rows if as_dict else next(iter(rows.values())),
+        rows=rows if done.as_dict else next(iter(rows.values())),
         content_hash=shards.combined_hash(hashes),
         seconds=time.perf_counter() - t0,
-        written_bytes=written,
+        written_bytes=done.written,
         observed=m.observed,
-        listed=names,
+        listed=done.names,
     )
-    doc.update({"shards": listed, "shards_built": count, "dict": as_dict})
+    doc.update({"shards": done.rows, "shards_built": done.built, "dict": done.as_dict})
     for name in os.listdir(tmp):  # what is left is scratch: the entry holds the list only
         store.discard(os.path.join(tmp, name))
     fp = m.fingerprint
