@@ -24,13 +24,13 @@ s); appending one file 2.34 s CPU against plain datasets' full rebuild 4.93 s (0
 0.72); no-op 0.97 s CPU (3.9 s wall); store 34.4 MB against datasets' cache 2.3 MB
 (15.1x) in 55,015 files for 15,000 shards (3.67 files per shard).
 
-Measured on 2026-12-04 with h-smallfiles (a parquet load's missing shards in one
-`load_dataset`, batch-aligned units for the batched map and filter), same machine, load
-average ~10 (CPU seconds): cold 19.2 s against plain datasets' 6.2 s (3.1x; wall 155 s
-against 39 s); appending one file 2.81 s against 6.19 s (0.45); no-op 0.45 s CPU (1.3 s
-wall); store 14.1 MB against 2.3 MB (6.2x) in 25,518 files for 5,100 shards and units
-(5.0 files per shard: each shard is still an entry of its own). Before the PartWriter
-commit: the same but for its ~1.8 ms a shard.
+Measured on 2026-12-04 with h-smallfiles rebased on main at bc87f47 (a parquet load's
+missing shards in one `load_dataset`, batch-aligned units for the batched map and filter;
+identities in the manifest), same machine, load average ~10-14 (CPU seconds): cold 17.1 s
+against plain datasets' 5.7 s (3.0x; wall 68.7 s against 16.0 s); appending one file
+1.77 s against 5.32 s (0.33); no-op 0.40 s CPU (1.36 s wall); store 14.6 MB against
+2.3 MB (6.4x) in 20,415 files for 5,100 shards and units (4.0 files per shard: each
+shard is still an entry of its own).
 """
 
 from __future__ import annotations
