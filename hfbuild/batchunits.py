@@ -37,7 +37,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from hfbuild import canonical, closure, liveness, shards
+from hfbuild import canonical, closure, liveness, refs, shards
 from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import Observed, full_key, identify, observing
 from hfbuild.gitstate import Snapshot
@@ -243,7 +243,7 @@ def _build_units(
                 docs[u.key] = ("", {})
     written = 0
     if todo:
-        kept = closure.kept_state(spec.fn)
+        kept = closure.kept_state(refs.function(spec))
         scratch = os.path.join(tmp, builder.SCRATCH)
         with shardbuild.quiet_datasets():
             for u in todo:
@@ -259,7 +259,7 @@ def _build_units(
                 written += int(doc["written_bytes"])
                 docs[u.key] = (path, doc)
         liveness.check_built(pipe.root, m.doc)  # the code that ran is the code hashed
-        if closure.kept_state(spec.fn) != kept or not _same_features(spec, plan, docs):
+        if closure.kept_state(refs.function(spec)) != kept or not _same_features(spec, plan, docs):
             for path, _ in docs.values():
                 if path:
                     store.discard(path)
