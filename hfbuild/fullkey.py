@@ -308,8 +308,15 @@ class Seen:
         used = (self._rec.collect() | observe.import_time_uses(closure)).difference(closure)
         _warn_unobserved(m, closure)
         exclude = [self._pipe.store.root, *_hf_caches()]
+        listed = self._rec.collect_listings()  # before git opens directories below
+        with self._rec.own_work():  # which are not the build's listings
+            return self._identify(m, snap, used, listed, exclude)
+
+    def _identify(
+        self, m: Manifest, snap: Snapshot, used: set[str], listed: set[str], exclude: list[str]
+    ) -> Observed:
         paths = observed_paths(used, m.doc, snap, exclude, self._verdicts)
-        dirs = listed_paths(self._rec.collect_listings(), snap, exclude)
+        dirs = listed_paths(listed, snap, exclude)
         for rel in dirs:
             self.listings[listing_dir(rel)] = listing_at(listing_dir(rel), snap)
         unknown = self._rec.unknown is not None

@@ -328,6 +328,7 @@ class Recording:
         self.paths: set[str] = set()
         self.listings: set[str] = set()
         self._python_dir_opens: dict[str, int] = {}  # see `python_opened_dir`
+        self._own_dir_opens: dict[str, int] = {}  # see `own_work`
         self._written: set[str] = set()
         self.env: set[str] = set()
         # The environment when the build started: a variable the build sets itself is
@@ -440,7 +441,8 @@ class Recording:
         with self._lock:
             python = list(self._python_dir_opens.items())
         python.extend((p[1:], 1) for p in spooled if p.startswith(_OPENED_DIR))
-        explained: dict[str, int] = {}
+        with self._lock:
+            explained: dict[str, int] = dict(self._own_dir_opens)
         for d, n in python:
             real = os.path.realpath(d)
             explained[real] = explained.get(real, 0) + n
@@ -448,6 +450,28 @@ class Recording:
             if n > explained.get(d, 0) and self._watched(os.path.join(d, "")):
                 out.add(d)
         return out
+
+    @contextlib.contextmanager
+    def own_work(self) -> Iterator[None]:
+        """hfbuild's own work inside the window, between builds (identifying what a build
+        read): the directories opened meanwhile are not listings of the build's. git's
+        index-to-work-tree diff (libgit2, compiled) opens each directory on the path of a
+        file it is asked about, which the watch would otherwise take for a listing by
+        compiled code. Call it only while the build's own code is not running."""
+        if self._window is None:
+            yield
+            return
+        before = self._window.directories_opened()
+        try:
+            yield
+        finally:
+            after = self._window.directories_opened()
+            with self._lock:
+                for d, n in after.items():
+                    if n > before.get(d, 0):
+                        self._own_dir_opens[d] = (
+                            self._own_dir_opens.get(d, 0) + n - before.get(d, 0)
+                        )
 
     @property
     def watched(self) -> bool:
