@@ -333,6 +333,8 @@ def _publish(
             }
             if spec.kind == "map":
                 facts["features"] = stored.get("features")
+            if isinstance(stored.get("form"), str):
+                facts["form"] = stored["form"]  # the list's form (`inputid`) is its first's
             listed.append([u.split, u.key, u.label, stored["files"], facts])
     rows = shardbuild.Listed(listed, done.built, done.written, done.as_dict)
     return shardbuild.publish_list(pipe, spec, m, manifests, rows, tmp, t0)

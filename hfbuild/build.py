@@ -37,6 +37,7 @@ from hfbuild.spec import Report, StageSpec, stored_rows
 from hfbuild.store import disk_full
 
 if TYPE_CHECKING:
+    from hfbuild.manifests import Manifests
     from hfbuild.pipeline import Pipeline
 
 
@@ -56,10 +57,14 @@ def build(
         m = manifests[name]
     except MissingDataError as e:
         raise _as_datasets_refuses(pipe, name, e) from e
-    fp = m.fingerprint
-    check_dirty(m, f"stage {name!r}")
     spec = pipe[name].spec
     store = pipe.store
+    if m.pending:
+        # Its key holds its inputs' results (inputid.py): build them first, then it may be up
+        # to date (cut off: an input rebuilt with the same result), in the remote, or stale.
+        manifests, m = _with_inputs(pipe, name, log=log, record=record, executor=executor)
+    fp = m.fingerprint
+    check_dirty(m, f"stage {name!r}")
     if (stored := store.intact_manifest(fp)) is not None:
         report = Report(name, fp, "up to date", stored_rows(stored), 0.0, entry=stored)
     elif pipe.leave_record() and pipe.manifests()[name].fingerprint != fp:
@@ -70,16 +75,14 @@ def build(
         report = pulled
     else:
         if any(not store.has(manifests[dep].fingerprint) for dep in spec.inputs):
-            # Another process may have built an input under a key known only after its build
-            # (what it read at run time): look again before building it here. (When every
-            # input is there, the check just made is the check: no second one.)
-            manifests = pipe.manifests(fresh=True)
-            for dep in spec.inputs:
-                if not store.has(manifests[dep].fingerprint):
-                    build(pipe, dep, log=log, record=record, executor=executor)
-        manifests = pipe.manifests()  # an input's build may have changed its key
-        m = manifests[name]
+            manifests, m = _with_inputs(pipe, name, log=log, record=record, executor=executor)
+        else:
+            manifests = pipe.manifests()  # an input's build may have changed its key
+            m = manifests[name]
         fp = m.fingerprint
+        if (stored := store.intact_manifest(fp)) is not None:  # cut off: its inputs' results
+            report = Report(name, fp, "up to date", stored_rows(stored), 0.0, entry=stored)
+            return _done(pipe, name, report, log=log, record=record)
         # Builds of one static fingerprint are serialized: they may publish under any key.
         with store.lock(m.static_fingerprint):
             if not store.has(fp) and store.read_observed(m.static_fingerprint):
@@ -98,14 +101,54 @@ def build(
                     store.record_failure(fp, name, str(e))  # for `status` and `explain`
                     raise
                 store.clear_failure(fp)
+    return _done(pipe, name, report, log=log, record=record)
+
+
+def _with_inputs(
+    pipe: Pipeline,
+    name: str,
+    *,
+    log: Callable[[str], None] | None,
+    record: bool,
+    executor: str | None,
+) -> tuple[Manifests, Manifest]:
+    """Build the stage's inputs the store lacks, then its manifest keyed by their results.
+    Another process may have built an input under a key known only after its build (what it
+    read at run time): the manifests are computed afresh before building one here."""
+    manifests = pipe.manifests(fresh=True)
+    for dep in pipe[name].spec.inputs:
+        if manifests[dep].pending or not pipe.store.has(manifests[dep].fingerprint):
+            build(pipe, dep, log=log, record=record, executor=executor)
+    manifests = pipe.manifests(fresh=True)  # its key holds its inputs' results
+    m = manifests[name]
+    if m.pending:
+        raise BuildError(
+            f"stage {name!r}: its input {m.pending[0]!r} was built, yet its result is not in "
+            f"the store {pipe.store.root} (removed meanwhile by `hfbuild gc`?); build again."
+        )
+    return manifests, m
+
+
+def _done(
+    pipe: Pipeline,
+    name: str,
+    report: Report,
+    *,
+    log: Callable[[str], None] | None,
+    record: bool,
+) -> Report:
+    """Touch, record and push what `build` got; the stages whose keys waited for it are
+    keyed again (`inputid`: the next up-to-date check sees them cut off or stale)."""
     fp = report.fingerprint
-    store.touch(fp)
+    pipe.store.touch(fp)
     if record:
         pipe.record(name, report.entry)
     if report.action == "built" and os.environ.get("HFBUILD_PUSH", "") in {"1", "true"}:
         _push(pipe, name, fp)
     if log is not None:
         log(report.line())
+    if any(m.pending for m in pipe.manifests().ok.values()):
+        pipe.manifests(fresh=True)
     return report
 
 
@@ -215,6 +258,7 @@ def build_here(
             written_bytes=info.written_bytes,
             observed=observed,
             listed=seen.listed(observed),
+            form=info.form,
         )
         if info.indices is not None:  # its rows are its input's: it references their entry
             doc["indices"] = info.indices

@@ -27,6 +27,7 @@ from datasets.utils.py_utils import asdict  # the one save_to_disk uses (drops `
 from hfbuild import indexed, refs
 from hfbuild.content import dataset_hash, select_rows, table_hash
 from hfbuild.errors import BuildError, HfbuildError
+from hfbuild.inputid import form_digest
 from hfbuild.spec import StageSpec
 from hfbuild.store import disk_full, tree_size
 
@@ -38,6 +39,21 @@ class SaveInfo(NamedTuple):
     content_hash: str
     written_bytes: int  # every byte the build wrote, scratch included
     indices: dict[str, Any] | None = None  # an indices entry's manifest part (indexed.py)
+    form: str = ""  # what a consumer sees besides the rows (`form_of`, inputid.py)
+
+
+def form_of(result: Any) -> str:
+    """The digest of what a consumer loading `result` sees besides its rows (which the
+    content hash covers, by Arrow type only): each split's features (a `ClassLabel`'s
+    names, a `Value`'s dtype), its format, and a DatasetDict's splits in order. With the
+    content hash it is the result's identity in its consumers' keys (`inputid.py`)."""
+
+    def one(ds: Any) -> dict[str, Any]:
+        return {"features": ds.features.to_dict(), "format": ds.format}
+
+    if isinstance(result, datasets.DatasetDict):
+        return form_digest({"dict": [[str(k), one(v)] for k, v in result.items()]})
+    return form_digest({"dataset": one(result)})
 
 
 @contextlib.contextmanager
@@ -248,7 +264,7 @@ def save(
         as_dict = isinstance(result, datasets.DatasetDict)
         part = indexed.write(dest, match[0], match[1], as_dict, owned)
         rows_of: Any = {p.dir: len(p.ds) for p in match[1]} if as_dict else len(result)
-        return SaveInfo(rows_of, dataset_hash(result), written(), part)
+        return SaveInfo(rows_of, dataset_hash(result), written(), part, form_of(result))
     if isinstance(result, datasets.DatasetDict):
         os.makedirs(dest)
         for split, ds in result.items():
@@ -260,7 +276,7 @@ def save(
         _save_dataset(result, dest, owned)
         rows = len(result)
     content = dataset_hash(_reload(dest))
-    return SaveInfo(rows, content, written())
+    return SaveInfo(rows, content, written(), None, form_of(result))
 
 
 class PartWriter:

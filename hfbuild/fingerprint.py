@@ -1,6 +1,6 @@
 """A stage's manifest and its digest.
 
-Owns: assembling the manifest (kind and output-relevant options, input fingerprints, code
+Owns: assembling the manifest (kind and output-relevant options, inputs' results, code
 files with blob ids, canonical arguments, data identity, third-party package versions) and the
 fingerprint, which is a pure function of it: the xxh3-128 of its canonical JSON. Also owns the
 dirty-tree policy (warn, or fail under HFBUILD_STRICT=1).
@@ -109,6 +109,10 @@ class Manifest:
     # Arguments naming an existing path outside the project, which is not keyed (argpaths.py):
     # warned about with the dirty files.
     outside: tuple[str, ...] = ()
+    # The inputs whose current result is not built yet (inputid.py): the stage's key cannot
+    # be known before they are (its `inputs` then hold their fingerprints under a marker, a
+    # key never built or served).
+    pending: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return canonical.dumps(self.doc)

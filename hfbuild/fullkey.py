@@ -415,10 +415,12 @@ def entry_doc(
     written_bytes: int,
     observed: Observed = (),
     listed: Mapping[str, list[str] | None] | None = None,
+    form: str = "",
 ) -> dict[str, Any]:
     """The stored manifest of a stage's entry (`manifest.json`): what it was built from (the
     hashed manifest, input keys, dirty files, and what the build read at run time with the
-    static fingerprint that records it) and what it holds. Never hashed: times live here."""
+    static fingerprint that records it) and what it holds (with its `form`, its consumers'
+    keys take its content: inputid.py). Never hashed: times live here."""
     import time
 
     from hfbuild import __version__
@@ -430,6 +432,7 @@ def entry_doc(
         "rows": rows,
         **split_order(rows),
         "content_hash": content_hash,
+        **({"form": form} if form else {}),
         "dirty": [[f.path, f.status] for f in m.dirty],
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(seconds, 3),

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from hfbuild import lockfile
+from hfbuild.inputid import Lookup
 
 if TYPE_CHECKING:
     from hfbuild.pipeline import Pipeline
@@ -30,6 +31,7 @@ class Ledger:
         self.pipe = pipe
         self._stored: dict[str, dict[str, Any] | None] = {}  # fingerprint -> intact manifest
         self._registered = False
+        self._fresh: set[str] = set()  # read for a key computation, not yet by `is_built`
 
     def stored(self, fp: str) -> dict[str, Any] | None:
         """The manifest of the intact store entry `fp` (None: absent or damaged), read and
@@ -41,13 +43,34 @@ class Ledger:
     def forget(self, fp: str) -> None:
         self._stored.pop(fp, None)
 
+    def lookup(self) -> Lookup:
+        """For one computation of the manifests: an input's result by fingerprint (its intact
+        entry's manifest, what its consumers' keys hold: `inputid`), each read afresh once;
+        the stage's own up-to-date check that follows takes that read instead of another."""
+        seen: dict[str, dict[str, Any] | None] = {}
+
+        def one(fp: str) -> dict[str, Any] | None:
+            if fp not in seen:
+                self.forget(fp)
+                seen[fp] = self.stored(fp)
+                self._fresh.add(fp)
+            return seen[fp]
+
+        return one
+
     def is_built(self, name: str) -> bool:
         """True when the store holds the stage's current fingerprint; then the entry is
         touched and the ref and lock entry brought up to date. Always looks at the store
         (a long-lived process may ask again after the entry was removed); what it read is
         kept for the doit title line that follows."""
-        fp = self.pipe.manifests()[name].fingerprint
-        self.forget(fp)
+        m = self.pipe.manifests()[name]
+        if m.pending:  # an input is not built: its key is not known yet (inputid.py)
+            return False
+        fp = m.fingerprint
+        if fp in self._fresh:  # read just now, for its consumers' keys
+            self._fresh.discard(fp)
+        else:
+            self.forget(fp)
         stored = self.stored(fp)
         if stored is None:
             return False

@@ -24,6 +24,7 @@ from hfbuild.datafiles import StatCache
 from hfbuild.errors import GitStateError, HfbuildError, NotARepositoryError, StageError
 from hfbuild.fingerprint import Manifest, build_manifest, load_data
 from hfbuild.gitstate import Snapshot
+from hfbuild.inputid import Identity, Lookup, identity
 from hfbuild.spec import StageSpec
 
 if TYPE_CHECKING:
@@ -86,17 +87,44 @@ def compute(
     return Manifests(names, ok, failed)
 
 
+def input_ids(
+    spec: StageSpec, done: Mapping[str, Manifest], lookup: Lookup
+) -> dict[str, Identity | None]:
+    """What the stage's key holds of each input (`inputid`): the identity its result's entry
+    (or lock entry: `lookup`) under the input's current fingerprint records; None while the
+    input is pending, or its result is not built (or does not list the input's shards)."""
+    out: dict[str, Identity | None] = {}
+    for name in spec.inputs:
+        parent = done[name]
+        ident = None if getattr(parent, "pending", ()) else identity(lookup(parent.fingerprint))
+        listed = getattr(parent, "shards", None) is not None
+        if (
+            ident is not None
+            and ident.form
+            and listed
+            and any(s.key not in ident.shards for s in parent.shard_list)
+        ):
+            ident = None  # a list that is not the manifest's: never keyed by it
+        out[name] = ident
+    return out
+
+
 def stage_manifest(
     spec: StageSpec,
     snap: Snapshot,
     done: Mapping[str, Manifest],
     stat_cache: StatCache,
     absent: LockedData | None = None,
+    *,
+    lookup: Lookup,
 ) -> Manifest:
-    """One stage's manifest from `snap`, given the manifests of the stages before it; an error
-    is prefixed with the stage's name."""
+    """One stage's manifest from `snap`, given the manifests of the stages before it and
+    `lookup`, an input's result by fingerprint (its store entry's manifest or lock entry,
+    see `inputid`); an error is prefixed with the stage's name."""
     ctx = Context(snap)
-    inputs = shards.manifest_inputs(spec, done)
+    ids = input_ids(spec, done, lookup)
+    pending = tuple(i for i in spec.inputs if ids[i] is None)
+    inputs = shards.manifest_inputs(spec, done, ids)
     data = files = None
     options: Mapping[str, Any] | None = spec.options
     if spec.kind == "load":
@@ -114,7 +142,8 @@ def stage_manifest(
             file_deps=spec.file_deps,
             stat_cache=stat_cache,
         )
-        return shards.attach(spec, dataclasses.replace(manifest, data_files=files), done)
+        manifest = dataclasses.replace(manifest, data_files=files, pending=pending)
+        return shards.attach(spec, manifest, done, ids)
     except HfbuildError as e:
         if str(e).startswith(f"stage {spec.name!r}"):
             raise

@@ -26,6 +26,7 @@ from hfbuild.errors import DamagedEntryError, NotBuiltError, StageError
 from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import resolve
 from hfbuild.gitstate import Mode, Snapshot, find_root, head_text
+from hfbuild.inputid import first, from_lock
 from hfbuild.ledger import Ledger
 from hfbuild.lockfile import LOCK_NAME, Pin, pins
 from hfbuild.manifests import Manifests, stage_manifest
@@ -122,6 +123,14 @@ class Pipeline:
             return None
         url = remote_url(self.root, self._remote_arg or None)
         return Remote(url, self.pins, self.lock_name) if url else None
+
+    def _head_stages(self) -> dict[str, Any]:
+        """The committed lock's (HEAD's) stages; {} without one or when it cannot be read."""
+        text = head_text(self.lock_path)
+        try:
+            return lockfile.loads(text) if text else {}
+        except lockfile.LockError:
+            return {}
 
     def pins(self) -> dict[str, Pin]:
         """What the committed lock (HEAD's, never the work tree's: a build rewrites that one,
@@ -280,17 +289,25 @@ class Pipeline:
         return list(self._specs.values())
 
     def manifests(
-        self, *, fresh: bool = False, mode: Mode = "worktree", absent: LockedData | None = None
+        self,
+        *,
+        fresh: bool = False,
+        mode: Mode = "worktree",
+        absent: LockedData | None = None,
+        lock: Mapping[str, Any] | None = None,
     ) -> Manifests:
         """Every stage's manifest, computed from one snapshot of the work tree (or, with
         `mode="index"`, of what is staged). Memoized until `fresh=True` is asked for. A stage
         that cannot be fingerprinted raises its error when looked up; the others are fine.
-        With `absent`, a load stage whose data files are missing takes its data part from it."""
-        if absent is not None:
+        With `absent`, a load stage whose data files are missing takes its data part from it.
+        A stage's key holds its inputs' results (`inputid`): as the store has them, else as
+        the committed lock records them (given a `lock`'s stages, as that lock does first);
+        a stage whose input's result none of them knows is pending (`Manifest.pending`)."""
+        if absent is not None or lock is not None:
             fresh = True
         if mode == "worktree" and self._cache is not None and not fresh:
             return self._cache
-        rec = self._record
+        rec = self._record if lock is None else None  # the record knows no other lock
         if rec is not None:
             got = rec.answer(mode)
             if got is not None:
@@ -301,24 +318,31 @@ class Pipeline:
                 raise NeedsImport(mode)
             rec.begin(mode)
             with warnings.catch_warnings(record=True) as caught:
-                out = self._compute(mode, absent)
+                out = self._compute(mode, absent, lock)
             for w in caught:  # shown as they would have been; a check that warned: no record
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
             rec.computed(mode, out, clean=not caught and not (absent and absent.unchecked))
         else:
-            out = self._compute(mode, absent)
-        if mode == "worktree" and absent is None:
+            out = self._compute(mode, absent, lock)
+        if mode == "worktree" and absent is None and lock is None:
             self._cache = out
         return out
 
-    def _compute(self, mode: Mode, absent: LockedData | None) -> Manifests:
+    def _compute(
+        self, mode: Mode, absent: LockedData | None, lock: Mapping[str, Any] | None = None
+    ) -> Manifests:
         snap = Snapshot(self.root, mode, caches.for_store(self.store))
+        # An input's result from the store, else from the committed lock (what a clone that
+        # has pulled only some stages, or CI, knows); given a `lock`, from it first.
+        lookup = first(self.ledger.lookup(), from_lock(self._head_stages))
+        if lock is not None:
+            lookup = first(from_lock(lambda: lock), lookup)
         # The key includes what the stage's builds read at run time (fullkey.py), so that the
         # stages after it take that key as their input.
         out = compute_manifests(
             self._specs.values(),
             lambda spec, done: resolve(
-                stage_manifest(spec, snap, done, self.stat_cache, absent),
+                stage_manifest(spec, snap, done, self.stat_cache, absent, lookup=lookup),
                 spec.name,
                 self.store,
                 self.lock_path,
@@ -421,7 +445,14 @@ class Pipeline:
     def result(self, name: str) -> Any:
         """The built result, memory-mapped from the store; `NotBuiltError` when the store
         does not hold it, `DamagedEntryError` (a `NotBuiltError`) when its entry is damaged."""
-        fp = self.manifests(fresh=True)[name].fingerprint
+        m = self.manifests(fresh=True)[name]
+        if m.pending:
+            raise NotBuiltError(
+                f"stage {name!r} is not built for the current code and data: its input "
+                f"{m.pending[0]!r} is not, and its key holds its input's result. Build it with "
+                f"`doit run {self.name}:{name}`."
+            )
+        fp = m.fingerprint
         if not self.store.has(fp):
             why = self.store.check(fp)  # the damage `has` found (remembered: not hashed again)
             if why is not None:

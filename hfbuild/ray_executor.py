@@ -591,7 +591,8 @@ def _run_unit(
     if "shard" in job:
         return _run_shard(root, job, spec, pipe, remote, data)
     done = cast("Mapping[str, Manifest]", {d: _Key(fp) for d, fp in inputs.items()})
-    m = stage_manifest(spec, Snapshot(root), done, pipe.stat_cache)
+    # Its key holds its inputs' results as the entries pulled above record them (inputid.py).
+    m = stage_manifest(spec, Snapshot(root), done, pipe.stat_cache, lookup=pipe.ledger.lookup())
     if m.static_fingerprint != job["static"]:
         changes = "; ".join(c.describe() for c in diff(job["doc"], m.doc)[:5])
         raise BuildError(
@@ -634,6 +635,28 @@ def _take_input(store: Store, remote: Remote, fp: str, dep: str) -> None:
             f"{held.get('content_hash')}, but the committed lock records {pin.content_hash}; "
             f"not used."
         )
+
+
+def _shard_lookup(pipe: Pipeline, key: str, doc: Mapping[str, Any]) -> Any:
+    """The input shard `key`'s result as the transform shard's key holds it (inputid.py):
+    the content hash of the shard this worker pulled (checked on pull), with the form of
+    its stage's result as the driver's manifest says it (a form is of the whole list,
+    which the worker does not pull; as the `with_indices` digest, the driver's)."""
+    from hfbuild import shards
+
+    marker = doc.get("inputs")
+    form = marker.get(shards.INPUT_MARKER) if isinstance(marker, dict) else None
+    stored = pipe.store.intact_manifest(key)
+
+    def lookup(fp: str) -> Mapping[str, Any] | None:
+        if fp != key or stored is None:
+            return None
+        if not isinstance(form, str):  # the driver keyed it by the shard's key (no form)
+            return {"content_hash": stored.get("content_hash")}
+        h = stored.get("content_hash")
+        return {"content_hash": h, "form": form, "shard_hashes": {key: h}}
+
+    return lookup
 
 
 class _ShardedInput(NamedTuple):
@@ -687,8 +710,9 @@ def _run_shard_in(
         with open(path, "wb") as f:
             f.write(data)
         one = dataclasses.replace(spec, options={**spec.options, "data_files": [path]})
-        m = stage_manifest(one, snap, {}, pipe.stat_cache)
+        m = stage_manifest(one, snap, {}, pipe.stat_cache, lookup=pipe.ledger.lookup())
         got = str(m.doc["data"]["files"][0][1])
+        content = ""
         decider = str(sh.get("decider") or "")
         code = shards.load_shard_code(m.doc, decider)
         if decider:  # the first data file's features, read by the driver (its id is keyed)
@@ -705,11 +729,14 @@ def _run_shard_in(
             [shards.Shard(str(sh["split"]), key, label, 0, key)],
         )
         done = cast("Mapping[str, Manifest]", {spec.inputs[0]: stand_in})
-        m = stage_manifest(spec, snap, done, pipe.stat_cache)
+        m = stage_manifest(
+            spec, snap, done, pipe.stat_cache, lookup=_shard_lookup(pipe, key, job["doc"])
+        )
         got, code = key, m.static_fingerprint
+        content = m.shards[0].content if m.shards else ""
         mine, theirs = dict(m.doc), job["doc"]
     observed = identify([str(p) for p, _ in sh["observed"]], snap, pipe.stat_cache)
-    ins = shards.ShardIn(str(sh["split"]), got, label, str(sh["before"]))
+    ins = shards.ShardIn(str(sh["split"]), got, label, str(sh["before"]), content)
     m = dataclasses.replace(m, shards=(ins,), shard_code=code, observed=observed)
     s = m.shard_list[0]
     if s.key != sh["key"]:

@@ -30,8 +30,11 @@ class Relock(NamedTuple):
 
 def current_entries(pipe: Pipeline) -> Relock:
     """Each stage's entry for its current fingerprint, from the store or a matching record."""
-    manifests = pipe.manifests()
     recorded = lockfile.candidates(pipe.lock_path)
+    # A stage's key holds its inputs' results (inputid.py): those the store lacks are taken
+    # from the recorded entries of exactly the input's key, as the stages' own entries are.
+    either = {f"{n} {k}": v for n, r in enumerate(recorded) for k, v in r.items()}
+    manifests = pipe.manifests(lock=either)
     stages: dict[str, dict[str, Any]] = {}
     source: dict[str, str] = {}
     missing: list[str] = []

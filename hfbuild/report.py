@@ -49,6 +49,10 @@ class Explanation(NamedTuple):
     notes: list[str] = []  # what the key leaves out by design (a copy of the environment)
     failed: str | None = None  # the error the last build of its key failed with (first line)
     blocked: str | None = None  # which input failed (or is itself blocked), it not built
+    # An up-to-date stage whose inputs were rebuilt since with the same result ("input clean
+    # was rebuilt (code file prep/text.py changed) and gave identical data: nothing to do").
+    cut_off: list[str] = []
+    pending: str | None = None  # the input being built before the stage's key is known
 
 
 def _previous(
@@ -89,12 +93,16 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
     dirty = [f"{f.path} ({f.status})" for f in m.dirty]
     notes = _notes(m)
     if built:
-        return _built(pipe, name, fp, dirty)._replace(notes=notes)
+        cut = _cut_off(pipe, name, manifests)
+        return _built(pipe, name, fp, dirty)._replace(notes=notes, cut_off=cut)
     failure = failed_build(pipe, manifests, name, {})
     why: dict[str, str | None] = {"failed": None, "blocked": None}
     if failure is not None:
         why[failure[0]] = failure[1]
     prev = _previous(pipe, name)
+    if m.pending and failure is None:  # its key holds its input's result, not built yet
+        was = prev[0] if prev is not None else None
+        return Explanation(name, fp, False, was, [], {}, None, dirty, pending=m.pending[0])
     if prev is None:
         ex = Explanation(name, fp, False, None, [], {}, None, dirty, _shards(pipe, m, None))
         return ex._replace(failed=why["failed"], blocked=why["blocked"])
@@ -155,6 +163,31 @@ def failed_build(
     return None
 
 
+def _cut_off(pipe: Pipeline, name: str, manifests: Mapping[str, Manifest]) -> list[str]:
+    """For an up-to-date stage: each input whose key is not the one its result was built
+    from, yet gave the same result (its key holds its inputs' results, inputid.py), with
+    the first change that rebuilt it."""
+    doc = pipe.store.read_manifest(manifests[name].fingerprint) or {}
+    was = doc.get("inputs")
+    out = []
+    for i in pipe[name].spec.inputs:
+        old = was.get(i) if isinstance(was, dict) else None
+        now = manifests[i]
+        if not isinstance(old, str) or old == now.fingerprint:
+            continue
+        prior = (pipe.store.read_manifest(old) or {}).get("manifest")
+        changes = diff(prior, now.doc) if isinstance(prior, dict) else []
+        why = _short_change(changes[0]) if changes else "its code, data or what it read changed"
+        out.append(f"input {i} was rebuilt ({why}) and gave identical data: nothing to do")
+    return out
+
+
+def _short_change(c: Change) -> str:
+    """`code file prep/text.py changed`: a change without its ids."""
+    text = c.describe()
+    return text.split(":", 1)[0] if c.part in ("file", "data") else text
+
+
 def _notes(m: Manifest) -> list[str]:
     """What the stage's key leaves out by design, as its builds showed."""
     if (envvars.observed_entry(envvars.COPIED), envvars.COPIED_ID) in m.observed:
@@ -201,9 +234,10 @@ def _old_inputs(pipe: Pipeline, old: Any) -> dict[str, tuple[str, str | None]]:
         if "input" not in facts:
             doc = pipe.store.read_manifest(str(row[1])) or {}
             facts = doc.get("shard") if isinstance(doc.get("shard"), dict) else {}
-        if isinstance(facts.get("input"), str):
+        was = facts.get("content") or facts.get("input")  # what its key held of its input
+        if isinstance(was, str):
             before = facts.get("before")
-            out[str(row[2])] = (facts["input"], before if isinstance(before, str) else None)
+            out[str(row[2])] = (was, before if isinstance(before, str) else None)
     return out
 
 
@@ -234,6 +268,10 @@ def stage_states(pipe: Pipeline) -> list[StageState]:
         failure = failed_build(pipe, manifests, name, memo)
         if failure is not None:
             out.append(StageState(name, fp, failure[0], failure[1], dirty, None, _observed(m)))
+            continue
+        if m.pending:  # its key waits for its input's result (inputid.py)
+            waits = f"input {m.pending[0]!r} is being rebuilt (may be cut off)"
+            out.append(StageState(name, fp, "stale", waits, dirty, None, _observed(m)))
             continue
         ex = explain(pipe, name, line_stats=False)
         if ex.previous is None:

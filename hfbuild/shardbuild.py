@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from hfbuild import __version__, closure, liveness, progress, refs, shards
+from hfbuild import __version__, closure, inputid, liveness, progress, refs, shards
 from hfbuild.errors import BuildError, HfbuildError
 from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import Observed, entry_doc, observing
@@ -331,7 +331,12 @@ def _publish(
         }
         if spec.kind == "map":
             facts["features"] = stored.get("features") or _stored_features(store, s.key)
-        facts.update(input=s.input, before=s.before)  # what `explain` compares a rebuild with
+        if isinstance(stored.get("form"), str):
+            facts["form"] = stored["form"]
+        # What `explain` compares a rebuild with.
+        facts.update(input=s.input, before=s.before)
+        if s.content:
+            facts["content"] = s.content
         listed.append([s.split, s.key, s.label, stored["files"], facts])
     if spec.kind == "map":
         _check_features(spec, listed)
@@ -375,6 +380,7 @@ def publish_list(
     store = pipe.store
     rows = _rows_by_split(done.rows)
     hashes = [(str(row[0]), str(row[4].get("content_hash"))) for row in done.rows]
+    form = _list_form(done.as_dict, list(rows), done.rows)
     doc = entry_doc(
         spec.name,
         m,
@@ -385,6 +391,7 @@ def publish_list(
         written_bytes=done.written,
         observed=m.observed,
         listed=done.names,
+        form=form,
     )
     doc.update({"shards": done.rows, "shards_built": done.built, "dict": done.as_dict})
     for name in os.listdir(tmp):  # what is left is scratch: the entry holds the list only
@@ -395,6 +402,21 @@ def publish_list(
         store.discard(tmp)
         return stored
     return store.publish(tmp, fp, doc)
+
+
+def _list_form(as_dict: bool, splits: list[str], listed: Sequence[list[Any]]) -> str:
+    """The form of the stage's result: that of its first shard with rows (the result leaves
+    empty shards out; its shards share their features: `_check_features` for a map, a load's
+    cast to what decides them, a filter's its input's), else of its first shard; "" when
+    that shard was built before shards recorded their form (its consumers are then keyed
+    by the stage's fingerprint, as before: inputid.py)."""
+    if not listed:
+        return ""
+    first = next((row for row in listed if row[4].get("rows") != 0), listed[0])
+    shard_form = first[4].get("form")
+    if not isinstance(shard_form, str) or not shard_form:
+        return ""
+    return inputid.list_form(as_dict, splits, shard_form)
 
 
 def _stored_features(store: Any, key: str) -> str:
@@ -545,9 +567,16 @@ def shard_doc(
     """A built shard's manifest document (its key and checksum are added at publish)."""
     doc = {
         "stage": spec.name,
-        "shard": {"split": s.split, "label": s.label, "input": s.input, "before": s.before},
+        "shard": {
+            "split": s.split,
+            "label": s.label,
+            "input": s.input,
+            "before": s.before,
+            **({"content": s.content} if s.content else {}),
+        },
         "rows": info.rows,
         "content_hash": info.content_hash,
+        "form": info.form,
         "seconds": round(seconds, 3),
         "written_bytes": info.written_bytes,
         "hfbuild": __version__,

@@ -9,10 +9,12 @@ Keys:
 - the stage's *code key* is its static fingerprint without the input (a load: without its
   files' ids), combined with what its builds read at run time (`fullkey`): one key shared by
   all the stage's shards, so the observed files count for every shard;
-- a shard's key is `digest(code key, the input shard's key, [the keys before it])`: a load
-  shard's input is its file's content id, a transform shard's the input shard's key; the keys
-  before it enter only where the output depends on the row offset (`with_indices`), so an
-  inserted file rebuilds only the shards after it;
+- a shard's key is `digest(code key, the input shard's content, [the contents before it])`:
+  a load shard's input is its file's content id, a transform shard's the content hash of its
+  input shard's result (`inputid`: a rebuilt input shard with the same result leaves the key
+  as it was; an input built before results recorded their form: the input shard's key); the
+  contents before it enter only where the output depends on the row offset
+  (`with_indices`), so an inserted file rebuilds only the shards after it;
 - the stage's fingerprint is `digest(code key, ordered [split, shard key])`.
 
 Owns: deciding which stages are sharded, the per-shard inputs of a manifest, the keys above,
@@ -30,28 +32,37 @@ from json.encoder import encode_basestring_ascii as _json_str
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hfbuild import canonical
+from hfbuild.inputid import CONTENT, Identity
 
 if TYPE_CHECKING:
     from hfbuild.fingerprint import Manifest
     from hfbuild.spec import StageSpec
 
 OPTION = "sharded"  # the stage option that opts out (`sharded=False`)
+# A pending input (not built yet, see `inputid`): its fingerprint under this marker in the
+# consumer's `inputs`, its shards' keys after it; such a key is never built or served.
+PENDING = "pending:"
 
 
 class ShardIn(NamedTuple):
     """What one shard is built from: its split, its input's key (a file's content id, or the
-    input stage's shard key), its label (the data file's path; reported, never hashed) and,
-    for offset-dependent transforms, a digest of the input keys before it in its split."""
+    input stage's shard key, which the build loads), its label (the data file's path;
+    reported, never hashed), for offset-dependent transforms a digest of the input shards
+    before it in its split and, for a transform, its input shard's content (`inputid`: what
+    its key holds instead of the input shard's key; "" for an input that did not record its
+    form, keyed by the input shard's key as before)."""
 
     split: str
     input: str
     label: str
     before: str = ""
+    content: str = ""
 
 
 class Shard(NamedTuple):
     """One shard of a stage: its split, key, label, position (`pos`) in its split, input key,
-    and the digest of the input keys before it (`with_indices` only, else "")."""
+    the digest of the input shards before it (`with_indices` only, else "") and its input
+    shard's content (see `ShardIn`)."""
 
     split: str
     key: str
@@ -59,6 +70,12 @@ class Shard(NamedTuple):
     pos: int
     input: str
     before: str = ""
+    content: str = ""
+
+    @property
+    def keyed_input(self) -> str:
+        """What the shard's key holds of its input: its content, else its key."""
+        return self.content or self.input
 
 
 def _digest(doc: Any) -> str:
@@ -91,9 +108,8 @@ def _keyed(code: str, ins: tuple[ShardIn, ...]) -> tuple[tuple[Shard, ...], str]
     for s in ins:
         i = index.get(s.split, 0)
         index[s.split] = i + 1
-        out.append(
-            Shard(s.split, shard_key(code, s.input, s.before), s.label, i, s.input, s.before)
-        )
+        key = shard_key(code, s.content or s.input, s.before)
+        out.append(Shard(s.split, key, s.label, i, s.input, s.before, s.content))
     stage = _digest({"sharded": code, "shards": [[s.split, s.key] for s in out]})
     return tuple(out), stage
 
@@ -207,8 +223,14 @@ def load_code(doc: Mapping[str, Any]) -> str:
     return _digest(load_code_doc(doc))
 
 
-def transform_inputs(spec: StageSpec, parent: Manifest) -> tuple[ShardIn, ...] | None:
-    """The shard inputs of a map/filter over `parent`, or None when it is not sharded."""
+def transform_inputs(
+    spec: StageSpec, parent: Manifest, ident: Identity | None = None
+) -> tuple[ShardIn, ...] | None:
+    """The shard inputs of a map/filter over `parent`, or None when it is not sharded. Each
+    holds its input shard's content from `ident`, the parent's result (`inputid`); without
+    one (the parent not built yet: the stage is pending, never built under these keys) a
+    marker of the input shard's key; with one that recorded no form, nothing (keyed by the
+    input shard's key, as before)."""
     # `getattr`: a stand-in that knows only the input's fingerprint (a Ray worker's) has none.
     if spec.kind not in ("map", "filter") or getattr(parent, "shards", None) is None:
         return None
@@ -221,9 +243,15 @@ def transform_inputs(spec: StageSpec, parent: Manifest) -> tuple[ShardIn, ...] |
     before: dict[str, str] = {}
     for s in parent.shard_list:
         prev = before.get(s.split, "")
-        out.append(ShardIn(s.split, s.key, s.label, prev if offsets else ""))
+        if ident is None:
+            content = PENDING + s.key
+        elif ident.form:
+            content = CONTENT + ident.shards[s.key]
+        else:
+            content = ""
+        out.append(ShardIn(s.split, s.key, s.label, prev if offsets else "", content))
         if offsets:
-            before[s.split] = _digest([prev, s.key])
+            before[s.split] = _digest([prev, content or s.key])
     return tuple(out)
 
 
@@ -256,8 +284,9 @@ def changes(
     code or arguments`: shards the store lacks whose input is the one their label had in
     the last build), then `3 of 1,001 shards new: data/part-1000.parquet (added), ...`
     (the shards the store lacks whose input changed: `old`, the `[split, key, label]` rows
-    of its last build, tells added from changed; `old_inputs`, label -> (input key, the
-    digest of the keys before it or None when unknown) of that build), then the files its
+    of its last build, tells added from changed; `old_inputs`, label -> (what its key held
+    of its input, the digest of the inputs before it or None when unknown) of that build),
+    then the files its
     last build had that are gone. [] when every shard is in the store."""
     rows = [r for r in old if isinstance(r, list) and len(r) >= 3] if isinstance(old, list) else []
     old_labels = {str(r[2]) for r in rows}
@@ -265,7 +294,7 @@ def changes(
 
     def same_input(s: Shard) -> bool:
         prev = was.get(s.label)
-        return prev is not None and prev[0] == s.input and prev[1] in (None, s.before)
+        return prev is not None and prev[0] == s.keyed_input and prev[1] in (None, s.before)
 
     old_keys = {str(r[2]): str(r[1]) for r in rows}
     missing = [s for s in new if not present(s.key)]
@@ -287,7 +316,7 @@ def changes(
             if old_keys.get(s.label) == s.key:
                 return f"{s.label} (not in the store)"
             prev = was.get(s.label)
-            moved = prev is not None and prev[0] == s.input
+            moved = prev is not None and prev[0] == s.keyed_input
             return f"{s.label} ({'rows before it changed' if moved else 'changed'})"
 
         more = f", and {len(fresh) - 5:,} more" if len(fresh) > 5 else ""
@@ -300,21 +329,36 @@ def changes(
     return lines
 
 
-def manifest_inputs(spec: StageSpec, done: Mapping[str, Manifest]) -> Any:
-    """A stage's manifest `inputs`: its parents' fingerprints, or the marker of a sharded
-    transform (whose shards carry their inputs' keys instead, so that its code key stays the
-    same when a file is added)."""
-    if spec.kind in ("map", "filter") and transform_inputs(spec, done[spec.inputs[0]]):
-        return INPUT_MARKER
-    return [done[i].fingerprint for i in spec.inputs]
+def manifest_inputs(
+    spec: StageSpec, done: Mapping[str, Manifest], ids: Mapping[str, Identity | None]
+) -> Any:
+    """A stage's manifest `inputs`: what it holds of each input's result (`ids`, see
+    `inputid`; a pending input's fingerprint under a marker), or, for a sharded transform
+    (whose shards carry their inputs' contents, so that its code key stays the same when a
+    file is added), a marker with the input's form."""
+    parent = done[spec.inputs[0]] if spec.inputs else None
+    if parent is not None and transform_inputs(spec, parent) is not None:
+        ident = ids[spec.inputs[0]]
+        if ident is None:
+            return {PENDING: parent.fingerprint}
+        return {INPUT_MARKER: ident.form} if ident.form else INPUT_MARKER
+    return [
+        {PENDING: done[i].fingerprint} if ids[i] is None else ids[i].part(done[i].fingerprint)  # type: ignore[union-attr]
+        for i in spec.inputs
+    ]
 
 
-def attach(spec: StageSpec, m: Manifest, done: Mapping[str, Manifest]) -> Manifest:
+def attach(
+    spec: StageSpec,
+    m: Manifest,
+    done: Mapping[str, Manifest],
+    ids: Mapping[str, Identity | None],
+) -> Manifest:
     """`m` with its shards, when the stage is sharded."""
     if spec.kind == "load":
         return for_load(spec, m)
     if spec.kind in ("map", "filter"):
-        ins = transform_inputs(spec, done[spec.inputs[0]])
+        ins = transform_inputs(spec, done[spec.inputs[0]], ids[spec.inputs[0]])
         if ins is not None:
             return dataclasses.replace(m, shards=ins, shard_code=m.static_fingerprint)
     return m

@@ -87,7 +87,9 @@ def check_lock(
     except HfbuildError as e:
         return [Problem(None, str(e))]
     absent = LockedData(recorded, pipe.lock_name) if unchecked is not None and not staged else None
-    manifests = pipe.manifests(fresh=True, mode="index" if staged else "worktree", absent=absent)
+    # Each stage's key holds its inputs' results as the lock records them (inputid.py).
+    mode: Mode = "index" if staged else "worktree"
+    manifests = pipe.manifests(fresh=True, mode=mode, absent=absent, lock=recorded)
     if absent is not None and unchecked is not None:
         unchecked.extend(absent.unchecked)
     worktree = pipe.manifests(fresh=True) if staged else manifests
@@ -115,6 +117,17 @@ def check_lock(
                 Problem(
                     name,
                     f"stage {name!r} is not in the {where} {pipe.lock_name}. Fix: {fix}{hint}.",
+                )
+            )
+        elif m.pending:
+            # Its key holds its input's result, which the lock does not record for the
+            # input's current key: the input's own problem, above, says why.
+            problems.append(
+                Problem(
+                    name,
+                    f"stage {name!r} cannot be checked: its input {m.pending[0]!r} was not "
+                    f"built from the {where} code, and its key holds its input's result. "
+                    f"Fix: {fix}{hint}.",
                 )
             )
         elif entry.get("fingerprint") != fp:

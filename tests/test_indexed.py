@@ -210,6 +210,9 @@ def test_pull_brings_the_base_and_refuses_an_entry_without_it(tmp_path: pathlib.
     remote = tmp_path / "remote"
     url = f"file://{remote}"
     assert run_hfbuild(repo, "push", "kept2", "--remote", url).returncode == 0
+    # kept2's key holds its input's result, which the committed lock names (issue #19).
+    repo.git("add", "hfbuild.lock")
+    repo.commit("lock")
     clone = repo.clone(tmp_path / "clone")
     out = run_hfbuild(clone, "pull", "kept2", "--remote", url)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -265,7 +268,11 @@ def test_missing_or_rebuilt_base_is_not_served(repo: Repo, tmp_path: pathlib.Pat
     assert "other rows" in (store.check(fps["kept"]) or "")
     assert run_hfbuild(repo, "status").returncode == 1
     doit(repo, "run", "preprocess", log=log)
-    assert store.has(fps["kept"]) and _rows(store, fps["kept"]) == _expected()["kept"]
+    # kept's key holds feat's result (issue #19): the entry now under feat's key records
+    # another content hash, so kept is built under another key, over feat's rows as they are.
+    now = _fps(repo)
+    assert now["kept"] != fps["kept"] and now["feat"] == fps["feat"]
+    assert store.has(now["kept"]) and _rows(store, now["kept"]) == _expected()["kept"]
 
 
 def test_entry_written_in_full_still_loads(repo: Repo, tmp_path: pathlib.Path) -> None:

@@ -85,6 +85,10 @@ def test_push_then_pull_on_miss_builds_nothing(
 def test_pull_command_and_opt_out(pushed: Repo, tmp_path: pathlib.Path, s3: Any) -> None:
     """`hfbuild pull STAGE` fetches just that stage, with the entry its rows are selected
     from (a filter's input); HFBUILD_NO_REMOTE=1 makes doit build the rest."""
+    # The committed lock names the inputs' results, which kept's key holds (issue #19):
+    # without it, `pull kept` pulls the stages before it to learn its key.
+    pushed.git("add", "hfbuild.lock")
+    pushed.commit("lock")
     clone = pushed.clone(tmp_path / "second")
     out = run_hfbuild(clone, "pull", "kept")
     size = _size(pushed, "kept") + _size(pushed, "feat")  # kept holds indices over feat's rows

@@ -17,7 +17,8 @@ def explain(pipe: Pipeline, stage: str, *, as_json: bool = False) -> int:
         return 0 if ex.up_to_date else 1
     dirty = f" (from uncommitted changes: {', '.join(ex.dirty_files)})" if ex.dirty_files else ""
     if ex.up_to_date:
-        print(f"stage {stage!r} is up to date{dirty}: nothing changed since it was built.")
+        why = "; ".join(ex.cut_off) or "nothing changed since it was built"
+        print(f"stage {stage!r} is up to date{dirty}: {why}.")
         print(f"fingerprint {ex.fingerprint}; {_where(ex)}")
         for note in ex.notes:
             print(f"Note: {note}.")
@@ -29,7 +30,13 @@ def explain(pipe: Pipeline, stage: str, *, as_json: bool = False) -> int:
             print(f"It was last built as {ex.previous}.")
         print(f"Fix the error, then run `doit run {pipe.name}:{stage}`.")
         return 1
-    if ex.previous is None:
+    if ex.pending is not None:
+        print(
+            f"stage {stage!r} is stale{dirty}: input {ex.pending!r} is being rebuilt (may be cut "
+            f"off). Its key holds its input's result, known once that is built: then it is up "
+            f"to date if the result is the same, else built again."
+        )
+    elif ex.previous is None:
         print(f"stage {stage!r} has never been built (fingerprint {ex.fingerprint}).")
         for text in ex.shards:
             print(f"  {text}")

@@ -4,6 +4,7 @@ import sys
 from collections.abc import Sequence
 
 from hfbuild.errors import HfbuildError
+from hfbuild.fingerprint import Manifest
 from hfbuild.pipeline import Pipeline
 from hfbuild.remote import RefusedEntryError, Remote, remote_url
 
@@ -45,15 +46,15 @@ def pull(pipe: Pipeline, stages: Sequence[str], url: str | None) -> int:
     entry the remote holds but that fails its checks is refused (named, exit 1): nothing of
     it is used."""
     remote = _remote(pipe, url)
-    manifests = pipe.manifests()
     absent = 0
     for name in _stages(pipe, stages):
-        fp = manifests[name].fingerprint
-        if pipe.store.has(fp):
-            print(f"{name}: already in the store")
-            continue
         try:
-            got = remote.pull(pipe.store, fp, name)
+            m, got = _keyed(pipe, remote, name)
+            if m is not None and pipe.store.has(m.fingerprint):
+                print(f"{name}: already in the store")
+                continue
+            if m is not None:
+                got += remote.pull(pipe.store, m.fingerprint, name)
         except RefusedEntryError as e:
             print(
                 f"{name}: refused: {e} Build it with `doit run {pipe.name}:{name}`.",
@@ -61,10 +62,33 @@ def pull(pipe: Pipeline, stages: Sequence[str], url: str | None) -> int:
             )
             absent += 1
             continue
-        if pipe.store.has(fp):
+        if m is not None and pipe.store.has(m.fingerprint):
             pipe.record(name)
             print(f"{name}: pulled {got:,} bytes")
         else:
             print(f"{name}: not on the remote (build it with `doit run {pipe.name}:{name}`)")
             absent += 1
     return 1 if absent else 0
+
+
+def _keyed(pipe: Pipeline, remote: Remote, name: str) -> tuple[Manifest | None, int]:
+    """The stage's manifest once its key is known, and the bytes pulled to know it: a stage
+    whose input's result neither the store nor the committed lock has is pending (its key
+    holds that result, inputid.py), so that input is pulled first. None when an input is
+    not on the remote either."""
+    m = pipe.manifests()[name]
+    if not m.pending:
+        return m, 0
+    got = 0
+    for dep in pipe[name].spec.inputs:
+        dm, n = _keyed(pipe, remote, dep)
+        got += n
+        if dm is None:
+            return None, got
+        if not pipe.store.has(dm.fingerprint):
+            got += remote.pull(pipe.store, dm.fingerprint, dep)
+            if not pipe.store.has(dm.fingerprint):
+                return None, got
+            pipe.record(dep)
+    m = pipe.manifests(fresh=True)[name]
+    return (None if m.pending else m), got
