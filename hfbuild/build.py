@@ -119,7 +119,7 @@ def _with_inputs(
     for dep in pipe[name].spec.inputs:
         if manifests[dep].pending or not pipe.store.has(manifests[dep].fingerprint):
             build(pipe, dep, log=log, record=record, executor=executor)
-    manifests = pipe.manifests(fresh=True)  # its key holds its inputs' results
+    manifests = pipe.manifests()  # keyed again by its inputs' results (`_done`)
     m = manifests[name]
     if m.pending:
         raise BuildError(
@@ -147,8 +147,7 @@ def _done(
         _push(pipe, name, fp)
     if log is not None:
         log(report.line())
-    if any(m.pending for m in pipe.manifests().ok.values()):
-        pipe.manifests(fresh=True)
+    pipe.rekey()
     return report
 
 

@@ -156,3 +156,14 @@ def _prefixed(e: HfbuildError, stage: str) -> HfbuildError:
     HfbuildError.__init__(new, f"stage {stage!r}: {e}")
     new.__dict__.update(e.__dict__)
     return new
+
+
+def rekey(spec: StageSpec, m: Manifest, done: Mapping[str, Manifest], lookup: Lookup) -> Manifest:
+    """`m` (computed from a snapshot) keyed again by its inputs' results as `lookup` has them
+    now, without looking at the project again: only its `inputs` (and a sharded transform's
+    shards) depend on them. What it read at run time is for the caller to resolve again."""
+    ids = input_ids(spec, done, lookup)
+    pending = tuple(i for i in spec.inputs if ids[i] is None)
+    doc = {**m.doc, "inputs": shards.manifest_inputs(spec, done, ids)}
+    bare = dataclasses.replace(m, doc=doc, pending=pending, shards=None, shard_code=None)
+    return shards.attach(spec, dataclasses.replace(bare, observed=()), done, ids)

@@ -31,6 +31,7 @@ from hfbuild.ledger import Ledger
 from hfbuild.lockfile import LOCK_NAME, Pin, pins
 from hfbuild.manifests import Manifests, stage_manifest
 from hfbuild.manifests import compute as compute_manifests
+from hfbuild.manifests import rekey as rekey_manifest
 from hfbuild.record import NeedsImport, Session
 from hfbuild.remote import Remote, remote_disabled, remote_url
 from hfbuild.spec import LOAD_BUILDERS, StageSpec
@@ -105,6 +106,7 @@ class Pipeline:
         self.name = name
         self._specs: dict[str, StageSpec] = {}
         self._cache: Manifests | None = None
+        self._snap: Snapshot | None = None  # the memoized manifests' (for `rekey`)
         self.stat_cache = StatCache(os.path.join(self.store.root, "statcache.json"))
         # One lock file per pipeline: two pipelines in one repository need two names.
         self.lock_path = os.path.join(self.root, lock)
@@ -312,7 +314,7 @@ class Pipeline:
             got = rec.answer(mode)
             if got is not None:
                 if mode == "worktree" and absent is None:
-                    self._cache = got
+                    self._cache, self._snap = got, None
                 return got
             if self._recorded_only:
                 raise NeedsImport(mode)
@@ -328,10 +330,37 @@ class Pipeline:
             self._cache = out
         return out
 
+    def rekey(self) -> None:
+        """Key the memoized manifests' pending stages (and those built from them) again by
+        their inputs' results as the store has them now (`manifests.rekey`): after a build,
+        without a new snapshot. A new snapshot lists the project (argpaths, git), which a
+        concurrent build's watch would take for a read of its own (watch.py)."""
+        old, snap = self._cache, self._snap
+        if old is None or not any(m.pending for m in old.ok.values()):
+            return
+        if snap is None:  # answered from the no-import record: no snapshot at hand
+            self.manifests(fresh=True)
+            return
+        lookup = first(self.ledger.lookup(), from_lock(self._head_stages))
+        ok: dict[str, Manifest] = {}
+        moved: set[str] = set()
+        for spec in self._specs.values():
+            m = old.ok.get(spec.name)
+            if m is None:
+                continue
+            if m.pending or any(i in moved for i in spec.inputs):
+                again = rekey_manifest(spec, m, ok, lookup)
+                m = resolve(again, spec.name, self.store, self.lock_path, snap, self.stat_cache)
+                moved.add(spec.name)
+            ok[spec.name] = m
+        self._cache = Manifests(list(old), ok, old.failed)
+
     def _compute(
         self, mode: Mode, absent: LockedData | None, lock: Mapping[str, Any] | None = None
     ) -> Manifests:
         snap = Snapshot(self.root, mode, caches.for_store(self.store))
+        if mode == "worktree" and absent is None and lock is None:
+            self._snap = snap
         # An input's result from the store, else from the committed lock (what a clone that
         # has pulled only some stages, or CI, knows); given a `lock`, from it first.
         lookup = first(self.ledger.lookup(), from_lock(self._head_stages))
