@@ -309,7 +309,7 @@ class Pipeline:
             fresh = True
         if mode == "worktree" and self._cache is not None and not fresh:
             return self._cache
-        rec = self._record if lock is None else None  # the record knows no other lock
+        rec = self._record
         if rec is not None:
             got = rec.answer(mode)
             if got is not None:

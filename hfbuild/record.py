@@ -380,6 +380,7 @@ def dump_manifests(ms: Manifests) -> dict[str, Any] | None:
             "shards": None if m.shards is None else [list(s) for s in m.shards],
             "shard_code": m.shard_code,
             "outside": list(m.outside),
+            "pending": list(m.pending),  # inputs not built yet (inputid.py)
             "fingerprint": m.fingerprint,
         }
     try:
@@ -406,6 +407,7 @@ def load_manifests(doc: dict[str, Any]) -> Manifests:
             shards=None if s["shards"] is None else tuple(ShardIn(*x) for x in s["shards"]),
             shard_code=s["shard_code"],
             outside=tuple(s["outside"]),
+            pending=tuple(s.get("pending") or ()),
         )
     return Manifests(list(doc["names"]), ok, {})
 
