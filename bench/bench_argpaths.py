@@ -53,7 +53,11 @@ def main() -> None:
 
     def manifests() -> None:
         s = Snapshot(pipe.root)
-        compute(pipe.specs, lambda spec, done: stage_manifest(spec, s, done, pipe.stat_cache))
+        lookup = pipe.ledger.lookup()  # inputs' results, as Pipeline.manifests reads them
+        compute(
+            pipe.specs,
+            lambda spec, done: stage_manifest(spec, s, done, pipe.stat_cache, lookup=lookup),
+        )
 
     with_part = cpu(manifests, 40)
     real = argpaths.paths_part

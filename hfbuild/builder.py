@@ -306,6 +306,7 @@ class PartWriter:
         )
         self._info = json.dumps({k: shard_info[k] for k in sorted(shard_info)}, indent=2)
         self._split = str(ds.split) if ds.split is not None else None
+        self._form = form_of(ds)  # a part's features and format are the whole result's
 
     def write(self, start: int, rows: int, dest: str, fingerprint: str) -> SaveInfo:
         """Rows `start` to `start + rows` written at `dest`, with the state `fingerprint`."""
@@ -332,7 +333,7 @@ class PartWriter:
         # The hash of what was written, as `save` takes it, read as datasets maps it.
         with pa.memory_map(path) as source:
             written = pa.ipc.open_stream(source).read_all()
-        return SaveInfo(rows, table_hash(written), tree_size(dest))
+        return SaveInfo(rows, table_hash(written), tree_size(dest), None, self._form)
 
 
 def _reload(dest: str) -> Any:
