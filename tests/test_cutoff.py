@@ -164,6 +164,34 @@ def test_a_comment_upstream_rebuilds_that_stage_only(repo: Repo, tmp_path: pathl
     assert calls(tmp_path / "third") == Counter()
 
 
+def test_a_comment_in_a_stage_built_by_batch_units_is_cut_off(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """Over a load of two files (sharded), the batched stages are built by batch-aligned
+    units (`batchunits`): a comment in the first map's module rebuilds its unit, whose
+    list of units records their form, so the stages after it are cut off; the results
+    equal a build by hand."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo.write(FILES)
+    (repo.path / "data").mkdir()
+    for i, part in enumerate((TEXTS[:12], TEXTS[12:])):
+        pq.write_table(pa.table({"text": part}), repo.path / "data" / f"part-{i}.parquet")
+    repo.commit("project")
+    out = doit(repo, "run", "preprocess", log=tmp_path / "first")
+    assert calls(tmp_path / "first") == {"clean": 1, "kept": 1, "tok": 1, "grouped": 1}
+    assert "clean: built 1 of 1 shard (30 rows)" in out.stdout, out.stdout
+
+    comment(repo, "prep/text.py")
+    repo.commit("a comment")
+    out = doit(repo, "run", "preprocess", log=tmp_path / "second")
+    assert calls(tmp_path / "second") == {"clean": 1}, out.stdout + out.stderr
+    assert "clean: built 1 of 1 shard (30 rows)" in out.stdout, out.stdout
+    assert all(v == "up to date" for v in status_lines(repo).values()), status_lines(repo)
+    assert results(repo) == plain(TEXTS)
+
+
 def test_a_refactor_that_changes_the_output_rebuilds_downstream(
     repo: Repo, tmp_path: pathlib.Path
 ) -> None:
