@@ -158,7 +158,7 @@ def _grown(
 def key_with(m: Manifest, s: shards.Shard, observed: Observed) -> str:
     """The key of shard `s` of `m` had its builds read `observed`."""
     return shards.shard_key(
-        shards.code_key(dataclasses.replace(m, observed=observed)), s.input, s.before
+        shards.code_key(dataclasses.replace(m, observed=observed)), s.keyed_input, s.before
     )
 
 

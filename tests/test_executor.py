@@ -228,6 +228,7 @@ for name in ("raw", "feat", "kept"):
             unit = Unit(spec, m, {i: ms[i] for i in spec.inputs})
             shardunits.build(pipe, Counting(), unit)
     pipe.record(name)
+    pipe.rekey()  # as build._done: the next stage's key holds this one's result
 """
 
 READ = """
