@@ -127,8 +127,16 @@ class Pipeline:
         return Remote(url, self.pins, self.lock_name) if url else None
 
     def _head_stages(self) -> dict[str, Any]:
-        """The committed lock's (HEAD's) stages; {} without one or when it cannot be read."""
+        """The committed lock's (HEAD's) stages; {} without one or when it cannot be read.
+        Outside git nothing is committed and files are identified by content: the lock on
+        disk, which a copy of the project carries, stands for it."""
         text = head_text(self.lock_path)
+        if text is None and find_root(self.root) is None:
+            try:
+                with open(self.lock_path, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError:
+                text = None
         try:
             return lockfile.loads(text) if text else {}
         except lockfile.LockError:
