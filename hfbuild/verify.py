@@ -247,6 +247,7 @@ def check_rebuild(pipe: Pipeline) -> list[Problem]:
         if problems:
             return problems
         recorded = lockfile.read(pipe.lock_path)
+        differ: set[str] = set()  # stages whose rebuild differs from the lock
         for spec in pipe.specs:
             report = build(twin, spec.name, record=False)
             if report.action == "pulled":  # remote=False: a bug if it happens
@@ -255,6 +256,21 @@ def check_rebuild(pipe: Pipeline) -> list[Problem]:
             got = rebuilt.get("content_hash")
             want = recorded[spec.name].get("content_hash")
             if got != want:
+                differ.add(spec.name)
+                upstream = next((d for d in spec.inputs if d in differ), None)
+                if upstream is not None:
+                    # Its key holds its inputs' results (`inputid`): the lock's entry was
+                    # built over the input the rebuild contradicts; it is no cause of its own.
+                    problems.append(
+                        Problem(
+                            spec.name,
+                            f"stage {spec.name!r}: rebuilt over its input {upstream!r} as "
+                            f"rebuilt above, it gives content hash {got}, not the {want} "
+                            f"{pipe.lock_name} records; it follows from {upstream!r}: fix "
+                            f"that one.",
+                        )
+                    )
+                    continue
                 forged = _pulled_cause(pipe, spec.name, recorded[spec.name], rebuilt)
                 if forged is not None:
                     problems.append(Problem(spec.name, forged))
