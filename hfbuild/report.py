@@ -101,8 +101,12 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
         why[failure[0]] = failure[1]
     prev = _previous(pipe, name)
     if m.pending and failure is None:  # its key holds its input's result, not built yet
-        was = prev[0] if prev is not None else None
-        return Explanation(name, fp, False, was, [], {}, None, dirty, pending=m.pending[0])
+        if prev is None:
+            return Explanation(name, fp, False, None, [], {}, None, dirty, pending=m.pending[0])
+        # What changed in its own definition (code, packages, arguments) since it was built;
+        # its inputs' side is the pending input's, told apart.
+        own = diff(prev[1], m.doc, prev[2], prev[2])
+        return Explanation(name, fp, False, prev[0], own, {}, None, dirty, pending=m.pending[0])
     if prev is None:
         ex = Explanation(name, fp, False, None, [], {}, None, dirty, _shards(pipe, m, None))
         return ex._replace(failed=why["failed"], blocked=why["blocked"])

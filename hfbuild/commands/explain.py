@@ -36,6 +36,10 @@ def explain(pipe: Pipeline, stage: str, *, as_json: bool = False) -> int:
             f"off). Its key holds its input's result, known once that is built: then it is up "
             f"to date if the result is the same, else built again."
         )
+        if ex.changes:
+            print("Its own definition changed too:")
+        for c in ex.changes:
+            print(f"  {c.describe()}")
     elif ex.previous is None:
         print(f"stage {stage!r} has never been built (fingerprint {ex.fingerprint}).")
         for text in ex.shards:
