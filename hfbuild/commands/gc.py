@@ -54,28 +54,47 @@ def gc(pipe: Pipeline, *, keep_commits: int, keep_days: float, dry_run: bool) ->
     return 0
 
 
+def stage_sizes(pipe: Pipeline) -> tuple[dict[str, int | None], set[str]]:
+    """Each stage's bytes in the store (None: not built), and the entries they count. A
+    stage's bytes are its entry's and those of the entries it references (its shards, the
+    entries an indices entry's rows live in; `Store.references`, transitively) that no stage
+    before it, or itself, counts: every byte is counted once. A stage that has no key (its
+    manifest failed) is not built."""
+    sizes: dict[str, int | None] = {}
+    ms = pipe.manifests()
+    keyed = {name: ms[name] for name in ms if ms.error(name) is None}
+    counted = {m.fingerprint for m in keyed.values()}  # each on its own stage's row
+    for name in ms:
+        fp = keyed[name].fingerprint if name in keyed else None
+        if fp is None or not pipe.store.has(fp):
+            sizes[name] = None
+            continue
+        size = pipe.store.size(fp)
+        todo = pipe.store.references(fp)
+        while todo:
+            ref = todo.pop()
+            if ref not in counted:
+                counted.add(ref)
+                size += pipe.store.size(ref)
+                todo.extend(pipe.store.references(ref))
+        sizes[name] = size
+    return sizes, counted
+
+
 def du(pipe: Pipeline, *, as_json: bool) -> int:
-    """The store's size per stage (current results) and in all. A stage's bytes are its
-    entry's and those of the entries it references (its shards, the entries an indices
-    entry's rows live in; `Store.references`, transitively) that no stage before it, or
-    itself, counts: every byte is counted once, and `other` is what no current stage needs."""
-    rows: list[dict[str, Any]] = []
+    """The store's size per stage (current results, as `stage_sizes` counts them) and in all;
+    `other` is what no current stage needs."""
+    sizes, counted = stage_sizes(pipe)
     manifests = pipe.manifests()
-    counted = {m.fingerprint for m in manifests.values()}  # each on its own stage's row
-    for name, m in manifests.items():
-        fp = m.fingerprint
-        built = pipe.store.has(fp)
-        size = 0
-        if built:
-            size = pipe.store.size(fp)
-            todo = pipe.store.references(fp)
-            while todo:
-                ref = todo.pop()
-                if ref not in counted:
-                    counted.add(ref)
-                    size += pipe.store.size(ref)
-                    todo.extend(pipe.store.references(ref))
-        rows.append({"stage": name, "fingerprint": fp, "built": built, "bytes": size})
+    rows: list[dict[str, Any]] = [
+        {
+            "stage": name,
+            "fingerprint": manifests[name].fingerprint,
+            "built": size is not None,
+            "bytes": size or 0,
+        }
+        for name, size in sizes.items()
+    ]
     other = sum(pipe.store.size(fp) for fp in pipe.store.fingerprints() if fp not in counted)
     if as_json:
         print(json.dumps({"stages": rows, "other_bytes": other}, indent=1))
