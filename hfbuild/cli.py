@@ -51,6 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     e = cmd("explain", help="what changed since a stage was last built")
     e.add_argument("stage")
     e.add_argument("--json", action="store_true", help="machine-readable output")
+    gr = cmd("graph", help="the stage graph with each stage's state, as Mermaid, DOT or a page")
+    gr.add_argument(
+        "--format",
+        choices=("mermaid", "dot", "json"),
+        default="mermaid",
+        help="what to print (default: mermaid, which GitHub and GitLab render in markdown)",
+    )
+    gr.add_argument(
+        "--html",
+        metavar="FILE",
+        help="write one self-contained HTML page (picture, table of stages) instead",
+    )
     v = cmd("verify", help="check hfbuild.lock (pre-commit hook and CI)")
     mode = v.add_mutually_exclusive_group()
     mode.add_argument("--staged", action="store_true", help="check what is staged (the hook)")
@@ -129,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
 def _record_modes(args: argparse.Namespace) -> tuple[str, ...]:
     """The snapshot modes whose manifests the command can take from the no-import record
     (record.py); () for a command that always imports dodo.py."""
-    if args.command in ("status", "explain", "build"):
+    if args.command in ("status", "explain", "build", "graph"):
         return ("worktree",)
     if args.command == "verify" and not (args.rebuild or args.deep):
         return ("index", "worktree") if args.staged else ("worktree",)
@@ -141,6 +153,8 @@ def _run(args: argparse.Namespace) -> int:
     from hfbuild.project import dodo_path, load_pipeline, recorded_pipeline
 
     dodo = dodo_path(args.dodo)  # before load_pipeline changes the working directory
+    if getattr(args, "html", None) is not None:
+        args.html = os.path.abspath(args.html)
     modes = _record_modes(args)
     session = record.session(dodo, "cli") if modes else None
     if session is not None:
@@ -170,6 +184,10 @@ def _command(args: argparse.Namespace, pipe: Pipeline, dodo: str) -> int:
         from hfbuild.commands.explain import explain
 
         return explain(pipe, args.stage, as_json=args.json)
+    if args.command == "graph":
+        from hfbuild.commands.graph import graph
+
+        return graph(pipe, fmt=args.format, html=args.html)
     if args.command == "verify":
         from hfbuild.commands.verify import verify
 

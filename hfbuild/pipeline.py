@@ -439,6 +439,10 @@ class Pipeline:
                     "ref": s.ref,
                     "qualname": refs.qualname(s),
                     "builder": s.options.get("builder") if s.kind == "load" else None,
+                    # as given, for `hfbuild graph`'s "where it came from" (None: not a load)
+                    "data_files": _as_json(s.options.get("data_files"))
+                    if s.kind == "load"
+                    else None,
                     "doc": s.doc,
                 }
                 for s in self._specs.values()
@@ -458,6 +462,8 @@ class Pipeline:
         )
         for s in shape["stages"]:
             options = {"builder": s["builder"]} if s["kind"] == "load" else {}
+            if s.get("data_files") is not None:  # absent from older entries
+                options["data_files"] = s["data_files"]
             pipe._specs[s["name"]] = StageSpec(
                 s["name"], s["kind"], tuple(s["inputs"]), None, {}, options, (), s["doc"], s["ref"]
             )
@@ -520,3 +526,13 @@ class Pipeline:
             if session is not None:
                 self.use_record(session)
         return pipeline_tasks(self, basename)
+
+
+def _as_json(x: Any) -> Any:
+    """`data_files` as JSON reads it back (a tuple a list, a path its string), so a record's
+    shape compares equal to the one it was written from."""
+    if isinstance(x, Mapping):
+        return {str(k): _as_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_as_json(v) for v in x]
+    return x if x is None or isinstance(x, str) else str(x)

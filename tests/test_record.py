@@ -206,6 +206,8 @@ def test_an_up_to_date_check_answers_without_importing_and_as_the_full_path(
         ("verify", "--staged"),
         ("build",),
         ("status", "--strict"),
+        ("graph",),
+        ("graph", "--format", "dot"),
     ],
 )
 def test_each_command_answers_from_the_record_as_from_dodo(
