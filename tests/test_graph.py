@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from hfbuild import graph
+from tests import shard_project
 from tests.helpers import HFBUILD, Repo, run_hfbuild
 from tests.pipeline_project import doit, make_project
 
@@ -271,3 +272,25 @@ def test_the_record_keeps_data_files_as_json_reads_them(repo: Repo) -> None:
         ["data/a.jsonl", "data/b-*.jsonl"],
         {"train": ["x.csv"], "test": "y.csv"},
     ]
+
+
+def test_shard_counts_before_and_after_a_file_is_added(repo: Repo, tmp_path: pathlib.Path) -> None:
+    """A sharded stage shows its shards; once a data file is added, the shards its new key
+    has and how many of them the store lacks (`--format json` gives the same numbers)."""
+    shard_project.make_project(repo, parts=3)
+    repo.write({".gitignore": ".doit.db*\n"}, commit="ignore")
+    doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    labels, _, _ = parse_mermaid(run_hfbuild(repo, "graph").stdout)
+    assert labels["raw"][1] == "load parquet data/*.parquet (3 files)"
+    assert labels["raw"][3].startswith("30 rows · ") and labels["raw"][3].endswith(" · 3 shards")
+    assert labels["feat"][3].endswith(" · 3 shards")
+    shard_project.write_part(repo, "part-3", 300)
+    labels, _, _ = parse_mermaid(run_hfbuild(repo, "graph").stdout)
+    assert labels["raw"][1] == "load parquet data/*.parquet (4 files)"
+    assert labels["raw"][2].startswith("stale (from uncommitted changes): ")
+    assert labels["raw"][3] == "4 shards, 1 to build"
+    assert labels["feat"][3] == "4 shards, 1 to build"
+    doc = json.loads(run_hfbuild(repo, "graph", "--format", "json").stdout)
+    shards = {s["stage"]: s["shards"] for s in doc["stages"]}
+    assert shards["raw"] == shards["feat"] == [3, 4]
+    assert ["raw", "feat"] in doc["edges"]
