@@ -30,8 +30,13 @@ class Node(NamedTuple):
     dirty_files: tuple[str, ...] = ()
     rows: Any = None  # as the store records them (an int, or split -> int); None: not built
     size: int | None = None  # bytes of its result that no stage before it counts (`du`)
-    shards: tuple[int, int] | None = None  # a sharded stage: (shards stored, shards in all)
+    # A sharded stage: (shards of its key stored, shards in all); stored is None while its key
+    # waits for an input's result (`pending`: which of its shards to build is not known yet).
+    shards: tuple[int | None, int] | None = None
     origin: tuple[str, ...] = ()  # where it came from (`origin`)
+    # A stale stage whose key waits for this input's result (early cutoff: it may turn out
+    # up to date once the input is built). `status` words it as stale; the picture marks it.
+    pending: str | None = None
 
 
 def origin(
@@ -97,7 +102,8 @@ def size_text(n: int) -> str:
 
 def facts_text(node: Node) -> str:
     """`40 rows · 1.2 kB · 3 shards`; what is not known (a stage not built) is left out, but
-    the shard count, which the key knows before a build (`3 shards, 1 to build`)."""
+    the shard count, which the key knows before a build (`3 shards, 1 to build`; which are to
+    build is not known while the stage is pending)."""
     parts = []
     if node.rows is not None:
         parts.append(rows_text(node.rows))
@@ -106,7 +112,8 @@ def facts_text(node: Node) -> str:
     if node.shards is not None:
         stored, total = node.shards
         text = f"{total:,} {'shard' if total == 1 else 'shards'}"
-        parts.append(text if stored == total else f"{text}, {total - stored:,} to build")
+        done = stored is None or stored == total
+        parts.append(text if done else f"{text}, {total - (stored or 0):,} to build")
     return " · ".join(parts)
 
 
@@ -120,6 +127,7 @@ _CLASSES = {
     "up to date": "uptodate",
     "dirty": "dirty",
     "stale": "stale",
+    "pending": "pending",
     "failed": "failed",
     "blocked": "blocked",
 }
@@ -128,6 +136,7 @@ _COLOURS = {
     "uptodate": ("#e6f4ea", "#1e8e3e"),
     "dirty": ("#e8f0fe", "#1a73e8"),
     "stale": ("#fef7e0", "#e37400"),
+    "pending": ("#fffdf5", "#e37400"),
     "failed": ("#fce8e6", "#d93025"),
     "blocked": ("#f1f3f4", "#d93025"),
 }
@@ -154,6 +163,8 @@ _PLAIN_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def _class(node: Node) -> str:
+    if node.state == "stale" and node.pending is not None:
+        return "pending"
     return _CLASSES.get(node.state, "stale")
 
 
@@ -186,7 +197,8 @@ def mermaid(nodes: Sequence[Node]) -> str:
     used = sorted({_class(n) for n in nodes})
     for c in used:
         fill, stroke = _COLOURS[c]
-        out.append(f"  classDef {c} fill:{fill},stroke:{stroke},color:#202124")
+        dash = ",stroke-dasharray:5 3" if c == "pending" else ""
+        out.append(f"  classDef {c} fill:{fill},stroke:{stroke},color:#202124{dash}")
     for c in used:
         members = ",".join(ids[n.stage] for n in nodes if _class(n) == c)
         out.append(f"  class {members} {c}")
@@ -207,7 +219,10 @@ def dot(nodes: Sequence[Node], name: str = "pipeline") -> str:
     for n in nodes:
         fill, stroke = _COLOURS[_class(n)]
         label = "\\n".join(_dot_text(x) for x in lines(n))
-        out.append(f'  "{n.stage}" [label="{label}", fillcolor="{fill}", color="{stroke}"];')
+        dashed = ', style="rounded,filled,dashed"' if _class(n) == "pending" else ""
+        out.append(
+            f'  "{n.stage}" [label="{label}", fillcolor="{fill}", color="{stroke}"{dashed}];'
+        )
     names = {n.stage for n in nodes}
     for n in nodes:
         out.extend(f'  "{i}" -> "{n.stage}";' for i in n.inputs if i in names)
@@ -313,7 +328,8 @@ def svg(nodes: Sequence[Node]) -> str:
         out.append(f"<title>{html.escape(chr(10).join(text))}</title>")
         out.append(
             f'<rect x="{x}" y="{y}" width="{_BOX_W}" height="{heights[n.stage]}" rx="8" '
-            f'fill="{fill}" stroke="{stroke}" stroke-width="1.5"/>'
+            f'fill="{fill}" stroke="{stroke}" stroke-width="1.5"'
+            + (' stroke-dasharray="5 3"/>' if _class(n) == "pending" else "/>")
         )
         for k, t in enumerate(text):
             weight = ' font-weight="bold"' if k == 0 else ""
@@ -324,6 +340,15 @@ def svg(nodes: Sequence[Node]) -> str:
         out.append("</g>")
     out.append("</svg>")
     return "\n".join(out)
+
+
+def _shards_cell(shards: tuple[int | None, int] | None) -> str:
+    if shards is None:
+        return ""
+    stored, total = shards
+    if stored is None:
+        return f"{total:,} (which to build: once its input is)"
+    return f"{stored:,} of {total:,} stored"
 
 
 _STYLE = """
@@ -357,7 +382,7 @@ def page(nodes: Sequence[Node], title: str) -> str:
             ),
             html.escape(rows_text(n.rows) if n.rows is not None else ""),
             html.escape(size_text(n.size) if n.size is not None else ""),
-            html.escape(f"{n.shards[0]:,} of {n.shards[1]:,} stored" if n.shards else ""),
+            html.escape(_shards_cell(n.shards)),
             html.escape("; ".join(n.origin)),
         ]
         klass = ("", "", "", ' class="state"', ' class="num"', ' class="num"', ' class="num"', "")

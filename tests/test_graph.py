@@ -58,7 +58,8 @@ def parse_mermaid(text: str) -> tuple[dict[str, list[str]], set[tuple[str, str]]
         elif m := re.fullmatch(r"  class ([\w,]+) (\w+)", ln):
             classes.update({names[i]: m[2] for i in m[1].split(",")})
         else:
-            assert re.fullmatch(r"  classDef \w+ fill:#\w+,stroke:#\w+,color:#\w+", ln), ln
+            dash = r"(,stroke-dasharray:5 3)?"
+            assert re.fullmatch(rf"  classDef \w+ fill:#\w+,stroke:#\w+,color:#\w+{dash}", ln), ln
     return labels, edges, classes
 
 
@@ -70,7 +71,8 @@ def parse_dot(text: str) -> tuple[dict[str, list[str]], set[tuple[str, str]], di
     labels: dict[str, list[str]] = {}
     edges, fills = set(), {}
     for ln in lines[1:-1]:
-        if m := re.fullmatch(rf"  {q} \[label={q}, fillcolor={q}, color={q}\];", ln):
+        dashed = r'(, style="rounded,filled,dashed")?'
+        if m := re.fullmatch(rf"  {q} \[label={q}, fillcolor={q}, color={q}{dashed}\];", ln):
             parts = re.split(r"(?<!\\)\\n", m[2])
             labels[m[1]] = [re.sub(r"\\(.)", r"\1", p) for p in parts]
             fills[m[1]] = m[3]
@@ -84,8 +86,9 @@ def parse_dot(text: str) -> tuple[dict[str, list[str]], set[tuple[str, str]], di
 def test_mermaid_and_dot_show_every_stage_edge_and_state_after_an_edit(demo: Repo) -> None:
     """The demo's five stages and four edges, each label holding the stage's kind, where it
     came from, its state in `status`'s words and its rows; after an edit of the transforms'
-    module, the stages from `paragraphs` on are stale with `status`'s first reason, `raw`
-    still up to date; DOT says the same."""
+    module, the stages from `paragraphs` on are stale with `status`'s first reason (the
+    edit for `paragraphs`; for those after it, that their input is rebuilt first: pending,
+    drawn apart), `raw` still up to date; DOT says the same."""
     out = run_hfbuild(demo, "graph")
     assert out.returncode == 0, out.stderr
     labels, edges, classes = parse_mermaid(out.stdout)
@@ -111,14 +114,21 @@ def test_mermaid_and_dot_show_every_stage_edge_and_state_after_an_edit(demo: Rep
         assert list(labels) == ["raw", "paragraphs", "tokens", "kept", "split"], fmt
         assert edges == DEMO_EDGES, fmt
         assert labels["raw"][2] == "up to date", fmt
+        assert status["paragraphs"]["reason"].startswith("code file demo/transforms.py changed")
         for stage in ("paragraphs", "tokens", "kept", "split"):
             s = status[stage]
-            assert s["state"] == "stale" and s["reason"].startswith("code file demo/transforms.py")
+            assert s["state"] == "stale"
             want = f"stale (from uncommitted changes): {s['reason']}"
             assert labels[stage][2] == want, (fmt, labels[stage])
             assert len(labels[stage]) == 3, "a stale stage has no rows or size to show"
+        for stage, before in (("tokens", "paragraphs"), ("kept", "tokens"), ("split", "kept")):
+            assert status[stage]["reason"] == f"input {before!r} is being rebuilt (may be cut off)"
         stale = {k for k, v in colours.items() if v != colours["raw"]}
         assert stale == {"paragraphs", "tokens", "kept", "split"}, fmt
+        pending = {
+            k for k, v in colours.items() if v not in (colours["raw"], colours["paragraphs"])
+        }
+        assert pending == {"tokens", "kept", "split"}, fmt
 
 
 def test_a_failed_stage_shows_failed_and_what_is_built_from_it_blocked(
@@ -289,8 +299,9 @@ def test_shard_counts_before_and_after_a_file_is_added(repo: Repo, tmp_path: pat
     assert labels["raw"][1] == "load parquet data/*.parquet (4 files)"
     assert labels["raw"][2].startswith("stale (from uncommitted changes): ")
     assert labels["raw"][3] == "4 shards, 1 to build"
-    assert labels["feat"][3] == "4 shards, 1 to build"
+    assert labels["feat"][3] == "4 shards"  # pending: its shards' keys wait for raw's result
+    assert labels["feat"][2].endswith("input 'raw' is being rebuilt (may be cut off)")
     doc = json.loads(run_hfbuild(repo, "graph", "--format", "json").stdout)
     shards = {s["stage"]: s["shards"] for s in doc["stages"]}
-    assert shards["raw"] == shards["feat"] == [3, 4]
+    assert shards["raw"] == [3, 4] and shards["feat"] == [None, 4]
     assert ["raw", "feat"] in doc["edges"]

@@ -18,11 +18,13 @@ def nodes(pipe: Pipeline) -> list[pictures.Node]:
     for s in stage_states(pipe):
         spec = pipe[s.stage].spec
         m = ms[s.stage] if ms.error(s.stage) is None else None
-        shards = None
+        shards: tuple[int | None, int] | None = None
         if m is not None:
             listed = (pipe.store.read_manifest(m.fingerprint) or {}).get("shards")
             if pipe.store.has(m.fingerprint) and isinstance(listed, list):
                 shards = (len(listed), len(listed))
+            elif m.shards is not None and m.pending:  # its shard keys wait for an input
+                shards = (None, len(m.shards))
             elif m.shards is not None:
                 keys = [x.key for x in m.shard_list]
                 shards = (sum(1 for k in keys if pipe.store.has(k)), len(keys))
@@ -38,6 +40,7 @@ def nodes(pipe: Pipeline) -> list[pictures.Node]:
                 size=sizes.get(s.stage),
                 shards=shards,
                 origin=pictures.origin(spec.kind, spec.options, m.doc if m else {}, spec.ref),
+                pending=m.pending[0] if m is not None and m.pending else None,
             )
         )
     return out
