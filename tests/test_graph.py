@@ -194,7 +194,8 @@ def test_html_page_is_self_contained_and_shows_every_stage(repo: Repo) -> None:
     """`--html FILE` (relative to where hfbuild runs) writes a page that parses with every
     tag closed, requests nothing (no script at all, no http(s) src/href, no @import or url()
     in its style), and holds one box per stage, one curve per edge (a fork: raw feeds feat
-    and lens) and a table row per stage with its state."""
+    and lens) and a table row per stage with its state. A page it cannot write is a user
+    error saying so (exit 1), not a traceback."""
     make_project(repo)
     repo.write({".gitignore": ".doit.db*\n"}, commit="ignore")
     doit(repo, "run", "preprocess", log=repo.path / ".." / "calls.log")
@@ -235,6 +236,9 @@ def test_html_page_is_self_contained_and_shows_every_stage(repo: Repo) -> None:
     assert table["lens"][3].startswith("stale (from uncommitted changes): code file pkg/text.py")
     assert table["feat"][3] == "up to date" and table["feat"][4] == "40 rows"
     assert table["raw"][7] == "parquet data/*.parquet (1 file)"
+    bad = run_hfbuild(repo, "graph", "--html", "no/such/dir/p.html")
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.startswith("hfbuild: error: cannot write the graph page to ")
 
 
 def test_labels_with_syntax_characters_round_trip() -> None:
