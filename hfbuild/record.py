@@ -1,9 +1,9 @@
 """The no-import record (issue #20): what a full check computed, with every fact it rested on,
 so that the next check answers from it without importing dodo.py or a transform module.
 
-A full check (`hfbuild status`, `explain`, `verify [--staged]`, `build`, or doit's up-to-date
-checks) imports dodo.py and the modules its stages' functions live in, and computes every
-stage's manifest. When it computed them without a failed stage or a warning, it leaves an
+A full check (`hfbuild status`, `explain`, `graph`, `verify [--staged]`, `build`, or doit's
+up-to-date checks) imports dodo.py and the modules its stages' functions live in, and computes
+every stage's manifest. When it computed them without a failed stage or a warning, it leaves an
 entry: the manifests as they were, the pipeline's shape (stage names, kinds, inputs, store,
 lock, remote, task name) and the facts. The next check in the same context whose facts all
 hold takes the manifests from the entry; everything after (the store's answer, the lock, the
