@@ -856,3 +856,57 @@ def index_digest(root: str) -> str | None:
     for e in idx:
         h.update(f"{e.path}\0{e.mode:o}\0{e.id}\n".encode())
     return h.hexdigest()
+
+
+_UNSTAGED = (
+    pygit2.enums.FileStatus.WT_NEW
+    | pygit2.enums.FileStatus.WT_MODIFIED
+    | pygit2.enums.FileStatus.WT_DELETED
+    | pygit2.enums.FileStatus.WT_TYPECHANGE
+    | pygit2.enums.FileStatus.WT_RENAMED
+    | pygit2.enums.FileStatus.WT_UNREADABLE
+    | pygit2.enums.FileStatus.CONFLICTED
+)
+
+
+def unstaged(root: str) -> list[str] | None:
+    """The paths (relative to `root`) where the work tree differs from the index of the
+    repository whose work tree `root` is: modified, deleted, type-changed, untracked and not
+    ignored (an untracked directory once, with a trailing "/"). None outside git, below a
+    repository's top, or while the index holds a conflict.
+    The no-import record (`record.py`) answers `verify --staged` from a work-tree entry only
+    where what is staged is what the work tree holds."""
+    repo = _discover(os.path.realpath(root))
+    if repo is None or os.path.realpath(repo.workdir) != os.path.realpath(root):
+        return None
+    idx = repo.index
+    idx.read(False)
+    if idx.conflicts is not None:
+        return None
+    return sorted(p for p, f in repo.status(untracked_files="normal").items() if f & _UNSTAGED)
+
+
+def staged_entries(root: str, rels: Sequence[str]) -> dict[str, tuple[str, int, str | None]]:
+    """Of repo-relative `rels` in the repository whose work tree is `root`, those its index
+    holds: (blob id, file mode, the blob id HEAD's commit records or None)."""
+    repo = _discover(os.path.realpath(root))
+    if repo is None:
+        return {}
+    idx = repo.index
+    idx.read(False)
+    tree: pygit2.Tree | None = None
+    if not repo.head_is_unborn:
+        with contextlib.suppress(KeyError, pygit2.GitError):
+            tree = repo.head.peel(pygit2.Commit).tree
+    out: dict[str, tuple[str, int, str | None]] = {}
+    for rel in rels:
+        try:
+            e = idx[rel]
+        except KeyError:  # not staged, or the sides of a conflict
+            continue
+        head: str | None = None
+        if tree is not None:
+            with contextlib.suppress(KeyError):
+                head = str(tree[rel].id)
+        out[rel] = (str(e.id), int(e.mode), head)
+    return out
