@@ -29,8 +29,7 @@ def recorded_pipeline(session: record.Session, modes: tuple[str, ...]) -> Pipeli
     `load_pipeline` makes it."""
     if not all(session.answer(m) is not None for m in modes):
         return None
-    entry = session.entry(modes[0])
-    assert entry is not None
+    entry = session.sources[modes[0]]
     os.chdir(os.path.dirname(session.dodo))
     return Pipeline.from_record(session, entry["pipeline"])
 
