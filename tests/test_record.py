@@ -304,3 +304,137 @@ def test_record_answers_equal_the_full_path_over_random_edits(
             continue
         full, _ = p.status(record=False)
         assert _states(answer) == _states(full), (kind, n)
+
+
+# -- the hook's usual commit (issue #20's leftovers) ------------------------------------------
+
+# What git and the pre-commit framework set for a commit's hook (the author date is new at each
+# commit); `verify --staged` run by hand stands in for the hook with them.
+HOOK_ENV = {
+    "GIT_AUTHOR_DATE": "@1796433676 +0000",
+    "GIT_AUTHOR_EMAIL": "a@example.com",
+    "GIT_AUTHOR_NAME": "a",
+    "GIT_EDITOR": ":",
+    "GIT_EXEC_PATH": "/usr/lib/git-core",
+    "GIT_INDEX_FILE": ".git/index",
+    "GIT_PREFIX": "",
+    "PRE_COMMIT": "1",
+}
+
+
+def _hook_env(p: Project) -> dict[str, str]:
+    return {**p.env, **HOOK_ENV, "PATH": f"/usr/lib/git-core{os.pathsep}{p.env['PATH']}"}
+
+
+def _staged_check(p: Project) -> tuple[tuple[int, str, str], tuple[int, str, str], bool]:
+    """`verify --staged` as a hook runs it: its answer, the full path's, and whether it
+    imported the transform module."""
+    env = _hook_env(p)
+    before = p.imports()
+    out = subprocess.run(
+        [sys.executable, "-m", "hfbuild", "verify", "--staged"],
+        cwd=p.repo.path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    imported = p.imports() > before
+    full = subprocess.run(
+        [sys.executable, "-m", "hfbuild", "verify", "--staged"],
+        cwd=p.repo.path,
+        env={**env, "HFBUILD_RECORD": "0"},
+        capture_output=True,
+        text=True,
+    )
+    return (
+        (out.returncode, out.stdout, out.stderr),
+        (full.returncode, full.stdout, full.stderr),
+        imported,
+    )
+
+
+def test_the_hook_of_a_commit_staging_the_checked_work_tree_imports_nothing(
+    tmp_path: pathlib.Path,
+) -> None:
+    """edit -> `doit run` -> a check (`hfbuild status`, twice: its entry new, then confirmed)
+    -> `git add -A` -> `git commit`: the shipped hook, run by the real pre-commit framework,
+    answers from the work tree's entry without importing the transform module; `status` after
+    the `git add` too, with the files now staged, as the full path says."""
+    from tests.test_hook_shipped import hooks_repo
+
+    p = Project(tmp_path)
+    hooks, rev = hooks_repo(tmp_path)
+    cfg = f"repos:\n- repo: {hooks}\n  rev: {rev}\n  hooks: [{{id: hfbuild-verify}}]\n"
+    (p.repo.path / ".pre-commit-config.yaml").write_text(cfg)
+    p.env["HFBUILD_PYTHON"] = sys.executable  # the shell the user builds in sets it too
+    env = p.env
+    pre_commit = pathlib.Path(sys.executable).parent / "pre-commit"
+    subprocess.run([str(pre_commit), "install"], cwd=p.repo.path, env=env, check=True)
+
+    def commit(message: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", "commit", "-m", message],
+            cwd=p.repo.path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+
+    p.build()
+    p.repo.git("add", "-A")
+    first = commit("built")
+    assert first.returncode == 0, first.stdout + first.stderr
+
+    (p.repo.path / "pkg/util.py").write_text("OFFSET = 3\n")  # a closure file
+    (p.repo.path / "data/b.jsonl").write_text('{"x": 5}\n')  # new data, untracked
+    p.build()
+    p.settle()
+    p.repo.git("add", "-A")
+    answer, imported = p.status()
+    assert not imported
+    full, _ = p.status(record=False)
+    assert _states(answer) == _states(full)
+    assert sorted(f.split(" ")[0] for s in answer for f in s["dirty_files"]) == [
+        "data/b.jsonl",
+        "pkg/util.py",
+    ], answer
+    before = p.imports()
+    done = commit("edit, built")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "hfbuild verify --staged" in done.stdout + done.stderr  # the hook ran
+    assert p.imports() == before, "the hook imported the transform module"
+
+
+@pytest.mark.parametrize("case", ["partial-add", "unstaged-closure-edit", "staged-data-reverted"])
+def test_a_staged_state_other_than_the_work_tree_takes_the_full_path(
+    tmp_path: pathlib.Path, case: str
+) -> None:
+    """When what is staged differs from the work tree the confirmed entry was computed over,
+    `verify --staged` imports dodo.py and answers as the full path."""
+    p = Project(tmp_path)
+    p.build()
+    p.repo.git("add", "-A")
+    p.repo.commit("built")
+    root = p.repo.path
+    if case == "partial-add":
+        (root / "pkg/util.py").write_text("OFFSET = 3\n")
+        (root / "data/a.jsonl").write_text('{"x": 9}\n')
+        p.build()
+        p.repo.git("add", "pkg/util.py", "hfbuild.lock")
+    elif case == "unstaged-closure-edit":
+        (root / "pkg/util.py").write_text("OFFSET = 3\n")
+        p.build()
+        p.repo.git("add", "-A")
+        (root / "pkg/util.py").write_text("OFFSET = 4\n")
+        p.build()
+    else:
+        original = (root / "data/a.jsonl").read_text()
+        (root / "data/a.jsonl").write_text('{"x": 9}\n')
+        p.build()
+        p.repo.git("add", "-A")
+        (root / "data/a.jsonl").write_text(original)
+        p.build()
+    p.settle()
+    got, full, imported = _staged_check(p)
+    assert imported, f"{case}: answered from the record"
+    assert got == full
