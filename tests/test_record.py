@@ -149,6 +149,8 @@ def _edit(p: Project, kind: str, n: int) -> None:
     elif kind == "module-value":  # dodo.py reassigns a value the transform reads
         text = (root / "dodo.py").read_text()
         (root / "dodo.py").write_text(text + f"\nimport pkg.util\npkg.util.OFFSET = {n}\n")
+    elif kind == "stage":  # the index takes what the work tree holds (the hook's usual state)
+        p.repo.git("add", "-A")
     elif kind == "git":
         p.repo.commit(f"edit {n}")
     elif kind == "store":  # the result removed from the store
@@ -264,7 +266,7 @@ def test_a_volatile_pipeline_always_takes_the_full_path(tmp_path: pathlib.Path) 
 
 
 EDITS = st.lists(
-    st.tuples(st.sampled_from([*KINDS, "volatile", "none", "settle"]), st.integers(2, 40))
+    st.tuples(st.sampled_from([*KINDS, "volatile", "none", "settle", "stage"]), st.integers(2, 40))
 )
 
 
@@ -285,6 +287,7 @@ EDITS = st.lists(
         ("volatile", 6),
     ]
 )
+@example(edits=[("closure", 3), ("settle", 0), ("stage", 0), ("data", 4), ("settle", 0)])
 def test_record_answers_equal_the_full_path_over_random_edits(
     tmp_path_factory: pytest.TempPathFactory, edits: list[tuple[str, int]]
 ) -> None:
