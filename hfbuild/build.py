@@ -39,6 +39,7 @@ from hfbuild.store import disk_full
 if TYPE_CHECKING:
     from hfbuild.manifests import Manifests
     from hfbuild.pipeline import Pipeline
+    from hfbuild.remote import Remote
 
 
 def build(
@@ -71,7 +72,7 @@ def build(
         # The key came from the no-import record: what follows pulls or builds, so it is
         # computed from the code now (leave_record dropped the record's answers).
         return build(pipe, name, log=log, record=record, executor=executor)
-    elif (pulled := _pull(pipe, name, fp, executor)) is not None:
+    elif (pulled := _pull(pipe, name, fp, executor, record)) is not None:
         report = pulled
     else:
         if any(not store.has(manifests[dep].fingerprint) for dep in spec.inputs):
@@ -186,14 +187,17 @@ def _set_aside_if_corrupt(pipe: Pipeline, name: str, fp: str) -> None:
         )
 
 
-def _pull(pipe: Pipeline, name: str, fp: str, executor: str | None) -> Report | None:
+def _pull(pipe: Pipeline, name: str, fp: str, executor: str | None, record: bool) -> Report | None:
     """Fetch the stage's result from the remote cache instead of building it, when the
     remote has it. A remote entry that fails its checks is reported and never used; an
     unreachable remote is reported once, and the stage built here (`remote.unavailable`)."""
     t0 = time.perf_counter()
     try:
         remote = pipe.remote()
-        if remote is None or remote.pull(pipe.store, fp, name) == 0:
+        if remote is None:
+            return None
+        adopt_inputs(pipe, remote, name, record)
+        if remote.pull(pipe.store, fp, name) == 0:
             return None
     except RemoteError as e:
         ray = executor_name(pipe.root, executor) == "ray"
@@ -205,6 +209,26 @@ def _pull(pipe: Pipeline, name: str, fp: str, executor: str | None) -> Report | 
     if stored is None:
         return None
     return Report(name, fp, "pulled", stored_rows(stored), time.perf_counter() - t0, entry=stored)
+
+
+def adopt_inputs(pipe: Pipeline, remote: Remote, name: str, record: bool) -> None:
+    """Before stage `name` is pulled or built on its inputs: an input this store built but
+    the remote holds another copy of (first writer wins) is replaced by the remote's, so the
+    stage's input, or the base it selects rows of, is the published entry (`Remote.adopt`);
+    with `record`, the input's lock entry then records the adopted content."""
+    manifests = pipe.manifests()
+    for dep in pipe[name].spec.inputs:
+        fp = manifests[dep].fingerprint
+        if remote.adopt(pipe.store, fp, dep):
+            warnings.warn(
+                f"stage {dep!r}: this store's copy of {fp} was never published, and the "
+                f"remote {remote.url} holds another (first writer wins): the remote's copy "
+                f"replaces it, and what is built on it now uses the published one.",
+                RemoteWarning,
+                stacklevel=3,
+            )
+            if record:
+                pipe.record(dep)
 
 
 def _push(pipe: Pipeline, name: str, fp: str) -> None:

@@ -101,6 +101,22 @@ def _parser() -> argparse.ArgumentParser:
             help="fsspec URL (default: $HFBUILD_REMOTE, "
             "else [tool.hfbuild] remote in pyproject.toml)",
         )
+    r = cmd("remote", help="manage the remote cache's entries")
+    rsub = r.add_subparsers(dest="remote_command", required=True, metavar="ACTION")
+    rm = rsub.add_parser(
+        "rm",
+        parents=[common],
+        help="remove the remote's entry for a stage's current key (a bad one: the committed "
+        "lock's record is the check)",
+    )
+    rm.add_argument("stage", metavar="STAGE")
+    rm.add_argument("--shard", metavar="LABEL", help="one shard of the stage (its data file)")
+    rm.add_argument(
+        "--force",
+        action="store_true",
+        help="remove it even when it holds what the committed lock records",
+    )
+    rm.add_argument("--remote", metavar="URL", help="fsspec URL (default as for push)")
     b = cmd("build", help="build stages (what `doit run` does), choosing the executor")
     b.add_argument("stages", nargs="*", metavar="STAGE", help="default: every stage")
     b.add_argument(
@@ -208,6 +224,10 @@ def _command(args: argparse.Namespace, pipe: Pipeline, dodo: str) -> int:
         from hfbuild.commands import transfer
 
         return int(getattr(transfer, args.command)(pipe, args.stages, args.remote))
+    if args.command == "remote":
+        from hfbuild.commands.transfer import remote_rm
+
+        return remote_rm(pipe, args.stage, args.shard, args.remote, args.force)
     if args.command == "build":
         from hfbuild.commands.build import build
 

@@ -165,10 +165,12 @@ def _connect() -> None:
 
 
 def _ensure_remote(pipe: Pipeline, remote: Remote, name: str, fp: str) -> None:
-    """An input built or pulled here must be on the remote before a worker reads it."""
+    """An input built or pulled here must be on the remote before a worker reads it; one the
+    remote holds another copy of is adopted first (the workers read the remote's)."""
     from hfbuild.remote import RemoteError, RemoteUnreachableError
 
     try:
+        remote.adopt(pipe.store, fp, name)
         remote.push(pipe.store, fp, name)
     except RemoteUnreachableError:
         raise  # the remote, not the stage: no failed build is recorded
@@ -621,12 +623,17 @@ def _run_unit(
 def _take_input(store: Store, remote: Remote, fp: str, dep: str) -> None:
     """Have input `fp` in the node's store: pulled from the remote, checked against the
     committed lock's pins the driver sent (`input_pins`); one already held is compared with
-    its pin too (pulled before the lock pinned it, or built here by another run)."""
+    its pin too (pulled before the lock pinned it, or built here by another run). One this
+    node built but did not publish (the remote was down, another node published first) is
+    replaced by the remote's (`Remote.adopt`): what this task builds must rest on the
+    published entry, or its entry (a selection of that input's rows) contradicts the remote."""
     from hfbuild.remote import RefusedEntryError
 
     held = store.intact_manifest(fp)
     if held is None:
         remote.pull(store, fp, dep)
+        return
+    if remote.adopt(store, fp, dep):
         return
     pin = remote.pins().get(fp)
     if pin is not None and held.get("content_hash") != pin.content_hash:

@@ -279,15 +279,41 @@ class Remote:
     def push(self, store: Store, fp: str, label: str) -> int:
         """Upload a local entry: data files first, under a directory unique to this upload,
         then the manifest, create-only. Returns bytes sent; 0 when the remote already had the
-        entry, or another upload published it first (this upload's data is then deleted)."""
-        if self.has(fp):
-            return 0
+        entry, or another upload published it first (this upload's data is then deleted).
+        An entry whose references (shards, base) the remote holds with other content (they
+        were built here while it was unreachable, and another node published first) is
+        refused: the remote would hold a list or selection its own entries contradict."""
+        return self._push(store, fp, label)[0]
+
+    def _push(self, store: Store, fp: str, label: str) -> tuple[int, str | None]:
+        """`push`; with the content hash of the remote's entry when the remote held one
+        already (None when this upload published it, or the remote's manifest is unreadable)."""
+        try:
+            theirs = self.read_manifest(fp)
+        except RefusedEntryError:
+            return 0, None  # the remote holds something there: never overwritten
+        except RemoteMissingError:
+            theirs = None  # a file:// remote's directory: the first push makes it
+        if theirs is not None:
+            return 0, str(theirs.get("content_hash"))
         doc = store.read_manifest(fp)
         if doc is None or not store.has(fp):
             raise StoreError(f"{label}: the local store has no complete entry {fp} to push.")
         files: Mapping[str, int] = doc["files"]
         # A result made of shards: every shard first (each an entry of its own), its list last.
-        shard_bytes = sum(self.push(store, key, label) for key in store.references(fp, doc))
+        shard_bytes = 0
+        for key in store.references(fp, doc):
+            sent, held = self._push(store, key, label)
+            shard_bytes += sent
+            mine = (store.read_manifest(key) or {}).get("content_hash")
+            if held is not None and held != mine:
+                raise RefusedEntryError(
+                    f"{label}: {fp} was built over {key}, and the remote {self.url} holds "
+                    f"another copy of it (content hash {held}, this store's {mine}: built here "
+                    f"while the remote was unreachable, or by a non-deterministic transform, "
+                    f"after another node published first); not pushed. Build again: the "
+                    f"remote's copy is adopted first."
+                )
         total = sum(files.values())
         data_dir = f"data-{uuid.uuid4().hex}"
         try:
@@ -313,8 +339,53 @@ class Remote:
             raise RemoteError(f"pushing {label} ({fp}) to {self.url} failed: {e}") from e
         if not won:
             self._discard(fp, data_dir)
-            return shard_bytes
-        return shard_bytes + total
+            again = self.read_manifest(fp)
+            return shard_bytes, str(again.get("content_hash")) if again else None
+        return shard_bytes + total, None
+
+    @_reaching
+    def remove(self, fp: str) -> bool:
+        """Delete the remote's entry for `fp`: its manifest first (the entry is then
+        invisible to every pull), then its data. False when there was none. Entries that
+        reference it (a list naming it as a shard, a selection of its rows) are refused by a
+        pull from then on, and built again, until they are removed or it is published again."""
+        entry = self._key(fp)
+        try:
+            if not self.fs.exists(entry):
+                self._check_root()
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self._key(fp, MANIFEST))
+            self.fs.rm(entry, recursive=True)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise RemoteError(f"cannot remove {self.where(fp)}: {e}") from e
+        return True
+
+    @_reaching
+    def adopt(self, store: Store, fp: str, label: str) -> bool:
+        """First writer wins: a local entry this store did not pull from here (built here
+        while the remote was unreachable, or before another node published first) whose
+        content differs from the remote's entry for its key is replaced by the remote's, its
+        references first, so that what is built on it has the published entry as its input
+        or base. An entry the committed lock pins keeps the lock's content (a remote entry
+        contradicting it is forged: `pull` refuses it). True when something was replaced."""
+        mine = store.read_manifest(fp)
+        if mine is None or mine.get("pulled_from") == _public(self.url):
+            return False
+        theirs = self.read_manifest(fp)
+        if theirs is None or theirs.get("content_hash") == mine.get("content_hash"):
+            return False
+        pin = self.pins().get(fp)
+        if pin is not None and pin.content_hash == mine.get("content_hash"):
+            return False
+        for key in store.references(fp, mine):
+            self.adopt(store, key, label)
+        with store.lock(fp):
+            store.quarantine(fp)
+            self.pull_held(store, fp, label, theirs)
+        return True
 
     def _create(self, key: str, body: bytes) -> bool:
         """Write `body` at `key` only if nothing is there; False when something was."""
@@ -499,6 +570,8 @@ class Remote:
                     refused.append(e)
                     continue
                 held = store.intact_manifest(key)
+            elif held.get("content_hash") != h and self.adopt(store, key, f"{label} {shard_label}"):
+                held = store.intact_manifest(key)  # this store's own copy, published by none
             if held is None:
                 refused.append(
                     RefusedEntryError(

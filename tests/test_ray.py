@@ -21,7 +21,7 @@ import pytest
 
 from tests.helpers import Repo, run_hfbuild
 from tests.pipeline_project import calls, doit, expected, make_project, results
-from tests.test_remote import s3_server  # noqa: F401  (the session's moto server)
+from tests.test_remote import outage, s3_server  # noqa: F401  (the session's moto server)
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 STAGES = ("raw", "feat", "kept", "split", "lens")
@@ -109,11 +109,16 @@ def cluster(
         # Ray's sockets live under --temp-dir, and a Unix socket path is at most 107 bytes:
         # pytest's directories (deeper under xdist) are too long for it.
         head += ["--temp-dir", shorts[0], *common]
-        procs.append(_popen(head, env, base / "head.log"))
+        # Each node its own TMPDIR too, so its workers' store (`worker_store`) is its own,
+        # as on separate machines, and a transform can tell the nodes apart by it.
+        tmps = [base / "tmp-head", base / "tmp-n2"]
+        for t in tmps:
+            t.mkdir()
+        procs.append(_popen(head, {**env, "TMPDIR": str(tmps[0])}, base / "head.log"))
         address = f"127.0.0.1:{port}"
         _wait_for(address, env, 1, procs[-1], base / "head.log")
         node = [RAY, "start", "--address", address, "--temp-dir", shorts[1], *common]
-        procs.append(_popen(node, env, base / "n2.log"))
+        procs.append(_popen(node, {**env, "TMPDIR": str(tmps[1])}, base / "n2.log"))
         _wait_for(address, env, 2, procs[-1], base / "n2.log")
         yield {
             "RAY_ADDRESS": address,
@@ -648,3 +653,133 @@ def test_a_workers_forged_input_shard_is_refused_and_built_here(
     doit(local, "run", "preprocess", log=tmp_path / "local.log", env=no_remote)
     assert results(clone) == results(local)
     assert _lock(clone) == _lock(local)
+
+
+NONDET = {
+    # feat records the process that built each row (its pid): two builds of one key differ.
+    # With BARRIER set, each process's first call writes <pid>.pid holding its TMPDIR (each
+    # node has its own) and waits for BARRIER/go: two calls there at once are on two nodes
+    # (1 CPU each), and the drivers that submitted them overlap.
+    "pkg/transforms.py": """
+        import os
+        import tempfile
+        import time
+
+        from pkg.log import log
+        from pkg.util.mid import shift
+
+
+        def _barrier():
+            here = os.environ.get("BARRIER", "")
+            mine = os.path.join(here, f"{os.getpid()}.pid")
+            if not here or os.path.exists(mine):
+                return
+            with open(mine + ".tmp", "w") as f:
+                f.write(tempfile.gettempdir())
+            os.rename(mine + ".tmp", mine)
+            while not os.path.exists(os.path.join(here, "go")):
+                time.sleep(0.05)
+
+
+        def feat(row, k=1):
+            log("feat")
+            _barrier()
+            return {"y": shift(row["x"]) * k, "pid": os.getpid()}
+
+        def keep(row, m=3):
+            log("keep")
+            return row["y"] % m != 0
+
+        def split(ds, seed=0):
+            log("split")
+            return ds.train_test_split(test_size=0.25, seed=seed)
+        """,
+    "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "KILL_IN", "BARRIER"]\n',
+}
+
+
+def _remote_hashes(url: str, fps: list[str]) -> list[str]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        endpoint_url=os.environ["FSSPEC_S3_ENDPOINT_URL"], key="testing", secret="testing"
+    )
+    base = url.removeprefix("s3://")
+    return [
+        json.loads(fs.cat_file(f"{base}/objects/{fp[:2]}/{fp}/manifest.json"))["content_hash"]
+        for fp in fps
+    ]
+
+
+def _waiting(barrier: pathlib.Path, procs: list[subprocess.Popen[str]], n: int) -> dict[int, str]:
+    """The processes held at the barrier ({pid: its TMPDIR}) once `n` are there."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        got = {int(p.stem): p.read_text() for p in barrier.glob("*.pid")}
+        if len(got) >= n:
+            return got
+        for p in procs:
+            assert p.poll() is None, p.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"{n} processes never met at the barrier: {sorted(barrier.iterdir())}")
+
+
+def test_a_remote_outage_leaves_no_node_stuck(
+    repo: Repo, tmp_path: pathlib.Path, remote: str, cluster: dict[str, str]
+) -> None:
+    """A non-deterministic map (it records its pid) over a remote outage. Two drivers race on
+    Ray, their feat tasks held at a barrier, one on each node (each node its own TMPDIR and
+    store; neither is a driver); the S3 server stops, and both workers fail to publish
+    what they built, which stays in their nodes' stores. A third clone built feat locally
+    through the outage (a dead endpoint); a fourth publishes its own feat first. Then a Ray
+    build succeeds (its workers adopt the published feat before filtering it, rather than
+    their own copy: a filter's entry selects rows of its base), so do the other drivers and
+    the local clone (which adopts it too), and every lock agrees with the remote."""
+    make_project(repo)
+    _row_local(repo)
+    repo.write(NONDET)
+    log_py = (repo.path / "pkg" / "log.py").read_text()  # keys of its own: stores outlive tests
+    repo.write({"pkg/log.py": log_py + f"# {uuid.uuid4().hex}\n"}, commit="non-deterministic")
+    c0, c1, first, lo = (repo.clone(tmp_path / n) for n in ("c0", "c1", "first", "local"))
+    dead = {"FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}"}
+    out = doit(lo, "run", "preprocess:feat", log=tmp_path / "lo.log", env=dead)
+    assert "Building here instead" in out.stderr
+
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    env = {**os.environ, "CALL_LOG": str(tmp_path / "race.log"), "BARRIER": str(barrier)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "doit", "run", "preprocess:feat"],
+            cwd=c.path,
+            env={**env, **RAY_ENV},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for c in (c0, c1)
+    ]
+    held = _waiting(barrier, procs, 2)
+    # Recorded by the transform itself: two worker processes, on two nodes, neither a driver.
+    assert len(held) == 2 and not set(held) & {p.pid for p in procs}
+    assert len(set(held.values())) == 2 and tempfile.gettempdir() not in held.values()
+    with outage(cluster["FSSPEC_S3_ENDPOINT_URL"]):
+        (barrier / "go").touch()
+        outs = [p.communicate(timeout=300) for p in procs]
+    for p, (o, e) in zip(procs, outs, strict=True):
+        assert p.returncode != 0 and "cannot reach the remote" in o + e, o + e
+    assert len(list(barrier.glob("*.pid"))) == 2  # nothing else built feat meanwhile
+
+    doit(first, "run", "preprocess:feat", log=tmp_path / "first.log", env={"HFBUILD_PUSH": "1"})
+    doit(c0, "run", "preprocess", log=tmp_path / "c0.log", env=RAY_ENV)
+    doit(c1, "run", "preprocess", log=tmp_path / "c1.log", env=RAY_ENV)
+    out = doit(lo, "run", "preprocess", log=tmp_path / "lo2.log")
+    assert "the remote's copy replaces it" in out.stderr
+    lock = _lock(c0)
+    assert _lock(c1) == lock
+    assert _lock(lo) == lock
+    assert lock["feat"] == _lock(first)["feat"]  # the first writer's
+    fps = [fp for fp, _ in lock.values()]
+    assert _remote_hashes(remote, fps) == [h for _, h in lock.values()]
+    assert _deep_check(remote, tmp_path / "check") == len(_remote_entries(remote))
+    assert results(c0)["kept"] == expected()["kept"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import uuid
@@ -17,6 +18,10 @@ from tests.pipeline_project import calls, doit, expected, make_project, results
 ALL = {"feat": 1, "keep": 1, "split": 1, "lens": 1}
 
 
+# The session's moto server by its URL: `outage` stops it and starts another on its port.
+SERVERS: dict[str, Any] = {}
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """A moto S3 server on an ephemeral loopback port, for the whole session."""
@@ -25,8 +30,26 @@ def s3_server() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    url = f"http://{host}:{port}"
+    SERVERS[url] = server
+    yield url
+    SERVERS.pop(url).stop()
+
+
+@contextlib.contextmanager
+def outage(url: str) -> Iterator[None]:
+    """The S3 server at `url` down (connections refused) for the block, then back on the
+    same port with what it held (moto keeps its buckets in the process)."""
+    from moto.server import ThreadedMotoServer
+
+    SERVERS[url].stop()
+    try:
+        yield
+    finally:
+        port = int(url.rsplit(":", 1)[1])
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        SERVERS[url] = server
 
 
 @pytest.fixture

@@ -316,3 +316,51 @@ def test_pull_from_a_missing_file_remote_names_the_path(
     assert len(lines) == 1, out.stderr
     assert f"the remote file://{missing} does not exist (no directory {missing})" in lines[0]
     assert run_hfbuild(clone, "pull", "--remote", r.url).returncode == 0
+
+
+def test_remote_rm_removes_a_bad_entry_and_keeps_what_the_lock_records(
+    repo: Repo, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hfbuild remote rm STAGE` removes the remote's entry for the stage's key when the
+    committed lock records other content for it (a forged or bad entry), saying what it
+    removed; it refuses to remove one holding what the lock records unless --force. A clone
+    then builds what was removed (no refusal), pushes it, and the next clone pulls all."""
+    import fsspec
+
+    root = tmp_path / "remote"
+    root.mkdir()
+    monkeypatch.setenv("HFBUILD_REMOTE", f"file://{root}")
+    remote = RemoteFs(f"file://{root}", fsspec.filesystem("file"), str(root))
+    pp.make_project(repo)
+    built_and_pushed(repo, tmp_path)
+    lock = locked(repo)
+    feat, kept = lock["feat"]["fingerprint"], lock["kept"]["fingerprint"]
+    forged = forge(remote, feat, tmp_path, lambda ex: {"y": ex["y"] + 1})["content_hash"]
+
+    out = run_hfbuild(repo, "remote", "rm", "feat")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (
+        f"stage 'feat': removed {remote.url}/objects/{feat[:2]}/{feat} (content hash "
+        f"{forged}; the committed hfbuild.lock records {lock['feat']['content_hash']})."
+    )
+    assert not os.path.exists(remote.entry(feat))
+
+    out = run_hfbuild(repo, "remote", "rm", "kept")
+    assert out.returncode == 1
+    assert "it is the good one, and stays. --force removes it anyway." in out.stderr
+    assert os.path.exists(f"{remote.entry(kept)}/manifest.json")
+    out = run_hfbuild(repo, "remote", "rm", "kept", "--force")
+    assert out.returncode == 0 and "(--force)" in out.stdout
+    assert not os.path.exists(remote.entry(kept))
+    out = run_hfbuild(repo, "remote", "rm", "kept")
+    assert out.returncode == 1 and "holds no entry" in out.stdout
+
+    clone = repo.clone(tmp_path / "clone")
+    built = doit(clone, "run", "preprocess", log=tmp_path / "clone.log")
+    assert "forged" not in built.stderr
+    assert calls(tmp_path / "clone.log") == {"feat": 1, "keep": 1}
+    assert run_hfbuild(clone, "push").returncode == 0
+    again = repo.clone(tmp_path / "again")
+    doit(again, "run", "preprocess", log=tmp_path / "again.log")
+    assert calls(tmp_path / "again.log") == {}
+    assert locked(again) == locked(clone) == lock

@@ -7,6 +7,7 @@ from hfbuild.errors import HfbuildError
 from hfbuild.fingerprint import Manifest
 from hfbuild.pipeline import Pipeline
 from hfbuild.remote import RefusedEntryError, Remote, remote_url
+from hfbuild.shards import Shard
 
 
 def _remote(pipe: Pipeline, url: str | None) -> Remote:
@@ -92,3 +93,53 @@ def _keyed(pipe: Pipeline, remote: Remote, name: str) -> tuple[Manifest | None, 
             pipe.record(dep)
     m = pipe.manifests(fresh=True)[name]
     return (None if m.pending else m), got
+
+
+def remote_rm(pipe: Pipeline, stage: str, shard: str | None, url: str | None, force: bool) -> int:
+    """Remove the remote's entry for the stage's current key (or one of its shards): a bad
+    entry (a forged one, or one built over a copy of its input the remote does not hold).
+    The committed lock is the check: an entry whose content is what the lock records for its
+    key is the good one, and stays unless `force`."""
+    remote = _remote(pipe, url)
+    m = pipe.manifests()[stage]
+    fp, what = m.fingerprint, f"stage {stage!r}"
+    if shard is not None:
+        fp = _shard(stage, m.shard_list if m.shards is not None else [], shard).key
+        what += f", shard {shard}"
+    try:
+        doc = remote.read_manifest(fp)
+        theirs = str((doc or {}).get("content_hash"))
+    except RefusedEntryError:  # a corrupt or edited manifest: removable
+        doc, theirs = {}, "unreadable"
+    if doc is None:
+        print(f"{what}: the remote {remote.url} holds no entry {fp}; nothing removed.")
+        return 1
+    pin = remote.pins().get(fp)
+    if pin is not None and pin.content_hash == theirs and not force:
+        print(
+            f"{what}: the remote's entry {fp} holds what the committed {pipe.lock_name} records "
+            f"for it (content hash {theirs}): it is the good one, and stays. --force removes "
+            f"it anyway.",
+            file=sys.stderr,
+        )
+        return 1
+    remote.remove(fp)
+    if pin is None:
+        why = f"the committed {pipe.lock_name} does not pin it"
+    elif pin.content_hash == theirs:
+        why = f"the committed {pipe.lock_name} records it (--force)"
+    else:
+        why = f"the committed {pipe.lock_name} records {pin.content_hash}"
+    print(f"{what}: removed {remote.where(fp)} (content hash {theirs}; {why}).")
+    return 0
+
+
+def _shard(stage: str, shards: Sequence[Shard], label: str) -> Shard:
+    found = [s for s in shards if s.label == label]
+    if not found:
+        known = ", ".join(s.label for s in shards[:5]) + (", ..." if len(shards) > 5 else "")
+        raise HfbuildError(
+            f"stage {stage!r} has no shard {label!r}"
+            + (f" (its shards: {known})." if shards else ": it is not made of shards.")
+        )
+    return found[0]
