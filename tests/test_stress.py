@@ -128,6 +128,7 @@ def test_random_kills_damage_and_edits(repo: Repo, tmp_path: pathlib.Path) -> No
     for p in problems[:10]:
         print(p)
     assert stats["wrong"] == 0 and stats["failed_runs"] == 0, stats
+    assert stats["kills"] > 0, stats  # some rounds really killed a build
 
 
 def test_random_kills_damage_and_data_edits_in_a_sharded_build(tmp_path: pathlib.Path) -> None:
@@ -191,3 +192,4 @@ def test_random_kills_damage_and_data_edits_in_a_sharded_build(tmp_path: pathlib
     for p in problems[:10]:
         print(p)
     assert stats["wrong"] == 0 and stats["failed_runs"] == 0, stats
+    assert stats["kills"] > 0, stats  # some rounds really killed a build
