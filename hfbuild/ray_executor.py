@@ -599,8 +599,9 @@ def _run_unit(
         changes = "; ".join(c.describe() for c in diff(job["doc"], m.doc)[:5])
         raise BuildError(
             f"stage {name!r}: the Ray worker computed the key {m.static_fingerprint} from the "
-            f"tree it received, not the driver's {job['static']} ({changes or 'same parts'}). "
-            f"Nothing was published. The worker's environment differs from the driver's "
+            f"tree it received, not the driver's {job['static']} ({changes or 'same parts'}), "
+            f"on node {_node()}. Nothing was published. The worker's environment differs from "
+            f"the driver's "
             f"(packages, Python, or a secret variable, which never travels: set it in every "
             f"node's environment): run the cluster from the same environment."
         )
@@ -618,6 +619,22 @@ def _run_unit(
         "rows": report.rows,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _node() -> str:
+    """This worker's node, for a message: its host name, and Ray's node id when it runs
+    under Ray (nodes may share a host name)."""
+    import socket
+
+    name = socket.gethostname()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return f"{name} (Ray node {ray.get_runtime_context().get_node_id()[:12]})"
+    except Exception:  # naming the node must not hide the refusal it is part of
+        pass
+    return name
 
 
 def _take_input(store: Store, remote: Remote, fp: str, dep: str) -> None:
@@ -752,8 +769,9 @@ def _run_shard_in(
             changes = f"its data file {label} is {got}, not {sh['input']}"
         raise BuildError(
             f"stage {name!r}, shard {label}: the Ray worker computed the key {s.key} from "
-            f"the tree it received, not the driver's {sh['key']} ({changes or 'same parts'}). "
-            f"Nothing was published. The worker's environment differs from the driver's "
+            f"the tree it received, not the driver's {sh['key']} ({changes or 'same parts'}), "
+            f"on node {_node()}. Nothing was published. The worker's environment differs from "
+            f"the driver's "
             f"(packages, Python, or a secret variable, which never travels: set it in every "
             f"node's environment): run the cluster from the same environment."
         )

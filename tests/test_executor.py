@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import threading
@@ -408,6 +409,8 @@ def test_a_shard_task_recomputes_its_key_from_its_tree(repo: Repo, tmp_path: pat
         (jobs / name / "other").write_bytes(data[:-1] + b"!" if name == "raw" else b"")
         bad = worker(name, "bad", "other")
         assert "the Ray worker computed the key" in bad["error"] and why in bad["error"]
+        assert f"on node {socket.gethostname()}" in bad["error"]  # which node refused
+        assert "\n" not in bad["error"]
         assert "Nothing was published" in bad["error"]
         assert not remote.has(keys[name])
         good = worker(name, "good")
