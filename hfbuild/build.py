@@ -196,7 +196,11 @@ def _pull(pipe: Pipeline, name: str, fp: str, executor: str | None, record: bool
         remote = pipe.remote()
         if remote is None:
             return None
-        adopt_inputs(pipe, remote, name, record)
+        if adopt_inputs(pipe, remote, name, record):
+            # Its key holds its inputs' results (inputid.py): keyed by the adopted ones now.
+            fp = pipe.manifests(fresh=True)[name].fingerprint
+            if (stored := pipe.store.intact_manifest(fp)) is not None:
+                return Report(name, fp, "up to date", stored_rows(stored), 0.0, entry=stored)
         if remote.pull(pipe.store, fp, name) == 0:
             return None
     except RemoteError as e:
@@ -211,15 +215,19 @@ def _pull(pipe: Pipeline, name: str, fp: str, executor: str | None, record: bool
     return Report(name, fp, "pulled", stored_rows(stored), time.perf_counter() - t0, entry=stored)
 
 
-def adopt_inputs(pipe: Pipeline, remote: Remote, name: str, record: bool) -> None:
+def adopt_inputs(pipe: Pipeline, remote: Remote, name: str, record: bool) -> bool:
     """Before stage `name` is pulled or built on its inputs: an input this store built but
     the remote holds another copy of (first writer wins) is replaced by the remote's, so the
     stage's input, or the base it selects rows of, is the published entry (`Remote.adopt`);
-    with `record`, the input's lock entry then records the adopted content."""
+    with `record`, the input's lock entry then records the adopted content. True when an
+    input was replaced (the stage's key, which holds its inputs' results, changes)."""
     manifests = pipe.manifests()
+    adopted = False
     for dep in pipe[name].spec.inputs:
         fp = manifests[dep].fingerprint
         if remote.adopt(pipe.store, fp, dep):
+            adopted = True
+            pipe.ledger.forget(fp)
             warnings.warn(
                 f"stage {dep!r}: this store's copy of {fp} was never published, and the "
                 f"remote {remote.url} holds another (first writer wins): the remote's copy "
@@ -229,6 +237,7 @@ def adopt_inputs(pipe: Pipeline, remote: Remote, name: str, record: bool) -> Non
             )
             if record:
                 pipe.record(dep)
+    return adopted
 
 
 def _push(pipe: Pipeline, name: str, fp: str) -> None:
