@@ -187,7 +187,7 @@ def test_global_options_after_every_command() -> None:
     p = _parser()
     sub = next(a for a in p._actions if isinstance(a.choices, dict))
     assert isinstance(sub.choices, dict)
-    extra = {"explain": ["s"]}
+    extra = {"explain": ["s"], "remote": ["rm", "s"]}
     for name in sub.choices:
         after = p.parse_args([name, *extra.get(name, []), "--dodo", "x.py"])
         before = p.parse_args(["--dodo", "y.py", name, *extra.get(name, [])])
