@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from hfbuild import batchunits, liveness
+from hfbuild import batchunits, hub, liveness
 from hfbuild.errors import (
     BuildError,
     CorruptEntryWarning,
@@ -95,6 +95,13 @@ def build(
                 report = Report(name, fp, "built elsewhere", stored_rows(stored), 0.0, entry=stored)
             else:
                 _set_aside_if_corrupt(pipe, name, fp)
+                if m.hub:  # Hub files the cache lacks: fetched online, else a clear error
+                    files = m.data_files
+                    hub.ensure(
+                        [f for g in files.values() for f in g]
+                        if isinstance(files, dict)
+                        else files or []
+                    )
                 unit = Unit(spec, m, {i: manifests[i] for i in spec.inputs})
                 try:
                     report = choose(pipe, executor).build(pipe, unit)

@@ -27,6 +27,8 @@ from hfbuild.errors import MissingDataError
 from hfbuild.gitstate import FileId, Snapshot, hash_file
 from hfbuild.sharing import write_json_atomic
 
+# Names of data files that are not the checkout's: outside the project, or on the Hub (hub.py).
+NOT_IN_GIT = ("<outside>/", "hf://")
 _RACY_NS = 2_000_000_000  # files modified this recently are hashed again next time
 
 
@@ -143,7 +145,7 @@ def uncommitted(ids: Iterable[Sequence[str]], snap: Snapshot) -> list[FileId]:
     come from what is staged."""
     if snap.mode != "worktree":
         return []
-    inside = [(name, blob_id) for name, blob_id in ids if not name.startswith("<outside>/")]
+    inside = [(name, blob_id) for name, blob_id in ids if not name.startswith(NOT_IN_GIT)]
     ids_by_name = dict(inside)
     return [
         FileId(name, ids_by_name[name], status, "data")
@@ -180,13 +182,29 @@ _FILES_TO_IGNORE = frozenset(
 # the parts `PurePath` drops or merges (empty, ".") count for neither.
 
 
-def _hidden(path: str) -> int:
-    return sum(1 for p in path.split(os.sep) if p.startswith(".") and p.strip("."))
+def _hidden(path: str, sep: str = os.sep) -> int:
+    return sum(1 for p in path.split(sep) if p.startswith(".") and p.strip("."))
 
 
-def _special(path: str) -> int:
-    parts = [p for p in path.split(os.sep) if p not in ("", ".")]
+def _special(path: str, sep: str = os.sep) -> int:
+    parts = [p for p in path.split(sep) if p not in ("", ".")]
     return sum(1 for p in parts[:-1] if p.startswith("__"))
+
+
+def keep_matched(found: Iterable[str], pattern: str, sep: str = os.sep) -> list[str]:
+    """Of the paths a pattern's glob found, those datasets keeps (`resolve_pattern`'s rule):
+    not a file named in FILES_TO_IGNORE unless the pattern ends with that name, nor one in a
+    hidden or special directory, or hidden itself, that the pattern does not name as such.
+    `sep` separates parts (a Hub repository's paths use "/")."""
+    ignore = _FILES_TO_IGNORE - {pattern.rsplit(sep, 1)[-1]}
+    hidden, special = _hidden(pattern, sep), _special(pattern, sep)
+    return [
+        p
+        for p in found
+        if p.rsplit(sep, 1)[-1] not in ignore
+        and _hidden(p, sep) == hidden
+        and _special(p, sep) == special
+    ]
 
 
 def matches(pattern: str, root: str) -> list[str]:
@@ -200,13 +218,7 @@ def matches(pattern: str, root: str) -> list[str]:
         found = sorted(p for p in glob.glob(full, recursive=True) if os.path.isfile(p))
     else:
         found = [full] if os.path.isfile(full) else []
-    ignore = _FILES_TO_IGNORE - {os.path.basename(full)}
-    hidden, special = _hidden(full), _special(full)
-    return [
-        p
-        for p in found
-        if os.path.basename(p) not in ignore and _hidden(p) == hidden and _special(p) == special
-    ]
+    return keep_matched(found, full)
 
 
 def expand(pattern: str, root: str, what: str) -> list[str]:

@@ -26,7 +26,7 @@ SECRET = "<secret>"
 
 class Change(NamedTuple):
     # code | file | arg | path | option | input | data | env | package | value | kind | read
-    # | import | env-read
+    # | import | env-read | revision
     part: str
     path: str  # what changed: a file path, an argument path, an input name, ...
     old: Any  # rendered old value or id (None: it was not there)
@@ -42,6 +42,8 @@ class Change(NamedTuple):
             return f"env var {self.path} changed: {old} -> {new}"
         if self.part == "package" and self.path == "python" and old and new:
             return f"Python {old} -> {new}"
+        if self.part == "revision":  # a Hub load's branch moved (report.revisions)
+            return f"revision {self.path} now resolves to {new}: was {old}"
         if self.part == "value":
             return f"module value {self.path}: {old} -> {new}"
         if self.part == "path":  # `argument fn_kwargs['p'] names tok/t.json` (argpaths.py)

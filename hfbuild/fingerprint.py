@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hfbuild import argpaths, caches, canonical, liveness
+from hfbuild import argpaths, caches, canonical, hub, liveness
 from hfbuild import shards as sharding
 from hfbuild.closure import Context, describe, runtime_packages
 from hfbuild.datafiles import (
@@ -113,6 +113,9 @@ class Manifest:
     # be known before they are (its `inputs` then hold their fingerprints under a marker, a
     # key never built or served).
     pending: tuple[str, ...] = ()
+    # A load of Hub files: each revision it read and the commit it resolved to (hub.Pin, as
+    # JSON), for the lock; not hashed (the files' content ids are).
+    hub: tuple[Mapping[str, str], ...] = ()
 
     def to_json(self) -> str:
         return canonical.dumps(self.doc)
@@ -182,18 +185,58 @@ def load_data(
     ctx: Context,
     stat_cache: StatCache,
     absent: LockedData | None = None,
-) -> tuple[dict[str, Any], Any]:
-    """A load stage's data part: (its manifest entry, the resolved files). The entry names the
-    builder, each data file by path and content id, and the other load options; the files are
-    returned so the build reads exactly those, never a glob expanded again later. Given
-    `absent` (`hfbuild verify` without the data), patterns matching no file take the files the
-    lock records under them, and no files are returned."""
+) -> tuple[dict[str, Any], Any, tuple[Mapping[str, str], ...]]:
+    """A load stage's data part: (its manifest entry, the resolved files, the Hub revisions
+    it pinned). The entry names the builder, each data file by path and content id, and the
+    other load options; the files are returned so the build reads exactly those, never a
+    glob expanded again later. Given `absent` (`hfbuild verify` without the data), patterns
+    matching no file take the files the lock records under them, and no files are returned.
+    Hub files (`hf://datasets/...`) are named and identified by `hub.resolve`, from the Hub's
+    metadata: their content is never read here, so they need no `absent` stand-in."""
     opts = dict(options)
     builder = opts.pop("builder")
     opts.pop(sharding.OPTION, None)  # how it is stored, not what it loads
     snap = ctx.snapshot
     files: Any = None
     ids: Any
+    pinned: tuple[Mapping[str, str], ...] = ()
+    if hub.any_hub(opts["data_files"]):
+        try:
+            got = hub.resolve(opts.pop("data_files"), f"load stage {stage!r}")
+        except hub.HubError as e:
+            if str(e).startswith("load stage"):
+                raise
+            raise hub.HubError(f"load stage {stage!r}: {e}") from None
+        files, ids, pinned = got.files, got.ids, tuple(hub.pins_json(got.pins))
+    else:
+        files, ids = _local_files(stage, options, opts, snap, stat_cache, absent)
+    data = {
+        "builder": builder,
+        "files": ids,
+        "options": ctx.encode(opts, f"stage {stage!r} load options"),
+    }
+    given = options["data_files"]
+    if isinstance(given, Mapping):
+        # datasets' DatasetDict keeps the order of `data_files`' splits, and an apply may
+        # depend on it: an order other than sorted is part of what is loaded (a sorted one
+        # adds nothing, so its fingerprint stays as it was).
+        splits = [str(k) for k in given]
+        if splits != sorted(splits):
+            data["splits"] = splits
+    return data, files, pinned
+
+
+def _local_files(
+    stage: str,
+    options: Mapping[str, Any],
+    opts: dict[str, Any],
+    snap: Snapshot,
+    stat_cache: StatCache,
+    absent: LockedData | None,
+) -> tuple[Any, Any]:
+    """A load's local data files (`opts`' `data_files`, popped) and their identities."""
+    files: Any = None
+    ids: Any = None
     try:
         # Without the data (`absent`), a pattern matching nothing takes the lock's files.
         files = resolve_data_files(
@@ -212,20 +255,7 @@ def load_data(
         ids = {s: file_identities(fs, snap, stat_cache) for s, fs in sorted(files.items())}
     elif files is not None:
         ids = file_identities(files, snap, stat_cache)
-    data = {
-        "builder": builder,
-        "files": ids,
-        "options": ctx.encode(opts, f"stage {stage!r} load options"),
-    }
-    given = options["data_files"]
-    if isinstance(given, Mapping):
-        # datasets' DatasetDict keeps the order of `data_files`' splits, and an apply may
-        # depend on it: an order other than sorted is part of what is loaded (a sorted one
-        # adds nothing, so its fingerprint stays as it was).
-        splits = [str(k) for k in given]
-        if splits != sorted(splits):
-            data["splits"] = splits
-    return data, files
+    return files, ids
 
 
 def build_manifest(

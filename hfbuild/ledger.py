@@ -108,6 +108,7 @@ class Ledger:
             {i: manifests[i].fingerprint for i in spec.inputs},
             stored,
             [f.path for f in m.dirty],
+            m.hub,
         )
         if self._lock_view().get(name) == e:
             return

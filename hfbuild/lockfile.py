@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from hfbuild.errors import HfbuildError
@@ -188,8 +188,10 @@ def entry(
     inputs: Mapping[str, str],
     stored: Mapping[str, Any],
     dirty: list[str],
+    hub: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, Any]:
-    """A stage's lock entry; `stored` is the store entry's manifest (rows, content hash)."""
+    """A stage's lock entry; `stored` is the store entry's manifest (rows, content hash);
+    `hub`: the Hub revisions a load read and the commits they resolved to (hub.Pin)."""
     e: dict[str, Any] = {
         "fingerprint": fingerprint,
         "inputs": dict(inputs),
@@ -203,6 +205,10 @@ def entry(
         e["form"] = stored["form"]
     if dirty:
         e["dirty"] = sorted(dirty)
+    if hub:
+        # The commit each Hub revision was read at: a colleague, CI or a worker reads the
+        # same files (their ids are in the manifest), and `status` names a moved branch.
+        e["hub"] = [dict(p) for p in hub]
     hashes = shard_hashes(stored)
     if hashes:
         # Each shard's content hash by shard key, so a pulled shard is checked by itself

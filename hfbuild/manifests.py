@@ -126,9 +126,10 @@ def stage_manifest(
     pending = tuple(i for i in spec.inputs if ids[i] is None)
     inputs = shards.manifest_inputs(spec, done, ids)
     data = files = None
+    pinned: tuple[Mapping[str, str], ...] = ()
     options: Mapping[str, Any] | None = spec.options
     if spec.kind == "load":
-        data, files = load_data(spec.name, spec.options, ctx, stat_cache, absent)
+        data, files, pinned = load_data(spec.name, spec.options, ctx, stat_cache, absent)
         options = None
     try:
         manifest = build_manifest(
@@ -142,7 +143,7 @@ def stage_manifest(
             file_deps=spec.file_deps,
             stat_cache=stat_cache,
         )
-        manifest = dataclasses.replace(manifest, data_files=files, pending=pending)
+        manifest = dataclasses.replace(manifest, data_files=files, pending=pending, hub=pinned)
         return shards.attach(spec, manifest, done, ids)
     except HfbuildError as e:
         if str(e).startswith(f"stage {spec.name!r}"):

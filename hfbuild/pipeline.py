@@ -26,6 +26,7 @@ from hfbuild.errors import DamagedEntryError, NotBuiltError, StageError
 from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import resolve
 from hfbuild.gitstate import Mode, Snapshot, find_root, head_text
+from hfbuild.hub import repo_pattern as hub_patterns
 from hfbuild.inputid import first, from_lock
 from hfbuild.ledger import Ledger
 from hfbuild.lockfile import LOCK_NAME, Pin, pins
@@ -38,6 +39,29 @@ from hfbuild.spec import LOAD_BUILDERS, StageSpec
 from hfbuild.store import Store
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+# datasets' packaged builder per data file extension (`_EXTENSION_TO_MODULE`, those hfbuild
+# loads).
+_EXTENSIONS = {
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".txt": "text",
+    ".arrow": "arrow",
+}
+
+
+def _builder_of(data_files: Any) -> str | None:
+    """The one builder every pattern's extension names, or None."""
+    pats = (
+        [p for v in data_files.values() for p in ([v] if isinstance(v, str) else v)]
+        if isinstance(data_files, Mapping)
+        else [data_files]
+        if isinstance(data_files, str)
+        else list(data_files)
+    )
+    found = {_EXTENSIONS.get(os.path.splitext(str(p))[1].lower()) for p in pats}
+    return found.pop() if len(found) == 1 else None
 
 
 class Stage:
@@ -185,10 +209,31 @@ class Pipeline:
             return x
         raise StageError(f"stage {stage!r}: an input must be a stage or a stage name, not {x!r}")
 
-    def load(self, name: str, builder: str, *, doc: str | None = None, **load_kwargs: Any) -> Stage:
+    def load(
+        self,
+        name: str,
+        builder: str,
+        /,
+        *,
+        doc: str | None = None,
+        revision: str | None = None,
+        **load_kwargs: Any,
+    ) -> Stage:
         """A stage loading data files with a `datasets` packaged builder (parquet, csv, json,
         text, arrow). `data_files` is a path or glob, a list of them, or a split dict; relative
-        paths are relative to the git root."""
+        paths are relative to the git root; `hf://datasets/org/name@revision/...` patterns
+        name files of a dataset on the Hugging Face Hub (hub.py). `builder` may instead be a
+        Hub dataset, `"org/name"`, with `revision=` (default "main") and `data_files`
+        relative to the repository: the builder is then the one its patterns' extension
+        names (or `builder=`). The stage's name and the builder are positional, so `name=`
+        is datasets' configuration name."""
+        if builder not in LOAD_BUILDERS and builder.count("/") == 1:
+            return self._hub_load(name, builder, revision or "main", doc, load_kwargs)
+        if revision is not None:
+            raise StageError(
+                f"load stage {name!r}: revision= is for a Hub dataset (`pipe.load(name, "
+                f"'org/name', revision=...)`); in hf:// paths write it as org/name@revision."
+            )
         if builder not in LOAD_BUILDERS:
             raise StageError(
                 f"load stage {name!r}: builder {builder!r} is not one of "
@@ -199,6 +244,31 @@ class Pipeline:
         return self._add(
             StageSpec(name, "load", options={"builder": builder, **load_kwargs}, doc=doc)
         )
+
+    def _hub_load(
+        self, name: str, repo: str, revision: str, doc: str | None, kwargs: dict[str, Any]
+    ) -> Stage:
+        """`pipe.load(name, "org/name", ...)`: a load of `hf://` patterns in that dataset."""
+        if kwargs.get("name") is not None:
+            raise StageError(
+                f"load stage {name!r}: name= (a configuration of the dataset card) is not "
+                f"supported yet: pass that configuration's data_files= (see the dataset's "
+                f"README.md `configs:`)."
+            )
+        kwargs.pop("name", None)
+        if "data_files" not in kwargs:
+            raise StageError(
+                f"load stage {name!r}: data_files= is required for a Hub dataset (patterns "
+                f"relative to the repository, e.g. 'data/*.parquet')."
+            )
+        data_files = hub_patterns(repo, revision, kwargs.pop("data_files"))
+        builder = kwargs.pop("builder", None) or _builder_of(data_files)
+        if builder is None:
+            raise StageError(
+                f"load stage {name!r}: no builder follows from the data_files' extensions; "
+                f"pass builder= (one of {', '.join(sorted(LOAD_BUILDERS))})."
+            )
+        return self.load(name, builder, doc=doc, data_files=data_files, **kwargs)
 
     def map(
         self,

@@ -58,7 +58,9 @@ def current_entries(pipe: Pipeline) -> Relock:
                 missing.append(spec.name)
                 continue
             source[spec.name] = "lock"
-        stages[spec.name] = lockfile.entry(m.doc, fp, inputs, stored, [f.path for f in m.dirty])
+        stages[spec.name] = lockfile.entry(
+            m.doc, fp, inputs, stored, [f.path for f in m.dirty], m.hub
+        )
     return Relock(stages, source, missing)
 
 

@@ -115,7 +115,7 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
     from hfbuild.gitstate import Snapshot
 
     snap = Snapshot(pipe.root)
-    changes = diff(old_doc, m.doc, old_inputs, inputs)
+    changes = [*revisions(pipe, name, m), *diff(old_doc, m.doc, old_inputs, inputs)]
     changes += observed_changes(old_observed, snap, pipe.stat_cache, old_listed)
     shard_lines = _shards(pipe, m, old_fp)
     if not changes and not shard_lines and old_fp == fp:
@@ -128,6 +128,29 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
                 stats[c.path] = s
     ex = Explanation(name, fp, False, old_fp, changes, stats, None, dirty, shard_lines)
     return ex._replace(notes=notes, failed=why["failed"], blocked=why["blocked"])
+
+
+def revisions(pipe: Pipeline, name: str, m: Manifest) -> list[Change]:
+    """A Hub load's revisions that resolve to another commit than the lock records (a moved
+    branch): `revision main of org/name now resolves to 4d3c...: was 9a1b...`."""
+    if not m.hub:
+        return []
+    try:
+        e = lockfile.read_cached(pipe.lock_path).get(name)
+    except lockfile.LockError:
+        return []
+    locked = e.get("hub") if isinstance(e, dict) else None
+    old = {
+        (p.get("repo"), p.get("revision")): p.get("commit")
+        for p in (locked if isinstance(locked, list) else [])
+        if isinstance(p, dict)
+    }
+    out = []
+    for p in m.hub:
+        was = old.get((p["repo"], p["revision"]))
+        if was is not None and was != p["commit"]:
+            out.append(Change("revision", f"{p['revision']} of {p['repo']}", was, p["commit"]))
+    return out
 
 
 Failure = tuple[str, str, str]  # ("failed" | "blocked", reason, the stage that failed)
@@ -281,7 +304,8 @@ def stage_states(pipe: Pipeline) -> list[StageState]:
         if ex.previous is None:
             reason = "; ".join(["never built", *ex.shards])
         elif ex.shards:
-            reason = "; ".join(ex.shards)
+            moved = [c.describe() for c in ex.changes if c.part == "revision"]
+            reason = "; ".join([*moved, *ex.shards])
         elif ex.changes:
             reason = ex.changes[0].describe()
         else:

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from hfbuild import lockfile
 from hfbuild.absentdata import LockedData, Unchecked
 from hfbuild.build import build
+from hfbuild.datafiles import NOT_IN_GIT
 from hfbuild.diff import diff
 from hfbuild.errors import HfbuildError, UnmergedError
 from hfbuild.fingerprint import Manifest, data_file_ids
@@ -194,7 +195,7 @@ def _data_to_stage(
         out.update(
             {f.path: visible[f.path] for f in (here.dirty if here else ()) if f.path in visible}
         )
-    candidates = sorted(p for p in differing - out.keys() if not p.startswith("<outside>/"))
+    candidates = sorted(p for p in differing - out.keys() if not p.startswith(NOT_IN_GIT))
     for p in Snapshot(pipe.root).stageable(candidates):
         out[p] = "differs from the lock"
     return out

@@ -1,0 +1,332 @@
+"""Datasets from the Hugging Face Hub as inputs (issue #22 items 1-4), tested without a network:
+a local Hub cache laid out as huggingface_hub lays it out (`refs/`, `snapshots/<commit>/`,
+`blobs/<etag>`, checked by huggingface_hub's own `try_to_load_from_cache` and
+`scan_cache_dir`), made in commits here, read with HF_HUB_OFFLINE=1."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import pytest
+
+from tests.helpers import Repo, run_hfbuild, run_python
+from tests.pipeline_project import calls, doit
+from tests.shard_project import FILES
+
+REPO_ID = "org/name"
+
+
+def _parquet(name: str, start: int, rows: int = 10) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    xs = list(range(start, start + rows))
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"x": xs, "f": [name] * rows}), buf)
+    return buf.getvalue()
+
+
+class HubCache:
+    """A dataset repository in the local Hub cache, as `hf_hub_download` leaves it: each file
+    a relative link from `snapshots/<commit>/<path>` to `blobs/<etag>` (the LFS sha256 of a
+    parquet file, the git blob id of a small one), `refs/main` the branch's commit."""
+
+    def __init__(self, hub: pathlib.Path, repo_id: str = REPO_ID) -> None:
+        self.root = hub / ("datasets--" + repo_id.replace("/", "--"))
+        self.files: dict[str, bytes] = {}
+        self.commits: list[str] = []
+
+    @staticmethod
+    def etag(name: str, data: bytes) -> str:
+        if name.endswith(".parquet"):
+            return hashlib.sha256(data).hexdigest()
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+    def commit(self, changes: dict[str, bytes], ref: str = "main") -> str:
+        """A new commit of the repository with `changes`, fully downloaded, `ref` moved."""
+        self.files.update(changes)
+        listing = json.dumps(
+            [len(self.commits), sorted((n, self.etag(n, d)) for n, d in self.files.items())]
+        )
+        commit = hashlib.sha1(listing.encode()).hexdigest()
+        for name, data in self.files.items():
+            blob = self.root / "blobs" / self.etag(name, data)
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(data)
+            link = self.root / "snapshots" / commit / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        (self.root / "refs").mkdir(parents=True, exist_ok=True)
+        (self.root / "refs" / ref).write_text(commit)
+        self.commits.append(commit)
+        return commit
+
+    def snapshot(self, commit: str) -> pathlib.Path:
+        return self.root / "snapshots" / commit
+
+
+def _hub_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ["HF_HOME"]) / "hub"
+
+
+DODO = """
+    from hfbuild import Pipeline
+    from pkg import t
+
+    pipe = Pipeline()
+    raw = pipe.load("raw", "org/name", revision="main", data_files="data/*.parquet", split="train")
+    feat = pipe.map("feat", raw, t.feat)
+    PINNED
+
+
+    def task_preprocess():
+        yield from pipe.tasks()
+    """
+
+
+def _project(repo: Repo, pinned: str = "") -> Repo:
+    files = {k: v for k, v in FILES.items() if k != "dodo.py"}
+    files["dodo.py"] = DODO.replace("PINNED", pinned)
+    repo.write(files, commit="project")
+    return repo
+
+
+def _two_part_hub() -> HubCache:
+    hub = HubCache(_hub_dir())
+    hub.commit(
+        {
+            "README.md": b"# org/name\n\nTwo parts.\n",
+            ".gitattributes": b"*.parquet filter=lfs diff=lfs merge=lfs -text\n",
+            "data/part-0.parquet": _parquet("part-0", 0),
+            "data/part-1.parquet": _parquet("part-1", 100),
+        }
+    )
+    return hub
+
+
+READ = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+import dodo
+out = {}
+for name in sys.argv[1:]:
+    ds = dodo.pipe.result(name)
+    out[name] = {"rows": ds.to_dict(), "features": ds.features.to_dict()}
+print(json.dumps(out))
+"""
+
+PLAIN = """
+import json, sys
+import datasets
+ds = datasets.load_dataset(sys.argv[1], data_files="data/*.parquet", split="train")
+print(json.dumps({"rows": ds.to_dict(), "features": ds.features.to_dict()}))
+"""
+
+
+def _results(repo: Repo, *names: str) -> dict[str, Any]:
+    out = run_python(READ, repo.path, args=list(names))
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _plain(snapshot: pathlib.Path, tmp: pathlib.Path) -> dict[str, Any]:
+    """Plain datasets on the commit's files, in a fresh process with an empty datasets cache
+    (the local loader of the snapshot directory: datasets' own pattern resolution, README
+    card and parquet builder)."""
+    env = {"HF_DATASETS_CACHE": str(tmp / "plain-cache")}
+    out = run_python(PLAIN, tmp, env=env, args=[str(snapshot)])
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _lock(repo: Repo) -> dict[str, Any]:
+    stages: dict[str, Any] = json.loads((repo.path / "hfbuild.lock").read_text())["stages"]
+    return stages
+
+
+def test_the_cache_made_here_is_huggingface_hubs_layout(tmp_path: pathlib.Path) -> None:
+    """The test cache is what huggingface_hub itself reads offline."""
+    hub = _two_part_hub()
+    out = run_python(
+        """
+        import json
+        from huggingface_hub import hf_hub_download, scan_cache_dir, try_to_load_from_cache
+        a = try_to_load_from_cache("org/name", "data/part-1.parquet", repo_type="dataset")
+        b = hf_hub_download("org/name", "README.md", repo_type="dataset", local_files_only=True)
+        info = scan_cache_dir()
+        repos = [(r.repo_id, r.repo_type, [x.commit_hash for x in r.revisions]) for r in info.repos]
+        print(json.dumps([a, b, repos, [str(w) for w in info.warnings]]))
+        """,
+        tmp_path,
+    )
+    a, b, repos, warns = json.loads(out.stdout.strip().splitlines()[-1])
+    snap = hub.snapshot(hub.commits[0])
+    assert a == str(snap / "data" / "part-1.parquet")
+    assert b == str(snap / "README.md")
+    assert repos == [["org/name", "dataset", [hub.commits[0]]]]
+    assert warns == []
+
+
+def test_hub_stage_builds_offline_and_equals_plain_load_dataset(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    hub = _two_part_hub()
+    first = hub.commits[0]
+    pinned = f'pipe.load("pinned", "parquet", data_files="hf://datasets/org/name@{first}/data/*",'
+    pinned += ' split="train")'
+    _project(repo, pinned)
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    got = _results(repo, "raw", "pinned")
+    plain = _plain(hub.snapshot(first), tmp_path)
+    assert got["raw"] == plain
+    assert got["pinned"] == plain  # the hf:// form, pinned to a commit, reads the same
+    lock = _lock(repo)
+    assert lock["raw"]["hub"] == [{"repo": REPO_ID, "revision": "main", "commit": first}]
+    assert lock["pinned"]["hub"] == [{"repo": REPO_ID, "revision": first, "commit": first}]
+    # Keyed by the Hub's content ids, named without any revision; two shards (one per file).
+    files = lock["raw"]["manifest"]["data"]["files"]
+    assert files == [
+        [f"hf://datasets/org/name/data/part-{i}.parquet", hub.etag("x.parquet", d)]
+        for i, d in enumerate([hub.files["data/part-0.parquet"], hub.files["data/part-1.parquet"]])
+    ]
+    assert "main" not in json.dumps(lock["raw"]["manifest"])
+    assert first not in json.dumps(lock["raw"]["manifest"])
+    assert len(lock["raw"]["shard_hashes"]) == 2
+    assert sorted(calls(log)) == ["feat:part-0", "feat:part-1"]
+
+
+def test_moved_main_with_one_added_file_rebuilds_one_shard(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    hub = _two_part_hub()
+    _project(repo)
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    old = hub.commits[0]
+    new = hub.commit({"data/part-2.parquet": _parquet("part-2", 200)})
+    status = run_hfbuild(repo, "status")
+    assert f"revision main of org/name now resolves to {new[:12]}: was {old[:12]}" in status.stdout
+    explain = run_hfbuild(repo, "explain", "raw")
+    assert "now resolves to" in explain.stdout
+    assert "data/part-2.parquet" in explain.stdout, explain.stdout
+    log.unlink()
+    out = doit(repo, "run", "preprocess", log=log)
+    assert sorted(calls(log)) == ["feat:part-2"], out.stdout + out.stderr
+    assert "built 1 of 3 shards" in out.stdout + out.stderr
+    assert _results(repo, "feat")["feat"]["rows"]["f"].count("part-2") == 10
+    assert _results(repo, "raw")["raw"] == _plain(hub.snapshot(new), tmp_path)
+    assert _lock(repo)["raw"]["hub"][0]["commit"] == new
+
+
+def test_readme_only_commit_rebuilds_nothing_and_moves_the_locked_commit(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    hub = _two_part_hub()
+    _project(repo)
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    before = _lock(repo)
+    new = hub.commit({"README.md": b"# org/name\n\nTwo parts, better described.\n"})
+    assert run_hfbuild(repo, "status").stdout.count("up to date") == 2
+    log.unlink()
+    doit(repo, "run", "preprocess", log=log)
+    assert calls(log) == {}
+    after = _lock(repo)
+    assert after["raw"]["hub"] == [{"repo": REPO_ID, "revision": "main", "commit": new}]
+    for stage in ("raw", "feat"):
+        assert after[stage]["fingerprint"] == before[stage]["fingerprint"]
+
+
+def test_a_commit_the_cache_lacks_is_a_clear_error(repo: Repo, tmp_path: pathlib.Path) -> None:
+    hub = _two_part_hub()
+    _project(repo)
+    gone = "ab" * 20
+    (hub.root / "refs" / "main").write_text(gone)  # main moved, its files never fetched
+    out = run_hfbuild(repo, "status")
+    assert out.returncode == 1
+    text = out.stdout + out.stderr
+    assert f"commit {gone} of the Hub dataset org/name (revision 'main')" in text, text
+    assert f"huggingface-cli download org/name --repo-type dataset --revision {gone}" in text
+    assert "Traceback" not in text
+    # A revision the cache never saw: the same advice, for that revision.
+    (hub.root / "refs" / "main").unlink()
+    text = run_hfbuild(repo, "status").stdout + run_hfbuild(repo, "status").stderr
+    assert "revision 'main' of the Hub dataset org/name is not in the local Hub cache" in text
+    assert "--revision main" in text
+
+
+def test_verify_without_the_data_passes_from_metadata(repo: Repo, tmp_path: pathlib.Path) -> None:
+    """`hfbuild verify` in a clone without the store or the Hub files' content: the keys come
+    from the cache's metadata (the snapshot's links), never from reading the files."""
+    hub = _two_part_hub()
+    _project(repo)
+    doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    repo.commit("lock")
+    shutil.rmtree(hub.root / "blobs")  # the data is gone; the snapshot's links remain
+    clone = repo.clone(tmp_path / "clone")
+    out = run_hfbuild(clone, "verify")
+    assert out.returncode == 0, out.stdout + out.stderr
+    # and a lock that disagrees is caught by the same metadata (a file of main changed)
+    hub.files.pop("data/part-1.parquet")
+    hub.commit({"data/part-1.parquet": _parquet("part-1", 999)})
+    out = run_hfbuild(clone, "verify")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "hf://datasets/org/name/data/part-1.parquet" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("form", ["repo", "url"])
+def test_the_token_never_appears(
+    repo: Repo, tmp_path: pathlib.Path, form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = "hf_secretTOKENdoNotLeak1234567890"
+    monkeypatch.setenv("HF_TOKEN", token)
+    hub = _two_part_hub()
+    pinned = (
+        'pipe.load("pinned", "parquet", data_files="hf://datasets/org/name/data/*.parquet")'
+        if form == "url"
+        else ""
+    )
+    _project(repo, pinned)
+    out = doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    hub.commit({"data/part-2.parquet": _parquet("part-2", 200)})
+    texts = [out.stdout, out.stderr]
+    for args in (["status"], ["explain", "raw"], ["verify"], ["lock"]):
+        got = run_hfbuild(repo, *args)
+        texts += [got.stdout, got.stderr]
+    texts.append((repo.path / "hfbuild.lock").read_text())
+    for p in (repo.path / ".hfbuild").rglob("*"):
+        if p.is_file():
+            texts.append(p.read_bytes().decode("utf-8", "replace"))
+    assert any("org/name" in t for t in texts)
+    assert not [t for t in texts if token in t]
+
+
+def test_a_local_pattern_among_hub_ones_and_a_name_are_refused(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    _two_part_hub()
+    _project(
+        repo,
+        'pipe.load("mixed", "parquet", data_files=["hf://datasets/org/name/data/*", "x/*"])',
+    )
+    got = run_hfbuild(repo, "status")
+    text = got.stdout + got.stderr
+    assert "'x/*' is a local path among Hub paths" in text, text
+    run = run_python(
+        """
+        from hfbuild import Pipeline, HfbuildError
+        try:
+            Pipeline().load("a", "org/name", name="cfg", data_files="data/*")
+        except HfbuildError as e:
+            print(e)
+        """,
+        repo.path,
+    )
+    assert "name= (a configuration of the dataset card) is not supported yet" in run.stdout
