@@ -273,10 +273,10 @@ def ensure(paths: Iterable[str]) -> None:
         if os.path.exists(full):
             continue
         rel = os.path.relpath(full, top).split(os.sep)
-        if len(rel) < 5 or rel[2] != "snapshots" or not rel[0].startswith("datasets--"):
+        if len(rel) < 4 or rel[1] != "snapshots" or not rel[0].startswith("datasets--"):
             continue  # not a Hub file: the build's own error names it
         repo = "/".join(rel[0][len("datasets--") :].split("--", 1))
-        commit, name = rel[3], "/".join(rel[4:])
+        commit, name = rel[2], "/".join(rel[3:])
         if offline():
             raise HubError(
                 f"{PREFIX}{repo}/{name} at commit {commit} is not in the local Hub cache "

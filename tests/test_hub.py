@@ -337,3 +337,55 @@ def test_a_local_pattern_among_hub_ones_and_a_name_are_refused(
         repo.path,
     )
     assert "name= (a configuration of the dataset card) is not supported yet" in run.stdout
+
+
+def test_split_dict_of_hub_patterns_equals_plain(repo: Repo, tmp_path: pathlib.Path) -> None:
+    """Hub patterns per split, with `?` and `[...]`, in a non-sorted split order: the same
+    DatasetDict as plain datasets gives for the same patterns over the commit's files."""
+    hub = _two_part_hub()
+    hub.commit({"data/part-2.parquet": _parquet("part-2", 200)})
+    files = '{"train": ["data/part-[02].parquet"], "test": "data/part-?.parquet"}'
+    stage = f'pipe.load("splits", "org/name", data_files={files})'
+    _project(repo, stage)
+    doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    got = run_python(
+        """
+        import json, warnings
+        warnings.simplefilter("ignore")
+        import dodo
+        d = dodo.pipe.result("splits")
+        print(json.dumps({s: d[s].to_dict() for s in d}))
+        """,
+        repo.path,
+    )
+    plain = run_python(
+        f"""
+        import json, sys
+        import datasets
+        d = datasets.load_dataset(sys.argv[1], data_files={files})
+        print(json.dumps({{s: d[s].to_dict() for s in d}}))
+        """,
+        tmp_path,
+        env={"HF_DATASETS_CACHE": str(tmp_path / "plain-cache")},
+        args=[str(hub.snapshot(hub.commits[-1]))],
+    )
+    ours = got.stdout.strip().splitlines()[-1]
+    assert ours == plain.stdout.strip().splitlines()[-1]
+    assert list(json.loads(ours)) == ["train", "test"]
+    assert json.loads(ours)["train"]["f"] == ["part-0"] * 10 + ["part-2"] * 10
+
+
+def test_a_build_whose_hub_blob_is_gone_says_what_to_do(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """The key needs only the cache's metadata, a build the files: offline, a file the
+    snapshot names but whose blob is gone is an error naming the command that fetches it."""
+    hub = _two_part_hub()
+    _project(repo)
+    (hub.root / "blobs" / hub.etag("x.parquet", hub.files["data/part-1.parquet"])).unlink()
+    out = doit(repo, "run", "preprocess", log=tmp_path / "calls.log", check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "hf://datasets/org/name/data/part-1.parquet at commit" in text, text
+    assert f"--revision {hub.commits[0]}" in text
+    assert "Traceback" not in text
