@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import shutil
+import textwrap
 from typing import Any
 
 import pytest
@@ -375,9 +376,7 @@ def test_split_dict_of_hub_patterns_equals_plain(repo: Repo, tmp_path: pathlib.P
     assert json.loads(ours)["train"]["f"] == ["part-0"] * 10 + ["part-2"] * 10
 
 
-def test_a_build_whose_hub_blob_is_gone_says_what_to_do(
-    repo: Repo, tmp_path: pathlib.Path
-) -> None:
+def test_a_build_whose_hub_blob_is_gone_says_what_to_do(repo: Repo, tmp_path: pathlib.Path) -> None:
     """The key needs only the cache's metadata, a build the files: offline, a file the
     snapshot names but whose blob is gone is an error naming the command that fetches it."""
     hub = _two_part_hub()
@@ -389,3 +388,33 @@ def test_a_build_whose_hub_blob_is_gone_says_what_to_do(
     assert "hf://datasets/org/name/data/part-1.parquet at commit" in text, text
     assert f"--revision {hub.commits[0]}" in text
     assert "Traceback" not in text
+
+
+def test_patterns_that_match_nothing_or_are_malformed_and_a_cache_without_links(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    hub = _two_part_hub()
+    stages = """
+    deep = pipe.load("deep", "org/name", data_files="**/*.parquet")
+    none = pipe.load("none", "parquet", data_files="hf://datasets/org/name@main/x/*.parquet")
+    bad = pipe.load("bad", "parquet", data_files="hf://datasets/org-only/a.parquet")
+    """
+    _project(repo, textwrap.dedent(stages).replace("\n", "\n    "))
+    got = run_hfbuild(repo, "status")
+    lines = {ln.split()[0]: ln for ln in got.stdout.splitlines() if ln.strip()}
+    assert lines["deep"].endswith(
+        "never built; 2 of 2 shards new: hf://datasets/org/name/data/part-0.parquet, "
+        "hf://datasets/org/name/data/part-1.parquet"
+    ), got.stdout
+    assert (
+        f"'hf://datasets/org/name@main/x/*.parquet' matches no file of org/name at commit "
+        f"{hub.commits[0]} (offline: the files the local Hub cache holds)" in lines["none"]
+    )
+    assert "'hf://datasets/org-only/a.parquet' is not a Hub dataset path" in lines["bad"]
+    # A cache made without symlinks (a copy in the snapshot) has no content id to read.
+    link = hub.snapshot(hub.commits[0]) / "data" / "part-0.parquet"
+    data = link.read_bytes()
+    link.unlink()
+    link.write_bytes(data)
+    got = run_hfbuild(repo, "status")
+    assert f"{link} is a copy, not huggingface_hub's link to a blob" in got.stdout, got.stdout
