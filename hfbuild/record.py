@@ -536,6 +536,10 @@ def dump_manifests(ms: Manifests) -> dict[str, Any] | None:
     """The manifests as JSON; None when one stage failed (its error is the full path's)."""
     if ms.failed:
         return None
+    if any(ms.ok[name].hub for name in ms):
+        # A Hub load's revision moves with no file of the project's changing (offline, the
+        # cache's refs/; online, the Hub): such a pipeline's manifests are computed in full.
+        return None
     stages: dict[str, Any] = {}
     for name in ms:
         m = ms.ok[name]

@@ -418,3 +418,18 @@ def test_patterns_that_match_nothing_or_are_malformed_and_a_cache_without_links(
     link.write_bytes(data)
     got = run_hfbuild(repo, "status")
     assert f"{link} is a copy, not huggingface_hub's link to a blob" in got.stdout, got.stdout
+
+
+def test_a_moved_branch_is_seen_after_no_op_checks(repo: Repo, tmp_path: pathlib.Path) -> None:
+    """The no-import record (record.py) cannot see a branch move in the Hub cache or on the
+    Hub: a pipeline with a Hub load is never answered from it."""
+    hub = _two_part_hub()
+    _project(repo)
+    doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    repo.commit("lock")
+    for _ in range(3):  # a record would be written and confirmed by now
+        assert run_hfbuild(repo, "status").returncode == 0
+    new = hub.commit({"data/part-2.parquet": _parquet("part-2", 200)})
+    got = run_hfbuild(repo, "status")
+    assert got.returncode == 1, got.stdout
+    assert f"now resolves to {new[:12]}" in got.stdout
