@@ -167,8 +167,8 @@ def _as_datasets_refuses(pipe: Pipeline, name: str, e: MissingDataError) -> Miss
     import tempfile
 
     spec = pipe[name].spec
-    if spec.kind != "load":
-        return e
+    if spec.kind != "load" or hub.any_hub(spec.options["data_files"]):
+        return e  # datasets cannot list a Hub commit offline: hub.py's message says it all
     from hfbuild import builder
 
     with tempfile.TemporaryDirectory(prefix="hfbuild-refusal-") as scratch:

@@ -411,6 +411,11 @@ def test_patterns_that_match_nothing_or_are_malformed_and_a_cache_without_links(
         f"{hub.commits[0]} (offline: the files the local Hub cache holds)" in lines["none"]
     )
     assert "'hf://datasets/org-only/a.parquet' is not a Hub dataset path" in lines["bad"]
+    built = doit(repo, "run", "preprocess:none", log=tmp_path / "calls.log", check=False)
+    text = built.stdout + built.stderr
+    assert built.returncode != 0
+    assert "'hf://datasets/org/name@main/x/*.parquet' matches no file of org/name" in text
+    assert "Plain datasets" not in text and "Traceback" not in text, text
     # A cache made without symlinks (a copy in the snapshot) has no content id to read.
     link = hub.snapshot(hub.commits[0]) / "data" / "part-0.parquet"
     data = link.read_bytes()
