@@ -40,13 +40,18 @@ class Node(NamedTuple):
 
 
 def origin(
-    kind: str, options: Mapping[str, Any], doc: Mapping[str, Any], ref: str | None = None
+    kind: str,
+    options: Mapping[str, Any],
+    doc: Mapping[str, Any],
+    ref: str | None = None,
+    hub: Sequence[Mapping[str, str]] = (),
 ) -> tuple[str, ...]:
     """Where a stage came from, one line each: a load's builder, its data_files as given (when
     the pipeline at hand knows them) and how many files they matched (from the manifest
     `doc`); a transform's function as `module:qualname` (from `doc`, else the stage's `ref`
     when it has no manifest). A kind of source other than data files (a Hub dataset, say)
-    adds its own branch here, reading its part of `doc`."""
+    adds its own branch here, reading its part of `doc`. A Hub load (`hub`: the manifest's
+    pins, hub.py) adds a line per revision with the commit it resolved to."""
     data = doc.get("data")
     if kind == "load" and isinstance(data, Mapping):
         files = data.get("files")
@@ -60,7 +65,13 @@ def origin(
         given = options.get("data_files")
         patterns = _patterns(given) if given is not None else ""
         what = f"{data.get('builder')} {patterns}".rstrip()
-        return (f"{what} ({count:,} {'file' if count == 1 else 'files'})",)
+        pins = tuple(
+            f"{p['repo']}@{p['revision']}: commit {p['commit'][:12]}"
+            if p["revision"] != p["commit"]
+            else f"{p['repo']} commit {p['commit'][:12]}"
+            for p in hub
+        )
+        return (f"{what} ({count:,} {'file' if count == 1 else 'files'})", *pins)
     code = doc.get("code")
     target = code.get("target") if isinstance(code, Mapping) else None
     if isinstance(target, Mapping) and target.get("module") and target.get("qualname"):

@@ -197,6 +197,14 @@ def test_hub_stage_builds_offline_and_equals_plain_load_dataset(
         [f"hf://datasets/org/name/data/part-{i}.parquet", hub.etag("x.parquet", d)]
         for i, d in enumerate([hub.files["data/part-0.parquet"], hub.files["data/part-1.parquet"]])
     ]
+    # `hfbuild graph` says where each load came from, with the commit it resolved to.
+    graph = json.loads(run_hfbuild(repo, "graph", "--format", "json").stdout)
+    origins = {n["stage"]: n["origin"] for n in graph["stages"]}
+    assert origins["raw"] == [
+        "parquet hf://datasets/org/name@main/data/*.parquet (2 files)",
+        f"org/name@main: commit {first[:12]}",
+    ]
+    assert origins["pinned"][-1] == f"org/name commit {first[:12]}"
     assert "main" not in json.dumps(lock["raw"]["manifest"])
     assert first not in json.dumps(lock["raw"]["manifest"])
     assert len(lock["raw"]["shard_hashes"]) == 2

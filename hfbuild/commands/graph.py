@@ -39,7 +39,9 @@ def nodes(pipe: Pipeline) -> list[pictures.Node]:
                 rows=s.rows,
                 size=sizes.get(s.stage),
                 shards=shards,
-                origin=pictures.origin(spec.kind, spec.options, m.doc if m else {}, spec.ref),
+                origin=pictures.origin(
+                    spec.kind, spec.options, m.doc if m else {}, spec.ref, m.hub if m else ()
+                ),
                 pending=m.pending[0] if m is not None and m.pending else None,
             )
         )
