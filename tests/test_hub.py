@@ -146,6 +146,15 @@ def _plain(snapshot: pathlib.Path, tmp: pathlib.Path) -> dict[str, Any]:
     return result
 
 
+def _built(repo: Repo, tmp_path: pathlib.Path) -> tuple[HubCache, pathlib.Path]:
+    """The two-file Hub dataset, the project reading its main, built; the call log."""
+    hub = _two_part_hub()
+    _project(repo)
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    return hub, log
+
+
 def _lock(repo: Repo) -> dict[str, Any]:
     stages: dict[str, Any] = json.loads((repo.path / "hfbuild.lock").read_text())["stages"]
     return stages
@@ -214,10 +223,7 @@ def test_hub_stage_builds_offline_and_equals_plain_load_dataset(
 def test_moved_main_with_one_added_file_rebuilds_one_shard(
     repo: Repo, tmp_path: pathlib.Path
 ) -> None:
-    hub = _two_part_hub()
-    _project(repo)
-    log = tmp_path / "calls.log"
-    doit(repo, "run", "preprocess", log=log)
+    hub, log = _built(repo, tmp_path)
     old = hub.commits[0]
     new = hub.commit({"data/part-2.parquet": _parquet("part-2", 200)})
     status = run_hfbuild(repo, "status")
@@ -237,10 +243,7 @@ def test_moved_main_with_one_added_file_rebuilds_one_shard(
 def test_readme_only_commit_rebuilds_nothing_and_moves_the_locked_commit(
     repo: Repo, tmp_path: pathlib.Path
 ) -> None:
-    hub = _two_part_hub()
-    _project(repo)
-    log = tmp_path / "calls.log"
-    doit(repo, "run", "preprocess", log=log)
+    hub, log = _built(repo, tmp_path)
     before = _lock(repo)
     new = hub.commit({"README.md": b"# org/name\n\nTwo parts, better described.\n"})
     assert run_hfbuild(repo, "status").stdout.count("up to date") == 2
