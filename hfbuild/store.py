@@ -4,7 +4,9 @@ Owns: every path under the store directory. `objects/<fp[:2]>/<fp>/` holds `data
 `save_to_disk` layout) and `manifest.json`; `tmp/` holds builds in progress; `locks/` the
 per-fingerprint build locks; `refs/<stage>` the last fingerprint built under each stage name;
 `observed/<fp[:2]>/<fp>.json` the files builds of a static fingerprint read at run time;
-`failures/<fp[:2]>/<fp>.json` the error the last build of a key failed with (until one succeeds).
+`failures/<fp[:2]>/<fp>.json` the error the last build of a key failed with (until one succeeds);
+`content/<hash[:2]>/<hash>` an entry holding that content hash's rows: a result equal to one
+already stored is published with hard links to its Arrow files (one copy; `_link_equal`).
 An entry's `data/` may instead hold only indices into another entry, its *base*
 (`indexed.py`): it is intact only while its base is, and it references its base as a stage
 result made of shards references its shards (gc, push and pull follow `references`).
@@ -656,6 +658,7 @@ class Store:
             raise self._unpublished(build_dir, fp, e) from e
         self._known[fp] = ids
         self._damaged.pop(fp, None)
+        self._note_content(fp, doc)
         return doc
 
     def publish_first(self, build_dir: str, fp: str, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -672,6 +675,7 @@ class Store:
             os.rename(build_dir, final)
             self._known[fp] = ids
             self._damaged.pop(fp, None)
+            self._note_content(fp, doc)
             return doc
         except OSError as e:
             if not os.path.lexists(final):
@@ -694,6 +698,7 @@ class Store:
             # are the ones the published entry keeps (renaming the directory into place
             # changes no file inside it).
             sharing.share_tree(build_dir)  # what datasets wrote, in a group-shared store
+            self._link_equal(data, fp, manifest)  # before its identities are taken
             for dirpath, _, names in os.walk(data):
                 for n in names:
                     full = os.path.join(dirpath, n)
@@ -725,6 +730,77 @@ class Store:
             raise self._unpublished(build_dir, fp, e) from e
         self._ids[fp] = ids
         return doc, _flat(doc["files"], ids["own"]) or ()
+
+    # -- equal results, one copy (`content/<hash[:2]>/<hash>`: an entry holding that content) --
+
+    def _content_note(self, content_hash: Any) -> str | None:
+        if not isinstance(content_hash, str) or not _FP.match(content_hash):
+            return None
+        return os.path.join(self.root, "content", content_hash[:2], content_hash)
+
+    def _note_content(self, fp: str, doc: dict[str, Any]) -> None:
+        """Note `fp` as an entry holding its content hash's rows, for `_link_equal`; an entry
+        without rows of its own (a list of shards, indices into a base) is not noted. A note
+        is a hint: whoever reads it checks the entry it names."""
+        path = self._content_note(doc.get("content_hash"))
+        if (
+            path is None
+            or doc.get("indices") is not None
+            or not any(r.endswith(".arrow") for r in doc.get("files") or {})
+        ):
+            return
+        with contextlib.suppress(OSError):
+            sharing.makedirs(os.path.dirname(path))
+            sharing.write_text_atomic(path, fp + "\n", durable=False)
+
+    def _link_equal(self, data: str, fp: str, manifest: dict[str, Any]) -> None:
+        """Equal results are one result: where an intact entry already holds the rows of
+        `manifest`'s content hash (a comment, a refactor or an upgrade rebuilt a stage under
+        another key to the same data), each of the new build's Arrow files that is that
+        entry's byte for byte is replaced by a hard link to it, so the store keeps one copy.
+        A link changes the file's ctime: the other entry's recorded identities are renewed
+        (they held before the link, so its files are what it checked). Where linking fails
+        (another filesystem, another user's file), the copy stays: only space is lost. The
+        linked file names the first entry's key in its schema's metadata (`_same_rows_file`):
+        a result is loaded with its own `state.json`'s fingerprint, never that one."""
+        note = self._content_note(manifest.get("content_hash"))
+        if note is None:
+            return
+        try:
+            with open(note, encoding="utf-8") as f:
+                other = f.read().strip()
+        except OSError:
+            return
+        if other == fp or not _FP.match(other):
+            return
+        there = self.intact_manifest(other)
+        if there is None or there.get("content_hash") != manifest.get("content_hash"):
+            return
+        if there.get("files") and other not in self._known:
+            return
+        theirs = self._data_of(other)
+        own = self._read_ids(other).get("own")
+        if not isinstance(own, dict):
+            return
+        renewed = dict(own)
+        for rel, size in there["files"].items():
+            mine = _path(data, rel)
+            old = _path(theirs, rel)
+            if not rel.endswith(".arrow") or not isinstance(own.get(rel), list):
+                continue
+            try:
+                if os.lstat(mine).st_size != size or not _same_rows_file(old, mine, other, fp):
+                    continue
+                tmp = mine + ".link"
+                os.link(old, tmp)
+                os.replace(tmp, mine)
+                st = os.stat(old)
+            except OSError:
+                continue
+            renewed[rel] = [*_identity(st), *own[rel][4:]]
+        if renewed != own:
+            self._write_ids(other, {**self._read_ids(other), "own": renewed})
+            self._known[other] = _flat(there["files"], renewed) or ()
 
     def _unpublished(self, build_dir: str, fp: str, e: OSError) -> StoreError:
         shutil.rmtree(build_dir, ignore_errors=True)
@@ -815,13 +891,16 @@ class Store:
                 if ref not in kept:
                     kept.add(ref)
                     todo.append(ref)
+        removed: set[str] = set()
         for fp in self.fingerprints():
             e = self.entry(fp)
             if fp in kept or not os.path.exists(e):
                 continue
             gone.append((e, tree_size(e)))
+            removed.add(fp)
             if not dry_run:
                 self.remove(fp)
+        self._gc_content(removed, dry_run=dry_run)
         gone += self._gc_observed(kept, now - keep_seconds, dry_run=dry_run)
         # A failed build's record goes with its key, or once older than keep_seconds.
         gone += self._gc_records("failures", kept, now - keep_seconds, dry_run=dry_run)
@@ -844,6 +923,26 @@ class Store:
                     if not dry_run:
                         shutil.rmtree(p, ignore_errors=True)
         return gone
+
+    def _gc_content(self, removed: set[str], *, dry_run: bool) -> None:
+        """Remove the content notes (`_note_content`) naming an entry that is gone or being
+        removed (bookkeeping, not reported); the entries that shared its files keep them
+        (hard links)."""
+        top = os.path.join(self.root, "content")
+        for sub in sorted(os.listdir(top)) if os.path.isdir(top) else []:
+            d = os.path.join(top, sub)
+            for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+                path = os.path.join(d, name)
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        fp = f.read().strip()
+                except OSError:
+                    continue
+                if _FP.match(fp) and fp not in removed and os.path.isdir(self.entry(fp)):
+                    continue
+                if not dry_run:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
 
     # -- what builds read at run time, by static fingerprint (see fullkey.py) -------------------
 
@@ -993,6 +1092,28 @@ def _indent(doc: dict[str, Any]) -> int | None:
     (its indenting encoder is pure Python). The manifest's checksum is of its content, not
     its layout."""
     return None if isinstance(doc.get("shards"), list) else 1
+
+
+def _same_rows_file(old: str, new: str, old_key: str, new_key: str) -> bool:
+    """Whether the Arrow stream file `new` is `old` byte for byte, but for the key datasets
+    writes into the schema's metadata (`"fingerprint"`, the entry's key: hfbuild builds with
+    `new_fingerprint=key`), which only the schema message (the stream's first) may hold."""
+    chunk = 1 << 20
+    with open(old, "rb") as a, open(new, "rb") as b:
+        head = a.read(8)
+        if head[:4] != b"\xff\xff\xff\xff" or head != b.read(8):
+            return False
+        n = int.from_bytes(head[4:8], "little")  # the schema message's length
+        if n > 64 * chunk:
+            return False
+        if a.read(n).replace(old_key.encode(), new_key.encode()) != b.read(n):
+            return False
+        while True:
+            x, y = a.read(chunk), b.read(chunk)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 def _path(data: str, rel: str) -> str:

@@ -164,6 +164,54 @@ def test_a_comment_upstream_rebuilds_that_stage_only(repo: Repo, tmp_path: pathl
     assert calls(tmp_path / "third") == Counter()
 
 
+def _arrow_copies(repo: Repo) -> tuple[dict[bytes, set[int]], int]:
+    """The store's Arrow files: their rows' bytes -> the inodes holding them; how many files."""
+    import re
+
+    out: dict[bytes, set[int]] = {}
+    n = 0
+    for f in sorted((repo.path / ".hfbuild" / "objects").rglob("*.arrow")):
+        # The key datasets writes into the schema's metadata aside, the rows' bytes.
+        rows = re.sub(rb'"fingerprint": "[0-9a-f]{32}"', b"", f.read_bytes())
+        out.setdefault(rows, set()).add(f.stat().st_ino)
+        n += 1
+    return out, n
+
+
+def test_equal_results_are_stored_once(repo: Repo, tmp_path: pathlib.Path) -> None:
+    """The stage a comment rebuilt gives its result under a new key: the store keeps one
+    copy of its data (the two entries' Arrow files are one file), both entries pass the
+    full check, and once gc removes the old entry the new one is intact and served."""
+    make(repo)
+    doit(repo, "run", "preprocess", log=tmp_path / "first")
+    old = json.loads((repo.path / "hfbuild.lock").read_text())["stages"]
+    copies, files = _arrow_copies(repo)
+    comment(repo, "prep/text.py")
+    repo.commit("a comment")
+    doit(repo, "run", "preprocess", log=tmp_path / "second")
+    new = json.loads((repo.path / "hfbuild.lock").read_text())["stages"]
+    assert old["clean"]["fingerprint"] != new["clean"]["fingerprint"]
+    assert old["clean"]["content_hash"] == new["clean"]["content_hash"]
+    copies, more = _arrow_copies(repo)
+    assert more > files  # the new entry's files are there ...
+    assert all(len(inodes) == 1 for inodes in copies.values()), copies.values()  # ... once
+    assert len(copies) < more  # (one file holds both entries' rows)
+    deep = run_hfbuild(repo, "verify", "--deep")
+    assert deep.returncode == 0, deep.stdout + deep.stderr
+
+    gone = run_hfbuild(repo, "gc", "--keep-days", "0")
+    assert gone.returncode == 0, gone.stderr
+    assert not list((repo.path / ".hfbuild" / "content").rglob("*")) or all(
+        (repo.path / ".hfbuild" / "objects" / p.read_text()[:2] / p.read_text().strip()).is_dir()
+        for p in (repo.path / ".hfbuild" / "content").rglob("*")
+        if p.is_file()
+    )
+    assert all(v == "up to date" for v in status_lines(repo).values()), status_lines(repo)
+    assert results(repo) == plain(TEXTS)
+    deep = run_hfbuild(repo, "verify", "--deep")
+    assert deep.returncode == 0, deep.stdout + deep.stderr
+
+
 def test_a_comment_in_a_stage_built_by_batch_units_is_cut_off(
     repo: Repo, tmp_path: pathlib.Path
 ) -> None:
