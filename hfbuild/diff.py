@@ -399,6 +399,14 @@ def _listing_change(old: Sequence[str] | None, new: Sequence[str] | None) -> str
     return " ".join(some("+", sorted(now - was)) + some("-", sorted(was - now))) or "reordered"
 
 
+def versions_only(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change] | None:
+    """The differences between two manifest documents when each is a package's version
+    (Python, datasets, pyarrow, a package the code imports), else None: the same stage on a
+    machine with other versions, its inputs' results the same."""
+    changes = diff(old, new)
+    return changes if changes and all(c.part == "package" for c in changes) else None
+
+
 def diff_observed(
     old: Iterable[Sequence[str]],
     now: Mapping[str, str],

@@ -110,7 +110,8 @@ class Ledger:
             [f.path for f in m.dirty],
             m.hub,
         )
-        if self._lock_view().get(name) == e:
+        was = self._lock_view().get(name)
+        if was == e or _same_result_elsewhere(was, e, m.doc):
             return
         # Merged with the file as it is now, under its file lock: nothing another process
         # wrote since we read it is lost.
@@ -133,3 +134,22 @@ class Ledger:
 
             resolve_conflict(self.pipe)
             return lockfile.read_cached(self.pipe.lock_path)
+
+
+def _same_result_elsewhere(was: Any, e: Mapping[str, Any], doc: Mapping[str, Any]) -> bool:
+    """Whether the lock's entry `was` records this stage's result as built on a machine with
+    other package versions (Python, datasets, ...: nothing else differs, its inputs' results
+    the same) giving the same content hash: it is then kept, so that a team on two versions
+    does not rewrite the lock back and forth (`verify` accepts either side's key while the
+    store holds that side's result with the recorded content hash)."""
+    from hfbuild.diff import versions_only
+
+    return (
+        isinstance(was, dict)
+        and not e.get("dirty")
+        and not was.get("dirty")
+        and isinstance(e.get("content_hash"), str)
+        and was.get("content_hash") == e.get("content_hash")
+        and was.get("fingerprint") != e.get("fingerprint")
+        and versions_only(was.get("manifest") or {}, doc) is not None
+    )

@@ -23,7 +23,7 @@ from hfbuild import lockfile
 from hfbuild.absentdata import LockedData, Unchecked
 from hfbuild.build import build
 from hfbuild.datafiles import NOT_IN_GIT
-from hfbuild.diff import diff
+from hfbuild.diff import diff, versions_only
 from hfbuild.errors import HfbuildError, UnmergedError
 from hfbuild.fingerprint import Manifest, data_file_ids
 from hfbuild.fullkey import observed_changes
@@ -131,6 +131,8 @@ def check_lock(
                     f"Fix: {fix}{hint}.",
                 )
             )
+        elif entry.get("fingerprint") != fp and _same_result_elsewhere(pipe, entry, m):
+            continue
         elif entry.get("fingerprint") != fp:
             cause = _cause(pipe, entry, m, manifests, name, "index" if staged else "worktree")
             problems.append(
@@ -159,6 +161,18 @@ def check_lock(
     if to_stage:
         problems.insert(0, Problem(None, _stage_data_message(pipe, to_stage)))
     return problems
+
+
+def _same_result_elsewhere(pipe: Pipeline, entry: Mapping[str, Any], m: Manifest) -> bool:
+    """A lock entry written on a machine with other package versions (nothing else in the
+    stage's manifest differs, its inputs' results the same: `diff.versions_only`) holds
+    when this store has the stage's result under this machine's key with the content hash
+    the entry records: both sides' builds gave the same data (a mixed-version team)."""
+    if m.dirty or versions_only(entry.get("manifest") or {}, m.doc) is None:
+        return False
+    doc = pipe.store.intact_manifest(m.fingerprint)
+    want = entry.get("content_hash")
+    return doc is not None and isinstance(want, str) and doc.get("content_hash") == want
 
 
 def _data_to_stage(

@@ -60,6 +60,50 @@ def test_datasets_upgrade_rebuilds_every_stage_and_explain_names_it(
     assert back.returncode == 0, back.stdout + back.stderr
 
 
+def _hfbuild(repo: Repo, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [HFBUILD, *args],
+        cwd=repo.path,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_a_team_on_two_versions_keeps_one_lock(repo: Repo, tmp_path: pathlib.Path) -> None:
+    """A lock committed under datasets 3.0.0: under the installed datasets every stage is
+    built once (other keys), each to the same result, so the lock is left as it is, and
+    `verify`, `verify --staged` and `status` pass on both sides. A clone that has not built
+    under its versions is refused by the hook (its store holds no result of its own); a real
+    change under either version rewrites the entry."""
+    make_project(repo)
+    old = {"PYTHONPATH": fake_distribution(tmp_path, "datasets", "3.0.0")}
+    doit(repo, "run", "preprocess", log=tmp_path / "a.log", env=old)
+    repo.git("add", "hfbuild.lock")
+    repo.commit("lock, under datasets 3.0.0")
+    lock = (repo.path / "hfbuild.lock").read_text()
+
+    clone = repo.clone(tmp_path / "clone")
+    hook = run_hfbuild(clone, "verify", "--staged")
+    assert hook.returncode == 1 and "package datasets changed" in hook.stderr, hook.stderr
+
+    out = doit(repo, "run", "preprocess", log=tmp_path / "b.log")
+    assert "built" in out.stdout  # every stage: its key holds the versions it ran under
+    assert (repo.path / "hfbuild.lock").read_text() == lock
+    for env in ({}, old):
+        for args in (("verify",), ("verify", "--staged"), ("status",)):
+            got = _hfbuild(repo, env, *args)
+            assert got.returncode == 0, (env, args, got.stdout + got.stderr)
+
+    # A real change is recorded whoever makes it.
+    deep = repo.path / "pkg" / "util" / "deep.py"
+    deep.write_text(deep.read_text().replace("OFFSET = 0", "OFFSET = 1"))
+    repo.commit("another offset")
+    doit(repo, "run", "preprocess", log=tmp_path / "c.log")
+    assert (repo.path / "hfbuild.lock").read_text() != lock
+
+
 @pytest.mark.parametrize("name", ["datasets", "pyarrow"])
 def test_runtime_packages_are_read_without_importing_them(repo: Repo, name: str) -> None:
     """A fingerprint records datasets, pyarrow and Python major.minor without importing
