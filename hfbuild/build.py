@@ -34,7 +34,7 @@ from hfbuild.fingerprint import Manifest, check_dirty
 from hfbuild.fullkey import entry_doc, full_key, observing
 from hfbuild.remote import RemoteError, RemoteUnreachableError, unavailable
 from hfbuild.spec import Report, StageSpec, stored_rows
-from hfbuild.store import disk_full
+from hfbuild.storepaths import disk_full
 
 if TYPE_CHECKING:
     from hfbuild.manifests import Manifests

@@ -29,7 +29,7 @@ from hfbuild.content import dataset_hash, select_rows, table_hash
 from hfbuild.errors import BuildError, HfbuildError
 from hfbuild.inputid import form_digest
 from hfbuild.spec import StageSpec
-from hfbuild.store import disk_full, tree_size
+from hfbuild.storepaths import disk_full, tree_size
 
 SCRATCH = "scratch"
 

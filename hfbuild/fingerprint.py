@@ -41,7 +41,8 @@ from hfbuild.errors import (
 )
 from hfbuild.fullkey import full_key
 from hfbuild.gitstate import FileId, Snapshot, find_root
-from hfbuild.store import Store, default_root
+from hfbuild.store import Store
+from hfbuild.storepaths import default_root
 
 if TYPE_CHECKING:
     from hfbuild.absentdata import LockedData

@@ -40,7 +40,7 @@ from hfbuild.diff import Change, diff_observed
 from hfbuild.errors import ObservationWarning
 from hfbuild.gitstate import Snapshot
 from hfbuild.spec import split_order
-from hfbuild.store import safe_observed
+from hfbuild.storepaths import safe_observed
 
 if TYPE_CHECKING:
     from hfbuild.fingerprint import Manifest

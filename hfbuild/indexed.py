@@ -31,7 +31,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from hfbuild.store import safe_rel
+from hfbuild.storepaths import safe_rel
 
 INDICES_FILE = "indices.arrow"
 INFO_FILE = "dataset_info.json"

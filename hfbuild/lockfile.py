@@ -265,7 +265,7 @@ def pins(stages: Mapping[str, Any]) -> dict[str, Pin]:
 @contextlib.contextmanager
 def _locked(lock_dir: str) -> Iterator[None]:
     from hfbuild import sharing
-    from hfbuild.store import permission_hint
+    from hfbuild.storepaths import permission_hint
 
     with permission_hint(os.path.dirname(lock_dir)):
         sharing.makedirs(lock_dir)

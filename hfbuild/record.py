@@ -85,7 +85,8 @@ from hfbuild.gitstate import (
 )
 from hfbuild.manifests import Manifests
 from hfbuild.shards import ShardIn
-from hfbuild.store import Store, default_root
+from hfbuild.store import Store
+from hfbuild.storepaths import default_root
 
 FORMAT = 2
 KEEP = 8  # contexts kept per dodo file

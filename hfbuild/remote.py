@@ -41,7 +41,8 @@ from typing import Any, TypeVar, cast
 from hfbuild import config, progress
 from hfbuild.errors import HfbuildError, StoreError
 from hfbuild.lockfile import LOCK_NAME, Pin
-from hfbuild.store import MANIFEST, Store, manifest_digest, safe_rel
+from hfbuild.store import Store
+from hfbuild.storepaths import MANIFEST, manifest_digest, safe_rel
 
 _PROGRESS_BYTES = 4 * 1024 * 1024  # transfers above this show a progress bar
 

@@ -33,7 +33,7 @@ from hfbuild.errors import BuildError, HfbuildError
 from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import Observed, entry_doc, observing
 from hfbuild.spec import Report, StageSpec, stored_rows
-from hfbuild.store import tree_size
+from hfbuild.storepaths import tree_size
 
 if TYPE_CHECKING:
     from hfbuild.pipeline import Pipeline

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from hfbuild.store import manifest_digest
+from hfbuild.storepaths import manifest_digest
 from tests.helpers import Repo, run_hfbuild
 from tests.pipeline_project import doit, make_project
 from tests.test_remote import s3, s3_server  # noqa: F401  (fixtures)

@@ -61,7 +61,7 @@ def forge(r: RemoteFs, fp: str, work: pathlib.Path, change: Callable[[Any], Any]
     import datasets
 
     from hfbuild.content import dataset_hash
-    from hfbuild.store import manifest_digest
+    from hfbuild.storepaths import manifest_digest
 
     doc = r.manifest(fp)
     data = f"{r.entry(fp)}/{doc['data_dir']}"
@@ -88,7 +88,7 @@ def forge_shard(
     """`forge` one shard of a sharded stage's remote entry, and its row in the stage's list,
     the list's combined content hash and checksum to match. Returns the shard's key."""
     from hfbuild.shards import combined_hash
-    from hfbuild.store import manifest_digest
+    from hfbuild.storepaths import manifest_digest
 
     doc = r.manifest(stage_fp)
     row = next(row for row in doc["shards"] if row[2] == label)

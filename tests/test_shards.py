@@ -442,7 +442,8 @@ KILLS = [
     ("hfbuild.shardbuild:_publish", 1, "before"),
     ("hfbuild.shardbuild:_publish", 2, "after"),
     ("hfbuild.store:Store.publish_first", 3, "before"),
-    ("hfbuild.store:Store._seal", 3, "after"),  # a shard's manifest written, not yet moved
+    # a shard's manifest written, not yet moved
+    ("hfbuild.storepublish:Publisher.seal", 3, "after"),
     ("hfbuild.store:Store.publish", 3, "before"),
     ("os:rename", 5, "after"),
     ("hfbuild.builder:save", 7, "after"),
@@ -866,7 +867,8 @@ def test_lock_a_build_records_is_the_lock_of_the_store(tmp_path: pathlib.Path) -
 def test_list_of_shards_is_written_on_one_line(tmp_path: pathlib.Path) -> None:
     """A stage's list of shards is written as one line of JSON (other manifests stay
     indented), and reads back, checksum included, as the manifest published."""
-    from hfbuild.store import MANIFEST, Store
+    from hfbuild.store import Store
+    from hfbuild.storepaths import MANIFEST
 
     store = Store(tmp_path / "store")
     shard, stage = "ab" * 16, "cd" * 16
