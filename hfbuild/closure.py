@@ -25,7 +25,8 @@ from typing import Any
 
 from hfbuild import canonical, imports, liveness
 from hfbuild.errors import ClosureError, UnhashableArgumentError
-from hfbuild.gitstate import FileId, Snapshot
+from hfbuild.gitrepo import FileId
+from hfbuild.gitstate import Snapshot
 
 # Distributions whose version must not enter fingerprints: hfbuild's own version is recorded
 # in the stored manifest, not hashed (its manifest schema version is). `datasets` used to be

@@ -24,7 +24,8 @@ from typing import Any
 
 from hfbuild import sharing
 from hfbuild.errors import MissingDataError
-from hfbuild.gitstate import FileId, Snapshot, hash_file
+from hfbuild.gitrepo import FileId, hash_file
+from hfbuild.gitstate import Snapshot
 from hfbuild.sharing import write_json_atomic
 
 # Names of data files that are not the checkout's: outside the project, or on the Hub (hub.py).

@@ -40,7 +40,8 @@ from hfbuild.errors import (
     ObservationWarning,
 )
 from hfbuild.fullkey import full_key
-from hfbuild.gitstate import FileId, Snapshot, find_root
+from hfbuild.gitrepo import FileId, find_root
+from hfbuild.gitstate import Snapshot
 from hfbuild.store import Store
 from hfbuild.storepaths import default_root
 

@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from hfbuild.caches import RACY_NS, CodeCache
-from hfbuild.gitstate import Snapshot, hash_bytes
+from hfbuild.gitrepo import hash_bytes
+from hfbuild.gitstate import Snapshot
 
 
 class ImportRef(NamedTuple):

@@ -25,7 +25,8 @@ from hfbuild.datafiles import StatCache
 from hfbuild.errors import DamagedEntryError, NotBuiltError, StageError
 from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import resolve
-from hfbuild.gitstate import Mode, Snapshot, find_root, head_text
+from hfbuild.gitrepo import Mode, find_root, head_text
+from hfbuild.gitstate import Snapshot
 from hfbuild.hub import repo_pattern as hub_patterns
 from hfbuild.inputid import first, from_lock
 from hfbuild.ledger import Ledger

@@ -74,15 +74,15 @@ from hfbuild.argpaths import named_files
 from hfbuild.envvars import observed_name
 from hfbuild.fingerprint import Manifest, data_file_ids
 from hfbuild.fullkey import is_listing, listing_at, listing_dir, listing_id
-from hfbuild.gitstate import (
+from hfbuild.gitrepo import (
     FileId,
-    Snapshot,
     find_root,
     index_digest,
     staged_entries,
     state_paths,
     unstaged,
 )
+from hfbuild.gitstate import Snapshot
 from hfbuild.manifests import Manifests
 from hfbuild.shards import ShardIn
 from hfbuild.store import Store

@@ -27,7 +27,8 @@ from hfbuild.diff import diff, versions_only
 from hfbuild.errors import HfbuildError, UnmergedError
 from hfbuild.fingerprint import Manifest, data_file_ids
 from hfbuild.fullkey import observed_changes
-from hfbuild.gitstate import Mode, Snapshot
+from hfbuild.gitrepo import Mode
+from hfbuild.gitstate import Snapshot
 from hfbuild.manifests import Manifests
 from hfbuild.pipeline import Pipeline
 
