@@ -263,7 +263,7 @@ class Names:
 
     def kind(self, rel: str) -> str | None:
         """ "file", "dir", or None (missing, or the store, or an environment)."""
-        from hfbuild.imports import in_environment
+        from hfbuild.importfind import in_environment
 
         full = self.snap.abspath(rel)
         real = os.path.realpath(full)

@@ -226,7 +226,7 @@ def observed_paths(
     `verdicts` (path -> its repo-relative path, or None when left out) carries what earlier
     calls of the same build decided: a path left out stays left out without being looked
     at again, so a sharded load's calls after each of its files cost what is new."""
-    from hfbuild.imports import in_environment
+    from hfbuild.importfind import in_environment
 
     known: set[str] | None = None
     ex = tuple(os.path.join(os.path.realpath(e), "") for e in exclude if e)
@@ -268,7 +268,7 @@ def _not_input(rel: str) -> bool:
 def listed_paths(dirs: Iterable[str], snap: Snapshot, exclude: Sequence[str]) -> list[str]:
     """The recorded paths (`dir/.`) of the project directories among the absolute `dirs` a
     build listed, without the store, `.git` and environments."""
-    from hfbuild.imports import in_environment
+    from hfbuild.importfind import in_environment
 
     ex = tuple(os.path.join(os.path.realpath(e), "") for e in exclude if e)
     out = set()
