@@ -2,7 +2,7 @@
 
 Run: `.venv/bin/python bench/bench_envscan.py`. Anchor: parsing a file and scanning its imports,
 which every closure file costs in every process (scans are memoized by blob id within one).
-Measured: the extra walk `_env_reads` makes over a file that imports os (others skip it).
+Measured: the extra walk `env_reads` makes over a file that imports os (others skip it).
 Corpus: the installed `datasets` package's modules, real code of the size a project has.
 """
 
@@ -17,7 +17,7 @@ import time
 
 import datasets
 
-from hfbuild.closure import _env_reads, _scan_tree
+from hfbuild.importscan import env_reads, scan_tree
 
 
 def main() -> None:
@@ -30,13 +30,13 @@ def main() -> None:
     for _ in range(3):
         t0 = time.perf_counter()
         trees = [ast.parse(s) for s in sources]
-        scans = [_scan_tree(t) for t in trees]
+        scans = [scan_tree(t) for t in trees]
         t1 = time.perf_counter()
         for tree, scan in zip(trees, scans, strict=True):
             if any(r.module.split(".")[0] == "os" for r in scan.imports if not r.level):
-                _env_reads(tree)
+                env_reads(tree)
         t2 = time.perf_counter()
-        # _scan_tree includes the env walk for files importing os: take it out of the anchor.
+        # scan_tree includes the env walk for files importing os: take it out of the anchor.
         anchor.append((t1 - t0) - (t2 - t1))
         extra.append(t2 - t1)
         with_os = sum(any(r.module.split(".")[0] == "os" for r in s.imports) for s in scans)

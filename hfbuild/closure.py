@@ -1,11 +1,14 @@
 """Which files, packages and bound values define a callable.
 
-Owns: turning a callable into (a) a `target` naming it, (b) the in-repo files of its *closure*
-(the file defining it plus every in-repo module it imports, transitively, by static AST scan),
-(c) the `name==version` of third-party distributions those files import, and (d) the values it
-carries with it (closure cells, defaults unless they are its source's, attributes set on it,
-what it wraps, `functools.partial` arguments, the instance behind a bound method or callable
-object), which count as arguments.
+Owns: `Context` (what one fingerprint computation gathers) and turning a callable into (a) a
+`target` naming it, (b) the in-repo files of its *closure* (the file defining it plus every
+in-repo module it imports, transitively: the graph of `imports.py`), (c) the `name==version`
+of third-party distributions those files import (`distributions.py` tells them), and (d) the
+values it carries with it (closure cells, defaults unless they are its source's, as
+`defaults.py` tells, attributes set on it, what it wraps, `functools.partial` arguments, the
+instance behind a bound method or callable object), which count as arguments; a function's
+code by its digest (`codedigest.py`), the module values it reads (`modvalues.py`); what a
+callable can keep between calls (`kept_state`).
 
 Must never: import a module to find it (that would run user code), follow files into
 site-packages or a virtualenv, or identify anything by absolute path or object id. Scans are
@@ -16,26 +19,18 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hfbuild import canonical, imports, liveness
+from hfbuild import canonical, defaults, imports, modvalues
+from hfbuild.codedigest import code_digest
+from hfbuild.distributions import UNTRACKED_DISTRIBUTIONS, distributions
 from hfbuild.errors import ClosureError, UnhashableArgumentError
 from hfbuild.gitrepo import FileId
 from hfbuild.gitstate import Snapshot
-
-# Distributions whose version must not enter fingerprints: hfbuild's own version is recorded
-# in the stored manifest, not hashed (its manifest schema version is). `datasets` used to be
-# here; it is in every key now (see `runtime_packages` and ARCHITECTURE.md).
-UNTRACKED_DISTRIBUTIONS = frozenset({"hfbuild"})
-# What runs every stage, whatever its code imports: datasets' builders, its map/filter loop
-# and type inference, pyarrow's conversion and writing, and the interpreter (its Unicode
-# database changes with the minor version).
-RUNTIME_DISTRIBUTIONS = ("datasets", "pyarrow")
 
 
 @dataclass
@@ -49,7 +44,7 @@ class Context:
     env: set[str] = field(default_factory=set)  # environment variables the closure reads
     incomplete: list[str] = field(default_factory=list)  # "path:line: why"
     _seen_modules: set[str] = field(default_factory=set)
-    # Module values that differ from their source (liveness.py, issue #9 item 5): qualified
+    # Module values that differ from their source (modvalues.py, issue #9 item 5): qualified
     # name -> {"source": literal, "value": in memory}; and the code already followed for them.
     module_values: dict[str, Any] = field(default_factory=dict)
     values_seen: set[int] = field(default_factory=set)
@@ -111,7 +106,7 @@ class Context:
         for module in edges.packages:
             self._add_package(module)
         for module, path in edges.external:
-            if _distributions(module.split(".")[0]):
+            if distributions(module.split(".")[0]):
                 self._add_package(module)
             elif module not in self.external:
                 # A module outside the project that no distribution owns (a sys.path hack):
@@ -127,77 +122,9 @@ class Context:
         self._seen_modules.add(top)
         if top in sys.stdlib_module_names or top in sys.builtin_module_names:
             return
-        for dist, version in _distributions(top):
+        for dist, version in distributions(top):
             if dist.lower() not in UNTRACKED_DISTRIBUTIONS:
                 self.packages.add(f"{dist}=={version}")
-
-
-# -- installed distributions -----------------------------------------------------------------
-
-_SEPARATORS = re.compile(r"[-_.]+")
-
-
-@functools.lru_cache(maxsize=1)
-def _dist_info_dirs() -> dict[str, str]:
-    """Canonical distribution name -> version, read from the `<name>-<version>.dist-info`
-    directory names pip writes on sys.path: a directory listing, instead of importlib.metadata's
-    50 ms import. The first entry on sys.path wins, as for imports."""
-    found: dict[str, str] = {}
-    for d in sys.path:
-        try:
-            names = os.listdir(d or os.curdir)
-        except OSError:
-            continue
-        for n in names:
-            if n.endswith(".dist-info"):
-                name, _, version = n[: -len(".dist-info")].partition("-")
-                found.setdefault(_canonical_dist(name), version)
-    return found
-
-
-def runtime_packages() -> frozenset[str]:
-    """`name==version` of what runs every stage: datasets, pyarrow, and Python's
-    major.minor as `python==3.11`. Read from dist-info names, without importing them."""
-    found = _dist_info_dirs()
-    out = {f"{d}=={found[d]}" for d in RUNTIME_DISTRIBUTIONS if d in found}
-    return frozenset({*out, f"python=={sys.version_info[0]}.{sys.version_info[1]}"})
-
-
-@functools.cache
-def _distributions(top: str) -> tuple[tuple[str, str], ...]:
-    """The installed distributions providing top-level module `top`, with versions."""
-    fast = _dist_info_dirs().get(_canonical_dist(top))
-    if fast:  # the common case: the distribution is named like its module
-        return ((_canonical_dist(top), fast),)
-    import importlib.metadata
-    import importlib.util
-
-    # The full scan below reads every installed distribution (~0.2 s): only pay it for a
-    # module that is installed at all (an optional `try: import x` usually is not).
-    try:
-        if importlib.util.find_spec(top) is None:
-            return ()
-    except (ImportError, ValueError):
-        return ()
-
-    out = []
-    for n in sorted(set(_packages_distributions().get(top, []))):
-        try:
-            out.append((_canonical_dist(n), importlib.metadata.version(n)))
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return tuple(out)
-
-
-@functools.lru_cache(maxsize=1)
-def _packages_distributions() -> dict[str, list[str]]:
-    import importlib.metadata
-
-    return dict(importlib.metadata.packages_distributions())
-
-
-def _canonical_dist(name: str) -> str:
-    return _SEPARATORS.sub("-", name).lower()
 
 
 # -- describing a callable --------------------------------------------------------------------
@@ -241,7 +168,7 @@ def _describe(fn: Any, ctx: Context, path: str) -> dict[str, Any]:
         owner = getattr(fn, "__self__", None)
         if owner is not None and not isinstance(owner, types.ModuleType):
             args["self"] = _state(owner, ctx, f"{path}.__self__")
-            if _lookup(fn.__module__, fn.__qualname__) is not fn:
+            if defaults.lookup(fn.__module__, fn.__qualname__) is not fn:
                 # A C method bound to an instance (`rng.random`, `{}.get`): its class's
                 # method, with the instance's state.
                 tp = type(owner)
@@ -252,7 +179,10 @@ def _describe(fn: Any, ctx: Context, path: str) -> dict[str, Any]:
     if isinstance(fn, type):
         return {"target": _named(fn, ctx, path), "args": args}
     if callable(fn):
-        if _lookup(getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)) is fn:
+        if (
+            defaults.lookup(getattr(fn, "__module__", None), getattr(fn, "__qualname__", None))
+            is fn
+        ):
             # A named callable object from a module (a numpy ufunc, say): by reference.
             return {"target": _named(fn, ctx, path), "args": args}
         call = type(fn).__call__
@@ -288,7 +218,7 @@ def _function(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
     if "<lambda>" in fn.__qualname__ or "<locals>" in fn.__qualname__:
         # Two lambdas in one file share a qualname; their line and bytecode tell them apart.
         target["line"] = code.co_firstlineno
-        target["code"] = _code_digest(code)
+        target["code"] = code_digest(code)
     held: list[Any] = []  # the cells' values: a `__wrapped__` among them is keyed already
     if fn.__closure__:
         cells = {}
@@ -317,14 +247,14 @@ def _function(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
         elif fn.__defaults__ or fn.__kwdefaults__:
             # Keyed by the source; a string among them may name a file whose content must
             # be keyed too (argpaths.py), as for a module constant.
-            for name, value in _default_values(fn).items():
+            for name, value in defaults.default_values(fn).items():
                 if isinstance(value, (str, list, tuple, dict, set, frozenset)):
                     ctx.constants[f"argument {name} (default of {fn.__qualname__})"] = value
         _carried(fn, held, args, ctx, path)
         # The code in memory is the code in the files, and the module values it reads.
-        liveness.follow_globals(fn, ctx)
+        modvalues.follow_globals(fn, ctx)
         return {"target": target, "args": args}
-    if module != "__main__" and _lookup(module, fn.__qualname__) is fn:
+    if module != "__main__" and defaults.lookup(module, fn.__qualname__) is fn:
         # Defined in an installed package or the standard library: by name and version
         # (what it carries is what that version's source gives it).
         mod = sys.modules.get(module)
@@ -339,7 +269,7 @@ def _function(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
         source = inspect.getsource(fn)
         target["source"] = canonical.digest(source.encode())
     except (OSError, TypeError):
-        target["code"] = _code_digest(code)
+        target["code"] = code_digest(code)
     if fn.__defaults__:
         args["defaults"] = ctx.encode(fn.__defaults__, f"{path}.__defaults__")
     if fn.__kwdefaults__:
@@ -410,121 +340,28 @@ def _defaults(fn: types.FunctionType, ctx: Context, path: str) -> dict[str, Any]
     are unique in a signature), so `explain` names the one that changed."""
     return {
         name: ctx.encode(value, f"{path}.<default {name}>")
-        for name, value in sorted(_default_values(fn).items())
+        for name, value in sorted(defaults.default_values(fn).items())
     }
 
 
-def _default_values(fn: types.FunctionType) -> dict[str, Any]:
-    """`fn`'s default values by parameter name (see `_defaults`)."""
-    code = fn.__code__
-    positional = fn.__defaults__ or ()
-    params = code.co_varnames[: code.co_argcount]
-    if len(positional) <= len(params):
-        names = params[len(params) - len(positional) :]
-    else:  # `__defaults__` assigned longer than the signature: by position
-        names = tuple(f"<default {i}>" for i in range(len(positional)))
-    values = dict(zip(names, positional, strict=True))
-    values.update(fn.__kwdefaults__ or {})
-    return values
-
-
-# (blob id) -> {(qualname, first line): (positional defaults, keyword-only defaults)}, each
-# default (True, its literal value) or (False, None) for an expression that is not a literal.
-_Default = tuple[bool, Any]
-_source_defs: dict[str, dict[tuple[str, int], tuple[list[_Default], dict[str, _Default]]]] = {}
-
-
 def _source_defaults(fn: types.FunctionType, ctx: Context) -> bool:
-    """Whether `fn`'s defaults are what its module's source gives it: a function defined by
-    name at module or class level (the one its module holds under its qualname, or wraps,
-    from the `def` at its first line in the file the key names), whose literal defaults have the
-    source's values. A default written as another expression (`k=MAX_LEN`, `tok=load()`) is
-    evaluated once, when the module is imported, like a module value computed at import:
-    it counts as the source's. Such a function's key is what it was before defaults counted."""
-    if not _defined_by_name(fn):
+    """Whether `fn`'s defaults are what its module's source gives it, the source the key
+    names (`defaults.source_defaults`). Such a function's key is what it was before
+    defaults counted."""
+    if not defaults.defined_by_name(fn):
         return False
     code = fn.__code__
     rel = ctx.project_rel(code.co_filename) if os.path.isfile(code.co_filename) else None
     fid = ctx.files.get(rel) if rel is not None else None
     if rel is None or fid is None:
         return False
-    defs = _source_defs.get(fid.id)
-    if defs is None:
-        defs = _source_defs[fid.id] = _scan_defaults(ctx.snapshot.content(rel, fid.id))
-    found = defs.get((fn.__qualname__, code.co_firstlineno))
-    if found is None:
-        return False
-    positional, keyword = found
-    given, kw = fn.__defaults__ or (), fn.__kwdefaults__ or {}
-    if len(positional) != len(given) or keyword.keys() != kw.keys():
-        return False
-    pairs = [*zip(positional, given, strict=True), *((keyword[k], kw[k]) for k in keyword)]
-    return all(not lit or liveness.same_literal(value, src) for (lit, src), value in pairs)
-
-
-def _defined_by_name(fn: types.FunctionType) -> bool:
-    """Whether `fn` is what its module holds under its qualname, or what that wraps (a
-    decorated function: `functools.wraps` chains lead from the name to it). Not one of many
-    functions a `def` in a loop or a factory made."""
-    obj = _lookup(fn.__module__ or "__main__", fn.__qualname__)
-    for _ in range(100):  # as inspect.unwrap, a chain has an end
-        if obj is fn:
-            return True
-        obj = getattr(obj, "__dict__", {}).get("__wrapped__")
-        if obj is None:
-            return False
-    return False
-
-
-def _scan_defaults(
-    source: bytes,
-) -> dict[tuple[str, int], tuple[list[_Default], dict[str, _Default]]]:
-    """Every function a module's source defines by name (at module level, in classes, under
-    `if`/`try`/`with` blocks), with its defaults as literals where they are literals."""
-    import ast
-    import contextlib
-
-    out: dict[tuple[str, int], tuple[list[_Default], dict[str, _Default]]] = {}
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return out
-
-    def literal(node: ast.expr) -> _Default:
-        with contextlib.suppress(ValueError, TypeError, SyntaxError, RecursionError):
-            return True, ast.literal_eval(node)
-        return False, None
-
-    def walk(body: list[ast.stmt], prefix: str) -> None:
-        for node in body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
-                a = node.args
-                out[(prefix + node.name, first)] = (
-                    [literal(d) for d in a.defaults],
-                    {
-                        arg.arg: literal(d)
-                        for arg, d in zip(a.kwonlyargs, a.kw_defaults, strict=True)
-                        if d is not None
-                    },
-                )
-            elif isinstance(node, ast.ClassDef):
-                walk(node.body, f"{prefix}{node.name}.")
-            else:
-                for child in ast.iter_child_nodes(node):
-                    if isinstance(child, ast.stmt):
-                        walk([child], prefix)
-                    elif isinstance(child, ast.ExceptHandler):
-                        walk(child.body, prefix)
-
-    walk(tree.body, "")
-    return out
+    return defaults.source_defaults(fn, fid.id, lambda: ctx.snapshot.content(rel, fid.id))
 
 
 def _named(obj: Any, ctx: Context, path: str) -> dict[str, Any]:
     module = getattr(obj, "__module__", None)
     qualname = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
-    if not module or not qualname or _lookup(module, qualname) is not obj:
+    if not module or not qualname or defaults.lookup(module, qualname) is not obj:
         raise ClosureError(
             f"{path}: cannot identify {obj!r}: it is not reachable as {module}.{qualname}. "
             f"Use a module-level function instead."
@@ -535,17 +372,6 @@ def _named(obj: Any, ctx: Context, path: str) -> dict[str, Any]:
 
 def _is(encoded: Any, tag: str) -> bool:
     return isinstance(encoded, dict) and len(encoded) == 1 and tag in encoded
-
-
-def _lookup(module: str | None, qualname: str | None) -> Any:
-    if not module or not qualname or "<" in qualname:
-        return None
-    obj: Any = sys.modules.get(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def _state(obj: Any, ctx: Context, path: str) -> canonical.Encoded:
@@ -597,27 +423,6 @@ def _global_names(code: types.CodeType) -> set[str]:
         if isinstance(const, types.CodeType):
             names |= _global_names(const)
     return names
-
-
-def _code_digest(code: types.CodeType) -> str:
-    """Bytecode, constants and names, recursively, without line tables or file names."""
-    parts: list[bytes] = [code.co_code]
-    for c in code.co_consts:
-        if isinstance(c, types.CodeType):
-            parts.append(_code_digest(c).encode())
-        else:
-            parts.append(_const_repr(c).encode())
-    parts.append("\0".join(code.co_names + code.co_varnames + code.co_freevars).encode())
-    return canonical.digest(b"\1".join(parts))
-
-
-def _const_repr(c: object) -> str:
-    # frozenset constants (`x in {"a", "b"}`) iterate in hash order: sort them.
-    if isinstance(c, frozenset):
-        return "frozenset:" + ",".join(sorted(_const_repr(e) for e in c))
-    if isinstance(c, tuple):
-        return "tuple:(" + ",".join(_const_repr(e) for e in c) + ")"
-    return f"{type(c).__name__}:{c!r}"
 
 
 # -- state a callable keeps between calls (issue #24) --------------------------------------------

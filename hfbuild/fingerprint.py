@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from hfbuild import argpaths, caches, canonical, hub, liveness
 from hfbuild import shards as sharding
-from hfbuild.closure import Context, describe, runtime_packages
+from hfbuild.closure import Context, describe
 from hfbuild.datafiles import (
     StatCache,
     expand,
@@ -30,6 +30,7 @@ from hfbuild.datafiles import (
     resolve_data_files,
     uncommitted,
 )
+from hfbuild.distributions import runtime_packages
 from hfbuild.envvars import env_part
 from hfbuild.errors import (
     DirtyTreeError,

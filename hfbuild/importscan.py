@@ -109,10 +109,10 @@ def scan_tree(tree: ast.AST) -> Scan:
     # Only a file that imports os can read the environment by name: the others (most of a
     # closure) skip the second walk.
     reads_env = any(r.module.split(".")[0] == "os" for r in imports if not r.level)
-    return Scan(tuple(imports), tuple(sorted(dynamic)), None, _env_reads(tree) if reads_env else ())
+    return Scan(tuple(imports), tuple(sorted(dynamic)), None, env_reads(tree) if reads_env else ())
 
 
-def _env_reads(tree: ast.AST) -> tuple[str, ...]:
+def env_reads(tree: ast.AST) -> tuple[str, ...]:
     """Names of the environment variables a file reads by a literal name, anywhere in it
     (module level included): `os.environ["X"]`, `os.environ.get("X")`,
     `os.environ.setdefault("X", ...)`, `"X" in os.environ`, `os.getenv("X")`, also through

@@ -445,7 +445,7 @@ def test_module_loaded_after_its_file_was_identified_is_compared_with_that_file(
 SOURCE_AFTER_IDENTIFIED = """
 import json
 import transforms
-from hfbuild import liveness
+from hfbuild import modvalues
 from hfbuild.closure import Context
 from hfbuild.gitstate import Snapshot
 
@@ -455,7 +455,7 @@ with open("transforms.py") as f:
     text = f.read()
 with open("transforms.py", "w") as f:
     f.write(text.replace("MAX_LEN = 128", "MAX_LEN = 64"))
-liveness.follow_globals(transforms.clip, ctx)
+modvalues.follow_globals(transforms.clip, ctx)
 print(json.dumps(sorted(ctx.module_values)))
 """
 
