@@ -44,8 +44,8 @@ from hfbuild.storepaths import safe_observed
 
 if TYPE_CHECKING:
     from hfbuild.fingerprint import Manifest
-    from hfbuild.observe import Recording
     from hfbuild.pipeline import Pipeline
+    from hfbuild.recording import Recording
     from hfbuild.store import Store
 
 MISSING = "missing"  # the id of a recorded file that no longer exists
