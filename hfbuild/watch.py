@@ -195,7 +195,7 @@ class Watcher:
 
     def _subdirectories(self, d: str) -> list[str] | None:
         """The directories in `d` worth watching; None when `d` is an environment (it holds
-        `pyvenv.cfg` or `conda-meta`, as `imports.in_environment` tells one)."""
+        `pyvenv.cfg` or `conda-meta`, as `importfind.in_environment` tells one)."""
         below: list[str] = []
         with os.scandir(d) as it:
             for entry in it:
@@ -212,7 +212,7 @@ class Watcher:
         created in between is missed. Files found in a directory that appeared later are
         output of the windows open now, as a file created or moved in is. An environment
         (a directory holding `pyvenv.cfg` or `conda-meta`, or named site-packages) is left,
-        as `imports.in_environment` leaves it, by its listing's names: no stat per
+        as `importfind.in_environment` leaves it, by its listing's names: no stat per
         directory. With `initial`, the watch limit raises `OSError`."""
         stack = [top]
         ino = self._ino
