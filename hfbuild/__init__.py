@@ -25,14 +25,15 @@ from hfbuild.errors import (
     StoreError,
     UnhashableArgumentError,
 )
-from hfbuild.fingerprint import Manifest, fingerprint
-from hfbuild.pipeline import Pipeline, Stage
+from hfbuild.fingerprint import fingerprint
+from hfbuild.manifest import Manifest
+from hfbuild.stages import Stage
+from hfbuild.tasks import Pipeline
+from hfbuild.version import __version__
 
 # Before the project's modules are imported (dodo.py imports hfbuild first), so that the files
 # they read while they are imported are observed.
 _observe.install()
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BuildError",

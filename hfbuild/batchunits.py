@@ -38,13 +38,13 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hfbuild import canonical, closure, liveness, refs, shards
-from hfbuild.fingerprint import Manifest
-from hfbuild.fullkey import Observed, full_key, identify, observing
+from hfbuild.fullkey import identify, observing
 from hfbuild.gitstate import Snapshot
+from hfbuild.manifest import Manifest, Observed, Shard, full_key
 from hfbuild.spec import Report, StageSpec, stored_rows
 
 if TYPE_CHECKING:
-    from hfbuild.pipeline import Pipeline
+    from hfbuild.place import Place
 
 DEFAULT_BATCH_SIZE = 1000  # datasets' default for map and filter
 
@@ -153,12 +153,12 @@ def _plan(code: str, spec: StageSpec, listed: Sequence[Any]) -> dict[str, list[U
 
 
 def build(
-    pipe: Pipeline, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]
+    place: Place, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]
 ) -> Report | None:
     """Build the stage from its units (the store's, and the missing ones built now), and
     publish its entry listing them; None when it is to be built whole instead (nothing
     published but units, each under its own key)."""
-    store = pipe.store
+    store = place.store
     parent_fp = manifests[spec.inputs[0]].fingerprint
     parent = store.read_manifest(parent_fp)
     listed = parent.get("shards") if parent is not None else None
@@ -170,11 +170,11 @@ def build(
     recorded = store.read_observed(static)
     assumed: Observed = ()
     if recorded:
-        assumed = identify(recorded[0], Snapshot(pipe.root), pipe.stat_cache)
+        assumed = identify(recorded[0], Snapshot(place.root), place.stat_cache)
     tmp = store.new_build_dir(m.static_fingerprint)
     try:
-        with observing(pipe, tmp) as seen:
-            got = _build_units(pipe, spec, m, parent_fp, listed, assumed, tmp)
+        with observing(place, tmp) as seen:
+            got = _build_units(place, spec, m, parent_fp, listed, assumed, tmp)
             if got is None:
                 return None
             plan, docs, built, written = got
@@ -186,7 +186,7 @@ def build(
                 for path, _ in docs.values():
                     if path:
                         store.discard(path)
-                got = _build_units(pipe, spec, m, parent_fp, listed, assumed, tmp, every=True)
+                got = _build_units(place, spec, m, parent_fp, listed, assumed, tmp, every=True)
                 if got is None:
                     return None
                 plan, docs, built, written = got
@@ -197,7 +197,7 @@ def build(
                 known[key] = store.publish_first(path, key, doc) if path else doc
             final = dataclasses.replace(m, observed=observed)
             done = _Done(plan, known, built, written, as_dict)
-            entry = _publish(pipe, spec, final, manifests, done, tmp, t0)
+            entry = _publish(place, spec, final, manifests, done, tmp, t0)
             seen.publish(static, observed)
             seen.publish(m.static_fingerprint, observed)
     except BaseException:
@@ -211,7 +211,7 @@ def build(
 
 
 def _build_units(
-    pipe: Pipeline,
+    place: Place,
     spec: StageSpec,
     m: Manifest,
     parent_fp: str,
@@ -225,9 +225,9 @@ def _build_units(
     built into directories in `tmp`: (units by split, key -> (directory or "" when the
     store has it, its document), units built, bytes written); None when the stage is to be
     built whole."""
-    from hfbuild import builder, shardbuild
+    from hfbuild import builder, shardone
 
-    store = pipe.store
+    store = place.store
     plan = _plan(code_key(m, observed), spec, listed)
     if plan is None:
         return None
@@ -245,20 +245,20 @@ def _build_units(
     if todo:
         kept = closure.kept_state(refs.function(spec))
         scratch = os.path.join(tmp, builder.SCRATCH)
-        with shardbuild.quiet_datasets():
+        with shardone.quiet_datasets():
             for u in todo:
                 t1 = time.perf_counter()
                 rows = _rows_of(store, parent_fp, listed, u)
                 one = builder.offset_indices(spec, u.start)
                 path = tempfile.mkdtemp(dir=tmp, prefix="unit-")
                 named = {"scratch": scratch, "tag": os.path.basename(path) + "-"}
-                out = builder.run_stage(one, [rows], u.key, path, pipe.root, **named)
+                out = builder.run_stage(one, [rows], u.key, path, place.root, **named)
                 info = builder.save(out, os.path.join(path, "data"), path, (), scratch)
-                s = shards.Shard(u.split, u.key, u.label, 0, u.first_input)
-                doc = shardbuild.shard_doc(spec, s, info, out, time.perf_counter() - t1)
+                s = Shard(u.split, u.key, u.label, 0, u.first_input)
+                doc = shardone.shard_doc(spec, s, info, out, time.perf_counter() - t1)
                 written += int(doc["written_bytes"])
                 docs[u.key] = (path, doc)
-        liveness.check_built(pipe.root, m.doc)  # the code that ran is the code hashed
+        liveness.check_built(place.root, m.doc)  # the code that ran is the code hashed
         if closure.kept_state(refs.function(spec)) != kept or not _same_features(spec, plan, docs):
             for path, _ in docs.values():
                 if path:
@@ -307,7 +307,7 @@ def _same_features(
 
 
 def _publish(
-    pipe: Pipeline,
+    place: Place,
     spec: StageSpec,
     m: Manifest,
     manifests: Mapping[str, Manifest],
@@ -319,7 +319,7 @@ def _publish(
     (`shardbuild.publish_list`); the entry's manifest as the store holds it."""
     from hfbuild import shardbuild
 
-    store = pipe.store
+    store = place.store
     listed: list[list[Any]] = []
     for us in done.plan.values():
         for u in us:
@@ -337,7 +337,7 @@ def _publish(
                 facts["form"] = stored["form"]  # the list's form (`inputid`) is its first's
             listed.append([u.split, u.key, u.label, stored["files"], facts])
     rows = shardbuild.Listed(listed, done.built, done.written, done.as_dict)
-    return shardbuild.publish_list(pipe, spec, m, manifests, rows, tmp, t0)
+    return shardbuild.publish_list(place, spec, m, manifests, rows, tmp, t0)
 
 
 class _Done(NamedTuple):

@@ -4,9 +4,13 @@ Owns: the order of a build (the store, else the remote cache, else build the inp
 the stage under its per-fingerprint lock), setting a damaged entry aside, publishing the result
 with its stored manifest, recording a failed build in the store (`Store.record_failure`, until
 a build of that key succeeds), pushing it when HFBUILD_PUSH=1, and turning a full disk into a
-`StoreError`. Where a missing entry is built is the executor's choice (`executor`: here, by
-`build_here`, or on a Ray cluster); running the transform itself is `builder`'s job (imported
-only here, when something is really built).
+`StoreError` (`local`). Where a missing entry is built is the executor's choice (`executor`:
+here, by `local.build_here`, or on a Ray cluster); running the transform itself is `builder`'s
+job. The one module of the build that holds the `Pipeline`: the executors and builders below
+receive its `Place` and the manifests they build, and call nothing back; after each build
+the pipeline keys its stages again (`Pipeline.record`, `Pipeline.rekey`: a build published
+under another key than the one assumed, what it read at run time, and the stages waiting for
+its result).
 
 Must never: decide freshness from anything but the store holding the stage's fingerprint, or
 leave a partly built entry where the store would find it.
@@ -15,28 +19,21 @@ leave a partly built entry where the store would find it.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from hfbuild import batchunits, hub, liveness
-from hfbuild.errors import (
-    BuildError,
-    CorruptEntryWarning,
-    MissingDataError,
-    RemoteWarning,
-    StoreError,
-)
-from hfbuild.executor import Unit, choose, executor_name
-from hfbuild.fingerprint import Manifest, check_dirty
-from hfbuild.fullkey import entry_doc, full_key, observing
+from hfbuild import hub
+from hfbuild.errors import BuildError, CorruptEntryWarning, MissingDataError, RemoteWarning
+from hfbuild.executor import choose, executor_name
+from hfbuild.fingerprint import check_dirty
 from hfbuild.remote import RemoteError, RemoteUnreachableError, unavailable
-from hfbuild.spec import Report, StageSpec, stored_rows
-from hfbuild.storepaths import disk_full
+from hfbuild.spec import Report, stored_rows
+from hfbuild.units import Unit
 
 if TYPE_CHECKING:
+    from hfbuild.manifest import Manifest
     from hfbuild.manifests import Manifests
     from hfbuild.pipeline import Pipeline
     from hfbuild.remote import Remote
@@ -104,7 +101,7 @@ def build(
                     )
                 unit = Unit(spec, m, {i: manifests[i] for i in spec.inputs})
                 try:
-                    report = choose(pipe, executor).build(pipe, unit)
+                    report = choose(pipe.root, executor).build(pipe.place, unit)
                 except BuildError as e:
                     store.record_failure(fp, name, str(e))  # for `status` and `explain`
                     raise
@@ -146,7 +143,8 @@ def _done(
     record: bool,
 ) -> Report:
     """Touch, record and push what `build` got; the stages whose keys waited for it are
-    keyed again (`inputid`: the next up-to-date check sees them cut off or stale)."""
+    keyed again (`inputid`: the next up-to-date check sees them cut off or stale), and the
+    stage itself when its build read more than its key assumed (then its key holds that)."""
     fp = report.fingerprint
     pipe.store.touch(fp)
     if record:
@@ -155,7 +153,8 @@ def _done(
         _push(pipe, name, fp)
     if log is not None:
         log(report.line())
-    pipe.rekey()
+    moved = pipe.manifests()[name].fingerprint != fp  # built under what it read at run time
+    pipe.rekey(name if moved else None)
     return report
 
 
@@ -257,108 +256,3 @@ def _push(pipe: Pipeline, name: str, fp: str) -> None:
             warnings.warn(f"stage {name!r}: push failed: {e}", RemoteWarning, stacklevel=3)
     except RemoteError as e:
         warnings.warn(f"stage {name!r}: push failed: {e}", RemoteWarning, stacklevel=3)
-
-
-def build_here(
-    pipe: Pipeline, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]
-) -> Report:
-    """Build one unit in this process and publish it in `pipe.store` (the caller holds the
-    lock of `m`'s static fingerprint); `manifests` holds at least the inputs'."""
-    from hfbuild import builder, indexed
-
-    store = pipe.store
-    fp = m.fingerprint
-    if m.shards is not None:  # only the shards the store lacks (shardbuild.py)
-        return _build_sharded(pipe, spec, m, manifests)
-    if batchunits.eligible(spec):  # only the units the store lacks, when it can be
-        report = _build_units(pipe, spec, m, manifests)
-        if report is not None:
-            return report
-    t0 = time.perf_counter()
-    tmp = store.new_build_dir(m.static_fingerprint)
-    try:
-        inputs = [store.load(manifests[i].fingerprint) for i in spec.inputs]
-        with observing(pipe, tmp) as seen:
-            result = builder.run_stage(spec, inputs, fp, tmp, pipe.root, m.data_files)
-            liveness.check_built(pipe.root, m.doc)  # the code that ran is the code hashed
-            fps = [manifests[i].fingerprint for i in spec.inputs]
-            sources = indexed.sources(store, fps, inputs)
-            info = builder.save(result, os.path.join(tmp, "data"), tmp, sources)
-            observed = seen.identify(m)
-        fp = full_key(m.static_fingerprint, observed)
-        seconds = time.perf_counter() - t0
-        doc = entry_doc(
-            spec.name,
-            m,
-            {i: manifests[i].fingerprint for i in spec.inputs},
-            rows=info.rows,
-            content_hash=info.content_hash,
-            seconds=seconds,
-            written_bytes=info.written_bytes,
-            observed=observed,
-            listed=seen.listed(observed),
-            form=info.form,
-        )
-        if info.indices is not None:  # its rows are its input's: it references their entry
-            doc["indices"] = info.indices
-        shutil.rmtree(builder.scratch_dir(tmp), ignore_errors=True)  # may be large: now
-        stored = store.intact_manifest(fp) if fp != m.fingerprint else None
-        if stored is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # pulled meanwhile under the key it read
-        else:
-            stored = store.publish(tmp, fp, doc)
-        seen.publish(m.static_fingerprint, observed)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        full = disk_full(e)
-        if full is not None:
-            raise StoreError(
-                f"stage {spec.name!r}: the disk holding the store ({store.root}) is "
-                f"full ({full.strerror}). Nothing was published and earlier results are "
-                f"intact: free some space (`hfbuild gc`), or point HFBUILD_STORE at a "
-                f"larger disk, and build again."
-            ) from e
-        raise
-    if fp != m.fingerprint:
-        pipe.manifests(fresh=True)  # the stages after this one take the key it was built under
-    return Report(spec.name, fp, "built", info.rows, seconds, entry=stored)
-
-
-def _build_units(
-    pipe: Pipeline, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]
-) -> Report | None:
-    kept = "Nothing was published"  # units are published together, at the end
-    return _in_pieces(pipe, spec, m, kept, lambda: batchunits.build(pipe, spec, m, manifests))
-
-
-def _build_sharded(
-    pipe: Pipeline, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]
-) -> Report:
-    from hfbuild import shardbuild
-
-    kept = "Shards already built stay in the store"
-    report = _in_pieces(pipe, spec, m, kept, lambda: shardbuild.build(pipe, spec, m, manifests)[0])
-    assert report is not None
-    return report
-
-
-def _in_pieces(
-    pipe: Pipeline, spec: StageSpec, m: Manifest, kept: str, run: Callable[[], Report | None]
-) -> Report | None:
-    """Build a stage made of pieces (shards or units): a full disk is a `StoreError` saying
-    what was `kept`; a key other than the one assumed
-    (what the build read) makes the stages after it take it."""
-    try:
-        report = run()
-    except BaseException as e:
-        full = disk_full(e)
-        if full is not None:
-            raise StoreError(
-                f"stage {spec.name!r}: the disk holding the store ({pipe.store.root}) is "
-                f"full ({full.strerror}). {kept}; free some "
-                f"space (`hfbuild gc`), or point HFBUILD_STORE at a larger disk, and build again."
-            ) from e
-        raise
-    if report is not None and report.fingerprint != m.fingerprint:
-        pipe.manifests(fresh=True)  # the stages after this one take the key it was built under
-    return report

@@ -11,12 +11,15 @@ Must never: be imported by an up-to-date check (it imports pyarrow).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
+
+from hfbuild import canonical
 
 
 class _Streams:
@@ -180,3 +183,12 @@ def dataset_hash(ds: Any) -> str:
     if ds._indices is not None:
         return selected_hash(table, ds._indices.column(0))
     return table_hash(table)
+
+
+def combined_hash(hashes: Sequence[tuple[str, str]]) -> str:
+    """The content hash of a sharded result from its shards' ([split, hash]) in order."""
+    return _digest_json({"shard_hashes": [list(h) for h in hashes]})
+
+
+def _digest_json(doc: Any) -> str:
+    return canonical.digest(canonical.dumps(doc).encode())

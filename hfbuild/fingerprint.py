@@ -1,9 +1,9 @@
-"""A stage's manifest and its digest.
+"""Assembling a stage's manifest.
 
 Owns: assembling the manifest (kind and output-relevant options, inputs' results, code
-files with blob ids, canonical arguments, data identity, third-party package versions) and the
-fingerprint, which is a pure function of it: the xxh3-128 of its canonical JSON. Also owns the
-dirty-tree policy (warn, or fail under HFBUILD_STRICT=1).
+files with blob ids, canonical arguments, data identity, third-party package versions); the
+`Manifest` value and its fingerprint, a pure function of it (the xxh3-128 of its canonical
+JSON), are `manifest.py`'s. Also owns the dirty-tree policy (warn, or fail under HFBUILD_STRICT=1).
 
 Must never: put an absolute path, time, host, PID, object id or hash-order-dependent sequence
 into a manifest, or import `datasets` (an up-to-date check must stay cheap).
@@ -11,15 +11,13 @@ into a manifest, or import `datasets` (an up-to-date check must stay cheap).
 
 from __future__ import annotations
 
-import functools
 import os
 import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hfbuild import argpaths, caches, canonical, hub, liveness
+from hfbuild import argpaths, caches, hub, liveness
 from hfbuild import shards as sharding
 from hfbuild.closure import Context, describe
 from hfbuild.datafiles import (
@@ -40,9 +38,9 @@ from hfbuild.errors import (
     MissingDataError,
     ObservationWarning,
 )
-from hfbuild.fullkey import full_key
 from hfbuild.gitrepo import FileId, find_root
 from hfbuild.gitstate import Snapshot
+from hfbuild.manifest import Manifest
 from hfbuild.store import Store
 from hfbuild.storepaths import default_root
 
@@ -90,57 +88,6 @@ NEUTRAL_OPTIONS = frozenset(
         "sharded",  # how the result is built and stored; a sharded key is another shape
     }
 )
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """The canonical description of one stage. `doc` is hashed; the rest is reported only."""
-
-    doc: Mapping[str, Any]
-    dirty: tuple[FileId, ...] = ()
-    incomplete: tuple[str, ...] = field(default=())
-    # A load stage's data files as resolved when the fingerprint was taken (absolute paths):
-    # the build reads exactly these, never a glob expanded again later.
-    data_files: Any = None
-    # Files the stage's builds were seen to read or import at run time, with their current
-    # ids ((path, id), sorted): part of the key, not of `doc` (see `fullkey`).
-    observed: tuple[tuple[str, str], ...] = ()
-    # A sharded stage (shards.py): what each shard is built from, and the key of the stage's
-    # code that all its shards share (before what its builds read at run time).
-    shards: tuple[sharding.ShardIn, ...] | None = None
-    shard_code: str | None = None
-    # Arguments naming an existing path outside the project, which is not keyed (argpaths.py):
-    # warned about with the dirty files.
-    outside: tuple[str, ...] = ()
-    # The inputs whose current result is not built yet (inputid.py): the stage's key cannot
-    # be known before they are (its `inputs` then hold their fingerprints under a marker, a
-    # key never built or served).
-    pending: tuple[str, ...] = ()
-    # A load of Hub files: each revision it read and the commit it resolved to (hub.Pin, as
-    # JSON), for the lock; not hashed (the files' content ids are).
-    hub: tuple[Mapping[str, str], ...] = ()
-
-    def to_json(self) -> str:
-        return canonical.dumps(self.doc)
-
-    @functools.cached_property
-    def static_fingerprint(self) -> str:
-        """The digest of `doc`: what the code says, before anything observed at run time.
-        Computed once per manifest (a frozen dataclass; `doc` is never changed once built)."""
-        return canonical.digest(self.to_json().encode())
-
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        """The stage's key: the static fingerprint, combined with the observed files' ids
-        when its builds read any; for a sharded stage, the digest of its shards' keys."""
-        if self.shards is not None:
-            return sharding.stage_key(self)
-        return full_key(self.static_fingerprint, self.observed)
-
-    @functools.cached_property
-    def shard_list(self) -> list[sharding.Shard]:
-        """A sharded stage's shards in order, with their keys (see shards.py)."""
-        return sharding.shard_list(self)
 
 
 def normalize_options(kind: str, options: Mapping[str, Any] | None, ctx: Context) -> Any:

@@ -39,12 +39,12 @@ from hfbuild.datafiles import StatCache, file_identity
 from hfbuild.diff import Change, diff_observed
 from hfbuild.errors import ObservationWarning
 from hfbuild.gitstate import Snapshot
+from hfbuild.manifest import Manifest, Observed
 from hfbuild.spec import split_order
 from hfbuild.storepaths import safe_observed
 
 if TYPE_CHECKING:
-    from hfbuild.fingerprint import Manifest
-    from hfbuild.pipeline import Pipeline
+    from hfbuild.place import Place
     from hfbuild.recording import Recording
     from hfbuild.store import Store
 
@@ -55,8 +55,6 @@ MISSING = "missing"  # the id of a recorded file that no longer exists
 # stages after it in the same run take it as their input.
 UNOBSERVED = "?reads-not-all-observed"
 UNKNOWN = "unknown"
-
-Observed = tuple[tuple[str, str], ...]  # sorted (repo-relative path, content id)
 
 _unsure: set[str] = set()  # static fingerprints this process built with unknown reads
 
@@ -101,14 +99,6 @@ def listing_id(names: list[str] | None) -> str:
     if names is None:
         return MISSING
     return "listing:" + canonical.digest(canonical.dumps(names).encode())
-
-
-def full_key(static: str, observed: Observed) -> str:
-    """The key of a result built from the static manifest and the files it read."""
-    if not observed:
-        return static
-    doc = {"static": static, "observed": [list(p) for p in sorted(observed)]}
-    return canonical.digest(canonical.dumps(doc).encode())
 
 
 def identify(
@@ -291,8 +281,8 @@ def listed_paths(dirs: Iterable[str], snap: Snapshot, exclude: Sequence[str]) ->
 class Seen:
     """What one build used, turned into the stage's observed files."""
 
-    def __init__(self, pipe: Pipeline, rec: Recording) -> None:
-        self._pipe = pipe
+    def __init__(self, place: Place, rec: Recording) -> None:
+        self._place = place
         self._rec = rec
         self._verdicts: dict[str, str | None] = {}  # see `observed_paths`
         self.listings: dict[str, list[str] | None] = {}  # directory -> its names when identified
@@ -302,12 +292,12 @@ class Seen:
         of its closure read when they were imported), with their content ids now, and the
         environment variables project code read that the static key does not hold (with
         the copy mark when it copied the whole environment)."""
-        snap = Snapshot(self._pipe.root)
+        snap = Snapshot(self._place.root)
         closure = [snap.abspath(p) for p, _ in (m.doc.get("code") or {}).get("files", [])]
         # The closure's own files are in the static key: left out before each is judged.
         used = (self._rec.collect() | observe.import_time_uses(closure)).difference(closure)
         _warn_unobserved(m, closure)
-        exclude = [self._pipe.store.root, *_hf_caches()]
+        exclude = [self._place.store.root, *_hf_caches()]
         listed = self._rec.collect_listings()  # before git opens directories below
         with self._rec.own_work():  # which are not the build's listings
             return self._identify(m, snap, used, listed, exclude)
@@ -327,11 +317,11 @@ class Seen:
             [*paths, *dirs, *([UNOBSERVED] if unknown else [])]
             + [envvars.observed_entry(n) for n in env],
             snap,
-            self._pipe.stat_cache,
+            self._place.stat_cache,
             self._rec.env_at_start,
             unsure=unknown,
         )
-        self._pipe.stat_cache.save()
+        self._place.stat_cache.save()
         return observed
 
     def publish(self, static: str, observed: Observed) -> None:
@@ -340,7 +330,7 @@ class Seen:
         if observed:
             if any(p == UNOBSERVED for p, _ in observed):
                 _unsure.add(static)
-            self._pipe.store.add_observed(static, [p for p, _ in observed])
+            self._place.store.add_observed(static, [p for p, _ in observed])
 
     def listed(self, observed: Observed) -> dict[str, list[str] | None]:
         """The names of the directories `observed` lists, as identified (for `explain`)."""
@@ -349,12 +339,12 @@ class Seen:
 
 
 @contextlib.contextmanager
-def observing(pipe: Pipeline, build_dir: str) -> Iterator[Seen]:
+def observing(place: Place, build_dir: str) -> Iterator[Seen]:
     """Record what the block (one stage's build) uses; workers report into `build_dir`."""
     spool = os.path.join(build_dir, "observed")
     try:
-        with observe.recording(pipe.root, [pipe.store.root, *_hf_caches()], spool, True) as rec:
-            yield Seen(pipe, rec)
+        with observe.recording(place.root, [place.store.root, *_hf_caches()], spool, True) as rec:
+            yield Seen(place, rec)
     finally:
         shutil.rmtree(spool, ignore_errors=True)
 
@@ -423,7 +413,7 @@ def entry_doc(
     keys take its content: inputid.py). Never hashed: times live here."""
     import time
 
-    from hfbuild import __version__
+    from hfbuild.version import __version__
 
     doc: dict[str, Any] = {
         "stage": name,

@@ -1,6 +1,7 @@
 """Keeping each stage's ref and hfbuild.lock entry in step with what the store serves.
 
-Owns: one process's view of hfbuild.lock (read once, and again only when the file's stat
+Owns: the committed lock's stages (HEAD's; outside git, the lock on disk), one process's view
+of hfbuild.lock (read once, and again only when the file's stat
 signature changed or this process wrote it) and of the stored manifests it looked at (read and
 checked once per up-to-date check, then reused by the doit title line), so that a no-op run
 over N stages reads and parses the lock once, not N times. Every change is written at once,
@@ -18,27 +19,51 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from hfbuild import lockfile
+from hfbuild.gitrepo import find_root, head_text
 from hfbuild.inputid import Lookup
+from hfbuild.relock import ManifestsOf, resolve_conflict
 
 if TYPE_CHECKING:
-    from hfbuild.pipeline import Pipeline
+    from hfbuild.place import Place
 
 
 class Ledger:
-    """The lock and ref bookkeeping of one pipeline, for one process."""
+    """The lock and ref bookkeeping of one pipeline, for one process: its `place` and its
+    manifests (`manifests_of`: `Pipeline.manifests`)."""
 
-    def __init__(self, pipe: Pipeline) -> None:
-        self.pipe = pipe
+    def __init__(self, place: Place, manifests_of: ManifestsOf) -> None:
+        self.place = place
+        self._manifests = manifests_of
         self._stored: dict[str, dict[str, Any] | None] = {}  # fingerprint -> intact manifest
         self._registered = False
         self._fresh: set[str] = set()  # read for a key computation, not yet by `is_built`
+
+    def committed(self) -> dict[str, Any]:
+        """The committed lock's (HEAD's) stages; {} without one or when it cannot be read.
+        Outside git nothing is committed and files are identified by content: the lock on
+        disk, which a copy of the project carries, stands for it."""
+        text = head_text(self.place.lock_path)
+        if text is None and find_root(self.place.root) is None:
+            try:
+                with open(self.place.lock_path, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError:
+                text = None
+        try:
+            return lockfile.loads(text) if text else {}
+        except lockfile.LockError:
+            return {}
 
     def stored(self, fp: str) -> dict[str, Any] | None:
         """The manifest of the intact store entry `fp` (None: absent or damaged), read and
         checked once per process; `forget` makes the next call look again."""
         if fp not in self._stored:
-            self._stored[fp] = self.pipe.store.intact_manifest(fp)
+            self._stored[fp] = self.place.store.intact_manifest(fp)
         return self._stored[fp]
+
+    def present(self, fp: str) -> bool:
+        """Whether the store holds an intact entry `fp`, as `stored` knows it (read once)."""
+        return self.stored(fp) is not None
 
     def forget(self, fp: str) -> None:
         self._stored.pop(fp, None)
@@ -63,7 +88,7 @@ class Ledger:
         touched and the ref and lock entry brought up to date. Always looks at the store
         (a long-lived process may ask again after the entry was removed); what it read is
         kept for the doit title line that follows."""
-        m = self.pipe.manifests()[name]
+        m = self._manifests()[name]
         if m.pending:  # an input is not built: its key is not known yet (inputid.py)
             return False
         fp = m.fingerprint
@@ -74,7 +99,7 @@ class Ledger:
         stored = self.stored(fp)
         if stored is None:
             return False
-        self.pipe.store.touch(fp)
+        self.place.store.touch(fp)
         self._record(name, stored)
         return True
 
@@ -85,7 +110,7 @@ class Ledger:
         it is then not read and checked again (a check of a sharded entry stats every
         shard's files; the entry was written from such stats, or passed the check, a moment
         ago, and recording decides nothing: the next up-to-date check checks it in full)."""
-        fp = self.pipe.manifests()[name].fingerprint
+        fp = self._manifests()[name].fingerprint
         self.forget(fp)
         if stored is not None and stored.get("fingerprint") == fp:
             self._stored[fp] = dict(stored)
@@ -94,14 +119,14 @@ class Ledger:
             self._record(name, doc)
 
     def _record(self, name: str, stored: dict[str, Any]) -> None:
-        pipe = self.pipe
-        manifests = pipe.manifests()
+        place = self.place
+        manifests = self._manifests()
         m = manifests[name]
-        pipe.store.set_ref(name, m.fingerprint)
+        place.store.set_ref(name, m.fingerprint)
         if not self._registered:
-            pipe.store.register_root(pipe.lock_path)
+            place.store.register_root(place.lock_path)
             self._registered = True
-        spec = pipe[name].spec
+        spec = place.stages[name]
         e = lockfile.entry(
             m.doc,
             m.fingerprint,
@@ -116,10 +141,10 @@ class Ledger:
         # Merged with the file as it is now, under its file lock: nothing another process
         # wrote since we read it is lost.
         lockfile.update(
-            pipe.lock_path,
-            os.path.join(pipe.store.root, "locks"),
+            place.lock_path,
+            os.path.join(place.store.root, "locks"),
             {name: e},
-            {s.name for s in pipe.specs},
+            set(place.stages),
         )
 
     def _lock_view(self) -> dict[str, Any]:
@@ -128,12 +153,10 @@ class Ledger:
         merged what others wrote). A lock with merge conflict markers is never read as empty:
         it is rewritten (`relock`), with a warning saying so, and read again."""
         try:
-            return lockfile.read_cached(self.pipe.lock_path)
+            return lockfile.read_cached(self.place.lock_path)
         except lockfile.ConflictedLockError:
-            from hfbuild.relock import resolve_conflict
-
-            resolve_conflict(self.pipe)
-            return lockfile.read_cached(self.pipe.lock_path)
+            resolve_conflict(self.place, self._manifests)
+            return lockfile.read_cached(self.place.lock_path)
 
 
 def _same_result_elsewhere(was: Any, e: Mapping[str, Any], doc: Mapping[str, Any]) -> bool:

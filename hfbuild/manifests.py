@@ -15,16 +15,17 @@ everything with one message.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hfbuild import refs, shards
 from hfbuild.closure import Context
 from hfbuild.datafiles import StatCache
 from hfbuild.errors import GitStateError, HfbuildError, NotARepositoryError, StageError
-from hfbuild.fingerprint import Manifest, build_manifest, load_data
+from hfbuild.fingerprint import build_manifest, load_data
 from hfbuild.gitstate import Snapshot
 from hfbuild.inputid import Identity, Lookup, identity
+from hfbuild.manifest import Manifest
 from hfbuild.spec import StageSpec
 
 if TYPE_CHECKING:
@@ -168,3 +169,33 @@ def rekey(spec: StageSpec, m: Manifest, done: Mapping[str, Manifest], lookup: Lo
     doc = {**m.doc, "inputs": shards.manifest_inputs(spec, done, ids)}
     bare = dataclasses.replace(m, doc=doc, pending=pending, shards=None, shard_code=None)
     return shards.attach(spec, dataclasses.replace(bare, observed=()), done, ids)
+
+
+def rekey_pending(
+    specs: Iterable[StageSpec],
+    old: Manifests,
+    lookup: Lookup,
+    resolve: Callable[[StageSpec, Manifest], Manifest],
+    again: Collection[str] = (),
+) -> Manifests:
+    """`old` with its pending stages, and the stages built from them, keyed again (`rekey`)
+    by their inputs' results as `lookup` has them now, each then `resolve`d (what it read at
+    run time, `fullkey.resolve`); the stages named in `again` `resolve`d again too (a build
+    that read more than its key assumed published under another key); the others as they
+    were."""
+    ok: dict[str, Manifest] = {}
+    moved: set[str] = set()
+    for spec in specs:
+        m = old.ok.get(spec.name)
+        if m is None:
+            continue
+        if m.pending or any(i in moved for i in spec.inputs):
+            m = resolve(spec, rekey(spec, m, ok, lookup))
+            moved.add(spec.name)
+        elif spec.name in again:
+            now = resolve(spec, m)
+            if now.fingerprint != m.fingerprint:
+                m = now
+                moved.add(spec.name)
+        ok[spec.name] = m
+    return Manifests(list(old), ok, old.failed)

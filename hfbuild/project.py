@@ -1,7 +1,8 @@
 """Finding the pipeline a command works on: the `Pipeline` defined in a dodo.py.
 
 Owns: importing dodo.py the way doit does (its directory as the working directory and first on
-sys.path) and picking out its one `Pipeline`, with the doit task name it is exposed under.
+sys.path) and picking out its one `Pipeline`, with the doit task name it is exposed under;
+the pipeline a no-import record describes (its shape), without the import.
 Must never: build anything.
 """
 
@@ -12,10 +13,13 @@ import importlib.util
 import os
 import sys
 import types
+from typing import Any
 
 from hfbuild import record
 from hfbuild.errors import HfbuildError
 from hfbuild.pipeline import Pipeline
+from hfbuild.spec import StageSpec
+from hfbuild.tasks import Pipeline as DoitPipeline
 
 
 def dodo_path(dodo: str | None = None) -> str:
@@ -31,7 +35,27 @@ def recorded_pipeline(session: record.Session, modes: tuple[str, ...]) -> Pipeli
         return None
     entry = session.sources[modes[0]]
     os.chdir(os.path.dirname(session.dodo))
-    return Pipeline.from_record(session, entry["pipeline"])
+    return _from_record(session, entry["pipeline"])
+
+
+def _from_record(session: record.Session, shape: dict[str, Any]) -> Pipeline:
+    """The pipeline a record describes (`Pipeline.shape`), without dodo.py: its stages
+    have no function."""
+    pipe = DoitPipeline(
+        shape["store"],
+        root=shape["root"],
+        name=shape["name"],
+        remote=shape["remote"],
+        lock=shape["lock"],
+    )
+    for s in shape["stages"]:
+        options = {"builder": s["builder"]} if s["kind"] == "load" else {}
+        if s.get("data_files") is not None:  # absent from older entries
+            options["data_files"] = s["data_files"]
+        ins = tuple(s["inputs"])
+        pipe.define(StageSpec(s["name"], s["kind"], ins, None, {}, options, (), s["doc"], s["ref"]))
+    pipe.use_record_only(session)
+    return pipe
 
 
 def load_pipeline(

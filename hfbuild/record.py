@@ -72,7 +72,7 @@ import xxhash
 from hfbuild import sharing
 from hfbuild.argpaths import named_files
 from hfbuild.envvars import observed_name
-from hfbuild.fingerprint import Manifest, data_file_ids
+from hfbuild.fingerprint import data_file_ids
 from hfbuild.fullkey import is_listing, listing_at, listing_dir, listing_id
 from hfbuild.gitrepo import (
     FileId,
@@ -83,8 +83,8 @@ from hfbuild.gitrepo import (
     unstaged,
 )
 from hfbuild.gitstate import Snapshot
+from hfbuild.manifest import Manifest, ShardIn
 from hfbuild.manifests import Manifests
-from hfbuild.shards import ShardIn
 from hfbuild.store import Store
 from hfbuild.storepaths import default_root
 

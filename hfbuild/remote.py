@@ -538,8 +538,8 @@ class Remote:
         self, store: Store, fp: str, label: str, doc: Mapping[str, Any], rows: list[Any]
     ) -> int:
         """Pull the shards a remote list names, each checked against its row's content hash;
-        the rows' hashes must first add up to the list's own (`shards.combined_hash`)."""
-        from hfbuild.shards import combined_hash
+        the rows' hashes must first add up to the list's own (`content.combined_hash`)."""
+        from hfbuild.content import combined_hash
 
         want: list[tuple[str, str, str]] = []  # (key, content hash, label) per row
         hashes: list[tuple[str, str]] = []

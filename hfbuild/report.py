@@ -12,8 +12,8 @@ from typing import Any, NamedTuple
 
 from hfbuild import envvars, lockfile, shards
 from hfbuild.diff import Change, diff
-from hfbuild.fingerprint import Manifest
 from hfbuild.fullkey import observed_changes
+from hfbuild.manifest import Manifest
 from hfbuild.pipeline import Pipeline
 from hfbuild.spec import stored_rows
 

@@ -17,8 +17,9 @@ Keys:
   (`with_indices`), so an inserted file rebuilds only the shards after it;
 - the stage's fingerprint is `digest(code key, ordered [split, shard key])`.
 
-Owns: deciding which stages are sharded, the per-shard inputs of a manifest, the keys above,
-and the combined content hash of a sharded result (the digest of its shards' hashes in order).
+Owns: deciding which stages are sharded, and the per-shard inputs of a manifest. The keys
+above are computed from them in `manifest.py` (a `Manifest`'s fingerprint and shard list);
+the combined content hash of a sharded result is `content.combined_hash`.
 Must never: import `datasets` (the up-to-date path computes these keys), or put a path in a key
 (a shard's label, the file's path, is reported only).
 """
@@ -26,16 +27,14 @@ Must never: import `datasets` (the up-to-date path computes these keys), or put 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping, Sequence
-from json.encoder import encode_basestring_ascii as _json_str
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from hfbuild import canonical
 from hfbuild.inputid import CONTENT, Identity
+from hfbuild.manifest import Manifest, Shard, ShardIn
 
 if TYPE_CHECKING:
-    from hfbuild.fingerprint import Manifest
     from hfbuild.spec import StageSpec
 
 OPTION = "sharded"  # the stage option that opts out (`sharded=False`)
@@ -44,97 +43,8 @@ OPTION = "sharded"  # the stage option that opts out (`sharded=False`)
 PENDING = "pending:"
 
 
-class ShardIn(NamedTuple):
-    """What one shard is built from: its split, its input's key (a file's content id, or the
-    input stage's shard key, which the build loads), its label (the data file's path;
-    reported, never hashed), for offset-dependent transforms a digest of the input shards
-    before it in its split and, for a transform, its input shard's content (`inputid`: what
-    its key holds instead of the input shard's key; "" for an input that did not record its
-    form, keyed by the input shard's key as before)."""
-
-    split: str
-    input: str
-    label: str
-    before: str = ""
-    content: str = ""
-
-
-class Shard(NamedTuple):
-    """One shard of a stage: its split, key, label, position (`pos`) in its split, input key,
-    the digest of the input shards before it (`with_indices` only, else "") and its input
-    shard's content (see `ShardIn`)."""
-
-    split: str
-    key: str
-    label: str
-    pos: int
-    input: str
-    before: str = ""
-    content: str = ""
-
-    @property
-    def keyed_input(self) -> str:
-        """What the shard's key holds of its input: its content, else its key."""
-        return self.content or self.input
-
-
 def _digest(doc: Any) -> str:
     return canonical.digest(canonical.dumps(doc).encode())
-
-
-def code_key(m: Manifest) -> str:
-    """The key every shard of the stage shares: its code, arguments and options, plus the
-    files its builds read at run time."""
-    from hfbuild.fullkey import full_key
-
-    assert m.shard_code is not None
-    return full_key(m.shard_code, m.observed)
-
-
-def shard_list(m: Manifest) -> list[Shard]:
-    """The stage's shards in order, with their keys."""
-    assert m.shards is not None
-    return list(_keyed(code_key(m), m.shards)[0])
-
-
-@functools.lru_cache(maxsize=16)
-def _keyed(code: str, ins: tuple[ShardIn, ...]) -> tuple[tuple[Shard, ...], str]:
-    """The shards with their keys, and the stage's key, for a code key and shard inputs:
-    a pure function of its arguments, kept for the copies of one manifest that differ only
-    in what is not keyed (a build makes a few per stage: each would otherwise digest every
-    shard's key again)."""
-    out: list[Shard] = []
-    index: dict[str, int] = {}
-    for s in ins:
-        i = index.get(s.split, 0)
-        index[s.split] = i + 1
-        key = shard_key(code, s.content or s.input, s.before)
-        out.append(Shard(s.split, key, s.label, i, s.input, s.before, s.content))
-    stage = _digest({"sharded": code, "shards": [[s.split, s.key] for s in out]})
-    return tuple(out), stage
-
-
-def shard_key(code: str, input_key: str, before: str = "") -> str:
-    """One shard's key: the stage's code key (`code_key`), its input's key and, for
-    offset-dependent transforms, the digest of the input keys before it: the digest of
-    `canonical.dumps({"shard": code, "input": input_key, "before": before or None})`, that
-    text written directly (keys in sorted order, each string by json's own encoder, as
-    `json.dumps(..., sort_keys=True, separators=(",", ":"))` writes them): a stage of
-    thousands of shards computes one per shard in every run, no-op included."""
-    b = _json_str(before) if before else "null"
-    text = f'{{"before":{b},"input":{_json_str(input_key)},"shard":{_json_str(code)}}}'
-    return canonical.digest(text.encode())
-
-
-def stage_key(m: Manifest) -> str:
-    """A sharded stage's fingerprint: its code key and its ordered shard keys."""
-    assert m.shards is not None
-    return _keyed(code_key(m), m.shards)[1]
-
-
-def combined_hash(hashes: Sequence[tuple[str, str]]) -> str:
-    """The content hash of a sharded result from its shards' ([split, hash]) in order."""
-    return _digest({"shard_hashes": [list(h) for h in hashes]})
 
 
 # -- which stages are sharded, and from what ---------------------------------------------------

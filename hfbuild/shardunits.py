@@ -8,7 +8,7 @@ the executor build them together (`Executor.build_all`), and last publishes the 
 entry with `shardbuild.build`, which then finds every shard in the store and writes the list,
 stage fingerprint and content hash a local build writes.
 
-What a build reads at run time is part of every shard's key (`shards.code_key`). A shard
+What a build reads at run time is part of every shard's key (`manifest.code_key`). A shard
 whose build read files its assumed key does not hold is published under the key with them
 (`build_one`), and the driver finds which recorded set that key was made with; the stage's
 set becomes the union, and the shards published under a smaller set are built again in a
@@ -33,62 +33,57 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hfbuild import shards
+from hfbuild import shardbuild, shardone
 from hfbuild.errors import BuildError, RemoteWarning
-from hfbuild.fullkey import Observed, identify, observing
+from hfbuild.fullkey import identify, observing
+from hfbuild.manifest import Manifest, Observed, Shard, code_key, shard_key
 from hfbuild.spec import Report
+from hfbuild.units import Executor, Unit
 
 if TYPE_CHECKING:
-    from hfbuild.executor import Executor, Unit
-    from hfbuild.fingerprint import Manifest
-    from hfbuild.pipeline import Pipeline
+    from hfbuild.place import Place
     from hfbuild.spec import StageSpec
 
 
-def build(pipe: Pipeline, executor: Executor, unit: Unit) -> Report:
+def build(place: Place, executor: Executor, unit: Unit) -> Report:
     """Build the sharded stage `unit` describes, one unit per missing shard on `executor`,
-    then publish its entry in `pipe.store`. The caller holds the lock of its static
+    then publish its entry in `place.store`. The caller holds the lock of its static
     fingerprint."""
-    from hfbuild import shardbuild
-    from hfbuild.executor import Unit
-
     spec, m = unit.spec, unit.manifest
     assert m.shards is not None and unit.shard is None
     t0 = time.perf_counter()
     observed = m.observed
     while True:
         cur = dataclasses.replace(m, observed=observed)
-        todo = missing(pipe, cur, spec.name)
+        todo = missing(place, cur, spec.name)
         if not todo:
             break
-        offsets = row_offsets(pipe, spec, cur)
+        offsets = row_offsets(place, spec, cur)
         units = [Unit(spec, cur, unit.inputs, s, offsets.get(s.key, 0)) for s in todo]
-        reports = executor.build_all(pipe, units, spec.name)
-        grown = _grown(pipe, cur, units, reports)
+        reports = executor.build_all(place, units, spec.name)
+        grown = _grown(place, cur, units, reports)
         if grown == observed:
             break
         observed = grown  # the shards published under the smaller set are built again
     final = dataclasses.replace(m, observed=observed)
-    absent = [s.label for s in final.shard_list if not pipe.store.has(s.key)]
+    absent = [s.label for s in final.shard_list if not place.store.has(s.key)]
     if absent:
         raise BuildError(
             f"stage {spec.name!r}: {len(absent)} shard(s) ({', '.join(absent[:3])}) were "
             f"built but are not in the store (a concurrent `hfbuild gc`?); build it again."
         )
-    report, _ = shardbuild.build(pipe, spec, final, unit.inputs)  # finds every shard: the list
-    if report.fingerprint != m.fingerprint:
-        pipe.manifests(fresh=True)  # the stages after this one take the key it was built under
+    report, _ = shardbuild.build(place, spec, final, unit.inputs)  # finds every shard: the list
     took = time.perf_counter() - t0
     return Report(spec.name, report.fingerprint, "built", report.rows, took, entry=report.entry)
 
 
-def missing(pipe: Pipeline, m: Manifest, label: str) -> list[shards.Shard]:
+def missing(place: Place, m: Manifest, label: str) -> list[Shard]:
     """The shards of `m` that neither the store nor the remote holds, in order; those the
     remote holds are pulled (a remote entry failing its checks is reported and built)."""
     from hfbuild.remote import RemoteError, unavailable
 
-    store = pipe.store
-    remote = pipe.remote()
+    store = place.store
+    remote = place.remote()
     out = []
     for s in m.shard_list:
         if store.has(s.key):
@@ -106,7 +101,7 @@ def missing(pipe: Pipeline, m: Manifest, label: str) -> list[shards.Shard]:
     return out
 
 
-def row_offsets(pipe: Pipeline, spec: StageSpec, m: Manifest) -> dict[str, int]:
+def row_offsets(place: Place, spec: StageSpec, m: Manifest) -> dict[str, int]:
     """For a `with_indices` transform: each shard's key -> the rows of the input shards
     before it in its split (their manifests are in this store: the input was built or
     pulled here). {} for any other stage."""
@@ -116,7 +111,7 @@ def row_offsets(pipe: Pipeline, spec: StageSpec, m: Manifest) -> dict[str, int]:
     rows: dict[str, int] = {}
     for s in m.shard_list:
         out[s.key] = rows.get(s.split, 0)
-        doc = pipe.store.read_manifest(s.input)
+        doc = place.store.read_manifest(s.input)
         if doc is None:
             raise BuildError(
                 f"stage {spec.name!r}: its input shard {s.label} ({s.input}) is not in the "
@@ -126,9 +121,7 @@ def row_offsets(pipe: Pipeline, spec: StageSpec, m: Manifest) -> dict[str, int]:
     return out
 
 
-def _grown(
-    pipe: Pipeline, m: Manifest, units: Sequence[Unit], reports: Sequence[Report]
-) -> Observed:
+def _grown(place: Place, m: Manifest, units: Sequence[Unit], reports: Sequence[Report]) -> Observed:
     """`m`'s observed files, plus those of the shards published under another key than their
     unit's: each such key is matched to the recorded set (`observed/` in the store, added
     by the executor) it was made with."""
@@ -138,9 +131,9 @@ def _grown(
     odd = [(u, r) for u, r in zip(units, reports, strict=True) if r.fingerprint != u.key]
     if not odd:
         return m.observed
-    snap = Snapshot(pipe.root)
+    snap = Snapshot(place.root)
     sets = [
-        identify(p, snap, pipe.stat_cache) for p in pipe.store.read_observed(m.static_fingerprint)
+        identify(p, snap, place.stat_cache) for p in place.store.read_observed(m.static_fingerprint)
     ]
     for u, r in odd:
         assert u.shard is not None
@@ -155,39 +148,37 @@ def _grown(
     return tuple(sorted(out))
 
 
-def key_with(m: Manifest, s: shards.Shard, observed: Observed) -> str:
+def key_with(m: Manifest, s: Shard, observed: Observed) -> str:
     """The key of shard `s` of `m` had its builds read `observed`."""
-    return shards.shard_key(
-        shards.code_key(dataclasses.replace(m, observed=observed)), s.keyed_input, s.before
-    )
+    return shard_key(code_key(dataclasses.replace(m, observed=observed)), s.keyed_input, s.before)
 
 
 # -- one shard unit -----------------------------------------------------------------------------
 
 
-def build_shard_here(pipe: Pipeline, unit: Unit) -> Report:
-    """The local executor's build of one shard unit, into `pipe.store` (the caller holds the
+def build_shard_here(place: Place, unit: Unit) -> Report:
+    """The local executor's build of one shard unit, into `place.store` (the caller holds the
     lock of the stage's static fingerprint). A shard that read more than its key assumed
     records that set, as a whole-stage build does."""
     assert unit.shard is not None
     t0 = time.perf_counter()
     m = unit.manifest
-    key, rows, observed = build_one(pipe, unit.spec, m, unit.shard, unit.offset)
+    key, rows, observed = build_one(place, unit.spec, m, unit.shard, unit.offset)
     if key != unit.key:
-        pipe.store.add_observed(m.static_fingerprint, [p for p, _ in observed])
+        place.store.add_observed(m.static_fingerprint, [p for p, _ in observed])
     return Report(unit.spec.name, key, "built", rows, time.perf_counter() - t0)
 
 
 def build_one(
-    pipe: Pipeline, spec: StageSpec, m: Manifest, s: shards.Shard, offset: int
+    place: Place, spec: StageSpec, m: Manifest, s: Shard, offset: int
 ) -> tuple[str, Any, Observed]:
-    """Build shard `s` of `m` in `pipe.store` with a sharded build's own code
-    (`shardbuild.build_one`), `offset` being the rows of the input shards before it, and
+    """Build shard `s` of `m` in `place.store` with a sharded build's own code
+    (`shardone.build_one`), `offset` being the rows of the input shards before it, and
     publish it under the key of what it read at run time: `m`'s observed files, plus any
     other its build read (then another key than `s.key`). (key, rows, observed files)."""
-    from hfbuild import builder, shardbuild
+    from hfbuild import builder
 
-    store = pipe.store
+    store = place.store
     if spec.options.get("num_proc") and not spec.options.get("with_rank"):
         # One shard per unit, as in a sharded build's own processes: datasets' workers would
         # only cut it smaller (the output is the same; with_rank keeps its processes).
@@ -201,8 +192,8 @@ def build_one(
             return s.key, done.get("rows"), m.observed
         tmp = store.new_build_dir(s.key)
         try:
-            with observing(pipe, tmp) as seen:
-                path, doc = shardbuild.build_one(pipe, run, m, at, tmp)
+            with observing(place, tmp) as seen:
+                path, doc = shardone.build_one(place, run, m, at, tmp)
                 now = seen.identify(m)
             observed = tuple(sorted(set(now) | set(m.observed)))
             key = s.key if observed == m.observed else key_with(m, s, observed)

@@ -1,4 +1,4 @@
-"""doit task dicts for a pipeline.
+"""doit task dicts for a pipeline, and `hfbuild.Pipeline`, whose `tasks()` makes them.
 
 Owns: one plain doit task dict per stage (`actions`, `uptodate`, `task_dep`, `clean`, `doc`),
 so `doit run/list/info/clean/-n` work as doit users expect. `uptodate` asks the store whether it
@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from hfbuild import refs, teardown
+from hfbuild import pipeline, record, refs, teardown
 from hfbuild.errors import HfbuildError
 from hfbuild.fingerprint import strict
 from hfbuild.spec import rows_text, stored_rows
@@ -23,11 +23,36 @@ from hfbuild.spec import rows_text, stored_rows
 if TYPE_CHECKING:
     from doit.exceptions import TaskFailed
 
-    from hfbuild.pipeline import Pipeline
     from hfbuild.spec import StageSpec
 
 
-def _uptodate(pipe: Pipeline, name: str) -> bool:
+class Pipeline(pipeline.Pipeline):
+    """`hfbuild.Pipeline`: a pipeline (`pipeline.Pipeline`: its stages, keys and results)
+    whose stages are doit tasks. The doit front lives here, above the builds it runs, so the
+    pipeline below never imports what builds its stages."""
+
+    def tasks(self, basename: str | None = None) -> Iterator[dict[str, Any]]:
+        """doit task dicts, one per stage; `yield from pipe.tasks()` in `task_<basename>`."""
+        if basename is None:
+            caller = sys._getframe(1).f_code.co_name
+            basename = caller[5:] if caller.startswith("task_") else self.name
+        self.name = basename
+        if not self.recording and self.origin is not None and not record.cli_loading:
+            # doit imported dodo.py: the record saves only the imports of modules named by
+            # reference and not imported yet. Without any, the code cache's fingerprints cost
+            # about what the record's check does (the 20k-file repository: the check +40 ms).
+            session = record.session(self.origin, "doit") if _unimported_refs(self) else None
+            if session is not None:
+                self.use_record(session)
+        return pipeline_tasks(self, basename)
+
+
+def _unimported_refs(pipe: pipeline.Pipeline) -> bool:
+    """Whether a stage names its function by a reference whose module is not imported."""
+    return any(s.ref is not None and s.ref.partition(":")[0] not in sys.modules for s in pipe.specs)
+
+
+def _uptodate(pipe: pipeline.Pipeline, name: str) -> bool:
     # A user error here (a missing data file, a corrupt git index) would make doit print a
     # traceback: report "not up to date" instead, and let the build action fail with the
     # message. A warning (the lock was rewritten) is printed as `_build` prints them.
@@ -48,7 +73,7 @@ def _uptodate(pipe: Pipeline, name: str) -> bool:
                 print(f"warning: {w.message}", file=sys.stderr)
 
 
-def _build(pipe: Pipeline, name: str) -> TaskFailed | None:
+def _build(pipe: pipeline.Pipeline, name: str) -> TaskFailed | None:
     # Under doit a warning's source line (inside hfbuild) says nothing useful: print the
     # message itself, once per stage. A user error fails the task with its message (doit
     # prints it without a traceback into hfbuild); bugs still raise.
@@ -86,7 +111,7 @@ def _interrupted(name: str) -> SystemExit:
     return SystemExit(130)
 
 
-def _built_from(pipe: Pipeline, name: str) -> list[str]:
+def _built_from(pipe: pipeline.Pipeline, name: str) -> list[str]:
     """The stages built from `name`, directly or through others, in pipeline order."""
     down = {name}
     for spec in pipe.specs:
@@ -95,7 +120,7 @@ def _built_from(pipe: Pipeline, name: str) -> list[str]:
     return [s.name for s in pipe.specs if s.name in down and s.name != name]
 
 
-def _title(pipe: Pipeline, name: str, task: Any) -> str:
+def _title(pipe: pipeline.Pipeline, name: str, task: Any) -> str:
     """doit's line for the task: with the row count once the stage is in the store, so a
     no-op run prints one informative line per stage."""
     try:
@@ -109,7 +134,7 @@ def _title(pipe: Pipeline, name: str, task: Any) -> str:
     return f"{task.name} ({rows_text(stored_rows(doc))}, up to date)"
 
 
-def _clean(pipe: Pipeline, name: str) -> None:
+def _clean(pipe: pipeline.Pipeline, name: str) -> None:
     err = pipe.manifests().error(name)
     if err is not None:  # it has no fingerprint, so no result of it can be current
         print(f"{name}: nothing to remove ({err})")
@@ -120,7 +145,7 @@ def _clean(pipe: Pipeline, name: str) -> None:
         print(f"{name}: removed {fp} from the store")
 
 
-def _failing_last(pipe: Pipeline) -> list[StageSpec]:
+def _failing_last(pipe: pipeline.Pipeline) -> list[StageSpec]:
     """The stages in pipeline order, except that those that cannot be fingerprinted (and
     their consumers) come last: doit stops at the first failed task, so every other stage is
     built before a broken one fails with its message."""
@@ -133,7 +158,7 @@ def _failing_last(pipe: Pipeline) -> list[StageSpec]:
     ]
 
 
-def pipeline_tasks(pipe: Pipeline, basename: str) -> Iterator[dict[str, Any]]:
+def pipeline_tasks(pipe: pipeline.Pipeline, basename: str) -> Iterator[dict[str, Any]]:
     teardown.skip_final_collection()  # takes effect at exit only
     yield {
         "name": None,

@@ -25,10 +25,11 @@ from hfbuild.build import build
 from hfbuild.datafiles import NOT_IN_GIT
 from hfbuild.diff import diff, versions_only
 from hfbuild.errors import HfbuildError, UnmergedError
-from hfbuild.fingerprint import Manifest, data_file_ids
+from hfbuild.fingerprint import data_file_ids
 from hfbuild.fullkey import observed_changes
 from hfbuild.gitrepo import Mode
 from hfbuild.gitstate import Snapshot
+from hfbuild.manifest import Manifest
 from hfbuild.manifests import Manifests
 from hfbuild.pipeline import Pipeline
 
@@ -244,10 +245,7 @@ def _uncommitted(m: Manifest) -> str:
 def _scratch_twin(pipe: Pipeline, scratch: str) -> Pipeline:
     """The same stages over an empty store at `scratch`, with no remote and no stat cache of
     the user's store: whatever it builds it computes itself."""
-    twin = Pipeline(scratch, root=pipe.root, name=pipe.name, remote=False, lock=pipe.lock_name)
-    for spec in pipe.specs:
-        twin._add(spec)
-    return twin
+    return pipe.over(scratch)
 
 
 def check_rebuild(pipe: Pipeline) -> list[Problem]:
@@ -449,7 +447,7 @@ def _pulled(doc: Mapping[str, Any] | None) -> str:
 def _shards_hash(pipe: Pipeline, doc: dict[str, Any]) -> tuple[str, list[str]]:
     """A result made of shards: the combined hash of the content hashes its shards record,
     and the shards whose hash is not the one their row in the list records."""
-    from hfbuild.shards import combined_hash
+    from hfbuild.content import combined_hash
 
     hashes = []
     contradicted = []

@@ -299,7 +299,7 @@ def test_shard_key_is_the_digest_of_its_canonical_document(
 ) -> None:
     """A shard's key, whose text `shards.shard_key` writes directly, is the digest of the
     canonical encoding of its document, for any strings (quotes, controls, non-ASCII)."""
-    from hfbuild import shards
+    from hfbuild import manifest as shards
     from hfbuild.canonical import digest
 
     doc = {"shard": code, "input": key, "before": before or None}

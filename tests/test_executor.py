@@ -211,7 +211,8 @@ import json, warnings
 warnings.simplefilter("ignore")
 import dodo
 from hfbuild import shardunits
-from hfbuild.executor import LocalExecutor, Unit
+from hfbuild.local import LocalExecutor
+from hfbuild.units import Unit
 
 
 class Counting(LocalExecutor):
@@ -309,9 +310,9 @@ PREPARE = """
 import json, os, shutil, sys, warnings
 warnings.simplefilter("ignore")
 import dodo
-from hfbuild import ray_executor as rx, shardunits
+from hfbuild import raytree as rx, shardunits
 from hfbuild.build import build
-from hfbuild.executor import Unit
+from hfbuild.units import Unit
 from hfbuild.remote import Remote
 
 pipe = dodo.pipe
@@ -342,7 +343,7 @@ print(json.dumps(out))
 
 WORKER = """
 import json, sys
-from hfbuild.ray_executor import run_unit
+from hfbuild.rayworker import run_unit
 
 with open(sys.argv[1]) as f:
     job = json.load(f)
@@ -425,7 +426,7 @@ ENV_OF = """
 import json, warnings
 warnings.simplefilter("ignore")
 import dodo
-from hfbuild.ray_executor import _env
+from hfbuild.raytree import task_env as _env
 
 m = dodo.pipe.manifests()["feat"]
 print(json.dumps({"key": [n for n, _ in m.doc["env"]], "shipped": _env(dodo.pipe, m)}))

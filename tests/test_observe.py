@@ -478,7 +478,7 @@ def test_recording_resolves_names_opened_relative_to_a_directory_fd(
 def test_a_stage_that_read_nothing_keeps_its_static_fingerprint() -> None:
     """The full key of an empty observation is the static fingerprint itself, and any
     observed file's id changes it."""
-    from hfbuild.fullkey import full_key
+    from hfbuild.manifest import full_key
 
     static = "0" * 32
     assert full_key(static, ()) == static

@@ -523,7 +523,7 @@ import json, warnings
 warnings.simplefilter("ignore")
 import dodo
 from hfbuild.build import build
-from hfbuild.executor import Unit
+from hfbuild.units import Unit
 from hfbuild.ray_executor import RayExecutor
 
 pipe = dodo.pipe

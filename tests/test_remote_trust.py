@@ -87,7 +87,7 @@ def forge_shard(
 ) -> str:
     """`forge` one shard of a sharded stage's remote entry, and its row in the stage's list,
     the list's combined content hash and checksum to match. Returns the shard's key."""
-    from hfbuild.shards import combined_hash
+    from hfbuild.content import combined_hash
     from hfbuild.storepaths import manifest_digest
 
     doc = r.manifest(stage_fp)

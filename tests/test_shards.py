@@ -417,7 +417,7 @@ def test_sharded_split_rows_are_reported_in_the_datasets_split_order(
 CHECK_STORE = """
 import dodo
 from hfbuild.content import dataset_hash
-from hfbuild.shards import combined_hash
+from hfbuild.content import combined_hash
 s = dodo.pipe.store
 served = 0
 for fp in s.fingerprints():

@@ -663,7 +663,7 @@ SHIPPED = """
 import json, warnings
 warnings.simplefilter("ignore")
 import dodo
-from hfbuild import ray_executor as rx
+from hfbuild import raytree as rx
 from hfbuild.errors import ConfigError
 
 ms = dodo.pipe.manifests()

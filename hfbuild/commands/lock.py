@@ -10,7 +10,7 @@ def lock(pipe: Pipeline) -> int:
     """Rewrite the lock from the current code and the store's results, building nothing
     (also the way to resolve a merge conflict in it). Stages without a result for their
     current fingerprint are left out and reported: exit 1."""
-    r, changed = relock(pipe)
+    r, changed = relock(pipe.place, pipe.manifests)
     for spec in pipe.specs:
         entry = r.stages.get(spec.name)
         if entry is None:

@@ -4,10 +4,9 @@ import sys
 from collections.abc import Sequence
 
 from hfbuild.errors import HfbuildError
-from hfbuild.fingerprint import Manifest
+from hfbuild.manifest import Manifest, Shard
 from hfbuild.pipeline import Pipeline
 from hfbuild.remote import RefusedEntryError, Remote, remote_url
-from hfbuild.shards import Shard
 
 
 def _remote(pipe: Pipeline, url: str | None) -> Remote:
