@@ -32,10 +32,11 @@ def cpu(fn: Callable[[], Any], repeat: int) -> float:
 def main() -> None:
     sys.path.insert(0, os.getcwd())
     warnings.simplefilter("ignore")
-    from hfbuild import argpaths, canonical
-    from hfbuild.datafiles import StatCache
-    from hfbuild.gitstate import Snapshot
-    from hfbuild.manifests import compute, stage_manifest
+    from hfbuild.core import canonical
+    from hfbuild.keys import argpaths
+    from hfbuild.keys.manifests import compute, stage_manifest
+    from hfbuild.source.datafiles import StatCache
+    from hfbuild.source.gitstate import Snapshot
 
     snap = Snapshot(os.getcwd())
     table = {f"token-{i}": i for i in range(100_000)}

@@ -17,7 +17,7 @@ import time
 
 import datasets
 
-from hfbuild.importscan import env_reads, scan_tree
+from hfbuild.source.importscan import env_reads, scan_tree
 
 
 def main() -> None:

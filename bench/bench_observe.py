@@ -111,7 +111,7 @@ def noop(path: pathlib.Path, env: dict[str, str], repeat: int) -> dict[str, floa
 def watch_setup(root: pathlib.Path, repeat: int) -> tuple[int, float]:
     """(directories watched, median CPU seconds) of making the inotify watch of `root`, as a
     build's first window makes it (no store inside it to leave out)."""
-    from hfbuild import watch
+    from hfbuild.source import watch
 
     real = os.path.realpath(root)
     times, count = [], 0

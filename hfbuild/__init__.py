@@ -5,10 +5,8 @@ The public API, and nothing else. Importing hfbuild does not import `datasets`.
 
 from __future__ import annotations
 
-from hfbuild import observe as _observe
-from hfbuild.canonical import register_canonical
-from hfbuild.dataset_ops import filter, map
-from hfbuild.errors import (
+from hfbuild.core.canonical import register_canonical
+from hfbuild.core.errors import (
     BuildError,
     ClosureError,
     DamagedEntryError,
@@ -25,11 +23,13 @@ from hfbuild.errors import (
     StoreError,
     UnhashableArgumentError,
 )
-from hfbuild.fingerprint import fingerprint
-from hfbuild.manifest import Manifest
-from hfbuild.stages import Stage
-from hfbuild.tasks import Pipeline
-from hfbuild.version import __version__
+from hfbuild.core.version import __version__
+from hfbuild.frontends.dataset_ops import filter, map
+from hfbuild.frontends.tasks import Pipeline
+from hfbuild.keys.fingerprint import fingerprint
+from hfbuild.keys.manifest import Manifest
+from hfbuild.pipeline.stages import Stage
+from hfbuild.source import observe as _observe
 
 # Before the project's modules are imported (dodo.py imports hfbuild first), so that the files
 # they read while they are imported are observed.

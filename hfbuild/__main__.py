@@ -1,5 +1,5 @@
 import sys
 
-from hfbuild.cli import main
+from hfbuild.cli.main import main
 
 sys.exit(main())

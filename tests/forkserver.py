@@ -9,7 +9,7 @@ forks, the child changes to `cwd`, updates its environment, sends its stdout and
 line `{"rc": code}` (`-9` when the child was killed after `timeout` seconds). Operations (each
 writes its answer to `out` with pickle; the test reads what its own children wrote):
 
-- `build`: `hfbuild build` (`hfbuild.cli.main`), the exit code is the command's;
+- `build`: `hfbuild build` (`hfbuild.cli.main.main`), the exit code is the command's;
 - `results`: each stage of the dodo.py's pipeline through `pipe.result()`, as plain values;
 - `reference`: plain `datasets` over the spec in `arg`: one `load_dataset`, then the same
   `map`/`filter` calls, caching disabled, a fresh HF cache (`arg["cache"]`).
@@ -52,7 +52,7 @@ def _error(e: BaseException) -> dict[str, Any]:
 
 
 def _op_build(arg: Any) -> tuple[int, Any]:
-    from hfbuild.cli import main
+    from hfbuild.cli.main import main
 
     sys.argv = ["hfbuild", "build"]
     try:
@@ -63,7 +63,7 @@ def _op_build(arg: Any) -> tuple[int, Any]:
 
 
 def _op_results(arg: Any) -> tuple[int, Any]:
-    from hfbuild.project import load_pipeline
+    from hfbuild.cli.project import load_pipeline
 
     pipe = load_pipeline("dodo.py")
     out: dict[str, Any] = {}
@@ -163,7 +163,7 @@ if __name__ == "__main__":
     import datasets  # noqa: F401
 
     if not plain:
-        import hfbuild.build
-        import hfbuild.builder
-        import hfbuild.cli  # noqa: F401
+        import hfbuild.builds.builder
+        import hfbuild.builds.stage
+        import hfbuild.cli.main  # noqa: F401
     serve(float(os.environ.get("FORKSERVER_TIMEOUT", "600")))

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from hfbuild.storepaths import manifest_digest
+from hfbuild.store.paths import manifest_digest
 from tests.helpers import Repo, run_hfbuild
 from tests.pipeline_project import doit, make_project
 from tests.test_remote import s3, s3_server  # noqa: F401  (fixtures)
@@ -164,7 +164,7 @@ def test_pattern_matching_agrees_with_glob(tmp_path: pathlib.Path) -> None:
     glob.glob(recursive=True) finds, for `*`, `?`, `[..]` and `**` patterns."""
     import glob
 
-    from hfbuild.absentdata import matches
+    from hfbuild.keys.absentdata import matches
 
     names = ["a.parquet", "b.csv", "d/a.parquet", "d/e/f.parquet", "d/e/g1.csv", "x/y.parquet"]
     for n in names:

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from hfbuild import argpaths
-from hfbuild.datafiles import StatCache
-from hfbuild.gitstate import Snapshot
+from hfbuild.keys import argpaths
+from hfbuild.source.datafiles import StatCache
+from hfbuild.source.gitstate import Snapshot
 from tests.helpers import Repo, run_python
 from tests.pipeline_project import calls
 from tests.test_ray import cluster, remote  # noqa: F401  (a loopback Ray cluster, an S3 remote)

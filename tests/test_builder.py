@@ -10,8 +10,8 @@ import datasets
 import pyarrow as pa
 import pytest
 
-from hfbuild import builder
-from hfbuild.content import dataset_hash
+from hfbuild.builds import builder
+from hfbuild.store.content import dataset_hash
 
 
 def _base() -> Any:

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hfbuild
-from hfbuild.canonical import dumps, encode
+from hfbuild.core.canonical import dumps, encode
 from tests.helpers import run_python, same
 
 
@@ -92,7 +92,7 @@ def test_set_and_dict_order_do_not_matter_across_hash_seeds(tmp_path: pathlib.Pa
     """Sets of strings and dicts built in different orders encode the same in processes with
     different PYTHONHASHSEED."""
     code = (
-        "from hfbuild.canonical import encode, dumps\n"
+        "from hfbuild.core.canonical import encode, dumps\n"
         "s = {f'k{i}' for i in range(50)}\n"
         "d = {f'k{i}': i for i in reversed(range(50))}\n"
         "print(dumps(encode([s, frozenset(s), d])))\n"
@@ -210,7 +210,7 @@ def test_tokenizer_same_in_fresh_processes(tmp_path: pathlib.Path) -> None:
     code = """
         import sys
         from tokenizers import Tokenizer
-        from hfbuild.canonical import dumps, encode
+        from hfbuild.core.canonical import dumps, encode
         print(dumps(encode(Tokenizer.from_file(sys.argv[1]))))
     """
     outs = {
@@ -299,8 +299,8 @@ def test_shard_key_is_the_digest_of_its_canonical_document(
 ) -> None:
     """A shard's key, whose text `shards.shard_key` writes directly, is the digest of the
     canonical encoding of its document, for any strings (quotes, controls, non-ASCII)."""
-    from hfbuild import manifest as shards
-    from hfbuild.canonical import digest
+    from hfbuild.core.canonical import digest
+    from hfbuild.keys import manifest as shards
 
     doc = {"shard": code, "input": key, "before": before or None}
     want = digest(dumps(doc).encode())

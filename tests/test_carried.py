@@ -282,7 +282,7 @@ def test_explain_names_what_a_wrapped_function_carries(repo: Repo) -> None:
         import json, warnings
         warnings.simplefilter("ignore")
         import hfbuild, t
-        from hfbuild.diff import diff
+        from hfbuild.keys.diff import diff
         def doc(fn):
             return hfbuild.fingerprint(fn, return_manifest=True)[1].doc
         print(json.dumps([c.describe() for a, b in ((t.mk_wrapped(2), t.mk_wrapped(3)),

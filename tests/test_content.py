@@ -8,7 +8,7 @@ import itertools
 import pyarrow as pa
 import pytest
 
-from hfbuild import content
+from hfbuild.store import content
 
 ROWS = 5000
 

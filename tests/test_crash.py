@@ -40,31 +40,31 @@ POINTS = [
     ("write", "datasets.arrow_writer:ArrowWriter.finalize", 1, "after"),
     ("write", "datasets.arrow_writer:ArrowWriter.finalize", 2, "before"),
     ("write", "datasets.arrow_writer:ArrowWriter.finalize", 3, "after"),
-    ("write", "hfbuild.indexed:write", 1, "before"),  # a filter's indices over its input
-    ("write", "hfbuild.indexed:write", 2, "after"),
-    ("write", "hfbuild.builder:_save_dataset", 1, "after"),
-    ("write", "hfbuild.builder:_reload", 3, "after"),  # what was written, read back
-    ("write", "hfbuild.builder:dataset_hash", 1, "before"),
-    ("write", "hfbuild.builder:dataset_hash", 3, "after"),
-    ("publish", "hfbuild.sharing:write_text_atomic", 1, "before"),
-    ("publish", "hfbuild.sharing:write_text_atomic", 2, "after"),
-    ("publish", "hfbuild.store:Store.publish", 1, "after"),
-    ("publish", "hfbuild.store:Store.publish", 3, "before"),
+    ("write", "hfbuild.store.indexed:write", 1, "before"),  # a filter's indices over its input
+    ("write", "hfbuild.store.indexed:write", 2, "after"),
+    ("write", "hfbuild.builds.builder:_save_dataset", 1, "after"),
+    ("write", "hfbuild.builds.builder:_reload", 3, "after"),  # what was written, read back
+    ("write", "hfbuild.builds.builder:dataset_hash", 1, "before"),
+    ("write", "hfbuild.builds.builder:dataset_hash", 3, "after"),
+    ("publish", "hfbuild.store.sharing:write_text_atomic", 1, "before"),
+    ("publish", "hfbuild.store.sharing:write_text_atomic", 2, "after"),
+    ("publish", "hfbuild.store.store:Store.publish", 1, "after"),
+    ("publish", "hfbuild.store.store:Store.publish", 3, "before"),
     ("publish", "os:rename", 1, "after"),
     ("publish", "os:rename", 2, "before"),
     ("publish", "os:rename", 4, "after"),
     ("publish", "os:replace", 1, "before"),
     ("publish", "os:replace", 3, "after"),
     ("publish", "os:replace", 6, "before"),
-    ("publish", "hfbuild.store:Store.set_ref", 2, "before"),
-    ("publish", "hfbuild.lockfile:update", 1, "before"),
-    ("publish", "hfbuild.lockfile:update", 3, "after"),
-    ("publish", "hfbuild.store:Store.publish", 5, "after"),
+    ("publish", "hfbuild.store.store:Store.set_ref", 2, "before"),
+    ("publish", "hfbuild.store.lockfile:update", 1, "before"),
+    ("publish", "hfbuild.store.lockfile:update", 3, "after"),
+    ("publish", "hfbuild.store.store:Store.publish", 5, "after"),
 ]
 
 CHECK_STORE = """
 import dodo
-from hfbuild.content import dataset_hash
+from hfbuild.store.content import dataset_hash
 s = dodo.pipe.store
 served = 0
 for fp in s.fingerprints():

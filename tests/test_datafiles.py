@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from hfbuild import datafiles
-from hfbuild.datafiles import StatCache, file_identities, file_identity
-from hfbuild.gitstate import Snapshot
+from hfbuild.source import datafiles
+from hfbuild.source.datafiles import StatCache, file_identities, file_identity
+from hfbuild.source.gitstate import Snapshot
 from tests.helpers import Repo
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hfbuild.canonical import encode
-from hfbuild.diff import diff, render
+from hfbuild.core.canonical import encode
+from hfbuild.keys.diff import diff, render
 
 
 def manifest(**over: Any) -> dict[str, Any]:

@@ -231,7 +231,7 @@ def test_a_secret_read_by_a_computed_name_is_hashed(
 RECORD = """
 import json, os, sys
 import hfbuild
-from hfbuild import observe
+from hfbuild.source import observe
 sys.path.insert(0, sys.argv[1])
 import user
 with observe.recording(sys.argv[1], [], os.path.join(sys.argv[1], "spool")) as rec:

@@ -204,6 +204,6 @@ def test_scan_finds_reads_by_literal_name(source: str, names: list[str]) -> None
     writes, deletions, computed names and other objects called `environ` are not reads."""
     import ast
 
-    from hfbuild.importscan import scan_tree
+    from hfbuild.source.importscan import scan_tree
 
     assert list(scan_tree(ast.parse(source)).env) == names

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from hfbuild.errors import ConfigError
-from hfbuild.executor import executor_name
-from hfbuild.remote import Remote
-from hfbuild.store import Store
+from hfbuild.builds.executor import executor_name
+from hfbuild.core.errors import ConfigError
+from hfbuild.store.remote import Remote
+from hfbuild.store.store import Store
 from tests.helpers import Repo
 from tests.pipeline_project import doit, make_project
 from tests.test_remote import s3, s3_server  # noqa: F401  (moto's S3 server and a bucket)
@@ -39,7 +39,7 @@ def test_executor_choice_order(tmp_path: pathlib.Path, monkeypatch: pytest.Monke
 
 
 def _hfbuild(repo: Repo, *args: str, prelude: str = "", **env: str) -> Any:
-    code = f"import sys\n{prelude}\nfrom hfbuild.cli import main\nsys.exit(main(sys.argv[1:]))"
+    code = f"import sys\n{prelude}\nfrom hfbuild.cli.main import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, *args],
         cwd=repo.path,
@@ -87,7 +87,7 @@ def _entry(store: Store) -> None:
     """A small real entry under FP."""
     import datasets
 
-    from hfbuild.content import dataset_hash
+    from hfbuild.store.content import dataset_hash
 
     tmp = store.new_build_dir(FP)
     datasets.Dataset.from_dict({"x": list(range(100))}).save_to_disk(os.path.join(tmp, "data"))
@@ -210,9 +210,9 @@ BY_UNITS = """
 import json, warnings
 warnings.simplefilter("ignore")
 import dodo
-from hfbuild import shardunits
-from hfbuild.local import LocalExecutor
-from hfbuild.units import Unit
+from hfbuild.builds import shardunits
+from hfbuild.builds.local import LocalExecutor
+from hfbuild.builds.units import Unit
 
 
 class Counting(LocalExecutor):
@@ -310,10 +310,10 @@ PREPARE = """
 import json, os, shutil, sys, warnings
 warnings.simplefilter("ignore")
 import dodo
-from hfbuild import raytree as rx, shardunits
-from hfbuild.build import build
-from hfbuild.units import Unit
-from hfbuild.remote import Remote
+from hfbuild.builds import raytree as rx, shardunits
+from hfbuild.builds.stage import build
+from hfbuild.builds.units import Unit
+from hfbuild.store.remote import Remote
 
 pipe = dodo.pipe
 build(pipe, "raw")
@@ -343,7 +343,7 @@ print(json.dumps(out))
 
 WORKER = """
 import json, sys
-from hfbuild.rayworker import run_unit
+from hfbuild.builds.rayworker import run_unit
 
 with open(sys.argv[1]) as f:
     job = json.load(f)
@@ -426,7 +426,7 @@ ENV_OF = """
 import json, warnings
 warnings.simplefilter("ignore")
 import dodo
-from hfbuild.raytree import task_env as _env
+from hfbuild.builds.raytree import task_env as _env
 
 m = dodo.pipe.manifests()["feat"]
 print(json.dumps({"key": [n for n, _ in m.doc["env"]], "shipped": _env(dodo.pipe, m)}))

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hfbuild
-from hfbuild.build import build
-from hfbuild.canonical import dumps, encode
+from hfbuild.builds.stage import build
+from hfbuild.core.canonical import dumps, encode
 from tests.helpers import Repo, same
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from hfbuild import graph
+from hfbuild.cli import graph
 from tests import shard_project
 from tests.helpers import HFBUILD, Repo, run_hfbuild
 from tests.pipeline_project import doit, make_project

@@ -175,7 +175,7 @@ no_nan = values.filter(lambda v: not _has_nan(v))
 def test_hasher_differs_implies_encoding_differs(a: Any, b: Any) -> None:
     """On generated nested values (scalars, lists, tuples, dicts, sets), whenever Hasher
     tells two apart, hfbuild's canonical encoding does too."""
-    from hfbuild.canonical import dumps, encode
+    from hfbuild.core.canonical import dumps, encode
 
     if Hasher.hash(a) != Hasher.hash(b):
         assert dumps(encode(a)) != dumps(encode(b))
@@ -207,7 +207,7 @@ def test_c_callables_by_reduction_in_fresh_processes(repo: Repo) -> None:
 
 def test_object_without_state_is_refused() -> None:
     """A bare object() has no state hfbuild can see: refused, never encoded as empty."""
-    from hfbuild.canonical import encode
+    from hfbuild.core.canonical import encode
 
     with pytest.raises(hfbuild.UnhashableArgumentError, match="no state hfbuild can see"):
         encode({"sentinel": object()})
@@ -217,7 +217,7 @@ def test_chat_template_in_config_or_jinja_file_counts(tmp_path: pathlib.Path) ->
     """A saved tokenizer's chat template counts whether transformers 5 wrote it to
     chat_template.jinja or it sits in tokenizer_config.json (as transformers 4 saved it):
     editing either file changes the encoding; moving it between them does not."""
-    from hfbuild.canonical import dumps, encode
+    from hfbuild.core.canonical import dumps, encode
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -252,7 +252,7 @@ def test_chat_template_in_config_or_jinja_file_counts(tmp_path: pathlib.Path) ->
 def test_slow_tokenizer_every_saved_file_counts(tmp_path: pathlib.Path) -> None:
     """A pure-Python tokenizer counts by vocab.json, merges.txt and its added tokens; the
     same files loaded from another directory encode the same."""
-    from hfbuild.canonical import dumps, encode
+    from hfbuild.core.canonical import dumps, encode
 
     def e(tok: Any) -> str:
         return dumps(encode(tok))

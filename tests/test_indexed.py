@@ -57,7 +57,7 @@ def _fps(repo: Repo) -> dict[str, str]:
 
 
 def _store(repo: Repo, where: str = ".hfbuild") -> Any:
-    from hfbuild.store import Store
+    from hfbuild.store.store import Store
 
     return Store(repo.path / where)
 
@@ -76,7 +76,7 @@ def _rows(store: Any, fp: str, column: str = "y") -> list[int]:
 
 def _full_write(ds: Any, where: pathlib.Path) -> Any:
     """`ds` saved as before this change (every row written, no base), and what was saved."""
-    from hfbuild import builder
+    from hfbuild.builds import builder
 
     where.mkdir(parents=True)
     return builder.save(ds, str(where / "data"), str(where))
@@ -308,7 +308,7 @@ def test_selected_hash_equals_the_written_rows_hash(tmp_path: pathlib.Path, n: i
     datasets gathers when any are kept."""
     import datasets
 
-    from hfbuild.content import dataset_hash, table_hash
+    from hfbuild.store.content import dataset_hash, table_hash
 
     ds = datasets.Dataset.from_dict(
         {"x": list(range(n)), "t": [f"r{i}" if i % 7 else None for i in range(n)]}
@@ -405,7 +405,7 @@ def test_a_filters_own_indices_file_is_moved_not_written_again(tmp_path: pathlib
     import datasets
     import numpy as np
 
-    from hfbuild import indexed
+    from hfbuild.store import indexed
 
     base = datasets.Dataset.from_dict({"x": list(range(50))})
     base.save_to_disk(str(tmp_path / "base"))

@@ -40,7 +40,7 @@ rc = DoitMain(ModuleTaskLoader(dodo)).run(["run", "preprocess"])
 """
 
 STATUS = """
-from hfbuild.cli import main
+from hfbuild.cli.main import main
 rc = main(["status"])
 """
 

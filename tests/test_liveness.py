@@ -298,7 +298,7 @@ BUILD_AFTER_EDIT = """
 import importlib, json, os, sys, warnings
 warnings.simplefilter("ignore")
 import hfbuild
-from hfbuild.build import build
+from hfbuild.builds.stage import build
 import transforms, helpers
 pipe = hfbuild.Pipeline(root=os.getcwd())
 raw = pipe.load("raw", "json", data_files="data.jsonl", split="train")
@@ -324,7 +324,7 @@ FRESH_BUILD = """
 import json, os, warnings
 warnings.simplefilter("ignore")
 import hfbuild
-from hfbuild.build import build
+from hfbuild.builds.stage import build
 import transforms
 pipe = hfbuild.Pipeline(root=os.getcwd())
 raw = pipe.load("raw", "json", data_files="data.jsonl", split="train")
@@ -411,10 +411,10 @@ def test_bytecode_cache_older_than_its_source_is_caught(repo: Repo) -> None:
 
 LOADED_AFTER_IDENTIFIED = """
 import os, time
-from hfbuild import liveness
-from hfbuild.closure import Context
-from hfbuild.errors import StaleModuleError
-from hfbuild.gitstate import Snapshot
+from hfbuild.source import liveness
+from hfbuild.source.closure import Context
+from hfbuild.core.errors import StaleModuleError
+from hfbuild.source.gitstate import Snapshot
 
 ctx = Context(Snapshot("."))
 ctx.add_file("helpers.py")  # identified as committed, before the module is loaded
@@ -445,9 +445,9 @@ def test_module_loaded_after_its_file_was_identified_is_compared_with_that_file(
 SOURCE_AFTER_IDENTIFIED = """
 import json
 import transforms
-from hfbuild import modvalues
-from hfbuild.closure import Context
-from hfbuild.gitstate import Snapshot
+from hfbuild.source import modvalues
+from hfbuild.source.closure import Context
+from hfbuild.source.gitstate import Snapshot
 
 ctx = Context(Snapshot("."))
 ctx.add_file("transforms.py")  # identified as committed, MAX_LEN = 128 as loaded

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from hfbuild import lockfile
+from hfbuild.store import lockfile
 from tests.helpers import Repo, git, run_hfbuild
 from tests.pipeline_project import calls, doit, make_project
 

@@ -21,7 +21,7 @@ SETUP = """
 import importlib, json, os, sys
 sys.path.insert(0, os.getcwd())
 import hfbuild
-from hfbuild.build import build
+from hfbuild.builds.stage import build
 import transforms
 
 def run():

@@ -384,19 +384,19 @@ def test_fresh_clone_pulls_from_a_remote_and_verify_needs_no_store(
 def test_nothing_observed_without_the_hook(repo: Repo) -> None:
     """HFBUILD_OBSERVE=0 (the benchmark's switch) installs no hook; by default it is installed."""
     out = run_python(
-        "import hfbuild.observe as o, hfbuild; print(o.installed())",
+        "import hfbuild.source.observe as o, hfbuild; print(o.installed())",
         repo.path,
         env={"HFBUILD_OBSERVE": "0"},
     )
     assert out.stdout.strip() == "False"
-    out = run_python("import hfbuild.observe as o, hfbuild; print(o.installed())", repo.path)
+    out = run_python("import hfbuild.source.observe as o, hfbuild; print(o.installed())", repo.path)
     assert out.stdout.strip() == "True"
 
 
 def test_recording_keeps_project_reads_only(tmp_path: pathlib.Path) -> None:
     """Within a recording: reads under the root are noted (relative paths, os.open too);
     writes, the excluded store, files outside the root and module bytecode are not."""
-    from hfbuild import observe
+    from hfbuild.source import observe
 
     assert observe.installed()
     root = tmp_path / "root"
@@ -435,7 +435,7 @@ def test_recording_resolves_names_opened_relative_to_a_directory_fd(
     Reading the call's source to find its dir_fd is not noted as a read."""
     import functools
 
-    from hfbuild import observe
+    from hfbuild.source import observe
 
     root = tmp_path / "root"
     (root / "sub" / "a").mkdir(parents=True)
@@ -478,7 +478,7 @@ def test_recording_resolves_names_opened_relative_to_a_directory_fd(
 def test_a_stage_that_read_nothing_keeps_its_static_fingerprint() -> None:
     """The full key of an empty observation is the static fingerprint itself, and any
     observed file's id changes it."""
-    from hfbuild.manifest import full_key
+    from hfbuild.keys.manifest import full_key
 
     static = "0" * 32
     assert full_key(static, ()) == static
@@ -557,7 +557,7 @@ def test_pre_commit_check_sees_a_file_read_at_run_time(
 def test_explain_wording_for_files_and_modules_used_at_run_time() -> None:
     """A changed file read at run time and a changed module imported at run time are told
     apart, with abbreviated old and new ids; unchanged and unknown files are not reported."""
-    from hfbuild.diff import diff_observed
+    from hfbuild.keys.diff import diff_observed
 
     old = [["conf/x.yaml", "a" * 40], ["plugins/p.py", "b" * 40], ["conf/same.txt", "c" * 40]]
     now = {"conf/x.yaml": "d" * 40, "plugins/p.py": "missing", "conf/same.txt": "c" * 40}

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import hfbuild
-from hfbuild.build import build
+from hfbuild.builds.stage import build
 from tests.helpers import Repo, run_python
 from tests.pipeline_project import calls, doit, expected, make_project, results
 

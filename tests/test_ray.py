@@ -257,8 +257,8 @@ def _remote_entries(url: str) -> dict[str, list[str]]:
 
 DEEP_CHECK = """
 import sys
-from hfbuild.remote import Remote
-from hfbuild.store import Store
+from hfbuild.store.remote import Remote
+from hfbuild.store.store import Store
 remote, store = Remote(sys.argv[1]), Store(sys.argv[2])
 for fp in sys.argv[3:]:
     # An entry pulled already as another's reference (a filter's base) was checked then. A
@@ -522,9 +522,9 @@ BUILD_ALL = """
 import json, warnings
 warnings.simplefilter("ignore")
 import dodo
-from hfbuild.build import build
-from hfbuild.units import Unit
-from hfbuild.ray_executor import RayExecutor
+from hfbuild.builds.stage import build
+from hfbuild.builds.units import Unit
+from hfbuild.builds.ray_executor import RayExecutor
 
 pipe = dodo.pipe
 build(pipe, "raw")

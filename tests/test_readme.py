@@ -182,7 +182,7 @@ def test_status_strict_makes_uncommitted_code_an_error(repo: Repo) -> None:
 
 def test_global_options_after_every_command() -> None:
     """`--dodo` is read after any command as before it, and kept when given before."""
-    from hfbuild.cli import _parser
+    from hfbuild.cli.main import _parser
 
     p = _parser()
     sub = next(a for a in p._actions if isinstance(a.choices, dict))

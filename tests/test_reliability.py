@@ -22,7 +22,7 @@ def entry(repo: Repo, stage: str) -> pathlib.Path:
 
 def no_hfbuild_traceback(out: subprocess.CompletedProcess[str]) -> bool:
     text = out.stdout + out.stderr
-    return "hfbuild/pipeline.py" not in text and "hfbuild/builder.py" not in text
+    return "hfbuild/pipeline/pipeline.py" not in text and "hfbuild/builds/builder.py" not in text
 
 
 @pytest.fixture
@@ -241,7 +241,7 @@ def test_disk_full_while_writing(
     assert not any((store / "tmp").iterdir())
     check = """
 import sys, dodo
-from hfbuild.store import Store
+from hfbuild.store.store import Store
 s = dodo.pipe.store
 print(all(s.check(fp) is None for fp in s.fingerprints()), len(s.fingerprints()))
 """
@@ -350,7 +350,7 @@ import dodo
 for s in dodo.pipe:
     ds = s.result()
     len(ds)
-from hfbuild.verify import check_deep
+from hfbuild.cli.verify import check_deep
 assert check_deep(dodo.pipe) == []
 print("unpickled:", events)
 """

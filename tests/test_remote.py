@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from hfbuild.storepaths import manifest_digest
+from hfbuild.store.paths import manifest_digest
 from tests.helpers import Repo, run_hfbuild
 from tests.pipeline_project import calls, doit, expected, make_project, results
 

@@ -60,8 +60,8 @@ def forge(r: RemoteFs, fp: str, work: pathlib.Path, change: Callable[[Any], Any]
     every check against the remote's own records passes. Returns the new manifest."""
     import datasets
 
-    from hfbuild.content import dataset_hash
-    from hfbuild.storepaths import manifest_digest
+    from hfbuild.store.content import dataset_hash
+    from hfbuild.store.paths import manifest_digest
 
     doc = r.manifest(fp)
     data = f"{r.entry(fp)}/{doc['data_dir']}"
@@ -87,8 +87,8 @@ def forge_shard(
 ) -> str:
     """`forge` one shard of a sharded stage's remote entry, and its row in the stage's list,
     the list's combined content hash and checksum to match. Returns the shard's key."""
-    from hfbuild.content import combined_hash
-    from hfbuild.storepaths import manifest_digest
+    from hfbuild.store.content import combined_hash
+    from hfbuild.store.paths import manifest_digest
 
     doc = r.manifest(stage_fp)
     row = next(row for row in doc["shards"] if row[2] == label)

@@ -261,8 +261,8 @@ def test_load_shard_is_load_dataset_of_its_one_file(tmp_path: pathlib.Path) -> N
     same features and data; its stored content hash is that data's hash."""
     import datasets
 
-    from hfbuild.content import dataset_hash
-    from hfbuild.store import Store
+    from hfbuild.store.content import dataset_hash
+    from hfbuild.store.store import Store
 
     repo = make_project(Repo.init(tmp_path / "repo"))
     doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
@@ -416,8 +416,8 @@ def test_sharded_split_rows_are_reported_in_the_datasets_split_order(
 
 CHECK_STORE = """
 import dodo
-from hfbuild.content import dataset_hash
-from hfbuild.content import combined_hash
+from hfbuild.store.content import dataset_hash
+from hfbuild.store.content import combined_hash
 s = dodo.pipe.store
 served = 0
 for fp in s.fingerprints():
@@ -437,16 +437,16 @@ print(served)
 KILLS = [
     ("KILL_IN", "feat:part-2", ""),
     ("KILL_IN", "idx:part-1", ""),
-    ("hfbuild.shardbuild:_publish_shard", 2, "before"),
-    ("hfbuild.shardbuild:_publish_shard", 6, "after"),
-    ("hfbuild.shardbuild:_publish", 1, "before"),
-    ("hfbuild.shardbuild:_publish", 2, "after"),
-    ("hfbuild.store:Store.publish_first", 3, "before"),
+    ("hfbuild.builds.shardbuild:_publish_shard", 2, "before"),
+    ("hfbuild.builds.shardbuild:_publish_shard", 6, "after"),
+    ("hfbuild.builds.shardbuild:_publish", 1, "before"),
+    ("hfbuild.builds.shardbuild:_publish", 2, "after"),
+    ("hfbuild.store.store:Store.publish_first", 3, "before"),
     # a shard's manifest written, not yet moved
-    ("hfbuild.storepublish:Publisher.seal", 3, "after"),
-    ("hfbuild.store:Store.publish", 3, "before"),
+    ("hfbuild.store.publish:Publisher.seal", 3, "after"),
+    ("hfbuild.store.store:Store.publish", 3, "before"),
     ("os:rename", 5, "after"),
-    ("hfbuild.builder:save", 7, "after"),
+    ("hfbuild.builds.builder:save", 7, "after"),
 ]
 
 
@@ -484,7 +484,7 @@ def test_killed_sharded_build_leaves_nothing_partial(
         assert _per_shard(before, "feat") == {"part-0", "part-1"}  # killed before logging
         assert _per_shard(again, "feat") == {"part-2", "part-3"}
     assert state(repo) == _fresh(repo, tmp_path, tmp_path / "fresh.log")
-    if target == "hfbuild.shardbuild:_publish_shard":  # the killed build's scratch: for gc
+    if target == "hfbuild.builds.shardbuild:_publish_shard":  # the killed build's scratch: for gc
         assert any(p.name.startswith("trash.") for p in (repo.path / ".hfbuild/tmp").iterdir())
     gc = run_hfbuild(repo, "gc", "--keep-days", "0")
     assert gc.returncode == 0, gc.stderr
@@ -661,7 +661,7 @@ def test_shards_with_different_schemas_load_aligned(tmp_path: pathlib.Path) -> N
 
 def test_publish_returns_the_manifest_it_wrote(tmp_path: pathlib.Path) -> None:
     """`Store.publish` returns the manifest exactly as the store then reads it back."""
-    from hfbuild.store import Store
+    from hfbuild.store.store import Store
 
     store = Store(tmp_path / "store")
     build = pathlib.Path(store.new_build_dir("0" * 32))
@@ -689,7 +689,7 @@ def test_publish_first_keeps_an_intact_entry_and_replaces_a_damaged_one(
     """`Store.publish_first` (a shard's publish, without its lock): the first entry stays
     and a second publish of the key returns it; a damaged entry in the way is moved aside
     and replaced; no lock file is made for the key unless something was in the way."""
-    from hfbuild.store import Store
+    from hfbuild.store.store import Store
 
     store = Store(tmp_path / "store")
     fp = "cd" * 16
@@ -709,7 +709,7 @@ def test_publish_first_keeps_an_intact_entry_and_replaces_a_damaged_one(
 
 RACER = """
 import os, pathlib, sys, time
-from hfbuild.store import Store
+from hfbuild.store.store import Store
 store = Store(sys.argv[1])
 build = pathlib.Path(store.new_build_dir(sys.argv[3]))
 (build / "data").mkdir()
@@ -727,7 +727,7 @@ def test_racing_publish_first_one_entry_wins(tmp_path: pathlib.Path) -> None:
     import subprocess
     import sys
 
-    from hfbuild.store import Store
+    from hfbuild.store.store import Store
 
     fp, go = "ef" * 16, tmp_path / "go"
     procs = [
@@ -867,8 +867,8 @@ def test_lock_a_build_records_is_the_lock_of_the_store(tmp_path: pathlib.Path) -
 def test_list_of_shards_is_written_on_one_line(tmp_path: pathlib.Path) -> None:
     """A stage's list of shards is written as one line of JSON (other manifests stay
     indented), and reads back, checksum included, as the manifest published."""
-    from hfbuild.store import Store
-    from hfbuild.storepaths import MANIFEST
+    from hfbuild.store.paths import MANIFEST
+    from hfbuild.store.store import Store
 
     store = Store(tmp_path / "store")
     shard, stage = "ab" * 16, "cd" * 16

@@ -253,7 +253,7 @@ def test_two_users_share_one_setgid_store(team: Team) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert team.calls(a)["lens"] == 1  # still the first build's single call: B's was reused
 
-    out = team.run(b, "hfbuild.cli", "doctor", **env)
+    out = team.run(b, "hfbuild.cli.main", "doctor", **env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"shared with group {team.group}" in out.stdout
 
@@ -273,7 +273,7 @@ def test_doctor_flags_a_group_store_made_without_setgid(team: Team) -> None:
     assert "permission denied" in out.stdout + out.stderr
     assert "Run `hfbuild doctor`" in out.stdout + out.stderr
     assert "Traceback" not in out.stdout + out.stderr
-    out = team.run(b, "hfbuild.cli", "doctor", **env)
+    out = team.run(b, "hfbuild.cli.main", "doctor", **env)
     assert out.returncode == 1
     assert "not setgid" in out.stderr and f"not {team.group}" in out.stderr
     fixes = [line.strip() for line in out.stderr.splitlines() if line.startswith("  ch")]
@@ -281,7 +281,7 @@ def test_doctor_flags_a_group_store_made_without_setgid(team: Team) -> None:
     assert len(fixes) == 3, out.stderr
     for cmd in fixes:
         _sh("sh", "-c", cmd)  # as root, who owns nothing there but may fix everything
-    out = team.run(b, "hfbuild.cli", "doctor", **env)
+    out = team.run(b, "hfbuild.cli.main", "doctor", **env)
     assert out.returncode == 0, out.stderr
     out = team.run(b, "doit", "run", "preprocess", **env)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -301,7 +301,7 @@ def test_flock_local_to_one_machine_is_detected_from_the_mount(tmp_path: pathlib
     """A store on NFS mounted with local_lock=flock, or on Lustre with localflock (where
     flock silently excludes only this machine's processes), is named with its mount; NFS
     with real locking, Lustre with cluster-wide flock and local disks are not."""
-    from hfbuild.sharing import local_only_flock
+    from hfbuild.store.sharing import local_only_flock
 
     table = tmp_path / "mounts"
     table.write_text(MOUNTS)

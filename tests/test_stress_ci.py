@@ -22,12 +22,12 @@ ROWS = 10  # write_part's rows per file
 
 # (target, nth call, before/after), or ("KILL_IN", "stage:file" of this round's file, "").
 POINTS = [
-    ("hfbuild.store:Store.publish", 1, "after"),  # the new file's load shard published
+    ("hfbuild.store.store:Store.publish", 1, "after"),  # the new file's load shard published
     ("KILL_IN", "feat", ""),  # inside the transform, mid-shard
     ("datasets.arrow_writer:ArrowWriter.finalize", 2, "before"),
-    ("hfbuild.store:Store.publish", 3, "before"),
+    ("hfbuild.store.store:Store.publish", 3, "before"),
     ("KILL_IN", "keep", ""),
-    ("hfbuild.lockfile:update", 1, "before"),
+    ("hfbuild.store.lockfile:update", 1, "before"),
 ]
 
 

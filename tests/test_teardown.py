@@ -8,7 +8,7 @@ from tests.helpers import run_python
 
 PROGRAM = """
 import gc, os, sys
-from hfbuild import teardown
+from hfbuild.core import teardown
 
 
 class Loud:

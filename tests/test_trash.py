@@ -11,7 +11,7 @@ from tests.helpers import run_python
 
 DEFER = """
 import json, os, sys
-from hfbuild import trash
+from hfbuild.store import trash
 tmp = sys.argv[1]
 for i in range(int(sys.argv[2])):
     d = os.path.join(tmp, f"left-{i}")
@@ -37,7 +37,7 @@ def test_a_long_lived_process_empties_its_trash_every_limit_leftovers(
     """A process that keeps building (a notebook) does not pile leftovers up: every
     `LIMIT` deferred leftovers the trash is emptied."""
     code = (
-        "from hfbuild import trash; trash.LIMIT = 4\n"
+        "from hfbuild.store import trash; trash.LIMIT = 4\n"
         + DEFER
         + (
             "print(len(os.listdir(os.path.join(tmp, os.listdir(tmp)[0]))) "
@@ -69,8 +69,8 @@ def test_the_trash_is_emptied_once_it_holds_limit_bytes(tmp_path: pathlib.Path) 
     the end: once `LIMIT_BYTES` wait in the trash it is emptied."""
     code = """
     import json, os, sys
-    from hfbuild import trash
-    from hfbuild.store import Store
+    from hfbuild.store import trash
+    from hfbuild.store.store import Store
     trash.LIMIT_BYTES = 10
     store = Store(sys.argv[1])
     tmp = os.path.join(sys.argv[1], "tmp")

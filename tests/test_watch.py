@@ -472,7 +472,7 @@ FLOOD_FILES = {
         import subprocess
         import sys
 
-        from hfbuild import watch
+        from hfbuild.source import watch
         from pkg.log import log
 
         OPENS = "for _ in range(20000): open('conf/a.txt').close()"
@@ -538,7 +538,7 @@ def test_a_build_whose_events_were_lost_is_built_again(repo: Repo, tmp_path: pat
 
 
 def _recorded(root: pathlib.Path, tmp_path: pathlib.Path, fn: Any) -> Any:
-    from hfbuild import observe
+    from hfbuild.source import observe
 
     with observe.recording(str(root), [], str(tmp_path / "spool"), True) as rec:
         fn()
@@ -607,7 +607,7 @@ def test_directories_opened_by_compiled_code_are_listings_the_import_systems_are
 def test_lost_events_make_a_windows_reads_unknown(tmp_path: pathlib.Path) -> None:
     """An overflow of the kernel's queue (the reader held off while another process opens a
     file 20,000 times) leaves the recording's reads unknown."""
-    from hfbuild import watch
+    from hfbuild.source import watch
 
     root = tmp_path / "root"
     root.mkdir()
@@ -663,8 +663,8 @@ SHIPPED = """
 import json, warnings
 warnings.simplefilter("ignore")
 import dodo
-from hfbuild import raytree as rx
-from hfbuild.errors import ConfigError
+from hfbuild.builds import raytree as rx
+from hfbuild.core.errors import ConfigError
 
 ms = dodo.pipe.manifests()
 out = {"tokens": [p for p, _ in rx.shipped_files(ms["tokens"])]}
@@ -702,7 +702,7 @@ def test_every_directory_of_a_tree_is_watched_leaves_unlisted(tmp_path: pathlib.
     or several as much as the leaves that are not listed (link count 2): a file read deep in
     it by another process is recorded; an environment in it is not watched; a directory made
     in a leaf after the watch exists is watched from then on."""
-    from hfbuild import watch
+    from hfbuild.source import watch
 
     root = tmp_path / "root"
     (root / "a" / "b" / "c").mkdir(parents=True)

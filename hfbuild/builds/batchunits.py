@@ -1,0 +1,353 @@
+"""Batch-aligned units: a batched map or filter over a sharded input, built a unit at a time.
+
+A batched stage's output depends on which rows share a batch, and `datasets` cuts batches at
+the global offsets 0, `batch_size`, 2 * `batch_size`, ... of each split. Its key is the whole
+stage's (its input's key in it, as for any unsharded stage); its *build* reuses pieces. A
+unit is the batches that start in one input shard, at those global offsets: it reads its
+batches' rows, into the shards after it when its last batch straddles them (to the end of
+the split for the last batch). Its key is the digest of the stage's code key (its manifest
+without its input, with the files its builds read at run time), the split, the keys of the
+input shards it reads in order, where its rows start in the first of them and end in the
+last, and, for `with_indices`, its first row's index in the split. Each missing unit is one
+`map`/`filter` over exactly its rows (starting at a batch boundary, so its batches are the
+whole split's); the units are stored as shard entries and the stage's entry lists them, as
+a sharded stage's lists its shards. Appending a file then builds the last old unit (its last
+batch now reads into the new file) and the units starting in the new file.
+
+What the units' concatenation cannot be shown to equal is built whole instead, as before:
+`batch_size` None or <= 0 (one batch), `num_proc` > 1 (datasets batches within each of
+`num_proc` parts), `with_rank`, an input that is not sharded or a split of no rows, a
+function that changed what it keeps between calls while the units ran, and a map whose units
+came out with other features (datasets' map over the whole split casts every batch to the
+first batch's types).
+
+Owns: which batched stages are built by units, the units of a split, their keys, building
+the missing ones and the stage's entry listing them.
+Must never: change a stage's key (the planner never sees units), publish a unit under a key
+whose run-time reads it was not built with, or publish the stage's entry before its units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from hfbuild.core import canonical
+from hfbuild.core.spec import Report, StageSpec, stored_rows
+from hfbuild.keys import shards
+from hfbuild.keys.fullkey import identify, observing
+from hfbuild.keys.manifest import Manifest, Observed, Shard, full_key
+from hfbuild.source import closure, liveness, refs
+from hfbuild.source.gitstate import Snapshot
+
+if TYPE_CHECKING:
+    from hfbuild.keys.place import Place
+
+DEFAULT_BATCH_SIZE = 1000  # datasets' default for map and filter
+
+
+class Unit(NamedTuple):
+    """One unit: the batches starting in input shard `label` of `split`, reading rows
+    `start` to `stop` of the split."""
+
+    split: str
+    key: str
+    label: str
+    start: int
+    stop: int
+    first_input: str
+
+
+def batch_size(options: Mapping[str, Any]) -> int | None:
+    """The stage's batch size as datasets takes it; None for one batch of everything."""
+    bs = options.get("batch_size", DEFAULT_BATCH_SIZE)
+    if bs is None or not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0:
+        return None
+    return bs
+
+
+def eligible(spec: StageSpec) -> bool:
+    """Whether the batched stage `spec` may be built by units (when its input's entry is a
+    list of shards or units, `build`)."""
+    o = spec.options
+    n = o.get("num_proc")
+    return (
+        spec.kind in ("map", "filter")
+        and len(spec.inputs) == 1
+        and bool(o.get("batched"))
+        and not o.get("with_rank")
+        and shards.wanted(spec)
+        and (n is None or (isinstance(n, int) and not isinstance(n, bool) and n <= 1))
+        and batch_size(o) is not None
+    )
+
+
+def code_key(m: Manifest, observed: Observed) -> str:
+    """What every unit of the stage shares: its manifest without its input, with the files
+    its builds read at run time."""
+    return full_key(code_static(m), observed)
+
+
+def code_static(m: Manifest) -> str:
+    """The stage's static manifest without its input (under which the files its unit
+    builds read are recorded)."""
+    doc = {**m.doc, "inputs": "batch-units"}
+    return canonical.digest(canonical.dumps(doc).encode())
+
+
+def units(
+    code: str, split: str, rows: Sequence[tuple[str, str, int]], bs: int, with_indices: bool
+) -> list[Unit]:
+    """The units of one split whose input shards are `rows` ((key, label, rows) in order):
+    one per shard a batch starts in."""
+    offsets = []
+    at = 0
+    for _, _, n in rows:
+        offsets.append(at)
+        at += n
+    total = at
+    out = []
+    for i, (key, label, n) in enumerate(rows):
+        first, end_of_shard = offsets[i], offsets[i] + n
+        start = -(-first // bs) * bs  # the first batch starting in this shard
+        if start >= end_of_shard:
+            continue
+        stop = min(((end_of_shard - 1) // bs) * bs + bs, total)
+        read = [j for j in range(i, len(rows)) if offsets[j] < stop]
+        last = read[-1]
+        doc = {
+            "batch-unit": code,
+            "split": split,
+            "inputs": [rows[j][0] for j in read],
+            "from": start - first,
+            "to": stop - offsets[last],
+            "index": start if with_indices else None,
+        }
+        unit_key = canonical.digest(canonical.dumps(doc).encode())
+        out.append(Unit(split, unit_key, label, start, stop, key))
+    return out
+
+
+def _plan(code: str, spec: StageSpec, listed: Sequence[Any]) -> dict[str, list[Unit]] | None:
+    """The units of every split of the input whose entry lists `listed` (its shard rows),
+    or None when a split has no rows (built whole)."""
+    by_split: dict[str, list[tuple[str, str, int]]] = {}
+    for row in listed:
+        facts = row[4] if len(row) >= 5 and isinstance(row[4], dict) else {}
+        n = facts.get("rows")
+        if not isinstance(n, int):
+            return None
+        by_split.setdefault(str(row[0]), []).append((str(row[1]), str(row[2]), n))
+    bs = batch_size(spec.options)
+    assert bs is not None
+    indices = bool(spec.options.get("with_indices"))
+    out = {}
+    for split, rows in by_split.items():
+        if sum(n for _, _, n in rows) == 0:
+            return None
+        out[split] = units(code, split, rows, bs, indices)
+    return out
+
+
+def build(
+    place: Place, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]
+) -> Report | None:
+    """Build the stage from its units (the store's, and the missing ones built now), and
+    publish its entry listing them; None when it is to be built whole instead (nothing
+    published but units, each under its own key)."""
+    store = place.store
+    parent_fp = manifests[spec.inputs[0]].fingerprint
+    parent = store.read_manifest(parent_fp)
+    listed = parent.get("shards") if parent is not None else None
+    if parent is None or not isinstance(listed, list):
+        return None
+    as_dict = bool(parent.get("dict"))
+    t0 = time.perf_counter()
+    static = code_static(m)
+    recorded = store.read_observed(static)
+    assumed: Observed = ()
+    if recorded:
+        assumed = identify(recorded[0], Snapshot(place.root), place.stat_cache)
+    tmp = store.new_build_dir(m.static_fingerprint)
+    try:
+        with observing(place, tmp) as seen:
+            got = _build_units(place, spec, m, parent_fp, listed, assumed, tmp)
+            if got is None:
+                return None
+            plan, docs, built, written = got
+            now = seen.identify(m)
+            if not {p for p, _ in now} <= {p for p, _ in assumed}:
+                # Its function read files the assumed key does not hold: every unit's key
+                # takes them, and every unit is built again under it.
+                assumed = tuple(sorted(set(assumed) | set(now)))
+                for path, _ in docs.values():
+                    if path:
+                        store.discard(path)
+                got = _build_units(place, spec, m, parent_fp, listed, assumed, tmp, every=True)
+                if got is None:
+                    return None
+                plan, docs, built, written = got
+                now = seen.identify(m)
+            observed = tuple(sorted(set(assumed) | set(now)))
+            known = {}
+            for key, (path, doc) in docs.items():
+                known[key] = store.publish_first(path, key, doc) if path else doc
+            final = dataclasses.replace(m, observed=observed)
+            done = _Done(plan, known, built, written, as_dict)
+            entry = _publish(place, spec, final, manifests, done, tmp, t0)
+            seen.publish(static, observed)
+            seen.publish(m.static_fingerprint, observed)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    total = sum(len(us) for us in plan.values())
+    seconds = time.perf_counter() - t0
+    return Report(
+        spec.name, final.fingerprint, "built", stored_rows(entry), seconds, (built, total), entry
+    )
+
+
+def _build_units(
+    place: Place,
+    spec: StageSpec,
+    m: Manifest,
+    parent_fp: str,
+    listed: Sequence[Any],
+    observed: Observed,
+    tmp: str,
+    *,
+    every: bool = False,
+) -> tuple[dict[str, list[Unit]], dict[str, tuple[str, dict[str, Any]]], int, int] | None:
+    """The units of the stage under `observed`, the missing ones (or, with `every`, all)
+    built into directories in `tmp`: (units by split, key -> (directory or "" when the
+    store has it, its document), units built, bytes written); None when the stage is to be
+    built whole."""
+    from hfbuild.builds import builder, shardone
+
+    store = place.store
+    plan = _plan(code_key(m, observed), spec, listed)
+    if plan is None:
+        return None
+    docs: dict[str, tuple[str, dict[str, Any]]] = {}
+    todo = []
+    for us in plan.values():
+        for u in us:
+            have = None if every else store.intact_manifest(u.key)
+            if have is not None:
+                docs[u.key] = ("", have)
+            elif u.key not in docs:
+                todo.append(u)
+                docs[u.key] = ("", {})
+    written = 0
+    if todo:
+        kept = closure.kept_state(refs.function(spec))
+        scratch = os.path.join(tmp, builder.SCRATCH)
+        with shardone.quiet_datasets():
+            for u in todo:
+                t1 = time.perf_counter()
+                rows = _rows_of(store, parent_fp, listed, u)
+                one = builder.offset_indices(spec, u.start)
+                path = tempfile.mkdtemp(dir=tmp, prefix="unit-")
+                named = {"scratch": scratch, "tag": os.path.basename(path) + "-"}
+                out = builder.run_stage(one, [rows], u.key, path, place.root, **named)
+                info = builder.save(out, os.path.join(path, "data"), path, (), scratch)
+                s = Shard(u.split, u.key, u.label, 0, u.first_input)
+                doc = shardone.shard_doc(spec, s, info, out, time.perf_counter() - t1)
+                written += int(doc["written_bytes"])
+                docs[u.key] = (path, doc)
+        liveness.check_built(place.root, m.doc)  # the code that ran is the code hashed
+        if closure.kept_state(refs.function(spec)) != kept or not _same_features(spec, plan, docs):
+            for path, _ in docs.values():
+                if path:
+                    store.discard(path)
+            return None
+    return plan, docs, len(todo), written
+
+
+def _rows_of(store: Any, parent_fp: str, listed: Sequence[Any], u: Unit) -> Any:
+    """Rows `u.start` to `u.stop` of the input's split `u.split`, from the input shards
+    holding them only (loading the whole input would map every shard of it)."""
+    at = 0
+    first = -1
+    rows: list[list[Any]] = []
+    for row in listed:
+        if str(row[0]) != u.split:
+            continue
+        n = int(row[4]["rows"])
+        if n and at < u.stop and at + n > u.start:
+            first = at if first < 0 else first
+            rows.append(row)
+        at += n
+    part = store.load_listed(parent_fp, u.split, rows)
+    head = [r for r in listed if str(r[0]) == u.split and int(r[4]["rows"])][:1]
+    if rows[:1] != head and store.load_listed(parent_fp, u.split, head).features != part.features:
+        # Shards of other types: the whole split's concatenation decides them, as served.
+        whole = store.load(parent_fp)
+        split = whole[u.split] if isinstance(whole, dict) else whole
+        return split.select(range(u.start, u.stop))
+    return part.select(range(u.start - first, u.stop - first))
+
+
+def _same_features(
+    spec: StageSpec, plan: Mapping[str, list[Unit]], docs: Mapping[str, tuple[str, dict[str, Any]]]
+) -> bool:
+    """A map's units with rows all have the same output features."""
+    if spec.kind != "map":
+        return True
+    seen = set()
+    for us in plan.values():
+        for u in us:
+            doc = docs[u.key][1]
+            if doc.get("rows") != 0:
+                seen.add(str(doc.get("features")))
+    return len(seen) <= 1
+
+
+def _publish(
+    place: Place,
+    spec: StageSpec,
+    m: Manifest,
+    manifests: Mapping[str, Manifest],
+    done: _Done,
+    tmp: str,
+    t0: float,
+) -> dict[str, Any]:
+    """The stage's entry listing its units in order, as a sharded stage's lists its shards
+    (`shardbuild.publish_list`); the entry's manifest as the store holds it."""
+    from hfbuild.builds import shardbuild
+
+    store = place.store
+    listed: list[list[Any]] = []
+    for us in done.plan.values():
+        for u in us:
+            stored = done.known[u.key]
+            facts = {
+                "rows": stored.get("rows"),
+                "content_hash": stored.get("content_hash"),
+                "stamp": stored.get("stamp") or store.manifest_stamp(u.key),
+                "input": u.first_input,
+                "before": "",
+            }
+            if spec.kind == "map":
+                facts["features"] = stored.get("features")
+            if isinstance(stored.get("form"), str):
+                facts["form"] = stored["form"]  # the list's form (`inputid`) is its first's
+            listed.append([u.split, u.key, u.label, stored["files"], facts])
+    rows = shardbuild.Listed(listed, done.built, done.written, done.as_dict)
+    return shardbuild.publish_list(place, spec, m, manifests, rows, tmp, t0)
+
+
+class _Done(NamedTuple):
+    """A stage's units once built: by split, the stored manifest of each by key, how many
+    were built now, the bytes written, whether the result is a DatasetDict."""
+
+    plan: Mapping[str, list[Unit]]
+    known: Mapping[str, dict[str, Any]]
+    built: int
+    written: int
+    as_dict: bool

@@ -1,0 +1,65 @@
+"""Where a unit of work (`units.Unit`) is built: on this machine (the default) or on a Ray
+cluster. The local executor (`local`) builds it here, the Ray one (`ray_executor`) builds it on
+the cluster, publishes it to the remote cache, and fetches it.
+
+Owns: the choice of executor (`--executor`, else $HFBUILD_EXECUTOR, else
+`[tool.hfbuild] executor` in pyproject.toml, else local), and the message saying what to
+install when Ray is chosen but missing.
+
+Must never: import ray at module level (the local path and every up-to-date check stay free of
+it), or fall back to another executor than the one chosen.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from hfbuild.builds.local import LocalExecutor
+from hfbuild.core import config
+from hfbuild.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hfbuild.builds.units import Executor
+
+EXECUTORS = ("local", "ray")
+
+
+def executor_name(root: str, explicit: str | None = None) -> str:
+    """The chosen executor's name: `explicit`, else $HFBUILD_EXECUTOR, else `[tool.hfbuild]
+    executor` in the project's pyproject.toml, else "local"."""
+    name = explicit or os.environ.get("HFBUILD_EXECUTOR", "").strip() or _configured(root)
+    name = (name or "local").strip().lower()
+    if name not in EXECUTORS:
+        raise ConfigError(
+            f"unknown executor {name!r}: use one of {', '.join(EXECUTORS)} (from --executor, "
+            f"HFBUILD_EXECUTOR or [tool.hfbuild] executor)."
+        )
+    return name
+
+
+def choose(root: str, explicit: str | None = None) -> Executor:
+    """The executor to build the units of the project at `root` with."""
+    if executor_name(root, explicit) == "local":
+        return LocalExecutor()
+    require_ray()
+    from hfbuild.builds.ray_executor import RayExecutor
+
+    return RayExecutor()
+
+
+def require_ray() -> None:
+    """Raise a ConfigError naming what to install when Ray cannot be imported."""
+    try:
+        import ray  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            f"the Ray executor needs Ray, which cannot be imported here ({e}). Install it "
+            f"into this environment: pip install 'hfbuild[ray]' (or pip install ray), or "
+            f"choose the local executor (unset HFBUILD_EXECUTOR)."
+        ) from e
+
+
+def _configured(root: str) -> str | None:
+    value = config.tool(root).get("executor")
+    return str(value) if value else None

@@ -1,0 +1,240 @@
+"""What a unit of work travels to a Ray worker with.
+
+Owns: the *fingerprinted tree* a unit ships with (`shipped_files`: the files its key names, at
+exactly the blob ids the key holds, read from git's object database, the work tree only for
+uncommitted files; plus pyproject.toml), packed and uploaded as a Ray package (one per
+distinct tree: all the shards of a stage share one, without a load's data files); a load
+shard's data file, sent as the task's argument (`shard_data`); the job (`task_args`: plain
+JSON-able values and the pickled spec), with the committed lock's pins of the entries the
+worker may pull (`input_pins`) and the variables its code reads, with the driver's values
+(`task_env`: never a secret-looking one).
+
+Must never: ship a file the key does not name, or a secret variable's value; import ray
+outside a build on the Ray executor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from hfbuild.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hfbuild.builds.units import Unit
+    from hfbuild.keys.manifest import Manifest, Shard
+    from hfbuild.keys.place import Place
+    from hfbuild.store.remote import Remote
+
+_DRIVER = uuid.uuid4().hex  # this driver process, in the trees it ships (not in any key)
+
+
+def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, str]]:
+    """[repo-relative path, blob id] of every file the key of `m` names: its closure, its
+    file_deps, its data files, the files its arguments name (a directory's files too) and
+    the files its builds were seen to read. For a shard of a
+    load stage, no data file: the tree is the stage's code, one package for all its shards,
+    and the shard's own file travels with its task (`shard_data`)."""
+    from hfbuild.keys.argpaths import named_files
+    from hfbuild.keys.fullkey import (
+        MISSING,
+        UNKNOWN,
+        UNOBSERVED,
+        in_static_key,
+        is_listing,
+        listing_dir,
+    )
+    from hfbuild.keys.shards import load_code_doc
+    from hfbuild.source.envvars import observed_name
+
+    doc = m.doc
+    pairs = {str(p): str(i) for p, i in (doc.get("code") or {}).get("files", [])}
+    pairs.update({str(p): str(i) for p, i in doc.get("file_deps") or []})
+    files = (doc.get("data") or {}).get("files")
+    if shard is not None and files is not None:
+        doc = load_code_doc(doc)
+        files = None
+    groups: Any = files.values() if isinstance(files, dict) else [files or []]
+    for group in groups:
+        pairs.update({str(p): str(i) for p, i in group})
+    pairs.update(named_files(doc))  # files that arguments name (argpaths.py)
+    # Variables read at run time (`env://NAME`) travel in the task's runtime_env (`task_env`).
+    pairs.update(
+        {
+            p: i
+            for p, i in m.observed
+            if i not in (MISSING, UNKNOWN) and p != UNOBSERVED and observed_name(p) is None
+        }
+    )
+    listed = sorted(listing_dir(p) for p in pairs if is_listing(p))
+    if listed:
+        raise ConfigError(
+            f"builds of this stage listed {', '.join(listed)} at run time, and the Ray "
+            f"executor ships only the files a key names, so a worker would list other "
+            f"names: build this stage with the local executor (`--executor local`)."
+        )
+    outside = sorted(p for p in pairs if p.startswith("<outside>/"))
+    if outside:
+        raise ConfigError(
+            f"the Ray executor ships the files a stage's key names, and {', '.join(outside)} "
+            f"lie outside the project: move them into the repository."
+        )
+    assert set(pairs) >= in_static_key(doc)
+    return sorted(pairs.items())
+
+
+@contextlib.contextmanager
+def tree(place: Place, files: Sequence[tuple[str, str]]) -> Iterator[str]:
+    """A temporary directory holding a unit's fingerprinted tree (`shipped_files`)."""
+    from hfbuild.source.gitstate import Snapshot
+
+    snap = Snapshot(place.root)
+    with tempfile.TemporaryDirectory(prefix="hfbuild-ray-tree-") as d:
+        for rel, blob in files:
+            dest = os.path.join(d, *rel.split("/"))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with open(dest, "wb") as f:
+                f.write(snap.content(rel, blob))
+        # Ray deletes a package's unpacked copy on a node when the job that uploaded it
+        # ends, even while another job's task runs in it: one package per driver process.
+        with open(os.path.join(d, ".hfbuild-driver"), "w") as f:
+            f.write(_DRIVER)
+        pyproject = os.path.join(place.root, "pyproject.toml")
+        if os.path.isfile(pyproject) and not os.path.exists(os.path.join(d, "pyproject.toml")):
+            with open(pyproject, "rb") as src, open(os.path.join(d, "pyproject.toml"), "wb") as f:
+                f.write(src.read())  # settings (untracked-env, secret-salt), not in any key
+        yield d
+
+
+def _import_dirs(root: str) -> list[str]:
+    """The driver's import path entries inside the project, relative to its root: the worker
+    puts the same ones (inside the shipped tree) on its own path."""
+    real = os.path.realpath(root)
+    out = []
+    for p in sys.path:
+        full = os.path.realpath(p or os.getcwd())
+        if full == real or full.startswith(real + os.sep):
+            rel = os.path.relpath(full, real).replace(os.sep, "/")
+            if rel not in out:
+                out.append(rel)
+    return out
+
+
+def task_env(place: Place, m: Manifest) -> dict[str, str]:
+    """The variables the unit's code reads (those in its key, by literal name or read at run time by
+    an earlier build, and the project's untracked-env ones), with the driver's values: the worker's
+    own environment must not change the key or the result. A secret-looking one
+    (`envvars.is_secret`) never travels: Ray keeps a task's `runtime_env` in the cluster's task
+    table, readable by whoever reads the cluster. The worker takes it from its node's environment;
+    its key then holds the salted hash of that value, so a node with another value (or none) refuses
+    the task."""
+    from hfbuild.source.envvars import is_secret, observed_name, project_settings
+
+    names = {str(n) for n, _ in m.doc.get("env") or []}
+    names |= {n for p, _ in m.observed if (n := observed_name(p))}  # read at run time
+    names |= set(project_settings(place.root).untracked)
+    return {n: os.environ[n] for n in sorted(names) if n in os.environ and not is_secret(n)}
+
+
+def shard_data(place: Place, unit: Unit) -> bytes | None:
+    """A load shard's data file, the bytes its key names, sent as the task's argument
+    (through Ray's object store) rather than in its tree: a tree per data file would be a
+    package, and a worker process, per shard. None for any other unit."""
+    if unit.shard is None or unit.spec.kind != "load":
+        return None
+    from hfbuild.source.gitstate import Snapshot
+
+    return Snapshot(place.root).content(unit.shard.label, unit.shard.input)
+
+
+def task_args(place: Place, remote: Remote, unit: Unit) -> tuple[dict[str, Any], bytes]:
+    """What a unit's task receives besides its tree (`run_unit`'s arguments): the job, plain
+    JSON-able values, and the pickled spec."""
+    from ray import cloudpickle
+
+    m = unit.manifest
+    job: dict[str, Any] = {
+        "stage": unit.spec.name,
+        "static": m.static_fingerprint,
+        "doc": dict(m.doc),
+        "inputs": dict(zip(unit.spec.inputs, unit.input_keys, strict=True)),
+        "remote": remote.url,
+        "pins": input_pins(place, remote, unit.input_keys),
+        "paths": _import_dirs(place.root),
+        "driver_root": place.root,
+    }
+    if unit.shard is not None:
+        job["shard"] = {
+            **unit.shard._asdict(),
+            "observed": [list(p) for p in m.observed],
+            "offset": unit.offset,
+        }
+        if unit.spec.kind == "load":
+            job["shard"].update(_decided_features(unit.spec, m))
+    # The spec is pickled here and unpickled by the task once the shipped tree is on its
+    # path: its callable travels by module and name, never as code.
+    spec: bytes = cloudpickle.dumps(unit.spec)  # type: ignore[no-untyped-call]
+    return job, spec
+
+
+def input_pins(place: Place, remote: Remote, keys: Sequence[str]) -> dict[str, list[Any]]:
+    """What the committed lock records (`Remote.pins`) for every entry a unit's worker may
+    pull: its inputs and, through this store's manifests, what they reference (a list's
+    shards, an indices entry's base), as {key: [content hash, stage, shard?]}. The worker
+    checks its pulls against these as the driver checks its own; only these travel, not
+    the whole lock (a shard's task would carry every shard's pin)."""
+    pins = remote.pins()
+    out: dict[str, list[Any]] = {}
+    if not pins:
+        return out
+    seen: set[str] = set()
+    todo = list(keys)
+    while todo:
+        key = todo.pop()
+        if key in seen:
+            continue
+        seen.add(key)
+        pin = pins.get(key)
+        if pin is not None:
+            out[key] = [pin.content_hash, pin.stage, pin.shard]
+        todo.extend(place.store.references(key))
+    return out
+
+
+def _decided_features(spec: Any, m: Manifest) -> dict[str, Any]:
+    """What decides a load shard's features (`shards.features_decider`) and, when it is the
+    first data file (which does not travel), the features the driver read from it."""
+    from hfbuild.builds import shardone
+    from hfbuild.keys import shards
+
+    data = m.doc.get("data") or {}
+    decider = shards.features_decider(spec, data, data.get("files")) or ""
+    if not decider:
+        return {"decider": ""}
+    features = shardone.decided_features(spec, m).options["features"]
+    return {"decider": decider, "features": features.to_dict()}
+
+
+def upload_tree(place: Place, files: Sequence[tuple[str, str]]) -> str:
+    """Pack the unit's tree and upload it to the cluster; its URI. Ray names a package by
+    the hash of its files and uploads it once, so units of one code share one package. Only
+    a job's own runtime_env may name a local directory: a task's must name an uploaded
+    package, hence Ray's packaging functions, with no exclusion (every file of the tree is
+    named by the key; a shipped .gitignore must not drop one)."""
+    from ray._private.runtime_env.packaging import (
+        get_uri_for_directory,
+        upload_package_if_needed,
+    )
+
+    with (
+        tree(place, files) as tree_dir,
+        tempfile.TemporaryDirectory(prefix="hfbuild-ray-pkg-") as tmp,
+    ):
+        uri = str(get_uri_for_directory(tree_dir, include_gitignore=False, excludes=[]))
+        upload_package_if_needed(uri, tmp, tree_dir, include_gitignore=False, excludes=[])
+    return uri

@@ -1,0 +1,326 @@
+"""Building one shard of a sharded stage, as a sharded build builds each.
+
+Owns: one shard's build into a directory of its own inside the stage's build directory (a
+load shard from its one data file, with the features `datasets` decides for the whole load;
+a transform shard from its input shard, with its `with_indices` offset), the missing shards
+of one split of a parquet load loaded together and cut by their files' row counts, a built
+shard's document, its scratch to the store's trash, and the check that the function kept no
+state between shards. `shardbuild` orders a stage's shards and publishes them; `shardunits`
+builds one shard as a unit of work of its own (`build_one`).
+
+Must never: publish anything, or print.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from hfbuild.core.errors import BuildError
+from hfbuild.core.spec import StageSpec
+from hfbuild.core.version import __version__
+from hfbuild.keys import shards
+from hfbuild.keys.manifest import Manifest, Shard
+from hfbuild.source import closure, liveness, refs
+from hfbuild.store.paths import tree_size
+
+if TYPE_CHECKING:
+    from hfbuild.keys.place import Place
+
+
+def build_one(
+    place: Place, spec: StageSpec, m: Manifest, s: Shard, tmp: str
+) -> tuple[str, dict[str, Any]]:
+    """Build shard `s` of `m` by itself, exactly as `build` builds each shard, into a new
+    directory inside `tmp`; (that directory, the shard's document). Nothing is published:
+    for a shard built as a unit of work of its own (`shardunits`). A `with_indices` transform
+    whose input shards before it are not in this store gets its offset in `spec` already
+    (`builder.offset_indices`), with `s` at position 0."""
+    from hfbuild.builds import builder
+
+    with quiet_datasets():
+        return build_shard(place, spec, m, s, builder, tmp)
+
+
+def _together(spec: StageSpec) -> bool:
+    """Whether a sharded load's missing shards may be loaded in one `load_dataset` call and
+    cut into shards by their files' row counts: parquet, whose row counts a file's footer
+    gives, with every row of every file loaded (no `filters=`, no file skipped by
+    `on_bad_files`)."""
+    o = spec.options
+    return (
+        spec.kind == "load"
+        and o.get("builder") == "parquet"
+        and o.get("filters") is None
+        and o.get("on_bad_files") in (None, "error")
+    )
+
+
+def load_together(
+    place: Place,
+    spec: StageSpec,
+    m: Manifest,
+    todo: Sequence[tuple[int, Shard]],
+    builder: Any,
+    tmp: str,
+) -> list[tuple[int, str, dict[str, Any]]] | None:
+    """The shards of `todo` (one split's, in order) loaded by one `load_dataset` over their
+    files with the features datasets decides for the whole load, each shard then the rows
+    of its file (its footer's row count; the rows of a parquet load are its files' rows in
+    order): what loading each file by itself gives, without datasets' per-call cost (builder,
+    locks, thread pools: ~12 ms a file). None where that cannot be done (not `_together`,
+    fewer than two files, or the load failed: each file is then loaded by itself, which
+    names the file a failure is about)."""
+    if len(todo) < 2 or not _together(spec):
+        return None
+    group = _group_of(m, todo[0][1].split)
+    if group is None or any(s.pos >= len(group) for _, s in todo):
+        return None
+    split = todo[0][1].split
+    paths = [group[s.pos] for _, s in todo]
+    t0 = time.perf_counter()
+    one = decided_features(spec, m)
+    path = tempfile.mkdtemp(dir=tmp, prefix="group-")
+    scratch = os.path.join(tmp, builder.SCRATCH)
+    named = {"scratch": scratch, "tag": os.path.basename(path) + "-"}
+    try:
+        counts = [builder.parquet_rows(p) for p in paths]
+        out = builder.run_stage(one, [], todo[0][1].key, path, place.root, {split: paths}, **named)
+    except (BuildError, OSError):
+        _drop(place.store, path, scratch)
+        return None
+    if isinstance(out, dict):
+        out = out[split]
+    if sum(counts) != len(out):
+        _drop(place.store, path, scratch)
+        return None
+    loaded = tree_size(scratch)  # the load's cache files, counted with the first shard
+    liveness.check_built(place.root, m.doc)  # the code that ran is the code hashed
+    done = []
+    start = 0
+    parts = builder.PartWriter(out)
+    each = (time.perf_counter() - t0) / len(todo)
+    for (i, s), n in zip(todo, counts, strict=True):
+        dest = tempfile.mkdtemp(dir=tmp, prefix="shard-")
+        t1 = time.perf_counter()
+        info = parts.write(start, n, os.path.join(dest, "data"), s.key[:64])
+        start += n
+        doc = shard_doc(spec, s, info, out, each + time.perf_counter() - t1)
+        doc["written_bytes"] += loaded
+        loaded = 0
+        done.append((i, dest, doc))
+    del out, parts
+    _drop(place.store, path, scratch)
+    return done
+
+
+def _drop(store: Any, path: str, scratch: str) -> None:
+    """What a load of shards together left (its directory, the load's cache files in the
+    stage's shared scratch) to the trash."""
+    store.discard(path)
+    if os.path.isdir(scratch):
+        _clear(store, scratch)
+
+
+def _group_of(m: Manifest, split: str) -> list[str] | None:
+    """The data files of a load's `split`, in order (None when the checkout lacks them)."""
+    files = m.data_files
+    group = files.get(split) if isinstance(files, dict) else files
+    return list(group) if group else None
+
+
+def build_shard(
+    place: Place,
+    spec: StageSpec,
+    m: Manifest,
+    s: Shard,
+    builder: Any,
+    tmp: str,
+    *,
+    shared: bool = False,
+) -> tuple[str, dict[str, Any]]:
+    """Build one shard into a directory inside the stage's build dir; (dir, its document).
+    datasets' cache files go to a scratch directory: with `shared`, the one all shards of
+    the stage built one after another in this process use (two directories fewer per
+    shard: `_clear` empties it after each); else the shard's own. What is left there
+    goes to the store's trash (`Store.discard`), before the shard is published."""
+    store = place.store
+    t0 = time.perf_counter()
+    path = tempfile.mkdtemp(dir=tmp, prefix="shard-")
+    scratch = os.path.join(tmp, builder.SCRATCH) if shared else builder.scratch_dir(path)
+    named = {"scratch": scratch, "tag": os.path.basename(path) + "-"}
+    sources: list[Any] = []
+    if spec.kind == "load":
+        files = m.data_files
+        group = files.get(s.split) if isinstance(files, dict) else files
+        if not group or s.pos >= len(group):
+            raise BuildError(
+                f"load stage {spec.name!r}: the data file {s.label} is not in the checkout; "
+                f"it cannot be built here."
+            )
+        files = {s.split: [group[s.pos]]}
+        one = decided_features(spec, m)
+        try:
+            out = builder.run_stage(one, [], s.key, path, place.root, files, **named)
+        except BuildError as e:
+            if not builder.no_data(e.__cause__):
+                raise
+            # A file of no rows: datasets refuses a split of no rows, not a file of none in
+            # a split with others (`_check_rows` fails the stage as datasets would).
+            out = builder.empty(one.options["features"], s.split)
+        if isinstance(out, dict):
+            out = out[s.split]
+    else:
+        inp = store.load(s.input)
+        one = builder.offset_indices(spec, _offset(place, spec, m, s))
+        kept = closure.kept_state(refs.function(spec))
+        out = builder.run_stage(one, [inp], s.key, path, place.root, **named)
+        _check_kept_state(spec, s, kept, closure.kept_state(refs.function(spec)))
+        sources = _sources(store, s.input, inp)
+    liveness.check_built(place.root, m.doc)  # the code that ran is the code hashed
+    info = builder.save(out, os.path.join(path, "data"), path, sources, scratch if shared else None)
+    if shared:
+        _clear(store, scratch)
+    else:
+        store.discard(scratch)  # out of the entry, before it is published
+    return path, shard_doc(spec, s, info, out, time.perf_counter() - t0)
+
+
+def shard_doc(spec: StageSpec, s: Shard, info: Any, out: Any, seconds: float) -> dict[str, Any]:
+    """A built shard's manifest document (its key and checksum are added at publish)."""
+    doc = {
+        "stage": spec.name,
+        "shard": {
+            "split": s.split,
+            "label": s.label,
+            "input": s.input,
+            "before": s.before,
+            **({"content": s.content} if s.content else {}),
+        },
+        "rows": info.rows,
+        "content_hash": info.content_hash,
+        "form": info.form,
+        "seconds": round(seconds, 3),
+        "written_bytes": info.written_bytes,
+        "hfbuild": __version__,
+    }
+    if info.indices is not None:
+        doc["indices"] = info.indices
+    if spec.kind == "map":
+        doc["features"] = features_id(out.features)
+    return doc
+
+
+def features_id(features: Any) -> str:
+    """A digest of a map shard's output features (`Features.to_dict`), compared across the
+    stage's shards (`_check_features`)."""
+    from hfbuild.core import canonical
+
+    return canonical.digest(json.dumps(features.to_dict(), sort_keys=True).encode())
+
+
+def _check_kept_state(
+    spec: StageSpec, s: Shard, before: Mapping[str, str], after: Mapping[str, str]
+) -> None:
+    """A shard's build left what its function keeps between calls as it found it, or the
+    stage fails: its output for a file would depend on the files built before it in the
+    same process (a counter, a set of rows seen), which a build of only the new files
+    cannot reproduce."""
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed:
+        raise BuildError(
+            f"{spec.kind} stage {spec.name!r}: its function changed {', '.join(changed[:3])} "
+            f"while it ran over {s.label}: it keeps state between calls, so its output for "
+            f"a file depends on the rows before it, which a build file by file cannot "
+            f"reproduce. Give the stage sharded=False (it is then built whole, as plain "
+            f"datasets runs it), or make the function keep no state."
+        )
+
+
+def decided_features(spec: StageSpec, m: Manifest) -> StageSpec:
+    """A load shard's spec with the features `datasets` decides for the whole load
+    (`shards.features_decider`): the stage's own `features=`, or, for parquet, the first
+    data file's schema, as datasets' parquet builder reads it."""
+    if spec.options.get("features") is not None:
+        return spec
+    files = m.data_files
+    first = shards.first_file({}, files)
+    if first is None:
+        raise BuildError(f"load stage {spec.name!r}: it has no data file to take features from.")
+    from hfbuild.builds import builder
+
+    try:
+        features = builder.parquet_features(str(first))
+    except Exception as e:
+        raise BuildError(
+            f"load stage {spec.name!r}: datasets takes the features of the first data file, "
+            f"{first}, and reading its schema failed: {type(e).__name__}: {e}"
+        ) from e
+    return dataclasses.replace(spec, options={**spec.options, "features": features})
+
+
+def _clear(store: Any, scratch: str) -> None:
+    """Send what one shard's build left in the stage's shared scratch to the trash, keeping
+    the two directory levels every build of the stage makes again (datasets' cache dir and
+    its `<builder>/` directory; what a load leaves is below them, in a directory named
+    after its data file's config, or a lock file): the next shard then starts from an
+    empty cache, as it would in a scratch of its own."""
+    for top in os.scandir(scratch):
+        if not top.is_dir(follow_symlinks=False):
+            store.discard(top.path)
+            continue
+        for sub in os.scandir(top.path):
+            if not sub.is_dir(follow_symlinks=False):
+                store.discard(sub.path)
+                continue
+            for leaf in os.scandir(sub.path):
+                store.discard(leaf.path)
+
+
+def _sources(store: Any, key: str, inp: Any) -> list[Any]:
+    """What a transform shard's result may select rows of: its input shard's base."""
+    from hfbuild.store import indexed
+
+    return indexed.sources(store, [key], [inp])
+
+
+def _offset(place: Place, spec: StageSpec, m: Manifest, s: Shard) -> int:
+    """The rows of the input shards before `s` in its split (0 unless with_indices)."""
+    if not spec.options.get("with_indices") or s.pos == 0:
+        return 0
+    rows = 0
+    for t in m.shard_list:
+        if t.split == s.split and t.pos < s.pos:
+            rows += int((place.store.read_manifest(t.input) or {}).get("rows") or 0)
+    return rows
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """datasets' own bars (a map's, a save's) off while shards build: the stage's bar over
+    its shards is the one a long build shows, and each bar costs more than a small shard."""
+    import datasets
+
+    was_on = datasets.is_progress_bar_enabled()
+    counts = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counts
+        if was_on:
+            datasets.enable_progress_bars()
+
+
+def one_load_count() -> None:
+    """`load_dataset` pings the Hub's download counter (a network request) on every call:
+    once per stage, as for an unsharded load, not once per data file."""
+    import datasets
+
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False

@@ -1,0 +1,147 @@
+"""Loading a store entry as a Dataset or DatasetDict.
+
+Owns: `Loader`: an entry in the `save_to_disk` layout by `load_from_disk`, memory-mapped; one
+shard entry (Arrow files, no indices, no format) memory-mapped without `load_from_disk`'s
+per-call overhead; a stage result made of shards as the concatenation of its shards, split by
+split (one table over their memory-mapped files when their schemas agree, the indices of
+indices shards shifted into one mapping; else `concatenate_datasets`); some consecutive rows of
+one split (`load_listed`); an indices entry over its loaded base (`indexed.py`).
+
+Must never: unpickle or execute anything it reads (`load_from_disk` reads Arrow files and
+JSON), check an entry (the caller's `has` does), import `datasets` at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from hfbuild.core.errors import StoreError
+from hfbuild.store.entry import Manifests, row_base, row_indexed, without_empty
+from hfbuild.store.paths import FP, Layout, safe_rel
+
+
+class Loader:
+    """Loads the entries of one store. `has` tells whether an entry is there intact."""
+
+    def __init__(self, layout: Layout, manifests: Manifests, has: Callable[[str], bool]) -> None:
+        self.layout = layout
+        self.manifests = manifests
+        self._has = has
+
+    def load(self, fp: str) -> Any:
+        """The stored Dataset or DatasetDict, memory-mapped. Nothing is unpickled:
+        `load_from_disk` reads Arrow files and JSON. A result made of shards is their
+        concatenation, split by split, over the memory-mapped shard files (no copy)."""
+        import datasets
+
+        doc = self.manifests.read(fp)
+        if doc is not None and isinstance(doc.get("indices"), dict):
+            return self.load_indices(fp, doc, self.layout.data_path(fp))
+        if doc is not None and isinstance(doc.get("shards"), list):
+            return self._load_shards(doc)
+        if doc is not None and isinstance(doc.get("shard"), dict):
+            return self._load_shard(fp, str(doc["shard"].get("split")))
+        return datasets.load_from_disk(self.layout.data_path(fp), keep_in_memory=False)
+
+    def load_indices(self, fp: str, doc: dict[str, Any], data: str) -> Any:
+        """An indices entry (`indexed.py`) whose files are at `data` (its entry's, or a
+        download's), over its base, loaded from this store."""
+        from hfbuild.store import indexed
+
+        ind = doc["indices"]
+        base = str(ind.get("base"))
+        if not FP.match(base) or not self._has(base):
+            raise StoreError(
+                f"the entry {fp} selects rows of {base!r}, which the store does not hold "
+                f"intact; build it again (`doit run`)."
+            )
+        return indexed.load(data, ind, self.load(base), fp)
+
+    def _load_shard(self, key: str, split: str) -> Any:
+        """One shard entry (a Dataset saved by hfbuild: Arrow files, no indices, no format),
+        its files memory-mapped as `load_from_disk` does, without its per-call overhead."""
+        import datasets
+        from datasets.table import MemoryMappedTable
+
+        base = self.layout.data_path(key)
+        with open(os.path.join(base, "state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        with open(os.path.join(base, "dataset_info.json"), encoding="utf-8") as f:
+            info = datasets.DatasetInfo.from_dict(json.load(f))
+        names = [str(d.get("filename")) for d in state["_data_files"]]
+        if not all(safe_rel(n) for n in names):
+            raise StoreError(f"shard {key} lists unsafe file names; run `hfbuild verify --deep`.")
+        tables = [MemoryMappedTable.from_file(os.path.join(base, n)) for n in names]
+        table = tables[0] if len(tables) == 1 else datasets.table.concat_tables(tables)
+        return datasets.Dataset(table, info=info, split=datasets.Split(split), fingerprint=key)
+
+    def load_listed(self, fp: str, split: str, rows: list[list[Any]]) -> Any:
+        """Some of the shard rows of one split of the list `fp` (consecutive, in its order),
+        as one Dataset over their memory-mapped files, as `load` concatenates a split's:
+        what a unit reading a few of a thousand input shards loads."""
+        return self._concat_shards(fp, split, without_empty(rows))
+
+    def _load_shards(self, doc: dict[str, Any]) -> Any:
+        import datasets
+
+        by_split: dict[str, list[list[Any]]] = {}
+        for row in doc["shards"]:
+            by_split.setdefault(str(row[0]), []).append(row)
+        by_split = {s: without_empty(rows) for s, rows in by_split.items()}
+        parts = {
+            s: self._concat_shards(str(doc["fingerprint"]), s, rows) for s, rows in by_split.items()
+        }
+        if doc.get("dict"):
+            return datasets.DatasetDict(parts)
+        return next(iter(parts.values()))
+
+    def _concat_shards(self, fp: str, split: str, rows: list[list[Any]]) -> Any:
+        """One split's shards as one Dataset over their memory-mapped files. When every
+        shard has the same schema (the usual case) the tables are concatenated directly,
+        with the first shard's features; otherwise `concatenate_datasets` aligns them."""
+        import datasets
+        from datasets.table import MemoryMappedTable, concat_tables
+
+        from hfbuild.store import indexed
+
+        tables: list[Any] = []
+        selected: list[tuple[int, Any]] = []  # per shard: (its table rows, positions or None)
+        for row in rows:
+            key = str(row[1])
+            files = row[3] if len(row) >= 4 and isinstance(row[3], dict) else None
+            base = row_base(row)
+            if files is None or (
+                base is None and (row_indexed(row) or indexed.INDICES_FILE in files)
+            ):
+                break
+            owner, listed = base if base is not None else (key, files)
+            names = sorted(n for n in listed if n.endswith(".arrow") and safe_rel(n))
+            data = self.layout.data_path(owner)
+            mine = [MemoryMappedTable.from_file(os.path.join(data, n)) for n in names]
+            tables.extend(mine)
+            idx = None
+            if base is not None:
+                path = os.path.join(self.layout.data_path(key), indexed.INDICES_FILE)
+                idx = indexed.read_indices(path)
+            selected.append((sum(t.num_rows for t in mine), idx))
+        else:
+            if tables and all(t.schema == tables[0].schema for t in tables):
+                first = self.layout.data_path(str(rows[0][1]))
+                with open(os.path.join(first, "dataset_info.json"), encoding="utf-8") as f:
+                    info = datasets.DatasetInfo.from_dict(json.load(f))
+                table = tables[0] if len(tables) == 1 else concat_tables(tables)
+                indices = None
+                if any(idx is not None for _, idx in selected):
+                    indices = indexed.concat_indices(selected)
+                return datasets.Dataset(
+                    table,
+                    info=info,
+                    split=datasets.Split(split),
+                    indices_table=indices,
+                    fingerprint=fp,
+                )
+        shards = [self.load(str(r[1])) for r in rows]  # each by its own manifest
+        return shards[0] if len(shards) == 1 else datasets.concatenate_datasets(shards)

@@ -1,0 +1,313 @@
+"""hfbuild.lock: the committed record of what every stage was built from and what it produced.
+
+Owns: reading, writing and merging the lock at the repository root, and recognizing git's
+merge conflict markers in it (and the sides they separate). One entry per stage
+(fingerprint, input stages, the full manifest, output rows and content hash, a sharded
+stage's content hash per shard key, the dirty files it was built from and the files it read
+at run time, if any), as sorted, indented JSON so one stage's change is one small diff; the
+content hashes a lock pins by store key (`pins`: what a pull must match). Writes are atomic
+and serialized by a file lock, so concurrent builds do not lose entries.
+
+Must never: be the basis of a freshness decision (the store is), or import datasets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from hfbuild.core.errors import HfbuildError
+
+LOCK_NAME = "hfbuild.lock"
+SCHEMA = 1
+
+
+class LockError(HfbuildError):
+    """hfbuild.lock cannot be read."""
+
+
+class ConflictedLockError(LockError):
+    """hfbuild.lock holds unresolved merge conflict markers."""
+
+    def __init__(self, where: str) -> None:
+        name = where.rsplit(" ", 1)[-1]
+        super().__init__(
+            f"{where} has unresolved merge conflict markers (both branches rebuilt stages). "
+            f"Do not edit it by hand: run `hfbuild lock`, which rewrites it from the current "
+            f"code, the store's results and the entries of either side that still match, "
+            f"building nothing; then `git add {name}`."
+        )
+
+
+_MARKER = re.compile(r"^(<{7}|\|{7}|={7}|>{7})(?: |$)", re.MULTILINE)
+
+
+def conflicted(text: str) -> bool:
+    """Whether `text` holds git's merge conflict markers (a `<<<<<<<` and a `>>>>>>>` line)."""
+    if "<<<<<<<" not in text or ">>>>>>>" not in text:
+        return False  # a substring search, where the line-anchored scan costs ms in a big lock
+    found = {m.group(1)[0] for m in _MARKER.finditer(text)}
+    return {"<", ">"} <= found
+
+
+def sides(text: str) -> list[dict[str, Any]]:
+    """The stages of each side of a conflicted lock: the merged text with every conflict
+    taken from ours, from the merge base (when git wrote it with `merge.conflictStyle
+    diff3`), and from theirs; the sides that parse as a lock."""
+    parts: dict[str, list[str]] = {"ours": [], "base": [], "theirs": []}
+    state: str | None = None
+    has_base = False
+    for line in text.splitlines(keepends=True):
+        mark = _MARKER.match(line)
+        kind = mark.group(1)[0] if mark else None
+        if kind == "<" and state is None:
+            state = "ours"
+        elif kind == "|" and state == "ours":
+            state, has_base = "base", True
+        elif kind == "=" and state in ("ours", "base"):
+            state = "theirs"
+        elif kind == ">" and state == "theirs":
+            state = None
+        elif state is None:
+            for lines in parts.values():
+                lines.append(line)
+        else:
+            parts[state].append(line)
+    out = []
+    for side in ("ours", "base", "theirs") if has_base else ("ours", "theirs"):
+        try:
+            out.append(loads("".join(parts[side])))
+        except LockError:
+            continue
+    return out
+
+
+def dumps(stages: Mapping[str, Any]) -> str:
+    doc = {"hfbuild": SCHEMA, "stages": dict(sorted(stages.items()))}
+    # A tree of plain values: no cycle to check for (json's indenting encoder checks with an
+    # id() per list and dict, each an audit event observe.py's hook is called for).
+    return (
+        json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False, check_circular=False) + "\n"
+    )
+
+
+def loads(text: str, where: str = LOCK_NAME) -> dict[str, Any]:
+    """The stages of a lock document."""
+    if conflicted(text):
+        raise ConflictedLockError(where)
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise LockError(
+            f"{where} is not valid JSON: {e}. Regenerate it with `hfbuild lock` (from the "
+            f"store's results) or `doit run preprocess` (building what is missing)."
+        ) from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("stages"), dict):
+        raise LockError(f"{where} is not an hfbuild lock (no 'stages' object).")
+    stages: dict[str, Any] = doc["stages"]
+    return stages
+
+
+def _text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return ""  # corrupt bytes: handled like invalid JSON
+
+
+def read(path: str) -> dict[str, Any]:
+    """The stages recorded in the lock at `path`; empty when there is no lock yet or it is
+    not valid (regenerable, never fatal for a build). A lock with merge conflict markers
+    raises `ConflictedLockError`: reading it as empty would drop both sides' entries."""
+    text = _text(path)
+    if not text:
+        return {}
+    try:
+        return loads(text, os.path.basename(path))
+    except ConflictedLockError:
+        raise
+    except LockError:
+        return {}
+
+
+def conflict(path: str, name: str = LOCK_NAME) -> ConflictedLockError | None:
+    """The error to report when the lock at `path` has merge conflict markers, else None
+    (through `read_cached`: `status` reads the lock once)."""
+    try:
+        read_cached(path)
+    except ConflictedLockError:
+        return ConflictedLockError(name)
+    return None
+
+
+def candidates(path: str) -> list[dict[str, Any]]:
+    """Every set of entries the lock at `path` records: itself, or each side of a conflict."""
+    text = _text(path)
+    if not text:
+        return []
+    if conflicted(text):
+        return sides(text)
+    try:
+        return [loads(text)]
+    except LockError:
+        return []
+
+
+_seen: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+
+
+def read_cached(path: str) -> dict[str, Any]:
+    """`read(path)`, parsed once per version of the file in this process (a no-op run asks
+    for it once per stage). A version is the file's inode, size and nanosecond mtime: every
+    write here is an atomic rename (a new inode), and size and mtime catch an editor writing
+    in place. The result is shared: never modify it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        _seen.pop(path, None)
+        return {}
+    sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = _seen.get(path)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    stages = read(path)
+    _seen[path] = (sig, stages)
+    return stages
+
+
+def entry(
+    manifest: Mapping[str, Any],
+    fingerprint: str,
+    inputs: Mapping[str, str],
+    stored: Mapping[str, Any],
+    dirty: list[str],
+    hub: Sequence[Mapping[str, str]] = (),
+) -> dict[str, Any]:
+    """A stage's lock entry; `stored` is the store entry's manifest (rows, content hash);
+    `hub`: the Hub revisions a load read and the commits they resolved to (hub.Pin)."""
+    e: dict[str, Any] = {
+        "fingerprint": fingerprint,
+        "inputs": dict(inputs),
+        "manifest": manifest,
+        "rows": stored.get("rows"),
+        "content_hash": stored.get("content_hash"),
+    }
+    if isinstance(stored.get("form"), str):
+        # With the content hash, what its consumers' keys hold of it (inputid.py): a clone
+        # without the store (CI, `verify`) computes their keys from the lock.
+        e["form"] = stored["form"]
+    if dirty:
+        e["dirty"] = sorted(dirty)
+    if hub:
+        # The commit each Hub revision was read at: a colleague, CI or a worker reads the
+        # same files (their ids are in the manifest), and `status` names a moved branch.
+        e["hub"] = [dict(p) for p in hub]
+    hashes = shard_hashes(stored)
+    if hashes:
+        # Each shard's content hash by shard key, so a pulled shard is checked by itself
+        # (`pins`): the combined hash above could refuse a forged list, but not say which of
+        # its shards is bad, nor vouch for a shard once the stage's key moved on.
+        e["shard_hashes"] = hashes
+    if stored.get("observed"):
+        # Files the build read at run time: with the static fingerprint, a clone without the
+        # store (CI, or one pulling from a remote) computes the same key (see fullkey.py).
+        e["static_fingerprint"] = stored.get("static_fingerprint")
+        e["observed"] = stored["observed"]
+    return e
+
+
+def shard_hashes(stored: Mapping[str, Any]) -> dict[str, str]:
+    """Shard key -> content hash of a sharded result: from a store entry's list of shards
+    (`[split, key, label, files, {content_hash, ...}]` rows), or a lock entry's own record."""
+    recorded = stored.get("shard_hashes")
+    if isinstance(recorded, dict):
+        return {str(k): str(v) for k, v in recorded.items()}
+    rows = stored.get("shards")
+    out: dict[str, str] = {}
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, list) and len(row) >= 5 and isinstance(row[4], dict):
+            h = row[4].get("content_hash")
+            if isinstance(h, str):
+                out[str(row[1])] = h
+    return out
+
+
+class Pin(NamedTuple):
+    """What a lock records for one store key: the content hash and where it says so."""
+
+    content_hash: str
+    stage: str  # the stage whose entry records it
+    shard: bool  # a shard of that stage (else the stage's own result)
+
+
+def pins(stages: Mapping[str, Any]) -> dict[str, Pin]:
+    """Every key the lock's entries pin to a content hash: each stage's fingerprint, and
+    each shard key of a sharded stage. What a pull from a remote must match (`remote.py`)."""
+    out: dict[str, Pin] = {}
+    for name, e in sorted(stages.items()):
+        if not isinstance(e, dict):
+            continue
+        fp, h = e.get("fingerprint"), e.get("content_hash")
+        if isinstance(fp, str) and isinstance(h, str):
+            out[fp] = Pin(h, name, False)
+        for key, sh in shard_hashes(e).items():
+            out.setdefault(key, Pin(sh, name, True))
+    return out
+
+
+@contextlib.contextmanager
+def _locked(lock_dir: str) -> Iterator[None]:
+    from hfbuild.store import sharing
+    from hfbuild.store.paths import permission_hint
+
+    with permission_hint(os.path.dirname(lock_dir)):
+        sharing.makedirs(lock_dir)
+        lock = sharing.file_lock(os.path.join(lock_dir, "hfbuild-lockfile.lock"))
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def update(path: str, lock_dir: str, updates: Mapping[str, Any], keep: set[str]) -> bool:
+    """Set the entries in `updates`, drop entries of stages not in `keep`, and rewrite the
+    file only if its text changes. Returns whether it did. A lock with conflict markers is
+    never overwritten this way (`ConflictedLockError`): `replace` resolves it."""
+    from hfbuild.store.sharing import write_text_atomic
+
+    with _locked(lock_dir):
+        stages = read(path)
+        new = {k: v for k, v in stages.items() if k in keep}
+        new.update(updates)
+        text = dumps(new)
+        if _text(path) == text:
+            return False
+        write_text_atomic(path, text)
+        return True
+
+
+def replace(
+    path: str, lock_dir: str, stages: Mapping[str, Any], *, only_if_conflicted: bool = False
+) -> bool:
+    """Write exactly `stages` as the lock (if its text changes). With `only_if_conflicted`,
+    only while the file still holds conflict markers (a concurrent build may have resolved
+    it). Returns whether it wrote."""
+    from hfbuild.store.sharing import write_text_atomic
+
+    with _locked(lock_dir):
+        old = _text(path)
+        if only_if_conflicted and not (old and conflicted(old)):
+            return False
+        text = dumps(stages)
+        if old == text:
+            return False
+        write_text_atomic(path, text)
+        return True
