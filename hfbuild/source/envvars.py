@@ -28,6 +28,7 @@ from typing import Any
 
 from hfbuild.core import config
 from hfbuild.core.errors import ConfigError
+from hfbuild.store.paths import OBSERVED
 
 _SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 SALT_VARIABLE = "HFBUILD_SECRET_SALT"
@@ -59,10 +60,10 @@ def env_part(names: Iterable[str], root: str) -> list[list[Any]]:
 
 
 # Variables read at run time (observe.py) are recorded among the files a build read, each as
-# `env://NAME` with its value's id: git and snapshots never produce a path with an empty part,
-# so no file is taken for a variable. `env://` alone (a variable cannot have an empty name)
-# records that the build copied or iterated the whole environment.
-OBSERVED = "env://"
+# `env://NAME` (`OBSERVED`: the store's, which decides what an observed entry may be) with its
+# value's id: git and snapshots never produce a path with an empty part, so no file is taken
+# for a variable. `env://` alone (a variable cannot have an empty name) records that the build
+# copied or iterated the whole environment.
 COPIED = ""  # the name observe.py records for a copy of the whole environment
 COPIED_ID = "copied"
 

@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from hfbuild.core.errors import StoreError
-from hfbuild.source.envvars import OBSERVED
 from hfbuild.store import sharing
 
 MANIFEST = "manifest.json"
@@ -62,9 +61,14 @@ def _safe_rel(rel: str) -> bool:
     return bool(rel) and all(_PART.match(p) and p not in (".", "..") for p in rel.split("/"))
 
 
+# The prefix of an observed entry that is a variable read at run time (`env://NAME`, see
+# `envvars.observed_entry`), not a path: git and snapshots never give a path an empty part.
+OBSERVED = "env://"
+
+
 def safe_observed(rel: str) -> bool:
     """A repo-relative path as recorded: not absolute, no '..', no empty part; or a variable
-    read at run time (`envvars.OBSERVED`: `env://NAME`, never a path)."""
+    read at run time (`OBSERVED`: `env://NAME`, never a path)."""
     if rel.startswith(OBSERVED):
         return "\0" not in rel and "=" not in rel
     parts = rel.split("/")
