@@ -17,7 +17,6 @@ from typing import Any
 
 from hfbuild.core.errors import HfbuildError
 from hfbuild.core.spec import StageSpec
-from hfbuild.frontends.tasks import Pipeline as DoitPipeline
 from hfbuild.pipeline import record
 from hfbuild.pipeline.pipeline import Pipeline
 
@@ -41,7 +40,7 @@ def recorded_pipeline(session: record.Session, modes: tuple[str, ...]) -> Pipeli
 def _from_record(session: record.Session, shape: dict[str, Any]) -> Pipeline:
     """The pipeline a record describes (`Pipeline.shape`), without dodo.py: its stages
     have no function."""
-    pipe = DoitPipeline(
+    pipe = Pipeline(
         shape["store"],
         root=shape["root"],
         name=shape["name"],
