@@ -441,3 +441,24 @@ def test_a_staged_state_other_than_the_work_tree_takes_the_full_path(
     got, full, imported = _staged_check(p)
     assert imported, f"{case}: answered from the record"
     assert got == full
+
+
+def test_every_file_of_hfbuild_is_a_fact(tmp_path: pathlib.Path) -> None:
+    """hfbuild's own modules, in each of its packages, are facts of the record, so an edit or
+    an upgrade of hfbuild takes the full path (its files were listed from two directories)."""
+    import hfbuild
+    from hfbuild.pipeline.record import capture
+    from hfbuild.store.store import Store
+
+    repo = Repo.init(tmp_path / "p")
+    repo.write({"a.txt": "a\n"}, commit="init")
+    store = Store(repo.path / ".hfbuild")
+    facts = capture(str(repo.path), store, str(repo.path / "hfbuild.lock"))
+    assert facts is not None
+    package = pathlib.Path(hfbuild.__file__).parent
+    ours = {str(p) for p in package.rglob("*.py")}
+    assert {str(p.relative_to(package)) for p in package.rglob("*.py")} >= {
+        "store/store.py",
+        "cli/commands/gc.py",
+    }
+    assert sorted(ours - set(facts["files"])) == []
