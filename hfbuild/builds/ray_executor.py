@@ -89,7 +89,7 @@ class RayExecutor:
 
 
 def _remote(place: Place, label: str) -> Remote:
-    from hfbuild.store.remote import remote_disabled
+    from hfbuild.store.remotereach import remote_disabled
 
     remote = place.remote()
     if remote is None and remote_disabled():
@@ -160,7 +160,7 @@ def _connect() -> None:
 def _ensure_remote(place: Place, remote: Remote, name: str, fp: str) -> None:
     """An input built or pulled here must be on the remote before a worker reads it; one the
     remote holds another copy of is adopted first (the workers read the remote's)."""
-    from hfbuild.store.remote import RemoteError, RemoteUnreachableError
+    from hfbuild.store.remotereach import RemoteError, RemoteUnreachableError
 
     try:
         remote.adopt(place.store, fp, name)
@@ -174,7 +174,7 @@ def _ensure_remote(place: Place, remote: Remote, name: str, fp: str) -> None:
 def _share(place: Place, remote: Remote, name: str, fp: str) -> None:
     """Push a sharded stage's list (its shards are there already): other clones then pull
     the stage whole instead of building it."""
-    from hfbuild.store.remote import RemoteError, RemoteUnreachableError
+    from hfbuild.store.remotereach import RemoteError, RemoteUnreachableError
 
     try:
         remote.push(place.store, fp, name)

@@ -69,7 +69,8 @@ def _run_unit(
     from hfbuild.source.datafiles import StatCache
     from hfbuild.source.gitstate import Snapshot
     from hfbuild.store.lockfile import LOCK_NAME, Pin
-    from hfbuild.store.remote import RefusedEntryError, Remote
+    from hfbuild.store.remote import Remote
+    from hfbuild.store.remotereach import RefusedEntryError
     from hfbuild.store.store import Store
 
     # Ray puts the driver's working directory on a worker's path (for clusters whose nodes
@@ -131,7 +132,7 @@ def _take_input(store: Store, remote: Remote, fp: str, dep: str) -> None:
     node built but did not publish (the remote was down, another node published first) is
     replaced by the remote's (`Remote.adopt`): what this task builds must rest on the
     published entry, or its entry (a selection of that input's rows) contradicts the remote."""
-    from hfbuild.store.remote import RefusedEntryError
+    from hfbuild.store.remotereach import RefusedEntryError
 
     held = store.intact_manifest(fp)
     if held is None:

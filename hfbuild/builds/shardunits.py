@@ -80,7 +80,7 @@ def build(place: Place, executor: Executor, unit: Unit) -> Report:
 def missing(place: Place, m: Manifest, label: str) -> list[Shard]:
     """The shards of `m` that neither the store nor the remote holds, in order; those the
     remote holds are pulled (a remote entry failing its checks is reported and built)."""
-    from hfbuild.store.remote import RemoteError, unavailable
+    from hfbuild.store.remotereach import RemoteError, unavailable
 
     store = place.store
     remote = place.remote()

@@ -30,7 +30,7 @@ from hfbuild.core.errors import BuildError, CorruptEntryWarning, MissingDataErro
 from hfbuild.core.spec import Report, stored_rows
 from hfbuild.keys.fingerprint import check_dirty
 from hfbuild.source import hub
-from hfbuild.store.remote import RemoteError, RemoteUnreachableError, unavailable
+from hfbuild.store.remotereach import RemoteError, RemoteUnreachableError, unavailable
 
 if TYPE_CHECKING:
     from hfbuild.keys.manifest import Manifest

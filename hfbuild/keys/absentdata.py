@@ -200,7 +200,7 @@ def confirm(unchecked: list[Unchecked], remote: Any) -> list[Unchecked]:
     complete entry for the locked fingerprint whose manifest and content hash are the lock's:
     the result built from exactly the data the lock names exists there. Reads manifests only."""
     from hfbuild.store.paths import manifest_digest
-    from hfbuild.store.remote import RemoteError
+    from hfbuild.store.remotereach import RemoteError
 
     if remote is None:
         return unchecked

@@ -33,7 +33,8 @@ from hfbuild.source.datafiles import StatCache
 from hfbuild.source.gitrepo import Mode, find_root
 from hfbuild.source.gitstate import Snapshot
 from hfbuild.store.lockfile import LOCK_NAME, Pin, pins
-from hfbuild.store.remote import Remote, remote_disabled, remote_url
+from hfbuild.store.remote import Remote
+from hfbuild.store.remotereach import remote_disabled, remote_url
 from hfbuild.store.store import Store
 
 

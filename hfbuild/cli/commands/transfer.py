@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from hfbuild.core.errors import HfbuildError
 from hfbuild.keys.manifest import Manifest, Shard
 from hfbuild.pipeline.pipeline import Pipeline
-from hfbuild.store.remote import RefusedEntryError, Remote, remote_url
+from hfbuild.store.remote import Remote
+from hfbuild.store.remotereach import RefusedEntryError, remote_url
 
 
 def _remote(pipe: Pipeline, url: str | None) -> Remote:

@@ -1,0 +1,194 @@
+"""The remote's files: its layout and the operations on single entries.
+
+Owns: `RemoteFiles`, the fsspec filesystem of a remote URL and its layout
+(`<url>/objects/<fp[:2]>/<fp>/` holding the entry's data files under a name unique to the
+upload, `data-<uuid>/`, and its `manifest.json`, written last, naming that directory); reading
+a manifest and its own checks (its fingerprint, its `manifest_digest`, safe file paths and
+sizes); whether the remote holds an entry; writing a manifest create-only (S3's
+`If-None-Match: *` through s3fs's `mode="create"`; a hard link, which fails on an existing
+name, for file://); deleting an upload's data or an entry (`remove`: manifest first); a
+missing `file://` directory as a `RemoteMissingError`; what the committed lock pins, read
+once; the progress bar of a transfer.
+
+Must never: trust a path or fingerprint the remote names, unpickle or execute anything it
+reads, overwrite a published manifest, read credentials itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from hfbuild.core import progress
+from hfbuild.store.lockfile import LOCK_NAME, Pin
+from hfbuild.store.paths import MANIFEST, manifest_digest, safe_rel
+from hfbuild.store.remotereach import (
+    RefusedEntryError,
+    RemoteError,
+    RemoteMissingError,
+    reaching,
+)
+
+_PROGRESS_BYTES = 4 * 1024 * 1024  # transfers above this show a progress bar
+
+FP = r"[0-9a-f]{32}"
+
+
+def check_fp(fp: str) -> str:
+    """`fp`, when it is a fingerprint; else a `RemoteError`."""
+    if not re.fullmatch(FP, fp):
+        raise RemoteError(f"not a fingerprint: {fp!r}")
+    return fp
+
+
+Pins = Callable[[], Mapping[str, Pin]]
+
+
+class RemoteFiles:
+    """The files of a remote cache at `url`. `pins` gives what the committed lock records per
+    store key (`lockfile.pins` of HEAD's lock, asked once)."""
+
+    def __init__(self, url: str, pins: Pins | None = None, lock_name: str = LOCK_NAME) -> None:
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self._pins_of = pins
+        self._pins: Mapping[str, Pin] | None = None
+        self.lock_name = lock_name
+        try:
+            self.fs, self.base = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as e:
+            hint = " Install the s3 extra: pip install 'hfbuild[s3]'." if "s3" in str(e) else ""
+            raise RemoteError(f"cannot open remote {self.url}: {e}.{hint}") from e
+
+    def key(self, fp: str, rel: str = "") -> str:
+        """The path of the entry for `fp` (or of `rel` in it) on the remote's filesystem."""
+        path = posixpath.join(self.base, "objects", check_fp(fp)[:2], fp)
+        return posixpath.join(path, rel) if rel else path
+
+    def pins(self) -> Mapping[str, Pin]:
+        """What the committed lock records per key ({} without one), read once."""
+        if self._pins is None:
+            self._pins = self._pins_of() if self._pins_of is not None else {}
+        return self._pins
+
+    def where(self, fp: str) -> str:
+        """The entry's address on the remote, for messages."""
+        return f"{self.url}/objects/{check_fp(fp)[:2]}/{fp}"
+
+    @reaching
+    def read_manifest(self, fp: str) -> dict[str, Any] | None:
+        """The entry's manifest if the remote holds a complete entry for `fp`."""
+        try:
+            raw = self.fs.cat_file(self.key(fp, MANIFEST))
+        except FileNotFoundError:
+            self.check_root()
+            return None
+        except OSError as e:
+            raise RemoteError(f"cannot read {self.url}: {e}") from e
+        try:
+            doc = json.loads(raw)
+        except ValueError as e:
+            raise RefusedEntryError(
+                f"remote entry {fp} has a corrupt manifest ({e}); not used."
+            ) from e
+        if not isinstance(doc, dict) or doc.get("fingerprint") != fp:
+            raise RefusedEntryError(
+                f"remote entry {fp} has a manifest for another fingerprint; not used."
+            )
+        if doc.get("manifest_digest") != manifest_digest(doc):
+            raise RefusedEntryError(
+                f"remote entry {fp} on {self.url} has a manifest edited after it was written "
+                f"(it does not match its manifest_digest); not used."
+            )
+        files = doc.get("files")
+        if not isinstance(files, dict) or not all(
+            safe_rel(k) and isinstance(v, int) and v >= 0 for k, v in files.items()
+        ):
+            raise RefusedEntryError(
+                f"remote entry {fp} lists unsafe or malformed file paths; not used."
+            )
+        return doc
+
+    def check_root(self) -> None:
+        """A `file://` remote's directory must exist: a missing one is a wrong path or an
+        unmounted share, never "the remote does not hold it"."""
+        from fsspec.implementations.local import LocalFileSystem
+
+        if isinstance(self.fs, LocalFileSystem) and not os.path.isdir(self.base):
+            raise RemoteMissingError(
+                f"the remote {self.url} does not exist (no directory {self.base}): correct "
+                f"its URL (--remote, HFBUILD_REMOTE or [tool.hfbuild] remote in "
+                f"pyproject.toml), mount it, or create the directory."
+            )
+
+    @reaching
+    def has(self, fp: str) -> bool:
+        """Whether the remote holds a published manifest for `fp`."""
+        try:
+            return bool(self.fs.exists(self.key(fp, MANIFEST)))
+        except OSError as e:
+            raise RemoteError(f"cannot reach {self.url}: {e}") from e
+
+    @reaching
+    def remove(self, fp: str) -> bool:
+        """Delete the remote's entry for `fp`: its manifest first (the entry is then
+        invisible to every pull), then its data. False when there was none. Entries that
+        reference it (a list naming it as a shard, a selection of its rows) are refused by a
+        pull from then on, and built again, until they are removed or it is published again."""
+        entry = self.key(fp)
+        try:
+            if not self.fs.exists(entry):
+                self.check_root()
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self.key(fp, MANIFEST))
+            self.fs.rm(entry, recursive=True)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise RemoteError(f"cannot remove {self.where(fp)}: {e}") from e
+        return True
+
+    def create(self, key: str, body: bytes) -> bool:
+        """Write `body` at `key` only if nothing is there; False when something was."""
+        from fsspec.implementations.local import LocalFileSystem
+
+        if isinstance(self.fs, LocalFileSystem):
+            # A complete file under a unique name, then a hard link to the manifest's name:
+            # link(2) fails on an existing name, so readers never see half a manifest.
+            tmp = f"{key}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, key)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+            return True
+        try:
+            # s3fs sends `If-None-Match: *`: S3 refuses the write when the key exists.
+            self.fs.pipe_file(key, body, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    def discard(self, fp: str, data_dir: str) -> None:
+        """Delete an upload's data directory (it lost the race, or failed half-way)."""
+        # Invisible without a manifest naming it: failing to delete costs space only.
+        with contextlib.suppress(OSError, ValueError):
+            self.fs.rm(self.key(fp, data_dir), recursive=True)
+
+
+def transfer_bar(total: int, desc: str) -> Any:
+    """The progress bar of a transfer of `total` bytes (none for a small one)."""
+    return progress.bar(total, desc, unit="B", unit_scale=True, at_least=_PROGRESS_BYTES)
