@@ -447,7 +447,7 @@ def test_every_file_of_hfbuild_is_a_fact(tmp_path: pathlib.Path) -> None:
     """hfbuild's own modules, in each of its packages, are facts of the record, so an edit or
     an upgrade of hfbuild takes the full path (its files were listed from two directories)."""
     import hfbuild
-    from hfbuild.pipeline.record import capture
+    from hfbuild.source.recordfacts import capture
     from hfbuild.store.store import Store
 
     repo = Repo.init(tmp_path / "p")
