@@ -65,7 +65,7 @@ def test_noop_run_and_status_import_nothing_heavy_and_read_the_lock_once(
     log = tmp_path / "calls.log"
     doit(project, "run", "preprocess", log=log)
     project.commit("lock")
-    # Past the racy window (record.RACY_NS): a lock written within it is also read by the
+    # Past the racy window (recordfacts.RACY_NS): a lock written within it is also read by the
     # no-import record, to key its content, since its stat data cannot show an edit yet.
     time.sleep(2.1)
     built = log.read_text()
