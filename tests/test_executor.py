@@ -116,10 +116,10 @@ def test_manifest_write_is_create_only(remote_url: str) -> None:
     """The manifest write refuses to replace an existing one: the second writer learns it
     lost and the first writer's bytes stay."""
     r = Remote(remote_url)
-    key = r._key(FP, "manifest.json")
+    key = r.key(FP, "manifest.json")
     r.fs.makedirs(os.path.dirname(key), exist_ok=True)
-    assert r._create(key, b"first") is True
-    assert r._create(key, b"second") is False
+    assert r.create(key, b"first") is True
+    assert r.create(key, b"second") is False
     assert r.fs.cat_file(key) == b"first"
 
 
@@ -142,7 +142,7 @@ def test_concurrent_pushes_publish_once(remote_url: str, tmp_path: pathlib.Path)
         t.join()
     assert len([n for n in sent if n > 0]) == 1
     r = Remote(remote_url)
-    names = sorted(os.path.basename(p.rstrip("/")) for p in r.fs.ls(r._key(FP), detail=False))
+    names = sorted(os.path.basename(p.rstrip("/")) for p in r.fs.ls(r.key(FP), detail=False))
     assert len(names) == 2 and names[0].startswith("data-") and names[1] == "manifest.json"
     fresh = Store(tmp_path / "fresh")
     assert r.pull(fresh, FP, "x") > 0 and fresh.has(FP)
