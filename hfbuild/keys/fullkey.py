@@ -60,9 +60,15 @@ UNKNOWN = "unknown"
 
 _unsure: set[str] = set()  # static fingerprints this process built with unknown reads
 
-# Names a directory listing leaves out: git's and Python's own, hfbuild's default store and
-# lock, doit's database; none is what a transform lists for.
-_NOT_LISTED = (".git", "__pycache__", ".hfbuild", "hfbuild.lock")
+# Names a directory listing leaves out: git's and Python's own, hfbuild's default store, the
+# lock files of every pipeline (`*.lock`: `Pipeline(lock=...)` names any) and doit's databases
+# of any name (`.doit*`: `--db-file`); none is what a transform lists for, and another
+# pipeline building in the same project writes them (a listing inotify saw is anyone's).
+_NOT_LISTED = (".git", "__pycache__", ".hfbuild")
+
+
+def _listed(name: str) -> bool:
+    return name not in _NOT_LISTED and not name.endswith(".lock") and not name.startswith(".doit")
 
 
 def is_listing(rel: str) -> bool:
@@ -81,7 +87,7 @@ def listing(full: str) -> list[str] | None:
         names = os.listdir(full)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    return sorted(n for n in names if n not in _NOT_LISTED and not n.startswith(".doit.db"))
+    return sorted(n for n in names if _listed(n))
 
 
 def listing_at(rel: str, snap: Snapshot) -> list[str] | None:
@@ -94,7 +100,7 @@ def listing_at(rel: str, snap: Snapshot) -> list[str] | None:
     names = snap.staged_names(rel)
     if names is None:
         return None
-    return [n for n in names if n not in _NOT_LISTED and not n.startswith(".doit.db")]
+    return [n for n in names if _listed(n)]
 
 
 def listing_id(names: list[str] | None) -> str:
