@@ -67,8 +67,15 @@ _unsure: set[str] = set()  # static fingerprints this process built with unknown
 _NOT_LISTED = (".git", "__pycache__", ".hfbuild")
 
 
+def _tool_state(name: str) -> bool:
+    """A lock file of any pipeline (`Pipeline(lock=...)` names any `*.lock`) or a doit
+    database of any name (`--db-file`): state hfbuild and doit keep, never a build's input,
+    which another pipeline building in the same project writes and reads meanwhile."""
+    return name.endswith(".lock") or name.startswith(".doit")
+
+
 def _listed(name: str) -> bool:
-    return name not in _NOT_LISTED and not name.endswith(".lock") and not name.startswith(".doit")
+    return name not in _NOT_LISTED and not _tool_state(name)
 
 
 def is_listing(rel: str) -> bool:
@@ -253,11 +260,12 @@ def observed_paths(
 
 def _not_input(rel: str) -> bool:
     """Files hfbuild, doit or git read on their own behalf while a build runs (inotify sees
-    every process's opens): the lock, doit's database, git's ignore and attribute files
-    (libgit2 reads them to hash a file)."""
+    every process's opens): a pipeline's lock or doit's database at the project's root
+    (`_tool_state`: where pipelines keep them; a `*.lock` deeper in is read as any file),
+    git's ignore and attribute files (libgit2 reads them to hash a file)."""
     base = rel.rsplit("/", 1)[-1]
     return (
-        rel == "hfbuild.lock"
+        ("/" not in rel and _tool_state(rel))
         or base.startswith(".doit.db")
         or base in (".gitignore", ".gitattributes", ".gitmodules")
     )
