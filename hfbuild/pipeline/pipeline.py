@@ -1,10 +1,11 @@
 """Pipelines: named stages forming a DAG, and their fingerprints.
 
-Owns: the `Pipeline` (its stages defined and looked up as `stages.StageTable` does), computing
-every stage's manifest from one git snapshot, answering whether the store holds a stage's current
-result. Keeping the stage's ref and hfbuild.lock entry in step with it is `ledger`'s job,
-building is `build`'s, the doit task dicts are `tasks`'. `datasets` is imported only when a
-result is loaded.
+Owns: the `Pipeline` (its stages defined and looked up as `stages.StageTable` does; its
+manifests as `keying.Keying` computes them, or takes them from the no-import record), the
+`Place` and `Ledger` it hands the modules below, its shape for the record, its remote, and
+answering whether the store holds a stage's current result. Keeping the stage's ref and
+hfbuild.lock entry in step with it is `ledger`'s job, building is `build`'s, the doit task dicts
+are `tasks`'. `datasets` is imported only when a result is loaded.
 
 Must never: decide freshness from anything but the store holding the current fingerprint, or
 build anything.
@@ -14,24 +15,20 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from hfbuild.core.errors import DamagedEntryError, NotBuiltError
 from hfbuild.keys.absentdata import LockedData
-from hfbuild.keys.fullkey import resolve
-from hfbuild.keys.inputid import first, from_lock
-from hfbuild.keys.manifests import Manifests, rekey_pending, stage_manifest
-from hfbuild.keys.manifests import compute as compute_manifests
+from hfbuild.keys.manifests import Manifests
 from hfbuild.keys.place import Place
+from hfbuild.pipeline.keying import Keying
 from hfbuild.pipeline.ledger import Ledger
-from hfbuild.pipeline.record import NeedsImport, Session
+from hfbuild.pipeline.record import Session
 from hfbuild.pipeline.stages import StageTable
-from hfbuild.source import caches, refs
+from hfbuild.source import refs
 from hfbuild.source.datafiles import StatCache
 from hfbuild.source.gitrepo import Mode, find_root
-from hfbuild.source.gitstate import Snapshot
 from hfbuild.store.lockfile import LOCK_NAME, Pin, pins
 from hfbuild.store.remote import Remote
 from hfbuild.store.remotereach import remote_disabled, remote_url
@@ -69,8 +66,6 @@ class Pipeline(StageTable):
         self.store = Store(store if os.path.isabs(store) else os.path.join(self.root, store))
         self.name = name
         StageTable.__init__(self)
-        self._cache: Manifests | None = None
-        self._snap: Snapshot | None = None  # the memoized manifests' (for `rekey`)
         self.stat_cache = StatCache(os.path.join(self.store.root, "statcache.json"))
         # One lock file per pipeline: two pipelines in one repository need two names.
         self.lock_path = os.path.join(self.root, lock)
@@ -87,11 +82,10 @@ class Pipeline(StageTable):
             self.stages,
         )
         self.ledger = Ledger(self.place, self.manifests)
-        # The no-import record (record.py), for a pipeline a dodo file defines, once doit or
-        # a command works on it; `_recorded_only`: made from the record, without dodo.py.
+        # Its manifests, from the code or from the no-import record (record.py), which a
+        # pipeline a dodo file defines answers from once doit or a command works on it.
+        self.keying = Keying(self.place, self.ledger)
         self.origin = _caller_file()
-        self._record: Session | None = None
-        self._recorded_only = False
 
     def remote(self) -> Remote | None:
         """The configured remote cache, unless HFBUILD_NO_REMOTE=1 or `remote=False` opts out."""
@@ -128,32 +122,9 @@ class Pipeline(StageTable):
         With `absent`, a load stage whose data files are missing takes its data part from it.
         A stage's key holds its inputs' results (`inputid`): as the store has them, else as
         the committed lock records them (given a `lock`'s stages, as that lock does first);
-        a stage whose input's result none of them knows is pending (`Manifest.pending`)."""
-        if absent is not None or lock is not None:
-            fresh = True
-        cache = self._cache
-        if mode == "worktree" and cache is not None and not fresh and len(cache) == len(self):
-            return cache  # (a stage defined since is not in it: computed again)
-        rec = self._record
-        if rec is not None:
-            got = rec.answer(mode)
-            if got is not None:
-                if mode == "worktree" and absent is None:
-                    self._cache, self._snap = got, None
-                return got
-            if self._recorded_only:
-                raise NeedsImport(mode)
-            rec.begin(mode)
-            with warnings.catch_warnings(record=True) as caught:
-                out = self._compute(mode, absent, lock)
-            for w in caught:  # shown as they would have been; a check that warned: no record
-                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
-            rec.computed(mode, out, clean=not caught and not (absent and absent.unchecked))
-        else:
-            out = self._compute(mode, absent, lock)
-        if mode == "worktree" and absent is None and lock is None:
-            self._cache = out
-        return out
+        a stage whose input's result none of them knows is pending (`Manifest.pending`).
+        (`keying.Keying`, which also answers from the no-import record.)"""
+        return self.keying.manifests(fresh=fresh, mode=mode, absent=absent, lock=lock)
 
     def rekey(self, built: str | None = None) -> None:
         """Key the memoized manifests' pending stages (and those built from them) again by
@@ -161,51 +132,7 @@ class Pipeline(StageTable):
         builds recorded reading (`manifests.rekey_pending`): after a build, without a new
         snapshot. A new snapshot lists the project (argpaths, git), which a concurrent
         build's watch would take for a read of its own (watch.py)."""
-        old, snap = self._cache, self._snap
-        again = {built} if built is not None else set()
-        if old is None or not (again or any(m.pending for m in old.ok.values())):
-            return
-        if snap is None:  # answered from the no-import record: no snapshot at hand
-            self.manifests(fresh=True)
-            return
-        lookup = first(self.ledger.lookup(), from_lock(self.ledger.committed))
-        self._cache = rekey_pending(
-            self.stages.values(),
-            old,
-            lookup,
-            lambda spec, m: resolve(
-                m, spec.name, self.store, self.lock_path, snap, self.stat_cache
-            ),
-            again,
-        )
-
-    def _compute(
-        self, mode: Mode, absent: LockedData | None, lock: Mapping[str, Any] | None = None
-    ) -> Manifests:
-        snap = Snapshot(self.root, mode, caches.for_store(self.store))
-        if mode == "worktree" and absent is None and lock is None:
-            self._snap = snap
-        # An input's result from the store, else from the committed lock (what a clone that
-        # has pulled only some stages, or CI, knows); given a `lock`, from it first.
-        lookup = first(self.ledger.lookup(), from_lock(self.ledger.committed))
-        if lock is not None:
-            lookup = first(from_lock(lambda: lock), lookup)
-        # The key includes what the stage's builds read at run time (fullkey.py), so that the
-        # stages after it take that key as their input.
-        out = compute_manifests(
-            self.stages.values(),
-            lambda spec, done: resolve(
-                stage_manifest(spec, snap, done, self.stat_cache, absent, lookup=lookup),
-                spec.name,
-                self.store,
-                self.lock_path,
-                snap,
-                self.stat_cache,
-            ),
-        )
-        self.stat_cache.save()
-        caches.for_store(self.store).save()
-        return out
+        self.keying.rekey(built)
 
     # -- the no-import record -------------------------------------------------------------------
 
@@ -217,25 +144,18 @@ class Pipeline(StageTable):
         if os.path.realpath(self.store.root) != os.path.realpath(session.store.root):
             return False
         session.shape = self.shape
-        self._record = session
+        self.keying.use(session)
         return True
 
     def leave_record(self) -> bool:
         """Before anything is built or pulled: answers come from the code from now on.
         True when they came from the record until now."""
-        if self._record is None:
-            return False
-        if self._recorded_only:
-            raise NeedsImport("build")
-        self._record.drop()
-        self._record = None
-        self._cache = None
-        return True
+        return self.keying.leave()
 
     @property
     def recording(self) -> bool:
         """Whether answers may come from a no-import record (`use_record`)."""
-        return self._record is not None
+        return self.keying.record is not None
 
     def shape(self) -> dict[str, Any]:
         """What the commands need of the pipeline besides its manifests (record.py)."""
@@ -268,8 +188,7 @@ class Pipeline(StageTable):
         dodo.py (`project.recorded_pipeline`); its stages have no function, so anything
         needing one raises `NeedsImport` (the command is run on dodo.py's then)."""
         self.origin = session.dodo
-        self._record = session
-        self._recorded_only = True
+        self.keying.use(session, only=True)
 
     def is_built(self, name: str) -> bool:
         """True when the store holds the stage's current fingerprint (doit's uptodate). Then
