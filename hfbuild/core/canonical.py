@@ -4,7 +4,9 @@ Owns: turning a Python value into a JSON-able tree that is *typed* (`1`, `True`,
 encode differently), *injective* (containers carry a tag a user value can never produce), and
 *deterministic* (dicts and sets are sorted by the encoding of their members, never by hash
 order). The tree goes into a stage's manifest as it is, so `hfbuild explain` can show an
-argument's old and new value.
+argument's old and new value. The encoder (`_Encoder`) walks a value; what identifies an object
+of an optional library that is no walk of its parts (a tokenizer's saved files, a transformers
+tokenizer's state) is a function of that object alone, below it.
 
 Must never: pickle, dill, repr an unknown object, fall back to `id()` or anything random, or
 import numpy/datasets/tokenizers itself (a type is only recognised once its module is loaded).
@@ -290,68 +292,12 @@ class _Encoder:
             return {"tokenizer": _tokenizer_digest(x)}
         tf = sys.modules.get("transformers")
         if tf is not None and isinstance(x, tf.PreTrainedTokenizerBase):
-            return {"transformers-tokenizer": self._hf_tokenizer(x, path)}
+            state = _hf_tokenizer_state(x)
+            return {"transformers-tokenizer": self.encode(state, f"{path}<tokenizer>")}
         return None
 
-    def _hf_tokenizer(self, tok: Any, path: str) -> Encoded:
-        """A transformers tokenizer by what shapes its output: the attributes its `__call__`
-        reads, its chat template, the backend tokenizer's JSON without the padding/truncation
-        state each call sets, and every other file `save_pretrained` writes (the vocabulary
-        and merges of a Python tokenizer, added tokens, tokenizer_config.json, the chat
-        template as transformers 5 saves it). Calling it, or saving and reloading it,
-        changes none of them; provenance (`name_or_path`) never enters."""
-        state: dict[str, Any] = {"class": _qualname(type(tok))}
-        for attr in (
-            "model_max_length",
-            "padding_side",
-            "truncation_side",
-            "clean_up_tokenization_spaces",
-            "split_special_tokens",
-        ):
-            if hasattr(tok, attr):
-                state[attr] = getattr(tok, attr)
-        state["special_tokens"] = dict(getattr(tok, "special_tokens_map", {}) or {})
-        state["model_input_names"] = list(getattr(tok, "model_input_names", []) or [])
-        template = getattr(tok, "chat_template", None)
-        if template is not None:
-            state["chat_template"] = digest(dumps(template).encode())
-        backend = getattr(tok, "backend_tokenizer", None)
-        if backend is not None:
-            saved = json.loads(backend.to_str())
-            saved.pop("padding", None)
-            saved.pop("truncation", None)
-            state["backend"] = digest(dumps(saved).encode())
-        state["files"] = self._saved_files(tok, skip=_BACKEND_FILE if backend else None)
-        return self.encode(state, f"{path}<tokenizer>")
 
-    def _saved_files(self, tok: Any, skip: str | None) -> Encoded:
-        """[name, digest] of every file `save_pretrained` writes (`skip`: one covered
-        otherwise). JSON files count by their parsed content without provenance keys."""
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as d:
-            tok.save_pretrained(d)
-            out = []
-            for dirpath, _, names in os.walk(d):
-                for name in names:
-                    full = os.path.join(dirpath, name)
-                    rel = os.path.relpath(full, d).replace(os.sep, "/")
-                    if rel == skip:
-                        continue
-                    with open(full, "rb") as fh:
-                        data = fh.read()
-                    if name.endswith(".json"):
-                        doc = json.loads(data)
-                        if isinstance(doc, dict):
-                            for key in _PROVENANCE:
-                                doc.pop(key, None)
-                            if skip is not None and name == "tokenizer_config.json":
-                                for key in _CALL_STATE:
-                                    doc.pop(key, None)
-                        data = dumps(doc).encode()
-                    out.append([rel, digest(data)])
-            return sorted(out)
-
+# -- tokenizers: what identifies one, from the tokenizer alone ---------------------------------
 
 # Written by save_pretrained for a tokenizer with a `tokenizers` backend; encoded from the
 # backend itself, without the padding and truncation state calls leave in it.
@@ -386,6 +332,67 @@ _PROVENANCE = (
     "_commit_hash",
     "trust_remote_code",
 )
+
+
+def _hf_tokenizer_state(tok: Any) -> dict[str, Any]:
+    """A transformers tokenizer by what shapes its output: the attributes its `__call__`
+    reads, its chat template, the backend tokenizer's JSON without the padding/truncation
+    state each call sets, and every other file `save_pretrained` writes (the vocabulary
+    and merges of a Python tokenizer, added tokens, tokenizer_config.json, the chat
+    template as transformers 5 saves it). Calling it, or saving and reloading it,
+    changes none of them; provenance (`name_or_path`) never enters."""
+    state: dict[str, Any] = {"class": _qualname(type(tok))}
+    for attr in (
+        "model_max_length",
+        "padding_side",
+        "truncation_side",
+        "clean_up_tokenization_spaces",
+        "split_special_tokens",
+    ):
+        if hasattr(tok, attr):
+            state[attr] = getattr(tok, attr)
+    state["special_tokens"] = dict(getattr(tok, "special_tokens_map", {}) or {})
+    state["model_input_names"] = list(getattr(tok, "model_input_names", []) or [])
+    template = getattr(tok, "chat_template", None)
+    if template is not None:
+        state["chat_template"] = digest(dumps(template).encode())
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        saved = json.loads(backend.to_str())
+        saved.pop("padding", None)
+        saved.pop("truncation", None)
+        state["backend"] = digest(dumps(saved).encode())
+    state["files"] = _saved_files(tok, skip=_BACKEND_FILE if backend else None)
+    return state
+
+
+def _saved_files(tok: Any, skip: str | None) -> list[list[str]]:
+    """[name, digest] of every file `save_pretrained` writes (`skip`: one covered
+    otherwise). JSON files count by their parsed content without provenance keys."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        out = []
+        for dirpath, _, names in os.walk(d):
+            for name in names:
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, d).replace(os.sep, "/")
+                if rel == skip:
+                    continue
+                with open(full, "rb") as fh:
+                    data = fh.read()
+                if name.endswith(".json"):
+                    doc = json.loads(data)
+                    if isinstance(doc, dict):
+                        for key in _PROVENANCE:
+                            doc.pop(key, None)
+                        if skip is not None and name == "tokenizer_config.json":
+                            for key in _CALL_STATE:
+                                doc.pop(key, None)
+                    data = dumps(doc).encode()
+                out.append([rel, digest(data)])
+        return sorted(out)
 
 
 def _tokenizer_digest(tok: Any) -> str:
