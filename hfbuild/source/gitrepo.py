@@ -100,6 +100,14 @@ def require_root(path: str | os.PathLike[str]) -> str:
     return root
 
 
+def blob_bytes(repo: pygit2.Repository, blob_id: str) -> bytes:
+    """The bytes of blob `blob_id` in `repo`'s object database (KeyError, ValueError when it
+    holds none)."""
+    blob = repo[blob_id]
+    assert isinstance(blob, pygit2.Blob)
+    return blob.data
+
+
 def head_text(path: str | os.PathLike[str]) -> str | None:
     """The text HEAD's commit holds for the file at `path` (in the work tree holding it),
     or None: no repository, no commit yet, or no such file in it. Never the work tree's

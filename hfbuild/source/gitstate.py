@@ -27,6 +27,7 @@ from hfbuild.source.gitrepo import (
     FileId,
     Mode,
     Status,
+    blob_bytes,
     discover,
     find_root,
     hash_bytes,
@@ -123,19 +124,10 @@ class Snapshot:
             return self._prefix + rel
         return os.path.join(self.root, *rel.split("/"))
 
-    def _blob_bytes(self, repo: pygit2.Repository, blob_id: str) -> bytes:
-        blob = repo[blob_id]
-        assert isinstance(blob, pygit2.Blob)
-        return blob.data
-
     def staged_dir(self, rel: str) -> bool:
         """Whether the index holds a file under directory `rel` (submodules included): a
         binary search of the sorted index, as a directory listing of what is staged."""
-        found = self.trees.repo_of(f"{rel}/-")  # a name inside that directory
-        if found is None:
-            return False
-        repo, inner = found
-        return self.trees.holds_under(repo, inner[: -len("-")].encode())
+        return self.trees.staged_dir(rel)
 
     def staged_names(self, rel: str) -> list[str] | None:
         """The names directly in directory `rel` ("." for the root) as a commit of the
@@ -158,7 +150,7 @@ class Snapshot:
             staged = self.trees.staged(rel)
             if staged is None:
                 raise FileNotFoundError(rel)
-            return self._blob_bytes(staged[0], staged[2])
+            return blob_bytes(staged[0], staged[2])
         with open(self.abspath(rel), "rb") as f:
             return f.read()
 
@@ -169,7 +161,7 @@ class Snapshot:
         found = self.trees.repo_of(rel)
         if found is not None:
             try:
-                return self._blob_bytes(found[0], blob_id)
+                return blob_bytes(found[0], blob_id)
             except (KeyError, ValueError):
                 pass  # not in the object database: an uncommitted file
         try:
@@ -218,7 +210,7 @@ class Snapshot:
         staged = self.trees.staged(rel)
         if staged is None:
             return None
-        return self._blob_bytes(staged[0], staged[2]).decode("utf-8", errors="replace")
+        return blob_bytes(staged[0], staged[2]).decode("utf-8", errors="replace")
 
     def text_at_commits(self, rel: str, n: int) -> list[str]:
         """The file's text at HEAD and up to n-1 first-parent ancestors (`gitrepo`)."""

@@ -227,6 +227,15 @@ class Trees:
         self._trees[key] = tree
         return tree
 
+    def staged_dir(self, rel: str) -> bool:
+        """Whether the index holds a file under the project's directory `rel` (submodules
+        included)."""
+        found = self.repo_of(f"{rel}/-")  # a name inside that directory
+        if found is None:
+            return False
+        repo, inner = found
+        return self.holds_under(repo, inner[: -len("-")].encode())
+
     def holds_under(self, repo: pygit2.Repository, prefix: bytes) -> bool:
         """Whether `repo`'s index holds a path starting with `prefix` (a directory's path in
         it and "/", or b"" for any): a binary search of the sorted index."""

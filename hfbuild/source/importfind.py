@@ -82,6 +82,23 @@ _STANDARD_FINDERS = (
 )
 
 
+def _meta(name: str) -> Found | None:
+    """What the meta-path finders after the standard ones say of a top-level module: the first
+    that maps `name` to a file or to directories."""
+    for finder in sys.meta_path:
+        if finder in _STANDARD_FINDERS or not hasattr(finder, "find_spec"):
+            continue
+        spec = finder.find_spec(name, None)
+        if spec is None:
+            continue
+        locs = spec.submodule_search_locations
+        locations = tuple(locs) if locs is not None else None
+        origin = spec.origin if spec.has_location else None
+        if origin is not None or locations:
+            return Found(origin, locations)
+    return None
+
+
 class Resolver:
     """Finds modules for one snapshot. Each directory gets its own `FileFinder`, created for
     this snapshot (so files added since an earlier snapshot are seen, and the interpreter's
@@ -107,7 +124,7 @@ class Resolver:
         if kind == "m":
             return digest(_encode_loaded(self._loaded(arg)))
         if kind == "x":
-            return digest(_encode_found(self._meta(arg)))
+            return digest(_encode_found(_meta(arg)))
         if kind == "s":
             return self._search_pathdigest()
         return None
@@ -320,23 +337,9 @@ class Resolver:
         """A top-level module that no directory holds, from the finders Python consults after
         the path finder (an editable install's finder maps names to its source tree). They
         map names to files; no module is imported."""
-        found = self._meta(name)
+        found = _meta(name)
         self._note("x:" + name, digest(_encode_found(found)))
         return found
-
-    def _meta(self, name: str) -> Found | None:
-        for finder in sys.meta_path:
-            if finder in _STANDARD_FINDERS or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(name, None)
-            if spec is None:
-                continue
-            locs = spec.submodule_search_locations
-            locations = tuple(locs) if locs is not None else None
-            origin = spec.origin if spec.has_location else None
-            if origin is not None or locations:
-                return Found(origin, locations)
-        return None
 
 
 # -- where files lie --------------------------------------------------------------------------
