@@ -225,6 +225,127 @@ def private_uses(root: pathlib.Path) -> list[str]:
     return out
 
 
+# The size rule (issue #21): a room bigger than this does several jobs; split it by concept.
+MAX_MODULE_LINES = 500
+MAX_CLASS_LINES = 250
+
+
+def _classes(node: ast.AST, prefix: str) -> Iterator[tuple[str, ast.ClassDef]]:
+    """Every class defined in `node`, nested ones too, by its qualified name."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.ClassDef):
+            yield f"{prefix}{child.name}", child
+            yield from _classes(child, f"{prefix}{child.name}.")
+        elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield from _classes(child, f"{prefix}{child.name}.<locals>.")
+        else:
+            yield from _classes(child, prefix)
+
+
+def oversized(root: pathlib.Path) -> list[str]:
+    """Modules over MAX_MODULE_LINES lines and classes over MAX_CLASS_LINES (from the first
+    decorator or the `class` line to the class's last line), each named with its size."""
+    out = []
+    for m, path in modules(root).items():
+        text = path.read_text()
+        rel = path.relative_to(root).as_posix()
+        lines = len(text.splitlines())
+        if lines > MAX_MODULE_LINES:
+            out.append(f"{rel} has {lines} lines (at most {MAX_MODULE_LINES})")
+        for qualname, node in _classes(ast.parse(text, str(path)), ""):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            size = (node.end_lineno or node.lineno) - first + 1
+            if size > MAX_CLASS_LINES:
+                out.append(
+                    f"{m}.{qualname} ({rel}:{node.lineno}) has {size} lines "
+                    f"(at most {MAX_CLASS_LINES})"
+                )
+    return out
+
+
+# Who may hold the `Pipeline` (issue #21: "a module below never receives the Pipeline
+# object"): the module defining it, the one build module that builds a stage for it
+# (`builds/stage.py`: the executors and builders below it get a `Place` and the manifests they
+# build), and the packages above the builds (frontends, cli) and the face.
+PIPELINE_HOLDERS = frozenset({"hfbuild.pipeline.pipeline", "hfbuild.builds.stage"})
+PIPELINE_USERS = ("frontends", "cli")
+
+
+def _annotations(tree: ast.AST) -> Iterator[ast.expr]:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
+                if arg is not None and arg.annotation is not None:
+                    yield arg.annotation
+            if node.returns is not None:
+                yield node.returns
+        elif isinstance(node, ast.AnnAssign):
+            yield node.annotation
+
+
+def _names_pipeline(tree: ast.AST) -> Iterator[int]:
+    """Lines naming `Pipeline` in code: imported, read, an attribute, or in an annotation
+    (quoted ones parsed); docstrings and comments aside."""
+    quoted: list[ast.AST] = []
+    for ann in _annotations(tree):
+        for node in ast.walk(ann):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                try:
+                    quoted.append(ast.parse(node.value, mode="eval"))
+                except SyntaxError:
+                    continue
+                for inner in ast.walk(quoted[-1]):
+                    if isinstance(inner, ast.expr):
+                        inner.lineno = node.lineno
+    for part in [tree, *quoted]:
+        for node in ast.walk(part):
+            if isinstance(node, ast.Name):
+                name: str | None = node.id
+            elif isinstance(node, ast.Attribute):
+                name = node.attr
+            elif isinstance(node, ast.ClassDef):
+                name = node.name
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = {n for a in node.names for n in (a.name.rpartition(".")[2], a.asname)}
+                name = "Pipeline" if "Pipeline" in names else None
+            else:
+                continue
+            if name == "Pipeline":
+                yield node.lineno
+
+
+def _calls_manifests(tree: ast.AST) -> Iterator[int]:
+    """Lines calling an object's `manifests(...)`: the pipeline's, asked back for keys."""
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "manifests"
+        ):
+            yield node.lineno
+
+
+def pipeline_holders(root: pathlib.Path) -> list[str]:
+    """Modules below the top layers that name the `Pipeline` though not a PIPELINE_HOLDER,
+    and modules below the pipeline or among the builds (but `builds/stage.py`) that call a
+    `manifests()` method back (a builder is handed the manifests it builds)."""
+    pipeline_layer = layer_of("pipeline")
+    out = []
+    for m, path in modules(root).items():
+        pkg = package_of(m)
+        if pkg is None or pkg in PIPELINE_USERS or not any(pkg in layer for layer in LAYERS):
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        if m not in PIPELINE_HOLDERS:
+            for line in sorted(set(_names_pipeline(tree))):
+                out.append(f"{m}:{line} names the Pipeline: give it the values it needs")
+        if (layer_of(pkg) < pipeline_layer or pkg == "builds") and m not in PIPELINE_HOLDERS:
+            for line in sorted(set(_calls_manifests(tree))):
+                out.append(f"{m}:{line} calls manifests() back: hand it the manifests")
+    return out
+
+
 def test_imports_run_one_way_and_never_in_a_loop() -> None:
     """hfbuild's packages import only down the layers, and no modules form a loop."""
     found = violations(ROOT)
@@ -240,6 +361,19 @@ def test_gateways_are_the_only_importers() -> None:
 def test_no_private_name_is_used_outside_its_module() -> None:
     """No module imports or reads another module's private (`_x`) name."""
     assert private_uses(ROOT) == []
+
+
+def test_no_module_or_class_is_too_large() -> None:
+    """No module of hfbuild has more than 500 lines, and no class more than 250."""
+    found = oversized(ROOT)
+    assert not found, "\n".join(found)
+
+
+def test_no_module_below_the_top_holds_the_pipeline() -> None:
+    """Only `pipeline/pipeline.py`, `builds/stage.py`, the front ends and the CLI name the
+    `Pipeline`; no module below the pipeline, nor a builder, calls its `manifests()` back."""
+    found = pipeline_holders(ROOT)
+    assert not found, "\n".join(found)
 
 
 def test_every_layer_is_a_package() -> None:
@@ -392,4 +526,81 @@ def test_a_private_name_used_elsewhere_is_found(tmp_path: pathlib.Path) -> None:
     assert private_uses(root) == [
         "hfbuild.source.liveness:1 imports hfbuild.source.closure._code_digest",
         "hfbuild.source.modvalues:4 uses hfbuild.source.closure._code_digest",
+    ]
+
+
+def test_a_large_module_or_class_is_named_with_its_size(tmp_path: pathlib.Path) -> None:
+    """A module over 500 lines and a class over 250, a nested and a decorated one too, are each
+    named with their size; a class of exactly 250 lines and a module of 500 pass."""
+    body = "    x = 1\n"
+    root = tree(
+        tmp_path,
+        {
+            "hfbuild/core/big.py": "class Small:\n" + body * 249 + "\n" * 250,
+            "hfbuild/keys/many.py": (
+                "import dataclasses\n\n\n@dataclasses.dataclass\nclass Outer:\n"
+                "    class Inner:\n" + "        x = 1\n" * 255 + body * 5 + "\n" * 235
+            ),
+        },
+    )
+    assert oversized(root) == [
+        "hfbuild/keys/many.py has 501 lines (at most 500)",
+        "hfbuild.keys.many.Outer (hfbuild/keys/many.py:5) has 263 lines (at most 250)",
+        "hfbuild.keys.many.Outer.Inner (hfbuild/keys/many.py:6) has 256 lines (at most 250)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "text", "line"),
+    [
+        (
+            "hfbuild/keys/fullkey.py",
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+            "    from hfbuild.pipeline.pipeline import Pipeline\n",
+            3,
+        ),
+        ("hfbuild/store/publish.py", "def f(pipe: 'Pipeline') -> None:\n    pass\n", 1),
+        ("hfbuild/source/observe.py", "def f(p):\n    return p.Pipeline\n", 2),
+        ("hfbuild/builds/local.py", "x: list[Pipeline] = []\n", 1),
+        ("hfbuild/pipeline/ledger.py", "class Ledger:\n    pipe: 'Pipeline'\n", 2),
+    ],
+)
+def test_the_pipeline_named_below_it_is_found(
+    tmp_path: pathlib.Path, path: str, text: str, line: int
+) -> None:
+    """A module below the top layers naming `Pipeline` (imported for type checking, in a
+    quoted annotation, as an attribute, in a variable's annotation) is reported, builds and
+    the pipeline package included; `pipeline/pipeline.py`, `builds/stage.py` and the CLI may."""
+    allowed = "from hfbuild.pipeline.pipeline import Pipeline\ndef f(p: Pipeline) -> None: ...\n"
+    root = tree(
+        tmp_path,
+        {
+            "hfbuild/pipeline/pipeline.py": "class Pipeline:\n    pass\n",
+            "hfbuild/builds/stage.py": allowed,
+            "hfbuild/cli/report.py": allowed,
+            path: text,
+        },
+    )
+    module = path.removesuffix(".py").replace("/", ".")
+    assert pipeline_holders(root) == [
+        f"{module}:{line} names the Pipeline: give it the values it needs"
+    ]
+
+
+def test_a_builder_calling_the_pipeline_back_is_found(tmp_path: pathlib.Path) -> None:
+    """A builder (or a module below the pipeline) asking `manifests(fresh=True)` mid-build is
+    reported; `builds/stage.py`, which builds a stage for the pipeline, may ask."""
+    call = "def f(pipe, name):\n    return pipe.manifests(fresh=True)[name]\n"
+    root = tree(
+        tmp_path,
+        {
+            "hfbuild/builds/stage.py": call,
+            "hfbuild/builds/shardbuild.py": call,
+            "hfbuild/keys/fullkey.py": call,
+            "hfbuild/pipeline/relock.py": call,
+        },
+    )
+    assert pipeline_holders(root) == [
+        "hfbuild.builds.shardbuild:2 calls manifests() back: hand it the manifests",
+        "hfbuild.keys.fullkey:2 calls manifests() back: hand it the manifests",
     ]
