@@ -166,6 +166,41 @@ def test_ctrl_c_is_one_line_and_exit_130(repo: Repo, tmp_path: pathlib.Path) -> 
     assert states["raw"] == "up to date" and states["feat"] == "stale"
 
 
+SLEEPY_DODO = """
+import os
+import time
+
+from hfbuild import Pipeline
+
+pipe = Pipeline()
+open(os.environ["STARTED"], "w").close()
+time.sleep(120)
+
+
+def task_preprocess():
+    yield from pipe.tasks()
+"""
+
+
+def test_ctrl_c_while_dodo_is_imported_is_one_line(repo: Repo, tmp_path: pathlib.Path) -> None:
+    """Ctrl-C while dodo.py is being imported (after its `import hfbuild`), under `doit run`
+    and under `hfbuild status`: one line, exit 130, no traceback (doit printed the import's
+    traceback)."""
+    make_project(repo)
+    repo.write({"dodo.py": SLEEPY_DODO}, commit="a dodo.py slow to import")
+    out = _interrupt([sys.executable, "-m", "doit", "run", "preprocess"], repo, tmp_path)
+    assert out.returncode == 130, out.stderr
+    _one_line(out.stderr)
+    assert out.stderr.strip().splitlines() == [
+        "hfbuild: interrupted while doit imported dodo.py; nothing was built."
+    ]
+
+    out = _interrupt([HFBUILD, "status"], repo, tmp_path)
+    assert out.returncode == 130, out.stderr
+    _one_line(out.stderr)
+    assert out.stderr.strip().splitlines() == ["hfbuild: interrupted"]
+
+
 def test_no_remote_with_the_ray_executor_says_why(
     repo: Repo, tmp_path: pathlib.Path, down: str
 ) -> None:

@@ -23,7 +23,7 @@ class HfbuildError(Exception):
         # doit prints a traceback for any exception raised while it imports dodo.py, except
         # its own user errors: a mistake in a pipeline's definition (an input naming no
         # stage) is then one line under `doit run`, as it is under `hfbuild status`.
-        if "doit.loader" in sys.modules and _doit_loading():
+        if doit_loading(sys._getframe(1)):
             cls = _as_doit_error(cls)
         return super().__new__(cls, *args, **kwargs)
 
@@ -32,9 +32,11 @@ _LOADER = os.path.join("doit", "loader.py")
 _doit_classes: dict[type[HfbuildError], type[HfbuildError]] = {}
 
 
-def _doit_loading() -> bool:
-    """Whether this is doit importing a dodo file (its `loader.get_module` on the stack)."""
-    frame: FrameType | None = sys._getframe(2)
+def doit_loading(frame: FrameType | None) -> bool:
+    """Whether `frame` runs inside doit importing a dodo file (doit's `loader.get_module`
+    is on its stack)."""
+    if "doit.loader" not in sys.modules:
+        return False
     while frame is not None:
         code = frame.f_code
         if code.co_name == "get_module" and code.co_filename.endswith(_LOADER):

@@ -2,7 +2,9 @@
 
 Owns: one plain doit task dict per stage (`actions`, `uptodate`, `task_dep`, `clean`, `doc`),
 so `doit run/list/info/clean/-n` work as doit users expect. `uptodate` asks the store whether it
-holds the stage's current fingerprint; doit's own database decides nothing.
+holds the stage's current fingerprint; doit's own database decides nothing. Ctrl-C under doit is
+one line and exit 130: during a stage's check or build, and while doit imports dodo.py (from
+`import hfbuild` on, a SIGINT handler that stands in for Python's only during that import).
 
 Must never: import `datasets` (doit evaluates `uptodate` for every stage on every run).
 """
@@ -10,13 +12,16 @@ Must never: import `datasets` (doit evaluates `uptodate` for every stage on ever
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from hfbuild.core import teardown
-from hfbuild.core.errors import HfbuildError
+from hfbuild.core.errors import HfbuildError, doit_loading
 from hfbuild.core.spec import rows_text, stored_rows
 from hfbuild.keys.fingerprint import strict
 from hfbuild.pipeline import pipeline, record
@@ -39,6 +44,7 @@ class Pipeline(pipeline.Pipeline):
             caller = sys._getframe(1).f_code.co_name
             basename = caller[5:] if caller.startswith("task_") else self.name
         self.name = basename
+        _import_done()
         if not self.recording and self.origin is not None and not record.cli_loading:
             # doit imported dodo.py: the record saves only the imports of modules named by
             # reference and not imported yet. Without any, the code cache's fingerprints cost
@@ -47,6 +53,40 @@ class Pipeline(pipeline.Pipeline):
             if session is not None:
                 self.use_record(session)
         return pipeline_tasks(self, basename)
+
+
+def _interrupted_import(signum: int, frame: FrameType | None) -> None:
+    """SIGINT while doit imports dodo.py: one line and exit 130, as a Ctrl-C during a
+    stage's build gives, instead of doit's traceback of the import. After the import, the
+    interrupt Python's own handler raises."""
+    if doit_loading(frame):
+        print(
+            "hfbuild: interrupted while doit imported dodo.py; nothing was built.", file=sys.stderr
+        )
+        sys.stderr.flush()
+        raise SystemExit(130)
+    _import_done()
+    signal.default_int_handler(signum, frame)
+
+
+def _import_done() -> None:
+    """Python's own SIGINT handler again, in place of `_interrupted_import`."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_import:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _during_import() -> None:
+    """When doit is importing dodo.py (which imports hfbuild first), Ctrl-C until the import
+    ends is `_interrupted_import`'s; a handler of the user's own is left alone."""
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        and doit_loading(sys._getframe(1))
+    ):
+        signal.signal(signal.SIGINT, _interrupted_import)
+
+
+_during_import()
 
 
 def _unimported_refs(pipe: pipeline.Pipeline) -> bool:
