@@ -25,6 +25,8 @@ from tests.test_remote import outage, s3_server  # noqa: F401  (the session's mo
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 STAGES = ("raw", "feat", "kept", "split", "lens")
+# Each node's TMPDIR, set by the `cluster` fixture: a node's store (`worker_store`) is under it.
+NODE_TMPDIRS: list[pathlib.Path] = []
 
 
 def _free_port() -> int:
@@ -114,6 +116,7 @@ def cluster(
         tmps = [base / "tmp-head", base / "tmp-n2"]
         for t in tmps:
             t.mkdir()
+        NODE_TMPDIRS[:] = tmps
         procs.append(_popen(head, {**env, "TMPDIR": str(tmps[0])}, base / "head.log"))
         address = f"127.0.0.1:{port}"
         _wait_for(address, env, 1, procs[-1], base / "head.log")
@@ -783,3 +786,63 @@ def test_a_remote_outage_leaves_no_node_stuck(
     assert _remote_hashes(remote, fps) == [h for _, h in lock.values()]
     assert _deep_check(remote, tmp_path / "check") == len(_remote_entries(remote))
     assert results(c0)["kept"] == expected()["kept"]
+
+
+def _node_entries() -> dict[str, set[str]]:
+    """The fingerprints each node's store holds, by the node's TMPDIR."""
+    out = {}
+    for tmp in NODE_TMPDIRS:
+        objects = tmp / f"hfbuild-ray-{os.getuid()}" / "objects"
+        out[tmp.name] = {p.name for p in objects.glob("*/*") if (p / "manifest.json").exists()}
+    return out
+
+
+def test_gc_collects_each_nodes_store(
+    repo: Repo, tmp_path: pathlib.Path, remote: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hfbuild gc` with the Ray executor collects every node's store by the local gc's
+    rules: an entry only the nodes hold (an older build's, from another clone) that nothing
+    keeps is removed there; what the lock keeps stays; the output says per node what went."""
+    make_project(repo)
+    log_py = (repo.path / "pkg" / "log.py").read_text()  # keys of its own: stores outlive tests
+    repo.write({"pkg/log.py": log_py + f"# {uuid.uuid4().hex}\n"}, commit="keys of its own")
+    first = repo.clone(tmp_path / "first")
+    doit(first, "run", "preprocess", log=tmp_path / "first.log", env=RAY_ENV)
+    old = {fp for fp, _ in _lock(first).values()}
+    transforms = (repo.path / "pkg" / "transforms.py").read_text()
+    repo.write({"pkg/transforms.py": transforms + "# new code\n"}, commit="new code")
+    second = repo.clone(tmp_path / "second")
+    doit(second, "run", "preprocess", log=tmp_path / "second.log", env=RAY_ENV)
+    new = {fp for fp, _ in _lock(second).values()}
+    older = old - new  # feat, kept, split of the first code: second's store never held them
+    assert len(older) == 3
+    store = second.path / ".hfbuild" / "objects"
+    assert not any((store / fp[:2] / fp).exists() for fp in older)
+
+    before = _node_entries()
+    held = {n: fps & older for n, fps in before.items()}
+    assert any(held.values()), before
+    locked = {n: fps & new for n, fps in before.items()}
+    assert any(locked.values()), before
+    monkeypatch.setenv("HFBUILD_EXECUTOR", "ray")
+    out = run_hfbuild(second, "gc", "--keep-days", "0")
+    assert out.returncode == 0, out.stdout + out.stderr
+    after = _node_entries()
+    for n in before:
+        assert not after[n] & older, n  # removed on every node
+        assert after[n] >= locked[n], n  # what the lock keeps stays
+    # Per node: a line for each item removed, then its count and store.
+    removed: dict[str, set[str]] = {}
+    stores: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        if not line.startswith("node "):
+            continue
+        node, _, said = line[5:].partition(": ")
+        if " item(s), " in said:
+            stores[node] = pathlib.Path(said.split(" from its store ")[1].rstrip(".")).parent.name
+        elif said.startswith("removed objects/"):
+            removed.setdefault(node, set()).add(said.split()[1].split("/")[2])
+    assert sorted(stores.values()) == sorted(before), out.stdout  # one summary per node
+    for node, tmp in stores.items():
+        assert removed.get(node, set()) >= held[tmp], out.stdout
+        assert not removed.get(node, set()) & new, out.stdout

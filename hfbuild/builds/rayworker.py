@@ -131,7 +131,9 @@ def _take_input(store: Store, remote: Remote, fp: str, dep: str) -> None:
     its pin too (pulled before the lock pinned it, or built here by another run). One this
     node built but did not publish (the remote was down, another node published first) is
     replaced by the remote's (`Remote.adopt`): what this task builds must rest on the
-    published entry, or its entry (a selection of that input's rows) contradicts the remote."""
+    published entry, or its entry (a selection of that input's rows) contradicts the remote.
+    An input used from the node's store is marked used, as the driver's store marks what it
+    uses, for `hfbuild gc` on the node (`raynodes`)."""
     from hfbuild.store.remotereach import RefusedEntryError
 
     held = store.intact_manifest(fp)
@@ -147,6 +149,7 @@ def _take_input(store: Store, remote: Remote, fp: str, dep: str) -> None:
             f"{held.get('content_hash')}, but the committed lock records {pin.content_hash}; "
             f"not used."
         )
+    store.touch(fp)  # used: `hfbuild gc --keep-days` keeps it on this node
 
 
 def _shard_lookup(place: Place, key: str, doc: Mapping[str, Any]) -> Any:

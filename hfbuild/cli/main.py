@@ -141,6 +141,12 @@ def _parser() -> argparse.ArgumentParser:
         help="keep anything used in the last D days (default 7)",
     )
     g.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
+    g.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        help="with ray, each alive node's store is collected too, by the same rules (default "
+        "as for build: $HFBUILD_EXECUTOR, else [tool.hfbuild] executor, else local)",
+    )
     d = cmd("du", help="the store's size per stage")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     dr = cmd("doctor", help="check that the store can be used (and shared)")
@@ -236,7 +242,11 @@ def _command(args: argparse.Namespace, pipe: Pipeline, dodo: str) -> int:
         from hfbuild.cli.commands.gc import gc
 
         return gc(
-            pipe, keep_commits=args.keep_commits, keep_days=args.keep_days, dry_run=args.dry_run
+            pipe,
+            keep_commits=args.keep_commits,
+            keep_days=args.keep_days,
+            dry_run=args.dry_run,
+            executor=args.executor,
         )
     if args.command == "du":
         from hfbuild.cli.commands.gc import du

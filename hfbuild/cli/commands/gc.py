@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 from hfbuild.pipeline.pipeline import Pipeline
@@ -42,16 +43,47 @@ def referenced(pipe: Pipeline, keep_commits: int) -> set[str]:
     return keep
 
 
-def gc(pipe: Pipeline, *, keep_commits: int, keep_days: float, dry_run: bool) -> int:
-    """Delete store entries nothing references and nobody used lately, and leftovers."""
+def gc(
+    pipe: Pipeline,
+    *,
+    keep_commits: int,
+    keep_days: float,
+    dry_run: bool,
+    executor: str | None = None,
+) -> int:
+    """Delete store entries nothing references and nobody used lately, and leftovers; with
+    the Ray executor, in each alive node's store too (by the same rules and keep set). Exit
+    1 when a node could not be collected."""
+    from hfbuild.builds.executor import executor_name, require_ray
+
     keep = referenced(pipe, keep_commits)
+    on_ray = executor_name(pipe.root, executor) == "ray"
+    if on_ray:
+        require_ray()  # before anything is removed here
     gone = pipe.store.gc(keep, keep_days * 86400, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for path, size in gone:
         print(f"{verb} {os.path.relpath(path, pipe.store.root)} ({size:,} bytes)")
     total = sum(size for _, size in gone)
     print(f"{verb} {len(gone)} item(s), {total:,} bytes; kept {len(keep)} locked result(s).")
-    return 0
+    if not on_ray:
+        return 0
+    from hfbuild.builds.raynodes import collect_nodes
+
+    failed = 0
+    for node in collect_nodes(keep, keep_days * 86400, dry_run=dry_run):
+        if node.error:
+            print(f"node {node.node}: not collected: {node.error}", file=sys.stderr)
+            failed += 1
+            continue
+        for rel, size in node.gone:
+            print(f"node {node.node}: {verb} {rel} ({size:,} bytes)")
+        total = sum(size for _, size in node.gone)
+        print(
+            f"node {node.node}: {verb} {len(node.gone)} item(s), {total:,} bytes "
+            f"from its store {node.store}."
+        )
+    return 1 if failed else 0
 
 
 def stage_sizes(pipe: Pipeline) -> tuple[dict[str, int | None], set[str]]:
