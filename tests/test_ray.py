@@ -846,3 +846,96 @@ def test_gc_collects_each_nodes_store(
     for node, tmp in stores.items():
         assert removed.get(node, set()) >= held[tmp], out.stdout
         assert not removed.get(node, set()) & new, out.stdout
+
+
+SHELF = {
+    # Lists shelf/ at run time (the folder is named nowhere the static key looks) and reads
+    # the sizes of the files named there (os.stat: not a read, so their bytes must travel).
+    "pkg/shelf.py": """
+        import os
+        import pathlib
+
+        from pkg.log import log
+
+        ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+        def names(batch):
+            log("shelved")
+            folder = ROOT / "shelf"
+            found = sorted(os.listdir(folder))
+            sizes = [os.path.getsize(folder / n) for n in found]
+            said = ",".join(f"{n}:{s}" for n, s in zip(found, sizes))
+            return {"names": [said] * len(batch["x"])}
+        """,
+    "shelf/one.csv": "x\n1\n",
+    "shelf/two.csv": "x\n22\n",
+    "dodo.py": """
+        from hfbuild import Pipeline
+        from pkg import shelf
+
+        pipe = Pipeline()
+        raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+        pipe.map("shelved", raw, shelf.names, batched=True)
+
+
+        def task_preprocess():
+            yield from pipe.tasks()
+        """,
+}
+
+SHELVED = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+print(json.dumps(sorted(set(dodo.pipe.result("shelved")["names"]))))
+"""
+
+
+def _shelved(repo: Repo) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", SHELVED],
+        cwd=repo.path,
+        env={**os.environ, "PYTHONPATH": str(repo.path), "CALL_LOG": os.devnull},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    names: list[str] = json.loads(out.stdout.strip().splitlines()[-1])
+    return names
+
+
+def test_a_stage_listing_a_folder_builds_on_ray(
+    repo: Repo, tmp_path: pathlib.Path, remote: str
+) -> None:
+    """A map whose builds list shelf/ at run time (its lock records the listing) builds on
+    Ray: the folder travels with the names its listing holds and their bytes, the worker's
+    key agrees, and the result and lock entry equal a local build's. A file added to shelf/
+    rebuilds the stage on Ray, again equal to a local build (it was refused: a worker would
+    list other names)."""
+    make_project(repo)
+    log_py = (repo.path / "pkg" / "log.py").read_text()  # keys of its own: stores outlive tests
+    repo.write({**SHELF, "pkg/log.py": log_py + f"# {uuid.uuid4().hex}\n"}, commit="shelf")
+    no_remote = {"HFBUILD_NO_REMOTE": "1"}
+    doit(repo, "run", "preprocess", log=tmp_path / "local.log", env=no_remote)
+    repo.commit("lock: its record names the listing")
+    assert _shelved(repo) == ["one.csv:4,two.csv:5"]
+
+    first = repo.clone(tmp_path / "first")
+    log = tmp_path / "first.log"
+    out = doit(first, "run", "preprocess", log=log, env=RAY_ENV)
+    assert calls(log) == {"shelved": 1}
+    assert "shelved: 1/1 units built on ray" in out.stderr
+    assert _shelved(first) == ["one.csv:4,two.csv:5"]
+    assert _lock(first) == _lock(repo)
+
+    repo.write({"shelf/three.csv": "x\n333\n"}, commit="a file added to the listed folder")
+    first.git("pull", "-q", "--ff-only")
+    log2 = tmp_path / "again.log"
+    out = doit(first, "run", "preprocess", log=log2, env=RAY_ENV)
+    assert calls(log2) == {"shelved": 1}
+    assert "shelved: 1/1 units built on ray" in out.stderr
+    assert _shelved(first) == ["one.csv:4,three.csv:6,two.csv:5"]
+    doit(repo, "run", "preprocess", log=tmp_path / "local2.log", env=no_remote)
+    assert _lock(first) == _lock(repo)

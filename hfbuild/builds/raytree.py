@@ -2,14 +2,16 @@
 
 Owns: the *fingerprinted tree* a unit ships with (`shipped_files`: the files its key names, at
 exactly the blob ids the key holds, read from git's object database, the work tree only for
-uncommitted files; plus pyproject.toml), packed and uploaded as a Ray package (one per
-distinct tree: all the shards of a stage share one, without a load's data files); a load
-shard's data file, sent as the task's argument (`shard_data`); the job (`task_args`: plain
-JSON-able values and the pickled spec), with the committed lock's pins of the entries the
-worker may pull (`input_pins`) and the variables its code reads, with the driver's values
-(`task_env`: never a secret-looking one).
+uncommitted files; each folder its builds listed at run time with the names its listing holds,
+their files' bytes from the work tree (`_listed`); plus pyproject.toml), packed and uploaded
+as a Ray package (one per distinct tree: all the shards of a stage share one, without a
+load's data files); a load shard's data file, sent as the task's argument (`shard_data`); the
+job (`task_args`: plain JSON-able values and the pickled spec), with the committed lock's pins
+of the entries the worker may pull (`input_pins`) and the variables its code reads, with the
+driver's values (`task_env`: never a secret-looking one).
 
-Must never: ship a file the key does not name, or a secret variable's value; import ray
+Must never: ship a file the key does not name (a listed folder's files are named by its
+listing), ship a listing other than the key's, or a secret variable's value; import ray
 outside a build on the Ray executor.
 """
 
@@ -23,12 +25,13 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hfbuild.core.errors import ConfigError
+from hfbuild.core.errors import BuildError, ConfigError
 
 if TYPE_CHECKING:
     from hfbuild.builds.units import Unit
     from hfbuild.keys.manifest import Manifest, Shard
     from hfbuild.keys.place import Place
+    from hfbuild.source.gitstate import Snapshot
     from hfbuild.store.remote import Remote
 
 _DRIVER = uuid.uuid4().hex  # this driver process, in the trees it ships (not in any key)
@@ -37,18 +40,12 @@ _DRIVER = uuid.uuid4().hex  # this driver process, in the trees it ships (not in
 def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, str]]:
     """[repo-relative path, blob id] of every file the key of `m` names: its closure, its
     file_deps, its data files, the files its arguments name (a directory's files too) and
-    the files its builds were seen to read. For a shard of a
+    the files its builds were seen to read; and [`dir/.`, listing id] of each folder they
+    listed, whose files `tree` writes. For a shard of a
     load stage, no data file: the tree is the stage's code, one package for all its shards,
     and the shard's own file travels with its task (`shard_data`)."""
     from hfbuild.keys.argpaths import named_files
-    from hfbuild.keys.fullkey import (
-        MISSING,
-        UNKNOWN,
-        UNOBSERVED,
-        in_static_key,
-        is_listing,
-        listing_dir,
-    )
+    from hfbuild.keys.fullkey import MISSING, UNKNOWN, UNOBSERVED, in_static_key
     from hfbuild.keys.shards import load_code_doc
     from hfbuild.source.envvars import observed_name
 
@@ -71,12 +68,13 @@ def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, st
             if i not in (MISSING, UNKNOWN) and p != UNOBSERVED and observed_name(p) is None
         }
     )
-    listed = sorted(listing_dir(p) for p in pairs if is_listing(p))
-    if listed:
+    # A folder builds listed travels with the files its listing names (`tree`); the
+    # project's root cannot: the tree's root holds what hfbuild and Ray add to it.
+    if "." in pairs:
         raise ConfigError(
-            f"builds of this stage listed {', '.join(listed)} at run time, and the Ray "
-            f"executor ships only the files a key names, so a worker would list other "
-            f"names: build this stage with the local executor (`--executor local`)."
+            "builds of this stage listed the project's root directory at run time, and a "
+            "Ray worker's tree holds other names there: list a folder of the project "
+            "instead, or build this stage with the local executor (`--executor local`)."
         )
     outside = sorted(p for p in pairs if p.startswith("<outside>/"))
     if outside:
@@ -90,12 +88,19 @@ def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, st
 
 @contextlib.contextmanager
 def tree(place: Place, files: Sequence[tuple[str, str]]) -> Iterator[str]:
-    """A temporary directory holding a unit's fingerprinted tree (`shipped_files`)."""
+    """A temporary directory holding a unit's fingerprinted tree (`shipped_files`): each
+    file at its blob id, each listed folder with the names its listing recorded (`_listed`)."""
+    from hfbuild.keys.fullkey import is_listing, listing_dir
     from hfbuild.source.gitstate import Snapshot
 
     snap = Snapshot(place.root)
     with tempfile.TemporaryDirectory(prefix="hfbuild-ray-tree-") as d:
         for rel, blob in files:
+            if is_listing(rel):
+                _listed(snap, listing_dir(rel), blob, d)
+        for rel, blob in files:
+            if is_listing(rel):
+                continue
             dest = os.path.join(d, *rel.split("/"))
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             with open(dest, "wb") as f:
@@ -109,6 +114,33 @@ def tree(place: Place, files: Sequence[tuple[str, str]]) -> Iterator[str]:
             with open(pyproject, "rb") as src, open(os.path.join(d, "pyproject.toml"), "wb") as f:
                 f.write(src.read())  # settings (untracked-env, secret-salt), not in any key
         yield d
+
+
+def _listed(snap: Snapshot, folder: str, recorded: str, dest: str) -> None:
+    """Write into the tree at `dest` the project folder a build listed at run time, so the
+    worker lists the names the key holds (`recorded`, the digest of the names): the folder,
+    each file named in it with its bytes as they are here (those the build also read are in
+    the key by blob id, and written over these), each directory named in it empty (what is
+    in it travels when a build read or listed it)."""
+    from hfbuild.keys.fullkey import listing_at, listing_id
+
+    names = listing_at(folder, snap)
+    if listing_id(names) != recorded:
+        raise BuildError(
+            f"the folder {folder} changed while its stage was being built on Ray (a build "
+            f"lists it at run time, and its names are in the key): build again."
+        )
+    if names is None:
+        return
+    os.makedirs(os.path.join(dest, *folder.split("/")), exist_ok=True)
+    for name in names:
+        rel = f"{folder}/{name}"
+        src, to = snap.abspath(rel), os.path.join(dest, *rel.split("/"))
+        if os.path.isdir(src):
+            os.makedirs(to, exist_ok=True)
+        elif os.path.isfile(src):
+            with open(src, "rb") as f, open(to, "wb") as out:
+                out.write(f.read())
 
 
 def _import_dirs(root: str) -> list[str]:
