@@ -660,28 +660,29 @@ def test_listings_by_the_program_are_recorded_not_the_import_systems(
 
 
 SHIPPED = """
-import json, warnings
+import json, os, warnings
 warnings.simplefilter("ignore")
 import dodo
 from hfbuild.builds import raytree as rx
-from hfbuild.core.errors import ConfigError
 
 ms = dodo.pipe.manifests()
 out = {"tokens": [p for p, _ in rx.shipped_files(ms["tokens"])]}
-try:
-    rx.shipped_files(ms["listing"])
-except ConfigError as e:
-    out["listing"] = str(e)
+files = rx.shipped_files(ms["listing"])
+with rx.tree(dodo.pipe, files) as d:
+    out["listing"] = {
+        name: open(os.path.join(d, "extra", name)).read()
+        for name in sorted(os.listdir(os.path.join(d, "extra")))
+    }
 print(json.dumps(out))
 """
 
 
-def test_ray_ships_a_file_read_by_compiled_code_and_refuses_a_listed_folder(
+def test_ray_ships_a_file_read_by_compiled_code_and_a_listed_folder(
     project: pathlib.Path,
 ) -> None:
-    """A Ray unit's tree holds the tokenizer its builds were seen to open through Rust; a
-    stage whose builds listed a folder is refused with a message (a worker's tree holds
-    only the files keys name, so it would list other names)."""
+    """A Ray unit's tree holds the tokenizer its builds were seen to open through Rust, and
+    the folder its builds listed, with the names its listing holds and their bytes (so the
+    worker lists what the driver lists)."""
     out = subprocess.run(
         [sys.executable, "-c", SHIPPED],
         cwd=project,
@@ -693,8 +694,7 @@ def test_ray_ships_a_file_read_by_compiled_code_and_refuses_a_listed_folder(
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert "tok/tokenizer.json" in got["tokens"]
-    assert "listed extra at run time" in got["listing"]
-    assert "--executor local" in got["listing"]
+    assert got["listing"] == {"a.txt": "a\n", "b.txt": "b\n"}
 
 
 def test_every_directory_of_a_tree_is_watched_leaves_unlisted(tmp_path: pathlib.Path) -> None:
