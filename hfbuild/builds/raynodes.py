@@ -21,7 +21,7 @@ import os
 from typing import Any, NamedTuple
 
 from hfbuild.builds.rayworker import worker_store
-from hfbuild.core.errors import BuildError
+from hfbuild.core.errors import BuildError, ConfigError
 
 
 class NodeCollected(NamedTuple):
@@ -54,8 +54,14 @@ def collect_nodes(keep: set[str], keep_seconds: float, *, dry_run: bool) -> list
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not ray.is_initialized():
-        # Workers' output stays in Ray's logs, as for a build.
-        ray.init(log_to_driver=False, logging_level=logging.WARNING)
+        try:  # workers' output stays in Ray's logs, as for a build
+            ray.init(log_to_driver=False, logging_level=logging.WARNING)
+        except ConnectionError as e:
+            where = os.environ.get("RAY_ADDRESS") or "a cluster running on this machine"
+            raise ConfigError(
+                f"gc cannot reach the Ray cluster ({where}): {e}. Start it, set RAY_ADDRESS "
+                f"to its head, or collect this store alone with --executor local."
+            ) from e
     nodes = sorted(
         (n for n in ray.nodes() if n.get("Alive")),  # type: ignore[no-untyped-call]
         key=lambda n: (str(n.get("NodeManagerHostname")), str(n["NodeID"])),
