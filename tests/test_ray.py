@@ -867,6 +867,11 @@ SHELF = {
             sizes = [os.path.getsize(folder / n) for n in found]
             said = ",".join(f"{n}:{s}" for n, s in zip(found, sizes))
             return {"names": [said] * len(batch["x"])}
+
+
+        def row_names(row):
+            log("shelved_rows")
+            return {"n": len(os.listdir(ROOT / "shelf")) + row["x"]}
         """,
     "shelf/one.csv": "x\n1\n",
     "shelf/two.csv": "x\n22\n",
@@ -877,6 +882,7 @@ SHELF = {
         pipe = Pipeline()
         raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
         pipe.map("shelved", raw, shelf.names, batched=True)
+        pipe.map("shelved_rows", raw, shelf.row_names)  # sharded: one unit per file
 
 
         def task_preprocess():
@@ -888,11 +894,13 @@ SHELVED = """
 import json, warnings
 warnings.simplefilter("ignore")
 import dodo
-print(json.dumps(sorted(set(dodo.pipe.result("shelved")["names"]))))
+rows = dodo.pipe.result("shelved_rows")
+out = sorted(set(dodo.pipe.result("shelved")["names"]))
+print(json.dumps([out, [n - x for n, x in zip(rows["n"], rows["x"])]]))
 """
 
 
-def _shelved(repo: Repo) -> list[str]:
+def _shelved(repo: Repo) -> list[Any]:
     out = subprocess.run(
         [sys.executable, "-c", SHELVED],
         cwd=repo.path,
@@ -902,40 +910,45 @@ def _shelved(repo: Repo) -> list[str]:
         check=False,
     )
     assert out.returncode == 0, out.stderr
-    names: list[str] = json.loads(out.stdout.strip().splitlines()[-1])
-    return names
+    got: list[Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return got
 
 
 def test_a_stage_listing_a_folder_builds_on_ray(
     repo: Repo, tmp_path: pathlib.Path, remote: str
 ) -> None:
     """A map whose builds list shelf/ at run time (its lock records the listing) builds on
-    Ray: the folder travels with the names its listing holds and their bytes, the worker's
-    key agrees, and the result and lock entry equal a local build's. A file added to shelf/
-    rebuilds the stage on Ray, again equal to a local build (it was refused: a worker would
-    list other names)."""
+    Ray, whole and shard by shard: the folder travels with the names its listing holds and
+    their bytes, the worker's key agrees, and the results and lock entries equal a local
+    build's. A file added to shelf/ rebuilds both on Ray, again equal to a local build (they
+    were refused: a worker would list other names)."""
     make_project(repo)
     log_py = (repo.path / "pkg" / "log.py").read_text()  # keys of its own: stores outlive tests
     repo.write({**SHELF, "pkg/log.py": log_py + f"# {uuid.uuid4().hex}\n"}, commit="shelf")
+    _add_part(repo, 1)  # two files: shelved_rows is built one unit per file
     no_remote = {"HFBUILD_NO_REMOTE": "1"}
     doit(repo, "run", "preprocess", log=tmp_path / "local.log", env=no_remote)
     repo.commit("lock: its record names the listing")
-    assert _shelved(repo) == ["one.csv:4,two.csv:5"]
+    assert _shelved(repo) == [["one.csv:4,two.csv:5"], [2] * 60]
 
     first = repo.clone(tmp_path / "first")
     log = tmp_path / "first.log"
     out = doit(first, "run", "preprocess", log=log, env=RAY_ENV)
-    assert calls(log) == {"shelved": 1}
+    assert calls(log) == calls(tmp_path / "local.log")  # the calls of a local build
+    assert calls(log)["shelved_rows"] == 60
     assert "shelved: 1/1 units built on ray" in out.stderr
-    assert _shelved(first) == ["one.csv:4,two.csv:5"]
+    assert "shelved_rows: 2/2 shards done, 2 built on ray" in out.stderr
+    assert _shelved(first) == [["one.csv:4,two.csv:5"], [2] * 60]
     assert _lock(first) == _lock(repo)
 
     repo.write({"shelf/three.csv": "x\n333\n"}, commit="a file added to the listed folder")
     first.git("pull", "-q", "--ff-only")
     log2 = tmp_path / "again.log"
     out = doit(first, "run", "preprocess", log=log2, env=RAY_ENV)
-    assert calls(log2) == {"shelved": 1}
     assert "shelved: 1/1 units built on ray" in out.stderr
-    assert _shelved(first) == ["one.csv:4,three.csv:6,two.csv:5"]
+    assert "shelved_rows: 2/2 shards done, 2 built on ray" in out.stderr
+    assert _shelved(first) == [["one.csv:4,three.csv:6,two.csv:5"], [3] * 60]
     doit(repo, "run", "preprocess", log=tmp_path / "local2.log", env=no_remote)
+    assert calls(log2) == calls(tmp_path / "local2.log")  # the calls of a local rebuild
+    assert calls(log2)["shelved_rows"] == 60
     assert _lock(first) == _lock(repo)
