@@ -10,7 +10,6 @@ import io
 import json
 import os
 import pathlib
-import shutil
 import textwrap
 from typing import Any
 
@@ -231,7 +230,7 @@ def test_moved_main_with_one_added_file_rebuilds_one_shard(
     explain = run_hfbuild(repo, "explain", "raw")
     assert "now resolves to" in explain.stdout
     assert "data/part-2.parquet" in explain.stdout, explain.stdout
-    log.unlink()
+    log.unlink(missing_ok=True)
     out = doit(repo, "run", "preprocess", log=log)
     assert sorted(calls(log)) == ["feat:part-2"], out.stdout + out.stderr
     assert "built 1 of 3 shards" in out.stdout + out.stderr
@@ -247,7 +246,7 @@ def test_readme_only_commit_rebuilds_nothing_and_moves_the_locked_commit(
     before = _lock(repo)
     new = hub.commit({"README.md": b"# org/name\n\nTwo parts, better described.\n"})
     assert run_hfbuild(repo, "status").stdout.count("up to date") == 2
-    log.unlink()
+    log.unlink(missing_ok=True)
     doit(repo, "run", "preprocess", log=log)
     assert calls(log) == {}
     after = _lock(repo)
@@ -281,7 +280,9 @@ def test_verify_without_the_data_passes_from_metadata(repo: Repo, tmp_path: path
     _project(repo)
     doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
     repo.commit("lock")
-    shutil.rmtree(hub.root / "blobs")  # the data is gone; the snapshot's links remain
+    for name, data in hub.files.items():  # the data is gone; the links and the card remain
+        if name.endswith(".parquet"):
+            (hub.root / "blobs" / hub.etag(name, data)).unlink()
     clone = repo.clone(tmp_path / "clone")
     out = run_hfbuild(clone, "verify")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -327,9 +328,7 @@ def test_the_token_never_appears(
     assert not [t for t in texts if token in t]
 
 
-def test_a_local_pattern_among_hub_ones_and_a_name_are_refused(
-    repo: Repo, tmp_path: pathlib.Path
-) -> None:
+def test_a_local_pattern_among_hub_ones_is_refused(repo: Repo, tmp_path: pathlib.Path) -> None:
     _two_part_hub()
     _project(
         repo,
@@ -338,17 +337,6 @@ def test_a_local_pattern_among_hub_ones_and_a_name_are_refused(
     got = run_hfbuild(repo, "status")
     text = got.stdout + got.stderr
     assert "'x/*' is a local path among Hub paths" in text, text
-    run = run_python(
-        """
-        from hfbuild import Pipeline, HfbuildError
-        try:
-            Pipeline().load("a", "org/name", name="cfg", data_files="data/*")
-        except HfbuildError as e:
-            print(e)
-        """,
-        repo.path,
-    )
-    assert "name= (a configuration of the dataset card) is not supported yet" in run.stdout
 
 
 def test_split_dict_of_hub_patterns_equals_plain(repo: Repo, tmp_path: pathlib.Path) -> None:
@@ -449,3 +437,185 @@ def test_a_moved_branch_is_seen_after_no_op_checks(repo: Repo, tmp_path: pathlib
     got = run_hfbuild(repo, "status")
     assert got.returncode == 1, got.stdout
     assert f"now resolves to {new[:12]}" in got.stdout
+
+
+# -- configurations of the dataset card (`name=`) ---------------------------------------------
+
+CARD = """---
+configs:
+- config_name: small
+  data_files: data/part-0.parquet
+- config_name: both
+  default: true
+  data_files:
+  - split: train
+    path: data/part-*.parquet
+  - split: test
+    path: data/part-1.parquet
+dataset_info:
+  config_name: both
+  features:
+  - name: x
+    dtype: int32
+  - name: f
+    dtype: string
+---
+# org/name
+
+PROSE
+"""
+
+TABLES_CARD = """---
+configs:
+- config_name: semi
+  data_files:
+  - split: train
+    path: tables/*.csv
+  sep: ";"
+  features:
+  - name: a
+    dtype: float32
+  - name: b
+    dtype: string
+---
+# org/tables
+"""
+
+CONFIG_DODO = """
+    from hfbuild import Pipeline
+    from pkg import t
+
+    pipe = Pipeline()
+    small = pipe.load("small", "org/name", name="small", revision="main", split="train")
+    dflt = pipe.load("dflt", "org/name")
+    semi = pipe.load("semi", "org/tables", name="semi", split="train")
+    feat = pipe.map("feat", small, t.feat)
+    EXTRA
+
+
+    def task_preprocess():
+        yield from pipe.tasks()
+    """
+
+PLAIN_CONFIG = """
+import json, sys
+import datasets
+d = datasets.load_dataset(sys.argv[1], name=sys.argv[2], **json.loads(sys.argv[3]))
+def one(ds):
+    return {"rows": ds.to_dict(), "features": ds.features.to_dict()}
+print(json.dumps(one(d) if isinstance(d, datasets.Dataset) else {s: one(d[s]) for s in d}))
+"""
+
+READ_CONFIG = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+import datasets
+import dodo
+def one(ds):
+    return {"rows": ds.to_dict(), "features": ds.features.to_dict()}
+out = {}
+for name in sys.argv[1:]:
+    d = dodo.pipe.result(name)
+    out[name] = one(d) if isinstance(d, datasets.Dataset) else {s: one(d[s]) for s in d}
+print(json.dumps(out))
+"""
+
+
+def _card_hubs(prose: str = "Two parts.") -> tuple[HubCache, HubCache]:
+    hub = HubCache(_hub_dir())
+    hub.commit(
+        {
+            "README.md": CARD.replace("PROSE", prose).encode(),
+            "data/part-0.parquet": _parquet("part-0", 0),
+            "data/part-1.parquet": _parquet("part-1", 100),
+        }
+    )
+    tables = HubCache(_hub_dir(), "org/tables")
+    tables.commit(
+        {
+            "README.md": TABLES_CARD.encode(),
+            "tables/t0.csv": b"a;b\n1.5;x\n2.5;y\n",
+            "tables/t1.csv": b"a;b\n3;z\n",
+        }
+    )
+    return hub, tables
+
+
+def _config_project(repo: Repo, extra: str = "") -> Repo:
+    files = {k: v for k, v in FILES.items() if k != "dodo.py"}
+    files["dodo.py"] = CONFIG_DODO.replace("EXTRA", extra)
+    repo.write(files, commit="project")
+    return repo
+
+
+def _plain_config(snapshot: pathlib.Path, name: str, tmp: pathlib.Path, **kw: Any) -> Any:
+    """Plain datasets on the commit's files by its own card (the local loader of the
+    snapshot directory: datasets' `MetadataConfigs`, `DatasetInfosDict` and builders), in a
+    fresh process with an empty datasets cache."""
+    env = {"HF_DATASETS_CACHE": str(tmp / "plain-cache")}
+    out = run_python(PLAIN_CONFIG, tmp, env=env, args=[str(snapshot), name, json.dumps(kw)])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_card_config_equals_plain_load_dataset_with_that_name(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """`name=` (and no name: the card's default config) loads what plain datasets loads for
+    that configuration: its data files, per split in the card's order, its builder keyword
+    arguments (`sep`), its features (from `dataset_info`, or the config's own)."""
+    hub, tables = _card_hubs()
+    _config_project(repo)
+    doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    out = run_python(READ_CONFIG, repo.path, args=["small", "dflt", "semi"])
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    snap, tsnap = hub.snapshot(hub.commits[0]), tables.snapshot(tables.commits[0])
+    assert got["small"] == _plain_config(snap, "small", tmp_path, split="train")
+    assert got["dflt"] == _plain_config(snap, "both", tmp_path)
+    assert got["semi"] == _plain_config(tsnap, "semi", tmp_path, split="train")
+    assert list(got["dflt"]) == ["train", "test"]
+    assert got["dflt"]["train"]["features"]["x"] == {"dtype": "int32", "_type": "Value"}
+    assert got["semi"]["rows"] == {"a": [1.5, 2.5, 3.0], "b": ["x", "y", "z"]}
+    lock = _lock(repo)
+    assert lock["small"]["hub"] == [{"repo": REPO_ID, "revision": "main", "commit": hub.commits[0]}]
+    assert hub.commits[0] not in json.dumps(lock["small"]["manifest"])
+
+
+def test_a_prose_edit_of_the_card_rebuilds_nothing_and_a_config_edit_rebuilds(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    hub, _ = _card_hubs()
+    _config_project(repo)
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    before = {k: v["fingerprint"] for k, v in _lock(repo).items()}
+    new = hub.commit({"README.md": CARD.replace("PROSE", "Better prose.").encode()})
+    assert run_hfbuild(repo, "status").stdout.count("up to date") == 4
+    log.unlink(missing_ok=True)
+    doit(repo, "run", "preprocess", log=log)
+    assert calls(log) == {}
+    lock = _lock(repo)
+    assert {k: v["fingerprint"] for k, v in lock.items()} == before
+    assert lock["small"]["hub"][0]["commit"] == new
+    # The config `small` now reads the other file; `both`'s features change: those rebuild.
+    card = CARD.replace("data_files: data/part-0.parquet", "data_files: data/part-1.parquet")
+    hub.commit({"README.md": card.replace("dtype: int32", "dtype: int64").encode()})
+    status = run_hfbuild(repo, "status").stdout
+    assert "semi" in status and status.count("up to date") == 1, status
+    log.unlink(missing_ok=True)
+    doit(repo, "run", "preprocess", log=log)
+    assert sorted(calls(log)) == ["feat:part-1"]
+    after = {k: v["fingerprint"] for k, v in _lock(repo).items()}
+    assert sorted(k for k in after if after[k] != before[k]) == ["dflt", "feat", "small"]
+    got = json.loads(run_python(READ_CONFIG, repo.path, args=["dflt"]).stdout.splitlines()[-1])
+    assert got["dflt"]["train"]["features"]["x"]["dtype"] == "int64"
+
+
+def test_an_unknown_config_name_lists_the_configs(repo: Repo, tmp_path: pathlib.Path) -> None:
+    _card_hubs()
+    _config_project(repo, 'pipe.load("nope", "org/name", name="nope")')
+    got = run_hfbuild(repo, "status")
+    text = got.stdout + got.stderr
+    assert got.returncode != 0
+    assert "BuilderConfig 'nope' not found. Available: ['small', 'both']" in text, text
+    assert "Traceback" not in text
+    assert len([ln for ln in text.splitlines() if "not found" in ln]) == 1

@@ -151,6 +151,7 @@ def load_data(
     files: Any = None
     ids: Any
     pinned: tuple[Mapping[str, str], ...] = ()
+    card = opts.pop(hub.CARD_COMMIT, None)  # what the card's configuration gave is keyed
     if hub.any_hub(opts["data_files"]):
         try:
             got = hub.resolve(opts.pop("data_files"), f"load stage {stage!r}")
@@ -158,6 +159,13 @@ def load_data(
             if str(e).startswith("load stage"):
                 raise
             raise hub.HubError(f"load stage {stage!r}: {e}") from None
+        moved = hub.card_commit_moved(got.pins, str(card)) if card else None
+        if moved:
+            raise hub.HubError(
+                f"load stage {stage!r}: revision {moved.revision} of {moved.repo} moved to "
+                f"{moved.commit[:12]} after the pipeline read its dataset card at "
+                f"{card[:12]}: define the pipeline again (run the command again)."
+            )
         files, ids, pinned = got.files, got.ids, tuple(hub.pins_json(got.pins))
     else:
         files, ids = _local_files(stage, options, opts, snap, stat_cache, absent)

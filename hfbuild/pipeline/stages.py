@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from hfbuild.core.errors import StageError
 from hfbuild.core.spec import LOAD_BUILDERS, StageSpec
-from hfbuild.source import refs
-from hfbuild.source.hub import repo_pattern as hub_patterns
+from hfbuild.source import hub, refs
 
 if TYPE_CHECKING:
     from hfbuild.keys.manifest import Manifest
@@ -204,20 +203,34 @@ class StageTable:
     def _hub_load(
         self: _Keyed, name: str, repo: str, revision: str, doc: str | None, kwargs: dict[str, Any]
     ) -> Stage:
-        """`pipe.load(name, "org/name", ...)`: a load of `hf://` patterns in that dataset."""
-        if kwargs.get("name") is not None:
+        """`pipe.load(name, "org/name", ...)`: a load of `hf://` patterns in that dataset,
+        with the configuration of its dataset card that `datasets.load_dataset(repo, name,
+        revision=...)` uses (hub.card_config): its data files (unless data_files= replaces
+        them), builder keyword arguments and features, under the user's own arguments. The
+        card is read at the commit the revision resolves to now; the key checks it still
+        does (hub.CARD_COMMIT)."""
+        config = kwargs.pop("name", None)
+        given = kwargs.get("data_files")
+        commit, card = hub.card_config(
+            repo, revision, config, given is not None, f"load stage {name!r}"
+        )
+        if card is not None:
+            if given is None:
+                kwargs["data_files"] = card.data_files
+            if card.features is not None:
+                kwargs.setdefault("features", card.features)
+            kwargs = {**card.kwargs, **kwargs, hub.CARD_COMMIT: commit}
+            if "builder" not in kwargs:
+                kwargs["builder"] = _builder_of(
+                    hub.repo_pattern(repo, revision, given if given is not None else card.first)
+                )
+        if kwargs.get("data_files") is None:
             raise StageError(
-                f"load stage {name!r}: name= (a configuration of the dataset card) is not "
-                f"supported yet: pass that configuration's data_files= (see the dataset's "
-                f"README.md `configs:`)."
+                f"load stage {name!r}: data_files= is required for a Hub dataset whose card "
+                f"declares no configs (patterns relative to the repository, e.g. "
+                f"'data/*.parquet')."
             )
-        kwargs.pop("name", None)
-        if "data_files" not in kwargs:
-            raise StageError(
-                f"load stage {name!r}: data_files= is required for a Hub dataset (patterns "
-                f"relative to the repository, e.g. 'data/*.parquet')."
-            )
-        data_files = hub_patterns(repo, revision, kwargs.pop("data_files"))
+        data_files = hub.repo_pattern(repo, revision, kwargs.pop("data_files"))
         builder = kwargs.pop("builder", None) or _builder_of(data_files)
         if builder is None:
             raise StageError(
