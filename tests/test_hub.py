@@ -58,7 +58,8 @@ class HubCache:
         for name, data in self.files.items():
             blob = self.root / "blobs" / self.etag(name, data)
             blob.parent.mkdir(parents=True, exist_ok=True)
-            blob.write_bytes(data)
+            if not blob.exists():  # as huggingface_hub: a blob is downloaded once
+                blob.write_bytes(data)
             link = self.root / "snapshots" / commit / name
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(os.path.relpath(blob, link.parent))
@@ -619,3 +620,59 @@ def test_an_unknown_config_name_lists_the_configs(repo: Repo, tmp_path: pathlib.
     assert "BuilderConfig 'nope' not found. Available: ['small', 'both']" in text, text
     assert "Traceback" not in text
     assert len([ln for ln in text.splitlines() if "not found" in ln]) == 1
+
+
+PINNED_DODO = """
+    import os
+
+    with open(os.environ["IMPORT_LOG"], "a") as f:  # the import, counted
+        f.write("dodo\\n")
+
+    from hfbuild import Pipeline
+
+    pipe = Pipeline()
+    raw = pipe.load("raw", "org/name", revision="COMMIT", data_files="data/*.parquet")
+    feat = pipe.map("feat", raw, "pkg.t:feat")
+
+
+    def task_preprocess():
+        yield from pipe.tasks()
+    """
+
+
+def test_a_load_pinned_to_a_commit_answers_from_the_record(
+    repo: Repo, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revision that is a commit id never moves: `status` answers from the no-import
+    record (dodo.py not imported), as the full path does, also after main moved."""
+    hub = _two_part_hub()
+    first = hub.commits[0]
+    log = tmp_path / "imports.log"
+    log.write_text("")
+    monkeypatch.setenv("IMPORT_LOG", str(log))
+    files = {k: v for k, v in FILES.items() if k != "dodo.py"}
+    files["pyproject.toml"] = '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "IMPORT_LOG"]\n'
+    files["dodo.py"] = PINNED_DODO.replace("COMMIT", first)
+    repo.write(files, commit="project")
+    doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
+    repo.commit("lock")
+
+    def status(**env: str) -> tuple[Any, bool]:
+        before = len(log.read_text().splitlines())
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            out = run_hfbuild(repo, "status", "--json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        got = [(s["stage"], s["fingerprint"], s["state"]) for s in json.loads(out.stdout)]
+        return got, len(log.read_text().splitlines()) > before
+
+    answers = [status() for _ in range(4)]
+    assert not answers[-1][1], answers  # answered from the record: dodo.py not imported
+    full, imported = status(HFBUILD_RECORD="0")
+    assert imported and full == answers[-1][0]
+    assert [s[2] for s in full] == ["up to date", "up to date"]
+    hub.commit({"data/part-2.parquet": _parquet("part-2", 200)})  # main moves: not this load
+    got, imported = status()
+    assert not imported and got == full
+    assert _lock(repo)["raw"]["hub"] == [{"repo": REPO_ID, "revision": first, "commit": first}]

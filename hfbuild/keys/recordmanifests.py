@@ -6,9 +6,10 @@ work-tree entry (`staged_as_worktree`) when its facts hold but the index file's 
 the index holds what the work tree does; its context is matched with the environment taken
 without what git and the pre-commit framework set for a hook (`recordfacts.hook_env_digest`).
 
-Owns: the manifests' JSON form (`dump_manifests`: none when a stage failed, for a Hub load, or
-when the JSON does not carry the key whole; `load_manifests`), the data files outside the
-project a recorded pipeline loads (`outside_data`), the staged derivation.
+Owns: the manifests' JSON form (`dump_manifests`: none when a stage failed, for a Hub load of
+a branch or tag (a commit id never moves), or when the JSON does not carry the key whole;
+`load_manifests`), the data files outside the project a recorded pipeline loads
+(`outside_data`), the staged derivation.
 Must never: derive when the index may hold other than the work tree (a file not staged, a
 sharded stage, a directory an argument names, a symlink, a hook's variable read); import a
 user module or `datasets`; compute a key.
@@ -26,6 +27,7 @@ from hfbuild.keys.fingerprint import data_file_ids
 from hfbuild.keys.fullkey import is_listing, listing_at, listing_dir, listing_id
 from hfbuild.keys.manifest import Manifest, ShardIn
 from hfbuild.keys.manifests import Manifests
+from hfbuild.source import hub
 from hfbuild.source.envvars import observed_name
 from hfbuild.source.gitrepo import FileId, staged_entries, unstaged
 from hfbuild.source.gitstate import Snapshot
@@ -111,9 +113,10 @@ def dump_manifests(ms: Manifests) -> dict[str, Any] | None:
     """The manifests as JSON; None when one stage failed (its error is the full path's)."""
     if ms.failed:
         return None
-    if any(ms.ok[name].hub for name in ms):
-        # A Hub load's revision moves with no file of the project's changing (offline, the
-        # cache's refs/; online, the Hub): such a pipeline's manifests are computed in full.
+    if any(not hub.is_commit(p["revision"]) for name in ms for p in ms.ok[name].hub):
+        # A Hub load's branch or tag moves with no file of the project's changing (offline,
+        # the cache's refs/; online, the Hub): such a pipeline's manifests are computed in
+        # full. A commit id never moves: its files' paths are the record's outside data.
         return None
     stages: dict[str, Any] = {}
     for name in ms:
@@ -128,6 +131,7 @@ def dump_manifests(ms: Manifests) -> dict[str, Any] | None:
             "shard_code": m.shard_code,
             "outside": list(m.outside),
             "pending": list(m.pending),  # inputs not built yet (inputid.py)
+            "hub": [dict(p) for p in m.hub],  # a Hub load's commits (hub.Pin), for its lock
             "fingerprint": m.fingerprint,
         }
     try:
@@ -155,6 +159,7 @@ def load_manifests(doc: dict[str, Any]) -> Manifests:
             shard_code=s["shard_code"],
             outside=tuple(s["outside"]),
             pending=tuple(s.get("pending") or ()),
+            hub=tuple(s.get("hub") or ()),
         )
     return Manifests(list(doc["names"]), ok, {})
 

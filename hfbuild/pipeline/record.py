@@ -269,12 +269,18 @@ class Session:
             if start is None or end is None:
                 continue
             # The CLI's first capture precedes dodo.py's import, so it lacks the modules loaded
-            # from elsewhere and the data outside: what both hold, the same (but the lock).
+            # from elsewhere and the data outside (files and their directories): what both
+            # hold, the same (but the lock).
             both = {
                 **start,
                 "files": {p: start["files"][p] for p in start["files"] if p in end["files"]},
+                "dirs": {p: v for p, v in start["dirs"].items() if p in end["dirs"]},
             }
-            trimmed = {**end, "files": {p: end["files"][p] for p in both["files"]}}
+            trimmed = {
+                **end,
+                "files": {p: end["files"][p] for p in both["files"]},
+                "dirs": {p: end["dirs"][p] for p in both["dirs"]},
+            }
             if not same_facts(both, trimmed, ignore=[lock]):
                 continue
             ctx = self.context(mode)

@@ -35,6 +35,11 @@ class HubError(StageError):
     """A Hub dataset cannot be resolved: not in the local cache, or the Hub cannot be reached."""
 
 
+def is_commit(revision: str) -> bool:
+    """A revision that is a full commit id: it names one commit forever (a branch moves)."""
+    return bool(_COMMIT.match(revision))
+
+
 def is_hub(pattern: Any) -> bool:
     return isinstance(pattern, str) and pattern.startswith(PREFIX)
 
@@ -127,7 +132,7 @@ def commit_of(repo: str, revision: str) -> str:
     """The commit `revision` of `repo` resolves to: a commit id as given; offline, what the
     local cache's `refs/<revision>` records (where huggingface_hub writes the commit of a
     branch or tag it downloaded); online, the Hub's answer."""
-    if _COMMIT.match(revision):
+    if is_commit(revision):
         return revision
     if not offline():
         return _remote_commit(repo, revision)
