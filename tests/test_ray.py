@@ -952,3 +952,36 @@ def test_a_stage_listing_a_folder_builds_on_ray(
     assert calls(log2) == calls(tmp_path / "local2.log")  # the calls of a local rebuild
     assert calls(log2)["shelved_rows"] == 60
     assert _lock(first) == _lock(repo)
+
+
+def test_a_hub_stage_and_a_map_over_it_build_on_ray_as_locally(
+    repo: Repo, tmp_path: pathlib.Path, remote: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load of a Hub dataset (two parquet files of its main) and a map over it, built by
+    Ray workers shard by shard: the driver resolves the revision and sends each shard's file
+    from its own Hub cache, which no node's environment names (HF_HUB_CACHE is the driver's
+    alone); each worker checks the bytes against the Hub's id the key holds. The keys,
+    content hashes and rows equal a local build's."""
+    from tests.test_hub import HubCache, _parquet, _project, _results
+
+    cache = tmp_path / "driver-hub-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    hub = HubCache(cache)
+    hub.commit(
+        {
+            "README.md": b"# org/name\n",
+            "data/part-0.parquet": _parquet("part-0", 0),
+            "data/part-1.parquet": _parquet("part-1", 100),
+        }
+    )
+    _project(repo)
+    first = repo.clone(tmp_path / "first")
+    log = tmp_path / "first.log"
+    out = doit(first, "run", "preprocess", log=log, env=RAY_ENV)
+    for stage in ("raw", "feat"):
+        assert f"{stage}: 2/2 shards done, 2 built on ray" in out.stderr, out.stderr
+    assert sorted(calls(log)) == ["feat:part-0", "feat:part-1"]
+    local = repo.clone(tmp_path / "local")
+    doit(local, "run", "preprocess", log=tmp_path / "local.log", env={"HFBUILD_NO_REMOTE": "1"})
+    assert _lock(first) == _lock(local)
+    assert _results(first, "raw", "feat") == _results(local, "raw", "feat")

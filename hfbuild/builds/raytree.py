@@ -179,8 +179,19 @@ def shard_data(place: Place, unit: Unit) -> bytes | None:
     package, and a worker process, per shard. None for any other unit."""
     if unit.shard is None or unit.spec.kind != "load":
         return None
+    from hfbuild.source import hub
     from hfbuild.source.gitstate import Snapshot
 
+    if hub.is_hub(unit.shard.label):  # read from this driver's Hub cache (`hub.ensure`d)
+        m = unit.manifest
+        ids = (m.doc.get("data") or {}).get("files")
+        path = hub.local_file(m.data_files, ids, unit.shard.label, unit.shard.input)
+        if path is None:
+            raise BuildError(
+                f"stage {unit.spec.name!r}: {unit.shard.label} is not a file it loads."
+            )
+        with open(path, "rb") as f:
+            return f.read()
     return Snapshot(place.root).content(unit.shard.label, unit.shard.input)
 
 

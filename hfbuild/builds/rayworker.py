@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from hfbuild.core.errors import BuildError, HfbuildError
 from hfbuild.core.spec import Report, stored_rows
 from hfbuild.keys.manifest import Shard, ShardIn
+from hfbuild.source import hub
 
 if TYPE_CHECKING:
     from hfbuild.keys.manifest import Manifest
@@ -227,6 +228,8 @@ def _run_shard_in(
         one = dataclasses.replace(spec, options={**spec.options, "data_files": [path]})
         m = stage_manifest(one, snap, {}, place.stat_cache, lookup=place.store.intact_manifest)
         got = str(m.doc["data"]["files"][0][1])
+        if hub.is_hub(label):  # keyed by the Hub's id of its bytes, not the git blob id
+            got = hub.content_id(data, str(sh["input"]))
         content = ""
         decider = str(sh.get("decider") or "")
         code = shards.load_shard_code(m.doc, decider)

@@ -453,6 +453,33 @@ def card_commit_moved(pins: Iterable[Pin], commit: str) -> Pin | None:
     return next((p for p in pins if p.commit != commit), None)
 
 
+def content_id(data: bytes, like: str) -> str:
+    """The Hub's content id of `data`, of the kind `like` is: the LFS sha256 (64 hex
+    digits), else the git blob id. A Ray worker checks the bytes a Hub shard's task brought
+    against the id the driver keyed (it has no Hub cache of its own to read it from)."""
+    import hashlib
+
+    if len(like) == 64:
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def local_file(files: Any, ids: Any, name: str, ident: str) -> str | None:
+    """The path in the cache's snapshot of the Hub file `[name, ident]`, from a load's
+    resolved `files` and their `ids` (`Resolved`: the same shape; a split dict's ids in
+    sorted order), or None."""
+    pairs: list[tuple[Any, Any]] = (
+        [(files[k], ids[k]) for k in files if k in ids]
+        if isinstance(files, Mapping) and isinstance(ids, Mapping)
+        else [(files, ids)]
+    )
+    for fs, xs in pairs:
+        for f, x in zip(fs or [], xs or [], strict=False):
+            if list(x) == [name, ident]:
+                return str(f)
+    return None
+
+
 def pins_json(pins: Iterable[Pin]) -> list[dict[str, str]]:
     return [p.as_json() for p in pins]
 
