@@ -676,3 +676,36 @@ def test_a_load_pinned_to_a_commit_answers_from_the_record(
     got, imported = status()
     assert not imported and got == full
     assert _lock(repo)["raw"]["hub"] == [{"repo": REPO_ID, "revision": first, "commit": first}]
+
+
+def test_a_hub_load_built_whole_is_refused_by_the_ray_executor(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """The Ray executor sends a Hub file only with a load shard's task: a Hub load built
+    whole (here one file) is refused with what to do, before any task (no cluster needed);
+    its shards' trees (two files) ship no Hub file."""
+    _two_part_hub()
+    _project(repo, 'one = pipe.load("one", "org/name", data_files="data/part-0.parquet")')
+    out = run_python(
+        """
+        import json
+        from hfbuild import HfbuildError
+        from hfbuild.builds.raytree import shipped_files
+        import dodo
+        ms = dodo.pipe.manifests()
+        raw = ms.ok["raw"]
+        print(json.dumps([shipped_files(raw, s) for s in raw.shard_list]))
+        try:
+            shipped_files(ms.ok["one"])
+        except HfbuildError as e:
+            print(type(e).__name__, e)
+        """,
+        repo.path,
+    )
+    lines = out.stdout.strip().splitlines()
+    assert not [p for tree in json.loads(lines[-2]) for p, _ in tree if p.startswith("hf://")]
+    assert lines[-1].startswith(
+        "ConfigError this load of Hub files (hf://datasets/org/name/data/part-0.parquet) is "
+        "built whole"
+    ), out.stdout
+    assert "`--executor local`" in lines[-1]

@@ -59,6 +59,16 @@ def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, st
     groups: Any = files.values() if isinstance(files, dict) else [files or []]
     for group in groups:
         pairs.update({str(p): str(i) for p, i in group})
+    from hfbuild.source import hub
+
+    hubbed = sorted(p for p in pairs if hub.is_hub(p))
+    if hubbed:
+        raise ConfigError(
+            f"this load of Hub files ({hubbed[0]}{', ...' if len(hubbed) > 1 else ''}) is "
+            f"built whole (one file, or a builder a load is not sharded by without "
+            f"features=), and the Ray executor sends a Hub file only with a load shard's "
+            f"task: build this stage with the local executor (`--executor local`)."
+        )
     pairs.update(named_files(doc))  # files that arguments name (argpaths.py)
     # Variables read at run time (`env://NAME`) travel in the task's runtime_env (`task_env`).
     pairs.update(
