@@ -709,3 +709,82 @@ def test_a_hub_load_built_whole_is_refused_by_the_ray_executor(
         "built whole"
     ), out.stdout
     assert "`--executor local`" in lines[-1]
+
+
+CARDS: dict[str, tuple[str, dict[str, str], str]] = {
+    # repo: (README.md, extra files, the call's keyword arguments as Python source)
+    "yaml": ("# no YAML\n", {".huggingface.yaml": CARD.split("---")[1]}, 'name="both"'),
+    "dir": (
+        "---\nconfigs:\n- config_name: a\n  data_dir: data\n  data_files: ['part-1.parquet']\n"
+        "---\n",
+        {},
+        "",
+    ),
+    "nolist": ("---\nconfigs: {a: 1}\n---\n", {}, ""),
+    "noname": ("---\nconfigs:\n- data_files: x.parquet\n---\n", {}, ""),
+    "twodefaults": (
+        "---\nconfigs:\n- config_name: a\n  default: true\n  data_files: x.parquet\n"
+        "- config_name: default\n  data_files: y.parquet\n---\n",
+        {},
+        "",
+    ),
+    "nodefault": (
+        "---\nconfigs:\n- config_name: a\n  data_files: x.parquet\n- config_name: b\n"
+        "  data_files: y.parquet\n---\n",
+        {},
+        "",
+    ),
+    "nofiles": ("---\nconfigs:\n- config_name: a\n  data_dir: data\n---\n", {}, ""),
+    "badfiles": ("---\nconfigs:\n- config_name: a\n  data_files: [{split: x}]\n---\n", {}, ""),
+    "badyaml": ("---\nconfigs: [a: b: c\n---\n", {}, ""),
+}
+
+
+def test_dataset_cards_read_as_datasets_reads_them(tmp_path: pathlib.Path) -> None:
+    """Each card rule at definition time: `.huggingface.yaml` updates the README's YAML,
+    `data_dir` prefixes a config's patterns; a card datasets refuses is refused with its
+    reason; a README the cache lacks is a clear error, unless huggingface_hub recorded that
+    the repository has none (`.no_exist`)."""
+    data = {"data/part-0.parquet": _parquet("part-0", 0), "data/part-1.parquet": _parquet("p", 9)}
+    for repo, (readme, extra, _) in CARDS.items():
+        HubCache(_hub_dir(), f"org/{repo}").commit(
+            {"README.md": readme.encode(), **{k: v.encode() for k, v in extra.items()}, **data}
+        )
+    for repo, marked in (("gone", False), ("none", True)):
+        hub = HubCache(_hub_dir(), f"org/{repo}")
+        commit = hub.commit(data)
+        if marked:
+            (hub.root / ".no_exist" / commit).mkdir(parents=True)
+            (hub.root / ".no_exist" / commit / "README.md").write_text("")
+    calls_ = {**{r: kw for r, (_, _, kw) in CARDS.items()}, "gone": "", "none": ""}
+    script = "from hfbuild import Pipeline, HfbuildError\npipe = Pipeline()\n"
+    for repo, kw in calls_.items():
+        script += (
+            f"try:\n    s = pipe.load({repo!r}, 'org/{repo}', {kw})\n"
+            f"    o = s.spec.options\n"
+            f"    print({repo!r}, 'OK', o['data_files'], o.get('features') is not None)\n"
+            f"except HfbuildError as e:\n    print({repo!r}, type(e).__name__, e)\n"
+        )
+    out = run_python(script, tmp_path)
+    got = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.stdout.splitlines()}
+    assert got["yaml"] == (
+        "OK {'train': ['hf://datasets/org/yaml@main/data/part-*.parquet'], "
+        "'test': ['hf://datasets/org/yaml@main/data/part-1.parquet']} True"
+    ), got
+    assert got["dir"] == "OK {'train': ['hf://datasets/org/dir@main/data/part-1.parquet']} False"
+    assert "expected configs to be a list" in got["nolist"]
+    assert "each config must include a `config_name` field" in got["noname"]
+    assert "has several default configs: 'a' and 'default'" in got["twodefaults"]
+    assert got["nodefault"].endswith(
+        "Config name is missing: please pick one among the available configs of "
+        "org/nodefault: ['a', 'b'] (name=...)."
+    )
+    assert "the config 'a' of org/nofiles's card names no data_files" in got["nofiles"]
+    assert "expected a string, a list of strings, or a list of dicts" in got["badfiles"]
+    assert got["badyaml"].startswith("HubError load stage 'badyaml': the dataset card")
+    assert "HubError load stage 'gone': the dataset card (README.md) of org/gone" in got["gone"]
+    assert "is not in the local Hub cache" in got["gone"] and "--revision" in got["gone"]
+    assert (
+        "data_files= is required for a Hub dataset whose card declares no configs" in (got["none"])
+    )
+    assert "Traceback" not in out.stdout + out.stderr

@@ -297,16 +297,21 @@ def _card(repo: str, commit: str, revision: str) -> dict[str, Any]:
     """The YAML of `repo`'s dataset card at `commit` (README.md, updated with the standalone
     `.huggingface.yaml` as datasets does), parsed by huggingface_hub; {} without a card."""
     from huggingface_hub import DatasetCard
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
     found = {n: _card_file(repo, commit, revision, n) for n in ("README.md", ".huggingface.yaml")}
     data: dict[str, Any] = {}
     if found["README.md"] is not None:
         try:
-            data = DatasetCard.load(found["README.md"]).data.to_dict()
+            with open(found["README.md"], encoding="utf-8") as f:
+                text = f.read()
+            # A card without YAML has no data (huggingface_hub would warn on each check).
+            if REGEX_YAML_BLOCK.search(text):
+                data = DatasetCard(text).data.to_dict()  # type: ignore[no-untyped-call]
         except Exception as e:
             raise HubError(
                 f"the dataset card (README.md) of {repo} at commit {commit} cannot be read: "
-                f"{type(e).__name__}: {e}"
+                f"{type(e).__name__}: {' '.join(str(e).split())}"
             ) from None
     if found[".huggingface.yaml"] is not None:
         import yaml  # type: ignore[import-untyped]
@@ -383,8 +388,11 @@ def card_config(
     passes data_files, which then replace the configuration's, and the card's
     `dataset_info` is not used (as datasets does). None: no configuration applies (a card
     without `configs:`, or several and no default while the user gives data_files)."""
-    commit = commit_of(repo, revision)
-    data = _card(repo, commit, revision)
+    try:
+        commit = commit_of(repo, revision)
+        data = _card(repo, commit, revision)
+    except HubError as e:
+        raise HubError(f"{what}: {e}") from None
     raw = data.get("configs")
     configs: dict[str, dict[str, Any]] = {}
     if raw:
