@@ -8,8 +8,11 @@ cache snapshot; online, the Hub's tree), each matched file named `hf://datasets/
 its content id from the Hub's metadata (the LFS sha256, else the git blob id: what the cache
 names the file's blob, read from the snapshot's link without reading the file), and its path
 in the snapshot, which is what the build reads; fetching a pinned file the cache lacks (online
-only). The online paths are three small functions (`_remote_commit`, `_remote_files`,
-`_download`), each one documented Hub call.
+only); a dataset card's configuration as `datasets.load_dataset(repo, name)` builds it
+(`card_config`: datasets' `MetadataConfigs` rules over huggingface_hub's parse of the card,
+since a key may not import `datasets`); the Hub's content id of bytes a Ray worker received
+(`content_id`). The online paths are four small functions (`_remote_commit`, `_remote_files`,
+`_download`, `_download_card`), each one documented Hub call.
 
 Must never: read, store or print a token (huggingface_hub reads the user's own), key a file by
 a branch name or a commit, or serve a file of another commit than the one resolved.
