@@ -27,7 +27,7 @@ from datasets.utils.py_utils import asdict  # the one save_to_disk uses (drops `
 from hfbuild.core.errors import BuildError, HfbuildError
 from hfbuild.core.spec import StageSpec
 from hfbuild.keys.inputid import form_digest
-from hfbuild.source import hub, refs
+from hfbuild.source import hubcard, refs
 from hfbuild.store import indexed
 from hfbuild.store.content import dataset_hash, select_rows, table_hash
 from hfbuild.store.paths import disk_full, tree_size
@@ -129,22 +129,14 @@ def _user_frames(e: BaseException, root: str) -> str:
     return "".join(traceback.format_list(frames))
 
 
-def features_of(value: Any) -> Any:
-    """A load's `features=`: a Hub dataset card's features are its YAML list (hub.py), read
-    by datasets' own reader of that YAML, as `load_dataset(repo, name)` reads them."""
-    if isinstance(value, list):
-        return datasets.Features._from_yaml_list(value)
-    return value
-
-
 def _load(spec: StageSpec, files: Any, scratch: str) -> Any:
     opts = dict(spec.options)
     builder = opts.pop("builder")
     opts.pop("data_files")
     opts.pop("sharded", None)
-    opts.pop(hub.CARD_COMMIT, None)
-    if opts.get("features") is not None:
-        opts["features"] = features_of(opts["features"])
+    opts.pop(hubcard.CARD_COMMIT, None)
+    if isinstance(opts.get("features"), list):  # a Hub card's YAML, read as datasets reads it
+        opts["features"] = datasets.Features._from_yaml_list(opts["features"])
     return datasets.load_dataset(
         builder, data_files=files, cache_dir=os.path.join(scratch, "hf"), **opts
     )
@@ -185,6 +177,8 @@ def no_data(e: BaseException | None) -> bool:
 
 def empty(features: Any, split: str) -> Any:
     """A Dataset of no rows with `features`: a load shard of a file of no rows."""
+    if isinstance(features, list):  # a Hub card's YAML (hubcard.card_config)
+        features = datasets.Features._from_yaml_list(features)
     return datasets.Dataset.from_dict(
         {k: [] for k in features}, features=features, split=datasets.Split(split)
     )

@@ -173,7 +173,7 @@ def build_shard(
                 raise
             # A file of no rows: datasets refuses a split of no rows, not a file of none in
             # a split with others (`_check_rows` fails the stage as datasets would).
-            out = builder.empty(builder.features_of(one.options["features"]), s.split)
+            out = builder.empty(one.options["features"], s.split)
         if isinstance(out, dict):
             out = out[s.split]
     else:

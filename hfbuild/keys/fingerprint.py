@@ -28,7 +28,7 @@ from hfbuild.core.errors import (
 from hfbuild.keys import argpaths
 from hfbuild.keys import shards as sharding
 from hfbuild.keys.manifest import Manifest
-from hfbuild.source import caches, hub, liveness
+from hfbuild.source import caches, hub, hubcard, liveness
 from hfbuild.source.closure import Context, describe
 from hfbuild.source.datafiles import (
     StatCache,
@@ -151,7 +151,7 @@ def load_data(
     files: Any = None
     ids: Any
     pinned: tuple[Mapping[str, str], ...] = ()
-    card = opts.pop(hub.CARD_COMMIT, None)  # what the card's configuration gave is keyed
+    card = opts.pop(hubcard.CARD_COMMIT, None)  # what the card's configuration gave is keyed
     if hub.any_hub(opts["data_files"]):
         try:
             got = hub.resolve(opts.pop("data_files"), f"load stage {stage!r}")
@@ -159,7 +159,7 @@ def load_data(
             if str(e).startswith("load stage"):
                 raise
             raise hub.HubError(f"load stage {stage!r}: {e}") from None
-        moved = hub.card_commit_moved(got.pins, str(card)) if card else None
+        moved = hubcard.card_commit_moved(got.pins, str(card)) if card else None
         if moved:
             raise hub.HubError(
                 f"load stage {stage!r}: revision {moved.revision} of {moved.repo} moved to "

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from hfbuild.core.errors import StageError
 from hfbuild.core.spec import LOAD_BUILDERS, StageSpec
-from hfbuild.source import hub, refs
+from hfbuild.source import hub, hubcard, refs
 
 if TYPE_CHECKING:
     from hfbuild.keys.manifest import Manifest
@@ -205,13 +205,13 @@ class StageTable:
     ) -> Stage:
         """`pipe.load(name, "org/name", ...)`: a load of `hf://` patterns in that dataset,
         with the configuration of its dataset card that `datasets.load_dataset(repo, name,
-        revision=...)` uses (hub.card_config): its data files (unless data_files= replaces
+        revision=...)` uses (hubcard.card_config): its data files (unless data_files= replaces
         them), builder keyword arguments and features, under the user's own arguments. The
         card is read at the commit the revision resolves to now; the key checks it still
-        does (hub.CARD_COMMIT)."""
+        does (hubcard.CARD_COMMIT)."""
         config = kwargs.pop("name", None)
         given = kwargs.get("data_files")
-        commit, card = hub.card_config(
+        commit, card = hubcard.card_config(
             repo, revision, config, given is not None, f"load stage {name!r}"
         )
         if card is not None:
@@ -219,7 +219,7 @@ class StageTable:
                 kwargs["data_files"] = card.data_files
             if card.features is not None:
                 kwargs.setdefault("features", card.features)
-            kwargs = {**card.kwargs, **kwargs, hub.CARD_COMMIT: commit}
+            kwargs = {**card.kwargs, **kwargs, hubcard.CARD_COMMIT: commit}
             if "builder" not in kwargs:
                 kwargs["builder"] = _builder_of(
                     hub.repo_pattern(repo, revision, given if given is not None else card.first)

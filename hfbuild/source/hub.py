@@ -8,11 +8,9 @@ cache snapshot; online, the Hub's tree), each matched file named `hf://datasets/
 its content id from the Hub's metadata (the LFS sha256, else the git blob id: what the cache
 names the file's blob, read from the snapshot's link without reading the file), and its path
 in the snapshot, which is what the build reads; fetching a pinned file the cache lacks (online
-only); a dataset card's configuration as `datasets.load_dataset(repo, name)` builds it
-(`card_config`: datasets' `MetadataConfigs` rules over huggingface_hub's parse of the card,
-since a key may not import `datasets`); the Hub's content id of bytes a Ray worker received
-(`content_id`). The online paths are four small functions (`_remote_commit`, `_remote_files`,
-`_download`, `_download_card`), each one documented Hub call.
+only); the Hub's content id of bytes a Ray worker received (`content_id`). The dataset card
+is `hubcard.py`'s. The online paths are three small functions (`_remote_commit`,
+`_remote_files`, `_download`), each one documented Hub call.
 
 Must never: read, store or print a token (huggingface_hub reads the user's own), key a file by
 a branch name or a commit, or serve a file of another commit than the one resolved.
@@ -118,13 +116,13 @@ def cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def _repo_dir(repo: str) -> str:
+def repo_dir(repo: str) -> str:
     from huggingface_hub.file_download import repo_folder_name
 
     return os.path.join(cache_dir(), repo_folder_name(repo_id=repo, repo_type="dataset"))
 
 
-def _fix(repo: str, revision: str) -> str:
+def fetch_advice(repo: str, revision: str) -> str:
     return (
         f"run the build once online, or fetch it with `huggingface-cli download {repo} "
         f"--repo-type dataset --revision {revision}` (then HF_HUB_OFFLINE=1 works)"
@@ -139,7 +137,7 @@ def commit_of(repo: str, revision: str) -> str:
         return revision
     if not offline():
         return _remote_commit(repo, revision)
-    ref = os.path.join(_repo_dir(repo), "refs", *revision.split("/"))
+    ref = os.path.join(repo_dir(repo), "refs", *revision.split("/"))
     try:
         with open(ref, encoding="utf-8") as f:
             commit = f.read().strip()
@@ -148,13 +146,13 @@ def commit_of(repo: str, revision: str) -> str:
     if not _COMMIT.match(commit):
         raise HubError(
             f"revision {revision!r} of the Hub dataset {repo} is not in the local Hub cache "
-            f"({cache_dir()}) and HF_HUB_OFFLINE is set: {_fix(repo, revision)}."
+            f"({cache_dir()}) and HF_HUB_OFFLINE is set: {fetch_advice(repo, revision)}."
         )
     return commit
 
 
-def _snapshot(repo: str, commit: str) -> str:
-    return os.path.join(_repo_dir(repo), "snapshots", commit)
+def snapshot_dir(repo: str, commit: str) -> str:
+    return os.path.join(repo_dir(repo), "snapshots", commit)
 
 
 def cached_files(repo: str, commit: str, revision: str) -> dict[str, str]:
@@ -163,11 +161,11 @@ def cached_files(repo: str, commit: str, revision: str) -> dict[str, str]:
     names a blob by its etag: the LFS sha256, else the git blob id), read from the link
     alone, so a file whose blob was removed is still identified. A snapshot the cache lacks
     is an error that says what to do."""
-    top = _snapshot(repo, commit)
+    top = snapshot_dir(repo, commit)
     if not os.path.isdir(top):
         raise HubError(
             f"commit {commit} of the Hub dataset {repo} (revision {revision!r}) is not in the "
-            f"local Hub cache ({cache_dir()}): {_fix(repo, commit)}."
+            f"local Hub cache ({cache_dir()}): {fetch_advice(repo, commit)}."
         )
     out: dict[str, str] = {}
     for d, dirs, names in os.walk(top):
@@ -254,7 +252,7 @@ def resolve(data_files: Any, what: str) -> Resolved:
                     f"{' (offline: the files the local Hub cache holds)' if offline() else ''}."
                     f" Check the pattern, or the revision."
                 )
-            top = _snapshot(repo, pin.commit)
+            top = snapshot_dir(repo, pin.commit)
             for n in found:
                 files.append(os.path.join(top, *n.split("/")))
                 ids.append([f"{PREFIX}{repo}/{n}", listing[n]])
@@ -267,201 +265,6 @@ def resolve(data_files: Any, what: str) -> Resolved:
     else:
         files, ids = one(data_files)
     return Resolved(files, ids, tuple(sorted(pins.values(), key=lambda p: (p.repo, p.revision))))
-
-
-# -- a dataset card's configurations (datasets' `configs:` and `dataset_info` YAML) ------------
-
-# A load option: the commit whose dataset card gave a stage its configuration. Never keyed
-# (the key holds what the configuration resolved to); the key's resolution checks that the
-# revision still resolves to it, so a card and files of two commits never meet.
-CARD_COMMIT = "hub_card_commit"
-# datasets' `configs:` parameters that are not builder keyword arguments.
-_NOT_KWARGS = ("config_name", "default", "data_files", "data_dir", "features")
-
-
-@dataclass(frozen=True)
-class CardConfig:
-    """A configuration of a dataset card as `datasets.load_dataset(repo, name)` builds it:
-    its data files (patterns relative to the repository, `data_dir` joined; a split dict as
-    datasets' `sanitize_patterns` makes it, or None where the user's own replace them), its
-    builder keyword arguments, its features (the card's YAML list, which datasets'
-    `Features._from_yaml_list` reads at build time; None: inferred), and the first
-    configuration's data files (datasets infers one builder for all configurations from
-    them)."""
-
-    name: str
-    data_files: Any
-    kwargs: dict[str, Any]
-    features: list[Any] | None
-    first: Any
-
-
-def _card(repo: str, commit: str, revision: str) -> dict[str, Any]:
-    """The YAML of `repo`'s dataset card at `commit` (README.md, updated with the standalone
-    `.huggingface.yaml` as datasets does), parsed by huggingface_hub; {} without a card."""
-    from huggingface_hub import DatasetCard
-    from huggingface_hub.repocard import REGEX_YAML_BLOCK
-
-    found = {n: _card_file(repo, commit, revision, n) for n in ("README.md", ".huggingface.yaml")}
-    data: dict[str, Any] = {}
-    if found["README.md"] is not None:
-        try:
-            with open(found["README.md"], encoding="utf-8") as f:
-                text = f.read()
-            # A card without YAML has no data (huggingface_hub would warn on each check).
-            if REGEX_YAML_BLOCK.search(text):
-                data = DatasetCard(text).data.to_dict()  # type: ignore[no-untyped-call]
-        except Exception as e:
-            raise HubError(
-                f"the dataset card (README.md) of {repo} at commit {commit} cannot be read: "
-                f"{type(e).__name__}: {' '.join(str(e).split())}"
-            ) from None
-    if found[".huggingface.yaml"] is not None:
-        import yaml  # type: ignore[import-untyped]
-
-        with open(found[".huggingface.yaml"], encoding="utf-8") as f:
-            extra = yaml.safe_load(f.read())
-        if isinstance(extra, dict):
-            data.update(extra)
-    return data
-
-
-def _card_file(repo: str, commit: str, revision: str, name: str) -> str | None:
-    """A card file's path at `commit`, None where the repository has none. Offline: the
-    snapshot's, or huggingface_hub's `.no_exist` mark that it has none (the README of a
-    snapshot that has neither is an error that says what to do); online, downloaded."""
-    path = os.path.join(_snapshot(repo, commit), name)
-    if os.path.exists(path):
-        return path
-    if os.path.exists(os.path.join(_repo_dir(repo), ".no_exist", commit, name)):
-        return None
-    if not offline():
-        return _download_card(repo, commit, name)
-    if name != "README.md":
-        return None  # datasets reads it only where it exists
-    cached_files(repo, commit, revision)  # a snapshot the cache lacks: its own error
-    raise HubError(
-        f"the dataset card (README.md) of {repo} at commit {commit} is not in the local Hub "
-        f"cache ({cache_dir()}): {_fix(repo, commit)}."
-    )
-
-
-def _split_dict(value: Any, what: str) -> dict[str, Any]:
-    """A configuration's `data_files` as datasets' `sanitize_patterns` makes it: a split
-    dict in the card's order (a pattern or list of them: the "train" split)."""
-    bad = HubError(
-        f"{what}: data_files {value!r} of the dataset card: expected a string, a list of "
-        f"strings, or a list of dicts with two keys, 'split' and 'path' (datasets' rule)."
-    )
-    if isinstance(value, str):
-        return {"train": [value]}
-    if not isinstance(value, list):
-        raise bad
-    if not any(isinstance(v, dict) for v in value):
-        if not all(isinstance(v, str) for v in value):
-            raise bad
-        return {"train": list(value)}
-    out: dict[str, Any] = {}
-    for v in value:
-        if not (
-            isinstance(v, dict)
-            and set(v) == {"split", "path"}
-            and isinstance(v["path"], (str, list))
-            and str(v["split"]) not in out
-        ):
-            raise bad
-        out[str(v["split"])] = v["path"] if isinstance(v["path"], list) else [v["path"]]
-    return out
-
-
-def _under(data_dir: str | None, files: dict[str, Any]) -> dict[str, Any]:
-    if not data_dir:
-        return files
-    top = data_dir.strip("/")
-    return {k: [f"{top}/{p.lstrip('/')}" for p in v] for k, v in files.items()}
-
-
-def card_config(
-    repo: str, revision: str, name: str | None, given_files: bool, what: str
-) -> tuple[str, CardConfig | None]:
-    """The commit `revision` resolves to, and the configuration of its dataset card a load
-    `datasets.load_dataset(repo, name, data_files=...)` builds (datasets' `MetadataConfigs`
-    rules: each `configs:` entry names a `config_name`; with no `name`, the default one: the
-    only one, the one named "default" or marked `default: true`). `given_files`: the user
-    passes data_files, which then replace the configuration's, and the card's
-    `dataset_info` is not used (as datasets does). None: no configuration applies (a card
-    without `configs:`, or several and no default while the user gives data_files)."""
-    try:
-        commit = commit_of(repo, revision)
-        data = _card(repo, commit, revision)
-    except HubError as e:
-        raise HubError(f"{what}: {e}") from None
-    raw = data.get("configs")
-    configs: dict[str, dict[str, Any]] = {}
-    if raw:
-        if not isinstance(raw, list):
-            raise HubError(f"{what}: {repo}'s card: expected configs to be a list, got {raw!r}.")
-        for c in raw:
-            if not isinstance(c, dict) or "config_name" not in c:
-                raise HubError(
-                    f"{what}: {repo}'s card: each config must include a `config_name` field, "
-                    f"got {c!r}."
-                )
-            c = dict(c)
-            configs[str(c.pop("config_name"))] = c
-    defaults = [
-        n for n, c in configs.items() if len(configs) == 1 or n == "default" or c.get("default")
-    ]
-    if len(defaults) > 1:
-        raise HubError(
-            f"{what}: {repo}'s card has several default configs: '{defaults[0]}' and "
-            f"'{defaults[1]}'."
-        )
-    if name is None:
-        if not configs or (not defaults and given_files):
-            return commit, None
-        if not defaults:
-            raise HubError(
-                f"{what}: Config name is missing: please pick one among the available configs "
-                f"of {repo}: {list(configs)} (name=...)."
-            )
-        name = defaults[0]
-    if name not in configs:
-        raise HubError(
-            f"{what}: BuilderConfig '{name}' not found. Available: {list(configs)} "
-            f"(the configs of {repo}'s card at commit {commit[:12]})."
-        )
-    conf = configs[name]
-    files = None
-    if not given_files:
-        if conf.get("data_files") is None:
-            raise HubError(
-                f"{what}: the config {name!r} of {repo}'s card names no data_files (datasets "
-                f"then infers them from the repository's layout, which hfbuild does not): "
-                f"pass data_files=."
-            )
-        files = _under(conf.get("data_dir"), _split_dict(conf["data_files"], what))
-    first_conf = next(iter(configs.values()))
-    first = (  # datasets reads the first config's patterns only for their extensions
-        _split_dict(first_conf["data_files"], what)
-        if first_conf.get("data_files") is not None
-        else files
-    )
-    features = conf.get("features")
-    infos = data.get("dataset_info")
-    if isinstance(infos, dict):
-        infos = [infos]
-    info = {str(i.get("config_name", "default")): i for i in infos or [] if isinstance(i, dict)}
-    if not given_files and name in info:
-        features = info[name].get("features")  # datasets' info replaces the config's
-    kwargs = {k: v for k, v in conf.items() if k not in _NOT_KWARGS}
-    return commit, CardConfig(name, files, kwargs, features, first)
-
-
-def card_commit_moved(pins: Iterable[Pin], commit: str) -> Pin | None:
-    """Of a card configuration's pins (one repository's), one that resolved to another
-    commit than its card was read at."""
-    return next((p for p in pins if p.commit != commit), None)
 
 
 def content_id(data: bytes, like: str) -> str:
@@ -510,7 +313,7 @@ def ensure(paths: Iterable[str]) -> None:
         if offline():
             raise HubError(
                 f"{PREFIX}{repo}/{name} at commit {commit} is not in the local Hub cache "
-                f"(its snapshot names it, but its blob is gone): {_fix(repo, commit)}."
+                f"(its snapshot names it, but its blob is gone): {fetch_advice(repo, commit)}."
             )
         _download(repo, commit, name)
 
@@ -551,18 +354,6 @@ def _remote_files(repo: str, commit: str) -> dict[str, str]:
             f"cannot list the files of the Hub dataset {repo} at {commit}: "
             f"{type(e).__name__}: {e}. Set HF_HUB_OFFLINE=1 to use the local Hub cache."
         ) from None
-
-
-def _download_card(repo: str, commit: str, name: str) -> str | None:
-    """GET /datasets/{repo}/resolve/{commit}/{name} (`hf_hub_download`): a card file's
-    path in the cache, None where the repository has none (404: EntryNotFoundError)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return str(hf_hub_download(repo, name, repo_type="dataset", revision=commit))
-    except EntryNotFoundError:
-        return None
 
 
 def _download(repo: str, commit: str, name: str) -> None:
