@@ -262,6 +262,7 @@ def test_load_shard_is_load_dataset_of_its_one_file(tmp_path: pathlib.Path) -> N
     import datasets
 
     from hfbuild.store.content import dataset_hash
+    from hfbuild.store.entry import row_owner
     from hfbuild.store.store import Store
 
     repo = make_project(Repo.init(tmp_path / "repo"))
@@ -280,7 +281,8 @@ def test_load_shard_is_load_dataset_of_its_one_file(tmp_path: pathlib.Path) -> N
             cache_dir=str(tmp_path / "hf"),
         )
         plain.save_to_disk(str(theirs))
-        ours = pathlib.Path(store.data_path(key))
+        # A shard loaded with the others is a row range of their pack, laid out as a part.
+        ours = pathlib.Path(store.data_path(row_owner(row)))
         assert sorted(os.listdir(ours)) == sorted(os.listdir(theirs))
         for name in ("dataset_info.json", "state.json"):
             mine, other = (json.loads((d / name).read_text()) for d in (ours, theirs))
@@ -288,10 +290,10 @@ def test_load_shard_is_load_dataset_of_its_one_file(tmp_path: pathlib.Path) -> N
                 mine.pop(key_of_a_whole_load, None)
                 other.pop(key_of_a_whole_load, None)
             assert mine == other, name
-        loaded = store.load(key)
+        loaded = store.load_shard(key, state(repo)["raw"]["fp"])
         assert loaded.features == plain.features
         assert loaded.to_dict() == plain.to_dict()
-        assert _entry(repo.path / ".hfbuild", key)["content_hash"] == dataset_hash(plain)
+        assert row[4]["content_hash"] == dataset_hash(plain)
 
 
 def test_push_pull_per_shard(tmp_path: pathlib.Path) -> None:
@@ -425,7 +427,7 @@ for fp in s.fingerprints():
         continue
     doc = s.read_manifest(fp)
     if "shards" in doc:
-        parts = [(r[0], dataset_hash(s.load(r[1]))) for r in doc["shards"]]
+        parts = [(r[0], dataset_hash(s.load_shard(r[1], fp))) for r in doc["shards"]]
         got = combined_hash(parts)
     else:
         got = dataset_hash(s.load(fp))
@@ -839,8 +841,9 @@ def test_split_order_of_a_dict_load_is_in_its_key_and_its_result(
     doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
     after = {p.name for d in (store / "objects").iterdir() for p in d.iterdir()}
     # The three stages' entries, and the four load shards: the first split's first file,
-    # whose schema datasets gives every file, is another one (it is in every shard's key).
-    assert len(after - before) == 3 + 4
+    # whose schema datasets gives every file, is another one (it is in every shard's key);
+    # each split's shards, loaded together, are one pack.
+    assert len(after - before) == 3 + 2
     swapped = json.loads(run_python(SPLIT_ORDER, repo.path).stdout.strip().splitlines()[-1])
     for name in ("raw", "whole", "order"):
         assert swapped[name]["fp"] != got[name]["fp"], name

@@ -32,9 +32,10 @@ from hfbuild.builds import shardone
 from hfbuild.core import progress
 from hfbuild.core.errors import BuildError, HfbuildError
 from hfbuild.core.spec import Report, StageSpec, stored_rows
-from hfbuild.keys import inputid, shards
+from hfbuild.keys import inputid, packs, shards
 from hfbuild.keys.fullkey import entry_doc, observing
 from hfbuild.keys.manifest import Manifest, Observed, Shard
+from hfbuild.store.entry import row_owner, row_pack
 
 if TYPE_CHECKING:
     from hfbuild.keys.place import Place
@@ -56,6 +57,7 @@ def build(
     written = 0
     known: dict[str, dict[str, Any] | None] = {}  # shard key -> its intact manifest, or None
     prior = _listed(store, spec.name)  # what the last build listed, found in place
+    via = manifests[spec.inputs[0]].fingerprint if spec.kind != "load" else None
     try:
         with observing(place, tmp) as seen:
             observed: Observed = m.observed
@@ -74,7 +76,9 @@ def build(
                 bar = progress.bar(len(todo), spec.name, unit="shard", at_least=_PROGRESS_SHARDS)
                 with bar, shardone.quiet_datasets():
                     now: set[tuple[str, str]] = set()
-                    for i, path, doc, fresh in _run(place, spec, cur, todo, builder, tmp):
+                    held: list[int] = []  # the positions of a pack's shards built so far
+                    done = _run(place, spec, cur, todo, builder, tmp, via)
+                    for i, path, doc, fresh, pack in done:
                         shardone.one_load_count()
                         written += int(doc["written_bytes"])
                         if fresh:  # else built by the same datasets call as the last one
@@ -88,11 +92,21 @@ def build(
                             known.clear()
                             pending = True
                         key = keyed.shard_list[i].key
+                        built += 1
+                        bar.update(1)
+                        if pack is not None:
+                            # A pack is published once its last shard is keyed (what the
+                            # build read is known after its first: `fresh`).
+                            held.append(i)
+                            if len(held) == len(pack.shards):
+                                written += pack.info.written_bytes
+                                keys = [keyed.shard_list[k].key for k in held]
+                                known.update(_publish_pack(place, spec, keys, pack))
+                                held = []
+                            continue
                         # What was just written (or found intact) under the key: the stage's
                         # entry lists it without reading it back (`_publish`).
                         known[key] = _publish_shard(place, key, path, doc)
-                        built += 1
-                        bar.update(1)
         final = dataclasses.replace(m, observed=observed)
         names = seen.listed(observed)
         doc = _publish(place, spec, final, manifests, built, written, tmp, t0, known, names)
@@ -127,22 +141,28 @@ def _run(
     todo: Sequence[tuple[int, Shard]],
     builder: Any,
     tmp: str,
-) -> Iterator[tuple[int, str, dict[str, Any], bool]]:
-    """Build `todo`'s shards, yielding (position, directory, document, fresh) as each is
-    done (`fresh` False for a shard built by the same datasets call as the one before it:
-    nothing was read since): in this process, or in fork-started workers (what they read
+    via: str | None,
+) -> Iterator[tuple[int, str, dict[str, Any], bool, shardone.Pack | None]]:
+    """Build `todo`'s shards, yielding (position, directory, document, fresh, pack) as each
+    is done (`fresh` False for a shard built by the same datasets call as the one before it:
+    nothing was read since; `pack` the pack a shard loaded with others is a row range of,
+    its directory then ""): in this process, or in fork-started workers (what they read
     reaches the recording through its spool files, written before each result comes back;
-    their scratch goes to this process's trash, made before the fork)."""
+    their scratch goes to this process's trash, made before the fork). `via` is a transform's
+    input list, where an input shard kept in a pack is found by its key."""
     n = _workers(spec, len(todo))
     if n == 1:
         for split_todo in _by_split(todo):
             together = shardone.load_together(place, spec, m, split_todo, builder, tmp)
             if together is not None:
-                for k, (i, path, doc) in enumerate(together):
-                    yield i, path, doc, k == 0
+                for k, (i, doc) in enumerate(together.shards):
+                    yield i, "", doc, k == 0, together
                 continue
             for i, s in split_todo:
-                yield (i, *shardone.build_shard(place, spec, m, s, builder, tmp, shared=True), True)
+                path, doc = shardone.build_shard(
+                    place, spec, m, s, builder, tmp, shared=True, via=via
+                )
+                yield i, path, doc, True, None
         return
     import multiprocessing
 
@@ -151,13 +171,13 @@ def _run(
     one = dataclasses.replace(
         spec, options={k: v for k, v in spec.options.items() if k != "num_proc"}
     )
-    _JOB = (place, one, m, todo, builder, tmp)
+    _JOB = (place, one, m, todo, builder, tmp, via)
     try:
         with multiprocessing.get_context("fork").Pool(n) as pool:
             for got in pool.imap_unordered(_worker, range(len(todo))):
                 if got[0] == "error":
                     raise BuildError(str(got[1]))
-                yield got[1], got[2], got[3], True
+                yield got[1], got[2], got[3], True, None
     finally:
         _JOB = None
 
@@ -179,10 +199,10 @@ def _by_split(
 def _worker(k: int) -> tuple[Any, ...]:
     """One shard in a forked worker; an error comes back as its message (it may not pickle)."""
     assert _JOB is not None
-    place, spec, m, todo, builder, tmp = _JOB
+    place, spec, m, todo, builder, tmp, via = _JOB
     i, s = todo[k]
     try:
-        return ("ok", i, *shardone.build_shard(place, spec, m, s, builder, tmp))
+        return ("ok", i, *shardone.build_shard(place, spec, m, s, builder, tmp, via=via))
     except HfbuildError as e:
         return ("error", str(e))
     except Exception as e:
@@ -194,6 +214,44 @@ def _publish_shard(place: Place, key: str, path: str, doc: dict[str, Any]) -> di
     publish it wins, `Store.publish_first`); the manifest of the shard now in the store
     (ours as written, or the intact one found there)."""
     return place.store.publish_first(path, key, doc)
+
+
+def _publish_pack(
+    place: Place, spec: StageSpec, keys: Sequence[str], pack: shardone.Pack
+) -> dict[str, dict[str, Any]]:
+    """Publish a pack (`packs.py`: one entry holding the rows of shards built together,
+    keyed by their keys; the first to publish it wins, as for a shard); for each of its
+    shards, what the stage's list records of it (rows, content hash, form, the pack's
+    files and manifest stamp, the pack and the shard's row range in it)."""
+    store = place.store
+    rows = [
+        [key, doc["span"][0], doc["span"][1], doc["content_hash"], doc["shard"]["label"]]
+        for key, (_, doc) in zip(keys, pack.shards, strict=True)
+    ]
+    doc = {
+        "stage": spec.name,
+        "pack": rows,
+        "rows": pack.info.rows,
+        "content_hash": pack.info.content_hash,
+        "form": pack.info.form,
+        "written_bytes": pack.info.written_bytes,
+        "hfbuild": pack.shards[0][1]["hfbuild"],
+    }
+    fp = packs.pack_key(keys)
+    stored = store.publish_first(pack.path, fp, doc)
+    stamp = store.manifest_stamp(fp)
+    out: dict[str, dict[str, Any]] = {}
+    for key, start, end, content_hash, _ in stored["pack"]:
+        out[key] = {
+            "rows": end - start,
+            "content_hash": content_hash,
+            "form": stored.get("form"),
+            "files": stored["files"],
+            "stamp": stamp,
+            "pack": fp,
+            "span": [start, end],
+        }
+    return out
 
 
 def _publish(
@@ -233,6 +291,8 @@ def _publish(
             facts["features"] = stored.get("features") or _stored_features(store, s.key)
         if isinstance(stored.get("form"), str):
             facts["form"] = stored["form"]
+        if "pack" in stored:  # a row range of a pack, not an entry of its own
+            facts.update(pack=stored["pack"], span=stored["span"])
         # What `explain` compares a rebuild with.
         facts.update(input=s.input, before=s.before)
         if s.content:
@@ -381,6 +441,7 @@ def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:
     if isinstance(rows, list) and fp is not None and doc is not None:
         store.check_list(fp, doc)  # the identities of the shards it lists, checked at once
     out: dict[str, dict[str, Any]] = {}
+    owners: dict[str, bool] = {}  # a pack named by many rows: checked once
     for row in rows if isinstance(rows, list) else []:
         if not (isinstance(row, list) and len(row) >= 5):
             continue
@@ -389,12 +450,35 @@ def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:
             continue
         if not all(isinstance(v, int) for v in files.values()):
             continue
-        if facts.get("content_hash") is None or not store.files_intact(key, files):
+        if facts.get("content_hash") is None or facts.get("stamp") is None:
             continue
-        if facts.get("stamp") is None or facts["stamp"] != store.manifest_stamp(key):
-            continue
-        out[key] = {**facts, "files": files}
+        owner = row_owner(row)  # a packed shard's files are its pack's
+        ok = owners.get(owner)
+        if ok is None:
+            ok = store.files_intact(owner, files) and facts["stamp"] == store.manifest_stamp(owner)
+            owners[owner] = ok
+        if ok:
+            out[key] = {**facts, "files": files}
+        elif row_pack(row) is not None:
+            # A pack whose manifest was written again (its identity record, say): the
+            # shard is still the row range its manifest names, with the same content.
+            found = _in_pack(store, owner, key, facts)
+            if found is not None:
+                out[key] = found
     return out
+
+
+def _in_pack(store: Any, pack: str, key: str, facts: dict[str, Any]) -> dict[str, Any] | None:
+    """What a list records of shard `key`, a row range of the intact pack `pack` with the
+    span and content hash `facts` gives it (its files and manifest stamp now), else None."""
+    doc = store.intact_manifest(pack)
+    for row in (doc or {}).get("pack") or []:
+        if row[0] == key and [row[1], row[2]] == facts.get("span"):
+            if row[3] != facts.get("content_hash"):
+                return None
+            stamp = store.manifest_stamp(pack)
+            return {**facts, "files": (doc or {})["files"], "stamp": stamp}
+    return None
 
 
 def _is_dict(place: Place, spec: StageSpec) -> bool:

@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hfbuild.core.errors import BuildError
 from hfbuild.core.spec import StageSpec
@@ -62,6 +62,17 @@ def _together(spec: StageSpec) -> bool:
     )
 
 
+class Pack(NamedTuple):
+    """The shards of one split a load built together, written as one pack (`packs`): its
+    directory (the entry's files, in `data/`), its description (rows, content hash, form,
+    bytes written) and, per shard, (its position in the stage, its document with `span`,
+    its rows in the pack)."""
+
+    path: str
+    info: Any
+    shards: list[tuple[int, dict[str, Any]]]
+
+
 def load_together(
     place: Place,
     spec: StageSpec,
@@ -69,14 +80,15 @@ def load_together(
     todo: Sequence[tuple[int, Shard]],
     builder: Any,
     tmp: str,
-) -> list[tuple[int, str, dict[str, Any]]] | None:
+) -> Pack | None:
     """The shards of `todo` (one split's, in order) loaded by one `load_dataset` over their
     files with the features datasets decides for the whole load, each shard then the rows
     of its file (its footer's row count; the rows of a parquet load are its files' rows in
     order): what loading each file by itself gives, without datasets' per-call cost (builder,
-    locks, thread pools: ~12 ms a file). None where that cannot be done (not `_together`,
-    fewer than two files, or the load failed: each file is then loaded by itself, which
-    names the file a failure is about)."""
+    locks, thread pools: ~12 ms a file), written as one pack whose row ranges are the
+    shards (each with the content hash its own entry would have: `PartWriter.write_pack`).
+    None where that cannot be done (not `_together`, fewer than two files, or the load
+    failed: each file is then loaded by itself, which names the file a failure is about)."""
     if len(todo) < 2 or not _together(spec):
         return None
     group = _group_of(m, todo[0][1].split)
@@ -100,24 +112,23 @@ def load_together(
     if sum(counts) != len(out):
         _drop(place.store, path, scratch)
         return None
-    loaded = tree_size(scratch)  # the load's cache files, counted with the first shard
+    loaded = tree_size(scratch)  # the load's cache files, counted with the pack
     liveness.check_built(place.root, m.doc)  # the code that ran is the code hashed
+    dest = tempfile.mkdtemp(dir=tmp, prefix="pack-")
+    parts = builder.PartWriter(out)
+    info, hashes = parts.write_pack(counts, os.path.join(dest, "data"), todo[0][1].key[:64])
+    each = (time.perf_counter() - t0) / len(todo)
     done = []
     start = 0
-    parts = builder.PartWriter(out)
-    each = (time.perf_counter() - t0) / len(todo)
-    for (i, s), n in zip(todo, counts, strict=True):
-        dest = tempfile.mkdtemp(dir=tmp, prefix="shard-")
-        t1 = time.perf_counter()
-        info = parts.write(start, n, os.path.join(dest, "data"), s.key[:64])
+    for (i, s), n, h in zip(todo, counts, hashes, strict=True):
+        part = builder.SaveInfo(n, h, 0, None, info.form)
+        doc = shard_doc(spec, s, part, out, each)
+        doc["span"] = [start, start + n]
         start += n
-        doc = shard_doc(spec, s, info, out, each + time.perf_counter() - t1)
-        doc["written_bytes"] += loaded
-        loaded = 0
-        done.append((i, dest, doc))
+        done.append((i, doc))
     del out, parts
     _drop(place.store, path, scratch)
-    return done
+    return Pack(dest, info._replace(written_bytes=info.written_bytes + loaded), done)
 
 
 def _drop(store: Any, path: str, scratch: str) -> None:
@@ -144,6 +155,7 @@ def build_shard(
     tmp: str,
     *,
     shared: bool = False,
+    via: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Build one shard into a directory inside the stage's build dir; (dir, its document).
     datasets' cache files go to a scratch directory: with `shared`, the one all shards of
@@ -177,8 +189,8 @@ def build_shard(
         if isinstance(out, dict):
             out = out[s.split]
     else:
-        inp = store.load(s.input)
-        one = builder.offset_indices(spec, _offset(place, spec, m, s))
+        inp = store.load_shard(s.input, via)  # a packed input shard: its row of `via`
+        one = builder.offset_indices(spec, _offset(place, spec, m, s, via))
         kept = closure.kept_state(refs.function(spec))
         out = builder.run_stage(one, [inp], s.key, path, place.root, **named)
         _check_kept_state(spec, s, kept, closure.kept_state(refs.function(spec)))
@@ -290,14 +302,18 @@ def _sources(store: Any, key: str, inp: Any) -> list[Any]:
     return indexed.sources(store, [key], [inp])
 
 
-def _offset(place: Place, spec: StageSpec, m: Manifest, s: Shard) -> int:
-    """The rows of the input shards before `s` in its split (0 unless with_indices)."""
+def _offset(place: Place, spec: StageSpec, m: Manifest, s: Shard, via: str | None) -> int:
+    """The rows of the input shards before `s` in its split (0 unless with_indices), as
+    the input's list `via` records them (else each input shard's manifest)."""
     if not spec.options.get("with_indices") or s.pos == 0:
         return 0
     rows = 0
+    store = place.store
     for t in m.shard_list:
         if t.split == s.split and t.pos < s.pos:
-            rows += int((place.store.read_manifest(t.input) or {}).get("rows") or 0)
+            row = store.listed_row(via, t.input) if via is not None else None
+            facts = row[4] if row is not None else store.read_manifest(t.input) or {}
+            rows += int(facts.get("rows") or 0)
     return rows
 
 

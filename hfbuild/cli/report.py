@@ -249,7 +249,11 @@ def _shards(pipe: Pipeline, m: Manifest, old_fp: str | None) -> list[str]:
     if m.shards is None:
         return []
     old = (pipe.store.read_manifest(old_fp) or {}).get("shards") if old_fp else None
-    return shards.changes(m.shard_list, pipe.store.has, old, _old_inputs(pipe, old))
+
+    def present(key: str) -> bool:  # a packed shard by its row of the last list
+        return pipe.store.has_shard(key, old_fp)
+
+    return shards.changes(m.shard_list, present, old, _old_inputs(pipe, old))
 
 
 def _old_inputs(pipe: Pipeline, old: Any) -> dict[str, tuple[str, str | None]]:

@@ -32,6 +32,7 @@ from hfbuild.source.datafiles import NOT_IN_GIT
 from hfbuild.source.gitrepo import Mode
 from hfbuild.source.gitstate import Snapshot
 from hfbuild.store import lockfile
+from hfbuild.store.entry import row_owner, row_pack
 
 
 class Problem(NamedTuple):
@@ -379,11 +380,16 @@ def check_deep(pipe: Pipeline) -> list[Problem]:
                 if isinstance(doc.get("shards"), list):  # each shard is an entry checked here
                     got, keys = _shards_hash(pipe, doc)
                 else:
-                    got = dataset_hash(store.load(fp))  # an indices entry: via its base
+                    loaded = store.load(fp)
+                    got = dataset_hash(loaded)  # an indices entry: via its base
+                    if isinstance(doc.get("pack"), list):
+                        why = _pack_rows(doc, loaded)
             except Exception as e:
                 got = f"unreadable ({type(e).__name__}: {e})"
             pin = pins.get(fp)
-            if got != doc.get("content_hash"):
+            if why is not None:
+                pass
+            elif got != doc.get("content_hash"):
                 why = f"its data does not match its content hash ({got})"
             elif pin is not None and got != pin.content_hash:
                 why = (
@@ -451,11 +457,34 @@ def _shards_hash(pipe: Pipeline, doc: dict[str, Any]) -> tuple[str, list[str]]:
 
     hashes = []
     contradicted = []
+    packs: dict[str, dict[str, list[Any]]] = {}  # pack -> its rows by shard key
     for row in doc["shards"]:
         key = str(row[1])
-        got = str((pipe.store.read_manifest(key) or {}).get("content_hash"))
+        pack = row_pack(row)
+        if pack is None:
+            got = str((pipe.store.read_manifest(key) or {}).get("content_hash"))
+        else:  # a row range of a pack: the hash the pack's manifest gives that range
+            if pack[0] not in packs:
+                rows = (pipe.store.read_manifest(pack[0]) or {}).get("pack") or []
+                packs[pack[0]] = {str(r[0]): r for r in rows if isinstance(r, list)}
+            r = packs[pack[0]].get(key)
+            got = str(r[3]) if r is not None and [r[1], r[2]] == list(pack[1:]) else "None"
         hashes.append((str(row[0]), got))
         facts = row[4] if len(row) >= 5 and isinstance(row[4], dict) else {}
         if facts.get("content_hash") not in (None, got):
-            contradicted.append(key)
+            contradicted.append(row_owner(row))
     return combined_hash(hashes), contradicted
+
+
+def _pack_rows(doc: dict[str, Any], loaded: Any) -> str | None:
+    """Why a pack's rows are not what its manifest gives its shards (each row range's
+    content hash), else None."""
+    from hfbuild.store.content import table_hash
+
+    table = loaded.data.table
+    for key, start, end, want, label in doc["pack"]:
+        if not (0 <= start <= end <= table.num_rows):
+            return f"its rows of shard {key} ({label}) are out of its {table.num_rows} rows"
+        if table_hash(table.slice(start, end - start)) != want:
+            return f"its rows of shard {key} ({label}) do not match their content hash"
+    return None

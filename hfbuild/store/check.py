@@ -30,6 +30,7 @@ from hfbuild.store.entry import (
     listed_files,
     row_base,
     row_indexed,
+    row_owner,
 )
 from hfbuild.store.paths import FP, Layout, join, safe_rel
 
@@ -133,7 +134,10 @@ class Checks:
                 if why is not None:
                     return f"its shard {key} {why}" if why == "is missing" else f"{key}: {why}"
                 continue
-            for owner, listed in [(key, files), *([base] if base is not None else [])]:
+            holder = row_owner(row)
+            if spans and spans[-1][0] == holder and base is None:
+                continue  # the next row of the same pack: its files were stat'ed
+            for owner, listed in [(holder, files), *([base] if base is not None else [])]:
                 data = self.layout.data_of(owner)
                 for rel, size in listed.items():
                     try:
@@ -160,7 +164,13 @@ class Checks:
                 continue
             why = self._verified(owner)
             if why is not None:
-                what = "shard" if any(r[1] == owner for r in rows) else "shards' base"
+                what = (
+                    "shard"
+                    if any(r[1] == owner for r in rows)
+                    else "shards' pack"
+                    if any(row_owner(r) == owner for r in rows)
+                    else "shards' base"
+                )
                 return f"its {what} {owner} is damaged ({why})"
         digest = self.listed_digest(doc)
         if digest is not None:

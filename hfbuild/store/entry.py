@@ -130,14 +130,18 @@ class Manifests:
 
     def references(self, fp: str, doc: dict[str, Any] | None = None) -> list[str]:
         """The entries `fp`'s entry needs: the shards a stage result made of shards lists,
-        in order, and the base an indices entry selects rows of ([] for others)."""
+        in order (a packed shard's pack, once for its consecutive rows), and the base an
+        indices entry selects rows of ([] for others)."""
         doc = (doc if doc is not None else self.read(fp)) or {}
         rows = doc.get("shards")
-        keys = (
-            [str(r[1]) for r in rows if isinstance(r, list) and len(r) >= 2]
-            if isinstance(rows, list)
-            else []
-        )
+        keys: list[str] = []
+        for r in rows if isinstance(rows, list) else []:
+            if not (isinstance(r, list) and len(r) >= 2):
+                continue
+            pack = row_pack(r)
+            key = pack[0] if pack is not None else str(r[1])
+            if not keys or keys[-1] != key:  # a pack's rows are consecutive
+                keys.append(key)
         ind = doc.get("indices")
         if isinstance(ind, dict):
             keys.append(str(ind.get("base")))
@@ -180,7 +184,8 @@ def file_digest(path: str) -> str:
 
 def listed_files(doc: dict[str, Any]) -> list[tuple[str, dict[str, int]]]:
     """The entries whose files a list of shards' check stats, with those files, in its
-    order: each shard listed with its files, and the base an indices shard's row names."""
+    order: each shard listed with its files (a packed shard's pack, once for its
+    consecutive rows), and the base an indices shard's row names."""
     rows = doc.get("shards")
     out: list[tuple[str, dict[str, int]]] = []
     for row in rows if isinstance(rows, list) else []:
@@ -193,10 +198,37 @@ def listed_files(doc: dict[str, Any]) -> list[tuple[str, dict[str, int]]]:
             or (row_indexed(row) and base is None)
         ):
             continue
-        out.append((str(row[1]), files))
+        owner = row_owner(row)
+        if out and owner == out[-1][0] and base is None:
+            continue  # the next row of the same pack: its files are stat'ed once
+        out.append((owner, files))
         if base is not None:
             out.append(base)
     return out
+
+
+def row_pack(row: list[Any]) -> tuple[str, int, int] | None:
+    """The pack a packed shard's row in a stage's list names, and the shard's rows in it
+    ([from, to)): `[split, key, label, the pack's files, {..., "pack": key, "span": [from,
+    to]}]`; None for a shard that is an entry of its own (or a malformed pack row, which is
+    then checked as a missing entry)."""
+    facts = row[4] if len(row) >= 5 else None
+    if not isinstance(facts, dict):
+        return None
+    pack, span = facts.get("pack"), facts.get("span")
+    if not (isinstance(pack, str) and FP.match(pack) and isinstance(span, list)):
+        return None
+    if not (len(span) == 2 and all(isinstance(v, int) and v >= 0 for v in span)):
+        return None
+    if span[0] > span[1]:
+        return None
+    return pack, span[0], span[1]
+
+
+def row_owner(row: list[Any]) -> str:
+    """The entry holding a listed shard's files: its pack, else the shard's own entry."""
+    pack = row_pack(row)
+    return pack[0] if pack is not None else str(row[1])
 
 
 def row_indexed(row: list[Any]) -> bool:

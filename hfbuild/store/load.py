@@ -19,7 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 from hfbuild.core.errors import StoreError
-from hfbuild.store.entry import Manifests, row_base, row_indexed, without_empty
+from hfbuild.store.entry import (
+    Manifests,
+    row_base,
+    row_indexed,
+    row_owner,
+    row_pack,
+    without_empty,
+)
 from hfbuild.store.paths import FP, Layout, safe_rel
 
 
@@ -30,6 +37,7 @@ class Loader:
         self.layout = layout
         self.manifests = manifests
         self._has = has
+        self._rows: dict[str, dict[str, list[Any]]] = {}  # list -> its rows by shard key
 
     def load(self, fp: str) -> Any:
         """The stored Dataset or DatasetDict, memory-mapped. Nothing is unpickled:
@@ -84,6 +92,32 @@ class Loader:
         what a unit reading a few of a thousand input shards loads."""
         return self._concat_shards(fp, split, without_empty(rows))
 
+    def listed_row(self, via: str, key: str) -> list[Any] | None:
+        """The row of the list of shards `via` naming shard `key`, else None: how a shard
+        kept as a row range of a pack (no entry of its own) is found by its key. A list's
+        rows are read once per process (an entry's manifest is never rewritten but for its
+        identity record)."""
+        rows = self._rows.get(via)
+        if rows is None:
+            doc = self.manifests.read(via) or {}
+            listed = doc.get("shards")
+            rows = {
+                str(r[1]): r
+                for r in (listed if isinstance(listed, list) else [])
+                if isinstance(r, list) and len(r) >= 5
+            }
+            self._rows[via] = rows
+        return rows.get(key)
+
+    def load_shard(self, key: str, via: str | None) -> Any:
+        """Shard `key` as a Dataset: its own entry, else its row of the list `via` (the
+        list of the stage it belongs to: a packed shard is found by its key there)."""
+        if via is not None and self.manifests.read(key) is None:
+            row = self.listed_row(via, key)
+            if row is not None:
+                return self.load_listed(via, str(row[0]), [row])
+        return self.load(key)
+
     def _load_shards(self, doc: dict[str, Any]) -> Any:
         import datasets
 
@@ -109,6 +143,8 @@ class Loader:
 
         tables: list[Any] = []
         selected: list[tuple[int, Any]] = []  # per shard: (its table rows, positions or None)
+        packs: dict[str, Any] = {}  # a pack's table, mapped once
+        runs: dict[str, tuple[int, int, int]] = {}  # pack -> its last slice: from, to, tables
         for row in rows:
             key = str(row[1])
             files = row[3] if len(row) >= 4 and isinstance(row[3], dict) else None
@@ -117,10 +153,33 @@ class Loader:
                 base is None and (row_indexed(row) or indexed.INDICES_FILE in files)
             ):
                 break
-            owner, listed = base if base is not None else (key, files)
+            owner, listed = base if base is not None else (row_owner(row), files)
             names = sorted(n for n in listed if n.endswith(".arrow") and safe_rel(n))
             data = self.layout.data_path(owner)
-            mine = [MemoryMappedTable.from_file(os.path.join(data, n)) for n in names]
+            pack = row_pack(row)
+            if pack is not None:
+                whole = packs.get(owner)
+                if whole is None:
+                    mapped = [MemoryMappedTable.from_file(os.path.join(data, n)) for n in names]
+                    whole = mapped[0] if len(mapped) == 1 else concat_tables(mapped)
+                    packs[owner] = whole
+                _, start, end = pack
+                if end > whole.num_rows:
+                    raise StoreError(
+                        f"shard {key} names rows {start}-{end} of the pack {owner}, which "
+                        f"holds {whole.num_rows}; run `hfbuild verify --deep`."
+                    )
+                run = runs.get(owner)
+                if run is not None and run[1] == start and run[2] == len(tables):
+                    # The next rows of the pack: one slice of it for both (fewer chunks).
+                    tables[-1] = whole.slice(run[0], end - run[0])
+                    runs[owner] = (run[0], end, len(tables))
+                    selected.append((end - start, None))
+                    continue
+                mine = [whole.slice(start, end - start)]  # a view: still mapped, no copy
+                runs[owner] = (start, end, len(tables) + 1)
+            else:
+                mine = [MemoryMappedTable.from_file(os.path.join(data, n)) for n in names]
             tables.extend(mine)
             idx = None
             if base is not None:
@@ -129,7 +188,7 @@ class Loader:
             selected.append((sum(t.num_rows for t in mine), idx))
         else:
             if tables and all(t.schema == tables[0].schema for t in tables):
-                first = self.layout.data_path(str(rows[0][1]))
+                first = self.layout.data_path(row_owner(rows[0]))
                 with open(os.path.join(first, "dataset_info.json"), encoding="utf-8") as f:
                     info = datasets.DatasetInfo.from_dict(json.load(f))
                 table = tables[0] if len(tables) == 1 else concat_tables(tables)
@@ -143,5 +202,9 @@ class Loader:
                     indices_table=indices,
                     fingerprint=fp,
                 )
-        shards = [self.load(str(r[1])) for r in rows]  # each by its own manifest
+        # Each by its own manifest (a packed shard by its row: it is no entry of its own).
+        shards = [
+            self._concat_shards(fp, split, [r]) if row_pack(r) else self.load(str(r[1]))
+            for r in rows
+        ]
         return shards[0] if len(shards) == 1 else datasets.concatenate_datasets(shards)

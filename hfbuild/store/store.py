@@ -25,7 +25,7 @@ from typing import Any
 
 from hfbuild.store import collect as storegc
 from hfbuild.store.check import Checks
-from hfbuild.store.entry import Manifests
+from hfbuild.store.entry import Manifests, row_owner, row_pack
 from hfbuild.store.load import Loader
 from hfbuild.store.paths import Layout, tree_size
 from hfbuild.store.publish import Publisher
@@ -118,6 +118,22 @@ class Store:
     def load_listed(self, fp: str, split: str, rows: list[list[Any]]) -> Any:
         """Some consecutive shard rows of one split of the list `fp`, as one Dataset."""
         return self.loader.load_listed(fp, split, rows)
+
+    def listed_row(self, via: str, key: str) -> list[Any] | None:
+        """The row of the list `via` naming shard `key` (`Loader.listed_row`)."""
+        return self.loader.listed_row(via, key)
+
+    def has_shard(self, key: str, via: str | None) -> bool:
+        """Whether shard `key` is here intact: its row range of an intact pack, as the list
+        `via` names it (a stat per pack file), else its own entry (`has`)."""
+        row = self.loader.listed_row(via, key) if via is not None else None
+        if row is not None and row_pack(row) is not None and isinstance(row[3], dict):
+            return self.checks.files_intact(row_owner(row), row[3])
+        return self.has(key)
+
+    def load_shard(self, key: str, via: str | None) -> Any:
+        """The shard `key`: its own entry, or its row of the list `via` (a packed shard)."""
+        return self.loader.load_shard(key, via)
 
     # -- writing (storepublish) ----------------------------------------------------------------
 

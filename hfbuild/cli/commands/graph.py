@@ -27,7 +27,8 @@ def nodes(pipe: Pipeline) -> list[pictures.Node]:
                 shards = (None, len(m.shards))
             elif m.shards is not None:
                 keys = [x.key for x in m.shard_list]
-                shards = (sum(1 for k in keys if pipe.store.has(k)), len(keys))
+                last = pipe.store.get_ref(s.stage)  # its last list: where a packed shard is
+                shards = (sum(1 for k in keys if pipe.store.has_shard(k, last)), len(keys))
         out.append(
             pictures.Node(
                 stage=s.stage,
