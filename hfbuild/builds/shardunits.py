@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 import time
 import warnings
@@ -58,7 +59,10 @@ def build(place: Place, executor: Executor, unit: Unit) -> Report:
         todo = missing(place, cur, spec.name)
         if not todo:
             break
-        offsets = row_offsets(place, spec, cur)
+        via = _input_list(spec, unit)
+        if via is not None:
+            unpack(place, via, [s.input for s in todo])
+        offsets = row_offsets(place, spec, cur, via)
         units = [Unit(spec, cur, unit.inputs, s, offsets.get(s.key, 0)) for s in todo]
         reports = executor.build_all(place, units, spec.name)
         grown = _grown(place, cur, units, reports)
@@ -66,7 +70,8 @@ def build(place: Place, executor: Executor, unit: Unit) -> Report:
             break
         observed = grown  # the shards published under the smaller set are built again
     final = dataclasses.replace(m, observed=observed)
-    absent = [s.label for s in final.shard_list if not place.store.has(s.key)]
+    last = place.store.get_ref(spec.name)  # a shard of a pack is found by its row there
+    absent = [s.label for s in final.shard_list if not place.store.has_shard(s.key, last)]
     if absent:
         raise BuildError(
             f"stage {spec.name!r}: {len(absent)} shard(s) ({', '.join(absent[:3])}) were "
@@ -84,9 +89,10 @@ def missing(place: Place, m: Manifest, label: str) -> list[Shard]:
 
     store = place.store
     remote = place.remote()
+    last = store.get_ref(label)  # the stage's last list: where a shard of a pack is found
     out = []
     for s in m.shard_list:
-        if store.has(s.key):
+        if store.has_shard(s.key, last):
             continue
         if remote is not None:
             try:
@@ -101,17 +107,69 @@ def missing(place: Place, m: Manifest, label: str) -> list[Shard]:
     return out
 
 
-def row_offsets(place: Place, spec: StageSpec, m: Manifest) -> dict[str, int]:
+def _input_list(spec: StageSpec, unit: Unit) -> str | None:
+    """A sharded transform's input list (None for a load)."""
+    if spec.kind == "load" or not spec.inputs:
+        return None
+    return unit.inputs[spec.inputs[0]].fingerprint
+
+
+def unpack(place: Place, via: str, keys: Sequence[str]) -> None:
+    """Each of the input shards `keys` that the list `via` keeps as a row range of a pack,
+    written out as a shard entry of its own (the layout and content hash a load shard
+    built by itself has), so a worker pulls it by its key as any input shard."""
+    from hfbuild.builds import builder
+    from hfbuild.core.version import __version__
+    from hfbuild.store.entry import row_pack
+
+    store = place.store
+    for key in keys:
+        row = store.listed_row(via, key)
+        if row is None or row_pack(row) is None or store.has(key):
+            continue
+        facts = row[4]
+        ds = store.load_listed(via, str(row[0]), [row])
+        tmp = store.new_build_dir(key)
+        try:
+            info = builder.PartWriter(ds).write(0, len(ds), os.path.join(tmp, "data"), key[:64])
+            if info.content_hash != facts.get("content_hash"):
+                raise BuildError(
+                    f"input shard {row[2]} ({key}): its rows in the pack "
+                    f"{facts.get('pack')} do not have the content hash its list records; "
+                    f"run `hfbuild verify --deep`."
+                )
+            shard = {"split": row[0], "label": row[2], "input": facts.get("input"), "before": ""}
+            shard["before"] = facts.get("before") or ""
+            doc = {
+                "stage": (store.read_manifest(via) or {}).get("stage"),
+                "shard": shard,
+                "rows": info.rows,
+                "content_hash": info.content_hash,
+                "form": info.form,
+                "seconds": 0.0,
+                "written_bytes": info.written_bytes,
+                "hfbuild": __version__,
+            }
+            store.publish_first(tmp, key, doc)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def row_offsets(
+    place: Place, spec: StageSpec, m: Manifest, via: str | None = None
+) -> dict[str, int]:
     """For a `with_indices` transform: each shard's key -> the rows of the input shards
-    before it in its split (their manifests are in this store: the input was built or
-    pulled here). {} for any other stage."""
+    before it in its split (as the input's list `via` records them, else their manifests,
+    in this store: the input was built or pulled here). {} for any other stage."""
     if spec.kind == "load" or not spec.options.get("with_indices"):
         return {}
     out: dict[str, int] = {}
     rows: dict[str, int] = {}
     for s in m.shard_list:
         out[s.key] = rows.get(s.split, 0)
-        doc = place.store.read_manifest(s.input)
+        row = place.store.listed_row(via, s.input) if via is not None else None
+        doc = row[4] if row is not None else place.store.read_manifest(s.input)
         if doc is None:
             raise BuildError(
                 f"stage {spec.name!r}: its input shard {s.label} ({s.input}) is not in the "

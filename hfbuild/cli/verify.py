@@ -362,7 +362,7 @@ def check_deep(pipe: Pipeline) -> list[Problem]:
     its damage was found. So is a shard its list contradicts, so that the rebuild does not
     list it again. An entry pulled from a remote is named as such: that remote holds a
     forged or damaged entry."""
-    from hfbuild.store.content import dataset_hash
+    from hfbuild.store.content import dataset_hash, pack_mismatch
 
     store = pipe.store
     names = {m.fingerprint: name for name, m in pipe.manifests().items()}
@@ -382,8 +382,8 @@ def check_deep(pipe: Pipeline) -> list[Problem]:
                 else:
                     loaded = store.load(fp)
                     got = dataset_hash(loaded)  # an indices entry: via its base
-                    if isinstance(doc.get("pack"), list):
-                        why = _pack_rows(doc, loaded)
+                    if isinstance(doc.get("pack"), list):  # each shard's rows, too
+                        why = pack_mismatch(loaded.data.table, doc["pack"])
             except Exception as e:
                 got = f"unreadable ({type(e).__name__}: {e})"
             pin = pins.get(fp)
@@ -474,17 +474,3 @@ def _shards_hash(pipe: Pipeline, doc: dict[str, Any]) -> tuple[str, list[str]]:
         if facts.get("content_hash") not in (None, got):
             contradicted.append(row_owner(row))
     return combined_hash(hashes), contradicted
-
-
-def _pack_rows(doc: dict[str, Any], loaded: Any) -> str | None:
-    """Why a pack's rows are not what its manifest gives its shards (each row range's
-    content hash), else None."""
-    from hfbuild.store.content import table_hash
-
-    table = loaded.data.table
-    for key, start, end, want, label in doc["pack"]:
-        if not (0 <= start <= end <= table.num_rows):
-            return f"its rows of shard {key} ({label}) are out of its {table.num_rows} rows"
-        if table_hash(table.slice(start, end - start)) != want:
-            return f"its rows of shard {key} ({label}) do not match their content hash"
-    return None

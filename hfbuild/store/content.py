@@ -192,3 +192,20 @@ def combined_hash(hashes: Sequence[tuple[str, str]]) -> str:
 
 def _digest_json(doc: Any) -> str:
     return canonical.digest(canonical.dumps(doc).encode())
+
+
+def pack_mismatch(table: pa.Table, rows: Sequence[Any]) -> str | None:
+    """Why a pack's table does not hold what its manifest's `pack` rows ([shard key, from,
+    to, content hash, label] each) give its shards (a range out of its rows, or whose
+    rows' hash is another), else None."""
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 5):
+            return "its list of the shards it holds is malformed"
+        key, start, end, want, label = row
+        if not (isinstance(start, int) and isinstance(end, int)):
+            return "its list of the shards it holds is malformed"
+        if not (0 <= start <= end <= table.num_rows):
+            return f"its rows of shard {key} ({label}) are out of its {table.num_rows} rows"
+        if table_hash(table.slice(start, end - start)) != want:
+            return f"its rows of shard {key} ({label}) do not match their content hash"
+    return None

@@ -24,6 +24,7 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
+from hfbuild.store.entry import row_pack
 from hfbuild.store.remotefiles import FP, RemoteFiles, transfer_bar
 from hfbuild.store.remotereach import RefusedEntryError, RemoteError, public_url, reaching
 from hfbuild.store.store import Store
@@ -201,7 +202,40 @@ class RemotePulls(RemoteFiles):
             )
         got = 0
         refused: list[RefusedEntryError] = []
+        packed = {str(row[1]): row_pack(row) for row in rows if row_pack(row) is not None}
+        pulled: dict[str, dict[str, Any] | None] = {}  # pack -> its manifest here, pulled
         for key, h, shard_label in want:
+            if key in packed:
+                # A row range of a pack (`packs.py`): the pack is pulled once, checked
+                # whole and range by range (`_check_content`), and must give this shard
+                # the rows and content hash the list's row does.
+                pack, start, end = packed[key]  # type: ignore[misc]
+                if pack not in pulled:
+                    try:
+                        got += self.pull(store, pack, f"{label} (pack)")
+                    except RefusedEntryError as e:
+                        refused.append(e)
+                    pulled[pack] = store.intact_manifest(pack)
+                mine = {str(r[0]): r for r in (pulled[pack] or {}).get("pack") or []}
+                r = mine.get(key)
+                if pulled[pack] is None:
+                    refused.append(
+                        RefusedEntryError(
+                            f"remote entry {fp} ({label}) needs the pack {pack} holding its "
+                            f"shard {key} ({shard_label}), which the remote lacks; not used."
+                        )
+                    )
+                elif r is None or [r[1], r[2], r[3]] != [start, end, h]:
+                    refused.append(
+                        RefusedEntryError(
+                            f"the remote {self.url} holds a forged or damaged entry {fp} "
+                            f"({label}): it lists shard {key} ({shard_label}) as rows "
+                            f"{start}-{end} of the pack {pack} with content hash {h}, which "
+                            f"that pack does not hold; not used. Whoever can write to the "
+                            f"remote should delete {self.where(fp)}."
+                        )
+                    )
+                continue
             # Every shard is tried, a refused one or not: those that pass their checks are
             # good ones, and the build that follows builds only the others.
             held = store.intact_manifest(key)
@@ -247,7 +281,12 @@ class RemotePulls(RemoteFiles):
             if pin is None or h != pin.content_hash or not re.fullmatch(FP, str(key)):
                 bad.append(str(row[2]) if isinstance(row, list) and len(row) >= 3 else "?")
                 continue
-            if not store.has(str(key)):
+            pack = row_pack(row)
+            if pack is not None:  # its pack, checked range by range as any pull of one
+                if not store.has(pack[0]):
+                    with contextlib.suppress(RefusedEntryError):
+                        self.pull(store, pack[0], f"{label} (pack)")
+            elif not store.has(str(key)):
                 with contextlib.suppress(RefusedEntryError):
                     self.pull(store, str(key), f"{label} {row[2]}", expect=h)
         return bad
@@ -258,7 +297,7 @@ def _check_content(store: Store, tmp: str, fp: str, doc: Mapping[str, Any], labe
     and checked before it) and compare its content hash."""
     import datasets
 
-    from hfbuild.store.content import dataset_hash
+    from hfbuild.store.content import dataset_hash, pack_mismatch
 
     if isinstance(doc.get("shards"), list):
         return  # its shards were each checked against its rows when pulled (`_pull_shards`)
@@ -270,7 +309,12 @@ def _check_content(store: Store, tmp: str, fp: str, doc: Mapping[str, Any], labe
                 raise RefusedEntryError(f"remote entry {fp} ({label}): {why}; not used.")
             got = dataset_hash(store.load_indices(fp, dict(doc), data))
         else:
-            got = dataset_hash(datasets.load_from_disk(data, keep_in_memory=False))
+            loaded = datasets.load_from_disk(data, keep_in_memory=False)
+            got = dataset_hash(loaded)
+            if isinstance(doc.get("pack"), list):  # a pack: each shard's rows, too
+                why = pack_mismatch(loaded.data.table, doc["pack"])
+                if why is not None:
+                    raise RefusedEntryError(f"remote entry {fp} ({label}): {why}; not used.")
     except RemoteError:
         raise
     except Exception as e:
