@@ -629,6 +629,9 @@ def test_a_workers_forged_input_shard_is_refused_and_built_here(
     monkeypatch.setenv("HFBUILD_REMOTE", remote.url)
     make_project(repo)
     _row_local(repo)
+    # The first file built by itself: the next one, appended, is then a shard entry of its
+    # own on the remote (shards loaded together are one pack), which `forge_shard` forges.
+    doit(repo, "run", "preprocess", log=tmp_path / "zero.log", env={"HFBUILD_NO_REMOTE": "1"})
     # Keys of its own (the nodes' stores outlive a test): a data file no other test has.
     base = uuid.uuid4().int % 10**9
     xs = [base + i for i in range(20)]

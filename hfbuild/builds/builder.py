@@ -318,40 +318,6 @@ class PartWriter:
         """Rows `start` to `start + rows` written at `dest`, with the state `fingerprint`."""
         import pyarrow as pa
 
-        path = self._write(start, rows, dest, fingerprint)
-        # The hash of what was written, as `save` takes it, read as datasets maps it.
-        with pa.memory_map(path) as source:
-            written = pa.ipc.open_stream(source).read_all()
-        return SaveInfo(rows, table_hash(written), tree_size(dest), None, self._form)
-
-    def write_pack(
-        self, counts: list[int], dest: str, fingerprint: str
-    ) -> tuple[SaveInfo, list[str]]:
-        """Every row, `counts` consecutive ranges of them from the first (they add up to
-        the whole), written at `dest` as one part (a pack: `packs.py`), with the state
-        `fingerprint`; (the pack's description, each range's content hash, taken of what
-        was written as `write` takes a part's: the hash does not depend on chunking, so a
-        range's is the hash its own part would have had)."""
-        import pyarrow as pa
-
-        if sum(counts) != self._table.num_rows:
-            raise ValueError("PartWriter.write_pack: the ranges do not cover the rows")
-        path = self._write(0, self._table.num_rows, dest, fingerprint)
-        with pa.memory_map(path) as source:
-            written = pa.ipc.open_stream(source).read_all()
-        hashes = []
-        start = 0
-        for n in counts:
-            hashes.append(table_hash(written.slice(start, n)))
-            start += n
-        rows = self._table.num_rows
-        return SaveInfo(rows, table_hash(written), tree_size(dest), None, self._form), hashes
-
-    def _write(self, start: int, rows: int, dest: str, fingerprint: str) -> str:
-        """Rows `start` to `start + rows` written at `dest` (the Arrow stream, state and
-        info); the Arrow file's path."""
-        import pyarrow as pa
-
         part = self._table.slice(start, rows)
         os.makedirs(dest)
         path = os.path.join(dest, self.NAME)
@@ -370,7 +336,10 @@ class PartWriter:
             json.dump(state, f, indent=2, sort_keys=True)
         with open(os.path.join(dest, "dataset_info.json"), "w", encoding="utf-8") as f:
             f.write(self._info)
-        return path
+        # The hash of what was written, as `save` takes it, read as datasets maps it.
+        with pa.memory_map(path) as source:
+            written = pa.ipc.open_stream(source).read_all()
+        return SaveInfo(rows, table_hash(written), tree_size(dest), None, self._form)
 
 
 def _reload(dest: str) -> Any:

@@ -28,11 +28,11 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from hfbuild.builds import shardone
+from hfbuild.builds import packbuild, shardone
 from hfbuild.core import progress
 from hfbuild.core.errors import BuildError, HfbuildError
 from hfbuild.core.spec import Report, StageSpec, stored_rows
-from hfbuild.keys import inputid, packs, shards
+from hfbuild.keys import inputid, shards
 from hfbuild.keys.fullkey import entry_doc, observing
 from hfbuild.keys.manifest import Manifest, Observed, Shard
 from hfbuild.store.entry import row_owner, row_pack
@@ -101,7 +101,7 @@ def build(
                             if len(held) == len(pack.shards):
                                 written += pack.info.written_bytes
                                 keys = [keyed.shard_list[k].key for k in held]
-                                known.update(_publish_pack(place, spec, keys, pack))
+                                known.update(packbuild.publish(place, spec, keys, pack))
                                 held = []
                             continue
                         # What was just written (or found intact) under the key: the stage's
@@ -142,7 +142,7 @@ def _run(
     builder: Any,
     tmp: str,
     via: str | None,
-) -> Iterator[tuple[int, str, dict[str, Any], bool, shardone.Pack | None]]:
+) -> Iterator[tuple[int, str, dict[str, Any], bool, packbuild.Pack | None]]:
     """Build `todo`'s shards, yielding (position, directory, document, fresh, pack) as each
     is done (`fresh` False for a shard built by the same datasets call as the one before it:
     nothing was read since; `pack` the pack a shard loaded with others is a row range of,
@@ -214,44 +214,6 @@ def _publish_shard(place: Place, key: str, path: str, doc: dict[str, Any]) -> di
     publish it wins, `Store.publish_first`); the manifest of the shard now in the store
     (ours as written, or the intact one found there)."""
     return place.store.publish_first(path, key, doc)
-
-
-def _publish_pack(
-    place: Place, spec: StageSpec, keys: Sequence[str], pack: shardone.Pack
-) -> dict[str, dict[str, Any]]:
-    """Publish a pack (`packs.py`: one entry holding the rows of shards built together,
-    keyed by their keys; the first to publish it wins, as for a shard); for each of its
-    shards, what the stage's list records of it (rows, content hash, form, the pack's
-    files and manifest stamp, the pack and the shard's row range in it)."""
-    store = place.store
-    rows = [
-        [key, doc["span"][0], doc["span"][1], doc["content_hash"], doc["shard"]["label"]]
-        for key, (_, doc) in zip(keys, pack.shards, strict=True)
-    ]
-    doc = {
-        "stage": spec.name,
-        "pack": rows,
-        "rows": pack.info.rows,
-        "content_hash": pack.info.content_hash,
-        "form": pack.info.form,
-        "written_bytes": pack.info.written_bytes,
-        "hfbuild": pack.shards[0][1]["hfbuild"],
-    }
-    fp = packs.pack_key(keys)
-    stored = store.publish_first(pack.path, fp, doc)
-    stamp = store.manifest_stamp(fp)
-    out: dict[str, dict[str, Any]] = {}
-    for key, start, end, content_hash, _ in stored["pack"]:
-        out[key] = {
-            "rows": end - start,
-            "content_hash": content_hash,
-            "form": stored.get("form"),
-            "files": stored["files"],
-            "stamp": stamp,
-            "pack": fp,
-            "span": [start, end],
-        }
-    return out
 
 
 def _publish(
@@ -462,23 +424,10 @@ def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:
         elif row_pack(row) is not None:
             # A pack whose manifest was written again (its identity record, say): the
             # shard is still the row range its manifest names, with the same content.
-            found = _in_pack(store, owner, key, facts)
+            found = packbuild.in_pack(store, owner, key, facts)
             if found is not None:
                 out[key] = found
     return out
-
-
-def _in_pack(store: Any, pack: str, key: str, facts: dict[str, Any]) -> dict[str, Any] | None:
-    """What a list records of shard `key`, a row range of the intact pack `pack` with the
-    span and content hash `facts` gives it (its files and manifest stamp now), else None."""
-    doc = store.intact_manifest(pack)
-    for row in (doc or {}).get("pack") or []:
-        if row[0] == key and [row[1], row[2]] == facts.get("span"):
-            if row[3] != facts.get("content_hash"):
-                return None
-            stamp = store.manifest_stamp(pack)
-            return {**facts, "files": (doc or {})["files"], "stamp": stamp}
-    return None
 
 
 def _is_dict(place: Place, spec: StageSpec) -> bool:

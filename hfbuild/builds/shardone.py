@@ -20,8 +20,9 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
+from hfbuild.builds import packbuild
 from hfbuild.core.errors import BuildError
 from hfbuild.core.spec import StageSpec
 from hfbuild.core.version import __version__
@@ -62,17 +63,6 @@ def _together(spec: StageSpec) -> bool:
     )
 
 
-class Pack(NamedTuple):
-    """The shards of one split a load built together, written as one pack (`packs`): its
-    directory (the entry's files, in `data/`), its description (rows, content hash, form,
-    bytes written) and, per shard, (its position in the stage, its document with `span`,
-    its rows in the pack)."""
-
-    path: str
-    info: Any
-    shards: list[tuple[int, dict[str, Any]]]
-
-
 def load_together(
     place: Place,
     spec: StageSpec,
@@ -80,7 +70,7 @@ def load_together(
     todo: Sequence[tuple[int, Shard]],
     builder: Any,
     tmp: str,
-) -> Pack | None:
+) -> packbuild.Pack | None:
     """The shards of `todo` (one split's, in order) loaded by one `load_dataset` over their
     files with the features datasets decides for the whole load, each shard then the rows
     of its file (its footer's row count; the rows of a parquet load are its files' rows in
@@ -116,7 +106,7 @@ def load_together(
     liveness.check_built(place.root, m.doc)  # the code that ran is the code hashed
     dest = tempfile.mkdtemp(dir=tmp, prefix="pack-")
     parts = builder.PartWriter(out)
-    info, hashes = parts.write_pack(counts, os.path.join(dest, "data"), todo[0][1].key[:64])
+    info, hashes = packbuild.write(parts, counts, os.path.join(dest, "data"), todo[0][1].key[:64])
     each = (time.perf_counter() - t0) / len(todo)
     done = []
     start = 0
@@ -128,7 +118,7 @@ def load_together(
         done.append((i, doc))
     del out, parts
     _drop(place.store, path, scratch)
-    return Pack(dest, info._replace(written_bytes=info.written_bytes + loaded), done)
+    return packbuild.Pack(dest, info._replace(written_bytes=info.written_bytes + loaded), done)
 
 
 def _drop(store: Any, path: str, scratch: str) -> None:

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hfbuild.builds import shardbuild, shardone
+from hfbuild.builds import packbuild, shardbuild, shardone
 from hfbuild.builds.units import Executor, Unit
 from hfbuild.core.errors import BuildError, RemoteWarning
 from hfbuild.core.spec import Report
@@ -61,7 +60,7 @@ def build(place: Place, executor: Executor, unit: Unit) -> Report:
             break
         via = _input_list(spec, unit)
         if via is not None:
-            unpack(place, via, [s.input for s in todo])
+            packbuild.unpack(place, via, [s.input for s in todo])
         offsets = row_offsets(place, spec, cur, via)
         units = [Unit(spec, cur, unit.inputs, s, offsets.get(s.key, 0)) for s in todo]
         reports = executor.build_all(place, units, spec.name)
@@ -112,48 +111,6 @@ def _input_list(spec: StageSpec, unit: Unit) -> str | None:
     if spec.kind == "load" or not spec.inputs:
         return None
     return unit.inputs[spec.inputs[0]].fingerprint
-
-
-def unpack(place: Place, via: str, keys: Sequence[str]) -> None:
-    """Each of the input shards `keys` that the list `via` keeps as a row range of a pack,
-    written out as a shard entry of its own (the layout and content hash a load shard
-    built by itself has), so a worker pulls it by its key as any input shard."""
-    from hfbuild.builds import builder
-    from hfbuild.core.version import __version__
-    from hfbuild.store.entry import row_pack
-
-    store = place.store
-    for key in keys:
-        row = store.listed_row(via, key)
-        if row is None or row_pack(row) is None or store.has(key):
-            continue
-        facts = row[4]
-        ds = store.load_listed(via, str(row[0]), [row])
-        tmp = store.new_build_dir(key)
-        try:
-            info = builder.PartWriter(ds).write(0, len(ds), os.path.join(tmp, "data"), key[:64])
-            if info.content_hash != facts.get("content_hash"):
-                raise BuildError(
-                    f"input shard {row[2]} ({key}): its rows in the pack "
-                    f"{facts.get('pack')} do not have the content hash its list records; "
-                    f"run `hfbuild verify --deep`."
-                )
-            shard = {"split": row[0], "label": row[2], "input": facts.get("input"), "before": ""}
-            shard["before"] = facts.get("before") or ""
-            doc = {
-                "stage": (store.read_manifest(via) or {}).get("stage"),
-                "shard": shard,
-                "rows": info.rows,
-                "content_hash": info.content_hash,
-                "form": info.form,
-                "seconds": 0.0,
-                "written_bytes": info.written_bytes,
-                "hfbuild": __version__,
-            }
-            store.publish_first(tmp, key, doc)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 def row_offsets(

@@ -1,0 +1,155 @@
+"""Packs, as a sharded build makes and finds them (`keys/packs.py` keys them).
+
+Owns: writing one load's rows as a pack (`write`: one part in the `save_to_disk` layout,
+each shard's row range hashed as its own entry's would be), publishing it (`publish`: an
+ordinary entry keyed by its shards' keys, its manifest's `pack` listing each shard's key,
+row range, content hash and label; the first to publish it wins), finding a listed shard
+in a pack whose manifest was written again since (`in_pack`), and writing a packed shard
+out as a shard entry of its own (`unpack`: what a Ray worker pulls by key).
+
+Must never: publish a pack before every shard in it is keyed, list a shard under a range
+whose content hash it does not have, or print.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from hfbuild.core.errors import BuildError
+from hfbuild.core.spec import StageSpec
+from hfbuild.keys import packs
+
+if TYPE_CHECKING:
+    from hfbuild.keys.place import Place
+
+
+class Pack(NamedTuple):
+    """The shards of one split a load built together, written as one pack (`packs`): its
+    directory (the entry's files, in `data/`), its description (rows, content hash, form,
+    bytes written) and, per shard, (its position in the stage, its document with `span`,
+    its rows in the pack)."""
+
+    path: str
+    info: Any
+    shards: list[tuple[int, dict[str, Any]]]
+
+
+def write(parts: Any, counts: list[int], dest: str, fingerprint: str) -> tuple[Any, list[str]]:
+    """Every row of a load's result (`parts`, its `builder.PartWriter`), `counts` consecutive
+    ranges of them from the first (they add up to the whole), written at `dest` as one part
+    with the state `fingerprint`; (the pack's description, each range's content hash, taken
+    of what was written as a part's is: the hash does not depend on chunking, so a range's
+    is the hash its own part would have had)."""
+    import pyarrow as pa
+
+    from hfbuild.store.content import table_hash
+
+    info = parts.write(0, sum(counts), dest, fingerprint)
+    if info.rows != sum(counts):
+        raise BuildError(f"a pack of {sum(counts)} rows was written with {info.rows}")
+    with pa.memory_map(os.path.join(dest, parts.NAME)) as source:
+        written = pa.ipc.open_stream(source).read_all()
+    if written.num_rows != sum(counts):
+        raise BuildError(f"a pack of {sum(counts)} rows holds {written.num_rows}")
+    hashes = []
+    start = 0
+    for n in counts:
+        hashes.append(table_hash(written.slice(start, n)))
+        start += n
+    return info, hashes
+
+
+def publish(
+    place: Place, spec: StageSpec, keys: Sequence[str], pack: Pack
+) -> dict[str, dict[str, Any]]:
+    """Publish a pack (`packs.py`: one entry holding the rows of shards built together,
+    keyed by their keys; the first to publish it wins, as for a shard); for each of its
+    shards, what the stage's list records of it (rows, content hash, form, the pack's
+    files and manifest stamp, the pack and the shard's row range in it)."""
+    store = place.store
+    rows = [
+        [key, doc["span"][0], doc["span"][1], doc["content_hash"], doc["shard"]["label"]]
+        for key, (_, doc) in zip(keys, pack.shards, strict=True)
+    ]
+    doc = {
+        "stage": spec.name,
+        "pack": rows,
+        "rows": pack.info.rows,
+        "content_hash": pack.info.content_hash,
+        "form": pack.info.form,
+        "written_bytes": pack.info.written_bytes,
+        "hfbuild": pack.shards[0][1]["hfbuild"],
+    }
+    fp = packs.pack_key(keys)
+    stored = store.publish_first(pack.path, fp, doc)
+    stamp = store.manifest_stamp(fp)
+    out: dict[str, dict[str, Any]] = {}
+    for key, start, end, content_hash, _ in stored["pack"]:
+        out[key] = {
+            "rows": end - start,
+            "content_hash": content_hash,
+            "form": stored.get("form"),
+            "files": stored["files"],
+            "stamp": stamp,
+            "pack": fp,
+            "span": [start, end],
+        }
+    return out
+
+
+def in_pack(store: Any, pack: str, key: str, facts: dict[str, Any]) -> dict[str, Any] | None:
+    """What a list records of shard `key`, a row range of the intact pack `pack` with the
+    span and content hash `facts` gives it (its files and manifest stamp now), else None."""
+    doc = store.intact_manifest(pack)
+    for row in (doc or {}).get("pack") or []:
+        if row[0] == key and [row[1], row[2]] == facts.get("span"):
+            if row[3] != facts.get("content_hash"):
+                return None
+            stamp = store.manifest_stamp(pack)
+            return {**facts, "files": (doc or {})["files"], "stamp": stamp}
+    return None
+
+
+def unpack(place: Place, via: str, keys: Sequence[str]) -> None:
+    """Each of the input shards `keys` that the list `via` keeps as a row range of a pack,
+    written out as a shard entry of its own (the layout and content hash a load shard
+    built by itself has), so a worker pulls it by its key as any input shard."""
+    from hfbuild.builds import builder
+    from hfbuild.core.version import __version__
+    from hfbuild.store.entry import row_pack
+
+    store = place.store
+    for key in keys:
+        row = store.listed_row(via, key)
+        if row is None or row_pack(row) is None or store.has(key):
+            continue
+        facts = row[4]
+        ds = store.load_listed(via, str(row[0]), [row])
+        tmp = store.new_build_dir(key)
+        try:
+            info = builder.PartWriter(ds).write(0, len(ds), os.path.join(tmp, "data"), key[:64])
+            if info.content_hash != facts.get("content_hash"):
+                raise BuildError(
+                    f"input shard {row[2]} ({key}): its rows in the pack "
+                    f"{facts.get('pack')} do not have the content hash its list records; "
+                    f"run `hfbuild verify --deep`."
+                )
+            shard = {"split": row[0], "label": row[2], "input": facts.get("input"), "before": ""}
+            shard["before"] = facts.get("before") or ""
+            doc = {
+                "stage": (store.read_manifest(via) or {}).get("stage"),
+                "shard": shard,
+                "rows": info.rows,
+                "content_hash": info.content_hash,
+                "form": info.form,
+                "seconds": 0.0,
+                "written_bytes": info.written_bytes,
+                "hfbuild": __version__,
+            }
+            store.publish_first(tmp, key, doc)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
