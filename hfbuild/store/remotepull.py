@@ -202,39 +202,23 @@ class RemotePulls(RemoteFiles):
             )
         got = 0
         refused: list[RefusedEntryError] = []
-        packed = {str(row[1]): row_pack(row) for row in rows if row_pack(row) is not None}
+        packed = {str(row[1]): p for row in rows if (p := row_pack(row)) is not None}
         pulled: dict[str, dict[str, Any] | None] = {}  # pack -> its manifest here, pulled
         for key, h, shard_label in want:
             if key in packed:
                 # A row range of a pack (`packs.py`): the pack is pulled once, checked
                 # whole and range by range (`_check_content`), and must give this shard
                 # the rows and content hash the list's row does.
-                pack, start, end = packed[key]  # type: ignore[misc]
+                pack = packed[key][0]
                 if pack not in pulled:
                     try:
                         got += self.pull(store, pack, f"{label} (pack)")
                     except RefusedEntryError as e:
                         refused.append(e)
                     pulled[pack] = store.intact_manifest(pack)
-                mine = {str(r[0]): r for r in (pulled[pack] or {}).get("pack") or []}
-                r = mine.get(key)
-                if pulled[pack] is None:
-                    refused.append(
-                        RefusedEntryError(
-                            f"remote entry {fp} ({label}) needs the pack {pack} holding its "
-                            f"shard {key} ({shard_label}), which the remote lacks; not used."
-                        )
-                    )
-                elif r is None or [r[1], r[2], r[3]] != [start, end, h]:
-                    refused.append(
-                        RefusedEntryError(
-                            f"the remote {self.url} holds a forged or damaged entry {fp} "
-                            f"({label}): it lists shard {key} ({shard_label}) as rows "
-                            f"{start}-{end} of the pack {pack} with content hash {h}, which "
-                            f"that pack does not hold; not used. Whoever can write to the "
-                            f"remote should delete {self.where(fp)}."
-                        )
-                    )
+                bad = _pack_row(self, fp, label, (key, shard_label, h), packed[key], pulled[pack])
+                if bad is not None:
+                    refused.append(bad)
                 continue
             # Every shard is tried, a refused one or not: those that pass their checks are
             # good ones, and the build that follows builds only the others.
@@ -290,6 +274,35 @@ class RemotePulls(RemoteFiles):
                 with contextlib.suppress(RefusedEntryError):
                     self.pull(store, str(key), f"{label} {row[2]}", expect=h)
         return bad
+
+
+def _pack_row(
+    r: RemotePulls,
+    fp: str,
+    label: str,
+    shard: tuple[str, str, str],
+    where: tuple[str, int, int],
+    held: Mapping[str, Any] | None,
+) -> RefusedEntryError | None:
+    """Why the remote list `fp`'s row of a packed shard (its key, label and content hash)
+    is not served by the pack pulled here (`held`, None when it could not be pulled): the
+    pack must give that shard the same row range and content hash."""
+    key, shard_label, h = shard
+    pack, start, end = where
+    if held is None:
+        return RefusedEntryError(
+            f"remote entry {fp} ({label}) needs the pack {pack} holding its shard {key} "
+            f"({shard_label}), which the remote lacks; not used."
+        )
+    row = {str(x[0]): x for x in held.get("pack") or []}.get(key)
+    if row is not None and [row[1], row[2], row[3]] == [start, end, h]:
+        return None
+    return RefusedEntryError(
+        f"the remote {r.url} holds a forged or damaged entry {fp} ({label}): it lists shard "
+        f"{key} ({shard_label}) as rows {start}-{end} of the pack {pack} with content hash "
+        f"{h}, which that pack does not hold; not used. Whoever can write to the remote "
+        f"should delete {r.where(fp)}."
+    )
 
 
 def _check_content(store: Store, tmp: str, fp: str, doc: Mapping[str, Any], label: str) -> None:
