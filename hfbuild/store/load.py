@@ -38,6 +38,7 @@ class Loader:
         self.manifests = manifests
         self._has = has
         self._rows: dict[str, dict[str, list[Any]]] = {}  # list -> its rows by shard key
+        self._packs: dict[str, tuple[Any, Any]] = {}  # a pack's files -> (identities, table)
 
     def load(self, fp: str) -> Any:
         """The stored Dataset or DatasetDict, memory-mapped. Nothing is unpickled:
@@ -91,6 +92,24 @@ class Loader:
         as one Dataset over their memory-mapped files, as `load` concatenates a split's:
         what a unit reading a few of a thousand input shards loads."""
         return self._concat_shards(fp, split, without_empty(rows))
+
+    def _pack_table(self, data: str, names: list[str]) -> Any:
+        """A pack's Arrow files at `data` as one memory-mapped table, mapped once per
+        process while the files are the same ones (by inode, mtime and size): a batched
+        stage's units each read a few of its shards' rows."""
+        from datasets.table import MemoryMappedTable, concat_tables
+
+        paths = [os.path.join(data, n) for n in names]
+        ident = tuple(
+            (p, st.st_ino, st.st_mtime_ns, st.st_size) for p in paths if (st := os.stat(p))
+        )
+        held = self._packs.get(data)
+        if held is not None and held[0] == ident:
+            return held[1]
+        mapped = [MemoryMappedTable.from_file(p) for p in paths]
+        table = mapped[0] if len(mapped) == 1 else concat_tables(mapped)
+        self._packs[data] = (ident, table)
+        return table
 
     def listed_row(self, via: str, key: str) -> list[Any] | None:
         """The row of the list of shards `via` naming shard `key`, else None: how a shard
@@ -160,9 +179,7 @@ class Loader:
             if pack is not None:
                 whole = packs.get(owner)
                 if whole is None:
-                    mapped = [MemoryMappedTable.from_file(os.path.join(data, n)) for n in names]
-                    whole = mapped[0] if len(mapped) == 1 else concat_tables(mapped)
-                    packs[owner] = whole
+                    whole = packs[owner] = self._pack_table(data, names)
                 _, start, end = pack
                 if end > whole.num_rows:
                     raise StoreError(
