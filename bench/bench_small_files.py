@@ -31,6 +31,15 @@ against plain datasets' 5.7 s (3.0x; wall 68.7 s against 16.0 s); appending one 
 1.77 s against 5.32 s (0.33); no-op 0.40 s CPU (1.36 s wall); store 14.6 MB against
 2.3 MB (6.4x) in 20,415 files for 5,100 shards and units (4.0 files per shard: each
 shard is still an entry of its own).
+
+Measured on 2026-12-05 with h-pack on main at c7b7f0d (a load's shards built together kept
+as one pack), same machine at a load average of 9-14, CPU seconds, main's figures of the
+same hour in brackets: cold 9.31 s against plain datasets' 6.14 s, 1.52x (main 12.47 s
+against 4.99 s, 2.50x); appending one file 1.94 s against 6.05 s, 0.32 (main 0.38); no-op
+0.42 s (main 0.43: the no-op is the data files' resolution and identities and hfbuild's
+import, not the store); store 6.9 MB against 2.3 MB, 3.03x (main 15.2 MB, 6.67x) in 520
+files for 5,100 shards and units, 0.102 per shard (main 25,515, 5.0): the 100 batch-aligned
+units of the map and filter are still entries of their own (400 of the 520 files).
 """
 
 from __future__ import annotations
