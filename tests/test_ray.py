@@ -629,8 +629,9 @@ def test_a_workers_forged_input_shard_is_refused_and_built_here(
     monkeypatch.setenv("HFBUILD_REMOTE", remote.url)
     make_project(repo)
     _row_local(repo)
-    # The first file built by itself: the next one, appended, is then a shard entry of its
-    # own on the remote (shards loaded together are one pack), which `forge_shard` forges.
+    # Two files built first (one pack): the next one, appended, is then a shard entry of
+    # its own on the remote (shards loaded together are one pack), which `forge_shard` forges.
+    _add_part(repo, 1)
     doit(repo, "run", "preprocess", log=tmp_path / "zero.log", env={"HFBUILD_NO_REMOTE": "1"})
     # Keys of its own (the nodes' stores outlive a test): a data file no other test has.
     base = uuid.uuid4().int % 10**9
@@ -652,7 +653,7 @@ def test_a_workers_forged_input_shard_is_refused_and_built_here(
     log = tmp_path / "second.log"
     out = doit(clone, "run", "preprocess", log=log, env=RAY_ENV)
     assert "a Ray worker refused its input" in out.stderr
-    assert "feat: 2/2 shards done, 1 built on ray, 1 to build here" in out.stderr
+    assert "feat: 3/3 shards done, 2 built on ray, 1 to build here" in out.stderr
     assert f"the remote {remote.url} holds a forged or damaged entry {key}" in out.stderr
 
     local = repo.clone(tmp_path / "local")
