@@ -237,6 +237,7 @@ def _command(args: argparse.Namespace, pipe: Pipeline, dodo: str) -> int:
     if args.command == "build":
         from hfbuild.cli.commands.build import build
 
+        pipe.witness_builds("cli")  # what it builds is recorded confirmed (witness.py)
         return build(pipe, args.stages, args.executor)
     if args.command == "gc":
         from hfbuild.cli.commands.gc import gc
@@ -313,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hfbuild: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        from hfbuild.pipeline import witness
+
+        witness.interrupted()  # a build's side check dies with it
         print("hfbuild: interrupted", file=sys.stderr)
         return 130
     except Exception:

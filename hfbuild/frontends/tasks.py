@@ -24,7 +24,7 @@ from hfbuild.core import teardown
 from hfbuild.core.errors import HfbuildError, doit_loading
 from hfbuild.core.spec import rows_text, stored_rows
 from hfbuild.keys.fingerprint import strict
-from hfbuild.pipeline import pipeline, record
+from hfbuild.pipeline import pipeline, record, witness
 from hfbuild.source import refs
 
 if TYPE_CHECKING:
@@ -52,6 +52,8 @@ class Pipeline(pipeline.Pipeline):
             session = record.session(self.origin, "doit") if _unimported_refs(self) else None
             if session is not None:
                 self.use_record(session)
+            # What this run builds is recorded confirmed by a fresh import beside it (witness.py).
+            self.witness_builds("doit")
         return pipeline_tasks(self, basename)
 
 
@@ -60,6 +62,7 @@ def _interrupted_import(signum: int, frame: FrameType | None) -> None:
     stage's build gives, instead of doit's traceback of the import. After the import, the
     interrupt Python's own handler raises."""
     if doit_loading(frame):
+        witness.interrupted()  # a side check started while doit loads the tasks
         print(
             "hfbuild: interrupted while doit imported dodo.py; nothing was built.", file=sys.stderr
         )
@@ -147,7 +150,9 @@ def _build(pipe: pipeline.Pipeline, name: str) -> TaskFailed | None:
 
 def _interrupted(name: str) -> SystemExit:
     """Ctrl-C under doit: one line and exit 130, as the `hfbuild` command does, instead of
-    doit's traceback. Nothing half-built is published (builds clean up as they unwind)."""
+    doit's traceback. Nothing half-built is published (builds clean up as they unwind), and
+    a build's side check is killed."""
+    witness.interrupted()
     print(f"hfbuild: interrupted (stage {name!r}); nothing of it was published.", file=sys.stderr)
     sys.stderr.flush()
     return SystemExit(130)

@@ -9,7 +9,8 @@ without what git and the pre-commit framework set for a hook (`recordfacts.hook_
 Owns: the manifests' JSON form (`dump_manifests`: none when a stage failed, for a Hub load of
 a branch or tag (a commit id never moves), or when the JSON does not carry the key whole;
 `load_manifests`), the data files outside the project a recorded pipeline loads
-(`outside_data`), the staged derivation.
+(`outside_data`), the staged derivation, what of them no build changes (`static_parts`, which
+a build's side check compares: `pipeline/witness.py`).
 Must never: derive when the index may hold other than the work tree (a file not staged, a
 sharded stage, a directory an argument names, a symlink, a hook's variable read); import a
 user module or `datasets`; compute a key.
@@ -143,6 +144,22 @@ def dump_manifests(ms: Manifests) -> dict[str, Any] | None:
     if any(again.ok[n].fingerprint != ms.ok[n].fingerprint for n in ms):
         return None  # the JSON does not carry the key whole: never answer from it
     return doc
+
+
+def static_parts(doc: dict[str, Any]) -> dict[str, Any]:
+    """What of dumped manifests (`dump_manifests`) no build can change: each stage's document
+    without its inputs' results, its dirty files and data files, and a load's shards (its
+    files'); not what its builds read at run time nor its key. Two imports of one tree that
+    give other static parts have a volatile pipeline (an argument from the clock)."""
+    out: dict[str, Any] = {}
+    for name in doc["names"]:
+        s = doc["stages"][name]
+        part = {k: s[k] for k in ("dirty", "incomplete", "data_files", "outside")}
+        part["doc"] = {k: v for k, v in s["doc"].items() if k != "inputs"}
+        if s["doc"].get("kind") == "load":
+            part["shards"], part["shard_code"] = s["shards"], s["shard_code"]
+        out[name] = part
+    return {"names": list(doc["names"]), "stages": out}
 
 
 def load_manifests(doc: dict[str, Any]) -> Manifests:

@@ -25,6 +25,7 @@ from hfbuild.keys.manifests import compute as compute_manifests
 from hfbuild.keys.place import Place
 from hfbuild.pipeline.ledger import Ledger
 from hfbuild.pipeline.record import NeedsImport, Session
+from hfbuild.pipeline.witness import Witness
 from hfbuild.source import caches
 from hfbuild.source.gitrepo import Mode
 from hfbuild.source.gitstate import Snapshot
@@ -43,6 +44,7 @@ class Keying:
         # without dodo.py, so an answer it cannot give raises `NeedsImport`.
         self.record: Session | None = None
         self.only = False
+        self.witness: Witness | None = None  # a building process's side check (witness.py)
 
     def manifests(
         self,
@@ -73,6 +75,9 @@ class Keying:
             if self.only:
                 raise NeedsImport(mode)
             rec.begin(mode)
+            start = rec.start.get(mode)
+            if self.witness is not None and mode == "worktree" and start is not None:
+                self.witness.launch(start)  # its import beside this process's
             with warnings.catch_warnings(record=True) as caught:
                 out = self._compute(mode, absent, lock)
             for w in caught:  # shown as they would have been; a check that warned: no record
@@ -140,7 +145,10 @@ class Keying:
 
     def leave(self) -> bool:
         """Before anything is built or pulled: answers come from the code from now on (the
-        memo the record gave is dropped). True when they came from the record until now."""
+        memo the record gave is dropped), once a build's side check has ended (`witness.py`:
+        none of its reads in a build's window). True when they came from the record until now."""
+        if self.witness is not None:
+            self.witness.settle()
         if self.record is None:
             return False
         if self.only:

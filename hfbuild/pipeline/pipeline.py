@@ -22,10 +22,12 @@ from hfbuild.core.errors import DamagedEntryError, NotBuiltError
 from hfbuild.keys.absentdata import LockedData
 from hfbuild.keys.manifests import Manifests
 from hfbuild.keys.place import Place
+from hfbuild.pipeline import record as records
 from hfbuild.pipeline.keying import Keying
 from hfbuild.pipeline.ledger import Ledger
 from hfbuild.pipeline.record import Session
 from hfbuild.pipeline.stages import StageTable
+from hfbuild.pipeline.witness import Witness
 from hfbuild.source import refs
 from hfbuild.source.datafiles import StatCache
 from hfbuild.source.gitrepo import Mode, find_root
@@ -139,17 +141,42 @@ class Pipeline(StageTable):
     def use_record(self, session: Session) -> bool:
         """Answer from `session`'s record when its facts hold (and leave one when they do not),
         if this pipeline is the one its dodo file defines and uses the default store."""
-        if self.origin is None or os.path.realpath(self.origin) != session.dodo:
-            return False
-        if os.path.realpath(self.store.root) != os.path.realpath(session.store.root):
+        if not self._records_to(session):
             return False
         session.shape = self.shape
         self.keying.use(session)
         return True
 
+    def witness_builds(self, who: str) -> None:
+        """This process may build (`doit run`, `hfbuild build`): a fresh process imports
+        dodo.py beside it (`witness.py`), so that what it builds is recorded confirmed."""
+        if self.keying.witness is not None or self.keying.only or self.origin is None:
+            return
+        own, origin = self.keying.record, self.origin
+
+        def session() -> Session | None:  # made when the side check starts: none on a no-op
+            if own is not None:
+                return own
+            made = records.session(origin, who)  # only for the facts: no answers from it
+            if made is None or not self._records_to(made):
+                return None
+            made.shape = self.shape
+            return made
+
+        self.keying.witness = Witness(
+            session, own=own is not None, final=lambda fresh: self.manifests(fresh=fresh)
+        )
+
+    def _records_to(self, session: Session) -> bool:
+        """Whether `session` is the record of this pipeline: its dodo file defines it, in the
+        default store."""
+        if self.origin is None or os.path.realpath(self.origin) != session.dodo:
+            return False
+        return os.path.realpath(self.store.root) == os.path.realpath(session.store.root)
+
     def leave_record(self) -> bool:
-        """Before anything is built or pulled: answers come from the code from now on.
-        True when they came from the record until now."""
+        """Before anything is built or pulled: answers come from the code from now on (and
+        a build's side check has ended). True when they came from the record until now."""
         return self.keying.leave()
 
     @property

@@ -258,11 +258,7 @@ class Session:
         lock = os.path.join(self.root, shape.get("lock", "hfbuild.lock"))
         extra = sorted({p for doc in self.pending.values() for p in outside_data(doc, self.root)})
         now = capture(self.root, self.store, lock, extra)
-        try:
-            st = os.stat(self.dodo)
-            dodo_stat: list[int] | None = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-        except OSError:
-            dodo_stat = None
+        dodo_stat = _dodo_stat(self.dodo)
         for mode, doc in self.pending.items():
             start = self.start.get(mode)
             end = for_mode(now, mode, self.root)
@@ -286,29 +282,87 @@ class Session:
             ctx = self.context(mode)
             old = next((e for e in entries if e.get("context") == ctx), None)
             state = "new"
-            if (
-                old is not None
-                and old.get("state") == "volatile"
-                and old.get("volatile_dodo") == dodo_stat
-            ):
+            if _still_volatile(old, dodo_stat):
                 state = "volatile"
             if old is not None and same_facts(old.get("facts"), end) and state != "volatile":
                 same = old.get("manifests") == doc and old.get("pipeline") == shape
                 state = "confirmed" if same else "volatile"
-            entry = {
-                "context": ctx,
-                "facts": end,
-                "manifests": doc,
-                "pipeline": shape,
-                "state": state,
-                "volatile_dodo": dodo_stat if state == "volatile" else None,
-                "hook_env": self.hook_env,
-            }
+            entry = _entry(ctx, end, doc, shape, state, dodo_stat, self.hook_env)
             entries = [entry] + [e for e in entries if e.get("context") != ctx]
+        self._save(entries)
+
+    def _save(self, entries: list[dict[str, Any]]) -> None:
         sharing.makedirs(os.path.dirname(self.path))
         sharing.write_json_atomic(
             self.path, {"format": FORMAT, "entries": entries[:KEEP]}, durable=False, indent=None
         )
+
+    def volatile(self) -> bool:
+        """Whether an entry of this dodo file is volatile while dodo.py is this file: another
+        import would compute other manifests again (`witness.py` starts no side check)."""
+        dodo_stat = _dodo_stat(self.dodo)
+        return any(_still_volatile(e, dodo_stat) for e in self.entries)
+
+    def witnessed(
+        self,
+        facts: dict[str, Any],
+        doc: dict[str, Any],
+        contexts: list[tuple[dict[str, Any], str | None]],
+        *,
+        confirmed: bool,
+    ) -> None:
+        """Entries a build's side check decided (`witness.py`): the work-tree manifests `doc`
+        computed after the build under `facts`, for each (context, hook environment) in
+        `contexts`, confirmed when a fresh import computed what no build changes the same,
+        else volatile (an entry already volatile for this dodo.py stays so)."""
+        assert self.shape is not None
+        shape = self.shape()
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            entries = _read(self.path)
+            dodo_stat = _dodo_stat(self.dodo)
+            for ctx, hook_env in contexts:
+                old = next((e for e in entries if e.get("context") == ctx), None)
+                state = (
+                    "confirmed" if confirmed and not _still_volatile(old, dodo_stat) else "volatile"
+                )
+                entry = _entry(ctx, facts, doc, shape, state, dodo_stat, hook_env)
+                entries = [entry] + [e for e in entries if e.get("context") != ctx]
+            self._save(entries)
+
+
+def _dodo_stat(dodo: str) -> list[int] | None:
+    try:
+        st = os.stat(dodo)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _still_volatile(old: dict[str, Any] | None, dodo_stat: list[int] | None) -> bool:
+    """Whether `old` is a volatile entry recorded while dodo.py was this file."""
+    return (
+        old is not None and old.get("state") == "volatile" and old.get("volatile_dodo") == dodo_stat
+    )
+
+
+def _entry(
+    ctx: dict[str, Any],
+    facts: dict[str, Any],
+    doc: dict[str, Any],
+    shape: dict[str, Any],
+    state: str,
+    dodo_stat: list[int] | None,
+    hook_env: str | None,
+) -> dict[str, Any]:
+    return {
+        "context": ctx,
+        "facts": facts,
+        "manifests": doc,
+        "pipeline": shape,
+        "state": state,
+        "volatile_dodo": dodo_stat if state == "volatile" else None,
+        "hook_env": hook_env,
+    }
 
 
 def session(dodo: str, who: str) -> Session | None:

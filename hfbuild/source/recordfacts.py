@@ -28,7 +28,8 @@ The environment also as `hook_env_digest`: without what git and the pre-commit f
 a commit's hook (`HOOK_VARS`), for the staged answer (`keys/recordmanifests.py`).
 
 Owns: capturing the facts (`capture`, the tree's walk `walk`), whether they hold now (`holds`),
-whether two captures found the same state (`same_facts`), a capture as a snapshot mode takes it
+whether two captures found the same state (`same_facts`; but for what a build changes,
+`same_but_built`), a capture as a snapshot mode takes it
 (`for_mode`), the environment digests, which untracked paths no fact covers (`outside_record`).
 Must never: hold an environment value; import a user module or `datasets`; write anything;
 put anything in a key.
@@ -306,16 +307,18 @@ def capture(
     lock: str,
     extra_files: Iterable[str] = (),
     tree: Tree | None = None,
+    paths: Iterable[str] | None = None,
 ) -> dict[str, Any] | None:
     """Every fact, now; None when the project cannot be recorded (a symlinked directory).
-    `tree`: the project's walk taken just before (by `walk`, for the same lock), reused."""
+    `tree`: the project's walk taken just before (by `walk`, for the same lock), reused;
+    `paths`: the `sys.path` entries to take (default this process's)."""
     c = _Capture()
     if tree is None or tree.lock != lock:
         tree = walk(root, store, lock)
     if not tree.ok:
         return None
     c.file(lock)
-    for p in sys.path:
+    for p in sys.path if paths is None else paths:
         full = os.path.realpath(p or os.curdir)
         if full in tree.walked or full in c.dirs:  # walked (not an environment in the project)
             continue
@@ -404,6 +407,27 @@ def outside_record(root: str, store: Store, rel: str) -> bool:
     skip = {os.path.realpath(store.root)}
     full = os.path.join(root, *parts)
     return rel.endswith("/") and _excluded_dir(full, skip)
+
+
+def same_but_built(start: Any, end: dict[str, Any], lock: str, store: Store) -> bool:
+    """Whether `end` found the state `start` did but for what building changes: the lock and
+    the store's key directories; files and directories compared where both captures took
+    them (a building process loads more modules; a side check adds its `sys.path`)."""
+    if not isinstance(start, dict):
+        return False
+    inside = os.path.realpath(store.root).rstrip(os.sep) + os.sep
+
+    def common(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        files = a.get("files") or {}
+        dirs = a.get("dirs") or {}
+        keep = [d for d in dirs if d in b["dirs"] and not (d + os.sep).startswith(inside)]
+        return {
+            **a,
+            "files": {p: files[p] for p in files if p in b["files"]},
+            "dirs": {d: dirs[d] for d in keep},
+        }
+
+    return same_facts(common(start, end), common(end, start), ignore=[lock])
 
 
 def _names(dirs: dict[str, list[Any] | None]) -> dict[str, str | None]:
