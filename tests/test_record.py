@@ -8,11 +8,14 @@ path's answer to compare with.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -94,6 +97,16 @@ class Project:
             env["HFBUILD_RECORD"] = "0"
         return subprocess.run(
             [sys.executable, *args], cwd=self.repo.path, env=env, capture_output=True, text=True
+        )
+
+    def doit(self, **how: Any) -> subprocess.Popen[str]:
+        """`doit run preprocess` started, not waited for."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "doit", "run", "preprocess"],
+            cwd=self.repo.path,
+            env=self.env,
+            text=True,
+            **how,
         )
 
     def status(self, *, record: bool = True) -> tuple[Any, bool]:
@@ -251,8 +264,8 @@ def test_an_edit_of_each_fact_kind_takes_the_full_path(tmp_path: pathlib.Path, k
     assert _states(p.settle()) == _states(full)
 
 
-def test_a_volatile_pipeline_always_takes_the_full_path(tmp_path: pathlib.Path) -> None:
-    p = Project(tmp_path)
+def _volatile(p: Project) -> Project:
+    """`p` with an argument drawn from `random` at each import of dodo.py, committed."""
     dodo = p.repo.path / "dodo.py"
     dodo.write_text(
         dodo.read_text()
@@ -260,6 +273,11 @@ def test_a_volatile_pipeline_always_takes_the_full_path(tmp_path: pathlib.Path) 
         .replace("from hfbuild import Pipeline", "import random\nfrom hfbuild import Pipeline")
     )
     p.repo.commit("volatile")
+    return p
+
+
+def test_a_volatile_pipeline_always_takes_the_full_path(tmp_path: pathlib.Path) -> None:
+    p = _volatile(Project(tmp_path))
     for _ in range(4):
         _, imported = p.status()
         assert imported
@@ -462,3 +480,220 @@ def test_every_file_of_hfbuild_is_a_fact(tmp_path: pathlib.Path) -> None:
         "cli/commands/gc.py",
     }
     assert sorted(ours - set(facts["files"])) == []
+
+
+# -- the cycle: edit, `doit run`, `git add`, commit (a build's side check, pipeline/witness.py) --
+
+
+def _with_hook(p: Project, tmp_path: pathlib.Path) -> None:
+    """The shipped hook installed by the real pre-commit framework, with the project's Python."""
+    from tests.test_hook_shipped import hooks_repo
+
+    hooks, rev = hooks_repo(tmp_path)
+    cfg = f"repos:\n- repo: {hooks}\n  rev: {rev}\n  hooks: [{{id: hfbuild-verify}}]\n"
+    (p.repo.path / ".pre-commit-config.yaml").write_text(cfg)
+    p.env["HFBUILD_PYTHON"] = sys.executable  # the shell the user builds in sets it too
+    pre_commit = pathlib.Path(sys.executable).parent / "pre-commit"
+    subprocess.run([str(pre_commit), "install"], cwd=p.repo.path, env=p.env, check=True)
+
+
+def _commit(p: Project, message: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["git", "commit", "-m", message],
+        cwd=p.repo.path,
+        env=p.env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_the_cycle_edit_build_add_commit_imports_nothing_in_the_hook(
+    tmp_path: pathlib.Path,
+) -> None:
+    """edit -> `doit run` -> `git add -A` -> `git commit`, nothing else: the shipped hook,
+    run by the real pre-commit framework, answers without importing the transform module (the
+    build's side check confirmed the entry), as does `status` after it, as the full path;
+    the next `doit run` too. The side check printed nothing (dodo.py prints when imported)."""
+    p = Project(tmp_path)
+    dodo = p.repo.path / "dodo.py"
+    dodo.write_text(dodo.read_text() + '\nimport sys\nprint("dodo.py imported", file=sys.stderr)\n')
+    _with_hook(p, tmp_path)
+    p.build()
+    p.repo.git("add", "-A")
+    first = _commit(p, "built")
+    assert first.returncode == 0, first.stdout + first.stderr
+
+    (p.repo.path / "pkg/util.py").write_text("OFFSET = 3\n")  # a closure file
+    (p.repo.path / "data/b.jsonl").write_text('{"x": 5}\n')  # new data, untracked
+    built = p.run("-m", "doit", "run", "preprocess")
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert "feat: built" in built.stdout, built.stdout
+    assert (built.stdout + built.stderr).count("dodo.py imported") == 1, built.stdout
+    p.repo.git("add", "-A")
+    before = p.imports()
+    done = _commit(p, "edit, built")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "hfbuild verify --staged" in done.stdout + done.stderr  # the hook ran
+    assert p.imports() == before, "the hook imported the transform module"
+
+    # The same cycle again, with the checks in between: what they answer is the full path's.
+    (p.repo.path / "pkg/util.py").write_text("OFFSET = 4\n")
+    p.build()
+    before = p.imports()
+    again = p.run("-m", "doit", "run", "preprocess")
+    assert "feat (3 rows, up to date)" in again.stdout, again.stdout + again.stderr
+    assert p.imports() == before, "the no-op after the build imported the transform module"
+    p.repo.git("add", "-A")
+    answer, imported = p.status()
+    assert not imported
+    full, _ = p.status(record=False)
+    assert _states(answer) == _states(full)
+    got, full_staged, imported = _staged_check(p)
+    assert not imported
+    assert got[:2] == full_staged[:2]  # (the full path's stderr holds dodo.py's line)
+    assert got[0] == 0, got
+
+
+def test_a_volatile_pipeline_is_never_answered_from_the_record_after_a_build(
+    tmp_path: pathlib.Path,
+) -> None:
+    """An argument from `random`: the build's side check computes another one, so the entry
+    is volatile, and every check after the build imports dodo.py (and answers as the full
+    path: the stage is stale in both)."""
+    p = _volatile(Project(tmp_path))
+    p.build()
+    p.repo.git("add", "-A")
+    for _ in range(3):
+        answer, imported = p.status()
+        assert imported, "a volatile pipeline answered from the record after a build"
+        assert [s["state"] for s in answer][1] != "up to date"
+        got, full, imported = _staged_check(p)
+        assert imported
+        assert got[0] == full[0] == 1  # (each import draws another value for its message)
+
+
+SLOW = """
+import os
+import pathlib
+
+with open(os.environ["IMPORT_LOG"], "a") as f:  # the import, counted
+    f.write("slow\\n")
+
+
+def feat(row, k=1):
+    gate = pathlib.Path({gate!r})
+    (gate / "started").touch()
+    while not (gate / "go").exists():  # the test edits the project meanwhile
+        pass
+    return {{"y": row["x"] * k}}
+"""
+
+
+def test_an_edit_during_the_build_records_nothing(tmp_path: pathlib.Path) -> None:
+    """dodo.py takes an argument from a file; the file is edited while the stage builds (after
+    the side check has imported dodo.py, as the building process had): nothing is recorded, so
+    the check after the build imports dodo.py and finds the stage stale, as the full path."""
+    p = Project(tmp_path)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    root = p.repo.path
+    (root / "pkg/slow.py").write_text(SLOW.format(gate=str(gate)))
+    (root / "conf").mkdir()
+    (root / "conf/k.txt").write_text("2\n")
+    dodo = root / "dodo.py"
+    dodo.write_text(
+        dodo.read_text().replace(
+            '"pkg.heavy:feat", {"k": 2, "vocab": "data/vocab.txt"}',
+            '"pkg.slow:feat", {"k": int(open("conf/k.txt").read())}',
+        )
+    )
+    p.repo.git("add", "-A")
+    p.repo.commit("slow")
+    doit = p.doit(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(1200):
+            if (gate / "started").exists() or doit.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert (gate / "started").exists(), "the build never started"
+        (root / "conf/k.txt").write_text("3\n")
+    finally:
+        (gate / "go").touch()
+        out, _ = doit.communicate(timeout=300)
+    assert doit.returncode == 0, out
+    answer, imported = p.status()
+    assert imported, "an entry was recorded over an edit made during the build"
+    full, _ = p.status(record=False)
+    assert _states(answer) == _states(full)
+    assert [s["state"] for s in answer][1] != "up to date"
+
+
+def _left(pgid: int, mark: str) -> list[str]:
+    """The command lines of the live processes (zombies aside) of process group `pgid` or
+    naming `mark` (wherever they are)."""
+    out = []
+    for d in pathlib.Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if fields[0] != "Z" and (int(fields[2]) == pgid or mark in cmd):
+            out.append(cmd)
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how", ["ctrl-c", "killed"])
+def test_the_side_check_dies_with_the_build_and_records_nothing(
+    tmp_path: pathlib.Path, how: str
+) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group) or SIGKILL of `doit run` while its side
+    check imports dodo.py: no process of the group is left, and nothing is recorded."""
+    p = Project(tmp_path)
+    root = p.repo.path
+    heavy = root / "pkg/heavy.py"
+    heavy.write_text(heavy.read_text().replace("import fakepkg", "import time\ntime.sleep(60)"))
+    p.repo.commit("slow import")
+    doit = p.doit(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        mark = f"--witness {root / 'dodo.py'}"
+        for _ in range(1200):
+            if any(mark in c for c in _left(doit.pid, mark)):
+                break
+            time.sleep(0.05)
+        assert any(mark in c for c in _left(doit.pid, mark)), "no side check started"
+        if how == "ctrl-c":
+            os.killpg(doit.pid, signal.SIGINT)
+        else:
+            doit.kill()
+        doit.wait(timeout=8)  # at once: the side check is not waited for (WAIT_MIN is 10 s)
+        for _ in range(100):
+            if not _left(doit.pid, mark):
+                break
+            time.sleep(0.05)
+        assert _left(doit.pid, mark) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(doit.pid, signal.SIGKILL)
+    records = list((root / ".hfbuild" / "records").glob("*.json"))
+    entries = [e for r in records for e in json.loads(r.read_text())["entries"]]
+    assert [e["state"] for e in entries if e["state"] == "confirmed"] == []
+
+
+def test_hfbuild_build_confirms_its_record_too(tmp_path: pathlib.Path) -> None:
+    """`hfbuild build` after an edit has the same side check as `doit run`: the `status`
+    after it answers without importing, as the full path."""
+    p = Project(tmp_path)
+    p.build()
+    (p.repo.path / "pkg/util.py").write_text("OFFSET = 3\n")
+    out = p.run("-m", "hfbuild", "build")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "feat: built" in out.stdout, out.stdout
+    answer, imported = p.status()
+    assert not imported, "the status after `hfbuild build` imported the transform module"
+    full, _ = p.status(record=False)
+    assert _states(answer) == _states(full)
