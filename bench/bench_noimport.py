@@ -8,9 +8,11 @@ imported (a sieve of primes in pure Python, as a model's or a tokenizer library'
 the light one none. Measured in fresh processes, interleaved, medians of `--repeat` runs, after
 three warm-up runs of each command (a record is used once a second full check confirmed it):
 `hfbuild status`, `hfbuild verify --staged` and `doit run preprocess` with nothing to build;
-and the hook's check in the usual commit (an edit, `doit run`, a check of the work tree, `git
-add -A`, then `verify --staged` with the variables git and pre-commit set for a hook), timed
-alone. With `--scale`, only the first `hfbuild status` after an edit in bench/scale_repo.py's
+and the hook's check in the literal commit cycle (an edit, `doit run`, `git add -A`, then
+`verify --staged` with the variables git and pre-commit set for a hook), timed alone. Then what
+the build's side check (`hfbuild/pipeline/witness.py`) costs: `doit run` after an edit of the
+transform module, wall and CPU (its side check's included), record on vs `HFBUILD_RECORD=0`.
+With `--scale`, only the first `hfbuild status` after an edit in bench/scale_repo.py's
 20,000-file repository (its record's facts fail: the tree is walked once before the full path
 now, twice before).
 Targets: each <= 0.25 s for the heavy pipeline, and <= 1.2x the light one. Then the demo's
@@ -109,22 +111,58 @@ HOOK_ENV = {
 }
 
 
+# The shipped hook (hook/run-hfbuild) runs `python -m hfbuild`: its context is `python -m`'s.
+HOOK = [PY, "-m", "hfbuild", "verify", "--staged", "--quiet"]
+
+
 def _commit_cycle(work: pathlib.Path, env: dict[str, str], i: int) -> float:
-    """The hook's check in the usual commit: an edit of the transform module, `doit run`, a
-    check of the work tree (`hfbuild status` twice: its entry new, then confirmed), `git add
-    -A`, then `verify --staged` as the hook runs it (timed); the commit follows."""
+    """The hook's check in the literal cycle: an edit of the transform module, `doit run`,
+    `git add -A`, then `verify --staged` as the hook runs it (timed; the build's side check
+    confirmed the entry it derives from); the commit follows."""
     tx = work / "pkg" / "tx.py"
     tx.write_text(tx.read_text() + f"# edit {i}\n")
     _run([str(BIN / "doit"), "run", "preprocess"], work, env)
-    for _ in range(2):  # exits 1: the edit is not committed yet
-        subprocess.run([str(BIN / "hfbuild"), "status"], cwd=work, env=env, capture_output=True)
     subprocess.run(["git", "add", "-A"], cwd=work, env=env, check=True, capture_output=True)
     hook = {**env, **HOOK_ENV, "PATH": f"/usr/lib/git-core{os.pathsep}{env['PATH']}"}
-    t = _run([str(BIN / "hfbuild"), "verify", "--staged", "--quiet"], work, hook)
+    t = _run(HOOK, work, hook)
     subprocess.run(
         ["git", "commit", "-qm", f"edit {i}"], cwd=work, env=env, check=True, capture_output=True
     )
     return t
+
+
+def _timed(cmd: list[str], cwd: pathlib.Path, env: dict[str, str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of `cmd`, the CPU of every process it waited for included (its
+    side check's)."""
+    import resource
+    import time
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+
+def _build_cost(
+    work: pathlib.Path, env: dict[str, str], repeat: int
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """`doit run` after an edit of the transform module (`feat` built, `kept` cut off), with
+    the record (and so the build's side check) and with `HFBUILD_RECORD=0`, interleaved:
+    medians of (wall, CPU) each."""
+    tx = work / "pkg" / "tx.py"
+    runs: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
+    for i in range(repeat):
+        for kind in ("off", "on"):
+            tx.write_text(tx.read_text() + f"# build {kind} {i}\n")
+            run_env = env if kind == "on" else {**env, "HFBUILD_RECORD": "0"}
+            runs[kind].append(_timed([str(BIN / "doit"), "run", "preprocess"], work, run_env))
+
+    def med(xs: list[tuple[float, float]]) -> tuple[float, float]:
+        return statistics.median(x[0] for x in xs), statistics.median(x[1] for x in xs)
+
+    return med(runs["on"]), med(runs["off"])
 
 
 def _first_check_after_edit(tmp: pathlib.Path, repeat: int) -> tuple[float, float]:
@@ -209,14 +247,18 @@ def main() -> None:
             )
             full = _run(cmd, heavy, full_env)
             rows.append((name, h, li, full))
-        cycle = "hook: verify --staged, a commit"
+        cycle = "hook in edit/doit run/add/commit"
         hc, lc = _interleaved(
             args.repeat,
             lambda: _commit_cycle(light, lenv, len(rows)),
             lambda: _commit_cycle(heavy, henv, len(rows)),
         )
         hook_full = {**full_env, **HOOK_ENV}
-        rows.append((cycle, hc, lc, _run(COMMANDS["hfbuild verify --staged"], heavy, hook_full)))
+        rows.append((cycle, hc, lc, _run(HOOK, heavy, hook_full)))
+        costs = {
+            "heavy": _build_cost(heavy, henv, args.repeat),
+            "light": _build_cost(light, lenv, args.repeat),
+        }
         demo = scale_build.demo_noop(pathlib.Path(tmp), args.repeat)[0]
     print(f"\n{args.clock} seconds; the heavy module's import: {import_cost:.2f} s (sieve {n:,})")
     print(f"{'check':<30} {'heavy':>7} {'light':>7} {'ratio':>6} {'full path':>10}  targets")
@@ -225,6 +267,12 @@ def main() -> None:
         print(
             f"{name:<30} {h:>7.3f} {li:>7.3f} {h / li:>6.2f} {full:>10.3f}  "
             f"<= 0.25 s and <= 1.2x: {ok}"
+        )
+    print("doit run after an edit (feat built): the record and its side check on vs off")
+    for which, ((won, con), (woff, coff)) in costs.items():
+        print(
+            f"  {which}: wall {won:.3f} vs {woff:.3f} s ({won / woff:.2f}x), "
+            f"CPU {con:.3f} vs {coff:.3f} s ({con / coff:.2f}x)"
         )
     label, mine, anchor, floor = demo
     ratio = mine / floor
