@@ -484,6 +484,27 @@ def test_every_file_of_hfbuild_is_a_fact(tmp_path: pathlib.Path) -> None:
 
 # -- the cycle: edit, `doit run`, `git add`, commit (a build's side check, pipeline/witness.py) --
 
+# A module whose import costs 1.2 s of CPU: a build starts a side check only for a pipeline
+# whose full check was seen to cost `record.HEAVY` (1 s) or more (`Session.heavy`).
+BURN = """
+import time as _time
+
+_t0 = _time.process_time()
+while _time.process_time() - _t0 < 1.2:  # real import-time work, as a heavy library's
+    pass
+"""
+
+
+def _heavy(p: Project, module: str = "pkg/heavy.py") -> None:
+    """`module`'s import made to cost 1.2 s of CPU, committed; then one full check, which
+    records what a check of this pipeline costs."""
+    path = p.repo.path / module
+    path.write_text(BURN + path.read_text())
+    p.repo.git("add", "-A")
+    p.repo.commit("a heavy import")
+    _, imported = p.status()
+    assert imported
+
 
 def _with_hook(p: Project, tmp_path: pathlib.Path) -> None:
     """The shipped hook installed by the real pre-commit framework, with the project's Python."""
@@ -515,6 +536,7 @@ def test_the_cycle_edit_build_add_commit_imports_nothing_in_the_hook(
     build's side check confirmed the entry), as does `status` after it, as the full path;
     the next `doit run` too. The side check printed nothing (dodo.py prints when imported)."""
     p = Project(tmp_path)
+    _heavy(p)
     dodo = p.repo.path / "dodo.py"
     dodo.write_text(dodo.read_text() + '\nimport sys\nprint("dodo.py imported", file=sys.stderr)\n')
     _with_hook(p, tmp_path)
@@ -561,6 +583,7 @@ def test_a_volatile_pipeline_is_never_answered_from_the_record_after_a_build(
     is volatile, and every check after the build imports dodo.py (and answers as the full
     path: the stage is stale in both)."""
     p = _volatile(Project(tmp_path))
+    _heavy(p)
     p.build()
     p.repo.git("add", "-A")
     for _ in range(3):
@@ -597,7 +620,7 @@ def test_an_edit_during_the_build_records_nothing(tmp_path: pathlib.Path) -> Non
     gate = tmp_path / "gate"
     gate.mkdir()
     root = p.repo.path
-    (root / "pkg/slow.py").write_text(SLOW.format(gate=str(gate)))
+    (root / "pkg/slow.py").write_text(BURN + SLOW.format(gate=str(gate)))
     (root / "conf").mkdir()
     (root / "conf/k.txt").write_text("2\n")
     dodo = root / "dodo.py"
@@ -609,6 +632,8 @@ def test_an_edit_during_the_build_records_nothing(tmp_path: pathlib.Path) -> Non
     )
     p.repo.git("add", "-A")
     p.repo.commit("slow")
+    _, imported = p.status()  # what a check costs, recorded: a side check will start
+    assert imported
     doit = p.doit(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         for _ in range(1200):
@@ -654,6 +679,7 @@ def test_the_side_check_dies_with_the_build_and_records_nothing(
     """Ctrl-C (SIGINT to the terminal's process group) or SIGKILL of `doit run` while its side
     check imports dodo.py: no process of the group is left, and nothing is recorded."""
     p = Project(tmp_path)
+    _heavy(p)
     root = p.repo.path
     heavy = root / "pkg/heavy.py"
     heavy.write_text(heavy.read_text().replace("import fakepkg", "import time\ntime.sleep(60)"))
@@ -688,6 +714,7 @@ def test_hfbuild_build_confirms_its_record_too(tmp_path: pathlib.Path) -> None:
     """`hfbuild build` after an edit has the same side check as `doit run`: the `status`
     after it answers without importing, as the full path."""
     p = Project(tmp_path)
+    _heavy(p)
     p.build()
     (p.repo.path / "pkg/util.py").write_text("OFFSET = 3\n")
     out = p.run("-m", "hfbuild", "build")
@@ -695,5 +722,24 @@ def test_hfbuild_build_confirms_its_record_too(tmp_path: pathlib.Path) -> None:
     assert "feat: built" in out.stdout, out.stdout
     answer, imported = p.status()
     assert not imported, "the status after `hfbuild build` imported the transform module"
+    full, _ = p.status(record=False)
+    assert _states(answer) == _states(full)
+
+
+def test_a_light_pipeline_starts_no_side_check(tmp_path: pathlib.Path) -> None:
+    """A pipeline whose full check costs less than `record.HEAVY`: its build starts no side
+    check (a second import would cost as much as the one it saves), so the check after the
+    build imports, and answers as the full path; the record holds what a check cost."""
+    p = Project(tmp_path)
+    p.build()
+    _, imported = p.status()
+    assert imported
+    records = list((p.repo.path / ".hfbuild" / "records").glob("*.json"))
+    costs = [e["cost"] for r in records for e in json.loads(r.read_text())["entries"]]
+    assert costs and all(0 < c < 1.0 for c in costs), costs
+    (p.repo.path / "pkg/util.py").write_text("OFFSET = 3\n")
+    p.build()
+    answer, imported = p.status()
+    assert imported, "a light pipeline's build started a side check"
     full, _ = p.status(record=False)
     assert _states(answer) == _states(full)

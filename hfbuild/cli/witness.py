@@ -64,6 +64,7 @@ def main(argv: Sequence[str]) -> int:
             "path": list(sys.path),
             "shape": pipe.shape(),
             "static": static_parts(doc),
+            "cost": time.process_time(),  # what this import cost: `record.Session.heavy`
         }
         out.write(json.dumps(answer, sort_keys=True))
         out.flush()

@@ -41,6 +41,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,11 @@ from hfbuild.store.store import Store
 
 FORMAT = 2
 KEEP = 8  # contexts kept per dodo file
+# CPU seconds from a process's start to its manifests above which a build's side check pays
+# (`Session.heavy`): a light pipeline's full check (interpreter, doit or the CLI, hfbuild,
+# dodo.py and its modules, keys) costs about 0.3-0.6 s here; an import of pandas and
+# scikit-learn alone about 2 s (bench/bench_noimport.py).
+HEAVY = 1.0
 
 
 class NeedsImport(Exception):
@@ -86,15 +92,25 @@ def enabled() -> bool:
     return os.environ.get("HFBUILD_RECORD", "").strip() not in {"0", "false", "no"}
 
 
-def _read(path: str) -> list[dict[str, Any]]:
+def _read_doc(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
     except (OSError, ValueError):
-        return []
+        return {}
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        return []
-    entries = doc.get("entries")
+        return {}
+    return doc
+
+
+def _read_cost(path: str) -> float:
+    """The CPU seconds the last full check of this dodo file cost (`Session.heavy`)."""
+    cost = _read_doc(path).get("cost")
+    return float(cost) if isinstance(cost, (int, float)) else 0.0
+
+
+def _read(path: str) -> list[dict[str, Any]]:
+    entries = _read_doc(path).get("entries")
     return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
@@ -130,6 +146,8 @@ class Session:
         self._walked: dict[str, Tree] = {}  # lock -> the tree `answer` walked, for `begin`
         self.sources: dict[str, dict[str, Any]] = {}  # mode -> the entry that answered it
         self.hook_env = hook_env_digest(self.root)
+        self.cost = 0.0  # CPU seconds of this process's full check (`computed`), for `heavy`
+        self.seen_cost = _read_cost(self.path)  # the last full check's, any process's
 
     @property
     def lock(self) -> str:
@@ -227,6 +245,11 @@ class Session:
 
     def computed(self, mode: str, ms: Manifests, *, clean: bool) -> None:
         """A full computation of `mode` gave `ms`; `clean`: without a warning or a stand-in."""
+        if not self.cost:  # what this full check cost, noted at exit even if this one builds
+            self.cost = time.process_time()
+            if not self._registered:
+                self._registered = True
+                atexit.register(self.finish)
         if self.dropped or mode in self.pending:
             return
         doc = dump_manifests(ms) if clean else None
@@ -246,9 +269,11 @@ class Session:
     def finish(self) -> None:
         """At exit: write an entry per mode computed in full, when the facts at exit are the
         facts before (but the lock, which the check itself may rewrite)."""
-        if self.dropped or not self.pending or self.shape is None:
-            return
         with contextlib.suppress(OSError, ValueError, TypeError):
+            if self.dropped or not self.pending or self.shape is None:
+                if self.cost:  # no entry, but what a full check of this dodo file costs
+                    self._save(_read(self.path))
+                return
             self._write()
 
     def _write(self) -> None:
@@ -287,14 +312,17 @@ class Session:
             if old is not None and same_facts(old.get("facts"), end) and state != "volatile":
                 same = old.get("manifests") == doc and old.get("pipeline") == shape
                 state = "confirmed" if same else "volatile"
-            entry = _entry(ctx, end, doc, shape, state, dodo_stat, self.hook_env)
+            entry = _entry(ctx, end, doc, shape, state, dodo_stat, self.hook_env, self.cost)
             entries = [entry] + [e for e in entries if e.get("context") != ctx]
         self._save(entries)
 
     def _save(self, entries: list[dict[str, Any]]) -> None:
         sharing.makedirs(os.path.dirname(self.path))
         sharing.write_json_atomic(
-            self.path, {"format": FORMAT, "entries": entries[:KEEP]}, durable=False, indent=None
+            self.path,
+            {"format": FORMAT, "entries": entries[:KEEP], "cost": self.cost or self.seen_cost},
+            durable=False,
+            indent=None,
         )
 
     def volatile(self) -> bool:
@@ -303,6 +331,14 @@ class Session:
         dodo_stat = _dodo_stat(self.dodo)
         return any(_still_volatile(e, dodo_stat) for e in self.entries)
 
+    def heavy(self) -> bool:
+        """Whether the last full check of this dodo file (any process's, a building one's too,
+        or this one's) cost at least `HEAVY` CPU seconds from its start to its manifests: only
+        then does a build start a side check (`witness.py`), whose fresh import saves the next
+        check that much. A light pipeline's check imports again, as cheap as the side check
+        would have been; a dodo file no full check has measured yet starts none."""
+        return max(self.cost, self.seen_cost) >= HEAVY
+
     def witnessed(
         self,
         facts: dict[str, Any],
@@ -310,6 +346,7 @@ class Session:
         contexts: list[tuple[dict[str, Any], str | None]],
         *,
         confirmed: bool,
+        cost: float,
     ) -> None:
         """Entries a build's side check decided (`witness.py`): the work-tree manifests `doc`
         computed after the build under `facts`, for each (context, hook environment) in
@@ -325,7 +362,7 @@ class Session:
                 state = (
                     "confirmed" if confirmed and not _still_volatile(old, dodo_stat) else "volatile"
                 )
-                entry = _entry(ctx, facts, doc, shape, state, dodo_stat, hook_env)
+                entry = _entry(ctx, facts, doc, shape, state, dodo_stat, hook_env, cost)
                 entries = [entry] + [e for e in entries if e.get("context") != ctx]
             self._save(entries)
 
@@ -353,8 +390,10 @@ def _entry(
     state: str,
     dodo_stat: list[int] | None,
     hook_env: str | None,
+    cost: float,
 ) -> dict[str, Any]:
     return {
+        "cost": round(cost, 3),
         "context": ctx,
         "facts": facts,
         "manifests": doc,

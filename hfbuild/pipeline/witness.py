@@ -106,10 +106,15 @@ class Witness:
         before the build."""
         if self.proc is not None or self.over or _in_child:
             return
-        self.over = True  # unless it starts
-        s = self.session = self.make_session()
+        s = self.session = self.session or self.make_session()
         if s is None or s.volatile():
-            return  # no record, or another import would differ again: the full path stays
+            self.over = True  # no record, or another import would differ again
+            return
+        if not s.heavy():
+            # An import as cheap as this side check, or not measured yet (this process's own
+            # full check measures it: at its first build it may start one): none now.
+            return
+        self.over = True  # unless it starts
         if facts is None:
             facts = capture(s.root, s.store, s.lock)
         if facts is None:
@@ -203,4 +208,7 @@ class Witness:
         contexts = [(answer["context"], answer.get("hook_env"))]
         if self.own and s.context("worktree") != answer["context"]:
             contexts.append((s.context("worktree"), s.hook_env))
-        s.witnessed(end, doc, contexts, confirmed=confirmed)
+        cost = answer.get("cost")
+        s.witnessed(
+            end, doc, contexts, confirmed=confirmed, cost=cost if isinstance(cost, float) else 0.0
+        )
