@@ -310,7 +310,7 @@ PREPARE = """
 import json, os, shutil, sys, warnings
 warnings.simplefilter("ignore")
 import dodo
-from hfbuild.builds import raytree as rx, shardunits
+from hfbuild.builds import packbuild, raytree as rx, shardunits
 from hfbuild.builds.stage import build
 from hfbuild.builds.units import Unit
 from hfbuild.store.remote import Remote
@@ -323,7 +323,10 @@ out = {}
 for name in ("raw", "feat"):
     m, spec = ms[name], pipe[name].spec
     s = m.shard_list[1 if name == "raw" else 2]  # not feat's input: that one is pushed
-    offset = shardunits.row_offsets(pipe, spec, m).get(s.key, 0)
+    via = ms["raw"].fingerprint if name == "feat" else None  # the input's list
+    if via is not None:  # its packed input shard written out, as shardunits does for Ray
+        packbuild.unpack(pipe.place, via, [s.input])
+    offset = shardunits.row_offsets(pipe.place, spec, m, via).get(s.key, 0)
     unit = Unit(spec, m, {d: ms[d] for d in spec.inputs}, s, offset)
     for key in unit.input_keys:
         remote.push(pipe.store, key, "input")

@@ -332,11 +332,9 @@ class Session:
         return any(_still_volatile(e, dodo_stat) for e in self.entries)
 
     def heavy(self) -> bool:
-        """Whether the last full check of this dodo file (any process's, a building one's too,
-        or this one's) cost at least `HEAVY` CPU seconds from its start to its manifests: only
-        then does a build start a side check (`witness.py`), whose fresh import saves the next
-        check that much. A light pipeline's check imports again, as cheap as the side check
-        would have been; a dodo file no full check has measured yet starts none."""
+        """Whether the last full check of this dodo file (any process's, or this one's) cost
+        `HEAVY` CPU seconds or more: only then does a build start a side check (`witness.py`);
+        a light pipeline's next check imports again, as cheap as the side check would be."""
         return max(self.cost, self.seen_cost) >= HEAVY
 
     def witnessed(
