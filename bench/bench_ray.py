@@ -1,23 +1,33 @@
-"""Per-task overhead of the Ray executor against the local one, on many tiny shards.
+"""Per-shard overhead of the Ray executor against the local one, with an S3 remote (moto).
 
-Run: `.venv/bin/python bench/bench_ray.py [--shards N]` (Ray comes with the test extra). In
-one go, in a temporary git repository: N tiny parquet files (10 rows each, so the time is all
-overhead), loaded by one sharded load stage (`raw`, N shards) and mapped by one sharded map
-stage (`m`, N shards). Each executor builds them in a fresh clone and store, stage by stage
-(`hfbuild build raw`, then `hfbuild build m`), timed separately: the local one in this
-process (`shardbuild`), the Ray one as one task per shard on a one-node Ray cluster on
-loopback (1 CPU; started before timing) with a file:// remote. Printed: seconds per shard
-for each stage and executor, the ratios (the anchor is the local executor) and the time
-each Ray task adds. Each Ray task pays for a round trip, the worker recomputing the shard's
-key from the shipped tree, pulling its input shard (a load shard: its data file, sent with
-the task), pushing its result to the remote and the driver pulling it back; all the shards
-of a stage share one shipped tree. On one small machine no speedup is expected, only the
-cost of going distributed.
+Run: `.venv/bin/python bench/bench_ray.py [--shards N] [--big M]` (Ray and moto come with
+the test extra). In one go, in a temporary git repository, with a moto S3 server on loopback
+as the remote and a one-node Ray cluster (1 CPU; started before timing):
+
+1. N tiny parquet files (10 rows each, so the time is all overhead), loaded by one sharded
+   load stage (`raw`, N shards) and mapped by one sharded map stage (`m`, N shards). Each
+   executor builds them in a fresh clone and store, stage by stage (`hfbuild build raw`,
+   then `hfbuild build m`), timed separately: the local one (the anchor, no remote), then the
+   Ray one, whose tasks each build several shards (`ray_executor.coalesce`). Printed: seconds
+   per shard for each, the ratio ray/local and the overhead per shard, (ray - local) / N.
+2. A stage of M tiny shards (a load of M files) built through Ray in a fresh clone: the
+   driver's own time in the Ray executor (checking the remote for each shard, uploading the
+   tree, submitting, pulling what the tasks published that arrived after the last task was
+   done, the stage's list, pushing it), that is the executor's time less connecting to the
+   cluster and less the span from the first submission waited on to the last shard's
+   result (the tasks' own work, with the pulls made meanwhile).
+
+Each task pays for a round trip, the worker's setup, and per shard recomputing its key
+from the shipped tree, pulling its input shard (a load shard: its data file, sent with the
+task), pushing its result to the remote, and the driver's checked pull. On one small machine
+no speedup is expected, only the cost of going distributed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import pathlib
 import signal
@@ -27,13 +37,14 @@ import sys
 import tempfile
 import textwrap
 import time
+from typing import Any
 
 PY = sys.executable
 BIN = pathlib.Path(PY).parent
 
 TRANSFORMS = """
-def add(batch, k):
-    return {"y": [x + k for x in batch["x"]]}
+def add(row, k):
+    return {"y": row["x"] + k}
 """
 
 DODO = """
@@ -43,7 +54,7 @@ import transforms as t
 
 pipe = Pipeline()
 raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
-pipe.map("m", raw, t.add, {"k": 1}, batched=True)
+pipe.map("m", raw, t.add, {"k": 1})
 
 
 def task_preprocess():
@@ -97,8 +108,93 @@ def _build_one(clone: pathlib.Path, env: dict[str, str], executor: str, stage: s
         raise SystemExit(f"hfbuild build --executor {executor} failed:\n{out.stderr}")
     n = len(list((clone / "data").iterdir()))
     if executor == "ray" and f"{stage}: {n}/{n} shards done, {n} built on ray" not in out.stderr:
-        raise SystemExit(f"{stage} was not built as {n} Ray tasks:\n{out.stderr}")
+        raise SystemExit(f"{stage} was not built on Ray:\n{out.stderr}")
     return seconds
+
+
+TIMED = """
+import json, os, sys, time
+from hfbuild.builds import ray_executor as rx
+
+marks = {"connect": 0.0}
+connect, result, wait, build = rx._connect, rx._result, rx._wait, rx.RayExecutor.build
+
+def timed_connect():
+    t = time.perf_counter()
+    connect()
+    marks["connect"] += time.perf_counter() - t
+
+def timed_result(*a):
+    r = result(*a)
+    marks["last"] = time.perf_counter()
+    return r
+
+def timed_wait(*a, **k):
+    marks.setdefault("wait", time.perf_counter())
+    return wait(*a, **k)
+
+def timed_build(self, place, unit):
+    t = time.perf_counter()
+    try:
+        return build(self, place, unit)
+    finally:
+        marks["build"] = time.perf_counter() - t
+
+rx._connect, rx._result, rx._wait, rx.RayExecutor.build = (
+    timed_connect, timed_result, timed_wait, timed_build
+)
+from hfbuild.cli.main import main
+
+sys.argv = ["hfbuild", "build", "raw", "--executor", "ray"]
+try:
+    code = main()
+except SystemExit as e:
+    code = e.code
+with open(os.environ["BENCH_MARKS"], "w") as f:
+    json.dump(marks, f)
+sys.exit(code or 0)
+"""
+
+
+def _bookkeeping(clone: pathlib.Path, env: dict[str, str], n: int) -> dict[str, float]:
+    """The Ray executor's marks building the `raw` stage of `n` shards in `clone`."""
+    marks = clone.parent / "marks.json"
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [PY, "-c", TIMED],
+        cwd=clone,
+        env={**env, "BENCH_MARKS": str(marks), "PYTHONPATH": str(clone)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    total = time.perf_counter() - t0
+    if out.returncode != 0 or f"raw: {n}/{n} shards done, {n} built on ray" not in out.stderr:
+        raise SystemExit(f"the {n}-shard Ray build failed:\n{out.stderr}")
+    got: dict[str, float] = json.loads(marks.read_text())
+    got["total"] = total
+    return got
+
+
+def _s3(env: dict[str, str]) -> tuple[Any, dict[str, str]]:
+    """A moto S3 server on loopback (as the tests start one) with a fresh bucket; the server
+    and the environment every process using the remote needs."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    creds = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    fs = s3fs.S3FileSystem(endpoint_url=creds["FSSPEC_S3_ENDPOINT_URL"], key="t", secret="t")
+    fs.mkdir("bench")
+    return server, {**env, **creds, "HFBUILD_REMOTE": "s3://bench/cache"}
 
 
 def _free_port() -> int:
@@ -109,12 +205,14 @@ def _free_port() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shards", type=int, default=200)
+    ap.add_argument("--shards", type=int, default=200, help="shards per stage of part 1")
+    ap.add_argument("--big", type=int, default=1000, help="shards of part 2's stage (0: skip)")
     args = ap.parse_args()
-    n = args.shards
+    n, big = args.shards, args.big
     with tempfile.TemporaryDirectory(prefix="hfbuild-bench-ray-") as d:
         base = pathlib.Path(d)
-        src = _project(base, n)
+        src = _project(base / "small", n)
+        big_src = _project(base / "big", big) if big else None
         env = {
             **os.environ,
             "HF_DATASETS_OFFLINE": "1",
@@ -128,6 +226,7 @@ def main() -> None:
         local_env = {**env, "HFBUILD_NO_REMOTE": "1"}
         local = _build(_clone(src, base / "local"), local_env, "local")
 
+        server, s3_env = _s3(env)
         port = _free_port()
         head = subprocess.Popen(
             [
@@ -148,32 +247,41 @@ def main() -> None:
                 "--temp-dir",
                 str(base / "ray"),
             ],
-            env=env,
+            env=s3_env,  # every node needs the remote's credentials and endpoint
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         try:
-            ray_env = {
-                **env,
-                "RAY_ADDRESS": f"127.0.0.1:{port}",
-                "HFBUILD_REMOTE": f"file://{base / 'remote'}",
-            }
+            ray_env = {**s3_env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
             _wait(ray_env)
             on_ray = _build(_clone(src, base / "ray-clone"), ray_env, "ray")
+            marks = {}
+            if big_src is not None:
+                marks = _bookkeeping(_clone(big_src, base / "big-clone"), ray_env, big)
         finally:
+            server.stop()
             os.killpg(head.pid, signal.SIGTERM)
             try:
                 head.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(head.pid, signal.SIGKILL)
-    print(f"{n} tiny shards per stage; Ray: one task per shard on a 1-CPU node")
+    print(f"{n} tiny shards per stage; Ray: a 1-CPU node, an S3 remote (moto) on loopback")
     for i, stage in enumerate(("load (raw)", "map (m)")):
         lo, ra = local[i], on_ray[i]
         print(
             f"{stage:10}  local {lo:7.2f} s ({lo / n * 1000:6.1f} ms/shard)   "
             f"ray {ra:7.2f} s ({ra / n * 1000:6.1f} ms/shard)   ratio ray/local {ra / lo:6.2f}x"
-            f"   (+{(ra - lo) / n * 1000:.1f} ms per task)"
+            f"   overhead {(ra - lo) / n * 1000:+.1f} ms per shard"
+        )
+    if marks:
+        cluster = marks["last"] - marks["wait"]
+        own = marks["build"] - marks["connect"] - cluster
+        print(
+            f"{big}-shard load through Ray: driver's bookkeeping {own:.2f} s "
+            f"({own / big * 1000:.2f} ms/shard; the executor {marks['build']:.2f} s, less "
+            f"connecting {marks['connect']:.2f} s and the tasks' span {cluster:.2f} s; "
+            f"the whole command {marks['total']:.2f} s)"
         )
 
 

@@ -989,3 +989,110 @@ def test_a_hub_stage_and_a_map_over_it_build_on_ray_as_locally(
     doit(local, "run", "preprocess", log=tmp_path / "local.log", env={"HFBUILD_NO_REMOTE": "1"})
     assert _lock(first) == _lock(local)
     assert _results(first, "raw", "feat") == _results(local, "raw", "feat")
+
+
+COALESCED = {
+    # feat records, from inside the transform, the Ray task and process it runs in; with
+    # FAIL_ROW set, it raises on that row.
+    "pkg/transforms.py": """
+        import os
+
+        from pkg.log import log
+        from pkg.util.mid import shift
+
+
+        def _task():
+            import ray
+
+            if not ray.is_initialized():
+                return "not-on-ray"
+            return ray.get_runtime_context().get_task_id()
+
+
+        def feat(row, k=1):
+            log("feat")
+            with open(os.environ["TASK_LOG"], "a") as f:
+                f.write(f"{_task()} {os.getpid()}\\n")
+            if str(row["x"]) == os.environ.get("FAIL_ROW"):
+                raise ValueError(f"bad row {row['x']}")
+            return {"y": shift(row["x"]) * k}
+
+        def keep(row, m=3):
+            log("keep")
+            return row["y"] % m != 0
+
+        def split(ds, seed=0):
+            log("split")
+            return ds.train_test_split(test_size=0.25, seed=seed)
+        """,
+    "pyproject.toml": (
+        '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "KILL_IN", "TASK_LOG", "FAIL_ROW"]\n'
+    ),
+}
+
+
+def _coalesced_project(repo: Repo) -> None:
+    """Six tiny files (part-0's 40 rows, then 20 each), row-local stages, feat recording
+    its Ray task; keys of its own (the nodes' stores outlive a test)."""
+    make_project(repo)
+    _row_local(repo)
+    log_py = (repo.path / "pkg" / "log.py").read_text()
+    repo.write({**COALESCED, "pkg/log.py": log_py + f"# {uuid.uuid4().hex}\n"})
+    for i in range(1, 6):
+        _add_part(repo, i)
+
+
+def test_small_shards_travel_coalesced_and_each_is_published(
+    repo: Repo, tmp_path: pathlib.Path, remote: str
+) -> None:
+    """Six tiny shards per stage on a 2-CPU cluster travel in fewer Ray tasks than shards, as
+    the transform itself records (its task ids, none in the driver); each row is mapped once;
+    each shard is published on the remote under its own key (data and manifest), the keys
+    the lock records; keys, content hashes and results equal a local build's."""
+    _coalesced_project(repo)
+    first = repo.clone(tmp_path / "first")
+    tasks = tmp_path / "tasks.log"
+    log = tmp_path / "first.log"
+    out = doit(first, "run", "preprocess", log=log, env={**RAY_ENV, "TASK_LOG": str(tasks)})
+    assert calls(log) == {"feat": 140, "keep": 140, "split": 1, "lens": 140}  # once per row
+    ran = {line.split()[0] for line in tasks.read_text().splitlines()}
+    assert "not-on-ray" not in ran
+    assert 1 < len(ran) < 6, ran  # 6 shards, in as many tasks as the cluster has CPUs
+    assert "feat: 6/6 shards done, 6 built on ray" in out.stderr
+
+    lock = json.loads((first.path / "hfbuild.lock").read_text())["stages"]
+    entries = _remote_entries(remote)
+    for stage in ("raw", "feat", "kept", "lens"):
+        keys = lock[stage]["shard_hashes"]
+        assert len(keys) == 6
+        for key in keys:  # each shard its own entry: data under its own name, then manifest
+            assert len(entries[key]) == 2 and entries[key][0].startswith("data-"), key
+    assert _remote_hashes(remote, list(lock["feat"]["shard_hashes"])) == list(
+        lock["feat"]["shard_hashes"].values()
+    )
+
+    local = repo.clone(tmp_path / "local")
+    env = {"HFBUILD_NO_REMOTE": "1", "TASK_LOG": str(tmp_path / "local-tasks.log")}
+    doit(local, "run", "preprocess", log=tmp_path / "local.log", env=env)
+    assert _lock(first) == _lock(local)
+    assert results(first) == results(local)
+
+
+def test_a_failing_shard_in_a_coalesced_task_names_its_file(
+    repo: Repo, tmp_path: pathlib.Path, remote: str
+) -> None:
+    """A row of the second of three shards one task builds raises: the stage fails with the
+    local build's message, its first line naming that shard's data file; the stage's list is
+    not published."""
+    _coalesced_project(repo)
+    clone = repo.clone(tmp_path / "clone")
+    env = {**RAY_ENV, "TASK_LOG": str(tmp_path / "tasks.log"), "FAIL_ROW": "45"}  # part-1
+    out = doit(clone, "run", "preprocess:feat", log=tmp_path / "c.log", check=False, env=env)
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    first = next(line for line in text.splitlines() if "ValueError: bad row 45" in line)
+    assert "stage 'feat' (shard data/part-1.parquet) failed: ValueError: bad row 45" in first
+    assert 'transforms.py", line' in text  # the user's traceback follows, as locally
+    assert "Traceback" not in text
+    lock = json.loads((clone.path / "hfbuild.lock").read_text())["stages"]
+    assert "feat" not in lock

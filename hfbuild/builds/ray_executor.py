@@ -44,23 +44,30 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
+import os
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from hfbuild.builds import shardunits
 from hfbuild.builds.local import build_here
 from hfbuild.builds.raytree import shard_data, shipped_files, task_args, task_env, upload_tree
-from hfbuild.builds.rayworker import run_unit
+from hfbuild.builds.rayworker import run_shards, run_unit
 from hfbuild.builds.units import Unit
+from hfbuild.core import threads
 from hfbuild.core.errors import BuildError, ConfigError, RemoteWarning, StoreError
 from hfbuild.core.spec import Report
 
 if TYPE_CHECKING:
     from hfbuild.keys.place import Place
     from hfbuild.store.remote import Remote
+
+# Held while a fetched result's run-time reads are added to its stage's record.
+_RECORDING = threading.Lock()
 
 # A worker killed mid-task (OOM, preemption, SIGKILL) is retried this many times by Ray.
 MAX_RETRIES = 3
@@ -110,24 +117,54 @@ def _remote(place: Place, label: str) -> Remote:
 
 def build_units(place: Place, units: Sequence[Unit], label: str) -> list[Report]:
     """Build `units` (one stage's, or one stage's shards) on the cluster and publish each
-    into `place.store`. The caller holds the store's lock for each unit's static
+    into `place.store`: whole-stage units one task each, shards coalesced into few tasks
+    (`coalesce`). Each result is pulled as soon as its task yields it, a few at a time,
+    while the cluster works on. The caller holds the store's lock for each unit's static
     fingerprint."""
     remote = _remote(place, label)
     _connect()
-    for unit in units:
-        for name, fp in zip(unit.spec.inputs, unit.input_keys, strict=True):
-            _ensure_remote(place, remote, name, fp)
-    packages: dict[tuple[tuple[str, str], ...], str] = {}  # one upload per distinct tree
-    refs = [_submit(place, remote, u, packages) for u in units]
+    _ensure_inputs(place, remote, units)
+    tasks = _submit_all(place, remote, units)
     t0 = time.perf_counter()
-    results = _wait(refs, label, units)
-    reports = []
-    for unit, res in zip(units, results, strict=True):
+    pulls: threads.Pool[tuple[int, Mapping[str, Any]], Report] = threads.Pool(
+        lambda got: _fetch(place, remote, units[got[0]], got[1], time.perf_counter() - t0)
+    )
+    refused: dict[int, str] = {}
+    order: list[int] = []  # the units in the order their results arrived
+
+    def arrived(i: int, res: Mapping[str, Any]) -> None:
         if "refused" in res:
-            reports.append(_build_refused_here(place, unit, str(res["refused"])))
+            refused[i] = str(res["refused"])
         else:
-            reports.append(_fetch(place, remote, unit, res, time.perf_counter() - t0))
+            order.append(i)
+            pulls.submit((i, res))
+
+    try:
+        _wait(tasks, label, units, arrived)
+        fetched = dict(zip(order, pulls.results(), strict=True))
+    finally:
+        pulls.close()
+    reports: list[Report] = []
+    for i, unit in enumerate(units):
+        if i in refused:
+            reports.append(_build_refused_here(place, unit, refused[i]))
+            continue
+        got = fetched[i]
+        if isinstance(got, Exception):
+            raise got
+        reports.append(got)
     return reports
+
+
+def _ensure_inputs(place: Place, remote: Remote, units: Sequence[Unit]) -> None:
+    """Every input of `units` on the remote (`_ensure_remote`), a few at a time: a stage's
+    shard units each have their own input shard."""
+    wanted = {fp: name for u in units for name, fp in zip(u.spec.inputs, u.input_keys, strict=True)}
+    for got in threads.each(
+        lambda item: _ensure_remote(place, remote, item[1], item[0]), wanted.items()
+    ):
+        if isinstance(got, Exception):
+            raise got
 
 
 def _build_refused_here(place: Place, unit: Unit, why: str) -> Report:
@@ -187,19 +224,124 @@ def _share(place: Place, remote: Remote, name: str, fp: str) -> None:
         ) from e
 
 
+# A task holds consecutive shards of one stage up to either budget: then the task's fixed
+# cost (a round trip to the cluster, the worker's setup) is paid once for many tiny shards,
+# while a shard of real work still travels alone. Measured with bench/bench_ray.py.
+TASK_ROWS = 100_000
+TASK_BYTES = 64 * 1024 * 1024
+# At most this many shards of no size in one task: what a retried task redoes (all of them).
+TASK_SHARDS = 256
+
+
+class _Task(NamedTuple):
+    """One submitted task: what `ray.wait` waits on (a task's ref, or a generator of one
+    result per shard) and the indices of the units whose results it brings, in order."""
+
+    waitable: Any
+    units: list[int]
+
+
+def _submit_all(place: Place, remote: Remote, units: Sequence[Unit]) -> list[_Task]:
+    packages: dict[tuple[tuple[str, str], ...], str] = {}  # one upload per distinct tree
+    shards = [i for i, u in enumerate(units) if u.shard is not None]
+    out = [
+        _Task(_submit(place, remote, u, packages), [i])
+        for i, u in enumerate(units)
+        if u.shard is None
+    ]
+    if shards:
+        weights = [_weight(place, units[i]) for i in shards]
+        for group in coalesce(weights, _cluster_cpus()):
+            idx = [shards[g] for g in group]
+            out.append(_Task(_submit_shards(place, remote, [units[i] for i in idx], packages), idx))
+    return out
+
+
+def _weight(place: Place, unit: Unit) -> tuple[int, int]:
+    """(rows, bytes) a shard unit reads, as far as the driver knows without reading it: a
+    load shard's data file's size (its rows are not known before it is read), a transform
+    shard's input shard's rows and size from its manifest in this store."""
+    assert unit.shard is not None
+    if unit.spec.kind == "load":
+        try:
+            return 0, os.path.getsize(os.path.join(place.root, unit.shard.label))
+        except OSError:
+            return 0, 0
+    doc = place.store.read_manifest(unit.shard.input) or {}
+    files = doc.get("files") if isinstance(doc.get("files"), dict) else {}
+    return int(doc.get("rows") or 0), sum(int(v) for v in (files or {}).values())
+
+
+def coalesce(weights: Sequence[tuple[int, int]], cpus: int) -> list[list[int]]:
+    """Consecutive shards (by index into `weights`, each its (rows, bytes)) grouped into
+    tasks: as few as the budgets allow (`TASK_ROWS`, `TASK_BYTES`, `TASK_SHARDS`), but at
+    least one per CPU of the cluster while there are shards enough, of about equal cost."""
+    if not weights:
+        return []
+    costs = [max(r / TASK_ROWS, b / TASK_BYTES) + 1 / TASK_SHARDS for r, b in weights]
+    total = sum(costs)
+    n = min(len(costs), max(math.ceil(total), cpus, 1))
+    target = total / n
+    groups: list[list[int]] = [[] for _ in range(n)]
+    done = 0.0
+    for i, c in enumerate(costs):  # each shard to the task its cost's midpoint falls in
+        groups[min(n - 1, int((done + c / 2) / target))].append(i)
+        done += c
+    return [g for g in groups if g]
+
+
+def _cluster_cpus() -> int:
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1)  # type: ignore[no-untyped-call]
+    return max(1, int(cpus))
+
+
 def _submit(
     place: Place, remote: Remote, unit: Unit, packages: dict[tuple[tuple[str, str], ...], str]
 ) -> Any:
     job, spec = task_args(place, remote, unit)
     data = shard_data(place, unit)
     name = f"hfbuild:{unit.spec.name}"
-    if unit.shard is not None:
-        name += f":{unit.shard.label}"
+    return (
+        _task().options(name=name, runtime_env=_env(place, unit, packages)).remote(job, spec, data)
+    )
+
+
+def _env(
+    place: Place, unit: Unit, packages: dict[tuple[tuple[str, str], ...], str]
+) -> dict[str, Any]:
     files = tuple(shipped_files(unit.manifest, unit.shard))
     if files not in packages:
         packages[files] = upload_tree(place, files)
-    env = {"working_dir": packages[files], "env_vars": task_env(place, unit.manifest)}
-    return _task().options(name=name, runtime_env=env).remote(job, spec, data)
+    return {"working_dir": packages[files], "env_vars": task_env(place, unit.manifest)}
+
+
+def _submit_shards(
+    place: Place,
+    remote: Remote,
+    units: Sequence[Unit],
+    packages: dict[tuple[tuple[str, str], ...], str],
+) -> Any:
+    """One task building `units`, shards of one stage, in order (`rayworker.run_shards`): what
+    they share travels once, each shard's own part (its key, input, offset, data file) with it."""
+    job, spec = task_args(place, remote, units[0])
+    own = ("inputs", "shard")
+    common = {k: v for k, v in job.items() if k not in own}
+    parts, datas, pins = [], [], {}
+    for u in units:
+        j = job if u is units[0] else task_args(place, remote, u, pickled=False)[0]
+        parts.append({k: j[k] for k in own})
+        pins.update(j["pins"])
+        datas.append(shard_data(place, u))
+    common["pins"] = pins
+    first, last = units[0].shard, units[-1].shard
+    assert first is not None and last is not None
+    name = f"hfbuild:{units[0].spec.name}:{first.label}"
+    if len(units) > 1:
+        name += f"..{last.label}"
+    env = _env(place, units[0], packages)
+    return _shards_task().options(name=name, runtime_env=env).remote(common, spec, parts, datas)
 
 
 @functools.cache
@@ -209,42 +351,74 @@ def _task() -> Any:
     return ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(run_unit)
 
 
-def _wait(refs: list[Any], label: str, units: Sequence[Unit]) -> list[dict[str, Any]]:
-    """Each task's result, showing units done / total for the stage (for shard units: the
-    stage's shards done, those already stored included, out of all its shards); Ctrl-C (or
-    a failed unit) cancels the tasks still outstanding."""
+@functools.cache
+def _shards_task() -> Any:
+    """A generator task: Ray streams each shard's result to the driver as it is yielded; a
+    retry (its worker died) runs the task again from its first shard, and Ray hands on only
+    the results the first attempt had not yielded."""
+    import ray
+
+    return ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(run_shards)
+
+
+def _wait(
+    tasks: Sequence[_Task],
+    label: str,
+    units: Sequence[Unit],
+    arrived: Callable[[int, Mapping[str, Any]], None],
+) -> None:
+    """Each unit's result handed to `arrived` as its task yields it, showing units done /
+    total for the stage (for shard units: the stage's shards done, those already stored
+    included, out of all its shards); Ctrl-C (or a failed unit) cancels the tasks still
+    outstanding."""
     import ray
 
     from hfbuild.core import progress
 
-    pending = list(refs)
-    results: dict[Any, dict[str, Any]] = {}
-    total, what = len(refs), "units"
+    todo = {t.waitable: list(t.units) for t in tasks}
+    total, what = len(units), "units"
     if units and units[0].shard is not None:
         total, what = len(units[0].manifest.shard_list), "shards"
     bar = progress.bar(total, f"{label} on ray", unit=what[:-1])
-    bar.update(total - len(refs))
+    bar.update(total - len(units))
+    here = 0
     try:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
-            for ref in done:
-                results[ref] = _result(ray, ref, label)
+        while todo:
+            ready, _ = ray.wait(list(todo), num_returns=1, timeout=0.5)
+            for w in ready:
+                left = todo[w]
+                if isinstance(w, ray.ObjectRefGenerator):
+                    try:
+                        ref = next(w)
+                    except StopIteration:
+                        del todo[w]
+                        if left:
+                            raise BuildError(
+                                f"stage {label!r}: a Ray task ended without building "
+                                f"{len(left)} of its shards; build again."
+                            ) from None
+                        continue
+                else:
+                    ref = w
+                    del todo[w]
+                res = _result(ray, ref, label)
+                here += "refused" in res
+                arrived(left.pop(0), res)
                 bar.update(1)
     except BaseException:
-        for ref in pending:
+        for w in todo:
             with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
+                ray.cancel(w, force=True)
         raise
     finally:
         bar.close()
-    here = sum("refused" in r for r in results.values())  # built by the driver next
     also = f", {here} to build here (a worker refused its input)" if here else ""
     if what == "shards":
-        line = f"{total}/{total} shards done, {len(refs) - here} built on ray"
+        line = f"{total}/{total} shards done, {len(units) - here} built on ray"
+        line += f" ({len(tasks)} task{'s' if len(tasks) != 1 else ''})"
     else:
-        line = f"{len(refs) - here}/{len(refs)} units built on ray"
+        line = f"{len(units) - here}/{len(units)} units built on ray"
     print(f"{label}: {line}{also}", file=sys.stderr)
-    return [results[r] for r in refs]
 
 
 def _result(ray: Any, ref: Any, label: str) -> dict[str, Any]:
@@ -279,7 +453,8 @@ def _fetch(place: Place, remote: Remote, unit: Unit, res: Mapping[str, Any], sec
         )
     observed = [str(p) for p, _ in (store.read_manifest(fp) or {}).get("observed") or []]
     if observed:
-        store.add_observed(m.static_fingerprint, observed)
+        with _RECORDING:
+            store.add_observed(m.static_fingerprint, observed)
     return Report(unit.spec.name, fp, "built", res.get("rows"), float(res.get("seconds", secs)))
 
 
@@ -298,5 +473,6 @@ def _fetch_shard(
             f"{fp}, but the remote {remote.url} does not hold it; build again."
         )
     if fp != unit.key:
-        store.add_observed(unit.manifest.static_fingerprint, [str(p) for p in res["observed"]])
+        with _RECORDING:  # results are fetched on threads; the record is read, then rewritten
+            store.add_observed(unit.manifest.static_fingerprint, [str(p) for p in res["observed"]])
     return Report(unit.spec.name, fp, "built", res.get("rows"), float(res.get("seconds", secs)))

@@ -205,9 +205,12 @@ def shard_data(place: Place, unit: Unit) -> bytes | None:
     return Snapshot(place.root).content(unit.shard.label, unit.shard.input)
 
 
-def task_args(place: Place, remote: Remote, unit: Unit) -> tuple[dict[str, Any], bytes]:
+def task_args(
+    place: Place, remote: Remote, unit: Unit, *, pickled: bool = True
+) -> tuple[dict[str, Any], bytes]:
     """What a unit's task receives besides its tree (`run_unit`'s arguments): the job, plain
-    JSON-able values, and the pickled spec."""
+    JSON-able values, and the pickled spec (b"" unless `pickled`: the shards of one task
+    share their stage's)."""
     from ray import cloudpickle
 
     m = unit.manifest
@@ -231,6 +234,8 @@ def task_args(place: Place, remote: Remote, unit: Unit) -> tuple[dict[str, Any],
             job["shard"].update(_decided_features(unit.spec, m))
     # The spec is pickled here and unpickled by the task once the shipped tree is on its
     # path: its callable travels by module and name, never as code.
+    if not pickled:
+        return job, b""
     spec: bytes = cloudpickle.dumps(unit.spec)  # type: ignore[no-untyped-call]
     return job, spec
 

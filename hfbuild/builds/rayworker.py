@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from hfbuild.core.errors import BuildError, HfbuildError
@@ -49,65 +49,128 @@ def worker_store() -> str:
 
 
 def run_unit(job: dict[str, Any], spec_bytes: bytes, data: bytes | None = None) -> dict[str, Any]:
-    """The Ray task: build one unit from the shipped tree (the task's working directory) and
-    `data` (a load shard's data file), and publish it to the remote. A user error comes back
-    as {"error": message}."""
+    """The Ray task of a whole-stage unit: build it from the shipped tree (the task's working
+    directory) and publish it to the remote. A user error comes back as {"error": message}."""
     root = os.getcwd()
     try:
-        return _run_unit(root, job, spec_bytes, data)
+        return _run_unit(_Task(root, job, spec_bytes), job)
     except HfbuildError as e:
-        return {"error": str(e).replace(root, str(job["driver_root"]))}
+        return {"error": _driver_paths(e, root, job)}
 
 
-def _run_unit(
-    root: str, job: dict[str, Any], spec_bytes: bytes, data: bytes | None
-) -> dict[str, Any]:
-    from ray import cloudpickle
+def run_shards(
+    job: dict[str, Any],
+    spec_bytes: bytes,
+    shards: list[dict[str, Any]],
+    datas: list[bytes | None],
+) -> Iterator[dict[str, Any]]:
+    """The Ray task of one or more shards of a stage (`job` is what they share; each of
+    `shards` its own part, each of `datas` a load shard's data file): one result per shard,
+    in order, yielded as soon as the shard is published, so the driver counts and pulls it
+    while the next one builds. A user error ends the task with {"error": message} for the
+    shard it came from, named by its file; the shards after it are not built."""
+    root = os.getcwd()
+    try:
+        task = _Task(root, job, spec_bytes)
+    except HfbuildError as e:
+        yield {"error": _driver_paths(e, root, job)}
+        return
+    for part, data in zip(shards, datas, strict=True):
+        label = str(part["shard"]["label"])
+        try:
+            yield _run_shard(task, {**job, **part}, data)
+        except HfbuildError as e:
+            yield {"error": _name_shard(_driver_paths(e, root, job), str(job["stage"]), label)}
+            return
 
+
+def _driver_paths(e: Exception, root: str, job: Mapping[str, Any]) -> str:
+    """An error's message with the shipped tree's paths given as the driver's."""
+    return str(e).replace(root, str(job["driver_root"]))
+
+
+def _name_shard(message: str, stage: str, label: str) -> str:
+    """A shard's error naming its file (a transform's own failure names its stage only)."""
+    if label in message.split("\n", 1)[0]:
+        return message
+    head = f"stage {stage!r}"
+    if head in message:
+        return message.replace(head, f"{head} (shard {label})", 1)
+    return f"{head} (shard {label}): {message}"
+
+
+class _Task:
+    """What every unit of one task shares: the shipped tree on the import path (the driver's
+    directories off it), the spec unpickled from it, the node's store, the remote with the
+    pins the driver sent, and a `Place` over them."""
+
+    def __init__(self, root: str, job: Mapping[str, Any], spec_bytes: bytes) -> None:
+        from ray import cloudpickle
+
+        from hfbuild.keys.place import Place
+        from hfbuild.source.datafiles import StatCache
+        from hfbuild.store.lockfile import LOCK_NAME, Pin
+        from hfbuild.store.remote import Remote
+        from hfbuild.store.store import Store
+
+        # Ray puts the driver's working directory on a worker's path (for clusters whose
+        # nodes share a file system): the project's code must come from the shipped tree.
+        driver = os.path.realpath(str(job["driver_root"]))
+        sys.path[:] = [
+            p
+            for p in sys.path
+            if not (os.path.realpath(p or ".") + os.sep).startswith(driver + os.sep)
+        ]
+        for rel in reversed(job["paths"]):
+            p = os.path.normpath(os.path.join(root, rel))
+            if p in sys.path:
+                sys.path.remove(p)
+            sys.path.insert(0, p)
+        self.root = root
+        self.spec = cloudpickle.loads(spec_bytes)
+        self.store = Store(worker_store())
+        pins = {str(k): Pin(str(h), str(s), bool(sh)) for k, (h, s, sh) in job["pins"].items()}
+        self.remote = Remote(str(job["remote"]), lambda: pins)
+        stat_cache = StatCache(os.path.join(self.store.root, "statcache.json"))
+        lock = os.path.join(root, LOCK_NAME)
+        spec = self.spec
+        self.place = Place(
+            root, self.store, stat_cache, lock, LOCK_NAME, lambda: None, {spec.name: spec}
+        )
+
+    def take_inputs(self, job: Mapping[str, Any]) -> str | None:
+        """Have the unit's inputs in the node's store; a refusal's message, else None."""
+        from hfbuild.store.remotereach import RefusedEntryError
+
+        name = str(job["stage"])
+        for dep, fp in job["inputs"].items():
+            try:
+                _take_input(self.store, self.remote, fp, dep)
+            except RefusedEntryError as e:
+                return str(e)
+            if not self.store.has(fp):
+                raise BuildError(
+                    f"stage {name!r}: its input {dep!r} ({fp}) is not on the remote "
+                    f"{self.remote.url}."
+                )
+        return None
+
+
+def _run_unit(task: _Task, job: dict[str, Any]) -> dict[str, Any]:
     from hfbuild.builds.local import build_here
     from hfbuild.keys.manifests import stage_manifest
-    from hfbuild.keys.place import Place
-    from hfbuild.source.datafiles import StatCache
     from hfbuild.source.gitstate import Snapshot
-    from hfbuild.store.lockfile import LOCK_NAME, Pin
-    from hfbuild.store.remote import Remote
-    from hfbuild.store.remotereach import RefusedEntryError
-    from hfbuild.store.store import Store
 
-    # Ray puts the driver's working directory on a worker's path (for clusters whose nodes
-    # share a file system): the project's code must come from the shipped tree alone.
-    driver = os.path.realpath(str(job["driver_root"]))
-    sys.path[:] = [
-        p for p in sys.path if not (os.path.realpath(p or ".") + os.sep).startswith(driver + os.sep)
-    ]
-    for rel in reversed(job["paths"]):
-        p = os.path.normpath(os.path.join(root, rel))
-        if p in sys.path:
-            sys.path.remove(p)
-        sys.path.insert(0, p)
-    spec = cloudpickle.loads(spec_bytes)
-    name = str(job["stage"])
-    store = Store(worker_store())
-    pins = {str(k): Pin(str(h), str(s), bool(sh)) for k, (h, s, sh) in job["pins"].items()}
-    remote = Remote(str(job["remote"]), lambda: pins)
+    refused = task.take_inputs(job)
+    if refused is not None:
+        return {"refused": refused}
+    spec, store, name = task.spec, task.store, str(job["stage"])
     inputs: dict[str, str] = job["inputs"]
-    for dep, fp in inputs.items():
-        try:
-            _take_input(store, remote, fp, dep)
-        except RefusedEntryError as e:
-            return {"refused": str(e)}
-        if not store.has(fp):
-            raise BuildError(
-                f"stage {name!r}: its input {dep!r} ({fp}) is not on the remote {remote.url}."
-            )
-    stat_cache = StatCache(os.path.join(store.root, "statcache.json"))
-    lock = os.path.join(root, LOCK_NAME)
-    place = Place(root, store, stat_cache, lock, LOCK_NAME, lambda: None, {spec.name: spec})
-    if "shard" in job:
-        return _run_shard(root, job, spec, place, remote, data)
     done = cast("Mapping[str, Manifest]", {d: _Key(fp) for d, fp in inputs.items()})
     # Its key holds its inputs' results as the entries pulled above record them (inputid.py).
-    m = stage_manifest(spec, Snapshot(root), done, stat_cache, lookup=store.intact_manifest)
+    m = stage_manifest(
+        spec, Snapshot(task.root), done, task.place.stat_cache, lookup=store.intact_manifest
+    )
     if m.static_fingerprint != job["static"]:
         raise _other_key(f"stage {name!r}", m.static_fingerprint, job["static"], job["doc"], m.doc)
     t0 = time.perf_counter()
@@ -116,9 +179,9 @@ def _run_unit(
             doc = store.read_manifest(m.fingerprint) or {}
             report = Report(name, m.fingerprint, "built", stored_rows(doc), 0.0)
         else:
-            report = build_here(place, spec, m, done)
+            report = build_here(task.place, spec, m, done)
     fp = report.fingerprint
-    remote.push(store, fp, name)
+    task.remote.push(store, fp, name)
     return {
         "fingerprint": fp,
         "rows": report.rows,
@@ -184,26 +247,22 @@ class _ShardedInput(NamedTuple):
     shard_list: list[Any]
 
 
-def _run_shard(
-    root: str, job: dict[str, Any], spec: Any, place: Place, remote: Remote, data: bytes | None
-) -> dict[str, Any]:
-    """One shard: its key recomputed from what the task received (the code key from the
-    stage's code in the tree, a load shard's input from the blob id of the data file's bytes
-    sent with it, the observed files' ids from their shipped copies; the digest of the keys
-    before it, for `with_indices`, as sent), refused when it is not the driver's, then built
-    and published to the remote."""
+def _run_shard(task: _Task, job: dict[str, Any], data: bytes | None) -> dict[str, Any]:
+    """One shard: its input taken from the remote (a refusal comes back as {"refused": ...}),
+    its key recomputed from what the task received (the code key from the stage's code in
+    the tree, a load shard's input from the blob id of the data file's bytes sent with it,
+    the observed files' ids from their shipped copies; the digest of the keys before it, for
+    `with_indices`, as sent), refused when it is not the driver's, then built and published
+    to the remote."""
+    refused = task.take_inputs(job)
+    if refused is not None:
+        return {"refused": refused}
     with tempfile.TemporaryDirectory(prefix="hfbuild-ray-data-") as d:
-        return _run_shard_in(root, job, spec, place, remote, data, d)
+        return _run_shard_in(task, job, data, d)
 
 
 def _run_shard_in(
-    root: str,
-    job: dict[str, Any],
-    spec: Any,
-    place: Place,
-    remote: Remote,
-    data: bytes | None,
-    scratch: str,
+    task: _Task, job: dict[str, Any], data: bytes | None, scratch: str
 ) -> dict[str, Any]:
     import dataclasses
 
@@ -213,6 +272,7 @@ def _run_shard_in(
     from hfbuild.keys.manifests import stage_manifest
     from hfbuild.source.gitstate import Snapshot
 
+    root, spec, place, remote = task.root, task.spec, task.place, task.remote
     sh: dict[str, Any] = job["shard"]
     name = str(job["stage"])
     label = str(sh["label"])

@@ -83,26 +83,28 @@ def build(place: Place, executor: Executor, unit: Unit) -> Report:
 
 def missing(place: Place, m: Manifest, label: str) -> list[Shard]:
     """The shards of `m` that neither the store nor the remote holds, in order; those the
-    remote holds are pulled (a remote entry failing its checks is reported and built)."""
+    remote holds are pulled, a few at a time (`threads.each`; a remote entry failing its
+    checks is reported, in order, and built)."""
+    from hfbuild.core import threads
     from hfbuild.store.remotereach import RemoteError, unavailable
 
     store = place.store
     remote = place.remote()
     last = store.get_ref(label)  # the stage's last list: where a shard of a pack is found
+    absent = [s for s in m.shard_list if not store.has_shard(s.key, last)]
+    if remote is None or not absent:
+        return absent
+    pulled = threads.each(lambda s: remote.pull(store, s.key, f"{label} {s.label}"), absent)
     out = []
-    for s in m.shard_list:
-        if store.has_shard(s.key, last):
-            continue
-        if remote is not None:
-            try:
-                remote.pull(store, s.key, f"{label} {s.label}")
-            except RemoteError as e:
-                message = unavailable(e, f"stage {label!r}", ray=True)
-                if message is not None:
-                    warnings.warn(message, RemoteWarning, stacklevel=3)
-            if store.has(s.key):
-                continue
-        out.append(s)
+    for s, got in zip(absent, pulled, strict=True):
+        if isinstance(got, RemoteError):
+            message = unavailable(got, f"stage {label!r}", ray=True)
+            if message is not None:
+                warnings.warn(message, RemoteWarning, stacklevel=3)
+        elif isinstance(got, Exception):
+            raise got
+        if not store.has(s.key):
+            out.append(s)
     return out
 
 

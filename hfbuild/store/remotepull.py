@@ -21,6 +21,7 @@ import contextlib
 import os
 import re
 import shutil
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -305,29 +306,40 @@ def _pack_row(
     )
 
 
-def _check_content(store: Store, tmp: str, fp: str, doc: Mapping[str, Any], label: str) -> None:
-    """Load the downloaded entry (Arrow and JSON only; an indices entry over its base, pulled
-    and checked before it) and compare its content hash."""
+# Pulls may run on threads (`core/threads.py`): datasets' loading is not safe there (tqdm
+# deletes its class's lock when its last bar closes, and a bar opened meanwhile fails), and
+# hashing is work for the CPU, not waiting, so loads and hashes take turns.
+_LOADING = threading.Lock()
+
+
+def _content_hash(store: Store, fp: str, doc: Mapping[str, Any], label: str, data: str) -> str:
     import datasets
 
     from hfbuild.store.content import dataset_hash, pack_mismatch
 
+    if isinstance(doc.get("indices"), dict):
+        why = store.check_base(dict(doc))
+        if why is not None:
+            raise RefusedEntryError(f"remote entry {fp} ({label}): {why}; not used.")
+        return dataset_hash(store.load_indices(fp, dict(doc), data))
+    loaded = datasets.load_from_disk(data, keep_in_memory=False)
+    got = dataset_hash(loaded)
+    if isinstance(doc.get("pack"), list):  # a pack: each shard's rows, too
+        why = pack_mismatch(loaded.data.table, doc["pack"])
+        if why is not None:
+            raise RefusedEntryError(f"remote entry {fp} ({label}): {why}; not used.")
+    return got
+
+
+def _check_content(store: Store, tmp: str, fp: str, doc: Mapping[str, Any], label: str) -> None:
+    """Load the downloaded entry (Arrow and JSON only; an indices entry over its base, pulled
+    and checked before it) and compare its content hash."""
     if isinstance(doc.get("shards"), list):
         return  # its shards were each checked against its rows when pulled (`_pull_shards`)
     data = os.path.join(tmp, "data")
     try:
-        if isinstance(doc.get("indices"), dict):
-            why = store.check_base(dict(doc))
-            if why is not None:
-                raise RefusedEntryError(f"remote entry {fp} ({label}): {why}; not used.")
-            got = dataset_hash(store.load_indices(fp, dict(doc), data))
-        else:
-            loaded = datasets.load_from_disk(data, keep_in_memory=False)
-            got = dataset_hash(loaded)
-            if isinstance(doc.get("pack"), list):  # a pack: each shard's rows, too
-                why = pack_mismatch(loaded.data.table, doc["pack"])
-                if why is not None:
-                    raise RefusedEntryError(f"remote entry {fp} ({label}): {why}; not used.")
+        with _LOADING:
+            got = _content_hash(store, fp, doc, label, data)
     except RemoteError:
         raise
     except Exception as e:
