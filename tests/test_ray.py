@@ -992,15 +992,14 @@ def test_a_hub_stage_and_a_map_over_it_build_on_ray_as_locally(
 
 
 COALESCED = {
-    # feat records, from inside the transform, the Ray task and process it runs in; with
-    # FAIL_ROW set, it raises on that row.
-    "pkg/transforms.py": """
-        import os
-
-        from pkg.log import log
-        from pkg.util.mid import shift
-
-
+    # The row-local feat records, from inside the transform, the Ray task and process it runs
+    # in; with FAIL_ROW set, it raises on that row.
+    "pkg/transforms.py": ROW_LOCAL["pkg/transforms.py"].replace(
+        """
+        def feat(row, k=1):
+            log("feat")
+""",
+        """
         def _task():
             import ray
 
@@ -1010,21 +1009,15 @@ COALESCED = {
 
 
         def feat(row, k=1):
+            import os
+
             log("feat")
             with open(os.environ["TASK_LOG"], "a") as f:
                 f.write(f"{_task()} {os.getpid()}\\n")
             if str(row["x"]) == os.environ.get("FAIL_ROW"):
                 raise ValueError(f"bad row {row['x']}")
-            return {"y": shift(row["x"]) * k}
-
-        def keep(row, m=3):
-            log("keep")
-            return row["y"] % m != 0
-
-        def split(ds, seed=0):
-            log("split")
-            return ds.train_test_split(test_size=0.25, seed=seed)
-        """,
+""",
+    ),
     "pyproject.toml": (
         '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "KILL_IN", "TASK_LOG", "FAIL_ROW"]\n'
     ),

@@ -414,11 +414,11 @@ def _wait(
         bar.close()
     also = f", {here} to build here (a worker refused its input)" if here else ""
     if what == "shards":
-        line = f"{total}/{total} shards done, {len(units) - here} built on ray"
+        line = f"{total}/{total} shards done, {len(units) - here} built on ray{also}"
         line += f" ({len(tasks)} task{'s' if len(tasks) != 1 else ''})"
     else:
-        line = f"{len(units) - here}/{len(units)} units built on ray"
-    print(f"{label}: {line}{also}", file=sys.stderr)
+        line = f"{len(units) - here}/{len(units)} units built on ray{also}"
+    print(f"{label}: {line}", file=sys.stderr)
 
 
 def _result(ray: Any, ref: Any, label: str) -> dict[str, Any]:
