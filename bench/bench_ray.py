@@ -26,6 +26,7 @@ no speedup is expected, only the cost of going distributed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -66,7 +67,7 @@ def _git(cwd: pathlib.Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def _project(base: pathlib.Path, n: int) -> pathlib.Path:
+def _project(base: pathlib.Path, n: int, first: int = 0) -> pathlib.Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -75,7 +76,7 @@ def _project(base: pathlib.Path, n: int) -> pathlib.Path:
     (src / "transforms.py").write_text(textwrap.dedent(TRANSFORMS))
     (src / "dodo.py").write_text(textwrap.dedent(DODO))
     for i in range(n):
-        xs = list(range(10 * i, 10 * i + 10))
+        xs = list(range(first + 10 * i, first + 10 * i + 10))
         pq.write_table(pa.table({"x": xs}), src / "data" / f"part-{i:04d}.parquet")
     _git(src, "init", "-q", "-b", "main")
     _git(src, "add", "-A")
@@ -197,6 +198,22 @@ def _s3(env: dict[str, str]) -> tuple[Any, dict[str, str]]:
     return server, {**env, **creds, "HFBUILD_REMOTE": "s3://bench/cache"}
 
 
+def _own_ports() -> list[str]:
+    """Free ports for every listener of the head: other Ray clusters on the machine (other
+    benches, tests) hold Ray's default ones, and a head that cannot bind them dies."""
+    out = []
+    for flag in (
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+        "--node-manager-port",
+        "--object-manager-port",
+    ):
+        out += [flag, str(_free_port())]
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -212,7 +229,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hfbuild-bench-ray-") as d:
         base = pathlib.Path(d)
         src = _project(base / "small", n)
-        big_src = _project(base / "big", big) if big else None
+        big_src = _project(base / "big", big, 10**9) if big else None  # rows no other has
         env = {
             **os.environ,
             "HF_DATASETS_OFFLINE": "1",
@@ -228,6 +245,7 @@ def main() -> None:
 
         server, s3_env = _s3(env)
         port = _free_port()
+        head_log = open(base / "head.log", "wb")  # noqa: SIM115  (closed with the head)
         head = subprocess.Popen(
             [
                 str(BIN / "ray"),
@@ -246,26 +264,29 @@ def main() -> None:
                 str(80 * 1024 * 1024),
                 "--temp-dir",
                 str(base / "ray"),
+                *_own_ports(),
             ],
             env=s3_env,  # every node needs the remote's credentials and endpoint
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=head_log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         try:
             ray_env = {**s3_env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
-            _wait(ray_env)
+            _wait(ray_env, head)
             on_ray = _build(_clone(src, base / "ray-clone"), ray_env, "ray")
             marks = {}
             if big_src is not None:
                 marks = _bookkeeping(_clone(big_src, base / "big-clone"), ray_env, big)
         finally:
             server.stop()
-            os.killpg(head.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGTERM)
             try:
                 head.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(head.pid, signal.SIGKILL)
+            head_log.close()
     print(f"{n} tiny shards per stage; Ray: a 1-CPU node, an S3 remote (moto) on loopback")
     for i, stage in enumerate(("load (raw)", "map (m)")):
         lo, ra = local[i], on_ray[i]
@@ -285,10 +306,17 @@ def main() -> None:
         )
 
 
-def _wait(env: dict[str, str]) -> None:
+def _wait(env: dict[str, str], head: subprocess.Popen[bytes]) -> None:
     code = "import ray; ray.init(logging_level='ERROR'); print(len(ray.nodes()))"
     for _ in range(60):
-        if subprocess.run([PY, "-c", code], env=env, capture_output=True).returncode == 0:
+        if head.poll() is not None:
+            log = pathlib.Path(env["TMPDIR"]) / "head.log"
+            raise SystemExit(f"the Ray head exited:\n{log.read_text()[-3000:]}")
+        try:
+            out = subprocess.run([PY, "-c", code], env=env, capture_output=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            continue
+        if out.returncode == 0:
             return
         time.sleep(1)
     raise SystemExit("the Ray head did not come up")

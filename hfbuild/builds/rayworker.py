@@ -49,11 +49,15 @@ def worker_store() -> str:
 
 
 def run_unit(job: dict[str, Any], spec_bytes: bytes, data: bytes | None = None) -> dict[str, Any]:
-    """The Ray task of a whole-stage unit: build it from the shipped tree (the task's working
-    directory) and publish it to the remote. A user error comes back as {"error": message}."""
+    """The Ray task of one unit (a whole stage, or one shard): build it from the shipped tree
+    (the task's working directory) and `data` (a load shard's data file), and publish it to
+    the remote. A user error comes back as {"error": message}."""
     root = os.getcwd()
     try:
-        return _run_unit(_Task(root, job, spec_bytes), job)
+        task = _Task(root, job, spec_bytes)
+        if "shard" in job:  # one shard by itself (`run_shards` takes several)
+            return _run_shard(task, job, data)
+        return _run_unit(task, job)
     except HfbuildError as e:
         return {"error": _driver_paths(e, root, job)}
 
