@@ -329,8 +329,10 @@ def _submit_shards(
     own = ("inputs", "shard")
     common = {k: v for k, v in job.items() if k not in own}
     parts, datas, pins = [], [], {}
+    sh = job.get("shard") or {}
+    decided = {k: sh[k] for k in ("decider", "features") if k in sh} or None
     for u in units:
-        j = job if u is units[0] else task_args(place, remote, u, pickled=False)[0]
+        j = job if u is units[0] else task_args(place, remote, u, pickled=False, decided=decided)[0]
         parts.append({k: j[k] for k in own})
         pins.update(j["pins"])
         datas.append(shard_data(place, u))

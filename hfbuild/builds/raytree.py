@@ -206,11 +206,17 @@ def shard_data(place: Place, unit: Unit) -> bytes | None:
 
 
 def task_args(
-    place: Place, remote: Remote, unit: Unit, *, pickled: bool = True
+    place: Place,
+    remote: Remote,
+    unit: Unit,
+    *,
+    pickled: bool = True,
+    decided: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], bytes]:
     """What a unit's task receives besides its tree (`run_unit`'s arguments): the job, plain
     JSON-able values, and the pickled spec (b"" unless `pickled`: the shards of one task
-    share their stage's)."""
+    share their stage's). `decided`: a load shard's features as another shard of the same
+    stage was given them (they are the stage's: read once, not once per shard)."""
     from ray import cloudpickle
 
     m = unit.manifest
@@ -231,7 +237,7 @@ def task_args(
             "offset": unit.offset,
         }
         if unit.spec.kind == "load":
-            job["shard"].update(_decided_features(unit.spec, m))
+            job["shard"].update(decided or _decided_features(unit.spec, m))
     # The spec is pickled here and unpickled by the task once the shipped tree is on its
     # path: its callable travels by module and name, never as code.
     if not pickled:

@@ -22,6 +22,7 @@ import posixpath
 import uuid
 from collections.abc import Mapping
 
+from hfbuild.core import threads
 from hfbuild.core.errors import StoreError
 from hfbuild.store.paths import MANIFEST, manifest_digest
 from hfbuild.store.remotefiles import transfer_bar
@@ -68,8 +69,14 @@ class Remote(RemotePulls):
         files: Mapping[str, int] = doc["files"]
         # A result made of shards: every shard first (each an entry of its own), its list last.
         shard_bytes = 0
-        for key in store.references(fp, doc):
-            sent, held = self._push(store, key, label)
+        refs = store.references(fp, doc)
+        # Each reference's push is a few round trips (most often: the remote has it): a few
+        # at a time, errors raised in order.
+        pushed = threads.each(lambda key: self._push(store, key, label), refs)
+        for key, got in zip(refs, pushed, strict=True):
+            if isinstance(got, Exception):
+                raise got
+            sent, held = got
             shard_bytes += sent
             mine = (store.read_manifest(key) or {}).get("content_hash")
             if held is not None and held != mine:
