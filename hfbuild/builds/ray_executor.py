@@ -1,7 +1,8 @@
 """Building units of work on a Ray cluster, sharing them through the remote cache.
 
 The driver (the process running doit or `hfbuild build`) computes every key, as always; only
-units whose entry is missing travel. Each unit becomes one Ray task whose `runtime_env`
+units whose entry is missing travel. A whole-stage unit becomes one Ray task (a stage's shard
+units share a few, below), whose `runtime_env`
 carries the *fingerprinted tree*: the files the unit's key names (closure code, file_deps,
 data files, files earlier builds read at run time) at exactly the blob ids the key holds, read
 from git's object database (the work tree only for uncommitted files, checked against the id),
@@ -17,7 +18,9 @@ with the same code as a local build (`local.build_here`), and publishes to the r
 first-writer-wins (`remote.Remote.push`). The driver then pulls the entry into its own store,
 so freshness is still "the store holds the key".
 
-A sharded stage travels one task per missing shard (`shardunits` splits it): all its shards
+A sharded stage travels as its missing shards (`shardunits` splits it), consecutive ones
+coalesced into a few generator tasks (`coalesce`, `rayworker.run_shards`: each shard's result
+yielded as it is published, the driver pulling it on a thread meanwhile): all its shards
 share one tree (the stage's code; a load's data files are left out), a transform shard's
 task pulls only its input shard, a load shard's task receives its data file's bytes as its
 argument (a tree per file would be a package, and a worker process, per shard). The worker
@@ -78,8 +81,9 @@ class RayExecutor:
     default: a running local cluster, or a new one)."""
 
     def build(self, place: Place, unit: Unit) -> Report:
-        """A whole stage as one task; a sharded stage as one task per missing shard
-        (`shardunits`), its entry then published here and pushed for every other clone."""
+        """A whole stage as one task; a sharded stage as its missing shards (`shardunits`),
+        coalesced into a few tasks, its entry then published here and pushed for every
+        other clone."""
         if unit.shard is None and unit.manifest.shards is not None:
             remote = _remote(place, unit.spec.name)
             report = shardunits.build(place, self, unit)

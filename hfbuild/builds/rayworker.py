@@ -8,6 +8,9 @@ itself), recomputes the unit's key (a shard's: `manifest.shard_key` from the sta
 the tree, its input, the observed files' shipped copies) and refuses to build under another
 one, builds with the local build's code (`local.build_here`, `shardunits.build_one`) and
 pushes the result to the remote, first writer wins. A user error comes back as {"error": ...}.
+`run_shards`, the Ray task of several shards of one stage: what they share set up once
+(`_Task`), then each shard as above, its result yielded (a generator task) once it is
+published; a user error ends the task at its shard, named by the shard's file.
 
 Must never: publish under a key it did not recompute, run project code the tree does not
 hold, or read the driver's files.
