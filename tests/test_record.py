@@ -743,3 +743,71 @@ def test_a_light_pipeline_starts_no_side_check(tmp_path: pathlib.Path) -> None:
     assert imported, "a light pipeline's build started a side check"
     full, _ = p.status(record=False)
     assert _states(answer) == _states(full)
+
+
+def test_the_cycle_over_a_sharded_load_imports_nothing_in_the_hook(tmp_path: pathlib.Path) -> None:
+    """A parquet load over several files is sharded (a shard per file) and so is the map over
+    it: after edit -> `doit run` -> `git add -A`, the hook's `verify --staged` answers from the
+    record (the load's shards derived from the work tree's entry, each file staged with its
+    id), as the full path does; a data file staged with other content than the build's is
+    taken by the full path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = Project(tmp_path)
+    root = p.repo.path
+    (root / "data/a.jsonl").unlink()
+    for i in range(3):
+        pq.write_table(pa.table({"x": [i, i + 1]}), root / f"data/part-{i}.parquet")
+    dodo = root / "dodo.py"
+    dodo.write_text(
+        dodo.read_text().replace(
+            '"json", data_files="data/*.jsonl"', '"parquet", data_files="data/*.parquet"'
+        )
+    )
+    _heavy(p)
+    p.build()
+    (root / "pkg/util.py").write_text("OFFSET = 3\n")
+    built = p.run("-m", "doit", "run", "preprocess")
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert "feat: built 3 of 3 shards" in built.stdout, built.stdout
+    p.repo.git("add", "-A")
+    got, full, imported = _staged_check(p)
+    assert not imported, "the hook imported the transform module over a sharded load"
+    assert got[:2] == full[:2]
+    assert got[0] == 0, got
+
+    # A data file staged with other rows than those built, the work tree then put back.
+    part = root / "data/part-1.parquet"
+    kept = part.read_bytes()
+    pq.write_table(pa.table({"x": [7, 8]}), part)
+    p.repo.git("add", "-A")
+    part.write_bytes(kept)
+    got, full, imported = _staged_check(p)
+    assert imported
+    assert got[:2] == full[:2]
+    assert got[0] != 0, got
+
+
+def test_the_status_a_user_types_after_a_build_imports_nothing(tmp_path: pathlib.Path) -> None:
+    """`hfbuild status` typed in a shell runs the console script (its directory first on
+    `sys.path`, not the working directory as `python -m hfbuild`): after a build its entry was
+    confirmed too, so it answers without importing, as the full path does."""
+    script = pathlib.Path(sys.executable).parent / "hfbuild"
+    assert script.is_file(), "the console script is installed beside the interpreter"
+    p = Project(tmp_path)
+    _heavy(p)
+    p.build()
+    (p.repo.path / "pkg/util.py").write_text("OFFSET = 3\n")
+    p.build()
+    before = p.imports()
+    out = subprocess.run(
+        [str(script), "status", "--json"],
+        cwd=p.repo.path,
+        env=p.env,
+        capture_output=True,
+        text=True,
+    )
+    assert p.imports() == before, "the console script's status imported the transform module"
+    full, _ = p.status(record=False)
+    assert _states(json.loads(out.stdout)) == _states(full)

@@ -12,8 +12,8 @@ a branch or tag (a commit id never moves), or when the JSON does not carry the k
 (`outside_data`), the staged derivation, what of them no build changes (`static_parts`, which
 a build's side check compares: `pipeline/witness.py`).
 Must never: derive when the index may hold other than the work tree (a file not staged, a
-sharded stage, a directory an argument names, a symlink, a hook's variable read); import a
-user module or `datasets`; compute a key.
+load shard's file staged with another id, a directory an argument names, a symlink, a hook's
+variable read); import a user module or `datasets`; compute a key.
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ def staged_as_worktree(ms: Manifests, mode: str, root: str, store: Store) -> Man
     holds what the work tree does: nothing modified, deleted or untracked (`unstaged`), every
     closure file staged with its id, every listing a build read the same in the index, no
     variable of a commit's hook read; else None. In index mode nothing is dirty; in work-tree
-    mode a file is "staged" when HEAD holds other content, else clean. A sharded stage, a
-    directory an argument names and a symlink are not derived."""
+    mode a file is "staged" when HEAD holds other content, else clean. A sharded load's
+    shards are derived when each one's file is staged with the id its key holds (a
+    transform's shards are keyed by its input's, the same in both modes); a directory an
+    argument names and a symlink are not derived."""
     pending = unstaged(root)
     if pending is None or any(not outside_record(root, store, p) for p in pending):
         return None
@@ -61,7 +63,7 @@ def staged_as_worktree(ms: Manifests, mode: str, root: str, store: Store) -> Man
     for name in ms:
         m = ms.ok[name]
         doc = m.doc
-        if m.shards is not None or any(
+        if any(
             isinstance(e, list) and len(e) == 3 and isinstance(e[2], dict)
             for e in doc.get("paths") or []
         ):
@@ -70,6 +72,9 @@ def staged_as_worktree(ms: Manifests, mode: str, root: str, store: Store) -> Man
             return None
         code = [(str(p), str(i)) for p, i in (doc.get("code") or {}).get("files") or []]
         data = [*data_file_ids(doc).items(), *named_files(doc)]
+        if m.shards is not None and doc.get("kind") == "load":
+            # Each shard's key holds its file's content id: staged with it, or not derived.
+            data += [(s.label, s.input) for s in m.shard_list]
         data = [(p, i) for p, i in data if not p.startswith("<outside>/")]
         names[name] = (code, data)
     rels = sorted({p for code, data in names.values() for p, _ in [*code, *data]})

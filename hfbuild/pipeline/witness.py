@@ -199,16 +199,35 @@ class Witness:
         if doc is None or any(p == UNOBSERVED for m in ms.ok.values() for p, _ in m.observed):
             return  # a warning, a failed stage, or a key only this process can compute
         lock = s.lock
+        script = _console_script(answer["context"])
         paths = [*sys.path, *[p for p in answer.get("path") or [] if isinstance(p, str)]]
+        paths += script["path"][:1] if script is not None else []
         end = capture(s.root, s.store, lock, outside_data(doc, s.root), paths=paths)
         if end is None or not same_but_built(start, end, lock, s.store):
             return  # the project changed while this process worked
         assert s.shape is not None
         confirmed = static_parts(doc) == answer.get("static") and s.shape() == answer.get("shape")
         contexts = [(answer["context"], answer.get("hook_env"))]
+        if script is not None:
+            contexts.append((script, answer.get("hook_env")))
         if self.own and s.context("worktree") != answer["context"]:
             contexts.append((s.context("worktree"), s.hook_env))
         cost = answer.get("cost")
         s.witnessed(
             end, doc, contexts, confirmed=confirmed, cost=cost if isinstance(cost, float) else 0.0
         )
+
+
+def _console_script(ctx: dict[str, Any]) -> dict[str, Any] | None:
+    """The context of `hfbuild status` typed in a shell, from the side check's (`python -m
+    hfbuild`, whose `sys.path[0]` is the working directory): the console script beside the
+    interpreter puts its own directory first instead, and is the same process otherwise. Its
+    entry is written too (that directory a fact like any `sys.path` entry), so the status a
+    user types after a build answers from the record as the hook does."""
+    path, exe = ctx.get("path"), ctx.get("exe")
+    if not isinstance(path, list) or not path or not isinstance(exe, str):
+        return None
+    bindir = os.path.dirname(exe)
+    if not os.path.isfile(os.path.join(bindir, "hfbuild")):
+        return None
+    return {**ctx, "path": [bindir, *path[1:]]}
