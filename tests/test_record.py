@@ -811,3 +811,28 @@ def test_the_status_a_user_types_after_a_build_imports_nothing(tmp_path: pathlib
     assert p.imports() == before, "the console script's status imported the transform module"
     full, _ = p.status(record=False)
     assert _states(json.loads(out.stdout)) == _states(full)
+
+
+def test_one_interpreter_by_two_names_is_one_context(tmp_path: pathlib.Path) -> None:
+    """A venv's `python3` (doit's shebang) builds and its `python` runs the hook (the user's
+    HFBUILD_PYTHON): one interpreter, so the hook answers from what the build confirmed."""
+    other = pathlib.Path(sys.executable).with_name("python3")
+    if pathlib.Path(sys.executable).name == "python3":
+        other = pathlib.Path(sys.executable).with_name("python")
+    assert other.exists() and other.name != pathlib.Path(sys.executable).name
+    p = Project(tmp_path)
+    _heavy(p)
+    p.build()
+    (p.repo.path / "pkg/util.py").write_text("OFFSET = 3\n")
+    built = subprocess.run(
+        [str(other), "-m", "doit", "run", "preprocess"],
+        cwd=p.repo.path,
+        env=p.env,
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    p.repo.git("add", "-A")
+    got, full, imported = _staged_check(p)
+    assert not imported, "the hook's interpreter, by another name, imported"
+    assert got[:2] == full[:2]

@@ -131,7 +131,9 @@ class Session:
             "format": FORMAT,
             "who": who,
             "dodo": self.dodo,
-            "exe": sys.executable,
+            # The interpreter, not the name it was started by: a venv's `python` and
+            # `python3` (doit's shebang, the hook's HFBUILD_PYTHON) are one interpreter.
+            "exe": [os.path.realpath(sys.executable), sys.prefix],
             "python": sys.version,
             "cwd": os.getcwd(),
             "path": list(sys.path),

@@ -224,10 +224,10 @@ def _console_script(ctx: dict[str, Any]) -> dict[str, Any] | None:
     interpreter puts its own directory first instead, and is the same process otherwise. Its
     entry is written too (that directory a fact like any `sys.path` entry), so the status a
     user types after a build answers from the record as the hook does."""
-    path, exe = ctx.get("path"), ctx.get("exe")
-    if not isinstance(path, list) or not path or not isinstance(exe, str):
+    path = ctx.get("path")
+    if not isinstance(path, list) or not path:
         return None
-    bindir = os.path.dirname(exe)
+    bindir = os.path.dirname(sys.executable)  # the side check's interpreter is this one
     if not os.path.isfile(os.path.join(bindir, "hfbuild")):
         return None
     return {**ctx, "path": [bindir, *path[1:]]}
