@@ -131,9 +131,7 @@ class Session:
             "format": FORMAT,
             "who": who,
             "dodo": self.dodo,
-            # The interpreter, not the name it was started by: a venv's `python` and
-            # `python3` (doit's shebang, the hook's HFBUILD_PYTHON) are one interpreter.
-            "exe": [os.path.realpath(sys.executable), sys.prefix],
+            "exe": [os.path.realpath(sys.executable), sys.prefix],  # python = python3
             "python": sys.version,
             "cwd": os.getcwd(),
             "path": list(sys.path),
