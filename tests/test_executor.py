@@ -478,3 +478,35 @@ def test_secret_variables_never_travel_to_the_cluster(repo: Repo) -> None:
     assert got["key"] == ["API_TOKEN", "SCALE"]
     assert got["shipped"] == {"SCALE": "3"}
     assert "s3cr3t" not in out.stdout
+
+
+def test_a_unit_is_sent_again_with_the_folders_its_worker_missed_once(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A unit whose Ray worker listed folders its tree lacked is sent again with those
+    listings in its key, as a recorded listing is (the digest of the folder's names here:
+    the root's too), a shard unit with its shard's key under them. A folder it was already
+    sent with, missed again, is an error saying what to do: never another round."""
+    from hfbuild import Pipeline
+    from hfbuild.builds.ray_executor import with_listings
+    from hfbuild.builds.units import Unit
+    from hfbuild.core.errors import BuildError
+    from hfbuild.core.spec import StageSpec
+    from hfbuild.keys.fullkey import listing, listing_id
+    from hfbuild.keys.manifest import Manifest, ShardIn
+
+    repo.write({"shelf/one.csv": "x\n1\n", "shelf/two.csv": "x\n2\n", "top.txt": "t\n"})
+    repo.commit("a shelf")
+    place = Pipeline(tmp_path / "store", root=repo.path).place
+    spec = StageSpec("shelved", "map", ("raw",))
+    m = Manifest({"stage": "shelved"}, shards=(ShardIn("train", "in0", "a"),), shard_code="code")
+    unit = Unit(spec, m, {}, m.shard_list[0])
+    again = with_listings(place, unit, [".", "shelf/."], ["shelf/."])
+    assert dict(again.manifest.observed) == {
+        ".": listing_id(listing(str(repo.path))),
+        "shelf/.": listing_id(["one.csv", "two.csv"]),
+    }
+    assert again.shard is not None and again.shard == again.manifest.shard_list[0]
+    assert again.key != unit.key  # the shard's key holds the listings
+    with pytest.raises(BuildError, match=r"found shelf missing .*--executor local"):
+        with_listings(place, again, ["shelf/."], ["shelf/."])

@@ -1089,3 +1089,129 @@ def test_a_failing_shard_in_a_coalesced_task_names_its_file(
     assert "Traceback" not in text
     lock = json.loads((clone.path / "hfbuild.lock").read_text())["stages"]
     assert "feat" not in lock
+
+
+def test_a_first_ray_build_of_code_listing_a_folder_equals_a_local_build(
+    repo: Repo, tmp_path: pathlib.Path, remote: str
+) -> None:
+    """No build has listed shelf/ yet (no record, no lock): the workers of the whole map
+    and of the sharded one find their builds listing a folder their trees lack, publish
+    nothing and say so; the driver sends them again with shelf/'s names and files, the
+    listing's digest in their keys. Results and lock entries equal a local build's. A file
+    added to shelf/ then rebuilds both on Ray (the listing recorded: sent once), again as
+    locally."""
+    make_project(repo)
+    log_py = (repo.path / "pkg" / "log.py").read_text()  # keys of its own: stores outlive tests
+    repo.write({**SHELF, "pkg/log.py": log_py + f"# {uuid.uuid4().hex}\n"}, commit="shelf")
+    _add_part(repo, 1)
+    first = repo.clone(tmp_path / "first")
+    out = doit(first, "run", "preprocess", log=tmp_path / "first.log", env=RAY_ENV)
+    again = "to send again with the folders listed at run time (shelf)"
+    assert f"shelved: 0/1 units built on ray, 1 {again}" in out.stderr
+    assert "shelved: 1/1 units built on ray" in out.stderr
+    assert f"shelved_rows: 0/2 shards done, 0 built on ray, 2 {again}" in out.stderr
+    assert "shelved_rows: 2/2 shards done, 2 built on ray" in out.stderr
+    assert _shelved(first) == [["one.csv:4,two.csv:5"], [2] * 60]
+    no_remote = {"HFBUILD_NO_REMOTE": "1"}
+    local = repo.clone(tmp_path / "local")
+    doit(local, "run", "preprocess", log=tmp_path / "local.log", env=no_remote)
+    assert _lock(first) == _lock(local)
+
+    repo.write({"shelf/three.csv": "x\n333\n"}, commit="a file added to the listed folder")
+    for clone in (first, local):
+        clone.git("pull", "-q", "--ff-only")
+    out = doit(first, "run", "preprocess", log=tmp_path / "again.log", env=RAY_ENV)
+    assert "shelved: 1/1 units built on ray" in out.stderr
+    assert "shelved_rows: 2/2 shards done, 2 built on ray" in out.stderr
+    assert "send again" not in out.stderr
+    assert calls(tmp_path / "again.log") == {"shelved": 1, "shelved_rows": 60}
+    assert _shelved(first) == [["one.csv:4,three.csv:6,two.csv:5"], [3] * 60]
+    doit(local, "run", "preprocess", log=tmp_path / "local2.log", env=no_remote)
+    assert _lock(first) == _lock(local)
+
+
+ROOTED = {
+    # Lists the project's root at run time and reads the .csv files named there.
+    "pkg/rooted.py": """
+        import os
+        import pathlib
+
+        from pkg.log import log
+
+        ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+        def tops(batch):
+            log("rooted")
+            found = sorted(n for n in os.listdir(ROOT) if n.endswith(".csv"))
+            said = ",".join(f"{n}:{(ROOT / n).read_text().split()[-1]}" for n in found)
+            return {"tops": [said] * len(batch["x"])}
+        """,
+    "top.csv": "x\n7\n",
+    "dodo.py": """
+        from hfbuild import Pipeline
+        from pkg import rooted
+
+        pipe = Pipeline()
+        raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+        pipe.map("rooted", raw, rooted.tops, batched=True)
+
+
+        def task_preprocess():
+            yield from pipe.tasks()
+        """,
+}
+
+ROOTED_RESULT = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+print(json.dumps(sorted(set(dodo.pipe.result("rooted")["tops"]))))
+"""
+
+
+def test_a_stage_listing_the_project_root_builds_on_ray(
+    repo: Repo, tmp_path: pathlib.Path, remote: str
+) -> None:
+    """A map listing the project's root (and reading the files it finds there) builds on
+    Ray from its first build: sent again with the root's names, each file there with its
+    bytes, each folder empty (the tree's own marker under a name no listing holds), its
+    key and result equal a local build's; a file added at the root rebuilds it on Ray."""
+    make_project(repo)
+    log_py = (repo.path / "pkg" / "log.py").read_text()
+    repo.write({**ROOTED, "pkg/log.py": log_py + f"# {uuid.uuid4().hex}\n"}, commit="rooted")
+    first = repo.clone(tmp_path / "first")
+
+    def result(clone: Repo) -> Any:
+        out = subprocess.run(
+            [sys.executable, "-c", ROOTED_RESULT],
+            cwd=clone.path,
+            env={**os.environ, "PYTHONPATH": str(clone.path), "CALL_LOG": os.devnull},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    out = doit(first, "run", "preprocess", log=tmp_path / "first.log", env=RAY_ENV)
+    assert (
+        "rooted: 0/1 units built on ray, 1 to send again with the folders listed at run time (.)"
+        in out.stderr
+    )
+    assert "rooted: 1/1 units built on ray" in out.stderr
+    assert result(first) == ["top.csv:7"]
+    no_remote = {"HFBUILD_NO_REMOTE": "1"}
+    local = repo.clone(tmp_path / "local")
+    doit(local, "run", "preprocess", log=tmp_path / "local.log", env=no_remote)
+    assert _lock(first) == _lock(local)
+
+    repo.write({"more.csv": "x\n8\n"}, commit="a file added at the root")
+    for clone in (first, local):
+        clone.git("pull", "-q", "--ff-only")
+    out = doit(first, "run", "preprocess", log=tmp_path / "again.log", env=RAY_ENV)
+    assert "rooted: 1/1 units built on ray" in out.stderr
+    assert "send again" not in out.stderr
+    assert result(first) == ["more.csv:8,top.csv:7"]
+    doit(local, "run", "preprocess", log=tmp_path / "local2.log", env=no_remote)
+    assert _lock(first) == _lock(local)

@@ -2,11 +2,13 @@
 
 Owns: the *fingerprinted tree* a unit ships with (`shipped_files`: the files its key names, at
 exactly the blob ids the key holds, read from git's object database, the work tree only for
-uncommitted files; each folder its builds listed at run time with the names its listing holds,
-their files' bytes from the work tree (`_listed`); plus pyproject.toml), packed and uploaded
+uncommitted files; each folder its builds listed at run time, the project's root too, with the
+names its listing holds, their files' bytes from the work tree (`_listed`), checked to list
+as the key holds them once the tree is written; plus pyproject.toml), packed and uploaded
 as a Ray package (one per distinct tree: all the shards of a stage share one, without a
 load's data files); a load shard's data file, sent as the task's argument (`shard_data`); the
-job (`task_args`: plain JSON-able values and the pickled spec), with the committed lock's pins
+job (`task_args`: plain JSON-able values and the pickled spec, and the folders the tree holds
+with their names, `listed`), with the committed lock's pins
 of the entries the worker may pull (`input_pins`) and the variables its code reads, with the
 driver's values (`task_env`: never a secret-looking one).
 
@@ -45,7 +47,7 @@ def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, st
     load stage, no data file: the tree is the stage's code, one package for all its shards,
     and the shard's own file travels with its task (`shard_data`)."""
     from hfbuild.keys.argpaths import named_files
-    from hfbuild.keys.fullkey import MISSING, UNKNOWN, UNOBSERVED, in_static_key
+    from hfbuild.keys.fullkey import MISSING, UNKNOWN, UNOBSERVED, in_static_key, is_listing
     from hfbuild.keys.shards import load_code_doc
     from hfbuild.source.envvars import observed_name
 
@@ -71,21 +73,17 @@ def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, st
         )
     pairs.update(named_files(doc))  # files that arguments name (argpaths.py)
     # Variables read at run time (`env://NAME`) travel in the task's runtime_env (`task_env`).
+    # A folder builds listed (the project's root too) travels with the names its listing
+    # holds and their files (`tree`); one that is missing travels as missing.
     pairs.update(
         {
             p: i
             for p, i in m.observed
-            if i not in (MISSING, UNKNOWN) and p != UNOBSERVED and observed_name(p) is None
+            if (is_listing(p) or i not in (MISSING, UNKNOWN))
+            and p != UNOBSERVED
+            and observed_name(p) is None
         }
     )
-    # A folder builds listed travels with the files its listing names (`tree`); the
-    # project's root cannot: the tree's root holds what hfbuild and Ray add to it.
-    if "." in pairs:
-        raise ConfigError(
-            "builds of this stage listed the project's root directory at run time, and a "
-            "Ray worker's tree holds other names there: list a folder of the project "
-            "instead, or build this stage with the local executor (`--executor local`)."
-        )
     outside = sorted(p for p in pairs if p.startswith("<outside>/"))
     if outside:
         raise ConfigError(
@@ -105,9 +103,11 @@ def tree(place: Place, files: Sequence[tuple[str, str]]) -> Iterator[str]:
 
     snap = Snapshot(place.root)
     with tempfile.TemporaryDirectory(prefix="hfbuild-ray-tree-") as d:
-        for rel, blob in files:
-            if is_listing(rel):
-                _listed(snap, listing_dir(rel), blob, d)
+        names = {
+            listing_dir(rel): _listed(snap, listing_dir(rel), blob, d)
+            for rel, blob in files
+            if is_listing(rel)
+        }
         for rel, blob in files:
             if is_listing(rel):
                 continue
@@ -117,21 +117,25 @@ def tree(place: Place, files: Sequence[tuple[str, str]]) -> Iterator[str]:
                 f.write(snap.content(rel, blob))
         # Ray deletes a package's unpacked copy on a node when the job that uploaded it
         # ends, even while another job's task runs in it: one package per driver process.
-        with open(os.path.join(d, ".hfbuild-driver"), "w") as f:
+        # Under a name no listing holds and nothing observes (the root may be listed).
+        os.makedirs(os.path.join(d, "__pycache__"), exist_ok=True)
+        with open(os.path.join(d, "__pycache__", "hfbuild-driver"), "w") as f:
             f.write(_DRIVER)
         pyproject = os.path.join(place.root, "pyproject.toml")
         if os.path.isfile(pyproject) and not os.path.exists(os.path.join(d, "pyproject.toml")):
             with open(pyproject, "rb") as src, open(os.path.join(d, "pyproject.toml"), "wb") as f:
                 f.write(src.read())  # settings (untracked-env, secret-salt), not in any key
+        _check_listed(d, names)
         yield d
 
 
-def _listed(snap: Snapshot, folder: str, recorded: str, dest: str) -> None:
-    """Write into the tree at `dest` the project folder a build listed at run time, so the
-    worker lists the names the key holds (`recorded`, the digest of the names): the folder,
-    each file named in it with its bytes as they are here (those the build also read are in
-    the key by blob id, and written over these), each directory named in it empty (what is
-    in it travels when a build read or listed it)."""
+def _listed(snap: Snapshot, folder: str, recorded: str, dest: str) -> list[str] | None:
+    """Write into the tree at `dest` the project folder a build listed at run time (`.`: the
+    root), so the worker lists the names the key holds (`recorded`, the digest of the
+    names), and return them (None: a folder that is missing, and stays so): the folder, each
+    file named in it with its bytes as they are here (those the build also read are in the
+    key by blob id, and written over these), each directory named in it empty (what is in it
+    travels when a build read or listed it)."""
     from hfbuild.keys.fullkey import listing_at, listing_id
 
     names = listing_at(folder, snap)
@@ -141,16 +145,45 @@ def _listed(snap: Snapshot, folder: str, recorded: str, dest: str) -> None:
             f"lists it at run time, and its names are in the key): build again."
         )
     if names is None:
-        return
+        return None
     os.makedirs(os.path.join(dest, *folder.split("/")), exist_ok=True)
     for name in names:
-        rel = f"{folder}/{name}"
+        rel = name if folder == "." else f"{folder}/{name}"
         src, to = snap.abspath(rel), os.path.join(dest, *rel.split("/"))
         if os.path.isdir(src):
             os.makedirs(to, exist_ok=True)
         elif os.path.isfile(src):
             with open(src, "rb") as f, open(to, "wb") as out:
                 out.write(f.read())
+    return names
+
+
+def _check_listed(dest: str, names: dict[str, list[str] | None]) -> None:
+    """Each listed folder in the finished tree at `dest` lists the names the key holds (a
+    name that is neither a file nor a directory here, a broken link, is not shipped; a file
+    the key names that the folder here lacks is), and no `.rayignore` drops a file from the
+    package (Ray's packaging honours one in any directory)."""
+    from hfbuild.keys.fullkey import listing
+
+    for folder, want in names.items():
+        got = listing(os.path.join(dest, *folder.split("/")))
+        if got != want:
+            odd = sorted(set(want or ()).symmetric_difference(got or ()))
+            where = "the project's root" if folder == "." else f"the folder {folder}"
+            raise ConfigError(
+                f"a build of this stage lists {where} at run time, and a Ray worker's tree "
+                f"cannot hold it as it is here ({', '.join(odd[:3]) or folder}: neither a "
+                f"file nor a directory, or a file the key names that is not there): build "
+                f"this stage with the local executor (`--executor local`)."
+            )
+    for top, _, files in os.walk(dest):
+        if ".rayignore" in files:
+            rel = os.path.relpath(os.path.join(top, ".rayignore"), dest)
+            raise ConfigError(
+                f"{rel} travels in a Ray worker's tree, and Ray's packaging leaves out the "
+                f"files it names: rename it, or build this stage with the local executor "
+                f"(`--executor local`)."
+            )
 
 
 def _import_dirs(root: str) -> list[str]:
@@ -219,6 +252,8 @@ def task_args(
     stage was given them (they are the stage's: read once, not once per shard)."""
     from ray import cloudpickle
 
+    from hfbuild.keys.fullkey import is_listing
+
     m = unit.manifest
     job: dict[str, Any] = {
         "stage": unit.spec.name,
@@ -229,6 +264,9 @@ def task_args(
         "pins": input_pins(place, remote, unit.input_keys),
         "paths": _import_dirs(place.root),
         "driver_root": place.root,
+        # The folders its tree holds with their names (`tree`): a listing of any other one
+        # there is not the project's, and the worker says so instead of building.
+        "listed": sorted(p for p, _ in m.observed if is_listing(p)),
     }
     if unit.shard is not None:
         job["shard"] = {

@@ -7,13 +7,17 @@ driver sent; a refused input comes back as {"refused": ...} for the driver to bu
 itself), recomputes the unit's key (a shard's: `manifest.shard_key` from the stage's code in
 the tree, its input, the observed files' shipped copies) and refuses to build under another
 one, builds with the local build's code (`local.build_here`, `shardunits.build_one`) and
-pushes the result to the remote, first writer wins. A user error comes back as {"error": ...}.
+pushes the result to the remote, first writer wins. A user error comes back as {"error": ...};
+a build that listed a project folder the tree does not hold with its names (`Place.listed`:
+a first build of code that lists it, before any record of the listing) as {"unlisted":
+[its listing paths]}, with nothing published, for the driver to send it again with them.
 `run_shards`, the Ray task of several shards of one stage: what they share set up once
 (`_Task`), then each shard as above, its result yielded (a generator task) once it is
-published; a user error ends the task at its shard, named by the shard's file.
+published; a user error ends the task at its shard, named by the shard's file; an unshipped
+listing ends it too, every shard from that one on answered {"unlisted": ...}.
 
-Must never: publish under a key it did not recompute, run project code the tree does not
-hold, or read the driver's files.
+Must never: publish under a key it did not recompute or a listing its tree does not hold,
+run project code the tree does not hold, or read the driver's files.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from hfbuild.core.errors import BuildError, HfbuildError
+from hfbuild.core.errors import BuildError, HfbuildError, UnshippedListingError
 from hfbuild.core.spec import Report, stored_rows
 from hfbuild.keys.manifest import Shard, ShardIn
 from hfbuild.source import hub
@@ -61,6 +65,8 @@ def run_unit(job: dict[str, Any], spec_bytes: bytes, data: bytes | None = None) 
         if "shard" in job:  # one shard by itself (`run_shards` takes several)
             return _run_shard(task, job, data)
         return _run_unit(task, job)
+    except UnshippedListingError as e:  # the driver ships those folders and sends it again
+        return {"unlisted": e.paths}
     except HfbuildError as e:
         return {"error": _driver_paths(e, root, job)}
 
@@ -82,10 +88,16 @@ def run_shards(
     except HfbuildError as e:
         yield {"error": _driver_paths(e, root, job)}
         return
-    for part, data in zip(shards, datas, strict=True):
+    for n, (part, data) in enumerate(zip(shards, datas, strict=True)):
         label = str(part["shard"]["label"])
         try:
             yield _run_shard(task, {**job, **part}, data)
+        except UnshippedListingError as e:
+            # The shards after it share its tree, and would list the same folders: all are
+            # sent again with them, none built here.
+            for _ in shards[n:]:
+                yield {"unlisted": e.paths}
+            return
         except HfbuildError as e:
             yield {"error": _name_shard(_driver_paths(e, root, job), str(job["stage"]), label)}
             return
@@ -141,8 +153,9 @@ class _Task:
         stat_cache = StatCache(os.path.join(self.store.root, "statcache.json"))
         lock = os.path.join(root, LOCK_NAME)
         spec = self.spec
+        listed = frozenset(str(p) for p in job["listed"])  # the folders shipped with names
         self.place = Place(
-            root, self.store, stat_cache, lock, LOCK_NAME, lambda: None, {spec.name: spec}
+            root, self.store, stat_cache, lock, LOCK_NAME, lambda: None, {spec.name: spec}, listed
         )
 
     def take_inputs(self, job: Mapping[str, Any]) -> str | None:

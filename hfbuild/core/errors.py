@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from types import FrameType
 from typing import Any
 
@@ -153,6 +154,20 @@ class DamagedEntryError(NotBuiltError):
 
 class BuildError(HfbuildError):
     """A stage's transform raised; the store is unchanged."""
+
+
+class UnshippedListingError(BuildError):
+    """A build on a Ray worker listed project folders (`paths`: `dir/.`, `.` for the root)
+    that its shipped tree does not hold with their names: what it listed there is not what
+    the project holds. The worker returns the paths; the driver ships those folders and sends
+    the unit again (`ray_executor`), so a user meets this only as the driver's error."""
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        self.paths = sorted(set(paths))
+        super().__init__(
+            f"the build listed {', '.join(self.paths)} at run time, which the Ray worker's "
+            f"tree does not hold with their names; nothing was published."
+        )
 
 
 class StoreError(HfbuildError):

@@ -16,11 +16,13 @@ store, environments, `.git`, and what hfbuild, doit and git read for themselves)
 directory the build listed is the pair [`dir/.`, digest of its names] (`.` for the root);
 its names go into the stored manifest (`listings`) for `explain`. A build whose reads are not
 all known (`watch.Window.unknown`) gets the pair [UNOBSERVED, `unknown`], which only the
-process that built it computes again.
+process that built it computes again. In a Ray worker's tree (`Place.listed`), a listing of
+a folder the tree does not hold with its names stops the build (`UnshippedListingError`).
 
 Must never: put an absolute path in a key, change the key of a stage nothing recorded
-anything for, let another process find a build with unknown reads up to date, or decide
-freshness from anything but the store holding the key.
+anything for, let another process find a build with unknown reads up to date, key a Ray
+worker's listing of a folder its tree does not hold as the project's, or decide freshness
+from anything but the store holding the key.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hfbuild.core import canonical
-from hfbuild.core.errors import ObservationWarning
+from hfbuild.core.errors import ObservationWarning, UnshippedListingError
 from hfbuild.core.spec import split_order
 from hfbuild.keys.argpaths import named_files
 from hfbuild.keys.diff import Change, diff_observed
@@ -323,6 +325,9 @@ class Seen:
     ) -> Observed:
         paths = observed_paths(used, m.doc, snap, exclude, self._verdicts)
         dirs = listed_paths(listed, snap, exclude)
+        missed = self._unshipped(dirs)
+        if missed:
+            raise UnshippedListingError(missed)
         for rel in dirs:
             self.listings[listing_dir(rel)] = listing_at(listing_dir(rel), snap)
         unknown = self._rec.unknown is not None
@@ -340,6 +345,21 @@ class Seen:
         self._place.stat_cache.save()
         return observed
 
+    def _unshipped(self, dirs: Iterable[str]) -> list[str]:
+        """In a Ray worker's tree (`Place.listed`), the listings among `dirs` of folders the
+        tree does not hold with their names (none anywhere else)."""
+        shipped = self._place.listed
+        return [] if shipped is None else [d for d in dirs if d not in shipped]
+
+    def unshipped(self) -> list[str]:
+        """The listings so far of folders a Ray worker's tree does not hold with their names
+        (for a build that failed: `os.listdir` of a folder not shipped raises)."""
+        if self._place.listed is None:
+            return []
+        snap = Snapshot(self._place.root)
+        exclude = [self._place.store.root, *_hf_caches()]
+        return self._unshipped(listed_paths(self._rec.collect_listings(), snap, exclude))
+
     def publish(self, static: str, observed: Observed) -> None:
         """Remember, under the static fingerprint, which files this build read (one whose
         reads are not all known: in this process only, see UNOBSERVED)."""
@@ -356,11 +376,25 @@ class Seen:
 
 @contextlib.contextmanager
 def observing(place: Place, build_dir: str) -> Iterator[Seen]:
-    """Record what the block (one stage's build) uses; workers report into `build_dir`."""
+    """Record what the block (one stage's build) uses; workers report into `build_dir`. In a
+    Ray worker's tree (`Place.listed`), a build that listed a folder the tree does not hold
+    with its names raises `UnshippedListingError` (whether it succeeded or failed), so that
+    nothing is published under a listing that is not the project's."""
     spool = os.path.join(build_dir, "observed")
     try:
         with observe.recording(place.root, [place.store.root, *_hf_caches()], spool, True) as rec:
-            yield Seen(place, rec)
+            seen = Seen(place, rec)
+            try:
+                yield seen
+            except UnshippedListingError:
+                raise
+            except Exception as e:
+                # On a Ray worker, a build that listed a folder its tree lacks may have failed
+                # for that alone: the driver ships the folder and sends the unit again.
+                missed = seen.unshipped()
+                if missed:
+                    raise UnshippedListingError(missed) from e
+                raise
     finally:
         shutil.rmtree(spool, ignore_errors=True)
 

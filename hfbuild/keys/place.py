@@ -2,8 +2,9 @@
 
 Owns: the `Place` value: the project root, the store, the stat cache of data-file ids, the
 lock file's path and name, the remote cache (a callable: asked when a build needs it, as it
-reads the committed lock's pins then) and the stages by name (the pipeline's own table, read
-only: a stage defined later is in it). A `Pipeline` makes one; the ledger, the key
+reads the committed lock's pins then), the stages by name (the pipeline's own table, read
+only: a stage defined later is in it) and, in a Ray worker's tree, the folders it holds with
+their names (`listed`). A `Pipeline` makes one; the ledger, the key
 resolution, the executors and the builders receive it instead of the pipeline.
 
 Must never: hold the stages or their manifests, or compute anything.
@@ -34,3 +35,7 @@ class Place:
     lock_name: str
     remote: Callable[[], Remote | None]
     stages: Mapping[str, StageSpec]
+    # A Ray worker's tree (`raytree`): the listings (`dir/.`, `.`) of the folders shipped with
+    # the names the key holds; a listing of any other folder there is not the project's
+    # (`fullkey.Seen` refuses it). None in a work tree, where every listing is the project's.
+    listed: frozenset[str] | None = None
