@@ -216,9 +216,9 @@ from hfbuild.builds.units import Unit
 
 
 class Counting(LocalExecutor):
-    def build_all(self, pipe, units, label):
+    def build_all(self, place, units, label):
         print("UNITS", json.dumps([label, [u.shard.label for u in units]]))
-        return super().build_all(pipe, units, label)
+        return super().build_all(place, units, label)
 
 
 pipe = dodo.pipe
@@ -228,7 +228,7 @@ for name in ("raw", "feat", "kept"):
     if not pipe.store.has(m.fingerprint):
         with pipe.store.lock(m.static_fingerprint):
             unit = Unit(spec, m, {i: ms[i] for i in spec.inputs})
-            shardunits.build(pipe, Counting(), unit)
+            shardunits.build(pipe.place, Counting(), unit)
     pipe.record(name)
     pipe.rekey()  # as build._done: the next stage's key holds this one's result
 """
@@ -488,7 +488,7 @@ def test_a_unit_is_sent_again_with_the_folders_its_worker_missed_once(
     the root's too), a shard unit with its shard's key under them. A folder it was already
     sent with, missed again, is an error saying what to do: never another round."""
     from hfbuild import Pipeline
-    from hfbuild.builds.ray_executor import with_listings
+    from hfbuild.builds.raytree import with_listings
     from hfbuild.builds.units import Unit
     from hfbuild.core.errors import BuildError
     from hfbuild.core.spec import StageSpec

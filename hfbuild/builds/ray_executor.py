@@ -30,21 +30,13 @@ refuses another; it builds with `shardone`'s code (`shardunits.build_one`) and p
 the shard under the key of what it read. The driver pulls each shard, and `shardunits`
 publishes the stage's list as a local build does; it is pushed too.
 
-A folder a unit's builds listed at run time travels in its tree with the names its listing
-holds (`raytree`); a build that lists one its tree lacks (the first build of that code: no
-record of the listing yet) publishes nothing and says which (`rayworker`); the driver puts
-those listings in the unit's key as a recorded listing is (the digest of the folder's names
-here), so its tree holds them, and sends it again (`with_listings`), as many times as new
-folders are missed (bounded: a folder missed again is an error). The key then comes out as
-a local build's.
-
 What travels is `raytree`'s (the tree, a load shard's data bytes, the job); the worker's side
 is `rayworker`'s.
 
 Owns: the driver's side: submitting the Ray tasks, waiting with per-stage progress (units,
 or a sharded stage's shards done / total), cancelling outstanding tasks on Ctrl-C, turning a
-task's failure into the same error a local build gives, sending a unit again with the
-folders its build listed, and fetching what workers published.
+task's failure into the same error a local build gives, sending again a unit whose build
+listed folders its tree lacked (`raytree.with_listings`), and fetching what workers published.
 
 Must never: import ray outside a build on the Ray executor, publish under a key the worker did
 not recompute, run code the shipped tree does not hold, or build a unit here other than one
@@ -54,7 +46,6 @@ whose worker refused an input.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import math
@@ -66,7 +57,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from hfbuild.builds import shardunits
+from hfbuild.builds import raytree, shardunits
 from hfbuild.builds.local import build_here
 from hfbuild.builds.raytree import shard_data, shipped_files, task_args, task_env, upload_tree
 from hfbuild.builds.rayworker import run_shards, run_unit
@@ -129,53 +120,27 @@ def _remote(place: Place, label: str) -> Remote:
     return remote
 
 
-def build_units(place: Place, units: Sequence[Unit], label: str) -> list[Report]:
+def build_units(
+    place: Place, units: Sequence[Unit], label: str, sent: Sequence[Unit] | None = None
+) -> list[Report]:
     """Build `units` (one stage's, or one stage's shards) on the cluster and publish each
     into `place.store`: whole-stage units one task each, shards coalesced into few tasks
     (`coalesce`). Each result is pulled as soon as its task yields it, a few at a time,
-    while the cluster works on. A unit whose build listed folders its tree did not hold
-    (`rayworker`: a first build of code listing them) is sent again with them, until none
-    is missing (each time one more folder at least: a folder missed again is an error).
-    The caller holds the store's lock for each unit's static fingerprint."""
+    while the cluster works on; a unit whose build listed folders its tree lacked, sent
+    again with them (`sent`). The caller holds the lock of each unit's static fingerprint."""
     remote = _remote(place, label)
     _connect()
-    _ensure_inputs(place, remote, units)
-    sent = list(units)
-    reports: dict[int, Report] = {}
-    todo = list(range(len(units)))
-    while todo:
-        unlisted = _build_round(place, remote, units, [(i, sent[i]) for i in todo], reports, label)
-        paths = sorted({p for ps in unlisted.values() for p in ps})
-        for i, missed in unlisted.items():  # the folders any of them listed: they share a tree
-            sent[i] = with_listings(place, sent[i], paths, missed)
-        todo = sorted(unlisted)
-    return [reports[i] for i in range(len(units))]
-
-
-def _build_round(
-    place: Place,
-    remote: Remote,
-    units: Sequence[Unit],
-    todo: Sequence[tuple[int, Unit]],
-    reports: dict[int, Report],
-    label: str,
-) -> dict[int, list[str]]:
-    """Build the units `todo` names ((index into `units`, the unit as sent)) on the cluster,
-    each result fetched as for the unit `units` holds (its key is the one the build was
-    asked for); into `reports` by index. The listings each unit's worker found missing from
-    its tree (by index), for the units to send again."""
-    sent = [u for _, u in todo]
-    tasks = _submit_all(place, remote, sent)
+    _ensure_inputs(place, remote, units if sent is None else ())  # pushed the first time
+    tasks = _submit_all(place, remote, sent or units)
     t0 = time.perf_counter()
     pulls: threads.Pool[tuple[int, Mapping[str, Any]], Report] = threads.Pool(
         lambda got: _fetch(place, remote, units[got[0]], got[1], time.perf_counter() - t0)
     )
     refused: dict[int, str] = {}
-    unlisted: dict[int, list[str]] = {}
+    unlisted: dict[int, list[str]] = {}  # what the unit's build listed that its tree lacked
     order: list[int] = []  # the units in the order their results arrived
 
-    def arrived(j: int, res: Mapping[str, Any]) -> None:
-        i = todo[j][0]
+    def arrived(i: int, res: Mapping[str, Any]) -> None:
         if "refused" in res:
             refused[i] = str(res["refused"])
         elif "unlisted" in res:
@@ -185,43 +150,25 @@ def _build_round(
             pulls.submit((i, res))
 
     try:
-        _wait(tasks, label, sent, arrived)
+        _wait(tasks, label, units, arrived)
         fetched = dict(zip(order, pulls.results(), strict=True))
     finally:
         pulls.close()
-    for i, _ in todo:
+    if unlisted:  # with what any of them listed (shards of one stage share a tree)
+        again, paths = sorted(unlisted), sorted({p for ps in unlisted.values() for p in ps})
+        more = [raytree.with_listings(place, (sent or units)[i], paths, unlisted[i]) for i in again]
+        redone = build_units(place, [units[i] for i in again], label, more)
+        fetched.update(zip(again, redone, strict=True))
+    reports: list[Report] = []
+    for i, unit in enumerate(units):
         if i in refused:
-            reports[i] = _build_refused_here(place, units[i], refused[i])
-        elif i in fetched:
-            got = fetched[i]
-            if isinstance(got, Exception):
-                raise got
-            reports[i] = got
-    return unlisted
-
-
-def with_listings(place: Place, unit: Unit, paths: Sequence[str], missed: Sequence[str]) -> Unit:
-    """`unit` to send again with the listings `paths` (`dir/.`, `.` for the root) in its
-    key as a recorded listing is (the digest of the folder's names here), so its tree holds
-    each folder with its names and files (`raytree`). `missed`: what its worker found missing;
-    a folder it was sent with already is an error (a unit is never sent again for nothing)."""
-    from hfbuild.keys.fullkey import identify, listing_dir
-    from hfbuild.source.gitstate import Snapshot
-
-    m = unit.manifest
-    had = {p for p, _ in m.observed}
-    again = sorted(set(missed) & had)
-    if again or not missed:
-        folders = ", ".join(listing_dir(p) for p in again) or "nothing"
-        raise BuildError(
-            f"stage {unit.spec.name!r}: a Ray worker found {folders} missing from its tree "
-            f"although it was sent with the names the key holds (a folder reached through a "
-            f"link?): build this stage with the local executor (`--executor local`)."
-        )
-    new = identify([p for p in paths if p not in had], Snapshot(place.root), place.stat_cache)
-    m = dataclasses.replace(m, observed=tuple(sorted({*m.observed, *new})))
-    shard = None if unit.shard is None else m.shard_list[unit.manifest.shard_list.index(unit.shard)]
-    return dataclasses.replace(unit, manifest=m, shard=shard)
+            reports.append(_build_refused_here(place, unit, refused[i]))
+            continue
+        got = fetched[i]
+        if isinstance(got, Exception):
+            raise got
+        reports.append(got)
+    return reports
 
 
 def _ensure_inputs(place: Place, remote: Remote, units: Sequence[Unit]) -> None:
@@ -451,9 +398,7 @@ def _wait(
         total, what = len(units[0].manifest.shard_list), "shards"
     bar = progress.bar(total, f"{label} on ray", unit=what[:-1])
     bar.update(total - len(units))
-    here = 0
-    unlisted: set[str] = set()  # what units to send again listed (`build_units`)
-    again = 0
+    here, again = 0, []  # units whose worker refused an input; listings of those to send again
     try:
         while todo:
             ready, _ = ray.wait(list(todo), num_returns=1, timeout=0.5)
@@ -475,12 +420,9 @@ def _wait(
                     del todo[w]
                 res = _result(ray, ref, label)
                 here += "refused" in res
-                if "unlisted" in res:
-                    again += 1
-                    unlisted.update(str(p) for p in res["unlisted"])
-                else:
-                    bar.update(1)
+                again += [res["unlisted"]] if "unlisted" in res else []
                 arrived(left.pop(0), res)
+                bar.update(1)
     except BaseException:
         for w in todo:
             with contextlib.suppress(Exception):
@@ -489,14 +431,12 @@ def _wait(
     finally:
         bar.close()
     also = f", {here} to build here (a worker refused its input)" if here else ""
-    if again:
-        from hfbuild.keys.fullkey import listing_dir
-
-        folders = ", ".join(listing_dir(p) for p in sorted(unlisted))
-        also += f", {again} to send again with the folders listed at run time ({folders})"
-    built = len(units) - here - again
+    if again:  # the first build of code listing folders its tree lacked (`build_units`)
+        named = ", ".join(sorted({p.removesuffix("/.") for ps in again for p in ps}))
+        also += f", {len(again)} to send again with the folders listed at run time ({named})"
+    built = len(units) - here - len(again)
     if what == "shards":
-        line = f"{total - again}/{total} shards done, {built} built on ray{also}"
+        line = f"{total - len(again)}/{total} shards done, {built} built on ray{also}"
         line += f" ({len(tasks)} task{'s' if len(tasks) != 1 else ''})"
     else:
         line = f"{built}/{len(units)} units built on ray{also}"

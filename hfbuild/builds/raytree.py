@@ -8,7 +8,8 @@ as the key holds them once the tree is written; plus pyproject.toml), packed and
 as a Ray package (one per distinct tree: all the shards of a stage share one, without a
 load's data files); a load shard's data file, sent as the task's argument (`shard_data`); the
 job (`task_args`: plain JSON-able values and the pickled spec, and the folders the tree holds
-with their names, `listed`), with the committed lock's pins
+with their names, `listed`; a unit to send again with more, `with_listings`), with the
+committed lock's pins
 of the entries the worker may pull (`input_pins`) and the variables its code reads, with the
 driver's values (`task_env`: never a secret-looking one).
 
@@ -184,6 +185,33 @@ def _check_listed(dest: str, names: dict[str, list[str] | None]) -> None:
                 f"files it names: rename it, or build this stage with the local executor "
                 f"(`--executor local`)."
             )
+
+
+def with_listings(place: Place, unit: Unit, paths: Sequence[str], missed: Sequence[str]) -> Unit:
+    """`unit` to send again with the listings `paths` (`dir/.`, `.` for the root) in its
+    key as a recorded listing is (the digest of the folder's names here), so that its tree
+    holds each folder with its names and files (`tree`), and its worker's key is a local
+    build's. `missed`: what its worker found missing from its tree; a folder it was sent with
+    already is an error (a unit is never sent again for nothing: the rounds end)."""
+    import dataclasses
+
+    from hfbuild.keys.fullkey import identify, listing_dir
+    from hfbuild.source.gitstate import Snapshot
+
+    m = unit.manifest
+    had = {p for p, _ in m.observed}
+    again = sorted(set(missed) & had)
+    if again or not missed:
+        folders = ", ".join(listing_dir(p) for p in again) or "nothing"
+        raise BuildError(
+            f"stage {unit.spec.name!r}: a Ray worker found {folders} missing from its tree "
+            f"although it was sent with the names the key holds (a folder reached through a "
+            f"link?): build this stage with the local executor (`--executor local`)."
+        )
+    new = identify([p for p in paths if p not in had], Snapshot(place.root), place.stat_cache)
+    m = dataclasses.replace(m, observed=tuple(sorted({*m.observed, *new})))
+    shard = None if unit.shard is None else m.shard_list[unit.manifest.shard_list.index(unit.shard)]
+    return dataclasses.replace(unit, manifest=m, shard=shard)
 
 
 def _import_dirs(root: str) -> list[str]:
