@@ -510,3 +510,45 @@ def test_a_unit_is_sent_again_with_the_folders_its_worker_missed_once(
     assert again.key != unit.key  # the shard's key holds the listings
     with pytest.raises(BuildError, match=r"found shelf missing .*--executor local"):
         with_listings(place, again, ["shelf/."], ["shelf/."])
+
+
+def test_a_ray_tree_lists_the_root_and_a_listed_folder_as_the_key_holds_them(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """The tree a unit travels with, its key holding listings of the project's root and of
+    shelf/: each lists there exactly the names the key stands for (the driver's marker out
+    of sight under __pycache__/), the root's files with their bytes, its folders empty but
+    for the files the key names. A listed folder holding a broken link, which cannot travel
+    as it is, and a .rayignore among the files, which Ray's packaging would honour, are
+    refused with what to do."""
+    from hfbuild import Pipeline
+    from hfbuild.builds import raytree
+    from hfbuild.keys.fullkey import identify, listing
+    from hfbuild.source.gitstate import Snapshot
+
+    repo.write(
+        {"shelf/one.csv": "x\n1\n", "top.csv": "x\n7\n", "pkg/m.py": "X = 1\n", "pkg/n.py": ""}
+    )
+    repo.commit("a project")
+    place = Pipeline(tmp_path / "store", root=repo.path).place
+
+    def files(*paths: str) -> list[tuple[str, str]]:
+        snap = Snapshot(place.root)
+        return [*identify(paths, snap, place.stat_cache), ("pkg/m.py", snap.file_id("pkg/m.py").id)]
+
+    with raytree.tree(place, files(".", "shelf/.")) as d:
+        top = pathlib.Path(d)
+        assert listing(d) == listing(str(repo.path)) == ["pkg", "shelf", "top.csv"]
+        assert sorted(os.listdir(d)) == ["__pycache__", "pkg", "shelf", "top.csv"]
+        assert (top / "top.csv").read_text() == "x\n7\n"
+        assert listing(str(top / "shelf")) == ["one.csv"]
+        assert os.listdir(top / "pkg") == ["m.py"]  # named by the root, not listed itself
+    (repo.path / "shelf" / "gone").symlink_to("nowhere")
+    broken = pytest.raises(ConfigError, match=r"folder shelf .*\(gone: .*--executor local")
+    with broken, raytree.tree(place, files("shelf/.")):
+        pass
+    (repo.path / "shelf" / "gone").unlink()
+    (repo.path / "shelf" / ".rayignore").write_text("*.csv\n")
+    ignoring = pytest.raises(ConfigError, match=r"shelf/.rayignore travels .*--executor local")
+    with ignoring, raytree.tree(place, files("shelf/.")):
+        pass
