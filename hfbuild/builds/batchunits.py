@@ -37,6 +37,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from hfbuild.builds import packbuild
 from hfbuild.core import canonical
 from hfbuild.core.spec import Report, StageSpec, stored_rows
 from hfbuild.keys import shards
@@ -179,37 +180,61 @@ def build(
             got = _build_units(place, spec, m, parent_fp, listed, assumed, tmp)
             if got is None:
                 return None
-            plan, docs, built, written = got
             now = seen.identify(m)
             if not {p for p, _ in now} <= {p for p, _ in assumed}:
                 # Its function read files the assumed key does not hold: every unit's key
                 # takes them, and every unit is built again under it.
                 assumed = tuple(sorted(set(assumed) | set(now)))
-                for path, _ in docs.values():
-                    if path:
-                        store.discard(path)
+                got.discard(store)
                 got = _build_units(place, spec, m, parent_fp, listed, assumed, tmp, every=True)
                 if got is None:
                     return None
-                plan, docs, built, written = got
                 now = seen.identify(m)
             observed = tuple(sorted(set(assumed) | set(now)))
             known = {}
-            for key, (path, doc) in docs.items():
+            for key, (path, doc) in got.docs.items():
                 known[key] = store.publish_first(path, key, doc) if path else doc
+            for pack, keys in got.packs:  # the first to publish a pack wins, as for a unit
+                known.update(packbuild.publish(place, spec, keys, pack))
             final = dataclasses.replace(m, observed=observed)
-            done = _Done(plan, known, built, written, as_dict)
+            done = _Done(got.plan, known, got.built, got.written, as_dict)
             entry = _publish(place, spec, final, manifests, done, tmp, t0)
             seen.publish(static, observed)
             seen.publish(m.static_fingerprint, observed)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    total = sum(len(us) for us in plan.values())
+    total = sum(len(us) for us in got.plan.values())
     seconds = time.perf_counter() - t0
     return Report(
-        spec.name, final.fingerprint, "built", stored_rows(entry), seconds, (built, total), entry
+        spec.name,
+        final.fingerprint,
+        "built",
+        stored_rows(entry),
+        seconds,
+        (got.built, total),
+        entry,
     )
+
+
+class _Built(NamedTuple):
+    """The units of a stage under one set of run-time reads: by split; key -> (directory,
+    or "" when the store has it or a pack of `packs` holds it, its document); the packs
+    of units built now with their units' keys in order; units built; bytes written."""
+
+    plan: dict[str, list[Unit]]
+    docs: dict[str, tuple[str, dict[str, Any]]]
+    packs: list[tuple[packbuild.Pack, list[str]]]
+    built: int
+    written: int
+
+    def discard(self, store: Any) -> None:
+        """What was built now, unpublished, to the trash."""
+        for path, _ in self.docs.values():
+            if path:
+                store.discard(path)
+        for pack, _ in self.packs:
+            store.discard(pack.path)
 
 
 def _build_units(
@@ -222,51 +247,103 @@ def _build_units(
     tmp: str,
     *,
     every: bool = False,
-) -> tuple[dict[str, list[Unit]], dict[str, tuple[str, dict[str, Any]]], int, int] | None:
+) -> _Built | None:
     """The units of the stage under `observed`, the missing ones (or, with `every`, all)
-    built into directories in `tmp`: (units by split, key -> (directory or "" when the
-    store has it, its document), units built, bytes written); None when the stage is to be
-    built whole."""
-    from hfbuild.builds import builder, shardone
+    built into `tmp`: those of one split and form together as packs (`packbuild.of_results`),
+    the others each in a directory of its own; None when the stage is to be built whole.
+    A unit is found in the store by its key: its own entry, or its rows of a pack the
+    stage's last list names."""
+    from hfbuild.builds import builder, shardbuild, shardone
 
     store = place.store
     plan = _plan(code_key(m, observed), spec, listed)
     if plan is None:
         return None
+    prior = {} if every else shardbuild.listed_here(store, spec.name)
     docs: dict[str, tuple[str, dict[str, Any]]] = {}
     todo = []
     for us in plan.values():
         for u in us:
-            have = None if every else store.intact_manifest(u.key)
+            have = None if every else (prior.get(u.key) or store.intact_manifest(u.key))
             if have is not None:
                 docs[u.key] = ("", have)
             elif u.key not in docs:
                 todo.append(u)
                 docs[u.key] = ("", {})
-    written = 0
-    if todo:
-        kept = closure.kept_state(refs.function(spec))
-        scratch = os.path.join(tmp, builder.SCRATCH)
-        with shardone.quiet_datasets():
-            for u in todo:
-                t1 = time.perf_counter()
-                rows = _rows_of(store, parent_fp, listed, u)
-                one = builder.offset_indices(spec, u.start)
-                path = tempfile.mkdtemp(dir=tmp, prefix="unit-")
-                named = {"scratch": scratch, "tag": os.path.basename(path) + "-"}
-                out = builder.run_stage(one, [rows], u.key, path, place.root, **named)
-                info = builder.save(out, os.path.join(path, "data"), path, (), scratch)
-                s = Shard(u.split, u.key, u.label, 0, u.first_input)
-                doc = shardone.shard_doc(spec, s, info, out, time.perf_counter() - t1)
-                written += int(doc["written_bytes"])
-                docs[u.key] = (path, doc)
+    if not todo:
+        return _Built(plan, docs, [], 0, 0)
+    kept = closure.kept_state(refs.function(spec))
+    scratch = os.path.join(tmp, builder.SCRATCH)
+    made = []  # (unit, its directory, its result, seconds)
+    with shardone.quiet_datasets():
+        for u in todo:
+            t1 = time.perf_counter()
+            rows = _rows_of(store, parent_fp, listed, u)
+            one = builder.offset_indices(spec, u.start)
+            path = tempfile.mkdtemp(dir=tmp, prefix="unit-")
+            named = {"scratch": scratch, "tag": os.path.basename(path) + "-"}
+            out = builder.run_stage(one, [rows], u.key, path, place.root, **named)
+            made.append((u, path, out, time.perf_counter() - t1))
         liveness.check_built(place.root, m.doc)  # the code that ran is the code hashed
-        if closure.kept_state(refs.function(spec)) != kept or not _same_features(spec, plan, docs):
-            for path, _ in docs.values():
-                if path:
-                    store.discard(path)
+        got = _Built(plan, docs, [], len(todo), 0)
+        if closure.kept_state(refs.function(spec)) != kept:
+            for _, path, _, _ in made:
+                store.discard(path)
             return None
-    return plan, docs, len(todo), written
+        got = _save(store, spec, made, got, tmp, scratch)
+    if not _same_features(spec, plan, docs):
+        got.discard(store)
+        return None
+    return got
+
+
+def _save(
+    store: Any,
+    spec: StageSpec,
+    made: Sequence[tuple[Unit, str, Any, float]],
+    got: _Built,
+    tmp: str,
+    scratch: str,
+) -> _Built:
+    """The units built now (`made`) written: runs of them as packs, the others as entries
+    of their own; their documents in `got.docs`."""
+    from hfbuild.builds import builder, shardone
+
+    written = 0
+    packed = packbuild.of_results([(u.split, out) for u, _, out, _ in made])
+    for run in packed:
+        members = [made[i] for i in run]
+        dest = tempfile.mkdtemp(dir=tmp, prefix="pack-")
+        first = members[0][0].key
+        info, hashes = packbuild.write_results(
+            [out for _, _, out, _ in members], os.path.join(dest, "data"), first[:64]
+        )
+        shards: list[tuple[int, dict[str, Any]]] = []
+        start = 0
+        for (u, _, out, seconds), h in zip(members, hashes, strict=True):
+            part = builder.SaveInfo(len(out), h, 0, None, info.form)
+            s = Shard(u.split, u.key, u.label, 0, u.first_input)
+            doc = shardone.shard_doc(spec, s, part, out, seconds)
+            doc["span"] = [start, start + len(out)]
+            start += len(out)
+            shards.append((len(shards), doc))
+            got.docs[u.key] = ("", doc)
+        written += info.written_bytes
+        pack = packbuild.Pack(dest, info, shards)
+        got.packs.append((pack, [u.key for u, _, _, _ in members]))
+    in_pack = {i for run in packed for i in run}
+    for i, (u, path, out, seconds) in enumerate(made):
+        if i in in_pack:
+            store.discard(path)  # its rows are the pack's
+            continue
+        info = builder.save(out, os.path.join(path, "data"), path, (), scratch)
+        s = Shard(u.split, u.key, u.label, 0, u.first_input)
+        doc = shardone.shard_doc(spec, s, info, out, seconds)
+        written += int(doc["written_bytes"])
+        got.docs[u.key] = (path, doc)
+    for name in os.listdir(scratch) if os.path.isdir(scratch) else []:
+        store.discard(os.path.join(scratch, name))  # the units' cache files: written now
+    return got._replace(written=written)
 
 
 def _rows_of(store: Any, parent_fp: str, listed: Sequence[Any], u: Unit) -> Any:
@@ -337,6 +414,8 @@ def _publish(
                 facts["features"] = stored.get("features")
             if isinstance(stored.get("form"), str):
                 facts["form"] = stored["form"]  # the list's form (`inputid`) is its first's
+            if "pack" in stored:  # a row range of a pack, not an entry of its own
+                facts.update(pack=stored["pack"], span=stored["span"])
             listed.append([u.split, u.key, u.label, stored["files"], facts])
     rows = shardbuild.Listed(listed, done.built, done.written, done.as_dict)
     return shardbuild.publish_list(place, spec, m, manifests, rows, tmp, t0)

@@ -1,7 +1,9 @@
 """Packs, as a sharded build makes and finds them (`keys/packs.py` keys them).
 
 Owns: writing one load's rows as a pack (`write`: one part in the `save_to_disk` layout,
-each shard's row range hashed as its own entry's would be), publishing it (`publish`: an
+each shard's row range hashed as its own entry's would be), a batched stage's units built
+now as packs (`of_results`: which results may be rows of one pack, `write_results`: several
+results of one split written as one pack), publishing it (`publish`: an
 ordinary entry keyed by its shards' keys, its manifest's `pack` listing each shard's key,
 row range, content hash and label; the first to publish it wins), finding a listed shard
 in a pack whose manifest was written again since (`in_pack`), and writing a packed shard
@@ -26,8 +28,14 @@ if TYPE_CHECKING:
     from hfbuild.keys.place import Place
 
 
+# A pack of results (`of_results`) holds at most this many bytes of rows (as save_to_disk's
+# shards: a filter's selected rows are gathered in memory before they are written).
+PACK_BYTES = 500 << 20
+
+
 class Pack(NamedTuple):
-    """The shards of one split a load built together, written as one pack (`packs`): its
+    """The shards of one split a load built together (or a batched stage's units built
+    now), written as one pack (`packs`): its
     directory (the entry's files, in `data/`), its description (rows, content hash, form,
     bytes written) and, per shard, (its position in the stage, its document with `span`,
     its rows in the pack)."""
@@ -62,6 +70,58 @@ def write(parts: Any, counts: list[int], dest: str, fingerprint: str) -> tuple[A
     return info, hashes
 
 
+def of_results(results: Sequence[tuple[str, Any]]) -> list[list[int]]:
+    """Which of `results` ((split, Dataset) in order: a batched stage's units built now) are
+    kept as packs: runs of positions, in order, of results of one split and one form
+    (features and format: a pack has one schema) with no format set and no feature whose
+    save embeds external files (`save_to_disk` would; a pack writes the table as it is), at
+    most `PACK_BYTES` each, two or more to a pack. The others are entries of their own (a
+    map's unit of no rows has its input's features)."""
+    from datasets.features.features import require_storage_embed
+
+    from hfbuild.builds.builder import form_of
+
+    runs: dict[tuple[str, str], list[list[int]]] = {}
+    sizes: dict[tuple[str, str], int] = {}
+    for i, (split, ds) in enumerate(results):
+        if ds.format.get("type") is not None or require_storage_embed(ds.features):
+            continue
+        group = (split, form_of(ds))
+        table = ds.data
+        size = table.nbytes * len(ds) // max(table.num_rows, 1)  # a selection's share
+        if group not in runs or sizes[group] + size > PACK_BYTES:
+            runs.setdefault(group, []).append([])
+            sizes[group] = 0
+        runs[group][-1].append(i)
+        sizes[group] += size
+    return [run for each in runs.values() for run in each if len(run) >= 2]
+
+
+def write_results(results: Sequence[Any], dest: str, fingerprint: str) -> tuple[Any, list[str]]:
+    """`results` (Datasets of one split and one form, `of_results`), in order, written at
+    `dest` as one pack with the state `fingerprint`, each a row range of it (`write`): their
+    tables concatenated (a selection's rows, a filter's, taken from its table first, as
+    saving it would), with the first one's info and split."""
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    from hfbuild.builds import builder
+
+    tables = []
+    for r in results:
+        table = r.data.table
+        tables.append(table if r._indices is None else table.take(r._indices.column(0)))
+    first = results[0]
+    whole = datasets.Dataset(
+        InMemoryTable(pa.concat_tables(tables)),
+        info=first.info.copy(),
+        split=first.split,
+        fingerprint=fingerprint,
+    )
+    return write(builder.PartWriter(whole), [len(r) for r in results], dest, fingerprint)
+
+
 def publish(
     place: Place, spec: StageSpec, keys: Sequence[str], pack: Pack
 ) -> dict[str, dict[str, Any]]:
@@ -83,6 +143,9 @@ def publish(
         "written_bytes": pack.info.written_bytes,
         "hfbuild": pack.shards[0][1]["hfbuild"],
     }
+    features = {d.get("features") for _, d in pack.shards}
+    if features != {None}:  # a map's units: one schema, so one features digest
+        (doc["features"],) = features
     fp = packs.pack_key(keys)
     stored = store.publish_first(pack.path, fp, doc)
     stamp = store.manifest_stamp(fp)
@@ -97,6 +160,8 @@ def publish(
             "pack": fp,
             "span": [start, end],
         }
+        if "features" in stored:
+            out[key]["features"] = stored["features"]
     return out
 
 

@@ -56,7 +56,7 @@ def build(
     built = 0
     written = 0
     known: dict[str, dict[str, Any] | None] = {}  # shard key -> its intact manifest, or None
-    prior = _listed(store, spec.name)  # what the last build listed, found in place
+    prior = listed_here(store, spec.name)  # what the last build listed, found in place
     via = manifests[spec.inputs[0]].fingerprint if spec.kind != "load" else None
     try:
         with observing(place, tmp) as seen:
@@ -241,7 +241,7 @@ def _publish(
                 f"stage {spec.name!r}: shard {s.label} ({s.key}) vanished from the store "
                 f"while the stage was built (a concurrent `hfbuild gc`?); build it again."
             )
-        # Sizes for `Store.check`; rows and content hash for the next build (`_listed`),
+        # Sizes for `Store.check`; rows and content hash for the next build (`listed_here`),
         # with the stamp of the manifest they were read from; an indices shard's base.
         facts = {
             "rows": stored.get("rows"),
@@ -386,7 +386,7 @@ def _check_features(spec: StageSpec, listed: Sequence[list[Any]]) -> None:
             )
 
 
-def _listed(store: Any, name: str) -> dict[str, dict[str, Any]]:
+def listed_here(store: Any, name: str) -> dict[str, dict[str, Any]]:
     """The shards the stage's last entry (its ref) lists whose files are there with the
     sizes and identities it records (a shard whose files' identities differ is checked
     by itself, `Store.files_intact`), and whose manifest is the one the listing was made
@@ -442,7 +442,7 @@ def _is_dict(place: Place, spec: StageSpec) -> bool:
 def _row_base(place: Place, spec: StageSpec, stored: Mapping[str, Any]) -> dict[str, Any]:
     """For an indices shard, its base and the base's file sizes in the stage's list, so
     `Store.check` stats them as it stats the shard's own ({} for other shards). `stored` is
-    the shard's manifest, or what the last listing recorded of it (`_listed`)."""
+    the shard's manifest, or what the last listing recorded of it (`listed_here`)."""
     if "base" in stored:
         return {"base": stored["base"], "base_files": stored.get("base_files")}
     ind = stored.get("indices")

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from hfbuild.core.errors import HfbuildError
 from hfbuild.keys.manifest import Manifest, Shard
 from hfbuild.pipeline.pipeline import Pipeline
+from hfbuild.store.entry import row_owner, row_pack
 from hfbuild.store.remote import Remote
 from hfbuild.store.remotereach import RefusedEntryError, remote_url
 
@@ -98,17 +100,22 @@ def _keyed(pipe: Pipeline, remote: Remote, name: str) -> tuple[Manifest | None, 
 def remote_rm(pipe: Pipeline, stage: str, shard: str | None, url: str | None, force: bool) -> int:
     """Remove the remote's entry for the stage's current key (or one of its shards): a bad
     entry (a forged one, or one built over a copy of its input the remote does not hold).
-    The committed lock is the check: an entry whose content is what the lock records for its
-    key is the good one, and stays unless `force`."""
+    A shard kept as a row range of a pack (no entry of its own) is removed with its pack,
+    the entry holding its rows. The committed lock is the check: an entry whose content is
+    what the lock records for its key is the good one, and stays unless `force`."""
     remote = _remote(pipe, url)
     m = pipe.manifests()[stage]
-    fp, what = m.fingerprint, f"stage {stage!r}"
+    fp, what, pack = m.fingerprint, f"stage {stage!r}", None
     if shard is not None:
-        fp = _shard(stage, m.shard_list if m.shards is not None else [], shard).key
+        fp, pack = _shard_of(pipe, remote, stage, m, shard)
         what += f", shard {shard}"
+    gone = pack if pack is not None else fp
     try:
-        doc = remote.read_manifest(fp)
+        doc = remote.read_manifest(gone)
         theirs = str((doc or {}).get("content_hash"))
+        if doc is not None and pack is not None:  # the hash its pack gives its rows
+            held = [r for r in doc.get("pack") or [] if isinstance(r, list) and r[:1] == [fp]]
+            theirs = str(held[0][3]) if held and len(held[0]) >= 4 else "None"
     except RefusedEntryError:  # a corrupt or edited manifest: removable
         doc, theirs = {}, "unreadable"
     if doc is None:
@@ -123,18 +130,56 @@ def remote_rm(pipe: Pipeline, stage: str, shard: str | None, url: str | None, fo
             file=sys.stderr,
         )
         return 1
-    remote.remove(fp)
+    remote.remove(gone)
     if pin is None:
         why = f"the committed {pipe.lock_name} does not pin it"
     elif pin.content_hash == theirs:
         why = f"the committed {pipe.lock_name} records it (--force)"
     else:
         why = f"the committed {pipe.lock_name} records {pin.content_hash}"
+    if pack is not None:
+        others = len((doc or {}).get("pack") or [None]) - 1
+        print(
+            f"{what}: removed the pack {remote.where(pack)} holding its rows as {fp} (content "
+            f"hash {theirs}; {why}), and with it the rows of {others} other shard(s): a build "
+            f"makes and pushes them again."
+        )
+        return 0
     print(f"{what}: removed {remote.where(fp)} (content hash {theirs}; {why}).")
     return 0
 
 
-def _shard(stage: str, shards: Sequence[Shard], label: str) -> Shard:
+def _shard_of(
+    pipe: Pipeline, remote: Remote, stage: str, m: Manifest, label: str
+) -> tuple[str, str | None]:
+    """The key of the stage's shard (or unit) `label`, and, when the remote holds no entry
+    of it, the pack the stage's list names for it (the remote's list of the current key,
+    else this store's)."""
+    try:
+        theirs = remote.read_manifest(m.fingerprint)
+    except RefusedEntryError:  # the remote's list unreadable: this store's tells
+        theirs = None
+    lists = [d for d in (theirs, pipe.store.read_manifest(m.fingerprint)) if d]
+    if m.shards is not None:
+        key = _shard(stage, m.shard_list, label).key
+    else:  # a batched stage's units: the labels its list names
+        rows = [r for d in lists for r in d.get("shards") or [] if isinstance(r, list)]
+        key = _shard(stage, [_Named(str(r[2]), str(r[1])) for r in rows], label).key
+    if remote.has(key):
+        return key, None
+    for d in lists:
+        for r in d.get("shards") or []:
+            if isinstance(r, list) and len(r) >= 5 and r[1] == key and row_pack(r) is not None:
+                return key, row_owner(r)
+    return key, None
+
+
+class _Named(NamedTuple):
+    label: str
+    key: str
+
+
+def _shard(stage: str, shards: Sequence[Shard | _Named], label: str) -> Shard | _Named:
     found = [s for s in shards if s.label == label]
     if not found:
         known = ", ".join(s.label for s in shards[:5]) + (", ..." if len(shards) > 5 else "")

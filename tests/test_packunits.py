@@ -1,0 +1,232 @@
+"""A batched stage's units built together are kept as one pack (issue #24), as a load's
+shards are (tests/test_packs.py): each unit still keyed and found by its own key through
+the stage's last list; appends, the remote (push, pull, `remote rm --shard`) follow them,
+and the served result is plain `datasets`' one."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+from tests.helpers import Repo, run_hfbuild, run_python
+from tests.pipeline_project import calls, doit
+from tests.shard_project import make_project, write_part
+
+FNS = """
+    import os
+
+
+    def _log(stage, n):
+        with open(os.environ["CALL_LOG"], "a") as out:
+            out.write(f"{stage}\\n" * n)
+
+
+    def grow(batch):
+        _log("grow", 1)
+        return {"y": [x * 3 + 1 for x in batch["x"]], "m": [max(batch["x"])] * len(batch["x"])}
+
+
+    def keep(batch):
+        _log("keep", 1)
+        return [y % 7 != 0 for y in batch["y"]]
+    """
+
+DODO = """
+    from hfbuild import Pipeline
+    from pkg import u
+
+    pipe = Pipeline()
+    raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+    feat = pipe.map("feat", raw, u.grow, batched=True, batch_size=4)
+    kept = pipe.filter("kept", feat, u.keep, batched=True, batch_size=3)
+
+
+    def task_preprocess():
+        yield from pipe.tasks()
+    """
+
+PLAIN = """
+import glob, json, sys, datasets
+sys.path.insert(0, ".")
+from pkg import u
+import os
+os.environ["CALL_LOG"] = os.devnull
+datasets.disable_caching()
+ds = datasets.load_dataset("parquet", data_files=sorted(glob.glob("data/*.parquet")),
+                           split="train", cache_dir=sys.argv[1])
+ds = ds.map(u.grow, batched=True, batch_size=4)
+ds = ds.filter(u.keep, batched=True, batch_size=3)
+print(json.dumps(ds.to_dict()))
+"""
+
+LISTS = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+from hfbuild.store.entry import row_pack
+
+s = dodo.pipe.store
+out = {}
+for name in ("feat", "kept"):
+    doc = s.read_manifest(dodo.pipe[name].fingerprint)
+    rows = [[r[2], r[1], list(row_pack(r) or [None])] for r in doc["shards"]]
+    out[name] = {"rows": rows, "built": doc["shards_built"], "hash": doc["content_hash"]}
+out["objects"] = sorted(s.fingerprints())
+out["packs"] = sorted(k for k in s.fingerprints() if "pack" in (s.read_manifest(k) or {}))
+out["kept_rows"] = dodo.pipe.result("kept").to_dict()
+print(json.dumps(out))
+"""
+
+
+def _project(repo: Repo, files: int = 6) -> Repo:
+    make_project(repo, parts=0)
+    repo.write({"dodo.py": DODO, "pkg/u.py": FNS})
+    for i in range(files):
+        write_part(repo, f"part-{i}", 10 * i, rows=5)
+    repo.commit("units project")
+    return repo
+
+
+def _lists(repo: Repo) -> dict[str, object]:
+    got: dict[str, object] = json.loads(run_python(LISTS, repo.path).stdout.splitlines()[-1])
+    return got
+
+
+def _plain(repo: Repo, tmp_path: pathlib.Path) -> object:
+    out = run_python(PLAIN, repo.path, args=[str(tmp_path / "plain-cache")])
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_units_built_together_are_one_pack_and_an_append_adds_one(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Cold, each batched stage's units are one pack (every row of its list names it), the
+    store holding 3 lists and 3 packs; appending a file builds the last old unit and the
+    new one as one new pack, the other units found by their keys and row ranges in the old
+    pack. Both times the result is plain datasets' over the same files."""
+    repo = _project(Repo.init(tmp_path / "repo"))
+    doit(repo, "run", "preprocess", log=tmp_path / "a.log")
+    cold = _lists(repo)
+    for name in ("feat", "kept"):
+        rows = cold[name]["rows"]  # type: ignore[index]
+        assert len(rows) >= 5 and len({r[2][0] for r in rows}) == 1, (name, rows)
+        assert rows[0][2][0] in cold["packs"]  # type: ignore[operator]
+    assert len(cold["objects"]) == 6 and len(cold["packs"]) == 3, cold  # type: ignore[arg-type]
+    assert cold["kept_rows"] == _plain(repo, tmp_path)
+
+    write_part(repo, "part-6", 60, rows=5)
+    repo.commit("one more file")
+    doit(repo, "run", "preprocess", log=tmp_path / "b.log")
+    again = _lists(repo)
+    for name in ("feat", "kept"):
+        old, new = cold[name]["rows"], again[name]["rows"]  # type: ignore[index]
+        known = {r[1] for r in old}
+        fresh = [r for r in new if r[1] not in known]
+        # The units built now: the last old one(s), whose batches read into the new file,
+        # and those starting in it, all in one new pack; the others are the old pack's.
+        assert again[name]["built"] == len(fresh) >= 2, (name, again[name])  # type: ignore[index]
+        assert new[: len(new) - len(fresh)] == old[: len(new) - len(fresh)], name
+        assert len({r[2][0] for r in fresh}) == 1, (name, fresh)
+        assert fresh[0][2][0] in again["packs"] and fresh[0][2][0] not in cold["packs"]  # type: ignore[operator]
+    assert again["feat"]["built"] == 2  # type: ignore[index]
+    assert again["kept_rows"] == _plain(repo, tmp_path)
+
+
+NO_UNIT_PACKS = """
+import sys
+from hfbuild.builds import packbuild
+
+packbuild.of_results = lambda results: []  # every unit an entry of its own, as before
+from doit.doit_cmd import DoitMain
+from doit.cmd_base import ModuleTaskLoader
+import dodo
+
+sys.exit(DoitMain(ModuleTaskLoader(dodo)).run(["run", "preprocess"]))
+"""
+
+
+def test_packed_units_give_the_lock_entries_give(tmp_path: pathlib.Path) -> None:
+    """Packing units changes where their rows are stored, never a key or a content hash:
+    the lock (fingerprints, content hashes, each unit's hash in `shard_hashes`) is byte for
+    byte the one a build keeping each unit as an entry of its own writes."""
+    locks = []
+    for name, packed in (("packed", True), ("apart", False)):
+        repo = _project(Repo.init(tmp_path / name), files=9)
+        log = tmp_path / f"{name}.log"
+        if packed:
+            doit(repo, "run", "preprocess", log=log)
+        else:
+            out = run_python(NO_UNIT_PACKS, repo.path, env={"CALL_LOG": str(log)})
+            assert out.returncode == 0, out.stderr[-3000:]
+        got = _lists(repo)
+        # 3 lists, the load's pack, and 9 units of each batched stage: 2 packs, or 18.
+        assert len(got["objects"]) == (3 + 1 + (2 if packed else 18)), got["objects"]  # type: ignore[arg-type]
+        locks.append((repo.path / "hfbuild.lock").read_text())
+    assert locks[0] == locks[1]
+    assert len(json.loads(locks[0])["stages"]["kept"]["shard_hashes"]) == 9
+
+
+def test_packed_units_are_pulled_and_a_bad_packed_shard_removed(tmp_path: pathlib.Path) -> None:
+    """Pushed, the packed units travel with their packs and a fresh clone pulls them and
+    builds nothing. `hfbuild remote rm kept --shard LABEL` of a unit whose pack on the remote
+    was forged (its rows given another unit's hash, the checksum made again) removes that
+    pack, saying so, and a clone then builds those units itself with plain datasets' rows;
+    a good pack stays unless --force; so does a load's packed shard."""
+    from hfbuild.store.paths import manifest_digest
+
+    repo = _project(Repo.init(tmp_path / "repo"))
+    remote = tmp_path / "remote"
+    env = {"HFBUILD_REMOTE": f"file://{remote}", "HFBUILD_PUSH": "1"}
+    doit(repo, "run", "preprocess", log=tmp_path / "a.log", env=env)
+    repo.commit("its lock")  # `remote rm` checks against the committed lock
+    here = _lists(repo)
+    on_remote = {p.name for p in remote.rglob("*") if p.is_dir()}
+    assert set(here["packs"]) <= on_remote  # type: ignore[arg-type]
+
+    def clone(name: str) -> Repo:
+        c = repo.clone(tmp_path / name)
+        for p in (repo.path / "data").glob("*.parquet"):
+            shutil.copy(p, c.path / "data" / p.name)
+        return c
+
+    first = clone("first")
+    log = tmp_path / "first.log"
+    doit(first, "run", "preprocess", log=log, env={"HFBUILD_REMOTE": f"file://{remote}"})
+    assert calls(log) == {}
+    assert _lists(first)["kept_rows"] == here["kept_rows"] == _plain(repo, tmp_path)
+
+    # kept's pack on the remote, two units' hashes swapped in its manifest.
+    rows = here["kept"]["rows"]  # type: ignore[index]
+    pack = rows[0][2][0]
+    (manifest,) = [p for p in remote.rglob("manifest.json") if p.parent.name == pack]
+    doc = json.loads(manifest.read_text())
+    doc["pack"][0][3], doc["pack"][1][3] = doc["pack"][1][3], doc["pack"][0][3]
+    doc["manifest_digest"] = manifest_digest(doc)
+    manifest.write_text(json.dumps(doc, sort_keys=True))
+
+    url = f"file://{remote}"
+    out = run_hfbuild(repo, "remote", "rm", "kept", "--shard", rows[1][0], "--remote", url)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"stage 'kept', shard {rows[1][0]}: removed the pack" in out.stdout
+    assert f"and with it the rows of {len(rows) - 1} other shard(s)" in out.stdout
+    assert not manifest.exists()
+    second = clone("second")
+    log = tmp_path / "second.log"
+    doit(second, "run", "preprocess", log=log, env={"HFBUILD_REMOTE": url})
+    # kept's units built here (a call per batch, as the cold build made), nothing else.
+    assert calls(log) == {"keep": calls(tmp_path / "a.log")["keep"]}
+    assert _lists(second)["kept_rows"] == here["kept_rows"]
+
+    # A good packed unit and a load's packed shard stay, unless --force.
+    label = here["feat"]["rows"][2][0]  # type: ignore[index]
+    out = run_hfbuild(repo, "remote", "rm", "feat", "--shard", label, "--remote", url)
+    assert out.returncode == 1 and "it is the good one, and stays" in out.stderr, out.stderr
+    out = run_hfbuild(
+        repo, "remote", "rm", "raw", "--shard", "data/part-3.parquet", "--remote", url
+    )
+    assert out.returncode == 1 and "it is the good one, and stays" in out.stderr, out.stderr
+    out = run_hfbuild(
+        repo, "remote", "rm", "raw", "--shard", "data/part-3.parquet", "--remote", url, "--force"
+    )
+    assert out.returncode == 0 and "(--force)" in out.stdout, out.stdout + out.stderr
