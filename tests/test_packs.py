@@ -72,9 +72,10 @@ def test_an_append_adds_one_pack_and_finds_the_old_shards_by_key(tmp_path: pathl
 
 NO_PACKS = """
 import sys
-from hfbuild.builds import shardone
+from hfbuild.builds import packbuild, shardone
 
 shardone.load_together = lambda *a, **k: None  # every shard loaded by itself, as before packs
+packbuild.of_results = lambda results: []  # every batch unit an entry of its own
 from doit.doit_cmd import DoitMain
 from doit.cmd_base import ModuleTaskLoader
 import dodo
@@ -133,8 +134,9 @@ def test_a_500_file_lock_is_the_one_shard_entries_give(tmp_path: pathlib.Path) -
             assert out.returncode == 0, out.stderr[-3000:]
         locks.append((repo.path / "hfbuild.lock").read_text())
         entries = len(_objects(repo))
-        # The 2 stages' lists, the map's 2 units, and the load's shards: 1 pack, or 500.
-        assert entries == (2 + 2 + 1 if packed else 2 + 2 + 500), entries
+        # The 2 stages' lists, the map's 2 units (1 pack, or 2) and the load's shards (1
+        # pack, or 500).
+        assert entries == (2 + 1 + 1 if packed else 2 + 2 + 500), entries
     assert locks[0] == locks[1]
     assert len(json.loads(locks[0])["stages"]["raw"]["shard_hashes"]) == 500
 
