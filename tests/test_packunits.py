@@ -102,9 +102,12 @@ def test_units_built_together_are_one_pack_and_an_append_adds_one(
     tmp_path: pathlib.Path,
 ) -> None:
     """Cold, each batched stage's units are one pack (every row of its list names it), the
-    store holding 3 lists and 3 packs; appending a file builds the last old unit and the
+    store holding 3 lists and 3 packs; appending a file builds the last old unit(s) and the
     new one as one new pack, the other units found by their keys and row ranges in the old
-    pack. Both times the result is plain datasets' over the same files."""
+    pack. Both times the result is plain datasets' over the same files. gc keeps the packs
+    and `verify --deep` checks each unit's rows of them."""
+    from hfbuild.store.paths import manifest_digest
+
     repo = _project(Repo.init(tmp_path / "repo"))
     doit(repo, "run", "preprocess", log=tmp_path / "a.log")
     cold = _lists(repo)
@@ -131,6 +134,24 @@ def test_units_built_together_are_one_pack_and_an_append_adds_one(
         assert fresh[0][2][0] in again["packs"] and fresh[0][2][0] not in cold["packs"]  # type: ignore[operator]
     assert again["feat"]["built"] == 2  # type: ignore[index]
     assert again["kept_rows"] == _plain(repo, tmp_path)
+
+    # gc keeps the packs HEAD's lists name (the old ones too: they hold the units reused);
+    # `verify --deep` checks each unit's rows of its pack, and finds one given another's.
+    repo.commit("its lock")
+    out = run_hfbuild(repo, "gc", "--keep-days", "0")
+    assert out.returncode == 0, out.stderr
+    assert set(again["packs"]) <= set(_lists(repo)["objects"])  # type: ignore[arg-type]
+    out = run_hfbuild(repo, "verify", "--deep")
+    assert out.returncode == 0, out.stdout + out.stderr
+    pack = again["feat"]["rows"][0][2][0]  # type: ignore[index]
+    manifest = repo.path / ".hfbuild" / "objects" / pack[:2] / pack / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["pack"][0][3], doc["pack"][1][3] = doc["pack"][1][3], doc["pack"][0][3]
+    doc.pop("ids", None)
+    doc["manifest_digest"] = manifest_digest(doc)
+    manifest.write_text(json.dumps(doc, sort_keys=True, indent=1))
+    out = run_hfbuild(repo, "verify", "--deep")
+    assert out.returncode == 1 and f"{pack} is damaged" in out.stderr, out.stdout + out.stderr
 
 
 NO_UNIT_PACKS = """
