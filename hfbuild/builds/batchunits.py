@@ -275,10 +275,11 @@ def _build_units(
     kept = closure.kept_state(refs.function(spec))
     scratch = os.path.join(tmp, builder.SCRATCH)
     made = []  # (unit, its directory, its result, seconds)
+    heads: dict[str, Any] = {}  # per split: its first shard with rows, its features
     with shardone.quiet_datasets():
         for u in todo:
             t1 = time.perf_counter()
-            rows = _rows_of(store, parent_fp, listed, u)
+            rows = _rows_of(store, parent_fp, listed, u, heads)
             one = builder.offset_indices(spec, u.start)
             path = tempfile.mkdtemp(dir=tmp, prefix="unit-")
             named = {"scratch": scratch, "tag": os.path.basename(path) + "-"}
@@ -346,9 +347,12 @@ def _save(
     return got._replace(written=written)
 
 
-def _rows_of(store: Any, parent_fp: str, listed: Sequence[Any], u: Unit) -> Any:
+def _rows_of(
+    store: Any, parent_fp: str, listed: Sequence[Any], u: Unit, heads: dict[str, Any]
+) -> Any:
     """Rows `u.start` to `u.stop` of the input's split `u.split`, from the input shards
-    holding them only (loading the whole input would map every shard of it)."""
+    holding them only (loading the whole input would map every shard of it). `heads`:
+    per split, its first shard with rows and that shard's features, found once a build."""
     at = 0
     first = -1
     rows: list[list[Any]] = []
@@ -361,8 +365,11 @@ def _rows_of(store: Any, parent_fp: str, listed: Sequence[Any], u: Unit) -> Any:
             rows.append(row)
         at += n
     part = store.load_listed(parent_fp, u.split, rows)
-    head = [r for r in listed if str(r[0]) == u.split and int(r[4]["rows"])][:1]
-    if rows[:1] != head and store.load_listed(parent_fp, u.split, head).features != part.features:
+    if u.split not in heads:
+        head = [r for r in listed if str(r[0]) == u.split and int(r[4]["rows"])][:1]
+        heads[u.split] = (head, store.load_listed(parent_fp, u.split, head).features)
+    head, features = heads[u.split]
+    if rows[:1] != head and features != part.features:
         # Shards of other types: the whole split's concatenation decides them, as served.
         whole = store.load(parent_fp)
         split = whole[u.split] if isinstance(whole, dict) else whole
