@@ -47,6 +47,8 @@ of a pack's rows sliced once), load average 8-10, CPU seconds, main's run of the
 hour in brackets (main's own venv; this branch's venv, made today, resolves newer
 huggingface_hub/transformers, which alone cost the no-op ~0.1 s: main's code under it
 0.48 s): cold 7.53 s against plain datasets' 5.05 s, 1.49x (main 9.23 / 5.36, 1.72x);
+over five runs at load 8-14, 1.28x to 1.56x (main, three runs, 1.50x to 1.72x; with
+`BENCH_PYTHONPATH` in this venv, pairs of the same minutes: 1.50 / 1.56, 1.60 / 1.34);
 appending one file 1.82 s against 5.54 s, 0.33 (main 0.28); no-op 0.49 s (main 0.38);
 store 6.0 MB against 2.3 MB, 2.63x (main 6.9 MB, 3.03x) in 30 files for 5,100 shards
 and units, 0.006 per shard (main 520, 0.102). What the store holds now (a cold build):
