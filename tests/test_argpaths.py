@@ -21,8 +21,6 @@ from hfbuild.source.datafiles import StatCache
 from hfbuild.source.gitstate import Snapshot
 from tests.helpers import Repo, run_python
 from tests.pipeline_project import calls
-from tests.test_ray import cluster, remote  # noqa: F401  (a loopback Ray cluster, an S3 remote)
-from tests.test_remote import s3_server  # noqa: F401  (the session's moto server)
 
 FILES = {
     "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG"]\n',
@@ -287,7 +285,7 @@ def test_a_string_naming_nothing_is_not_statted(repo: Repo) -> None:
 def test_ray_worker_receives_the_files_arguments_name(
     repo: Repo,
     tmp_path: pathlib.Path,
-    remote: str,  # noqa: F811
+    remote: str,  # tests/raycluster.py: a loopback Ray cluster and an S3 bucket
 ) -> None:
     """On the Ray executor, the tokenizer file an argument and a module constant name, and
     the files of a directory an argument names, travel in the unit's tree: the worker

@@ -1,191 +1,29 @@
 """Building on a real Ray cluster on loopback (a head and a second node, 1 CPU each), sharing
-results through a real S3 server (moto) as the remote cache."""
+results through a real S3 server (moto) as the remote cache: the cluster and server of
+tests/raycluster.py, shared by the tests that follow each other (its `cluster` and `remote`
+fixtures, which conftest.py provides to every module: take them to add a test)."""
 
 from __future__ import annotations
 
 import json
 import os
 import pathlib
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.helpers import Repo, run_hfbuild
 from tests.pipeline_project import calls, doit, expected, make_project, results
-from tests.test_remote import outage, s3_server  # noqa: F401  (the session's moto server)
+from tests.raycluster import NODE_TMPDIRS, free_port
+from tests.test_remote import outage
 
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 STAGES = ("raw", "feat", "kept", "split", "lens")
-# Each node's TMPDIR, set by the `cluster` fixture: a node's store (`worker_store`) is under it.
-NODE_TMPDIRS: list[pathlib.Path] = []
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _session_pids(pgids: set[int]) -> list[int]:
-    """Processes still alive in the cluster's process groups."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            if os.getpgid(int(d)) in pgids:
-                out.append(int(d))
-        except OSError:
-            continue
-    return out
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Stop the nodes this fixture started, by their process groups: `ray start --block`
-    stops its node's processes on SIGTERM; anything left in the groups is then killed."""
-    pgids = {p.pid for p in procs}
-    for p in reversed(procs):
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while _session_pids(pgids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in _session_pids(pgids):
-        os.kill(pid, signal.SIGKILL)
-    for p in procs:
-        p.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def cluster(
-    tmp_path_factory: pytest.TempPathFactory,
-    s3_server: str,  # noqa: F811
-) -> Iterator[dict[str, str]]:
-    """A Ray head and a second node, each with 1 CPU, on 127.0.0.1, their temporary files
-    under the test's tmp; the environment a driver needs to use them and the S3 server."""
-    base = tmp_path_factory.mktemp("ray")
-    home = base / "home"
-    home.mkdir()
-    port = _free_port()
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "TMPDIR": str(base),
-        "HF_HOME": str(home / "hf"),
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "FSSPEC_S3_ENDPOINT_URL": s3_server,
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    env.pop("HFBUILD_STORE", None)
-    common = [
-        "--num-cpus",
-        "1",
-        "--node-ip-address",
-        "127.0.0.1",
-        "--block",
-        "--disable-usage-stats",
-        "--object-store-memory",
-        str(80 * 1024 * 1024),  # tiny data; leave the shared machine's memory alone
-    ]
-    procs: list[subprocess.Popen[bytes]] = []
-    # Each node its own temporary directory, as on separate machines: two nodes sharing one
-    # unpack a package shared by their tasks into one directory, and Ray's unpacking removes
-    # and re-creates it, under the other node's worker running in it.
-    shorts = [tempfile.mkdtemp(prefix="hfr-", dir="/tmp") for _ in range(2)]
-    try:
-        head = [RAY, "start", "--head", "--port", str(port), "--include-dashboard=false"]
-        # Ray's sockets live under --temp-dir, and a Unix socket path is at most 107 bytes:
-        # pytest's directories (deeper under xdist) are too long for it.
-        head += ["--temp-dir", shorts[0], *common]
-        # Each node its own TMPDIR too, so its workers' store (`worker_store`) is its own,
-        # as on separate machines, and a transform can tell the nodes apart by it.
-        tmps = [base / "tmp-head", base / "tmp-n2"]
-        for t in tmps:
-            t.mkdir()
-        NODE_TMPDIRS[:] = tmps
-        procs.append(_popen(head, {**env, "TMPDIR": str(tmps[0])}, base / "head.log"))
-        address = f"127.0.0.1:{port}"
-        _wait_for(address, env, 1, procs[-1], base / "head.log")
-        node = [RAY, "start", "--address", address, "--temp-dir", shorts[1], *common]
-        procs.append(_popen(node, {**env, "TMPDIR": str(tmps[1])}, base / "n2.log"))
-        _wait_for(address, env, 2, procs[-1], base / "n2.log")
-        yield {
-            "RAY_ADDRESS": address,
-            **{k: env[k] for k in env if k.startswith(("AWS", "FSSPEC"))},
-        }
-    finally:
-        _stop(procs)
-        for d in shorts:
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def _popen(cmd: list[str], env: dict[str, str], log: pathlib.Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as f:
-        return subprocess.Popen(
-            cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _wait_for(
-    address: str,
-    env: dict[str, str],
-    nodes: int,
-    proc: subprocess.Popen[bytes],
-    log: pathlib.Path,
-) -> None:
-    code = (
-        "import ray, sys, time\n"
-        f"ray.init(address={address!r}, logging_level='ERROR')\n"
-        "for _ in range(120):\n"
-        f"    if len([n for n in ray.nodes() if n['Alive']]) >= {nodes}:\n"
-        "        sys.exit(0)\n"
-        "    time.sleep(0.5)\n"
-        "sys.exit(1)\n"
-    )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"ray start exited:\n{log.read_text()[-3000:]}")
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, check=False
-        )
-        if out.returncode == 0:
-            return
-        time.sleep(1)
-    raise AssertionError(f"the Ray cluster at {address} did not come up with {nodes} nodes")
-
-
-@pytest.fixture
-def remote(cluster: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh bucket on the session's S3 server, configured as the remote."""
-    import s3fs
-
-    for k, v in cluster.items():
-        monkeypatch.setenv(k, v)
-    fs = s3fs.S3FileSystem(
-        endpoint_url=cluster["FSSPEC_S3_ENDPOINT_URL"], key="testing", secret="testing"
-    )
-    bucket = f"hfbuild-{uuid.uuid4().hex[:12]}"
-    fs.mkdir(bucket)
-    url = f"s3://{bucket}/cache"
-    monkeypatch.setenv("HFBUILD_REMOTE", url)
-    return url
-
-
 RAY_ENV = {"HFBUILD_EXECUTOR": "ray"}
 
 
@@ -748,7 +586,7 @@ def test_a_remote_outage_leaves_no_node_stuck(
     log_py = (repo.path / "pkg" / "log.py").read_text()  # keys of its own: stores outlive tests
     repo.write({"pkg/log.py": log_py + f"# {uuid.uuid4().hex}\n"}, commit="non-deterministic")
     c0, c1, first, lo = (repo.clone(tmp_path / n) for n in ("c0", "c1", "first", "local"))
-    dead = {"FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}"}
+    dead = {"FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
     out = doit(lo, "run", "preprocess:feat", log=tmp_path / "lo.log", env=dead)
     assert "Building here instead" in out.stderr
 
