@@ -115,24 +115,12 @@ class _Cluster:
     s3_url: str | None = None
 
 
-def _start_s3() -> str:
-    """A moto S3 server on an ephemeral loopback port, registered where `outage` finds it."""
-    from moto.server import ThreadedMotoServer
-
-    from tests.test_remote import SERVERS
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    SERVERS[url] = server
-    return url
-
-
 def start(base: pathlib.Path) -> dict[str, str]:
     """Start the cluster (its files under `base`) and its S3 server; the environment a driver
     needs to use both."""
-    s3_url = _start_s3()
+    from tests.test_remote import start_s3_server
+
+    s3_url = start_s3_server()
     _Cluster.s3_url = s3_url
     home = base / "home"
     home.mkdir()

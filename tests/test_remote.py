@@ -22,9 +22,8 @@ ALL = {"feat": 1, "keep": 1, "split": 1, "lens": 1}
 SERVERS: dict[str, Any] = {}
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    """A moto S3 server on an ephemeral loopback port, for the whole session."""
+def start_s3_server() -> str:
+    """A moto S3 server started on an ephemeral loopback port (where `outage` finds it)."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -32,6 +31,13 @@ def s3_server() -> Iterator[str]:
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
     SERVERS[url] = server
+    return url
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A moto S3 server on an ephemeral loopback port, for the whole session."""
+    url = start_s3_server()
     yield url
     SERVERS.pop(url).stop()
 
