@@ -12,6 +12,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -89,11 +90,39 @@ def kill_build(repo: Repo, log: pathlib.Path, target: str, nth: object, when: st
     ).returncode
 
 
-@pytest.mark.parametrize(
-    ("phase", "target", "nth", "when"),
-    POINTS,
-    ids=[f"{p}-{t.split(':')[-1]}-{n}-{w}".rstrip("-") for p, t, n, w in POINTS],
-)
+# The points `make test` kills at: each kind of call once, in each phase (a load, the user's
+# transform, a filter, datasets' writer, our indices and hash, each publication step). The
+# others are the long fault run `make stress` adds (37 fresh builds, each killed, checked,
+# rebuilt and collected, were a tenth of `make test`'s time).
+MAKE_TEST_POINTS = {
+    "load-load_dataset-1-after",
+    "map-KILL_IN-feat",
+    "map-Dataset.filter-1-after",
+    "write-ArrowWriter.finalize-1-after",
+    "write-write-1-before",
+    "write-dataset_hash-1-before",
+    "publish-write_text_atomic-1-before",
+    "publish-rename-2-before",
+    "publish-replace-3-after",
+    "publish-update-1-before",
+    "publish-Store.publish-3-before",
+}
+
+
+def _point_id(phase: str, target: str, nth: object, when: str) -> str:
+    return f"{phase}-{target.split(':')[-1]}-{nth}-{when}".rstrip("-")
+
+
+def _points() -> list[Any]:
+    ids = [_point_id(*p) for p in POINTS]
+    assert set(ids) >= MAKE_TEST_POINTS, MAKE_TEST_POINTS - set(ids)
+    return [
+        pytest.param(*p, id=i, marks=() if i in MAKE_TEST_POINTS else pytest.mark.stress)
+        for p, i in zip(POINTS, ids, strict=True)
+    ]
+
+
+@pytest.mark.parametrize(("phase", "target", "nth", "when"), _points())
 def test_killed_build_recovers(
     repo: Repo, tmp_path: pathlib.Path, phase: str, target: str, nth: object, when: str
 ) -> None:
