@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import os
 import pathlib
+import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from hfbuild.source import datafiles
+from hfbuild.source.caches import CodeCache
 from hfbuild.source.datafiles import StatCache, file_identities, file_identity
 from hfbuild.source.gitstate import Snapshot
+from hfbuild.store.store import Store
 from tests.helpers import Repo
 
 
@@ -111,3 +116,141 @@ def test_data_files_resolve_as_datasets_resolves_them(tmp_path: Path, patterns: 
         pats = [patterns] if isinstance(patterns, str) else patterns
         want = list(DataFilesList.from_patterns(pats, root))
     assert got == want
+
+
+# -- a pattern's resolution kept from one check to the next ---------------------------------
+
+
+def _memo(tmp_path: Path) -> CodeCache:
+    """A real code cache in a real store, as a check keeps it."""
+    return CodeCache(Store(str(tmp_path / "store")))
+
+
+def _old(root: Path) -> None:
+    """Wait until every directory under `root` is older than the racy window: a resolution
+    is kept only for directories that changed more than 2 s ago."""
+    newest = max(os.stat(d).st_ctime_ns for d, _, _ in os.walk(root))
+    time.sleep(max(0.0, (newest + datafiles._RACY_NS) / 1e9 - time.time()) + 0.05)
+
+
+def _forge(memo: CodeCache, pattern: str) -> None:
+    """Put a name no resolution gives into the kept resolution of `pattern`: served, it shows
+    that the kept resolution was reused."""
+    key = next(k for k in memo._globs if k.endswith(os.sep + pattern))
+    memo._globs[key]["files"] = [*memo._globs[key]["files"], "/forged"]
+
+
+# Each case: files before, the pattern, and the change (a shell of git and file operations).
+MEMO_CASES: dict[str, tuple[str, Callable[[Repo], None]]] = {
+    "added-tracked": ("a/*.jsonl", lambda r: (r.write({"a/n.jsonl": "{}\n"}), r.git("add", "a"))),
+    "added-untracked": ("b/*.jsonl", lambda r: r.write({"b/n.jsonl": "{}\n"})),
+    "removed-tracked": ("c/*.jsonl", lambda r: r.git("rm", "-q", "c/x.jsonl")),
+    "removed-untracked": ("d/*.jsonl", lambda r: os.remove(r.path / "d/u.jsonl")),
+    "renamed-tracked": ("e/*.jsonl", lambda r: r.git("mv", "e/x.jsonl", "e/z.jsonl")),
+    "renamed-untracked": (
+        "f/*.jsonl",
+        lambda r: os.rename(r.path / "f/u.jsonl", r.path / "f/w.jsonl"),
+    ),
+    "added-in-subdirectory": ("g/**/*.jsonl", lambda r: r.write({"g/s/t/n.jsonl": "{}\n"})),
+    "renamed-in-subdirectory": (
+        "h/*/*.jsonl",
+        lambda r: os.rename(r.path / "h/s/x.jsonl", r.path / "h/s/y.txt"),
+    ),
+    "removed-in-subdirectory": ("k/**", lambda r: r.git("rm", "-q", "k/s/t/x.jsonl")),
+    "directory-replaced": ("j/*.jsonl", lambda r: _replace_dir(r.path / "j")),
+}
+
+
+def _replace_dir(d: Path) -> None:
+    """Another directory in its place, with the old one's times (its inode differs)."""
+    st = os.stat(d)
+    os.rename(d, d.with_name("j-old"))
+    d.mkdir()
+    (d / "only.jsonl").write_text("{}\n")
+    os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_kept_resolution_is_reused_only_while_its_directories_are_unchanged(
+    repo: Repo, tmp_path: Path
+) -> None:
+    """Issue #24 (the no-op over 5,000 files): a data-file pattern's resolution is reused
+    while every directory it looked at is unchanged, and never after a file was added,
+    removed or renamed, tracked or untracked, in a subdirectory the pattern reaches too,
+    or after its directory was replaced: then it is resolved again, as datasets would."""
+    tracked = {f"{d}/x.jsonl": "{}\n" for d in "abcdefj"}
+    tracked.update({"g/s/t/x.jsonl": "{}\n", "h/s/x.jsonl": "{}\n", "k/s/t/x.jsonl": "{}\n"})
+    repo.write(tracked, commit="data")
+    repo.write({f"{d}/u.jsonl": "{}\n" for d in "abcdefg"})  # untracked beside them
+    _old(repo.path)
+    memo, root = _memo(tmp_path), str(repo.path)
+    before = {case: datafiles.matches(p, root, memo) for case, (p, _) in MEMO_CASES.items()}
+    for case, (pattern, _) in MEMO_CASES.items():
+        _forge(memo, pattern)
+        # Nothing changed: the kept resolution answers (its forged name shows it).
+        assert datafiles.matches(pattern, root, memo) == [*before[case], "/forged"], case
+    for _, change in MEMO_CASES.values():
+        change(repo)
+    for case, (pattern, _) in MEMO_CASES.items():
+        got = datafiles.matches(pattern, root, memo)
+        assert got == datafiles.matches(pattern, root), case  # resolved again, no memo
+        assert got != before[case], case
+
+
+def test_a_resolution_through_a_symbolic_link_is_not_kept(repo: Repo, tmp_path: Path) -> None:
+    """What a symbolic link leads to can change while its directory stays the same, so a
+    pattern whose directories hold one is resolved each time: a link whose target went
+    away is no data file from then on."""
+    repo.write({"data/a.jsonl": "{}\n", "elsewhere/b.jsonl": "{}\n"}, commit="data")
+    os.symlink("../elsewhere/b.jsonl", repo.path / "data" / "b.jsonl")
+    _old(repo.path)
+    memo, root = _memo(tmp_path), str(repo.path)
+    assert len(datafiles.matches("data/*.jsonl", root, memo)) == 2
+    assert not memo._globs
+    os.remove(repo.path / "elsewhere" / "b.jsonl")
+    assert datafiles.matches("data/*.jsonl", root, memo) == [str(repo.path / "data/a.jsonl")]
+
+
+def test_a_directory_changed_within_the_racy_window_is_not_kept(repo: Repo, tmp_path: Path) -> None:
+    """A directory changed less than 2 s ago may change again within the same timestamp
+    tick without its times moving: its pattern's resolution is not kept."""
+    repo.write({"data/a.jsonl": "{}\n"})
+    memo = _memo(tmp_path)
+    assert datafiles.matches("data/*.jsonl", str(repo.path), memo)
+    assert not memo._globs
+
+
+def test_a_kept_resolution_survives_the_process(repo: Repo, tmp_path: Path) -> None:
+    """The resolution is kept in the store's code cache: another process reads it."""
+    repo.write({"data/a.jsonl": "{}\n"}, commit="data")
+    _old(repo.path)
+    memo = _memo(tmp_path)
+    datafiles.matches("data/*.jsonl", str(repo.path), memo)
+    _forge(memo, "data/*.jsonl")
+    memo.save()
+    again = _memo(tmp_path)
+    assert datafiles.matches("data/*.jsonl", str(repo.path), again)[-1] == "/forged"
+
+
+def test_a_build_after_an_edit_of_the_data_directory_sees_it(tmp_path: Path) -> None:
+    """End to end under doit: once a no-op has kept the load's resolution, a file added
+    (untracked) and a file renamed in the data directory are built by the next run, whose
+    results equal a full build of the same tree in an empty store."""
+    from tests.pipeline_project import calls, doit
+    from tests.shard_project import make_project, state, write_part
+
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    _old(repo.path / "data")
+    log.unlink()
+    doit(repo, "run", "preprocess", log=log)  # a no-op: keeps the resolution of data/*.parquet
+    assert calls(log) == Counter()
+    cache = CodeCache(Store(str(repo.path / ".hfbuild")))
+    assert cache.globbed(f"{datafiles._RULE}|{repo.path / 'data/*.parquet'}") is not None
+    write_part(repo, "part-4", 400)
+    os.rename(repo.path / "data/part-0.parquet", repo.path / "data/part-9.parquet")
+    doit(repo, "run", "preprocess", log=log)
+    assert {k.split(":", 1)[1] for k in calls(log) if k.startswith("feat:")} >= {"part-4"}
+    env = {"HFBUILD_STORE": str(tmp_path / "fresh-store")}
+    doit(repo, "run", "preprocess", log=tmp_path / "fresh.log", env=env)
+    assert state(repo) == state(repo, env)

@@ -126,7 +126,9 @@ def file_dep_ids(
 ) -> list[list[str]]:
     """Files a stage's code reads by itself, identified like load stages' data files (globs
     allowed, relative to the project root)."""
-    found = [f for p in paths for f in expand(os.fspath(p), snap.root, "file_deps")]
+    found = [
+        f for p in paths for f in expand(os.fspath(p), snap.root, "file_deps", snap.code_cache)
+    ]
     return sorted(file_identities(list(dict.fromkeys(found)), snap, cache))
 
 
@@ -199,7 +201,11 @@ def _local_files(
     try:
         # Without the data (`absent`), a pattern matching nothing takes the lock's files.
         files = resolve_data_files(
-            opts.pop("data_files"), snap.root, f"load stage {stage!r}", strict=absent is not None
+            opts.pop("data_files"),
+            snap.root,
+            f"load stage {stage!r}",
+            strict=absent is not None,
+            memo=snap.code_cache,
         )
     except MissingDataError:
         if absent is None:

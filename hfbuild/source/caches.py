@@ -9,7 +9,9 @@ then needs neither the index (20,000 entries read in ~8 ms) nor HEAD's trees; wi
 the same tree state, which of a set of tracked data files (by a digest of their paths and
 work-tree ids) are not committed, one entry per set rather than per file; and (d) each
 file's resolved imports, keyed by blob id, path and `sys.path`, with the facts the resolution
-rested on (`imports.py` records and re-checks them).
+rested on (`imports.py` records and re-checks them); and (e) the files a data-file pattern
+resolved to, with the stat data of the directories the resolution looked at (`datafiles.py`
+decides and re-checks them).
 The file carries a format number, the Python version (the AST changes between versions) and a
 checksum of its body; loading it checks all three, and a file that fails any check is ignored
 whole, as if absent. Saving is atomic; concurrent savers lose entries, never correctness.
@@ -39,6 +41,7 @@ FORMAT = 3  # 2: scans carry the environment variables a file reads; 3: tree ids
 MAX_SCANS = 20_000
 MAX_RESOLUTIONS = 20_000
 MAX_DATA_SETS = 256  # sets of data files' statuses kept per tree state
+MAX_GLOBS = 64  # data-file patterns' resolutions kept (those this process used kept first)
 RACY_NS = 2_000_000_000
 _PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 
@@ -65,15 +68,17 @@ class CodeCache:
         #                    "data": {digest of data files: [[path, status], ...]}}
         self._trees: dict[str, Any] = {}
         self._resolutions: dict[str, Any] = {}
+        self._globs: dict[str, Any] = {}
         self._dirty = False
         # What this process used, kept when the file is pruned on save.
         self._used_scans: set[str] = set()
         self._used_resolutions: set[str] = set()
+        self._used_globs: set[str] = set()
         self._used_stats: dict[str, str] = {}  # path -> its current stat key
 
     def _load(self) -> dict[str, Any]:
         if self._scans is None:
-            self._scans, self._stats, self._trees, self._resolutions = _read(self.path)
+            self._scans, self._stats, self._trees, self._resolutions, self._globs = _read(self.path)
         return self._scans
 
     # -- scans ---------------------------------------------------------------------------------
@@ -128,6 +133,23 @@ class CodeCache:
             self._load()
             self._resolutions[key] = value
             self._used_resolutions.add(key)
+            self._dirty = True
+
+    # -- data-file patterns' resolutions ------------------------------------------------------
+
+    def globbed(self, key: str) -> Any:
+        """The stored resolution of a data-file pattern under `key` (a JSON value, checked by
+        its reader, `datafiles.py`), or None."""
+        with self._lock:
+            self._load()
+            self._used_globs.add(key)
+            return self._globs.get(key)
+
+    def put_globbed(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._load()
+            self._globs[key] = value
+            self._used_globs.add(key)
             self._dirty = True
 
     # -- index and HEAD ids -----------------------------------------------------------------
@@ -199,6 +221,7 @@ class CodeCache:
                     "stats": self._stats,
                     "trees": self._trees,
                     "resolutions": self._resolutions,
+                    "globs": self._globs,
                 },
                 sort_keys=True,
                 separators=(",", ":"),
@@ -213,7 +236,8 @@ class CodeCache:
 
     def _prune(self) -> None:
         """Bound the file: a path keeps only its current stat entry, and beyond `MAX_SCANS`
-        scans (`MAX_RESOLUTIONS` resolutions) those this process did not use are dropped."""
+        scans (`MAX_RESOLUTIONS` resolutions, `MAX_GLOBS` patterns' files) those this process
+        did not use are dropped."""
         scans = self._load()
         for key in list(self._stats):
             path = key.rsplit("|", 4)[0]
@@ -230,16 +254,23 @@ class CodeCache:
                 del self._resolutions[key]
                 if len(self._resolutions) <= MAX_RESOLUTIONS:
                     break
+        if len(self._globs) > MAX_GLOBS:
+            for key in [k for k in self._globs if k not in self._used_globs]:
+                del self._globs[key]
+                if len(self._globs) <= MAX_GLOBS:
+                    break
 
 
-def _read(
-    path: str | None,
-) -> tuple[dict[str, Any], dict[str, str], dict[str, Any], dict[str, Any]]:
-    """(scans, stats, trees, resolutions) from the file at `path`; empty unless header and
-    checksum check out (entries are checked for shape by their readers). The header is the
-    first line and the body the second, so the checksum covers the exact bytes of the body."""
+_Parts = tuple[dict[str, Any], dict[str, str], dict[str, Any], dict[str, Any], dict[str, Any]]
+
+
+def _read(path: str | None) -> _Parts:
+    """(scans, stats, trees, resolutions, globs) from the file at `path`; empty unless header
+    and checksum check out (entries are checked for shape by their readers). The header is the
+    first line and the body the second, so the checksum covers the exact bytes of the body. A
+    file without `globs` (written before they were kept) is read without them."""
     if not path:
-        return {}, {}, {}, {}
+        return {}, {}, {}, {}, {}
     try:
         with open(path, encoding="utf-8") as f:
             head, body = f.read().split("\n")[:2]
@@ -250,16 +281,16 @@ def _read(
             or doc.get("python") != _PYTHON
             or doc.get("checksum") != _checksum(body)
         ):
-            return {}, {}, {}, {}
+            return {}, {}, {}, {}, {}
         data = json.loads(body)
         scans, stats, trees = data["scans"], data["stats"], data["trees"]
-        resolutions = data["resolutions"]
-        if not all(isinstance(x, dict) for x in (scans, stats, trees, resolutions)):
-            return {}, {}, {}, {}
+        resolutions, globs = data["resolutions"], data.get("globs", {})
+        if not all(isinstance(x, dict) for x in (scans, stats, trees, resolutions, globs)):
+            return {}, {}, {}, {}, {}
         stats = {k: v for k, v in stats.items() if isinstance(v, str)}
-        return scans, stats, trees, resolutions
+        return scans, stats, trees, resolutions, globs
     except (OSError, ValueError, KeyError, TypeError):
-        return {}, {}, {}, {}
+        return {}, {}, {}, {}, {}
 
 
 _shared_lock = threading.Lock()

@@ -17,12 +17,14 @@ from __future__ import annotations
 import glob
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from hfbuild.core.errors import MissingDataError
+from hfbuild.source.caches import CodeCache
 from hfbuild.source.gitrepo import FileId, hash_file
 from hfbuild.source.gitstate import Snapshot
 from hfbuild.store import sharing
@@ -208,23 +210,119 @@ def keep_matched(found: Iterable[str], pattern: str, sep: str = os.sep) -> list[
     ]
 
 
-def matches(pattern: str, root: str) -> list[str]:
+def matches(pattern: str, root: str, memo: CodeCache | None = None) -> list[str]:
     """The files one data-file pattern names, by `datasets.data_files.resolve_pattern`'s
     rule: sorted; only files; not a file named in datasets' FILES_TO_IGNORE (README.md, ...)
     unless the pattern ends with that name; nothing in a hidden (`.x`) or special (`__x`)
     directory, or hidden itself, that the pattern does not name as such (the same count of
-    such parts in the path as in the pattern). Absolute paths; [] when none."""
+    such parts in the path as in the pattern). Absolute paths; [] when none.
+
+    With `memo` (the code cache), a pattern with wildcards is answered from its last
+    resolution while every directory that resolution could have looked at is the same
+    directory holding the same names (`_looked_at`, `_still`); else resolved and recorded."""
     full = pattern if os.path.isabs(pattern) else os.path.join(root, pattern)
-    if glob.has_magic(full):
-        found = sorted(p for p in glob.glob(full, recursive=True) if os.path.isfile(p))
-    else:
-        found = [full] if os.path.isfile(full) else []
+    if not glob.has_magic(full):
+        return [full] if os.path.isfile(full) else []
+    if memo is None:
+        return _resolve(full)
+    key = f"{_RULE}|{full}"
+    hit = memo.globbed(key)
+    if _still(hit):
+        return list(hit["files"])
+    dirs = _looked_at(full)  # before the resolution: a change in between is seen next time
+    found = _resolve(full)
+    if dirs is not None:
+        memo.put_globbed(key, {"dirs": dirs, "files": found})
+    return found
+
+
+def _resolve(full: str) -> list[str]:
+    """`matches` of an absolute pattern with wildcards, resolved now."""
+    found = sorted(p for p in glob.glob(full, recursive=True) if os.path.isfile(p))
     return keep_matched(found, full)
 
 
-def expand(pattern: str, root: str, what: str) -> list[str]:
+# The resolution a memo holds is `_resolve`'s: a change of its rule changes this, so that no
+# memo written under the old rule is served.
+_RULE = 1
+
+
+def _dir_stat(path: str) -> list[Any] | None:
+    """What identifies a directory and its names: [path, device, inode, mtime ns, ctime ns,
+    size], or None when `path` is not a directory or changed within `_RACY_NS` (a change in
+    the same timestamp tick could leave it equal)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) <= (
+        _RACY_NS
+    ):
+        return None
+    return [path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size]
+
+
+def _looked_at(full: str) -> list[list[Any]] | None:
+    """Every directory a resolution of the absolute pattern `full` may list or look into,
+    each with its `_dir_stat`, taken before it is listed: the directory the pattern's part
+    before its first wildcard names, and its directories below to as many levels as the
+    pattern has parts after it (all levels for `**`). None when no memo may be kept: that
+    directory is missing, one of them changed within `_RACY_NS`, or one holds a symbolic
+    link (what a link leads to can change while its directory stays the same)."""
+    parts = full.split(os.sep)
+    first = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+    rest = parts[first:]
+    depth = None if any("**" in p for p in rest) else len(rest) - 1
+    out: list[list[Any]] = []
+
+    def visit(path: str, level: int) -> bool:
+        st = _dir_stat(path)
+        if st is None:
+            return False
+        out.append(st)
+        try:
+            with os.scandir(path) as entries:
+                below = []
+                for e in entries:
+                    if e.is_symlink():
+                        return False
+                    if (depth is None or level < depth) and e.is_dir(follow_symlinks=False):
+                        below.append(e.path)
+        except OSError:
+            return False
+        return all(visit(d, level + 1) for d in below)
+
+    return out if visit(os.sep.join(parts[:first]) or os.sep, 0) else None
+
+
+def _still(hit: Any) -> bool:
+    """Whether a recorded resolution (`matches`' memo) still holds: every directory it
+    looked at is the same directory (device and inode) with the same mtime, ctime and
+    size. Adding, removing or renaming an entry of a directory changes its mtime and
+    ctime, replacing the directory its inode; and none was recorded within `_RACY_NS` of a
+    change, so a later change cannot leave its times as they were."""
+    if not isinstance(hit, dict):
+        return False
+    dirs, files = hit.get("dirs"), hit.get("files")
+    if not isinstance(dirs, list) or not dirs or not isinstance(files, list):
+        return False
+    if not all(type(f) is str for f in files):
+        return False
+    for d in dirs:
+        if not isinstance(d, list) or len(d) != 6 or type(d[0]) is not str:
+            return False
+        try:
+            st = os.stat(d[0])
+        except OSError:
+            return False
+        if d[1:] != [st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size]:
+            return False
+    return True
+
+
+def expand(pattern: str, root: str, what: str, memo: CodeCache | None = None) -> list[str]:
     """The files a data-file pattern names (`matches`); an error when there are none."""
-    found = matches(pattern, root)
+    found = matches(pattern, root, memo)
     if not found:
         raise MissingDataError(
             f"{what}: {pattern!r} matches no file (looked under {root}). Check the path, or "
@@ -239,13 +337,15 @@ def resolve_data_files(
     what: str,
     *,
     strict: bool = False,
+    memo: CodeCache | None = None,
 ) -> dict[str, list[str]] | list[str]:
     """`data_files` with every pattern expanded, as `datasets.DataFilesList.from_patterns`
     expands them: pattern by pattern, each pattern's files sorted, a file named by two
     patterns listed twice (datasets loads it twice); a pattern with wildcards may match
     nothing where another matches something (with `strict`, every pattern must match: for
     a check without the data, which takes an empty pattern's files from the lock). A split
-    dict or a list of absolute paths."""
+    dict or a list of absolute paths. `memo`: the code cache, where a pattern's last
+    resolution is kept (`matches`)."""
 
     def one(spec: str | Iterable[str]) -> list[str]:
         patterns = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
@@ -253,7 +353,7 @@ def resolve_data_files(
         for p in patterns:
             text = os.fspath(p)
             lax = glob.has_magic(text) and not strict
-            out.extend(matches(text, root) if lax else expand(text, root, what))
+            out.extend(matches(text, root, memo) if lax else expand(text, root, what, memo))
         if not out:
             expand(os.fspath(patterns[0]) if patterns else "", root, what)  # raises
         return out
