@@ -292,3 +292,84 @@ def test_deep_verify_flags_a_damaged_shard_and_all_over_it_in_one_pass(
     assert again.returncode == 0, again.stderr
     doit(repo, "run", "preprocess", log=log)
     assert shard_project.state(repo) == before
+
+
+# -- a large manifest's checksum, checked once per version of its file -----------------------
+
+_FP = "0123456789abcdef0123456789abcdef"
+
+
+def _write_manifest(store: Any, text_of: str = "x", *, right: bool = True) -> pathlib.Path:
+    """A manifest over `CHECKED_MIN` bytes in the store's entry `_FP` (its checksum right,
+    or not), as a list of thousands of shards makes one."""
+    from hfbuild.store.entry import CHECKED_MIN
+    from hfbuild.store.paths import manifest_digest
+
+    doc: dict[str, Any] = {"fingerprint": _FP, "files": {}, "note": text_of * CHECKED_MIN}
+    doc["manifest_digest"] = manifest_digest(doc) if right else "0" * 32
+    path = pathlib.Path(store.layout.entry(_FP)) / "manifest.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("manifest.tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+    return path
+
+
+def _aged(path: pathlib.Path) -> None:
+    """Wait until `path` changed more than the racy window (2 s) ago."""
+    import time
+
+    from hfbuild.store.entry import RACY_NS
+
+    st = os.stat(path)
+    time.sleep(max(0.0, (max(st.st_mtime_ns, st.st_ctime_ns) + RACY_NS) / 1e9 - time.time()))
+    time.sleep(0.05)
+
+
+def test_a_large_manifest_edited_after_its_check_is_refused(tmp_path: pathlib.Path) -> None:
+    """A large manifest whose checksum was found right is not re-encoded while its file is
+    unchanged, and an edit of the same size after that check is still refused."""
+    from hfbuild.store.store import Store
+
+    store = Store(str(tmp_path / "store"))
+    path = _write_manifest(store)
+    _aged(path)
+    assert store.manifests.read_why(_FP)[0] is not None
+    assert _FP in json.loads(pathlib.Path(store.layout.checked_path()).read_text())
+    text = path.read_text()
+    path.write_text(text.replace('"xxx', '"xyx', 1))  # same size, in place
+    fresh = Store(str(tmp_path / "store"))
+    doc, why = fresh.manifests.read_why(_FP)
+    assert doc is None and why == "its manifest was edited after it was written"
+    assert store.manifests.read_why(_FP)[0] is None
+
+
+def test_a_large_manifest_checked_once_is_taken_by_its_stat_data(tmp_path: pathlib.Path) -> None:
+    """What a check remembers is taken while the file has the stat data it recorded: a
+    manifest whose checksum is wrong, recorded (by hand) as checked with its stat data
+    now, is read without its checksum being computed again; once its file changes, it is
+    refused."""
+    from hfbuild.store.store import Store
+
+    store = Store(str(tmp_path / "store"))
+    path = _write_manifest(store, right=False)
+    assert store.manifests.read_why(_FP)[0] is None
+    st = os.stat(path)
+    checked = {_FP: [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]}
+    pathlib.Path(store.layout.checked_path(create=True)).write_text(json.dumps(checked))
+    assert Store(str(tmp_path / "store")).manifests.read_why(_FP)[0] is not None
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same times but the ctime
+    assert Store(str(tmp_path / "store")).manifests.read_why(_FP)[0] is None
+
+
+def test_a_manifest_changed_within_the_racy_window_is_not_remembered(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A manifest written less than 2 s ago could change again within the same timestamp
+    tick: its check is not remembered."""
+    from hfbuild.store.store import Store
+
+    store = Store(str(tmp_path / "store"))
+    _write_manifest(store)
+    assert store.manifests.read_why(_FP)[0] is not None
+    assert not os.path.exists(store.layout.checked_path())

@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from typing import Any
 
+from hfbuild.core.errors import HfbuildError
 from hfbuild.store import sharing
 from hfbuild.store.paths import (
     FP,
@@ -42,6 +44,7 @@ class Manifests:
         self.layout = layout
         # fingerprint -> the identity record its manifest held when this process read it
         self._ids: dict[str, dict[str, Any]] = {}
+        self._checked: dict[str, list[int]] | None = None  # `checked.json`, read when needed
 
     def read(self, fp: str) -> dict[str, Any] | None:
         """The entry's manifest, or None when there is no intact manifest under `fp`."""
@@ -53,6 +56,7 @@ class Manifests:
         try:
             with open(os.path.join(self.layout.entry(fp), MANIFEST), encoding="utf-8") as f:
                 text = f.read()
+                st = os.fstat(f.fileno())
         except FileNotFoundError:
             return None, None
         except (OSError, ValueError) as e:
@@ -70,12 +74,41 @@ class Manifests:
             return None, "its manifest belongs to another fingerprint"
         if "manifest_digest" not in doc:
             return None, "it was written by an older hfbuild, without a manifest checksum"
-        if doc.get("manifest_digest") != manifest_digest(doc):
+        if not self._checked_before(fp, st) and doc.get("manifest_digest") != manifest_digest(doc):
             return None, "its manifest was edited after it was written"
+        self._check_done(fp, st)
         files = doc.get("files")
         if not isinstance(files, dict) or not all(safe_rel(k) for k in files):
             return None, "its manifest lists unsafe file paths"
         return doc, None
+
+    # A large manifest (a stage's list of thousands of shards: megabytes of JSON) whose
+    # checksum was found right is not checked again while its file has the stat data it had
+    # then (`checked.json` in the store's cache directory): writing the file moves its mtime
+    # and ctime, replacing it its inode, and none is recorded within `RACY_NS` of a change.
+    # Re-encoding such a manifest to check it cost a no-op over 5,000 files ~30 ms.
+
+    def _checked_before(self, fp: str, st: os.stat_result) -> bool:
+        if st.st_size < CHECKED_MIN:
+            return False
+        if self._checked is None:
+            self._checked = _read_checked(self.layout.checked_path())
+        return self._checked.get(fp) == _stat_key(st)
+
+    def _check_done(self, fp: str, st: os.stat_result) -> None:
+        """`fp`'s manifest, whose stat data is `st`, passed its checksum: remembered when
+        it is large and its last change lies outside the racy window."""
+        if st.st_size < CHECKED_MIN or self._checked_before(fp, st):
+            return
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) <= RACY_NS:
+            return
+        # Again from the file, as another process may have added its own since.
+        checked = _read_checked(self.layout.checked_path())
+        checked = dict(list(checked.items())[-(CHECKED_KEEP - 1) :]) if checked else {}
+        checked[fp] = _stat_key(st)
+        self._checked = checked
+        with contextlib.suppress(OSError, HfbuildError):  # a cache: costs time only
+            sharing.write_json_atomic(self.layout.checked_path(create=True), checked, durable=False)
 
     def ids(self, fp: str) -> dict[str, Any]:
         """`fp`'s identity record (its manifest's `ids`, read with it): `own`, relative path
@@ -146,6 +179,31 @@ class Manifests:
         if isinstance(ind, dict):
             keys.append(str(ind.get("base")))
         return [k for k in keys if FP.match(k)]
+
+
+CHECKED_MIN = 256 * 1024  # bytes: a smaller manifest is checked again each time (< 3 ms)
+CHECKED_KEEP = 256  # manifests remembered as checked (the latest)
+RACY_NS = 2_000_000_000  # as the code cache's racy-git margin
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _read_checked(path: str) -> dict[str, list[int]]:
+    """The manifests remembered as checked: fingerprint -> their file's `_stat_key`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {
+        k: v
+        for k, v in doc.items()
+        if FP.match(k) and isinstance(v, list) and len(v) == 5 and all(type(x) is int for x in v)
+    }
 
 
 def indent(doc: dict[str, Any]) -> int | None:

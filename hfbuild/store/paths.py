@@ -195,6 +195,14 @@ class Layout:
             sharing.makedirs(os.path.join(self.root, "cache"))
         return os.path.join(self.root, "cache", "code.json")
 
+    def checked_path(self, *, create: bool = False) -> str:
+        """The manifests found intact by their checksum, with their file's stat data then
+        (`entry.py`). With `create`, the store and the file's directory are made first."""
+        if create:
+            self.ensure()
+            sharing.makedirs(os.path.join(self.root, "cache"))
+        return os.path.join(self.root, "cache", "checked.json")
+
     def ensure(self) -> None:
         """Make the store's directories (and its `.gitignore`) if they are not there."""
         try:
