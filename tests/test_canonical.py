@@ -305,3 +305,19 @@ def test_shard_key_is_the_digest_of_its_canonical_document(
     doc = {"shard": code, "input": key, "before": before or None}
     want = digest(dumps(doc).encode())
     assert shards.shard_key(code, key, before) == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(), st.lists(st.tuples(st.text(), st.text(), st.text()), min_size=1, max_size=4))
+def test_a_stages_shard_keys_are_each_shards_key(
+    code: str, shards_in: list[tuple[str, str, str]]
+) -> None:
+    """The keys a sharded stage gives its shards (written for the stage at once) are each
+    shard's own key (`shard_key`) over its content, else its input, for any strings."""
+    from hfbuild.keys import manifest as shards
+
+    ins = tuple(shards.ShardIn("train", i, "label", b, c) for i, b, c in shards_in)
+    got = shards.shard_list(shards.Manifest({}, shards=ins, shard_code=code))
+    assert [s.key for s in got] == [
+        shards.shard_key(code, s.content or s.input, s.before) for s in ins
+    ]

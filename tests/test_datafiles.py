@@ -254,3 +254,27 @@ def test_a_build_after_an_edit_of_the_data_directory_sees_it(tmp_path: Path) -> 
     env = {"HFBUILD_STORE": str(tmp_path / "fresh-store")}
     doit(repo, "run", "preprocess", log=tmp_path / "fresh.log", env=env)
     assert state(repo) == state(repo, env)
+
+
+def test_files_of_one_directory_share_its_name_as_each_alone_gives_it(
+    repo: Repo, tmp_path: Path
+) -> None:
+    """Identifying many files at once names each as identifying it alone does: files of a
+    directory reached through a symbolic link (by the real directory's name), of the root,
+    outside the project, and named through `..`."""
+    repo.write({"real/a.txt": "a\n", "real/b.txt": "b\n", "top.txt": "t\n"}, commit="data")
+    os.symlink("real", repo.path / "link")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "o.txt").write_text("o\n")
+    files = [
+        *(str(repo.path / "link" / n) for n in ("a.txt", "b.txt")),
+        *(str(repo.path / "real" / n) for n in ("a.txt", "b.txt")),
+        str(repo.path / "top.txt"),
+        str(repo.path / "real" / ".." / "top.txt"),
+        str(repo.path / "real" / ".." / "real" / "b.txt"),
+        str(tmp_path / "out" / "o.txt"),
+    ]
+    together = file_identities(files, Snapshot(str(repo.path)), StatCache(None))
+    alone = [file_identity(f, Snapshot(str(repo.path)), StatCache(None)) for f in files]
+    assert together == alone
+    assert [n for n, _ in together][:2] == ["real/a.txt", "real/b.txt"]

@@ -37,3 +37,33 @@ def test_final_collection_skipped_at_exit_only(tmp_path: pathlib.Path) -> None:
     skipped = run_python(PROGRAM, tmp_path, args=["skip"])
     assert plain.stderr.splitlines() == ["before-exit collected", "at-exit collected"]
     assert skipped.stderr.splitlines() == ["before-exit collected"]
+
+
+PAUSED = """
+import gc, sys
+from hfbuild.core import teardown
+
+gc.collect()
+with teardown.collection_paused():
+    assert not gc.isenabled()
+    before = gc.get_stats()[0]["collections"]
+    kept = [[] for _ in range(100_000)]  # far over every threshold: a collector would run
+    assert gc.get_stats()[0]["collections"] == before, "collected inside the block"
+try:
+    with teardown.collection_paused():
+        raise KeyError("out of the block")
+except KeyError:
+    pass
+print("enabled after", gc.isenabled(), file=sys.stderr)
+gc.disable()
+with teardown.collection_paused():
+    pass
+print("left disabled", not gc.isenabled(), file=sys.stderr)
+"""
+
+
+def test_the_collector_is_paused_for_the_block_only(tmp_path: pathlib.Path) -> None:
+    """The cyclic collector does not run inside `collection_paused()` and runs again once the
+    block ends, by an exception too; a collector the caller had paused stays paused."""
+    out = run_python(PAUSED, tmp_path)
+    assert out.stderr.splitlines()[-2:] == ["enabled after True", "left disabled True"]

@@ -143,11 +143,14 @@ def _keyed(code: str, ins: tuple[ShardIn, ...]) -> tuple[tuple[Shard, ...], str]
     shard's key again)."""
     out: list[Shard] = []
     index: dict[str, int] = {}
+    tail = f',"shard":{_json_str(code)}}}'  # `shard_key`'s text, its code's part once
+    digest = canonical.digest
     for s in ins:
         i = index.get(s.split, 0)
         index[s.split] = i + 1
-        key = shard_key(code, s.content or s.input, s.before)
-        out.append(Shard(s.split, key, s.label, i, s.input, s.before, s.content))
+        b = _json_str(s.before) if s.before else "null"
+        text = f'{{"before":{b},"input":{_json_str(s.content or s.input)}{tail}'
+        out.append(Shard(s.split, digest(text.encode()), s.label, i, s.input, s.before, s.content))
     stage = _digest({"sharded": code, "shards": [[s.split, s.key] for s in out]})
     return tuple(out), stage
 

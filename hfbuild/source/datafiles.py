@@ -117,9 +117,21 @@ def file_identities(paths: Sequence[str], snap: Snapshot, cache: StatCache) -> l
     The id is the same either way (a clean file's index id is its work-tree id)."""
     out: list[list[str]] = []
     inside: list[tuple[int, str, str]] = []  # (position in out, full path, rel)
+    # A directory's repo-relative name (None: outside), by the directory as written: the
+    # files of one directory share it (`Snapshot.rel` of each cost a no-op over 5,000 files
+    # ~8 ms of normalizing and splitting).
+    dirs: dict[str, str | None] = {}
     for path in paths:
         full = path if os.path.isabs(path) else snap.abspath(path)
-        rel = snap.rel(full)
+        d, sep, base = full.rpartition(os.sep)
+        plain = bool(sep) and base not in ("", os.curdir, os.pardir)
+        if plain and d in dirs:
+            pre = dirs[d]
+            rel = None if pre is None else pre + base
+        else:
+            rel = snap.rel(full)
+            if plain and (rel is None or rel.endswith(base)):
+                dirs[d] = None if rel is None else rel[: len(rel) - len(base)]
         if rel is None:
             out.append([f"<outside>/{os.path.basename(full)}", _outside_id(full, cache)])
         elif snap.mode == "worktree":
