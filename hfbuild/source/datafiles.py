@@ -240,11 +240,14 @@ def matches(pattern: str, root: str, memo: CodeCache | None = None) -> list[str]
     key = f"{_RULE}|{full}"
     hit = memo.globbed(key)
     if _still(hit):
-        return list(hit["files"])
+        under = hit["dirs"][0][0] + os.sep
+        return [under + name for name in hit["files"]]
     dirs = _looked_at(full)  # before the resolution: a change in between is seen next time
     found = _resolve(full)
     if dirs is not None:
-        memo.put_globbed(key, {"dirs": dirs, "files": found})
+        under = dirs[0][0] + os.sep  # every file found lies below (kept relative: smaller)
+        if all(f.startswith(under) for f in found):
+            memo.put_globbed(key, {"dirs": dirs, "files": [f[len(under) :] for f in found]})
     return found
 
 
