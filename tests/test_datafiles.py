@@ -281,3 +281,17 @@ def test_files_of_one_directory_share_its_name_as_each_alone_gives_it(
     alone = [file_identity(f, Snapshot(str(repo.path)), StatCache(None)) for f in files]
     assert together == alone
     assert [n for n, _ in together][:2] == ["real/a.txt", "real/b.txt"]
+
+
+def test_a_hidden_directory_no_pattern_part_names_is_no_concern(repo: Repo, tmp_path: Path) -> None:
+    """A `**` pattern never enters a hidden directory unless one of its parts starts with
+    ".": a symbolic link there (a `.venv`'s `lib64`) leaves the resolution kept; a pattern
+    naming hidden entries keeps nothing over such a link."""
+    repo.write({"d/a.jsonl": "{}\n", "d/.venv/lib/x.jsonl": "{}\n"}, commit="data")
+    os.symlink("lib", repo.path / "d" / ".venv" / "lib64")
+    _old(repo.path)
+    memo, root = _memo(tmp_path), str(repo.path)
+    assert datafiles.matches("d/**/*.jsonl", root, memo) == datafiles.matches("d/**/*.jsonl", root)
+    assert len(memo._globs) == 1
+    datafiles.matches("d/.*/**", root, memo)
+    assert len(memo._globs) == 1

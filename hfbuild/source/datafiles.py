@@ -281,13 +281,17 @@ def _looked_at(full: str) -> list[list[Any]] | None:
     """Every directory a resolution of the absolute pattern `full` may list or look into,
     each with its `_dir_stat`, taken before it is listed: the directory the pattern's part
     before its first wildcard names, and its directories below to as many levels as the
-    pattern has parts after it (all levels for `**`). None when no memo may be kept: that
+    pattern has parts after it (all levels for `**`), without hidden names unless a part of
+    the pattern after its fixed directory starts with ".". None when no memo may be kept: that
     directory is missing, one of them changed within `_RACY_NS`, or one holds a symbolic
     link (what a link leads to can change while its directory stays the same)."""
     parts = full.split(os.sep)
     first = next(i for i, p in enumerate(parts) if glob.has_magic(p))
     rest = parts[first:]
     depth = None if any("**" in p for p in rest) else len(rest) - 1
+    # `glob` neither matches nor enters a hidden name unless the pattern's part for it starts
+    # with "." (the store, `.git`, a `.venv` below a `**`): such entries are then no concern.
+    hidden_too = any(p.startswith(".") for p in rest)
     out: list[list[Any]] = []
 
     def visit(path: str, level: int) -> bool:
@@ -299,6 +303,8 @@ def _looked_at(full: str) -> list[list[Any]] | None:
             with os.scandir(path) as entries:
                 below = []
                 for e in entries:
+                    if not hidden_too and e.name.startswith("."):
+                        continue
                     if e.is_symlink():
                         return False
                     if (depth is None or level < depth) and e.is_dir(follow_symlinks=False):
