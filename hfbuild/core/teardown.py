@@ -1,5 +1,5 @@
 """How a short-lived hfbuild process ends: without the interpreter's final garbage collection;
-and the collector paused while a check computes a pipeline's manifests.
+and the collector paused while a large manifest is parsed.
 
 Owns: `skip_final_collection()`, called once a process is known to be a one-shot command (a
 doit run loading the pipeline's tasks, an `hfbuild` command). At exit it moves every object
@@ -8,9 +8,9 @@ interpreter runs while shutting down does not traverse the hundreds of thousands
 that a pipeline's manifests, code cache and lock leave behind (bench/scale_repo.py: tens of ms of
 a no-op's CPU time in a 20,000-file repository). The memory goes back to the system with the
 process, as it would anyway. Also `collection_paused()`: a block during which the cyclic
-collector does not run (a check parsing a list of thousands of shards and keying each makes
-hundreds of thousands of objects that live on: each collection they trigger traverses them
-all, ~0.02-0.03 s of a no-op over 5,000 files); it runs again, as it was, when the block ends.
+collector does not run (parsing a list of thousands of shards makes hundreds of thousands of
+objects that live on: each collection they trigger traverses them all, ~0.02 s of a no-op over
+5,000 files); it runs again, as it was, when the block ends.
 
 Must never: freeze before the process exits or pause beyond the block (a long-lived process
 keeps collecting), or be needed for anything but time. Python does not promise finalizers at

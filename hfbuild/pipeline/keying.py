@@ -17,7 +17,6 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from hfbuild.core import teardown
 from hfbuild.keys.absentdata import LockedData
 from hfbuild.keys.fullkey import resolve
 from hfbuild.keys.inputid import first, from_lock
@@ -125,18 +124,17 @@ class Keying:
             lookup = first(from_lock(lambda: lock), lookup)
         # The key includes what the stage's builds read at run time (fullkey.py), so that the
         # stages after it take that key as their input.
-        with teardown.collection_paused():  # objects made here live on: no collection
-            out = compute_manifests(
-                place.stages.values(),
-                lambda spec, done: resolve(
-                    stage_manifest(spec, snap, done, place.stat_cache, absent, lookup=lookup),
-                    spec.name,
-                    place.store,
-                    place.lock_path,
-                    snap,
-                    place.stat_cache,
-                ),
-            )
+        out = compute_manifests(
+            place.stages.values(),
+            lambda spec, done: resolve(
+                stage_manifest(spec, snap, done, place.stat_cache, absent, lookup=lookup),
+                spec.name,
+                place.store,
+                place.lock_path,
+                snap,
+                place.stat_cache,
+            ),
+        )
         place.stat_cache.save()
         caches.for_store(place.store).save()
         return out
