@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -95,29 +96,24 @@ def _build(clone: pathlib.Path, env: dict[str, str], executor: str) -> tuple[flo
 
 
 def _build_one(clone: pathlib.Path, env: dict[str, str], executor: str, stage: str) -> float:
-    t0 = time.perf_counter()
-    out = subprocess.run(
-        [str(BIN / "hfbuild"), "build", stage, "--executor", executor],
-        cwd=clone,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    seconds = time.perf_counter() - t0
-    if out.returncode != 0:
-        raise SystemExit(f"hfbuild build --executor {executor} failed:\n{out.stderr}")
     n = len(list((clone / "data").iterdir()))
-    if executor == "ray" and f"{stage}: {n}/{n} shards done, {n} built on ray" not in out.stderr:
-        raise SystemExit(f"{stage} was not built on Ray:\n{out.stderr}")
-    return seconds
+    REQUESTS.clear()
+    marks = _timed(clone, env, executor, stage, n)
+    marks.update({f"requests {k}": v for k, v in REQUESTS.items()})
+    MARKS[f"{stage} ({executor})"] = marks
+    return marks["total"]
+
+
+# Each run's marks (see TIMED), by "stage (executor)", for the breakdown `--profile` prints.
+MARKS: dict[str, dict[str, float]] = {}
 
 
 TIMED = """
 import json, os, sys, time
 from hfbuild.builds import ray_executor as rx
 
-marks = {"connect": 0.0}
+marks = {"connect": 0.0, "results": 0}
+worker = {}
 connect, result, wait, build = rx._connect, rx._result, rx._wait, rx.RayExecutor.build
 
 def timed_connect():
@@ -128,6 +124,10 @@ def timed_connect():
 def timed_result(*a):
     r = result(*a)
     marks["last"] = time.perf_counter()
+    marks.setdefault("first", marks["last"])
+    marks["results"] += 1
+    for k, v in (r.get("timings") or {}).items():
+        worker[k] = worker.get(k, 0.0) + v
     return r
 
 def timed_wait(*a, **k):
@@ -135,46 +135,76 @@ def timed_wait(*a, **k):
     return wait(*a, **k)
 
 def timed_build(self, place, unit):
-    t = time.perf_counter()
+    t = marks["start"] = time.perf_counter()
     try:
         return build(self, place, unit)
     finally:
-        marks["build"] = time.perf_counter() - t
+        marks["end"] = time.perf_counter()
+        marks["build"] = marks["end"] - t
 
-rx._connect, rx._result, rx._wait, rx.RayExecutor.build = (
-    timed_connect, timed_result, timed_wait, timed_build
-)
+if os.environ["BENCH_EXECUTOR"] == "ray":  # the local anchor runs untouched
+    rx._connect, rx._result, rx._wait, rx.RayExecutor.build = (
+        timed_connect, timed_result, timed_wait, timed_build
+    )
 from hfbuild.cli.main import main
 
-sys.argv = ["hfbuild", "build", "raw", "--executor", "ray"]
+stage, executor = os.environ["BENCH_STAGE"], os.environ["BENCH_EXECUTOR"]
+sys.argv = ["hfbuild", "build", stage, "--executor", executor]
+profile = os.environ.get("BENCH_PROFILE")
+if profile:
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
 try:
     code = main()
 except SystemExit as e:
     code = e.code
+if profile:
+    prof.disable()
+    prof.dump_stats(profile)
+marks.update({"worker_" + k: v for k, v in worker.items()})
 with open(os.environ["BENCH_MARKS"], "w") as f:
     json.dump(marks, f)
 sys.exit(code or 0)
 """
 
 
-def _bookkeeping(clone: pathlib.Path, env: dict[str, str], n: int) -> dict[str, float]:
-    """The Ray executor's marks building the `raw` stage of `n` shards in `clone`."""
-    marks = clone.parent / "marks.json"
+def _timed(
+    clone: pathlib.Path, env: dict[str, str], executor: str, stage: str, n: int
+) -> dict[str, float]:
+    """`hfbuild build STAGE --executor EXECUTOR` in `clone` (a stage of `n` shards), with the
+    Ray executor's marks (TIMED); "total" is the command's wall time. With $BENCH_PROFILE_DIR,
+    the driver runs under cProfile, its stats in that directory."""
+    marks = clone.parent / f"marks-{clone.name}-{stage}.json"
+    extra = {"BENCH_MARKS": str(marks), "PYTHONPATH": str(clone)}
+    extra |= {"BENCH_STAGE": stage, "BENCH_EXECUTOR": executor}
+    if env.get("BENCH_PROFILE_DIR"):
+        extra["BENCH_PROFILE"] = os.path.join(
+            env["BENCH_PROFILE_DIR"], f"{clone.name}-{stage}-{executor}.prof"
+        )
     t0 = time.perf_counter()
     out = subprocess.run(
         [PY, "-c", TIMED],
         cwd=clone,
-        env={**env, "BENCH_MARKS": str(marks), "PYTHONPATH": str(clone)},
+        env={**env, **extra},
         capture_output=True,
         text=True,
         check=False,
     )
     total = time.perf_counter() - t0
-    if out.returncode != 0 or f"raw: {n}/{n} shards done, {n} built on ray" not in out.stderr:
-        raise SystemExit(f"the {n}-shard Ray build failed:\n{out.stderr}")
+    if out.returncode != 0:
+        raise SystemExit(f"hfbuild build {stage} --executor {executor} failed:\n{out.stderr}")
+    if executor == "ray" and f"{stage}: {n}/{n} shards done, {n} built on ray" not in out.stderr:
+        raise SystemExit(f"{stage} was not built on Ray:\n{out.stderr}")
     got: dict[str, float] = json.loads(marks.read_text())
     got["total"] = total
     return got
+
+
+def _bookkeeping(clone: pathlib.Path, env: dict[str, str], n: int) -> dict[str, float]:
+    """The Ray executor's marks building the `raw` stage of `n` shards in `clone`."""
+    return _timed(clone, env, "ray", "raw", n)
 
 
 def _s3(env: dict[str, str]) -> tuple[Any, dict[str, str]]:
@@ -183,7 +213,11 @@ def _s3(env: dict[str, str]) -> tuple[Any, dict[str, str]]:
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    # One record per request: counted (`REQUESTS`, by method), never printed.
+    log = logging.getLogger("werkzeug")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    log.addHandler(_Counter())
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -196,6 +230,20 @@ def _s3(env: dict[str, str]) -> tuple[Any, dict[str, str]]:
     fs = s3fs.S3FileSystem(endpoint_url=creds["FSSPEC_S3_ENDPOINT_URL"], key="t", secret="t")
     fs.mkdir("bench")
     return server, {**env, **creds, "HFBUILD_REMOTE": "s3://bench/cache"}
+
+
+# S3 requests the moto server answered, by method ("GET", "PUT", "HEAD", ...).
+REQUESTS: dict[str, int] = {}
+
+
+class _Counter(logging.Handler):
+    """Counts the moto server's request lines ('"GET /bucket/... HTTP/1.1" 200 -')."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # werkzeug colours some
+        if '"' in msg:
+            method = msg.split('"', 2)[1].split(" ", 1)[0]
+            REQUESTS[method] = REQUESTS.get(method, 0) + 1
 
 
 def _own_ports() -> list[str]:
@@ -224,6 +272,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shards", type=int, default=200, help="shards per stage of part 1")
     ap.add_argument("--big", type=int, default=1000, help="shards of part 2's stage (0: skip)")
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="run each driver under cProfile (stats in DIR) and print where each Ray run's "
+        "time went (driver phases, the worker's per-shard timings)",
+    )
     args = ap.parse_args()
     n, big = args.shards, args.big
     with tempfile.TemporaryDirectory(prefix="hfbuild-bench-ray-") as d:
@@ -238,6 +292,9 @@ def main() -> None:
             "TMPDIR": str(base),
             "RAY_USAGE_STATS_ENABLED": "0",
         }
+        if args.profile:
+            os.makedirs(args.profile, exist_ok=True)
+            env["BENCH_PROFILE_DIR"] = os.path.abspath(args.profile)
         env.pop("HFBUILD_STORE", None)
         env.pop("HFBUILD_REMOTE", None)
         local_env = {**env, "HFBUILD_NO_REMOTE": "1"}
@@ -277,7 +334,10 @@ def main() -> None:
             on_ray = _build(_clone(src, base / "ray-clone"), ray_env, "ray")
             marks = {}
             if big_src is not None:
+                REQUESTS.clear()
                 marks = _bookkeeping(_clone(big_src, base / "big-clone"), ray_env, big)
+                marks.update({f"requests {k}": v for k, v in REQUESTS.items()})
+                MARKS[f"raw of {big} (ray)"] = marks
         finally:
             server.stop()
             with contextlib.suppress(ProcessLookupError):
@@ -303,6 +363,39 @@ def main() -> None:
             f"({own / big * 1000:.2f} ms/shard; the executor {marks['build']:.2f} s, less "
             f"connecting {marks['connect']:.2f} s and the tasks' span {cluster:.2f} s; "
             f"the whole command {marks['total']:.2f} s)"
+        )
+    if args.profile:
+        _breakdown()
+
+
+def _breakdown() -> None:
+    """Where each Ray run's time went: the command, connecting, the driver before its first
+    wait, the first result's wait (a new worker: its process, imports, runtime env), the
+    tasks' span, the driver after the last result; the worker's own per-shard time by part
+    (summed over shards, then per shard)."""
+    print("\nwhere the time went (s; worker parts per shard in ms)")
+    for run, m in MARKS.items():
+        if "wait" not in m:
+            continue
+        n = max(1, int(m["results"]))
+        parts = {
+            "command": m["total"],
+            "executor": m["build"],
+            "connect": m["connect"],
+            "before wait": m["wait"] - m["start"] - m["connect"],
+            "to 1st result": m["first"] - m["wait"],
+            "span": m["last"] - m["wait"],
+            "after last": m["end"] - m["last"],
+        }
+        worker = {k[7:]: v / n * 1000 for k, v in m.items() if k.startswith("worker_")}
+        asked = {k[9:]: v / n for k, v in m.items() if k.startswith("requests ")}
+        print(
+            f"  {run:18} "
+            + "  ".join(f"{k} {v:.2f}" for k, v in parts.items())
+            + "   worker/shard: "
+            + "  ".join(f"{k} {v:.1f}" for k, v in sorted(worker.items()))
+            + "   S3 requests/shard: "
+            + "  ".join(f"{k} {v:.2f}" for k, v in sorted(asked.items()))
         )
 
 
