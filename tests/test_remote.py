@@ -217,3 +217,26 @@ def test_no_remote_configured_is_a_clear_error(
     out = run_hfbuild(repo, "push")
     assert out.returncode == 1
     assert "no remote cache configured: pass --remote URL, set HFBUILD_REMOTE" in out.stderr
+
+
+def test_holding_lists_each_directory_of_entries_once_and_keeps_no_stale_listing(
+    s3: Any,
+) -> None:
+    """Which of many keys the remote has anything for (an entry, or an upload without its
+    manifest yet) is told by listing each directory of entries (`objects/<fp[:2]>/`) once;
+    for too few keys per directory it declines (None: asking for each is cheaper). The
+    listing leaves nothing cached: an entry published after it is seen (`remove` finds it)."""
+    from hfbuild.store.remote import Remote
+
+    remote = Remote(f"s3://{s3.bucket}/cache")
+    base = f"{s3.bucket}/cache/objects"
+    ab = [f"ab{i:030x}" for i in range(4)]
+    cd = [f"cd{i:030x}" for i in range(2)]
+    s3.pipe(f"{base}/ab/{ab[0]}/manifest.json", b"{}")
+    s3.pipe(f"{base}/ab/{ab[1]}/data-{'0' * 32}/x.arrow", b"x")  # an upload under way
+    s3.pipe(f"{base}/cd/{cd[1]}/manifest.json", b"{}")
+    assert remote.holding(ab + cd) == {ab[0], ab[1], cd[1]}
+    assert remote.holding([ab[0], cd[0]]) is None  # one key per directory: not listed
+    assert remote.holding([f"ef{i:030x}" for i in range(3)]) == set()  # no such directory
+    s3.pipe(f"{base}/ab/{ab[2]}/manifest.json", b"{}")
+    assert remote.remove(ab[2])  # the listing of ab/ answered nothing after it

@@ -67,3 +67,12 @@ class Pool(Generic[T, R]):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def import_meanwhile(module: str) -> None:
+    """Import `module` (datasets: seconds of it) on a thread while the caller waits on
+    something else; whoever needs it then finds it imported, or waits for the import."""
+    import importlib
+    import threading
+
+    threading.Thread(target=importlib.import_module, args=(module,), daemon=True).start()

@@ -7,7 +7,12 @@ settings and reachability (`remotereach.py`), its files, layout and manifests
 rows of) first, refused when the remote holds one of them with other content; data files under
 a directory unique to the upload, then the manifest naming it, create-only: publishing is
 first-writer-wins without a lock server, and an upload that loses the race deletes its own
-data directory. An upload without its manifest is invisible: pull never takes it.
+data directory. An upload without its manifest is invisible: pull never takes it. An entry's
+files go in one call (on an object store: their requests sent together); an entry this
+process has just built goes without asking first whether the remote holds it (`push_built`:
+the create-only manifest decides), and a key this process saw published is not asked about
+again (`RemoteFiles.held`). An entry another process pushed and sent back with its files (a
+Ray worker's shard) is published in a store as a pull would publish it (`take_pushed`).
 
 Must never: unpickle or execute anything downloaded, overwrite a published manifest, trust a
 path or fingerprint the remote names, or read credentials itself (fsspec's own configuration
@@ -19,18 +24,21 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import shutil
 import uuid
 from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from hfbuild.core import threads
 from hfbuild.core.errors import StoreError
 from hfbuild.store.paths import MANIFEST, manifest_digest
-from hfbuild.store.remotefiles import transfer_bar
-from hfbuild.store.remotepull import RemotePulls
+from hfbuild.store.remotefiles import PROGRESS_BYTES, transfer_bar
+from hfbuild.store.remotepull import NOT_KEPT, RemotePulls
 from hfbuild.store.remotereach import (
     RefusedEntryError,
     RemoteError,
     RemoteMissingError,
+    public_url,
     reaching,
 )
 from hfbuild.store.store import Store
@@ -50,19 +58,67 @@ class Remote(RemotePulls):
         An entry whose references (shards, base) the remote holds with other content (they
         were built here while it was unreachable, and another node published first) is
         refused: the remote would hold a list or selection its own entries contradict."""
-        return self._push(store, fp, label)[0]
+        return self._push(store, fp, label).sent
 
-    def _push(self, store: Store, fp: str, label: str) -> tuple[int, str | None]:
+    @reaching
+    def push_built(self, store: Store, fp: str, label: str) -> bool:
+        """`push` of an entry this process has just built, which the remote most likely
+        lacks: uploaded without asking first (the create-only manifest decides, as for any
+        push). True when this upload published it."""
+        return self._push(store, fp, label, fresh=True).won
+
+    def take(self, store: Store, fp: str, label: str, sent: Any) -> None:
+        """Entry `fp` into `store`: as a Ray worker that published it sent it back with its
+        result (`sent_entry`; `take_pushed`), else (None) pulled."""
+        if isinstance(sent, dict):
+            self.take_pushed(store, fp, sent["manifest"], sent["files"])
+        else:
+            self.pull(store, fp, label)
+
+    def take_pushed(
+        self, store: Store, fp: str, doc: Mapping[str, Any], files: Mapping[str, bytes]
+    ) -> None:
+        """Publish in `store` the entry `fp` that another process (a Ray worker) pushed to
+        this remote and sent back with its files (`doc` its manifest there): as a pull
+        publishes it, marked pulled from here, without downloading it. Only for what the
+        caller knows that process published (`push_built` said so): nothing is checked but
+        that the files are the ones the manifest lists."""
+        if doc.get("fingerprint") != fp or set(files) != set(doc.get("files") or {}):
+            raise StoreError(f"entry {fp} was sent with another manifest than its files'.")
+        with store.lock(fp):
+            if store.has(fp):
+                return
+            tmp = store.new_build_dir(fp)
+            try:
+                for rel, body in files.items():
+                    path = os.path.join(tmp, "data", *rel.split("/"))
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "wb") as f:
+                        f.write(body)
+                meta = {k: v for k, v in doc.items() if k not in NOT_KEPT}
+                meta["pulled_from"] = public_url(self.url)
+                store.publish(tmp, fp, meta, durable=False)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        self.saw(fp, str(doc.get("content_hash")))
+
+    def _push(self, store: Store, fp: str, label: str, fresh: bool = False) -> _Pushed:
         """`push`; with the content hash of the remote's entry when the remote held one
-        already (None when this upload published it, or the remote's manifest is unreadable)."""
-        try:
-            theirs = self.read_manifest(fp)
-        except RefusedEntryError:
-            return 0, None  # the remote holds something there: never overwritten
-        except RemoteMissingError:
-            theirs = None  # a file:// remote's directory: the first push makes it
-        if theirs is not None:
-            return 0, str(theirs.get("content_hash"))
+        already (None when this upload published it, or the remote's manifest is unreadable).
+        `fresh`: not asked whether the remote holds it before uploading."""
+        known = self.held(fp)  # seen published by this process: never overwritten
+        if known is not None:
+            return _Pushed(0, known, False)
+        if not fresh:
+            try:
+                theirs = self.read_manifest(fp)
+            except RefusedEntryError:
+                return _Pushed(0, None, False)  # the remote holds something there: kept
+            except RemoteMissingError:
+                theirs = None  # a file:// remote's directory: the first push makes it
+            if theirs is not None:
+                return _Pushed(0, str(theirs.get("content_hash")), False)
         doc = store.read_manifest(fp)
         if doc is None or not store.has(fp):
             raise StoreError(f"{label}: the local store has no complete entry {fp} to push.")
@@ -76,33 +132,20 @@ class Remote(RemotePulls):
         for key, got in zip(refs, pushed, strict=True):
             if isinstance(got, Exception):
                 raise got
-            sent, held = got
-            shard_bytes += sent
+            shard_bytes += got.sent
             mine = (store.read_manifest(key) or {}).get("content_hash")
-            if held is not None and held != mine:
+            if got.held is not None and got.held != mine:
                 raise RefusedEntryError(
                     f"{label}: {fp} was built over {key}, and the remote {self.url} holds "
-                    f"another copy of it (content hash {held}, this store's {mine}: built here "
-                    f"while the remote was unreachable, or by a non-deterministic transform, "
-                    f"after another node published first); not pushed. Build again: the "
-                    f"remote's copy is adopted first."
+                    f"another copy of it (content hash {got.held}, this store's {mine}: built "
+                    f"here while the remote was unreachable, or by a non-deterministic "
+                    f"transform, after another node published first); not pushed. Build "
+                    f"again: the remote's copy is adopted first."
                 )
         total = sum(files.values())
         data_dir = f"data-{uuid.uuid4().hex}"
         try:
-            made: set[str] = set()
-            with transfer_bar(total, f"push {label}") as bar:
-                for rel, size in sorted(files.items()):
-                    local = os.path.join(store.data_path(fp), *rel.split("/"))
-                    key = self.key(fp, f"{data_dir}/{rel}")
-                    parent = posixpath.dirname(key)
-                    if parent not in made:  # a no-op on object stores, needed on file://
-                        self.fs.makedirs(parent, exist_ok=True)
-                        made.add(parent)
-                    self.fs.put_file(local, key)
-                    bar.update(size)
-            if not files:  # a list of shards: the manifest is the entry's only file
-                self.fs.makedirs(posixpath.dirname(self.key(fp, MANIFEST)), exist_ok=True)
+            self._upload(store, fp, data_dir, files, label)
             published = {**doc, "data_dir": data_dir}
             published["manifest_digest"] = manifest_digest(published)  # still self-checking
             body = json.dumps(published, sort_keys=True).encode()
@@ -112,6 +155,61 @@ class Remote(RemotePulls):
             raise RemoteError(f"pushing {label} ({fp}) to {self.url} failed: {e}") from e
         if not won:
             self.discard(fp, data_dir)
-            again = self.read_manifest(fp)
-            return shard_bytes, str(again.get("content_hash")) if again else None
-        return shard_bytes + total, None
+            try:
+                again = self.read_manifest(fp)
+            except RefusedEntryError:
+                again = None
+            return _Pushed(shard_bytes, str(again.get("content_hash")) if again else None, False)
+        self.saw(fp, str(doc.get("content_hash")))
+        return _Pushed(shard_bytes + total, None, True)
+
+    def _upload(
+        self, store: Store, fp: str, data_dir: str, files: Mapping[str, int], label: str
+    ) -> None:
+        """An entry's data files to `data_dir` of its remote directory: all in one call (on
+        an object store, one request each, sent together), one by one with a progress bar
+        when they are large. Directories are made only on file:// (an object store has
+        none, and s3fs asks whether the bucket exists each time it is asked to make one)."""
+        from fsspec.implementations.local import LocalFileSystem
+
+        pairs = [
+            (os.path.join(store.data_path(fp), *rel.split("/")), self.key(fp, f"{data_dir}/{rel}"))
+            for rel in sorted(files)
+        ]
+        if isinstance(self.fs, LocalFileSystem):
+            parents = {posixpath.dirname(r) for _, r in pairs} or {self.key(fp)}
+            for parent in sorted(parents):
+                self.fs.makedirs(parent, exist_ok=True)
+        total = sum(files.values())
+        if total < PROGRESS_BYTES:
+            if pairs:
+                self.fs.put([a for a, _ in pairs], [b for _, b in pairs])
+            return
+        with transfer_bar(total, f"push {label}") as bar:
+            for (local, key), size in zip(pairs, [files[r] for r in sorted(files)], strict=True):
+                self.fs.put_file(local, key)
+                bar.update(size)
+
+
+class _Pushed(NamedTuple):
+    """What a push did: bytes sent; the content hash of the remote's entry when it held one
+    already (None when this upload published it, or its manifest is unreadable); whether
+    this upload published it."""
+
+    sent: int
+    held: str | None
+    won: bool
+
+
+def sent_entry(store: Store, fp: str, limit: int) -> dict[str, Any] | None:
+    """The entry `fp` of `store` as the process that pushed it sends it to another, for
+    `Remote.take_pushed`: its manifest and each data file's bytes; None when its files add
+    up to more than `limit` bytes."""
+    doc = store.read_manifest(fp)
+    if doc is None or sum(doc["files"].values()) > limit:
+        return None
+    files = {}
+    for rel in doc["files"]:
+        with open(os.path.join(store.data_path(fp), *rel.split("/")), "rb") as f:
+            files[rel] = f.read()
+    return {"manifest": doc, "files": files}

@@ -4,7 +4,9 @@ Owns: `RemoteFiles`, the fsspec filesystem of a remote URL and its layout
 (`<url>/objects/<fp[:2]>/<fp>/` holding the entry's data files under a name unique to the
 upload, `data-<uuid>/`, and its `manifest.json`, written last, naming that directory); reading
 a manifest and its own checks (its fingerprint, its `manifest_digest`, safe file paths and
-sizes); whether the remote holds an entry; writing a manifest create-only (S3's
+sizes); whether the remote holds an entry, and which of many keys it has anything for, by
+listing their directories (`holding`); what this process saw it hold (`held`: a published
+manifest is never overwritten); writing a manifest create-only (S3's
 `If-None-Match: *` through s3fs's `mode="create"`; a hard link, which fails on an existing
 name, for file://); deleting an upload's data or an entry (`remove`: manifest first); a
 missing `file://` directory as a `RemoteMissingError`; what the committed lock pins, read
@@ -22,10 +24,10 @@ import os
 import posixpath
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from hfbuild.core import progress
+from hfbuild.core import progress, threads
 from hfbuild.store.lockfile import LOCK_NAME, Pin
 from hfbuild.store.paths import MANIFEST, manifest_digest, safe_rel
 from hfbuild.store.remotereach import (
@@ -35,7 +37,7 @@ from hfbuild.store.remotereach import (
     reaching,
 )
 
-_PROGRESS_BYTES = 4 * 1024 * 1024  # transfers above this show a progress bar
+PROGRESS_BYTES = 4 * 1024 * 1024  # transfers above this show a progress bar
 
 FP = r"[0-9a-f]{32}"
 
@@ -48,6 +50,16 @@ def check_fp(fp: str) -> str:
 
 
 Pins = Callable[[], Mapping[str, Pin]]
+
+# What this process saw a remote hold: (remote URL, key) -> the content hash of its published
+# manifest (read, or written by this process's push). A published manifest is never
+# overwritten, so the answer stays true until `remove` (here or by another process, `hfbuild
+# remote rm`: a push then takes the entry for held, and the pull of what names it refuses).
+_HELD: dict[tuple[str, str], str] = {}
+
+# `holding` lists a directory of entries when it asks for at least this many keys in it on
+# average: one listing then saves a third of the requests asking for each key would make.
+_LIST_RATIO = 1.5
 
 
 class RemoteFiles:
@@ -86,7 +98,9 @@ class RemoteFiles:
     def read_manifest(self, fp: str) -> dict[str, Any] | None:
         """The entry's manifest if the remote holds a complete entry for `fp`."""
         try:
-            raw = self.fs.cat_file(self.key(fp, MANIFEST))
+            # From byte 0: one request (s3fs asks an object's size first when no range is
+            # given, to split a large read).
+            raw = self.fs.cat_file(self.key(fp, MANIFEST), start=0)
         except FileNotFoundError:
             self.check_root()
             return None
@@ -114,7 +128,17 @@ class RemoteFiles:
             raise RefusedEntryError(
                 f"remote entry {fp} lists unsafe or malformed file paths; not used."
             )
+        self.saw(fp, str(doc.get("content_hash")))
         return doc
+
+    def saw(self, fp: str, content_hash: str) -> None:
+        """Note that the remote holds a published entry for `fp` with `content_hash`."""
+        _HELD[(self.url, fp)] = content_hash
+
+    def held(self, fp: str) -> str | None:
+        """The content hash of the remote's entry for `fp` as this process saw it published
+        (`saw`), without asking the remote; None when not seen."""
+        return _HELD.get((self.url, fp))
 
     def check_root(self) -> None:
         """A `file://` remote's directory must exist: a missing one is a wrong path or an
@@ -137,12 +161,45 @@ class RemoteFiles:
             raise RemoteError(f"cannot reach {self.url}: {e}") from e
 
     @reaching
+    def holding(self, fps: Sequence[str]) -> set[str] | None:
+        """Which of `fps` the remote has anything stored for (a published entry, or an
+        upload under way or abandoned: `read_manifest` tells), by listing each directory
+        of entries they fall in (`objects/<fp[:2]>/`) once, a few at a time; None when
+        there are too few of them per directory for that to save requests over asking for
+        each. An entry published after its directory was listed is not among them."""
+        self.check_root()
+        by_dir: dict[str, list[str]] = {}
+        for fp in fps:
+            by_dir.setdefault(posixpath.dirname(self.key(fp)), []).append(fp)
+        if len(fps) < _LIST_RATIO * len(by_dir):
+            return None
+
+        def names(d: str) -> set[str]:
+            try:
+                return {
+                    posixpath.basename(str(p).rstrip("/"))
+                    for p in self.fs.ls(d, detail=False, refresh=True)
+                }
+            except FileNotFoundError:
+                return set()
+            finally:
+                self.fs.invalidate_cache(d)  # no later answer from this listing
+
+        found: set[str] = set()
+        for d, got in zip(by_dir, threads.each(names, list(by_dir)), strict=True):
+            if isinstance(got, Exception):
+                raise got  # an unreachable remote as `reaching` says it
+            found |= got & set(by_dir[d])
+        return found
+
+    @reaching
     def remove(self, fp: str) -> bool:
         """Delete the remote's entry for `fp`: its manifest first (the entry is then
         invisible to every pull), then its data. False when there was none. Entries that
         reference it (a list naming it as a shard, a selection of its rows) are refused by a
         pull from then on, and built again, until they are removed or it is published again."""
         entry = self.key(fp)
+        _HELD.pop((self.url, fp), None)
         try:
             if not self.fs.exists(entry):
                 self.check_root()
@@ -191,4 +248,4 @@ class RemoteFiles:
 
 def transfer_bar(total: int, desc: str) -> Any:
     """The progress bar of a transfer of `total` bytes (none for a small one)."""
-    return progress.bar(total, desc, unit="B", unit_scale=True, at_least=_PROGRESS_BYTES)
+    return progress.bar(total, desc, unit="B", unit_scale=True, at_least=PROGRESS_BYTES)

@@ -26,11 +26,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from hfbuild.store.entry import row_pack
-from hfbuild.store.remotefiles import FP, RemoteFiles, transfer_bar
+from hfbuild.store.remotefiles import FP, PROGRESS_BYTES, RemoteFiles, transfer_bar
 from hfbuild.store.remotereach import RefusedEntryError, RemoteError, public_url, reaching
 from hfbuild.store.store import Store
 
 _DATA_DIR = re.compile(r"^data(-[0-9a-f]{32})?$")
+
+# What a pulled entry's manifest does not keep of the remote's: the remote's own records.
+NOT_KEPT = ("fingerprint", "files", "manifest_digest", "data_dir", "ids")
 
 
 class RemotePulls(RemoteFiles):
@@ -128,23 +131,9 @@ class RemotePulls(RemoteFiles):
         tmp = store.new_build_dir(fp)
         try:
             total = got + sum(files.values())
-            with transfer_bar(total, f"pull {label}") as bar:
-                for rel, size in sorted(files.items()):
-                    local = os.path.join(tmp, "data", *rel.split("/"))
-                    os.makedirs(os.path.dirname(local), exist_ok=True)
-                    self.fs.get_file(self.key(fp, f"{data_dir}/{rel}"), local)
-                    if os.path.getsize(local) != size:
-                        raise RefusedEntryError(
-                            f"remote entry {fp} ({label}): {rel} is {os.path.getsize(local)} "
-                            f"bytes, its manifest says {size}; not used."
-                        )
-                    bar.update(size)
+            _download(self, fp, label, data_dir, files, os.path.join(tmp, "data"))
             _check_content(store, tmp, fp, doc, label)
-            meta = {
-                k: v
-                for k, v in doc.items()
-                if k not in ("fingerprint", "files", "manifest_digest", "data_dir", "ids")
-            }
+            meta = {k: v for k, v in doc.items() if k not in NOT_KEPT}
             meta["pulled_from"] = public_url(self.url)  # `verify` names a pulled entry as such
             store.publish(tmp, fp, meta)
         except OSError as e:
@@ -275,6 +264,35 @@ class RemotePulls(RemoteFiles):
                 with contextlib.suppress(RefusedEntryError):
                     self.pull(store, str(key), f"{label} {row[2]}", expect=h)
         return bad
+
+
+def _download(
+    r: RemoteFiles, fp: str, label: str, data_dir: str, files: Mapping[str, int], dest: str
+) -> None:
+    """The data files of entry `fp` on `r` (under its `data_dir`) into `dest`, each of the
+    size its manifest gives: all in one call (on an object store, one request each, sent
+    together), one by one with a progress bar when they are large."""
+    pairs = [
+        (r.key(fp, f"{data_dir}/{rel}"), os.path.join(dest, *rel.split("/")), rel)
+        for rel in sorted(files)
+    ]
+    for _, local, _ in pairs:
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+    total = sum(files.values())
+    if total < PROGRESS_BYTES:
+        if pairs:
+            r.fs.get([key for key, _, _ in pairs], [lp for _, lp, _ in pairs])
+    else:
+        with transfer_bar(total, f"pull {label}") as bar:
+            for remote, local, rel in pairs:
+                r.fs.get_file(remote, local)
+                bar.update(files[rel])
+    for _, local, rel in pairs:
+        if os.path.getsize(local) != files[rel]:
+            raise RefusedEntryError(
+                f"remote entry {fp} ({label}): {rel} is {os.path.getsize(local)} "
+                f"bytes, its manifest says {files[rel]}; not used."
+            )
 
 
 def _pack_row(
