@@ -354,7 +354,7 @@ with open(sys.argv[2], "rb") as f:
     spec = f.read()
 with open(sys.argv[3], "rb") as f:
     data = f.read() or None
-print(json.dumps(run_unit(job, spec, data)))
+print(json.dumps(run_unit(job, spec, data), default=len))  # a sent entry's bytes: their size
 """
 
 

@@ -5,9 +5,11 @@ fixtures, which conftest.py provides to every module: take them to add a test)."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -1053,3 +1055,114 @@ def test_a_stage_listing_the_project_root_builds_on_ray(
     assert result(first) == ["more.csv:8,top.csv:7"]
     doit(local, "run", "preprocess", log=tmp_path / "local2.log", env=no_remote)
     assert _lock(first) == _lock(local)
+
+
+@contextlib.contextmanager
+def _requests() -> Iterator[list[str]]:
+    """The request lines ('GET /bucket/key HTTP/1.1') the session's moto server (in this
+    process) answers during the block, from its werkzeug request log."""
+    import logging
+
+    lines: list[str] = []
+
+    class _Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # werkzeug's colours
+            if '"' in msg:
+                lines.append(msg.split('"', 2)[1])
+
+    log = logging.getLogger("werkzeug")
+    handler, level, propagate = _Lines(), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+def test_a_ray_load_travels_in_few_requests_and_its_shards_come_back_with_the_results(
+    repo: Repo, tmp_path: pathlib.Path, remote: str
+) -> None:
+    """`raw`'s six load shards built on Ray, every S3 request recorded: each shard is asked
+    for once (the driver's check before building), its three data files and its manifest
+    put once each (no question first, no bucket check), and its data never read back: the
+    worker that published it sends it with its result, and the driver's store holds it
+    marked as pulled from the remote. Each task's shards are loaded by one call (a part's
+    dataset_info, without the whole load's splits). Keys and content hashes are the local
+    build's, and a fresh clone pulls the stage and builds nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _coalesced_project(repo)
+    # Rows of its own: a load's keys are its files' (the nodes' stores outlive a test, and a
+    # node holding some of a task's shards builds only the others).
+    tag = uuid.uuid4().hex
+    for path in sorted((repo.path / "data").glob("part-*.parquet")):
+        table = pq.read_table(path)
+        pq.write_table(table.append_column("tag", pa.array([tag] * table.num_rows)), path)
+    repo.commit("rows of its own")
+    first = repo.clone(tmp_path / "first")
+    env = {**RAY_ENV, "TASK_LOG": str(tmp_path / "tasks.log")}
+    with _requests() as lines:
+        out = doit(first, "run", "preprocess:raw", log=tmp_path / "first.log", env=env)
+    assert "raw: 6/6 shards done, 6 built on ray" in out.stderr
+    keys = list(
+        json.loads((first.path / "hfbuild.lock").read_text())["stages"]["raw"]["shard_hashes"]
+    )
+    assert len(keys) == 6
+    bucket = remote.removeprefix("s3://").split("/")[0]
+    assert not [x for x in lines if x.startswith("HEAD ")], lines  # no bucket checks
+    for key in keys:
+        mine = [
+            x.split()[0] + " " + x.split()[1].split(f"/{key}/")[1] for x in lines if f"/{key}/" in x
+        ]
+        assert sorted(mine) == sorted(
+            ["GET manifest.json"] + [f"PUT {n}" for n in _remote_files(remote, key)]
+        ), mine
+        held = json.loads(
+            (first.path / ".hfbuild" / "objects" / key[:2] / key / "manifest.json").read_text()
+        )
+        assert held["pulled_from"] == remote
+    # Each task's shards are parts of one load of its files (a part's dataset_info has no
+    # splits of the whole load); which shard's is not, with its task's log, if any.
+    whole = [k for k in keys if "splits" in _remote_json(remote, k, "dataset_info.json")]
+    assert not whole, (whole, keys, out.stderr[-2000:])
+    assert all(bucket in x for x in lines if x.startswith(("GET", "PUT")))
+
+    local = repo.clone(tmp_path / "local")
+    doit(local, "run", "preprocess:raw", log=tmp_path / "local.log", env={"HFBUILD_NO_REMOTE": "1"})
+    assert _lock(first) == _lock(local)
+    second = repo.clone(tmp_path / "second")
+    out2 = doit(second, "run", "preprocess:raw", log=tmp_path / "second.log")
+    assert out2.stdout.count("pulled") == 1
+    assert _lock(second) == _lock(local)
+
+
+def _remote_files(url: str, fp: str) -> list[str]:
+    """The names of an entry's files on the remote (`data-<uuid>/<file>`, `manifest.json`)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        endpoint_url=os.environ["FSSPEC_S3_ENDPOINT_URL"], key="testing", secret="testing"
+    )
+    base = f"{url.removeprefix('s3://')}/objects/{fp[:2]}/{fp}/"
+    return sorted(p.split(base, 1)[1] for p in fs.find(base, withdirs=False))
+
+
+def _remote_json(url: str, fp: str, name: str) -> Any:
+    """The JSON file `name` of an entry's data on the remote."""
+    manifest = json.loads(_remote_cat(url, f"{fp[:2]}/{fp}/manifest.json"))
+    return json.loads(_remote_cat(url, f"{fp[:2]}/{fp}/{manifest['data_dir']}/{name}"))
+
+
+def _remote_cat(url: str, rel: str) -> bytes:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        endpoint_url=os.environ["FSSPEC_S3_ENDPOINT_URL"], key="testing", secret="testing"
+    )
+    return bytes(fs.cat_file(f"{url.removeprefix('s3://')}/objects/{rel}"))

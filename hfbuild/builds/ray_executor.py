@@ -27,8 +27,9 @@ argument (a tree per file would be a package, and a worker process, per shard). 
 recomputes the shard's key (`manifest.shard_key`: the code key from the tree, the input from
 what it pulled or the bytes' blob id, the observed files' ids from their shipped copies) and
 refuses another; it builds with `shardone`'s code (`shardunits.build_one`) and publishes
-the shard under the key of what it read. The driver pulls each shard, and `shardunits`
-publishes the stage's list as a local build does; it is pushed too.
+the shard under the key of what it read. The driver takes each shard (`Remote.take`: a small
+one the worker published from its result, any other pulled), and `shardunits` publishes the
+stage's list as a local build does; it is pushed too.
 
 What travels is `raytree`'s (the tree, a load shard's data bytes, the job); the worker's side
 is `rayworker`'s.
@@ -224,8 +225,7 @@ def _ensure_remote(place: Place, remote: Remote, name: str, fp: str) -> None:
 
 
 def _share(place: Place, remote: Remote, name: str, fp: str) -> None:
-    """Push a sharded stage's list (its shards are there already): other clones then pull
-    the stage whole instead of building it."""
+    """Push a sharded stage's list (its shards are there): other clones then pull it whole."""
     from hfbuild.store.remotereach import RemoteError, RemoteUnreachableError
 
     try:
@@ -488,7 +488,7 @@ def _fetch_shard(
     holds its lock), for `shardunits` to find."""
     store = place.store
     assert unit.shard is not None
-    remote.pull(store, fp, f"{unit.spec.name} {unit.shard.label}")
+    remote.take(store, fp, f"{unit.spec.name} {unit.shard.label}", res.get("entry"))
     if not store.has(fp):
         raise BuildError(
             f"stage {unit.spec.name!r}: a Ray worker published shard {unit.shard.label} as "

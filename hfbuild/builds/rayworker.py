@@ -12,9 +12,12 @@ a build that listed a project folder the tree does not hold with its names (`Pla
 a first build of code that lists it, before any record of the listing) as {"unlisted":
 [its listing paths]}, with nothing published, for the driver to send it again with them.
 `run_shards`, the Ray task of several shards of one stage: what they share set up once
-(`_Task`), then each shard as above, its result yielded (a generator task) once it is
-published; a user error ends the task at its shard, named by the shard's file; an unshipped
-listing ends it too, every shard from that one on answered {"unlisted": ...}.
+(`_Task`), then each shard as above, its load shards built by one call (`rayloads`), each
+shard's push on one of a few threads while the next builds, its result yielded (a generator
+task) once it is published, in order; a user error ends the task at its shard, named by the
+shard's file; an unshipped listing ends it too, every shard from that one on answered
+{"unlisted": ...}. A shard this worker published that is small (`SEND_BYTES`) goes back with
+its result, files and manifest (`sent_entry`), so the driver need not pull it.
 
 Must never: publish under a key it did not recompute or a listing its tree does not hold,
 run project code the tree does not hold, or read the driver's files.
@@ -22,21 +25,23 @@ run project code the tree does not hold, or read the driver's files.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
 import os
+import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
+from hfbuild.builds import raykey, rayloads, shardunits
 from hfbuild.core.errors import BuildError, HfbuildError, UnshippedListingError
 from hfbuild.core.spec import Report, stored_rows
-from hfbuild.keys.manifest import Shard, ShardIn
-from hfbuild.source import hub
 
 if TYPE_CHECKING:
     from hfbuild.keys.manifest import Manifest
-    from hfbuild.keys.place import Place
     from hfbuild.store.remote import Remote
     from hfbuild.store.store import Store
 
@@ -79,28 +84,81 @@ def run_shards(
 ) -> Iterator[dict[str, Any]]:
     """The Ray task of one or more shards of a stage (`job` is what they share; each of
     `shards` its own part, each of `datas` a load shard's data file): one result per shard,
-    in order, yielded as soon as the shard is published, so the driver counts and pulls it
-    while the next one builds. A user error ends the task with {"error": message} for the
-    shard it came from, named by its file; the shards after it are not built."""
+    in order, yielded as soon as the shard is published (its push runs on a thread while the
+    next shard builds), so the driver counts and takes it while the next one builds. A user
+    error ends the task with {"error": message} for the shard it came from, named by its
+    file; the shards after it are not built."""
     root = os.getcwd()
     try:
         task = _Task(root, job, spec_bytes)
     except HfbuildError as e:
         yield {"error": _driver_paths(e, root, job)}
         return
-    for n, (part, data) in enumerate(zip(shards, datas, strict=True)):
-        label = str(part["shard"]["label"])
-        try:
-            yield _run_shard(task, {**job, **part}, data)
-        except UnshippedListingError as e:
-            # The shards after it share its tree, and would list the same folders: all are
-            # sent again with them, none built here.
-            for _ in shards[n:]:
-                yield {"unlisted": e.paths}
-            return
-        except HfbuildError as e:
-            yield {"error": _name_shard(_driver_paths(e, root, job), str(job["stage"]), label)}
-            return
+    # Shards' pushes run on a few threads while the next shards build; results in order.
+    pushes = concurrent.futures.ThreadPoolExecutor(PUSHES, thread_name_prefix="hfbuild-push")
+    pending: collections.deque[tuple[str, concurrent.futures.Future[dict[str, Any]]]]
+    pending = collections.deque()
+    scratch = tempfile.mkdtemp(prefix="hfbuild-ray-data-")
+
+    def ready(all_of_them: bool) -> Iterator[dict[str, Any]]:
+        """The results of the pushes at the head of the queue that are done (or all of
+        them, waited for), in order; an error ends them."""
+        while pending and (all_of_them or pending[0][1].done()):
+            out = _published(task, job, *pending.popleft())
+            yield out
+            if "error" in out:
+                pending.clear()
+                raise _Stop
+
+    try:
+        keyed = _built_together(task, job, shards, datas, scratch)
+        for i, (part, data) in enumerate(zip(shards, datas, strict=True)):
+            label = str(part["shard"]["label"])
+            one = {**job, **part}
+            try:
+                built = _build_shard(task, one, data, scratch, keyed.get(i))
+            except UnshippedListingError as e:
+                # The shards after it share its tree, and would list the same folders: all
+                # are sent again with them, none built here.
+                yield from ready(True)
+                for _ in shards[i:]:
+                    yield {"unlisted": e.paths}
+                return
+            except HfbuildError as e:
+                yield from ready(True)  # the shards before it are published: theirs first
+                yield {"error": _name_shard(_driver_paths(e, root, job), str(job["stage"]), label)}
+                return
+            if "refused" in built:
+                done: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+                done.set_result(built)
+                pending.append((label, done))
+            else:
+                pending.append((label, pushes.submit(_publish_shard, task, one, built)))
+            yield from ready(False)
+        yield from ready(True)
+    except _Stop:
+        return
+    finally:
+        pushes.shutdown(wait=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# Pushes of one task's shards under way at once (each a few requests, mostly waiting).
+PUSHES = 4
+
+
+class _Stop(Exception):
+    """A shard's push failed: its error was yielded, the task ends."""
+
+
+def _published(
+    task: _Task, job: Mapping[str, Any], label: str, push: concurrent.futures.Future[dict[str, Any]]
+) -> dict[str, Any]:
+    """A shard's result once its push is done; a failed push as the shard's error."""
+    try:
+        return push.result()
+    except HfbuildError as e:
+        return {"error": _name_shard(_driver_paths(e, task.root, job), str(job["stage"]), label)}
 
 
 def _driver_paths(e: Exception, root: str, job: Mapping[str, Any]) -> str:
@@ -192,7 +250,9 @@ def _run_unit(task: _Task, job: dict[str, Any]) -> dict[str, Any]:
         spec, Snapshot(task.root), done, task.place.stat_cache, lookup=store.intact_manifest
     )
     if m.static_fingerprint != job["static"]:
-        raise _other_key(f"stage {name!r}", m.static_fingerprint, job["static"], job["doc"], m.doc)
+        raise raykey.other_key(
+            f"stage {name!r}", m.static_fingerprint, job["static"], job["doc"], m.doc
+        )
     t0 = time.perf_counter()
     with store.lock(m.static_fingerprint):
         if store.has(m.fingerprint):  # a retried task whose first attempt built it here
@@ -236,149 +296,90 @@ def _take_input(store: Store, remote: Remote, fp: str, dep: str) -> None:
     store.touch(fp)  # used: `hfbuild gc --keep-days` keeps it on this node
 
 
-def _shard_lookup(place: Place, key: str, doc: Mapping[str, Any]) -> Any:
-    """The input shard `key`'s result as the transform shard's key holds it (inputid.py):
-    the content hash of the shard this worker pulled (checked on pull), with the form of
-    its stage's result as the driver's manifest says it (a form is of the whole list,
-    which the worker does not pull; as the `with_indices` digest, the driver's)."""
-    from hfbuild.keys import shards
-
-    marker = doc.get("inputs")
-    form = marker.get(shards.INPUT_MARKER) if isinstance(marker, dict) else None
-    stored = place.store.intact_manifest(key)
-
-    def lookup(fp: str) -> Mapping[str, Any] | None:
-        if fp != key or stored is None:
-            return None
-        if not isinstance(form, str):  # the driver keyed it by the shard's key (no form)
-            return {"content_hash": stored.get("content_hash")}
-        h = stored.get("content_hash")
-        return {"content_hash": h, "form": form, "shard_hashes": {key: h}}
-
-    return lookup
-
-
-class _ShardedInput(NamedTuple):
-    """A transform shard's input as the worker knows it: one shard of a sharded stage, by
-    key (so the transform's manifest is computed as the driver computes it)."""
-
-    fingerprint: str
-    shards: tuple[Any, ...]
-    shard_list: list[Any]
-
-
 def _run_shard(task: _Task, job: dict[str, Any], data: bytes | None) -> dict[str, Any]:
+    """One shard by itself: built (`_build_shard`), then published (`_publish_shard`)."""
+    with tempfile.TemporaryDirectory(prefix="hfbuild-ray-data-") as scratch:
+        built = _build_shard(task, job, data, scratch)
+    if "refused" in built:
+        return built
+    return _publish_shard(task, job, built)
+
+
+def _build_shard(
+    task: _Task,
+    job: dict[str, Any],
+    data: bytes | None,
+    scratch: str,
+    keyed: raykey.Keyed | None = None,
+) -> dict[str, Any]:
     """One shard: its input taken from the remote (a refusal comes back as {"refused": ...}),
-    its key recomputed from what the task received (the code key from the stage's code in
-    the tree, a load shard's input from the blob id of the data file's bytes sent with it,
-    the observed files' ids from their shipped copies; the digest of the keys before it, for
-    `with_indices`, as sent), refused when it is not the driver's, then built and published
-    to the remote."""
+    its key recomputed (`_keyed`, unless `keyed` is it already), then built in the node's
+    store; its result, to be published (`_publish_shard`)."""
+    t0 = time.perf_counter()
     refused = task.take_inputs(job)
     if refused is not None:
         return {"refused": refused}
-    with tempfile.TemporaryDirectory(prefix="hfbuild-ray-data-") as d:
-        return _run_shard_in(task, job, data, d)
-
-
-def _run_shard_in(
-    task: _Task, job: dict[str, Any], data: bytes | None, scratch: str
-) -> dict[str, Any]:
-    import dataclasses
-
-    from hfbuild.builds import shardunits
-    from hfbuild.keys import shards
-    from hfbuild.keys.fullkey import identify
-    from hfbuild.keys.manifests import stage_manifest
-    from hfbuild.source.gitstate import Snapshot
-
-    root, spec, place, remote = task.root, task.spec, task.place, task.remote
-    sh: dict[str, Any] = job["shard"]
-    name = str(job["stage"])
-    label = str(sh["label"])
-    snap = Snapshot(root)
-    if spec.kind == "load":
-        # The data file is written outside the tree, under its own name (a load's code key
-        # leaves its files out, and the shard's input is the id of the bytes).
-        if data is None:
-            raise BuildError(f"stage {name!r}, shard {label}: its data file was not sent.")
-        path = os.path.join(scratch, os.path.basename(label))
-        with open(path, "wb") as f:
-            f.write(data)
-        one = dataclasses.replace(spec, options={**spec.options, "data_files": [path]})
-        m = stage_manifest(one, snap, {}, place.stat_cache, lookup=place.store.intact_manifest)
-        got = str(m.doc["data"]["files"][0][1])
-        if hub.is_hub(label):  # keyed by the Hub's id of its bytes, not the git blob id
-            got = hub.content_id(data, str(sh["input"]))
-        content = ""
-        decider = str(sh.get("decider") or "")
-        code = shards.load_shard_code(m.doc, decider)
-        if decider:  # the first data file's features, read by the driver (its id is keyed)
-            import datasets
-
-            features = datasets.Features.from_dict(sh["features"])
-            spec = dataclasses.replace(spec, options={**spec.options, "features": features})
-        mine, theirs = shards.load_code_doc(m.doc), shards.load_code_doc(job["doc"])
-    else:
-        key = str(sh["input"])
-        stand_in = _ShardedInput(
-            key,
-            (ShardIn(str(sh["split"]), key, label),),
-            [Shard(str(sh["split"]), key, label, 0, key)],
-        )
-        done = cast("Mapping[str, Manifest]", {spec.inputs[0]: stand_in})
-        m = stage_manifest(
-            spec, snap, done, place.stat_cache, lookup=_shard_lookup(place, key, job["doc"])
-        )
-        got, code = key, m.static_fingerprint
-        content = m.shards[0].content if m.shards else ""
-        mine, theirs = dict(m.doc), job["doc"]
-    observed = identify([str(p) for p, _ in sh["observed"]], snap, place.stat_cache)
-    ins = ShardIn(str(sh["split"]), got, label, str(sh["before"]), content)
-    m = dataclasses.replace(m, shards=(ins,), shard_code=code, observed=observed)
-    s = m.shard_list[0]
-    if s.key != sh["key"]:
-        why = f"its data file {label} is {got}, not {sh['input']}" if got != sh["input"] else ""
-        raise _other_key(f"stage {name!r}, shard {label}", s.key, sh["key"], theirs, mine, why)
-    t0 = time.perf_counter()
-    fp, rows, read = shardunits.build_one(place, spec, m, s, int(sh["offset"]))
-    remote.push(place.store, fp, f"{name} {label}")
+    took = time.perf_counter() - t0
+    k = keyed or raykey.keyed(task.root, task.spec, task.place, job, data, scratch)
+    t1 = time.perf_counter()
+    fp, rows, read = shardunits.build_one(task.place, k.spec, k.m, k.s, int(job["shard"]["offset"]))
+    t2 = time.perf_counter()
     return {
         "fingerprint": fp,
         "rows": rows,
         "observed": [p for p, _ in read],
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(t2 - t1, 3),
+        # Where a shard's time went on the worker (bench/bench_ray.py adds them up).
+        "timings": {"input": round(took, 4), "key": k.seconds, "build": round(t2 - t1, 4)},
     }
 
 
-def _other_key(
-    what: str, mine: str, theirs: str, driver_doc: Any, worker_doc: Any, why: str = ""
-) -> BuildError:
-    """The refusal of a unit whose key the worker computed from what it received is not the
-    driver's: what differs (`why`, else the manifests' first differences), and what to do."""
-    from hfbuild.keys.diff import diff
+def _built_together(
+    task: _Task,
+    job: dict[str, Any],
+    shards: list[dict[str, Any]],
+    datas: list[bytes | None],
+    scratch: str,
+) -> dict[int, raykey.Keyed]:
+    """A task's load shards keyed up front (up to the first refused), and those built by one
+    `load_dataset` call when they may be (`rayloads.build_together`); each one's key by its
+    position in the task."""
+    if task.spec.kind != "load" or len(shards) < 2:
+        return {}
+    out: dict[int, raykey.Keyed] = {}
+    for i, (part, data) in enumerate(zip(shards, datas, strict=True)):
+        try:
+            out[i] = raykey.keyed(task.root, task.spec, task.place, {**job, **part}, data, scratch)
+        except HfbuildError:
+            break  # that shard fails in turn, after those before it are published
+    if len(out) >= 2:
+        t0 = time.perf_counter()
+        with contextlib.suppress(HfbuildError):  # each is then built by itself, as reported
+            rayloads.build_together(
+                task.place, out[0].spec, [(k.m, k.s, k.path) for k in out.values()], scratch
+            )
+        each = (time.perf_counter() - t0) / len(out)
+        out = {i: k._replace(seconds=round(k.seconds + each, 4)) for i, k in out.items()}
+    return out
 
-    changes = why or "; ".join(c.describe() for c in diff(driver_doc, worker_doc)[:5])
-    return BuildError(
-        f"{what}: the Ray worker computed the key {mine} from the tree it received, not the "
-        f"driver's {theirs} ({changes or 'same parts'}), on node {_node()}. Nothing was "
-        f"published. The worker's environment differs from the driver's (packages, Python, "
-        f"or a secret variable, which never travels: set it in every node's environment): "
-        f"run the cluster from the same environment."
-    )
+
+# A shard published by its worker whose files add up to at most this travels back to the
+# driver with its result (through Ray's object store), instead of the driver pulling it
+# from the remote: a few requests and a content check less per shard.
+SEND_BYTES = 1024 * 1024
 
 
-def _node() -> str:
-    """This worker's node, for a message: its host name, and Ray's node id when it runs
-    under Ray (nodes may share a host name)."""
-    import socket
+def _publish_shard(task: _Task, job: Mapping[str, Any], res: dict[str, Any]) -> dict[str, Any]:
+    """Push the shard `res` says was built to the remote (first writer wins); when this
+    push published it and it is small, its entry (`sent_entry`) goes back with the result."""
+    from hfbuild.store.remote import sent_entry
 
-    name = socket.gethostname()
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return f"{name} (Ray node {ray.get_runtime_context().get_node_id()[:12]})"
-    except Exception:  # naming the node must not hide the refusal it is part of
-        pass
-    return name
+    t0 = time.perf_counter()
+    fp = str(res["fingerprint"])
+    label = f"{job['stage']} {job['shard']['label']}"
+    if task.remote.push_built(task.store, fp, label):
+        entry = sent_entry(task.store, fp, SEND_BYTES)
+        if entry is not None:
+            res["entry"] = entry
+    res["timings"]["push"] = round(time.perf_counter() - t0, 4)
+    return res

@@ -49,7 +49,7 @@ def build_one(
         return build_shard(place, spec, m, s, builder, tmp)
 
 
-def _together(spec: StageSpec) -> bool:
+def together(spec: StageSpec) -> bool:
     """Whether a sharded load's missing shards may be loaded in one `load_dataset` call and
     cut into shards by their files' row counts: parquet, whose row counts a file's footer
     gives, with every row of every file loaded (no `filters=`, no file skipped by
@@ -77,9 +77,9 @@ def load_together(
     order): what loading each file by itself gives, without datasets' per-call cost (builder,
     locks, thread pools: ~12 ms a file), written as one pack whose row ranges are the
     shards (each with the content hash its own entry would have: `PartWriter.write_pack`).
-    None where that cannot be done (not `_together`, fewer than two files, or the load
+    None where that cannot be done (not `together`, fewer than two files, or the load
     failed: each file is then loaded by itself, which names the file a failure is about)."""
-    if len(todo) < 2 or not _together(spec):
+    if len(todo) < 2 or not together(spec):
         return None
     group = _group_of(m, todo[0][1].split)
     if group is None or any(s.pos >= len(group) for _, s in todo):

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from hfbuild.builds import packbuild, shardbuild, shardone
 from hfbuild.builds.units import Executor, Unit
+from hfbuild.core import threads
 from hfbuild.core.errors import BuildError, RemoteWarning
 from hfbuild.core.spec import Report
 from hfbuild.keys.fullkey import identify, observing
@@ -52,6 +53,8 @@ def build(place: Place, executor: Executor, unit: Unit) -> Report:
     spec, m = unit.spec, unit.manifest
     assert m.shards is not None and unit.shard is None
     t0 = time.perf_counter()
+    if spec.kind == "load":  # its tasks carry the features datasets decides: import it now
+        threads.import_meanwhile("hfbuild.builds.builder")  # while the remote is asked
     observed = m.observed
     while True:
         cur = dataclasses.replace(m, observed=observed)
@@ -84,8 +87,9 @@ def build(place: Place, executor: Executor, unit: Unit) -> Report:
 def missing(place: Place, m: Manifest, label: str) -> list[Shard]:
     """The shards of `m` that neither the store nor the remote holds, in order; those the
     remote holds are pulled, a few at a time (`threads.each`; a remote entry failing its
-    checks is reported, in order, and built)."""
-    from hfbuild.core import threads
+    checks is reported, in order, and built). For many shards, the remote's directories
+    they fall in are listed first (`RemoteFiles.holding`), and only those it has something
+    for are asked for."""
     from hfbuild.store.remotereach import RemoteError, unavailable
 
     store = place.store
@@ -94,18 +98,20 @@ def missing(place: Place, m: Manifest, label: str) -> list[Shard]:
     absent = [s for s in m.shard_list if not store.has_shard(s.key, last)]
     if remote is None or not absent:
         return absent
-    pulled = threads.each(lambda s: remote.pull(store, s.key, f"{label} {s.label}"), absent)
-    out = []
-    for s, got in zip(absent, pulled, strict=True):
+    try:  # many shards: those the remote has nothing for are known by a few listings
+        there = remote.holding([s.key for s in absent])
+    except (RemoteError, OSError):
+        there = None  # each is asked for below, and what fails is reported there
+    asked = absent if there is None else [s for s in absent if s.key in there]
+    pulled = threads.each(lambda s: remote.pull(store, s.key, f"{label} {s.label}"), asked)
+    for got in pulled:
         if isinstance(got, RemoteError):
             message = unavailable(got, f"stage {label!r}", ray=True)
             if message is not None:
                 warnings.warn(message, RemoteWarning, stacklevel=3)
         elif isinstance(got, Exception):
             raise got
-        if not store.has(s.key):
-            out.append(s)
-    return out
+    return [s for s in absent if not store.has(s.key)]
 
 
 def _input_list(spec: StageSpec, unit: Unit) -> str | None:
