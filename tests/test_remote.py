@@ -220,14 +220,22 @@ def test_no_remote_configured_is_a_clear_error(
 
 
 def test_holding_lists_each_directory_of_entries_once_and_keeps_no_stale_listing(
-    s3: Any,
+    s3: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Which of many keys the remote has anything for (an entry, or an upload without its
     manifest yet) is told by listing each directory of entries (`objects/<fp[:2]>/`) once;
     for too few keys per directory it declines (None: asking for each is cheaper). The
     listing leaves nothing cached: an entry published after it is seen (`remove` finds it)."""
+    import os
+
+    import fsspec.config
+
     from hfbuild.store.remote import Remote
 
+    # In this process fsspec read its configuration when first imported, maybe before the
+    # fixture set the endpoint: set it as that configuration holds it.
+    endpoint = {"endpoint_url": os.environ["FSSPEC_S3_ENDPOINT_URL"]}
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), **endpoint})
     remote = Remote(f"s3://{s3.bucket}/cache")
     base = f"{s3.bucket}/cache/objects"
     ab = [f"ab{i:030x}" for i in range(4)]
