@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 from typing import Any
 
 import pytest
@@ -28,6 +29,13 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
         monkeypatch.setenv(k, v)
     for k in ("HFBUILD_STRICT", "HFBUILD_STORE", "HFBUILD_REMOTE", "PYTHONHASHSEED"):
         monkeypatch.delenv(k, raising=False)
+    # Every process a test starts inherits this one's signal mask and ignored signals. A test
+    # sending SIGINT (what Ctrl-C sends) needs what a terminal gives: SIGINT delivered. Seen
+    # once in a `.ci/run`: in one xdist worker every Ctrl-C test's child ignored SIGINT until
+    # its timeout (blocked: even the handler hfbuild installs never ran), in no run since.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
