@@ -5,18 +5,15 @@ fixtures, which conftest.py provides to every module: take them to add a test)."
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,7 +21,7 @@ import pytest
 from tests.helpers import Repo, run_hfbuild
 from tests.pipeline_project import calls, doit, expected, make_project, results
 from tests.raycluster import NODE_TMPDIRS, free_port
-from tests.test_remote import outage
+from tests.test_remote import outage, s3_requests
 
 STAGES = ("raw", "feat", "kept", "split", "lens")
 RAY_ENV = {"HFBUILD_EXECUTOR": "ray"}
@@ -1058,33 +1055,6 @@ def test_a_stage_listing_the_project_root_builds_on_ray(
     assert _lock(first) == _lock(local)
 
 
-@contextlib.contextmanager
-def _requests() -> Iterator[list[str]]:
-    """The request lines ('GET /bucket/key HTTP/1.1') the session's moto server (in this
-    process) answers during the block, from its werkzeug request log."""
-    import logging
-
-    lines: list[str] = []
-
-    class _Lines(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            msg = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # werkzeug's colours
-            if '"' in msg:
-                lines.append(msg.split('"', 2)[1])
-
-    log = logging.getLogger("werkzeug")
-    handler, level, propagate = _Lines(), log.level, log.propagate
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    try:
-        yield lines
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-        log.propagate = propagate
-
-
 def test_a_ray_load_travels_in_few_requests_and_its_shards_come_back_with_the_results(
     repo: Repo, tmp_path: pathlib.Path, remote: str
 ) -> None:
@@ -1108,7 +1078,7 @@ def test_a_ray_load_travels_in_few_requests_and_its_shards_come_back_with_the_re
     repo.commit("rows of its own")
     first = repo.clone(tmp_path / "first")
     env = {**RAY_ENV, "TASK_LOG": str(tmp_path / "tasks.log")}
-    with _requests() as lines:
+    with s3_requests() as lines:
         out = doit(first, "run", "preprocess:raw", log=tmp_path / "first.log", env=env)
     assert "raw: 6/6 shards done, 6 built on ray" in out.stderr
     keys = list(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import pathlib
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -56,6 +58,31 @@ def outage(url: str) -> Iterator[None]:
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         SERVERS[url] = server
+
+
+@contextlib.contextmanager
+def s3_requests() -> Iterator[list[str]]:
+    """The request lines ('GET /bucket/key HTTP/1.1') the session's moto server (in this
+    process) answers during the block, from its werkzeug request log."""
+    lines: list[str] = []
+
+    class _Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # werkzeug's colours
+            if '"' in msg:
+                lines.append(msg.split('"', 2)[1])
+
+    log = logging.getLogger("werkzeug")
+    handler, level, propagate = _Lines(), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
 
 
 @pytest.fixture
@@ -219,17 +246,20 @@ def test_no_remote_configured_is_a_clear_error(
     assert "no remote cache configured: pass --remote URL, set HFBUILD_REMOTE" in out.stderr
 
 
-def test_holding_lists_each_directory_of_entries_once_and_keeps_no_stale_listing(
+def test_holding_lists_what_the_remote_stores_in_few_requests_and_keeps_no_stale_listing(
     s3: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Which of many keys the remote has anything for (an entry, or an upload without its
-    manifest yet) is told by listing each directory of entries (`objects/<fp[:2]>/`) once;
-    for too few keys per directory it declines (None: asking for each is cheaper). The
-    listing leaves nothing cached: an entry published after it is seen (`remove` finds it)."""
+    manifest yet): on a small remote, one flat listing of `objects/` answers for every
+    directory of entries; a prefix holding more than a page of names is split down to its
+    directories of entries, each listed whole; for too few keys per directory it declines
+    (None: asking for each is cheaper). The listing leaves nothing cached: an entry
+    published after it is seen (`remove` finds it)."""
     import os
 
     import fsspec.config
 
+    from hfbuild.store import remotefiles
     from hfbuild.store.remote import Remote
 
     # In this process fsspec read its configuration when first imported, maybe before the
@@ -243,8 +273,21 @@ def test_holding_lists_each_directory_of_entries_once_and_keeps_no_stale_listing
     s3.pipe(f"{base}/ab/{ab[0]}/manifest.json", b"{}")
     s3.pipe(f"{base}/ab/{ab[1]}/data-{'0' * 32}/x.arrow", b"x")  # an upload under way
     s3.pipe(f"{base}/cd/{cd[1]}/manifest.json", b"{}")
-    assert remote.holding(ab + cd) == {ab[0], ab[1], cd[1]}
+    with s3_requests() as asked:
+        assert remote.holding(ab + cd) == {ab[0], ab[1], cd[1]}
+    assert len(asked) == 1 and "list-type=2" in asked[0], asked  # one listing for two dirs
     assert remote.holding([ab[0], cd[0]]) is None  # one key per directory: not listed
     assert remote.holding([f"ef{i:030x}" for i in range(3)]) == set()  # no such directory
     s3.pipe(f"{base}/ab/{ab[2]}/manifest.json", b"{}")
-    assert remote.remove(ab[2])  # the listing of ab/ answered nothing after it
+    assert remote.remove(ab[2])  # the listing answered nothing after it
+
+    # More names than a page holds (S3's 1,000; 5 here) under objects/ and objects/a: ab/
+    # is listed whole, c flat.
+    monkeypatch.setattr(remotefiles, "PAGE", 5)
+    many = [f"ab{i:030x}" for i in range(100, 106)]
+    s3.pipe({f"{base}/ab/{fp}/manifest.json": b"{}" for fp in many})
+    with s3_requests() as asked:
+        got = remote.holding(ab + cd + many[-3:])
+    assert got == {ab[0], ab[1], cd[1], *many[-3:]}
+    lists = [line for line in asked if "list-type=2" in line]
+    assert len(lists) == len(asked) == 1 + 2 + 1, asked  # objects/; a and c; ab/

@@ -61,6 +61,9 @@ _HELD: dict[tuple[str, str], str] = {}
 # average: one listing then saves a third of the requests asking for each key would make.
 _LIST_RATIO = 1.5
 
+# Names in one page of a flat listing (S3's most; `holding`).
+PAGE = 1000
+
 
 class RemoteFiles:
     """The files of a remote cache at `url`. `pins` gives what the committed lock records per
@@ -163,34 +166,85 @@ class RemoteFiles:
     @reaching
     def holding(self, fps: Sequence[str]) -> set[str] | None:
         """Which of `fps` the remote has anything stored for (a published entry, or an
-        upload under way or abandoned: `read_manifest` tells), by listing each directory
-        of entries they fall in (`objects/<fp[:2]>/`) once, a few at a time; None when
-        there are too few of them per directory for that to save requests over asking for
-        each. An entry published after its directory was listed is not among them."""
+        upload under way or abandoned: `read_manifest` tells), by listing what the remote
+        stores under the prefixes they fall in, never cached; None when there are too few
+        of them per directory of entries (`objects/<fp[:2]>/`) for a listing to save
+        requests over asking for each. An entry published after its prefix was listed is
+        not among them.
+
+        On an object store (S3), `objects/` is listed flat first, one page of up to 1,000
+        names: a remote that small answers in one request. A prefix holding more is split
+        into its 16 next ones (`objects/a`, then `objects/ab/`), down to the directories of
+        entries, each listed whole (with its subdirectories as names); the listings of one
+        level are sent together. Elsewhere (file://) each directory of entries is listed."""
         self.check_root()
         by_dir: dict[str, list[str]] = {}
         for fp in fps:
             by_dir.setdefault(posixpath.dirname(self.key(fp)), []).append(fp)
         if len(fps) < _LIST_RATIO * len(by_dir):
             return None
-
-        def names(d: str) -> set[str]:
-            try:
-                return {
-                    posixpath.basename(str(p).rstrip("/"))
-                    for p in self.fs.ls(d, detail=False, refresh=True)
-                }
-            except FileNotFoundError:
-                return set()
-            finally:
-                self.fs.invalidate_cache(d)  # no later answer from this listing
-
+        wanted = set(fps)
+        objects = posixpath.join(self.base, "objects")
         found: set[str] = set()
-        for d, got in zip(by_dir, threads.each(names, list(by_dir)), strict=True):
+        listed = list(by_dir)
+        if self._flat_pages():
+            listed, todo = [], [""]  # prefixes below objects/, flat while one page holds them
+            while todo:
+                split = []
+                for pre, got in zip(todo, threads.each(self._page, todo), strict=True):
+                    if isinstance(got, Exception):
+                        raise got  # an unreachable remote as `reaching` says it
+                    if got is None:
+                        split.append(pre)
+                    else:
+                        found |= got & wanted
+                more = sorted(
+                    {fp[: len(p) + 1] for p in split for fp in wanted if fp.startswith(p)}
+                )
+                listed += [posixpath.join(objects, p) for p in more if len(p) == 2]
+                todo = [p for p in more if len(p) < 2]
+        for got in threads.each(self._names, listed):
             if isinstance(got, Exception):
-                raise got  # an unreachable remote as `reaching` says it
-            found |= got & set(by_dir[d])
+                raise got
+            found |= got & wanted
         return found
+
+    def _flat_pages(self) -> bool:
+        """Whether this remote's store lists a prefix flat by pages (S3, s3fs)."""
+        protocol = getattr(self.fs, "protocol", ())
+        names = protocol if isinstance(protocol, tuple) else (protocol,)
+        return "s3" in names and hasattr(self.fs, "call_s3")
+
+    def _page(self, pre: str) -> set[str] | None:
+        """The fingerprints with anything stored under `objects/<pre>` (listed flat, one
+        page of up to `PAGE` names); None when there are more."""
+        bucket, key, _ = self.fs.split_path(posixpath.join(self.base, "objects"))
+        try:
+            got = self.fs.call_s3(
+                "list_objects_v2", Bucket=bucket, Prefix=f"{key}/{pre}", MaxKeys=PAGE
+            )
+        except FileNotFoundError:
+            return set()
+        if got.get("IsTruncated"):
+            return None
+        out = set()
+        for item in got.get("Contents") or []:  # <key>/<fp[:2]>/<fp>/...
+            parts = str(item.get("Key", ""))[len(key) + 1 :].split("/")
+            if len(parts) >= 3:
+                out.add(parts[1])
+        return out
+
+    def _names(self, d: str) -> set[str]:
+        """The names in directory `d`, listed now (nothing cached after)."""
+        try:
+            return {
+                posixpath.basename(str(p).rstrip("/"))
+                for p in self.fs.ls(d, detail=False, refresh=True)
+            }
+        except FileNotFoundError:
+            return set()
+        finally:
+            self.fs.invalidate_cache(d)  # no later answer from this listing
 
     @reaching
     def remove(self, fp: str) -> bool:
