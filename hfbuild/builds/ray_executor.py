@@ -58,13 +58,13 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from hfbuild.builds import raytree, shardunits
+from hfbuild.builds import rayshare, raytree, shardunits
 from hfbuild.builds.local import build_here
 from hfbuild.builds.raytree import shard_data, shipped_files, task_args, task_env, upload_tree
 from hfbuild.builds.rayworker import run_shards, run_unit
 from hfbuild.builds.units import Unit
 from hfbuild.core import threads
-from hfbuild.core.errors import BuildError, ConfigError, RemoteWarning, StoreError
+from hfbuild.core.errors import BuildError, RemoteWarning
 from hfbuild.core.spec import Report
 
 if TYPE_CHECKING:
@@ -87,9 +87,9 @@ class RayExecutor:
         coalesced into a few tasks, its entry then published here and pushed for every
         other clone."""
         if unit.shard is None and unit.manifest.shards is not None:
-            remote = _remote(place, unit.spec.name)
+            remote = rayshare.remote_of(place, unit.spec.name)
             report = shardunits.build(place, self, unit)
-            _share(place, remote, unit.spec.name, report.fingerprint)
+            rayshare.share(place, remote, unit.spec.name, report.fingerprint)
             return report
         return build_units(place, [unit], unit.spec.name)[0]
 
@@ -101,26 +101,6 @@ class RayExecutor:
         return build_units(place, units, label)
 
 
-def _remote(place: Place, label: str) -> Remote:
-    from hfbuild.store.remotereach import remote_disabled
-
-    remote = place.remote()
-    if remote is None and remote_disabled():
-        raise ConfigError(
-            f"stage {label!r}: the Ray executor needs the remote cache, where workers read "
-            f"their inputs and publish their results, and HFBUILD_NO_REMOTE=1 turns it off: "
-            f"unset HFBUILD_NO_REMOTE, or build with the local executor (--executor local, "
-            f"or unset HFBUILD_EXECUTOR)."
-        )
-    if remote is None:
-        raise ConfigError(
-            f"stage {label!r}: the Ray executor needs a remote cache, where workers read "
-            f"their inputs and publish their results: set HFBUILD_REMOTE or [tool.hfbuild] "
-            f"remote (an fsspec URL every node can reach, e.g. s3://bucket/hfbuild)."
-        )
-    return remote
-
-
 def build_units(
     place: Place, units: Sequence[Unit], label: str, sent: Sequence[Unit] | None = None
 ) -> list[Report]:
@@ -129,9 +109,9 @@ def build_units(
     (`coalesce`). Each result is pulled as soon as its task yields it, a few at a time,
     while the cluster works on; a unit whose build listed folders its tree lacked, sent
     again with them (`sent`). The caller holds the lock of each unit's static fingerprint."""
-    remote = _remote(place, label)
+    remote = rayshare.remote_of(place, label)
     _connect()
-    _ensure_inputs(place, remote, units if sent is None else ())  # pushed the first time
+    rayshare.ensure_inputs(place, remote, units if sent is None else ())  # pushed the first time
     tasks = _submit_all(place, remote, sent or units)
     t0 = time.perf_counter()
     pulls: threads.Pool[tuple[int, Mapping[str, Any]], Report] = threads.Pool(
@@ -172,17 +152,6 @@ def build_units(
     return reports
 
 
-def _ensure_inputs(place: Place, remote: Remote, units: Sequence[Unit]) -> None:
-    """Every input of `units` on the remote (`_ensure_remote`), a few at a time: a stage's
-    shard units each have their own input shard."""
-    wanted = {fp: name for u in units for name, fp in zip(u.spec.inputs, u.input_keys, strict=True)}
-    for got in threads.each(
-        lambda item: _ensure_remote(place, remote, item[1], item[0]), wanted.items()
-    ):
-        if isinstance(got, Exception):
-            raise got
-
-
 def _build_refused_here(place: Place, unit: Unit, why: str) -> Report:
     """A unit whose worker refused an input the remote serves (its content is not what the
     committed lock records): the cluster cannot build it from the remote, and this
@@ -206,37 +175,16 @@ def _connect() -> None:
     import ray
 
     if not ray.is_initialized():
+        # Ray's error listener prints each error the cluster reports for this job on the
+        # driver's stdout ("(raylet) A worker died ...", lines per retry), with no setting to
+        # stop it: its stop event is set first, so it returns at once. The errors stay in
+        # Ray's logs; a task's failure reaches the driver as its result (`_result`).
+        worker = getattr(ray._private.worker, "global_worker", None)
+        stop = getattr(worker, "threads_stopped", None)
+        if stop is not None:
+            stop.set()
         # RAY_ADDRESS is read by ray.init itself. Workers' output stays in Ray's logs.
         ray.init(log_to_driver=False, logging_level=logging.WARNING)
-
-
-def _ensure_remote(place: Place, remote: Remote, name: str, fp: str) -> None:
-    """An input built or pulled here must be on the remote before a worker reads it; one the
-    remote holds another copy of is adopted first (the workers read the remote's)."""
-    from hfbuild.store.remotereach import RemoteError, RemoteUnreachableError
-
-    try:
-        remote.adopt(place.store, fp, name)
-        remote.push(place.store, fp, name)
-    except RemoteUnreachableError:
-        raise  # the remote, not the stage: no failed build is recorded
-    except (RemoteError, StoreError) as e:
-        raise BuildError(f"input {name!r} cannot be shared with the cluster: {e}") from e
-
-
-def _share(place: Place, remote: Remote, name: str, fp: str) -> None:
-    """Push a sharded stage's list (its shards are there): other clones then pull it whole."""
-    from hfbuild.store.remotereach import RemoteError, RemoteUnreachableError
-
-    try:
-        remote.push(place.store, fp, name)
-    except RemoteUnreachableError:
-        raise
-    except (RemoteError, StoreError) as e:
-        raise BuildError(
-            f"stage {name!r}: its shards were built on the cluster, but its entry cannot be "
-            f"pushed to {remote.url}: {e}. Build again to push it."
-        ) from e
 
 
 # A task holds consecutive shards of one stage up to either budget: then the task's fixed
@@ -393,6 +341,8 @@ def _wait(
     from hfbuild.core import progress
 
     todo = {t.waitable: list(t.units) for t in tasks}
+    ends = {t.waitable: [units[t.units[i]].shard for i in (0, -1)] for t in tasks}
+    labels = {w: "..".join(dict.fromkeys(s.label for s in e if s)) for w, e in ends.items()}
     total, what = len(units), "units"
     if units and units[0].shard is not None:
         total, what = len(units[0].manifest.shard_list), "shards"
@@ -418,7 +368,7 @@ def _wait(
                 else:
                     ref = w
                     del todo[w]
-                res = _result(ray, ref, label)
+                res = _result(ray, ref, label, labels[w])
                 here += "refused" in res
                 again += [res["unlisted"]] if "unlisted" in res else []
                 arrived(left.pop(0), res)
@@ -443,14 +393,19 @@ def _wait(
     print(f"{label}: {line}", file=sys.stderr)
 
 
-def _result(ray: Any, ref: Any, label: str) -> dict[str, Any]:
+def _result(ray: Any, ref: Any, label: str, shards: str = "") -> dict[str, Any]:
+    """What `ref` holds; a failed task as the error a local build gives, in one line.
+    `shards`: those its task builds ("" for a whole unit: it publishes once, at its end)."""
     try:
         res = cast(dict[str, Any], ray.get(ref))
     except ray.exceptions.WorkerCrashedError as e:
+        why = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise BuildError(
-            f"stage {label!r}: the Ray worker building it died {MAX_RETRIES + 1} times "
-            f"({e}). Nothing was published; look at the node's memory and Ray's logs."
-        ) from e
+            f"stage {label!r}: the Ray worker building {f'its shards {shards}' if shards else 'it'}"
+            f" died {MAX_RETRIES + 1} times ({why}); what it published before is kept, each "
+            f"entry checked when pulled. Build again (with --executor local if it dies again) "
+            f"and look at the node's memory and Ray's logs."
+        ) from None
     except ray.exceptions.RayError as e:
         raise BuildError(f"stage {label!r}: the Ray task failed: {e}") from e
     if "error" in res:
