@@ -127,9 +127,16 @@ class Remote(RemotePulls):
         shard_bytes = 0
         refs = store.references(fp, doc)
         # Each reference's push is a few round trips (most often: the remote has it): a few
-        # at a time, errors raised in order.
-        pushed = threads.each(lambda key: self._push(store, key, label), refs)
-        for key, got in zip(refs, pushed, strict=True):
+        # at a time, errors raised in order; one this process saw published asks nothing
+        # (a list's shards a Ray build took: no thread for each of thousands).
+        seen: dict[str, _Pushed | Exception] = {
+            key: _Pushed(0, held, False) for key in refs if (held := self.held(key)) is not None
+        }
+        asked = [key for key in refs if key not in seen]
+        pushed = threads.each(lambda key: self._push(store, key, label), asked)
+        seen.update(zip(asked, pushed, strict=True))
+        for key in refs:
+            got = seen[key]
             if isinstance(got, Exception):
                 raise got
             shard_bytes += got.sent
