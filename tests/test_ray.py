@@ -101,23 +101,29 @@ import sys
 from hfbuild.store.remote import Remote
 from hfbuild.store.store import Store
 remote, store = Remote(sys.argv[1]), Store(sys.argv[2])
-for fp in sys.argv[3:]:
+published = sys.argv[3:sys.argv.index("--")]
+for fp in published:
     # An entry pulled already as another's reference (a filter's base) was checked then. A
     # list of shards pulled after its shards brings no bytes: `pull` returns 0 for it.
     if not store.has(fp):
         remote.pull(store, fp, fp)  # a failing check raises
     assert store.has(fp), fp
-print(len(sys.argv) - 3)
+for fp in sys.argv[sys.argv.index("--") + 1:]:  # an upload without its manifest: never served
+    assert remote.pull(store, fp, fp) == 0 and not store.has(fp), fp
+print(len(published))
 """
 
 
 def _deep_check(url: str, tmp: pathlib.Path) -> int:
-    """Pull every remote entry into a fresh store in a fresh process: each download is
-    checked (sizes, then the full content hash) as `verify --deep` checks a store; a failing
-    one raises. Returns how many were checked."""
-    fps = list(_remote_entries(url))
+    """Pull every published remote entry into a fresh store in a fresh process: each
+    download is checked (sizes, then the full content hash) as `verify --deep` checks a
+    store; a failing one raises. An upload without its manifest (cut short) must not be
+    served. Returns how many were checked."""
+    entries = _remote_entries(url)
+    done = [fp for fp, names in entries.items() if "manifest.json" in names]
+    cut = [fp for fp in entries if fp not in done]
     out = subprocess.run(
-        [sys.executable, "-c", DEEP_CHECK, url, str(tmp), *fps],
+        [sys.executable, "-c", DEEP_CHECK, url, str(tmp), *done, "--", *cut],
         capture_output=True,
         text=True,
         check=False,
@@ -164,20 +170,79 @@ def test_ray_build_is_reused_by_a_local_clone(
     assert got["kept"] == expected()["kept"] and got["lens"] == expected()["lens"]
 
 
+RACE = {
+    # feat records each row it maps with the Ray job (the driver) that built it; with BARRIER
+    # set, the first call of each job writes <job>.job (its pid and TMPDIR) and waits for
+    # BARRIER/go: two jobs there at once are two drivers' tasks running at once, one per
+    # node (1 CPU each); the other tasks of a job pass (a job's waiting task holds one CPU).
+    "pkg/transforms.py": ROW_LOCAL["pkg/transforms.py"].replace(
+        """
+        def feat(row, k=1):
+            log("feat")
+""",
+        """
+        def _job():
+            import ray
+
+            return ray.get_runtime_context().get_job_id() if ray.is_initialized() else "here"
+
+
+        def _barrier(job):
+            import os, tempfile, time
+
+            here = os.environ.get("BARRIER", "")
+            if not here:
+                return
+            mine = os.path.join(here, f"{os.getpid()}.tmp")
+            with open(mine, "w") as f:
+                f.write(f"{os.getpid()} {tempfile.gettempdir()}")
+            try:
+                os.link(mine, os.path.join(here, f"{job}.job"))  # one waits per job
+            except FileExistsError:
+                return
+            while not os.path.exists(os.path.join(here, "go")):
+                time.sleep(0.05)
+
+
+        def feat(row, k=1):
+            import os
+
+            log("feat")
+            job = _job()
+            _barrier(job)
+            with open(os.environ["RACE_LOG"], "a") as f:
+                f.write(f"{row['x']} {job}\\n")
+""",
+    ),
+    "pyproject.toml": (
+        '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "KILL_IN", "BARRIER", "RACE_LOG"]\n'
+    ),
+}
+
+
 def test_two_drivers_racing_publish_each_entry_once(
     repo: Repo, tmp_path: pathlib.Path, remote: str
 ) -> None:
-    """Two drivers building the same sharded pipeline through Ray at once both succeed with
-    identical results; every remote entry (each shard, each stage's list of shards, the
-    whole-dataset stage) has one manifest and at most one data directory (a loser's copy is
-    deleted), and passes the full content check."""
+    """Two drivers build the same sharded pipeline through Ray, their feat tasks held at a
+    barrier until one of each driver runs (on two nodes, neither a driver). Both succeed
+    with identical locks; every remote entry (each shard, each stage's list of shards, the
+    whole-dataset stage) has one manifest and at most one data directory (the first writer
+    wins, a loser's copy is deleted), and passes the full content check. What is claimed of
+    builds, from the rows the transform records with the driver that built them: every
+    shard is built, by each driver at most once; a shard both drivers found missing is
+    built by both (a driver asks the remote before it submits, not as each shard starts)
+    and published once."""
     make_project(repo)
     _row_local(repo)
     for i in (1, 2):
         _add_part(repo, i)
+    log_py = (repo.path / "pkg" / "log.py").read_text()  # keys of its own: stores outlive tests
+    repo.write({**RACE, "pkg/log.py": log_py + f"# {uuid.uuid4().hex}\n"}, commit="race")
     clones = [repo.clone(tmp_path / f"c{i}") for i in range(2)]
-    log = tmp_path / "calls.log"
-    env = {**os.environ, "CALL_LOG": str(log), **RAY_ENV}
+    barrier, rows = tmp_path / "barrier", tmp_path / "rows.log"
+    barrier.mkdir()
+    env = {**os.environ, "CALL_LOG": str(tmp_path / "calls.log"), **RAY_ENV}
+    env |= {"BARRIER": str(barrier), "RACE_LOG": str(rows)}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "doit", "run", "preprocess"],
@@ -189,6 +254,11 @@ def test_two_drivers_racing_publish_each_entry_once(
         )
         for c in clones
     ]
+    held = _waiting(barrier, procs, 2, "*.job")
+    pids = {int(v.split()[0]) for v in held.values()}
+    assert len(pids) == 2 and not pids & {p.pid for p in procs}  # two workers, no driver
+    assert len({v.split()[1] for v in held.values()}) == 2  # on two nodes
+    (barrier / "go").touch()
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o + e for o, e in outs)
     assert _lock(clones[0]) == _lock(clones[1])
@@ -200,6 +270,17 @@ def test_two_drivers_racing_publish_each_entry_once(
         if names != ["manifest.json"]:
             assert len(names) == 2 and names[0].startswith("data-") and names[1] == "manifest.json"
     assert _deep_check(remote, tmp_path / "check") == 17
+
+    built: dict[tuple[int, str], int] = {}  # (part, job) -> rows mapped
+    for line in rows.read_text().splitlines():
+        x, job = line.split()
+        part = 0 if int(x) < 40 else (int(x) - 40) // 20 + 1
+        built[part, job] = built.get((part, job), 0) + 1
+    assert set(built.values()) <= {40, 20} and set(held) == {job for _, job in built}
+    for (part, _), n in built.items():
+        assert n == (40 if part == 0 else 20)  # each driver built a shard at most once
+    assert {part for part, _ in built} == {0, 1, 2}  # every shard built
+    assert len(built) > 3  # the shards held at the barrier were built by both drivers
 
 
 KILL_ONCE_LOG = """
@@ -556,11 +637,13 @@ def _remote_hashes(url: str, fps: list[str]) -> list[str]:
     ]
 
 
-def _waiting(barrier: pathlib.Path, procs: list[subprocess.Popen[str]], n: int) -> dict[int, str]:
-    """The processes held at the barrier ({pid: its TMPDIR}) once `n` are there."""
+def _waiting(
+    barrier: pathlib.Path, procs: list[subprocess.Popen[str]], n: int, names: str = "*.pid"
+) -> dict[str, str]:
+    """The processes held at the barrier ({name: what its file holds}) once `n` are there."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        got = {int(p.stem): p.read_text() for p in barrier.glob("*.pid")}
+        got = {p.stem: p.read_text() for p in barrier.glob(names)}
         if len(got) >= n:
             return got
         for p in procs:
@@ -606,7 +689,7 @@ def test_a_remote_outage_leaves_no_node_stuck(
     ]
     held = _waiting(barrier, procs, 2)
     # Recorded by the transform itself: two worker processes, on two nodes, neither a driver.
-    assert len(held) == 2 and not set(held) & {p.pid for p in procs}
+    assert len(held) == 2 and not {int(k) for k in held} & {p.pid for p in procs}
     assert len(set(held.values())) == 2 and tempfile.gettempdir() not in held.values()
     with outage(cluster["FSSPEC_S3_ENDPOINT_URL"]):
         (barrier / "go").touch()
@@ -854,10 +937,17 @@ COALESCED = {
                 f.write(f"{_task()} {os.getpid()}\\n")
             if str(row["x"]) == os.environ.get("FAIL_ROW"):
                 raise ValueError(f"bad row {row['x']}")
+            if str(row["x"]) == os.environ.get("KILL_ROW"):  # its worker dies, every attempt
+                import signal
+
+                with open(os.environ["TASK_LOG"], "a") as f:
+                    f.write(f"killed {os.getpid()}\\n")
+                os.kill(os.getpid(), signal.SIGKILL)
 """,
     ),
     "pyproject.toml": (
-        '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "KILL_IN", "TASK_LOG", "FAIL_ROW"]\n'
+        '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "KILL_IN", "TASK_LOG", "FAIL_ROW", '
+        '"KILL_ROW"]\n'
     ),
 }
 
@@ -927,6 +1017,50 @@ def test_a_failing_shard_in_a_coalesced_task_names_its_file(
     assert "Traceback" not in text
     lock = json.loads((clone.path / "hfbuild.lock").read_text())["stages"]
     assert "feat" not in lock
+
+
+def test_a_coalesced_task_killed_mid_build_fails_in_one_line_and_a_rebuild_builds_the_rest(
+    repo: Repo, tmp_path: pathlib.Path, remote: str
+) -> None:
+    """The worker of a coalesced task is SIGKILLed at a row of its third shard, on each of
+    Ray's attempts (each a new worker process, recorded by the transform): the build fails
+    with one line naming the stage and the task's shards and saying what to do, and no
+    traceback. What the remote holds then is served only whole: each published entry passes
+    the full content check, an upload the kill cut short is never pulled. Built again, the
+    lock equals a local build's."""
+    from hfbuild.builds.ray_executor import MAX_RETRIES
+
+    _coalesced_project(repo)
+    clone = repo.clone(tmp_path / "clone")
+    tasks = tmp_path / "tasks.log"
+    env = {**RAY_ENV, "TASK_LOG": str(tasks), "KILL_ROW": "65"}  # part-2's: the first task's
+    out = doit(clone, "run", "preprocess:feat", log=tmp_path / "c.log", check=False, env=env)
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert "Traceback" not in text, text
+    said = [line for line in text.splitlines() if "died" in line]
+    assert len(said) == 1, text
+    assert (
+        "stage 'feat': the Ray worker building its shards data/part-0.parquet.."
+        f"data/part-2.parquet died {MAX_RETRIES + 1} times (" in said[0]
+    ), said
+    assert said[0].endswith(
+        "; what it published before is kept, each entry checked when pulled. Build again "
+        "(with --executor local if it dies again) and look at the node's memory and Ray's logs."
+    ), said
+    killed = [line.split()[1] for line in tasks.read_text().splitlines() if line[:7] == "killed "]
+    assert len(killed) == len(set(killed)) == MAX_RETRIES + 1  # each attempt a worker killed
+    assert not (clone.path / "hfbuild.lock").exists() or "feat" not in _lock(clone)
+    published = _deep_check(remote, tmp_path / "check")  # raw's, and feat's before the kill
+    assert published >= 6 + 1, _remote_entries(remote)  # raw: 6 shards, its list
+
+    doit(clone, "run", "preprocess", log=tmp_path / "again.log", env=env | {"KILL_ROW": ""})
+    local = repo.clone(tmp_path / "local")
+    env = {"HFBUILD_NO_REMOTE": "1", "TASK_LOG": str(tmp_path / "local-tasks.log")}
+    doit(local, "run", "preprocess", log=tmp_path / "local.log", env=env)
+    assert _lock(clone) == _lock(local)
+    assert results(clone) == results(local)
+    assert _deep_check(remote, tmp_path / "check2") == len(_remote_entries(remote))
 
 
 def test_a_first_ray_build_of_code_listing_a_folder_equals_a_local_build(
