@@ -373,6 +373,8 @@ def _wait(
                 again += [res["unlisted"]] if "unlisted" in res else []
                 arrived(left.pop(0), res)
                 bar.update(1)
+                if not left:  # all its results are in: its worker's clean-up is not waited for
+                    todo.pop(w, None)
     except BaseException:
         for w in todo:
             with contextlib.suppress(Exception):
