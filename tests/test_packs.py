@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+from hfbuild.store import listform
 from tests.helpers import Repo, run_hfbuild, run_python
 from tests.pipeline_project import calls, doit
 from tests.shard_project import make_project, state, write_part
@@ -171,9 +172,10 @@ def test_a_pack_is_pushed_and_pulled_by_a_fresh_clone(tmp_path: pathlib.Path) ->
 
     # The same pack on the remote with two shards' rows swapped in its manifest.
     (manifest,) = [p for p in remote.rglob("manifest.json") if p.parent.name == pack]
-    doc = json.loads(manifest.read_text())
+    doc = listform.expand(json.loads(manifest.read_text()))
     rows = doc["pack"]
     rows[0][3], rows[1][3] = rows[1][3], rows[0][3]
+    doc = listform.compact(doc)
     doc["manifest_digest"] = manifest_digest(doc)
     manifest.write_text(json.dumps(doc, sort_keys=True))
     other = repo.clone(tmp_path / "other")
@@ -224,10 +226,11 @@ def test_verify_deep_finds_a_damaged_pack_row(tmp_path: pathlib.Path) -> None:
     (pack,) = _listing(repo)["packs"]  # type: ignore[misc]
     entry = repo.path / ".hfbuild" / "objects" / pack[:2] / pack
     manifest = entry / "manifest.json"
-    doc = json.loads(manifest.read_text())
+    doc = listform.expand(json.loads(manifest.read_text()))
     rows = doc["pack"]
     rows[1][3], rows[2][3] = rows[2][3], rows[1][3]
     doc.pop("ids", None)
+    doc = listform.compact(doc)
     doc["manifest_digest"] = manifest_digest(doc)
     manifest.write_text(json.dumps(doc, sort_keys=True, indent=1))
     out = run_hfbuild(repo, "verify", "--deep")

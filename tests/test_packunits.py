@@ -9,6 +9,7 @@ import json
 import pathlib
 import shutil
 
+from hfbuild.store import listform
 from tests.helpers import Repo, run_hfbuild, run_python
 from tests.pipeline_project import calls, doit
 from tests.shard_project import make_project, write_part
@@ -145,9 +146,10 @@ def test_units_built_together_are_one_pack_and_an_append_adds_one(
     assert out.returncode == 0, out.stdout + out.stderr
     pack = again["feat"]["rows"][0][2][0]  # type: ignore[index]
     manifest = repo.path / ".hfbuild" / "objects" / pack[:2] / pack / "manifest.json"
-    doc = json.loads(manifest.read_text())
+    doc = listform.expand(json.loads(manifest.read_text()))
     doc["pack"][0][3], doc["pack"][1][3] = doc["pack"][1][3], doc["pack"][0][3]
     doc.pop("ids", None)
+    doc = listform.compact(doc)
     doc["manifest_digest"] = manifest_digest(doc)
     manifest.write_text(json.dumps(doc, sort_keys=True, indent=1))
     out = run_hfbuild(repo, "verify", "--deep")
@@ -221,8 +223,9 @@ def test_packed_units_are_pulled_and_a_bad_packed_shard_removed(tmp_path: pathli
     rows = here["kept"]["rows"]  # type: ignore[index]
     pack = rows[0][2][0]
     (manifest,) = [p for p in remote.rglob("manifest.json") if p.parent.name == pack]
-    doc = json.loads(manifest.read_text())
+    doc = listform.expand(json.loads(manifest.read_text()))
     doc["pack"][0][3], doc["pack"][1][3] = doc["pack"][1][3], doc["pack"][0][3]
+    doc = listform.compact(doc)
     doc["manifest_digest"] = manifest_digest(doc)
     manifest.write_text(json.dumps(doc, sort_keys=True))
 

@@ -199,7 +199,7 @@ def confirm(unchecked: list[Unchecked], remote: Any) -> list[Unchecked]:
     """Each unchecked stage, confirmed when `remote` (a `remote.Remote`, or None) holds a
     complete entry for the locked fingerprint whose manifest and content hash are the lock's:
     the result built from exactly the data the lock names exists there. Reads manifests only."""
-    from hfbuild.store.paths import manifest_digest
+    from hfbuild.store import listform
     from hfbuild.store.remotereach import RemoteError
 
     if remote is None:
@@ -215,7 +215,7 @@ def confirm(unchecked: list[Unchecked], remote: Any) -> list[Unchecked]:
             note = f"the remote {remote.url} holds no result for fingerprint {u.fingerprint}"
             out.append(u._replace(remote_note=note))
         elif (
-            doc.get("manifest_digest") != manifest_digest(doc)
+            not listform.digest_holds(doc)
             or doc.get("manifest") != u.manifest
             or doc.get("content_hash") != u.content_hash
         ):

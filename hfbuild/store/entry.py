@@ -24,7 +24,7 @@ from typing import Any
 
 from hfbuild.core import teardown
 from hfbuild.core.errors import HfbuildError
-from hfbuild.store import sharing
+from hfbuild.store import listform, sharing
 from hfbuild.store.paths import (
     FP,
     IDS,
@@ -82,6 +82,14 @@ class Manifests:
         if not self._checked_before(fp, st) and doc.get("manifest_digest") != manifest_digest(doc):
             return None, "its manifest was edited after it was written"
         self._check_done(fp, st)
+        try:
+            if len(text) < CHECKED_MIN:
+                listform.expand(doc)  # the rows of a list or pack written compactly
+            else:
+                with teardown.collection_paused():
+                    listform.expand(doc)
+        except ValueError as e:
+            return None, f"its list of shards cannot be read ({e})"
         files = doc.get("files")
         if not isinstance(files, dict) or not all(safe_rel(k) for k in files):
             return None, "its manifest lists unsafe file paths"
@@ -212,11 +220,11 @@ def _read_checked(path: str) -> dict[str, list[int]]:
 
 
 def indent(doc: dict[str, Any]) -> int | None:
-    """How a manifest is written: indented for people, but a stage's list of shards
-    (thousands of rows, written again on every rebuild) on one line, by json's C encoder
-    (its indenting encoder is pure Python). The manifest's checksum is of its content, not
-    its layout."""
-    return None if isinstance(doc.get("shards"), list) else 1
+    """How a manifest is written: indented for people, but a stage's list of shards or a
+    pack's rows (thousands of rows, as rows or compact: `listform.py`) on one line, by
+    json's C encoder (its indenting encoder is pure Python). The manifest's checksum is of
+    its content, not its layout."""
+    return None if "shards" in doc or isinstance(doc.get("pack"), (list, dict)) else 1
 
 
 def flat(files: dict[str, int], own: dict[str, Any]) -> tuple[int, ...] | None:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from hfbuild.core.errors import StoreError
-from hfbuild.store import sharing, trash
+from hfbuild.store import listform, sharing, trash
 from hfbuild.store.check import Checks
 from hfbuild.store.entry import Manifests, file_digest, flat, identity, indent
 from hfbuild.store.equal import Equal
@@ -155,7 +155,8 @@ class Publisher:
             raise self._unpublished(build_dir, fp, e) from e
         doc = {**manifest, "fingerprint": fp, "files": dict(sorted(files.items()))}
         doc.pop("manifest_digest", None)
-        doc["manifest_digest"] = manifest_digest(doc)
+        written = listform.compact(doc)  # as the file holds it, and its checksum of that
+        doc["manifest_digest"] = written["manifest_digest"] = manifest_digest(written)
         ids: dict[str, Any] = {"own": dict(sorted(own.items()))}
         if isinstance(doc.get("shards"), list):
             listed = self.checks.listed_digest(doc)
@@ -164,9 +165,9 @@ class Publisher:
         try:
             sharing.write_json_atomic(
                 os.path.join(build_dir, MANIFEST),
-                {**doc, IDS: ids},
+                {**written, IDS: ids},
                 durable=durable,
-                indent=indent(doc),
+                indent=indent(written),
             )
             sharing.makedirs(os.path.dirname(self.layout.entry(fp)))
         except OSError as e:

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 from hfbuild.core import threads
 from hfbuild.core.errors import StoreError
+from hfbuild.store import listform
 from hfbuild.store.paths import MANIFEST, manifest_digest
 from hfbuild.store.remotefiles import PROGRESS_BYTES, transfer_bar
 from hfbuild.store.remotepull import NOT_KEPT, RemotePulls
@@ -153,7 +154,7 @@ class Remote(RemotePulls):
         data_dir = f"data-{uuid.uuid4().hex}"
         try:
             self._upload(store, fp, data_dir, files, label)
-            published = {**doc, "data_dir": data_dir}
+            published = listform.compact({**doc, "data_dir": data_dir})  # as stored here
             published["manifest_digest"] = manifest_digest(published)  # still self-checking
             body = json.dumps(published, sort_keys=True).encode()
             won = self.create(self.key(fp, MANIFEST), body)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hfbuild.core import progress, threads
+from hfbuild.store import listform
 from hfbuild.store.lockfile import LOCK_NAME, Pin
 from hfbuild.store.paths import MANIFEST, manifest_digest, safe_rel
 from hfbuild.store.remotereach import (
@@ -124,6 +125,12 @@ class RemoteFiles:
                 f"remote entry {fp} on {self.url} has a manifest edited after it was written "
                 f"(it does not match its manifest_digest); not used."
             )
+        try:
+            listform.expand(doc)  # the rows of a list or pack written compactly
+        except ValueError as e:
+            raise RefusedEntryError(
+                f"remote entry {fp} has a malformed list of shards ({e}); not used."
+            ) from e
         files = doc.get("files")
         if not isinstance(files, dict) or not all(
             safe_rel(k) and isinstance(v, int) and v >= 0 for k, v in files.items()
