@@ -66,6 +66,13 @@ def _odd_list() -> list[list[Any]]:
     return rows
 
 
+def _upper_list() -> list[list[Any]]:
+    """A key in upper-case hex among lower-case ones: kept as it is, not as bytes."""
+    rows = _load_list(3, 1)
+    rows[1][1] = _hex(0xABCDEF).upper()
+    return rows
+
+
 def _pack(n: int) -> list[list[Any]]:
     return [
         [_hex(i), 10 * i, 10 * i + 10, _hex(3 * i), f"data/part-{i:05d}.parquet"] for i in range(n)
@@ -77,6 +84,7 @@ def _pack(n: int) -> list[list[Any]]:
     [
         {"shards": _load_list(1000, 2), "rows": 20000},
         {"shards": _odd_list()},
+        {"shards": _upper_list()},
         {"shards": _load_list(1, 1)},
         {"pack": _pack(1000)},
         {"pack": [*_pack(3), [_hex(9), 0, 4, None, "x\ny"]]},  # rows that do not follow
@@ -119,11 +127,11 @@ def test_a_malformed_compact_list_is_refused(edit: Any) -> None:
 
 
 CHECK = """
-import json, warnings
+import json, sys, warnings
 warnings.simplefilter("ignore")
 import dodo
 s = dodo.pipe.store
-print(json.dumps(s.check(%r)))
+print(json.dumps([s.check(fp) for fp in sys.argv[1:]]))
 """
 
 
@@ -133,8 +141,15 @@ def _list_path(repo: Repo, stage: str) -> pathlib.Path:
     return repo.path / ".hfbuild" / "objects" / fp[:2] / fp / "manifest.json"
 
 
+def _whys(repo: Repo, *paths: pathlib.Path) -> list[Any]:
+    """Why each entry (by its manifest's path) is not served: None when it is."""
+    out = run_python(CHECK, repo.path, args=[p.parent.name for p in paths])
+    got: list[Any] = json.loads(out.stdout.splitlines()[-1])
+    return got
+
+
 def _why(repo: Repo, path: pathlib.Path) -> Any:
-    return json.loads(run_python(CHECK % path.parent.name, repo.path).stdout.splitlines()[-1])
+    return _whys(repo, path)[0]
 
 
 def test_a_tampered_list_row_is_refused_and_the_list_built_again(tmp_path: pathlib.Path) -> None:
@@ -176,7 +191,7 @@ def test_a_list_an_older_hfbuild_wrote_is_read_as_it_is(tmp_path: pathlib.Path) 
     repo = make_project(Repo.init(tmp_path / "repo"))
     doit(repo, "run", "preprocess", log=tmp_path / "a.log")
     before = state(repo)
-    older = 0
+    older: dict[pathlib.Path, str] = {}
     for path in (repo.path / ".hfbuild" / "objects").glob("*/*/manifest.json"):
         doc = json.loads(path.read_text())
         if not any(isinstance(doc.get(k), dict) for k in ("shards", "pack")):
@@ -185,12 +200,14 @@ def test_a_list_an_older_hfbuild_wrote_is_read_as_it_is(tmp_path: pathlib.Path) 
         doc = listform.expand(doc)
         doc["manifest_digest"] = manifest_digest(doc)
         path.write_text(json.dumps({**doc, "ids": ids}, sort_keys=True))
-        older += 1
-    assert older >= 5  # four stages' lists and the load's pack
+        older[path] = path.read_text()
+    assert len(older) >= 5  # four stages' lists and the load's pack
+    assert _whys(repo, *older) == [None] * len(older)
     log = tmp_path / "b.log"
     doit(repo, "run", "preprocess", log=log)
     assert calls(log) == {}
     assert state(repo) == before
+    assert {p: p.read_text() for p in older} == older  # served, not written again
     out = run_hfbuild(repo, "verify", "--deep")
     assert out.returncode == 0, out.stdout + out.stderr
 
