@@ -1,7 +1,8 @@
 """How a stage's list of shards and a pack's rows are written in a manifest, and read back.
 
 Owns: the compact form of a manifest's `shards` (a stage's list: `[split, key, label, files,
-facts]` rows) and `pack` (a pack's `[key, from, to, content hash, label]` rows) in the file
+facts]` rows), `pack` (a pack's `[key, from, to, content hash, label]` rows) and its key's
+data files (`manifest.data.files`: a load's `[name, blob id]` pairs) in the file
 (`compact`), the rows again from it (`expand`), and whether a manifest read back and
 expanded still matches its checksum (`digest_holds`). In the compact form what many rows
 share is written once: a list names each (split, files, facts other than the row's own) once
@@ -42,6 +43,13 @@ def compact(doc: dict[str, Any]) -> dict[str, Any]:
     rows = doc.get("pack")
     if isinstance(rows, list) and rows and all(_pack_row(r) for r in rows):
         out = {**out, "pack": _compact_pack(rows)}
+    key = doc.get("manifest")
+    data = key.get("data") if isinstance(key, dict) else None
+    files = data.get("files") if isinstance(data, dict) else None
+    if isinstance(files, list) and files and all(_named(f) for f in files):
+        assert isinstance(key, dict) and isinstance(data, dict)
+        data = {**data, "files": _compact_files(files)}
+        out = {**out, "manifest": {**key, "data": data}}
     return out
 
 
@@ -54,6 +62,10 @@ def expand(doc: dict[str, Any]) -> dict[str, Any]:
     rows = doc.get("pack")
     if isinstance(rows, dict):
         doc["pack"] = _expand_pack(rows)
+    key = doc.get("manifest")
+    data = key.get("data") if isinstance(key, dict) else None
+    if isinstance(data, dict) and isinstance(data.get("files"), dict):
+        data["files"] = _expand_files(data["files"])
     return doc
 
 
@@ -309,3 +321,30 @@ def _expand_pack(doc: dict[str, Any]) -> list[list[Any]]:
     hashes = _values(doc.get("content_hash"), n)
     labels = _labels(doc.get("label"), n)
     return [[keys[i], starts[i], starts[i] + counts[i], hashes[i], labels[i]] for i in range(n)]
+
+
+# -- a load's data files in its key's manifest --------------------------------------------------
+
+
+def _named(f: Any) -> bool:
+    return isinstance(f, list) and len(f) == 2 and isinstance(f[0], str) and isinstance(f[1], str)
+
+
+def _compact_files(files: list[list[str]]) -> dict[str, Any]:
+    return {
+        "form": FORM,
+        "n": len(files),
+        "name": _front([f[0] for f in files]),
+        "id": _column([f[1] for f in files]),
+    }
+
+
+def _expand_files(doc: dict[str, Any]) -> list[list[str]]:
+    n = doc.get("n")
+    if doc.get("form") != FORM or type(n) is not int or n < 0:
+        raise ValueError("a malformed list of data files")
+    names = _labels(doc.get("name"), n)
+    ids = _values(doc.get("id"), n)
+    if not all(isinstance(v, str) for v in ids):
+        raise ValueError("a malformed list of data files")
+    return [[name, i] for name, i in zip(names, ids, strict=True)]

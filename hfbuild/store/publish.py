@@ -153,7 +153,8 @@ class Publisher:
                         own[rel].append(file_digest(full))
         except OSError as e:
             raise self._unpublished(build_dir, fp, e) from e
-        doc = {**manifest, "fingerprint": fp, "files": dict(sorted(files.items()))}
+        # Rows, whichever form `manifest` holds them in (a Ray worker's sent back: as read).
+        doc = listform.expand({**manifest, "fingerprint": fp, "files": dict(sorted(files.items()))})
         doc.pop("manifest_digest", None)
         written = listform.compact(doc)  # as the file holds it, and its checksum of that
         doc["manifest_digest"] = written["manifest_digest"] = manifest_digest(written)
