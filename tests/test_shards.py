@@ -13,6 +13,7 @@ from collections import Counter
 
 import pytest
 
+from hfbuild.store import listform
 from tests.helpers import Repo, run_hfbuild, run_python
 from tests.pipeline_project import calls, doit
 from tests.shard_project import make_project, state, write_part
@@ -604,7 +605,9 @@ def test_sharded_false_keeps_the_whole_input_build(tmp_path: pathlib.Path) -> No
     store = repo.path / ".hfbuild" / "objects"
     doc = json.loads(next(store.glob(f"*/{whole['feat']['fp']}/manifest.json")).read_text())
     assert "shards" not in doc and doc["files"]
-    raw = json.loads(next(store.glob(f"*/{whole['raw']['fp']}/manifest.json")).read_text())
+    raw = listform.expand(
+        json.loads(next(store.glob(f"*/{whole['raw']['fp']}/manifest.json")).read_text())
+    )
     assert len(raw["shards"]) == 4
 
 
@@ -618,7 +621,9 @@ def test_deep_verify_finds_a_damaged_shard_and_the_stage_is_not_served(
     doit(repo, "run", "preprocess", log=log)
     before = state(repo)
     store = repo.path / ".hfbuild" / "objects"
-    doc = json.loads(next(store.glob(f"*/{before['feat']['fp']}/manifest.json")).read_text())
+    doc = listform.expand(
+        json.loads(next(store.glob(f"*/{before['feat']['fp']}/manifest.json")).read_text())
+    )
     key = doc["shards"][1][1]
     arrow = next((store / key[:2] / key / "data").glob("*.arrow"))
     data = bytearray(arrow.read_bytes())
@@ -763,7 +768,7 @@ def test_cold_build_leaves_no_scratch_and_no_lock_per_shard(tmp_path: pathlib.Pa
     shard_keys = {
         row[1]
         for e in entries
-        for row in json.loads((e / "manifest.json").read_text()).get("shards", [])
+        for row in listform.expand(json.loads((e / "manifest.json").read_text())).get("shards", [])
     }
     assert len(shard_keys) == 5 * 4
     assert not {f"{k}.lock" for k in shard_keys} & locks

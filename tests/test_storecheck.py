@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from hfbuild.store import listform
 from tests import pipeline_project, shard_project
 from tests.helpers import Repo, run_hfbuild, run_python
 from tests.pipeline_project import calls, doit, expected, results
@@ -195,7 +196,7 @@ def test_pulled_entries_have_their_identities_recorded(built: Repo, tmp_path: pa
 
 def _shard(repo: Repo, stage: str, label: str) -> str:
     fp = shard_project.state(repo)[stage]["fp"]
-    doc = json.loads((_entry(repo, fp) / "manifest.json").read_text())
+    doc = listform.expand(json.loads((_entry(repo, fp) / "manifest.json").read_text()))
     key: str = next(r[1] for r in doc["shards"] if r[2] == label)
     return key
 
