@@ -93,15 +93,20 @@ def _pack(n: int) -> list[list[Any]]:
         {"manifest": {"kind": "load", "data": {"files": [["data/a.parquet", _hex(1, 40)]]}}},
         {"manifest": {"data": {"files": [[f"d/p-{i}", _hex(i, 40)] for i in range(1000)]}}},
         {"manifest": {"data": {"files": [["a", "b"], ["a", ["not", "a", "name"]]]}}},
+        {"manifest": {"data": {"files": {"train": [["t", _hex(1, 40)]], "test": []}}}},
+        {"manifest": {"data": {"files": {"form": [["f", "x"]], "n": [], "name": [], "id": []}}}},
     ],
 )
 def test_rows_written_compactly_are_read_back_exactly(doc: dict[str, Any]) -> None:
     """What a file holds (`compact`, through JSON) expands to the same rows, in the same
     key order a file read gives; a large load's list takes a third of the bytes or less,
     a pack's rows under three fifths."""
+    original = json.dumps(doc)
     written = json.dumps(listform.compact(doc), sort_keys=True)
+    assert json.dumps(doc) == original  # nothing of `doc` changed: a key's manifest is shared
     back = listform.expand(json.loads(written))
     assert back == doc
+    assert listform.expand(listform.compact(doc)) == doc and json.dumps(doc) == original
     assert json.dumps(back) == json.dumps(json.loads(json.dumps(doc, sort_keys=True)))
     if len(doc.get("shards") or []) >= 1000:
         assert len(written) * 3 < len(json.dumps(doc))

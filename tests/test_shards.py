@@ -178,10 +178,12 @@ def test_missing_shard_is_never_served_and_is_rebuilt(tmp_path: pathlib.Path) ->
     doit(repo, "run", "preprocess", log=log)
     before = state(repo)
     store = repo.path / ".hfbuild"
-    feat = json.loads(
-        next(
-            p for p in (store / "objects").glob(f"*/{before['feat']['fp']}/manifest.json")
-        ).read_text()
+    feat = listform.expand(
+        json.loads(
+            next(
+                p for p in (store / "objects").glob(f"*/{before['feat']['fp']}/manifest.json")
+            ).read_text()
+        )
     )
     victim = feat["shards"][2][1]
     shutil.rmtree(store / "objects" / victim[:2] / victim)
@@ -199,8 +201,8 @@ def test_missing_shard_is_never_served_and_is_rebuilt(tmp_path: pathlib.Path) ->
 
 
 def _entry(store: pathlib.Path, fp: str) -> dict[str, object]:
-    doc: dict[str, object] = json.loads(
-        next((store / "objects").glob(f"*/{fp}/manifest.json")).read_text()
+    doc: dict[str, object] = listform.expand(
+        json.loads(next((store / "objects").glob(f"*/{fp}/manifest.json")).read_text())
     )
     return doc
 

@@ -45,11 +45,15 @@ def compact(doc: dict[str, Any]) -> dict[str, Any]:
         out = {**out, "pack": _compact_pack(rows)}
     key = doc.get("manifest")
     data = key.get("data") if isinstance(key, dict) else None
-    files = data.get("files") if isinstance(data, dict) else None
-    if isinstance(files, list) and files and all(_named(f) for f in files):
+    files: Any = data.get("files") if isinstance(data, dict) else None
+    written: Any = files
+    if _names(files):  # one list of [name, blob id]
+        written = _compact_files(files)
+    elif isinstance(files, dict) and not _is_files(files):  # split -> its list
+        written = {s: _compact_files(f) if _names(f) else f for s, f in files.items()}
+    if written != files:
         assert isinstance(key, dict) and isinstance(data, dict)
-        data = {**data, "files": _compact_files(files)}
-        out = {**out, "manifest": {**key, "data": data}}
+        out = {**out, "manifest": {**key, "data": {**data, "files": written}}}
     return out
 
 
@@ -64,8 +68,15 @@ def expand(doc: dict[str, Any]) -> dict[str, Any]:
         doc["pack"] = _expand_pack(rows)
     key = doc.get("manifest")
     data = key.get("data") if isinstance(key, dict) else None
-    if isinstance(data, dict) and isinstance(data.get("files"), dict):
-        data["files"] = _expand_files(data["files"])
+    files: Any = data.get("files") if isinstance(data, dict) else None
+    read: Any = files
+    if _is_files(files):
+        read = _expand_files(files)
+    elif isinstance(files, dict):  # split -> its list
+        read = {s: _expand_files(f) if _is_files(f) else f for s, f in files.items()}
+    if read != files:  # a copy: the key's manifest may be shared with its stage
+        assert isinstance(key, dict) and isinstance(data, dict)
+        doc["manifest"] = {**key, "data": {**data, "files": read}}
     return doc
 
 
@@ -326,8 +337,26 @@ def _expand_pack(doc: dict[str, Any]) -> list[list[Any]]:
 # -- a load's data files in its key's manifest --------------------------------------------------
 
 
-def _named(f: Any) -> bool:
-    return isinstance(f, list) and len(f) == 2 and isinstance(f[0], str) and isinstance(f[1], str)
+def _names(files: Any) -> bool:
+    """Whether `files` is a non-empty list of [name, blob id] pairs."""
+    return (
+        isinstance(files, list)
+        and bool(files)
+        and all(
+            isinstance(f, list) and len(f) == 2 and isinstance(f[0], str) and isinstance(f[1], str)
+            for f in files
+        )
+    )
+
+
+def _is_files(files: Any) -> bool:
+    """Whether `files` is data files written compactly (a split's list is never a dict
+    with these four keys and an int `form`)."""
+    return (
+        isinstance(files, dict)
+        and set(files) == {"form", "n", "name", "id"}
+        and type(files["form"]) is int
+    )
 
 
 def _compact_files(files: list[list[str]]) -> dict[str, Any]:
