@@ -18,9 +18,10 @@ as the remote and a one-node Ray cluster (1 CPU; started before timing):
    result (the tasks' own work, with the pulls made meanwhile).
 
 Each task pays for a round trip, the worker's setup, and per shard recomputing its key
-from the shipped tree, pulling its input shard (a load shard: its data file, sent with the
-task), pushing its result to the remote, and the driver's checked pull. On one small machine
-no speedup is expected, only the cost of going distributed.
+from the shipped tree and its input (a load shard: its data file, sent with the task; a map
+shard: written out of its input's pack, pulled once per task); its shards are pushed as
+packs, one entry for up to 64, which travel back with the results when small. On one small
+machine no speedup is expected, only the cost of going distributed.
 """
 
 from __future__ import annotations

@@ -225,13 +225,14 @@ def test_two_drivers_racing_publish_each_entry_once(
 ) -> None:
     """Two drivers build the same sharded pipeline through Ray, their feat tasks held at a
     barrier until one of each driver runs (on two nodes, neither a driver). Both succeed
-    with identical locks; every remote entry (each shard, each stage's list of shards, the
-    whole-dataset stage) has one manifest and at most one data directory (the first writer
-    wins, a loser's copy is deleted), and passes the full content check. What is claimed of
-    builds, from the rows the transform records with the driver that built them: every
-    shard is built, by each driver at most once; a shard both drivers found missing is
-    built by both (a driver asks the remote before it submits, not as each shard starts)
-    and published once."""
+    with identical locks; every remote entry (each pack of shards, each shard of its own,
+    each stage's list of shards, the whole-dataset stage) has one manifest and at most one
+    data directory (the first writer wins, a loser's copy is deleted), and passes the full
+    content check; every shard the locks record is there, in a pack or as an entry of its
+    own. What is claimed of builds, from the rows the transform records with the driver
+    that built them: every shard is built, by each driver at most once; a shard both
+    drivers found missing is built by both (a driver asks the remote before it submits, not
+    as each shard starts) and published once."""
     make_project(repo)
     _row_local(repo)
     for i in (1, 2):
@@ -263,13 +264,16 @@ def test_two_drivers_racing_publish_each_entry_once(
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o + e for o, e in outs)
     assert _lock(clones[0]) == _lock(clones[1])
     entries = _remote_entries(remote)
-    assert len(entries) == 4 * 3 + 4 + 1  # 3 shards and a list for 4 stages; split
     lists = [names for names in entries.values() if names == ["manifest.json"]]
     assert len(lists) == 4  # a list of shards has no data of its own
     for names in entries.values():
         if names != ["manifest.json"]:
             assert len(names) == 2 and names[0].startswith("data-") and names[1] == "manifest.json"
-    assert _deep_check(remote, tmp_path / "check") == 17
+    stages = json.loads((clones[0].path / "hfbuild.lock").read_text())["stages"]
+    shards = {k for e in stages.values() for k in e.get("shard_hashes") or {}}
+    assert len(shards) == 4 * 3
+    assert shards <= set(entries) | set(_remote_packs(remote))
+    assert _deep_check(remote, tmp_path / "check") == len(entries)
 
     built: dict[tuple[int, str], int] = {}  # (part, job) -> rows mapped
     for line in rows.read_text().splitlines():
@@ -568,6 +572,12 @@ def test_a_workers_forged_input_shard_is_refused_and_built_here(
 
     clone = repo.clone(tmp_path / "second")
     no_remote = {"HFBUILD_NO_REMOTE": "1"}
+    # `raw` held as the first repository built it: the first two files one pack (a map's
+    # worker pulls a pack its input's list names as the pack), the own file's shard an
+    # entry of its own, which the worker pulls by its key: the forged one.
+    clone.git("checkout", "-q", "-f", "HEAD~3")
+    doit(clone, "run", "preprocess:raw", log=tmp_path / "raw0.log", env=no_remote)
+    clone.git("checkout", "-q", "-f", "-")
     doit(clone, "run", "preprocess:raw", log=tmp_path / "raw.log", env=no_remote)
     log = tmp_path / "second.log"
     out = doit(clone, "run", "preprocess", log=log, env=RAY_ENV)
@@ -622,6 +632,22 @@ NONDET = {
         """,
     "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "KILL_IN", "BARRIER"]\n',
 }
+
+
+def _remote_packs(url: str) -> dict[str, tuple[str, str]]:
+    """Each shard a pack on the remote holds: its key -> (the pack, its content hash there)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        endpoint_url=os.environ["FSSPEC_S3_ENDPOINT_URL"], key="testing", secret="testing"
+    )
+    base = url.removeprefix("s3://")
+    out: dict[str, tuple[str, str]] = {}
+    for fp in _remote_entries(url):
+        doc = json.loads(fs.cat_file(f"{base}/objects/{fp[:2]}/{fp}/manifest.json"))
+        for key, _, _, content_hash, _ in doc.get("pack") or []:
+            out[key] = (fp, content_hash)
+    return out
 
 
 def _remote_hashes(url: str, fps: list[str]) -> list[str]:
@@ -963,13 +989,15 @@ def _coalesced_project(repo: Repo) -> None:
         _add_part(repo, i)
 
 
-def test_small_shards_travel_coalesced_and_each_is_published(
+def test_small_shards_travel_coalesced_and_each_task_pushes_one_pack(
     repo: Repo, tmp_path: pathlib.Path, remote: str
 ) -> None:
     """Six tiny shards per stage on a 2-CPU cluster travel in fewer Ray tasks than shards, as
-    the transform itself records (its task ids, none in the driver); each row is mapped once;
-    each shard is published on the remote under its own key (data and manifest), the keys
-    the lock records; keys, content hashes and results equal a local build's."""
+    the transform itself records (its task ids, none in the driver); each row is mapped once.
+    A load's or a map's shards of one task are pushed as one pack (one entry whose manifest
+    lists each shard's key, rows and content hash: the lock's), not an entry per shard; a
+    filter's shards, selections of their input's rows, each as an entry of its own. Keys,
+    content hashes and results equal a local build's."""
     _coalesced_project(repo)
     first = repo.clone(tmp_path / "first")
     tasks = tmp_path / "tasks.log"
@@ -983,13 +1011,19 @@ def test_small_shards_travel_coalesced_and_each_is_published(
 
     lock = json.loads((first.path / "hfbuild.lock").read_text())["stages"]
     entries = _remote_entries(remote)
-    for stage in ("raw", "feat", "kept", "lens"):
-        keys = lock[stage]["shard_hashes"]
-        assert len(keys) == 6
-        for key in keys:  # each shard its own entry: data under its own name, then manifest
-            assert len(entries[key]) == 2 and entries[key][0].startswith("data-"), key
-    assert _remote_hashes(remote, list(lock["feat"]["shard_hashes"])) == list(
-        lock["feat"]["shard_hashes"].values()
+    packs = _remote_packs(remote)
+    for stage in ("raw", "feat", "lens"):
+        hashes = lock[stage]["shard_hashes"]
+        assert len(hashes) == 6
+        assert {k: packs[k][1] for k in hashes} == hashes  # each in a pack, the lock's hash
+        assert len({packs[k][0] for k in hashes}) == len(ran), (stage, packs)  # one a task
+        # No entry of its own, but a filter's input shard: the base its selection names.
+        alone = set(hashes) & set(entries)
+        assert alone == (set(hashes) if stage == "feat" else set()), stage
+    for key in lock["kept"]["shard_hashes"]:  # a selection: data under its name, manifest
+        assert len(entries[key]) == 2 and entries[key][0].startswith("data-"), key
+    assert _remote_hashes(remote, list(lock["kept"]["shard_hashes"])) == list(
+        lock["kept"]["shard_hashes"].values()
     )
 
     local = repo.clone(tmp_path / "local")
@@ -997,6 +1031,13 @@ def test_small_shards_travel_coalesced_and_each_is_published(
     doit(local, "run", "preprocess", log=tmp_path / "local.log", env=env)
     assert _lock(first) == _lock(local)
     assert results(first) == results(local)
+    # A fresh clone pulls every stage, its packs checked range by range, and builds nothing.
+    second = repo.clone(tmp_path / "second")
+    out2 = doit(second, "run", "preprocess", log=tmp_path / "second.log")
+    assert calls(tmp_path / "second.log") == {}
+    assert out2.stdout.count("pulled") == 5
+    assert _lock(second) == _lock(local)
+    assert results(second) == results(local)
 
 
 def test_a_failing_shard_in_a_coalesced_task_names_its_file(
@@ -1193,12 +1234,13 @@ def test_a_ray_load_travels_in_few_requests_and_its_shards_come_back_with_the_re
     repo: Repo, tmp_path: pathlib.Path, remote: str
 ) -> None:
     """`raw`'s six load shards built on Ray, every S3 request recorded: each shard is asked
-    for once (the driver's check before building), its three data files and its manifest
-    put once each (no question first, no bucket check), and its data never read back: the
-    worker that published it sends it with its result, and the driver's store holds it
-    marked as pulled from the remote. Each task's shards are loaded by one call (a part's
-    dataset_info, without the whole load's splits). Keys and content hashes are the local
-    build's, and a fresh clone pulls the stage and builds nothing."""
+    for once (the driver's check before building) and never put: each task's shards are put
+    as one pack, its three data files and its manifest once each (no question first, no
+    bucket check), and never read back: the worker that published it sends it with its
+    results, and the driver's store holds it marked as pulled from the remote. Each task's
+    shards are loaded by one call (a part's dataset_info, without the whole load's
+    splits). Keys and content hashes are the local build's, and a fresh clone pulls the
+    stage and builds nothing."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -1214,7 +1256,7 @@ def test_a_ray_load_travels_in_few_requests_and_its_shards_come_back_with_the_re
     env = {**RAY_ENV, "TASK_LOG": str(tmp_path / "tasks.log")}
     with s3_requests() as lines:
         out = doit(first, "run", "preprocess:raw", log=tmp_path / "first.log", env=env)
-    assert "raw: 6/6 shards done, 6 built on ray" in out.stderr
+    assert "raw: 6/6 shards done, 6 built on ray (2 tasks)" in out.stderr
     keys = list(
         json.loads((first.path / "hfbuild.lock").read_text())["stages"]["raw"]["shard_hashes"]
     )
@@ -1225,25 +1267,45 @@ def test_a_ray_load_travels_in_few_requests_and_its_shards_come_back_with_the_re
         mine = [
             x.split()[0] + " " + x.split()[1].split(f"/{key}/")[1] for x in lines if f"/{key}/" in x
         ]
-        assert sorted(mine) == sorted(
-            ["GET manifest.json"] + [f"PUT {n}" for n in _remote_files(remote, key)]
-        ), mine
+        assert mine == ["GET manifest.json"], mine
+    packs = _remote_packs(remote)
+    assert len({packs[k][0] for k in keys}) == 2  # one pack a task
+    for pack in {packs[k][0] for k in keys}:
+        mine = [
+            x.split()[0] + " " + x.split()[1].split(f"/{pack}/")[1]
+            for x in lines
+            if f"/{pack}/" in x
+        ]
+        assert sorted(mine) == sorted(f"PUT {n}" for n in _remote_files(remote, pack)), mine
         held = json.loads(
-            (first.path / ".hfbuild" / "objects" / key[:2] / key / "manifest.json").read_text()
+            (first.path / ".hfbuild" / "objects" / pack[:2] / pack / "manifest.json").read_text()
         )
         assert held["pulled_from"] == remote
     # Each task's shards are parts of one load of its files (a part's dataset_info has no
     # splits of the whole load); which shard's is not, with its task's log, if any.
-    whole = [k for k in keys if "splits" in _remote_json(remote, k, "dataset_info.json")]
+    whole = {packs[k][0] for k in keys}
+    whole = {p for p in whole if "splits" in _remote_json(remote, p, "dataset_info.json")}
     assert not whole, (whole, keys, out.stderr[-2000:])
     assert all(bucket in x for x in lines if x.startswith(("GET", "PUT")))
 
+    # A map over it: each task pulls the packs holding its input shards, once each (their
+    # manifest and data files), and no input shard is asked for or put by its key.
+    with _requests() as lines:
+        out = doit(first, "run", "preprocess:lens", log=tmp_path / "lens.log", env=env)
+    assert "lens: 6/6 shards done, 6 built on ray (2 tasks)" in out.stderr
+    assert not [x for x in lines if any(f"/{key}/" in x for key in keys)], lines
+    for pack in {packs[k][0] for k in keys}:
+        data = [x for x in lines if f"/{pack}/data-" in x]
+        assert all(x.startswith("GET ") for x in data), data  # none if its node built it
+        assert len(data) <= 2 * len(_remote_files(remote, pack)), data  # once a task at most
+
     local = repo.clone(tmp_path / "local")
-    doit(local, "run", "preprocess:raw", log=tmp_path / "local.log", env={"HFBUILD_NO_REMOTE": "1"})
+    no_remote = {"HFBUILD_NO_REMOTE": "1"}
+    doit(local, "run", "preprocess:lens", log=tmp_path / "local.log", env=no_remote)
     assert _lock(first) == _lock(local)
     second = repo.clone(tmp_path / "second")
-    out2 = doit(second, "run", "preprocess:raw", log=tmp_path / "second.log")
-    assert out2.stdout.count("pulled") == 1
+    out2 = doit(second, "run", "preprocess:lens", log=tmp_path / "second.log")
+    assert out2.stdout.count("pulled") == 2
     assert _lock(second) == _lock(local)
 
 

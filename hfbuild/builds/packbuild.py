@@ -6,8 +6,11 @@ now as packs (`of_results`: which results may be rows of one pack, `write_result
 results of one split written as one pack), publishing it (`publish`: an
 ordinary entry keyed by its shards' keys, its manifest's `pack` listing each shard's key,
 row range, content hash and label; the first to publish it wins), finding a listed shard
-in a pack whose manifest was written again since (`in_pack`), and writing a packed shard
-out as a shard entry of its own (`unpack`: what a Ray worker pulls by key).
+in a pack whose manifest was written again since (`in_pack`), a Ray task's shards built as
+entries of their own written as packs, those entries then removed (`of_entries`), what a
+list records of a shard of a pack in the store (`packed`), and writing a packed shard out
+as a shard entry of its own from its pack's files, the same bytes in every store
+(`unpack_from`; `unpack`, by a list's row).
 
 Must never: publish a pack before every shard in it is keyed, list a shard under a range
 whose content hash it does not have, or print.
@@ -148,7 +151,12 @@ def publish(
         (doc["features"],) = features
     fp = packs.pack_key(keys)
     stored = store.publish_first(pack.path, fp, doc)
-    stamp = store.manifest_stamp(fp)
+    return _listed_facts(stored, fp, store.manifest_stamp(fp))
+
+
+def _listed_facts(stored: dict[str, Any], fp: str, stamp: Any) -> dict[str, dict[str, Any]]:
+    """For each shard of the pack `fp` (its manifest `stored`, its stamp `stamp`), what a
+    stage's list records of it."""
     out: dict[str, dict[str, Any]] = {}
     for key, start, end, content_hash, _ in stored["pack"]:
         out[key] = {
@@ -163,6 +171,76 @@ def publish(
         if "features" in stored:
             out[key]["features"] = stored["features"]
     return out
+
+
+def packed(store: Any, pack: str, key: str) -> dict[str, Any] | None:
+    """What a stage's list records of shard `key`, a row range of the pack `pack` as this
+    store holds it intact (`publish`'s facts), else None (no such pack, or it lacks `key`)."""
+    doc = store.intact_manifest(pack)
+    if doc is None or not isinstance(doc.get("pack"), list):
+        return None
+    return _listed_facts(doc, pack, store.manifest_stamp(pack)).get(key)
+
+
+def of_entries(place: Place, spec: StageSpec, keys: Sequence[str]) -> dict[str, str]:
+    """Shards of `spec` built in `place.store` as entries of their own (`keys`, in order: a
+    Ray task's), runs of them (`of_results`: one split and form; a shard of no rows, or a
+    selection of its input's rows, keeps its own entry) written as packs and published
+    there (`publish`), each range checked to have its shard's content hash; each packed
+    shard's key -> its pack's key."""
+    store = place.store
+    docs = [store.intact_manifest(k) or {} for k in keys]
+    fit = [
+        i for i, d in enumerate(docs) if d.get("rows") and "indices" not in d and "pack" not in d
+    ]
+    loaded = [store.load(keys[i]) for i in fit]
+    out: dict[str, str] = {}
+    splits = [str(docs[i]["shard"]["split"]) for i in fit]
+    for run in of_results(list(zip(splits, loaded, strict=True))):
+        members = [fit[j] for j in run]
+        run_keys = [keys[i] for i in members]
+        fp = packs.pack_key(run_keys)
+        if store.intact_manifest(fp) is None:  # else built by an earlier attempt
+            _pack_entries(place, spec, [(keys[i], docs[i]) for i in members], loaded, run)
+        for key in run_keys:
+            # Its rows are the pack's: wherever a packed shard is an entry of its own, it
+            # is written out of the pack (`unpack_from`), so every store holds the same
+            # files for it.
+            store.remove(key)
+        out.update(dict.fromkeys(run_keys, fp))
+    return out
+
+
+def _pack_entries(
+    place: Place,
+    spec: StageSpec,
+    members: list[tuple[str, dict[str, Any]]],
+    loaded: list[Any],
+    run: list[int],
+) -> None:
+    """The shards `members` ((key, manifest) each, their Datasets `loaded[j]` for `j` in
+    `run`) written as one pack and published (`publish`)."""
+    store = place.store
+    keys = [k for k, _ in members]
+    fp = packs.pack_key(keys)
+    dest = store.new_build_dir(fp)
+    try:
+        info, hashes = write_results([loaded[j] for j in run], os.path.join(dest, "data"), fp[:64])
+        if hashes != [str(d.get("content_hash")) for _, d in members]:
+            raise BuildError(
+                f"stage {spec.name!r}: shards written as one pack do not keep their content "
+                f"hashes; build with the local executor (`--executor local`)."
+            )
+        shards: list[tuple[int, dict[str, Any]]] = []
+        start = 0
+        for i, (_, d) in enumerate(members):
+            doc = {**d, "span": [start, start + int(d["rows"])]}
+            start += int(d["rows"])
+            shards.append((i, doc))
+        publish(place, spec, keys, Pack(dest, info, shards))
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
 
 
 def in_pack(store: Any, pack: str, key: str, facts: dict[str, Any]) -> dict[str, Any] | None:
@@ -180,41 +258,64 @@ def in_pack(store: Any, pack: str, key: str, facts: dict[str, Any]) -> dict[str,
 
 def unpack(place: Place, via: str, keys: Sequence[str]) -> None:
     """Each of the input shards `keys` that the list `via` keeps as a row range of a pack,
-    written out as a shard entry of its own (the layout and content hash a load shard
-    built by itself has), so a worker pulls it by its key as any input shard."""
-    from hfbuild.builds import builder
-    from hfbuild.core.version import __version__
+    written out of its pack as a shard entry of its own (`unpack_from`), so a worker pulls
+    it by its key as any input shard."""
     from hfbuild.store.entry import row_pack
 
     store = place.store
     for key in keys:
         row = store.listed_row(via, key)
-        if row is None or row_pack(row) is None or store.has(key):
+        where = row_pack(row) if row is not None else None
+        if row is None or where is None or store.has(key):
             continue
         facts = row[4]
-        ds = store.load_listed(via, str(row[0]), [row])
-        tmp = store.new_build_dir(key)
-        try:
-            info = builder.PartWriter(ds).write(0, len(ds), os.path.join(tmp, "data"), key[:64])
-            if info.content_hash != facts.get("content_hash"):
-                raise BuildError(
-                    f"input shard {row[2]} ({key}): its rows in the pack "
-                    f"{facts.get('pack')} do not have the content hash its list records; "
-                    f"run `hfbuild verify --deep`."
-                )
-            shard = {"split": row[0], "label": row[2], "input": facts.get("input"), "before": ""}
-            shard["before"] = facts.get("before") or ""
-            doc = {
-                "stage": (store.read_manifest(via) or {}).get("stage"),
-                "shard": shard,
-                "rows": info.rows,
-                "content_hash": info.content_hash,
-                "form": info.form,
-                "seconds": 0.0,
-                "written_bytes": info.written_bytes,
-                "hfbuild": __version__,
-            }
-            store.publish_first(tmp, key, doc)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        shard = {"split": row[0], "label": row[2], "input": facts.get("input")}
+        shard["before"] = facts.get("before") or ""
+        unpack_from(place, where[0], key, shard)
+
+
+def unpack_from(
+    place: Place, pack: str, key: str, shard: dict[str, Any], loaded: Any = None
+) -> None:
+    """Shard `key`, a row range of the pack `pack` this store holds intact (built here, or
+    pulled: checked whole and range by range), written out as a shard entry of its own
+    (the layout a load shard built by itself has; `shard`: its split, label, input and
+    `before`, as its stage's list records them), refused unless its rows have the content
+    hash the pack gives them. Every store writes a packed shard out by this function, from
+    the pack's own files, so two stores holding it hold the same files (a filter's list
+    records its shards' bases' files). `loaded`: the pack as a Dataset, when the caller
+    has it (a Ray task writing out many of its shards loads it once)."""
+    from hfbuild.builds import builder
+    from hfbuild.core.version import __version__
+
+    store = place.store
+    if store.has(key):
+        return
+    doc = store.intact_manifest(pack) or {}
+    row = next((r for r in doc.get("pack") or [] if r[0] == key), None)
+    if row is None:
+        raise BuildError(f"input shard {shard.get('label')} ({key}) is not in the pack {pack}.")
+    ds = store.load(pack) if loaded is None else loaded
+    tmp = store.new_build_dir(key)
+    try:
+        dest = os.path.join(tmp, "data")
+        info = builder.PartWriter(ds).write(int(row[1]), row[2] - row[1], dest, key[:64])
+        if info.content_hash != row[3]:
+            raise BuildError(
+                f"input shard {shard.get('label')} ({key}): its rows in the pack {pack} do "
+                f"not have the content hash its manifest records; run `hfbuild verify --deep`."
+            )
+        doc = {
+            "stage": doc.get("stage"),
+            "shard": shard,
+            "rows": info.rows,
+            "content_hash": info.content_hash,
+            "form": info.form,
+            "seconds": 0.0,
+            "written_bytes": info.written_bytes,
+            "hfbuild": __version__,
+        }
+        store.publish_first(tmp, key, doc)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -27,9 +27,9 @@ argument (a tree per file would be a package, and a worker process, per shard). 
 recomputes the shard's key (`manifest.shard_key`: the code key from the tree, the input from
 what it pulled or the bytes' blob id, the observed files' ids from their shipped copies) and
 refuses another; it builds with `shardone`'s code (`shardunits.build_one`) and publishes
-the shard under the key of what it read. The driver takes each shard (`Remote.take`: a small
-one the worker published from its result, any other pulled), and `shardunits` publishes the
-stage's list as a local build does; it is pushed too.
+the shard under the key of what it read, a load's or a map's as packs (`raypacks`). The
+driver takes each shard or pack (`Remote.take`: a small one from the result, any other
+pulled), and `shardunits` publishes the stage's list as a local build does; it is pushed.
 
 What travels is `raytree`'s (the tree, a load shard's data bytes, the job); the worker's side
 is `rayworker`'s.
@@ -58,7 +58,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from hfbuild.builds import rayshare, raytree, shardunits
+from hfbuild.builds import raypacks, rayshare, raytree, shardunits
 from hfbuild.builds.local import build_here
 from hfbuild.builds.raytree import shard_data, shipped_files, task_args, task_env, upload_tree
 from hfbuild.builds.rayworker import run_shards, run_unit
@@ -230,7 +230,9 @@ def _weight(place: Place, unit: Unit) -> tuple[int, int]:
             return 0, os.path.getsize(os.path.join(place.root, unit.shard.label))
         except OSError:
             return 0, 0
-    doc = place.store.read_manifest(unit.shard.input) or {}
+    doc = place.store.read_manifest(unit.shard.input)
+    if doc is None:  # a row range of a pack its input's list names
+        return raypacks.packed_weight(place, unit)
     files = doc.get("files") if isinstance(doc.get("files"), dict) else {}
     return int(doc.get("rows") or 0), sum(int(v) for v in (files or {}).values())
 
@@ -289,14 +291,14 @@ def _submit_shards(
     """One task building `units`, shards of one stage, in order (`rayworker.run_shards`): what
     they share travels once, each shard's own part (its key, input, offset, data file) with it."""
     job, spec = task_args(place, remote, units[0])
-    own = ("inputs", "shard")
+    own = ("inputs", "shard", "input_pack")
     common = {k: v for k, v in job.items() if k not in own}
     parts, datas, pins = [], [], {}
     sh = job.get("shard") or {}
     decided = {k: sh[k] for k in ("decider", "features") if k in sh} or None
     for u in units:
         j = job if u is units[0] else task_args(place, remote, u, pickled=False, decided=decided)[0]
-        parts.append({k: j[k] for k in own})
+        parts.append({k: j[k] for k in own if k in j})
         pins.update(j["pins"])
         datas.append(shard_data(place, u))
     common["pins"] = pins
@@ -445,8 +447,11 @@ def _fetch_shard(
     holds its lock), for `shardunits` to find."""
     store = place.store
     assert unit.shard is not None
-    remote.take(store, fp, f"{unit.spec.name} {unit.shard.label}", res.get("entry"))
-    if not store.has(fp):
+    label = f"{unit.spec.name} {unit.shard.label}"
+    entry = raypacks.take(store, remote, res, fp, label)  # a row range of a pack, else None
+    if "pack" not in res:
+        remote.take(store, fp, label, res.get("entry"))
+    if entry is None and not store.has(fp):
         raise BuildError(
             f"stage {unit.spec.name!r}: a Ray worker published shard {unit.shard.label} as "
             f"{fp}, but the remote {remote.url} does not hold it; build again."
@@ -454,4 +459,5 @@ def _fetch_shard(
     if fp != unit.key:
         with _RECORDING:  # results are fetched on threads; the record is read, then rewritten
             store.add_observed(unit.manifest.static_fingerprint, [str(p) for p in res["observed"]])
-    return Report(unit.spec.name, fp, "built", res.get("rows"), float(res.get("seconds", secs)))
+    seconds = float(res.get("seconds", secs))  # a packed one's carries its list row's facts
+    return Report(unit.spec.name, fp, "built", res.get("rows"), seconds, entry=entry)

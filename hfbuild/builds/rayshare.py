@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from hfbuild.builds import raypacks
 from hfbuild.core import threads
 from hfbuild.core.errors import BuildError, ConfigError, StoreError
 
@@ -48,8 +49,13 @@ def remote_of(place: Place, label: str) -> Remote:
 
 def ensure_inputs(place: Place, remote: Remote, units: Sequence[Unit]) -> None:
     """Every input of `units` on the remote (`_ensure_remote`), a few at a time: a stage's
-    shard units each have their own input shard."""
-    wanted = {fp: name for u in units for name, fp in zip(u.spec.inputs, u.input_keys, strict=True)}
+    shard units each have their own input shard (or the pack its input's list keeps it in,
+    `raypacks.input_entry`)."""
+    wanted = {
+        raypacks.input_entry(place, u, fp): name
+        for u in units
+        for name, fp in zip(u.spec.inputs, u.input_keys, strict=True)
+    }
     for got in threads.each(
         lambda item: _ensure_remote(place, remote, item[1], item[0]), wanted.items()
     ):

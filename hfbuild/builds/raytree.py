@@ -304,6 +304,9 @@ def task_args(
         # there is not the project's, and the worker says so instead of building.
         "listed": sorted(p for p, _ in m.observed if is_listing(p)),
     }
+    packed = input_pack(place, unit)
+    if packed is not None:
+        job["input_pack"] = packed
     if unit.shard is not None:
         job["shard"] = {
             **unit.shard._asdict(),
@@ -318,6 +321,27 @@ def task_args(
         return job, b""
     spec: bytes = cloudpickle.dumps(unit.spec)  # type: ignore[no-untyped-call]
     return job, spec
+
+
+def input_pack(place: Place, unit: Unit) -> dict[str, Any] | None:
+    """A transform shard unit's input shard when its input's list (in this store) keeps it
+    as a row range of a pack: {"key": the pack, "shard": its split, label, input and
+    `before`}, for the worker to pull the pack, once per task, and write the shard out
+    (`rayworker`); else None (the worker pulls the shard by its key)."""
+    from hfbuild.store.entry import row_pack
+
+    if unit.shard is None or unit.spec.kind == "load" or not unit.spec.inputs:
+        return None
+    via = unit.inputs[unit.spec.inputs[0]].fingerprint
+    row = place.store.listed_row(via, unit.shard.input)
+    if row is None or row_pack(row) is None or place.store.has(unit.shard.input):
+        return None
+    pack = row_pack(row)
+    assert pack is not None
+    facts = row[4]
+    shard = {"split": row[0], "label": row[2], "input": facts.get("input")}
+    shard["before"] = facts.get("before") or ""
+    return {"key": pack[0], "shard": shard}
 
 
 def input_pins(place: Place, remote: Remote, keys: Sequence[str]) -> dict[str, list[Any]]:

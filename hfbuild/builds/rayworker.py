@@ -12,12 +12,16 @@ a build that listed a project folder the tree does not hold with its names (`Pla
 a first build of code that lists it, before any record of the listing) as {"unlisted":
 [its listing paths]}, with nothing published, for the driver to send it again with them.
 `run_shards`, the Ray task of several shards of one stage: what they share set up once
-(`_Task`), then each shard as above, its load shards built by one call (`rayloads`), each
-shard's push on one of a few threads while the next builds, its result yielded (a generator
-task) once it is published, in order; a user error ends the task at its shard, named by the
-shard's file; an unshipped listing ends it too, every shard from that one on answered
-{"unlisted": ...}. A shard this worker published that is small (`SEND_BYTES`) goes back with
-its result, files and manifest (`sent_entry`), so the driver need not pull it.
+(`_Task`), then each shard as above, its load shards built by one call (`rayloads`); its
+load and map shards pushed as packs (`raypacks`: one
+entry, a few requests, a pack), each pack's push on one of a few threads while the next
+shards build, each shard's result yielded (a generator task) once it is published, in
+order, naming its pack; a user error ends the task at its shard, named by the shard's file;
+an unshipped listing ends it too, every shard from that one on answered {"unlisted": ...}.
+A pack or shard this worker published that is small (`SEND_BYTES`) goes back with the
+results, files and manifest (`sent_entry`), so the driver need not pull it. A map shard's
+input shard kept in a pack (`input_pack` in its job) is pulled as its pack, once per task,
+and written out of it (`packbuild.unpack_from`), its range checked against its pin.
 
 Must never: publish under a key it did not recompute or a listing its tree does not hold,
 run project code the tree does not hold, or read the driver's files.
@@ -28,6 +32,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import os
 import shutil
 import sys
@@ -36,7 +41,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from hfbuild.builds import raykey, rayloads, shardunits
+from hfbuild.builds import packbuild, raykey, rayloads, raypacks, shardunits
 from hfbuild.core.errors import BuildError, HfbuildError, UnshippedListingError
 from hfbuild.core.spec import Report, stored_rows
 
@@ -96,19 +101,32 @@ def run_shards(
         return
     # Shards' pushes run on a few threads while the next shards build; results in order.
     pushes = concurrent.futures.ThreadPoolExecutor(PUSHES, thread_name_prefix="hfbuild-push")
-    pending: collections.deque[tuple[str, concurrent.futures.Future[dict[str, Any]]]]
+    pending: collections.deque[tuple[str, concurrent.futures.Future[list[dict[str, Any]]]]]
     pending = collections.deque()
     scratch = tempfile.mkdtemp(prefix="hfbuild-ray-data-")
+    chunk: list[tuple[dict[str, Any], dict[str, Any]]] = []  # built, to publish as a pack
+    size = [0]  # the bytes of the files of the shards in `chunk`
+
+    def flush() -> None:
+        """The shards built since the last push, pushed (as packs) on a thread."""
+        if chunk:
+            label = str(chunk[0][0]["shard"]["label"])
+            push = functools.partial(_publish_chunk, task, list(chunk))
+            pending.append((label, pushes.submit(push)))
+            chunk.clear()
+            size[0] = 0
 
     def ready(all_of_them: bool) -> Iterator[dict[str, Any]]:
         """The results of the pushes at the head of the queue that are done (or all of
         them, waited for), in order; an error ends them."""
+        if all_of_them:
+            flush()
         while pending and (all_of_them or pending[0][1].done()):
-            out = _published(task, job, *pending.popleft())
-            yield out
-            if "error" in out:
-                pending.clear()
-                raise _Stop
+            for out in _published(task, job, *pending.popleft()):
+                yield out
+                if "error" in out:
+                    pending.clear()
+                    raise _Stop
 
     try:
         keyed = _built_together(task, job, shards, datas, scratch)
@@ -129,11 +147,15 @@ def run_shards(
                 yield {"error": _name_shard(_driver_paths(e, root, job), str(job["stage"]), label)}
                 return
             if "refused" in built:
-                done: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-                done.set_result(built)
+                flush()
+                done: concurrent.futures.Future[list[dict[str, Any]]] = concurrent.futures.Future()
+                done.set_result([built])
                 pending.append((label, done))
             else:
-                pending.append((label, pushes.submit(_publish_shard, task, one, built)))
+                chunk.append((one, built))
+                size[0] += raypacks.entry_bytes(task.store, str(built["fingerprint"]))
+                if len(chunk) >= raypacks.PACK_SHARDS or size[0] >= raypacks.PACK_BYTES:
+                    flush()
             yield from ready(False)
         yield from ready(True)
     except _Stop:
@@ -152,13 +174,17 @@ class _Stop(Exception):
 
 
 def _published(
-    task: _Task, job: Mapping[str, Any], label: str, push: concurrent.futures.Future[dict[str, Any]]
-) -> dict[str, Any]:
-    """A shard's result once its push is done; a failed push as the shard's error."""
+    task: _Task,
+    job: Mapping[str, Any],
+    label: str,
+    push: concurrent.futures.Future[list[dict[str, Any]]],
+) -> list[dict[str, Any]]:
+    """The results of shards pushed together once their push is done; a failed push as
+    its first shard's error."""
     try:
         return push.result()
     except HfbuildError as e:
-        return {"error": _name_shard(_driver_paths(e, task.root, job), str(job["stage"]), label)}
+        return [{"error": _name_shard(_driver_paths(e, task.root, job), str(job["stage"]), label)}]
 
 
 def _driver_paths(e: Exception, root: str, job: Mapping[str, Any]) -> str:
@@ -215,15 +241,22 @@ class _Task:
         self.place = Place(
             root, self.store, stat_cache, lock, LOCK_NAME, lambda: None, {spec.name: spec}, listed
         )
+        self.packs: dict[str, Any] = {}  # the input packs this task has taken, loaded
+        self.built: dict[str, str] = {}  # shards its loads built together -> their pack
 
     def take_inputs(self, job: Mapping[str, Any]) -> str | None:
         """Have the unit's inputs in the node's store; a refusal's message, else None."""
         from hfbuild.store.remotereach import RefusedEntryError
 
         name = str(job["stage"])
+        packed = job.get("input_pack")
         for dep, fp in job["inputs"].items():
             try:
-                _take_input(self.store, self.remote, fp, dep)
+                if isinstance(packed, dict):
+                    take = functools.partial(_take_input, self.store, self.remote)
+                    raypacks.take_packed(self.place, self.remote, fp, dep, packed, self.packs, take)
+                else:
+                    _take_input(self.store, self.remote, fp, dep)
             except RefusedEntryError as e:
                 return str(e)
             if not self.store.has(fp):
@@ -322,9 +355,16 @@ def _build_shard(
     took = time.perf_counter() - t0
     k = keyed or raykey.keyed(task.root, task.spec, task.place, job, data, scratch)
     t1 = time.perf_counter()
-    fp, rows, read = shardunits.build_one(task.place, k.spec, k.m, k.s, int(job["shard"]["offset"]))
+    pack = task.built.get(k.s.key)
+    facts = packbuild.packed(task.store, pack, k.s.key) if pack is not None else None
+    if pack is not None and facts is not None:  # loaded with the task's others, in a pack
+        fp, rows, read = k.s.key, facts["rows"], k.m.observed
+    else:
+        offset = int(job["shard"]["offset"])
+        fp, rows, read = shardunits.build_one(task.place, k.spec, k.m, k.s, offset)
+        pack = None
     t2 = time.perf_counter()
-    return {
+    out = {
         "fingerprint": fp,
         "rows": rows,
         "observed": [p for p, _ in read],
@@ -332,6 +372,9 @@ def _build_shard(
         # Where a shard's time went on the worker (bench/bench_ray.py adds them up).
         "timings": {"input": round(took, 4), "key": k.seconds, "build": round(t2 - t1, 4)},
     }
+    if pack is not None:
+        out["packed"] = pack  # for `raypacks.publish_chunk`, which pushes that pack
+    return out
 
 
 def _built_together(
@@ -355,7 +398,7 @@ def _built_together(
     if len(out) >= 2:
         t0 = time.perf_counter()
         with contextlib.suppress(HfbuildError):  # each is then built by itself, as reported
-            rayloads.build_together(
+            task.built = rayloads.build_together(
                 task.place, out[0].spec, [(k.m, k.s, k.path) for k in out.values()], scratch
             )
         each = (time.perf_counter() - t0) / len(out)
@@ -367,6 +410,18 @@ def _built_together(
 # driver with its result (through Ray's object store), instead of the driver pulling it
 # from the remote: a few requests and a content check less per shard.
 SEND_BYTES = 1024 * 1024
+
+
+def _publish_chunk(task: _Task, chunk: list[raypacks.Built]) -> list[dict[str, Any]]:
+    """The shards `chunk` holds pushed, as packs where they may be (`raypacks`)."""
+    t0 = time.perf_counter()
+    alone = functools.partial(_publish_shard, task)
+    out = raypacks.publish_chunk(task.place, task.remote, task.spec, chunk, alone, SEND_BYTES)
+    each = round((time.perf_counter() - t0) / len(chunk), 4)
+    for res in out:
+        if "pack" in res:
+            res["timings"]["push"] = each
+    return out
 
 
 def _publish_shard(task: _Task, job: Mapping[str, Any], res: dict[str, Any]) -> dict[str, Any]:

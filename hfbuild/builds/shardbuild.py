@@ -44,10 +44,16 @@ _PROGRESS_SHARDS = 8  # fewer shards than this build without a progress bar
 
 
 def build(
-    place: Place, spec: StageSpec, m: Manifest, manifests: Mapping[str, Manifest]
+    place: Place,
+    spec: StageSpec,
+    m: Manifest,
+    manifests: Mapping[str, Manifest],
+    packed: Mapping[str, dict[str, Any]] | None = None,
 ) -> tuple[Report, dict[str, Any]]:
     """Build the stage's missing shards, publishing each as it is done, then the stage's
-    entry; (report, stored document)."""
+    entry; (report, stored document). `packed`: shards held here as row ranges of packs
+    no list names yet (a Ray build's, `shardunits`), by key, with what the list records
+    of each (`packbuild.packed`)."""
     from hfbuild.builds import builder
 
     store = place.store
@@ -57,6 +63,7 @@ def build(
     written = 0
     known: dict[str, dict[str, Any] | None] = {}  # shard key -> its intact manifest, or None
     prior = listed_here(store, spec.name)  # what the last build listed, found in place
+    prior.update(packed or {})
     via = manifests[spec.inputs[0]].fingerprint if spec.kind != "load" else None
     try:
         with observing(place, tmp) as seen:

@@ -14,6 +14,10 @@ whose build read files its assumed key does not hold is published under the key 
 set becomes the union, and the shards published under a smaller set are built again in a
 second pass, as `shardbuild.build` does in one process.
 
+A shard the executor built as a row range of a pack (a Ray task's, `packbuild.of_entries`)
+is found by the facts its report gives (`Report.entry`: what the list records of it), which
+`shardbuild.build` lists as it lists a shard of a load's pack.
+
 Owns: splitting a sharded stage into shard units and the passes over them; building one
 shard unit in a store (`build_one`: the local executor's, and a Ray worker's after it has
 recomputed the key), publishing it under the key of what it read.
@@ -56,32 +60,48 @@ def build(place: Place, executor: Executor, unit: Unit) -> Report:
     if spec.kind == "load":  # its tasks carry the features datasets decides: import it now
         threads.import_meanwhile("hfbuild.builds.builder")  # while the remote is asked
     observed = m.observed
+    packed: dict[str, dict[str, Any]] = {}  # shards built as row ranges of packs: their facts
     while True:
         cur = dataclasses.replace(m, observed=observed)
-        todo = missing(place, cur, spec.name)
+        todo = [s for s in missing(place, cur, spec.name) if s.key not in packed]
         if not todo:
             break
         via = _input_list(spec, unit)
-        if via is not None:
+        if via is not None and spec.kind == "filter":
+            # A filter's shard selects rows of its input shard, its base, which must then
+            # be an entry of its own wherever it is held; a map's worker reads its input
+            # shard from its pack (`raytree.input_pack`).
             packbuild.unpack(place, via, [s.input for s in todo])
         offsets = row_offsets(place, spec, cur, via)
         units = [Unit(spec, cur, unit.inputs, s, offsets.get(s.key, 0)) for s in todo]
         reports = executor.build_all(place, units, spec.name)
+        packed.update({r.fingerprint: dict(r.entry or {}) for r in reports if _is_packed(r)})
         grown = _grown(place, cur, units, reports)
         if grown == observed:
             break
         observed = grown  # the shards published under the smaller set are built again
     final = dataclasses.replace(m, observed=observed)
     last = place.store.get_ref(spec.name)  # a shard of a pack is found by its row there
-    absent = [s.label for s in final.shard_list if not place.store.has_shard(s.key, last)]
+    absent = [
+        s.label
+        for s in final.shard_list
+        if s.key not in packed and not place.store.has_shard(s.key, last)
+    ]
     if absent:
         raise BuildError(
             f"stage {spec.name!r}: {len(absent)} shard(s) ({', '.join(absent[:3])}) were "
             f"built but are not in the store (a concurrent `hfbuild gc`?); build it again."
         )
-    report, _ = shardbuild.build(place, spec, final, unit.inputs)  # finds every shard: the list
+    # It finds every shard (a packed one by the facts its report gave): the list.
+    report, _ = shardbuild.build(place, spec, final, unit.inputs, packed)
     took = time.perf_counter() - t0
     return Report(spec.name, report.fingerprint, "built", report.rows, took, entry=report.entry)
+
+
+def _is_packed(r: Report) -> bool:
+    """Whether a shard unit's report says the shard was built as a row range of a pack
+    (its `entry`: what the stage's list records of it, `packbuild.packed`)."""
+    return r.entry is not None and "pack" in r.entry
 
 
 def missing(place: Place, m: Manifest, label: str) -> list[Shard]:

@@ -43,7 +43,8 @@ class Report(NamedTuple):
     seconds: float
     shards: tuple[int, int] | None = None  # a sharded stage: (shards built now, shards in all)
     # The stored manifest of the entry `fingerprint` names, as this build published it or
-    # found it intact (None when not at hand: the ledger reads it from the store).
+    # found it intact (None when not at hand: the ledger reads it from the store); for a
+    # shard a Ray task built as a row range of a pack, what its stage's list records of it.
     entry: Mapping[str, Any] | None = None
 
     def line(self) -> str:
