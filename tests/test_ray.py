@@ -978,6 +978,19 @@ COALESCED = {
 }
 
 
+def _own_rows(repo: Repo) -> None:
+    """Rows of its own in every data file: a load's keys are its files' (the nodes' stores
+    outlive a test, and a node holding some of a task's shards builds only the others)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tag = uuid.uuid4().hex
+    for path in sorted((repo.path / "data").glob("part-*.parquet")):
+        table = pq.read_table(path)
+        pq.write_table(table.append_column("tag", pa.array([tag] * table.num_rows)), path)
+    repo.commit("rows of its own")
+
+
 def _coalesced_project(repo: Repo) -> None:
     """Six tiny files (part-0's 40 rows, then 20 each), row-local stages, feat recording
     its Ray task; keys of its own (the nodes' stores outlive a test)."""
@@ -999,6 +1012,7 @@ def test_small_shards_travel_coalesced_and_each_task_pushes_one_pack(
     filter's shards, selections of their input's rows, each as an entry of its own. Keys,
     content hashes and results equal a local build's."""
     _coalesced_project(repo)
+    _own_rows(repo)
     first = repo.clone(tmp_path / "first")
     tasks = tmp_path / "tasks.log"
     log = tmp_path / "first.log"
@@ -1241,17 +1255,9 @@ def test_a_ray_load_travels_in_few_requests_and_its_shards_come_back_with_the_re
     shards are loaded by one call (a part's dataset_info, without the whole load's
     splits). Keys and content hashes are the local build's, and a fresh clone pulls the
     stage and builds nothing."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     _coalesced_project(repo)
-    # Rows of its own: a load's keys are its files' (the nodes' stores outlive a test, and a
-    # node holding some of a task's shards builds only the others).
-    tag = uuid.uuid4().hex
-    for path in sorted((repo.path / "data").glob("part-*.parquet")):
-        table = pq.read_table(path)
-        pq.write_table(table.append_column("tag", pa.array([tag] * table.num_rows)), path)
-    repo.commit("rows of its own")
+    _own_rows(repo)
     first = repo.clone(tmp_path / "first")
     env = {**RAY_ENV, "TASK_LOG": str(tmp_path / "tasks.log")}
     with s3_requests() as lines:
@@ -1290,7 +1296,7 @@ def test_a_ray_load_travels_in_few_requests_and_its_shards_come_back_with_the_re
 
     # A map over it: each task pulls the packs holding its input shards, once each (their
     # manifest and data files), and no input shard is asked for or put by its key.
-    with _requests() as lines:
+    with s3_requests() as lines:
         out = doit(first, "run", "preprocess:lens", log=tmp_path / "lens.log", env=env)
     assert "lens: 6/6 shards done, 6 built on ray (2 tasks)" in out.stderr
     assert not [x for x in lines if any(f"/{key}/" in x for key in keys)], lines
