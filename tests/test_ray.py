@@ -1107,7 +1107,11 @@ def test_a_coalesced_task_killed_mid_build_fails_in_one_line_and_a_rebuild_build
     assert len(killed) == len(set(killed)) == MAX_RETRIES + 1  # each attempt a worker killed
     assert not (clone.path / "hfbuild.lock").exists() or "feat" not in _lock(clone)
     published = _deep_check(remote, tmp_path / "check")  # raw's, and feat's before the kill
-    assert published >= 6 + 1, _remote_entries(remote)  # raw: 6 shards, its list
+    # raw: its 6 shards in one pack a task, and its list; a feat shard built before the kill
+    # was not pushed: its task's pack was not complete (an interrupted build's cost).
+    assert published >= 2 + 1, _remote_entries(remote)
+    raw = json.loads((clone.path / "hfbuild.lock").read_text())["stages"]["raw"]
+    assert set(raw["shard_hashes"]) <= set(_remote_packs(remote))
 
     doit(clone, "run", "preprocess", log=tmp_path / "again.log", env=env | {"KILL_ROW": ""})
     local = repo.clone(tmp_path / "local")
