@@ -638,13 +638,15 @@ def _remote_packs(url: str) -> dict[str, tuple[str, str]]:
     """Each shard a pack on the remote holds: its key -> (the pack, its content hash there)."""
     import s3fs
 
+    from hfbuild.store.listform import expand
+
     fs = s3fs.S3FileSystem(
         endpoint_url=os.environ["FSSPEC_S3_ENDPOINT_URL"], key="testing", secret="testing"
     )
     base = url.removeprefix("s3://")
     out: dict[str, tuple[str, str]] = {}
     for fp in _remote_entries(url):
-        doc = json.loads(fs.cat_file(f"{base}/objects/{fp[:2]}/{fp}/manifest.json"))
+        doc = expand(json.loads(fs.cat_file(f"{base}/objects/{fp[:2]}/{fp}/manifest.json")))
         for key, _, _, content_hash, _ in doc.get("pack") or []:
             out[key] = (fp, content_hash)
     return out
