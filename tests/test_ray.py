@@ -1137,6 +1137,7 @@ def test_a_first_ray_build_of_code_listing_a_folder_equals_a_local_build(
     log_py = (repo.path / "pkg" / "log.py").read_text()  # keys of its own: stores outlive tests
     repo.write({**SHELF, "pkg/log.py": log_py + f"# {uuid.uuid4().hex}\n"}, commit="shelf")
     _add_part(repo, 1)
+    _own_rows(repo)  # raw's keys of its own too (a node may hold them written otherwise)
     first = repo.clone(tmp_path / "first")
     out = doit(first, "run", "preprocess", log=tmp_path / "first.log", env=RAY_ENV)
     again = "to send again with the folders listed at run time (shelf)"
