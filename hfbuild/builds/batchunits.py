@@ -253,7 +253,7 @@ def _build_units(
     the others each in a directory of its own; None when the stage is to be built whole.
     A unit is found in the store by its key: its own entry, or its rows of a pack the
     stage's last list names."""
-    from hfbuild.builds import builder, shardbuild, shardone
+    from hfbuild.builds import builder, shardbuild, shardone, unitrows
 
     store = place.store
     plan = _plan(code_key(m, observed), spec, listed)
@@ -275,11 +275,11 @@ def _build_units(
     kept = closure.kept_state(refs.function(spec))
     scratch = os.path.join(tmp, builder.SCRATCH)
     made = []  # (unit, its directory, its result, seconds)
-    heads: dict[str, Any] = {}  # per split: its first shard with rows, its features
+    inputs = unitrows.UnitRows(store, parent_fp, listed, todo)
     with shardone.quiet_datasets():
         for u in todo:
             t1 = time.perf_counter()
-            rows = _rows_of(store, parent_fp, listed, u, heads)
+            rows = inputs.rows_of(u)
             one = builder.offset_indices(spec, u.start)
             path = tempfile.mkdtemp(dir=tmp, prefix="unit-")
             named = {"scratch": scratch, "tag": os.path.basename(path) + "-"}
@@ -345,36 +345,6 @@ def _save(
     for name in os.listdir(scratch) if os.path.isdir(scratch) else []:
         store.discard(os.path.join(scratch, name))  # the units' cache files: written now
     return got._replace(written=written)
-
-
-def _rows_of(
-    store: Any, parent_fp: str, listed: Sequence[Any], u: Unit, heads: dict[str, Any]
-) -> Any:
-    """Rows `u.start` to `u.stop` of the input's split `u.split`, from the input shards
-    holding them only (loading the whole input would map every shard of it). `heads`:
-    per split, its first shard with rows and that shard's features, found once a build."""
-    at = 0
-    first = -1
-    rows: list[list[Any]] = []
-    for row in listed:
-        if str(row[0]) != u.split:
-            continue
-        n = int(row[4]["rows"])
-        if n and at < u.stop and at + n > u.start:
-            first = at if first < 0 else first
-            rows.append(row)
-        at += n
-    part = store.load_listed(parent_fp, u.split, rows)
-    if u.split not in heads:
-        head = [r for r in listed if str(r[0]) == u.split and int(r[4]["rows"])][:1]
-        heads[u.split] = (head, store.load_listed(parent_fp, u.split, head).features)
-    head, features = heads[u.split]
-    if rows[:1] != head and features != part.features:
-        # Shards of other types: the whole split's concatenation decides them, as served.
-        whole = store.load(parent_fp)
-        split = whole[u.split] if isinstance(whole, dict) else whole
-        return split.select(range(u.start, u.stop))
-    return part.select(range(u.start - first, u.stop - first))
 
 
 def _same_features(
