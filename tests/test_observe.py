@@ -676,3 +676,32 @@ def test_file_opened_relative_to_a_directory_fd_is_recorded_under_that_directory
     assert calls(tmp_path / "edit.log") == Counter(["named", "nested"])
     for stage in ("named", "nested"):
         assert column(path, env, stage, "v") == ["second"] * 3
+
+
+def test_a_file_read_through_a_link_is_judged_by_where_it_leads(tmp_path: pathlib.Path) -> None:
+    """A read file's real path decides whether it is an input (the store and environments
+    are not): a link to a file in the store is left out like the store's file, wherever
+    the link lies; a project file reached through a linked directory or `..` is kept, under
+    its name in its real directory."""
+    from hfbuild.keys.fullkey import observed_paths
+    from hfbuild.source.gitstate import Snapshot
+
+    root = tmp_path / "root"
+    (root / "store").mkdir(parents=True)
+    (root / "data" / "sub").mkdir(parents=True)
+    (root / "store" / "entry.txt").write_text("x")
+    (root / "data" / "a.txt").write_text("x")
+    (root / "data" / "b.txt").write_text("x")
+    (root / "data" / "to-store.txt").symlink_to(root / "store" / "entry.txt")
+    (root / "linked").symlink_to(root / "data")
+    (root / "in-store").symlink_to(root / "store")
+    used = [
+        str(root / "data" / "a.txt"),
+        str(root / "data" / "to-store.txt"),  # a link into the store, among project files
+        str(root / "linked" / "b.txt"),
+        str(root / "data" / "sub" / ".." / "b.txt"),
+        str(root / "in-store" / "entry.txt"),
+    ]
+    snap = Snapshot(str(root))
+    got = observed_paths(used, {}, snap, [str(root / "store")])
+    assert got == ["data/a.txt", "data/b.txt"]

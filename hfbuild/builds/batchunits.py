@@ -274,17 +274,23 @@ def _build_units(
         return _Built(plan, docs, [], 0, 0)
     kept = closure.kept_state(refs.function(spec))
     scratch = os.path.join(tmp, builder.SCRATCH)
-    made = []  # (unit, its directory, its result, seconds)
+    made: list[tuple[Unit, str, Any, float]] = []  # (unit, its directory, result, seconds)
     inputs = unitrows.UnitRows(store, parent_fp, listed, todo)
     with shardone.quiet_datasets():
-        for u in todo:
-            t1 = time.perf_counter()
-            rows = inputs.rows_of(u)
-            one = builder.offset_indices(spec, u.start)
-            path = tempfile.mkdtemp(dir=tmp, prefix="unit-")
-            named = {"scratch": scratch, "tag": os.path.basename(path) + "-"}
-            out = builder.run_stage(one, [rows], u.key, path, place.root, **named)
-            made.append((u, path, out, time.perf_counter() - t1))
+        for run in _runs(spec, todo):
+            got_run = _filtered_together(place.root, spec, inputs, run, tmp, scratch)
+            for u, path, out, seconds in got_run or [(u, "", None, 0.0) for u in run]:
+                if out is None:  # built by itself, not under the run's cache file name
+                    if path:
+                        store.discard(path)
+                    t1 = time.perf_counter()
+                    rows = inputs.rows_of(u)
+                    one = builder.offset_indices(spec, u.start)
+                    path = tempfile.mkdtemp(dir=tmp, prefix="unit-")
+                    named = {"scratch": scratch, "tag": os.path.basename(path) + "-"}
+                    out = builder.run_stage(one, [rows], u.key, path, place.root, **named)
+                    seconds = time.perf_counter() - t1
+                made.append((u, path, out, seconds))
         liveness.check_built(place.root, m.doc)  # the code that ran is the code hashed
         got = _Built(plan, docs, [], len(todo), 0)
         if closure.kept_state(refs.function(spec)) != kept:
@@ -296,6 +302,55 @@ def _build_units(
         got.discard(store)
         return None
     return got
+
+
+def _runs(spec: StageSpec, todo: Sequence[Unit]) -> list[list[Unit]]:
+    """`todo` in runs a filter builds by one call: consecutive units of one split, each
+    starting where the one before it stops (so the run's batches are the units' own, at
+    the same global offsets); a map's units one by one (its rows per batch are not known
+    from its input, so one call's output could not be cut into units)."""
+    out: list[list[Unit]] = []
+    for u in todo:
+        last = out[-1][-1] if out else None
+        if spec.kind == "filter" and last and last.split == u.split and last.stop == u.start:
+            out[-1].append(u)
+        else:
+            out.append([u])
+    return out
+
+
+def _filtered_together(
+    root: str, spec: StageSpec, inputs: Any, run: Sequence[Unit], tmp: str, scratch: str
+) -> list[tuple[Unit, str, Any, float]] | None:
+    """A run of a filter's units (`_runs`) by one `filter` over their rows, when they lie
+    in one pack (`UnitRows.together`): a batched filter's output is which rows of each
+    batch it keeps, so each unit's result is the rows kept of its own, a slice of the
+    run's selection with the fingerprint its own build gives it ((unit, its directory,
+    result, seconds) each, in order); a unit that kept no row has result None, to be built
+    by itself (a slice of none would not be its build's empty selection). None for a
+    run of one unit or rows not in one pack."""
+    import numpy as np
+
+    from hfbuild.builds import builder
+
+    rows = inputs.together(run) if len(run) > 1 else None
+    if rows is None:
+        return None
+    t0 = time.perf_counter()
+    paths = [tempfile.mkdtemp(dir=tmp, prefix="unit-") for _ in run]
+    named = {"scratch": scratch, "tag": os.path.basename(paths[0]) + "-"}
+    one = builder.offset_indices(spec, run[0].start)
+    whole = builder.run_stage(one, [rows], run[0].key, paths[0], root, **named)
+    if whole._indices is None:  # datasets gave no selection: each unit by itself
+        return None
+    kept = whole._indices.column(0).to_numpy()
+    cuts = np.searchsorted(kept, [u.start - run[0].start for u in run] + [len(rows)])
+    each = (time.perf_counter() - t0) / len(run)
+    out = []
+    for u, path, a, b in zip(run, paths, cuts, cuts[1:], strict=False):
+        got = whole.select(range(int(a), int(b)), new_fingerprint=u.key[:64]) if b > a else None
+        out.append((u, path, got, each))
+    return out
 
 
 def _save(

@@ -84,6 +84,26 @@ class UnitRows:
             return split.select(range(u.start, u.stop), **named)
         return part.select(range(at, at + (u.stop - u.start)), **named)
 
+    def together(self, units: Sequence[Any]) -> Any | None:
+        """The rows of consecutive units of one split (`units[0].start` to
+        `units[-1].stop`) as one slice, when they all lie in one pack whose features are
+        the split's first shard's (what `rows_of` gives each of them); else None."""
+        first, last = units[0], units[-1]
+        s = self._split(first.split)
+        lo = max(bisect.bisect_right(s.starts, first.start) - 1, 0)
+        hi = bisect.bisect_left(s.starts, last.stop)
+        ks = [
+            k
+            for k in range(lo, hi)
+            if s.starts[k] < last.stop and s.starts[k] + int(s.rows[k][4]["rows"]) > first.start
+        ]
+        run = self._run(first.split, s, ks[0], ks[-1] + 1) if ks else None
+        if run is None or run[0].features != s.features:
+            return None
+        part, begin = run
+        named = {"new_fingerprint": "rows-of-" + str(first.key)[:56]}
+        return part.select(range(first.start - begin, last.stop - begin), **named)
+
     def _split(self, split: str) -> _Split:
         got = self._splits.get(split)
         if got is not None:
