@@ -254,3 +254,111 @@ def test_packed_units_are_pulled_and_a_bad_packed_shard_removed(tmp_path: pathli
         repo, "remote", "rm", "raw", "--shard", "data/part-3.parquet", "--remote", url, "--force"
     )
     assert out.returncode == 0 and "(--force)" in out.stdout, out.stdout + out.stderr
+
+
+SEL_FNS = """
+    import os
+
+
+    def grow(batch):
+        return {"y": [x * 3 + 1 for x in batch["x"]]}
+
+
+    def sel(batch, idx):
+        with open(os.environ["CALL_LOG"], "a") as out:
+            out.write("sel\\n")
+        return [i < 6 or 12 <= i < 15 or i >= 26 for i in idx]
+    """
+
+SEL_DODO = """
+    from hfbuild import Pipeline
+    from pkg import u
+
+    pipe = Pipeline()
+    raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+    feat = pipe.map("feat", raw, u.grow, batched=True, batch_size=4)
+    kept = pipe.filter("kept", feat, u.sel, batched=True, batch_size=3, with_indices=True)
+
+
+    def task_preprocess():
+        yield from pipe.tasks()
+    """
+
+SEL_PLAIN = """
+import glob, json, sys, datasets
+sys.path.insert(0, ".")
+from pkg import u
+import os
+os.environ["CALL_LOG"] = os.devnull
+datasets.disable_caching()
+ds = datasets.load_dataset("parquet", data_files=sorted(glob.glob("data/*.parquet")),
+                           split="train", cache_dir=sys.argv[1])
+ds = ds.map(u.grow, batched=True, batch_size=4)
+ds = ds.filter(u.sel, batched=True, batch_size=3, with_indices=True)
+print(json.dumps(ds.to_dict()))
+"""
+
+EACH_ALONE = """
+import sys
+from hfbuild.builds import batchunits
+
+batchunits._runs = lambda spec, todo: [[u] for u in todo]  # each unit its own filter call
+from doit.doit_cmd import DoitMain
+from doit.cmd_base import ModuleTaskLoader
+import dodo
+
+sys.exit(DoitMain(ModuleTaskLoader(dodo)).run(["run", "preprocess"]))
+"""
+
+
+def test_a_filters_units_built_by_one_call_are_those_each_call_gives(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A batched filter's missing units over one pack are one `filter` call, each unit's
+    rows cut from it: with `with_indices` (the call's indices start at its first unit's),
+    units that keep no row (the last one too), and an append of two files (the new units,
+    over the map's new pack, one call starting mid-split),
+    the lock is byte for byte the one a build calling the filter once a unit writes, each
+    unit holds the rows of its own it keeps, and the result is plain datasets'."""
+    locks: dict[str, list[str]] = {"together": [], "alone": []}
+    for name in locks:
+        repo = Repo.init(tmp_path / name)
+        make_project(repo, parts=0)
+        repo.write({"dodo.py": SEL_DODO, "pkg/u.py": SEL_FNS})
+        for i in range(6):
+            write_part(repo, f"part-{i}", 4 * i, rows=4)
+        repo.commit("filter units")
+        for step in ("cold", "append"):
+            if step == "append":
+                write_part(repo, "part-6", 24, rows=4)
+                write_part(repo, "part-7", 28, rows=4)
+                repo.commit("two more files")
+            log = tmp_path / f"{name}-{step}.log"
+            if name == "together":
+                doit(repo, "run", "preprocess", log=log)
+            else:
+                out = run_python(EACH_ALONE, repo.path, env={"CALL_LOG": str(log)})
+                assert out.returncode == 0, out.stderr[-3000:]
+            got = _lists(repo)
+            # kept's units read rows [0, 6), [6, 9), [9, 12), [12, 18), [18, 21), [21, 24)
+            # and, appended, [24, 30) and [30, 32), both from feat's new pack (its batches
+            # up to 24 were whole: its units before stay); it keeps rows 0-5, 12-14, 26 on.
+            cold = [6, 0, 0, 3, 0, 0]
+            want = cold if step == "cold" else [*cold, 4, 2]
+            kept = json.loads((repo.path / "hfbuild.lock").read_text())["stages"]["kept"]
+            assert len(kept["shard_hashes"]) == len(want), kept
+            doc = run_python(
+                "import dodo, json\n"
+                "d = dodo.pipe.store.read_manifest(dodo.pipe['kept'].fingerprint)\n"
+                "print(json.dumps([r[4]['rows'] for r in d['shards']]))",
+                repo.path,
+            )
+            assert json.loads(doc.stdout.splitlines()[-1]) == want, (name, step)
+            assert got["kept_rows"] == _plain_sel(repo, tmp_path / f"{name}-{step}")
+            locks[name].append((repo.path / "hfbuild.lock").read_text())
+    assert locks["together"] == locks["alone"]
+
+
+def _plain_sel(repo: Repo, cache: pathlib.Path) -> object:
+    out = run_python(SEL_PLAIN, repo.path, args=[str(cache)])
+    return json.loads(out.stdout.splitlines()[-1])

@@ -327,8 +327,8 @@ def _filtered_together(
     batch it keeps, so each unit's result is the rows kept of its own, a slice of the
     run's selection with the fingerprint its own build gives it ((unit, its directory,
     result, seconds) each, in order); a unit that kept no row has result None, to be built
-    by itself (a slice of none would not be its build's empty selection). None for a
-    run of one unit or rows not in one pack."""
+    by itself (datasets refuses a slice of none at a selection's end). None for a run of
+    one unit or rows not in one pack."""
     import numpy as np
 
     from hfbuild.builds import builder
