@@ -374,3 +374,18 @@ def test_a_manifest_changed_within_the_racy_window_is_not_remembered(
     _write_manifest(store)
     assert store.manifests.read_why(_FP)[0] is not None
     assert not os.path.exists(store.layout.checked_path())
+
+
+def test_the_keys_a_store_lacks_are_found_by_listing_its_directories(
+    tmp_path: pathlib.Path,
+) -> None:
+    """`Store.absent`: of many keys, those with no entry directory, by one listing of each
+    `objects/<two hex digits>/` they fall in (a cold build's thousands of shards): a key
+    with an entry is never among them, a key whose directory of entries does not exist is."""
+    from hfbuild.store.store import Store
+
+    store = Store(str(tmp_path / "store"))
+    have, lack, elsewhere = "ab" + "1" * 30, "ab" + "2" * 30, "cd" + "3" * 30
+    (tmp_path / "store" / "objects" / "ab" / have).mkdir(parents=True)
+    assert store.absent([have, lack, elsewhere]) == {lack, elsewhere}
+    assert store.absent([]) == set()

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from hfbuild.keys.place import Place
 
 _PROGRESS_SHARDS = 8  # fewer shards than this build without a progress bar
+_LIST_AT = 64  # shards to look for from which the store's directories are listed instead
 
 
 def build(
@@ -74,9 +75,13 @@ def build(
                 cur = dataclasses.replace(m, observed=observed)
                 keyed = cur
                 todo: list[tuple[int, Shard]] = []
+                new = [s.key for s in cur.shard_list if s.key not in known and s.key not in prior]
+                absent = store.absent(new) if len(new) >= _LIST_AT else set()
                 for i, s in enumerate(cur.shard_list):
                     if s.key not in known:
-                        doc = prior.get(s.key) or store.intact_manifest(s.key)
+                        doc = prior.get(s.key) or (
+                            None if s.key in absent else store.intact_manifest(s.key)
+                        )
                         if doc is None:
                             todo.append((i, s))
                         known[s.key] = doc

@@ -21,7 +21,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from hfbuild.core.errors import StoreError
@@ -217,6 +217,24 @@ class Layout:
                 f"cannot create the store at {self.root} ({e.strerror}). Make it writable, or "
                 f"point HFBUILD_STORE at a writable directory."
             ) from e
+
+    def absent(self, fps: Iterable[str]) -> set[str]:
+        """Of `fps`, those with no entry directory now, by one listing of each
+        `objects/<fp[:2]>/` they fall in (a directory that cannot be listed for another
+        reason than its absence leaves its keys out: not known to be absent)."""
+        by_dir: dict[str, list[str]] = {}
+        for fp in fps:
+            by_dir.setdefault(fp[:2], []).append(fp)
+        out: set[str] = set()
+        for d, keys in by_dir.items():
+            try:
+                names = set(os.listdir(os.path.join(self.root, "objects", d)))
+            except FileNotFoundError:
+                names = set()
+            except OSError:
+                continue
+            out.update(k for k in keys if k not in names)
+        return out
 
     def fingerprints(self) -> list[str]:
         """The fingerprints of every entry directory under `objects/`, sorted."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from hfbuild.store import collect as storegc
@@ -88,6 +88,13 @@ class Store:
     def intact_manifest(self, fp: str) -> dict[str, Any] | None:
         """The manifest of the complete, intact entry for `fp`, else None."""
         return self.checks.intact_manifest(fp)
+
+    def absent(self, fps: Iterable[str]) -> set[str]:
+        """Of `fps`, those without an entry now: one listing per directory of entries they
+        fall in, not a failed manifest read each (a cold build's 5,000 shards). One
+        published after the listing is not seen: built again, the first publication wins
+        (`publish_first`)."""
+        return self.layout.absent(fps)
 
     def has(self, fp: str) -> bool:
         """True when a complete, intact entry for `fp` exists (see `check`)."""
