@@ -185,9 +185,8 @@ def empty(features: Any, split: str) -> Any:
 
 
 def parquet_features(path: str) -> Any:
-    """The features datasets' parquet builder gives a load whose first data file is
-    `path`: its Arrow schema's (`Features.from_arrow_schema(pq.read_schema(f))`, as the
-    builder reads it)."""
+    """The features datasets' parquet builder gives a load whose first data file is `path`:
+    `Features.from_arrow_schema(pq.read_schema(f))`, as the builder reads it."""
     import pyarrow.parquet as pq
 
     with open(path, "rb") as f:
@@ -195,15 +194,12 @@ def parquet_features(path: str) -> Any:
 
 
 def parquet_rows(path: str) -> int:
-    """The rows of a parquet file, from its footer: what datasets' parquet builder yields
-    of it when no `filters=` narrows them. The file is read by Arrow's own file (not a
-    Python file object, whose reads call back into Python: a third of the cost over 5,000
-    small files); the same exceptions as `open` (`FileNotFoundError`, ...) and a footer's
-    `ArrowInvalid`."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """The rows of a parquet file from its footer (what datasets' parquet builder yields of
+    it with no `filters=`), read by Arrow's own file: a Python one's reads call back."""
+    from pyarrow import OSFile
+    from pyarrow import parquet as pq
 
-    with pa.OSFile(path) as f:
+    with OSFile(path) as f:
         return int(pq.read_metadata(f).num_rows)
 
 
