@@ -94,8 +94,8 @@ def _lists(repo: Repo) -> dict[str, object]:
     return got
 
 
-def _plain(repo: Repo, tmp_path: pathlib.Path) -> object:
-    out = run_python(PLAIN, repo.path, args=[str(tmp_path / "plain-cache")])
+def _plain(repo: Repo, tmp_path: pathlib.Path, script: str = PLAIN) -> object:
+    out = run_python(script, repo.path, args=[str(tmp_path / "plain-cache")])
     return json.loads(out.stdout.splitlines()[-1])
 
 
@@ -270,33 +270,14 @@ SEL_FNS = """
         return [i < 6 or 12 <= i < 15 or i >= 26 for i in idx]
     """
 
-SEL_DODO = """
-    from hfbuild import Pipeline
-    from pkg import u
+SEL_DODO = DODO.replace(
+    "u.keep, batched=True, batch_size=3", "u.sel, batched=True, batch_size=3, with_indices=True"
+)
+SEL_PLAIN = PLAIN.replace(
+    "u.keep, batched=True, batch_size=3", "u.sel, batched=True, batch_size=3, with_indices=True"
+)
+assert SEL_DODO != DODO and SEL_PLAIN != PLAIN
 
-    pipe = Pipeline()
-    raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
-    feat = pipe.map("feat", raw, u.grow, batched=True, batch_size=4)
-    kept = pipe.filter("kept", feat, u.sel, batched=True, batch_size=3, with_indices=True)
-
-
-    def task_preprocess():
-        yield from pipe.tasks()
-    """
-
-SEL_PLAIN = """
-import glob, json, sys, datasets
-sys.path.insert(0, ".")
-from pkg import u
-import os
-os.environ["CALL_LOG"] = os.devnull
-datasets.disable_caching()
-ds = datasets.load_dataset("parquet", data_files=sorted(glob.glob("data/*.parquet")),
-                           split="train", cache_dir=sys.argv[1])
-ds = ds.map(u.grow, batched=True, batch_size=4)
-ds = ds.filter(u.sel, batched=True, batch_size=3, with_indices=True)
-print(json.dumps(ds.to_dict()))
-"""
 
 EACH_ALONE = """
 import sys
@@ -354,11 +335,6 @@ def test_a_filters_units_built_by_one_call_are_those_each_call_gives(
                 repo.path,
             )
             assert json.loads(doc.stdout.splitlines()[-1]) == want, (name, step)
-            assert got["kept_rows"] == _plain_sel(repo, tmp_path / f"{name}-{step}")
+            assert got["kept_rows"] == _plain(repo, tmp_path / f"{name}-{step}", SEL_PLAIN)
             locks[name].append((repo.path / "hfbuild.lock").read_text())
     assert locks["together"] == locks["alone"]
-
-
-def _plain_sel(repo: Repo, cache: pathlib.Path) -> object:
-    out = run_python(SEL_PLAIN, repo.path, args=[str(cache)])
-    return json.loads(out.stdout.splitlines()[-1])
