@@ -68,6 +68,22 @@ kind after a cold build (base in brackets): Arrow rows 1.91 MB (1.91), the data 
 stat cache 0.75 MB (0.72; `statcache.json`, absolute paths as keys), the three lists 0.67
 MB (2.63), the three packs' manifests 0.29 MB (0.69), the code cache 0.11 MB (0.11). The
 lock is byte for byte the base's.
+
+Measured on 2026-12-05 with h-smallcold on main at 1ec7aa4 (a footer read by Arrow's own
+file; units' input rows found by bisection and read from one load of a pack; a filter's
+consecutive units one call; read files' real paths per directory; the shards looked for
+listed per directory of entries; see ARCHITECTURE, "A cold build over 5,000 small
+files"), CPU seconds, on the shared machine at a load average of 12-19 (two to three times
+the load of the figures above: each figure moves 10-20% between runs), main's runs of the
+same half hour in brackets (`BENCH_PYTHONPATH=/work/main`, this venv). Note: with
+`PYTHONDONTWRITEBYTECODE=1` a fresh worktree has no bytecode, and every process compiles
+hfbuild (~0.1 s of a no-op): `python -m compileall hfbuild` first. Cold against plain
+datasets, three runs with bytecode, each after a run of main: 1.18, 1.07, 1.31 (main
+1.40, 1.48, 1.40; hfbuild 7.19-7.44 s against main's 7.13-8.21); two runs before it was
+compiled 1.48 and 1.27 (main 1.55). Not shown: <= 1.3 in every run at this load.
+In-process timers (load 6-9): the cold build 6.45-6.67 s against main's 6.58-6.94, plain
+datasets 4.71-4.79. Append one file 0.29-0.36 of plain's rebuild; no-op 0.30-0.35 s with
+bytecode (main 0.32-0.35 in the same half hour); the store as 1ec7aa4's (2.68x, 30 files).
 """
 
 from __future__ import annotations
