@@ -12,7 +12,13 @@ writes its answer to `out` with pickle; the test reads what its own children wro
 - `build`: `hfbuild build` (`hfbuild.cli.main.main`), the exit code is the command's;
 - `results`: each stage of the dodo.py's pipeline through `pipe.result()`, as plain values;
 - `reference`: plain `datasets` over the spec in `arg`: one `load_dataset`, then the same
-  `map`/`filter` calls, caching disabled, a fresh HF cache (`arg["cache"]`).
+  `map`/`filter` calls, caching disabled, a fresh HF cache (`arg["cache"]`);
+- `script`: the Python code `arg["code"]` run as `__main__` with `cwd` first on `sys.path`
+  (what `python -c` with `PYTHONPATH=cwd` runs); the answer is what it printed, the exit
+  code 1 when it raised (the traceback in the log) or its `SystemExit`'s.
+
+`"environ": true` in a request makes `env` the child's whole environment (the test's), not
+additions to the server's.
 
 The server must never import the project's code: only its children do.
 """
@@ -105,7 +111,31 @@ def _op_reference(arg: Any) -> tuple[int, Any]:
     return 0, out
 
 
-OPS = {"build": _op_build, "results": _op_results, "reference": _op_reference}
+def _op_script(arg: Any) -> tuple[int, Any]:
+    import contextlib
+    import io
+    import traceback
+
+    sys.path.insert(0, os.getcwd())
+    printed = io.StringIO()
+    rc = 0
+    with contextlib.redirect_stdout(printed):
+        try:
+            exec(compile(arg["code"], "<script>", "exec"), {"__name__": "__main__"})
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            rc = 1
+    return rc, printed.getvalue()
+
+
+OPS = {
+    "build": _op_build,
+    "results": _op_results,
+    "reference": _op_reference,
+    "script": _op_script,
+}
 
 
 def _child(req: dict[str, Any]) -> None:
@@ -118,6 +148,8 @@ def _child(req: dict[str, Any]) -> None:
         os.dup2(log, 2)
         sys.stdin.close()
         os.chdir(req["cwd"])
+        if req.get("environ"):
+            os.environ.clear()
         os.environ.update(req.get("env") or {})
         rc, answer = OPS[req["op"]](req.get("arg"))
         with open(req["out"], "wb") as f:

@@ -2,16 +2,60 @@
 (one `load_dataset` of all the files, then the same map/filter calls), cold and after an
 append: rows, order, features and split order; where plain `datasets` raises, the stage
 fails and serves nothing. Plain `datasets` runs uncached, in a fresh cache, in a process
-of its own that never imports hfbuild."""
+of its own that never imports hfbuild.
+
+Each build is a `doit run` process. Each plain `datasets` run and each read of what hfbuild
+serves is a process of its own too, forked from a server that imported `datasets` (and, for
+the reads, `hfbuild`) once and never runs project code (tests/forkserver.py, as
+tests/test_differential.py does): fresh, without paying Python's start-up each time."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import pathlib
+import textwrap
+from collections.abc import Iterator
 from typing import Any
 
-from tests.helpers import Repo, run_hfbuild, run_python
+import pytest
+
+from tests.helpers import Repo, offline_env, run_hfbuild
 from tests.pipeline_project import doit
+from tests.test_differential import Server
+
+_servers: dict[bool, Server] = {}
+_outs = itertools.count()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The two fork servers (plain `datasets`; `datasets` and hfbuild), in an environment of
+    their own (each child takes the test's whole environment)."""
+    home = tmp_path_factory.mktemp("exacthome")
+    outside = {k: v for k, v in os.environ.items() if not k.startswith(("HFBUILD_", "HF_"))}
+    env = {**outside, **offline_env(home)}
+    env.pop("PYTHONHASHSEED", None)
+    _servers[True], _servers[False] = Server(env, plain=True), Server(env, plain=False)
+    yield
+    for server in _servers.values():
+        server.close()
+    _servers.clear()
+
+
+def _python(code: str, cwd: pathlib.Path, *, plain: bool = False) -> str:
+    """What `code` printed, run with `cwd` first on `sys.path` in a fresh process (forked: see
+    above) in the test's environment; the plain server's never imported hfbuild."""
+    server = _servers[plain]
+    out = cwd.parent / f"python-{next(_outs)}.pkl"
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    rc, printed = server.run(
+        "script", cwd, out, env=env, environ=True, arg={"code": textwrap.dedent(code)}
+    )
+    assert rc == 0, f"python failed ({rc}):\n{printed}\n{server.log(out)}"
+    return str(printed)
+
 
 DODO = """
 from hfbuild import Pipeline
@@ -108,9 +152,9 @@ def _check(repo: Repo, tmp_path: pathlib.Path) -> dict[str, Any]:
     """Build, then compare every stage's served result with plain datasets'. Where plain
     datasets raised, the build must have failed and that stage must serve nothing."""
     repo.commit("state")
-    plain = _last_json(run_python(PLAIN, repo.path).stdout)
+    plain = _last_json(_python(PLAIN, repo.path, plain=True))
     built = doit(repo, "run", "preprocess", log=tmp_path / "calls.log", check=False)
-    served = _last_json(run_python(SERVED, repo.path).stdout)
+    served = _last_json(_python(SERVED, repo.path))
     failed = [n for n, d in plain.items() if "error" in d]
     if failed:
         assert built.returncode != 0, (failed, built.stdout)
@@ -268,8 +312,8 @@ def test_map_whose_types_differ_by_file_is_never_served_mixed(tmp_path: pathlib.
     _parquet(repo, "b.parquet", {"x": [11, 13]})
     repo.commit("state")
     built = doit(repo, "run", "preprocess", log=tmp_path / "calls.log", check=False)
-    served = _last_json(run_python(SERVED, repo.path).stdout)
-    plain = _last_json(run_python(PLAIN, repo.path).stdout)
+    served = _last_json(_python(SERVED, repo.path))
+    plain = _last_json(_python(PLAIN, repo.path, plain=True))
     if built.returncode == 0:
         assert served == plain
     else:
@@ -333,7 +377,7 @@ def test_a_function_keeping_state_between_calls_is_not_built_file_by_file(
         assert built.returncode != 0
         assert "keeps state between calls" in built.stdout + built.stderr
         assert "sharded=False" in built.stdout + built.stderr
-        served = _last_json(run_python(SERVED, repo.path).stdout)
+        served = _last_json(_python(SERVED, repo.path))
         assert "error" in served["fresh"], served
     (repo.path / "plan.py").write_text(
         (repo.path / "plan.py").read_text().replace("t.unseen, {}", 't.unseen, {"sharded": False}')
@@ -460,7 +504,7 @@ def test_missing_load_shards_are_one_load_dataset_cut_by_file(tmp_path: pathlib.
     log.unlink()
     _check(repo, tmp_path)
     assert log.read_text().split().count("load_dataset") == 1
-    listed = run_python(SHARD_ROWS, repo.path).stdout.strip().splitlines()[-1]
+    listed = _python(SHARD_ROWS, repo.path).strip().splitlines()[-1]
     assert json.loads(listed) == {
         "data/a.parquet": 7,
         "data/c.parquet": 1,
@@ -529,13 +573,13 @@ def test_batched_stages_are_built_by_batch_aligned_units(tmp_path: pathlib.Path)
     for i, rows in enumerate((7, 5, 9, 6)):
         _token_file(repo, i, rows)
     _check(repo, tmp_path)
-    cold = _last_json(run_python(UNITS_BUILT, repo.path).stdout)
+    cold = _last_json(_python(UNITS_BUILT, repo.path))
     assert cold["whole"] is None
     for name in ("tok", "maxed", "kept"):
         assert cold[name] is not None and cold[name][0] == cold[name][1] >= 4, (name, cold)
     _token_file(repo, 4, 2)
     _check(repo, tmp_path)
-    again = _last_json(run_python(UNITS_BUILT, repo.path).stdout)
+    again = _last_json(_python(UNITS_BUILT, repo.path))
     for name in ("tok", "maxed", "kept"):
         built, total = again[name]
         assert 1 <= built <= 2 and total >= cold[name][1], (name, again)
@@ -560,7 +604,7 @@ def test_a_glob_of_only_hidden_files_fails_with_datasets_error(tmp_path: pathlib
             (repo.path / "data").mkdir()
             (repo.path / "data" / name).write_text(text)
         repo.commit("state")
-        plain = _last_json(run_python(PLAIN, repo.path).stdout)
+        plain = _last_json(_python(PLAIN, repo.path, plain=True))
         built = doit(repo, "run", "preprocess", log=where / "calls.log", check=False)
         assert built.returncode != 0
         said = built.stdout + built.stderr
