@@ -224,6 +224,10 @@ COMMANDS = [
 ]
 
 
+def _said(out: subprocess.CompletedProcess[str]) -> tuple[int, str, str]:
+    return out.returncode, out.stdout, out.stderr
+
+
 def test_each_command_answers_from_the_record_as_from_dodo(tmp_path: pathlib.Path) -> None:
     """Each command over one built project (none of them changes what the others answer:
     `build` last, with nothing to build): from the record without importing, as the full
@@ -240,11 +244,7 @@ def test_each_command_answers_from_the_record_as_from_dodo(tmp_path: pathlib.Pat
                 break
         assert p.imports() == before, (args, out.stdout + out.stderr)
         full = p.run("-m", "hfbuild", *args, record=False)
-        assert (out.returncode, out.stdout, out.stderr) == (
-            full.returncode,
-            full.stdout,
-            full.stderr,
-        ), args
+        assert _said(out) == _said(full), args
     for n, args in enumerate(COMMANDS[:-1], start=3):
         # A staged edit: the check takes the full path, and answers as it.
         (p.repo.path / "pkg/util.py").write_text(f"OFFSET = {n}\n")
@@ -253,11 +253,7 @@ def test_each_command_answers_from_the_record_as_from_dodo(tmp_path: pathlib.Pat
         out = p.run("-m", "hfbuild", *args)
         assert p.imports() > before, args
         full = p.run("-m", "hfbuild", *args, record=False)
-        assert (out.returncode, out.stdout, out.stderr) == (
-            full.returncode,
-            full.stdout,
-            full.stderr,
-        ), args
+        assert _said(out) == _said(full), args
 
 
 @pytest.mark.parametrize("kind", KINDS)
