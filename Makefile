@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/actionlint docs/examples/hfbuild-ci.yml
 
 test: lint
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 -q --durations=30
 
 # The extras as a user installs them: the built wheel into a fresh venv, `hfbuild[ray,s3]`
 # resolved by that venv's own pip (a dry run: resolving is what failed, and a real install

@@ -995,13 +995,15 @@ def _own_rows(repo: Repo) -> None:
 
 def _coalesced_project(repo: Repo) -> None:
     """Six tiny files (part-0's 40 rows, then 20 each), row-local stages, feat recording
-    its Ray task; keys of its own (the nodes' stores outlive a test)."""
+    its Ray task; code and rows of its own, so keys of its own (the nodes' stores outlive a
+    test: a node holding a shard another test built pushes it as an entry of its own)."""
     make_project(repo)
     _row_local(repo)
     log_py = (repo.path / "pkg" / "log.py").read_text()
     repo.write({**COALESCED, "pkg/log.py": log_py + f"# {uuid.uuid4().hex}\n"})
     for i in range(1, 6):
         _add_part(repo, i)
+    _own_rows(repo)
 
 
 def test_small_shards_travel_coalesced_and_each_task_pushes_one_pack(
@@ -1014,7 +1016,6 @@ def test_small_shards_travel_coalesced_and_each_task_pushes_one_pack(
     filter's shards, selections of their input's rows, each as an entry of its own. Keys,
     content hashes and results equal a local build's."""
     _coalesced_project(repo)
-    _own_rows(repo)
     first = repo.clone(tmp_path / "first")
     tasks = tmp_path / "tasks.log"
     log = tmp_path / "first.log"
@@ -1264,7 +1265,6 @@ def test_a_ray_load_travels_in_few_requests_and_its_shards_come_back_with_the_re
     stage and builds nothing."""
 
     _coalesced_project(repo)
-    _own_rows(repo)
     first = repo.clone(tmp_path / "first")
     env = {**RAY_ENV, "TASK_LOG": str(tmp_path / "tasks.log")}
     with s3_requests() as lines:
