@@ -61,7 +61,7 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in reversed(procs):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 5  # what ignores SIGTERM is killed: a stop waited 20 s
     while _session_pids(pgids) and time.monotonic() < deadline:
         time.sleep(0.2)
     for pid in _session_pids(pgids):
