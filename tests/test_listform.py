@@ -73,6 +73,22 @@ def _upper_list() -> list[list[Any]]:
     return rows
 
 
+def _appended_list(n: int) -> list[list[Any]]:
+    """A load's list after an append: one pack of `n` shards, then a shard stored by itself
+    (no pack, no span, a stamp of its own)."""
+    rows = _load_list(n, 1)
+    files = {"data-00000-of-00001.arrow": 812, "dataset_info.json": 342}
+    facts = {
+        "before": "",
+        "content_hash": _hex(12345),
+        "form": _hex(99),
+        "input": _hex(54321, 40),
+        "rows": 10,
+        "stamp": [1796468465225206999, 1210],
+    }
+    return [*rows, ["train", _hex(77777), f"data/part-9-{n:05d}.parquet", files, facts]]
+
+
 def _pack(n: int) -> list[list[Any]]:
     return [
         [_hex(i), 10 * i, 10 * i + 10, _hex(3 * i), f"data/part-{i:05d}.parquet"] for i in range(n)
@@ -83,6 +99,8 @@ def _pack(n: int) -> list[list[Any]]:
     "doc",
     [
         {"shards": _load_list(1000, 2), "rows": 20000},
+        {"shards": _appended_list(1000)},
+        {"shards": _appended_list(1000)[::-1]},
         {"shards": _odd_list()},
         {"shards": _upper_list()},
         {"shards": _load_list(1, 1)},
@@ -100,6 +118,7 @@ def _pack(n: int) -> list[list[Any]]:
 def test_rows_written_compactly_are_read_back_exactly(doc: dict[str, Any]) -> None:
     """What a file holds (`compact`, through JSON) expands to the same rows, in the same
     key order a file read gives; a large load's list takes a third of the bytes or less,
+    also with a shard stored by itself among packed ones (an append: no span of its own),
     a pack's rows under three fifths."""
     original = json.dumps(doc)
     written = json.dumps(listform.compact(doc), sort_keys=True)
@@ -124,6 +143,8 @@ def test_rows_written_compactly_are_read_back_exactly(doc: dict[str, Any]) -> No
         lambda c: c["at"].update({"all": 5}),
         lambda c: c.update(label={"front": "9:x\n0:y"}),
         lambda c: c["facts"].update(span={"list": ["a", "b"]}),
+        lambda c: c["facts"].update(span={"list": [None, None]}),
+        lambda c: c["facts"].update(span={"list": [0, 1.5]}),
         lambda c: c.update(common=[["train", [], {}]]),
     ],
 )

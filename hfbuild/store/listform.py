@@ -31,6 +31,7 @@ FORM = 2  # the compact form's version: written as `{"form": 2, ...}` in place o
 # A list row's facts that are the row's own, written as columns (the rest is `common`).
 _OWN = ("content_hash", "input", "rows", "span", "before")
 _HEX = frozenset("0123456789abcdef")
+_NO_SPAN = object()  # a list row without a span
 
 
 def compact(doc: dict[str, Any]) -> dict[str, Any]:
@@ -202,17 +203,23 @@ def _compact_list(rows: list[list[Any]]) -> dict[str, Any]:
     n = len(rows)
     own = [f for f in _OWN if all(f in r[4] for r in rows)]
     starts: list[Any] | None = None
-    if "span" in own and "rows" in own:
-        spans = [(r[4]["span"], r[4]["rows"]) for r in rows]
+    if "rows" in own and any("span" in r[4] for r in rows):
+        # A span follows from the row's start and rows; a row without one (a shard stored
+        # by itself among packed ones: a rebuild after an append) has no start (null).
+        spans = [(r[4].get("span", _NO_SPAN), r[4]["rows"]) for r in rows]
         if all(
-            isinstance(s, list)
-            and len(s) == 2
-            and type(s[0]) is int
-            and type(k) is int
-            and s[1] == s[0] + k
+            s is _NO_SPAN
+            or (
+                isinstance(s, list)
+                and len(s) == 2
+                and type(s[0]) is int
+                and type(k) is int
+                and s[1] == s[0] + k
+            )
             for s, k in spans
         ):
-            starts = [s[0] for s, _ in spans]
+            starts = [None if s is _NO_SPAN else s[0] for s, _ in spans]
+            own = [*own, "span"] if "span" not in own else own
     common: list[list[Any]] = []
     where: dict[str, int] = {}
     picks: list[int] = []
@@ -265,7 +272,12 @@ def _expand_list(doc: dict[str, Any]) -> list[list[Any]]:
     spans = cols.pop("span", None)
     if spans is not None:
         counts = cols.get("rows")
-        if counts is None or not all(type(v) is int for v in spans + counts):
+        if (
+            counts is None
+            or not all(type(v) is int for v in counts)
+            or not all(v is None or type(v) is int for v in spans)
+            or all(v is None for v in spans)
+        ):
             raise ValueError("a malformed span column")
     names = sorted(cols)
     columns = [(f, cols[f]) for f in names]
@@ -287,8 +299,12 @@ def _expand_list(doc: dict[str, Any]) -> list[list[Any]]:
         row = base.copy()
         for f, c in columns:
             row[f] = c[i]
-        if spans is not None:
-            row["span"] = [spans[i], spans[i] + row["rows"]]
+        if spans is None:
+            pass
+        elif (start := spans[i]) is None:
+            del row["span"]  # a row without a span (the others' keys stay in order)
+        else:
+            row["span"] = [start, start + row["rows"]]
         out.append([split, keys[i], labels[i], files, row])
     return out
 
