@@ -87,12 +87,39 @@ def sides(text: str) -> list[dict[str, Any]]:
 
 
 def dumps(stages: Mapping[str, Any]) -> str:
-    doc = {"hfbuild": SCHEMA, "stages": dict(sorted(stages.items()))}
+    """The lock's text: sorted JSON indented by one space, as `json.dumps(doc, indent=1,
+    sort_keys=True, ensure_ascii=False)` writes it. Each stage's entry is encoded by itself
+    and its text kept for the process (`_encoded`): a build records its stages one at a
+    time, and each record rewrites the lock, whose other entries (a sharded stage's: a
+    content hash per shard) are then the same text again, not encoded again."""
+    if not stages:
+        return json.dumps({"hfbuild": SCHEMA, "stages": {}}, indent=1) + "\n"
+    parts = [
+        f"  {json.dumps(name, ensure_ascii=False)}: {_encoded(name, e)}"
+        for name, e in sorted(stages.items())
+    ]
+    body = ",\n".join(parts)
+    return f'{{\n "hfbuild": {SCHEMA},\n "stages": {{\n{body}\n }}\n}}\n'
+
+
+# stage name -> (its entry's compact JSON, the entry's text at the depth `dumps` writes it).
+_texts: dict[str, tuple[str, str]] = {}
+
+
+def _encoded(name: str, entry: Any) -> str:
     # A tree of plain values: no cycle to check for (json's indenting encoder checks with an
-    # id() per list and dict, each an audit event observe.py's hook is called for).
-    return (
-        json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False, check_circular=False) + "\n"
-    )
+    # id() per list and dict, each an audit event observe.py's hook is called for). The
+    # compact text (C's encoder, 1, 1.0 and true apart) says whether the entry is the one
+    # encoded last; the indented text is Python's encoder, many times slower.
+    flat = json.dumps(entry, sort_keys=True, ensure_ascii=False, check_circular=False)
+    hit = _texts.get(name)
+    if hit is not None and hit[0] == flat:
+        return hit[1]
+    # A string holds no raw line break (JSON escapes it): every line break is the indenter's.
+    text = json.dumps(entry, sort_keys=True, indent=1, ensure_ascii=False, check_circular=False)
+    text = text.replace("\n", "\n  ")
+    _texts[name] = (flat, text)
+    return text
 
 
 def loads(text: str, where: str = LOCK_NAME) -> dict[str, Any]:
@@ -126,7 +153,11 @@ def read(path: str) -> dict[str, Any]:
     """The stages recorded in the lock at `path`; empty when there is no lock yet or it is
     not valid (regenerable, never fatal for a build). A lock with merge conflict markers
     raises `ConflictedLockError`: reading it as empty would drop both sides' entries."""
-    text = _text(path)
+    return _parsed(_text(path), path)
+
+
+def _parsed(text: str | None, path: str) -> dict[str, Any]:
+    """`read`'s answer for the lock text `text` read at `path`."""
     if not text:
         return {}
     try:
@@ -284,11 +315,12 @@ def update(path: str, lock_dir: str, updates: Mapping[str, Any], keep: set[str])
     from hfbuild.store.sharing import write_text_atomic
 
     with _locked(lock_dir):
-        stages = read(path)
+        was = _text(path)
+        stages = _parsed(was, path)
         new = {k: v for k, v in stages.items() if k in keep}
         new.update(updates)
         text = dumps(new)
-        if _text(path) == text:
+        if was == text:
             return False
         write_text_atomic(path, text)
         return True
