@@ -3,8 +3,9 @@
 Owns: the committed lock's stages (HEAD's; outside git, the lock on disk), one process's view
 of hfbuild.lock (read once, and again only when the file's stat
 signature changed or this process wrote it) and of the stored manifests it looked at (read and
-checked once per up-to-date check, then reused by the doit title line), so that a no-op run
-over N stages reads and parses the lock once, not N times. Every change is written at once,
+checked once per up-to-date check, then reused by the doit title line; a manifest a build just
+published, as recorded, taken by the next key computation), so that a no-op run over N stages
+reads and parses the lock once, not N times. Every change is written at once,
 merged under the lock file's file lock with what is on disk then (`lockfile.update`), so
 concurrent runs and a crash mid-run lose no entry.
 
@@ -37,6 +38,8 @@ class Ledger:
         self._stored: dict[str, dict[str, Any] | None] = {}  # fingerprint -> intact manifest
         self._registered = False
         self._fresh: set[str] = set()  # read for a key computation, not yet by `is_built`
+        # Recorded from a manifest just published or checked here, not yet looked up.
+        self._recorded: set[str] = set()
 
     def committed(self) -> dict[str, Any]:
         """The committed lock's (HEAD's) stages; {} without one or when it cannot be read.
@@ -73,10 +76,15 @@ class Ledger:
         entry's manifest, what its consumers' keys hold: `inputid`), each read afresh once;
         the stage's own up-to-date check that follows takes that read instead of another."""
         seen: dict[str, dict[str, Any] | None] = {}
+        # An entry `record` was given just now (a build published it, or it passed its
+        # check) is taken as recorded by the next computation, not read and checked again:
+        # a rebuild keys each stage after it by its input's list of 1,001 shards.
+        recorded, self._recorded = self._recorded, set()
 
         def one(fp: str) -> dict[str, Any] | None:
             if fp not in seen:
-                self.forget(fp)
+                if fp not in recorded:
+                    self.forget(fp)
                 seen[fp] = self.stored(fp)
                 self._fresh.add(fp)
             return seen[fp]
@@ -112,8 +120,10 @@ class Ledger:
         ago, and recording decides nothing: the next up-to-date check checks it in full)."""
         fp = self._manifests()[name].fingerprint
         self.forget(fp)
+        self._recorded.discard(fp)
         if stored is not None and stored.get("fingerprint") == fp:
             self._stored[fp] = dict(stored)
+            self._recorded.add(fp)
         doc = self.stored(fp)
         if doc is not None:
             self._record(name, doc)
