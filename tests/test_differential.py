@@ -344,7 +344,8 @@ def stage_specs(draw: st.DrawFn) -> tuple[dict[str, Any], ...]:
                 options["batch_size"] = size
         if idx:
             options["with_indices"] = True
-        if kind == "map" and "remove" in DIMS and draw(st.booleans()):
+        # `columns` is empty after a stage removed both and added none: nothing to remove.
+        if kind == "map" and "remove" in DIMS and columns and draw(st.booleans()):
             options["remove_columns"] = draw(
                 st.lists(st.sampled_from(sorted(columns)), min_size=1, max_size=2, unique=True)
             )
