@@ -8,8 +8,9 @@ its row, the good shards of a refused list kept; an indices entry's base pulled 
 when the remote lacks it; the data checked, an indices entry through its base, then published,
 marked `pulled_from`; an entry written before the unique data directories, `data/` with no
 `data_dir` in its manifest, is still read); adopting the remote's entry for a key in place of a
-local copy this store did not pull and whose content differs (`adopt`: references first; not
-where the local copy holds what the committed lock pins).
+local copy this store did not pull and whose content differs, or whose rows are the same in
+other files (`adopt`: references first; not where the local copy holds what the committed lock
+pins).
 
 Must never: unpickle or execute anything downloaded, write outside the store's build
 directory, publish anything of a refused entry.
@@ -25,7 +26,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from hfbuild.store.entry import row_pack
+from hfbuild.store.entry import row_base, row_pack
 from hfbuild.store.remotefiles import FP, PROGRESS_BYTES, RemoteFiles, transfer_bar
 from hfbuild.store.remotereach import RefusedEntryError, RemoteError, public_url, reaching
 from hfbuild.store.store import Store
@@ -48,17 +49,24 @@ class RemotePulls(RemoteFiles):
         while the remote was unreachable, or before another node published first) whose
         content differs from the remote's entry for its key is replaced by the remote's, its
         references first, so that what is built on it has the published entry as its input
-        or base. An entry the committed lock pins keeps the lock's content (a remote entry
-        contradicting it is forged: `pull` refuses it). True when something was replaced."""
+        or base. So is one with the same rows in other files (a shard a node built by
+        itself, where the remote holds it as written out of a pack): a list of selections
+        records its bases' files, and is served only where they are those files. An entry
+        the committed lock pins keeps the lock's content (a remote entry contradicting it is
+        forged: `pull` refuses it). True when something was replaced."""
         mine = store.read_manifest(fp)
         if mine is None or mine.get("pulled_from") == public_url(self.url):
             return False
         theirs = self.read_manifest(fp)
-        if theirs is None or theirs.get("content_hash") == mine.get("content_hash"):
+        if theirs is None:
             return False
-        pin = self.pins().get(fp)
-        if pin is not None and pin.content_hash == mine.get("content_hash"):
-            return False
+        if theirs.get("content_hash") == mine.get("content_hash"):
+            if theirs.get("files") == mine.get("files"):
+                return False
+        else:
+            pin = self.pins().get(fp)
+            if pin is not None and pin.content_hash == mine.get("content_hash"):
+                return False
         for key in store.references(fp, mine):
             self.adopt(store, key, label)
         with store.lock(fp):
@@ -116,9 +124,15 @@ class RemotePulls(RemoteFiles):
             # against its row (and its own pin), its list last.
             got = self._pull_shards(store, fp, label, doc, rows)
         else:
-            # An indices entry: its base first (see `Store.references`).
+            # An indices entry: its base first (see `Store.references`); one held here as
+            # this store wrote it, in other files than the remote's, replaced by the remote's.
             refs = store.references(fp, dict(doc))
-            got = sum(self.pull(store, key, label) for key in refs if not store.has(key))
+            got = 0
+            for key in refs:
+                if store.has(key):
+                    self.adopt(store, key, label)
+                else:
+                    got += self.pull(store, key, label)
             if any(not store.has(key) for key in refs):
                 raise RefusedEntryError(
                     f"remote entry {fp} ({label}) needs an entry the remote lacks (the base it "
@@ -193,6 +207,7 @@ class RemotePulls(RemoteFiles):
         got = 0
         refused: list[RefusedEntryError] = []
         packed = {str(row[1]): p for row in rows if (p := row_pack(row)) is not None}
+        bases = {str(row[1]): b for row in rows if (b := row_base(row)) is not None}
         pulled: dict[str, dict[str, Any] | None] = {}  # pack -> its manifest here, pulled
         for key, h, shard_label in want:
             if key in packed:
@@ -222,6 +237,15 @@ class RemotePulls(RemoteFiles):
                 held = store.intact_manifest(key)
             elif held.get("content_hash") != h and self.adopt(store, key, f"{label} {shard_label}"):
                 held = store.intact_manifest(key)  # this store's own copy, published by none
+            if held is not None and key in bases:
+                # A selection's row records its base's files: a base this store wrote
+                # itself in other files (a node's own build of a shard the remote holds as
+                # written out of a pack) is replaced by the remote's, or the list is not
+                # served here.
+                base, base_files = bases[key]
+                mine = store.read_manifest(base)
+                if mine is not None and mine.get("files") != base_files:
+                    self.adopt(store, base, f"{label} {shard_label} (base)")
             if held is None:
                 refused.append(
                     RefusedEntryError(
