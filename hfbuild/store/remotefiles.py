@@ -174,10 +174,11 @@ class RemoteFiles:
     def holding(self, fps: Sequence[str]) -> set[str] | None:
         """Which of `fps` the remote has anything stored for (a published entry, or an
         upload under way or abandoned: `read_manifest` tells), by listing what the remote
-        stores under the prefixes they fall in, never cached; None when there are too few
-        of them per directory of entries (`objects/<fp[:2]>/`) for a listing to save
-        requests over asking for each. An entry published after its prefix was listed is
-        not among them.
+        stores under the prefixes they fall in, never cached; None when listing could take
+        more requests than asking for each of them: on S3, fewer keys than the listings
+        its most would be (`objects/`, the next prefixes they fall in, their directories of
+        entries); elsewhere, too few per directory of entries (`objects/<fp[:2]>/`). An
+        entry published after its prefix was listed is not among them.
 
         On an object store (S3), `objects/` is listed flat first, one page of up to 1,000
         names: a remote that small answers in one request. A prefix holding more is split
@@ -188,13 +189,18 @@ class RemoteFiles:
         by_dir: dict[str, list[str]] = {}
         for fp in fps:
             by_dir.setdefault(posixpath.dirname(self.key(fp)), []).append(fp)
-        if len(fps) < _LIST_RATIO * len(by_dir):
+        flat = self._flat_pages()
+        if flat:  # at most: objects/, its next prefixes the keys fall in, their directories
+            most = 1 + len({posixpath.basename(d)[:1] for d in by_dir}) + len(by_dir)
+            if len(fps) < most:
+                return None
+        elif len(fps) < _LIST_RATIO * len(by_dir):
             return None
         wanted = set(fps)
         objects = posixpath.join(self.base, "objects")
         found: set[str] = set()
         listed = list(by_dir)
-        if self._flat_pages():
+        if flat:
             listed, todo = [], [""]  # prefixes below objects/, flat while one page holds them
             while todo:
                 split = []
