@@ -425,6 +425,98 @@ def test_a_shard_task_recomputes_its_key_from_its_tree(repo: Repo, tmp_path: pat
     assert fresh.load(keys["feat"])["i"] == list(range(21, 33))  # after 10 + 11 rows
 
 
+PREPARE_TASK = """
+import json, os, shutil, sys, warnings
+warnings.simplefilter("ignore")
+import dodo
+from hfbuild.builds import ray_executor, raytree
+from hfbuild.builds.units import Unit
+from hfbuild.store.remote import Remote
+
+pipe = dodo.pipe
+m, spec = pipe.manifests()["raw"], pipe["raw"].spec
+units = [Unit(spec, m, {}, s, 0) for s in m.shard_list]
+common, spec_bytes, parts, datas = ray_executor.shards_args(
+    pipe.place, Remote(sys.argv[1]), units
+)
+with raytree.tree(pipe.place, raytree.shipped_files(m, units[0].shard)) as d:
+    shutil.copytree(d, os.path.join(sys.argv[2], "tree"))
+with open(os.path.join(sys.argv[2], "task.json"), "w") as f:
+    json.dump({"job": common, "parts": parts}, f)
+with open(os.path.join(sys.argv[2], "spec"), "wb") as f:
+    f.write(spec_bytes)
+for i, data in enumerate(datas):
+    with open(os.path.join(sys.argv[2], f"data-{i}"), "wb") as f:
+        f.write(data or b"")
+print(json.dumps([u.key for u in units]))
+"""
+
+SHARDS_WORKER = """
+import json, os, sys
+from hfbuild.builds.rayworker import run_shards
+
+with open(os.path.join(sys.argv[1], "task.json")) as f:
+    task = json.load(f)
+with open(os.path.join(sys.argv[1], "spec"), "rb") as f:
+    spec = f.read()
+datas = []
+for i in range(len(task["parts"])):
+    name = sys.argv[2] if str(i) == sys.argv[3] else f"data-{i}"
+    with open(os.path.join(sys.argv[1], name), "rb") as f:
+        datas.append(f.read())
+for res in run_shards(task["job"], spec, task["parts"], datas):
+    print(json.dumps({k: res[k] for k in ("fingerprint", "error") if k in res}))
+"""
+
+
+def test_a_shards_task_keys_each_load_shard_from_its_own_bytes(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A coalesced task of load shards (run here, in a fresh process in its shipped tree, as
+    a Ray worker runs it) computes the stage's manifest once and each shard's key from its
+    own data file's bytes: every shard is published under the driver's key, and a shard
+    after the first whose bytes are not what its key names is refused, naming its file,
+    after the shards before it are published."""
+    import json
+
+    _sharded_project(repo, 3)
+    clone = repo.clone(tmp_path / "clone")
+    url = f"file://{tmp_path / 'remote'}"
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    prep = subprocess.run(
+        [sys.executable, "-c", PREPARE_TASK, url, str(jobs)],
+        cwd=clone.path,
+        env={**os.environ, "PYTHONPATH": str(clone.path), "CALL_LOG": os.devnull},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert prep.returncode == 0, prep.stderr
+    keys = json.loads(prep.stdout.strip().splitlines()[-1])
+    third = (jobs / "data-2").read_bytes()
+    (jobs / "other").write_bytes(third[:-1] + b"!")
+
+    def task(tampered: int, store: str) -> list[dict[str, str]]:
+        env = {**os.environ, "HFBUILD_STORE": str(tmp_path / store), "CALL_LOG": os.devnull}
+        env.pop("PYTHONPATH", None)
+        out = subprocess.run(
+            [sys.executable, "-c", SHARDS_WORKER, str(jobs), "other", str(tampered)],
+            cwd=jobs / "tree",
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        return [json.loads(line) for line in out.stdout.strip().splitlines()]
+
+    bad = task(2, "bad")
+    assert [r.get("fingerprint") for r in bad[:2]] == keys[:2], bad
+    assert len(bad) == 3 and "its data file data/part-2.parquet is " in bad[2]["error"]
+    assert task(-1, "good") == [{"fingerprint": k} for k in keys]
+
+
 ENV_OF = """
 import json, warnings
 warnings.simplefilter("ignore")

@@ -289,7 +289,23 @@ def _submit_shards(
     packages: dict[tuple[tuple[str, str], ...], str],
 ) -> Any:
     """One task building `units`, shards of one stage, in order (`rayworker.run_shards`): what
-    they share travels once, each shard's own part (its key, input, offset, data file) with it."""
+    they share travels once, each shard's own part (its key, input, offset, data file) with it
+    (`shards_args`)."""
+    common, spec, parts, datas = shards_args(place, remote, units)
+    first, last = units[0].shard, units[-1].shard
+    assert first is not None and last is not None
+    name = f"hfbuild:{units[0].spec.name}:{first.label}"
+    if len(units) > 1:
+        name += f"..{last.label}"
+    env = _env(place, units[0], packages)
+    return _shards_task().options(name=name, runtime_env=env).remote(common, spec, parts, datas)
+
+
+def shards_args(
+    place: Place, remote: Remote, units: Sequence[Unit]
+) -> tuple[dict[str, Any], bytes, list[dict[str, Any]], list[bytes | None]]:
+    """`rayworker.run_shards`' arguments for `units`, shards of one stage: the job they
+    share, the pickled spec, each one's own part and data file."""
     job, spec = task_args(place, remote, units[0])
     own = ("inputs", "shard", "input_pack")
     common = {k: v for k, v in job.items() if k not in own}
@@ -302,13 +318,7 @@ def _submit_shards(
         pins.update(j["pins"])
         datas.append(shard_data(place, u))
     common["pins"] = pins
-    first, last = units[0].shard, units[-1].shard
-    assert first is not None and last is not None
-    name = f"hfbuild:{units[0].spec.name}:{first.label}"
-    if len(units) > 1:
-        name += f"..{last.label}"
-    env = _env(place, units[0], packages)
-    return _shards_task().options(name=name, runtime_env=env).remote(common, spec, parts, datas)
+    return common, spec, parts, datas
 
 
 @functools.cache

@@ -6,7 +6,9 @@ the task and written into the task's scratch, or a Hub shard's by the Hub's id, 
 shard's from the input shard it pulled (`shard_lookup`: its content hash, with the form the
 driver's manifest gives), the observed files' ids from their shipped copies; the digest of
 the keys before it, for `with_indices`, as sent) and refused, with what differs and the node
-(`other_key`), when it is not the driver's.
+(`other_key`), when it is not the driver's. The shards of one task share what keying them
+may (`memo`): a load's manifest computed whole for its first shard, each other's data part
+by itself from its own bytes.
 
 Must never: read the driver's files, or accept a key it did not compute.
 """
@@ -19,7 +21,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from hfbuild.core.errors import BuildError
-from hfbuild.keys.manifest import Shard, ShardIn
+from hfbuild.keys.manifest import Observed, Shard, ShardIn
 from hfbuild.source import hub
 
 if TYPE_CHECKING:
@@ -71,17 +73,25 @@ class Keyed(NamedTuple):
 
 
 def keyed(
-    root: str, spec: Any, place: Place, job: dict[str, Any], data: bytes | None, scratch: str
+    root: str,
+    spec: Any,
+    place: Place,
+    job: dict[str, Any],
+    data: bytes | None,
+    scratch: str,
+    memo: dict[str, Any] | None = None,
 ) -> Keyed:
     """A shard's key recomputed from what the task received (the code key from the stage's
     code in the tree, a load shard's input from the blob id of the data file's bytes sent
     with it, written into `scratch`, the observed files' ids from their shipped copies; the
     digest of the keys before it, for `with_indices`, as sent), refused when it is not the
-    driver's."""
+    driver's. `memo`: what the shards of one task share, kept between calls (one tree, one
+    spec): a load's manifest is computed whole for its first shard, and for each other only
+    its data part (`load_data`, as `stage_manifest` computes it: a load's shard code key
+    leaves its files out); the observed files' ids once."""
     import dataclasses
 
     from hfbuild.keys import shards
-    from hfbuild.keys.fullkey import identify
     from hfbuild.keys.manifests import stage_manifest
     from hfbuild.source.gitstate import Snapshot
 
@@ -89,7 +99,7 @@ def keyed(
     sh: dict[str, Any] = job["shard"]
     name = str(job["stage"])
     label = str(sh["label"])
-    snap = Snapshot(root)
+    snap = Snapshot(root) if memo is None else memo.setdefault("snap", Snapshot(root))
     if spec.kind == "load":
         # The data file is written outside the tree, under its own name (a load's code key
         # leaves its files out, and the shard's input is the id of the bytes).
@@ -100,7 +110,7 @@ def keyed(
         with open(path, "wb") as f:
             f.write(data)
         one = dataclasses.replace(spec, options={**spec.options, "data_files": [path]})
-        m = stage_manifest(one, snap, {}, place.stat_cache, lookup=place.store.intact_manifest)
+        m = _load_manifest(one, snap, place, memo)
         got = str(m.doc["data"]["files"][0][1])
         if hub.is_hub(label):  # keyed by the Hub's id of its bytes, not the git blob id
             got = hub.content_id(data, str(sh["input"]))
@@ -128,7 +138,7 @@ def keyed(
         got, code = key, m.static_fingerprint
         content = m.shards[0].content if m.shards else ""
         mine, theirs = dict(m.doc), job["doc"]
-    observed = identify([str(p) for p, _ in sh["observed"]], snap, place.stat_cache)
+    observed = _observed(sh["observed"], snap, place, memo)
     ins = ShardIn(str(sh["split"]), got, label, str(sh["before"]), content)
     m = dataclasses.replace(m, shards=(ins,), shard_code=code, observed=observed)
     s = m.shard_list[0]
@@ -136,6 +146,38 @@ def keyed(
         why = f"its data file {label} is {got}, not {sh['input']}" if got != sh["input"] else ""
         raise other_key(f"stage {name!r}, shard {label}", s.key, sh["key"], theirs, mine, why)
     return Keyed(spec, m, s, path, round(time.perf_counter() - t_key, 4))
+
+
+def _load_manifest(one: Any, snap: Any, place: Place, memo: dict[str, Any] | None) -> Manifest:
+    """The manifest of load `one` (a stage's spec with one shard's data file): whole the
+    first time (`stage_manifest`), then the first one's with this file's data part."""
+    import dataclasses
+
+    from hfbuild.keys.fingerprint import load_data
+    from hfbuild.keys.manifests import stage_manifest
+    from hfbuild.source.closure import Context
+
+    first: Manifest | None = None if memo is None else memo.get("load")
+    if first is None:
+        m = stage_manifest(one, snap, {}, place.stat_cache, lookup=place.store.intact_manifest)
+        if memo is not None:
+            memo["load"] = m
+        return m
+    data, files, _ = load_data(one.name, one.options, Context(snap), place.stat_cache)
+    return dataclasses.replace(first, doc={**first.doc, "data": data}, data_files=files)
+
+
+def _observed(observed: Any, snap: Any, place: Place, memo: dict[str, Any] | None) -> Observed:
+    """The ids of the files `observed` names, from their shipped copies (once per task for
+    one set: the tree does not change while it runs)."""
+    from hfbuild.keys.fullkey import identify
+
+    paths = tuple(str(p) for p, _ in observed)
+    known = {} if memo is None else memo.setdefault("observed", {})
+    if paths not in known:
+        known[paths] = identify(list(paths), snap, place.stat_cache)
+    got: Observed = known[paths]
+    return got
 
 
 def other_key(

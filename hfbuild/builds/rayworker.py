@@ -243,6 +243,7 @@ class _Task:
         )
         self.packs: dict[str, Any] = {}  # the input packs this task has taken, loaded
         self.built: dict[str, str] = {}  # shards its loads built together -> their pack
+        self.keys: dict[str, Any] = {}  # what keying its shards shares (`raykey.keyed`)
 
     def take_inputs(self, job: Mapping[str, Any]) -> str | None:
         """Have the unit's inputs in the node's store; a refusal's message, else None."""
@@ -353,7 +354,7 @@ def _build_shard(
     if refused is not None:
         return {"refused": refused}
     took = time.perf_counter() - t0
-    k = keyed or raykey.keyed(task.root, task.spec, task.place, job, data, scratch)
+    k = keyed or raykey.keyed(task.root, task.spec, task.place, job, data, scratch, task.keys)
     t1 = time.perf_counter()
     pack = task.built.get(k.s.key)
     facts = packbuild.packed(task.store, pack, k.s.key) if pack is not None else None
@@ -392,7 +393,8 @@ def _built_together(
     out: dict[int, raykey.Keyed] = {}
     for i, (part, data) in enumerate(zip(shards, datas, strict=True)):
         try:
-            out[i] = raykey.keyed(task.root, task.spec, task.place, {**job, **part}, data, scratch)
+            one = {**job, **part}
+            out[i] = raykey.keyed(task.root, task.spec, task.place, one, data, scratch, task.keys)
         except HfbuildError:
             break  # that shard fails in turn, after those before it are published
     if len(out) >= 2:
