@@ -176,10 +176,16 @@ def _listed_facts(stored: dict[str, Any], fp: str, stamp: Any) -> dict[str, dict
 def packed(store: Any, pack: str, key: str) -> dict[str, Any] | None:
     """What a stage's list records of shard `key`, a row range of the pack `pack` as this
     store holds it intact (`publish`'s facts), else None (no such pack, or it lacks `key`)."""
+    return (packed_all(store, pack) or {}).get(key)
+
+
+def packed_all(store: Any, pack: str) -> dict[str, dict[str, Any]] | None:
+    """`packed` for every shard of the pack `pack` (by key), read once; None when this
+    store holds no such pack intact."""
     doc = store.intact_manifest(pack)
     if doc is None or not isinstance(doc.get("pack"), list):
         return None
-    return _listed_facts(doc, pack, store.manifest_stamp(pack)).get(key)
+    return _listed_facts(doc, pack, store.manifest_stamp(pack))
 
 
 def of_entries(place: Place, spec: StageSpec, keys: Sequence[str]) -> dict[str, str]:

@@ -114,8 +114,9 @@ def build_units(
     rayshare.ensure_inputs(place, remote, units if sent is None else ())  # pushed the first time
     tasks = _submit_all(place, remote, sent or units)
     t0 = time.perf_counter()
+    rows = raypacks.PackRows(place.store)  # each pack the results name read once
     pulls: threads.Pool[tuple[int, Mapping[str, Any]], Report] = threads.Pool(
-        lambda got: _fetch(place, remote, units[got[0]], got[1], time.perf_counter() - t0)
+        lambda got: _fetch(place, remote, units[got[0]], got[1], time.perf_counter() - t0, rows)
     )
     refused: dict[int, str] = {}
     unlisted: dict[int, list[str]] = {}  # what the unit's build listed that its tree lacked
@@ -427,13 +428,20 @@ def _result(ray: Any, ref: Any, label: str, shards: str = "") -> dict[str, Any]:
     return res
 
 
-def _fetch(place: Place, remote: Remote, unit: Unit, res: Mapping[str, Any], secs: float) -> Report:
+def _fetch(
+    place: Place,
+    remote: Remote,
+    unit: Unit,
+    res: Mapping[str, Any],
+    secs: float,
+    rows: raypacks.PackRows | None = None,
+) -> Report:
     """Bring the entry a worker published into the driver's store."""
     fp = str(res["fingerprint"])
     m = unit.manifest
     store = place.store
     if unit.shard is not None:
-        return _fetch_shard(place, remote, unit, res, fp, secs)
+        return _fetch_shard(place, remote, unit, res, fp, secs, rows)
     held = contextlib.nullcontext() if fp == m.static_fingerprint else store.lock(fp)
     with held:
         remote.pull_held(store, fp, unit.spec.name)
@@ -450,7 +458,13 @@ def _fetch(place: Place, remote: Remote, unit: Unit, res: Mapping[str, Any], sec
 
 
 def _fetch_shard(
-    place: Place, remote: Remote, unit: Unit, res: Mapping[str, Any], fp: str, secs: float
+    place: Place,
+    remote: Remote,
+    unit: Unit,
+    res: Mapping[str, Any],
+    fp: str,
+    secs: float,
+    rows: raypacks.PackRows | None = None,
 ) -> Report:
     """Bring a shard a worker published into the driver's store; a shard that read more
     than its key assumed records that set under the stage's static fingerprint (the caller
@@ -458,7 +472,7 @@ def _fetch_shard(
     store = place.store
     assert unit.shard is not None
     label = f"{unit.spec.name} {unit.shard.label}"
-    entry = raypacks.take(store, remote, res, fp, label)  # a row range of a pack, else None
+    entry = raypacks.take(store, remote, res, fp, label, rows)  # a pack's row range, or None
     if "pack" not in res:
         remote.take(store, fp, label, res.get("entry"))
     if entry is None and not store.has(fp):

@@ -21,6 +21,7 @@ range the committed lock pins with another content hash.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -98,12 +99,15 @@ def take_packed(
     packed: Mapping[str, Any],
     taken: dict[str, Any],
     take: Callable[[str, str], None],
+    facts: Callable[[str, str], dict[str, Any] | None] | None = None,
 ) -> None:
     """Have input shard `fp`, a row range of the pack `packed` names (its input's list
     keeps it there), in the node's store: the pack taken once per task (`take`, as any
     input: pulled, checked whole and range by range; `taken`: this task's packs, loaded),
     the shard's range checked against the committed lock's pin for `fp`, written out as an
-    entry of its own (`packbuild.unpack_from`); one held already checked against its pin."""
+    entry of its own (`packbuild.unpack_from`); one held already checked against its pin.
+    `facts`: what the pack's manifest records of a shard (`packbuild.packed`), read once a
+    task."""
     from hfbuild.store.remotereach import RefusedEntryError
 
     store = place.store
@@ -114,7 +118,8 @@ def take_packed(
     pin = remote.pins().get(fp)
     held = store.intact_manifest(fp)
     where = f"the pack {pack} gives" if held is None else "the node's store holds"
-    got = (held or packbuild.packed(store, pack, fp) or {}).get("content_hash")
+    of_pack = facts or functools.partial(packbuild.packed, store)
+    got = (held or of_pack(pack, fp) or {}).get("content_hash")
     if pin is not None and got != pin.content_hash:
         raise RefusedEntryError(
             f"{where} input shard {fp} ({dep}) with content hash {got}, but the committed "
@@ -148,15 +153,40 @@ def packed_weight(place: Place, unit: Unit) -> tuple[int, int]:
     return rows, sum(int(v) for v in held.values()) * rows // max(1, whole)
 
 
-def take(store: Store, remote: Remote, res: Mapping[str, Any], fp: str, label: str) -> Any:
+class PackRows:
+    """What a stage's list records of each shard of the packs `store` holds intact
+    (`packbuild.packed`), each pack's manifest read once (a pack's entry is never
+    rewritten); a pack not held is asked for again next time."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.rows: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def __call__(self, pack: str, key: str) -> dict[str, Any] | None:
+        if pack not in self.rows:
+            got = packbuild.packed_all(self.store, pack)
+            if got is None:
+                return None
+            self.rows[pack] = got
+        return self.rows[pack].get(key)
+
+
+def take(
+    store: Store,
+    remote: Remote,
+    res: Mapping[str, Any],
+    fp: str,
+    label: str,
+    rows: PackRows | None = None,
+) -> Any:
     """Shard `fp` a worker's result `res` names as a row range of a pack: the pack taken
     into `store` once (`Remote.take`: from the result when it carries it, else pulled);
-    what the stage's list records of the shard (`packbuild.packed`), None when the pack
-    lacks it. None for a result naming no pack."""
+    what the stage's list records of the shard (`rows`, `packbuild.packed`), None when the
+    pack lacks it. None for a result naming no pack."""
     pack = res.get("pack")
     if not isinstance(pack, dict):
         return None
     where = str(pack["key"])
     if not store.has(where):
         remote.take(store, where, f"{label} (pack)", pack.get("entry"))
-    return packbuild.packed(store, where, fp)
+    return (rows or PackRows(store))(where, fp)

@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from hfbuild.builds import packbuild, raykey, rayloads, raypacks, shardunits
+from hfbuild.builds import raykey, rayloads, raypacks, shardunits
 from hfbuild.core.errors import BuildError, HfbuildError, UnshippedListingError
 from hfbuild.core.spec import Report, stored_rows
 
@@ -244,6 +244,8 @@ class _Task:
         self.packs: dict[str, Any] = {}  # the input packs this task has taken, loaded
         self.built: dict[str, str] = {}  # shards its loads built together -> their pack
         self.keys: dict[str, Any] = {}  # what keying its shards shares (`raykey.keyed`)
+        # The rows of the packs its loads built and of the input packs it took.
+        self.packed = raypacks.PackRows(self.store)
 
     def take_inputs(self, job: Mapping[str, Any]) -> str | None:
         """Have the unit's inputs in the node's store; a refusal's message, else None."""
@@ -255,7 +257,9 @@ class _Task:
             try:
                 if isinstance(packed, dict):
                     take = functools.partial(_take_input, self.store, self.remote)
-                    raypacks.take_packed(self.place, self.remote, fp, dep, packed, self.packs, take)
+                    raypacks.take_packed(
+                        self.place, self.remote, fp, dep, packed, self.packs, take, self.packed
+                    )
                 else:
                     _take_input(self.store, self.remote, fp, dep)
             except RefusedEntryError as e:
@@ -357,7 +361,7 @@ def _build_shard(
     k = keyed or raykey.keyed(task.root, task.spec, task.place, job, data, scratch, task.keys)
     t1 = time.perf_counter()
     pack = task.built.get(k.s.key)
-    facts = packbuild.packed(task.store, pack, k.s.key) if pack is not None else None
+    facts = task.packed(pack, k.s.key) if pack is not None else None
     if pack is not None and facts is not None:  # loaded with the task's others, in a pack
         fp, rows, read = k.s.key, facts["rows"], k.m.observed
     else:
