@@ -44,19 +44,22 @@ def _batches(path: pathlib.Path) -> tuple[pa.Schema, list[pa.RecordBatch]]:
         return reader.schema, list(reader)
 
 
+@pytest.mark.parametrize("size", ["several selections", "one selection"])
 @pytest.mark.parametrize("how", sorted(SELECTIONS))
 def test_selection_is_saved_as_save_to_disk_saves_it(
-    tmp_path: pathlib.Path, how: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: pathlib.Path, how: str, size: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A dataset behind an indices mapping is written (`_save_selected`, used for large
-    selections) with the same rows, shards, record batches, schema and JSON files as
+    """A dataset behind an indices mapping is written by `save` (`_save_selected`, whatever
+    its size: a selection of a few thousand rows, a unit's filter after an append, too)
+    with the same rows, shards, record batches, schema and JSON files as
     `Dataset.save_to_disk`, and hashes the same."""
     datasets.disable_progress_bars()
-    monkeypatch.setattr(builder, "_TAKE_ROWS", 2500)  # several selections per shard
+    if size == "several selections":
+        monkeypatch.setattr(builder, "_TAKE_ROWS", 2500)  # several selections per shard
     sel = SELECTIONS[how](_base())
     assert sel._indices is not None
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    builder._save_selected(sel, str(ours))
+    builder._save_dataset(sel, str(ours), [str(tmp_path)])
     sel.save_to_disk(str(theirs))
     assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
     for name in ("state.json", "dataset_info.json"):
