@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import textwrap
 
 from hfbuild.store import listform
 from tests.helpers import Repo, run_hfbuild, run_python
@@ -338,3 +339,62 @@ def test_a_filters_units_built_by_one_call_are_those_each_call_gives(
             assert got["kept_rows"] == _plain(repo, tmp_path / f"{name}-{step}", SEL_PLAIN)
             locks[name].append((repo.path / "hfbuild.lock").read_text())
     assert locks["together"] == locks["alone"]
+
+
+FEATURES = """
+import json, warnings
+warnings.simplefilter("ignore")
+import dodo
+from hfbuild.store.entry import row_base, row_indexed, row_pack
+
+s = dodo.pipe.store
+
+
+def features(how, fp, split, rows):
+    try:
+        return repr(how(fp, split, rows))
+    except Exception as e:
+        return type(e).__name__
+
+
+out = {"kinds": [], "differ": []}
+for name in ("raw", "feat", "kept", "odd"):
+    fp = dodo.pipe[name].fingerprint
+    listed = s.read_manifest(fp)["shards"]
+    for split in sorted({str(r[0]) for r in listed}):
+        rows = [r for r in listed if str(r[0]) == split]
+        out["kinds"] += [
+            "base" if row_base(r) else "indexed" if row_indexed(r) else
+            "packed" if row_pack(r) else "own" for r in rows
+        ]
+        cases = [[r] for r in rows] + [rows[:2], rows[-2:], rows]
+        for case in cases:
+            ours = features(s.listed_features, fp, split, case)
+            loaded = features(lambda *a: s.load_listed(*a).features, fp, split, case)
+            if ours != loaded:
+                out["differ"].append([name, [r[1] for r in case], ours, loaded])
+print(json.dumps(out))
+"""
+
+
+def test_a_lists_features_are_those_of_its_rows_loaded(tmp_path: pathlib.Path) -> None:
+    """`Store.listed_features` (what a unit's build asks of its input split's first shard,
+    reading only the Arrow files' schemas) gives the features loading the same rows gives,
+    for every row of every stage's list and runs of them, cold and after an append: rows of
+    a pack, shards stored by themselves, a row-wise filter's indices shards over a base."""
+    repo = _project(Repo.init(tmp_path / "repo"))
+    odd = 'odd = pipe.filter("odd", raw, u.odd)\n'  # a row-wise filter: indices shards
+    repo.write(
+        {
+            "dodo.py": textwrap.dedent(DODO).replace("\n\ndef task", odd + "\n\ndef task"),
+            "pkg/u.py": textwrap.dedent(FNS) + "\n\ndef odd(row):\n    return row['x'] % 2 == 1\n",
+        }
+    )
+    repo.commit("a row-wise filter")
+    doit(repo, "run", "preprocess", log=tmp_path / "a.log")
+    write_part(repo, "part-6", 60, rows=5)
+    repo.commit("one more file")
+    doit(repo, "run", "preprocess", log=tmp_path / "b.log")
+    got = json.loads(run_python(FEATURES, repo.path).stdout.splitlines()[-1])
+    assert got["differ"] == [], got["differ"]
+    assert set(got["kinds"]) == {"packed", "own", "base"}, got["kinds"]

@@ -4,8 +4,10 @@ Owns: the rows `start` to `stop` of an input split that one batch-aligned unit r
 (`UnitRows.rows_of`): the input list's shards with rows indexed once a build (where each
 starts in its split, by bisection per unit); each unit's rows as the concatenation of the
 input shards holding them, or the whole split's where those shards' features differ from
-its first's; the units of one build whose shards are all rows of one pack read from one
-load of that pack's rows they need (the same rows and features as a load of the unit's own
+its first's (whose features are read from its files' schemas, not its rows: that shard
+is often a row of a pack of a million rows, which this build reads nothing else of); the
+units of one build whose shards are all rows of one pack read from one load of that pack's
+rows they need (the same rows and features as a load of the unit's own
 shards: one pack, one schema, one `dataset_info.json`), each a slice of it.
 
 Must never: load input shards outside the rows from the first unit to build to the last (an
@@ -120,7 +122,7 @@ class UnitRows:
                 starts.append(at)
             at += n
         head = rows[:1]
-        features = self._store.load_listed(self._fp, split, head).features
+        features = self._store.listed_features(self._fp, split, head)
         got = _Split(head, features, rows, starts, [_plain_pack(r) for r in rows])
         self._splits[split] = got
         return got

@@ -5,7 +5,8 @@ shard entry (Arrow files, no indices, no format) memory-mapped without `load_fro
 per-call overhead; a stage result made of shards as the concatenation of its shards, split by
 split (one table over their memory-mapped files when their schemas agree, the indices of
 indices shards shifted into one mapping; else `concatenate_datasets`); some consecutive rows of
-one split (`load_listed`); an indices entry over its loaded base (`indexed.py`).
+one split (`load_listed`) and their features alone (`listed_features`: the Arrow files'
+schemas, no record batch read); an indices entry over its loaded base (`indexed.py`).
 
 Must never: unpickle or execute anything it reads (`load_from_disk` reads Arrow files and
 JSON), check an entry (the caller's `has` does), import `datasets` at module level.
@@ -92,6 +93,45 @@ class Loader:
         as one Dataset over their memory-mapped files, as `load` concatenates a split's:
         what a unit reading a few of a thousand input shards loads."""
         return self._concat_shards(fp, split, without_empty(rows))
+
+    def listed_features(self, fp: str, split: str, rows: list[list[Any]]) -> Any:
+        """The features `load_listed(fp, split, rows)` gives, from the schemas of the rows'
+        Arrow files and the first's `dataset_info.json`, as datasets makes a Dataset's
+        features from the two, without reading their record batches: a unit's build asks
+        for its input split's first shard's, and mapping that shard's pack (a million rows,
+        a thousand record batches) to learn them cost ~5 ms. A row that is not a plain one
+        (no files listed, an indices shard, a base) or files of differing schemas: from the
+        rows loaded, as before."""
+        import datasets
+        import pyarrow as pa
+        from datasets.table import InMemoryTable
+
+        from hfbuild.store import indexed
+
+        kept = without_empty(rows)
+        schemas: list[Any] = []
+        for row in kept:
+            files = row[3] if len(row) >= 4 and isinstance(row[3], dict) else None
+            if (
+                files is None
+                or row_base(row) is not None
+                or row_indexed(row)
+                or indexed.INDICES_FILE in files
+            ):
+                return self.load_listed(fp, split, rows).features
+            data = self.layout.data_path(row_owner(row))
+            for n in sorted(n for n in files if n.endswith(".arrow") and safe_rel(n)):
+                with pa.memory_map(os.path.join(data, n)) as source:
+                    schemas.append(pa.ipc.open_stream(source).schema)
+        if not schemas or any(s != schemas[0] for s in schemas):
+            return self.load_listed(fp, split, rows).features
+        first = self.layout.data_path(row_owner(kept[0]))
+        with open(os.path.join(first, "dataset_info.json"), encoding="utf-8") as f:
+            info = datasets.DatasetInfo.from_dict(json.load(f))
+        empty = InMemoryTable(schemas[0].empty_table())
+        return datasets.Dataset(
+            empty, info=info, split=datasets.Split(split), fingerprint=fp
+        ).features
 
     def _pack_table(self, data: str, names: list[str]) -> Any:
         """A pack's Arrow files at `data` as one memory-mapped table, mapped once per

@@ -126,6 +126,10 @@ class Store:
         """Some consecutive shard rows of one split of the list `fp`, as one Dataset."""
         return self.loader.load_listed(fp, split, rows)
 
+    def listed_features(self, fp: str, split: str, rows: list[list[Any]]) -> Any:
+        """The features of `load_listed(fp, split, rows)`, its rows unread."""
+        return self.loader.listed_features(fp, split, rows)
+
     def listed_row(self, via: str, key: str) -> list[Any] | None:
         """The row of the list `via` naming shard `key` (`Loader.listed_row`)."""
         return self.loader.listed_row(via, key)
