@@ -238,10 +238,8 @@ class RemotePulls(RemoteFiles):
             elif held.get("content_hash") != h and self.adopt(store, key, f"{label} {shard_label}"):
                 held = store.intact_manifest(key)  # this store's own copy, published by none
             if held is not None and key in bases:
-                # A selection's row records its base's files: a base this store wrote
-                # itself in other files (a node's own build of a shard the remote holds as
-                # written out of a pack) is replaced by the remote's, or the list is not
-                # served here.
+                # A selection's row records its base's files: a base this store wrote in
+                # other files is replaced by the remote's, or the list is not served here.
                 base, base_files = bases[key]
                 mine = store.read_manifest(base)
                 if mine is not None and mine.get("files") != base_files:
