@@ -33,7 +33,7 @@ lint: $(STAMP)
 # cache against its source's mtime and size, as for any module.
 test: lint
 	$(BIN)/python -m compileall -q hfbuild
-	$(BIN)/python -m pytest -n 2 -q --durations=30
+	$(BIN)/python -m pytest -n 3 -q --durations=30
 
 # The extras as a user installs them: the built wheel into a fresh venv, `hfbuild[ray,s3]`
 # resolved by that venv's own pip (a dry run: resolving is what failed, and a real install

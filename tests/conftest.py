@@ -84,7 +84,7 @@ def _ray_group(nodeid: str) -> bool:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """`-n 2` (xdist's default `load`): the Ray group is one unit of work, sent first (one
+    """`-n N` (xdist's default `load`): the Ray group is one unit of work, sent first (one
     worker, one cluster), then single tests one at a time in collection order, the longest
     first. xdist's own `--dist loadgroup` does this by a suffix on the node id, which pytest 9
     no longer lets it set (pytest-xdist issue #1386): the tests spread over both workers."""
