@@ -13,7 +13,7 @@ from tests import raycluster
 from tests.helpers import Repo, offline_env
 from tests.raycluster import cluster, remote  # noqa: F401  (fixtures for every module)
 
-# Run first: a test this long started late is the run's tail (`make test` runs two workers).
+# Run first: a test this long started late is the run's tail (`make test` runs three workers).
 LONG_FIRST = ("tests/test_differential.py::",)
 # The tests on the shared Ray cluster (tests/raycluster.py), by node id: one worker runs them
 # one after another on one cluster. A test taking `cluster` elsewhere is named here.
