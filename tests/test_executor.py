@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import socket
@@ -358,6 +359,21 @@ print(json.dumps(run_unit(job, spec, data), default=len))  # a sent entry's byte
 """
 
 
+def _prepare(root: pathlib.Path, script: str, url: str, jobs: pathlib.Path) -> Any:
+    """Run a job-preparing `script` in a fresh process in the project at `root`; what it
+    printed last, as JSON (the keys it computed)."""
+    prep = subprocess.run(
+        [sys.executable, "-c", script, url, str(jobs)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "CALL_LOG": os.devnull},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert prep.returncode == 0, prep.stderr
+    return json.loads(prep.stdout.strip().splitlines()[-1])
+
+
 def test_a_shard_task_recomputes_its_key_from_its_tree(repo: Repo, tmp_path: pathlib.Path) -> None:
     """A shard's task (run here, in a fresh process in its shipped tree, as a Ray worker
     runs it) gets the stage's code as its tree and, for a load shard, its own data file's
@@ -370,16 +386,7 @@ def test_a_shard_task_recomputes_its_key_from_its_tree(repo: Repo, tmp_path: pat
     clone = repo.clone(tmp_path / "clone")
     url = f"file://{tmp_path / 'remote'}"
     jobs = tmp_path / "jobs"
-    prep = subprocess.run(
-        [sys.executable, "-c", PREPARE, url, str(jobs)],
-        cwd=clone.path,
-        env={**os.environ, "PYTHONPATH": str(clone.path), "CALL_LOG": os.devnull},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert prep.returncode == 0, prep.stderr
-    keys = json.loads(prep.stdout.strip().splitlines()[-1])
+    keys = _prepare(clone.path, PREPARE, url, jobs)
     assert not (jobs / "raw" / "good" / "data").exists()
     data = (jobs / "raw" / "data").read_bytes()
     assert data == (clone.path / "data" / "part-1.parquet").read_bytes()
@@ -484,16 +491,7 @@ def test_a_shards_task_keys_each_load_shard_from_its_own_bytes(
     url = f"file://{tmp_path / 'remote'}"
     jobs = tmp_path / "jobs"
     jobs.mkdir()
-    prep = subprocess.run(
-        [sys.executable, "-c", PREPARE_TASK, url, str(jobs)],
-        cwd=clone.path,
-        env={**os.environ, "PYTHONPATH": str(clone.path), "CALL_LOG": os.devnull},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert prep.returncode == 0, prep.stderr
-    keys = json.loads(prep.stdout.strip().splitlines()[-1])
+    keys = _prepare(clone.path, PREPARE_TASK, url, jobs)
     third = (jobs / "data-2").read_bytes()
     (jobs / "other").write_bytes(third[:-1] + b"!")
 
