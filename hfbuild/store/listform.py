@@ -164,18 +164,22 @@ def _front(labels: list[str]) -> dict[str, Any]:
     """Labels front-coded, when none holds a line break: `<shared>:<rest>` lines."""
     if any("\n" in s for s in labels):
         return {"list": labels}
-    lines, last = [], ""
+    lines, last, shared = [], "", 0
     for s in labels:
-        shared = _shared(last, s)
+        shared = _shared(last, s, shared)
         lines.append(f"{shared}:{s[shared:]}")
         last = s
     return {"front": "\n".join(lines)}
 
 
-def _shared(a: str, b: str) -> int:
-    """The length of the prefix `a` and `b` share: by halving, each step one comparison of
-    slices (in C), not one per character."""
-    lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo]; the answer is <= hi
+def _shared(a: str, b: str, guess: int = 0) -> int:
+    """The length of the prefix `a` and `b` share: `guess` when it is (sorted names: most
+    often the last pair's), else by halving, each step one comparison of slices (in C), not
+    one per character."""
+    hi = min(len(a), len(b))
+    if 0 < guess <= hi and a[:guess] == b[:guess] and (guess == hi or a[guess] != b[guess]):
+        return guess
+    lo = 0  # a[:lo] == b[:lo]; the answer is <= hi
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if a[lo:mid] == b[lo:mid]:
@@ -235,15 +239,21 @@ def _compact_list(rows: list[list[Any]]) -> dict[str, Any]:
     picks: list[int] = []
     skip = set(own) - ({"span"} if starts is None else set())
     # What rows share, by its JSON: the split, the files (a pack's rows hold one files
-    # dict: encoded once per object, which `rows` keeps alive) and the other facts.
+    # dict: encoded once per object, which `rows` keeps alive) and the other facts (a
+    # pack's rows, as read, hold the same objects: encoded once per the objects' ids).
     files_text: dict[int, str] = {}
+    facts_text: dict[tuple[Any, ...], str] = {}
     where: dict[tuple[str, str, str], int] = {}
     for r in rows:
         rest = {k: v for k, v in r[4].items() if k not in skip}
         files = files_text.get(id(r[3]))
         if files is None:
             files = files_text[id(r[3])] = json.dumps(r[3], sort_keys=True)
-        text = (r[0], files, json.dumps(rest, sort_keys=True))
+        ids = (*rest, *map(id, rest.values()))
+        facts = facts_text.get(ids)
+        if facts is None:
+            facts = facts_text[ids] = json.dumps(rest, sort_keys=True)
+        text = (r[0], files, facts)
         i = where.get(text)
         if i is None:
             i = where[text] = len(common)
