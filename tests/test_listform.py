@@ -89,6 +89,23 @@ def _appended_list(n: int) -> list[list[Any]]:
     return [*rows, ["train", _hex(77777), f"data/part-9-{n:05d}.parquet", files, facts]]
 
 
+def _shared_list() -> list[list[Any]]:
+    """A list as a build holds it after reading one back: a pack's rows share their facts'
+    objects (`compact` encodes them once per object). Among them, facts equal in Python but
+    not in JSON (1, True, 1.0), and one object under another fact's name."""
+    rows = _load_list(8, 1)
+    shared = {k: rows[0][4][k] for k in ("form", "pack", "stamp")}
+    stamp, one_f = shared["stamp"], 1.0
+    for r in rows:
+        r[4].update(shared, flag=1)
+    rows[2][4]["flag"] = True
+    rows[3][4]["flag"] = rows[4][4]["flag"] = one_f
+    rows[5][4]["flag"] = 0
+    rows[6][4]["other"] = rows[6][4].pop("flag")  # the same object, under another name
+    rows[7][4]["flag"] = [stamp]
+    return rows
+
+
 def _pack(n: int) -> list[list[Any]]:
     return [
         [_hex(i), 10 * i, 10 * i + 10, _hex(3 * i), f"data/part-{i:05d}.parquet"] for i in range(n)
@@ -101,6 +118,7 @@ def _pack(n: int) -> list[list[Any]]:
         {"shards": _load_list(1000, 2), "rows": 20000},
         {"shards": _appended_list(1000)},
         {"shards": _appended_list(1000)[::-1]},
+        {"shards": _shared_list()},
         {"shards": _odd_list()},
         {"shards": _upper_list()},
         {"shards": _load_list(1, 1)},
@@ -213,6 +231,34 @@ def test_a_tampered_list_row_is_refused_and_the_list_built_again(tmp_path: pathl
     assert _why(repo, _list_path(repo, "raw")) is None
 
 
+def test_a_list_row_without_its_files_is_checked_by_itself(tmp_path: pathlib.Path) -> None:
+    """A row listing no files (not a dict) is checked as an entry of its own, whichever row
+    it is: a packed shard's row without its pack's files is then missing, and the list is
+    refused and built again, never served."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    doit(repo, "run", "preprocess", log=tmp_path / "a.log")
+    before = state(repo)
+    path = _list_path(repo, "raw")
+    for at in (0, -1):
+        doc = json.loads(path.read_text())
+        doc.pop("ids", None)
+        listform.expand(doc)
+        was = doc["shards"][at][3]
+        doc["shards"][at][3] = None
+        doc["manifest_digest"] = manifest_digest(doc)  # its rows as rows: a form kept
+        path.write_text(json.dumps(doc, sort_keys=True))
+        assert f"its shard {doc['shards'][at][1]} is missing" == _why(repo, path)
+        doc["shards"][at][3] = was
+        doc["manifest_digest"] = manifest_digest(listform.compact(doc))
+        path.write_text(json.dumps(listform.compact(doc), sort_keys=True))
+        assert _why(repo, path) is None
+    path.write_text(json.dumps({**json.loads(path.read_text()), "manifest_digest": "0"}))
+    log = tmp_path / "b.log"
+    doit(repo, "run", "preprocess", log=log)
+    assert calls(log) == {}
+    assert state(repo) == before
+
+
 def test_a_list_an_older_hfbuild_wrote_is_read_as_it_is(tmp_path: pathlib.Path) -> None:
     """Lists and a pack whose rows are in the file (as hfbuild wrote them before the
     compact form, their checksums of that) are served as they are: nothing is built, the
@@ -267,3 +313,27 @@ def test_compact_lists_are_pushed_and_pulled_to_a_fresh_clone(tmp_path: pathlib.
     assert isinstance(json.loads(_list_path(clone, "raw").read_text())["shards"], dict)
     out = run_hfbuild(clone, "verify", "--deep")
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [f"data/part-{i:05d}.parquet" for i in range(120)],
+        [f"data/part-{i:05d}.parquet" for i in range(120)][::-1],
+        ["a", "ab", "abc", "abd", "b", "", "b", "bcd", "bc", "x/y/z"],
+        ["é😀a", "é😀b", "é", "é😀", ""],
+    ],
+)
+def test_labels_are_front_coded_by_their_longest_shared_prefix(labels: list[str]) -> None:
+    """Each label after the first is written as the length of the longest prefix it shares
+    with the one before, then the rest: the same bytes whatever shortcut finds it."""
+    lines, last = [], ""
+    for s in labels:
+        shared = next(
+            (i for i, (x, y) in enumerate(zip(last, s, strict=False)) if x != y),
+            min(len(last), len(s)),
+        )
+        lines.append(f"{shared}:{s[shared:]}")
+        last = s
+    assert listform._front(labels) == {"front": "\n".join(lines)}
+    assert listform._labels(listform._front(labels), len(labels)) == labels
