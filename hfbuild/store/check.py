@@ -119,17 +119,17 @@ class Checks:
         acc = 0  # the digest of every listed file's identity, in order (`listed_digest`)
         ident: list[int] | None = [] if remember else None
         spans: list[tuple[str, dict[str, int], int]] = []  # (shard or base, files, end)
+        safe: object = object()  # the files dict found safe last (a pack's rows share one)
         for row in rows:
             key = str(row[1]) if isinstance(row, list) and len(row) >= 2 else ""
             if not FP.match(key):
                 return "its list of shards is malformed"
-            files = row[3] if len(row) >= 4 else None
+            files: Any = row[3] if len(row) >= 4 else None
             base = row_base(row)
-            if (
-                not isinstance(files, dict)
-                or not all(safe_rel(k) for k in files)
-                or (row_indexed(row) and base is None)
-            ):
+            ok = files is safe or (isinstance(files, dict) and all(safe_rel(k) for k in files))
+            if ok:
+                safe = files
+            if not ok or (row_indexed(row) and base is None):
                 why = self.check(key) if self.manifests.read(key) is not None else "is missing"
                 if why is not None:
                     return f"its shard {key} {why}" if why == "is missing" else f"{key}: {why}"

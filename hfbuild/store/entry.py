@@ -259,16 +259,15 @@ def listed_files(doc: dict[str, Any]) -> list[tuple[str, dict[str, int]]]:
     consecutive rows), and the base an indices shard's row names."""
     rows = doc.get("shards")
     out: list[tuple[str, dict[str, int]]] = []
+    safe: object = object()  # the files dict found safe last (a pack's rows share one)
     for row in rows if isinstance(rows, list) else []:
         if not (isinstance(row, list) and len(row) >= 4 and FP.match(str(row[1]))):
             continue
         files, base = row[3], row_base(row)
-        if (
-            not isinstance(files, dict)
-            or not all(safe_rel(k) for k in files)
-            or (row_indexed(row) and base is None)
-        ):
+        ok = files is safe or (isinstance(files, dict) and all(safe_rel(k) for k in files))
+        if not ok or (row_indexed(row) and base is None):
             continue
+        safe = files
         owner = row_owner(row)
         if out and owner == out[-1][0] and base is None:
             continue  # the next row of the same pack: its files are stat'ed once
