@@ -337,7 +337,10 @@ def publish_list(
     if stored is not None:
         store.discard(tmp)
         return stored
-    return store.publish(tmp, fp, doc)
+    # Not flushed, as its shards are not: a list lost to a power loss fails its checksum and
+    # is made again from the shards the store holds (a flush: 0.3-0.8 ms of wall clock per
+    # stage on this machine's idle disk, ~4 ms in a profiled run while others wrote).
+    return store.publish(tmp, fp, doc, durable=False)
 
 
 def _list_form(as_dict: bool, splits: list[str], listed: Sequence[list[Any]]) -> str:
