@@ -50,8 +50,9 @@ cold build; the floor alone is not.
 A rebuild of (a) and (b) is the median of three, each after appending one more file (a
 single ~1 s rebuild on the shared machine varied by more than the ~50 ms measured; (c) is
 then over 1,003 shards). What a rebuild of (b) spends beyond the floor, part by part, and
-what is left of it: ARCHITECTURE.md, "The rebuild beyond the floor, profiled" (#24); of (a):
-"The rebuild of (a) beyond the floor, profiled".
+what is left of it: ARCHITECTURE.md, "The rebuild beyond the floor, profiled" and "(b)'s
+rebuild beyond the floor, profiled whole" (#24); of (a): "The rebuild of (a) beyond the
+floor, profiled".
 """
 
 from __future__ import annotations
