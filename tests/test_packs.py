@@ -71,6 +71,26 @@ def test_an_append_adds_one_pack_and_finds_the_old_shards_by_key(tmp_path: pathl
     assert state(fresh) == state(repo)
 
 
+def test_an_append_in_a_copied_store_builds_only_the_new_file(tmp_path: pathlib.Path) -> None:
+    """A project copied whole (`cp -a`: every pack's file has another identity) still
+    finds the packed shards its stage's list names, by their pack's rows read once: an
+    append builds only the new file, and serves what a fresh build serves."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    doit(repo, "run", "preprocess", log=tmp_path / "a.log")
+    subprocess.run(["cp", "-a", str(repo.path), str(tmp_path / "copy")], check=True)
+    copy = Repo(tmp_path / "copy")
+    write_part(copy, "part-4", 400)
+    copy.commit("one more file")
+    log = tmp_path / "b.log"
+    doit(copy, "run", "preprocess", log=log)
+    assert calls(log)["feat:part-4"]
+    assert not any(k.endswith(("part-0", "part-1", "part-2", "part-3")) for k in calls(log))
+    fresh = make_project(Repo.init(tmp_path / "fresh"), parts=5)
+    doit(fresh, "run", "preprocess", log=tmp_path / "c.log")
+    assert _listing(fresh)["kept"] == _listing(copy)["kept"]
+    assert state(fresh) == state(copy)
+
+
 NO_PACKS = """
 import sys
 from hfbuild.builds import packbuild, shardone

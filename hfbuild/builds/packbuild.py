@@ -249,17 +249,35 @@ def _pack_entries(
         raise
 
 
-def in_pack(store: Any, pack: str, key: str, facts: dict[str, Any]) -> dict[str, Any] | None:
+def in_pack(
+    store: Any,
+    pack: str,
+    key: str,
+    facts: dict[str, Any],
+    read: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
     """What a list records of shard `key`, a row range of the intact pack `pack` with the
-    span and content hash `facts` gives it (its files and manifest stamp now), else None."""
-    doc = store.intact_manifest(pack)
-    for row in (doc or {}).get("pack") or []:
-        if row[0] == key and [row[1], row[2]] == facts.get("span"):
-            if row[3] != facts.get("content_hash"):
-                return None
-            stamp = store.manifest_stamp(pack)
-            return {**facts, "files": (doc or {})["files"], "stamp": stamp}
-    return None
+    span and content hash `facts` gives it (its files and manifest stamp now), else None.
+    `read`: the packs this caller looked up already, by name (a list names one pack in
+    many rows: its manifest is read and checked once, not once a row)."""
+    got = read.get(pack) if read is not None else None
+    if got is None:
+        doc = store.intact_manifest(pack)
+        ranges: dict[tuple[Any, ...], Any] = {}
+        for row in (doc or {}).get("pack") or []:
+            ranges.setdefault((row[0], row[1], row[2]), row[3])  # the first, as a scan finds
+        stamp = store.manifest_stamp(pack) if doc is not None else None
+        got = (ranges, (doc or {}).get("files"), stamp)
+        if read is not None:
+            read[pack] = got
+    ranges, files, stamp = got
+    span = facts.get("span")
+    if not (isinstance(span, list) and len(span) == 2):
+        return None
+    found = (key, span[0], span[1])
+    if found not in ranges or ranges[found] != facts.get("content_hash"):
+        return None
+    return {**facts, "files": files, "stamp": stamp}
 
 
 def unpack(place: Place, via: str, keys: Sequence[str]) -> None:

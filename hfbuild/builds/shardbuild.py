@@ -419,6 +419,7 @@ def listed_here(store: Any, name: str) -> dict[str, dict[str, Any]]:
         store.check_list(fp, doc)  # the identities of the shards it lists, checked at once
     out: dict[str, dict[str, Any]] = {}
     owners: dict[str, bool] = {}  # a pack named by many rows: checked once
+    packs: dict[str, Any] = {}  # and, written again since, read once
     for row in rows if isinstance(rows, list) else []:
         if not (isinstance(row, list) and len(row) >= 5):
             continue
@@ -439,7 +440,7 @@ def listed_here(store: Any, name: str) -> dict[str, dict[str, Any]]:
         elif row_pack(row) is not None:
             # A pack whose manifest was written again (its identity record, say): the
             # shard is still the row range its manifest names, with the same content.
-            found = packbuild.in_pack(store, owner, key, facts)
+            found = packbuild.in_pack(store, owner, key, facts, packs)
             if found is not None:
                 out[key] = found
     return out
