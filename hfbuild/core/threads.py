@@ -15,9 +15,11 @@ waits for none), or be used for calls that write shared state without their own 
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    import concurrent.futures
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -54,6 +56,9 @@ class Pool(Generic[T, R]):
     for them all. `close()` (also after Ctrl-C) cancels the calls not started yet."""
 
     def __init__(self, fn: Callable[[T], R], workers: int = WORKERS) -> None:
+        # Imported here: it imports `logging` (~5 ms), which a no-op never needs.
+        import concurrent.futures
+
         self._fn = fn
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="hfbuild")
         self._futures: list[concurrent.futures.Future[R | Exception]] = []

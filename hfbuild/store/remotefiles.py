@@ -23,7 +23,6 @@ import json
 import os
 import posixpath
 import re
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -285,6 +284,8 @@ class RemoteFiles:
         from fsspec.implementations.local import LocalFileSystem
 
         if isinstance(self.fs, LocalFileSystem):
+            import uuid  # here, not at the top: a no-op never writes to a remote
+
             # A complete file under a unique name, then a hard link to the manifest's name:
             # link(2) fails on an existing name, so readers never see half a manifest.
             tmp = f"{key}.tmp-{uuid.uuid4().hex}"
