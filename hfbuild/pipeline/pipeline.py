@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from hfbuild.core.errors import DamagedEntryError, NotBuiltError
 from hfbuild.keys.absentdata import LockedData
@@ -32,9 +32,11 @@ from hfbuild.source import refs
 from hfbuild.source.datafiles import StatCache
 from hfbuild.source.gitrepo import Mode, find_root
 from hfbuild.store.lockfile import LOCK_NAME, Pin, pins
-from hfbuild.store.remote import Remote
 from hfbuild.store.remotereach import remote_disabled, remote_url
 from hfbuild.store.store import Store
+
+if TYPE_CHECKING:
+    from hfbuild.store.remote import Remote
 
 
 def _caller_file(depth: int = 2) -> str | None:
@@ -94,7 +96,12 @@ class Pipeline(StageTable):
         if remote_disabled() or self._remote_arg is False:
             return None
         url = remote_url(self.root, self._remote_arg or None)
-        return Remote(url, self.pins, self.lock_name) if url else None
+        if not url:
+            return None
+        # Imported here: a no-op never asks the remote (~3 ms of its imports otherwise).
+        from hfbuild.store.remote import Remote
+
+        return Remote(url, self.pins, self.lock_name)
 
     def pins(self) -> dict[str, Pin]:
         """What the committed lock (HEAD's, never the work tree's: a build rewrites that one,
