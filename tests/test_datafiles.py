@@ -3,6 +3,7 @@ git status, and whether the ids come from the stat cache, the index or the bytes
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import time
@@ -45,6 +46,31 @@ def test_ids_are_gits_work_tree_ids(repo: Repo, tmp_path: pathlib.Path) -> None:
         got = file_identities(files, Snapshot(str(repo.path)), cache)
         assert dict(got) == want
         cache.save()
+
+
+def test_stat_cache_keeps_one_entry_per_path(repo: Repo, tmp_path: pathlib.Path) -> None:
+    """An entry of a file's earlier stat data (what its earlier content left: a rewrite
+    moves its ctime for good) is dropped when the file's entry is saved anew, so the cache
+    every no-op parses does not grow with each rewrite; the entries of files not looked at
+    are kept, and the ids stay git's."""
+    repo.write({"data/a.txt": "a\n", "data/b.txt": "b\n"}, commit="data")
+    path = tmp_path / "statcache.json"
+    a, b = str(repo.path / "data" / "a.txt"), str(repo.path / "data" / "b.txt")
+    gone = str(repo.path / "data" / "c.txt")
+    st = os.stat(a)
+    earlier = f"{a}|{st.st_size}|{st.st_mtime_ns - 10**9}|{st.st_ctime_ns - 10**9}|{st.st_ino}"
+    other = f"{gone}|2|1|1|1"
+    path.write_text(f'{{"{earlier}": "{"0" * 40}", "{other}": "{"1" * 40}"}}')
+    time.sleep(2.1)  # out of the racy window: entries are remembered
+    cache = StatCache(str(path))
+    got = file_identities([a, b], Snapshot(str(repo.path)), cache)
+    assert dict(got) == {f"data/{n}.txt": repo.git("hash-object", f"data/{n}.txt") for n in "ab"}
+    cache.save()
+    saved = json.loads(path.read_text())
+    assert sorted(k.rsplit("|", 4)[0] for k in saved) == [a, b, gone]
+    assert earlier not in saved and saved[other] == "1" * 40
+    again = StatCache(str(path))  # the next run: every file a hit
+    assert file_identities([a, b], Snapshot(str(repo.path)), again) == got
 
 
 def test_batch_equals_one_at_a_time(repo: Repo) -> None:

@@ -36,13 +36,15 @@ _RACY_NS = 2_000_000_000  # files modified this recently are hashed again next t
 
 
 class StatCache:
-    """`path|size|mtime|ctime|inode` -> blob id, persisted as JSON (losing it costs time only)."""
+    """`path|size|mtime|ctime|inode` -> blob id, persisted as JSON (losing it costs time only):
+    one entry per path as it is now, older ones dropped when a new one is saved (`save`)."""
 
     def __init__(self, path: str | None) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._data: dict[str, str] | None = None
         self._dirty = False
+        self._added: set[str] = set()  # the keys this process remembered
 
     def _load(self) -> dict[str, str]:
         if self._data is None:
@@ -90,15 +92,24 @@ class StatCache:
                     key, changed = keys[i]
                     if now - changed > _RACY_NS:
                         data[key] = value
+                        self._added.add(key)
                         self._dirty = True
         return [v for v in out if v is not None]
 
     def save(self) -> None:
+        """Written whole, without the entries of a path this process remembered anew under
+        other stat data: those can never match again, since a file's ctime only moves
+        forward (every write, chmod or rename moves it; nothing sets it back). Kept, a
+        data file rewritten N times left N entries that every later run parsed."""
         if not self._dirty or not self.path:
             return
+        data = self._load()
+        paths = {k.rsplit("|", 4)[0] for k in self._added}
+        for key in [k for k in data if k not in self._added and k.rsplit("|", 4)[0] in paths]:
+            del data[key]
         try:
             sharing.makedirs(os.path.dirname(self.path))
-            write_json_atomic(self.path, self._load())
+            write_json_atomic(self.path, data)
             self._dirty = False
         except OSError:
             pass  # a cache: failing to save it costs a re-hash next time, nothing else
