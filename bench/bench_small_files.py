@@ -84,6 +84,11 @@ compiled 1.48 and 1.27 (main 1.55). Not shown: <= 1.3 in every run at this load.
 In-process timers (load 6-9): the cold build 6.45-6.67 s against main's 6.58-6.94, plain
 datasets 4.71-4.79. Append one file 0.29-0.36 of plain's rebuild; no-op 0.30-0.35 s with
 bytecode (main 0.32-0.35 in the same half hour); the store as 1ec7aa4's (2.68x, 30 files).
+
+Measured on 2026-12-05 with h-noop5k on main at 630af10 (the no-op profiled part by part:
+ARCHITECTURE.md, "The no-op over 5,000 small files, profiled again"), load 1.0-1.2, CPU
+(wall): cold 1.18x (1.25), append 0.30 (0.28), no-op 0.234 s (0.240), store 1.64x, 0.006
+files per shard; main's run the next minute: 1.28x, 0.26, no-op 0.255 s (0.274).
 """
 
 from __future__ import annotations
