@@ -1381,3 +1381,98 @@ def _remote_cat(url: str, rel: str) -> bytes:
         endpoint_url=os.environ["FSSPEC_S3_ENDPOINT_URL"], key="testing", secret="testing"
     )
     return bytes(fs.cat_file(f"{url.removeprefix('s3://')}/objects/{rel}"))
+
+
+WARM = {
+    # Two sharded maps over a load, both importing the in-repo `helper`; `a` reads WARM_A
+    # (in its key: it travels with its tasks), `b` expands it through the standard library,
+    # which hfbuild does not note: what it finds is what its worker's environment holds.
+    "helper.py": "VALUE = 1\n",
+    "step_a.py": """
+        import os
+
+        import helper
+
+        def a(row):
+            return {"pid": os.getpid(), "v": helper.VALUE, "env": os.environ.get("WARM_A", "")}
+        """,
+    "step_b.py": """
+        import os
+
+        import helper
+
+        def b(row):
+            return {"pid": os.getpid(), "v": helper.VALUE, "env": os.path.expandvars("$WARM_A")}
+        """,
+    "dodo.py": """
+        from hfbuild import Pipeline
+        import step_a, step_b
+
+        pipe = Pipeline()
+        raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+        a = pipe.map("a", raw, step_a.a)
+        b = pipe.map("b", raw, step_b.b)
+        """,
+}
+
+# One driver process, one Ray job: build raw, a and b; commit helper.py at VALUE = 2 and
+# build again (dodo and the project's modules imported anew, as a new driver would).
+WARM_BUILDS = """
+import json, os, subprocess, sys, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, os.getcwd())
+from hfbuild.builds.stage import build
+
+def run():
+    import dodo
+    for stage in ("raw", "a", "b"):
+        build(dodo.pipe, stage, executor="ray")
+    rows = {s: dodo.pipe.result(s).to_dict() for s in ("a", "b")}
+    for name in ("dodo", "step_a", "step_b", "helper"):
+        sys.modules.pop(name, None)
+    return rows
+
+first = run()
+with open("helper.py", "w") as f:
+    f.write("VALUE = 2\\n")
+subprocess.run(["git", "commit", "-qam", "helper at 2"], check=True)
+print(json.dumps([first, run(), os.getpid()]))
+"""
+
+
+def test_stages_run_in_warm_workers_each_with_its_own_code_and_variables(
+    repo: Repo, tmp_path: pathlib.Path, remote: str
+) -> None:
+    """Ray tasks carry no runtime_env of their own, so a worker process serves stage after
+    stage: the rows two sharded maps' transforms recorded name the same (non-driver) worker
+    processes, in one build and in the next one of the same driver. Nothing of one task's
+    tree reaches the next: after helper.py changes, both maps (whose workers imported the
+    old helper) compute with the new one; a variable `a`'s tasks carried is not in `b`'s
+    environment, on the same workers."""
+    repo.write(WARM)
+    (repo.path / "data").mkdir()
+    _add_part(repo, 1)
+    _add_part(repo, 2)
+    _own_rows(repo)
+    clone = repo.clone(tmp_path / "clone")
+    out = subprocess.run(
+        [sys.executable, "-c", WARM_BUILDS],
+        cwd=clone.path,
+        env={**os.environ, "WARM_A": "from the driver", "CALL_LOG": os.devnull},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    first, second, driver = json.loads(out.stdout.strip().splitlines()[-1])
+    for stage in ("a", "b"):
+        assert out.stderr.count(f"{stage}: 2/2 shards done, 2 built on ray") == 2, out.stderr
+    pids = [{s: set(rows[s]["pid"]) for s in ("a", "b")} for rows in (first, second)]
+    assert driver not in set.union(*pids[0].values(), *pids[1].values())
+    assert pids[0]["a"] & pids[0]["b"], pids  # one build's two stages, one worker
+    assert set.union(*pids[0].values()) & set.union(*pids[1].values()), pids  # the next build
+    assert [set(first[s]["v"]) for s in ("a", "b")] == [{1}, {1}]
+    assert [set(second[s]["v"]) for s in ("a", "b")] == [{2}, {2}]
+    for rows in (first, second):
+        assert set(rows["a"]["env"]) == {"from the driver"}
+        assert set(rows["b"]["env"]) == {"$WARM_A"}

@@ -2,28 +2,30 @@
 
 The driver (the process running doit or `hfbuild build`) computes every key, as always; only
 units whose entry is missing travel. A whole-stage unit becomes one Ray task (a stage's shard
-units share a few, below), whose `runtime_env`
-carries the *fingerprinted tree*: the files the unit's key names (closure code, file_deps,
-data files, files earlier builds read at run time) at exactly the blob ids the key holds, read
-from git's object database (the work tree only for uncommitted files, checked against the id),
-plus pyproject.toml. Nothing the worker happens to have on disk is used. The task pulls the
-unit's inputs from the remote, each checked as the driver's pulls are: against what the
-committed lock records for its key (the driver sends the pins of the entries the worker may
-pull, `input_pins`). A worker refusing an input returns the refusal; the driver, whose store
-holds the input, builds that unit here with a `RemoteWarning` (the cluster cannot build it
-from the remote until the forged entry is deleted). The task then recomputes the unit's static
-key from what it received (the shipped tree is not a git work tree: its files are identified
-by the blob ids of their bytes, the same ids), refuses to build under a different one, builds
-with the same code as a local build (`local.build_here`), and publishes to the remote
-first-writer-wins (`remote.Remote.push`). The driver then pulls the entry into its own store,
-so freshness is still "the store holds the key".
+units share a few, below), which carries the *fingerprinted tree*: the files the unit's key
+names (closure code, file_deps, data files, files earlier builds read at run time) at exactly
+the blob ids the key holds, read from git's object database (the work tree only for uncommitted
+files, checked against the id), plus pyproject.toml. Nothing the worker happens to have on disk
+is used. A task asks for no `runtime_env`, so any idle worker of the job runs it, stage after
+stage: the tree travels packed in Ray's object store, once per distinct tree, and the worker
+runs the task in its node's copy of it, leaving no module, variable or path of it behind
+(`raywarm`). The task pulls the unit's inputs from the remote, each checked as the driver's
+pulls are: against what the committed lock records for its key (the driver sends the pins of
+the entries the worker may pull, `input_pins`). A worker refusing an input returns the refusal;
+the driver, whose store holds the input, builds that unit here with a `RemoteWarning` (the
+cluster cannot build it from the remote until the forged entry is deleted). The task then
+recomputes the unit's static key from what it received (the shipped tree is not a git work
+tree: its files are identified by the blob ids of their bytes, the same ids), refuses to build
+under a different one, builds with the same code as a local build (`local.build_here`), and
+publishes to the remote first-writer-wins (`remote.Remote.push`). The driver then pulls the
+entry into its own store, so freshness is still "the store holds the key".
 
 A sharded stage travels as its missing shards (`shardunits` splits it), consecutive ones
 coalesced into a few generator tasks (`coalesce`, `rayworker.run_shards`: each shard's result
 yielded as it is published, the driver pulling it on a thread meanwhile): all its shards
 share one tree (the stage's code; a load's data files are left out), a transform shard's
 task pulls only its input shard, a load shard's task receives its data file's bytes as its
-argument (a tree per file would be a package, and a worker process, per shard). The worker
+argument (a tree per file would be packed and sent once per shard). The worker
 recomputes the shard's key (`manifest.shard_key`: the code key from the tree, the input from
 what it pulled or the bytes' blob id, the observed files' ids from their shipped copies) and
 refuses another; it builds with `shardone`'s code (`shardunits.build_one`) and publishes
@@ -32,7 +34,7 @@ driver takes each shard or pack (`Remote.take`: a small one from the result, any
 pulled), and `shardunits` publishes the stage's list as a local build does; it is pushed.
 
 What travels is `raytree`'s (the tree, a load shard's data bytes, the job); the worker's side
-is `rayworker`'s.
+is `rayworker`'s, in the tree and the process state `raywarm` gives each task.
 
 Owns: the driver's side: submitting the Ray tasks, waiting with per-stage progress (units,
 or a sharded stage's shards done / total), cancelling outstanding tasks on Ctrl-C, turning a
@@ -60,7 +62,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from hfbuild.builds import raypacks, rayshare, raytree, shardunits
 from hfbuild.builds.local import build_here
-from hfbuild.builds.raytree import shard_data, shipped_files, task_args, task_env, upload_tree
+from hfbuild.builds.raytree import shard_data, shipped_files, task_args, task_env
 from hfbuild.builds.rayworker import run_shards, run_unit
 from hfbuild.builds.units import Unit
 from hfbuild.core import threads
@@ -112,7 +114,8 @@ def build_units(
     remote = rayshare.remote_of(place, label)
     _connect()
     rayshare.ensure_inputs(place, remote, units if sent is None else ())  # pushed the first time
-    tasks = _submit_all(place, remote, sent or units)
+    trees: dict[tuple[tuple[str, str], ...], list[Any]] = {}  # each distinct tree put once
+    tasks = _submit_all(place, remote, sent or units, trees)
     t0 = time.perf_counter()
     rows = raypacks.PackRows(place.store)  # each pack the results name read once
     pulls: threads.Pool[tuple[int, Mapping[str, Any]], Report] = threads.Pool(
@@ -205,19 +208,18 @@ class _Task(NamedTuple):
     units: list[int]
 
 
-def _submit_all(place: Place, remote: Remote, units: Sequence[Unit]) -> list[_Task]:
-    packages: dict[tuple[tuple[str, str], ...], str] = {}  # one upload per distinct tree
+def _submit_all(
+    place: Place, remote: Remote, units: Sequence[Unit], trees: dict[Any, list[Any]]
+) -> list[_Task]:
     shards = [i for i, u in enumerate(units) if u.shard is not None]
     out = [
-        _Task(_submit(place, remote, u, packages), [i])
-        for i, u in enumerate(units)
-        if u.shard is None
+        _Task(_submit(place, remote, u, trees), [i]) for i, u in enumerate(units) if u.shard is None
     ]
     if shards:
         weights = [_weight(place, units[i]) for i in shards]
         for group in coalesce(weights, _cluster_cpus()):
             idx = [shards[g] for g in group]
-            out.append(_Task(_submit_shards(place, remote, [units[i] for i in idx], packages), idx))
+            out.append(_Task(_submit_shards(place, remote, [units[i] for i in idx], trees), idx))
     return out
 
 
@@ -263,31 +265,33 @@ def _cluster_cpus() -> int:
     return max(1, int(cpus))
 
 
-def _submit(
-    place: Place, remote: Remote, unit: Unit, packages: dict[tuple[tuple[str, str], ...], str]
-) -> Any:
+def _submit(place: Place, remote: Remote, unit: Unit, trees: dict[Any, list[Any]]) -> Any:
     job, spec = task_args(place, remote, unit)
+    job.update(_env(place, unit, trees))
     data = shard_data(place, unit)
-    name = f"hfbuild:{unit.spec.name}"
-    return (
-        _task().options(name=name, runtime_env=_env(place, unit, packages)).remote(job, spec, data)
-    )
+    return _task().options(name=f"hfbuild:{unit.spec.name}").remote(job, spec, data)
 
 
-def _env(
-    place: Place, unit: Unit, packages: dict[tuple[tuple[str, str], ...], str]
-) -> dict[str, Any]:
+def _env(place: Place, unit: Unit, trees: dict[Any, list[Any]]) -> dict[str, Any]:
+    """What a task takes its place in a worker with (`raywarm`), no `runtime_env` (a worker
+    serves only tasks of its own runtime_env: one per stage would start a worker process per
+    stage): its tree, packed and put in Ray's object store once per distinct tree (`tree`:
+    its digest and the reference, nested, so Ray fetches it only where a node lacks it), and
+    the variables its code reads (`env`, `raytree.task_env`)."""
+    import ray
+
     files = tuple(shipped_files(unit.manifest, unit.shard))
-    if files not in packages:
-        packages[files] = upload_tree(place, files)
-    return {"working_dir": packages[files], "env_vars": task_env(place, unit.manifest)}
+    if files not in trees:
+        name, packed = raytree.pack(place, files)
+        trees[files] = [name, [ray.put(packed)]]
+    return {"tree": trees[files], "env": task_env(place, unit.manifest)}
 
 
 def _submit_shards(
     place: Place,
     remote: Remote,
     units: Sequence[Unit],
-    packages: dict[tuple[tuple[str, str], ...], str],
+    trees: dict[Any, list[Any]],
 ) -> Any:
     """One task building `units`, shards of one stage, in order (`rayworker.run_shards`): what
     they share travels once, each shard's own part (its key, input, offset, data file) with it
@@ -298,8 +302,8 @@ def _submit_shards(
     name = f"hfbuild:{units[0].spec.name}:{first.label}"
     if len(units) > 1:
         name += f"..{last.label}"
-    env = _env(place, units[0], packages)
-    return _shards_task().options(name=name, runtime_env=env).remote(common, spec, parts, datas)
+    common.update(_env(place, units[0], trees))
+    return _shards_task().options(name=name).remote(common, spec, parts, datas)
 
 
 def shards_args(

@@ -3,15 +3,16 @@
 Owns: the *fingerprinted tree* a unit ships with (`shipped_files`: the files its key names, at
 exactly the blob ids the key holds, read from git's object database, the work tree only for
 uncommitted files; each folder its builds listed at run time, the project's root too, with the
-names its listing holds, their files' bytes from the work tree (`_listed`), checked to list
-as the key holds them once the tree is written; plus pyproject.toml), packed and uploaded
-as a Ray package (one per distinct tree: all the shards of a stage share one, without a
-load's data files); a load shard's data file, sent as the task's argument (`shard_data`); the
-job (`task_args`: plain JSON-able values and the pickled spec, and the folders the tree holds
-with their names, `listed`; a unit to send again with more, `with_listings`), with the
-committed lock's pins
-of the entries the worker may pull (`input_pins`) and the variables its code reads, with the
-driver's values (`task_env`: never a secret-looking one).
+names its listing holds, their files' bytes from the work tree (`_listed`), checked to list as
+the key holds them once the tree is written; plus pyproject.toml), packed as the same bytes on
+every driver and named by their digest (`pack`; the driver puts it in Ray's object store once
+per distinct tree: all the shards of a stage share one, without a load's data files; a node
+materializes it once, `raywarm`); a load shard's data file, sent as the task's argument
+(`shard_data`); the job (`task_args`: plain JSON-able values and the pickled spec, and the
+folders the tree holds with their names, `listed`; a unit to send again with more,
+`with_listings`), with the committed lock's pins of the entries the worker may pull
+(`input_pins`) and the variables its code reads, with the driver's values (`task_env`: never a
+secret-looking one).
 
 Must never: ship a file the key does not name (a listed folder's files are named by its
 listing), ship a listing other than the key's, or a secret variable's value; import ray
@@ -25,7 +26,6 @@ import functools
 import os
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,15 +38,13 @@ if TYPE_CHECKING:
     from hfbuild.source.gitstate import Snapshot
     from hfbuild.store.remote import Remote
 
-_DRIVER = uuid.uuid4().hex  # this driver process, in the trees it ships (not in any key)
-
 
 def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, str]]:
     """[repo-relative path, blob id] of every file the key of `m` names: its closure, its
     file_deps, its data files, the files its arguments name (a directory's files too) and
     the files its builds were seen to read; and [`dir/.`, listing id] of each folder they
     listed, whose files `tree` writes. For a shard of a
-    load stage, no data file: the tree is the stage's code, one package for all its shards,
+    load stage, no data file: the tree is the stage's code, one tree for all its shards,
     and the shard's own file travels with its task (`shard_data`)."""
     from hfbuild.keys.argpaths import named_files
     from hfbuild.keys.fullkey import MISSING, UNKNOWN, UNOBSERVED, in_static_key, is_listing
@@ -74,7 +72,7 @@ def shipped_files(m: Manifest, shard: Shard | None = None) -> list[tuple[str, st
             f"task: build this stage with the local executor (`--executor local`)."
         )
     pairs.update(named_files(doc))  # files that arguments name (argpaths.py)
-    # Variables read at run time (`env://NAME`) travel in the task's runtime_env (`task_env`).
+    # Variables read at run time (`env://NAME`) travel in the task's job (`task_env`).
     # A folder builds listed (the project's root too) travels with the names its listing
     # holds and their files (`tree`); one that is missing travels as missing.
     pairs.update(
@@ -117,12 +115,6 @@ def tree(place: Place, files: Sequence[tuple[str, str]]) -> Iterator[str]:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             with open(dest, "wb") as f:
                 f.write(snap.content(rel, blob))
-        # Ray deletes a package's unpacked copy on a node when the job that uploaded it
-        # ends, even while another job's task runs in it: one package per driver process.
-        # Under a name no listing holds and nothing observes (the root may be listed).
-        os.makedirs(os.path.join(d, "__pycache__"), exist_ok=True)
-        with open(os.path.join(d, "__pycache__", "hfbuild-driver"), "w") as f:
-            f.write(_DRIVER)
         pyproject = os.path.join(place.root, "pyproject.toml")
         if os.path.isfile(pyproject) and not os.path.exists(os.path.join(d, "pyproject.toml")):
             with open(pyproject, "rb") as src, open(os.path.join(d, "pyproject.toml"), "wb") as f:
@@ -163,8 +155,7 @@ def _listed(snap: Snapshot, folder: str, recorded: str, dest: str) -> list[str] 
 def _check_listed(dest: str, names: dict[str, list[str] | None]) -> None:
     """Each listed folder in the finished tree at `dest` lists the names the key holds (a
     name that is neither a file nor a directory here, a broken link, is not shipped; a file
-    the key names that the folder here lacks is), and no `.rayignore` drops a file from the
-    package (Ray's packaging honours one in any directory)."""
+    the key names that the folder here lacks is)."""
     from hfbuild.keys.fullkey import listing
 
     for folder, want in names.items():
@@ -177,14 +168,6 @@ def _check_listed(dest: str, names: dict[str, list[str] | None]) -> None:
                 f"cannot hold it as it is here ({', '.join(odd[:3]) or folder}: neither a "
                 f"file nor a directory, or a file the key names that is not there): build "
                 f"this stage with the local executor (`--executor local`)."
-            )
-    for top, _, files in os.walk(dest):
-        if ".rayignore" in files:
-            rel = os.path.relpath(os.path.join(top, ".rayignore"), dest)
-            raise ConfigError(
-                f"{rel} travels in a Ray worker's tree, and Ray's packaging leaves out the "
-                f"files it names: rename it, or build this stage with the local executor "
-                f"(`--executor local`)."
             )
 
 
@@ -240,8 +223,8 @@ def task_env(place: Place, m: Manifest) -> dict[str, str]:
     """The variables the unit's code reads (those in its key, by literal name or read at run time by
     an earlier build, and the project's untracked-env ones), with the driver's values: the worker's
     own environment must not change the key or the result. A secret-looking one
-    (`envvars.is_secret`) never travels: Ray keeps a task's `runtime_env` in the cluster's task
-    table, readable by whoever reads the cluster. The worker takes it from its node's environment;
+    (`envvars.is_secret`) never travels: a task's arguments stay in the cluster's object
+    store, readable by whoever reads the cluster. The worker takes it from its node's environment;
     its key then holds the salted hash of that value, so a node with another value (or none) refuses
     the task."""
     from hfbuild.source.envvars import is_secret, observed_name, project_settings
@@ -254,8 +237,8 @@ def task_env(place: Place, m: Manifest) -> dict[str, str]:
 
 def shard_data(place: Place, unit: Unit) -> bytes | None:
     """A load shard's data file, the bytes its key names, sent as the task's argument
-    (through Ray's object store) rather than in its tree: a tree per data file would be a
-    package, and a worker process, per shard. None for any other unit."""
+    (through Ray's object store) rather than in its tree: a tree per data file would be
+    packed, sent and materialized on its node once per shard. None for any other unit."""
     if unit.shard is None or unit.spec.kind != "load":
         return None
     from hfbuild.source import hub
@@ -382,21 +365,35 @@ def _decided_features(spec: Any, m: Manifest) -> dict[str, Any]:
     return {"decider": decider, "features": features.to_dict()}
 
 
-def upload_tree(place: Place, files: Sequence[tuple[str, str]]) -> str:
-    """Pack the unit's tree and upload it to the cluster; its URI. Ray names a package by
-    the hash of its files and uploads it once, so units of one code share one package. Only
-    a job's own runtime_env may name a local directory: a task's must name an uploaded
-    package, hence Ray's packaging functions, with no exclusion (every file of the tree is
-    named by the key; a shipped .gitignore must not drop one)."""
-    from ray._private.runtime_env.packaging import (
-        get_uri_for_directory,
-        upload_package_if_needed,
-    )
+def pack(place: Place, files: Sequence[tuple[str, str]]) -> tuple[str, bytes]:
+    """The unit's tree (`tree`) packed as a tar archive of its directories and files, in
+    name order, with no time, owner or mode but a file's executable bit (the same tree packs
+    to the same bytes, on every driver), and its digest (`raywarm.digest`): the name a node
+    materializes it under (`raywarm.tree_dir`). Every file of the tree travels (each is named
+    by the key; a shipped .gitignore or .rayignore drops none)."""
+    import io
+    import tarfile
 
+    from hfbuild.builds.raywarm import digest
+
+    buf = io.BytesIO()
     with (
-        tree(place, files) as tree_dir,
-        tempfile.TemporaryDirectory(prefix="hfbuild-ray-pkg-") as tmp,
+        tree(place, files) as top,
+        tarfile.open(fileobj=buf, mode="w:", format=tarfile.PAX_FORMAT) as tar,
     ):
-        uri = str(get_uri_for_directory(tree_dir, include_gitignore=False, excludes=[]))
-        upload_package_if_needed(uri, tmp, tree_dir, include_gitignore=False, excludes=[])
-    return uri
+        for here, dirs, names in os.walk(top):
+            dirs.sort()
+            rel = os.path.relpath(here, top).replace(os.sep, "/")
+            for name in dirs:
+                info = tarfile.TarInfo(name if rel == "." else f"{rel}/{name}")
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            for name in sorted(names):
+                full = os.path.join(here, name)
+                info = tarfile.TarInfo(name if rel == "." else f"{rel}/{name}")
+                info.size = os.path.getsize(full)
+                info.mode = 0o755 if os.access(full, os.X_OK) else 0o644
+                with open(full, "rb") as f:
+                    tar.addfile(info, f)
+    packed = buf.getvalue()
+    return digest(packed), packed

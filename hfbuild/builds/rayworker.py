@@ -1,27 +1,28 @@
 """The Ray worker's side of a unit of work.
 
-Owns: `run_unit`, the Ray task: in the shipped tree (its working directory, first on its
-path), with a node-local store ($HFBUILD_STORE on the worker, else `<tmp>/hfbuild-ray-<uid>`),
-it pulls the unit's inputs from the remote (checked against the committed lock's pins the
-driver sent; a refused input comes back as {"refused": ...} for the driver to build the unit
-itself), recomputes the unit's key (a shard's: `manifest.shard_key` from the stage's code in
-the tree, its input, the observed files' shipped copies) and refuses to build under another
-one, builds with the local build's code (`local.build_here`, `shardunits.build_one`) and
-pushes the result to the remote, first writer wins. A user error comes back as {"error": ...};
-a build that listed a project folder the tree does not hold with its names (`Place.listed`:
-a first build of code that lists it, before any record of the listing) as {"unlisted":
-[its listing paths]}, with nothing published, for the driver to send it again with them.
-`run_shards`, the Ray task of several shards of one stage: what they share set up once
-(`_Task`), then each shard as above, its load shards built by one call (`rayloads`); its
-load and map shards pushed as packs (`raypacks`: one
-entry, a few requests, a pack), each pack's push on one of a few threads while the next
-shards build, each shard's result yielded (a generator task) once it is published, in
-order, naming its pack; a user error ends the task at its shard, named by the shard's file;
-an unshipped listing ends it too, every shard from that one on answered {"unlisted": ...}.
-A pack or shard this worker published that is small (`SEND_BYTES`) goes back with the
-results, files and manifest (`sent_entry`), so the driver need not pull it. A map shard's
-input shard kept in a pack (`input_pack` in its job) is pulled as its pack, once per task,
-and written out of it (`packbuild.unpack_from`), its range checked against its pin.
+Owns: `run_unit`, the Ray task: in the shipped tree (materialized once on the node, its working
+directory and first on its path for the task's duration, the task's variables set, nothing of
+it left behind: `raywarm`), with a node-local store ($HFBUILD_STORE on the worker, else
+`<tmp>/hfbuild-ray-<uid>`), it pulls the unit's inputs from the remote (checked against the
+committed lock's pins the driver sent; a refused input comes back as {"refused": ...} for the
+driver to build the unit itself), recomputes the unit's key (a shard's: `manifest.shard_key`
+from the stage's code in the tree, its input, the observed files' shipped copies) and refuses
+to build under another one, builds with the local build's code (`local.build_here`,
+`shardunits.build_one`) and pushes the result to the remote, first writer wins. A user error
+comes back as {"error": ...}; a build that listed a project folder the tree does not hold with
+its names (`Place.listed`: a first build of code that lists it, before any record of the
+listing) as {"unlisted": [its listing paths]}, with nothing published, for the driver to send
+it again with them. `run_shards`, the Ray task of several shards of one stage: what they share
+set up once (`_Task`), then each shard as above, its load shards built by one call
+(`rayloads`); its load and map shards pushed as packs (`raypacks`: one entry, a few requests, a
+pack), each pack's push on one of a few threads while the next shards build, each shard's
+result yielded (a generator task) once it is published, in order, naming its pack; a user error
+ends the task at its shard, named by the shard's file; an unshipped listing ends it too, every
+shard from that one on answered {"unlisted": ...}. A pack or shard this worker published that
+is small (`SEND_BYTES`) goes back with the results, files and manifest (`sent_entry`), so the
+driver need not pull it. A map shard's input shard kept in a pack (`input_pack` in its job) is
+pulled as its pack, once per task, and written out of it (`packbuild.unpack_from`), its range
+checked against its pin.
 
 Must never: publish under a key it did not recompute or a listing its tree does not hold,
 run project code the tree does not hold, or read the driver's files.
@@ -35,13 +36,12 @@ import contextlib
 import functools
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from hfbuild.builds import raykey, rayloads, raypacks, shardunits
+from hfbuild.builds import raykey, rayloads, raypacks, raywarm, shardunits
 from hfbuild.core.errors import BuildError, HfbuildError, UnshippedListingError
 from hfbuild.core.spec import Report, stored_rows
 
@@ -69,12 +69,14 @@ def run_unit(job: dict[str, Any], spec_bytes: bytes, data: bytes | None = None) 
     """The Ray task of one unit (a whole stage, or one shard): build it from the shipped tree
     (the task's working directory) and `data` (a load shard's data file), and publish it to
     the remote. A user error comes back as {"error": message}."""
-    root = os.getcwd()
+    root = job.get("driver_root", "")
     try:
-        task = _Task(root, job, spec_bytes)
-        if "shard" in job:  # one shard by itself (`run_shards` takes several)
-            return _run_shard(task, job, data)
-        return _run_unit(task, job)
+        root = raywarm.tree_dir(job)
+        with raywarm.inside(root, job):
+            task = _Task(root, job, spec_bytes)
+            if "shard" in job:  # one shard by itself (`run_shards` takes several)
+                return _run_shard(task, job, data)
+            return _run_unit(task, job)
     except UnshippedListingError as e:  # the driver ships those folders and sends it again
         return {"unlisted": e.paths}
     except HfbuildError as e:
@@ -92,8 +94,25 @@ def run_shards(
     in order, yielded as soon as the shard is published (its push runs on a thread while the
     next shard builds), so the driver counts and takes it while the next one builds. A user
     error ends the task with {"error": message} for the shard it came from, named by its
-    file; the shards after it are not built."""
-    root = os.getcwd()
+    file; the shards after it are not built. The whole task runs in its tree (`raywarm`)."""
+    root = job.get("driver_root", "")
+    try:
+        root = raywarm.tree_dir(job)
+    except HfbuildError as e:
+        yield {"error": _driver_paths(e, root, job)}
+        return
+    with raywarm.inside(root, job):
+        yield from _run_shards(root, job, spec_bytes, shards, datas)
+
+
+def _run_shards(
+    root: str,
+    job: dict[str, Any],
+    spec_bytes: bytes,
+    shards: list[dict[str, Any]],
+    datas: list[bytes | None],
+) -> Iterator[dict[str, Any]]:
+    """`run_shards` in the task's tree."""
     try:
         task = _Task(root, job, spec_bytes)
     except HfbuildError as e:
@@ -203,8 +222,8 @@ def _name_shard(message: str, stage: str, label: str) -> str:
 
 
 class _Task:
-    """What every unit of one task shares: the shipped tree on the import path (the driver's
-    directories off it), the spec unpickled from it, the node's store, the remote with the
+    """What every unit of one task shares: the spec unpickled from the shipped tree (on the
+    import path, `raywarm.inside`), the node's store, the remote with the
     pins the driver sent, and a `Place` over them."""
 
     def __init__(self, root: str, job: Mapping[str, Any], spec_bytes: bytes) -> None:
@@ -216,19 +235,6 @@ class _Task:
         from hfbuild.store.remote import Remote
         from hfbuild.store.store import Store
 
-        # Ray puts the driver's working directory on a worker's path (for clusters whose
-        # nodes share a file system): the project's code must come from the shipped tree.
-        driver = os.path.realpath(str(job["driver_root"]))
-        sys.path[:] = [
-            p
-            for p in sys.path
-            if not (os.path.realpath(p or ".") + os.sep).startswith(driver + os.sep)
-        ]
-        for rel in reversed(job["paths"]):
-            p = os.path.normpath(os.path.join(root, rel))
-            if p in sys.path:
-                sys.path.remove(p)
-            sys.path.insert(0, p)
         self.root = root
         self.spec = cloudpickle.loads(spec_bytes)
         self.store = Store(worker_store())
