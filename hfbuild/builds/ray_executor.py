@@ -90,6 +90,9 @@ class RayExecutor:
         other clone."""
         if unit.shard is None and unit.manifest.shards is not None:
             remote = rayshare.remote_of(place, unit.spec.name)
+            # The stage's list, written after the last result, needs datasets: imported while
+            # the cluster works (shardunits imports it for a load's features already).
+            threads.import_meanwhile("hfbuild.builds.builder")
             report = shardunits.build(place, self, unit)
             rayshare.share(place, remote, unit.spec.name, report.fingerprint)
             return report
