@@ -1384,9 +1384,10 @@ def _remote_cat(url: str, rel: str) -> bytes:
 
 
 WARM = {
-    # Two sharded maps over a load, both importing the in-repo `helper`; `a` reads WARM_A
-    # (in its key: it travels with its tasks), `b` expands it through the standard library,
-    # which hfbuild does not note: what it finds is what its worker's environment holds.
+    # Three sharded maps over a load, all importing the in-repo `helper`; `a` reads WARM_A
+    # (in its key: it travels with its tasks) and what its worker process started with;
+    # `b` and `c` expand it through the standard library, which hfbuild does not note: what
+    # they find is what their worker's environment holds.
     "helper.py": "VALUE = 1\n",
     "step_a.py": """
         import os
@@ -1394,7 +1395,14 @@ WARM = {
         import helper
 
         def a(row):
-            return {"pid": os.getpid(), "v": helper.VALUE, "env": os.environ.get("WARM_A", "")}
+            with open("/proc/self/environ", "rb") as f:
+                start = f.read().split(b"\\0")
+            return {
+                "pid": os.getpid(),
+                "v": helper.VALUE,
+                "env": os.environ.get("WARM_A", ""),
+                "start": b"WARM_A=from the driver" in start,
+            }
         """,
     "step_b.py": """
         import os
@@ -1403,6 +1411,9 @@ WARM = {
 
         def b(row):
             return {"pid": os.getpid(), "v": helper.VALUE, "env": os.path.expandvars("$WARM_A")}
+
+        def c(row):
+            return {**b(row), "c": True}
         """,
     "dodo.py": """
         from hfbuild import Pipeline
@@ -1412,49 +1423,59 @@ WARM = {
         raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
         a = pipe.map("a", raw, step_a.a)
         b = pipe.map("b", raw, step_b.b)
+        c = pipe.map("c", raw, step_b.c)
         """,
 }
 
-# One driver process, one Ray job: build raw, a and b; commit helper.py at VALUE = 2 and
-# build again (dodo and the project's modules imported anew, as a new driver would).
+# One driver process, one Ray job: build raw, a, b and c; commit helper.py at VALUE = 2 and
+# build b, c and a (dodo and the project's modules imported anew, as a new driver would):
+# c's workers, on 1-CPU nodes, are not the idle ones Ray stops as a's start (its soft limit
+# of a node's workers is its CPUs) before b's tasks come.
 WARM_BUILDS = """
 import json, os, subprocess, sys, warnings
 warnings.simplefilter("ignore")
 sys.path.insert(0, os.getcwd())
 from hfbuild.builds.stage import build
 
-def run():
+def run(stages):
     import dodo
-    for stage in ("raw", "a", "b"):
+    for stage in stages:
         build(dodo.pipe, stage, executor="ray")
-    rows = {s: dodo.pipe.result(s).to_dict() for s in ("a", "b")}
+    rows = {s: dodo.pipe.result(s).to_dict() for s in ("a", "b", "c")}
     for name in ("dodo", "step_a", "step_b", "helper"):
         sys.modules.pop(name, None)
     return rows
 
-first = run()
+first = run(("raw", "a", "b", "c"))
 with open("helper.py", "w") as f:
     f.write("VALUE = 2\\n")
 subprocess.run(["git", "commit", "-qam", "helper at 2"], check=True)
-print(json.dumps([first, run(), os.getpid()]))
+print(json.dumps([first, run(("b", "c", "a")), os.getpid()]))
 """
 
 
 def test_stages_run_in_warm_workers_each_with_its_own_code_and_variables(
     repo: Repo, tmp_path: pathlib.Path, remote: str
 ) -> None:
-    """Ray tasks carry no runtime_env of their own, so a worker process serves stage after
-    stage: the rows two sharded maps' transforms recorded name the same (non-driver) worker
-    processes, in one build and in the next one of the same driver. Nothing of one task's
-    tree reaches the next: after helper.py changes, both maps (whose workers imported the
-    old helper) compute with the new one; a variable `a`'s tasks carried is not in `b`'s
-    environment, on the same workers."""
+    """Ray tasks carry no tree in a runtime_env, so a worker process serves stage after stage
+    of the same variables: the rows two sharded maps without variables recorded name the same
+    (non-driver) worker processes, in one build and in the next one of the same driver.
+    Nothing of one task's tree reaches the next: after helper.py changes, every map (whose
+    workers imported the old helper) computes with the new one. A stage's variables are in
+    its worker process's environment from its start (what a package reads at import sees
+    them), and those workers serve no stage without them. A node unpacking a tree removes
+    the trees no task used for a day."""
     repo.write(WARM)
     (repo.path / "data").mkdir()
     _add_part(repo, 1)
     _add_part(repo, 2)
     _own_rows(repo)
     clone = repo.clone(tmp_path / "clone")
+    old, day = time.time() - 2 * 86400, uuid.uuid4().hex  # trees of another build, per node
+    for tmp in NODE_TMPDIRS:
+        for age in ("stale", "fresh"):
+            (tmp / f"hfbuild-ray-trees-{os.getuid()}" / f"{age}-{day}").mkdir(parents=True)
+        os.utime(tmp / f"hfbuild-ray-trees-{os.getuid()}" / f"stale-{day}", (old, old))
     out = subprocess.run(
         [sys.executable, "-c", WARM_BUILDS],
         cwd=clone.path,
@@ -1465,14 +1486,55 @@ def test_stages_run_in_warm_workers_each_with_its_own_code_and_variables(
     )
     assert out.returncode == 0, out.stderr
     first, second, driver = json.loads(out.stdout.strip().splitlines()[-1])
-    for stage in ("a", "b"):
+    for stage in ("a", "b", "c"):
         assert out.stderr.count(f"{stage}: 2/2 shards done, 2 built on ray") == 2, out.stderr
-    pids = [{s: set(rows[s]["pid"]) for s in ("a", "b")} for rows in (first, second)]
-    assert driver not in set.union(*pids[0].values(), *pids[1].values())
-    assert pids[0]["a"] & pids[0]["b"], pids  # one build's two stages, one worker
-    assert set.union(*pids[0].values()) & set.union(*pids[1].values()), pids  # the next build
-    assert [set(first[s]["v"]) for s in ("a", "b")] == [{1}, {1}]
-    assert [set(second[s]["v"]) for s in ("a", "b")] == [{2}, {2}]
+    pids = [{s: set(rows[s]["pid"]) for s in ("a", "b", "c")} for rows in (first, second)]
     for rows in (first, second):
+        assert set(rows["a"]["start"]) == {True}, pids  # its worker started with it
+    assert driver not in set.union(*pids[0].values(), *pids[1].values())
+    assert pids[0]["b"] & pids[0]["c"], pids  # one build's two stages, one worker
+    assert not pids[0]["a"] & (pids[0]["b"] | pids[0]["c"]), pids  # its own workers
+    assert (pids[0]["b"] | pids[0]["c"]) & (pids[1]["b"] | pids[1]["c"]), pids  # the next
+    for tmp in NODE_TMPDIRS:  # a node unpacking a tree removed those unused for a day
+        trees = tmp / f"hfbuild-ray-trees-{os.getuid()}"
+        assert not (trees / f"stale-{day}").exists() and (trees / f"fresh-{day}").is_dir(), tmp
+    for rows, value in ((first, 1), (second, 2)):
+        assert [set(rows[s]["v"]) for s in ("a", "b", "c")] == [{value}] * 3
         assert set(rows["a"]["env"]) == {"from the driver"}
-        assert set(rows["b"]["env"]) == {"$WARM_A"}
+        assert set(rows["b"]["env"]) == set(rows["c"]["env"]) == {"$WARM_A"}
+
+
+def test_a_nodes_trees_unused_within_the_keep_time_are_collected_and_held_ones_kept(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's gc task (`raynodes.collect_node`, what `hfbuild gc` runs on each node)
+    removes the trees no task used within the keep time (a dry run only names them); it keeps
+    a fresh one, one a task used a moment ago (its use marks it), and one a task holds now
+    however old its mark (kept after it too: a task marks its tree as it ends)."""
+    from hfbuild.builds import raywarm
+    from hfbuild.builds.raynodes import collect_node
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    top = pathlib.Path(raywarm.trees_dir())
+    for name in ("stale", "fresh", "used", "held"):
+        (top / name / "pkg").mkdir(parents=True)
+        (top / name / "pkg" / "code.py").write_text(f"NAME = {name!r}\n")
+    old = time.time() - 2 * 86400
+    for name in ("stale", "used", "held"):
+        os.utime(top / name, (old, old))
+    with raywarm.tree_dir({"tree": ["used", [None]], "stage": "s"}):
+        pass
+
+    def trees() -> list[str]:
+        return sorted(p.name for p in top.iterdir())
+
+    with raywarm.tree_dir({"tree": ["held", [None]], "stage": "s"}) as held:
+        assert held == str(top / "held")
+        os.utime(held, (old, old))  # a task running for two days
+        dry = collect_node([], 86400, True)
+        assert trees() == ["fresh", "held", "stale", "used"]
+        done = collect_node([], 86400, False)
+        assert trees() == ["fresh", "held", "used"]
+    gone = [[f"../{top.name}/stale", len("NAME = 'stale'\n")]]
+    assert dry["gone"] == done["gone"] == gone
+    assert collect_node([], 86400, False)["gone"] == []  # tasks mark them as they end

@@ -272,22 +272,33 @@ def _submit(place: Place, remote: Remote, unit: Unit, trees: dict[Any, list[Any]
     job, spec = task_args(place, remote, unit)
     job.update(_env(place, unit, trees))
     data = shard_data(place, unit)
-    return _task().options(name=f"hfbuild:{unit.spec.name}").remote(job, spec, data)
+    opts = _options(place, unit)
+    return _task().options(name=f"hfbuild:{unit.spec.name}", **opts).remote(job, spec, data)
 
 
 def _env(place: Place, unit: Unit, trees: dict[Any, list[Any]]) -> dict[str, Any]:
-    """What a task takes its place in a worker with (`raywarm`), no `runtime_env` (a worker
-    serves only tasks of its own runtime_env: one per stage would start a worker process per
-    stage): its tree, packed and put in Ray's object store once per distinct tree (`tree`:
-    its digest and the reference, nested, so Ray fetches it only where a node lacks it), and
-    the variables its code reads (`env`, `raytree.task_env`)."""
+    """What a task takes its place in a worker with (`raywarm`), its tree not in a
+    `runtime_env` (a worker serves only tasks of its own runtime_env: one per stage would
+    start a worker process per stage): packed and put in Ray's object store once per distinct
+    tree (`tree`: its digest and the reference, nested, so Ray fetches it only where a node
+    lacks it)."""
     import ray
 
     files = tuple(shipped_files(unit.manifest, unit.shard))
     if files not in trees:
         name, packed = raytree.pack(place, files)
         trees[files] = [name, [ray.put(packed)]]
-    return {"tree": trees[files], "env": task_env(place, unit.manifest)}
+    return {"tree": trees[files]}
+
+
+def _options(place: Place, unit: Unit) -> dict[str, Any]:
+    """The task's variables (`raytree.task_env`), if it has any, as its `runtime_env`: Ray
+    starts a worker process with them in its environment and gives it only tasks of the same
+    variables, so what an installed package reads from the environment at import (say
+    `datasets.config`) sees them, as in a build of its own; a task with none (most) runs in
+    any worker of the job, warm from earlier stages."""
+    env = task_env(place, unit.manifest)
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def _submit_shards(
@@ -306,7 +317,8 @@ def _submit_shards(
     if len(units) > 1:
         name += f"..{last.label}"
     common.update(_env(place, units[0], trees))
-    return _shards_task().options(name=name).remote(common, spec, parts, datas)
+    opts = _options(place, units[0])
+    return _shards_task().options(name=name, **opts).remote(common, spec, parts, datas)
 
 
 def shards_args(

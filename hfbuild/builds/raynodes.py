@@ -1,17 +1,18 @@
 """Collecting the stores of a Ray cluster's nodes: `hfbuild gc` with the Ray executor.
 
 Each node keeps what its workers pulled and built in a store of its own
-(`rayworker.worker_store`). `collect_nodes` runs one Ray task on every alive node, pinned to it,
+(`rayworker.worker_store`), and the trees its tasks ran in (`raywarm`). `collect_nodes` runs
+one Ray task on every alive node, pinned to it,
 that collects that store by the local gc's rules (`Store.gc`): the fingerprints the driver's
 lock files keep (the driver computes them; a node holds no lock file), what a kept entry
 references, entries used within the given time, build leftovers unless their build lock is
-held.
+held; and the node's trees no task used within that time nor holds now.
 
 Owns: the node tasks of gc (`collect_nodes` on the driver, `collect_node` on each node) and
 what each node removed (`NodeCollected`).
 
-Must never: decide what a node keeps beyond the keep set it is sent and the store's own rules,
-create a node's store, or import ray outside `collect_nodes`.
+Must never: decide what a node keeps beyond the keep set it is sent and the store's and
+trees' own rules, create a node's store, or import ray outside `collect_nodes`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import os
 from typing import Any, NamedTuple
 
+from hfbuild.builds import raywarm
 from hfbuild.builds.rayworker import worker_store
 from hfbuild.core.errors import BuildError, ConfigError
 
@@ -35,14 +37,15 @@ class NodeCollected(NamedTuple):
 
 
 def collect_node(keep: list[str], keep_seconds: float, dry_run: bool) -> dict[str, Any]:
-    """The node's task: collect its store (none there: nothing to do, nothing created)."""
+    """The node's task: collect its store (none there: nothing to do, nothing created) and
+    the trees its tasks ran in that none used within `keep_seconds` (`raywarm.collect_trees`;
+    named relative to the store, as `../hfbuild-ray-trees-<uid>/<digest>`)."""
     from hfbuild.store.store import Store
 
     root = worker_store()
-    if not os.path.isdir(root):
-        return {"store": root, "gone": []}
-    store = Store(root)
-    gone = store.gc(set(keep), keep_seconds, dry_run=dry_run)
+    gone = raywarm.collect_trees(keep_seconds, dry_run=dry_run)
+    if os.path.isdir(root):
+        gone = Store(root).gc(set(keep), keep_seconds, dry_run=dry_run) + gone
     return {"store": root, "gone": [[os.path.relpath(p, root), n] for p, n in gone]}
 
 

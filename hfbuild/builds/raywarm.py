@@ -7,24 +7,34 @@ and puts it in Ray's object store; the job names it by the digest of its bytes
 (`{"tree": [digest, [ref]]}`, the reference nested, so that Ray does not fetch it for a
 task whose node holds the tree).
 
+A task's variables (`raytree.task_env`) are not set here: they are its `runtime_env`
+(`ray_executor`), so its worker process started with them.
+
 Owns: a tree materialized once per node, in a directory named by its digest under
 `<tmp>/hfbuild-ray-trees-<uid>` (`tree_dir`: the bytes checked against the digest, unpacked
 beside it and renamed into place, so concurrent tasks on a node each see it whole or not at
-all; a task run by hand in its tree, with no tree in its job, takes its working directory);
-and the process's state for one task's duration (`inside`): its working directory the tree,
-the tree first on the import path (with the driver's own project directories, which Ray puts
-on a worker's path, off it), the task's variables (`raytree.task_env`) set; afterwards, the
-task failing too, the working directory, import path and environment as they were, every
-module whose file lies in the tree dropped from `sys.modules` and the import system's caches
-invalidated, so the next task imports its code from its own tree.
+all; held by a shared lock on its directory for the task's duration, its mtime touched at
+the task's start and end;
+a task run by hand in its tree, with no tree in its job, takes its working directory); the
+node's trees collected (`collect_trees`: those unused for longer than the keep time and held
+by no task, renamed aside under an exclusive lock, then deleted; on each new unpack, those
+unused for a day, and by `hfbuild gc` on each node, `raynodes`, by gc's keep time); and the
+process's state for one task's duration (`inside`): its working directory the tree, the tree
+first on the import path (with the driver's own project directories, which Ray puts on a
+worker's path, off it); afterwards, the task failing too, the working directory, import path
+and environment as they were, every module whose file lies in the tree dropped from
+`sys.modules` and the import system's caches invalidated, so the next task imports its code
+from its own tree.
 
 Must never: let a module, variable, path entry or working directory of one task's tree reach
-the next task; use a tree whose bytes are not its digest's; read the driver's files.
+the next task; use a tree whose bytes are not its digest's; remove a tree a task holds; read
+the driver's files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib
 import io
@@ -33,6 +43,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -47,20 +58,49 @@ def trees_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"hfbuild-ray-trees-{os.getuid()}")
 
 
-def tree_dir(job: Mapping[str, Any]) -> str:
-    """The directory of the tree the job names, unpacked on this node the first time a task
-    here needs it; a job naming none: the working directory (a task run in its tree)."""
+@contextlib.contextmanager
+def tree_dir(job: Mapping[str, Any]) -> Iterator[str]:
+    """For the block: the directory of the tree the job names, unpacked on this node the first
+    time a task here needs it, marked used (its mtime, at the block's start and end) and held
+    (a shared lock on it) so that `collect_trees` leaves it alone; a job naming none: the
+    working directory (a task run in its tree)."""
     tree = job.get("tree")
     if tree is None:
-        return os.getcwd()
-    name, (ref,) = str(tree[0]), tree[1]
-    top = trees_dir()
-    dest = os.path.join(top, name)
-    if os.path.isdir(dest):
-        return dest
+        yield os.getcwd()
+        return
+    name = str(tree[0])
+    dest = os.path.join(trees_dir(), name)
+    while True:
+        if not os.path.isdir(dest):
+            _unpack(job, name, dest)
+        try:
+            fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:  # collected meanwhile: unpacked again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:  # still the tree in place (not one collected after we opened it)?
+                same = os.path.samestat(os.fstat(fd), os.stat(dest))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.utime(fd)
+                try:
+                    yield dest
+                finally:
+                    os.utime(fd)  # used until now
+                return
+        finally:
+            os.close(fd)
+
+
+def _unpack(job: Mapping[str, Any], name: str, dest: str) -> None:
+    """The job's packed tree, fetched, checked against its digest `name` and unpacked beside
+    `dest`, then renamed into place (another task here putting it first wins); the trees unused
+    for a day (`STALE_SECONDS`) collected then."""
     import ray
 
-    packed: bytes = ray.get(ref)
+    packed: bytes = ray.get(job["tree"][1][0])
     if digest(packed) != name:
         from hfbuild.core.errors import BuildError
 
@@ -68,26 +108,82 @@ def tree_dir(job: Mapping[str, Any]) -> str:
             f"stage {job['stage']!r}: the tree this Ray task received is not the one it was "
             f"sent with (digest {name}); build again."
         )
+    top = os.path.dirname(dest)
     os.makedirs(top, exist_ok=True)
+    collect_trees(STALE_SECONDS)
     part = tempfile.mkdtemp(prefix=f".{name}-", dir=top)
     try:
         with tarfile.open(fileobj=io.BytesIO(packed), mode="r:") as tar:
             tar.extractall(part, filter="data")
         os.chmod(part, 0o755)
+        os.utime(part)  # used now, whatever the tar said of its top
         with contextlib.suppress(OSError):  # another task here put it in place first
             os.rename(part, dest)
     finally:
         shutil.rmtree(part, ignore_errors=True)
-    return dest
+
+
+STALE_SECONDS = 86400.0
+"""A tree no task used for this long is removed when the node unpacks another one."""
+
+
+def collect_trees(keep_seconds: float, *, dry_run: bool = False) -> list[tuple[str, int]]:
+    """Remove the node's trees no task used within `keep_seconds` (their mtime, touched by
+    each task that uses one) and none holds now (a running task's shared lock), and the
+    leftovers of unpacks older than that; each removed directory with its size. A tree is
+    renamed aside under its exclusive lock before it is deleted, so a task sees it whole or
+    not at all (and unpacks it again)."""
+    top = trees_dir()
+    try:
+        names = sorted(os.listdir(top))
+    except FileNotFoundError:
+        return []
+    gone = []
+    now = time.time()
+    for name in names:
+        path = os.path.join(top, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # gone meanwhile, or not a directory
+            continue
+        try:
+            if now - os.fstat(fd).st_mtime <= keep_seconds:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a task runs in it
+                continue
+            now_there = _stat(path)
+            if now_there is None or not os.path.samestat(os.fstat(fd), now_there):
+                continue
+            size = _size(path)
+            if not dry_run:
+                aside = tempfile.mkdtemp(prefix=".gone-", dir=top)
+                os.rename(path, os.path.join(aside, name))
+                shutil.rmtree(aside, ignore_errors=True)
+            gone.append((path, size))
+        finally:
+            os.close(fd)
+    return gone
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
 @contextlib.contextmanager
 def inside(root: str, job: Mapping[str, Any]) -> Iterator[None]:
     """For the block: the working directory `root` (the task's tree), the tree's import
     directories (`job["paths"]`, relative to it; the tree itself first) first on the import
-    path, the driver's project directories off it, the job's variables (`job["env"]`) set.
-    After it, whatever the block did: all of them as they were, and the tree's modules
-    dropped (`_drop`)."""
+    path, the driver's project directories off it. After it, whatever the block did: they and
+    the environment's variables as they were, and the tree's modules dropped (`_drop`)."""
     cwd, path, environ = os.getcwd(), list(sys.path), dict(os.environ)
     try:
         os.chdir(root)
@@ -102,7 +198,6 @@ def inside(root: str, job: Mapping[str, Any]) -> Iterator[None]:
             if p in sys.path:
                 sys.path.remove(p)
             sys.path.insert(0, p)
-        os.environ.update({str(k): str(v) for k, v in (job.get("env") or {}).items()})
         importlib.invalidate_caches()
         yield
     finally:

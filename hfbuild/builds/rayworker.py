@@ -71,8 +71,7 @@ def run_unit(job: dict[str, Any], spec_bytes: bytes, data: bytes | None = None) 
     the remote. A user error comes back as {"error": message}."""
     root = job.get("driver_root", "")
     try:
-        root = raywarm.tree_dir(job)
-        with raywarm.inside(root, job):
+        with raywarm.tree_dir(job) as root, raywarm.inside(root, job):
             task = _Task(root, job, spec_bytes)
             if "shard" in job:  # one shard by itself (`run_shards` takes several)
                 return _run_shard(task, job, data)
@@ -96,12 +95,13 @@ def run_shards(
     error ends the task with {"error": message} for the shard it came from, named by its
     file; the shards after it are not built. The whole task runs in its tree (`raywarm`)."""
     root = job.get("driver_root", "")
-    try:
-        root = raywarm.tree_dir(job)
-    except HfbuildError as e:
-        yield {"error": _driver_paths(e, root, job)}
-        return
-    with raywarm.inside(root, job):
+    with contextlib.ExitStack() as held:
+        try:
+            root = held.enter_context(raywarm.tree_dir(job))
+        except HfbuildError as e:
+            yield {"error": _driver_paths(e, root, job)}
+            return
+        held.enter_context(raywarm.inside(root, job))
         yield from _run_shards(root, job, spec_bytes, shards, datas)
 
 
