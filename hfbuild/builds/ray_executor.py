@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from hfbuild.builds import raypacks, rayshare, raytree, shardunits
 from hfbuild.builds.local import build_here
-from hfbuild.builds.raytree import shard_data, shipped_files, task_args, task_env
+from hfbuild.builds.raytree import shard_data, shipped_files, task_args
 from hfbuild.builds.rayworker import run_shards, run_unit
 from hfbuild.builds.units import Unit
 from hfbuild.core import threads
@@ -272,7 +272,7 @@ def _submit(place: Place, remote: Remote, unit: Unit, trees: dict[Any, list[Any]
     job, spec = task_args(place, remote, unit)
     job.update(_env(place, unit, trees))
     data = shard_data(place, unit)
-    opts = _options(place, unit)
+    opts = raytree.task_options(place, unit.manifest)
     return _task().options(name=f"hfbuild:{unit.spec.name}", **opts).remote(job, spec, data)
 
 
@@ -291,16 +291,6 @@ def _env(place: Place, unit: Unit, trees: dict[Any, list[Any]]) -> dict[str, Any
     return {"tree": trees[files]}
 
 
-def _options(place: Place, unit: Unit) -> dict[str, Any]:
-    """The task's variables (`raytree.task_env`), if it has any, as its `runtime_env`: Ray
-    starts a worker process with them in its environment and gives it only tasks of the same
-    variables, so what an installed package reads from the environment at import (say
-    `datasets.config`) sees them, as in a build of its own; a task with none (most) runs in
-    any worker of the job, warm from earlier stages."""
-    env = task_env(place, unit.manifest)
-    return {"runtime_env": {"env_vars": env}} if env else {}
-
-
 def _submit_shards(
     place: Place,
     remote: Remote,
@@ -317,7 +307,7 @@ def _submit_shards(
     if len(units) > 1:
         name += f"..{last.label}"
     common.update(_env(place, units[0], trees))
-    opts = _options(place, units[0])
+    opts = raytree.task_options(place, units[0].manifest)
     return _shards_task().options(name=name, **opts).remote(common, spec, parts, datas)
 
 

@@ -235,6 +235,16 @@ def task_env(place: Place, m: Manifest) -> dict[str, str]:
     return {n: os.environ[n] for n in sorted(names) if n in os.environ and not is_secret(n)}
 
 
+def task_options(place: Place, m: Manifest) -> dict[str, Any]:
+    """The task's variables (`task_env`), if it has any, as its `runtime_env`: Ray starts a
+    worker process with them in its environment and gives it only tasks of the same
+    variables, so what an installed package reads from the environment at import (say
+    `datasets.config`) sees them, as in a build of its own; a task with none (most) runs in
+    any worker of the job, warm from earlier stages."""
+    env = task_env(place, m)
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def shard_data(place: Place, unit: Unit) -> bytes | None:
     """A load shard's data file, the bytes its key names, sent as the task's argument
     (through Ray's object store) rather than in its tree: a tree per data file would be
