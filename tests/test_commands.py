@@ -126,13 +126,45 @@ def test_explain_an_edited_helper(built: Repo) -> None:
         f"  code file pkg/util/deep.py changed: {old_id[:12]} -> {new_id[:12]} (+2 -2 lines)"
     ) in out.stdout.splitlines()
     kept = run_hfbuild(built, "explain", "kept").stdout
-    # kept's key holds feat's result, known once feat is built (issue #19).
-    assert "stage 'kept' is stale: input 'feat' is being rebuilt (may be cut off)." in kept
+    # kept's key holds feat's result, known once feat is built (issue #19); kept's own code
+    # (its closure holds the helper too) changed, which it names first (issue #24 item 5).
+    assert kept.startswith(
+        "stage 'kept' is stale: its own definition changed:\n"
+        f"  code file pkg/util/deep.py changed: {old_id[:12]} -> {new_id[:12]}\n"
+        "Its input 'feat' is being rebuilt too (may be cut off).\n"
+    ), kept
     assert "Run `doit run preprocess:kept` to build it." in kept
     doit(built, "run", "preprocess:feat", log=built.path.parent / "feat.log")
     kept = run_hfbuild(built, "explain", "kept").stdout
     assert "input stage feat changed: " in kept
     assert "Run `doit run preprocess:kept` to build it." in kept
+
+
+def test_a_stage_whose_own_argument_changed_says_so_before_its_pending_input(
+    built: Repo,
+) -> None:
+    """kept's argument changed while its input feat is being rebuilt (feat's argument
+    changed too): status and explain name kept's argument first (it rebuilds kept whatever
+    feat's result), then the input being rebuilt (issue #24 item 5); split, which only
+    waits for kept, names its input alone."""
+    dodo = built.path / "dodo.py"
+    text = dodo.read_text().replace('{"m": 3}', '{"m": 4}').replace('{"k": 2}', '{"k": 3}')
+    built.write({"dodo.py": text}, commit="feat's and kept's arguments")
+    states = {d["stage"]: d for d in json.loads(run_hfbuild(built, "status", "--json").stdout)}
+    assert states["kept"]["reason"] == (
+        "argument fn_kwargs['m'] changed: 3 -> 4; input 'feat' is being rebuilt (may be cut off)"
+    ), states["kept"]
+    assert states["split"]["reason"] == "input 'kept' is being rebuilt (may be cut off)"
+    lines = run_hfbuild(built, "explain", "kept").stdout.splitlines()
+    assert lines[:3] == [
+        "stage 'kept' is stale: its own definition changed:",
+        "  argument fn_kwargs['m'] changed: 3 -> 4",
+        "Its input 'feat' is being rebuilt too (may be cut off).",
+    ], lines
+    split = run_hfbuild(built, "explain", "split").stdout  # nothing of its own changed
+    assert split.startswith(
+        "stage 'split' is stale: input 'kept' is being rebuilt (may be cut off)."
+    ), split
 
 
 def test_explain_a_changed_argument(built: Repo) -> None:

@@ -106,8 +106,10 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
         if prev is None:
             return Explanation(name, fp, False, None, [], {}, None, dirty, pending=m.pending[0])
         # What changed in its own definition (code, packages, arguments) since it was built;
-        # its inputs' side is the pending input's, told apart.
-        own = diff(prev[1], m.doc, prev[2], prev[2])
+        # its inputs' side is the pending input's, told apart (its manifest's inputs hold a
+        # placeholder until then: compared as they were, they read as a format change).
+        was = {**prev[1], "inputs": m.doc["inputs"]} if "inputs" in m.doc else prev[1]
+        own = diff(was, m.doc, prev[2], prev[2])
         return Explanation(name, fp, False, prev[0], own, {}, None, dirty, pending=m.pending[0])
     if prev is None:
         ex = Explanation(name, fp, False, None, [], {}, None, dirty, _shards(pipe, m, None))
@@ -304,7 +306,11 @@ def stage_states(pipe: Pipeline) -> list[StageState]:
             continue
         if m.pending:  # its key waits for its input's result (inputid.py)
             waits = f"input {m.pending[0]!r} is being rebuilt (may be cut off)"
-            out.append(StageState(name, fp, "stale", waits, dirty, None, _observed(m)))
+            # Its own change (code, packages, arguments), if any, first: it rebuilds the stage
+            # whatever its input's result turns out to be.
+            own = [c.describe() for c in explain(pipe, name, line_stats=False).changes[:1]]
+            reason = "; ".join([*own, waits])
+            out.append(StageState(name, fp, "stale", reason, dirty, None, _observed(m)))
             continue
         ex = explain(pipe, name, line_stats=False)
         if ex.previous is None:

@@ -30,16 +30,17 @@ def explain(pipe: Pipeline, stage: str, *, as_json: bool = False) -> int:
             print(f"It was last built as {ex.previous}.")
         print(f"Fix the error, then run `doit run {pipe.name}:{stage}`.")
         return 1
-    if ex.pending is not None:
+    if ex.pending is not None and ex.changes:  # its own change first: it rebuilds the stage
+        print(f"stage {stage!r} is stale{dirty}: its own definition changed:")
+        for c in ex.changes:
+            print(f"  {c.describe()}")
+        print(f"Its input {ex.pending!r} is being rebuilt too (may be cut off).")
+    elif ex.pending is not None:
         print(
             f"stage {stage!r} is stale{dirty}: input {ex.pending!r} is being rebuilt (may be cut "
             f"off). Its key holds its input's result, known once that is built: then it is up "
             f"to date if the result is the same, else built again."
         )
-        if ex.changes:
-            print("Its own definition changed too:")
-        for c in ex.changes:
-            print(f"  {c.describe()}")
     elif ex.previous is None:
         print(f"stage {stage!r} has never been built (fingerprint {ex.fingerprint}).")
         for text in ex.shards:
