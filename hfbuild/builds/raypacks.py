@@ -10,7 +10,8 @@ those its loads built together are already one pack, `rayloads`; runs of the oth
 as packs, `packbuild.of_entries`; any other shard pushed by itself), each packed shard's
 result naming its pack, with the pack's files when this push published it and it is small;
 taking a map shard's input shard kept in a pack (`take_packed`: the pack taken once per task,
-the shard's range checked against the committed lock's pin, written out of the pack). On the
+the shard's range checked against the committed lock's pin, its row as a list would record
+it given for the build to read the rows from the pack in place). On the
 driver: a map shard's input as the entry to have on the remote (`input_entry`), the share of
 a pack a shard unit reads (`packed_weight`), and taking the pack a shard's result names
 (`take`: the pack once, the shard as its list will record it).
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from hfbuild.builds import packbuild, raytree
 from hfbuild.core import threads
+from hfbuild.core.errors import BuildError
 
 if TYPE_CHECKING:
     from hfbuild.builds.units import Unit
@@ -97,15 +99,18 @@ def take_packed(
     fp: str,
     dep: str,
     packed: Mapping[str, Any],
-    taken: dict[str, Any],
+    taken: set[str],
     take: Callable[[str, str], None],
     facts: Callable[[str, str], dict[str, Any] | None] | None = None,
-) -> None:
+) -> list[Any] | None:
     """Have input shard `fp`, a row range of the pack `packed` names (its input's list
-    keeps it there), in the node's store: the pack taken once per task (`take`, as any
-    input: pulled, checked whole and range by range; `taken`: this task's packs, loaded),
-    the shard's range checked against the committed lock's pin for `fp`, written out as an
-    entry of its own (`packbuild.unpack_from`); one held already checked against its pin.
+    keeps it there), readable in the node's store: the pack taken once per task (`take`,
+    as any input: pulled, checked whole and range by range; `taken`: this task's packs),
+    the shard's range checked against the committed lock's pin for `fp`; the shard's row as
+    its stage's list records it (split, key, label, the pack's files, its facts with the
+    pack and its span), for its build to read its rows from the pack in place, as a local
+    build reads a packed input shard (`Store.load_listed`). None for a shard the node's
+    store holds as an entry of its own (checked against its pin, read by its key).
     `facts`: what the pack's manifest records of a shard (`packbuild.packed`), read once a
     task."""
     from hfbuild.store.remotereach import RefusedEntryError
@@ -114,12 +119,13 @@ def take_packed(
     pack = str(packed["key"])
     if pack not in taken:
         take(pack, f"{dep} (pack)")
-        taken[pack] = None
+        taken.add(pack)
     pin = remote.pins().get(fp)
     held = store.intact_manifest(fp)
     where = f"the pack {pack} gives" if held is None else "the node's store holds"
     of_pack = facts or functools.partial(packbuild.packed, store)
-    got = (held or of_pack(pack, fp) or {}).get("content_hash")
+    found = of_pack(pack, fp) if held is None else None
+    got = (held or found or {}).get("content_hash")
     if pin is not None and got != pin.content_hash:
         raise RefusedEntryError(
             f"{where} input shard {fp} ({dep}) with content hash {got}, but the committed "
@@ -127,10 +133,11 @@ def take_packed(
         )
     if held is not None:
         store.touch(fp)  # used: `hfbuild gc --keep-days` keeps it on this node
-        return
-    if taken[pack] is None:
-        taken[pack] = store.load(pack)
-    packbuild.unpack_from(place, pack, fp, dict(packed["shard"]), taken[pack])
+        return None
+    shard = packed["shard"]
+    if found is None:
+        raise BuildError(f"input shard {shard.get('label')} ({fp}) is not in the pack {pack}.")
+    return [shard["split"], fp, shard["label"], found["files"], found]
 
 
 def input_entry(place: Place, unit: Unit, fp: str) -> str:
