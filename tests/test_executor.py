@@ -517,6 +517,61 @@ def test_a_shards_task_keys_each_load_shard_from_its_own_bytes(
     assert task(-1, "good") == [{"fingerprint": k} for k in keys]
 
 
+CHUNKS_WORKER = """
+import json, os, sys
+from hfbuild.builds import raypacks
+from hfbuild.builds.rayworker import run_shards
+
+raypacks.PACK_SHARDS = 1  # each shard a chunk of its own, pushed on its own thread
+with open(os.path.join(sys.argv[1], "task.json")) as f:
+    task = json.load(f)
+with open(os.path.join(sys.argv[1], "spec"), "rb") as f:
+    spec = f.read()
+datas = []
+for i in range(len(task["parts"])):
+    with open(os.path.join(sys.argv[1], f"data-{i}"), "rb") as f:
+        datas.append(f.read())
+for res in run_shards(task["job"], spec, task["parts"], datas):
+    print(json.dumps({"fingerprint": res.get("fingerprint"), "pack": res["pack"]["key"]}))
+"""
+
+
+def test_a_load_pack_over_a_tasks_chunks_is_pushed_once(
+    repo: Repo,
+    tmp_path: pathlib.Path,
+    s3: Any,  # noqa: F811
+) -> None:
+    """A task's load shards built together are one pack, and its results are pushed in
+    chunks, each on a thread of its own at once (here a chunk a shard): the pack is put
+    once, each of its files and its manifest one request, none deleted, not once a chunk
+    with the losers' uploads deleted."""
+    from tests.test_remote import s3_requests
+
+    _sharded_project(repo, 3)
+    clone = repo.clone(tmp_path / "clone")
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    keys = _prepare(clone.path, PREPARE_TASK, os.environ["HFBUILD_REMOTE"], jobs)
+    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
+    env.pop("PYTHONPATH", None)
+    with s3_requests() as lines:
+        out = subprocess.run(
+            [sys.executable, "-c", CHUNKS_WORKER, str(jobs)],
+            cwd=jobs / "tree",
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    assert out.returncode == 0, out.stderr
+    results = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert [r["fingerprint"] for r in results] == keys
+    (pack,) = {r["pack"] for r in results}
+    mine = [x.split()[0] for x in lines if f"/{pack}/" in x]
+    assert mine.count("PUT") == 4, lines  # its three data files and its manifest
+    assert not [x for x in lines if x.startswith(("DELETE", "POST"))], lines
+
+
 PREPARE_PACKED = """
 import json, os, shutil, sys, warnings
 warnings.simplefilter("ignore")

@@ -7,7 +7,8 @@ local build lists a load's pack): one entry, four requests, for up to `PACK_SHAR
 
 Owns, on the worker: pushing the shards a task built since its last push (`publish_chunk`:
 those its loads built together are already one pack, `rayloads`; runs of the others written
-as packs, `packbuild.of_entries`; any other shard pushed by itself), each packed shard's
+as packs, `packbuild.of_entries`; any other shard pushed by itself; each pack once a task,
+`Pushed`, however many chunks name it), each packed shard's
 result naming its pack, with the pack's files when this push published it and it is small;
 taking a map shard's input shard kept in a pack (`take_packed`: the pack taken once per task,
 the shard's range checked against the committed lock's pin, its row as a list would record
@@ -22,7 +23,9 @@ range the committed lock pins with another content hash.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -57,14 +60,16 @@ def publish_chunk(
     chunk: list[Built],
     alone: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]],
     send_bytes: int,
+    pushed: Pushed | None = None,
 ) -> list[dict[str, Any]]:
     """Push the shards `chunk` holds (in order): those a load built together as their pack
     (named by their result's "packed"), runs of the others written as packs
-    (`packbuild.of_entries`), each pack pushed as one entry (first writer wins), any other
+    (`packbuild.of_entries`), each pack pushed as one entry (first writer wins; once a task,
+    `pushed`: a load's pack spans the task's chunks, pushed on threads at once), any other
     by `alone` (a few at a time); their results, in order. A packed shard's result names its
-    pack, with the pack's entry (`sent_entry`) when this push published it and it is small
-    (each result of it carries it, at most `send_bytes` in all: the driver takes the pack
-    from whichever arrives first)."""
+    pack, with the pack's entry (`sent_entry`) when this task's push published it and it is
+    small (each result of it carries it, at most `send_bytes` in all: the driver takes the
+    pack from whichever arrives first)."""
     from hfbuild.store.remote import sent_entry
 
     store = place.store
@@ -85,12 +90,40 @@ def publish_chunk(
             out.append(got)
             continue
         if pack not in sent:
-            won = remote.push_built(store, pack, f"{one['stage']} {one['shard']['label']} (pack)")
+            label = f"{one['stage']} {one['shard']['label']} (pack)"
+            push = functools.partial(remote.push_built, store, pack, label)
+            won = (pushed or Pushed()).once(pack, push)
             members = len((store.read_manifest(pack) or {}).get("pack") or [pack])
             sent[pack] = sent_entry(store, pack, send_bytes // members) if won else None
         built["pack"] = {"key": pack, "entry": sent[pack]}
         out.append(built)
     return out
+
+
+class Pushed:
+    """The packs one task pushed, each pushed once: a chunk naming a pack another chunk's
+    push (on another thread) is pushing waits for it and shares its outcome, instead of
+    uploading it again to lose the race (a load's shards built together are one pack, and
+    its 200 shards four chunks: four uploads, three deleted)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pushes: dict[str, concurrent.futures.Future[bool]] = {}
+
+    def once(self, pack: str, push: Callable[[], bool]) -> bool:
+        """`push()` of `pack` the first time; whether that push published it."""
+        with self.lock:
+            done = self.pushes.get(pack)
+            mine = done is None
+            if done is None:
+                done = self.pushes[pack] = concurrent.futures.Future()
+        if mine:
+            try:
+                done.set_result(push())
+            except BaseException as e:
+                done.set_exception(e)
+                raise
+        return done.result()
 
 
 def take_packed(

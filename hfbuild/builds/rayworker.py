@@ -255,6 +255,7 @@ class _Task:
         self.keys: dict[str, Any] = {}  # what keying its shards shares (`raykey.keyed`)
         # The rows of the packs its loads built and of the input packs it took.
         self.packed = raypacks.PackRows(self.store)
+        self.pushed = raypacks.Pushed()  # the packs its chunks pushed, each once
 
     def take_inputs(self, job: Mapping[str, Any]) -> str | None:
         """Have the unit's inputs in the node's store; a refusal's message, else None."""
@@ -436,7 +437,9 @@ def _publish_chunk(task: _Task, chunk: list[raypacks.Built]) -> list[dict[str, A
     """The shards `chunk` holds pushed, as packs where they may be (`raypacks`)."""
     t0 = time.perf_counter()
     alone = functools.partial(_publish_shard, task)
-    out = raypacks.publish_chunk(task.place, task.remote, task.spec, chunk, alone, SEND_BYTES)
+    out = raypacks.publish_chunk(
+        task.place, task.remote, task.spec, chunk, alone, SEND_BYTES, task.pushed
+    )
     each = round((time.perf_counter() - t0) / len(chunk), 4)
     for res in out:
         if "pack" in res:
