@@ -517,6 +517,145 @@ def test_a_shards_task_keys_each_load_shard_from_its_own_bytes(
     assert task(-1, "good") == [{"fingerprint": k} for k in keys]
 
 
+CHUNKS_WORKER = """
+import json, os, sys
+from hfbuild.builds import raypacks
+from hfbuild.builds.rayworker import run_shards
+
+raypacks.PACK_SHARDS = 1  # each shard a chunk of its own, pushed on its own thread
+with open(os.path.join(sys.argv[1], "task.json")) as f:
+    task = json.load(f)
+with open(os.path.join(sys.argv[1], "spec"), "rb") as f:
+    spec = f.read()
+datas = []
+for i in range(len(task["parts"])):
+    with open(os.path.join(sys.argv[1], f"data-{i}"), "rb") as f:
+        datas.append(f.read())
+for res in run_shards(task["job"], spec, task["parts"], datas):
+    print(json.dumps({"fingerprint": res.get("fingerprint"), "pack": res["pack"]["key"]}))
+"""
+
+
+def test_a_load_pack_over_a_tasks_chunks_is_pushed_once(
+    repo: Repo,
+    tmp_path: pathlib.Path,
+    s3: Any,  # noqa: F811
+) -> None:
+    """A task's load shards built together are one pack, and its results are pushed in
+    chunks, each on a thread of its own at once (here a chunk a shard): the pack is put
+    once, each of its files and its manifest one request, none deleted, not once a chunk
+    with the losers' uploads deleted."""
+    from tests.test_remote import s3_requests
+
+    _sharded_project(repo, 3)
+    clone = repo.clone(tmp_path / "clone")
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    keys = _prepare(clone.path, PREPARE_TASK, os.environ["HFBUILD_REMOTE"], jobs)
+    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
+    env.pop("PYTHONPATH", None)
+    with s3_requests() as lines:
+        out = subprocess.run(
+            [sys.executable, "-c", CHUNKS_WORKER, str(jobs)],
+            cwd=jobs / "tree",
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    assert out.returncode == 0, out.stderr
+    results = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert [r["fingerprint"] for r in results] == keys
+    (pack,) = {r["pack"] for r in results}
+    mine = [x.split()[0] for x in lines if f"/{pack}/" in x]
+    assert mine.count("PUT") == 4, lines  # its three data files and its manifest
+    assert not [x for x in lines if x.startswith(("DELETE", "POST"))], lines
+
+
+PREPARE_PACKED = """
+import json, os, shutil, sys, warnings
+warnings.simplefilter("ignore")
+import dodo
+from hfbuild.builds import raytree as rx, shardunits
+from hfbuild.builds.stage import build
+from hfbuild.builds.units import Unit
+from hfbuild.store.remote import Remote
+
+pipe = dodo.pipe
+build(pipe, "raw")  # its files loaded together: one pack
+remote = Remote(sys.argv[1])
+ms = pipe.manifests()
+m, spec, via = ms["feat"], pipe["feat"].spec, ms["raw"].fingerprint
+s = m.shard_list[2]
+offset = shardunits.row_offsets(pipe.place, spec, m, via).get(s.key, 0)
+unit = Unit(spec, m, {"raw": ms["raw"]}, s, offset)
+job, spec_bytes = rx.task_args(pipe, remote, unit)
+assert "input_pack" in job and not pipe.store.has(s.input), job
+remote.push(pipe.store, job["input_pack"]["key"], "raw (pack)")  # as rayshare does
+with rx.tree(pipe, rx.shipped_files(m, s)) as d:
+    shutil.copytree(d, os.path.join(sys.argv[2], "tree"))
+with open(os.path.join(sys.argv[2], "job.json"), "w") as f:
+    json.dump(job, f)
+with open(os.path.join(sys.argv[2], "spec"), "wb") as f:
+    f.write(spec_bytes)
+open(os.path.join(sys.argv[2], "data"), "wb").close()
+build(pipe, "feat")  # here, for the content hash a local build gives the shard
+pipe.rekey()
+listed = pipe.store.read_manifest(pipe.manifests()["feat"].fingerprint)["shards"]
+(h,) = [r[4]["content_hash"] for r in listed if r[2] == s.label]
+print(json.dumps({"key": s.key, "input": s.input, "hash": h}))
+"""
+
+
+def test_a_map_shard_task_reads_its_input_shard_in_its_pack(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A map shard's task whose input shard is a row range of a pack (run here, in a fresh
+    process in its shipped tree, as a Ray worker runs it) pulls the pack and reads the
+    shard's rows from it in place: it publishes the shard under the driver's key with the
+    content a local build gives it, and writes no entry of the input shard's own. A range
+    whose hash is not the one the committed lock pins is refused, nothing published."""
+    import json
+
+    _sharded_project(repo, 3)
+    clone = repo.clone(tmp_path / "clone")
+    url = f"file://{tmp_path / 'remote'}"
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    got = _prepare(clone.path, PREPARE_PACKED, url, jobs)
+    job = json.loads((jobs / "job.json").read_text())
+    remote = Remote(url)
+
+    def worker(store: str) -> dict[str, Any]:
+        env = {**os.environ, "HFBUILD_STORE": str(tmp_path / store), "CALL_LOG": os.devnull}
+        env.pop("PYTHONPATH", None)
+        out = subprocess.run(
+            [sys.executable, "-c", WORKER, *(str(jobs / n) for n in ("job.json", "spec", "data"))],
+            cwd=jobs / "tree",
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        res: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        return res
+
+    pinned = {**job["pins"], got["input"]: ["f" * 32, "raw", True]}  # another hash
+    (jobs / "job.json").write_text(json.dumps({**job, "pins": pinned}))
+    bad = worker("bad")
+    assert "with content hash" in bad["refused"] and "f" * 32 in bad["refused"], bad
+    assert not remote.has(got["key"])
+    (jobs / "job.json").write_text(json.dumps(job))
+    good = worker("good")
+    assert good.get("fingerprint") == got["key"], good
+    assert not Store(tmp_path / "good").has(got["input"])  # read in its pack, not written out
+    fresh = Store(tmp_path / "fresh")
+    remote.pull(fresh, got["key"], "feat")
+    assert (fresh.read_manifest(got["key"]) or {})["content_hash"] == got["hash"]
+    assert fresh.load(got["key"])["i"] == list(range(21, 33))  # after 10 + 11 rows
+
+
 ENV_OF = """
 import json, warnings
 warnings.simplefilter("ignore")

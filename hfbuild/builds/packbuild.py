@@ -298,17 +298,14 @@ def unpack(place: Place, via: str, keys: Sequence[str]) -> None:
         unpack_from(place, where[0], key, shard)
 
 
-def unpack_from(
-    place: Place, pack: str, key: str, shard: dict[str, Any], loaded: Any = None
-) -> None:
+def unpack_from(place: Place, pack: str, key: str, shard: dict[str, Any]) -> None:
     """Shard `key`, a row range of the pack `pack` this store holds intact (built here, or
     pulled: checked whole and range by range), written out as a shard entry of its own
     (the layout a load shard built by itself has; `shard`: its split, label, input and
     `before`, as its stage's list records them), refused unless its rows have the content
     hash the pack gives them. Every store writes a packed shard out by this function, from
     the pack's own files, so two stores holding it hold the same files (a filter's list
-    records its shards' bases' files). `loaded`: the pack as a Dataset, when the caller
-    has it (a Ray task writing out many of its shards loads it once)."""
+    records its shards' bases' files)."""
     from hfbuild.builds import builder
     from hfbuild.core.version import __version__
 
@@ -319,7 +316,7 @@ def unpack_from(
     row = next((r for r in doc.get("pack") or [] if r[0] == key), None)
     if row is None:
         raise BuildError(f"input shard {shard.get('label')} ({key}) is not in the pack {pack}.")
-    ds = store.load(pack) if loaded is None else loaded
+    ds = store.load(pack)
     tmp = store.new_build_dir(key)
     try:
         dest = os.path.join(tmp, "data")

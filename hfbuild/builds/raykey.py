@@ -3,9 +3,10 @@
 Owns: `keyed`, a shard's key recomputed by the worker (the code key from the stage's code in
 the shipped tree, a load shard's input from the blob id of its data file's bytes, sent with
 the task and written into the task's scratch, or a Hub shard's by the Hub's id, a transform
-shard's from the input shard it pulled (`shard_lookup`: its content hash, with the form the
-driver's manifest gives), the observed files' ids from their shipped copies; the digest of
-the keys before it, for `with_indices`, as sent) and refused, with what differs and the node
+shard's from the input shard it pulled (`shard_lookup`: its content hash, its own entry's or
+its range's in the pack it is read from, with the form the driver's manifest gives), the
+observed files' ids from their shipped copies; the digest of the keys before it, for
+`with_indices`, as sent) and refused, with what differs and the node
 (`other_key`), when it is not the driver's. The shards of one task share what keying them
 may (`memo`): a load's manifest computed whole for its first shard, each other's data part
 by itself from its own bytes.
@@ -29,16 +30,20 @@ if TYPE_CHECKING:
     from hfbuild.keys.place import Place
 
 
-def shard_lookup(place: Place, key: str, doc: Mapping[str, Any]) -> Any:
+def shard_lookup(
+    place: Place, key: str, doc: Mapping[str, Any], held: Mapping[str, Any] | None = None
+) -> Any:
     """The input shard `key`'s result as the transform shard's key holds it (inputid.py):
-    the content hash of the shard this worker pulled (checked on pull), with the form of
-    its stage's result as the driver's manifest says it (a form is of the whole list,
-    which the worker does not pull; as the `with_indices` digest, the driver's)."""
+    the content hash of the shard this worker pulled (checked on pull; `held`: what the
+    pack it is a row range of records of it, that pack pulled and checked range by range),
+    with the form of its stage's result as the driver's manifest says it (a form is of the
+    whole list, which the worker does not pull; as the `with_indices` digest, the
+    driver's)."""
     from hfbuild.keys import shards
 
     marker = doc.get("inputs")
     form = marker.get(shards.INPUT_MARKER) if isinstance(marker, dict) else None
-    stored = place.store.intact_manifest(key)
+    stored = held if held is not None else place.store.intact_manifest(key)
 
     def lookup(fp: str) -> Mapping[str, Any] | None:
         if fp != key or stored is None:
@@ -80,6 +85,7 @@ def keyed(
     data: bytes | None,
     scratch: str,
     memo: dict[str, Any] | None = None,
+    held: Mapping[str, Any] | None = None,
 ) -> Keyed:
     """A shard's key recomputed from what the task received (the code key from the stage's
     code in the tree, a load shard's input from the blob id of the data file's bytes sent
@@ -88,7 +94,8 @@ def keyed(
     driver's. `memo`: what the shards of one task share, kept between calls (one tree, one
     spec): a load's manifest is computed whole for its first shard, and for each other only
     its data part (`load_data`, as `stage_manifest` computes it: a load's shard code key
-    leaves its files out); the observed files' ids once."""
+    leaves its files out); the observed files' ids once. `held`: a transform shard's input
+    shard's facts when the worker reads it in place from its pack (`shard_lookup`)."""
     import dataclasses
 
     from hfbuild.keys import shards
@@ -133,7 +140,7 @@ def keyed(
         )
         done = cast("Mapping[str, Manifest]", {spec.inputs[0]: stand_in})
         m = stage_manifest(
-            spec, snap, done, place.stat_cache, lookup=shard_lookup(place, key, job["doc"])
+            spec, snap, done, place.stat_cache, lookup=shard_lookup(place, key, job["doc"], held)
         )
         got, code = key, m.static_fingerprint
         content = m.shards[0].content if m.shards else ""

@@ -319,8 +319,8 @@ def task_args(
 def input_pack(place: Place, unit: Unit) -> dict[str, Any] | None:
     """A transform shard unit's input shard when its input's list (in this store) keeps it
     as a row range of a pack: {"key": the pack, "shard": its split, label, input and
-    `before`}, for the worker to pull the pack, once per task, and write the shard out
-    (`rayworker`); else None (the worker pulls the shard by its key)."""
+    `before`}, for the worker to pull the pack, once per task, and read the shard's rows
+    from it in place (`rayworker`); else None (the worker pulls the shard by its key)."""
     from hfbuild.store.entry import row_pack
 
     if unit.shard is None or unit.spec.kind == "load" or not unit.spec.inputs:

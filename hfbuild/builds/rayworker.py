@@ -21,8 +21,9 @@ ends the task at its shard, named by the shard's file; an unshipped listing ends
 shard from that one on answered {"unlisted": ...}. A pack or shard this worker published that
 is small (`SEND_BYTES`) goes back with the results, files and manifest (`sent_entry`), so the
 driver need not pull it. A map shard's input shard kept in a pack (`input_pack` in its job) is
-pulled as its pack, once per task, and written out of it (`packbuild.unpack_from`), its range
-checked against its pin.
+pulled as its pack, once per task, its range checked against its pin, and read in place from
+the pack (`raypacks.take_packed`: its row, as a local build reads a packed input shard by its
+list's row), not written out as an entry of its own.
 
 Must never: publish under a key it did not recompute or a listing its tree does not hold,
 run project code the tree does not hold, or read the driver's files.
@@ -247,11 +248,14 @@ class _Task:
         self.place = Place(
             root, self.store, stat_cache, lock, LOCK_NAME, lambda: None, {spec.name: spec}, listed
         )
-        self.packs: dict[str, Any] = {}  # the input packs this task has taken, loaded
+        self.packs: set[str] = set()  # the input packs this task has taken
+        # Its input shards read in place from their packs: key -> the row a list records.
+        self.in_pack: dict[str, list[Any]] = {}
         self.built: dict[str, str] = {}  # shards its loads built together -> their pack
         self.keys: dict[str, Any] = {}  # what keying its shards shares (`raykey.keyed`)
         # The rows of the packs its loads built and of the input packs it took.
         self.packed = raypacks.PackRows(self.store)
+        self.pushed = raypacks.Pushed()  # the packs its chunks pushed, each once
 
     def take_inputs(self, job: Mapping[str, Any]) -> str | None:
         """Have the unit's inputs in the node's store; a refusal's message, else None."""
@@ -263,9 +267,12 @@ class _Task:
             try:
                 if isinstance(packed, dict):
                     take = functools.partial(_take_input, self.store, self.remote)
-                    raypacks.take_packed(
+                    row = raypacks.take_packed(
                         self.place, self.remote, fp, dep, packed, self.packs, take, self.packed
                     )
+                    if row is not None:
+                        self.in_pack[fp] = row
+                        continue
                 else:
                     _take_input(self.store, self.remote, fp, dep)
             except RefusedEntryError as e:
@@ -364,7 +371,9 @@ def _build_shard(
     if refused is not None:
         return {"refused": refused}
     took = time.perf_counter() - t0
-    k = keyed or raykey.keyed(task.root, task.spec, task.place, job, data, scratch, task.keys)
+    row = task.in_pack.get(str(job["shard"]["input"])) if task.spec.kind != "load" else None
+    held = row[4] if row is not None else None  # a packed input shard's facts: its hash
+    k = keyed or raykey.keyed(task.root, task.spec, task.place, job, data, scratch, task.keys, held)
     t1 = time.perf_counter()
     pack = task.built.get(k.s.key)
     facts = task.packed(pack, k.s.key) if pack is not None else None
@@ -372,7 +381,7 @@ def _build_shard(
         fp, rows, read = k.s.key, facts["rows"], k.m.observed
     else:
         offset = int(job["shard"]["offset"])
-        fp, rows, read = shardunits.build_one(task.place, k.spec, k.m, k.s, offset)
+        fp, rows, read = shardunits.build_one(task.place, k.spec, k.m, k.s, offset, row)
         pack = None
     t2 = time.perf_counter()
     out = {
@@ -428,7 +437,9 @@ def _publish_chunk(task: _Task, chunk: list[raypacks.Built]) -> list[dict[str, A
     """The shards `chunk` holds pushed, as packs where they may be (`raypacks`)."""
     t0 = time.perf_counter()
     alone = functools.partial(_publish_shard, task)
-    out = raypacks.publish_chunk(task.place, task.remote, task.spec, chunk, alone, SEND_BYTES)
+    out = raypacks.publish_chunk(
+        task.place, task.remote, task.spec, chunk, alone, SEND_BYTES, task.pushed
+    )
     each = round((time.perf_counter() - t0) / len(chunk), 4)
     for res in out:
         if "pack" in res:

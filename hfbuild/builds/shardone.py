@@ -36,17 +36,18 @@ if TYPE_CHECKING:
 
 
 def build_one(
-    place: Place, spec: StageSpec, m: Manifest, s: Shard, tmp: str
+    place: Place, spec: StageSpec, m: Manifest, s: Shard, tmp: str, listed: list[Any] | None = None
 ) -> tuple[str, dict[str, Any]]:
     """Build shard `s` of `m` by itself, exactly as `build` builds each shard, into a new
     directory inside `tmp`; (that directory, the shard's document). Nothing is published:
     for a shard built as a unit of work of its own (`shardunits`). A `with_indices` transform
     whose input shards before it are not in this store gets its offset in `spec` already
-    (`builder.offset_indices`), with `s` at position 0."""
+    (`builder.offset_indices`), with `s` at position 0. `listed`: a transform shard's input
+    shard's row as its stage's list records it (a row range of a pack), read from there."""
     from hfbuild.builds import builder
 
     with quiet_datasets():
-        return build_shard(place, spec, m, s, builder, tmp)
+        return build_shard(place, spec, m, s, builder, tmp, listed=listed)
 
 
 def together(spec: StageSpec) -> bool:
@@ -146,12 +147,15 @@ def build_shard(
     *,
     shared: bool = False,
     via: str | None = None,
+    listed: list[Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Build one shard into a directory inside the stage's build dir; (dir, its document).
     datasets' cache files go to a scratch directory: with `shared`, the one all shards of
     the stage built one after another in this process use (two directories fewer per
     shard: `_clear` empties it after each); else the shard's own. What is left there
-    goes to the store's trash (`Store.discard`), before the shard is published."""
+    goes to the store's trash (`Store.discard`), before the shard is published. A transform
+    shard's input: its own entry, else its row of the list `via`, or the row `listed` (a
+    row range of a pack, found without its list)."""
     store = place.store
     t0 = time.perf_counter()
     path = tempfile.mkdtemp(dir=tmp, prefix="shard-")
@@ -179,7 +183,10 @@ def build_shard(
         if isinstance(out, dict):
             out = out[s.split]
     else:
-        inp = store.load_shard(s.input, via)  # a packed input shard: its row of `via`
+        if listed is not None:  # its rows read in place from their pack
+            inp = store.load_listed(s.input, str(listed[0]), [listed])
+        else:
+            inp = store.load_shard(s.input, via)  # a packed input shard: its row of `via`
         one = builder.offset_indices(spec, _offset(place, spec, m, s, via))
         kept = closure.kept_state(refs.function(spec))
         out = builder.run_stage(one, [inp], s.key, path, place.root, **named)

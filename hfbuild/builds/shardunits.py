@@ -213,12 +213,19 @@ def build_shard_here(place: Place, unit: Unit) -> Report:
 
 
 def build_one(
-    place: Place, spec: StageSpec, m: Manifest, s: Shard, offset: int
+    place: Place,
+    spec: StageSpec,
+    m: Manifest,
+    s: Shard,
+    offset: int,
+    listed: list[Any] | None = None,
 ) -> tuple[str, Any, Observed]:
     """Build shard `s` of `m` in `place.store` with a sharded build's own code
     (`shardone.build_one`), `offset` being the rows of the input shards before it, and
     publish it under the key of what it read at run time: `m`'s observed files, plus any
-    other its build read (then another key than `s.key`). (key, rows, observed files)."""
+    other its build read (then another key than `s.key`). (key, rows, observed files).
+    `listed`: a transform shard's input shard's row as a list records it, read from there
+    (a Ray worker's input shard in a pack, `raypacks.take_packed`)."""
     from hfbuild.builds import builder
 
     store = place.store
@@ -236,7 +243,7 @@ def build_one(
         tmp = store.new_build_dir(s.key)
         try:
             with observing(place, tmp) as seen:
-                path, doc = shardone.build_one(place, run, m, at, tmp)
+                path, doc = shardone.build_one(place, run, m, at, tmp, listed)
                 now = seen.identify(m)
             observed = tuple(sorted(set(now) | set(m.observed)))
             key = s.key if observed == m.observed else key_with(m, s, observed)
