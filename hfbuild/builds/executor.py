@@ -12,11 +12,12 @@ it), or fall back to another executor than the one chosen.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import TYPE_CHECKING
 
 from hfbuild.builds.local import LocalExecutor
-from hfbuild.core import config
+from hfbuild.core import config, threads
 from hfbuild.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -42,10 +43,27 @@ def choose(root: str, explicit: str | None = None) -> Executor:
     """The executor to build the units of the project at `root` with."""
     if executor_name(root, explicit) == "local":
         return LocalExecutor()
-    require_ray()
+    if importlib.util.find_spec("ray") is None:
+        require_ray()  # the error naming what to install
+    # ray imported, the cluster connected and its workers warmed on a thread meanwhile
+    from hfbuild.builds import rayconnect
+
+    rayconnect.start()
     from hfbuild.builds.ray_executor import RayExecutor
 
     return RayExecutor()
+
+
+def expect(root: str, explicit: str | None = None) -> None:
+    """A stage the store lacks is about to be pulled or built: on the Ray executor, ray
+    imported on a thread meanwhile (~0.3 s; the connection waits for `choose`: a pull needs
+    none)."""
+    try:
+        ray = executor_name(root, explicit) == "ray"
+    except ConfigError:  # said when an executor is chosen
+        return
+    if ray and importlib.util.find_spec("ray") is not None:
+        threads.import_meanwhile("ray")
 
 
 def require_ray() -> None:
@@ -53,11 +71,9 @@ def require_ray() -> None:
     try:
         import ray  # noqa: F401
     except ImportError as e:
-        raise ConfigError(
-            f"the Ray executor needs Ray, which cannot be imported here ({e}). Install it "
-            f"into this environment: pip install 'hfbuild[ray]' (or pip install ray), or "
-            f"choose the local executor (unset HFBUILD_EXECUTOR)."
-        ) from e
+        from hfbuild.builds.rayconnect import missing
+
+        raise missing(e) from e
 
 
 def _configured(root: str) -> str | None:
