@@ -2,29 +2,33 @@
 
 A build command on Ray paid, one after the other: importing ray (~0.3 s), connecting
 (~0.15 s), the first `ray.put`'s setup of Ray's serializers (~0.2 s of imports), and then,
-waiting for its first result, the job's first worker importing what a task imports
-(datasets, hfbuild, s3fs: ~1 s) while the driver only waited. Now the first build the Ray
-executor is chosen for (`executor.choose`) starts all of it on a thread (`start`) while the
-driver asks the remote which shards it holds and prepares the tasks, and the job's workers
-are warmed at once (a task per CPU of the cluster importing what a task imports,
-`raywarm.warm_up`), so the real tasks find them ready. The driver's first use of Ray waits
-for the connection (`connected`); an error connecting is raised there, as before.
+waiting for its first result, the job's first worker starting and importing what a task
+imports (datasets, hfbuild, s3fs: ~1 s) while the driver only waited. Now a stage the store
+lacks, on the Ray executor with a remote (`executor.expect`, before the remote is asked for
+it), starts all of it on a thread (`start`) while the driver imports the remote's file
+system, asks it and prepares the tasks; the job's workers are warmed at once (a task per CPU
+of the cluster importing what a task imports, `raywarm.warm_up`), so the real tasks find
+them ready. The driver's first use of Ray waits for the connection (`connected`); an error
+connecting is raised there, as before.
 
 Owns: connecting this process to the cluster once (Ray's own RAY_ADDRESS, else `ray.init()`'s
-default), on the `hfbuild-ray-connect` thread, with Ray's SIGTERM handler set from the main
-thread (Ray sets it only there) and its warning about that dropped; the warm-up tasks; the
-exit's disconnect (`ray.shutdown` without the 0.5 s sleep Ray's own exit hook starts with,
-for forwarded logs there are none of: `log_to_driver=False`), waiting for a connection still
-being made at exit first.
+default), on the `hfbuild-ray-connect` thread (`start`; `connected` starts it if nothing
+did), with Ray's SIGTERM handler set from the main thread (Ray sets it only there) and its
+warning about that dropped; the warm-up tasks; the exit's disconnect (`ray.shutdown` without
+the 0.5 s sleep Ray's own exit hook starts with, for forwarded logs there are none of:
+`log_to_driver=False`), waiting for a connection still being made at exit first.
 
-Must never: import ray at module level, connect a process whose build never chose the Ray
-executor, or let a warm-up task run project code (it imports installed packages only).
+Must never: import ray at module level, connect a process that builds on no Ray executor or
+whose stages its store holds (a stage the remote holds is connected for: the pull is not
+known before it is asked), or let a warm-up task run project code (it imports installed
+packages only).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import logging
 import signal
 import sys
@@ -39,8 +43,9 @@ _error: list[BaseException] = []  # what the connecting thread raised, for `conn
 _ready = threading.Event()  # connected, or failed to (`_error`)
 _warming: list[Any] = []  # the warm-up tasks' references (held: nothing waits on them)
 
-# At exit, a connection still being made is waited for this long before Ray is shut down.
-EXIT_WAIT = 30.0
+# At exit, a connection still being made is waited for this long before Ray is shut down
+# (an unreachable cluster: ray.init retries for longer; the process then exits without it).
+EXIT_WAIT = 5.0
 
 
 def start() -> None:
@@ -58,6 +63,11 @@ def start() -> None:
             signal.signal(signal.SIGTERM, _sigterm)
         _error.clear()
         _ready.clear()
+        # The thread's submitting imports numpy (Ray's serializers): imported here first, since
+        # keying on this thread meanwhile looks optional libraries up in sys.modules
+        # (`canonical`) and would find one half imported ("partially initialized module").
+        with contextlib.suppress(ImportError):
+            importlib.import_module("numpy")
         atexit.register(_at_exit)  # before the hooks ray.init registers: it runs after them
         _thread = threading.Thread(target=_connect, name="hfbuild-ray-connect", daemon=True)
         _thread.start()

@@ -198,7 +198,8 @@ def _pull(pipe: Pipeline, name: str, fp: str, executor: str | None, record: bool
     remote has it. A remote entry that fails its checks is reported and never used; an
     unreachable remote is reported once, and the stage built here (`remote.unavailable`)."""
     t0 = time.perf_counter()
-    expect(pipe.root, executor)  # pulled or built: on Ray, ray imported meanwhile
+    if pipe.remote_url() is not None:  # on Ray: connecting while the remote is asked
+        expect(pipe.root, executor)
     try:
         remote = pipe.remote()
         if remote is None:
