@@ -73,6 +73,30 @@ def test_ray_without_a_remote_is_an_error(repo: Repo) -> None:
     assert "HFBUILD_REMOTE" in out.stderr
 
 
+def test_a_stage_its_store_holds_connects_no_cluster_on_ray(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """On the Ray executor with a remote, a stage the store holds is neither pulled nor built:
+    the command imports no ray and contacts no cluster (a stage the store lacks starts the
+    connection, `executor.expect`, while the remote is asked)."""
+    make_project(repo)
+    assert _hfbuild(repo, "build", "raw").returncode == 0
+    (tmp_path / "remote").mkdir()
+    prelude = "import atexit\natexit.register(lambda: print('ray:', 'ray' in sys.modules))"
+    out = _hfbuild(
+        repo,
+        "build",
+        "raw",
+        "--executor",
+        "ray",
+        prelude=prelude,
+        HFBUILD_REMOTE=f"file://{tmp_path / 'remote'}",
+        RAY_ADDRESS="127.0.0.1:1",  # no cluster there
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["raw: up to date (40 rows)", "ray: False"]
+
+
 def test_build_command_builds_locally(repo: Repo) -> None:
     """`hfbuild build` builds every stage with the local executor, then finds them built."""
     make_project(repo)

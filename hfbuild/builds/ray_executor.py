@@ -48,10 +48,8 @@ whose worker refused an input.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
-import logging
 import math
 import os
 import sys
@@ -61,7 +59,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from hfbuild.builds import raypacks, rayshare, raytree, shardunits
+from hfbuild.builds import rayconnect, raypacks, rayshare, raytree, shardunits
 from hfbuild.builds.local import build_here
 from hfbuild.builds.raytree import shard_data, shipped_files, task_args
 from hfbuild.builds.rayworker import run_shards, run_unit
@@ -180,22 +178,8 @@ def _build_refused_here(place: Place, unit: Unit, why: str) -> Report:
 
 
 def _connect() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # Ray's error listener prints each error the cluster reports for this job on the
-        # driver's stdout ("(raylet) A worker died ...", lines per retry), with no setting to
-        # stop it: its stop event is set first, so it returns at once. The errors stay in
-        # Ray's logs; a task's failure reaches the driver as its result (`_result`).
-        worker = getattr(ray._private.worker, "global_worker", None)
-        stop = getattr(worker, "threads_stopped", None)
-        if stop is not None:
-            stop.set()
-        # RAY_ADDRESS is read by ray.init itself. Workers' output stays in Ray's logs.
-        ray.init(log_to_driver=False, logging_level=logging.WARNING)
-        # Ray's exit hook first sleeps 0.5 s for forwarded logs (none: log_to_driver=False);
-        # this one, registered later, runs first: the same disconnect without the sleep.
-        atexit.register(ray.shutdown)
+    """Connected to the cluster (`rayconnect`: begun when the executor was chosen)."""
+    rayconnect.connected()
 
 
 # A task holds consecutive shards of one stage up to either budget: then the task's fixed

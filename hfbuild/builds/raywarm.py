@@ -7,24 +7,27 @@ and puts it in Ray's object store; the job names it by the digest of its bytes
 (`{"tree": [digest, [ref]]}`, the reference nested, so that Ray does not fetch it for a
 task whose node holds the tree).
 
+A warm-up task (`warm_up`, submitted by the driver as soon as it is connected, `rayconnect`)
+imports in a new worker what a task imports (installed packages and hfbuild, outside any
+tree) while the driver prepares the tasks.
+
 A task's variables (`raytree.task_env`) are not set here: they are its `runtime_env`
 (`ray_executor`), so its worker process started with them.
 
-Owns: a tree materialized once per node, in a directory named by its digest under
-`<tmp>/hfbuild-ray-trees-<uid>` (`tree_dir`: the bytes checked against the digest, unpacked
-beside it and renamed into place, so concurrent tasks on a node each see it whole or not at
-all; held by a shared lock on its directory for the task's duration, its mtime touched at
-the task's start and end;
-a task run by hand in its tree, with no tree in its job, takes its working directory); the
-node's trees collected (`collect_trees`: those unused for longer than the keep time and held
-by no task, renamed aside under an exclusive lock, then deleted; on each new unpack, those
-unused for a day, and by `hfbuild gc` on each node, `raynodes`, by gc's keep time); and the
-process's state for one task's duration (`inside`): its working directory the tree, the tree
-first on the import path (with the driver's own project directories, which Ray puts on a
-worker's path, off it); afterwards, the task failing too, the working directory, import path
-and environment as they were, every module whose file lies in the tree dropped from
-`sys.modules` and the import system's caches invalidated, so the next task imports its code
-from its own tree.
+Owns: the warm-up's imports (`WARM_MODULES`); a tree materialized once per node, in a directory
+named by its digest under `<tmp>/hfbuild-ray-trees-<uid>` (`tree_dir`: the bytes checked
+against the digest, unpacked beside it and renamed into place, so concurrent tasks on a node
+each see it whole or not at all; held by a shared lock on its directory for the task's
+duration, its mtime touched at the task's start and end; a task run by hand in its tree, with
+no tree in its job, takes its working directory); the node's trees collected (`collect_trees`:
+those unused for longer than the keep time and held by no task, renamed aside under an
+exclusive lock, then deleted; on each new unpack, those unused for a day, and by `hfbuild gc`
+on each node, `raynodes`, by gc's keep time); and the process's state for one task's duration
+(`inside`): its working directory the tree, the tree first on the import path (with the
+driver's own project directories, which Ray puts on a worker's path, off it); afterwards, the
+task failing too, the working directory, import path and environment as they were, every module
+whose file lies in the tree dropped from `sys.modules` and the import system's caches
+invalidated, so the next task imports its code from its own tree.
 
 Must never: let a module, variable, path entry or working directory of one task's tree reach
 the next task; use a tree whose bytes are not its digest's; remove a tree a task holds; read
@@ -46,6 +49,26 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+WARM_MODULES = (
+    "hfbuild.builds.rayworker",
+    "hfbuild.builds.local",
+    "hfbuild.keys.manifests",
+    "hfbuild.keys.place",
+    "hfbuild.source.gitstate",
+    "hfbuild.store.remote",
+    "hfbuild.builds.builder",
+    "datasets",
+    "s3fs",
+)
+"""What a task imports before its build (`warm_up`): installed packages and hfbuild only."""
+
+
+def warm_up() -> None:
+    """A warm-up task (`rayconnect`): this worker imports what a task imports (datasets,
+    hfbuild, s3fs: ~1 s) while the driver prepares the tasks, outside any task's tree."""
+    for name in WARM_MODULES:
+        importlib.import_module(name)
 
 
 def digest(packed: bytes) -> str:

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from hfbuild.builds.executor import choose, executor_name
+from hfbuild.builds.executor import choose, executor_name, expect
 from hfbuild.builds.units import Unit
 from hfbuild.core.errors import BuildError, CorruptEntryWarning, MissingDataError, RemoteWarning
 from hfbuild.core.spec import Report, stored_rows
@@ -198,6 +198,8 @@ def _pull(pipe: Pipeline, name: str, fp: str, executor: str | None, record: bool
     remote has it. A remote entry that fails its checks is reported and never used; an
     unreachable remote is reported once, and the stage built here (`remote.unavailable`)."""
     t0 = time.perf_counter()
+    if pipe.remote_url() is not None:  # on Ray: connecting while the remote is asked
+        expect(pipe.root, executor)
     try:
         remote = pipe.remote()
         if remote is None:

@@ -91,11 +91,16 @@ class Pipeline(StageTable):
         self.keying = Keying(self.place, self.ledger)
         self.origin = _caller_file()
 
-    def remote(self) -> Remote | None:
-        """The configured remote cache, unless HFBUILD_NO_REMOTE=1 or `remote=False` opts out."""
+    def remote_url(self) -> str | None:
+        """The configured remote cache's URL, unless HFBUILD_NO_REMOTE=1 or `remote=False`
+        opts out (nothing imported: `remote` imports its file system)."""
         if remote_disabled() or self._remote_arg is False:
             return None
-        url = remote_url(self.root, self._remote_arg or None)
+        return remote_url(self.root, self._remote_arg or None) or None
+
+    def remote(self) -> Remote | None:
+        """The configured remote cache, unless HFBUILD_NO_REMOTE=1 or `remote=False` opts out."""
+        url = self.remote_url()
         if not url:
             return None
         # Imported here: a no-op never asks the remote (~3 ms of its imports otherwise).
