@@ -42,7 +42,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from hfbuild.builds import raykey, rayloads, raypacks, raywarm, shardunits
+from hfbuild.builds import raykey, rayloads, raymaps, raypacks, raywarm, shardunits
 from hfbuild.core.errors import BuildError, HfbuildError, UnshippedListingError
 from hfbuild.core.spec import Report, stored_rows
 
@@ -150,11 +150,17 @@ def _run_shards(
 
     try:
         keyed = _built_together(task, job, shards, datas, scratch)
+        try:
+            mapped = raymaps.build_together(task, job, shards, scratch)
+        except UnshippedListingError as e:  # none published: all sent again with them
+            for _ in shards:
+                yield {"unlisted": e.paths}
+            return
         for i, (part, data) in enumerate(zip(shards, datas, strict=True)):
             label = str(part["shard"]["label"])
             one = {**job, **part}
             try:
-                built = _build_shard(task, one, data, scratch, keyed.get(i))
+                built = mapped.get(i) or _build_shard(task, one, data, scratch, keyed.get(i))
             except UnshippedListingError as e:
                 # The shards after it share its tree, and would list the same folders: all
                 # are sent again with them, none built here.
