@@ -680,10 +680,14 @@ with open(os.path.join(sys.argv[2], "task.json"), "w") as f:
     json.dump({"job": common, "parts": parts}, f)
 with open(os.path.join(sys.argv[2], "spec"), "wb") as f:
     f.write(spec_bytes)
-build(pipe, "feat")  # here, for the keys and content hashes a local build gives
+driver = [u.key for u in units]
+try:
+    build(pipe, "feat")  # here, for the keys and content hashes a local build gives
+except Exception:  # a failing transform: none
+    print(json.dumps({"driver": driver, "local": []}))
+    sys.exit(0)
 pipe.rekey()
 listed = pipe.store.read_manifest(pipe.manifests()["feat"].fingerprint)["shards"]
-driver = [u.key for u in units]
 print(json.dumps({"driver": driver, "local": [[r[1], r[4]["content_hash"]] for r in listed]}))
 """
 
@@ -716,8 +720,9 @@ def test_a_tasks_map_shards_are_keyed_with_what_any_of_their_builds_read(
     from hfbuild.builds import packbuild
 
     later = SHARDED["pkg/t.py"].replace('row["x"] == 0', 'row["x"] == 20')  # files 1 and 2
-    repo.write({**SHARDED, "pkg/t.py": later})
     _sharded_project(repo, 3)
+    repo.write({"pkg/t.py": later})
+    repo.commit("the read in a later shard")
     clone = repo.clone(tmp_path / "clone")
     url = f"file://{tmp_path / 'remote'}"
     jobs = tmp_path / "jobs"
@@ -748,6 +753,46 @@ def test_a_tasks_map_shards_are_keyed_with_what_any_of_their_builds_read(
     Remote(url).pull(fresh, pack, "feat (pack)")
     hashes = [(packbuild.packed(fresh, pack, k) or {}).get("content_hash") for k in local]
     assert hashes == [h for _, h in got["local"]]
+
+
+def test_a_tasks_map_shard_failing_is_named_by_its_file_after_those_before(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A task's map shards built together, the third one's function failing: the two
+    before it are published (each then built by itself) and the third's error names its
+    file, as a task building its shards one by one answers."""
+    import json
+
+    failing = (
+        SHARDED["pkg/t.py"]
+        .replace('row["x"] == 0', "False")  # no run-time read: the tree lacks conf/
+        .replace('return {"y"', 'assert row["x"] != 25, "no 25"\n            return {"y"')
+    )
+    _sharded_project(repo, 3)
+    repo.write({"pkg/t.py": failing})
+    repo.commit("a failing shard")
+    clone = repo.clone(tmp_path / "clone")
+    url = f"file://{tmp_path / 'remote'}"
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    got = _prepare(clone.path, PREPARE_MAPS, url, jobs)
+    assert got["local"] == []  # it fails locally too
+    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run(
+        [sys.executable, "-c", MAPS_WORKER, str(jobs)],
+        cwd=jobs / "tree",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    results = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert len(results) == 3 and all(r["fingerprint"] for r in results[:2]), results
+    error = results[2]["error"]
+    assert "data/part-2.parquet" in error and "no 25" in error, error
+    assert Remote(url).has(results[1]["fingerprint"]) or results[1]["pack"]
 
 
 ENV_OF = """
