@@ -795,6 +795,43 @@ def test_a_tasks_map_shard_failing_is_named_by_its_file_after_those_before(
     assert Remote(url).has(results[1]["fingerprint"]) or results[1]["pack"]
 
 
+def test_a_retried_map_task_finds_the_pack_its_first_attempt_published(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A task's map shards built together are one pack in the node's store; the task run
+    again on that node (Ray's retry after its worker died once the pack was published)
+    finds the pack and answers the same results, under the keys a local build gives."""
+    import json
+
+    _sharded_project(repo, 3)
+    repo.write({"pkg/t.py": SHARDED["pkg/t.py"].replace('row["x"] == 0', "False")})
+    repo.commit("no run-time read")
+    clone = repo.clone(tmp_path / "clone")
+    url = f"file://{tmp_path / 'remote'}"
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    got = _prepare(clone.path, PREPARE_MAPS, url, jobs)
+    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
+    env.pop("PYTHONPATH", None)
+
+    def attempt() -> list[dict[str, Any]]:
+        out = subprocess.run(
+            [sys.executable, "-c", MAPS_WORKER, str(jobs)],
+            cwd=jobs / "tree",
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        return [json.loads(line) for line in out.stdout.strip().splitlines()]
+
+    first = attempt()
+    assert [r["fingerprint"] for r in first] == got["driver"] == [k for k, _ in got["local"]]
+    assert len({r["pack"] for r in first}) == 1, first
+    assert attempt() == first
+
+
 ENV_OF = """
 import json, warnings
 warnings.simplefilter("ignore")

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hfbuild.builds import packbuild, raykey, shardone, shardunits
+from hfbuild.core import canonical
 from hfbuild.core.errors import HfbuildError, UnshippedListingError
 from hfbuild.keys import packs
 
@@ -106,7 +107,12 @@ def _build(place: Place, todo: list[_One]) -> dict[int, dict[str, Any]]:
     store = place.store
     m = todo[0].k.m
     observed: Observed = m.observed
-    lock = packs.pack_key([o.k.s.key for o in todo])
+    found = _published(place, todo)
+    if found is not None:  # a retried task whose first attempt published them
+        return found
+    # Its own lock and build directory, named after no entry (a pack's key is locked when
+    # one is found in the way as it is published).
+    lock = canonical.digest(canonical.dumps({"raymaps": [o.k.s.key for o in todo]}).encode())
     t0 = time.perf_counter()
     with store.lock(lock):
         tmp = store.new_build_dir(lock)
@@ -137,6 +143,24 @@ def _build(place: Place, todo: list[_One]) -> dict[int, dict[str, Any]]:
             res["packed"] = pack
         results[o.i] = res
     return results
+
+
+def _published(place: Place, todo: list[_One]) -> dict[int, dict[str, Any]] | None:
+    """The results of `todo` when the node's store holds them as one pack under their
+    recomputed keys (a first attempt of the task built and published them), else None."""
+    keys = [o.k.s.key for o in todo]
+    pack = packs.pack_key(keys)
+    facts = packbuild.packed_all(place.store, pack)
+    if facts is None or set(facts) != set(keys):
+        return None
+    read = [p for p, _ in todo[0].k.m.observed]
+    out: dict[int, dict[str, Any]] = {}
+    for o in todo:
+        res: dict[str, Any] = {"fingerprint": o.k.s.key, "rows": facts[o.k.s.key]["rows"]}
+        res |= {"observed": read, "seconds": 0.0, "packed": pack}
+        res["timings"] = {"input": o.took, "key": o.k.seconds, "build": 0.0}
+        out[o.i] = res
+    return out
 
 
 def _key(o: _One, observed: Observed) -> str:
