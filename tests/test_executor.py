@@ -832,6 +832,45 @@ def test_a_retried_map_task_finds_the_pack_its_first_attempt_published(
     assert attempt() == first
 
 
+def test_a_tasks_map_shards_listing_a_folder_the_tree_lacks_are_all_sent_again(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A task's map shards built together, a later one's build listing a project folder
+    its tree does not hold with its names (a first build of code that lists it): nothing
+    is published, and every shard of the task is answered "unlisted" with that folder, for
+    the driver to send them again with it."""
+    import json
+
+    _sharded_project(repo, 3)
+    indent = " " * 16
+    listing = f'if row["x"] == 20:\n{indent}os.listdir(os.path.join(HERE, "..", "conf"))\n'
+    lister = SHARDED["pkg/t.py"].replace('if row["x"] == 0:', listing + indent[4:] + "if False:")
+    repo.write({"pkg/t.py": lister})
+    repo.commit("a later shard lists conf/")
+    clone = repo.clone(tmp_path / "clone")
+    url = f"file://{tmp_path / 'remote'}"
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    got = _prepare(clone.path, PREPARE_MAPS, url, jobs)
+    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
+    env.pop("PYTHONPATH", None)
+    script = MAPS_WORKER.replace('"observed", "error"', '"unlisted", "error"')
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(jobs)],
+        cwd=jobs / "tree",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    results = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert len(results) == 3 and all(r["unlisted"] for r in results), results
+    assert not any(r["fingerprint"] for r in results), results
+    worker = Store(tmp_path / "worker")
+    assert not any(worker.has(k) for k in got["driver"])  # nothing published
+
+
 ENV_OF = """
 import json, warnings
 warnings.simplefilter("ignore")
