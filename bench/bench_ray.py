@@ -19,8 +19,10 @@ as the remote and a one-node Ray cluster (1 CPU; started before timing):
 
 Each task pays for a round trip, the worker's setup, and per shard recomputing its key
 from the shipped tree and its input (a load shard: its data file, sent with the task; a map
-shard: written out of its input's pack, pulled once per task); its shards are pushed as
-packs, one entry for up to 64, which travel back with the results when small. On one small
+shard: read in place from its input's pack, pulled once per task); a task's load shards are
+loaded by one call, its map shards built together under one observation (`raymaps`), each
+written as a pack, one entry for up to 64 shards, which travel back with the results when
+small. On one small
 machine no speedup is expected, only the cost of going distributed.
 """
 

@@ -680,6 +680,221 @@ def test_a_map_shard_task_reads_its_input_shard_in_its_pack(
     assert fresh.load(got["key"])["i"] == list(range(21, 33))  # after 10 + 11 rows
 
 
+PREPARE_MAPS = """
+import json, os, shutil, sys, warnings
+warnings.simplefilter("ignore")
+import dodo
+from hfbuild.builds import ray_executor, raytree as rx, shardunits
+from hfbuild.builds.stage import build
+from hfbuild.builds.units import Unit
+from hfbuild.store.remote import Remote
+
+pipe = dodo.pipe
+build(pipe, "raw")  # its files loaded together: one pack
+remote = Remote(sys.argv[1])
+ms = pipe.manifests()
+m, spec, via = ms["feat"], pipe["feat"].spec, ms["raw"].fingerprint
+offsets = shardunits.row_offsets(pipe.place, spec, m, via)
+units = [Unit(spec, m, {"raw": ms["raw"]}, s, offsets.get(s.key, 0)) for s in m.shard_list]
+common, spec_bytes, parts, datas = ray_executor.shards_args(pipe.place, remote, units)
+remote.push(pipe.store, parts[0]["input_pack"]["key"], "raw (pack)")  # as rayshare does
+with rx.tree(pipe.place, rx.shipped_files(m, units[0].shard)) as d:
+    shutil.copytree(d, os.path.join(sys.argv[2], "tree"))
+with open(os.path.join(sys.argv[2], "task.json"), "w") as f:
+    json.dump({"job": common, "parts": parts}, f)
+with open(os.path.join(sys.argv[2], "spec"), "wb") as f:
+    f.write(spec_bytes)
+driver = [u.key for u in units]
+try:
+    build(pipe, "feat")  # here, for the keys and content hashes a local build gives
+except Exception:  # a failing transform: none
+    print(json.dumps({"driver": driver, "local": []}))
+    sys.exit(0)
+pipe.rekey()
+listed = pipe.store.read_manifest(pipe.manifests()["feat"].fingerprint)["shards"]
+print(json.dumps({"driver": driver, "local": [[r[1], r[4]["content_hash"]] for r in listed]}))
+"""
+
+MAPS_WORKER = """
+import json, os, sys
+from hfbuild.builds.rayworker import run_shards
+
+with open(os.path.join(sys.argv[1], "task.json")) as f:
+    task = json.load(f)
+with open(os.path.join(sys.argv[1], "spec"), "rb") as f:
+    spec = f.read()
+for res in run_shards(task["job"], spec, task["parts"], [None] * len(task["parts"])):
+    pack = res.get("pack") or {}
+    out = {k: res.get(k) for k in ("fingerprint", "observed", "error")}
+    print(json.dumps({**out, "pack": pack.get("key")}))
+"""
+
+
+def test_a_tasks_map_shards_are_keyed_with_what_any_of_their_builds_read(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A task's map shards (run here, in a fresh process in its shipped tree, as a Ray
+    worker runs it) are built together, and a later shard's build (the second's: its rows
+    hold 20) reads a file the driver's keys lack (no build recorded it yet; the tree holds
+    it here): every shard is published under the key with that file, the first too (built
+    again), as a local sharded build publishes them, with the local build's content
+    hashes, the three in one pack on the remote."""
+    import json
+
+    from hfbuild.builds import packbuild
+
+    later = SHARDED["pkg/t.py"].replace('row["x"] == 0', 'row["x"] == 20')  # files 1 and 2
+    _sharded_project(repo, 3)
+    repo.write({"pkg/t.py": later})
+    repo.commit("the read in a later shard")
+    clone = repo.clone(tmp_path / "clone")
+    url = f"file://{tmp_path / 'remote'}"
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    got = _prepare(clone.path, PREPARE_MAPS, url, jobs)
+    # The file is in the tree (a Ray tree holds what the keys name: here, as if it held
+    # more), so the build reads it there.
+    (jobs / "tree" / "conf").mkdir()
+    (jobs / "tree" / "conf" / "scale.txt").write_text("5\n")
+    local = [k for k, _ in got["local"]]
+    assert not set(local) & set(got["driver"])  # the local build's keys hold the file read
+    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run(
+        [sys.executable, "-c", MAPS_WORKER, str(jobs)],
+        cwd=jobs / "tree",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    results = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert [r["fingerprint"] for r in results] == local, results
+    assert all("conf/scale.txt" in r["observed"] for r in results), results
+    (pack,) = {r["pack"] for r in results}
+    fresh = Store(tmp_path / "fresh")
+    Remote(url).pull(fresh, pack, "feat (pack)")
+    hashes = [(packbuild.packed(fresh, pack, k) or {}).get("content_hash") for k in local]
+    assert hashes == [h for _, h in got["local"]]
+
+
+def test_a_tasks_map_shard_failing_is_named_by_its_file_after_those_before(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A task's map shards built together, the third one's function failing: the two
+    before it are published (each then built by itself) and the third's error names its
+    file, as a task building its shards one by one answers."""
+    import json
+
+    failing = (
+        SHARDED["pkg/t.py"]
+        .replace('row["x"] == 0', "False")  # no run-time read: the tree lacks conf/
+        .replace('return {"y"', 'assert row["x"] != 25, "no 25"\n            return {"y"')
+    )
+    _sharded_project(repo, 3)
+    repo.write({"pkg/t.py": failing})
+    repo.commit("a failing shard")
+    clone = repo.clone(tmp_path / "clone")
+    url = f"file://{tmp_path / 'remote'}"
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    got = _prepare(clone.path, PREPARE_MAPS, url, jobs)
+    assert got["local"] == []  # it fails locally too
+    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run(
+        [sys.executable, "-c", MAPS_WORKER, str(jobs)],
+        cwd=jobs / "tree",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    results = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert len(results) == 3 and all(r["fingerprint"] for r in results[:2]), results
+    error = results[2]["error"]
+    assert "data/part-2.parquet" in error and "no 25" in error, error
+    assert Remote(url).has(results[1]["fingerprint"]) or results[1]["pack"]
+
+
+def test_a_retried_map_task_finds_the_pack_its_first_attempt_published(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A task's map shards built together are one pack in the node's store; the task run
+    again on that node (Ray's retry after its worker died once the pack was published)
+    finds the pack and answers the same results, under the keys a local build gives."""
+    import json
+
+    _sharded_project(repo, 3)
+    repo.write({"pkg/t.py": SHARDED["pkg/t.py"].replace('row["x"] == 0', "False")})
+    repo.commit("no run-time read")
+    clone = repo.clone(tmp_path / "clone")
+    url = f"file://{tmp_path / 'remote'}"
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    got = _prepare(clone.path, PREPARE_MAPS, url, jobs)
+    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
+    env.pop("PYTHONPATH", None)
+
+    def attempt() -> list[dict[str, Any]]:
+        out = subprocess.run(
+            [sys.executable, "-c", MAPS_WORKER, str(jobs)],
+            cwd=jobs / "tree",
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        return [json.loads(line) for line in out.stdout.strip().splitlines()]
+
+    first = attempt()
+    assert [r["fingerprint"] for r in first] == got["driver"] == [k for k, _ in got["local"]]
+    assert len({r["pack"] for r in first}) == 1, first
+    assert attempt() == first
+
+
+def test_a_tasks_map_shards_listing_a_folder_the_tree_lacks_are_all_sent_again(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A task's map shards built together, a later one's build listing a project folder
+    its tree does not hold with its names (a first build of code that lists it): nothing
+    is published, and every shard of the task is answered "unlisted" with that folder, for
+    the driver to send them again with it."""
+    import json
+
+    _sharded_project(repo, 3)
+    indent = " " * 16
+    listing = f'if row["x"] == 20:\n{indent}os.listdir(os.path.join(HERE, "..", "conf"))\n'
+    lister = SHARDED["pkg/t.py"].replace('if row["x"] == 0:', listing + indent[4:] + "if False:")
+    repo.write({"pkg/t.py": lister})
+    repo.commit("a later shard lists conf/")
+    clone = repo.clone(tmp_path / "clone")
+    url = f"file://{tmp_path / 'remote'}"
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    got = _prepare(clone.path, PREPARE_MAPS, url, jobs)
+    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
+    env.pop("PYTHONPATH", None)
+    script = MAPS_WORKER.replace('"observed", "error"', '"unlisted", "error"')
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(jobs)],
+        cwd=jobs / "tree",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    results = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert len(results) == 3 and all(r["unlisted"] for r in results), results
+    assert not any(r["fingerprint"] for r in results), results
+    worker = Store(tmp_path / "worker")
+    assert not any(worker.has(k) for k in got["driver"])  # nothing published
+
+
 ENV_OF = """
 import json, warnings
 warnings.simplefilter("ignore")

@@ -1,29 +1,28 @@
-"""The Ray worker's side of a unit of work.
-
-Owns: `run_unit`, the Ray task: in the shipped tree (materialized once on the node, its working
-directory and first on its path for the task's duration, the task's variables set, nothing of
-it left behind: `raywarm`), with a node-local store ($HFBUILD_STORE on the worker, else
-`<tmp>/hfbuild-ray-<uid>`), it pulls the unit's inputs from the remote (checked against the
-committed lock's pins the driver sent; a refused input comes back as {"refused": ...} for the
-driver to build the unit itself), recomputes the unit's key (a shard's: `manifest.shard_key`
-from the stage's code in the tree, its input, the observed files' shipped copies) and refuses
-to build under another one, builds with the local build's code (`local.build_here`,
-`shardunits.build_one`) and pushes the result to the remote, first writer wins. A user error
-comes back as {"error": ...}; a build that listed a project folder the tree does not hold with
-its names (`Place.listed`: a first build of code that lists it, before any record of the
-listing) as {"unlisted": [its listing paths]}, with nothing published, for the driver to send
-it again with them. `run_shards`, the Ray task of several shards of one stage: what they share
-set up once (`_Task`), then each shard as above, its load shards built by one call
-(`rayloads`); its load and map shards pushed as packs (`raypacks`: one entry, a few requests, a
-pack), each pack's push on one of a few threads while the next shards build, each shard's
-result yielded (a generator task) once it is published, in order, naming its pack; a user error
-ends the task at its shard, named by the shard's file; an unshipped listing ends it too, every
-shard from that one on answered {"unlisted": ...}. A pack or shard this worker published that
-is small (`SEND_BYTES`) goes back with the results, files and manifest (`sent_entry`), so the
-driver need not pull it. A map shard's input shard kept in a pack (`input_pack` in its job) is
-pulled as its pack, once per task, its range checked against its pin, and read in place from
-the pack (`raypacks.take_packed`: its row, as a local build reads a packed input shard by its
-list's row), not written out as an entry of its own.
+"""The Ray worker's side of a unit of work. Owns: `run_unit`, the Ray task: in the shipped tree
+(materialized once on the node, its working directory and first on its path for the task's
+duration, the task's variables set, nothing of it left behind: `raywarm`), with a node-local
+store ($HFBUILD_STORE on the worker, else `<tmp>/hfbuild-ray-<uid>`), it pulls the unit's
+inputs from the remote (checked against the committed lock's pins the driver sent; a refused
+input comes back as {"refused": ...} for the driver to build the unit itself), recomputes the
+unit's key (a shard's: `manifest.shard_key` from the stage's code in the tree, its input, the
+observed files' shipped copies) and refuses to build under another one, builds with the local
+build's code (`local.build_here`, `shardunits.build_one`) and pushes the result to the remote,
+first writer wins. A user error comes back as {"error": ...}; a build that listed a project
+folder the tree does not hold with its names (`Place.listed`: a first build of code that lists
+it, before any record of the listing) as {"unlisted": [its listing paths]}, with nothing
+published, for the driver to send it again with them. `run_shards`, the Ray task of several
+shards of one stage: what they share set up once (`_Task`), then each shard as above, its load
+shards built by one call (`rayloads`), its map shards built together under one observation and
+written straight into packs (`raymaps`); its load and map shards pushed as packs (`raypacks`:
+one entry, a few requests, a pack), each pack's push on one of a few threads while the next
+shards build, each shard's result yielded (a generator task) once it is published, in order,
+naming its pack; a user error ends the task at its shard, named by the shard's file; an
+unshipped listing ends it too, every shard from that one on answered {"unlisted": ...}. A pack
+or shard this worker published that is small (`SEND_BYTES`) goes back with the results, files
+and manifest (`sent_entry`), so the driver need not pull it. A map shard's input shard kept in
+a pack (`input_pack` in its job) is pulled as its pack, once per task, its range checked
+against its pin, and read in place from the pack (`raypacks.take_packed`: its row, as a local
+build reads a packed input shard by its list's row), not written out as an entry of its own.
 
 Must never: publish under a key it did not recompute or a listing its tree does not hold,
 run project code the tree does not hold, or read the driver's files.
@@ -42,7 +41,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from hfbuild.builds import raykey, rayloads, raypacks, raywarm, shardunits
+from hfbuild.builds import raykey, rayloads, raymaps, raypacks, raywarm, shardunits
 from hfbuild.core.errors import BuildError, HfbuildError, UnshippedListingError
 from hfbuild.core.spec import Report, stored_rows
 
@@ -150,11 +149,17 @@ def _run_shards(
 
     try:
         keyed = _built_together(task, job, shards, datas, scratch)
+        try:
+            mapped = raymaps.build_together(task, job, shards, scratch)
+        except UnshippedListingError as e:  # none published: all sent again with them
+            for _ in shards:
+                yield {"unlisted": e.paths}
+            return
         for i, (part, data) in enumerate(zip(shards, datas, strict=True)):
             label = str(part["shard"]["label"])
             one = {**job, **part}
             try:
-                built = _build_shard(task, one, data, scratch, keyed.get(i))
+                built = mapped.get(i) or _build_shard(task, one, data, scratch, keyed.get(i))
             except UnshippedListingError as e:
                 # The shards after it share its tree, and would list the same folders: all
                 # are sent again with them, none built here.

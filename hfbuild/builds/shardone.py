@@ -190,8 +190,8 @@ def build_shard(
         one = builder.offset_indices(spec, _offset(place, spec, m, s, via))
         kept = closure.kept_state(refs.function(spec))
         out = builder.run_stage(one, [inp], s.key, path, place.root, **named)
-        _check_kept_state(spec, s, kept, closure.kept_state(refs.function(spec)))
-        sources = _sources(store, s.input, inp)
+        check_kept_state(spec, s, kept, closure.kept_state(refs.function(spec)))
+        sources = input_sources(store, s.input, inp)
     liveness.check_built(place.root, m.doc)  # the code that ran is the code hashed
     info = builder.save(out, os.path.join(path, "data"), path, sources, scratch if shared else None)
     if shared:
@@ -234,7 +234,7 @@ def features_id(features: Any) -> str:
     return canonical.digest(json.dumps(features.to_dict(), sort_keys=True).encode())
 
 
-def _check_kept_state(
+def check_kept_state(
     spec: StageSpec, s: Shard, before: Mapping[str, str], after: Mapping[str, str]
 ) -> None:
     """A shard's build left what its function keeps between calls as it found it, or the
@@ -292,7 +292,7 @@ def _clear(store: Any, scratch: str) -> None:
                 store.discard(leaf.path)
 
 
-def _sources(store: Any, key: str, inp: Any) -> list[Any]:
+def input_sources(store: Any, key: str, inp: Any) -> list[Any]:
     """What a transform shard's result may select rows of: its input shard's base."""
     from hfbuild.store import indexed
 
