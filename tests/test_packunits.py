@@ -398,3 +398,41 @@ def test_a_lists_features_are_those_of_its_rows_loaded(tmp_path: pathlib.Path) -
     got = json.loads(run_python(FEATURES, repo.path).stdout.splitlines()[-1])
     assert got["differ"] == [], got["differ"]
     assert set(got["kinds"]) == {"packed", "own", "base"}, got["kinds"]
+
+
+LISTING = """
+    import os
+
+
+    def names(batch):
+        with open(os.environ["CALL_LOG"], "a") as out:
+            out.write("names\\n")
+        found = ",".join(sorted(os.listdir("shelf")))
+        return {"names": [found] * len(batch["x"])}
+    """
+
+
+def test_a_batched_stage_reading_at_run_time_builds_once_in_a_store_without_its_record(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A batched map over a sharded load that lists shelf/ at run time, built in a clone
+    whose store has no record of what its builds read (a fresh clone, a Ray node's store):
+    its key takes the listing from the committed lock, and its units are built once under
+    it, not built, found to read shelf/, and built again (a Ray rebuild landing on the
+    other node called the function twice)."""
+    repo = Repo.init(tmp_path / "repo")
+    make_project(repo, parts=0)
+    dodo = DODO.replace("u.grow, batched=True, batch_size=4", "u.names, batched=True")
+    dodo = dodo.replace('kept = pipe.filter("kept", feat, u.keep, batched=True, batch_size=3)', "")
+    repo.write({"dodo.py": dodo, "pkg/u.py": LISTING, "shelf/a.csv": "x\n1\n"})
+    for i in range(2):
+        write_part(repo, f"part-{i}", 10 * i, rows=5)
+    repo.commit("listing project")
+    doit(repo, "run", "preprocess", log=tmp_path / "a.log")
+    assert calls(tmp_path / "a.log")["names"] == 2  # built, then again with the listing
+    repo.commit("lock: its record names the listing")
+
+    clone = repo.clone(tmp_path / "clone")
+    doit(clone, "run", "preprocess", log=tmp_path / "b.log")
+    assert calls(tmp_path / "b.log")["names"] == 1
+    assert (clone.path / "hfbuild.lock").read_text() == (repo.path / "hfbuild.lock").read_text()

@@ -171,7 +171,10 @@ def build(
     t0 = time.perf_counter()
     static = code_static(m)
     recorded = store.read_observed(static)
-    assumed: Observed = ()
+    # What its builds read at run time: this store's record, else what the stage's key was
+    # made with (the lock's or the driver's record: a fresh clone, a Ray node), so that its
+    # units are built once under it, not built, found to read more, and built again.
+    assumed: Observed = m.observed
     if recorded:
         assumed = identify(recorded[0], Snapshot(place.root), place.stat_cache)
     tmp = store.new_build_dir(m.static_fingerprint)
