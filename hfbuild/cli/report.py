@@ -84,6 +84,15 @@ def _previous(
     return None
 
 
+def _own_changes(prev: Any, m: Manifest) -> list[Change]:
+    """What changed in a pending stage's own definition (code, packages, arguments) since
+    its last build `prev` (`_previous`); its inputs' side is the pending input's, told apart
+    (its manifest's inputs hold a placeholder until then: compared as they were, they read
+    as a format change)."""
+    was = {**prev[1], "inputs": m.doc["inputs"]} if "inputs" in m.doc else prev[1]
+    return diff(was, m.doc, prev[2], prev[2])
+
+
 def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanation:
     """What changed since the stage was last built; `line_stats` adds each changed file's
     diff line counts (a blob diff per file, which `status` does not show)."""
@@ -105,11 +114,7 @@ def explain(pipe: Pipeline, name: str, *, line_stats: bool = True) -> Explanatio
     if m.pending and failure is None:  # its key holds its input's result, not built yet
         if prev is None:
             return Explanation(name, fp, False, None, [], {}, None, dirty, pending=m.pending[0])
-        # What changed in its own definition (code, packages, arguments) since it was built;
-        # its inputs' side is the pending input's, told apart (its manifest's inputs hold a
-        # placeholder until then: compared as they were, they read as a format change).
-        was = {**prev[1], "inputs": m.doc["inputs"]} if "inputs" in m.doc else prev[1]
-        own = diff(was, m.doc, prev[2], prev[2])
+        own = _own_changes(prev, m)
         return Explanation(name, fp, False, prev[0], own, {}, None, dirty, pending=m.pending[0])
     if prev is None:
         ex = Explanation(name, fp, False, None, [], {}, None, dirty, _shards(pipe, m, None))
@@ -308,7 +313,8 @@ def stage_states(pipe: Pipeline) -> list[StageState]:
             waits = f"input {m.pending[0]!r} is being rebuilt (may be cut off)"
             # Its own change (code, packages, arguments), if any, first: it rebuilds the stage
             # whatever its input's result turns out to be.
-            own = [c.describe() for c in explain(pipe, name, line_stats=False).changes[:1]]
+            prev = _previous(pipe, name)
+            own = [c.describe() for c in _own_changes(prev, m)[:1]] if prev else []
             reason = "; ".join([*own, waits])
             out.append(StageState(name, fp, "stale", reason, dirty, None, _observed(m)))
             continue
