@@ -730,6 +730,27 @@ for res in run_shards(task["job"], spec, task["parts"], [None] * len(task["parts
 """
 
 
+def _run_map_task(
+    tmp_path: pathlib.Path, jobs: pathlib.Path, script: str = MAPS_WORKER
+) -> list[dict[str, Any]]:
+    """The task `PREPARE_MAPS` wrote to `jobs`, run in a fresh process in its shipped tree
+    with the node store `tmp_path / "worker"`, as a Ray worker runs it; its results."""
+    import json
+
+    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(jobs)],
+        cwd=jobs / "tree",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.strip().splitlines()]
+
+
 def test_a_tasks_map_shards_are_keyed_with_what_any_of_their_builds_read(
     repo: Repo, tmp_path: pathlib.Path
 ) -> None:
@@ -739,7 +760,6 @@ def test_a_tasks_map_shards_are_keyed_with_what_any_of_their_builds_read(
     it here): every shard is published under the key with that file, the first too (built
     again), as a local sharded build publishes them, with the local build's content
     hashes, the three in one pack on the remote."""
-    import json
 
     from hfbuild.builds import packbuild
 
@@ -758,18 +778,7 @@ def test_a_tasks_map_shards_are_keyed_with_what_any_of_their_builds_read(
     (jobs / "tree" / "conf" / "scale.txt").write_text("5\n")
     local = [k for k, _ in got["local"]]
     assert not set(local) & set(got["driver"])  # the local build's keys hold the file read
-    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
-    env.pop("PYTHONPATH", None)
-    out = subprocess.run(
-        [sys.executable, "-c", MAPS_WORKER, str(jobs)],
-        cwd=jobs / "tree",
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    results = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    results = _run_map_task(tmp_path, jobs)
     assert [r["fingerprint"] for r in results] == local, results
     assert all("conf/scale.txt" in r["observed"] for r in results), results
     (pack,) = {r["pack"] for r in results}
@@ -785,7 +794,6 @@ def test_a_tasks_map_shard_failing_is_named_by_its_file_after_those_before(
     """A task's map shards built together, the third one's function failing: the two
     before it are published (each then built by itself) and the third's error names its
     file, as a task building its shards one by one answers."""
-    import json
 
     failing = (
         SHARDED["pkg/t.py"]
@@ -801,18 +809,7 @@ def test_a_tasks_map_shard_failing_is_named_by_its_file_after_those_before(
     jobs.mkdir()
     got = _prepare(clone.path, PREPARE_MAPS, url, jobs)
     assert got["local"] == []  # it fails locally too
-    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
-    env.pop("PYTHONPATH", None)
-    out = subprocess.run(
-        [sys.executable, "-c", MAPS_WORKER, str(jobs)],
-        cwd=jobs / "tree",
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    results = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    results = _run_map_task(tmp_path, jobs)
     assert len(results) == 3 and all(r["fingerprint"] for r in results[:2]), results
     error = results[2]["error"]
     assert "data/part-2.parquet" in error and "no 25" in error, error
@@ -825,7 +822,6 @@ def test_a_retried_map_task_finds_the_pack_its_first_attempt_published(
     """A task's map shards built together are one pack in the node's store; the task run
     again on that node (Ray's retry after its worker died once the pack was published)
     finds the pack and answers the same results, under the keys a local build gives."""
-    import json
 
     _sharded_project(repo, 3)
     repo.write({"pkg/t.py": SHARDED["pkg/t.py"].replace('row["x"] == 0', "False")})
@@ -835,20 +831,9 @@ def test_a_retried_map_task_finds_the_pack_its_first_attempt_published(
     jobs = tmp_path / "jobs"
     jobs.mkdir()
     got = _prepare(clone.path, PREPARE_MAPS, url, jobs)
-    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
-    env.pop("PYTHONPATH", None)
 
     def attempt() -> list[dict[str, Any]]:
-        out = subprocess.run(
-            [sys.executable, "-c", MAPS_WORKER, str(jobs)],
-            cwd=jobs / "tree",
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert out.returncode == 0, out.stderr
-        return [json.loads(line) for line in out.stdout.strip().splitlines()]
+        return _run_map_task(tmp_path, jobs)
 
     first = attempt()
     assert [r["fingerprint"] for r in first] == got["driver"] == [k for k, _ in got["local"]]
@@ -863,7 +848,6 @@ def test_a_tasks_map_shards_listing_a_folder_the_tree_lacks_are_all_sent_again(
     its tree does not hold with its names (a first build of code that lists it): nothing
     is published, and every shard of the task is answered "unlisted" with that folder, for
     the driver to send them again with it."""
-    import json
 
     _sharded_project(repo, 3)
     indent = " " * 16
@@ -876,19 +860,8 @@ def test_a_tasks_map_shards_listing_a_folder_the_tree_lacks_are_all_sent_again(
     jobs = tmp_path / "jobs"
     jobs.mkdir()
     got = _prepare(clone.path, PREPARE_MAPS, url, jobs)
-    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
-    env.pop("PYTHONPATH", None)
     script = MAPS_WORKER.replace('"observed", "error"', '"unlisted", "error"')
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(jobs)],
-        cwd=jobs / "tree",
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    results = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    results = _run_map_task(tmp_path, jobs, script)
     assert len(results) == 3 and all(r["unlisted"] for r in results), results
     assert not any(r["fingerprint"] for r in results), results
     worker = Store(tmp_path / "worker")
