@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.helpers import Repo, run_python
+from tests.helpers import Repo, read_python
 
 FILES = {
     "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "KILL_IN", "PID_LOG"]\n',
@@ -97,7 +97,8 @@ print(json.dumps(out))
 
 
 def state(repo: Repo, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Each stage's fingerprint, stored content hash and rows, read in a fresh process."""
-    out = run_python(READ % (STAGES,), repo.path, env=env)  # fails the test on an error
+    """Each stage's fingerprint, stored content hash and rows, read in a process of its own
+    (`read_python`: forked from a server that imported hfbuild once)."""
+    out = read_python(READ % (STAGES,), repo.path, env=env)  # fails the test on an error
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
