@@ -1511,7 +1511,8 @@ def test_a_nodes_trees_unused_within_the_keep_time_are_collected_and_held_ones_k
     removes the trees no task used within the keep time (a dry run only names them); it keeps
     a fresh one, one a task used a moment ago (its use marks it), and one a task holds now
     however old its mark (kept after it too: a task marks its tree as it ends); a task's copy
-    of a tree (`raywarm._own_copy`) likewise, by its own mark and lock."""
+    of a tree (`raywarm._own_copy`) likewise, by its own mark and lock; the bytes named are
+    those the removal frees (a copy's files are hard links to its tree's)."""
     from hfbuild.builds import raywarm
     from hfbuild.builds.raynodes import collect_node
 
@@ -1523,9 +1524,11 @@ def test_a_nodes_trees_unused_within_the_keep_time_are_collected_and_held_ones_k
     old = time.time() - 2 * 86400
     for name in ("stale", "used", "held"):
         os.utime(top / name, (old, old))
-    with raywarm.tree_dir({"tree": ["used", [None]], "stage": "s"}):
-        pass
-    os.utime(top / "used.0", (old, old))  # its task's copy (`_own_copy`), unused since
+    for name in ("used", "stale"):
+        with raywarm.tree_dir({"tree": [name, [None]], "stage": "s"}):
+            pass
+        os.utime(top / f"{name}.0", (old, old))  # its task's copy (`_own_copy`), unused since
+    os.utime(top / "stale", (old, old))
 
     def trees() -> list[str]:  # the node's trees, not the tasks' copies of them
         return sorted(p.name for p in top.iterdir() if "." not in p.name)
@@ -1538,7 +1541,9 @@ def test_a_nodes_trees_unused_within_the_keep_time_are_collected_and_held_ones_k
         assert trees() == ["fresh", "held", "stale", "used"]
         done = collect_node([], 86400, False)
         assert trees() == ["fresh", "held", "used"]
-    gone = [[f"../{top.name}/used.0", len("NAME = 'used'\n")]]  # the copy, not its tree
+    # A copy's files are hard links to its tree's: removing a copy whose tree stays frees
+    # nothing but directories; a tree removed with its copy counts its bytes once.
+    gone = [[f"../{top.name}/stale.0", 0], [f"../{top.name}/used.0", 0]]
     gone.append([f"../{top.name}/stale", len("NAME = 'stale'\n")])
     assert dry["gone"] == done["gone"] == gone
     assert sorted(p.name for p in top.iterdir() if "." in p.name) == ["held.0", "held.0.lock"]

@@ -229,7 +229,9 @@ def collect_trees(keep_seconds: float, *, dry_run: bool = False) -> list[tuple[s
     leftovers of unpacks older than that; each removed directory with its size. A tree is
     renamed aside under its exclusive lock before it is deleted, so a task sees it whole or
     not at all (and unpacks it again); the tasks' copies of trees likewise, by their slots'
-    locks (`_collect_slot`)."""
+    locks (`_collect_slot`). A size counts the bytes the removals free: a file a copy shares
+    with its tree (a hard link) counts once all its links are removed, by this call or
+    before it (`_Links`), so a copy removed while its tree stays counts its directories only."""
     top = trees_dir()
     try:
         names = sorted(os.listdir(top))
@@ -237,9 +239,10 @@ def collect_trees(keep_seconds: float, *, dry_run: bool = False) -> list[tuple[s
         return []
     gone = []
     now = time.time()
+    links = _Links(dry_run)
     slots = {m.group(1) for n in names if (m := _SLOT.match(n))}
     for slot in sorted(slots):  # a task's copy: never opened while a task holds it
-        got = _collect_slot(top, slot, keep_seconds, now, dry_run)
+        got = _collect_slot(top, slot, keep_seconds, now, links)
         if got is not None:
             gone.append(got)
     for name in names:
@@ -260,11 +263,12 @@ def collect_trees(keep_seconds: float, *, dry_run: bool = False) -> list[tuple[s
             now_there = _stat(path)
             if now_there is None or not os.path.samestat(os.fstat(fd), now_there):
                 continue
-            size = _size(path)
+            size = links.size(path)
             if not dry_run:
                 aside = tempfile.mkdtemp(prefix=".gone-", dir=top)
                 os.rename(path, os.path.join(aside, name))
                 shutil.rmtree(aside, ignore_errors=True)
+                links.removed()
             gone.append((path, size))
         finally:
             os.close(fd)
@@ -275,7 +279,7 @@ _SLOT = re.compile(r"^([^.][^/]*\.\d+)(?:\.lock)?$")  # a task's copy `<tree>.<n
 
 
 def _collect_slot(
-    top: str, slot: str, keep_seconds: float, now: float, dry_run: bool
+    top: str, slot: str, keep_seconds: float, now: float, links: _Links
 ) -> tuple[str, int] | None:
     """A task's copy of a tree (`_own_copy`) no task used within `keep_seconds` and none
     holds, removed with its lock file (renamed aside first); the copy and its size. Its
@@ -299,12 +303,13 @@ def _collect_slot(
         st = _stat(path)
         if st is not None and now - st.st_mtime <= keep_seconds:  # used meanwhile
             return None
-        size = _size(path) if st is not None else 0
-        if not dry_run:
+        size = links.size(path) if st is not None else 0
+        if not links.dry_run:
             if st is not None:
                 aside = tempfile.mkdtemp(prefix=".gone-", dir=top)
                 os.rename(path, os.path.join(aside, slot))
                 shutil.rmtree(aside, ignore_errors=True)
+                links.removed()
             os.unlink(lock)
         return (path, size) if st is not None else None
     finally:
@@ -318,8 +323,39 @@ def _stat(path: str) -> os.stat_result | None:
         return None
 
 
-def _size(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+class _Links:
+    """The bytes removing directories frees, over one collection: a file's size counts when
+    the last of its links (`st_nlink`, plus those this collection removed) is among the
+    directories removed. A dry run removes nothing and counts alike."""
+
+    def __init__(self, dry_run: bool) -> None:
+        self.dry_run = dry_run
+        self.taken: dict[tuple[int, int], int] = {}  # links met in the directories removed
+        self.gone: dict[tuple[int, int], int] = {}  # links this collection removed
+        self.pending: list[tuple[int, int]] = []
+
+    def size(self, path: str) -> int:
+        """The bytes removing `path` (next: `removed` after it) frees."""
+        freed = 0
+        self.pending = []
+        for d, _, files in os.walk(path):
+            for f in files:
+                try:
+                    st = os.lstat(os.path.join(d, f))
+                except OSError:
+                    continue
+                ino = (st.st_dev, st.st_ino)
+                self.taken[ino] = self.taken.get(ino, 0) + 1
+                self.pending.append(ino)
+                if self.taken[ino] == st.st_nlink + self.gone.get(ino, 0):
+                    freed += st.st_size
+        return freed
+
+    def removed(self) -> None:
+        """The directory last sized is removed: its links are gone."""
+        for ino in self.pending:
+            self.gone[ino] = self.gone.get(ino, 0) + 1
+        self.pending = []
 
 
 @contextlib.contextmanager
