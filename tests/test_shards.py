@@ -566,6 +566,28 @@ def test_reads_seen_mid_build_rekey_the_shards_built_without_running_them_again(
     assert state(repo) == _fresh(repo, tmp_path, tmp_path / "fresh.log")
 
 
+def test_a_listing_of_the_root_leaves_out_the_file_a_lock_is_written_through(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A sharded transform that lists the project's root keeps its key while another process
+    writes a lock there (through a `.tmp-*.hfbuild` file, until its rename): a builder that
+    waited for the stage and resolves its key again finds it built, instead of building
+    every shard once more."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    t = (repo.path / "pkg" / "t.py").read_text()
+    t = t.replace('return {"y": row["x"] * 2}', 'os.listdir(".")\n    return {"y": row["x"] * 2}')
+    (repo.path / "pkg" / "t.py").write_text(t)
+    repo.commit("feat lists the root")
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    lock = json.loads((repo.path / "hfbuild.lock").read_text())
+    assert [p for p, _ in lock["stages"]["feat"]["observed"]] == ["."]
+    log.unlink()
+    (repo.path / ".tmp-k2x9q1.hfbuild").write_text("{}")  # a lock being written meanwhile
+    doit(repo, "run", "preprocess", log=log)
+    assert calls(log) == Counter()
+
+
 def test_file_read_at_run_time_is_in_every_shard_key(tmp_path: pathlib.Path) -> None:
     """A sharded transform that reads a project file at run time: the file enters the key all
     the stage's shards share, recorded under the stage's code key, so appending a data file
