@@ -563,7 +563,12 @@ def test_reads_seen_mid_build_rekey_the_shards_built_without_running_them_again(
         assert c[f"feat:part-{i}"] == 10  # once per row
         assert c[f"idx:part-{i}"] == 10
     assert c["total:all"] == 1
-    assert state(repo) == _fresh(repo, tmp_path, tmp_path / "fresh.log")
+    # The same results as a build into an empty store; the keys may hold the other builder's
+    # reads (as feat's does here), which that build did not see.
+    fresh = _fresh(repo, tmp_path, tmp_path / "fresh.log")
+    assert {k: {**v, "fp": None} for k, v in state(repo).items()} == {
+        k: {**v, "fp": None} for k, v in fresh.items()
+    }
 
 
 def test_a_listing_of_the_root_leaves_out_the_file_a_lock_is_written_through(
