@@ -14,9 +14,11 @@ FILES = {
     "pkg/__init__.py": "",
     "pkg/t.py": """
         import os
+        import time
 
         def log(stage, batch):
             for f in sorted(set(batch["f"])):
+                hold(f"{stage}:{f}")
                 if os.environ.get("KILL_IN") == f"{stage}:{f}":
                     import signal
 
@@ -26,6 +28,16 @@ FILES = {
                 if os.environ.get("PID_LOG"):
                     with open(os.environ["PID_LOG"], "a") as out:
                         out.write(f"{stage}:{os.getpid()}\\n")
+
+        def hold(at):
+            # A test's pause point (outside the project: not read by the build): the first
+            # call at `at` waits for the test, once.
+            hold = os.path.join(os.path.dirname(os.environ["CALL_LOG"]), "hold")
+            if os.path.exists(hold) and open(hold).read() == at:
+                os.remove(hold)
+                open(hold + "-reached", "w").close()
+                while not os.path.exists(hold + "-go"):
+                    time.sleep(0.01)
 
         def feat(row):
             log("feat", {"f": [row["f"]]})
