@@ -997,3 +997,105 @@ def test_a_ray_tree_lists_the_root_and_a_listed_folder_as_the_key_holds_them(
     with tarfile.open(fileobj=io.BytesIO(packed)) as tar:
         names = tar.getnames()
     assert {"shelf/one.csv", "shelf/.rayignore", "top.csv", "pkg/m.py"} <= set(names)
+
+
+LISTING = {
+    "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG"]\n',
+    "pkg/__init__.py": "",
+    "pkg/shelf.py": """
+        import os
+        import pathlib
+
+        ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+        def names(batch):
+            with open(os.environ["CALL_LOG"], "a") as f:
+                f.write("shelved\\n")
+            found = ",".join(sorted(os.listdir(ROOT / "shelf")))  # a listing at run time
+            return {"names": [found] * len(batch["x"])}
+        """,
+    "shelf/one.csv": "x\n1\n",
+    "dodo.py": """
+        from hfbuild import Pipeline
+        from pkg import shelf
+
+        pipe = Pipeline()
+        raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+        pipe.map("shelved", raw, shelf.names, batched=True)
+
+
+        def task_preprocess():
+            yield from pipe.tasks()
+        """,
+}
+
+PREPARE_WHOLE = """
+import json, os, shutil, sys, warnings
+warnings.simplefilter("ignore")
+import dodo
+from hfbuild.builds import raytree as rx
+from hfbuild.builds.units import Unit
+from hfbuild.store.remote import Remote
+
+pipe = dodo.pipe
+remote = Remote(sys.argv[1])
+ms = pipe.manifests()
+m, spec = ms["shelved"], pipe["shelved"].spec
+unit = Unit(spec, m, {d: ms[d] for d in spec.inputs})
+for key in unit.input_keys:
+    remote.push(pipe.store, key, "input")
+job, spec_bytes = rx.task_args(pipe, remote, unit)
+with rx.tree(pipe, rx.shipped_files(m)) as d:
+    shutil.copytree(d, os.path.join(sys.argv[2], "tree"))
+with open(os.path.join(sys.argv[2], "job.json"), "w") as f:
+    json.dump(job, f)
+with open(os.path.join(sys.argv[2], "spec"), "wb") as f:
+    f.write(spec_bytes)
+print(json.dumps({"key": m.fingerprint, "observed": [p for p, _ in m.observed]}))
+"""
+
+
+def test_a_whole_stage_task_builds_once_under_the_reads_the_drivers_key_assumes(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A whole (batched) stage whose builds list a folder, sent to a node whose store has no
+    record of that (another node built it last time, or none did): the task builds it under
+    the reads the driver's key assumes (identified in its own tree), so its function runs
+    once and the entry is published under the driver's key; not built, found to list the
+    folder, and built again."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo.write(LISTING)
+    (repo.path / "data").mkdir()
+    for part in range(2):  # a sharded input: the stage is built from its batches' units
+        xs = list(range(20 * part, 20 * part + 20))
+        pq.write_table(pa.table({"x": xs}), repo.path / "data" / f"part-{part}.parquet")
+    repo.commit("project")
+    doit(repo, "run", "preprocess", log=tmp_path / "first.log")  # the driver's record
+    repo.write({"shelf/two.csv": "x\n22\n"}, commit="a file added to the listed folder")
+    url = f"file://{tmp_path / 'remote'}"
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    driver = _prepare(repo.path, PREPARE_WHOLE, url, jobs)
+    assert driver["observed"] == ["shelf/."]  # the key assumes the listing
+    log = tmp_path / "worker.log"
+    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "node-store"), "CALL_LOG": str(log)}
+    env.pop("PYTHONPATH", None)
+    args = [str(jobs / "job.json"), str(jobs / "spec"), os.devnull]
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, *args],
+        cwd=jobs / "tree",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got.get("fingerprint") == driver["key"], got
+    assert log.read_text().split() == ["shelved"]  # one batch, built once
+    fresh = Store(tmp_path / "fresh")
+    Remote(url).pull(fresh, driver["key"], "shelved")
+    assert set(fresh.load(driver["key"])["names"]) == {"one.csv,two.csv"}

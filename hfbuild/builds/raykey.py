@@ -145,7 +145,7 @@ def keyed(
         got, code = key, m.static_fingerprint
         content = m.shards[0].content if m.shards else ""
         mine, theirs = dict(m.doc), job["doc"]
-    observed = _observed(sh["observed"], snap, place, memo)
+    observed = observed_ids(sh["observed"], snap, place, memo)
     ins = ShardIn(str(sh["split"]), got, label, str(sh["before"]), content)
     m = dataclasses.replace(m, shards=(ins,), shard_code=code, observed=observed)
     s = m.shard_list[0]
@@ -174,7 +174,7 @@ def _load_manifest(one: Any, snap: Any, place: Place, memo: dict[str, Any] | Non
     return dataclasses.replace(first, doc={**first.doc, "data": data}, data_files=files)
 
 
-def _observed(observed: Any, snap: Any, place: Place, memo: dict[str, Any] | None) -> Observed:
+def observed_ids(observed: Any, snap: Any, place: Place, memo: dict[str, Any] | None) -> Observed:
     """The ids of the files `observed` names, from their shipped copies (once per task for
     one set: the tree does not change while it runs)."""
     from hfbuild.keys.fullkey import identify

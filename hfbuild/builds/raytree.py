@@ -300,7 +300,12 @@ def task_args(
     packed = input_pack(place, unit)
     if packed is not None:
         job["input_pack"] = packed
-    if unit.shard is not None:
+    if unit.shard is None:
+        # What its builds read, as the driver's key assumes it: the worker identifies these
+        # paths in its tree and builds under that key (a node without the record would
+        # assume nothing, see the reads and build the whole stage again under them).
+        job["observed"] = [list(p) for p in m.observed]
+    else:
         job["shard"] = {
             **unit.shard._asdict(),
             "observed": [list(p) for p in m.observed],

@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import os
 import shutil
@@ -302,13 +303,17 @@ def _run_unit(task: _Task, job: dict[str, Any]) -> dict[str, Any]:
     inputs: dict[str, str] = job["inputs"]
     done = cast("Mapping[str, Manifest]", {d: _Key(fp) for d, fp in inputs.items()})
     # Its key holds its inputs' results as the entries pulled above record them (inputid.py).
-    m = stage_manifest(
-        spec, Snapshot(task.root), done, task.place.stat_cache, lookup=store.intact_manifest
-    )
+    snap = Snapshot(task.root)
+    m = stage_manifest(spec, snap, done, task.place.stat_cache, lookup=store.intact_manifest)
     if m.static_fingerprint != job["static"]:
         raise raykey.other_key(
             f"stage {name!r}", m.static_fingerprint, job["static"], job["doc"], m.doc
         )
+    # What its builds read at run time as the driver's key assumes it (this node's store
+    # may hold no record of it, or an older one), identified from the tree's copies: its
+    # units are built once under that key, not built, found to read more and built again.
+    read = raykey.observed_ids(job.get("observed", []), snap, task.place, task.keys)
+    m = dataclasses.replace(m, observed=read)
     t0 = time.perf_counter()
     with store.lock(m.static_fingerprint):
         if store.has(m.fingerprint):  # a retried task whose first attempt built it here
