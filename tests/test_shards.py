@@ -524,7 +524,14 @@ def test_four_concurrent_builders_build_each_shard_once(tmp_path: pathlib.Path) 
         assert c[f"idx:part-{i}"] == 10
         assert c[f"keep:part-{i}"] == 10
     assert c["total:all"] == 1
-    assert state(repo) == _fresh(repo, tmp_path, tmp_path / "fresh.log")
+    # The same results as a build into an empty store. Not the same keys: a builder's watch
+    # sees the others' opens as they start (`watch.py`: inotify names no process), so a
+    # key may hold a read its transform never made (at worst a rebuild after that file
+    # changes, never another result): seen 1 run in 20 at load ~5.
+    fresh = _fresh(repo, tmp_path, tmp_path / "fresh.log")
+    assert {k: {**v, "fp": None} for k, v in state(repo).items()} == {
+        k: {**v, "fp": None} for k, v in fresh.items()
+    }
 
 
 def test_reads_seen_mid_build_rekey_the_shards_built_without_running_them_again(
