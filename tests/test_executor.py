@@ -541,6 +541,54 @@ def test_a_shards_task_keys_each_load_shard_from_its_own_bytes(
     assert task(-1, "good") == [{"fingerprint": k} for k in keys]
 
 
+def test_a_shards_task_keeps_apart_load_shards_of_one_file_name(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """Load shards of one task whose data files share a name (data/a/part.parquet,
+    data/b/part.parquet) are each written into the task's scratch under that name, apart
+    (the scratch is flat but for such a name): each is published under the driver's key
+    with its own file's rows, not another's."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _sharded_project(repo, 0)
+    dodo = (repo.path / "dodo.py").read_text()
+    (repo.path / "dodo.py").write_text(dodo.replace("data/*.parquet", "data/*/part.parquet"))
+    rows = {d: list(range(100 * i, 100 * i + 5 + i)) for i, d in enumerate("abc")}
+    for d, xs in rows.items():
+        (repo.path / "data" / d).mkdir(parents=True)
+        pq.write_table(pa.table({"x": xs}), repo.path / "data" / d / "part.parquet")
+    repo.commit("three files of one name")
+    clone = repo.clone(tmp_path / "clone")
+    url = f"file://{tmp_path / 'remote'}"
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    keys = _prepare(clone.path, PREPARE_TASK, url, jobs)
+    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDS_WORKER, str(jobs), "", "-1"],
+        cwd=jobs / "tree",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    got = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert got == [{"fingerprint": k} for k in keys], got
+    from hfbuild.keys import packs
+
+    worker, pack = Store(tmp_path / "worker"), packs.pack_key(keys)  # loaded together
+    table = worker.load(pack)
+    spans = {key: (start, end) for key, start, end, _, _ in worker.read_manifest(pack)["pack"]}
+    for key, xs in zip(keys, rows.values(), strict=True):
+        start, end = spans[key]
+        assert table[start:end]["x"] == xs
+
+
 CHUNKS_WORKER = """
 import json, os, sys
 from hfbuild.builds import raypacks
