@@ -589,6 +589,54 @@ def test_a_shards_task_keeps_apart_load_shards_of_one_file_name(
         assert table[start:end]["x"] == xs
 
 
+def test_a_shards_task_loads_with_the_features_datasets_gives_the_whole_load(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A task's load shards are loaded with the features datasets gives the whole load: the
+    first data file's, made by the worker of that file's Arrow schema as the driver read and
+    sent it (the file itself does not travel), its datasets metadata too (a class label
+    stays one, not its integers), as a local load of the files gives them."""
+    import datasets
+
+    from hfbuild.keys import packs
+
+    _sharded_project(repo, 0)
+    feats = datasets.Features(
+        {"x": datasets.Value("int64"), "c": datasets.ClassLabel(names=["no", "yes"])}
+    )
+    for i in range(3):
+        rows = {"x": list(range(10 * i, 10 * i + 4)), "c": [0, 1, 1, 0]}
+        ds = datasets.Dataset.from_dict(rows, features=feats)
+        ds.to_parquet(str(repo.path / "data" / f"part-{i}.parquet"))
+    repo.commit("files with datasets' features")
+    clone = repo.clone(tmp_path / "clone")
+    url = f"file://{tmp_path / 'remote'}"
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    keys = _prepare(clone.path, PREPARE_TASK, url, jobs)
+    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDS_WORKER, str(jobs), "", "-1"],
+        cwd=jobs / "tree",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    got = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert got == [{"fingerprint": k} for k in keys], got
+    whole = datasets.load_dataset(
+        "parquet",
+        data_files=sorted(str(f) for f in (clone.path / "data").iterdir()),
+        split="train",
+        cache_dir=str(tmp_path / "hf"),
+    )
+    assert whole.features == feats
+    assert Store(tmp_path / "worker").load(packs.pack_key(keys)).features == feats
+
+
 CHUNKS_WORKER = """
 import json, os, sys
 from hfbuild.builds import raypacks

@@ -125,10 +125,8 @@ def keyed(
         content = ""
         decider = str(sh.get("decider") or "")
         code = shards.load_shard_code(m.doc, decider)
-        if decider:  # the first data file's features, read by the driver (its id is keyed)
-            import datasets
-
-            features = datasets.Features.from_dict(sh["features"])
+        if decider:  # the first data file's features, of the schema the driver read of it
+            features = _features(spec, str(sh["schema"]), memo)  # (its id is keyed)
             spec = dataclasses.replace(spec, options={**spec.options, "features": features})
         mine, theirs = shards.load_code_doc(m.doc), shards.load_code_doc(job["doc"])
     else:
@@ -154,6 +152,17 @@ def keyed(
         why = f"its data file {label} is {got}, not {sh['input']}" if got != sh["input"] else ""
         raise other_key(f"stage {name!r}, shard {label}", s.key, sh["key"], theirs, mine, why)
     return Keyed(spec, m, s, path, round(time.perf_counter() - t_key, 4))
+
+
+def _features(spec: Any, schema: str, memo: dict[str, Any] | None) -> Any:
+    """The features of a load's shards, decided by its first data file's schema as the
+    driver sent it (`shardone.schema_features`); once per task for one schema."""
+    from hfbuild.builds import shardone
+
+    known = {} if memo is None else memo.setdefault("features", {})
+    if schema not in known:
+        known[schema] = shardone.schema_features(spec, schema)
+    return known[schema]
 
 
 def _data_path(scratch: str, key: str, name: str) -> str:
