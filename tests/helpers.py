@@ -1,12 +1,17 @@
-"""Test helpers: real git repositories and fresh Python processes."""
+"""Test helpers: real git repositories and fresh Python processes (started, or forked from a
+server that imported `datasets` and hfbuild once: `Server`, `read_python`)."""
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import json
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Mapping
 from typing import Any
@@ -133,6 +138,91 @@ def fingerprint_in_subprocess(
 
 
 HFBUILD = str(pathlib.Path(sys.executable).parent / "hfbuild")
+
+
+class Server:
+    """A tests/forkserver.py process: each `run` is a fresh child process."""
+
+    def __init__(self, env: dict[str, str], plain: bool) -> None:
+        here = pathlib.Path(__file__).with_name("forkserver.py")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(here), *(["--plain"] if plain else [])],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+
+    def run(self, op: str, cwd: pathlib.Path, out: pathlib.Path, **kw: Any) -> tuple[int, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        req = {"op": op, "cwd": str(cwd), "out": str(out), **kw}
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the fork server died (rc {self.proc.wait()})")
+        rc = int(json.loads(line)["rc"])
+        answer = None
+        if out.exists():
+            with out.open("rb") as f:
+                answer = pickle.load(f)
+        return rc, answer
+
+    def log(self, out: pathlib.Path) -> str:
+        p = pathlib.Path(str(out) + ".log")
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+_reader: list[tuple[Server, pathlib.Path]] = []  # this process's, started on first use
+_outs = itertools.count()
+
+
+def read_python(
+    code: str,
+    cwd: pathlib.Path | str,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run `code` as `run_python` does (`cwd` first on sys.path, the test's environment and
+    `env`), in a process forked from a server that imported `datasets` and hfbuild once and
+    never runs project code (tests/forkserver.py): a process of its own that has run no user
+    code, without Python's and `datasets`' start-up (~1 s of CPU). For reading what a build
+    left (results, keys, manifests), never for a claim about a process's start: the children
+    share the server's hash seed and what `datasets` and huggingface_hub read from the
+    environment on import (the server's own: offline, its own HOME, so not the test's Hub
+    cache: not for a project with a Hub stage). Fails the test on an error, as `run_python`
+    does."""
+    if not _reader:
+        home = pathlib.Path(tempfile.mkdtemp(prefix="hfbuild-reader-"))
+        outside = {k: v for k, v in os.environ.items() if not k.startswith(("HFBUILD_", "HF_"))}
+        server_env = {**outside, **offline_env(home)}
+        server_env.pop("PYTHONHASHSEED", None)
+        _reader.append((Server(server_env, plain=False), home))
+        atexit.register(_reader[0][0].close)
+    server, home = _reader[0]
+    out = home / f"read-{next(_outs)}.pkl"
+    full_env = {**os.environ, "PYTHONPATH": str(cwd), **(env or {})}
+    rc, printed = server.run(
+        "script",
+        pathlib.Path(cwd),
+        out,
+        env=full_env,
+        environ=True,
+        arg={
+            "code": textwrap.dedent(code),
+        },
+    )
+    log = server.log(out)
+    out.unlink(missing_ok=True)
+    pathlib.Path(f"{out}.log").unlink(missing_ok=True)
+    if rc != 0:
+        raise AssertionError(f"python (forked) failed ({rc}):\n{printed}\n{log}")
+    return subprocess.CompletedProcess(["<forked>"], rc, str(printed or ""), log)
 
 
 def run_hfbuild(repo: Repo, *args: str) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,7 @@ import sys
 from collections import Counter
 from typing import Any
 
-from tests.helpers import Repo
+from tests.helpers import Repo, read_python
 
 FILES = {
     # The call log and the crash switch are test instrumentation: their values never change
@@ -137,14 +137,8 @@ print(json.dumps(out))
 
 
 def results(repo: Repo, env: dict[str, str] | None = None) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, "-c", READ_RESULTS],
-        cwd=repo.path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(repo.path), **(env or {})},
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
+    """Each stage's values as `pipe.result` serves them, read in a process of its own
+    (`read_python`: forked from a server that imported hfbuild once)."""
+    out = read_python(READ_RESULTS, repo.path, env=env)  # fails the test on an error
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result

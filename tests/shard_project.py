@@ -7,16 +7,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.helpers import Repo, run_python
+from tests.helpers import Repo, read_python
 
 FILES = {
     "pyproject.toml": '[tool.hfbuild]\nuntracked-env = ["CALL_LOG", "KILL_IN", "PID_LOG"]\n',
     "pkg/__init__.py": "",
     "pkg/t.py": """
         import os
+        import time
 
         def log(stage, batch):
             for f in sorted(set(batch["f"])):
+                hold(f"{stage}:{f}")
                 if os.environ.get("KILL_IN") == f"{stage}:{f}":
                     import signal
 
@@ -26,6 +28,16 @@ FILES = {
                 if os.environ.get("PID_LOG"):
                     with open(os.environ["PID_LOG"], "a") as out:
                         out.write(f"{stage}:{os.getpid()}\\n")
+
+        def hold(at):
+            # A test's pause point (outside the project: not read by the build): the first
+            # call at `at` waits for the test, once.
+            hold = os.path.join(os.path.dirname(os.environ["CALL_LOG"]), "hold")
+            if os.path.exists(hold) and open(hold).read() == at:
+                os.remove(hold)
+                open(hold + "-reached", "w").close()
+                while not os.path.exists(hold + "-go"):
+                    time.sleep(0.01)
 
         def feat(row):
             log("feat", {"f": [row["f"]]})
@@ -97,7 +109,8 @@ print(json.dumps(out))
 
 
 def state(repo: Repo, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Each stage's fingerprint, stored content hash and rows, read in a fresh process."""
-    out = run_python(READ % (STAGES,), repo.path, env=env)  # fails the test on an error
+    """Each stage's fingerprint, stored content hash and rows, read in a process of its own
+    (`read_python`: forked from a server that imported hfbuild once)."""
+    out = read_python(READ % (STAGES,), repo.path, env=env)  # fails the test on an error
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result

@@ -19,7 +19,7 @@ import pytest
 from hfbuild.keys import argpaths
 from hfbuild.source.datafiles import StatCache
 from hfbuild.source.gitstate import Snapshot
-from tests.helpers import Repo, run_python
+from tests.helpers import Repo, read_python, run_python
 from tests.pipeline_project import calls
 
 FILES = {
@@ -122,7 +122,7 @@ def hfbuild(path: pathlib.Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def column(path: pathlib.Path, stage: str, col: str) -> list[Any]:
-    out = run_python(
+    out = read_python(
         f"""
         import json, warnings
         warnings.simplefilter("ignore")

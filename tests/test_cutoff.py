@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Repo, run_hfbuild
+from tests.helpers import Repo, read_python, run_hfbuild
 from tests.pipeline_project import calls, doit
 
 LOG = """
@@ -108,15 +108,7 @@ print(json.dumps({"clean": list(p.result("clean")["text"]), "tok": list(p.result
 
 
 def results(repo: Repo) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, "-c", READ],
-        cwd=repo.path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(repo.path), "CALL_LOG": os.devnull},
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
+    out = read_python(READ, repo.path, env={"CALL_LOG": os.devnull})  # fails on an error
     got: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return got
 

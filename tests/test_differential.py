@@ -34,11 +34,8 @@ import functools
 import json
 import os
 import pathlib
-import pickle
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -47,7 +44,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, seed, settings
 from hypothesis import strategies as st
 
-from tests.helpers import Repo, offline_env, same
+from tests.helpers import Repo, Server, offline_env, same
 
 # -- switches ---------------------------------------------------------------------------------
 
@@ -435,44 +432,6 @@ def edit(draw: st.DrawFn, project: Project, state: State, xt: str) -> tuple[str,
 
 
 # -- running ----------------------------------------------------------------------------------
-
-
-class Server:
-    """A tests/forkserver.py process: each `run` is a fresh child process."""
-
-    def __init__(self, env: dict[str, str], plain: bool) -> None:
-        here = pathlib.Path(__file__).with_name("forkserver.py")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(here), *(["--plain"] if plain else [])],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            text=True,
-        )
-
-    def run(self, op: str, cwd: pathlib.Path, out: pathlib.Path, **kw: Any) -> tuple[int, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        req = {"op": op, "cwd": str(cwd), "out": str(out), **kw}
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"the fork server died (rc {self.proc.wait()})")
-        rc = int(json.loads(line)["rc"])
-        answer = None
-        if out.exists():
-            with out.open("rb") as f:
-                answer = pickle.load(f)
-        return rc, answer
-
-    def log(self, out: pathlib.Path) -> str:
-        p = pathlib.Path(str(out) + ".log")
-        return p.read_text(errors="replace") if p.exists() else ""
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Repo, run_python
+from tests.helpers import Repo, read_python, run_python
 from tests.pipeline_project import calls
 
 FILES = {
@@ -115,7 +115,7 @@ def hfbuild(path: pathlib.Path, env: dict[str, str], *args: str) -> str:
 
 def column(path: pathlib.Path, stage: str, col: str, env: dict[str, str]) -> list[Any]:
     """A result column, read in a process with `env` (the variables are in the key)."""
-    out = run_python(
+    out = read_python(
         f"""
         import json, warnings
         warnings.simplefilter("ignore")

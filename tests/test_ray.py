@@ -1510,7 +1510,9 @@ def test_a_nodes_trees_unused_within_the_keep_time_are_collected_and_held_ones_k
     """A node's gc task (`raynodes.collect_node`, what `hfbuild gc` runs on each node)
     removes the trees no task used within the keep time (a dry run only names them); it keeps
     a fresh one, one a task used a moment ago (its use marks it), and one a task holds now
-    however old its mark (kept after it too: a task marks its tree as it ends)."""
+    however old its mark (kept after it too: a task marks its tree as it ends); a task's copy
+    of a tree (`raywarm._own_copy`) likewise, by its own mark and lock; the bytes named are
+    those the removal frees (a copy's files are hard links to its tree's)."""
     from hfbuild.builds import raywarm
     from hfbuild.builds.raynodes import collect_node
 
@@ -1522,19 +1524,64 @@ def test_a_nodes_trees_unused_within_the_keep_time_are_collected_and_held_ones_k
     old = time.time() - 2 * 86400
     for name in ("stale", "used", "held"):
         os.utime(top / name, (old, old))
-    with raywarm.tree_dir({"tree": ["used", [None]], "stage": "s"}):
-        pass
+    for name in ("used", "stale"):
+        with raywarm.tree_dir({"tree": [name, [None]], "stage": "s"}):
+            pass
+        os.utime(top / f"{name}.0", (old, old))  # its task's copy (`_own_copy`), unused since
+    os.utime(top / "stale", (old, old))
 
-    def trees() -> list[str]:
-        return sorted(p.name for p in top.iterdir())
+    def trees() -> list[str]:  # the node's trees, not the tasks' copies of them
+        return sorted(p.name for p in top.iterdir() if "." not in p.name)
 
     with raywarm.tree_dir({"tree": ["held", [None]], "stage": "s"}) as held:
-        assert held == str(top / "held")
-        os.utime(held, (old, old))  # a task running for two days
+        assert held == str(top / "held.0")  # its task's copy (`_own_copy`)
+        for p in (top / "held", held):
+            os.utime(p, (old, old))  # a task running for two days
         dry = collect_node([], 86400, True)
         assert trees() == ["fresh", "held", "stale", "used"]
         done = collect_node([], 86400, False)
         assert trees() == ["fresh", "held", "used"]
-    gone = [[f"../{top.name}/stale", len("NAME = 'stale'\n")]]
+    # A copy's files are hard links to its tree's: removing a copy whose tree stays frees
+    # nothing but directories; a tree removed with its copy counts its bytes once.
+    gone = [[f"../{top.name}/stale.0", 0], [f"../{top.name}/used.0", 0]]
+    gone.append([f"../{top.name}/stale", len("NAME = 'stale'\n")])
     assert dry["gone"] == done["gone"] == gone
+    assert sorted(p.name for p in top.iterdir() if "." in p.name) == ["held.0", "held.0.lock"]
     assert collect_node([], 86400, False)["gone"] == []  # tasks mark them as they end
+
+
+def test_a_task_builds_in_a_copy_of_its_tree_no_other_task_opens(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two tasks of one tree on a node at once (a node of several CPUs, one stage's tasks):
+    each runs in a copy of the tree of its own (`raywarm._own_copy`), so what the other one
+    does there (taking its place, its imports listing the tree, its build listing or reading
+    a folder) is not seen by this one's watch (inotify reports any process's opens) as its
+    build's listings or reads: a recording around the first sees none of the second's."""
+    from hfbuild.builds import raywarm
+    from hfbuild.source import observe
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    top = pathlib.Path(raywarm.trees_dir())
+    (top / "t" / "data").mkdir(parents=True)
+    (top / "t" / "data" / "a.txt").write_text("a\n")
+    job = {"tree": ["t", [None]], "stage": "s"}
+    other = (
+        "import os, tempfile\n"
+        f"tempfile.tempdir = {str(tmp_path)!r}\n"
+        "from hfbuild.builds import raywarm\n"
+        f"with raywarm.tree_dir({job!r}) as root:\n"
+        "    os.listdir(root)  # its imports list it, as its build may\n"
+        "    open(os.path.join(root, 'data', 'a.txt')).read()\n"
+        "    print(root)\n"
+    )
+    with (
+        raywarm.tree_dir(job) as root,
+        observe.recording(root, [], str(tmp_path / "spool"), True) as rec,
+    ):
+        out = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True)
+        time.sleep(0.1)  # the watch's events read
+        assert (rec.collect_listings(), rec.collect()) == (set(), set()), out.stderr
+    assert (root, out.stdout.strip()) == (str(top / "t.0"), str(top / "t.1"))
+    assert sorted(p.name for p in top.iterdir()) == ["t", "t.0", "t.0.lock", "t.1", "t.1.lock"]
+    assert (top / "t.1" / "data" / "a.txt").read_text() == "a\n"

@@ -527,6 +527,72 @@ def test_four_concurrent_builders_build_each_shard_once(tmp_path: pathlib.Path) 
     assert state(repo) == _fresh(repo, tmp_path, tmp_path / "fresh.log")
 
 
+def test_reads_seen_mid_build_rekey_the_shards_built_without_running_them_again(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A sharded map's build that sees, after some of its shards, reads it did not key them
+    with (another process reading the project meanwhile: inotify sees every process's opens,
+    as a second `doit run` starting up reads pyproject.toml) keys every shard with them, yet
+    runs each shard's transform once: the shards published before are published under their
+    new keys from their entries. A second builder started meanwhile finds every stage built,
+    and the results are those of a build into an empty store."""
+    import subprocess
+    import sys
+
+    repo = make_project(Repo.init(tmp_path / "repo"), parts=4)
+    log = tmp_path / "calls.log"
+    (tmp_path / "hold").write_text("feat:part-2")
+    env = {**os.environ, "CALL_LOG": str(log)}
+    cmd = [sys.executable, "-m", "doit", "run", "preprocess"]
+    first = subprocess.Popen(cmd, cwd=repo.path, env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "hold-reached").exists():
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    # The first builder holds feat's lock, past two shards: the second one starts meanwhile.
+    second = subprocess.Popen(cmd, cwd=repo.path, env=env, stderr=subprocess.PIPE)
+    (repo.path / "pyproject.toml").read_text()  # a read every builder's start makes, here sure
+    (tmp_path / "hold-go").touch()
+    for p in (first, second):
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()[-2000:]
+    lock = json.loads((repo.path / "hfbuild.lock").read_text())
+    assert "pyproject.toml" in [p for p, _ in lock["stages"]["feat"]["observed"]]
+    c = calls(log)
+    for i in range(4):
+        assert c[f"feat:part-{i}"] == 10  # once per row
+        assert c[f"idx:part-{i}"] == 10
+    assert c["total:all"] == 1
+    # The same results as a build into an empty store; the keys may hold the other builder's
+    # reads (as feat's does here), which that build did not see.
+    fresh = _fresh(repo, tmp_path, tmp_path / "fresh.log")
+    assert {k: {**v, "fp": None} for k, v in state(repo).items()} == {
+        k: {**v, "fp": None} for k, v in fresh.items()
+    }
+
+
+def test_a_listing_of_the_root_leaves_out_the_file_a_lock_is_written_through(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A sharded transform that lists the project's root keeps its key while another process
+    writes a lock there (through a `.tmp-*.hfbuild` file, until its rename): a builder that
+    waited for the stage and resolves its key again finds it built, instead of building
+    every shard once more."""
+    repo = make_project(Repo.init(tmp_path / "repo"))
+    t = (repo.path / "pkg" / "t.py").read_text()
+    t = t.replace('return {"y": row["x"] * 2}', 'os.listdir(".")\n    return {"y": row["x"] * 2}')
+    (repo.path / "pkg" / "t.py").write_text(t)
+    repo.commit("feat lists the root")
+    log = tmp_path / "calls.log"
+    doit(repo, "run", "preprocess", log=log)
+    lock = json.loads((repo.path / "hfbuild.lock").read_text())
+    assert [p for p, _ in lock["stages"]["feat"]["observed"]] == ["."]
+    log.unlink()
+    (repo.path / ".tmp-k2x9q1.hfbuild").write_text("{}")  # a lock being written meanwhile
+    doit(repo, "run", "preprocess", log=log)
+    assert calls(log) == Counter()
+
+
 def test_file_read_at_run_time_is_in_every_shard_key(tmp_path: pathlib.Path) -> None:
     """A sharded transform that reads a project file at run time: the file enters the key all
     the stage's shards share, recorded under the stage's code key, so appending a data file

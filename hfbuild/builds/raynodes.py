@@ -39,7 +39,8 @@ class NodeCollected(NamedTuple):
 def collect_node(keep: list[str], keep_seconds: float, dry_run: bool) -> dict[str, Any]:
     """The node's task: collect its store (none there: nothing to do, nothing created) and
     the trees its tasks ran in that none used within `keep_seconds` (`raywarm.collect_trees`;
-    named relative to the store, as `../hfbuild-ray-trees-<uid>/<digest>`)."""
+    named relative to the store, as `../hfbuild-ray-trees-<uid>/<digest>`, a task's copy of
+    one as `<digest>.<n>`)."""
     from hfbuild.store.store import Store
 
     root = worker_store()

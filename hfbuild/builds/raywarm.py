@@ -18,20 +18,28 @@ Owns: the warm-up's imports (`WARM_MODULES`); a tree materialized once per node,
 named by its digest under `<tmp>/hfbuild-ray-trees-<uid>` (`tree_dir`: the bytes checked
 against the digest, unpacked beside it and renamed into place, so concurrent tasks on a node
 each see it whole or not at all; held by a shared lock on its directory for the task's
-duration, its mtime touched at the task's start and end; a task run by hand in its tree, with
-no tree in its job, takes its working directory); the node's trees collected (`collect_trees`:
-those unused for longer than the keep time and held by no task, renamed aside under an
-exclusive lock, then deleted; on each new unpack, those unused for a day, and by `hfbuild gc`
-on each node, `raynodes`, by gc's keep time); and the process's state for one task's duration
-(`inside`): its working directory the tree, the tree first on the import path (with the
-driver's own project directories, which Ray puts on a worker's path, off it); afterwards, the
-task failing too, the working directory, import path and environment as they were, every module
-whose file lies in the tree dropped from `sys.modules` and the import system's caches
-invalidated, so the next task imports its code from its own tree.
+duration, its mtime touched at the task's start and end; the task itself runs in a copy of it
+no other task uses meanwhile, `<digest>.<n>`, the lowest slot no task holds (`_own_copy`: an
+exclusive lock on the file `<digest>.<n>.lock`; its directories its own, its files hard links,
+made once and kept for the slot's next task), since inotify reports every process's opens in
+a build's watched directories (`watch.py`): in a shared one another task's imports, builds,
+or its taking its place were this build's listings and reads (a listing of the root on Ray
+that no local build records; a map's key other than a local build's); a task run by hand in
+its tree, with no tree in its job, takes its working directory); the node's trees and tasks'
+copies collected (`collect_trees`: those unused for longer than the keep time and held by no
+task, renamed aside under an exclusive lock, then deleted; a copy's directory looked at by
+`stat` only until its slot's lock is held; on each new unpack, those unused for a day, and by
+`hfbuild gc` on each node, `raynodes`, by gc's keep time); and the process's state for one
+task's duration (`inside`): its working directory the tree, the tree first on the import path
+(with the driver's own project directories, which Ray puts on a worker's path, off it);
+afterwards, the task failing too, the working directory, import path and environment as they
+were, every module whose file lies in the tree dropped from `sys.modules` and the import
+system's caches invalidated, so the next task imports its code from its own tree.
 
 Must never: let a module, variable, path entry or working directory of one task's tree reach
-the next task; use a tree whose bytes are not its digest's; remove a tree a task holds; read
-the driver's files.
+the next task; run two tasks in one directory at once, or open a directory of a copy a task
+holds; use a tree whose bytes are not its digest's; remove a tree a task holds; read the
+driver's files.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import hashlib
 import importlib
 import io
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -83,10 +92,10 @@ def trees_dir() -> str:
 
 @contextlib.contextmanager
 def tree_dir(job: Mapping[str, Any]) -> Iterator[str]:
-    """For the block: the directory of the tree the job names, unpacked on this node the first
-    time a task here needs it, marked used (its mtime, at the block's start and end) and held
-    (a shared lock on it) so that `collect_trees` leaves it alone; a job naming none: the
-    working directory (a task run in its tree)."""
+    """For the block: this task's own copy (`_own_copy`) of the tree the job names, unpacked
+    on this node the first time a task here needs it, marked used (its mtime, at the block's
+    start and end) and held (a shared lock on it) so that `collect_trees` leaves it alone; a
+    job naming none: the working directory (a task run in its tree)."""
     tree = job.get("tree")
     if tree is None:
         yield os.getcwd()
@@ -109,12 +118,76 @@ def tree_dir(job: Mapping[str, Any]) -> Iterator[str]:
             if same:
                 os.utime(fd)
                 try:
-                    yield dest
+                    with _own_copy(dest) as own:
+                        yield own
                 finally:
                     os.utime(fd)  # used until now
                 return
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def _own_copy(tree: str) -> Iterator[str]:
+    """For the block: a copy of the node's `tree` that no other task uses meanwhile, the
+    lowest slot `<tree>.<n>` no task holds (an exclusive lock on the file `<tree>.<n>.lock`
+    beside it: taking a slot opens no directory of one), made once by hard links to the
+    tree's files (its directories its own: `_link_copy`) and kept for the slot's next task,
+    marked used (its mtime) as the block starts and ends. inotify reports any process's
+    opens in a watched directory (`watch.py`): in a directory shared with another task, that
+    task's imports and builds (or its `tree_dir`) would be this build's listings and reads."""
+    n = 0
+    while True:
+        lock = f"{tree}.{n}.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a task holds it: the next slot
+            os.close(fd)
+            n += 1
+            continue
+        now = _stat(lock)
+        if now is not None and os.path.samestat(os.fstat(fd), now):
+            break
+        os.close(fd)  # collected after we opened it: again
+    own = f"{tree}.{n}"
+    try:
+        if not os.path.isdir(own):
+            _link_copy(tree, own)
+        os.utime(own)
+        try:
+            yield own
+        finally:
+            with contextlib.suppress(OSError):
+                os.utime(own)  # used until now
+    finally:
+        os.close(fd)
+
+
+def _link_copy(tree: str, own: str) -> None:
+    """`own` made a copy of `tree`: its directories made anew, its files hard links (a copy
+    where a link is refused), its symbolic links as they are; built beside it and renamed
+    into place."""
+    part = tempfile.mkdtemp(prefix=f".{os.path.basename(own)}-", dir=os.path.dirname(own))
+    try:
+        for d, dirs, files in os.walk(tree):
+            here = os.path.normpath(os.path.join(part, os.path.relpath(d, tree)))
+            for name in [*dirs, *files]:
+                src, dst = os.path.join(d, name), os.path.join(here, name)
+                if os.path.islink(src):
+                    os.symlink(os.readlink(src), dst)
+                elif os.path.isdir(src):
+                    os.mkdir(dst)
+                else:
+                    try:
+                        os.link(src, dst)
+                    except OSError:
+                        shutil.copy2(src, dst)
+            dirs[:] = [n for n in dirs if not os.path.islink(os.path.join(d, n))]
+        os.chmod(part, 0o755)
+        os.rename(part, own)
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
 
 
 def _unpack(job: Mapping[str, Any], name: str, dest: str) -> None:
@@ -155,7 +228,10 @@ def collect_trees(keep_seconds: float, *, dry_run: bool = False) -> list[tuple[s
     each task that uses one) and none holds now (a running task's shared lock), and the
     leftovers of unpacks older than that; each removed directory with its size. A tree is
     renamed aside under its exclusive lock before it is deleted, so a task sees it whole or
-    not at all (and unpacks it again)."""
+    not at all (and unpacks it again); the tasks' copies of trees likewise, by their slots'
+    locks (`_collect_slot`). A size counts the bytes the removals free: a file a copy shares
+    with its tree (a hard link) counts once all its links are removed, by this call or
+    before it (`_Links`), so a copy removed while its tree stays counts its directories only."""
     top = trees_dir()
     try:
         names = sorted(os.listdir(top))
@@ -163,7 +239,15 @@ def collect_trees(keep_seconds: float, *, dry_run: bool = False) -> list[tuple[s
         return []
     gone = []
     now = time.time()
+    links = _Links(dry_run)
+    slots = {m.group(1) for n in names if (m := _SLOT.match(n))}
+    for slot in sorted(slots):  # a task's copy: never opened while a task holds it
+        got = _collect_slot(top, slot, keep_seconds, now, links)
+        if got is not None:
+            gone.append(got)
     for name in names:
+        if _SLOT.match(name):
+            continue
         path = os.path.join(top, name)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -179,15 +263,57 @@ def collect_trees(keep_seconds: float, *, dry_run: bool = False) -> list[tuple[s
             now_there = _stat(path)
             if now_there is None or not os.path.samestat(os.fstat(fd), now_there):
                 continue
-            size = _size(path)
+            size = links.size(path)
             if not dry_run:
                 aside = tempfile.mkdtemp(prefix=".gone-", dir=top)
                 os.rename(path, os.path.join(aside, name))
                 shutil.rmtree(aside, ignore_errors=True)
+                links.removed()
             gone.append((path, size))
         finally:
             os.close(fd)
     return gone
+
+
+_SLOT = re.compile(r"^([^.][^/]*\.\d+)(?:\.lock)?$")  # a task's copy `<tree>.<n>`, its lock
+
+
+def _collect_slot(
+    top: str, slot: str, keep_seconds: float, now: float, links: _Links
+) -> tuple[str, int] | None:
+    """A task's copy of a tree (`_own_copy`) no task used within `keep_seconds` and none
+    holds, removed with its lock file (renamed aside first); the copy and its size. Its
+    directory is looked at by `stat` only until its lock is held: a task's build watches it."""
+    path, lock = os.path.join(top, slot), os.path.join(top, slot + ".lock")
+    st = _stat(path) or _stat(lock)
+    if st is None or now - st.st_mtime <= keep_seconds:
+        return None
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a task runs in it
+            return None
+        here = _stat(lock)
+        if here is None or not os.path.samestat(os.fstat(fd), here):
+            return None
+        st = _stat(path)
+        if st is not None and now - st.st_mtime <= keep_seconds:  # used meanwhile
+            return None
+        size = links.size(path) if st is not None else 0
+        if not links.dry_run:
+            if st is not None:
+                aside = tempfile.mkdtemp(prefix=".gone-", dir=top)
+                os.rename(path, os.path.join(aside, slot))
+                shutil.rmtree(aside, ignore_errors=True)
+                links.removed()
+            os.unlink(lock)
+        return (path, size) if st is not None else None
+    finally:
+        os.close(fd)
 
 
 def _stat(path: str) -> os.stat_result | None:
@@ -197,8 +323,39 @@ def _stat(path: str) -> os.stat_result | None:
         return None
 
 
-def _size(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+class _Links:
+    """The bytes removing directories frees, over one collection: a file's size counts when
+    the last of its links (`st_nlink`, plus those this collection removed) is among the
+    directories removed. A dry run removes nothing and counts alike."""
+
+    def __init__(self, dry_run: bool) -> None:
+        self.dry_run = dry_run
+        self.taken: dict[tuple[int, int], int] = {}  # links met in the directories removed
+        self.gone: dict[tuple[int, int], int] = {}  # links this collection removed
+        self.pending: list[tuple[int, int]] = []
+
+    def size(self, path: str) -> int:
+        """The bytes removing `path` (next: `removed` after it) frees."""
+        freed = 0
+        self.pending = []
+        for d, _, files in os.walk(path):
+            for f in files:
+                try:
+                    st = os.lstat(os.path.join(d, f))
+                except OSError:
+                    continue
+                ino = (st.st_dev, st.st_ino)
+                self.taken[ino] = self.taken.get(ino, 0) + 1
+                self.pending.append(ino)
+                if self.taken[ino] == st.st_nlink + self.gone.get(ino, 0):
+                    freed += st.st_size
+        return freed
+
+    def removed(self) -> None:
+        """The directory last sized is removed: its links are gone."""
+        for ino in self.pending:
+            self.gone[ino] = self.gone.get(ino, 0) + 1
+        self.pending = []
 
 
 @contextlib.contextmanager

@@ -11,9 +11,11 @@ content hash, so the next build takes the shards it lists by a stat of their fil
 shard is built by `shardone`'s code, as a unit of work of its own is. A kill at any point
 leaves only complete shard entries and no stage entry; its next build reuses the shards. A
 shard's scratch leaves it before it is published, into the store's trash (`Store.discard`:
-removed when the process exits, after the build's file creations).
+removed when the process exits, after the build's file creations). A shard published before
+the build read more (another process's reads count: inotify sees them all) is published
+under its new key from its entry, not built again, while the files it was keyed with hold.
 
-Must never: publish a shard under a key whose observed files it was not built with, publish
+Must never: publish a shard under a key that lacks a file its build read, publish
 the stage entry before every shard it lists is in the store, or print. It receives the
 pipeline's `Place` (forked workers inherit it, not the pipeline), never the pipeline.
 """
@@ -63,6 +65,7 @@ def build(
     built = 0
     written = 0
     known: dict[str, dict[str, Any] | None] = {}  # shard key -> its intact manifest, or None
+    mine: dict[int, tuple[str, Observed]] = {}  # published by this build: key, files it read
     prior = listed_here(store, spec.name)  # what the last build listed, found in place
     prior.update(packed or {})
     via = manifests[spec.inputs[0]].fingerprint if spec.kind != "load" else None
@@ -82,6 +85,8 @@ def build(
                         doc = prior.get(s.key) or (
                             None if s.key in absent else store.intact_manifest(s.key)
                         )
+                        if doc is None and (doc := _rekeyed(place, mine.get(i), s, cur, tmp)):
+                            written += int(doc["written_bytes"])
                         if doc is None:
                             todo.append((i, s))
                         known[s.key] = doc
@@ -98,7 +103,7 @@ def build(
                         if not now <= set(observed):
                             # It read files the assumed key does not hold: every shard's key
                             # takes them. Shards built from now on are published with them;
-                            # those published before are built again (the next pass).
+                            # those published before again, from their entries (`_rekeyed`).
                             observed = tuple(sorted(now | set(observed)))
                             keyed = dataclasses.replace(m, observed=observed)
                             known.clear()
@@ -119,6 +124,7 @@ def build(
                         # What was just written (or found intact) under the key: the stage's
                         # entry lists it without reading it back (`_publish`).
                         known[key] = _publish_shard(place, key, path, doc)
+                        mine[i] = (key, observed)
         final = dataclasses.replace(m, observed=observed)
         names = seen.listed(observed)
         doc = _publish(place, spec, final, manifests, built, written, tmp, t0, known, names)
@@ -219,6 +225,20 @@ def _worker(k: int) -> tuple[Any, ...]:
         return ("error", str(e))
     except Exception as e:
         return ("error", f"stage {spec.name!r}, shard {s.label}: {type(e).__name__}: {e}")
+
+
+def _rekeyed(
+    place: Place, was: tuple[str, Observed] | None, s: Shard, m: Manifest, tmp: str
+) -> dict[str, Any] | None:
+    """A shard this build published (`was`: its key, the files read when it was keyed)
+    whose key changed only by files read after it (each file it was keyed with has the
+    same id): published under its new key from its entry, its transform not run again
+    (another process's reads may have been seen meanwhile: concurrent builders of a
+    project each read it as they start); None when it is to be built again."""
+    if was is None or not set(was[1]) <= set(m.observed):
+        return None
+    made = shardone.rekeyed(place, was[0], s.key, tmp)
+    return None if made is None else _publish_shard(place, s.key, *made)
 
 
 def _publish_shard(place: Place, key: str, path: str, doc: dict[str, Any]) -> dict[str, Any]:

@@ -4,9 +4,10 @@ Owns: one shard's build into a directory of its own inside the stage's build dir
 load shard from its one data file, with the features `datasets` decides for the whole load;
 a transform shard from its input shard, with its `with_indices` offset), the missing shards
 of one split of a parquet load loaded together and cut by their files' row counts, a built
-shard's document, its scratch to the store's trash, and the check that the function kept no
-state between shards. `shardbuild` orders a stage's shards and publishes them; `shardunits`
-builds one shard as a unit of work of its own (`build_one`).
+shard's document, its scratch to the store's trash, the check that the function kept no
+state between shards, and a shard entry's files made the files of another key (`rekeyed`).
+`shardbuild` orders a stage's shards and publishes them; `shardunits` builds one shard as a
+unit of work of its own (`build_one`).
 
 Must never: publish anything, or print.
 """
@@ -17,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -199,6 +201,36 @@ def build_shard(
     else:
         store.discard(scratch)  # out of the entry, before it is published
     return path, shard_doc(spec, s, info, out, time.perf_counter() - t0)
+
+
+def rekeyed(place: Place, old: str, new: str, tmp: str) -> tuple[str, dict[str, Any]] | None:
+    """Shard `new` made from the intact shard entry `old`, without running the transform:
+    for a shard whose key changed during its stage's build only by files read after it
+    was built (`shardbuild`), which its own build did not read. A directory inside `tmp`
+    holding `old`'s files with its key replaced by `new` where datasets writes it (an Arrow
+    file's schema message, `state.json`): the bytes a build under `new` writes; and its
+    document. None when `old` is not intact, is a pack, or holds its key otherwise."""
+    store = place.store
+    doc = store.intact_manifest(old)
+    if doc is None or "pack" in doc or len(old) != len(new) or old == new:
+        return None
+    src = store.data_path(old)
+    path = tempfile.mkdtemp(dir=tmp, prefix="shard-")
+    a, b = old.encode(), new.encode()
+    for rel in doc["files"]:
+        dest = os.path.join(path, "data", rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with open(os.path.join(src, rel), "rb") as f, open(dest, "wb") as out:
+            if not rel.endswith(".arrow"):
+                out.write(f.read().replace(a, b))  # state.json: its `_fingerprint`
+                continue
+            head = f.read(8)
+            if head[:4] != b"\xff\xff\xff\xff":
+                return None  # not the stream `_same_rows_file` knows: built again
+            out.write(head + f.read(int.from_bytes(head[4:8], "little")).replace(a, b))
+            shutil.copyfileobj(f, out, 1 << 20)
+    kept = {k: v for k, v in doc.items() if k not in ("files", "fingerprint", "ids", "stamp")}
+    return path, {**kept, "written_bytes": tree_size(path)}
 
 
 def shard_doc(spec: StageSpec, s: Shard, info: Any, out: Any, seconds: float) -> dict[str, Any]:

@@ -85,9 +85,11 @@ def build(
         with store.lock(m.static_fingerprint):
             if not store.has(fp) and store.read_observed(m.static_fingerprint):
                 # Another process may have built it while we waited, under a key only its
-                # build could tell: resolve it again.
-                m = pipe.manifests(fresh=True)[name]
-                fp = m.fingerprint
+                # build could tell: resolve it again. A key that waits for an input again
+                # (an input keyed otherwise now) is never built: the one resolved before is.
+                again = pipe.manifests(fresh=True)[name]
+                if not again.pending:
+                    m, fp = again, again.fingerprint
             if (stored := store.intact_manifest(fp)) is not None:  # built while we waited
                 report = Report(name, fp, "built elsewhere", stored_rows(stored), 0.0, entry=stored)
             else:

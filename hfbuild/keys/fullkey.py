@@ -70,10 +70,10 @@ _NOT_LISTED = (".git", "__pycache__", ".hfbuild")
 
 
 def _tool_state(name: str) -> bool:
-    """A lock file of any pipeline (`Pipeline(lock=...)` names any `*.lock`) or a doit
-    database of any name (`--db-file`): state hfbuild and doit keep, never a build's input,
-    which another pipeline building in the same project writes and reads meanwhile."""
-    return name.endswith(".lock") or name.startswith(".doit")
+    """A pipeline's lock (any `*.lock`; `.tmp-*.hfbuild` while `write_text_atomic` writes it)
+    or a doit database of any name: hfbuild's and doit's state, which other builders write."""
+    tmp = name.startswith(".tmp-") and name.endswith(".hfbuild")
+    return name.endswith(".lock") or name.startswith(".doit") or tmp
 
 
 def _listed(name: str) -> bool:
