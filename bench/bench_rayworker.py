@@ -1,13 +1,16 @@
-"""A Ray task's worker side alone: one task of N tiny map shards, no Ray (issue #23 item 4).
+"""A Ray task's worker side alone: one task of N tiny shards, no Ray (issue #23 item 4).
 
-Run: `.venv/bin/python bench/bench_rayworker.py [--shards N] [--repeat K]`. In a temporary
-git repository of N parquet files of 10 rows, the load `raw` is built locally (one pack) and
-pushed to a file:// remote, and a map task of its N shards is prepared as the Ray driver
-prepares it (`ray_executor.shards_args`, the tree `raytree` ships). Then, K times, the task
+Run: `.venv/bin/python bench/bench_rayworker.py [--shards N] [--repeat K] [--stage m|raw]
+[--profile DIR]`. In a temporary git repository of N parquet files of 10 rows, the load
+`raw` is built locally (one pack) and pushed to a file:// remote, and a task of the N shards
+of the map `m` (or, with `--stage raw`, of the load itself, each with its data file) is
+prepared as the Ray driver prepares it (`ray_executor.shards_args`, the tree `raytree`
+ships). Then, K times, the task
 runs in this process (datasets imported first, as in a warm worker), in a fresh node store,
 pushing to a fresh copy of the remote:
 `rayworker.run_shards`, as a Ray worker runs it. Printed, per run: milliseconds per shard
-and the worker's own timings per shard (each result's "timings": input, key, build, push).
+and the worker's own timings per shard (each result's "timings": input, key, build, push);
+with `--profile`, each run's cProfile stats in DIR.
 
 To compare two versions of the code, run this script with each one's venv (a venv whose
 editable install points at the other code), alternated, and compare the medians.
@@ -16,6 +19,7 @@ editable install points at the other code), alternated, and compare the medians.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import pathlib
@@ -39,10 +43,16 @@ from hfbuild.store.remote import Remote
 pipe = dodo.pipe
 build(pipe, "raw")
 ms = pipe.manifests()
-m, spec = ms["m"], pipe["m"].spec
+stage = sys.argv[3]
+m, spec = ms[stage], pipe[stage].spec
 remote = Remote(sys.argv[1])
-units = [Unit(spec, m, {"raw": ms["raw"]}, s, 0) for s in m.shard_list]
-common, spec_bytes, parts, _ = ray_executor.shards_args(pipe.place, remote, units)
+ins = {"raw": ms["raw"]} if stage == "m" else {}
+units = [Unit(spec, m, ins, s, 0) for s in m.shard_list]
+common, spec_bytes, parts, datas = ray_executor.shards_args(pipe.place, remote, units)
+for i, d in enumerate(datas):
+    if d is not None:
+        with open(os.path.join(sys.argv[2], f"data-{i}"), "wb") as f:
+            f.write(d)
 for p in {p["input_pack"]["key"] for p in parts if "input_pack" in p}:
     remote.push(pipe.store, p, "pack")
 with raytree.tree(pipe.place, raytree.shipped_files(m, units[0].shard)) as d:
@@ -79,38 +89,59 @@ def _project(base: pathlib.Path, n: int) -> pathlib.Path:
     return src
 
 
-def _run(base: pathlib.Path, k: int) -> tuple[float, dict[str, float]]:
+def _run(base: pathlib.Path, k: int, profile: str = "") -> tuple[float, dict[str, float]]:
     """The task in this process, in a fresh node store, pushing to a fresh copy of the
-    remote (its input's pack only); (seconds, timings summed)."""
+    remote (a map's: its input's pack only); (seconds, timings summed). `profile`: a file
+    for its cProfile stats."""
     os.environ["HFBUILD_STORE"] = str(base / f"store-{k}")
     from hfbuild.builds.rayworker import run_shards
 
     task = json.loads((base / "task.json").read_text())
     remote = base / f"remote-{k}"
-    shutil.copytree(base / "remote", remote)
+    if (base / "remote").exists():  # a map's input pack
+        shutil.copytree(base / "remote", remote)
     task["job"]["remote"] = f"file://{remote}"
     spec = (base / "spec").read_bytes()
+    n = len(task["parts"])
+    datas = [_data(base / f"data-{i}") for i in range(n)]
+    prof = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
+    if prof is not None:
+        prof.enable()
     summed: dict[str, float] = {}
-    for res in run_shards(task["job"], spec, task["parts"], [None] * len(task["parts"])):
+    for res in run_shards(task["job"], spec, task["parts"], datas):
         if "fingerprint" not in res:
             raise SystemExit(f"the task failed: {res}")
         for k, v in (res.get("timings") or {}).items():
             summed[k] = summed.get(k, 0.0) + float(v)
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(profile)
     return time.perf_counter() - t0, summed
+
+
+def _data(path: pathlib.Path) -> bytes | None:
+    """A load shard's data file as the driver sends it (None for a map shard)."""
+    return path.read_bytes() if path.exists() else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--shards", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--stage", choices=("m", "raw"), default="m", help="the map (m) or the load (raw)"
+    )
+    parser.add_argument("--profile", metavar="DIR", help="each run's cProfile stats in DIR")
     args = parser.parse_args()
     n = args.shards
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hfbuild-bench-rayworker-") as tmp:
         base = pathlib.Path(tmp)
         src = _project(base, n)
         env = {**os.environ, "PYTHONPATH": str(src), "HFBUILD_NO_REMOTE": ""}
-        prep = [sys.executable, "-c", PREPARE, f"file://{base}/remote", str(base)]
+        prep = [sys.executable, "-c", PREPARE, f"file://{base}/remote", str(base), args.stage]
         out = subprocess.run(prep, cwd=src, env=env, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise SystemExit(f"preparing the task failed:\n{out.stderr[-3000:]}")
@@ -121,7 +152,8 @@ def main() -> None:
         per: list[float] = []
         try:
             for k in range(args.repeat):
-                took, summed = _run(base, k)
+                prof = os.path.join(args.profile, f"run-{k}.prof") if args.profile else ""
+                took, summed = _run(base, k, prof)
                 shutil.rmtree(base / f"store-{k}", ignore_errors=True)
                 shutil.rmtree(base / f"remote-{k}", ignore_errors=True)
                 per.append(1000 * took / n)
@@ -129,7 +161,8 @@ def main() -> None:
                 print(f"run {k + 1}: {per[-1]:.1f} ms a shard   worker/shard: {parts}")
         finally:
             os.chdir(here)
-    print(f"{n} map shards in one task: median {statistics.median(per):.1f} ms a shard")
+    what = "map" if args.stage == "m" else "load"
+    print(f"{n} {what} shards in one task: median {statistics.median(per):.1f} ms a shard")
 
 
 if __name__ == "__main__":

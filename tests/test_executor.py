@@ -541,6 +541,102 @@ def test_a_shards_task_keys_each_load_shard_from_its_own_bytes(
     assert task(-1, "good") == [{"fingerprint": k} for k in keys]
 
 
+def test_a_shards_task_keeps_apart_load_shards_of_one_file_name(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """Load shards of one task whose data files share a name (data/a/part.parquet,
+    data/b/part.parquet) are each written into the task's scratch under that name, apart
+    (the scratch is flat but for such a name): each is published under the driver's key
+    with its own file's rows, not another's."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _sharded_project(repo, 0)
+    dodo = (repo.path / "dodo.py").read_text()
+    (repo.path / "dodo.py").write_text(dodo.replace("data/*.parquet", "data/*/part.parquet"))
+    rows = {d: list(range(100 * i, 100 * i + 5 + i)) for i, d in enumerate("abc")}
+    for d, xs in rows.items():
+        (repo.path / "data" / d).mkdir(parents=True)
+        pq.write_table(pa.table({"x": xs}), repo.path / "data" / d / "part.parquet")
+    repo.commit("three files of one name")
+    clone = repo.clone(tmp_path / "clone")
+    url = f"file://{tmp_path / 'remote'}"
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    keys = _prepare(clone.path, PREPARE_TASK, url, jobs)
+    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDS_WORKER, str(jobs), "", "-1"],
+        cwd=jobs / "tree",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    got = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert got == [{"fingerprint": k} for k in keys], got
+    from hfbuild.keys import packs
+
+    worker, pack = Store(tmp_path / "worker"), packs.pack_key(keys)  # loaded together
+    table = worker.load(pack)
+    spans = {key: (start, end) for key, start, end, _, _ in worker.read_manifest(pack)["pack"]}
+    for key, xs in zip(keys, rows.values(), strict=True):
+        start, end = spans[key]
+        assert table[start:end]["x"] == xs
+
+
+def test_a_shards_task_loads_with_the_features_datasets_gives_the_whole_load(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A task's load shards are loaded with the features datasets gives the whole load: the
+    first data file's, made by the worker of that file's Arrow schema as the driver read and
+    sent it (the file itself does not travel), its datasets metadata too (a class label
+    stays one, not its integers), as a local load of the files gives them."""
+    import datasets
+
+    from hfbuild.keys import packs
+
+    _sharded_project(repo, 0)
+    feats = datasets.Features(
+        {"x": datasets.Value("int64"), "c": datasets.ClassLabel(names=["no", "yes"])}
+    )
+    for i in range(3):
+        rows = {"x": list(range(10 * i, 10 * i + 4)), "c": [0, 1, 1, 0]}
+        ds = datasets.Dataset.from_dict(rows, features=feats)
+        ds.to_parquet(str(repo.path / "data" / f"part-{i}.parquet"))
+    repo.commit("files with datasets' features")
+    clone = repo.clone(tmp_path / "clone")
+    url = f"file://{tmp_path / 'remote'}"
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    keys = _prepare(clone.path, PREPARE_TASK, url, jobs)
+    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDS_WORKER, str(jobs), "", "-1"],
+        cwd=jobs / "tree",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    got = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert got == [{"fingerprint": k} for k in keys], got
+    whole = datasets.load_dataset(
+        "parquet",
+        data_files=sorted(str(f) for f in (clone.path / "data").iterdir()),
+        split="train",
+        cache_dir=str(tmp_path / "hf"),
+    )
+    assert whole.features == feats
+    assert Store(tmp_path / "worker").load(packs.pack_key(keys)).features == feats
+
+
 CHUNKS_WORKER = """
 import json, os, sys
 from hfbuild.builds import raypacks

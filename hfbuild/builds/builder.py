@@ -184,15 +184,6 @@ def empty(features: Any, split: str) -> Any:
     )
 
 
-def parquet_features(path: str) -> Any:
-    """The features datasets' parquet builder gives a load whose first data file is `path`:
-    `Features.from_arrow_schema(pq.read_schema(f))`, as the builder reads it."""
-    import pyarrow.parquet as pq
-
-    with open(path, "rb") as f:
-        return datasets.Features.from_arrow_schema(pq.read_schema(f))
-
-
 def parquet_rows(path: str) -> int:
     """The rows of a parquet file from its footer (what datasets' parquet builder yields of
     it with no `filters=`), read by Arrow's own file: a Python one's reads call back."""

@@ -309,7 +309,7 @@ def shards_args(
     common = {k: v for k, v in job.items() if k not in own}
     parts, datas, pins = [], [], {}
     sh = job.get("shard") or {}
-    decided = {k: sh[k] for k in ("decider", "features") if k in sh} or None
+    decided = {k: sh[k] for k in ("decider", "schema") if k in sh} or None
     for u in units:
         j = job if u is units[0] else task_args(place, remote, u, pickled=False, decided=decided)[0]
         parts.append({k: j[k] for k in own if k in j})

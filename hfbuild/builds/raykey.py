@@ -2,7 +2,9 @@
 
 Owns: `keyed`, a shard's key recomputed by the worker (the code key from the stage's code in
 the shipped tree, a load shard's input from the blob id of its data file's bytes, sent with
-the task and written into the task's scratch, or a Hub shard's by the Hub's id, a transform
+the task and written into the task's scratch under its own name (`_data_path`: flat, a
+folder of its own only for a name another shard of the task took), or a Hub shard's by the
+Hub's id, a transform
 shard's from the input shard it pulled (`shard_lookup`: its content hash, its own entry's or
 its range's in the pack it is read from, with the form the driver's manifest gives), the
 observed files' ids from their shipped copies; the digest of the keys before it, for
@@ -112,8 +114,7 @@ def keyed(
         # leaves its files out, and the shard's input is the id of the bytes).
         if data is None:
             raise BuildError(f"stage {name!r}, shard {label}: its data file was not sent.")
-        path = os.path.join(scratch, str(sh["key"]), os.path.basename(label))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        path = _data_path(scratch, str(sh["key"]), os.path.basename(label))
         with open(path, "wb") as f:
             f.write(data)
         one = dataclasses.replace(spec, options={**spec.options, "data_files": [path]})
@@ -124,10 +125,8 @@ def keyed(
         content = ""
         decider = str(sh.get("decider") or "")
         code = shards.load_shard_code(m.doc, decider)
-        if decider:  # the first data file's features, read by the driver (its id is keyed)
-            import datasets
-
-            features = datasets.Features.from_dict(sh["features"])
+        if decider:  # the first data file's features, of the schema the driver read of it
+            features = _features(spec, str(sh["schema"]), memo)  # (its id is keyed)
             spec = dataclasses.replace(spec, options={**spec.options, "features": features})
         mine, theirs = shards.load_code_doc(m.doc), shards.load_code_doc(job["doc"])
     else:
@@ -153,6 +152,29 @@ def keyed(
         why = f"its data file {label} is {got}, not {sh['input']}" if got != sh["input"] else ""
         raise other_key(f"stage {name!r}, shard {label}", s.key, sh["key"], theirs, mine, why)
     return Keyed(spec, m, s, path, round(time.perf_counter() - t_key, 4))
+
+
+def _features(spec: Any, schema: str, memo: dict[str, Any] | None) -> Any:
+    """The features of a load's shards, decided by its first data file's schema as the
+    driver sent it (`shardone.schema_features`); once per task for one schema."""
+    from hfbuild.builds import shardone
+
+    known = {} if memo is None else memo.setdefault("features", {})
+    if schema not in known:
+        known[schema] = shardone.schema_features(spec, schema)
+    return known[schema]
+
+
+def _data_path(scratch: str, key: str, name: str) -> str:
+    """Where a load shard's data file is written in the task's scratch, under its own name
+    `name`: in the scratch itself, or, when another shard of the task took that name, in a
+    folder of its own (named by its key). Not a folder per shard: removing the scratch at
+    the task's end cost ~1 ms a folder (ext4), on the task's path."""
+    path = os.path.join(scratch, name)
+    if os.path.lexists(path):
+        path = os.path.join(scratch, key, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
 
 
 def _load_manifest(one: Any, snap: Any, place: Place, memo: dict[str, Any] | None) -> Manifest:

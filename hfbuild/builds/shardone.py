@@ -290,20 +290,51 @@ def decided_features(spec: StageSpec, m: Manifest) -> StageSpec:
     data file's schema, as datasets' parquet builder reads it."""
     if spec.options.get("features") is not None:
         return spec
-    files = m.data_files
-    first = shards.first_file({}, files)
+    features = schema_features(spec, first_schema(spec, m))
+    return dataclasses.replace(spec, options={**spec.options, "features": features})
+
+
+def first_schema(spec: StageSpec, m: Manifest) -> str:
+    """The Arrow schema of a parquet load's first data file (`pq.read_schema`, as datasets'
+    parquet builder reads it), serialized (base64 of Arrow's IPC form, metadata and all):
+    what decides its shards' features (`schema_features`), read with pyarrow alone, so a
+    Ray driver sends it without importing datasets (`raytree`)."""
+    import base64
+
+    first = shards.first_file({}, m.data_files)
     if first is None:
         raise BuildError(f"load stage {spec.name!r}: it has no data file to take features from.")
-    from hfbuild.builds import builder
+    try:
+        import pyarrow.parquet as pq
+
+        with open(str(first), "rb") as f:
+            schema = pq.read_schema(f)
+    except Exception as e:
+        raise _schema_error(spec, first, e) from e
+    return base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")
+
+
+def schema_features(spec: StageSpec, schema: str, first: object = "") -> Any:
+    """The features datasets gives a parquet load whose first data file's schema is
+    `schema` (`first_schema`): `Features.from_arrow_schema`, as its parquet builder makes
+    them (`first`: that file's name, for the error)."""
+    import base64
+
+    import datasets
+    import pyarrow as pa
 
     try:
-        features = builder.parquet_features(str(first))
+        arrow = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(schema)))
+        return datasets.Features.from_arrow_schema(arrow)
     except Exception as e:
-        raise BuildError(
-            f"load stage {spec.name!r}: datasets takes the features of the first data file, "
-            f"{first}, and reading its schema failed: {type(e).__name__}: {e}"
-        ) from e
-    return dataclasses.replace(spec, options={**spec.options, "features": features})
+        raise _schema_error(spec, first or "its first data file", e) from e
+
+
+def _schema_error(spec: StageSpec, first: object, e: Exception) -> BuildError:
+    return BuildError(
+        f"load stage {spec.name!r}: datasets takes the features of the first data file, "
+        f"{first}, and reading its schema failed: {type(e).__name__}: {e}"
+    )
 
 
 def _clear(store: Any, scratch: str) -> None:
