@@ -502,6 +502,35 @@ for res in run_shards(task["job"], spec, task["parts"], datas):
 """
 
 
+def _load_task(repo: Repo, tmp_path: pathlib.Path) -> tuple[list[str], pathlib.Path]:
+    """The job of a task of the project's load shards, prepared in a clone (`PREPARE_TASK`):
+    the shards' keys and the jobs directory (its tree, data files, job and spec)."""
+    clone = repo.clone(tmp_path / "clone")
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    return _prepare(clone.path, PREPARE_TASK, f"file://{tmp_path / 'remote'}", jobs), jobs
+
+
+def _run_load_task(
+    jobs: pathlib.Path, store: pathlib.Path, other: str = "", tampered: int = -1
+) -> list[dict[str, Any]]:
+    """Run the prepared task (`SHARDS_WORKER`) in a fresh process in its tree, as a Ray
+    worker runs it, with the node store `store` (shard `tampered` given the file `other`);
+    its results, one a shard."""
+    env = {**os.environ, "HFBUILD_STORE": str(store), "CALL_LOG": os.devnull}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDS_WORKER, str(jobs), other, str(tampered)],
+        cwd=jobs / "tree",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.strip().splitlines()]
+
+
 def test_a_shards_task_keys_each_load_shard_from_its_own_bytes(
     repo: Repo, tmp_path: pathlib.Path
 ) -> None:
@@ -510,35 +539,15 @@ def test_a_shards_task_keys_each_load_shard_from_its_own_bytes(
     own data file's bytes: every shard is published under the driver's key, and a shard
     after the first whose bytes are not what its key names is refused, naming its file,
     after the shards before it are published."""
-    import json
 
     _sharded_project(repo, 3)
-    clone = repo.clone(tmp_path / "clone")
-    url = f"file://{tmp_path / 'remote'}"
-    jobs = tmp_path / "jobs"
-    jobs.mkdir()
-    keys = _prepare(clone.path, PREPARE_TASK, url, jobs)
+    keys, jobs = _load_task(repo, tmp_path)
     third = (jobs / "data-2").read_bytes()
     (jobs / "other").write_bytes(third[:-1] + b"!")
-
-    def task(tampered: int, store: str) -> list[dict[str, str]]:
-        env = {**os.environ, "HFBUILD_STORE": str(tmp_path / store), "CALL_LOG": os.devnull}
-        env.pop("PYTHONPATH", None)
-        out = subprocess.run(
-            [sys.executable, "-c", SHARDS_WORKER, str(jobs), "other", str(tampered)],
-            cwd=jobs / "tree",
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert out.returncode == 0, out.stderr
-        return [json.loads(line) for line in out.stdout.strip().splitlines()]
-
-    bad = task(2, "bad")
+    bad = _run_load_task(jobs, tmp_path / "bad", "other", 2)
     assert [r.get("fingerprint") for r in bad[:2]] == keys[:2], bad
     assert len(bad) == 3 and "its data file data/part-2.parquet is " in bad[2]["error"]
-    assert task(-1, "good") == [{"fingerprint": k} for k in keys]
+    assert _run_load_task(jobs, tmp_path / "good") == [{"fingerprint": k} for k in keys]
 
 
 def test_a_shards_task_keeps_apart_load_shards_of_one_file_name(
@@ -548,7 +557,6 @@ def test_a_shards_task_keeps_apart_load_shards_of_one_file_name(
     data/b/part.parquet) are each written into the task's scratch under that name, apart
     (the scratch is flat but for such a name): each is published under the driver's key
     with its own file's rows, not another's."""
-    import json
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -561,23 +569,8 @@ def test_a_shards_task_keeps_apart_load_shards_of_one_file_name(
         (repo.path / "data" / d).mkdir(parents=True)
         pq.write_table(pa.table({"x": xs}), repo.path / "data" / d / "part.parquet")
     repo.commit("three files of one name")
-    clone = repo.clone(tmp_path / "clone")
-    url = f"file://{tmp_path / 'remote'}"
-    jobs = tmp_path / "jobs"
-    jobs.mkdir()
-    keys = _prepare(clone.path, PREPARE_TASK, url, jobs)
-    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
-    env.pop("PYTHONPATH", None)
-    out = subprocess.run(
-        [sys.executable, "-c", SHARDS_WORKER, str(jobs), "", "-1"],
-        cwd=jobs / "tree",
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    got = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    keys, jobs = _load_task(repo, tmp_path)
+    got = _run_load_task(jobs, tmp_path / "worker")
     assert got == [{"fingerprint": k} for k in keys], got
     from hfbuild.keys import packs
 
@@ -609,27 +602,12 @@ def test_a_shards_task_loads_with_the_features_datasets_gives_the_whole_load(
         ds = datasets.Dataset.from_dict(rows, features=feats)
         ds.to_parquet(str(repo.path / "data" / f"part-{i}.parquet"))
     repo.commit("files with datasets' features")
-    clone = repo.clone(tmp_path / "clone")
-    url = f"file://{tmp_path / 'remote'}"
-    jobs = tmp_path / "jobs"
-    jobs.mkdir()
-    keys = _prepare(clone.path, PREPARE_TASK, url, jobs)
-    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
-    env.pop("PYTHONPATH", None)
-    out = subprocess.run(
-        [sys.executable, "-c", SHARDS_WORKER, str(jobs), "", "-1"],
-        cwd=jobs / "tree",
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    got = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    keys, jobs = _load_task(repo, tmp_path)
+    got = _run_load_task(jobs, tmp_path / "worker")
     assert got == [{"fingerprint": k} for k in keys], got
     whole = datasets.load_dataset(
         "parquet",
-        data_files=sorted(str(f) for f in (clone.path / "data").iterdir()),
+        data_files=sorted(str(f) for f in (tmp_path / "clone" / "data").iterdir()),
         split="train",
         cache_dir=str(tmp_path / "hf"),
     )
