@@ -514,13 +514,18 @@ def _load_task(repo: Repo, tmp_path: pathlib.Path) -> tuple[list[str], pathlib.P
 def _run_load_task(
     jobs: pathlib.Path, store: pathlib.Path, other: str = "", tampered: int = -1
 ) -> list[dict[str, Any]]:
-    """Run the prepared task (`SHARDS_WORKER`) in a fresh process in its tree, as a Ray
-    worker runs it, with the node store `store` (shard `tampered` given the file `other`);
-    its results, one a shard."""
+    """Run the prepared task (`SHARDS_WORKER`) with the node store `store` (shard
+    `tampered` given the file `other`); its results, one a shard."""
+    return _run_task(SHARDS_WORKER, jobs, store, other, str(tampered))
+
+
+def _run_task(script: str, jobs: pathlib.Path, store: pathlib.Path, *args: str) -> list[Any]:
+    """A task prepared in `jobs`, run by `script` in a fresh process in its shipped tree
+    with the node store `store`, as a Ray worker runs it; its results, a JSON line each."""
     env = {**os.environ, "HFBUILD_STORE": str(store), "CALL_LOG": os.devnull}
     env.pop("PYTHONPATH", None)
     out = subprocess.run(
-        [sys.executable, "-c", SHARDS_WORKER, str(jobs), other, str(tampered)],
+        [sys.executable, "-c", script, str(jobs), *args],
         cwd=jobs / "tree",
         env=env,
         capture_output=True,
@@ -807,22 +812,9 @@ for res in run_shards(task["job"], spec, task["parts"], [None] * len(task["parts
 def _run_map_task(
     tmp_path: pathlib.Path, jobs: pathlib.Path, script: str = MAPS_WORKER
 ) -> list[dict[str, Any]]:
-    """The task `PREPARE_MAPS` wrote to `jobs`, run in a fresh process in its shipped tree
-    with the node store `tmp_path / "worker"`, as a Ray worker runs it; its results."""
-    import json
-
-    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
-    env.pop("PYTHONPATH", None)
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(jobs)],
-        cwd=jobs / "tree",
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line) for line in out.stdout.strip().splitlines()]
+    """The task `PREPARE_MAPS` wrote to `jobs`, run with the node store `tmp_path /
+    "worker"` (`_run_task`); its results."""
+    return _run_task(script, jobs, tmp_path / "worker")
 
 
 def test_a_tasks_map_shards_are_keyed_with_what_any_of_their_builds_read(
