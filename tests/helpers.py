@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import pickle
+import random
 import subprocess
 import sys
 import tempfile
@@ -178,7 +179,9 @@ class Server:
         self.proc.wait(timeout=60)
 
 
-_reader: list[tuple[Server, pathlib.Path]] = []  # this process's, started on first use
+# This process's servers by name (`fork_python`), each started on first use: the server,
+# its home, its hash seed.
+_servers: dict[str, tuple[Server, pathlib.Path, int]] = {}
 _outs = itertools.count()
 
 
@@ -203,6 +206,8 @@ def fork_python(
     cwd: pathlib.Path | str,
     environ: Mapping[str, str],
     args: list[str] | None = None,
+    *,
+    server: str = "reader",
 ) -> subprocess.CompletedProcess[str]:
     """What `subprocess.run([python, "-c", code, *args], cwd=cwd, env=environ)` runs (`cwd`
     first on sys.path, `environ` the whole environment, set before `code` runs), in a
@@ -215,17 +220,24 @@ def fork_python(
     fsspec's `FSSPEC_*` settings, so not for code reaching the s3 fixture's server through
     fsspec; the observation hook installed: `HFBUILD_OBSERVE=0` needs a fresh process). Only what
     the code printed through `sys.stdout` is its stdout; its stderr and what its children
-    wrote to the descriptors are the log (`stderr`). Fails the test on an error, with both."""
-    if not _reader:
-        home = pathlib.Path(tempfile.mkdtemp(prefix="hfbuild-reader-"))
+    wrote to the descriptors are the log (`stderr`). Fails the test on an error, with both.
+
+    `server` names one of this process's servers, each started on first use with a hash
+    seed of its own (drawn at random, never another server's): a driver forked from one and
+    a worker recomputing its keys from another differ in their seeds as fresh processes do."""
+    if server not in _servers:
+        home = pathlib.Path(tempfile.mkdtemp(prefix=f"hfbuild-{server}-"))
         outside = {k: v for k, v in os.environ.items() if not k.startswith(("HFBUILD_", "HF_"))}
-        server_env = {**outside, **offline_env(home)}
-        server_env.pop("PYTHONHASHSEED", None)
-        _reader.append((Server(server_env, plain=False), home))
-        atexit.register(_reader[0][0].close)
-    server, home = _reader[0]
+        taken = {seed for _, _, seed in _servers.values()}
+        seed = 0
+        while seed == 0 or seed in taken:
+            seed = random.SystemRandom().randrange(2**32)
+        server_env = {**outside, **offline_env(home), "PYTHONHASHSEED": str(seed)}
+        _servers[server] = (Server(server_env, plain=False), home, seed)
+        atexit.register(_servers[server][0].close)
+    proc, home, seed = _servers[server]
     out = home / f"read-{next(_outs)}.pkl"
-    rc, printed = server.run(
+    rc, printed = proc.run(
         "script",
         pathlib.Path(cwd),
         out,
@@ -233,11 +245,11 @@ def fork_python(
         environ=True,
         arg={"code": textwrap.dedent(code), "argv": [str(a) for a in args or ()]},
     )
-    log = server.log(out)
+    log = proc.log(out)
     out.unlink(missing_ok=True)
     pathlib.Path(f"{out}.log").unlink(missing_ok=True)
     if rc != 0:
-        raise AssertionError(f"python (forked) failed ({rc}):\n{printed}\n{log}")
+        raise AssertionError(f"python (forked, hash seed {seed}) failed ({rc}):\n{printed}\n{log}")
     return subprocess.CompletedProcess(["<forked>"], rc, str(printed or ""), log)
 
 

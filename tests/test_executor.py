@@ -379,17 +379,12 @@ print(json.dumps(run_unit(job, spec, data), default=len))  # a sent entry's byte
 
 
 def _prepare(root: pathlib.Path, script: str, url: str, jobs: pathlib.Path) -> Any:
-    """Run a job-preparing `script` in a fresh process in the project at `root`; what it
-    printed last, as JSON (the keys it computed)."""
-    prep = subprocess.run(
-        [sys.executable, "-c", script, url, str(jobs)],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root), "CALL_LOG": os.devnull},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert prep.returncode == 0, prep.stderr
+    """Run a job-preparing `script` as the driver, in a process of its own in the project at
+    `root`; what it printed last, as JSON (the keys it computed). Forked from the driver
+    server (`fork_python`), whose hash seed is not the workers' (`_worker`): keys that hung
+    on the seed would differ between the two, as between fresh processes."""
+    env = {**os.environ, "PYTHONPATH": str(root), "CALL_LOG": os.devnull}
+    prep = fork_python(script, root, env, [url, str(jobs)], server="driver")
     return json.loads(prep.stdout.strip().splitlines()[-1])
 
 
@@ -503,7 +498,7 @@ def _worker(
     its shipped `tree` (not on the import path otherwise), with the node store `store`; the
     lines it printed. The process is forked from a server that imported `datasets` and
     hfbuild once (`fork_python`): no claim here is about a worker's start, and the driver's
-    keys it is compared with come from a fresh process (`_prepare`), another hash seed."""
+    keys it is compared with come from the driver server (`_prepare`), another hash seed."""
     env = {**os.environ, "HFBUILD_STORE": str(store), "CALL_LOG": log}
     env.pop("PYTHONPATH", None)
     return fork_python(script, tree, env, list(args)).stdout.strip().splitlines()
