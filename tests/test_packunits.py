@@ -422,17 +422,44 @@ def test_a_batched_stage_reading_at_run_time_builds_once_in_a_store_without_its_
     other node called the function twice)."""
     repo = Repo.init(tmp_path / "repo")
     make_project(repo, parts=0)
-    dodo = DODO.replace("u.grow, batched=True, batch_size=4", "u.names, batched=True")
+    dodo = DODO.replace("u.grow, batched=True, batch_size=4", "u.names, batched=True, batch_size=4")
     dodo = dodo.replace('kept = pipe.filter("kept", feat, u.keep, batched=True, batch_size=3)', "")
     repo.write({"dodo.py": dodo, "pkg/u.py": LISTING, "shelf/a.csv": "x\n1\n"})
     for i in range(2):
         write_part(repo, f"part-{i}", 10 * i, rows=5)
     repo.commit("listing project")
     doit(repo, "run", "preprocess", log=tmp_path / "a.log")
-    assert calls(tmp_path / "a.log")["names"] == 2  # built, then again with the listing
+    # Once a batch (3 of 10 rows, in 2 units written as a pack): the reads learnt at its
+    # end, its units are written under the keys they make, not built again.
+    assert calls(tmp_path / "a.log")["names"] == 3
     repo.commit("lock: its record names the listing")
 
     clone = repo.clone(tmp_path / "clone")
     doit(clone, "run", "preprocess", log=tmp_path / "b.log")
-    assert calls(tmp_path / "b.log")["names"] == 1
+    assert calls(tmp_path / "b.log")["names"] == 3
     assert (clone.path / "hfbuild.lock").read_text() == (repo.path / "hfbuild.lock").read_text()
+    # The units the first build wrote under the keys it learnt hold the bytes the clone's
+    # build, which knew the keys from the start, wrote under them.
+    first, cloned = _unit_bytes(repo), _unit_bytes(clone)
+    assert first == cloned and first
+
+
+UNIT_BYTES = """
+import hashlib, json, os, dodo
+from hfbuild.store.entry import row_owner
+
+s = dodo.pipe.store
+out = {}
+for row in s.read_manifest(dodo.pipe["feat"].fingerprint)["shards"]:
+    owner = row_owner(row)
+    base = s.data_path(owner)
+    for rel in sorted(row[3]):
+        with open(os.path.join(base, rel), "rb") as f:
+            out[f"{owner}/{rel}"] = hashlib.sha256(f.read()).hexdigest()
+print(json.dumps(out))
+"""
+
+
+def _unit_bytes(repo: Repo) -> dict[str, str]:
+    got: dict[str, str] = json.loads(run_python(UNIT_BYTES, repo.path).stdout.splitlines()[-1])
+    return got

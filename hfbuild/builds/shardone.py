@@ -18,13 +18,12 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hfbuild.builds import packbuild
+from hfbuild.builds import packbuild, rekey
 from hfbuild.core.errors import BuildError
 from hfbuild.core.spec import StageSpec
 from hfbuild.core.version import __version__
@@ -214,21 +213,10 @@ def rekeyed(place: Place, old: str, new: str, tmp: str) -> tuple[str, dict[str, 
     doc = store.intact_manifest(old)
     if doc is None or "pack" in doc or len(old) != len(new) or old == new:
         return None
-    src = store.data_path(old)
     path = tempfile.mkdtemp(dir=tmp, prefix="shard-")
-    a, b = old.encode(), new.encode()
-    for rel in doc["files"]:
-        dest = os.path.join(path, "data", rel)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        with open(os.path.join(src, rel), "rb") as f, open(dest, "wb") as out:
-            if not rel.endswith(".arrow"):
-                out.write(f.read().replace(a, b))  # state.json: its `_fingerprint`
-                continue
-            head = f.read(8)
-            if head[:4] != b"\xff\xff\xff\xff":
-                return None  # not the stream `_same_rows_file` knows: built again
-            out.write(head + f.read(int.from_bytes(head[4:8], "little")).replace(a, b))
-            shutil.copyfileobj(f, out, 1 << 20)
+    if not rekey.copy(store.data_path(old), os.path.join(path, "data"), doc["files"], old, new):
+        store.discard(path)
+        return None  # not the stream `_same_rows_file` knows: built again
     kept = {k: v for k, v in doc.items() if k not in ("files", "fingerprint", "ids", "stamp")}
     return path, {**kept, "written_bytes": tree_size(path)}
 
