@@ -519,10 +519,13 @@ def _run_load_task(
     return _run_task(SHARDS_WORKER, jobs, store, other, str(tampered))
 
 
-def _run_task(script: str, jobs: pathlib.Path, store: pathlib.Path, *args: str) -> list[Any]:
+def _run_task(
+    script: str, jobs: pathlib.Path, store: pathlib.Path, *args: str, log: str = os.devnull
+) -> list[Any]:
     """A task prepared in `jobs`, run by `script` in a fresh process in its shipped tree
-    with the node store `store`, as a Ray worker runs it; its results, a JSON line each."""
-    env = {**os.environ, "HFBUILD_STORE": str(store), "CALL_LOG": os.devnull}
+    with the node store `store`, as a Ray worker runs it (its functions' calls logged to
+    `log`); its results, a JSON line each."""
+    env = {**os.environ, "HFBUILD_STORE": str(store), "CALL_LOG": log}
     env.pop("PYTHONPATH", None)
     out = subprocess.run(
         [sys.executable, "-c", script, str(jobs), *args],
@@ -810,11 +813,11 @@ for res in run_shards(task["job"], spec, task["parts"], [None] * len(task["parts
 
 
 def _run_map_task(
-    tmp_path: pathlib.Path, jobs: pathlib.Path, script: str = MAPS_WORKER
+    tmp_path: pathlib.Path, jobs: pathlib.Path, script: str = MAPS_WORKER, log: str = os.devnull
 ) -> list[dict[str, Any]]:
     """The task `PREPARE_MAPS` wrote to `jobs`, run with the node store `tmp_path /
     "worker"` (`_run_task`); its results."""
-    return _run_task(script, jobs, tmp_path / "worker")
+    return _run_task(script, jobs, tmp_path / "worker", log=log)
 
 
 def test_a_tasks_map_shards_are_keyed_with_what_any_of_their_builds_read(
@@ -823,9 +826,10 @@ def test_a_tasks_map_shards_are_keyed_with_what_any_of_their_builds_read(
     """A task's map shards (run here, in a fresh process in its shipped tree, as a Ray
     worker runs it) are built together, and a later shard's build (the second's: its rows
     hold 20) reads a file the driver's keys lack (no build recorded it yet; the tree holds
-    it here): every shard is published under the key with that file, the first too (built
-    again), as a local sharded build publishes them, with the local build's content
-    hashes, the three in one pack on the remote."""
+    it here): every shard is published under the key with that file, the first too (its
+    result written under it, not built again: it did not read the file), as a local
+    sharded build publishes them, with the local build's content hashes, the three in one
+    pack on the remote that names none of the keys they were built under."""
 
     from hfbuild.builds import packbuild
 
@@ -844,14 +848,19 @@ def test_a_tasks_map_shards_are_keyed_with_what_any_of_their_builds_read(
     (jobs / "tree" / "conf" / "scale.txt").write_text("5\n")
     local = [k for k, _ in got["local"]]
     assert not set(local) & set(got["driver"])  # the local build's keys hold the file read
-    results = _run_map_task(tmp_path, jobs)
+    log = tmp_path / "calls.log"
+    results = _run_map_task(tmp_path, jobs, log=str(log))
     assert [r["fingerprint"] for r in results] == local, results
     assert all("conf/scale.txt" in r["observed"] for r in results), results
+    assert log.read_text().split() == ["feat"] * 33  # each row once: 10 + 11 + 12
     (pack,) = {r["pack"] for r in results}
     fresh = Store(tmp_path / "fresh")
     Remote(url).pull(fresh, pack, "feat (pack)")
     hashes = [(packbuild.packed(fresh, pack, k) or {}).get("content_hash") for k in local]
     assert hashes == [h for _, h in got["local"]]
+    files = pathlib.Path(fresh.data_path(pack)).rglob("*")
+    held = b"".join(p.read_bytes() for p in files if p.is_file())
+    assert not [k for k in got["driver"] if k.encode() in held]
 
 
 def test_a_tasks_map_shard_failing_is_named_by_its_file_after_those_before(
