@@ -11,7 +11,7 @@ import shutil
 import textwrap
 
 from hfbuild.store import listform
-from tests.helpers import Repo, run_hfbuild, run_python
+from tests.helpers import Repo, read_python, run_hfbuild, run_python
 from tests.pipeline_project import calls, doit
 from tests.shard_project import make_project, write_part
 
@@ -461,5 +461,5 @@ print(json.dumps(out))
 
 
 def _unit_bytes(repo: Repo) -> dict[str, str]:
-    got: dict[str, str] = json.loads(run_python(UNIT_BYTES, repo.path).stdout.splitlines()[-1])
+    got: dict[str, str] = json.loads(read_python(UNIT_BYTES, repo.path).stdout.splitlines()[-1])
     return got
