@@ -463,3 +463,45 @@ print(json.dumps(out))
 def _unit_bytes(repo: Repo) -> dict[str, str]:
     got: dict[str, str] = json.loads(run_python(UNIT_BYTES, repo.path).stdout.splitlines()[-1])
     return got
+
+
+PEEK = """
+    import json, os
+
+
+    def peek(batch):
+        with open(os.environ["CALL_LOG"], "a") as out:
+            out.write("peek\\n")
+        name = "shelf/a.json" if batch["x"][0] < 10 else "shelf/b.json"
+        v = 0
+        if os.path.exists(name):  # a stat: no read while the file is missing
+            with open(name) as f:
+                v = json.load(f)["v"]
+        return {"v": [v] * len(batch["x"])}
+    """
+
+
+def test_units_of_other_features_after_a_learnt_read_build_the_stage_whole(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A batched map whose unit built now reads a file its key lacks (shelf/b.json), while
+    the store's units, built again under the grown key, come out with other features
+    (shelf/a.json, a float): the stage is built whole, as for units of other features
+    found at once (it failed discarding the re-keyed unit a second time)."""
+    repo = Repo.init(tmp_path / "repo")
+    make_project(repo, parts=0)
+    dodo = DODO.replace("u.grow, batched=True, batch_size=4", "u.peek, batched=True, batch_size=5")
+    dodo = dodo.replace('kept = pipe.filter("kept", feat, u.keep, batched=True, batch_size=3)', "")
+    repo.write({"dodo.py": dodo, "pkg/u.py": PEEK})
+    for i in range(2):
+        write_part(repo, f"part-{i}", 10 * i, rows=5)
+    repo.commit("peek project")
+    doit(repo, "run", "preprocess", log=tmp_path / "a.log")
+    write_part(repo, "part-2", 20, rows=5)  # its unit is built; the two before are stored
+    repo.write({"shelf/a.json": '{"v": 1.5}', "shelf/b.json": '{"v": 2}'})
+    repo.commit("one more file, and the shelf")
+    doit(repo, "run", "preprocess", log=tmp_path / "b.log")
+    got = run_python(
+        "import dodo; print(list(dodo.pipe.result('feat')['v']))", repo.path
+    ).stdout.splitlines()[-1]
+    assert got == str([1.5] * 5 + [2.0] * 10)

@@ -307,7 +307,8 @@ def _build_units(
             return None
         got = _save(store, spec, made, got, tmp, scratch)
     if not _same_features(spec, plan, docs):
-        got.discard(store)
+        mine = {k: d for k, d in docs.items() if k not in was.docs}  # `made_now`: the caller's
+        _Built(plan, mine, got.packs[len(was.packs) :], 0, 0).discard(store)
         return None
     return got
 
