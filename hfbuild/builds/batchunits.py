@@ -184,11 +184,11 @@ def build(
             if got is None:
                 return None
             now = seen.identify(m)
-            if not {p for p, _ in now} <= {p for p, _ in assumed}:
+            while not {p for p, _ in now} <= {p for p, _ in assumed}:
                 # Its function read files the assumed key does not hold: every unit's key
                 # takes them. The units built now read them as they are: written under
                 # their new keys, not built again (`_rekeyed`); the store's, built before
-                # under the smaller set, are built again.
+                # under the smaller set, are built again, and may read more (again then).
                 assumed = tuple(sorted(set(assumed) | set(now)))
                 made = _rekeyed(store, spec, m, listed, got, assumed, tmp)
                 got = _build_units(place, spec, m, parent_fp, listed, assumed, tmp, made)
