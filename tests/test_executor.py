@@ -1174,3 +1174,44 @@ def test_a_whole_stage_task_builds_once_under_the_reads_the_drivers_key_assumes(
     fresh = Store(tmp_path / "fresh")
     Remote(url).pull(fresh, driver["key"], "shelved")
     assert set(fresh.load(driver["key"])["names"]) == {"one.csv,two.csv"}
+
+
+def test_a_shard_task_reading_a_file_its_key_lacks_writes_it_under_the_grown_key(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A map shard's task (run here, in a fresh process in its shipped tree, as a Ray
+    worker runs it) whose build reads a file the driver's key lacks publishes the shard
+    under the key with that file, its files holding that key where datasets writes it
+    (its Arrow schema, `state.json`), the bytes the local build wrote under it, and not
+    the driver's key it was built under (they held it)."""
+    later = SHARDED["pkg/t.py"].replace('row["x"] == 0', 'row["x"] == 20')  # the third file
+    _sharded_project(repo, 3)
+    repo.write({"pkg/t.py": later})
+    repo.commit("the read in the third file's shard")
+    clone = repo.clone(tmp_path / "clone")
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    got = _prepare(clone.path, PREPARE_PACKED, f"file://{tmp_path / 'remote'}", jobs)
+    (jobs / "tree" / "conf").mkdir()  # the tree holds the file (as if it held more)
+    (jobs / "tree" / "conf" / "scale.txt").write_text("5\n")
+    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "node"), "CALL_LOG": os.devnull}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, *(str(jobs / n) for n in ("job.json", "spec", "data"))],
+        cwd=jobs / "tree",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    key = json.loads(out.stdout.strip().splitlines()[-1])["fingerprint"]
+    assert key != got["key"]
+
+    def files(store: Store) -> dict[str, bytes]:
+        base = pathlib.Path(store.data_path(key))
+        return {str(p.relative_to(base)): p.read_bytes() for p in base.rglob("*") if p.is_file()}
+
+    node = files(Store(tmp_path / "node"))
+    assert node == files(Store(clone.path / ".hfbuild")) and node
+    assert not [n for n, b in node.items() if got["key"].encode() in b]

@@ -184,11 +184,11 @@ def build(
             if got is None:
                 return None
             now = seen.identify(m)
-            if not {p for p, _ in now} <= {p for p, _ in assumed}:
+            while not {p for p, _ in now} <= {p for p, _ in assumed}:
                 # Its function read files the assumed key does not hold: every unit's key
                 # takes them. The units built now read them as they are: written under
                 # their new keys, not built again (`_rekeyed`); the store's, built before
-                # under the smaller set, are built again.
+                # under the smaller set, are built again, and may read more (again then).
                 assumed = tuple(sorted(set(assumed) | set(now)))
                 made = _rekeyed(store, spec, m, listed, got, assumed, tmp)
                 got = _build_units(place, spec, m, parent_fp, listed, assumed, tmp, made)
@@ -307,7 +307,8 @@ def _build_units(
             return None
         got = _save(store, spec, made, got, tmp, scratch)
     if not _same_features(spec, plan, docs):
-        got.discard(store)
+        mine = {k: d for k, d in docs.items() if k not in was.docs}  # `made_now`: the caller's
+        _Built(plan, mine, got.packs[len(was.packs) :], 0, 0).discard(store)
         return None
     return got
 
