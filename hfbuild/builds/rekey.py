@@ -5,8 +5,10 @@ replaced by another where datasets writes it: an Arrow stream's schema message (
 `fingerprint` metadata) and the JSON files `save_to_disk` writes (`state.json`'s
 `_fingerprint`); every other byte, the rows' above all, copied as it is. The bytes a build
 under the new key writes. For results whose key changed during their build only by files
-the build read after their keys were made (`shardone.rekeyed`, `batchunits`): they were
-computed from the files as they are, so the new key holds what they read.
+the build read after their keys were made (`shardone.rekeyed` / `keyed_as` for a sharded
+stage's shards, `batchunits` for a batched stage's units, `raymaps` for a Ray task's map
+shards): they were computed from the files as they are, so the new key holds what they
+read.
 
 Must never: write a file whose layout it does not know (it refuses: the caller builds the
 result again), change a byte of an Arrow stream after its schema message, or print.
