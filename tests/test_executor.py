@@ -504,11 +504,14 @@ def _worker(
     return fork_python(script, tree, env, list(args)).stdout.strip().splitlines()
 
 
-def _run_task(script: str, jobs: pathlib.Path, store: pathlib.Path, *args: str) -> list[Any]:
+def _run_task(
+    script: str, jobs: pathlib.Path, store: pathlib.Path, *args: str, log: str = os.devnull
+) -> list[Any]:
     """A task prepared in `jobs`, run by `script` in a process of its own in its shipped
-    tree with the node store `store`, as a Ray worker runs it (`_worker`); its results, a
-    JSON line each."""
-    return [json.loads(line) for line in _worker(script, jobs / "tree", store, str(jobs), *args)]
+    tree with the node store `store`, as a Ray worker runs it (`_worker`; its functions'
+    calls logged to `log`); its results, a JSON line each."""
+    lines = _worker(script, jobs / "tree", store, str(jobs), *args, log=log)
+    return [json.loads(line) for line in lines]
 
 
 def test_a_shards_task_keys_each_load_shard_from_its_own_bytes(
@@ -779,11 +782,11 @@ for res in run_shards(task["job"], spec, task["parts"], [None] * len(task["parts
 
 
 def _run_map_task(
-    tmp_path: pathlib.Path, jobs: pathlib.Path, script: str = MAPS_WORKER
+    tmp_path: pathlib.Path, jobs: pathlib.Path, script: str = MAPS_WORKER, log: str = os.devnull
 ) -> list[dict[str, Any]]:
     """The task `PREPARE_MAPS` wrote to `jobs`, run with the node store `tmp_path /
     "worker"` (`_run_task`); its results."""
-    return _run_task(script, jobs, tmp_path / "worker")
+    return _run_task(script, jobs, tmp_path / "worker", log=log)
 
 
 def test_a_tasks_map_shards_are_keyed_with_what_any_of_their_builds_read(
@@ -792,9 +795,10 @@ def test_a_tasks_map_shards_are_keyed_with_what_any_of_their_builds_read(
     """A task's map shards (run here, in a process of its own in its shipped tree, as a Ray
     worker runs it) are built together, and a later shard's build (the second's: its rows
     hold 20) reads a file the driver's keys lack (no build recorded it yet; the tree holds
-    it here): every shard is published under the key with that file, the first too (built
-    again), as a local sharded build publishes them, with the local build's content
-    hashes, the three in one pack on the remote."""
+    it here): every shard is published under the key with that file, the first too (its
+    result written under it, not built again: it did not read the file), as a local
+    sharded build publishes them, with the local build's content hashes, the three in one
+    pack on the remote that names none of the keys they were built under."""
 
     from hfbuild.builds import packbuild
 
@@ -813,14 +817,19 @@ def test_a_tasks_map_shards_are_keyed_with_what_any_of_their_builds_read(
     (jobs / "tree" / "conf" / "scale.txt").write_text("5\n")
     local = [k for k, _ in got["local"]]
     assert not set(local) & set(got["driver"])  # the local build's keys hold the file read
-    results = _run_map_task(tmp_path, jobs)
+    log = tmp_path / "calls.log"
+    results = _run_map_task(tmp_path, jobs, log=str(log))
     assert [r["fingerprint"] for r in results] == local, results
     assert all("conf/scale.txt" in r["observed"] for r in results), results
+    assert log.read_text().split() == ["feat"] * 33  # each row once: 10 + 11 + 12
     (pack,) = {r["pack"] for r in results}
     fresh = Store(tmp_path / "fresh")
     Remote(url).pull(fresh, pack, "feat (pack)")
     hashes = [(packbuild.packed(fresh, pack, k) or {}).get("content_hash") for k in local]
     assert hashes == [h for _, h in got["local"]]
+    files = pathlib.Path(fresh.data_path(pack)).rglob("*")
+    held = b"".join(p.read_bytes() for p in files if p.is_file())
+    assert not [k for k in got["driver"] if k.encode() in held]
 
 
 def test_a_tasks_map_shard_failing_is_named_by_its_file_after_those_before(
@@ -1124,3 +1133,34 @@ def test_a_whole_stage_task_builds_once_under_the_reads_the_drivers_key_assumes(
     fresh = Store(tmp_path / "fresh")
     Remote(url).pull(fresh, driver["key"], "shelved")
     assert set(fresh.load(driver["key"])["names"]) == {"one.csv,two.csv"}
+
+
+def test_a_shard_task_reading_a_file_its_key_lacks_writes_it_under_the_grown_key(
+    repo: Repo, tmp_path: pathlib.Path
+) -> None:
+    """A map shard's task (run here, in a process of its own in its shipped tree, as a Ray
+    worker runs it) whose build reads a file the driver's key lacks publishes the shard
+    under the key with that file, its files holding that key where datasets writes it
+    (its Arrow schema, `state.json`), the bytes the local build wrote under it, and not
+    the driver's key it was built under (they held it)."""
+    later = SHARDED["pkg/t.py"].replace('row["x"] == 0', 'row["x"] == 20')  # the third file
+    _sharded_project(repo, 3)
+    repo.write({"pkg/t.py": later})
+    repo.commit("the read in the third file's shard")
+    clone = repo.clone(tmp_path / "clone")
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    got = _prepare(clone.path, PREPARE_PACKED, f"file://{tmp_path / 'remote'}", jobs)
+    (jobs / "tree" / "conf").mkdir()  # the tree holds the file (as if it held more)
+    (jobs / "tree" / "conf" / "scale.txt").write_text("5\n")
+    args = [str(jobs / n) for n in ("job.json", "spec", "data")]
+    key = json.loads(_worker(WORKER, jobs / "tree", tmp_path / "node", *args)[-1])["fingerprint"]
+    assert key != got["key"]
+
+    def files(store: Store) -> dict[str, bytes]:
+        base = pathlib.Path(store.data_path(key))
+        return {str(p.relative_to(base)): p.read_bytes() for p in base.rglob("*") if p.is_file()}
+
+    node = files(Store(tmp_path / "node"))
+    assert node == files(Store(clone.path / ".hfbuild")) and node
+    assert not [n for n, b in node.items() if got["key"].encode() in b]

@@ -9,6 +9,7 @@ import json
 import pathlib
 import shutil
 import textwrap
+from collections import Counter
 
 from hfbuild.store import listform
 from tests.helpers import Repo, read_python, run_hfbuild, run_python
@@ -422,17 +423,109 @@ def test_a_batched_stage_reading_at_run_time_builds_once_in_a_store_without_its_
     other node called the function twice)."""
     repo = Repo.init(tmp_path / "repo")
     make_project(repo, parts=0)
-    dodo = DODO.replace("u.grow, batched=True, batch_size=4", "u.names, batched=True")
+    dodo = DODO.replace("u.grow, batched=True, batch_size=4", "u.names, batched=True, batch_size=4")
     dodo = dodo.replace('kept = pipe.filter("kept", feat, u.keep, batched=True, batch_size=3)', "")
     repo.write({"dodo.py": dodo, "pkg/u.py": LISTING, "shelf/a.csv": "x\n1\n"})
     for i in range(2):
         write_part(repo, f"part-{i}", 10 * i, rows=5)
     repo.commit("listing project")
     doit(repo, "run", "preprocess", log=tmp_path / "a.log")
-    assert calls(tmp_path / "a.log")["names"] == 2  # built, then again with the listing
+    # Once a batch (3 of 10 rows, in 2 units written as a pack): the reads learnt at its
+    # end, its units are written under the keys they make, not built again.
+    assert calls(tmp_path / "a.log")["names"] == 3
     repo.commit("lock: its record names the listing")
 
     clone = repo.clone(tmp_path / "clone")
     doit(clone, "run", "preprocess", log=tmp_path / "b.log")
-    assert calls(tmp_path / "b.log")["names"] == 1
+    assert calls(tmp_path / "b.log")["names"] == 3
     assert (clone.path / "hfbuild.lock").read_text() == (repo.path / "hfbuild.lock").read_text()
+    # The units the first build wrote under the keys it learnt hold the bytes the clone's
+    # build, which knew the keys from the start, wrote under them.
+    first, cloned = _unit_bytes(repo), _unit_bytes(clone)
+    assert first == cloned and first
+
+
+UNIT_BYTES = """
+import hashlib, json, os, dodo
+from hfbuild.store.entry import row_owner
+
+s = dodo.pipe.store
+out = {}
+for row in s.read_manifest(dodo.pipe["feat"].fingerprint)["shards"]:
+    owner = row_owner(row)
+    base = s.data_path(owner)
+    for rel in sorted(row[3]):
+        with open(os.path.join(base, rel), "rb") as f:
+            out[f"{owner}/{rel}"] = hashlib.sha256(f.read()).hexdigest()
+print(json.dumps(out))
+"""
+
+
+def _unit_bytes(repo: Repo) -> dict[str, str]:
+    got: dict[str, str] = json.loads(read_python(UNIT_BYTES, repo.path).stdout.splitlines()[-1])
+    return got
+
+
+PEEK = """
+    import json, os
+
+
+    def peek(batch):
+        with open(os.environ["CALL_LOG"], "a") as out:
+            out.write("peek\\n")
+        name = "shelf/a.json" if batch["x"][0] < 10 else "shelf/b.json"
+        v = 0
+        if os.path.exists(name):  # a stat: no read while the file is missing
+            with open(name) as f:
+                v = json.load(f)["v"]
+        return {"v": [v] * len(batch["x"])}
+    """
+
+
+def _peek_project(repo: Repo, tmp_path: pathlib.Path, shelf: dict[str, str]) -> Counter[str]:
+    """A batched map stat'ing shelf/a.json (part-0's batch) or shelf/b.json (the others'),
+    built over 2 files with no shelf, then with a third file and `shelf`: its calls."""
+    make_project(repo, parts=0)
+    dodo = DODO.replace("u.grow, batched=True, batch_size=4", "u.peek, batched=True, batch_size=5")
+    dodo = dodo.replace('kept = pipe.filter("kept", feat, u.keep, batched=True, batch_size=3)', "")
+    repo.write({"dodo.py": dodo, "pkg/u.py": PEEK})
+    for i in range(2):
+        write_part(repo, f"part-{i}", 10 * i, rows=5)
+    repo.commit("peek project")
+    doit(repo, "run", "preprocess", log=tmp_path / "a.log")
+    write_part(repo, "part-2", 20, rows=5)  # its unit is built; the two before are stored
+    repo.write(shelf)
+    repo.commit("one more file, and the shelf")
+    doit(repo, "run", "preprocess", log=tmp_path / "b.log")
+    return calls(tmp_path / "b.log")
+
+
+def test_units_built_again_that_read_more_are_keyed_with_it(tmp_path: pathlib.Path) -> None:
+    """The store's units, built again under the key grown by what the unit built first read
+    (shelf/b.json), read a file that key lacks (shelf/a.json): they are keyed with it too,
+    so that the next append builds its own unit only (it built all 4 again: the units were
+    listed under keys without shelf/a.json, which the stage's record holds)."""
+    repo = Repo.init(tmp_path / "repo")
+    shelf = {"shelf/a.json": '{"v": 7}', "shelf/b.json": '{"v": 2}'}
+    assert _peek_project(repo, tmp_path, shelf)["peek"] == 3
+    write_part(repo, "part-3", 30, rows=5)
+    repo.commit("another file")
+    doit(repo, "run", "preprocess", log=tmp_path / "c.log")
+    assert calls(tmp_path / "c.log")["peek"] == 1
+    got = run_python("import dodo; print(list(dodo.pipe.result('feat')['v']))", repo.path)
+    assert got.stdout.splitlines()[-1] == str([7] * 5 + [2] * 15)
+
+
+def test_units_of_other_features_after_a_learnt_read_build_the_stage_whole(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A batched map whose unit built now reads a file its key lacks (shelf/b.json), while
+    the store's units, built again under the grown key, come out with other features
+    (shelf/a.json, a float): the stage is built whole, as for units of other features
+    found at once (it failed discarding the re-keyed unit a second time)."""
+    repo = Repo.init(tmp_path / "repo")
+    _peek_project(repo, tmp_path, {"shelf/a.json": '{"v": 1.5}', "shelf/b.json": '{"v": 2}'})
+    got = run_python(
+        "import dodo; print(list(dodo.pipe.result('feat')['v']))", repo.path
+    ).stdout.splitlines()[-1]
+    assert got == str([1.5] * 5 + [2.0] * 10)

@@ -1018,3 +1018,74 @@ def test_sharded_splits_stay_a_dataset_dict_through_rebuilds(tmp_path: pathlib.P
         assert got["kept"] == got["plain"]
         assert sorted(got["raw"]) == ["a", "b"]
     assert len(got["raw"]["a"]["x"]) == 30
+
+
+SIFT = """
+    import os
+
+
+    def twice(row):
+        return {"y": row["x"] * 2}
+
+
+    def sift(row):
+        with open(os.environ["CALL_LOG"], "a") as out:
+            out.write("sift\\n")
+        if row["x"] >= 20:  # the last file's rows read the shelf
+            with open("shelf/n.txt") as f:
+                return row["x"] % int(f.read()) != 0
+        return row["x"] % 2 != 0
+    """
+
+SIFT_DODO = """
+    from hfbuild import Pipeline
+    from pkg import u
+
+    pipe = Pipeline()
+    raw = pipe.load("raw", "parquet", data_files="data/*.parquet", split="train")
+    feat = pipe.map("feat", raw, u.twice)
+    kept = pipe.filter("kept", feat, u.sift)
+
+
+    def task_preprocess():
+        yield from pipe.tasks()
+    """
+
+SIFT_PARTS = """
+import hashlib, json, os, dodo
+s = dodo.pipe.store
+out = []
+for r in s.read_manifest(dodo.pipe["kept"].fingerprint)["shards"]:
+    files = {}
+    for rel in sorted(r[3]):
+        with open(os.path.join(s.data_path(r[1]), rel), "rb") as f:
+            files[rel] = hashlib.sha256(f.read()).hexdigest()
+    out.append([r[1], s.read_manifest(r[1])["indices"]["parts"], files])
+print(json.dumps(out))
+"""
+
+
+def test_a_rekeyed_indices_shard_names_its_new_key_as_a_build_under_it_does(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A sharded filter (its shards indices entries over the map's) whose last shard reads
+    a file its key lacked: the shards built before are re-keyed, not built again, and the
+    last one too (built under the key before its read). Each one's files and manifest hold
+    its new key where a clone's build, which knew the key from the start, writes it: its
+    `indices.arrow`'s schema, its manifest's fingerprint for its Dataset (the last shard's
+    files held the key it was built under; every shard's manifest did)."""
+    repo = make_project(Repo.init(tmp_path / "repo"), parts=0)
+    repo.write({"dodo.py": SIFT_DODO, "pkg/u.py": SIFT, "shelf/n.txt": "3\n"})
+    for i in range(3):
+        write_part(repo, f"part-{i}", 10 * i, rows=5)
+    repo.commit("sift project")
+    doit(repo, "run", "preprocess", log=tmp_path / "a.log")
+    assert calls(tmp_path / "a.log")["sift"] == 15  # each row once
+    repo.commit("lock")
+    clone = repo.clone(tmp_path / "clone")
+    doit(clone, "run", "preprocess", log=tmp_path / "b.log")
+    first = json.loads(run_python(SIFT_PARTS, repo.path).stdout.splitlines()[-1])
+    assert first == json.loads(run_python(SIFT_PARTS, clone.path).stdout.splitlines()[-1])
+    assert [[p["fingerprint"] for p in parts] for _, parts, _ in first] == [
+        [k] for k, _, _ in first
+    ]

@@ -184,13 +184,16 @@ def build(
             if got is None:
                 return None
             now = seen.identify(m)
-            if not {p for p, _ in now} <= {p for p, _ in assumed}:
+            while not {p for p, _ in now} <= {p for p, _ in assumed}:
                 # Its function read files the assumed key does not hold: every unit's key
-                # takes them, and every unit is built again under it.
+                # takes them. The units built now read them as they are: written under
+                # their new keys, not built again (`_rekeyed`); the store's, built before
+                # under the smaller set, are built again, and may read more (again then).
                 assumed = tuple(sorted(set(assumed) | set(now)))
-                got.discard(store)
-                got = _build_units(place, spec, m, parent_fp, listed, assumed, tmp, every=True)
+                made = _rekeyed(store, spec, m, listed, got, assumed, tmp)
+                got = _build_units(place, spec, m, parent_fp, listed, assumed, tmp, made)
                 if got is None:
+                    made.discard(store)
                     return None
                 now = seen.identify(m)
             observed = tuple(sorted(set(assumed) | set(now)))
@@ -248,33 +251,35 @@ def _build_units(
     listed: Sequence[Any],
     observed: Observed,
     tmp: str,
-    *,
-    every: bool = False,
+    made_now: _Built | None = None,
 ) -> _Built | None:
-    """The units of the stage under `observed`, the missing ones (or, with `every`, all)
-    built into `tmp`: those of one split and form together as packs (`packbuild.of_results`),
-    the others each in a directory of its own; None when the stage is to be built whole.
-    A unit is found in the store by its key: its own entry, or its rows of a pack the
-    stage's last list names."""
+    """The units of the stage under `observed`, the missing ones built into `tmp`: those
+    of one split and form together as packs (`packbuild.of_results`), the others each in a
+    directory of its own; None when the stage is to be built whole. A unit is found among
+    `made_now` (built by this build already, `_rekeyed`), else in the store by its key: its
+    own entry, or its rows of a pack the stage's last list names."""
     from hfbuild.builds import builder, shardbuild, shardone, unitrows
 
     store = place.store
     plan = _plan(code_key(m, observed), spec, listed)
     if plan is None:
         return None
-    prior = {} if every else shardbuild.listed_here(store, spec.name)
-    docs: dict[str, tuple[str, dict[str, Any]]] = {}
+    prior = shardbuild.listed_here(store, spec.name)
+    was = made_now or _Built(plan, {}, [], 0, 0)
+    docs: dict[str, tuple[str, dict[str, Any]]] = dict(was.docs)
     todo = []
     for us in plan.values():
         for u in us:
-            have = None if every else (prior.get(u.key) or store.intact_manifest(u.key))
+            if u.key in docs:
+                continue
+            have = prior.get(u.key) or store.intact_manifest(u.key)
             if have is not None:
                 docs[u.key] = ("", have)
             elif u.key not in docs:
                 todo.append(u)
                 docs[u.key] = ("", {})
     if not todo:
-        return _Built(plan, docs, [], 0, 0)
+        return _Built(plan, docs, list(was.packs), was.built, was.written)
     kept = closure.kept_state(refs.function(spec))
     scratch = os.path.join(tmp, builder.SCRATCH)
     made: list[tuple[Unit, str, Any, float]] = []  # (unit, its directory, result, seconds)
@@ -295,14 +300,15 @@ def _build_units(
                     seconds = time.perf_counter() - t1
                 made.append((u, path, out, seconds))
         liveness.check_built(place.root, m.doc)  # the code that ran is the code hashed
-        got = _Built(plan, docs, [], len(todo), 0)
+        got = _Built(plan, docs, list(was.packs), was.built + len(todo), was.written)
         if closure.kept_state(refs.function(spec)) != kept:
             for _, path, _, _ in made:
                 store.discard(path)
             return None
         got = _save(store, spec, made, got, tmp, scratch)
     if not _same_features(spec, plan, docs):
-        got.discard(store)
+        mine = {k: d for k, d in docs.items() if k not in was.docs}  # `made_now`: the caller's
+        _Built(plan, mine, got.packs[len(was.packs) :], 0, 0).discard(store)
         return None
     return got
 
@@ -402,7 +408,34 @@ def _save(
         got.docs[u.key] = (path, doc)
     for name in os.listdir(scratch) if os.path.isdir(scratch) else []:
         store.discard(os.path.join(scratch, name))  # the units' cache files: written now
-    return got._replace(written=written)
+    return got._replace(written=got.written + written)
+
+
+def _rekeyed(
+    store: Any,
+    spec: StageSpec,
+    m: Manifest,
+    listed: Sequence[Any],
+    got: _Built,
+    observed: Observed,
+    tmp: str,
+) -> _Built:
+    """Of the units `got` holds, those built now (each unit's own directory, each pack),
+    written under their keys with the run-time reads `observed` (`rekey.copy`: the bytes a
+    build under those keys writes), the old ones discarded; a unit whose files cannot be
+    rewritten is left out, to be built again. Their builds read the files as they are now,
+    so those keys hold what they read. The plan's units are the same rows under either
+    key: the i-th of a split is the i-th."""
+    from hfbuild.builds import rekey
+
+    plan = _plan(code_key(m, observed), spec, listed)
+    new = {
+        u.key: v.key
+        for split, us in got.plan.items()
+        for u, v in zip(us, (plan or {}).get(split, []), strict=False)
+    }
+    docs, packs = rekey.results(store, got.docs, got.packs, new, tmp)
+    return _Built(plan or {}, docs, packs, len(docs), got.written)
 
 
 def _same_features(

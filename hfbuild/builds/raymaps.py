@@ -11,10 +11,11 @@ store for the task to push (`raypacks.publish_chunk`); a shard no pack may hold 
 format set) is saved as an entry of its own.
 
 What the builds read at run time is part of every shard's key: when they read files the
-keys assumed lack, every shard's key takes them and every shard is built again under it
-(as `shardbuild.build` builds again the shards built before), so that each is published
-only under the key of what its build read; the results then name that key and set, for the
-driver to record (`ray_executor._fetch_shard`). A build that listed a folder the tree does
+keys assumed lack, every shard's key takes them, and each result is written under its new
+key (`rekey.copy`), not built again (as `shardbuild.build` re-keys the shards it published
+before): a build that read them read them as they are, one before the first read did not
+read them; the results then name that key and set, for the driver to record
+(`ray_executor._fetch_shard`). A build that listed a folder the tree does
 not hold with its names raises `UnshippedListingError` with nothing published (the task
 answers "unlisted" for those shards); any other error: nothing published, the task then
 builds each shard by itself, which names the failing shard's file.
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hfbuild.builds import packbuild, raykey, shardone, shardunits
 from hfbuild.core import canonical
-from hfbuild.core.errors import HfbuildError, UnshippedListingError
+from hfbuild.core.errors import BuildError, HfbuildError, UnshippedListingError
 from hfbuild.keys import packs
 
 if TYPE_CHECKING:
@@ -118,19 +119,17 @@ def _build(place: Place, todo: list[_One]) -> dict[int, dict[str, Any]]:
         tmp = store.new_build_dir(lock)
         try:
             with observing(place, tmp) as seen, shardone.quiet_datasets():
-                while True:
-                    keys = [_key(o, observed) for o in todo]
-                    made = _run(place, todo, keys, tmp)
-                    now = seen.identify(m)
-                    if set(now) <= set(observed):
-                        break
-                    # They read files the keys assumed lack: every key takes them, and every
-                    # shard is built again under it (those before the read did not see it).
-                    observed = tuple(sorted(set(now) | set(observed)))
-                    for one in made:
-                        shutil.rmtree(one.path, ignore_errors=True)
-                    del made
-            pushed = _publish(place, todo, keys, made, tmp)
+                built = [_key(o, observed) for o in todo]
+                made = _run(place, todo, built, tmp)
+                now = seen.identify(m)
+            # Read files the keys assumed lack: every key takes them. Each result is written
+            # under its new key, not built again: a build that read them read them as they
+            # are, and one before the first read did not read them (a shard keeps no state
+            # between calls: `check_kept_state`), so its rows cannot depend on them.
+            if not set(now) <= set(observed):
+                observed = tuple(sorted(set(now) | set(observed)))
+            keys = [_key(o, observed) for o in todo]
+            pushed = _publish(place, todo, keys, made, tmp, built)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     each = round((time.perf_counter() - t0) / len(todo), 4)
@@ -210,11 +209,18 @@ def _run(place: Place, todo: list[_One], keys: list[str], tmp: str) -> list[_Mad
 
 
 def _publish(
-    place: Place, todo: list[_One], keys: list[str], made: list[_Made], tmp: str
+    place: Place,
+    todo: list[_One],
+    keys: list[str],
+    made: list[_Made],
+    tmp: str,
+    built: list[str],
 ) -> list[tuple[Any, str | None]]:
-    """`made` written and published in the node's store: runs of them as packs
-    (`packbuild.of_results`, each range's content hash taken of what was written), the
-    others as entries of their own (first writer wins); (rows, its pack or None) each."""
+    """`made` (built under the keys `built`) written and published in the node's store
+    under `keys`: runs of them as packs (`packbuild.of_results`, each range's content hash
+    taken of what was written), the others as entries of their own (first writer wins),
+    a result's key replaced by its new one where datasets wrote it (`_as_built`); (rows,
+    its pack or None) each."""
     from hfbuild.builds import builder
 
     store = place.store
@@ -233,6 +239,7 @@ def _publish(
         dest = tempfile.mkdtemp(dir=tmp, prefix="pack-")
         results = [made[j].out for j in run]
         info, hashes = packbuild.write_results(results, os.path.join(dest, "data"), fp[:64])
+        dest = _as_built(store, dest, built[run[0]], keys[run[0]], tmp)
         done: list[tuple[int, dict[str, Any]]] = []
         start = 0
         for j, h in zip(run, hashes, strict=True):
@@ -254,6 +261,23 @@ def _publish(
         sources = shardone.input_sources(store, s.input, d.inp)
         info = builder.save(d.out, os.path.join(d.path, "data"), d.path, sources, scratch)
         doc = shardone.shard_doc(spec, s, info, d.out, d.seconds)
-        store.publish_first(d.path, keys[j], doc)
+        store.publish_first(_as_built(store, d.path, built[j], keys[j], tmp), keys[j], doc)
         out[j] = (info.rows, None)
     return out
+
+
+def _as_built(store: Any, path: str, old: str, new: str, tmp: str) -> str:
+    """The entry written at `path` (its files in `data/`) from a result built under key
+    `old`, with `new` where datasets wrote `old` (`rekey.copy`): a new directory, the old
+    one discarded; `path` itself when the keys are one. A layout it cannot rewrite fails
+    the task's build (each shard is then built by itself, under its own key)."""
+    if old == new:
+        return path
+    from hfbuild.builds import rekey
+
+    dest = tempfile.mkdtemp(dir=tmp, prefix="rekeyed-")
+    data = os.path.join(path, "data")
+    if not rekey.copy(data, os.path.join(dest, "data"), rekey.files_of(data), old, new):
+        raise BuildError(f"a result built under {old} cannot be written under {new}")
+    store.discard(path)
+    return dest

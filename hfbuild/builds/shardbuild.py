@@ -122,7 +122,10 @@ def build(
                                 held = []
                             continue
                         # What was just written (or found intact) under the key: the stage's
-                        # entry lists it without reading it back (`_publish`).
+                        # entry lists it without reading it back (`_publish`); re-keyed when
+                        # built under a key its build's reads then grew (`keyed_as`).
+                        old = cur.shard_list[i].key
+                        path, doc = shardone.keyed_as(store, path, doc, old, key, tmp)
                         known[key] = _publish_shard(place, key, path, doc)
                         mine[i] = (key, observed)
         final = dataclasses.replace(m, observed=observed)

@@ -18,13 +18,12 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hfbuild.builds import packbuild
+from hfbuild.builds import packbuild, rekey
 from hfbuild.core.errors import BuildError
 from hfbuild.core.spec import StageSpec
 from hfbuild.core.version import __version__
@@ -206,31 +205,47 @@ def build_shard(
 def rekeyed(place: Place, old: str, new: str, tmp: str) -> tuple[str, dict[str, Any]] | None:
     """Shard `new` made from the intact shard entry `old`, without running the transform:
     for a shard whose key changed during its stage's build only by files read after it
-    was built (`shardbuild`), which its own build did not read. A directory inside `tmp`
-    holding `old`'s files with its key replaced by `new` where datasets writes it (an Arrow
-    file's schema message, `state.json`): the bytes a build under `new` writes; and its
-    document. None when `old` is not intact, is a pack, or holds its key otherwise."""
+    was built (`shardbuild`), which its own build did not read (`_as_keyed`). None when
+    `old` is not intact, is a pack, or holds its key otherwise."""
     store = place.store
     doc = store.intact_manifest(old)
     if doc is None or "pack" in doc or len(old) != len(new) or old == new:
         return None
-    src = store.data_path(old)
-    path = tempfile.mkdtemp(dir=tmp, prefix="shard-")
-    a, b = old.encode(), new.encode()
-    for rel in doc["files"]:
-        dest = os.path.join(path, "data", rel)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        with open(os.path.join(src, rel), "rb") as f, open(dest, "wb") as out:
-            if not rel.endswith(".arrow"):
-                out.write(f.read().replace(a, b))  # state.json: its `_fingerprint`
-                continue
-            head = f.read(8)
-            if head[:4] != b"\xff\xff\xff\xff":
-                return None  # not the stream `_same_rows_file` knows: built again
-            out.write(head + f.read(int.from_bytes(head[4:8], "little")).replace(a, b))
-            shutil.copyfileobj(f, out, 1 << 20)
     kept = {k: v for k, v in doc.items() if k not in ("files", "fingerprint", "ids", "stamp")}
-    return path, {**kept, "written_bytes": tree_size(path)}
+    return _as_keyed(store, store.data_path(old), doc["files"], kept, old, new, tmp)
+
+
+def keyed_as(
+    store: Any, path: str, doc: dict[str, Any], old: str, new: str, tmp: str
+) -> tuple[str, dict[str, Any]]:
+    """A shard built now under key `old` (its entry's directory `path`, its document), to
+    be published under `new` (`shardbuild`: its build, or one before it, read files `old`
+    lacks): written under `new` (`_as_keyed`); as it is when the keys are one or its files
+    cannot be rewritten."""
+    if old == new:
+        return path, doc
+    data = os.path.join(path, "data")
+    got = _as_keyed(store, data, rekey.files_of(data), doc, old, new, tmp)
+    if got is None:
+        return path, doc
+    store.discard(path)
+    return got
+
+
+def _as_keyed(
+    store: Any, data: str, files: Any, doc: dict[str, Any], old: str, new: str, tmp: str
+) -> tuple[str, dict[str, Any]] | None:
+    """A directory inside `tmp` holding the files `files` of `data` with key `old` replaced
+    by `new` where datasets writes it (an Arrow file's schema message, `state.json`): the
+    bytes a build under `new` writes; and `doc`, an indices entry's parts naming `new` as
+    their fingerprint, as `indexed.write` names the Dataset's. None for another layout."""
+    path = tempfile.mkdtemp(dir=tmp, prefix="shard-")
+    if not rekey.copy(data, os.path.join(path, "data"), files, old, new):
+        store.discard(path)
+        return None  # not the stream `_same_rows_file` knows
+    if "indices" in doc:  # its parts name the Dataset's fingerprint: `old`
+        doc = {**doc, "indices": json.loads(json.dumps(doc["indices"]).replace(old, new))}
+    return path, {**doc, "written_bytes": tree_size(path)}
 
 
 def shard_doc(spec: StageSpec, s: Shard, info: Any, out: Any, seconds: float) -> dict[str, Any]:

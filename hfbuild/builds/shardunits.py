@@ -247,6 +247,7 @@ def build_one(
                 now = seen.identify(m)
             observed = tuple(sorted(set(now) | set(m.observed)))
             key = s.key if observed == m.observed else key_with(m, s, observed)
+            path, doc = shardone.keyed_as(store, path, doc, s.key, key, tmp)  # built as s.key
             with contextlib.nullcontext() if key == s.key else store.lock(key):
                 if not store.has(key):
                     store.publish(path, key, doc, durable=False)
