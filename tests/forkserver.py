@@ -14,11 +14,19 @@ writes its answer to `out` with pickle; the test reads what its own children wro
 - `reference`: plain `datasets` over the spec in `arg`: one `load_dataset`, then the same
   `map`/`filter` calls, caching disabled, a fresh HF cache (`arg["cache"]`);
 - `script`: the Python code `arg["code"]` run as `__main__` with `cwd` first on `sys.path`
-  (what `python -c` with `PYTHONPATH=cwd` runs); the answer is what it printed, the exit
-  code 1 when it raised (the traceback in the log) or its `SystemExit`'s.
+  and `sys.argv` `["-c", *arg["argv"]]` (what `python -c CODE ARGV...` run in `cwd` runs);
+  the answer is what it printed, the exit code 1 when it raised (the traceback in the log)
+  or its `SystemExit`'s.
 
 `"environ": true` in a request makes `env` the child's whole environment (the test's), not
-additions to the server's.
+additions to the server's. It is set in the child before the operation runs, so it is what
+the operation reads; what the modules the server imported read from the environment on
+import (`datasets.config`'s cache paths and offline switch, huggingface_hub's constants) is
+the server's own, and a switch hfbuild reads on import (`HFBUILD_OBSERVE`) cannot be turned
+here: a test of those starts a fresh process.
+
+The child ends as an interpreter does: it waits for its non-daemon threads (a pool still
+pushing), runs the `atexit` functions, then exits with the operation's code.
 
 The server must never import the project's code: only its children do.
 """
@@ -31,6 +39,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -117,6 +126,7 @@ def _op_script(arg: Any) -> tuple[int, Any]:
     import traceback
 
     sys.path.insert(0, os.getcwd())
+    sys.argv = ["-c", *arg.get("argv", ())]
     printed = io.StringIO()
     rc = 0
     with contextlib.redirect_stdout(printed):
@@ -159,6 +169,7 @@ def _child(req: dict[str, Any]) -> None:
 
         traceback.print_exc()
     try:
+        threading._shutdown()  # type: ignore[attr-defined]  # as Py_Finalize: threads joined
         atexit._run_exitfuncs()  # what the end of a fresh process runs (trash, teardown)
         sys.stdout.flush()
         sys.stderr.flush()

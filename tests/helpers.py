@@ -1,5 +1,5 @@
 """Test helpers: real git repositories and fresh Python processes (started, or forked from a
-server that imported `datasets` and hfbuild once: `Server`, `read_python`)."""
+server that imported `datasets` and hfbuild once: `Server`, `read_python`, `fork_python`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import pickle
+import random
 import subprocess
 import sys
 import tempfile
@@ -178,7 +179,9 @@ class Server:
         self.proc.wait(timeout=60)
 
 
-_reader: list[tuple[Server, pathlib.Path]] = []  # this process's, started on first use
+# This process's servers by name (`fork_python`), each started on first use: the server,
+# its home, its hash seed.
+_servers: dict[str, tuple[Server, pathlib.Path, int]] = {}
 _outs = itertools.count()
 
 
@@ -187,41 +190,66 @@ def read_python(
     cwd: pathlib.Path | str,
     *,
     env: Mapping[str, str] | None = None,
+    args: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run `code` as `run_python` does (`cwd` first on sys.path, the test's environment and
-    `env`), in a process forked from a server that imported `datasets` and hfbuild once and
-    never runs project code (tests/forkserver.py): a process of its own that has run no user
-    code, without Python's and `datasets`' start-up (~1 s of CPU). For reading what a build
-    left (results, keys, manifests), never for a claim about a process's start: the children
-    share the server's hash seed and what `datasets` and huggingface_hub read from the
-    environment on import (the server's own: offline, its own HOME, so not the test's Hub
-    cache: not for a project with a Hub stage). Fails the test on an error, as `run_python`
-    does."""
-    if not _reader:
-        home = pathlib.Path(tempfile.mkdtemp(prefix="hfbuild-reader-"))
-        outside = {k: v for k, v in os.environ.items() if not k.startswith(("HFBUILD_", "HF_"))}
-        server_env = {**outside, **offline_env(home)}
-        server_env.pop("PYTHONHASHSEED", None)
-        _reader.append((Server(server_env, plain=False), home))
-        atexit.register(_reader[0][0].close)
-    server, home = _reader[0]
-    out = home / f"read-{next(_outs)}.pkl"
+    `env`, `args` after it in `sys.argv`), in a process forked from a server that imported
+    `datasets` and hfbuild once and never runs project code (`fork_python`). For reading
+    what a build left (results, keys, manifests), never for a claim about a process's start.
+    Fails the test on an error, as `run_python` does."""
     full_env = {**os.environ, "PYTHONPATH": str(cwd), **(env or {})}
-    rc, printed = server.run(
+    return fork_python(code, cwd, full_env, args)
+
+
+def fork_python(
+    code: str,
+    cwd: pathlib.Path | str,
+    environ: Mapping[str, str],
+    args: list[str] | None = None,
+    *,
+    server: str = "reader",
+) -> subprocess.CompletedProcess[str]:
+    """What `subprocess.run([python, "-c", code, *args], cwd=cwd, env=environ)` runs (`cwd`
+    first on sys.path, `environ` the whole environment, set before `code` runs), in a
+    process forked from a server that imported `datasets` and hfbuild once and never runs
+    project code (tests/forkserver.py): a process of its own that has run no user code,
+    without Python's and `datasets`' start-up (~1 s of CPU). Never for a claim about a
+    process's start: the children share the server's hash seed, and what `datasets`,
+    huggingface_hub and hfbuild read from the environment on import is the server's own
+    (offline, its own HOME, so not the test's Hub cache: not for a project with a Hub stage;
+    fsspec's `FSSPEC_*` settings, so not for code reaching the s3 fixture's server through
+    fsspec; the observation hook installed: `HFBUILD_OBSERVE=0` needs a fresh process). Only what
+    the code printed through `sys.stdout` is its stdout; its stderr and what its children
+    wrote to the descriptors are the log (`stderr`). Fails the test on an error, with both.
+
+    `server` names one of this process's servers, each started on first use with a hash
+    seed of its own (drawn at random, never another server's): a driver forked from one and
+    a worker recomputing its keys from another differ in their seeds as fresh processes do."""
+    if server not in _servers:
+        home = pathlib.Path(tempfile.mkdtemp(prefix=f"hfbuild-{server}-"))
+        outside = {k: v for k, v in os.environ.items() if not k.startswith(("HFBUILD_", "HF_"))}
+        taken = {seed for _, _, seed in _servers.values()}
+        seed = 0
+        while seed == 0 or seed in taken:
+            seed = random.SystemRandom().randrange(2**32)
+        server_env = {**outside, **offline_env(home), "PYTHONHASHSEED": str(seed)}
+        _servers[server] = (Server(server_env, plain=False), home, seed)
+        atexit.register(_servers[server][0].close)
+    proc, home, seed = _servers[server]
+    out = home / f"read-{next(_outs)}.pkl"
+    rc, printed = proc.run(
         "script",
         pathlib.Path(cwd),
         out,
-        env=full_env,
+        env=dict(environ),
         environ=True,
-        arg={
-            "code": textwrap.dedent(code),
-        },
+        arg={"code": textwrap.dedent(code), "argv": [str(a) for a in args or ()]},
     )
-    log = server.log(out)
+    log = proc.log(out)
     out.unlink(missing_ok=True)
     pathlib.Path(f"{out}.log").unlink(missing_ok=True)
     if rc != 0:
-        raise AssertionError(f"python (forked) failed ({rc}):\n{printed}\n{log}")
+        raise AssertionError(f"python (forked, hash seed {seed}) failed ({rc}):\n{printed}\n{log}")
     return subprocess.CompletedProcess(["<forked>"], rc, str(printed or ""), log)
 
 

@@ -20,7 +20,7 @@ from hfbuild.builds.executor import executor_name
 from hfbuild.core.errors import ConfigError
 from hfbuild.store.remote import Remote
 from hfbuild.store.store import Store
-from tests.helpers import Repo
+from tests.helpers import Repo, fork_python, read_python
 from tests.pipeline_project import doit, make_project
 from tests.test_remote import s3, s3_server  # noqa: F401  (moto's S3 server and a bucket)
 
@@ -269,16 +269,9 @@ print(json.dumps({n: dodo.pipe.result(n).to_dict() for n in ("feat", "kept")}))
 
 
 def _run(repo: Repo, code: str, log: pathlib.Path) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=repo.path,
-        env={**os.environ, "PYTHONPATH": str(repo.path), "CALL_LOG": str(log)},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    return out
+    """`code` run in the project in a process of its own (forked: `read_python`): it builds
+    by units or reads results; its keys are compared with those of `doit` runs, fresh."""
+    return read_python(code, repo.path, env={"CALL_LOG": str(log)})  # fails on an error
 
 
 def _units(out: subprocess.CompletedProcess[str]) -> list[tuple[str, list[str]]]:
@@ -386,22 +379,17 @@ print(json.dumps(run_unit(job, spec, data), default=len))  # a sent entry's byte
 
 
 def _prepare(root: pathlib.Path, script: str, url: str, jobs: pathlib.Path) -> Any:
-    """Run a job-preparing `script` in a fresh process in the project at `root`; what it
-    printed last, as JSON (the keys it computed)."""
-    prep = subprocess.run(
-        [sys.executable, "-c", script, url, str(jobs)],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root), "CALL_LOG": os.devnull},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert prep.returncode == 0, prep.stderr
+    """Run a job-preparing `script` as the driver, in a process of its own in the project at
+    `root`; what it printed last, as JSON (the keys it computed). Forked from the driver
+    server (`fork_python`), whose hash seed is not the workers' (`_worker`): keys that hung
+    on the seed would differ between the two, as between fresh processes."""
+    env = {**os.environ, "PYTHONPATH": str(root), "CALL_LOG": os.devnull}
+    prep = fork_python(script, root, env, [url, str(jobs)], server="driver")
     return json.loads(prep.stdout.strip().splitlines()[-1])
 
 
 def test_a_shard_task_recomputes_its_key_from_its_tree(repo: Repo, tmp_path: pathlib.Path) -> None:
-    """A shard's task (run here, in a fresh process in its shipped tree, as a Ray worker
+    """A shard's task (run here, in a process of its own in its shipped tree, as a Ray worker
     runs it) gets the stage's code as its tree and, for a load shard, its own data file's
     bytes; it refuses to build when what it received is not what the key names (a data
     file's bytes, a transform's code), publishing nothing, and otherwise publishes the shard
@@ -420,25 +408,9 @@ def test_a_shard_task_recomputes_its_key_from_its_tree(repo: Repo, tmp_path: pat
         f.write("# another version\n")
 
     def worker(name: str, tree: str, data: str = "data") -> dict[str, Any]:
-        env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker" / tree)}
-        env.pop("PYTHONPATH", None)
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                WORKER,
-                str(jobs / name / "job.json"),
-                str(jobs / name / "spec"),
-                str(jobs / name / data),
-            ],
-            cwd=jobs / name / tree,
-            env={**env, "CALL_LOG": os.devnull},
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert out.returncode == 0, out.stderr
-        got: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        args = [str(jobs / name / n) for n in ("job.json", "spec", data)]
+        lines = _worker(WORKER, jobs / name / tree, tmp_path / "worker" / tree, *args)
+        got: dict[str, Any] = json.loads(lines[-1])
         return got
 
     remote = Remote(url)
@@ -519,30 +491,33 @@ def _run_load_task(
     return _run_task(SHARDS_WORKER, jobs, store, other, str(tampered))
 
 
+def _worker(
+    script: str, tree: pathlib.Path, store: pathlib.Path, *args: str, log: str = os.devnull
+) -> list[str]:
+    """`script` (with `args`) run as a Ray worker runs a task: in a process of its own in
+    its shipped `tree` (not on the import path otherwise), with the node store `store`; the
+    lines it printed. The process is forked from a server that imported `datasets` and
+    hfbuild once (`fork_python`): no claim here is about a worker's start, and the driver's
+    keys it is compared with come from the driver server (`_prepare`), another hash seed."""
+    env = {**os.environ, "HFBUILD_STORE": str(store), "CALL_LOG": log}
+    env.pop("PYTHONPATH", None)
+    return fork_python(script, tree, env, list(args)).stdout.strip().splitlines()
+
+
 def _run_task(
     script: str, jobs: pathlib.Path, store: pathlib.Path, *args: str, log: str = os.devnull
 ) -> list[Any]:
-    """A task prepared in `jobs`, run by `script` in a fresh process in its shipped tree
-    with the node store `store`, as a Ray worker runs it (its functions' calls logged to
-    `log`); its results, a JSON line each."""
-    env = {**os.environ, "HFBUILD_STORE": str(store), "CALL_LOG": log}
-    env.pop("PYTHONPATH", None)
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(jobs), *args],
-        cwd=jobs / "tree",
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line) for line in out.stdout.strip().splitlines()]
+    """A task prepared in `jobs`, run by `script` in a process of its own in its shipped
+    tree with the node store `store`, as a Ray worker runs it (`_worker`; its functions'
+    calls logged to `log`); its results, a JSON line each."""
+    lines = _worker(script, jobs / "tree", store, str(jobs), *args, log=log)
+    return [json.loads(line) for line in lines]
 
 
 def test_a_shards_task_keys_each_load_shard_from_its_own_bytes(
     repo: Repo, tmp_path: pathlib.Path
 ) -> None:
-    """A coalesced task of load shards (run here, in a fresh process in its shipped tree, as
+    """A coalesced task of load shards (run here, in a process of its own in its shipped tree, as
     a Ray worker runs it) computes the stage's manifest once and each shard's key from its
     own data file's bytes: every shard is published under the driver's key, and a shard
     after the first whose bytes are not what its key names is refused, naming its file,
@@ -658,6 +633,8 @@ def test_a_load_pack_over_a_tasks_chunks_is_pushed_once(
     jobs = tmp_path / "jobs"
     jobs.mkdir()
     keys = _prepare(clone.path, PREPARE_TASK, os.environ["HFBUILD_REMOTE"], jobs)
+    # A fresh process, not `_worker`'s fork: fsspec reads FSSPEC_S3_ENDPOINT_URL (the s3
+    # fixture's) when imported, and the fork server imported it before this test set it.
     env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "worker"), "CALL_LOG": os.devnull}
     env.pop("PYTHONPATH", None)
     with s3_requests() as lines:
@@ -716,8 +693,8 @@ print(json.dumps({"key": s.key, "input": s.input, "hash": h}))
 def test_a_map_shard_task_reads_its_input_shard_in_its_pack(
     repo: Repo, tmp_path: pathlib.Path
 ) -> None:
-    """A map shard's task whose input shard is a row range of a pack (run here, in a fresh
-    process in its shipped tree, as a Ray worker runs it) pulls the pack and reads the
+    """A map shard's task whose input shard is a row range of a pack (run here, in a process
+    of its own in its shipped tree, as a Ray worker runs it) pulls the pack and reads the
     shard's rows from it in place: it publishes the shard under the driver's key with the
     content a local build gives it, and writes no entry of the input shard's own. A range
     whose hash is not the one the committed lock pins is refused, nothing published."""
@@ -733,18 +710,10 @@ def test_a_map_shard_task_reads_its_input_shard_in_its_pack(
     remote = Remote(url)
 
     def worker(store: str) -> dict[str, Any]:
-        env = {**os.environ, "HFBUILD_STORE": str(tmp_path / store), "CALL_LOG": os.devnull}
-        env.pop("PYTHONPATH", None)
-        out = subprocess.run(
-            [sys.executable, "-c", WORKER, *(str(jobs / n) for n in ("job.json", "spec", "data"))],
-            cwd=jobs / "tree",
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
+        args = [str(jobs / n) for n in ("job.json", "spec", "data")]
+        res: dict[str, Any] = json.loads(
+            _worker(WORKER, jobs / "tree", tmp_path / store, *args)[-1]
         )
-        assert out.returncode == 0, out.stderr
-        res: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
         return res
 
     pinned = {**job["pins"], got["input"]: ["f" * 32, "raw", True]}  # another hash
@@ -823,7 +792,7 @@ def _run_map_task(
 def test_a_tasks_map_shards_are_keyed_with_what_any_of_their_builds_read(
     repo: Repo, tmp_path: pathlib.Path
 ) -> None:
-    """A task's map shards (run here, in a fresh process in its shipped tree, as a Ray
+    """A task's map shards (run here, in a process of its own in its shipped tree, as a Ray
     worker runs it) are built together, and a later shard's build (the second's: its rows
     hold 20) reads a file the driver's keys lack (no build recorded it yet; the tree holds
     it here): every shard is published under the key with that file, the first too (its
@@ -1156,19 +1125,9 @@ def test_a_whole_stage_task_builds_once_under_the_reads_the_drivers_key_assumes(
     driver = _prepare(repo.path, PREPARE_WHOLE, url, jobs)
     assert driver["observed"] == ["shelf/."]  # the key assumes the listing
     log = tmp_path / "worker.log"
-    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "node-store"), "CALL_LOG": str(log)}
-    env.pop("PYTHONPATH", None)
     args = [str(jobs / "job.json"), str(jobs / "spec"), os.devnull]
-    out = subprocess.run(
-        [sys.executable, "-c", WORKER, *args],
-        cwd=jobs / "tree",
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    lines = _worker(WORKER, jobs / "tree", tmp_path / "node-store", *args, log=str(log))
+    got = json.loads(lines[-1])
     assert got.get("fingerprint") == driver["key"], got
     assert log.read_text().split() == ["shelved"]  # one batch, built once
     fresh = Store(tmp_path / "fresh")
@@ -1179,7 +1138,7 @@ def test_a_whole_stage_task_builds_once_under_the_reads_the_drivers_key_assumes(
 def test_a_shard_task_reading_a_file_its_key_lacks_writes_it_under_the_grown_key(
     repo: Repo, tmp_path: pathlib.Path
 ) -> None:
-    """A map shard's task (run here, in a fresh process in its shipped tree, as a Ray
+    """A map shard's task (run here, in a process of its own in its shipped tree, as a Ray
     worker runs it) whose build reads a file the driver's key lacks publishes the shard
     under the key with that file, its files holding that key where datasets writes it
     (its Arrow schema, `state.json`), the bytes the local build wrote under it, and not
@@ -1194,18 +1153,8 @@ def test_a_shard_task_reading_a_file_its_key_lacks_writes_it_under_the_grown_key
     got = _prepare(clone.path, PREPARE_PACKED, f"file://{tmp_path / 'remote'}", jobs)
     (jobs / "tree" / "conf").mkdir()  # the tree holds the file (as if it held more)
     (jobs / "tree" / "conf" / "scale.txt").write_text("5\n")
-    env = {**os.environ, "HFBUILD_STORE": str(tmp_path / "node"), "CALL_LOG": os.devnull}
-    env.pop("PYTHONPATH", None)
-    out = subprocess.run(
-        [sys.executable, "-c", WORKER, *(str(jobs / n) for n in ("job.json", "spec", "data"))],
-        cwd=jobs / "tree",
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    key = json.loads(out.stdout.strip().splitlines()[-1])["fingerprint"]
+    args = [str(jobs / n) for n in ("job.json", "spec", "data")]
+    key = json.loads(_worker(WORKER, jobs / "tree", tmp_path / "node", *args)[-1])["fingerprint"]
     assert key != got["key"]
 
     def files(store: Store) -> dict[str, bytes]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Repo, git, run_python
+from tests.helpers import Repo, fork_python, git, run_python
 from tests.pipeline_project import calls
 
 FILES = {
@@ -208,15 +208,9 @@ print(json.dumps({c: list(dodo.pipe.result(s)[c]) for s, c in json.loads(sys.arg
 
 
 def column(path: pathlib.Path, env: dict[str, str], stage: str, col: str) -> list[Any]:
-    out = subprocess.run(
-        [sys.executable, "-c", READ, json.dumps({stage: col})],
-        cwd=path,
-        env={**env, "PYTHONPATH": str(path), "CALL_LOG": os.devnull},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
+    """A built stage's column as a process of its own reads it (forked: `fork_python`)."""
+    environ = {**env, "PYTHONPATH": str(path), "CALL_LOG": os.devnull}
+    out = fork_python(READ, path, environ, [json.dumps({stage: col})])  # fails on an error
     values: list[Any] = json.loads(out.stdout.strip().splitlines()[-1])[col]
     return values
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 from hfbuild.store import listform
-from tests.helpers import Repo, run_hfbuild, run_python
+from tests.helpers import Repo, read_python, run_hfbuild
 from tests.pipeline_project import calls, doit
 from tests.shard_project import make_project, state, write_part
 
@@ -33,7 +33,7 @@ print(json.dumps({"rows": rows, "packs": packs, "kept": kept.to_dict()}))
 
 
 def _listing(repo: Repo) -> dict[str, object]:
-    out = run_python(ROWS, repo.path).stdout.strip().splitlines()[-1]
+    out = read_python(ROWS, repo.path).stdout.strip().splitlines()[-1]
     got: dict[str, object] = json.loads(out)
     return got
 

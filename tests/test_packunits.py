@@ -92,12 +92,12 @@ def _project(repo: Repo, files: int = 6) -> Repo:
 
 
 def _lists(repo: Repo) -> dict[str, object]:
-    got: dict[str, object] = json.loads(run_python(LISTS, repo.path).stdout.splitlines()[-1])
+    got: dict[str, object] = json.loads(read_python(LISTS, repo.path).stdout.splitlines()[-1])
     return got
 
 
 def _plain(repo: Repo, tmp_path: pathlib.Path, script: str = PLAIN) -> object:
-    out = run_python(script, repo.path, args=[str(tmp_path / "plain-cache")])
+    out = read_python(script, repo.path, args=[str(tmp_path / "plain-cache")])
     return json.loads(out.stdout.splitlines()[-1])
 
 
@@ -330,7 +330,7 @@ def test_a_filters_units_built_by_one_call_are_those_each_call_gives(
             want = cold if step == "cold" else [*cold, 4, 2]
             kept = json.loads((repo.path / "hfbuild.lock").read_text())["stages"]["kept"]
             assert len(kept["shard_hashes"]) == len(want), kept
-            doc = run_python(
+            doc = read_python(
                 "import dodo, json\n"
                 "d = dodo.pipe.store.read_manifest(dodo.pipe['kept'].fingerprint)\n"
                 "print(json.dumps([r[4]['rows'] for r in d['shards']]))",
@@ -396,7 +396,7 @@ def test_a_lists_features_are_those_of_its_rows_loaded(tmp_path: pathlib.Path) -
     write_part(repo, "part-6", 60, rows=5)
     repo.commit("one more file")
     doit(repo, "run", "preprocess", log=tmp_path / "b.log")
-    got = json.loads(run_python(FEATURES, repo.path).stdout.splitlines()[-1])
+    got = json.loads(read_python(FEATURES, repo.path).stdout.splitlines()[-1])
     assert got["differ"] == [], got["differ"]
     assert set(got["kinds"]) == {"packed", "own", "base"}, got["kinds"]
 

@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from hfbuild.store import listform
-from tests.helpers import Repo, run_hfbuild, run_python
+from tests.helpers import Repo, read_python, run_hfbuild, run_python
 from tests.pipeline_project import calls, doit
 from tests.shard_project import make_project, state, write_part
 
@@ -412,7 +412,7 @@ def test_sharded_split_rows_are_reported_in_the_datasets_split_order(
     repo.commit("project")
     out = run_hfbuild(repo, "build")
     assert out.returncode == 0, out.stderr
-    order = json.loads(run_python(SPLIT_ROWS, repo.path).stdout.strip().splitlines()[-1])
+    order = json.loads(read_python(SPLIT_ROWS, repo.path).stdout.strip().splitlines()[-1])
     assert list(order) == ["train", "test"]
     rows = ", ".join(f"{s} {n}" for s, n in order.items()) + " rows"
     assert f"feat: built 4 of 4 shards ({rows}) in " in out.stdout
@@ -467,8 +467,6 @@ def test_killed_sharded_build_leaves_nothing_partial(
     import subprocess
     import sys
 
-    from tests.helpers import run_python
-
     repo = make_project(Repo.init(tmp_path / "repo"))
     log = tmp_path / "calls.log"
     env = {**os.environ, "CALL_LOG": str(log)}
@@ -480,7 +478,7 @@ def test_killed_sharded_build_leaves_nothing_partial(
         cmd = [sys.executable, killer, target, str(nth), when, "run", "preprocess"]
     died = subprocess.run(cmd, cwd=repo.path, env=env, capture_output=True, check=False)
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
-    run_python(CHECK_STORE, repo.path, env={"CALL_LOG": str(log)})
+    read_python(CHECK_STORE, repo.path, env={"CALL_LOG": str(log)})  # fails on an error
     before = calls(log)
     log.unlink(missing_ok=True)
     doit(repo, "run", "preprocess", log=log)
@@ -729,10 +727,8 @@ def test_shards_with_different_schemas_load_aligned(tmp_path: pathlib.Path) -> N
         dodo.split("feat = ")[0] + dodo[dodo.index("\n\ndef task_") :]
     )
     repo.commit("a file of nulls")
-    from tests.helpers import run_python
-
     doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
-    out = run_python(
+    out = read_python(
         "import warnings; warnings.simplefilter('ignore')\n"
         "import dodo\nds = dodo.pipe.result('raw')\n"
         "print(ds.features['f'].dtype, ds['f'][-2:], ds['x'][-2:], len(ds))",
@@ -906,9 +902,8 @@ def test_split_order_of_a_dict_load_is_in_its_key_and_its_result(
         commit="project",
     )
     doit(repo, "run", "preprocess", log=tmp_path / "calls.log")
-    from tests.helpers import run_python
 
-    got = json.loads(run_python(SPLIT_ORDER, repo.path).stdout.strip().splitlines()[-1])
+    got = json.loads(read_python(SPLIT_ORDER, repo.path).stdout.strip().splitlines()[-1])
     assert got["plain"] == list(order)
     assert got["raw"]["splits"] == got["whole"]["splits"] == list(order)
     assert got["order"]["splits"] == ",".join(order)
@@ -924,7 +919,7 @@ def test_split_order_of_a_dict_load_is_in_its_key_and_its_result(
     # whose schema datasets gives every file, is another one (it is in every shard's key);
     # each split's shards, loaded together, are one pack.
     assert len(after - before) == 3 + 2
-    swapped = json.loads(run_python(SPLIT_ORDER, repo.path).stdout.strip().splitlines()[-1])
+    swapped = json.loads(read_python(SPLIT_ORDER, repo.path).stdout.strip().splitlines()[-1])
     for name in ("raw", "whole", "order"):
         assert swapped[name]["fp"] != got[name]["fp"], name
     assert swapped["raw"]["splits"] == swapped["plain"] == list(reversed(order))

@@ -16,7 +16,7 @@ import pytest
 
 from hfbuild.store import listform
 from tests import pipeline_project, shard_project
-from tests.helpers import Repo, run_hfbuild, run_python
+from tests.helpers import Repo, read_python, run_hfbuild, run_python
 from tests.pipeline_project import calls, doit, expected, results
 
 RESULT = """
@@ -74,8 +74,9 @@ def _swap_first_values(path: pathlib.Path, column: str) -> None:
 
 
 def _result(repo: Repo, stage: str) -> dict[str, Any]:
-    """`pipe.result(stage)` in a fresh process: its rows, or the damage it reports."""
-    out = run_python(RESULT % stage, repo.path, env={"CALL_LOG": os.devnull})
+    """`pipe.result(stage)` in a process of its own (forked: `read_python`): its rows, or
+    the damage it reports."""
+    out = read_python(RESULT % stage, repo.path, env={"CALL_LOG": os.devnull})
     got: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return got
 
@@ -96,8 +97,8 @@ def test_same_size_edit_of_an_entry_is_damaged_never_served_and_rebuilt(
     built: Repo, tmp_path: pathlib.Path, stage: str, file: str, column: str | None, fn: str
 ) -> None:
     """A same-size edit of a stored data file (a map's entry) or indices file (a filter's
-    entry): `status` says the stage's result is damaged and exits 1, `pipe.result` in a fresh
-    process refuses it as damaged, and `doit run` sets it aside and rebuilds that stage
+    entry): `status` says the stage's result is damaged and exits 1, `pipe.result` in a process
+    of its own refuses it as damaged, and `doit run` sets it aside and rebuilds that stage
     only, after which the rows are right."""
     f = _entry(built, _locked_fp(built, stage)) / "data" / file
     _swap_first_values(f, column or "indices")

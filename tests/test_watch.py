@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Repo, git
+from tests.helpers import Repo, git, read_python
 from tests.pipeline_project import calls
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify")
@@ -216,15 +216,8 @@ print(json.dumps(list(dodo.pipe.result(sys.argv[1])[sys.argv[2]])))
 
 
 def column(path: pathlib.Path, stage: str, col: str) -> list[Any]:
-    out = subprocess.run(
-        [sys.executable, "-c", READ, stage, col],
-        cwd=path,
-        env={**os.environ, "PYTHONPATH": str(path), "CALL_LOG": os.devnull},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
+    """A built stage's column as a process of its own reads it (forked: `read_python`)."""
+    out = read_python(READ, path, env={"CALL_LOG": os.devnull}, args=[stage, col])
     values: list[Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return values
 
