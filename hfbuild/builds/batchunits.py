@@ -275,7 +275,7 @@ def _build_units(
             have = prior.get(u.key) or store.intact_manifest(u.key)
             if have is not None:
                 docs[u.key] = ("", have)
-            elif u.key not in docs:
+            else:
                 todo.append(u)
                 docs[u.key] = ("", {})
     if not todo:

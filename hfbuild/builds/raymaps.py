@@ -12,7 +12,7 @@ format set) is saved as an entry of its own.
 
 What the builds read at run time is part of every shard's key: when they read files the
 keys assumed lack, every shard's key takes them, and each result is written under its new
-key (`rekey.copy`), not built again (as `shardbuild.build` re-keys the shards it published
+key (`shardone.keyed_as`), not built again (as `shardbuild.build` re-keys the shards it published
 before): a build that read them read them as they are, one before the first read did not
 read them; the results then name that key and set, for the driver to record
 (`ray_executor._fetch_shard`). A build that listed a folder the tree does
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hfbuild.builds import packbuild, raykey, shardone, shardunits
 from hfbuild.core import canonical
-from hfbuild.core.errors import BuildError, HfbuildError, UnshippedListingError
+from hfbuild.core.errors import HfbuildError, UnshippedListingError
 from hfbuild.keys import packs
 
 if TYPE_CHECKING:
@@ -219,7 +219,7 @@ def _publish(
     """`made` (built under the keys `built`) written and published in the node's store
     under `keys`: runs of them as packs (`packbuild.of_results`, each range's content hash
     taken of what was written), the others as entries of their own (first writer wins),
-    a result's key replaced by its new one where datasets wrote it (`_as_built`); (rows,
+    a result's key replaced by its new one where datasets wrote it (`shardone.keyed_as`); (rows,
     its pack or None) each."""
     from hfbuild.builds import builder
 
@@ -239,7 +239,7 @@ def _publish(
         dest = tempfile.mkdtemp(dir=tmp, prefix="pack-")
         results = [made[j].out for j in run]
         info, hashes = packbuild.write_results(results, os.path.join(dest, "data"), fp[:64])
-        dest = _as_built(store, dest, built[run[0]], keys[run[0]], tmp)
+        dest, _ = shardone.keyed_as(store, dest, {}, built[run[0]], keys[run[0]], tmp)
         done: list[tuple[int, dict[str, Any]]] = []
         start = 0
         for j, h in zip(run, hashes, strict=True):
@@ -261,23 +261,7 @@ def _publish(
         sources = shardone.input_sources(store, s.input, d.inp)
         info = builder.save(d.out, os.path.join(d.path, "data"), d.path, sources, scratch)
         doc = shardone.shard_doc(spec, s, info, d.out, d.seconds)
-        store.publish_first(_as_built(store, d.path, built[j], keys[j], tmp), keys[j], doc)
+        path, doc = shardone.keyed_as(store, d.path, doc, built[j], keys[j], tmp)
+        store.publish_first(path, keys[j], doc)
         out[j] = (info.rows, None)
     return out
-
-
-def _as_built(store: Any, path: str, old: str, new: str, tmp: str) -> str:
-    """The entry written at `path` (its files in `data/`) from a result built under key
-    `old`, with `new` where datasets wrote `old` (`rekey.copy`): a new directory, the old
-    one discarded; `path` itself when the keys are one. A layout it cannot rewrite fails
-    the task's build (each shard is then built by itself, under its own key)."""
-    if old == new:
-        return path
-    from hfbuild.builds import rekey
-
-    dest = tempfile.mkdtemp(dir=tmp, prefix="rekeyed-")
-    data = os.path.join(path, "data")
-    if not rekey.copy(data, os.path.join(dest, "data"), rekey.files_of(data), old, new):
-        raise BuildError(f"a result built under {old} cannot be written under {new}")
-    store.discard(path)
-    return dest

@@ -59,6 +59,19 @@ def copy(src: str, dest: str, rels: Iterable[str], old: str, new: str) -> bool:
     return True
 
 
+def rewritten(
+    store: Any, data: str, files: Iterable[str], old: str, new: str, tmp: str, prefix: str
+) -> str | None:
+    """A new directory of `tmp` (named from `prefix`) whose `data/` holds files `files` of
+    `data` under `new` (`copy`): an entry's directory to publish under `new`; None, the
+    directory discarded, when a file cannot be rewritten."""
+    dest = tempfile.mkdtemp(dir=tmp, prefix=prefix)
+    if copy(data, os.path.join(dest, "data"), files, old, new):
+        return dest
+    store.discard(dest)
+    return None
+
+
 Docs = dict[str, tuple[str, dict[str, Any]]]
 
 
@@ -79,23 +92,18 @@ def results(
     kept: list[tuple[Pack, list[str]]] = []
     for key, (path, doc) in docs.items():
         if path and key in new:
-            dest = tempfile.mkdtemp(dir=tmp, prefix="unit-")
             data = os.path.join(path, "data")
-            if copy(data, os.path.join(dest, "data"), files_of(data), key, new[key]):
+            dest = rewritten(store, data, files_of(data), key, new[key], tmp, "unit-")
+            if dest is not None:
                 out[new[key]] = (dest, doc)
-            else:
-                store.discard(dest)
         if path:
             store.discard(path)
     for pack, keys in packs:
-        dest = tempfile.mkdtemp(dir=tmp, prefix="pack-")
         data = os.path.join(pack.path, "data")
-        if all(k in new for k in keys) and copy(
-            data, os.path.join(dest, "data"), files_of(data), keys[0], new[keys[0]]
-        ):
-            kept.append((pack._replace(path=dest), [new[k] for k in keys]))
-            out.update((new[k], ("", docs[k][1])) for k in keys)
-        else:
-            store.discard(dest)
+        if all(k in new for k in keys):
+            dest = rewritten(store, data, files_of(data), keys[0], new[keys[0]], tmp, "pack-")
+            if dest is not None:
+                kept.append((pack._replace(path=dest), [new[k] for k in keys]))
+                out.update((new[k], ("", docs[k][1])) for k in keys)
         store.discard(pack.path)
     return out, kept

@@ -239,9 +239,8 @@ def _as_keyed(
     by `new` where datasets writes it (an Arrow file's schema message, `state.json`): the
     bytes a build under `new` writes; and `doc`, an indices entry's parts naming `new` as
     their fingerprint, as `indexed.write` names the Dataset's. None for another layout."""
-    path = tempfile.mkdtemp(dir=tmp, prefix="shard-")
-    if not rekey.copy(data, os.path.join(path, "data"), files, old, new):
-        store.discard(path)
+    path = rekey.rewritten(store, data, files, old, new, tmp, "shard-")
+    if path is None:
         return None  # not the stream `_same_rows_file` knows
     if "indices" in doc:  # its parts name the Dataset's fingerprint: `old`
         doc = {**doc, "indices": json.loads(json.dumps(doc["indices"]).replace(old, new))}
